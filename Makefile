@@ -1,0 +1,46 @@
+# Switchyard top-level Makefile: a thin wrapper over CMake.
+#   make              release build into build/
+#   make test         bootstrap, build, format check, every test through ctest
+#   make demo         bootstrap, build, run the main job on a local cluster
+#   make bench        bootstrap, build, run the benchmarks (bench/)
+#   make format       rewrite sources with clang-format
+#   make format-check fail if any source differs from clang-format's output
+BUILD_DIR ?= build
+BUILD_TYPE ?= Release
+JOBS ?= $(shell nproc)
+CTEST_ARGS ?=
+
+SOURCES = $(shell git ls-files '*.cc' '*.h' '*.cu' '*.proto' 2>/dev/null)
+
+.PHONY: all build bootstrap test demo bench format format-check clean
+
+all: build
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+$(BUILD_DIR)/CMakeCache.txt:
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE)
+
+build: $(BUILD_DIR)/CMakeCache.txt
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+test: bootstrap format-check build
+	cd $(BUILD_DIR) && ctest --output-on-failure --timeout 300 -j $(JOBS) $(CTEST_ARGS)
+
+demo: bootstrap build
+	bash scripts/demo.sh $(BUILD_DIR)
+
+bench: bootstrap build
+	$(BUILD_DIR)/bench/placement_bench
+
+format:
+	clang-format -i $(filter-out %.proto,$(SOURCES))
+
+format-check:
+	@out=$$(clang-format --dry-run --Werror $(filter-out %.proto,$(SOURCES)) 2>&1); \
+	  if [ -n "$$out" ]; then echo "$$out" | head -40; \
+	  echo "format-check: run 'make format'"; exit 1; fi; echo "format-check: ok"
+
+clean:
+	rm -rf $(BUILD_DIR)

@@ -1,0 +1,45 @@
+// What the model's shards are and how much memory each needs on a worker.
+//
+// This is the one place that turns ModelConfig + TrainingConfig into the list
+// of placement units. Layer i (0-based) is an MoE layer when
+// (i + 1) % moe_every == 0, so GLaM's moe_every = 2 makes layers 1, 3, 5 ...
+// sparse. Expert shards are indexed by MoE-layer ordinal, not layer number.
+#ifndef SWITCHYARD_COMMON_MODEL_SHAPE_H_
+#define SWITCHYARD_COMMON_MODEL_SHAPE_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "common/ids.h"
+#include "config.pb.h"
+
+namespace switchyard {
+
+struct ShardFootprint {
+  ShardId id;
+  int64_t num_params = 0;
+  // Bytes held on the worker: fp32 parameters, fp32 gradient accumulator and
+  // the optimizer state (AdamW: two fp32 moments; Adafactor: factored second
+  // moments for matrices, full ones for vectors).
+  int64_t bytes = 0;
+};
+
+int NumMoeLayers(const config::ModelConfig& model);
+// Whether transformer layer `layer` (0-based) has an MoE FFN.
+bool IsMoeLayer(const config::ModelConfig& model, int layer);
+
+// Parameters of one expert shard: W1 (d_model, d_ff/S) [twice for SwiGLU],
+// b1 (d_ff/S) [twice for SwiGLU], W2 (d_ff/S, d_model), b2 (d_model) on shard
+// 0 only, all when expert_bias; else the matrices only.
+int64_t ExpertShardParams(const config::ModelConfig& model, int shard);
+// Every dense parameter of the model (embeddings, positions, attention,
+// norms, dense FFNs, routers, LM head).
+int64_t DenseParams(const config::ModelConfig& model);
+
+// Every placement unit: expert shards in (layer, expert, shard) order, then
+// the dense shards.
+std::vector<ShardFootprint> ModelShards(const config::SwitchyardConfig& config);
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_COMMON_MODEL_SHAPE_H_

@@ -1,0 +1,77 @@
+// Tensor: a dense row-major host tensor of fp32 or bf16 values.
+//
+// Buffers are 64-byte aligned and reference counted: copies of a Tensor and
+// views made by Slice/Reshape share storage without copying. A Tensor is not
+// synchronised; callers that share one across threads order their accesses.
+#ifndef SWITCHYARD_COMMON_TENSOR_H_
+#define SWITCHYARD_COMMON_TENSOR_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/bf16.h"
+#include "common/status.h"
+
+namespace switchyard {
+
+enum class DType : uint8_t { kF32 = 1, kBF16 = 2 };
+
+size_t DTypeBytes(DType dtype);
+std::string_view DTypeName(DType dtype);
+StatusOr<DType> ParseDType(std::string_view name);
+
+constexpr size_t kTensorAlignmentBytes = 64;
+
+class Tensor {
+ public:
+  // An empty tensor: no shape, no storage.
+  Tensor() = default;
+
+  // Allocates zero-filled storage for `shape`. Fails on negative dims or on a
+  // size whose byte count overflows.
+  static StatusOr<Tensor> Zeros(DType dtype, std::vector<int64_t> shape);
+
+  DType dtype() const { return dtype_; }
+  const std::vector<int64_t>& shape() const { return shape_; }
+  int64_t dim(size_t i) const { return shape_.at(i); }
+  size_t rank() const { return shape_.size(); }
+  int64_t num_elements() const;
+  size_t num_bytes() const { return num_elements() * DTypeBytes(dtype_); }
+  bool empty() const { return storage_ == nullptr; }
+
+  void* data() { return bytes(); }
+  const void* data() const { return bytes(); }
+  // Typed access; CHECKs that the dtype matches.
+  float* f32();
+  const float* f32() const;
+  BFloat16* bf16();
+  const BFloat16* bf16() const;
+
+  // Rows [begin, end) along dimension 0, sharing storage.
+  StatusOr<Tensor> Slice(int64_t begin, int64_t end) const;
+  // Same storage and element count, another shape.
+  StatusOr<Tensor> Reshape(std::vector<int64_t> shape) const;
+  // A deep copy with its own storage.
+  Tensor Clone() const;
+  // Converts to `dtype` (a deep copy; fp32 -> bf16 rounds to nearest even).
+  Tensor To(DType dtype) const;
+
+  // "f32[4,16]".
+  std::string DebugString() const;
+
+ private:
+  uint8_t* bytes() const { return storage_.get() + offset_bytes_; }
+
+  DType dtype_ = DType::kF32;
+  std::vector<int64_t> shape_;
+  std::shared_ptr<uint8_t> storage_;
+  size_t offset_bytes_ = 0;
+};
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_COMMON_TENSOR_H_

@@ -1,0 +1,378 @@
+#include "coordinator/cluster_state.h"
+
+#include <algorithm>
+
+#include <google/protobuf/util/message_differencer.h>
+
+#include "coordinator/placement.h"
+
+namespace switchyard::coordinator {
+
+using control::MemberKind;
+using control::MemberState;
+
+namespace {
+
+int64_t MsBetween(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(b - a).count();
+}
+
+std::string KindName(MemberKind kind) {
+  return kind == control::WORKER ? "worker" : "trainer";
+}
+
+}  // namespace
+
+ClusterState::ClusterState(const config::SwitchyardConfig& config)
+    : config_(config), shards_(ModelShards(config)) {
+  shard_home_.assign(shards_.size(), "");
+  shard_unplaced_.assign(shards_.size(), true);
+}
+
+StatusOr<ClusterState> ClusterState::Restore(
+    const config::SwitchyardConfig& config,
+    const control::CoordinatorSnapshot& snapshot, Clock::time_point now) {
+  using google::protobuf::util::MessageDifferencer;
+  if (!MessageDifferencer::Equals(config.model(), snapshot.config().model()) ||
+      config.training().optimizer() != snapshot.config().training().optimizer()) {
+    return FailedPreconditionError(
+        "the state directory holds a run with a different model or optimizer "
+        "configuration; use the original config, or another "
+        "cluster.state_dir for a new run");
+  }
+  ClusterState state(config);
+  if (snapshot.shard_home_size() != static_cast<int>(state.shards_.size()) ||
+      snapshot.shard_unplaced_size() != snapshot.shard_home_size()) {
+    return DataLossError("coordinator snapshot holds " +
+                         std::to_string(snapshot.shard_home_size()) +
+                         " shard homes, the model has " +
+                         std::to_string(state.shards_.size()));
+  }
+  state.epoch_ = snapshot.epoch() + 1;  // A restart always advances the epoch.
+  state.next_incarnation_ = snapshot.next_incarnation();
+  state.placed_ = snapshot.placed();
+  state.placement_error_ = snapshot.placement_error();
+  for (int i = 0; i < snapshot.shard_home_size(); ++i) {
+    state.shard_home_[i] = snapshot.shard_home(i);
+    state.shard_unplaced_[i] = snapshot.shard_unplaced(i);
+  }
+  const auto grace = std::chrono::milliseconds(2 * config.cluster().lease_ms());
+  for (const auto& record : snapshot.members()) {
+    Member m;
+    m.record = record;
+    if (record.state() == control::ALIVE ||
+        record.state() == control::UNCONFIRMED) {
+      m.record.set_state(control::UNCONFIRMED);
+    }
+    m.lease_deadline = now + grace;
+    m.last_heartbeat = now;
+    state.members_.emplace(record.registration().name(), std::move(m));
+  }
+  ++state.version_;
+  LOG(INFO) << "coordinator: resumed at epoch " << state.epoch_ << " with "
+            << state.members_.size() << " known members";
+  return state;
+}
+
+control::CoordinatorSnapshot ClusterState::Snapshot() const {
+  control::CoordinatorSnapshot s;
+  s.set_epoch(epoch_);
+  s.set_next_incarnation(next_incarnation_);
+  for (const auto& [name, m] : members_) *s.add_members() = m.record;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    s.add_shard_home(shard_home_[i]);
+    s.add_shard_unplaced(shard_unplaced_[i]);
+  }
+  s.set_placed(placed_);
+  *s.mutable_config() = config_;
+  s.set_placement_error(placement_error_);
+  return s;
+}
+
+bool ClusterState::IsLive(const Member& m) const {
+  return m.record.state() == control::ALIVE ||
+         m.record.state() == control::UNCONFIRMED;
+}
+
+int ClusterState::NumLiveWorkers() const {
+  int n = 0;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() == control::WORKER && IsLive(m)) ++n;
+  }
+  return n;
+}
+
+void ClusterState::BumpEpoch(const std::string& why) {
+  ++epoch_;
+  ++version_;
+  LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
+}
+
+void ClusterState::Replace(const std::string& why) {
+  if (!placed_ && NumLiveWorkers() < config_.cluster().workers()) return;
+  PlacementInput input;
+  input.shards = shards_;
+  for (const auto& [name, m] : members_) {  // std::map: sorted by name.
+    if (m.record.registration().kind() == control::WORKER && IsLive(m)) {
+      input.workers.push_back({name, m.record.registration().capacity_bytes()});
+      for (const auto& [shard, tokens] : m.tokens) {
+        auto id = ShardId::Parse(shard);
+        if (id.ok()) input.token_load[*id] += tokens;
+      }
+    }
+  }
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (!shard_home_[i].empty()) input.previous[shards_[i].id] = shard_home_[i];
+  }
+  const PlacementResult result = ComputePlacement(input);
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const int w = result.worker_of_shard[i];
+    shard_unplaced_[i] = w < 0;
+    if (w >= 0) shard_home_[i] = input.workers[w].name;
+  }
+  placement_error_ = result.status.ok() ? "" : result.status.message();
+  if (!result.status.ok()) {
+    LOG(ERROR) << "coordinator: " << result.status.ToString();
+  }
+  const bool first = !placed_;
+  placed_ = true;
+  BumpEpoch(why + (first ? ": first placement of "
+                         : ": re-placement moved ") +
+            std::to_string(first ? shards_.size() : result.num_moved) +
+            " shards over " + std::to_string(input.workers.size()) +
+            " workers");
+}
+
+void ClusterState::Fence(Member* member, MemberState state,
+                         const std::string& why) {
+  member->record.set_state(state);
+  const auto& reg = member->record.registration();
+  const std::string what = KindName(reg.kind()) + " " + reg.name() +
+                           " (incarnation " +
+                           std::to_string(member->record.incarnation()) +
+                           ") " + why;
+  LOG(WARNING) << "coordinator: " << what;
+  if (reg.kind() == control::WORKER) {
+    if (placed_) {
+      Replace(what);
+    } else {
+      BumpEpoch(what);
+    }
+  } else {
+    ++version_;
+  }
+}
+
+StatusOr<control::RegisterResponse> ClusterState::Register(
+    const control::RegisterRequest& request, Clock::time_point now) {
+  if (request.name().empty()) {
+    return InvalidArgumentError("register: name must not be empty");
+  }
+  if (request.kind() != control::WORKER && request.kind() != control::TRAINER) {
+    return InvalidArgumentError("register: kind must be WORKER or TRAINER");
+  }
+  if (request.kind() == control::WORKER && request.capacity_bytes() <= 0) {
+    return InvalidArgumentError("register: worker " + request.name() +
+                                " offers capacity_bytes " +
+                                std::to_string(request.capacity_bytes()) +
+                                "; it must be > 0");
+  }
+  if (request.kind() == control::TRAINER) {
+    if (request.rank() < 0 || request.rank() >= config_.cluster().trainers()) {
+      return InvalidArgumentError(
+          "register: trainer rank " + std::to_string(request.rank()) +
+          " is outside [0, cluster.trainers = " +
+          std::to_string(config_.cluster().trainers()) + ")");
+    }
+    for (const auto& [name, m] : members_) {
+      if (name != request.name() && IsLive(m) &&
+          m.record.registration().kind() == control::TRAINER &&
+          m.record.registration().rank() == request.rank()) {
+        return AlreadyExistsError("register: rank " +
+                                  std::to_string(request.rank()) +
+                                  " is already held by live trainer " + name);
+      }
+    }
+  }
+  auto it = members_.find(request.name());
+  if (it != members_.end() &&
+      it->second.record.registration().kind() != request.kind()) {
+    return AlreadyExistsError("register: name " + request.name() +
+                              " belongs to a " +
+                              KindName(it->second.record.registration().kind()));
+  }
+  const auto lease = std::chrono::milliseconds(config_.cluster().lease_ms());
+  bool confirmed = false;
+  if (it != members_.end() && IsLive(it->second) &&
+      request.previous_incarnation() != 0 &&
+      request.previous_incarnation() == it->second.record.incarnation()) {
+    confirmed = true;  // Same process, reconnected (e.g. coordinator restart).
+  }
+  if (it == members_.end()) {
+    it = members_.emplace(request.name(), Member()).first;
+  } else if (!confirmed && IsLive(it->second)) {
+    // A new process under a live name: the old incarnation is fenced.
+    it->second.record.set_state(control::DEAD);
+    if (request.kind() == control::WORKER) {
+      BumpEpoch(request.name() + " re-registered; incarnation " +
+                std::to_string(it->second.record.incarnation()) + " fenced");
+    }
+  }
+  Member& m = it->second;
+  *m.record.mutable_registration() = request;
+  m.record.mutable_registration()->clear_previous_incarnation();
+  if (!confirmed) m.record.set_incarnation(next_incarnation_++);
+  m.record.set_state(control::ALIVE);
+  m.lease_deadline = now + lease;
+  m.last_heartbeat = now;
+  ++version_;
+  LOG(INFO) << "coordinator: " << KindName(request.kind()) << " "
+            << request.name() << (confirmed ? " reconfirmed" : " registered")
+            << " (incarnation " << m.record.incarnation() << ", "
+            << request.control_address() << ")";
+  if (request.kind() == control::WORKER && !confirmed) {
+    // A joiner (or a restarted worker that may have lost its shards while
+    // dead) changes the placement once placement has begun.
+    bool holds_any = false;
+    for (size_t i = 0; i < shards_.size(); ++i) {
+      holds_any |= shard_home_[i] == request.name() && !shard_unplaced_[i];
+    }
+    if (!placed_ || !holds_any) Replace(request.name() + " joined");
+  }
+  control::RegisterResponse response;
+  response.set_incarnation(m.record.incarnation());
+  *response.mutable_config() = config_;
+  *response.mutable_routing() = Routing();
+  return response;
+}
+
+StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
+    const control::Heartbeat& beat, Clock::time_point now) {
+  auto it = members_.find(beat.name());
+  if (it == members_.end() || !IsLive(it->second) ||
+      it->second.record.incarnation() != beat.incarnation()) {
+    return FailedPreconditionError(
+        "fenced: incarnation " + std::to_string(beat.incarnation()) + " of " +
+        beat.name() + " is not current (epoch " + std::to_string(epoch_) +
+        "); register again");
+  }
+  Member& m = it->second;
+  if (m.record.state() == control::UNCONFIRMED) {
+    m.record.set_state(control::ALIVE);
+    ++version_;
+  }
+  m.lease_deadline = now + std::chrono::milliseconds(config_.cluster().lease_ms());
+  m.last_heartbeat = now;
+  for (const auto& load : beat.loads()) {
+    const auto& ref = load.shard();
+    ShardId id = ref.kind() == control::DENSE
+                     ? ShardId::Dense(ref.shard())
+                     : ShardId::Expert(ref.layer(), ref.expert(), ref.shard());
+    m.tokens[id.ToString()] = load.tokens();
+  }
+  control::HeartbeatAck ack;
+  ack.set_epoch(epoch_);
+  return ack;
+}
+
+Status ClusterState::Leave(const control::Leave& leave) {
+  auto it = members_.find(leave.name());
+  if (it == members_.end() || !IsLive(it->second) ||
+      it->second.record.incarnation() != leave.incarnation()) {
+    return FailedPreconditionError("leave: " + leave.name() + " incarnation " +
+                                   std::to_string(leave.incarnation()) +
+                                   " is not current");
+  }
+  Fence(&it->second, control::LEFT, "left the cluster");
+  return OkStatus();
+}
+
+void ClusterState::Tick(Clock::time_point now) {
+  for (auto& [name, m] : members_) {
+    if (IsLive(m) && now > m.lease_deadline) {
+      Fence(&m, control::DEAD,
+            "lease expired (" + std::to_string(MsBetween(m.last_heartbeat, now)) +
+                " ms since its last heartbeat)");
+    }
+  }
+}
+
+control::RoutingTable ClusterState::Routing() const {
+  control::RoutingTable table;
+  table.set_epoch(epoch_);
+  table.set_placement_error(placement_error_);
+  std::map<std::string, int> index;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() != control::WORKER || !IsLive(m)) {
+      continue;
+    }
+    index[name] = table.workers_size();
+    auto* w = table.add_workers();
+    w->set_name(name);
+    w->set_data_address(m.record.registration().data_address());
+    w->set_incarnation(m.record.incarnation());
+  }
+  if (!placed_) return table;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    auto* e = table.add_entries();
+    const ShardId& id = shards_[i].id;
+    e->mutable_shard()->set_kind(id.is_expert() ? control::EXPERT
+                                                : control::DENSE);
+    e->mutable_shard()->set_layer(id.layer);
+    e->mutable_shard()->set_expert(id.expert);
+    e->mutable_shard()->set_shard(id.shard);
+    e->set_bytes(shards_[i].bytes);
+    auto w = index.find(shard_home_[i]);
+    e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);
+  }
+  return table;
+}
+
+control::StatusResponse ClusterState::Report(Clock::time_point now) const {
+  control::StatusResponse s;
+  s.set_epoch(epoch_);
+  s.set_placed(placed_);
+  s.set_placement_error(placement_error_);
+  s.set_total_shards(static_cast<int>(shards_.size()));
+  std::map<std::string, std::pair<int, int64_t>> held;
+  int64_t total_bytes = 0;
+  int placed = 0;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    total_bytes += shards_[i].bytes;
+    if (placed_ && !shard_unplaced_[i]) {
+      ++placed;
+      auto& h = held[shard_home_[i]];
+      ++h.first;
+      h.second += shards_[i].bytes;
+    }
+  }
+  s.set_total_shard_bytes(total_bytes);
+  s.set_placed_shards(placed);
+  for (const auto& [name, m] : members_) {
+    auto* ms = s.add_members();
+    const auto& reg = m.record.registration();
+    ms->set_name(name);
+    ms->set_kind(reg.kind());
+    ms->set_state(m.record.state());
+    ms->set_control_address(reg.control_address());
+    ms->set_data_address(reg.data_address());
+    ms->set_device(reg.device());
+    ms->set_capacity_bytes(reg.capacity_bytes());
+    ms->set_incarnation(m.record.incarnation());
+    ms->set_rank(reg.rank());
+    ms->set_pid(reg.pid());
+    ms->set_host(reg.host());
+    ms->set_ms_since_heartbeat(MsBetween(m.last_heartbeat, now));
+    if (IsLive(m)) {
+      auto h = held.find(name);
+      if (h != held.end()) {
+        ms->set_shards(h->second.first);
+        ms->set_shard_bytes(h->second.second);
+      }
+    }
+  }
+  *s.mutable_routing() = Routing();
+  return s;
+}
+
+}  // namespace switchyard::coordinator

@@ -1,0 +1,88 @@
+// The coordinator's view of the cluster: members, leases, epoch, placement.
+//
+// A pure state machine, driven by requests and by Tick(now); no I/O, so tests
+// drive it directly with chosen times. The epoch advances whenever the
+// routing table changes or an incarnation is fenced, and on every restart.
+//
+// Thread-compatible: the owner (CoordinatorService) serializes all calls.
+#ifndef SWITCHYARD_COORDINATOR_CLUSTER_STATE_H_
+#define SWITCHYARD_COORDINATOR_CLUSTER_STATE_H_
+
+#include <chrono>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/model_shape.h"
+#include "common/status.h"
+#include "config.pb.h"
+#include "control.pb.h"
+#include "coordinator_state.pb.h"
+
+namespace switchyard::coordinator {
+
+using Clock = std::chrono::steady_clock;
+
+class ClusterState {
+ public:
+  // A fresh run at epoch 1, nothing placed.
+  explicit ClusterState(const config::SwitchyardConfig& config);
+
+  // Resumes from a persisted snapshot, at a higher epoch. Members that were
+  // alive become UNCONFIRMED with a grace of two leases from `now` to
+  // re-register. Fails if the snapshot's model differs from `config`'s.
+  static StatusOr<ClusterState> Restore(
+      const config::SwitchyardConfig& config,
+      const control::CoordinatorSnapshot& snapshot, Clock::time_point now);
+
+  control::CoordinatorSnapshot Snapshot() const;
+
+  StatusOr<control::RegisterResponse> Register(
+      const control::RegisterRequest& request, Clock::time_point now);
+  // Renews the lease. FAILED_PRECONDITION ("fenced") when the incarnation is
+  // not the member's current live one.
+  StatusOr<control::HeartbeatAck> Heartbeat(const control::Heartbeat& beat,
+                                            Clock::time_point now);
+  Status Leave(const control::Leave& leave);
+  // Declares members whose lease expired dead.
+  void Tick(Clock::time_point now);
+
+  uint64_t epoch() const { return epoch_; }
+  // Incremented on every change that must be persisted.
+  uint64_t version() const { return version_; }
+  control::RoutingTable Routing() const;
+  control::StatusResponse Report(Clock::time_point now) const;
+  const config::SwitchyardConfig& config() const { return config_; }
+
+ private:
+  struct Member {
+    control::MemberRecord record;
+    Clock::time_point lease_deadline;
+    Clock::time_point last_heartbeat;
+    std::map<std::string, uint64_t> tokens;  // ShardId string -> tokens.
+  };
+
+  bool IsLive(const Member& m) const;
+  int NumLiveWorkers() const;
+  // Recomputes placement if the first placement has been made (or can now be
+  // made), advancing the epoch.
+  void Replace(const std::string& why);
+  void Fence(Member* member, control::MemberState state,
+             const std::string& why);
+  void BumpEpoch(const std::string& why);
+
+  config::SwitchyardConfig config_;
+  std::vector<ShardFootprint> shards_;
+  std::map<std::string, Member> members_;
+  uint64_t epoch_ = 1;
+  uint64_t next_incarnation_ = 1;
+  uint64_t version_ = 0;
+  bool placed_ = false;
+  std::vector<std::string> shard_home_;
+  std::vector<bool> shard_unplaced_;
+  std::string placement_error_;
+};
+
+}  // namespace switchyard::coordinator
+
+#endif  // SWITCHYARD_COORDINATOR_CLUSTER_STATE_H_

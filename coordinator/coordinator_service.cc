@@ -1,0 +1,207 @@
+#include "coordinator/coordinator_service.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "common/net_address.h"
+
+namespace switchyard::coordinator {
+
+namespace asio = boost::asio;
+using control::Envelope;
+
+namespace {
+constexpr char kSnapshotKey[] = "coordinator/snapshot";
+}  // namespace
+
+CoordinatorService::CoordinatorService(asio::io_context& io,
+                                       config::SwitchyardConfig config,
+                                       std::string secret)
+    : io_(io),
+      config_(std::move(config)),
+      secret_(std::move(secret)),
+      tick_timer_(io) {}
+
+CoordinatorService::~CoordinatorService() = default;
+
+uint16_t CoordinatorService::port() const {
+  return server_ ? server_->port() : 0;
+}
+
+Status CoordinatorService::Start() {
+  const std::string dir = config_.cluster().state_dir() + "/coordinator";
+  ASSIGN_OR_RETURN(auto store, storage::OpenRocksKvStore(dir));
+  ASSIGN_OR_RETURN(auto existing, store->Get(kSnapshotKey));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    store_ = std::move(store);
+    if (existing) {
+      control::CoordinatorSnapshot snapshot;
+      if (!snapshot.ParseFromString(*existing)) {
+        return DataLossError("coordinator snapshot in " + dir +
+                             " does not parse");
+      }
+      ASSIGN_OR_RETURN(ClusterState restored,
+                       ClusterState::Restore(config_, snapshot, Clock::now()));
+      state_.emplace(std::move(restored));
+    } else {
+      state_.emplace(config_);
+      LOG(INFO) << "coordinator: new run, state in " << dir;
+    }
+    // Persist the (new or advanced) epoch before serving anyone.
+    const std::string bytes = state_->Snapshot().SerializeAsString();
+    RETURN_IF_ERROR(store_->Put(kSnapshotKey, bytes, /*sync=*/true));
+    persisted_version_ = state_->version();
+    pushed_epoch_ = state_->epoch();
+  }
+
+  control::ControlOptions options;
+  options.secret = secret_;
+  options.max_frame_bytes = config_.cluster().max_frame_bytes();
+  options.handshake_timeout =
+      std::chrono::milliseconds(config_.cluster().call_timeout_ms());
+  control::Connection::Handlers handlers;
+  handlers.on_request = [this](const control::Connection::Ptr& conn,
+                               Envelope request) {
+    OnRequest(conn, std::move(request));
+  };
+  handlers.on_close = [this](const control::Connection::Ptr& conn,
+                             const Status&) { OnClose(conn); };
+  server_ = std::make_unique<control::ControlServer>(io_, options, handlers);
+  ASSIGN_OR_RETURN(HostPort address,
+                   ParseHostPort(config_.cluster().coordinator_address()));
+  RETURN_IF_ERROR(server_->Listen(address));
+  address.port = server_->port();
+
+  // Publish the bound address atomically (write, then rename).
+  const std::string addr_file = config_.cluster().state_dir() + "/coordinator.addr";
+  {
+    std::ofstream out(addr_file + ".tmp");
+    out << address.ToString() << "\n";
+    if (!out) return UnavailableError("cannot write " + addr_file + ".tmp");
+  }
+  std::error_code ec;
+  std::filesystem::rename(addr_file + ".tmp", addr_file, ec);
+  if (ec) return UnavailableError("cannot write " + addr_file + ": " + ec.message());
+  LOG(INFO) << "coordinator: listening on " << address.ToString() << " (epoch "
+            << pushed_epoch_ << ")";
+  ScheduleTick();
+  return OkStatus();
+}
+
+void CoordinatorService::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+    connections_.clear();
+  }
+  asio::post(io_, [this] { tick_timer_.cancel(); });
+  if (server_) server_->Shutdown();
+}
+
+void CoordinatorService::ScheduleTick() {
+  const int period_ms = std::max(10, config_.cluster().lease_ms() / 20);
+  tick_timer_.expires_after(std::chrono::milliseconds(period_ms));
+  tick_timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (shut_down_) return;
+      state_->Tick(Clock::now());
+      CommitLocked();
+    }
+    ScheduleTick();
+  });
+}
+
+void CoordinatorService::CommitLocked() {
+  if (state_->version() != persisted_version_) {
+    const std::string bytes = state_->Snapshot().SerializeAsString();
+    Status s = store_->Put(kSnapshotKey, bytes, /*sync=*/true);
+    if (!s.ok()) {
+      // NOTE: state stays in memory and is retried on the next change or
+      // tick; the routing table is not published until it is durable.
+      LOG(ERROR) << "coordinator: cannot persist state: " << s.ToString();
+      return;
+    }
+    persisted_version_ = state_->version();
+  }
+  if (state_->epoch() != pushed_epoch_) {
+    pushed_epoch_ = state_->epoch();
+    Envelope push;
+    *push.mutable_routing_table() = state_->Routing();
+    for (const auto& [name, conn] : connections_) conn->Push(push);
+  }
+}
+
+void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
+                                   Envelope request) {
+  const uint64_t id = request.request_id();
+  Envelope response;
+  Status error;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (shut_down_) {
+      conn->ReplyError(id, UnavailableError("coordinator shutting down"));
+      return;
+    }
+    const auto now = Clock::now();
+    switch (request.body_case()) {
+      case Envelope::kRegisterRequest: {
+        auto r = state_->Register(request.register_request(), now);
+        if (r.ok()) {
+          *response.mutable_register_response() = std::move(r).value();
+          connections_[request.register_request().name()] = conn;
+        } else {
+          error = r.status();
+        }
+        break;
+      }
+      case Envelope::kHeartbeat: {
+        auto r = state_->Heartbeat(request.heartbeat(), now);
+        if (r.ok()) {
+          *response.mutable_heartbeat_ack() = *r;
+        } else {
+          error = r.status();
+        }
+        break;
+      }
+      case Envelope::kLeave:
+        error = state_->Leave(request.leave());
+        if (error.ok()) {
+          response.mutable_leave_ack();
+          connections_.erase(request.leave().name());
+        }
+        break;
+      case Envelope::kStatusRequest:
+        *response.mutable_status_response() = state_->Report(now);
+        break;
+      default:
+        error = InvalidArgumentError("unexpected request (body case " +
+                                     std::to_string(request.body_case()) +
+                                     ") from " + conn->peer());
+        LOG(WARNING) << "coordinator: " << error.message();
+        break;
+    }
+    CommitLocked();
+  }
+  if (error.ok()) {
+    conn->Reply(id, std::move(response));
+  } else {
+    conn->ReplyError(id, error);
+  }
+}
+
+void CoordinatorService::OnClose(const control::Connection::Ptr& conn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = connections_.begin(); it != connections_.end();) {
+    if (it->second == conn) {
+      it = connections_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+}  // namespace switchyard::coordinator

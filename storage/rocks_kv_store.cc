@@ -1,0 +1,95 @@
+// KvStore on RocksDB. RocksDB statuses become Status here and nowhere else.
+#include <filesystem>
+
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
+
+#include "storage/kv_store.h"
+
+namespace switchyard::storage {
+namespace {
+
+Status RocksStatus(const rocksdb::Status& s, const std::string& what,
+                   const char* file, int line) {
+  if (s.ok()) return OkStatus();
+  const std::string msg =
+      what + ": " + s.ToString() + " [" + file + ":" + std::to_string(line) + "]";
+  if (s.IsNotFound()) return NotFoundError(msg);
+  if (s.IsCorruption()) return DataLossError(msg);
+  if (s.IsInvalidArgument()) return InvalidArgumentError(msg);
+  if (s.IsBusy() || s.IsTimedOut() || s.IsTryAgain()) {
+    return UnavailableError(msg);
+  }
+  return InternalError(msg);
+}
+#define ROCKS_STATUS(s, what) RocksStatus((s), (what), __FILE__, __LINE__)
+
+class RocksKvStore : public KvStore {
+ public:
+  explicit RocksKvStore(std::unique_ptr<rocksdb::DB> db) : db_(std::move(db)) {}
+
+  Status Write(const std::vector<WriteBatchOp>& ops, bool sync) override {
+    rocksdb::WriteBatch batch;
+    for (const WriteBatchOp& op : ops) {
+      switch (op.kind) {
+        case WriteBatchOp::Kind::kPut:
+          batch.Put(op.key, op.value);
+          break;
+        case WriteBatchOp::Kind::kDelete:
+          batch.Delete(op.key);
+          break;
+        case WriteBatchOp::Kind::kDeleteRange:
+          batch.DeleteRange(op.key, op.value);
+          break;
+      }
+    }
+    rocksdb::WriteOptions options;
+    options.sync = sync;
+    return ROCKS_STATUS(db_->Write(options, &batch), "rocksdb write");
+  }
+
+  StatusOr<std::optional<std::string>> Get(const std::string& key) override {
+    std::string value;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), key, &value);
+    if (s.IsNotFound()) return std::optional<std::string>();
+    RETURN_IF_ERROR(ROCKS_STATUS(s, "rocksdb get " + key));
+    return std::optional<std::string>(std::move(value));
+  }
+
+  Status ScanPrefix(const std::string& prefix,
+                    const std::function<void(const std::string&,
+                                             const std::string&)>& fn) override {
+    std::unique_ptr<rocksdb::Iterator> it(
+        db_->NewIterator(rocksdb::ReadOptions()));
+    for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix);
+         it->Next()) {
+      fn(it->key().ToString(), it->value().ToString());
+    }
+    return ROCKS_STATUS(it->status(), "rocksdb scan " + prefix);
+  }
+
+ private:
+  std::unique_ptr<rocksdb::DB> db_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::create_directories(path, ec);
+  if (ec) {
+    return UnavailableError("cannot create directory '" + path +
+                            "': " + ec.message());
+  }
+  rocksdb::Options options;
+  options.create_if_missing = true;
+  options.paranoid_checks = true;
+  rocksdb::DB* raw = nullptr;
+  RETURN_IF_ERROR(
+      ROCKS_STATUS(rocksdb::DB::Open(options, path, &raw), "open " + path));
+  return std::unique_ptr<KvStore>(
+      new RocksKvStore(std::unique_ptr<rocksdb::DB>(raw)));
+}
+
+}  // namespace switchyard::storage
