@@ -1,15 +1,15 @@
 #include "common/config.h"
 
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/reflection.h>
+#include <yaml-cpp/yaml.h>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <sstream>
-
-#include <google/protobuf/descriptor.h>
-#include <google/protobuf/reflection.h>
-#include <yaml-cpp/yaml.h>
 
 #include "common/net_address.h"
 
@@ -76,7 +76,8 @@ Status SetScalar(Message* msg, const FieldDescriptor* field,
     case FieldDescriptor::CPPTYPE_DOUBLE:
     case FieldDescriptor::CPPTYPE_FLOAT: {
       const double v = std::strtod(text.c_str(), &end);
-      if (text.empty() || *end != '\0' || errno == ERANGE || !std::isfinite(v)) {
+      if (text.empty() || *end != '\0' || errno == ERANGE ||
+          !std::isfinite(v)) {
         return bad("a finite number");
       }
       if (field->cpp_type() == FieldDescriptor::CPPTYPE_DOUBLE) {
@@ -127,16 +128,16 @@ Status MergeNode(const YAML::Node& node, Message* msg,
     }
     const YAML::Node& value = kv.second;
     if (field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
-      RETURN_IF_ERROR(MergeNode(value,
-                                msg->GetReflection()->MutableMessage(msg, field),
-                                path, source, origins));
+      RETURN_IF_ERROR(
+          MergeNode(value, msg->GetReflection()->MutableMessage(msg, field),
+                    path, source, origins));
       continue;
     }
     if (value.IsNull()) return FieldError(where, path, "has no value");
     if (!value.IsScalar()) {
-      return FieldError(where, path, "expected a single value, not a " +
-                                         std::string(value.IsMap() ? "mapping"
-                                                                   : "list"));
+      return FieldError(where, path,
+                        "expected a single value, not a " +
+                            std::string(value.IsMap() ? "mapping" : "list"));
     }
     RETURN_IF_ERROR(SetScalar(msg, field, value.Scalar(), where, path));
     (*origins)[path] = where;
@@ -182,7 +183,8 @@ void CollectPaths(const Descriptor* desc, const std::string& prefix,
                   std::vector<std::string>* out) {
   for (int i = 0; i < desc->field_count(); ++i) {
     const FieldDescriptor* f = desc->field(i);
-    const std::string path = prefix.empty() ? f->name() : prefix + "." + f->name();
+    const std::string path =
+        prefix.empty() ? f->name() : prefix + "." + f->name();
     if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
       CollectPaths(f->message_type(), path, out);
     } else {
@@ -327,8 +329,8 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.OneOf("model.activation", m.activation(), {"gelu", "relu", "swiglu"});
   v.Require(m.capacity_factor() >= 0, "model.capacity_factor",
             m.capacity_factor(), "must be >= 0 (0 means dropless)");
-  v.Require(m.aux_loss_alpha() >= 0, "model.aux_loss_alpha",
-            m.aux_loss_alpha(), "must be >= 0");
+  v.Require(m.aux_loss_alpha() >= 0, "model.aux_loss_alpha", m.aux_loss_alpha(),
+            "must be >= 0");
   v.Require(m.router_z_loss() >= 0, "model.router_z_loss", m.router_z_loss(),
             "must be >= 0");
   v.Require(m.router_jitter() >= 0 && m.router_jitter() < 1,
@@ -346,15 +348,15 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.Require(t.steps() >= 0, "training.steps", t.steps(), "must be >= 0");
   v.Require(t.batch_size() >= 1, "training.batch_size", t.batch_size(),
             "must be >= 1");
-  v.Require(t.micro_batches() >= 1, "training.micro_batches",
-            t.micro_batches(), "must be >= 1");
+  v.Require(t.micro_batches() >= 1, "training.micro_batches", t.micro_batches(),
+            "must be >= 1");
   v.Require(t.micro_batches() >= 1 && t.batch_size() % t.micro_batches() == 0,
             "training.batch_size", t.batch_size(),
             "must be divisible by training.micro_batches (" +
                 std::to_string(t.micro_batches()) + ")");
   v.OneOf("training.optimizer", t.optimizer(), {"adamw", "adafactor"});
-  v.Require(t.learning_rate() > 0, "training.learning_rate",
-            t.learning_rate(), "must be > 0");
+  v.Require(t.learning_rate() > 0, "training.learning_rate", t.learning_rate(),
+            "must be > 0");
   v.OneOf("training.lr_schedule", t.lr_schedule(),
           {"constant", "cosine", "inverse_sqrt"});
   v.Require(t.warmup_steps() >= 0, "training.warmup_steps", t.warmup_steps(),

@@ -86,8 +86,7 @@ Status FlagParser::Parse(int argc, char** argv, int first) {
       if (f.name == name) flag = &f;
     }
     if (flag == nullptr) {
-      return InvalidArgumentError("unknown flag --" + name +
-                                  " (see --help)");
+      return InvalidArgumentError("unknown flag --" + name + " (see --help)");
     }
     if (!has_value) {
       if (flag->type == Type::kBool) {

@@ -18,8 +18,8 @@ StatusOr<ShardId> ShardId::Parse(const std::string& text) {
   }
   if (std::sscanf(text.c_str(), "L%d.E%d.S%d%n", &layer, &expert, &shard,
                   &consumed) == 3 &&
-      consumed == static_cast<int>(text.size()) && layer >= 0 &&
-      expert >= 0 && shard >= 0) {
+      consumed == static_cast<int>(text.size()) && layer >= 0 && expert >= 0 &&
+      shard >= 0) {
     return ShardId::Expert(layer, expert, shard);
   }
   return InvalidArgumentError("malformed shard id '" + text +

@@ -1,9 +1,9 @@
 #include "common/logging.h"
 
+#include <glog/logging.h>
+
 #include <cstdlib>
 #include <mutex>
-
-#include <glog/logging.h>
 
 namespace switchyard {
 

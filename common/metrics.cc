@@ -64,12 +64,11 @@ std::string MetricsRegistry::RenderText() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::ostringstream out;
   for (const auto& [name, c] : counters_) {
-    out << "# TYPE " << name << " counter\n" << name << " " << c->value()
-        << "\n";
+    out << "# TYPE " << name << " counter\n"
+        << name << " " << c->value() << "\n";
   }
   for (const auto& [name, g] : gauges_) {
-    out << "# TYPE " << name << " gauge\n" << name << " " << g->value()
-        << "\n";
+    out << "# TYPE " << name << " gauge\n" << name << " " << g->value() << "\n";
   }
   for (const auto& [name, h] : histograms_) {
     const Histogram::Snapshot s = h->snapshot();
@@ -78,8 +77,7 @@ std::string MetricsRegistry::RenderText() const {
       out << name << "_bucket{le=\"" << s.upper_bounds[i] << "\"} "
           << s.cumulative_counts[i] << "\n";
     }
-    out << name << "_bucket{le=\"+Inf\"} " << s.cumulative_counts.back()
-        << "\n"
+    out << name << "_bucket{le=\"+Inf\"} " << s.cumulative_counts.back() << "\n"
         << name << "_sum " << s.sum << "\n"
         << name << "_count " << s.count << "\n";
   }
@@ -87,8 +85,8 @@ std::string MetricsRegistry::RenderText() const {
 }
 
 std::vector<double> LatencyBucketsMs() {
-  return {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000,
-          2500, 5000, 10000};
+  return {0.05, 0.1, 0.25, 0.5, 1,    2.5,  5,    10,   25,
+          50,   100, 250,  500, 1000, 2500, 5000, 10000};
 }
 
 }  // namespace switchyard

@@ -37,7 +37,7 @@ int64_t ExpertShardParams(const config::ModelConfig& m, int shard) {
 int64_t DenseParams(const config::ModelConfig& m) {
   const int64_t d = m.d_model();
   const int64_t norm = m.norm() == "layernorm" ? 2 * d : d;
-  int64_t params = m.vocab_size() * d;                     // Token embedding.
+  int64_t params = m.vocab_size() * d;  // Token embedding.
   if (m.positions() == "learned") params += m.seq_len() * d;
   for (int layer = 0; layer < m.num_layers(); ++layer) {
     params += 4 * d * d + 2 * norm;  // Q, K, V, O and two pre-norms.

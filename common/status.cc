@@ -44,8 +44,8 @@ Status Status::WithContext(std::string_view context) const {
   return Status(code_, std::string(context) + ": " + message_);
 }
 
-#define SWITCHYARD_DEFINE_ERROR(Name, Code) \
-  Status Name(std::string message) {        \
+#define SWITCHYARD_DEFINE_ERROR(Name, Code)              \
+  Status Name(std::string message) {                     \
     return Status(StatusCode::Code, std::move(message)); \
   }
 

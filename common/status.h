@@ -6,12 +6,12 @@
 #ifndef SWITCHYARD_COMMON_STATUS_H_
 #define SWITCHYARD_COMMON_STATUS_H_
 
+#include <glog/logging.h>
+
 #include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
-
-#include <glog/logging.h>
 
 namespace switchyard {
 
@@ -121,11 +121,11 @@ const Status& AsStatus(const StatusOr<T>& s) {
 #define SWITCHYARD_CONCAT_INNER(a, b) a##b
 #define SWITCHYARD_CONCAT(a, b) SWITCHYARD_CONCAT_INNER(a, b)
 
-#define RETURN_IF_ERROR(expr)                                          \
-  do {                                                                 \
-    const ::switchyard::Status _status =                               \
-        ::switchyard::internal::AsStatus((expr));                      \
-    if (!_status.ok()) return _status;                                 \
+#define RETURN_IF_ERROR(expr)                     \
+  do {                                            \
+    const ::switchyard::Status _status =          \
+        ::switchyard::internal::AsStatus((expr)); \
+    if (!_status.ok()) return _status;            \
   } while (0)
 
 #define ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \

@@ -49,8 +49,8 @@ StatusOr<Tensor> Tensor::Zeros(DType dtype, std::vector<int64_t> shape) {
   size_t bytes = static_cast<size_t>(count) * DTypeBytes(dtype);
   // aligned_alloc needs a size that is a multiple of the alignment, and we
   // never hand out a null buffer, even for zero elements.
-  size_t rounded = (bytes + kTensorAlignmentBytes - 1) /
-                   kTensorAlignmentBytes * kTensorAlignmentBytes;
+  size_t rounded = (bytes + kTensorAlignmentBytes - 1) / kTensorAlignmentBytes *
+                   kTensorAlignmentBytes;
   if (rounded == 0) rounded = kTensorAlignmentBytes;
   void* raw = std::aligned_alloc(kTensorAlignmentBytes, rounded);
   if (raw == nullptr) {

@@ -1,8 +1,8 @@
 #include "coordinator/cluster_state.h"
 
-#include <algorithm>
-
 #include <google/protobuf/util/message_differencer.h>
+
+#include <algorithm>
 
 #include "coordinator/placement.h"
 
@@ -34,7 +34,8 @@ StatusOr<ClusterState> ClusterState::Restore(
     const control::CoordinatorSnapshot& snapshot, Clock::time_point now) {
   using google::protobuf::util::MessageDifferencer;
   if (!MessageDifferencer::Equals(config.model(), snapshot.config().model()) ||
-      config.training().optimizer() != snapshot.config().training().optimizer()) {
+      config.training().optimizer() !=
+          snapshot.config().training().optimizer()) {
     return FailedPreconditionError(
         "the state directory holds a run with a different model or optimizer "
         "configuration; use the original config, or another "
@@ -136,8 +137,7 @@ void ClusterState::Replace(const std::string& why) {
   }
   const bool first = !placed_;
   placed_ = true;
-  BumpEpoch(why + (first ? ": first placement of "
-                         : ": re-placement moved ") +
+  BumpEpoch(why + (first ? ": first placement of " : ": re-placement moved ") +
             std::to_string(first ? shards_.size() : result.num_moved) +
             " shards over " + std::to_string(input.workers.size()) +
             " workers");
@@ -147,10 +147,9 @@ void ClusterState::Fence(Member* member, MemberState state,
                          const std::string& why) {
   member->record.set_state(state);
   const auto& reg = member->record.registration();
-  const std::string what = KindName(reg.kind()) + " " + reg.name() +
-                           " (incarnation " +
-                           std::to_string(member->record.incarnation()) +
-                           ") " + why;
+  const std::string what =
+      KindName(reg.kind()) + " " + reg.name() + " (incarnation " +
+      std::to_string(member->record.incarnation()) + ") " + why;
   LOG(WARNING) << "coordinator: " << what;
   if (reg.kind() == control::WORKER) {
     if (placed_) {
@@ -172,10 +171,9 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
     return InvalidArgumentError("register: kind must be WORKER or TRAINER");
   }
   if (request.kind() == control::WORKER && request.capacity_bytes() <= 0) {
-    return InvalidArgumentError("register: worker " + request.name() +
-                                " offers capacity_bytes " +
-                                std::to_string(request.capacity_bytes()) +
-                                "; it must be > 0");
+    return InvalidArgumentError(
+        "register: worker " + request.name() + " offers capacity_bytes " +
+        std::to_string(request.capacity_bytes()) + "; it must be > 0");
   }
   if (request.kind() == control::TRAINER) {
     if (request.rank() < 0 || request.rank() >= config_.cluster().trainers()) {
@@ -197,9 +195,9 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   auto it = members_.find(request.name());
   if (it != members_.end() &&
       it->second.record.registration().kind() != request.kind()) {
-    return AlreadyExistsError("register: name " + request.name() +
-                              " belongs to a " +
-                              KindName(it->second.record.registration().kind()));
+    return AlreadyExistsError(
+        "register: name " + request.name() + " belongs to a " +
+        KindName(it->second.record.registration().kind()));
   }
   const auto lease = std::chrono::milliseconds(config_.cluster().lease_ms());
   bool confirmed = false;
@@ -228,8 +226,8 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   ++version_;
   LOG(INFO) << "coordinator: " << KindName(request.kind()) << " "
             << request.name() << (confirmed ? " reconfirmed" : " registered")
-            << " (incarnation " << m.record.incarnation() << ", "
-            << request.control_address() << ")";
+            << " (incarnation " << m.record.incarnation() << ", pid "
+            << request.pid() << " on " << request.host() << ")";
   if (request.kind() == control::WORKER && !confirmed) {
     // A joiner (or a restarted worker that may have lost its shards while
     // dead) changes the placement once placement has begun.
@@ -261,7 +259,8 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
     m.record.set_state(control::ALIVE);
     ++version_;
   }
-  m.lease_deadline = now + std::chrono::milliseconds(config_.cluster().lease_ms());
+  m.lease_deadline =
+      now + std::chrono::milliseconds(config_.cluster().lease_ms());
   m.last_heartbeat = now;
   for (const auto& load : beat.loads()) {
     const auto& ref = load.shard();
@@ -291,7 +290,8 @@ void ClusterState::Tick(Clock::time_point now) {
   for (auto& [name, m] : members_) {
     if (IsLive(m) && now > m.lease_deadline) {
       Fence(&m, control::DEAD,
-            "lease expired (" + std::to_string(MsBetween(m.last_heartbeat, now)) +
+            "lease expired (" +
+                std::to_string(MsBetween(m.last_heartbeat, now)) +
                 " ms since its last heartbeat)");
     }
   }

@@ -1,5 +1,7 @@
 #include "coordinator/coordinator_service.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -74,7 +76,8 @@ Status CoordinatorService::Start() {
   address.port = server_->port();
 
   // Publish the bound address atomically (write, then rename).
-  const std::string addr_file = config_.cluster().state_dir() + "/coordinator.addr";
+  const std::string addr_file =
+      config_.cluster().state_dir() + "/coordinator.addr";
   {
     std::ofstream out(addr_file + ".tmp");
     out << address.ToString() << "\n";
@@ -82,7 +85,8 @@ Status CoordinatorService::Start() {
   }
   std::error_code ec;
   std::filesystem::rename(addr_file + ".tmp", addr_file, ec);
-  if (ec) return UnavailableError("cannot write " + addr_file + ": " + ec.message());
+  if (ec)
+    return UnavailableError("cannot write " + addr_file + ": " + ec.message());
   LOG(INFO) << "coordinator: listening on " << address.ToString() << " (epoch "
             << pushed_epoch_ << ")";
   ScheduleTick();
@@ -176,6 +180,7 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
         break;
       case Envelope::kStatusRequest:
         *response.mutable_status_response() = state_->Report(now);
+        response.mutable_status_response()->set_coordinator_pid(::getpid());
         break;
       default:
         error = InvalidArgumentError("unexpected request (body case " +

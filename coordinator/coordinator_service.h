@@ -10,13 +10,12 @@
 #ifndef SWITCHYARD_COORDINATOR_COORDINATOR_SERVICE_H_
 #define SWITCHYARD_COORDINATOR_COORDINATOR_SERVICE_H_
 
+#include <boost/asio.hpp>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
-
-#include <boost/asio.hpp>
 
 #include "common/status.h"
 #include "config.pb.h"

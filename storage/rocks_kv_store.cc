@@ -1,9 +1,9 @@
 // KvStore on RocksDB. RocksDB statuses become Status here and nowhere else.
-#include <filesystem>
-
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
+
+#include <filesystem>
 
 #include "storage/kv_store.h"
 
@@ -13,8 +13,8 @@ namespace {
 Status RocksStatus(const rocksdb::Status& s, const std::string& what,
                    const char* file, int line) {
   if (s.ok()) return OkStatus();
-  const std::string msg =
-      what + ": " + s.ToString() + " [" + file + ":" + std::to_string(line) + "]";
+  const std::string msg = what + ": " + s.ToString() + " [" + file + ":" +
+                          std::to_string(line) + "]";
   if (s.IsNotFound()) return NotFoundError(msg);
   if (s.IsCorruption()) return DataLossError(msg);
   if (s.IsInvalidArgument()) return InvalidArgumentError(msg);
@@ -57,9 +57,10 @@ class RocksKvStore : public KvStore {
     return std::optional<std::string>(std::move(value));
   }
 
-  Status ScanPrefix(const std::string& prefix,
-                    const std::function<void(const std::string&,
-                                             const std::string&)>& fn) override {
+  Status ScanPrefix(
+      const std::string& prefix,
+      const std::function<void(const std::string&, const std::string&)>& fn)
+      override {
     std::unique_ptr<rocksdb::Iterator> it(
         db_->NewIterator(rocksdb::ReadOptions()));
     for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix);

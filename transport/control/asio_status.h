@@ -2,10 +2,9 @@
 #ifndef SWITCHYARD_TRANSPORT_CONTROL_ASIO_STATUS_H_
 #define SWITCHYARD_TRANSPORT_CONTROL_ASIO_STATUS_H_
 
-#include <string>
-
 #include <boost/asio/error.hpp>
 #include <boost/system/error_code.hpp>
+#include <string>
 
 #include "common/status.h"
 

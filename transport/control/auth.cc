@@ -1,6 +1,10 @@
 #include "transport/control/auth.h"
 
 #include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -8,11 +12,6 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
-
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/rand.h>
 
 namespace switchyard::control {
 namespace {
@@ -41,16 +40,15 @@ StatusOr<std::string> ReadSecretFile(const std::string& path) {
   std::stringstream buf;
   buf << in.rdbuf();
   std::string secret = buf.str();
-  while (!secret.empty() && std::isspace(static_cast<unsigned char>(
-                                secret.back()))) {
+  while (!secret.empty() &&
+         std::isspace(static_cast<unsigned char>(secret.back()))) {
     secret.pop_back();
   }
   if (secret.size() < kMinSecretBytes) {
-    return InvalidArgumentError("secret file '" + path + "' holds " +
-                                std::to_string(secret.size()) +
-                                " bytes; at least " +
-                                std::to_string(kMinSecretBytes) +
-                                " are required");
+    return InvalidArgumentError(
+        "secret file '" + path + "' holds " + std::to_string(secret.size()) +
+        " bytes; at least " + std::to_string(kMinSecretBytes) +
+        " are required");
   }
   return secret;
 }
@@ -101,7 +99,8 @@ std::string ServerProof(const std::string& secret,
 }
 
 bool ProofsEqual(const std::string& a, const std::string& b) {
-  return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+  return a.size() == b.size() &&
+         CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
 }
 
 }  // namespace switchyard::control

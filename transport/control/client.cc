@@ -9,10 +9,9 @@ namespace switchyard::control {
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
-ControlClient::Ptr ControlClient::Create(asio::io_context& io,
-                                         ClientOptions options,
-                                         std::function<void()> on_connected,
-                                         std::function<void(Envelope)> on_push) {
+ControlClient::Ptr ControlClient::Create(
+    asio::io_context& io, ClientOptions options,
+    std::function<void()> on_connected, std::function<void(Envelope)> on_push) {
   return Ptr(new ControlClient(io, std::move(options), std::move(on_connected),
                                std::move(on_push)));
 }
@@ -69,7 +68,7 @@ void ControlClient::Connect() {
         self->last_error_ = OkStatus();
       }
       self->cv_.notify_all();
-      LOG(INFO) << "control: connected to " << conn->peer();
+      VLOG(1) << "control: connected to " << conn->peer();
       if (self->on_connected_) self->on_connected_();
     };
     handlers.on_push = [weak](const Connection::Ptr&, Envelope e) {
@@ -86,9 +85,9 @@ void ControlClient::Connect() {
       }
       self->ScheduleReconnect(s);
     };
-    auto conn = Connection::Create(std::move(*socket),
-                                   Connection::Role::kClient,
-                                   self->options_.control, std::move(handlers));
+    auto conn =
+        Connection::Create(std::move(*socket), Connection::Role::kClient,
+                           self->options_.control, std::move(handlers));
     conn->Start();
   });
 }
@@ -155,15 +154,13 @@ StatusOr<Envelope> ControlClient::CallSync(Envelope request,
 
 Status ControlClient::WaitConnected(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
-  const bool connected = cv_.wait_for(lock, timeout, [this] {
-    return connection_ != nullptr || shut_down_;
-  });
+  const bool connected = cv_.wait_for(
+      lock, timeout, [this] { return connection_ != nullptr || shut_down_; });
   if (connection_) return OkStatus();
   if (!connected) {
-    return DeadlineExceededError("not connected to " +
-                                 options_.server.ToString() + " within " +
-                                 std::to_string(timeout.count()) +
-                                 " ms: " + last_error_.ToString());
+    return DeadlineExceededError(
+        "not connected to " + options_.server.ToString() + " within " +
+        std::to_string(timeout.count()) + " ms: " + last_error_.ToString());
   }
   return last_error_;
 }

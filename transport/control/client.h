@@ -10,14 +10,13 @@
 #ifndef SWITCHYARD_TRANSPORT_CONTROL_CLIENT_H_
 #define SWITCHYARD_TRANSPORT_CONTROL_CLIENT_H_
 
+#include <boost/asio.hpp>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
-
-#include <boost/asio.hpp>
 
 #include "common/net_address.h"
 #include "common/status.h"

@@ -52,14 +52,13 @@ Connection::~Connection() = default;
 void Connection::Start() {
   asio::post(strand_, [self = shared_from_this()] {
     self->handshake_timer_.expires_after(self->options_.handshake_timeout);
-    self->handshake_timer_.async_wait(
-        [self](const boost::system::error_code& ec) {
-          if (ec || self->state_ != State::kHandshake) return;
-          self->CloseOnStrand(DeadlineExceededError(
-              "handshake with " + self->peer_ + " not completed within " +
-              std::to_string(self->options_.handshake_timeout.count()) +
-              " ms"));
-        });
+    self->handshake_timer_.async_wait([self](
+                                          const boost::system::error_code& ec) {
+      if (ec || self->state_ != State::kHandshake) return;
+      self->CloseOnStrand(DeadlineExceededError(
+          "handshake with " + self->peer_ + " not completed within " +
+          std::to_string(self->options_.handshake_timeout.count()) + " ms"));
+    });
     if (self->role_ == Role::kServer) {
       self->server_nonce_ = RandomNonce();
       Envelope challenge;
@@ -81,10 +80,10 @@ void Connection::DoRead() {
         if (self->state_ == State::kClosed) return;
         if (ec) {
           if (ec == asio::error::eof && self->decoder_.buffered_bytes() > 0) {
-            self->CloseOnStrand(DataLossError(
-                "truncated frame: peer closed with " +
-                std::to_string(self->decoder_.buffered_bytes()) +
-                " bytes of an incomplete frame"));
+            self->CloseOnStrand(
+                DataLossError("truncated frame: peer closed with " +
+                              std::to_string(self->decoder_.buffered_bytes()) +
+                              " bytes of an incomplete frame"));
           } else {
             self->CloseOnStrand(ASIO_STATUS(ec, "read from " + self->peer_));
           }
@@ -122,9 +121,9 @@ StatusOr<bool> Connection::OnHandshakeFrame(const Envelope& envelope) {
     }
     client_nonce_ = hello.client_nonce();
     if (client_nonce_.size() != kNonceBytes ||
-        !ProofsEqual(hello.client_proof(),
-                     ClientProof(options_.secret, server_nonce_,
-                                 client_nonce_))) {
+        !ProofsEqual(
+            hello.client_proof(),
+            ClientProof(options_.secret, server_nonce_, client_nonce_))) {
       return UnauthenticatedError("authentication failed (wrong secret?)");
     }
     Envelope welcome;
@@ -159,9 +158,9 @@ StatusOr<bool> Connection::OnHandshakeFrame(const Envelope& envelope) {
     return false;  // Wait for Welcome.
   }
   if (envelope.body_case() != Envelope::kWelcome ||
-      !ProofsEqual(envelope.welcome().server_proof(),
-                   ServerProof(options_.secret, server_nonce_,
-                               client_nonce_))) {
+      !ProofsEqual(
+          envelope.welcome().server_proof(),
+          ServerProof(options_.secret, server_nonce_, client_nonce_))) {
     return UnauthenticatedError(
         "server failed to prove it holds the secret (wrong secret?)");
   }
@@ -208,7 +207,8 @@ void Connection::OnFrame(Envelope envelope) {
     return;
   }
   if (envelope.request_id() == 0) {
-    if (handlers_.on_push) handlers_.on_push(shared_from_this(), std::move(envelope));
+    if (handlers_.on_push)
+      handlers_.on_push(shared_from_this(), std::move(envelope));
     return;
   }
   if (handlers_.on_request) {
@@ -223,16 +223,15 @@ void Connection::Send(Envelope envelope) {
   if (state_ == State::kClosed || close_after_flush_) return;
   std::string frame = EncodeFrame(envelope);
   if (frame.size() - kFrameHeaderBytes > options_.max_frame_bytes) {
-    LOG(ERROR) << "control: dropping a " << frame.size()
-               << "-byte message to " << peer_
-               << ": larger than max_frame_bytes";
+    LOG(ERROR) << "control: dropping a " << frame.size() << "-byte message to "
+               << peer_ << ": larger than max_frame_bytes";
     return;
   }
   write_queue_bytes_ += frame.size();
   if (write_queue_bytes_ > MaxWriteQueueBytes(options_)) {
-    CloseOnStrand(ResourceExhaustedError(
-        "peer " + peer_ + " is not reading: " +
-        std::to_string(write_queue_bytes_) + " bytes queued"));
+    CloseOnStrand(ResourceExhaustedError("peer " + peer_ + " is not reading: " +
+                                         std::to_string(write_queue_bytes_) +
+                                         " bytes queued"));
     return;
   }
   write_queue_.push_back(std::move(frame));
@@ -244,23 +243,23 @@ void Connection::DoWrite() {
   writing_ = true;
   asio::async_write(
       socket_, asio::buffer(write_queue_.front()),
-      asio::bind_executor(strand_, [self = shared_from_this()](
-                                       const boost::system::error_code& ec,
-                                       size_t) {
-        self->writing_ = false;
-        if (self->state_ == State::kClosed) return;
-        if (ec) {
-          self->CloseOnStrand(ASIO_STATUS(ec, "write to " + self->peer_));
-          return;
-        }
-        self->write_queue_bytes_ -= self->write_queue_.front().size();
-        self->write_queue_.pop_front();
-        if (self->write_queue_.empty() && self->close_after_flush_) {
-          self->CloseOnStrand(self->close_reason_);
-          return;
-        }
-        self->DoWrite();
-      }));
+      asio::bind_executor(
+          strand_, [self = shared_from_this()](
+                       const boost::system::error_code& ec, size_t) {
+            self->writing_ = false;
+            if (self->state_ == State::kClosed) return;
+            if (ec) {
+              self->CloseOnStrand(ASIO_STATUS(ec, "write to " + self->peer_));
+              return;
+            }
+            self->write_queue_bytes_ -= self->write_queue_.front().size();
+            self->write_queue_.pop_front();
+            if (self->write_queue_.empty() && self->close_after_flush_) {
+              self->CloseOnStrand(self->close_reason_);
+              return;
+            }
+            self->DoWrite();
+          }));
 }
 
 void Connection::FailAfterFlush(const Status& reason, Envelope error_reply) {
@@ -273,17 +272,19 @@ void Connection::FailAfterFlush(const Status& reason, Envelope error_reply) {
 void Connection::Push(Envelope message) {
   message.set_request_id(0);
   message.set_is_response(false);
-  asio::post(strand_, [self = shared_from_this(), m = std::move(message)]() mutable {
-    if (self->state_ == State::kReady) self->Send(std::move(m));
-  });
+  asio::post(strand_,
+             [self = shared_from_this(), m = std::move(message)]() mutable {
+               if (self->state_ == State::kReady) self->Send(std::move(m));
+             });
 }
 
 void Connection::Reply(uint64_t request_id, Envelope response) {
   response.set_request_id(request_id);
   response.set_is_response(true);
-  asio::post(strand_, [self = shared_from_this(), m = std::move(response)]() mutable {
-    if (self->state_ == State::kReady) self->Send(std::move(m));
-  });
+  asio::post(strand_,
+             [self = shared_from_this(), m = std::move(response)]() mutable {
+               if (self->state_ == State::kReady) self->Send(std::move(m));
+             });
 }
 
 void Connection::ReplyError(uint64_t request_id, const Status& status) {
@@ -309,15 +310,15 @@ void Connection::Call(Envelope request, std::chrono::milliseconds timeout,
     call.done = std::move(done);
     call.timer = std::make_unique<asio::steady_timer>(self->strand_);
     call.timer->expires_after(timeout);
-    call.timer->async_wait([self, id, timeout](const boost::system::error_code& ec) {
+    call.timer->async_wait([self, id,
+                            timeout](const boost::system::error_code& ec) {
       if (ec) return;
       auto it = self->pending_.find(id);
       if (it == self->pending_.end()) return;
       CallDone cb = std::move(it->second.done);
       self->pending_.erase(it);
-      cb(DeadlineExceededError("no response from " + self->peer_ +
-                               " within " + std::to_string(timeout.count()) +
-                               " ms"));
+      cb(DeadlineExceededError("no response from " + self->peer_ + " within " +
+                               std::to_string(timeout.count()) + " ms"));
     });
     self->pending_.emplace(id, std::move(call));
     self->Send(std::move(m));

@@ -15,6 +15,7 @@
 #define SWITCHYARD_TRANSPORT_CONTROL_CONNECTION_H_
 
 #include <array>
+#include <boost/asio.hpp>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -22,8 +23,6 @@
 #include <map>
 #include <memory>
 #include <string>
-
-#include <boost/asio.hpp>
 
 #include "common/status.h"
 #include "control.pb.h"
@@ -69,8 +68,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void ReplyError(uint64_t request_id, const Status& status);
   // Sends a request; `done` runs exactly once, at the latest when `timeout`
   // expires.
-  void Call(Envelope request, std::chrono::milliseconds timeout,
-            CallDone done);
+  void Call(Envelope request, std::chrono::milliseconds timeout, CallDone done);
   // Closes the connection; pending calls complete with `reason`.
   void Close(const Status& reason);
 

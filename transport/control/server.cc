@@ -53,9 +53,9 @@ void ControlServer::DoAccept() {
         }
         if (user) user(conn, s);
       };
-      auto conn = Connection::Create(std::move(socket),
-                                     Connection::Role::kServer, options_,
-                                     std::move(handlers));
+      auto conn =
+          Connection::Create(std::move(socket), Connection::Role::kServer,
+                             options_, std::move(handlers));
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (shut_down_) return;

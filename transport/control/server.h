@@ -6,11 +6,10 @@
 #ifndef SWITCHYARD_TRANSPORT_CONTROL_SERVER_H_
 #define SWITCHYARD_TRANSPORT_CONTROL_SERVER_H_
 
+#include <boost/asio.hpp>
 #include <memory>
 #include <mutex>
 #include <set>
-
-#include <boost/asio.hpp>
 
 #include "common/net_address.h"
 #include "common/status.h"

@@ -1,0 +1,246 @@
+// switchyard up: a whole local cluster as child processes.
+#include <signal.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "cli/commands.h"
+#include "cli/config_flags.h"
+#include "cli/process_group.h"
+#include "cli/status_client.h"
+#include "transport/control/auth.h"
+
+namespace switchyard::cli {
+namespace {
+
+using Ms = std::chrono::milliseconds;
+
+std::string SelfExe() {
+  std::error_code ec;
+  auto path = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? "switchyard" : path.string();
+}
+
+// True when the status shows every expected member alive and placement made.
+bool ClusterReady(const control::StatusResponse& s, int workers, int trainers) {
+  int live_workers = 0, live_trainers = 0;
+  for (const auto& m : s.members()) {
+    if (m.state() != control::ALIVE) continue;
+    (m.kind() == control::WORKER ? live_workers : live_trainers)++;
+  }
+  return s.placed() && live_workers == workers && live_trainers == trainers;
+}
+
+}  // namespace
+
+int UpCommand(int argc, char** argv) {
+  FlagParser parser(
+      "switchyard up --workers N [--trainers M] --config FILE [flags]",
+      "Starts a local cluster: a coordinator, N workers and M trainers as\n"
+      "child processes, with their logs prefixed by name. Prints the cluster\n"
+      "status once every member has joined. Ctrl-C (or SIGTERM, or the end\n"
+      "of --duration-s) stops them all: the coordinator first, so that its\n"
+      "saved placement is the whole cluster's, then the members.");
+  ConfigFlags flags;
+  flags.Register(&parser);
+  int64_t workers = 2, trainers = 1, port = 0, duration_s = 0;
+  int64_t ready_timeout_s = 60;
+  std::string run_dir;
+  parser.AddInt("workers", &workers, "expert workers to start");
+  parser.AddInt("trainers", &trainers, "trainers to start");
+  parser.AddString(
+      "run-dir", &run_dir,
+      "state, secret and address files (default cluster.state_dir)");
+  parser.AddInt("port", &port, "coordinator port (0: any free port)");
+  parser.AddInt(
+      "duration-s", &duration_s,
+      "stop after this many seconds once ready (0: run until Ctrl-C)");
+  parser.AddInt("ready-timeout-s", &ready_timeout_s,
+                "give up if the cluster is not ready within this time");
+  if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
+  if (workers < 1 || trainers < 0) {
+    std::cerr << "switchyard: --workers must be >= 1 and --trainers >= 0\n";
+    return 2;
+  }
+
+  // Resolve the run directory and secret before starting anything.
+  auto base = flags.Load();
+  if (!base.ok()) {
+    std::cerr << "switchyard: " << base.status().message() << "\n";
+    return 2;
+  }
+  if (run_dir.empty()) run_dir = base->config.cluster().state_dir();
+  std::error_code ec;
+  std::filesystem::create_directories(run_dir, ec);
+  if (ec) {
+    std::cerr << "switchyard: cannot create " << run_dir << ": " << ec.message()
+              << "\n";
+    return 1;
+  }
+  run_dir = std::filesystem::absolute(run_dir).string();
+  std::string secret_file = base->config.cluster().secret_file();
+  if (secret_file.empty()) {
+    secret_file = run_dir + "/secret";
+    if (!std::filesystem::exists(secret_file)) {
+      Status s = control::WriteNewSecretFile(secret_file);
+      if (!s.ok()) {
+        std::cerr << "switchyard: " << s.message() << "\n";
+        return 1;
+      }
+    }
+  }
+  auto secret = control::ReadSecretFile(secret_file);
+  if (!secret.ok()) {
+    std::cerr << "switchyard: " << secret.status().message() << "\n";
+    return 2;
+  }
+  auto host = ParseHostPort(base->config.cluster().coordinator_address());
+  if (!host.ok()) {
+    std::cerr << "switchyard: " << host.status().message() << "\n";
+    return 2;
+  }
+
+  std::vector<std::string> common_args;
+  if (!flags.config_path.empty()) {
+    common_args = {"--config",
+                   std::filesystem::absolute(flags.config_path).string()};
+  }
+  auto add_set = [&common_args](const std::string& o) {
+    common_args.push_back("--set");
+    common_args.push_back(o);
+  };
+  for (const auto& o : flags.AllOverrides()) add_set(o);
+  add_set("cluster.state_dir=" + run_dir);
+  add_set("cluster.secret_file=" + secret_file);
+  add_set("cluster.workers=" + std::to_string(workers));
+  add_set("cluster.trainers=" + std::to_string(std::max<int64_t>(trainers, 1)));
+
+  // Signals are handled synchronously below; children unblock them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  ::sigprocmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const std::string exe = SelfExe();
+  const std::string addr_file = run_dir + "/coordinator.addr";
+  std::filesystem::remove(addr_file, ec);
+  ProcessGroup group;
+  auto spawn = [&](const std::string& name, std::vector<std::string> args) {
+    args.insert(args.begin(), exe);
+    auto pid = group.Spawn(name, args);
+    if (!pid.ok()) {
+      std::cerr << "[up] cannot start " << name << ": "
+                << pid.status().message() << "\n";
+      return false;
+    }
+    return true;
+  };
+  auto print_events = [&group] {
+    for (const auto& e : group.ReapExited()) std::cout << "[up] " << e << "\n";
+  };
+  auto stop_requested = [&stop_signals](Ms wait) {
+    timespec ts{static_cast<time_t>(wait.count() / 1000),
+                static_cast<long>(wait.count() % 1000) * 1000000};
+    const int sig = ::sigtimedwait(&stop_signals, nullptr, &ts);
+    return sig == SIGINT || sig == SIGTERM;
+  };
+  // The coordinator stops first, so that its saved placement is that of the
+  // whole cluster (members leaving one by one would re-place their shards);
+  // a later `up` on the same run directory resumes it.
+  auto shutdown = [&](int code) {
+    std::cout << "[up] stopping the cluster\n" << std::flush;
+    group.Terminate({"coordinator"}, Ms(10000));
+    group.Terminate({}, Ms(10000));
+    print_events();
+    return code;
+  };
+
+  // 1. Coordinator, on the requested port; wait for its address file.
+  std::vector<std::string> coordinator_args = {"coordinator"};
+  coordinator_args.insert(coordinator_args.end(), common_args.begin(),
+                          common_args.end());
+  coordinator_args.push_back("--set");
+  coordinator_args.push_back("cluster.coordinator_address=" + host->host + ":" +
+                             std::to_string(port));
+  if (!spawn("coordinator", coordinator_args)) return shutdown(1);
+  std::string address;
+  const auto addr_deadline = std::chrono::steady_clock::now() + Ms(15000);
+  while (address.empty()) {
+    std::ifstream in(addr_file);
+    if (in >> address) break;
+    print_events();
+    if (!group.IsRunning("coordinator")) {
+      std::cerr << "[up] the coordinator exited during start-up\n";
+      return shutdown(1);
+    }
+    if (std::chrono::steady_clock::now() > addr_deadline) {
+      std::cerr << "[up] the coordinator did not publish its address in "
+                << addr_file << " within 15 s\n";
+      return shutdown(1);
+    }
+    if (stop_requested(Ms(50))) return shutdown(130);
+  }
+  std::cout << "[up] coordinator listening on " << address << "\n";
+
+  // 2. Workers and trainers.
+  auto with = [&](std::vector<std::string> args) {
+    args.insert(args.end(), common_args.begin(), common_args.end());
+    args.push_back("--set");
+    args.push_back("cluster.coordinator_address=" + address);
+    return args;
+  };
+  for (int i = 0; i < workers; ++i) {
+    const std::string name = "worker-" + std::to_string(i);
+    if (!spawn(name, with({"worker", "--name", name}))) return shutdown(1);
+  }
+  for (int r = 0; r < trainers; ++r) {
+    const std::string name = "trainer-" + std::to_string(r);
+    if (!spawn(name, with({"train", "--rank", std::to_string(r)}))) {
+      return shutdown(1);
+    }
+  }
+
+  // 3. Wait until everyone has joined, then show the cluster.
+  auto coordinator = ParseHostPort(address);
+  const auto ready_deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(ready_timeout_s);
+  Status last = UnavailableError("no answer yet");
+  while (true) {
+    auto status = FetchStatus(*coordinator, *secret, Ms(2000));
+    if (status.ok() && ClusterReady(*status, workers, trainers)) {
+      std::cout << "[up] cluster ready\n"
+                << FormatStatus(*status) << std::flush;
+      break;
+    }
+    last = status.ok() ? DeadlineExceededError("not every member has joined")
+                       : status.status();
+    print_events();
+    if (std::chrono::steady_clock::now() > ready_deadline) {
+      std::cerr << "[up] cluster not ready within " << ready_timeout_s
+                << " s: " << last.ToString() << "\n";
+      return shutdown(1);
+    }
+    if (stop_requested(Ms(200))) return shutdown(130);
+  }
+
+  // 4. Run until Ctrl-C, SIGTERM, --duration-s, or every child has exited.
+  const auto end =
+      std::chrono::steady_clock::now() + std::chrono::seconds(duration_s);
+  while (true) {
+    if (stop_requested(Ms(200))) return shutdown(0);
+    print_events();
+    if (group.num_running() == 0) {
+      std::cout << "[up] every process has exited\n";
+      return 1;
+    }
+    if (duration_s > 0 && std::chrono::steady_clock::now() >= end) {
+      return shutdown(0);
+    }
+  }
+}
+
+}  // namespace switchyard::cli

@@ -1,0 +1,52 @@
+#include "cli/config_flags.h"
+
+#include <iostream>
+
+namespace switchyard::cli {
+
+void ConfigFlags::Register(FlagParser* parser) {
+  parser->AddString("config", &config_path,
+                    "YAML run configuration (docs/configuration.md)");
+  parser->AddRepeated("set", &overrides,
+                      "override a config field: section.field=value");
+  parser->AddString("coordinator", &coordinator,
+                    "coordinator host:port (sets cluster.coordinator_address)");
+  parser->AddString("secret-file", &secret_file,
+                    "shared-secret file (sets cluster.secret_file)");
+  parser->AddString("state-dir", &state_dir,
+                    "state directory (sets cluster.state_dir)");
+}
+
+std::vector<std::string> ConfigFlags::AllOverrides() const {
+  std::vector<std::string> all = overrides;
+  if (!coordinator.empty()) {
+    all.push_back("cluster.coordinator_address=" + coordinator);
+  }
+  if (!secret_file.empty()) all.push_back("cluster.secret_file=" + secret_file);
+  if (!state_dir.empty()) all.push_back("cluster.state_dir=" + state_dir);
+  return all;
+}
+
+StatusOr<LoadedConfig> ConfigFlags::Load() const {
+  return LoadConfig(config_path, AllOverrides());
+}
+
+int ParseOrExit(FlagParser* parser, int argc, char** argv) {
+  Status s = parser->Parse(argc, argv, 2);
+  if (parser->help_requested()) {
+    std::cout << parser->Help();
+    return 0;
+  }
+  if (!s.ok()) {
+    std::cerr << "switchyard: " << s.message() << "\n";
+    return 2;
+  }
+  if (!parser->positional().empty()) {
+    std::cerr << "switchyard: unexpected argument '" << parser->positional()[0]
+              << "' (see --help)\n";
+    return 2;
+  }
+  return -1;
+}
+
+}  // namespace switchyard::cli

@@ -1,0 +1,35 @@
+// Flags shared by every subcommand that reads the run configuration.
+#ifndef SWITCHYARD_CLI_CONFIG_FLAGS_H_
+#define SWITCHYARD_CLI_CONFIG_FLAGS_H_
+
+#include <string>
+#include <vector>
+
+#include "common/config.h"
+#include "common/flags.h"
+
+namespace switchyard::cli {
+
+struct ConfigFlags {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string coordinator;
+  std::string secret_file;
+  std::string state_dir;
+
+  // Registers --config, --set, --coordinator, --secret-file, --state-dir.
+  void Register(FlagParser* parser);
+  // Loads the file and applies --set, then the shorthand flags.
+  StatusOr<LoadedConfig> Load() const;
+  // Every override, shorthand flags included, as "path=value" strings (for
+  // passing on to child processes).
+  std::vector<std::string> AllOverrides() const;
+};
+
+// Parses argv for a subcommand: prints help and returns 0 for --help, prints
+// the error and returns 2 for bad flags, and returns -1 to go on.
+int ParseOrExit(FlagParser* parser, int argc, char** argv);
+
+}  // namespace switchyard::cli
+
+#endif  // SWITCHYARD_CLI_CONFIG_FLAGS_H_

@@ -1,0 +1,42 @@
+// The switchyard command: one binary, one subcommand per process role.
+#include <cstring>
+#include <iostream>
+#include <string>
+
+#include "cli/commands.h"
+#include "common/logging.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: switchyard COMMAND [flags]    (switchyard COMMAND --help)\n"
+    "\n"
+    "Switchyard: a distributed expert server for training sparse\n"
+    "Mixture-of-Experts models.\n"
+    "\n"
+    "commands:\n"
+    "  coordinator   run the coordinator (membership, placement, routing)\n"
+    "  worker        run an expert worker\n"
+    "  train         run a trainer\n"
+    "  up            start a local cluster as child processes\n"
+    "  status        print the cluster's members, epoch and placement\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 ||
+      std::strcmp(argv[1], "-h") == 0 || std::strcmp(argv[1], "help") == 0) {
+    std::cout << kUsage;
+    return argc < 2 ? 2 : 0;
+  }
+  switchyard::InitLogging(argv[0]);
+  const std::string command = argv[1];
+  using namespace switchyard::cli;
+  if (command == "coordinator") return CoordinatorCommand(argc, argv);
+  if (command == "worker") return WorkerCommand(argc, argv);
+  if (command == "train") return TrainCommand(argc, argv);
+  if (command == "up") return UpCommand(argc, argv);
+  if (command == "status") return StatusCommand(argc, argv);
+  std::cerr << "switchyard: unknown command '" << command << "'\n\n" << kUsage;
+  return 2;
+}

@@ -1,0 +1,53 @@
+// Child processes of `switchyard up`, with their output prefixed.
+//
+// Each child's stdout and stderr go to one pipe; a thread per child copies
+// its lines to our stdout as "[name] line". Not thread-safe: one owner.
+#ifndef SWITCHYARD_CLI_PROCESS_GROUP_H_
+#define SWITCHYARD_CLI_PROCESS_GROUP_H_
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+
+namespace switchyard::cli {
+
+class ProcessGroup {
+ public:
+  ProcessGroup() = default;
+  ~ProcessGroup();  // Kills (SIGKILL) children still running.
+  ProcessGroup(const ProcessGroup&) = delete;
+  ProcessGroup& operator=(const ProcessGroup&) = delete;
+
+  // Starts `argv` (argv[0] is the executable path) as child `name`.
+  StatusOr<pid_t> Spawn(const std::string& name,
+                        const std::vector<std::string>& argv);
+
+  // Reaps children that exited; returns "name exited with ..." for each.
+  std::vector<std::string> ReapExited();
+  bool IsRunning(const std::string& name) const;
+  int num_running() const;
+
+  // SIGTERM to the named children (all when empty), then SIGKILL to those
+  // still running after `grace`.
+  void Terminate(const std::vector<std::string>& names,
+                 std::chrono::milliseconds grace);
+
+ private:
+  struct Child {
+    std::string name;
+    pid_t pid = -1;
+    bool running = false;
+    std::thread reader;
+  };
+  std::vector<std::unique_ptr<Child>> children_;
+};
+
+}  // namespace switchyard::cli
+
+#endif  // SWITCHYARD_CLI_PROCESS_GROUP_H_

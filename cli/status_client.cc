@@ -1,0 +1,122 @@
+#include "cli/status_client.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <boost/asio.hpp>
+#include <cstdio>
+#include <sstream>
+#include <thread>
+
+#include "coordinator/placement.h"
+#include "transport/control/client.h"
+
+namespace switchyard::cli {
+
+StatusOr<control::StatusResponse> FetchStatus(
+    const HostPort& coordinator, const std::string& secret,
+    std::chrono::milliseconds timeout) {
+  boost::asio::io_context io;
+  auto work = boost::asio::make_work_guard(io);
+  control::ClientOptions options;
+  options.server = coordinator;
+  options.control.secret = secret;
+  options.control.handshake_timeout = timeout;
+  auto client = control::ControlClient::Create(io, options, nullptr, nullptr);
+  std::thread io_thread([&io] { io.run(); });
+  client->Start();
+  StatusOr<control::Envelope> response = UnavailableError("not connected");
+  Status connected = client->WaitConnected(timeout);
+  if (connected.ok()) {
+    control::Envelope request;
+    request.mutable_status_request();
+    response = client->CallSync(std::move(request), timeout);
+  } else {
+    response = connected;
+  }
+  client->Shutdown();
+  work.reset();
+  io.stop();
+  io_thread.join();
+  if (!response.ok()) return response.status();
+  if (response->body_case() != control::Envelope::kStatusResponse) {
+    return InternalError("coordinator answered a status request with body " +
+                         std::to_string(response->body_case()));
+  }
+  return response->status_response();
+}
+
+namespace {
+
+std::string StateName(control::MemberState state) {
+  switch (state) {
+    case control::ALIVE:
+      return "ALIVE";
+    case control::UNCONFIRMED:
+      return "UNCONFIRMED";
+    case control::DEAD:
+      return "DEAD";
+    case control::LEFT:
+      return "LEFT";
+    default:
+      return "?";
+  }
+}
+
+}  // namespace
+
+std::string FormatStatus(const control::StatusResponse& status) {
+  using coordinator::FormatBytes;
+  std::ostringstream out;
+  out << "epoch " << status.epoch() << "   placement: ";
+  if (!status.placed()) {
+    out << "waiting for workers to register";
+  } else {
+    out << status.placed_shards() << "/" << status.total_shards()
+        << " shards placed, " << FormatBytes(status.total_shard_bytes())
+        << " in all";
+  }
+  out << "\n";
+  if (!status.placement_error().empty()) {
+    out << "placement error: " << status.placement_error() << "\n";
+  }
+  char line[256];
+  std::snprintf(line, sizeof(line),
+                "\n%-12s %-11s %-8s %-8s %7s %12s %12s %10s\n", "WORKER",
+                "STATE", "PID", "DEVICE", "SHARDS", "BYTES", "CAPACITY",
+                "HEARTBEAT");
+  out << line;
+  for (const auto& m : status.members()) {
+    if (m.kind() != control::WORKER) continue;
+    std::snprintf(
+        line, sizeof(line), "%-12s %-11s %-8d %-8s %7d %12s %12s %7lld ms\n",
+        m.name().c_str(), StateName(m.state()).c_str(), m.pid(),
+        m.device().c_str(), m.shards(), FormatBytes(m.shard_bytes()).c_str(),
+        FormatBytes(m.capacity_bytes()).c_str(),
+        static_cast<long long>(m.ms_since_heartbeat()));
+    out << line;
+  }
+  std::snprintf(line, sizeof(line), "\n%-12s %-11s %-8s %-6s %10s\n", "TRAINER",
+                "STATE", "PID", "RANK", "HEARTBEAT");
+  out << line;
+  for (const auto& m : status.members()) {
+    if (m.kind() != control::TRAINER) continue;
+    std::snprintf(line, sizeof(line), "%-12s %-11s %-8d %-6d %7lld ms\n",
+                  m.name().c_str(), StateName(m.state()).c_str(), m.pid(),
+                  m.rank(), static_cast<long long>(m.ms_since_heartbeat()));
+    out << line;
+  }
+  return out.str();
+}
+
+std::string StatusJson(control::StatusResponse status, bool include_routing) {
+  if (!include_routing) status.mutable_routing()->clear_entries();
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string json;
+  (void)google::protobuf::util::MessageToJsonString(status, &json, options);
+  return json;
+}
+
+}  // namespace switchyard::cli

@@ -1,0 +1,53 @@
+#include "expert_worker/worker_process.h"
+
+#include "expert_worker/cuda/device_probe.h"
+#include "transport/control/member_process.h"
+
+namespace switchyard::expert_worker {
+
+std::pair<int, int64_t> AssignedShards(const control::RoutingTable& routing,
+                                       const std::string& name) {
+  int self = -1;
+  for (int i = 0; i < routing.workers_size(); ++i) {
+    if (routing.workers(i).name() == name) self = i;
+  }
+  int count = 0;
+  int64_t bytes = 0;
+  for (const auto& entry : routing.entries()) {
+    if (self >= 0 && entry.worker() == self) {
+      ++count;
+      bytes += entry.bytes();
+    }
+  }
+  return {count, bytes};
+}
+
+Status RunWorker(const config::SwitchyardConfig& config,
+                 const std::string& secret, const WorkerOptions& options) {
+  if (options.name.empty()) return InvalidArgumentError("--name is required");
+  RETURN_IF_ERROR(CheckDevice(options.device));
+  control::MemberProcessOptions member;
+  member.config = config;
+  member.secret = secret;
+  auto& reg = member.registration;
+  reg.set_kind(control::WORKER);
+  reg.set_name(options.name);
+  reg.set_capacity_bytes(options.capacity_bytes > 0
+                             ? options.capacity_bytes
+                             : config.cluster().worker_capacity_bytes());
+  reg.set_device(options.device);
+  reg.set_data_address(options.data_address);
+  reg.set_rank(-1);
+  const std::string name = options.name;
+  member.on_routing = [name](const control::RoutingTable& routing) {
+    const auto [count, bytes] = AssignedShards(routing, name);
+    LOG(INFO) << name << ": routing epoch " << routing.epoch() << ": holds "
+              << count << " shards (" << bytes << " bytes)"
+              << (routing.placement_error().empty()
+                      ? ""
+                      : "; placement error: " + routing.placement_error());
+  };
+  return control::RunMemberProcess(member);
+}
+
+}  // namespace switchyard::expert_worker

@@ -1,0 +1,253 @@
+#include "common/config.h"
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "common/flags.h"
+#include "common/model_shape.h"
+
+namespace switchyard {
+namespace {
+
+TEST(ConfigTest, DefaultsComeFromTheSchema) {
+  auto loaded = ParseConfig("", "empty.yaml", {});
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  EXPECT_EQ(loaded->config.model().num_experts(), 8);
+  EXPECT_EQ(loaded->config.cluster().lease_ms(), 3000);
+  EXPECT_EQ(loaded->config.training().optimizer(), "adamw");
+}
+
+TEST(ConfigTest, ParsesSectionsAndOverrides) {
+  const char* yaml =
+      "model:\n"
+      "  num_experts: 64\n"
+      "  top_k: 2\n"
+      "  capacity_factor: 1.25\n"
+      "  expert_bias: false\n"
+      "training:\n"
+      "  optimizer: adafactor\n";
+  auto loaded = ParseConfig(yaml, "glam.yaml", {"model.top_k=1"});
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  const auto& c = loaded->config;
+  EXPECT_EQ(c.model().num_experts(), 64);
+  EXPECT_EQ(c.model().top_k(), 1);
+  EXPECT_DOUBLE_EQ(c.model().capacity_factor(), 1.25);
+  EXPECT_FALSE(c.model().expert_bias());
+  EXPECT_EQ(c.training().optimizer(), "adafactor");
+  EXPECT_EQ(loaded->origins.at("model.num_experts"), "glam.yaml:2");
+  EXPECT_EQ(loaded->origins.at("model.top_k"), "--set model.top_k=1");
+}
+
+struct ErrorCase {
+  const char* yaml;
+  std::vector<std::string> overrides;
+  const char* expected;  // Exact error message.
+};
+
+class ConfigErrorTest : public ::testing::TestWithParam<ErrorCase> {};
+
+TEST_P(ConfigErrorTest, NamesFileLineFieldValueAndRule) {
+  const ErrorCase& c = GetParam();
+  auto loaded = ParseConfig(c.yaml, "run.yaml", c.overrides);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(loaded.status().message(), c.expected);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ConfigErrorTest,
+    ::testing::Values(
+        ErrorCase{"model:\n  num_expertz: 4\n",
+                  {},
+                  "run.yaml:2: model.num_expertz: unknown field (known here: "
+                  "num_layers, d_model, d_ff, num_heads, vocab_size, seq_len, "
+                  "moe_every, num_experts, top_k, shards_per_expert, "
+                  "activation, capacity_factor, aux_loss_alpha, "
+                  "router_z_loss, router_jitter, expert_dropout, init_scale, "
+                  "norm, positions, dense_shards, expert_bias)"},
+        ErrorCase{"modle:\n  d_model: 4\n",
+                  {},
+                  "run.yaml:1: modle: unknown field (known here: cluster, "
+                  "model, training, checkpoint, transport)"},
+        ErrorCase{"model:\n  num_experts: many\n",
+                  {},
+                  "run.yaml:2: model.num_experts: value 'many' is not an "
+                  "integer"},
+        ErrorCase{"model:\n  num_experts: 4000000000\n",
+                  {},
+                  "run.yaml:2: model.num_experts: value '4000000000' is not a "
+                  "32-bit integer"},
+        ErrorCase{"model:\n  expert_bias: yes\n",
+                  {},
+                  "run.yaml:2: model.expert_bias: value 'yes' is not a "
+                  "boolean (true or false)"},
+        ErrorCase{"training:\n  learning_rate: 1e999\n",
+                  {},
+                  "run.yaml:2: training.learning_rate: value '1e999' is not a "
+                  "finite number"},
+        ErrorCase{"training:\n  seed: -3\n",
+                  {},
+                  "run.yaml:2: training.seed: value '-3' is not a "
+                  "non-negative integer"},
+        ErrorCase{"model:\n  num_experts:\n",
+                  {},
+                  "run.yaml:2: model.num_experts: has no value"},
+        ErrorCase{"model:\n  num_experts: [1, 2]\n",
+                  {},
+                  "run.yaml:2: model.num_experts: expected a single value, "
+                  "not a list"},
+        ErrorCase{"model: 3\n",
+                  {},
+                  "run.yaml:1: model: expected a mapping of field names to "
+                  "values"},
+        ErrorCase{"model:\n  d_model: [\n",
+                  {},
+                  "run.yaml:3: not valid YAML: end of sequence flow not found"},
+        ErrorCase{"model:\n  num_experts: 8\n  top_k: 9\n",
+                  {},
+                  "run.yaml:3: model.top_k (9) must be in [1, "
+                  "model.num_experts (8)]"},
+        ErrorCase{"model:\n  d_ff: 100\n  shards_per_expert: 8\n",
+                  {},
+                  "run.yaml:2: model.d_ff (100) must be divisible by "
+                  "model.shards_per_expert (8)"},
+        ErrorCase{"model:\n  activation: tanh\n",
+                  {},
+                  "run.yaml:2: model.activation ('tanh') must be one of: "
+                  "gelu, relu, swiglu"},
+        ErrorCase{"",
+                  {"model.d_model=30"},
+                  "--set model.d_model=30: model.d_model (30) must be "
+                  "divisible by model.num_heads (4)"},
+        ErrorCase{"cluster:\n  lease_ms: 1000\n  heartbeat_ms: 600\n",
+                  {},
+                  "run.yaml:3: cluster.heartbeat_ms (600) must be at most "
+                  "half of cluster.lease_ms (1000)"},
+        ErrorCase{"cluster:\n  coordinator_address: nowhere\n",
+                  {},
+                  "run.yaml:2: cluster.coordinator_address (nowhere) must be "
+                  "host:port with a port in 0..65535"},
+        ErrorCase{"checkpoint:\n  replicas: 2\n",
+                  {},
+                  "run.yaml:2: checkpoint.replicas (2) must be < "
+                  "cluster.workers (1): a replica lives on another worker"},
+        ErrorCase{"training:\n  batch_size: 6\n  micro_batches: 4\n",
+                  {},
+                  "run.yaml:2: training.batch_size (6) must be divisible by "
+                  "training.micro_batches (4)"},
+        ErrorCase{"",
+                  {"model.num_layers=2", "model.moe_every=3"},
+                  "--set model.moe_every=3: model.moe_every (3) must be <= "
+                  "model.num_layers (2) so that the model has an MoE layer"},
+        ErrorCase{
+            "", {"model=3"}, "--set model=3: model: is a section, not a field"},
+        ErrorCase{"",
+                  {"model.nope=3"},
+                  "--set model.nope=3: model.nope: unknown field 'nope'"},
+        ErrorCase{"",
+                  {"model.top_k"},
+                  "--set model.top_k: expected section.field=value"},
+        ErrorCase{"",
+                  {"cluster.workers=0"},
+                  "--set cluster.workers=0: cluster.workers (0) must be >= "
+                  "1"}));
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+TEST(ConfigTest, MissingFileIsNamed) {
+  auto loaded = LoadConfig("/nonexistent/run.yaml", {});
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_NE(loaded.status().message().find("/nonexistent/run.yaml"),
+            std::string::npos);
+}
+
+TEST(ConfigTest, ExamplesLoad) {
+  for (const char* name : {"tiny.yaml", "glam.yaml"}) {
+    auto loaded = LoadConfig(
+        std::string(SWITCHYARD_SOURCE_DIR) + "/examples/" + name, {});
+    EXPECT_TRUE(loaded.ok()) << name << ": " << loaded.status().ToString();
+  }
+  auto glam = LoadConfig(
+      std::string(SWITCHYARD_SOURCE_DIR) + "/examples/glam.yaml", {});
+  ASSERT_TRUE(glam.ok());
+  EXPECT_EQ(glam->config.model().num_experts(), 64);
+  EXPECT_EQ(glam->config.model().top_k(), 2);
+  EXPECT_EQ(glam->config.model().moe_every(), 2);
+}
+
+TEST(ConfigTest, EveryFieldIsDocumented) {
+  const std::string doc =
+      ReadFile(std::string(SWITCHYARD_SOURCE_DIR) + "/docs/configuration.md");
+  ASSERT_FALSE(doc.empty());
+  for (const std::string& path : AllConfigFieldPaths()) {
+    EXPECT_NE(doc.find("`" + path + "`"), std::string::npos)
+        << path << " is missing from docs/configuration.md";
+  }
+}
+
+TEST(ModelShapeTest, CountsShardsOfGlamShape) {
+  auto loaded = ParseConfig(
+      "model:\n  num_layers: 64\n  moe_every: 2\n  num_experts: 64\n"
+      "  shards_per_expert: 8\n  d_ff: 1024\n  dense_shards: 16\n",
+      "glam.yaml", {});
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  const auto shards = ModelShards(loaded->config);
+  EXPECT_EQ(NumMoeLayers(loaded->config.model()), 32);
+  ASSERT_EQ(shards.size(), 32u * 64 * 8 + 16);
+  EXPECT_EQ(shards.front().id, ShardId::Expert(0, 0, 0));
+  EXPECT_EQ(shards[32 * 64 * 8 - 1].id, ShardId::Expert(31, 63, 7));
+  EXPECT_EQ(shards.back().id, ShardId::Dense(15));
+  // d_model 64, d_ff/8 = 128: W1 64x128 + b1 128 + W2 128x64 (+ b2 64 on
+  // shard 0). AdamW: params, grads and two moments, fp32 each.
+  EXPECT_EQ(shards[0].num_params, 64 * 128 + 128 + 128 * 64 + 64);
+  EXPECT_EQ(shards[1].num_params, 64 * 128 + 128 + 128 * 64);
+  EXPECT_EQ(shards[1].bytes, 16 * shards[1].num_params);
+  int64_t dense = 0;
+  for (size_t i = 32 * 64 * 8; i < shards.size(); ++i) {
+    dense += shards[i].num_params;
+  }
+  EXPECT_EQ(dense, DenseParams(loaded->config.model()));
+}
+
+TEST(FlagParserTest, ParsesAndRejects) {
+  std::string name = "worker-0";
+  int64_t count = 1;
+  bool json = false;
+  std::vector<std::string> sets;
+  FlagParser parser("test", "a test");
+  parser.AddString("name", &name, "the name");
+  parser.AddInt("count", &count, "how many");
+  parser.AddBool("json", &json, "json output");
+  parser.AddRepeated("set", &sets, "overrides");
+  const char* argv[] = {"prog",   "cmd",   "--name", "w1",          "--count=5",
+                        "--json", "--set", "a.b=1",  "--set=c.d=2", "extra"};
+  ASSERT_TRUE(parser.Parse(10, const_cast<char**>(argv), 2).ok());
+  EXPECT_EQ(name, "w1");
+  EXPECT_EQ(count, 5);
+  EXPECT_TRUE(json);
+  EXPECT_EQ(sets, (std::vector<std::string>{"a.b=1", "c.d=2"}));
+  EXPECT_EQ(parser.positional(), (std::vector<std::string>{"extra"}));
+  EXPECT_NE(parser.Help().find("--count VALUE"), std::string::npos);
+
+  FlagParser strict("test", "a test");
+  strict.AddInt("count", &count, "how many");
+  const char* bad[] = {"prog", "cmd", "--count", "x"};
+  EXPECT_EQ(strict.Parse(4, const_cast<char**>(bad), 2).message(),
+            "--count: 'x' is not an integer");
+  const char* unknown[] = {"prog", "cmd", "--nope"};
+  EXPECT_EQ(strict.Parse(3, const_cast<char**>(unknown), 2).message(),
+            "unknown flag --nope (see --help)");
+  const char* missing[] = {"prog", "cmd", "--count"};
+  EXPECT_EQ(strict.Parse(3, const_cast<char**>(missing), 2).message(),
+            "--count needs a value");
+}
+
+}  // namespace
+}  // namespace switchyard

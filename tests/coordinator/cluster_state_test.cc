@@ -1,0 +1,249 @@
+// The coordinator's state machine, driven with chosen times.
+#include "coordinator/cluster_state.h"
+
+#include <gtest/gtest.h>
+
+#include "common/config.h"
+
+namespace switchyard::coordinator {
+namespace {
+
+using control::RegisterRequest;
+using std::chrono::milliseconds;
+
+config::SwitchyardConfig TestConfig() {
+  auto loaded =
+      ParseConfig("", "test",
+                  {"cluster.workers=3", "cluster.trainers=2",
+                   "cluster.lease_ms=1000", "cluster.heartbeat_ms=200",
+                   "model.num_experts=8", "model.dense_shards=2"});
+  CHECK(loaded.ok()) << loaded.status().ToString();
+  return loaded->config;
+}
+
+RegisterRequest Worker(const std::string& name, uint64_t previous = 0) {
+  RegisterRequest r;
+  r.set_kind(control::WORKER);
+  r.set_name(name);
+  r.set_capacity_bytes(int64_t{1} << 30);
+  r.set_device("cpu");
+  r.set_rank(-1);
+  r.set_previous_incarnation(previous);
+  return r;
+}
+
+RegisterRequest Trainer(int rank, const std::string& name = "") {
+  RegisterRequest r;
+  r.set_kind(control::TRAINER);
+  r.set_name(name.empty() ? "trainer-" + std::to_string(rank) : name);
+  r.set_rank(rank);
+  return r;
+}
+
+control::Heartbeat Beat(const std::string& name, uint64_t incarnation) {
+  control::Heartbeat b;
+  b.set_name(name);
+  b.set_incarnation(incarnation);
+  return b;
+}
+
+// Shard index -> worker name ("" when unplaced).
+std::vector<std::string> Homes(const control::RoutingTable& t) {
+  std::vector<std::string> homes;
+  for (const auto& e : t.entries()) {
+    homes.push_back(e.worker() < 0 ? "" : t.workers(e.worker()).name());
+  }
+  return homes;
+}
+
+const control::MemberStatus& Member(const control::StatusResponse& s,
+                                    const std::string& name) {
+  for (const auto& m : s.members()) {
+    if (m.name() == name) return m;
+  }
+  static control::MemberStatus none;
+  ADD_FAILURE() << name << " not in status";
+  return none;
+}
+
+class ClusterStateTest : public ::testing::Test {
+ protected:
+  Clock::time_point t0_ = Clock::time_point() + std::chrono::hours(1);
+  ClusterState state_{TestConfig()};
+  std::map<std::string, uint64_t> incarnation_;
+
+  void RegisterWorkers(int n, Clock::time_point now) {
+    for (int i = 0; i < n; ++i) {
+      const std::string name = "worker-" + std::to_string(i);
+      auto r = state_.Register(Worker(name), now);
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      incarnation_[name] = r->incarnation();
+    }
+  }
+  void BeatAll(Clock::time_point now, const std::string& except = "") {
+    for (const auto& [name, inc] : incarnation_) {
+      if (name != except) {
+        ASSERT_TRUE(state_.Heartbeat(Beat(name, inc), now).ok());
+      }
+    }
+  }
+};
+
+TEST_F(ClusterStateTest, PlacesOnceTheExpectedWorkersJoin) {
+  EXPECT_EQ(state_.epoch(), 1u);
+  RegisterWorkers(2, t0_);
+  EXPECT_EQ(state_.Routing().entries_size(), 0);
+  EXPECT_FALSE(state_.Report(t0_).placed());
+  auto r = state_.Register(Worker("worker-2"), t0_);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(state_.epoch(), 2u);
+  // The registering worker receives the routing table that includes it.
+  EXPECT_EQ(r->routing().epoch(), 2u);
+  EXPECT_EQ(r->routing().entries_size(), 2 * 8 + 2);
+  const auto status = state_.Report(t0_);
+  EXPECT_EQ(status.placed_shards(), status.total_shards());
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_GT(Member(status, "worker-" + std::to_string(i)).shards(), 0);
+  }
+}
+
+TEST_F(ClusterStateTest, ExpiredLeaseFencesAndReplaces) {
+  RegisterWorkers(3, t0_);
+  const uint64_t epoch = state_.epoch();
+  const auto before = Homes(state_.Routing());
+  // worker-1 stops heartbeating; the others keep going.
+  for (int ms = 200; ms <= 1400; ms += 200) {
+    const auto now = t0_ + milliseconds(ms);
+    state_.Tick(now);
+    for (const auto& [name, inc] : incarnation_) {
+      if (name != "worker-1") {
+        ASSERT_TRUE(state_.Heartbeat(Beat(name, inc), now).ok()) << ms;
+      }
+    }
+  }
+  const auto now = t0_ + milliseconds(1400);
+  EXPECT_EQ(Member(state_.Report(now), "worker-1").state(), control::DEAD);
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  const auto after = Homes(state_.Routing());
+  for (size_t i = 0; i < after.size(); ++i) {
+    EXPECT_NE(after[i], "worker-1");
+    EXPECT_NE(after[i], "");
+    if (before[i] != "worker-1") {
+      EXPECT_EQ(after[i], before[i]);
+    }
+  }
+  // The fenced incarnation can no longer heartbeat.
+  auto fenced =
+      state_.Heartbeat(Beat("worker-1", incarnation_["worker-1"]), now);
+  EXPECT_EQ(fenced.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(fenced.status().message().find("fenced"), std::string::npos);
+  // Coming back makes it a new incarnation and a joiner.
+  auto back = state_.Register(Worker("worker-1"), now);
+  ASSERT_TRUE(back.ok());
+  EXPECT_GT(back->incarnation(), incarnation_["worker-1"]);
+  EXPECT_EQ(state_.epoch(), epoch + 2);
+  EXPECT_GT(Member(state_.Report(now), "worker-1").shards(), 0);
+}
+
+TEST_F(ClusterStateTest, RestartResumesPlacementAtAHigherEpoch) {
+  RegisterWorkers(3, t0_);
+  const auto homes = Homes(state_.Routing());
+  const uint64_t epoch = state_.epoch();
+  auto restored = ClusterState::Restore(TestConfig(), state_.Snapshot(), t0_);
+  ASSERT_TRUE(restored.ok()) << restored.status().ToString();
+  EXPECT_EQ(restored->epoch(), epoch + 1);
+  EXPECT_EQ(Homes(restored->Routing()), homes);
+  EXPECT_EQ(Member(restored->Report(t0_), "worker-0").state(),
+            control::UNCONFIRMED);
+  // worker-0 and worker-1 reconnect as the same processes: confirmed, no moves.
+  for (const char* name : {"worker-0", "worker-1"}) {
+    auto r = restored->Register(Worker(name, incarnation_[name]), t0_);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->incarnation(), incarnation_[name]);
+  }
+  EXPECT_EQ(restored->epoch(), epoch + 1);
+  EXPECT_EQ(Homes(restored->Routing()), homes);
+  // worker-2 never returns: after the grace of two leases it is dead.
+  const auto later = t0_ + milliseconds(2100);
+  for (const char* name : {"worker-0", "worker-1"}) {
+    ASSERT_TRUE(restored
+                    ->Heartbeat(Beat(name, incarnation_[name]),
+                                t0_ + milliseconds(1000))
+                    .ok());
+    ASSERT_TRUE(
+        restored->Heartbeat(Beat(name, incarnation_[name]), later).ok());
+  }
+  restored->Tick(later + milliseconds(1));
+  EXPECT_EQ(Member(restored->Report(later), "worker-2").state(), control::DEAD);
+  for (const auto& home : Homes(restored->Routing())) {
+    EXPECT_TRUE(home == "worker-0" || home == "worker-1") << home;
+  }
+}
+
+TEST_F(ClusterStateTest, RestoreRefusesADifferentModel) {
+  RegisterWorkers(3, t0_);
+  auto other = TestConfig();
+  other.mutable_model()->set_num_experts(16);
+  auto restored = ClusterState::Restore(other, state_.Snapshot(), t0_);
+  EXPECT_EQ(restored.status().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST_F(ClusterStateTest, LeaveReplacesAtOnce) {
+  RegisterWorkers(3, t0_);
+  const uint64_t epoch = state_.epoch();
+  control::Leave leave;
+  leave.set_name("worker-2");
+  leave.set_incarnation(incarnation_["worker-2"]);
+  ASSERT_TRUE(state_.Leave(leave).ok());
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  EXPECT_EQ(Member(state_.Report(t0_), "worker-2").state(), control::LEFT);
+  EXPECT_FALSE(state_.Leave(leave).ok());  // Not current any more.
+}
+
+TEST_F(ClusterStateTest, ShortfallIsReported) {
+  auto tiny = Worker("worker-0");
+  tiny.set_capacity_bytes(1000);
+  ASSERT_TRUE(state_.Register(tiny, t0_).ok());
+  tiny.set_name("worker-1");
+  ASSERT_TRUE(state_.Register(tiny, t0_).ok());
+  tiny.set_name("worker-2");
+  ASSERT_TRUE(state_.Register(tiny, t0_).ok());
+  const auto status = state_.Report(t0_);
+  EXPECT_EQ(status.placed_shards(), 0);
+  EXPECT_NE(status.placement_error().find("cannot place 18 of 18 shards"),
+            std::string::npos)
+      << status.placement_error();
+  EXPECT_NE(status.placement_error().find("offer 2.93 KiB"), std::string::npos)
+      << status.placement_error();
+}
+
+TEST_F(ClusterStateTest, RejectsBadRegistrations) {
+  struct Case {
+    RegisterRequest request;
+    StatusCode code;
+    const char* fragment;
+  };
+  RegisterRequest no_name = Worker("");
+  RegisterRequest no_capacity = Worker("worker-9");
+  no_capacity.set_capacity_bytes(0);
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_).ok());
+  const std::vector<Case> cases = {
+      {no_name, StatusCode::kInvalidArgument, "name must not be empty"},
+      {no_capacity, StatusCode::kInvalidArgument, "capacity_bytes 0"},
+      {Trainer(2), StatusCode::kInvalidArgument,
+       "rank 2 is outside [0, cluster.trainers = 2)"},
+      {Trainer(0, "imposter"), StatusCode::kAlreadyExists,
+       "rank 0 is already held by live trainer trainer-0"},
+      {Worker("trainer-0"), StatusCode::kAlreadyExists, "belongs to a trainer"},
+  };
+  for (const Case& c : cases) {
+    auto r = state_.Register(c.request, t0_);
+    ASSERT_FALSE(r.ok()) << c.fragment;
+    EXPECT_EQ(r.status().code(), c.code) << c.fragment;
+    EXPECT_NE(r.status().message().find(c.fragment), std::string::npos)
+        << r.status().message();
+  }
+}
+
+}  // namespace
+}  // namespace switchyard::coordinator

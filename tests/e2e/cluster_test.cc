@@ -1,0 +1,209 @@
+// A real local cluster: `switchyard up` with a coordinator and 3 workers as
+// separate processes on loopback. A worker is SIGKILLed and must be declared
+// dead, with its shards placed elsewhere at a higher epoch, within two lease
+// periods; then the coordinator is SIGKILLed and restarted, and must come
+// back with the same placement.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <thread>
+
+#include "cli/status_client.h"
+#include "transport/control/auth.h"
+
+namespace switchyard {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Ms = std::chrono::milliseconds;
+
+constexpr int kLeaseMs = 1000;
+
+pid_t Spawn(const std::vector<std::string>& args, const std::string& log) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    FILE* out = std::fopen(log.c_str(), "a");
+    ::dup2(fileno(out), STDOUT_FILENO);
+    ::dup2(fileno(out), STDERR_FILENO);
+    std::vector<char*> argv;
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+void StopAndReap(pid_t pid) {
+  if (pid <= 0) return;
+  ::kill(pid, SIGTERM);
+  for (int i = 0; i < 200; ++i) {
+    if (::waitpid(pid, nullptr, WNOHANG) == pid) return;
+    std::this_thread::sleep_for(Ms(50));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+}
+
+std::map<std::string, std::string> Placement(const control::StatusResponse& s) {
+  std::map<std::string, std::string> homes;
+  const auto& t = s.routing();
+  for (const auto& e : t.entries()) {
+    const auto& r = e.shard();
+    const std::string id = r.kind() == control::DENSE
+                               ? "D" + std::to_string(r.shard())
+                               : "L" + std::to_string(r.layer()) + ".E" +
+                                     std::to_string(r.expert()) + ".S" +
+                                     std::to_string(r.shard());
+    homes[id] = e.worker() < 0 ? "" : t.workers(e.worker()).name();
+  }
+  return homes;
+}
+
+const control::MemberStatus* Find(const control::StatusResponse& s,
+                                  const std::string& name) {
+  for (const auto& m : s.members()) {
+    if (m.name() == name) return &m;
+  }
+  return nullptr;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ =
+        ::testing::TempDir() + "/switchyard_e2e_" + std::to_string(::getpid());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    log_ = dir_ + "/cluster.log";
+  }
+  void TearDown() override {
+    StopAndReap(up_pid_);
+    StopAndReap(coordinator_pid_);
+    if (HasFailure()) {
+      std::ifstream in(log_);
+      std::cerr << "---- cluster log ----\n" << in.rdbuf() << "\n";
+    }
+    std::filesystem::remove_all(dir_);
+  }
+
+  // Polls status until `pred` holds or `timeout` passes.
+  template <typename Pred>
+  StatusOr<control::StatusResponse> WaitFor(Pred pred, Ms timeout) {
+    const auto deadline = Clock::now() + timeout;
+    Status last = DeadlineExceededError("condition never held");
+    while (Clock::now() < deadline) {
+      auto s = Fetch();
+      if (s.ok() && pred(*s)) return s;
+      if (!s.ok()) last = s.status();
+      std::this_thread::sleep_for(Ms(50));
+    }
+    return last;
+  }
+
+  StatusOr<control::StatusResponse> Fetch() {
+    std::ifstream in(dir_ + "/coordinator.addr");
+    std::string addr;
+    if (!(in >> addr)) return UnavailableError("no coordinator.addr yet");
+    auto secret = control::ReadSecretFile(dir_ + "/secret");
+    if (!secret.ok()) return secret.status();
+    return cli::FetchStatus(*ParseHostPort(addr), *secret, Ms(1000));
+  }
+
+  std::string dir_, log_;
+  pid_t up_pid_ = -1, coordinator_pid_ = -1;
+};
+
+std::vector<std::string> ClusterOverrides() {
+  return {"--set", "cluster.lease_ms=" + std::to_string(kLeaseMs),
+          "--set", "cluster.heartbeat_ms=200",
+          "--set", "model.num_experts=16"};
+}
+
+TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
+  std::vector<std::string> up = {SWITCHYARD_BINARY, "up", "--workers", "3",
+                                 "--trainers",      "1",  "--run-dir", dir_};
+  for (const auto& o : ClusterOverrides()) up.push_back(o);
+  up_pid_ = Spawn(up, log_);
+
+  // 1. All three workers alive, every shard placed, each worker holding some.
+  auto ready = WaitFor(
+      [](const control::StatusResponse& s) {
+        int alive = 0;
+        for (const auto& m : s.members()) {
+          alive += m.kind() == control::WORKER && m.state() == control::ALIVE &&
+                   m.shards() > 0;
+        }
+        return alive == 3 && s.placed_shards() == s.total_shards();
+      },
+      Ms(60000));
+  ASSERT_TRUE(ready.ok()) << ready.status().ToString();
+  const uint64_t epoch_before_kill = ready->epoch();
+  const control::MemberStatus* victim = Find(*ready, "worker-1");
+  ASSERT_NE(victim, nullptr);
+  ASSERT_GT(victim->pid(), 0);
+
+  // 2. SIGKILL worker-1: dead, shards elsewhere, higher epoch, in 2 leases.
+  ASSERT_EQ(::kill(victim->pid(), SIGKILL), 0);
+  const auto killed_at = Clock::now();
+  auto failed_over = WaitFor(
+      [](const control::StatusResponse& s) {
+        const auto* w = Find(s, "worker-1");
+        return w != nullptr && w->state() == control::DEAD;
+      },
+      Ms(10 * kLeaseMs));
+  const auto detection = Clock::now() - killed_at;
+  ASSERT_TRUE(failed_over.ok()) << failed_over.status().ToString();
+  std::cout << "worker-1 declared dead "
+            << std::chrono::duration_cast<Ms>(detection).count()
+            << " ms after SIGKILL (lease " << kLeaseMs << " ms)\n";
+  EXPECT_LT(detection, Ms(2 * kLeaseMs))
+      << "death noticed after "
+      << std::chrono::duration_cast<Ms>(detection).count() << " ms";
+  EXPECT_GT(failed_over->epoch(), epoch_before_kill);
+  EXPECT_EQ(failed_over->placed_shards(), failed_over->total_shards());
+  const auto placement = Placement(*failed_over);
+  for (const auto& [shard, home] : placement) {
+    EXPECT_TRUE(home == "worker-0" || home == "worker-2")
+        << shard << " " << home;
+  }
+
+  // 3. SIGKILL the coordinator and start a new one on the same state and port.
+  const pid_t old_coordinator = failed_over->coordinator_pid();
+  ASSERT_GT(old_coordinator, 0);
+  std::string addr;
+  std::ifstream(dir_ + "/coordinator.addr") >> addr;
+  ASSERT_EQ(::kill(old_coordinator, SIGKILL), 0);
+  std::filesystem::remove(dir_ + "/coordinator.addr");
+  std::vector<std::string> coordinator = {
+      SWITCHYARD_BINARY, "coordinator",      "--state-dir",   dir_,
+      "--secret-file",   dir_ + "/secret",   "--coordinator", addr,
+      "--set",           "cluster.workers=3"};
+  for (const auto& o : ClusterOverrides()) coordinator.push_back(o);
+  coordinator_pid_ = Spawn(coordinator, log_);
+  auto resumed = WaitFor(
+      [old_coordinator](const control::StatusResponse& s) {
+        const auto* w0 = Find(s, "worker-0");
+        const auto* w2 = Find(s, "worker-2");
+        return s.coordinator_pid() != old_coordinator && w0 && w2 &&
+               w0->state() == control::ALIVE && w2->state() == control::ALIVE;
+      },
+      Ms(30000));
+  ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+  EXPECT_GT(resumed->epoch(), failed_over->epoch());
+  EXPECT_EQ(Placement(*resumed), placement);
+  // The surviving workers were confirmed, not fenced: same incarnations.
+  EXPECT_EQ(Find(*resumed, "worker-0")->incarnation(),
+            Find(*failed_over, "worker-0")->incarnation());
+  EXPECT_EQ(Find(*resumed, "worker-1")->state(), control::DEAD);
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,73 @@
+#include "transport/control/member_process.h"
+
+#include <unistd.h>
+
+#include <boost/asio.hpp>
+#include <future>
+#include <thread>
+
+#include "common/net_address.h"
+#include "transport/control/member_session.h"
+
+namespace switchyard::control {
+
+namespace asio = boost::asio;
+
+Status RunMemberProcess(const MemberProcessOptions& options) {
+  const auto& cluster = options.config.cluster();
+  ASSIGN_OR_RETURN(HostPort coordinator,
+                   ParseHostPort(cluster.coordinator_address()));
+  if (coordinator.port == 0) {
+    return InvalidArgumentError(
+        "cluster.coordinator_address has port 0; members need the "
+        "coordinator's real port");
+  }
+  MemberSessionOptions session_options;
+  session_options.client.server = coordinator;
+  session_options.client.control.secret = options.secret;
+  session_options.client.control.max_frame_bytes = cluster.max_frame_bytes();
+  session_options.client.control.handshake_timeout =
+      std::chrono::milliseconds(cluster.call_timeout_ms());
+  session_options.registration = options.registration;
+  session_options.registration.set_pid(static_cast<int32_t>(::getpid()));
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  session_options.registration.set_host(host);
+  session_options.heartbeat_period =
+      std::chrono::milliseconds(cluster.heartbeat_ms());
+  session_options.call_timeout =
+      std::chrono::milliseconds(cluster.call_timeout_ms());
+
+  asio::io_context io;
+  auto work = asio::make_work_guard(io);
+  std::promise<int> stop_signal;
+  asio::signal_set signals(io, SIGTERM, SIGINT);
+  signals.async_wait(
+      [&stop_signal](const boost::system::error_code& ec, int sig) {
+        if (!ec) stop_signal.set_value(sig);
+      });
+  auto session = MemberSession::Create(io, session_options, options.on_routing);
+  std::thread io_thread([&io] { io.run(); });
+  session->Start();
+
+  const std::string& name = options.registration.name();
+  Status result = session->WaitRegistered(
+      std::chrono::milliseconds(cluster.call_timeout_ms() * 6));
+  if (result.ok()) {
+    LOG(INFO) << name << ": registered with the coordinator at "
+              << coordinator.ToString() << "; waiting for SIGTERM/SIGINT";
+    const int sig = stop_signal.get_future().get();
+    LOG(INFO) << name << ": received signal " << sig << ", leaving";
+  } else {
+    result = result.WithContext(name + " could not join the cluster at " +
+                                coordinator.ToString());
+  }
+  session->Shutdown(/*leave=*/result.ok());
+  signals.cancel();
+  work.reset();
+  io.stop();
+  io_thread.join();
+  return result;
+}
+
+}  // namespace switchyard::control

@@ -1,0 +1,32 @@
+// The lifecycle shared by `switchyard worker` and `switchyard train`:
+// register, heartbeat, follow the routing table, and on SIGTERM or SIGINT
+// leave the cluster and exit cleanly.
+#ifndef SWITCHYARD_TRANSPORT_CONTROL_MEMBER_PROCESS_H_
+#define SWITCHYARD_TRANSPORT_CONTROL_MEMBER_PROCESS_H_
+
+#include <functional>
+#include <string>
+
+#include "common/status.h"
+#include "config.pb.h"
+#include "control.pb.h"
+
+namespace switchyard::control {
+
+struct MemberProcessOptions {
+  config::SwitchyardConfig config;
+  // Shared secret for control connections.
+  std::string secret;
+  // Who this process is; pid and host are filled in.
+  RegisterRequest registration;
+  // Runs on the control thread for every newer routing table.
+  std::function<void(const RoutingTable&)> on_routing;
+};
+
+// Blocks until SIGTERM or SIGINT (clean shutdown: OK), or until the first
+// registration fails for longer than cluster.call_timeout_ms * 6 (error).
+Status RunMemberProcess(const MemberProcessOptions& options);
+
+}  // namespace switchyard::control
+
+#endif  // SWITCHYARD_TRANSPORT_CONTROL_MEMBER_PROCESS_H_

@@ -1,0 +1,171 @@
+#include "transport/control/member_session.h"
+
+namespace switchyard::control {
+
+namespace asio = boost::asio;
+
+MemberSession::Ptr MemberSession::Create(asio::io_context& io,
+                                         MemberSessionOptions options,
+                                         RoutingHandler on_routing) {
+  return Ptr(new MemberSession(io, std::move(options), std::move(on_routing)));
+}
+
+MemberSession::MemberSession(asio::io_context& io, MemberSessionOptions options,
+                             RoutingHandler on_routing)
+    : io_(io),
+      options_(std::move(options)),
+      on_routing_(std::move(on_routing)),
+      heartbeat_timer_(io) {}
+
+void MemberSession::Start() {
+  std::weak_ptr<MemberSession> weak = shared_from_this();
+  client_ = ControlClient::Create(
+      io_, options_.client,
+      [weak] {
+        if (auto self = weak.lock()) {
+          {
+            std::lock_guard<std::mutex> lock(self->mu_);
+            self->registered_ = false;
+          }
+          self->Register();
+        }
+      },
+      [weak](Envelope push) {
+        auto self = weak.lock();
+        if (self && push.body_case() == Envelope::kRoutingTable) {
+          self->DeliverRouting(push.routing_table());
+        }
+      });
+  client_->Start();
+  asio::post(io_, [self = shared_from_this()] { self->ScheduleHeartbeat(); });
+}
+
+void MemberSession::Register() {
+  RegisterRequest request = options_.registration;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_ || registering_) return;
+    registering_ = true;
+    request.set_previous_incarnation(incarnation_);
+  }
+  Envelope envelope;
+  *envelope.mutable_register_request() = request;
+  client_->Call(std::move(envelope), options_.call_timeout,
+                [self = shared_from_this()](StatusOr<Envelope> r) {
+                  std::unique_lock<std::mutex> lock(self->mu_);
+                  self->registering_ = false;
+                  if (!r.ok()) {
+                    self->last_error_ = r.status();
+                    LOG(WARNING) << "member: registration failed: "
+                                 << r.status().ToString();
+                    return;  // The next heartbeat tick retries.
+                  }
+                  const RegisterResponse& resp = r->register_response();
+                  if (self->incarnation_ != resp.incarnation()) {
+                    LOG(INFO)
+                        << "member: " << self->options_.registration.name()
+                        << " registered as incarnation " << resp.incarnation();
+                  }
+                  self->incarnation_ = resp.incarnation();
+                  self->registered_ = true;
+                  self->last_error_ = OkStatus();
+                  lock.unlock();
+                  self->cv_.notify_all();
+                  self->DeliverRouting(resp.routing());
+                });
+}
+
+void MemberSession::ScheduleHeartbeat() {
+  heartbeat_timer_.expires_after(options_.heartbeat_period);
+  heartbeat_timer_.async_wait(
+      [self = shared_from_this()](const boost::system::error_code& ec) {
+        if (ec) return;
+        Heartbeat beat;
+        bool registered;
+        {
+          std::lock_guard<std::mutex> lock(self->mu_);
+          if (self->stopped_) return;
+          registered = self->registered_;
+          beat.set_name(self->options_.registration.name());
+          beat.set_incarnation(self->incarnation_);
+        }
+        if (!registered) {
+          self->Register();
+        } else {
+          Envelope envelope;
+          *envelope.mutable_heartbeat() = beat;
+          self->client_->Call(
+              std::move(envelope), self->options_.call_timeout,
+              [self](StatusOr<Envelope> r) {
+                if (r.ok() ||
+                    r.status().code() != StatusCode::kFailedPrecondition) {
+                  return;  // Connection trouble: the client reconnects.
+                }
+                LOG(WARNING) << "member: " << r.status().message();
+                {
+                  std::lock_guard<std::mutex> lock(self->mu_);
+                  self->registered_ = false;
+                  self->incarnation_ = 0;  // Fenced: come back as a new one.
+                }
+                self->Register();
+              });
+        }
+        self->ScheduleHeartbeat();
+      });
+}
+
+void MemberSession::DeliverRouting(const RoutingTable& table) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (table.epoch() < routing_.epoch()) return;
+    routing_ = table;
+  }
+  if (on_routing_) on_routing_(table);
+}
+
+Status MemberSession::WaitRegistered(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (cv_.wait_for(lock, timeout, [this] { return registered_; })) {
+    return OkStatus();
+  }
+  return DeadlineExceededError("not registered within " +
+                               std::to_string(timeout.count()) +
+                               " ms: " + last_error_.ToString());
+}
+
+void MemberSession::Shutdown(bool leave) {
+  Leave request;
+  bool was_registered;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    was_registered = registered_;
+    request.set_name(options_.registration.name());
+    request.set_incarnation(incarnation_);
+  }
+  if (leave && was_registered) {
+    Envelope envelope;
+    *envelope.mutable_leave() = request;
+    auto r = client_->CallSync(std::move(envelope), options_.call_timeout);
+    if (!r.ok()) {
+      LOG(WARNING) << "member: leave not acknowledged: "
+                   << r.status().ToString();
+    }
+  }
+  asio::post(io_,
+             [self = shared_from_this()] { self->heartbeat_timer_.cancel(); });
+  client_->Shutdown();
+}
+
+uint64_t MemberSession::incarnation() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return incarnation_;
+}
+
+RoutingTable MemberSession::routing() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return routing_;
+}
+
+}  // namespace switchyard::control
