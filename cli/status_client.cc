@@ -81,18 +81,22 @@ std::string FormatStatus(const control::StatusResponse& status) {
   }
   char line[256];
   std::snprintf(line, sizeof(line),
-                "\n%-12s %-11s %-8s %-8s %7s %12s %12s %10s\n", "WORKER",
-                "STATE", "PID", "DEVICE", "SHARDS", "BYTES", "CAPACITY",
-                "HEARTBEAT");
+                "\n%-12s %-11s %-22s %-8s %-8s %7s %12s %12s %10s\n", "WORKER",
+                "STATE", "ADDRESS", "PID", "DEVICE", "SHARDS", "BYTES",
+                "CAPACITY", "HEARTBEAT");
   out << line;
   for (const auto& m : status.members()) {
     if (m.kind() != control::WORKER) continue;
-    std::snprintf(
-        line, sizeof(line), "%-12s %-11s %-8d %-8s %7d %12s %12s %7lld ms\n",
-        m.name().c_str(), StateName(m.state()).c_str(), m.pid(),
-        m.device().c_str(), m.shards(), FormatBytes(m.shard_bytes()).c_str(),
-        FormatBytes(m.capacity_bytes()).c_str(),
-        static_cast<long long>(m.ms_since_heartbeat()));
+    // The data-plane address once the worker serves one, else its host.
+    const std::string& address =
+        m.data_address().empty() ? m.host() : m.data_address();
+    std::snprintf(line, sizeof(line),
+                  "%-12s %-11s %-22s %-8d %-8s %7d %12s %12s %7lld ms\n",
+                  m.name().c_str(), StateName(m.state()).c_str(),
+                  address.c_str(), m.pid(), m.device().c_str(), m.shards(),
+                  FormatBytes(m.shard_bytes()).c_str(),
+                  FormatBytes(m.capacity_bytes()).c_str(),
+                  static_cast<long long>(m.ms_since_heartbeat()));
     out << line;
   }
   std::snprintf(line, sizeof(line), "\n%-12s %-11s %-8s %-6s %10s\n", "TRAINER",

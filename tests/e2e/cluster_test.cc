@@ -3,6 +3,7 @@
 // dead, with its shards placed elsewhere at a higher epoch, within two lease
 // periods; then the coordinator is SIGKILLed and restarted, and must come
 // back with the same placement.
+#include <google/protobuf/util/json_util.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -117,6 +118,21 @@ class ClusterTest : public ::testing::Test {
     return cli::FetchStatus(*ParseHostPort(addr), *secret, Ms(1000));
   }
 
+  // Output of `switchyard status --run-dir <dir> <flags>`.
+  std::string RunStatus(const std::string& flags) {
+    const std::string command = std::string(SWITCHYARD_BINARY) +
+                                " status --run-dir " + dir_ + " " + flags;
+    FILE* pipe = ::popen(command.c_str(), "r");
+    std::string output;
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof(buf), pipe)) > 0) {
+      output.append(buf, n);
+    }
+    EXPECT_EQ(::pclose(pipe), 0) << command;
+    return output;
+  }
+
   std::string dir_, log_;
   pid_t up_pid_ = -1, coordinator_pid_ = -1;
 };
@@ -146,6 +162,23 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
       Ms(60000));
   ASSERT_TRUE(ready.ok()) << ready.status().ToString();
   const uint64_t epoch_before_kill = ready->epoch();
+
+  // The status command shows all three, as a table and as JSON.
+  const std::string table = RunStatus("");
+  for (const char* name : {"worker-0", "worker-1", "worker-2", "trainer-0"}) {
+    EXPECT_NE(table.find(name), std::string::npos) << table;
+  }
+  EXPECT_NE(
+      table.find("placement: " + std::to_string(ready->total_shards()) + "/" +
+                 std::to_string(ready->total_shards()) + " shards placed"),
+      std::string::npos)
+      << table;
+  control::StatusResponse from_json;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(
+                  RunStatus("--json --routing"), &from_json)
+                  .ok());
+  EXPECT_EQ(from_json.routing().entries_size(), ready->total_shards());
+  EXPECT_EQ(from_json.members_size(), 4);
   const control::MemberStatus* victim = Find(*ready, "worker-1");
   ASSERT_NE(victim, nullptr);
   ASSERT_GT(victim->pid(), 0);
