@@ -133,6 +133,7 @@ const Status& AsStatus(const StatusOr<T>& s) {
   if (!tmp.ok()) return tmp.status();         \
   lhs = std::move(tmp).value()
 
+// Expands to several statements: wrap it in braces under an if/else.
 #define ASSIGN_OR_RETURN(lhs, expr) \
   ASSIGN_OR_RETURN_IMPL(SWITCHYARD_CONCAT(_status_or_, __LINE__), lhs, expr)
 

@@ -1,0 +1,84 @@
+// One expert shard's feed-forward slice: y = act(x W1 + b1) W2 (+ b2).
+//
+// Shapes (T tokens, d = d_model, f = d_ff / shards_per_expert, g = 2 for
+// SwiGLU else 1):
+//   x: (T, d)   W1: (d, g*f)   b1: (g*f)   h = x W1 + b1: (T, g*f)
+//   a = act(h): (T, f)   W2: (f, d)   b2: (d), shard 0 only   y: (T, d)
+// For SwiGLU, h = [gate | up] along its columns and a = silu(gate) * up.
+// GELU is the tanh approximation (as in GPT-2 and Switch's T5 code).
+//
+// Shards of one expert sum their y; only shard 0 adds b2. The weight gradient
+// is a separate step (AccumulateGrads) so that the worker can apply it in
+// trainer-rank order, whatever order the backward requests arrived in.
+//
+// compute_dtype bf16 rounds x, W1, a and W2 to bf16 before each product and
+// accumulates in fp32 (what a bf16 GEMM with fp32 accumulation computes);
+// master weights and gradients stay fp32. Thread-compatible.
+#ifndef SWITCHYARD_EXPERT_WORKER_EXPERT_FFN_H_
+#define SWITCHYARD_EXPERT_WORKER_EXPERT_FFN_H_
+
+#include <string>
+
+#include "common/status.h"
+#include "common/tensor.h"
+#include "expert_worker/gemm.h"
+
+namespace switchyard::expert_worker {
+
+enum class Activation { kGelu, kRelu, kSwiglu };
+StatusOr<Activation> ParseActivation(const std::string& name);
+
+struct ExpertShape {
+  int d_model = 0;
+  int d_ff_shard = 0;  // f
+  Activation activation = Activation::kGelu;
+  bool has_b1 = true;
+  bool has_b2 = true;  // Shard 0 with expert_bias.
+  DType compute_dtype = DType::kF32;
+  int gates() const { return activation == Activation::kSwiglu ? 2 : 1; }
+};
+
+// fp32 tensors; b1/b2 are empty when the shape has none.
+struct ExpertParams {
+  Tensor w1, b1, w2, b2;
+  // Zero-filled tensors of `shape`'s sizes.
+  static StatusOr<ExpertParams> Zeros(const ExpertShape& shape);
+};
+
+class ExpertFfn {
+ public:
+  ExpertFfn(ExpertShape shape, Gemm* gemm) : shape_(shape), gemm_(gemm) {}
+
+  const ExpertShape& shape() const { return shape_; }
+
+  // x: (T, d) fp32. Writes h: (T, g*f) and y: (T, d), both fp32 and sized by
+  // the caller. T = 0 is valid and costs nothing.
+  Status Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
+                 Tensor* y) const;
+
+  // dy: (T, d). Writes dh: (T, g*f) (kept for AccumulateGrads) and dx: (T, d).
+  Status BackwardInput(const ExpertParams& p, const Tensor& h,
+                       const Tensor& dy, Tensor* dh, Tensor* dx) const;
+
+  // grads += the weight gradients of one batch: dW1 += x^T dh,
+  // db1 += sum(dh), dW2 += act(h)^T dy, db2 += sum(dy). Calls for several
+  // batches must come in a fixed order for reproducible sums.
+  Status AccumulateGrads(const Tensor& x, const Tensor& h, const Tensor& dh,
+                         const Tensor& dy, ExpertParams* grads) const;
+
+ private:
+  // a = act(h). h: (T, g*f), a: (T, f).
+  void Activate(const float* h, int64_t tokens, float* a) const;
+  Status CheckShapes(const ExpertParams& p, const Tensor& x,
+                     int64_t tokens) const;
+
+  ExpertShape shape_;
+  Gemm* gemm_;  // Not owned.
+};
+
+// Rounds every element to the nearest bf16 value, in place (fp32 storage).
+void RoundToBf16(float* data, int64_t n);
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_EXPERT_FFN_H_

@@ -1,0 +1,229 @@
+// Expert compute against an independent fp64 reference and against finite
+// differences of that reference.
+#include "expert_worker/expert_ffn.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace switchyard::expert_worker {
+namespace {
+
+// ---- fp64 reference, written from the formulas, sharing no code. ----
+using Mat = std::vector<double>;  // Row-major.
+
+double RefAct(Activation act, double gate, double up) {
+  switch (act) {
+    case Activation::kGelu:
+      return 0.5 * gate *
+             (1 + std::tanh(std::sqrt(2 / M_PI) *
+                            (gate + 0.044715 * gate * gate * gate)));
+    case Activation::kRelu:
+      return gate > 0 ? gate : 0;
+    case Activation::kSwiglu:
+      return gate / (1 + std::exp(-gate)) * up;
+  }
+  return 0;
+}
+
+struct RefParams {
+  Mat w1, b1, w2, b2;
+};
+
+// y (T, d) for x (T, d).
+Mat RefForward(const ExpertShape& s, const RefParams& p, const Mat& x,
+               int tokens) {
+  const int d = s.d_model, f = s.d_ff_shard, gf = s.gates() * f;
+  Mat y(tokens * d, 0.0);
+  for (int t = 0; t < tokens; ++t) {
+    Mat h(gf, 0.0);
+    for (int j = 0; j < gf; ++j) {
+      double acc = s.has_b1 ? p.b1[j] : 0.0;
+      for (int i = 0; i < d; ++i) acc += x[t * d + i] * p.w1[i * gf + j];
+      h[j] = acc;
+    }
+    for (int o = 0; o < d; ++o) {
+      double acc = s.has_b2 ? p.b2[o] : 0.0;
+      for (int j = 0; j < f; ++j) {
+        const double a = RefAct(s.activation, h[j],
+                                s.activation == Activation::kSwiglu ? h[f + j]
+                                                                    : 0.0);
+        acc += a * p.w2[j * d + o];
+      }
+      y[t * d + o] = acc;
+    }
+  }
+  return y;
+}
+
+// L = sum(y * r).
+double RefLoss(const ExpertShape& s, const RefParams& p, const Mat& x,
+               const Mat& r, int tokens) {
+  const Mat y = RefForward(s, p, x, tokens);
+  double loss = 0;
+  for (size_t i = 0; i < y.size(); ++i) loss += y[i] * r[i];
+  return loss;
+}
+
+// dL/dv[i] by central differences, for every element of *v.
+Mat FiniteDiff(Mat* v, const std::function<double()>& loss) {
+  Mat grad(v->size());
+  const double h = 1e-5;
+  for (size_t i = 0; i < v->size(); ++i) {
+    const double old = (*v)[i];
+    (*v)[i] = old + h;
+    const double up = loss();
+    (*v)[i] = old - h;
+    const double down = loss();
+    (*v)[i] = old;
+    grad[i] = (up - down) / (2 * h);
+  }
+  return grad;
+}
+
+Tensor ToTensor(const Mat& m, std::vector<int64_t> shape) {
+  Tensor t = Tensor::Zeros(DType::kF32, shape).value();
+  for (size_t i = 0; i < m.size(); ++i) t.f32()[i] = static_cast<float>(m[i]);
+  return t;
+}
+
+// max |a - b| / max(max |b|, 1e-6)
+double RelErr(const Tensor& a, const Mat& b) {
+  double err = 0, scale = 1e-6;
+  for (size_t i = 0; i < b.size(); ++i) {
+    err = std::max(err, std::abs(a.f32()[i] - b[i]));
+    scale = std::max(scale, std::abs(b[i]));
+  }
+  return err / scale;
+}
+
+Mat Random(std::mt19937& rng, size_t n, double scale) {
+  std::normal_distribution<double> dist(0.0, scale);
+  Mat m(n);
+  for (auto& v : m) v = dist(rng);
+  return m;
+}
+
+struct Case {
+  Activation activation;
+  bool bias;
+  int tokens;
+};
+
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
+  static const char* kActivations[] = {"gelu", "relu", "swiglu"};
+  return std::string(kActivations[static_cast<int>(info.param.activation)]) +
+         (info.param.bias ? "_bias_" : "_nobias_") +
+         std::to_string(info.param.tokens) + "tokens";
+}
+
+class ExpertFfnTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
+  const Case c = GetParam();
+  ExpertShape s;
+  s.d_model = 6;
+  s.d_ff_shard = 5;
+  s.activation = c.activation;
+  s.has_b1 = s.has_b2 = c.bias;
+  const int d = s.d_model, f = s.d_ff_shard, gf = s.gates() * f, T = c.tokens;
+  std::mt19937 rng(11 + T + static_cast<int>(c.activation) * 7 + c.bias);
+  RefParams ref{Random(rng, d * gf, 0.5), Random(rng, gf, 0.3),
+                Random(rng, f * d, 0.5), Random(rng, d, 0.3)};
+  Mat x = Random(rng, T * d, 1.0), r = Random(rng, T * d, 1.0);
+
+  auto gemm = NewCpuGemm(1);
+  ExpertFfn ffn(s, gemm.get());
+  ExpertParams p = ExpertParams::Zeros(s).value();
+  p.w1 = ToTensor(ref.w1, {d, gf});
+  p.w2 = ToTensor(ref.w2, {f, d});
+  if (c.bias) {
+    p.b1 = ToTensor(ref.b1, {gf});
+    p.b2 = ToTensor(ref.b2, {d});
+  }
+  Tensor xt = ToTensor(x, {T, d}), dy = ToTensor(r, {T, d});
+  Tensor h = Tensor::Zeros(DType::kF32, {T, gf}).value();
+  Tensor y = Tensor::Zeros(DType::kF32, {T, d}).value();
+  ASSERT_TRUE(ffn.Forward(p, xt, &h, &y).ok());
+  EXPECT_LT(RelErr(y, RefForward(s, ref, x, T)), 1e-5);
+
+  Tensor dh = Tensor::Zeros(DType::kF32, {T, gf}).value();
+  Tensor dx = Tensor::Zeros(DType::kF32, {T, d}).value();
+  ASSERT_TRUE(ffn.BackwardInput(p, h, dy, &dh, &dx).ok());
+  ExpertParams grads = ExpertParams::Zeros(s).value();
+  ASSERT_TRUE(ffn.AccumulateGrads(xt, h, dh, dy, &grads).ok());
+  if (T == 0) return;
+
+  auto loss = [&] { return RefLoss(s, ref, x, r, T); };
+  EXPECT_LT(RelErr(dx, FiniteDiff(&x, loss)), 1e-4);
+  EXPECT_LT(RelErr(grads.w1, FiniteDiff(&ref.w1, loss)), 1e-4);
+  EXPECT_LT(RelErr(grads.w2, FiniteDiff(&ref.w2, loss)), 1e-4);
+  if (c.bias) {
+    EXPECT_LT(RelErr(grads.b1, FiniteDiff(&ref.b1, loss)), 1e-4);
+    EXPECT_LT(RelErr(grads.b2, FiniteDiff(&ref.b2, loss)), 1e-4);
+  }
+  // Accumulating a second identical batch doubles the gradient exactly.
+  const float w1_once = grads.w1.f32()[0];
+  ASSERT_TRUE(ffn.AccumulateGrads(xt, h, dh, dy, &grads).ok());
+  EXPECT_EQ(grads.w1.f32()[0], 2 * w1_once);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ExpertFfnTest,
+    ::testing::Values(Case{Activation::kGelu, true, 7},
+                      Case{Activation::kGelu, false, 1},
+                      Case{Activation::kRelu, true, 7},
+                      Case{Activation::kSwiglu, true, 7},
+                      Case{Activation::kSwiglu, false, 3},
+                      Case{Activation::kGelu, true, 0}),
+    CaseName);
+
+TEST(ExpertFfnBf16Test, WithinStatedTolerance) {
+  // bf16 operands (8-bit mantissa, relative rounding 2^-9) with fp32
+  // accumulation: outputs within 2% of the largest fp64 reference output.
+  ExpertShape s;
+  s.d_model = 64;
+  s.d_ff_shard = 128;
+  s.compute_dtype = DType::kBF16;
+  std::mt19937 rng(5);
+  const int T = 32, d = 64, f = 128;
+  RefParams ref{Random(rng, d * f, 0.1), Random(rng, f, 0.1),
+                Random(rng, f * d, 0.1), Random(rng, d, 0.1)};
+  Mat x = Random(rng, T * d, 1.0);
+  auto gemm = NewCpuGemm(1);
+  ExpertFfn ffn(s, gemm.get());
+  ExpertParams p{ToTensor(ref.w1, {d, f}), ToTensor(ref.b1, {f}),
+                 ToTensor(ref.w2, {f, d}), ToTensor(ref.b2, {d})};
+  Tensor h = Tensor::Zeros(DType::kF32, {T, f}).value();
+  Tensor y = Tensor::Zeros(DType::kF32, {T, d}).value();
+  ASSERT_TRUE(ffn.Forward(p, ToTensor(x, {T, d}), &h, &y).ok());
+  const double err = RelErr(y, RefForward(s, ref, x, T));
+  EXPECT_LT(err, 2e-2);
+  EXPECT_GT(err, 1e-5) << "bf16 rounding should be visible";
+}
+
+TEST(ExpertFfnTest, RejectsMisSizedInputs) {
+  ExpertShape s;
+  s.d_model = 4;
+  s.d_ff_shard = 8;
+  auto gemm = NewCpuGemm(1);
+  ExpertFfn ffn(s, gemm.get());
+  ExpertParams p = ExpertParams::Zeros(s).value();
+  Tensor x = Tensor::Zeros(DType::kF32, {3, 5}).value();  // d_model is 4.
+  Tensor h = Tensor::Zeros(DType::kF32, {3, 8}).value();
+  Tensor y = Tensor::Zeros(DType::kF32, {3, 4}).value();
+  EXPECT_EQ(ffn.Forward(p, x, &h, &y).code(), StatusCode::kInvalidArgument);
+  Tensor good = Tensor::Zeros(DType::kF32, {3, 4}).value();
+  Tensor small_h = Tensor::Zeros(DType::kF32, {2, 8}).value();
+  EXPECT_EQ(ffn.Forward(p, good, &small_h, &y).code(),
+            StatusCode::kInvalidArgument);
+  ExpertParams wrong = p;
+  wrong.b2 = Tensor();  // Shape says there is a b2.
+  EXPECT_EQ(ffn.Forward(wrong, good, &h, &y).code(),
+            StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker

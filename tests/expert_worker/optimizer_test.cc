@@ -1,0 +1,112 @@
+// Optimizers against steps computed by hand (the expected values below were
+// worked out from the formulas in optimizer.h in double precision).
+#include "expert_worker/optimizer.h"
+
+#include <cmath>
+
+#include <gtest/gtest.h>
+
+#include "common/config.h"
+
+namespace switchyard::expert_worker {
+namespace {
+
+config::TrainingConfig Training(std::vector<std::string> overrides) {
+  auto loaded = ParseConfig("", "test", overrides);
+  CHECK(loaded.ok()) << loaded.status().ToString();
+  return loaded->config.training();
+}
+
+TEST(LearningRateTest, Schedules) {
+  auto warm = Training({"training.learning_rate=1", "training.warmup_steps=4",
+                        "training.steps=104", "training.lr_schedule=cosine"});
+  EXPECT_DOUBLE_EQ(LearningRate(warm, 0), 0.25);
+  EXPECT_DOUBLE_EQ(LearningRate(warm, 3), 1.0);
+  EXPECT_DOUBLE_EQ(LearningRate(warm, 4), 1.0);     // Cosine starts at peak,
+  EXPECT_NEAR(LearningRate(warm, 54), 0.5, 1e-12);  // is half at mid-way,
+  EXPECT_NEAR(LearningRate(warm, 104), 0.0, 1e-12);  // and 0 at the end.
+  auto isqrt = Training({"training.learning_rate=1", "training.warmup_steps=4",
+                         "training.lr_schedule=inverse_sqrt"});
+  EXPECT_DOUBLE_EQ(LearningRate(isqrt, 3), 1.0);
+  EXPECT_DOUBLE_EQ(LearningRate(isqrt, 15), 0.5);  // sqrt(4 / 16)
+  auto constant = Training({"training.learning_rate=0.1",
+                            "training.warmup_steps=0",
+                            "training.lr_schedule=constant"});
+  EXPECT_DOUBLE_EQ(LearningRate(constant, 1000), 0.1);
+}
+
+TEST(AdamWTest, TwoHandComputedSteps) {
+  auto t = Training({"training.optimizer=adamw", "training.learning_rate=0.1",
+                     "training.warmup_steps=0", "training.lr_schedule=constant",
+                     "training.weight_decay=0.01"});
+  auto opt = Optimizer::Create(t).value();
+  Tensor p = Tensor::Zeros(DType::kF32, {1}).value();
+  p.f32()[0] = 1.0f;
+  OptimizerState state = opt->NewState(p).value();
+  Tensor g = Tensor::Zeros(DType::kF32, {1}).value();
+  g.f32()[0] = 0.5f;
+  ASSERT_TRUE(opt->Apply(0, g, &p, &state).ok());
+  // m = 0.05, v = 0.00025, mhat = 0.5, vhat = 0.25:
+  // p = 1 - 0.1 * (0.5 / (0.5 + 1e-8) + 0.01 * 1) = 0.899000002
+  EXPECT_NEAR(p.f32()[0], 0.899000002, 1e-6);
+  g.f32()[0] = -0.25f;
+  ASSERT_TRUE(opt->Apply(1, g, &p, &state).ok());
+  // m = 0.02, v = 0.00031225, mhat = 0.02 / 0.19, vhat = v / 0.001999.
+  EXPECT_NEAR(p.f32()[0], 0.8714672987, 1e-6);
+}
+
+TEST(AdafactorTest, FactoredMatrixSteps) {
+  auto t = Training({"training.optimizer=adafactor",
+                     "training.learning_rate=0.1", "training.warmup_steps=0",
+                     "training.lr_schedule=constant"});
+  auto opt = Optimizer::Create(t).value();
+  Tensor p = Tensor::Zeros(DType::kF32, {2, 2}).value();
+  const float p0[] = {1.0f, -1.0f, 0.5f, 2.0f};
+  std::copy(p0, p0 + 4, p.f32());
+  OptimizerState state = opt->NewState(p).value();
+  EXPECT_EQ(state.row.num_elements(), 2);  // Factored: 2 + 2 numbers,
+  EXPECT_EQ(state.col.num_elements(), 2);  // not 4.
+  EXPECT_TRUE(state.m.empty());            // No momentum.
+  Tensor g = Tensor::Zeros(DType::kF32, {2, 2}).value();
+  const float g1[] = {0.1f, 0.2f, 0.3f, 0.4f};
+  std::copy(g1, g1 + 4, g.f32());
+  ASSERT_TRUE(opt->Apply(0, g, &p, &state).ok());
+  // Step 1: b2 = 0, r = (0.025, 0.125), c = (0.05, 0.1), mean(r) = 0.075,
+  // u = g / sqrt(r_i c_j / 0.075); RMS(u) > 1 so u is clipped.
+  const double want1[] = {0.9225403331, -1.1095445115, 0.3960769515,
+                          1.9020204103};
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(p.f32()[i], want1[i], 1e-5) << i;
+  const float g2[] = {-0.2f, 0.1f, 0.0f, 0.3f};
+  std::copy(g2, g2 + 4, g.f32());
+  ASSERT_TRUE(opt->Apply(1, g, &p, &state).ok());
+  const double want2[] = {1.0819208665, -1.1635762280, 0.3960769515,
+                          1.8108647981};
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(p.f32()[i], want2[i], 1e-5) << i;
+}
+
+TEST(AdafactorTest, VectorsUseFullSecondMoments) {
+  auto t = Training({"training.optimizer=adafactor", "training.learning_rate=1",
+                     "training.warmup_steps=0", "training.lr_schedule=constant"});
+  auto opt = Optimizer::Create(t).value();
+  Tensor p = Tensor::Zeros(DType::kF32, {2}).value();
+  OptimizerState state = opt->NewState(p).value();
+  EXPECT_EQ(state.v.num_elements(), 2);
+  Tensor g = Tensor::Zeros(DType::kF32, {2}).value();
+  g.f32()[0] = 3.0f;
+  g.f32()[1] = -0.5f;
+  ASSERT_TRUE(opt->Apply(0, g, &p, &state).ok());
+  // b2 = 0: v = g^2, u = sign(g), RMS(u) = 1: p = -sign(g).
+  EXPECT_FLOAT_EQ(p.f32()[0], -1.0f);
+  EXPECT_FLOAT_EQ(p.f32()[1], 1.0f);
+}
+
+TEST(OptimizerTest, RejectsMismatchedGradients) {
+  auto opt = Optimizer::Create(Training({})).value();
+  Tensor p = Tensor::Zeros(DType::kF32, {2, 3}).value();
+  Tensor g = Tensor::Zeros(DType::kF32, {3, 2}).value();
+  OptimizerState state = opt->NewState(p).value();
+  EXPECT_EQ(opt->Apply(0, g, &p, &state).code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker
