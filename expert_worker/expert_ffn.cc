@@ -177,8 +177,7 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
   float* da = s.a.data();
   gemm_->Sgemm(false, true, tokens, f, d, 1.0f,
                Operand(dy.f32(), tokens * d, dt, &s.op0), d,
-               Operand(p.w2.f32(), int64_t{f} * d, dt, &s.op1), d, 0.0f, da,
-               f);
+               Operand(p.w2.f32(), int64_t{f} * d, dt, &s.op1), d, 0.0f, da, f);
   // dh = da * act'(h)
   const float* hp = h.f32();
   float* dhp = dh->f32();

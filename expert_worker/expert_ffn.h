@@ -57,8 +57,8 @@ class ExpertFfn {
                  Tensor* y) const;
 
   // dy: (T, d). Writes dh: (T, g*f) (kept for AccumulateGrads) and dx: (T, d).
-  Status BackwardInput(const ExpertParams& p, const Tensor& h,
-                       const Tensor& dy, Tensor* dh, Tensor* dx) const;
+  Status BackwardInput(const ExpertParams& p, const Tensor& h, const Tensor& dy,
+                       Tensor* dh, Tensor* dx) const;
 
   // grads += the weight gradients of one batch: dW1 += x^T dh,
   // db1 += sum(dh), dW2 += act(h)^T dy, db2 += sum(dy). Calls for several

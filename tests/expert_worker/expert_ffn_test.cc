@@ -2,11 +2,11 @@
 // differences of that reference.
 #include "expert_worker/expert_ffn.h"
 
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <random>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 namespace switchyard::expert_worker {
 namespace {
@@ -47,9 +47,9 @@ Mat RefForward(const ExpertShape& s, const RefParams& p, const Mat& x,
     for (int o = 0; o < d; ++o) {
       double acc = s.has_b2 ? p.b2[o] : 0.0;
       for (int j = 0; j < f; ++j) {
-        const double a = RefAct(s.activation, h[j],
-                                s.activation == Activation::kSwiglu ? h[f + j]
-                                                                    : 0.0);
+        const double a =
+            RefAct(s.activation, h[j],
+                   s.activation == Activation::kSwiglu ? h[f + j] : 0.0);
         acc += a * p.w2[j * d + o];
       }
       y[t * d + o] = acc;
@@ -170,15 +170,14 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
   EXPECT_EQ(grads.w1.f32()[0], 2 * w1_once);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, ExpertFfnTest,
-    ::testing::Values(Case{Activation::kGelu, true, 7},
-                      Case{Activation::kGelu, false, 1},
-                      Case{Activation::kRelu, true, 7},
-                      Case{Activation::kSwiglu, true, 7},
-                      Case{Activation::kSwiglu, false, 3},
-                      Case{Activation::kGelu, true, 0}),
-    CaseName);
+INSTANTIATE_TEST_SUITE_P(Shapes, ExpertFfnTest,
+                         ::testing::Values(Case{Activation::kGelu, true, 7},
+                                           Case{Activation::kGelu, false, 1},
+                                           Case{Activation::kRelu, true, 7},
+                                           Case{Activation::kSwiglu, true, 7},
+                                           Case{Activation::kSwiglu, false, 3},
+                                           Case{Activation::kGelu, true, 0}),
+                         CaseName);
 
 TEST(ExpertFfnBf16Test, WithinStatedTolerance) {
   // bf16 operands (8-bit mantissa, relative rounding 2^-9) with fp32

@@ -2,9 +2,9 @@
 // worked out from the formulas in optimizer.h in double precision).
 #include "expert_worker/optimizer.h"
 
-#include <cmath>
-
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 #include "common/config.h"
 
@@ -22,16 +22,16 @@ TEST(LearningRateTest, Schedules) {
                         "training.steps=104", "training.lr_schedule=cosine"});
   EXPECT_DOUBLE_EQ(LearningRate(warm, 0), 0.25);
   EXPECT_DOUBLE_EQ(LearningRate(warm, 3), 1.0);
-  EXPECT_DOUBLE_EQ(LearningRate(warm, 4), 1.0);     // Cosine starts at peak,
-  EXPECT_NEAR(LearningRate(warm, 54), 0.5, 1e-12);  // is half at mid-way,
+  EXPECT_DOUBLE_EQ(LearningRate(warm, 4), 1.0);      // Cosine starts at peak,
+  EXPECT_NEAR(LearningRate(warm, 54), 0.5, 1e-12);   // is half at mid-way,
   EXPECT_NEAR(LearningRate(warm, 104), 0.0, 1e-12);  // and 0 at the end.
   auto isqrt = Training({"training.learning_rate=1", "training.warmup_steps=4",
                          "training.lr_schedule=inverse_sqrt"});
   EXPECT_DOUBLE_EQ(LearningRate(isqrt, 3), 1.0);
   EXPECT_DOUBLE_EQ(LearningRate(isqrt, 15), 0.5);  // sqrt(4 / 16)
-  auto constant = Training({"training.learning_rate=0.1",
-                            "training.warmup_steps=0",
-                            "training.lr_schedule=constant"});
+  auto constant =
+      Training({"training.learning_rate=0.1", "training.warmup_steps=0",
+                "training.lr_schedule=constant"});
   EXPECT_DOUBLE_EQ(LearningRate(constant, 1000), 0.1);
 }
 
@@ -56,9 +56,9 @@ TEST(AdamWTest, TwoHandComputedSteps) {
 }
 
 TEST(AdafactorTest, FactoredMatrixSteps) {
-  auto t = Training({"training.optimizer=adafactor",
-                     "training.learning_rate=0.1", "training.warmup_steps=0",
-                     "training.lr_schedule=constant"});
+  auto t =
+      Training({"training.optimizer=adafactor", "training.learning_rate=0.1",
+                "training.warmup_steps=0", "training.lr_schedule=constant"});
   auto opt = Optimizer::Create(t).value();
   Tensor p = Tensor::Zeros(DType::kF32, {2, 2}).value();
   const float p0[] = {1.0f, -1.0f, 0.5f, 2.0f};
@@ -85,8 +85,9 @@ TEST(AdafactorTest, FactoredMatrixSteps) {
 }
 
 TEST(AdafactorTest, VectorsUseFullSecondMoments) {
-  auto t = Training({"training.optimizer=adafactor", "training.learning_rate=1",
-                     "training.warmup_steps=0", "training.lr_schedule=constant"});
+  auto t =
+      Training({"training.optimizer=adafactor", "training.learning_rate=1",
+                "training.warmup_steps=0", "training.lr_schedule=constant"});
   auto opt = Optimizer::Create(t).value();
   Tensor p = Tensor::Zeros(DType::kF32, {2}).value();
   OptimizerState state = opt->NewState(p).value();

@@ -1,0 +1,457 @@
+// The UCX data plane, in one process and across processes: payloads from
+// 4 KiB to 256 MiB, concurrency, deadlines, errors, malformed headers from a
+// raw UCX peer, backpressure, and a server SIGKILLed mid-request.
+//
+// The binary doubles as the remote server: `data_plane_test --serve FILE`
+// runs an echo server and writes its address to FILE.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <ucp/api/ucp.h>
+
+#include "common/logging.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::transport {
+namespace {
+
+using Ms = std::chrono::milliseconds;
+using Clock = std::chrono::steady_clock;
+
+std::string g_self_binary;
+
+// Echo handler: kEcho returns the payload; step 999 is never answered
+// (a silent server); step -1 answers with NOT_FOUND.
+RequestHandler EchoHandler(std::vector<Reply>* held, std::mutex* mu) {
+  return [held, mu](Message request, Reply reply) {
+    if (request.header.step == 999) {
+      std::lock_guard<std::mutex> lock(*mu);
+      held->push_back(std::move(reply));
+      return;
+    }
+    if (request.header.step == -1) {
+      reply(ErrorResponse(request.header,
+                          NotFoundError("unknown shard L9.E9.S9")));
+      return;
+    }
+    reply(TensorResponse(request.header, std::move(request.payload)));
+  };
+}
+
+Message EchoRequest(int64_t rows, int64_t cols, uint32_t seed,
+                    int64_t step = 0) {
+  Message m;
+  m.header.kind = static_cast<uint8_t>(MessageKind::kEcho);
+  m.header.step = step;
+  m.payload = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+  uint32_t* words = static_cast<uint32_t*>(m.payload.data());
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    words[i] = seed * 2654435761u + static_cast<uint32_t>(i);
+  }
+  m.header.dtype = static_cast<uint8_t>(DType::kF32);
+  m.header.rows = rows;
+  m.header.cols = cols;
+  m.header.payload_bytes = m.payload.num_bytes();
+  return m;
+}
+
+bool SamePayload(const Message& a, const Message& b) {
+  return a.payload.num_bytes() == b.payload.num_bytes() &&
+         std::memcmp(a.payload.data(), b.payload.data(),
+                     a.payload.num_bytes()) == 0;
+}
+
+class DataPlaneTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    server_ = NewUcxDataPlane(ServerOptions()).value();
+    ASSERT_TRUE(server_->Start(EchoHandler(&held_, &held_mu_)).ok());
+    client_ = NewUcxDataPlane(DataPlaneOptions()).value();
+    ASSERT_TRUE(client_->Start(nullptr).ok());
+  }
+  void TearDown() override {
+    client_->Shutdown();
+    server_->Shutdown();
+  }
+  virtual DataPlaneOptions ServerOptions() { return DataPlaneOptions(); }
+
+  std::unique_ptr<DataPlane> server_, client_;
+  std::vector<Reply> held_;
+  std::mutex held_mu_;
+};
+
+TEST_F(DataPlaneTest, EchoesSmallAndLargePayloads) {
+  // 4 KiB (eager) up to 256 MiB (rendezvous, straight into the tensor).
+  for (int64_t bytes : {int64_t{4} << 10, int64_t{64} << 10, int64_t{1} << 20,
+                        int64_t{64} << 20, int64_t{256} << 20}) {
+    const int64_t cols = 1024;
+    Message request = EchoRequest(bytes / 4 / cols, cols, 7);
+    Message copy;
+    copy.payload = request.payload.Clone();
+    auto r = client_->SendSync(server_->address(), std::move(request), Ms(60000));
+    ASSERT_TRUE(r.ok()) << bytes << ": " << r.status().ToString();
+    EXPECT_EQ(r->header.payload_bytes, static_cast<uint64_t>(bytes));
+    EXPECT_TRUE(SamePayload(*r, copy)) << bytes;
+  }
+}
+
+TEST_F(DataPlaneTest, ManyConcurrentRequests) {
+  constexpr int kThreads = 4, kPerThread = 50;
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        const uint32_t seed = t * 1000 + i;
+        // Alternate eager and rendezvous sizes.
+        Message request = EchoRequest(i % 2 ? 4 : 64, 1024, seed);
+        Message copy;
+        copy.payload = request.payload.Clone();
+        auto r = client_->SendSync(server_->address(), std::move(request),
+                                   Ms(30000));
+        if (r.ok() && SamePayload(*r, copy)) ++ok;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), kThreads * kPerThread);
+}
+
+TEST_F(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
+  const auto start = Clock::now();
+  auto r = client_->SendSync(server_->address(), EchoRequest(1, 16, 1, 999),
+                             Ms(300));
+  EXPECT_EQ(r.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_LT(Clock::now() - start, Ms(2000));
+  auto ok = client_->SendSync(server_->address(), EchoRequest(1, 16, 2),
+                              Ms(5000));
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+}
+
+TEST_F(DataPlaneTest, HandlerErrorsReachTheCaller) {
+  auto r = client_->SendSync(server_->address(), EchoRequest(1, 16, 1, -1),
+                             Ms(5000));
+  EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(r.status().message(), "unknown shard L9.E9.S9");
+}
+
+TEST_F(DataPlaneTest, UnreachablePeerFailsInTime) {
+  const auto start = Clock::now();
+  // Nothing listens on port 1.
+  auto r = client_->SendSync("127.0.0.1:1", EchoRequest(1, 16, 1), Ms(2000));
+  EXPECT_FALSE(r.ok());
+  EXPECT_LT(Clock::now() - start, Ms(4000));
+}
+
+// A raw UCX client that sends arbitrary header bytes.
+class RawUcxPeer {
+ public:
+  explicit RawUcxPeer(const std::string& server) {
+    ucp_config_t* config;
+    CHECK_EQ(ucp_config_read(nullptr, nullptr, &config), UCS_OK);
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES;
+    params.features = UCP_FEATURE_AM;
+    CHECK_EQ(ucp_init(&params, config, &context_), UCS_OK);
+    ucp_config_release(config);
+    ucp_worker_params_t wp{};
+    CHECK_EQ(ucp_worker_create(context_, &wp, &worker_), UCS_OK);
+    ucp_am_handler_param_t am{};
+    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    am.id = 2;
+    am.flags = UCP_AM_FLAG_WHOLE_MSG;
+    am.arg = this;
+    am.cb = [](void* arg, const void* h, size_t hl, void* d, size_t l,
+               const ucp_am_recv_param_t*) {
+      auto* self = static_cast<RawUcxPeer*>(arg);
+      if (hl == sizeof(WireHeader)) std::memcpy(&self->last_, h, hl);
+      self->last_text_.assign(static_cast<const char*>(d), l);
+      self->responses_++;
+      return UCS_OK;
+    };
+    CHECK_EQ(ucp_worker_set_am_recv_handler(worker_, &am), UCS_OK);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(std::stoi(server.substr(server.rfind(':') + 1)));
+    inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // Servers require it.
+    ep.sockaddr.addr = reinterpret_cast<sockaddr*>(&addr);
+    ep.sockaddr.addrlen = sizeof(addr);
+    CHECK_EQ(ucp_ep_create(worker_, &ep, &ep_), UCS_OK);
+  }
+  ~RawUcxPeer() {
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(ep_, &p);
+    if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
+    ucp_worker_destroy(worker_);
+    ucp_cleanup(context_);
+  }
+  // Sends and waits up to `wait` for a response; returns whether one came.
+  bool SendAndWait(const void* header, size_t header_bytes,
+                   const std::string& payload, Ms wait) {
+    const int before = responses_;
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_REPLY;
+    void* req = ucp_am_send_nbx(ep_, 1, header, header_bytes, payload.data(),
+                                payload.size(), &p);
+    const auto deadline = Clock::now() + wait;
+    while (Clock::now() < deadline) {
+      ucp_worker_progress(worker_);
+      if (UCS_PTR_IS_PTR(req) &&
+          ucp_request_check_status(req) != UCS_INPROGRESS) {
+        ucp_request_free(req);
+        req = nullptr;
+      }
+      if (responses_ > before && req == nullptr) return true;
+    }
+    if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
+    return responses_ > before;
+  }
+  const WireHeader& last() const { return last_; }
+  const std::string& last_text() const { return last_text_; }
+
+ private:
+  ucp_context_h context_;
+  ucp_worker_h worker_;
+  ucp_ep_h ep_;
+  WireHeader last_{};
+  std::string last_text_;
+  int responses_ = 0;
+};
+
+TEST_F(DataPlaneTest, MalformedHeadersGetErrorsAndServerKeepsServing) {
+  RawUcxPeer raw(server_->address());
+  struct Case {
+    const char* what;
+    std::function<void(WireHeader*)> corrupt;
+    std::string payload;
+    StatusCode code;
+    const char* fragment;
+  };
+  const std::string bytes64(64, 'x');
+  const std::vector<Case> cases = {
+      {"bad magic", [](WireHeader* h) { h->magic = 0xdeadbeef; }, "",
+       StatusCode::kInvalidArgument, "bad header magic"},
+      {"newer version", [](WireHeader* h) { h->version = 9; }, "",
+       StatusCode::kFailedPrecondition, "wire version 9"},
+      {"unknown kind", [](WireHeader* h) { h->kind = 77; }, "",
+       StatusCode::kInvalidArgument, "unknown message kind 77"},
+      {"size vs shape",
+       [](WireHeader* h) {
+         h->dtype = 1;
+         h->rows = 4;
+         h->cols = 4;  // 64 bytes needed, header says 64 but 16 arrive.
+         h->payload_bytes = 64;
+       },
+       std::string(16, 'x'), StatusCode::kInvalidArgument,
+       "header announces 64 payload bytes but 16 arrived"},
+      {"shape vs dtype",
+       [](WireHeader* h) {
+         h->dtype = 2;  // bf16: 4 x 4 is 32 bytes, not 64.
+         h->rows = 4;
+         h->cols = 4;
+         h->payload_bytes = 64;
+       },
+       bytes64, StatusCode::kInvalidArgument, "needs 32 bytes"},
+      {"unknown dtype",
+       [](WireHeader* h) {
+         h->dtype = 42;
+         h->rows = 1;
+         h->cols = 64;
+         h->payload_bytes = 64;
+       },
+       bytes64, StatusCode::kInvalidArgument, "unknown dtype 42"},
+  };
+  for (const Case& c : cases) {
+    WireHeader h;
+    h.kind = static_cast<uint8_t>(MessageKind::kEcho);
+    h.request_id = 77;
+    c.corrupt(&h);
+    ASSERT_TRUE(raw.SendAndWait(&h, sizeof(h), c.payload, Ms(5000))) << c.what;
+    EXPECT_EQ(raw.last().request_id, 77u) << c.what;
+    EXPECT_EQ(raw.last().status_code, static_cast<int32_t>(c.code)) << c.what;
+    EXPECT_NE(raw.last_text().find(c.fragment), std::string::npos)
+        << c.what << ": " << raw.last_text();
+  }
+  // A truncated header cannot be answered (its request id is unknown): it
+  // is dropped and logged.
+  WireHeader h;
+  EXPECT_FALSE(raw.SendAndWait(&h, 40, "", Ms(300)));
+  // The server still serves everyone.
+  auto r = client_->SendSync(server_->address(), EchoRequest(2, 8, 3), Ms(5000));
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+}
+
+class BackpressureTest : public DataPlaneTest {
+ protected:
+  DataPlaneOptions ServerOptions() override {
+    DataPlaneOptions o;
+    o.max_inflight_bytes = 1 << 20;  // Two 512 KiB requests at a time.
+    return o;
+  }
+};
+
+TEST_F(BackpressureTest, ServerHoldsAtMostItsBudget) {
+  constexpr int kRequests = 8;
+  std::atomic<int> done{0};
+  for (int i = 0; i < kRequests; ++i) {
+    // step 999: the handler holds the reply.
+    client_->Send(server_->address(), EchoRequest(128, 1024, i, 999), Ms(30000),
+                  [&](StatusOr<Message> r) {
+                    EXPECT_TRUE(r.ok()) << r.status().ToString();
+                    ++done;
+                  });
+  }
+  std::this_thread::sleep_for(Ms(500));
+  size_t max_held = 0;
+  // Answer held requests one at a time; more arrive only as bytes drain.
+  for (int answered = 0; answered < kRequests;) {
+    std::vector<Reply> batch;
+    {
+      std::lock_guard<std::mutex> lock(held_mu_);
+      max_held = std::max(max_held, held_.size());
+      batch.swap(held_);
+    }
+    for (auto& reply : batch) {
+      Message m;
+      m.header.kind = static_cast<uint8_t>(MessageKind::kEcho);
+      reply(TensorResponse(m.header, Tensor()));
+      ++answered;
+    }
+    std::this_thread::sleep_for(Ms(50));
+  }
+  const auto deadline = Clock::now() + Ms(10000);
+  while (done.load() < kRequests && Clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(10));
+  }
+  EXPECT_EQ(done.load(), kRequests);
+  EXPECT_LE(max_held, 2u) << "the server took more than its byte budget";
+  EXPECT_GE(max_held, 1u);
+}
+
+// ---- Across processes ----
+
+class RemoteServer {
+ public:
+  RemoteServer() {
+    file_ = ::testing::TempDir() + "/dp_server_" + std::to_string(::getpid());
+    std::remove(file_.c_str());
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::execl(g_self_binary.c_str(), g_self_binary.c_str(), "--serve",
+              file_.c_str(), nullptr);
+      ::_exit(127);
+    }
+    const auto deadline = Clock::now() + Ms(20000);
+    while (Clock::now() < deadline) {
+      std::ifstream in(file_);
+      if (in >> address_) break;
+      std::this_thread::sleep_for(Ms(20));
+    }
+  }
+  ~RemoteServer() {
+    Kill();
+    std::remove(file_.c_str());
+  }
+  void Kill() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+      pid_ = -1;
+    }
+  }
+  const std::string& address() const { return address_; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string file_, address_;
+};
+
+TEST(DataPlaneAcrossProcessesTest, EchoAndPeerKilledMidRequest) {
+  RemoteServer server;
+  ASSERT_FALSE(server.address().empty()) << "remote server did not start";
+  auto client = NewUcxDataPlane(DataPlaneOptions()).value();
+  ASSERT_TRUE(client->Start(nullptr).ok());
+  for (int64_t rows : {1, 4096}) {  // 4 KiB and 16 MiB.
+    Message request = EchoRequest(rows, 1024, 5);
+    Message copy;
+    copy.payload = request.payload.Clone();
+    auto r = client->SendSync(server.address(), std::move(request), Ms(30000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_TRUE(SamePayload(*r, copy));
+  }
+  // A request the server will never answer; then the server dies.
+  std::atomic<bool> finished{false};
+  Status result;
+  const auto start = Clock::now();
+  Clock::time_point finished_at;
+  constexpr Ms kDeadline(5000);
+  client->Send(server.address(), EchoRequest(1, 16, 1, 999), kDeadline,
+               [&](StatusOr<Message> r) {
+                 result = r.status();
+                 finished_at = Clock::now();
+                 finished = true;
+               });
+  std::this_thread::sleep_for(Ms(200));
+  server.Kill();
+  while (!finished.load() && Clock::now() < start + kDeadline + Ms(3000)) {
+    std::this_thread::sleep_for(Ms(10));
+  }
+  ASSERT_TRUE(finished.load()) << "no completion after the deadline: a hang";
+  EXPECT_FALSE(result.ok());
+  EXPECT_LE(finished_at - start, kDeadline + Ms(500));
+  std::cout << "peer killed mid-request: " << result.ToString() << " after "
+            << std::chrono::duration_cast<Ms>(finished_at - start).count()
+            << " ms\n";
+  client->Shutdown();
+}
+
+int ServeForever(const char* address_file) {
+  std::vector<Reply> held;
+  std::mutex mu;
+  auto server = NewUcxDataPlane(DataPlaneOptions()).value();
+  Status s = server->Start(EchoHandler(&held, &mu));
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s\n", s.ToString().c_str());
+    return 1;
+  }
+  {
+    std::ofstream out(std::string(address_file) + ".tmp");
+    out << server->address() << "\n";
+  }
+  std::rename((std::string(address_file) + ".tmp").c_str(), address_file);
+  while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+}
+
+}  // namespace
+}  // namespace switchyard::transport
+
+int main(int argc, char** argv) {
+  switchyard::InitLogging(argv[0]);
+  switchyard::transport::g_self_binary = argv[0];
+  if (argc == 3 && std::strcmp(argv[1], "--serve") == 0) {
+    return switchyard::transport::ServeForever(argv[2]);
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}

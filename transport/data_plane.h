@@ -1,0 +1,86 @@
+// The data plane: tensors between trainers and workers (DESIGN.md, "Planes").
+//
+// One interface, with UCX (CPU; shared memory, TCP or RDMA as UCX chooses)
+// now and NCCL (GPU) later. A DataPlane both serves requests (on its
+// listening address) and sends them (to peers' addresses). Every request has
+// a deadline: its callback runs exactly once, with the response, the peer's
+// error, DEADLINE_EXCEEDED, or UNAVAILABLE when the peer is lost.
+//
+// Thread-safety: all methods are thread-safe. Handlers and callbacks run on
+// the data plane's progress thread and must not block; hand work to another
+// thread and call Reply from there.
+#ifndef SWITCHYARD_TRANSPORT_DATA_PLANE_H_
+#define SWITCHYARD_TRANSPORT_DATA_PLANE_H_
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "common/tensor.h"
+#include "transport/wire_header.h"
+
+namespace switchyard::transport {
+
+struct Message {
+  WireHeader header;
+  // The tensor payload (rows x cols of header.dtype); empty when none.
+  Tensor payload;
+  // The error text of an error response.
+  std::string error_text;
+};
+
+// Sends the response to one request. Call exactly once, from any thread.
+using Reply = std::function<void(Message response)>;
+using RequestHandler = std::function<void(Message request, Reply reply)>;
+using ResponseCallback = std::function<void(StatusOr<Message> response)>;
+
+// A response message answering `request` with `status` (its message becomes
+// the error text).
+Message ErrorResponse(const WireHeader& request, const Status& status);
+// A response message answering `request` with `payload` (may be empty).
+Message TensorResponse(const WireHeader& request, Tensor payload);
+
+struct DataPlaneOptions {
+  // Host to listen on; the port is chosen by the system (see address()).
+  std::string listen_host = "127.0.0.1";
+  // Passed to UCX as UCX_TLS when not empty (e.g. "tcp", "posix,cma,tcp").
+  std::string ucx_tls;
+  // Request bytes a server holds (received, not yet answered) before it
+  // stops fetching large payloads (backpressure on senders).
+  size_t max_inflight_bytes = size_t{1} << 30;
+  // Largest payload accepted.
+  size_t max_payload_bytes = size_t{1} << 31;
+  // Payloads from this size up go by rendezvous, received straight into the
+  // destination tensor; smaller ones are sent eagerly.
+  size_t rendezvous_threshold_bytes = 64 * 1024;
+};
+
+class DataPlane {
+ public:
+  virtual ~DataPlane() = default;
+
+  // Listens and starts the progress thread; `handler` serves requests.
+  virtual Status Start(RequestHandler handler) = 0;
+  // Fails every pending request with CANCELLED and stops. Idempotent.
+  virtual void Shutdown() = 0;
+  // "host:port" peers use to reach this data plane.
+  virtual std::string address() const = 0;
+
+  // Sends `request` to the data plane at `peer` ("host:port").
+  virtual void Send(const std::string& peer, Message request,
+                    std::chrono::milliseconds timeout,
+                    ResponseCallback done) = 0;
+
+  // Blocking Send. Must not be called from a handler or callback.
+  StatusOr<Message> SendSync(const std::string& peer, Message request,
+                             std::chrono::milliseconds timeout);
+};
+
+StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
+    const DataPlaneOptions& options);
+
+}  // namespace switchyard::transport
+
+#endif  // SWITCHYARD_TRANSPORT_DATA_PLANE_H_

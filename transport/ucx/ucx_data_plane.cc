@@ -1,0 +1,768 @@
+// DataPlane on UCX active messages (docs/protocol.md, "Data plane").
+//
+// One UCP context and worker per data plane, driven by one progress thread
+// that makes every UCX call; other threads post commands and wake it with
+// ucp_worker_signal. Requests go as AM kRequestAm with the 80-byte header and
+// the payload as a separate buffer, with UCP_AM_SEND_FLAG_REPLY so the server
+// answers on the same connection (AM kResponseAm). Payloads from
+// rendezvous_threshold_bytes up are forced to rendezvous and received
+// straight into the destination tensor. Endpoints use peer error handling:
+// a lost peer fails every request pending on it. ucs_status_t becomes Status
+// in UcxStatus() only.
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include <ucp/api/ucp.h>
+
+#include "common/metrics.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::transport {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr unsigned kRequestAm = 1;
+constexpr unsigned kResponseAm = 2;
+
+Status UcxStatus(ucs_status_t s, const std::string& what, const char* file,
+                 int line) {
+  if (s == UCS_OK) return OkStatus();
+  const std::string msg = what + ": " + ucs_status_string(s) + " [" + file +
+                          ":" + std::to_string(line) + "]";
+  switch (s) {
+    case UCS_ERR_TIMED_OUT:
+      return DeadlineExceededError(msg);
+    case UCS_ERR_CANCELED:
+      return CancelledError(msg);
+    case UCS_ERR_NO_MEMORY:
+    case UCS_ERR_EXCEEDS_LIMIT:
+      return ResourceExhaustedError(msg);
+    case UCS_ERR_INVALID_PARAM:
+    case UCS_ERR_INVALID_ADDR:
+      return InvalidArgumentError(msg);
+    default:
+      return UnavailableError(msg);
+  }
+}
+#define UCX_STATUS(s, what) UcxStatus((s), (what), __FILE__, __LINE__)
+
+StatusOr<sockaddr_storage> ResolveAddress(const std::string& host_port,
+                                          socklen_t* len) {
+  const size_t colon = host_port.rfind(':');
+  if (colon == std::string::npos) {
+    return InvalidArgumentError("data-plane address '" + host_port +
+                                "' is not host:port");
+  }
+  const std::string host = host_port.substr(0, colon);
+  const std::string port = host_port.substr(colon + 1);
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* result = nullptr;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &result) != 0 ||
+      result == nullptr) {
+    return InvalidArgumentError("cannot resolve data-plane address '" +
+                                host_port + "'");
+  }
+  sockaddr_storage storage{};
+  std::memcpy(&storage, result->ai_addr, result->ai_addrlen);
+  *len = result->ai_addrlen;
+  freeaddrinfo(result);
+  return storage;
+}
+
+std::string SockaddrString(const sockaddr_storage& ss) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  uint16_t port = 0;
+  if (ss.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+    port = ntohs(in->sin_port);
+  } else if (ss.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&ss);
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+    port = ntohs(in6->sin6_port);
+  }
+  return std::string(host) + ":" + std::to_string(port);
+}
+
+class UcxDataPlane : public DataPlane {
+ public:
+  explicit UcxDataPlane(DataPlaneOptions options)
+      : options_(std::move(options)),
+        metrics_requests_(MetricsRegistry::Global().GetCounter(
+            "switchyard_data_plane_requests_total")),
+        metrics_errors_(MetricsRegistry::Global().GetCounter(
+            "switchyard_data_plane_rejected_total")) {}
+  ~UcxDataPlane() override { Shutdown(); }
+
+  Status Start(RequestHandler handler) override;
+  void Shutdown() override;
+  std::string address() const override { return address_; }
+  void Send(const std::string& peer, Message request,
+            std::chrono::milliseconds timeout, ResponseCallback done) override;
+
+ private:
+  struct Pending {
+    ResponseCallback done;
+    Clock::time_point deadline;
+    ucp_ep_h ep;
+    std::string peer;
+  };
+  struct EpInfo {
+    std::string peer;
+    bool client_side;
+  };
+  // A request whose rendezvous payload waits for in-flight bytes to drain.
+  struct Deferred {
+    WireHeader header;
+    void* desc;
+    ucp_ep_h reply_ep;
+  };
+  // Keeps a message's buffers alive until UCX is done sending it.
+  struct SendContext {
+    UcxDataPlane* self;
+    WireHeader header;
+    Tensor payload;
+    std::string text;
+    std::function<void(ucs_status_t)> on_sent;
+  };
+  struct RecvContext {
+    UcxDataPlane* self;
+    WireHeader header;
+    Tensor payload;
+    ucp_ep_h reply_ep;
+  };
+
+  void Post(std::function<void()> fn);
+  void Loop();
+  void ExpireDeadlines();
+  void Complete(uint64_t id, StatusOr<Message> result);
+  StatusOr<ucp_ep_h> Endpoint(const std::string& peer);
+  void TrackEndpoint(ucp_ep_h ep, EpInfo info);
+  void DropEndpoint(ucp_ep_h ep, const Status& why);
+  void SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
+                   std::function<void(ucs_status_t)> on_sent);
+  void ReplyTo(ucp_ep_h ep, const Message& request_header_only,
+               const Status& error);
+  void StartReceive(const WireHeader& header, void* desc, ucp_ep_h reply_ep);
+  void Dispatch(WireHeader header, Tensor payload, ucp_ep_h reply_ep);
+  void PumpDeferred();
+  ucs_status_t OnRequest(const void* header, size_t header_length, void* data,
+                         size_t length, const ucp_am_recv_param_t* param);
+  ucs_status_t OnResponse(const void* header, size_t header_length,
+                          void* data, size_t length,
+                          const ucp_am_recv_param_t* param);
+
+  const DataPlaneOptions options_;
+  Counter* metrics_requests_;
+  Counter* metrics_errors_;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  ucp_listener_h listener_ = nullptr;
+  int efd_ = -1;
+  std::string address_;
+  RequestHandler handler_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::once_flag shutdown_once_;
+
+  std::mutex mu_;
+  std::deque<std::function<void()>> commands_;  // GUARDED_BY(mu_)
+
+  // Progress thread only.
+  std::map<std::string, ucp_ep_h> client_eps_;
+  std::unordered_map<ucp_ep_h, EpInfo> eps_;
+  std::unordered_map<uint64_t, Pending> pending_;
+  std::multimap<Clock::time_point, uint64_t> deadlines_;
+  uint64_t next_request_id_ = 1;
+  size_t inflight_bytes_ = 0;
+  std::deque<Deferred> deferred_;
+};
+
+Status UcxDataPlane::Start(RequestHandler handler) {
+  handler_ = std::move(handler);
+  ucp_config_t* config = nullptr;
+  RETURN_IF_ERROR(UCX_STATUS(ucp_config_read(nullptr, nullptr, &config),
+                             "ucp_config_read"));
+  if (!options_.ucx_tls.empty()) {
+    ucs_status_t s = ucp_config_modify(config, "TLS", options_.ucx_tls.c_str());
+    if (s != UCS_OK) {
+      ucp_config_release(config);
+      return UCX_STATUS(s, "UCX_TLS=" + options_.ucx_tls);
+    }
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+  ucs_status_t s = ucp_init(&params, config, &context_);
+  ucp_config_release(config);
+  RETURN_IF_ERROR(UCX_STATUS(s, "ucp_init"));
+
+  ucp_worker_params_t wparams{};
+  wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wparams.thread_mode = UCS_THREAD_MODE_SINGLE;
+  RETURN_IF_ERROR(UCX_STATUS(ucp_worker_create(context_, &wparams, &worker_),
+                             "ucp_worker_create"));
+  RETURN_IF_ERROR(
+      UCX_STATUS(ucp_worker_get_efd(worker_, &efd_), "ucp_worker_get_efd"));
+
+  for (unsigned id : {kRequestAm, kResponseAm}) {
+    ucp_am_handler_param_t am{};
+    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID |
+                    UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG |
+                    UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    am.id = id;
+    am.flags = UCP_AM_FLAG_WHOLE_MSG;
+    am.arg = this;
+    am.cb = id == kRequestAm
+                ? [](void* arg, const void* h, size_t hl, void* d, size_t l,
+                     const ucp_am_recv_param_t* p) {
+                    return static_cast<UcxDataPlane*>(arg)->OnRequest(h, hl, d,
+                                                                      l, p);
+                  }
+                : [](void* arg, const void* h, size_t hl, void* d, size_t l,
+                     const ucp_am_recv_param_t* p) {
+                    return static_cast<UcxDataPlane*>(arg)->OnResponse(h, hl, d,
+                                                                       l, p);
+                  };
+    RETURN_IF_ERROR(UCX_STATUS(ucp_worker_set_am_recv_handler(worker_, &am),
+                               "ucp_worker_set_am_recv_handler"));
+  }
+
+  socklen_t len = 0;
+  ASSIGN_OR_RETURN(sockaddr_storage listen_addr,
+                   ResolveAddress(options_.listen_host + ":0", &len));
+  ucp_listener_params_t lparams{};
+  lparams.field_mask =
+      UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lparams.sockaddr.addr = reinterpret_cast<const sockaddr*>(&listen_addr);
+  lparams.sockaddr.addrlen = len;
+  lparams.conn_handler.arg = this;
+  lparams.conn_handler.cb = [](ucp_conn_request_h request, void* arg) {
+    auto* self = static_cast<UcxDataPlane*>(arg);
+    ucp_conn_request_attr_t attr{};
+    attr.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
+    std::string peer = "?";
+    if (ucp_conn_request_query(request, &attr) == UCS_OK) {
+      peer = SockaddrString(attr.client_address);
+    }
+    ucp_ep_params_t ep_params{};
+    ep_params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST |
+                           UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                           UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep_params.conn_request = request;
+    ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep_params.err_handler.arg = self;
+    ep_params.err_handler.cb = [](void* arg, ucp_ep_h ep, ucs_status_t s) {
+      static_cast<UcxDataPlane*>(arg)->DropEndpoint(
+          ep, UCX_STATUS(s, "data-plane peer lost"));
+    };
+    ucp_ep_h ep = nullptr;
+    const ucs_status_t s = ucp_ep_create(self->worker_, &ep_params, &ep);
+    if (s != UCS_OK) {
+      LOG(WARNING) << "data plane: cannot accept " << peer << ": "
+                   << ucs_status_string(s);
+      return;
+    }
+    self->TrackEndpoint(ep, {peer, /*client_side=*/false});
+  };
+  RETURN_IF_ERROR(UCX_STATUS(
+      ucp_listener_create(worker_, &lparams, &listener_), "ucp_listener_create"));
+  ucp_listener_attr_t lattr{};
+  lattr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  RETURN_IF_ERROR(
+      UCX_STATUS(ucp_listener_query(listener_, &lattr), "ucp_listener_query"));
+  const std::string bound = SockaddrString(lattr.sockaddr);
+  address_ = options_.listen_host + bound.substr(bound.rfind(':'));
+  thread_ = std::thread([this] { Loop(); });
+  LOG(INFO) << "data plane: UCX listening on " << address_;
+  return OkStatus();
+}
+
+void UcxDataPlane::Post(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    commands_.push_back(std::move(fn));
+  }
+  if (worker_ != nullptr) ucp_worker_signal(worker_);
+}
+
+void UcxDataPlane::Loop() {
+  while (true) {
+    std::deque<std::function<void()>> commands;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      commands.swap(commands_);
+    }
+    for (auto& c : commands) c();
+    while (ucp_worker_progress(worker_) != 0) {
+    }
+    ExpireDeadlines();
+    if (stop_.load()) break;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!commands_.empty()) continue;
+    }
+    const ucs_status_t armed = ucp_worker_arm(worker_);
+    if (armed == UCS_ERR_BUSY) continue;
+    int wait_ms = 100;
+    if (!deadlines_.empty()) {
+      const auto until = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadlines_.begin()->first - Clock::now());
+      wait_ms = std::clamp<int>(static_cast<int>(until.count()) + 1, 0, 100);
+    }
+    pollfd pfd{efd_, POLLIN, 0};
+    ::poll(&pfd, 1, wait_ms);
+  }
+  // Shutting down: fail what is pending, close endpoints, release UCX.
+  auto pending = std::move(pending_);
+  pending_.clear();
+  deadlines_.clear();
+  for (auto& [id, p] : pending) {
+    p.done(CancelledError("data plane shutting down"));
+  }
+  for (auto& d : deferred_) ucp_am_data_release(worker_, d.desc);
+  deferred_.clear();
+  std::vector<void*> closing;
+  for (auto& [ep, info] : eps_) {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(ep, &param);
+    if (UCS_PTR_IS_PTR(req)) closing.push_back(req);
+  }
+  eps_.clear();
+  client_eps_.clear();
+  // Bounded: never block shutdown on the network.
+  const auto limit = Clock::now() + std::chrono::milliseconds(500);
+  for (void* req : closing) {
+    while (ucp_request_check_status(req) == UCS_INPROGRESS &&
+           Clock::now() < limit) {
+      ucp_worker_progress(worker_);
+    }
+    ucp_request_free(req);
+  }
+  if (listener_ != nullptr) ucp_listener_destroy(listener_);
+  ucp_worker_destroy(worker_);
+  ucp_cleanup(context_);
+  listener_ = nullptr;
+  worker_ = nullptr;
+  context_ = nullptr;
+}
+
+void UcxDataPlane::Shutdown() {
+  std::call_once(shutdown_once_, [this] {
+    if (!thread_.joinable()) {
+      if (listener_ != nullptr) ucp_listener_destroy(listener_);
+      if (worker_ != nullptr) ucp_worker_destroy(worker_);
+      if (context_ != nullptr) ucp_cleanup(context_);
+      return;
+    }
+    stop_.store(true);
+    ucp_worker_signal(worker_);
+    thread_.join();
+  });
+}
+
+void UcxDataPlane::ExpireDeadlines() {
+  const auto now = Clock::now();
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    const uint64_t id = deadlines_.begin()->second;
+    auto it = pending_.find(id);
+    const std::string peer = it == pending_.end() ? "" : it->second.peer;
+    Complete(id, DeadlineExceededError("no data-plane response from " + peer +
+                                       " by the deadline"));
+  }
+}
+
+void UcxDataPlane::Complete(uint64_t id, StatusOr<Message> result) {
+  auto it = pending_.find(id);
+  if (it == pending_.end()) return;
+  Pending p = std::move(it->second);
+  pending_.erase(it);
+  auto range = deadlines_.equal_range(p.deadline);
+  for (auto d = range.first; d != range.second; ++d) {
+    if (d->second == id) {
+      deadlines_.erase(d);
+      break;
+    }
+  }
+  p.done(std::move(result));
+}
+
+void UcxDataPlane::TrackEndpoint(ucp_ep_h ep, EpInfo info) {
+  eps_[ep] = std::move(info);
+}
+
+void UcxDataPlane::DropEndpoint(ucp_ep_h ep, const Status& why) {
+  auto it = eps_.find(ep);
+  if (it == eps_.end()) return;
+  const EpInfo info = it->second;
+  eps_.erase(it);
+  if (info.client_side) client_eps_.erase(info.peer);
+  std::vector<uint64_t> failed;
+  for (const auto& [id, p] : pending_) {
+    if (p.ep == ep) failed.push_back(id);
+  }
+  // A peer that goes away with nothing pending is ordinary (a trainer or
+  // test client shutting down); one that takes requests with it is not.
+  if (failed.empty()) {
+    VLOG(1) << "data plane: connection with " << info.peer
+            << " closed: " << why.ToString();
+  } else {
+    LOG(WARNING) << "data plane: connection with " << info.peer << " lost with "
+                 << failed.size() << " requests pending: " << why.ToString();
+  }
+  for (uint64_t id : failed) {
+    Complete(id, UnavailableError("data-plane peer " + info.peer +
+                                  " lost: " + why.message()));
+  }
+  // Close outside the error callback.
+  Post([this, ep] {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(ep, &param);
+    if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
+  });
+}
+
+StatusOr<ucp_ep_h> UcxDataPlane::Endpoint(const std::string& peer) {
+  auto it = client_eps_.find(peer);
+  if (it != client_eps_.end()) return it->second;
+  socklen_t len = 0;
+  ASSIGN_OR_RETURN(sockaddr_storage addr, ResolveAddress(peer, &len));
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+  params.sockaddr.addrlen = len;
+  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params.err_handler.arg = this;
+  params.err_handler.cb = [](void* arg, ucp_ep_h ep, ucs_status_t s) {
+    static_cast<UcxDataPlane*>(arg)->DropEndpoint(
+        ep, UCX_STATUS(s, "data-plane peer lost"));
+  };
+  ucp_ep_h ep = nullptr;
+  RETURN_IF_ERROR(UCX_STATUS(ucp_ep_create(worker_, &params, &ep),
+                             "connect to data plane at " + peer));
+  client_eps_[peer] = ep;
+  TrackEndpoint(ep, {peer, /*client_side=*/true});
+  return ep;
+}
+
+void UcxDataPlane::SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
+                               std::function<void(ucs_status_t)> on_sent) {
+  auto* ctx = new SendContext{this, message.header, std::move(message.payload),
+                              std::move(message.error_text), std::move(on_sent)};
+  const void* buffer = nullptr;
+  size_t bytes = 0;
+  if (!ctx->payload.empty()) {
+    buffer = ctx->payload.data();
+    bytes = ctx->payload.num_bytes();
+  } else if (!ctx->text.empty()) {
+    buffer = ctx->text.data();
+    bytes = ctx->text.size();
+  }
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                       UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = UCP_AM_SEND_FLAG_REPLY;
+  if (bytes >= options_.rendezvous_threshold_bytes) {
+    param.flags |= UCP_AM_SEND_FLAG_RNDV;
+  }
+  param.user_data = ctx;
+  param.cb.send = [](void* request, ucs_status_t status, void* user_data) {
+    auto* c = static_cast<SendContext*>(user_data);
+    if (c->on_sent) c->on_sent(status);
+    delete c;
+    ucp_request_free(request);
+  };
+  ucs_status_ptr_t req = ucp_am_send_nbx(ep, am_id, &ctx->header,
+                                         sizeof(WireHeader), buffer, bytes,
+                                         &param);
+  if (req == nullptr || UCS_PTR_IS_ERR(req)) {
+    if (ctx->on_sent) ctx->on_sent(UCS_PTR_STATUS(req));
+    delete ctx;
+  }
+}
+
+void UcxDataPlane::Send(const std::string& peer, Message request,
+                        std::chrono::milliseconds timeout,
+                        ResponseCallback done) {
+  const auto deadline = Clock::now() + timeout;
+  Post([this, peer, request = std::move(request), deadline,
+        done = std::move(done)]() mutable {
+    if (stop_.load()) {
+      done(CancelledError("data plane shutting down"));
+      return;
+    }
+    StatusOr<ucp_ep_h> ep = Endpoint(peer);
+    if (!ep.ok()) {
+      done(UnavailableError(ep.status().message()));
+      return;
+    }
+    const uint64_t id = next_request_id_++;
+    request.header.request_id = id;
+    request.header.status_code = 0;
+    pending_[id] = Pending{std::move(done), deadline, *ep, peer};
+    deadlines_.emplace(deadline, id);
+    SendMessage(*ep, kRequestAm, std::move(request), [this, id, peer](ucs_status_t s) {
+      if (s != UCS_OK) {
+        Complete(id, UCX_STATUS(s, "send to data plane at " + peer));
+      }
+    });
+  });
+}
+
+void UcxDataPlane::ReplyTo(ucp_ep_h ep, const Message& request,
+                           const Status& error) {
+  metrics_errors_->Increment();
+  if (ep == nullptr || !eps_.count(ep)) return;
+  SendMessage(ep, kResponseAm, ErrorResponse(request.header, error), nullptr);
+}
+
+ucs_status_t UcxDataPlane::OnRequest(const void* header, size_t header_length,
+                                     void* data, size_t length,
+                                     const ucp_am_recv_param_t* param) {
+  metrics_requests_->Increment();
+  const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+  ucp_ep_h reply_ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)
+                          ? param->reply_ep
+                          : nullptr;
+  const std::string peer =
+      reply_ep && eps_.count(reply_ep) ? eps_[reply_ep].peer : "?";
+  if (header_length != sizeof(WireHeader)) {
+    LOG(WARNING) << "data plane: dropping a request from " << peer
+                 << " with a " << header_length << "-byte header (expected "
+                 << sizeof(WireHeader) << ")";
+    metrics_errors_->Increment();
+    return UCS_OK;  // Nothing to answer to: the request id is unknown.
+  }
+  Message request;
+  std::memcpy(&request.header, header, sizeof(WireHeader));
+  Status valid = ValidateHeader(request.header, header_length, length,
+                                options_.max_payload_bytes);
+  if (!valid.ok()) {
+    LOG(WARNING) << "data plane: refusing a request from " << peer << ": "
+                 << valid.message();
+    ReplyTo(reply_ep, request, valid);
+    return UCS_OK;
+  }
+  if (!rndv) {
+    Tensor payload;
+    if (request.header.dtype != kNoDType) {
+      auto t = Tensor::Zeros(static_cast<DType>(request.header.dtype),
+                             {request.header.rows, request.header.cols});
+      if (!t.ok()) {
+        ReplyTo(reply_ep, request, t.status());
+        return UCS_OK;
+      }
+      payload = std::move(t).value();
+      if (length > 0) std::memcpy(payload.data(), data, length);
+    }
+    inflight_bytes_ += length;
+    Dispatch(request.header, std::move(payload), reply_ep);
+    return UCS_OK;
+  }
+  if (inflight_bytes_ > 0 &&
+      inflight_bytes_ + length > options_.max_inflight_bytes) {
+    // Backpressure: leave the payload with the sender until bytes drain.
+    deferred_.push_back({request.header, data, reply_ep});
+    return UCS_INPROGRESS;
+  }
+  StartReceive(request.header, data, reply_ep);
+  return UCS_INPROGRESS;
+}
+
+void UcxDataPlane::StartReceive(const WireHeader& header, void* desc,
+                                ucp_ep_h reply_ep) {
+  Message request_header;
+  request_header.header = header;
+  auto t = Tensor::Zeros(static_cast<DType>(header.dtype),
+                         {header.rows, header.cols});
+  if (!t.ok()) {
+    ucp_am_data_release(worker_, desc);
+    ReplyTo(reply_ep, request_header, t.status());
+    return;
+  }
+  inflight_bytes_ += header.payload_bytes;
+  auto* ctx = new RecvContext{this, header, std::move(t).value(), reply_ep};
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.user_data = ctx;
+  param.cb.recv_am = [](void* request, ucs_status_t status, size_t,
+                        void* user_data) {
+    auto* c = static_cast<RecvContext*>(user_data);
+    if (status == UCS_OK) {
+      c->self->Dispatch(c->header, std::move(c->payload), c->reply_ep);
+    } else {
+      c->self->inflight_bytes_ -= c->header.payload_bytes;
+      Message m;
+      m.header = c->header;
+      c->self->ReplyTo(c->reply_ep, m,
+                       UCX_STATUS(status, "receive request payload"));
+    }
+    delete c;
+    ucp_request_free(request);
+  };
+  ucs_status_ptr_t req = ucp_am_recv_data_nbx(
+      worker_, desc, ctx->payload.data(), header.payload_bytes, &param);
+  if (req == nullptr) {
+    Dispatch(ctx->header, std::move(ctx->payload), reply_ep);
+    delete ctx;
+  } else if (UCS_PTR_IS_ERR(req)) {
+    inflight_bytes_ -= header.payload_bytes;
+    ReplyTo(reply_ep, request_header,
+            UCX_STATUS(UCS_PTR_STATUS(req), "receive request payload"));
+    delete ctx;
+  }
+}
+
+void UcxDataPlane::PumpDeferred() {
+  while (!deferred_.empty() &&
+         (inflight_bytes_ == 0 ||
+          inflight_bytes_ + deferred_.front().header.payload_bytes <=
+              options_.max_inflight_bytes)) {
+    Deferred d = deferred_.front();
+    deferred_.pop_front();
+    if (!eps_.count(d.reply_ep)) {
+      ucp_am_data_release(worker_, d.desc);
+      continue;
+    }
+    StartReceive(d.header, d.desc, d.reply_ep);
+  }
+}
+
+void UcxDataPlane::Dispatch(WireHeader header, Tensor payload,
+                            ucp_ep_h reply_ep) {
+  Message request;
+  request.header = header;
+  request.payload = std::move(payload);
+  const size_t bytes = header.payload_bytes;
+  auto answered = std::make_shared<std::atomic<bool>>(false);
+  Reply reply = [this, reply_ep, bytes, answered, request_id = header.request_id](
+                    Message response) {
+    if (answered->exchange(true)) {
+      LOG(ERROR) << "data plane: request " << request_id
+                 << " answered twice; ignoring the second reply";
+      return;
+    }
+    response.header.request_id = request_id;
+    Post([this, reply_ep, bytes, response = std::move(response)]() mutable {
+      inflight_bytes_ -= bytes;
+      if (eps_.count(reply_ep)) {
+        SendMessage(reply_ep, kResponseAm, std::move(response), nullptr);
+      }
+      PumpDeferred();
+    });
+  };
+  if (!handler_) {
+    reply(ErrorResponse(header, FailedPreconditionError(
+                                    "this data plane serves no requests")));
+    return;
+  }
+  handler_(std::move(request), std::move(reply));
+}
+
+ucs_status_t UcxDataPlane::OnResponse(const void* header, size_t header_length,
+                                      void* data, size_t length,
+                                      const ucp_am_recv_param_t* param) {
+  if (header_length != sizeof(WireHeader)) {
+    LOG(WARNING) << "data plane: dropping a response with a " << header_length
+                 << "-byte header";
+    return UCS_OK;
+  }
+  WireHeader h;
+  std::memcpy(&h, header, sizeof(h));
+  auto it = pending_.find(h.request_id);
+  if (it == pending_.end()) {
+    VLOG(1) << "data plane: late response " << h.request_id;
+    return UCS_OK;  // Timed out already; a rendezvous payload is dropped.
+  }
+  Status valid =
+      ValidateHeader(h, header_length, length, options_.max_payload_bytes);
+  if (!valid.ok()) {
+    Complete(h.request_id, valid.WithContext("malformed response"));
+    return UCS_OK;
+  }
+  if (h.status_code != 0) {
+    std::string text;
+    if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+      text.assign(static_cast<const char*>(data), length);
+    }
+    Complete(h.request_id,
+             Status(static_cast<StatusCode>(h.status_code), text));
+    return UCS_OK;
+  }
+  Message response;
+  response.header = h;
+  if (h.dtype != kNoDType) {
+    auto t = Tensor::Zeros(static_cast<DType>(h.dtype), {h.rows, h.cols});
+    if (!t.ok()) {
+      Complete(h.request_id, t.status());
+      return UCS_OK;
+    }
+    response.payload = std::move(t).value();
+  }
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    if (length > 0) std::memcpy(response.payload.data(), data, length);
+    Complete(h.request_id, std::move(response));
+    return UCS_OK;
+  }
+  struct Ctx {
+    UcxDataPlane* self;
+    Message response;
+  };
+  auto* ctx = new Ctx{this, std::move(response)};
+  ucp_request_param_t rparam{};
+  rparam.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  rparam.user_data = ctx;
+  rparam.cb.recv_am = [](void* request, ucs_status_t status, size_t,
+                         void* user_data) {
+    auto* c = static_cast<Ctx*>(user_data);
+    const uint64_t id = c->response.header.request_id;
+    if (status == UCS_OK) {
+      c->self->Complete(id, std::move(c->response));
+    } else {
+      c->self->Complete(id, UCX_STATUS(status, "receive response payload"));
+    }
+    delete c;
+    ucp_request_free(request);
+  };
+  ucs_status_ptr_t req = ucp_am_recv_data_nbx(
+      worker_, data, ctx->response.payload.data(), length, &rparam);
+  if (req == nullptr) {
+    Complete(h.request_id, std::move(ctx->response));
+    delete ctx;
+  } else if (UCS_PTR_IS_ERR(req)) {
+    Complete(h.request_id,
+             UCX_STATUS(UCS_PTR_STATUS(req), "receive response payload"));
+    delete ctx;
+  }
+  return UCS_INPROGRESS;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
+    const DataPlaneOptions& options) {
+  return std::unique_ptr<DataPlane>(new UcxDataPlane(options));
+}
+
+}  // namespace switchyard::transport
