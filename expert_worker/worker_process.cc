@@ -1,7 +1,9 @@
 #include "expert_worker/worker_process.h"
 
 #include "expert_worker/cuda/device_probe.h"
+#include "expert_worker/worker_service.h"
 #include "transport/control/member_process.h"
+#include "transport/data_plane.h"
 
 namespace switchyard::expert_worker {
 
@@ -26,6 +28,18 @@ Status RunWorker(const config::SwitchyardConfig& config,
                  const std::string& secret, const WorkerOptions& options) {
   if (options.name.empty()) return InvalidArgumentError("--name is required");
   RETURN_IF_ERROR(CheckDevice(options.device));
+  WorkerService service(config, options.name);
+  RETURN_IF_ERROR(service.Start());
+  transport::DataPlaneOptions dp;
+  dp.listen_host = config.transport().data_host();
+  dp.ucx_tls = config.transport().ucx_tls();
+  dp.max_inflight_bytes = config.transport().max_inflight_bytes();
+  ASSIGN_OR_RETURN(auto data_plane, transport::NewUcxDataPlane(dp));
+  RETURN_IF_ERROR(data_plane->Start(
+      [&service](transport::Message request, transport::Reply reply) {
+        service.Handle(std::move(request), std::move(reply));
+      }));
+
   control::MemberProcessOptions member;
   member.config = config;
   member.secret = secret;
@@ -36,18 +50,29 @@ Status RunWorker(const config::SwitchyardConfig& config,
                              ? options.capacity_bytes
                              : config.cluster().worker_capacity_bytes());
   reg.set_device(options.device);
-  reg.set_data_address(options.data_address);
+  reg.set_data_address(options.data_address.empty() ? data_plane->address()
+                                                    : options.data_address);
   reg.set_rank(-1);
   const std::string name = options.name;
-  member.on_routing = [name](const control::RoutingTable& routing) {
+  member.on_routing = [name, &service](const control::RoutingTable& routing) {
     const auto [count, bytes] = AssignedShards(routing, name);
     LOG(INFO) << name << ": routing epoch " << routing.epoch() << ": holds "
               << count << " shards (" << bytes << " bytes)"
               << (routing.placement_error().empty()
                       ? ""
                       : "; placement error: " + routing.placement_error());
+    Status s = service.ApplyRouting(routing);
+    if (!s.ok()) {
+      LOG(ERROR) << name << ": cannot adopt epoch " << routing.epoch() << ": "
+                 << s.ToString();
+    }
   };
-  return control::RunMemberProcess(member);
+  member.loads = [&service] { return service.TakeLoads(); };
+  Status result = control::RunMemberProcess(member);
+  // Stop serving before the service goes away.
+  data_plane->Shutdown();
+  service.Shutdown();
+  return result;
 }
 
 }  // namespace switchyard::expert_worker

@@ -1,8 +1,9 @@
 // `switchyard worker`: an expert worker process.
 //
-// For now it joins the cluster and follows its assignment (the shards the
-// routing table places on it); expert compute and the data plane arrive with
-// the data-plane work (docs/architecture.md).
+// Joins the cluster, hosts the expert shards the routing table places on it
+// (WorkerService), serves them over the UCX data plane on
+// transport.data_host, advertises that address in its registration, and
+// reports per-shard token counts with its heartbeats.
 #ifndef SWITCHYARD_EXPERT_WORKER_WORKER_PROCESS_H_
 #define SWITCHYARD_EXPERT_WORKER_WORKER_PROCESS_H_
 
@@ -21,6 +22,7 @@ struct WorkerOptions {
   int64_t capacity_bytes = 0;
   // cpu or cuda:N.
   std::string device = "cpu";
+  // Advertised data-plane address; empty: the UCX listener's own.
   std::string data_address;
 };
 

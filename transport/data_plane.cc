@@ -7,8 +7,8 @@ namespace switchyard::transport {
 Message ErrorResponse(const WireHeader& request, const Status& status) {
   Message m;
   m.header = request;
-  m.header.status_code = static_cast<int32_t>(
-      status.ok() ? StatusCode::kInternal : status.code());
+  m.header.status_code =
+      static_cast<int32_t>(status.ok() ? StatusCode::kInternal : status.code());
   m.header.dtype = kNoDType;
   m.header.rows = m.header.cols = 0;
   m.error_text = status.message();
@@ -27,7 +27,8 @@ Message TensorResponse(const WireHeader& request, Tensor payload) {
   } else {
     m.header.dtype = static_cast<uint8_t>(payload.dtype());
     m.header.rows = payload.rank() == 2 ? payload.dim(0) : 1;
-    m.header.cols = payload.rank() == 2 ? payload.dim(1) : payload.num_elements();
+    m.header.cols =
+        payload.rank() == 2 ? payload.dim(1) : payload.num_elements();
     m.header.payload_bytes = payload.num_bytes();
   }
   m.payload = std::move(payload);

@@ -5,19 +5,17 @@
 namespace switchyard::transport {
 
 Status ValidateHeader(const WireHeader& h, size_t received_header_bytes,
-                      size_t received_payload_bytes,
-                      size_t max_payload_bytes) {
+                      size_t received_payload_bytes, size_t max_payload_bytes) {
   if (received_header_bytes != sizeof(WireHeader)) {
-    return InvalidArgumentError("header of " +
-                                std::to_string(received_header_bytes) +
-                                " bytes; expected " +
-                                std::to_string(sizeof(WireHeader)));
+    return InvalidArgumentError(
+        "header of " + std::to_string(received_header_bytes) +
+        " bytes; expected " + std::to_string(sizeof(WireHeader)));
   }
   if (h.magic != kWireMagic) return InvalidArgumentError("bad header magic");
   if (h.version != kWireVersion) {
-    return FailedPreconditionError(
-        "wire version " + std::to_string(h.version) + " (this side speaks " +
-        std::to_string(kWireVersion) + ")");
+    return FailedPreconditionError("wire version " + std::to_string(h.version) +
+                                   " (this side speaks " +
+                                   std::to_string(kWireVersion) + ")");
   }
   if (h.kind == 0 || h.kind > static_cast<uint8_t>(MessageKind::kMaxKind)) {
     return InvalidArgumentError("unknown message kind " +
@@ -30,10 +28,9 @@ Status ValidateHeader(const WireHeader& h, size_t received_header_bytes,
         " arrived");
   }
   if (h.payload_bytes > max_payload_bytes) {
-    return ResourceExhaustedError("payload of " +
-                                  std::to_string(h.payload_bytes) +
-                                  " bytes exceeds the maximum of " +
-                                  std::to_string(max_payload_bytes));
+    return ResourceExhaustedError(
+        "payload of " + std::to_string(h.payload_bytes) +
+        " bytes exceeds the maximum of " + std::to_string(max_payload_bytes));
   }
   if (h.dtype == kNoDType) {
     if (h.rows != 0 || h.cols != 0) {
@@ -49,7 +46,8 @@ Status ValidateHeader(const WireHeader& h, size_t received_header_bytes,
     return InvalidArgumentError("unknown dtype " + std::to_string(h.dtype));
   }
   if (h.rows < 0 || h.cols < 0 ||
-      (h.cols > 0 && h.rows > std::numeric_limits<int64_t>::max() / 8 / h.cols)) {
+      (h.cols > 0 &&
+       h.rows > std::numeric_limits<int64_t>::max() / 8 / h.cols)) {
     return InvalidArgumentError("bad shape [" + std::to_string(h.rows) + "," +
                                 std::to_string(h.cols) + "]");
   }
@@ -66,16 +64,16 @@ Status ValidateHeader(const WireHeader& h, size_t received_header_bytes,
 }
 
 std::string DescribeHeader(const WireHeader& h) {
-  static const char* kNames[] = {"?",         "forward",   "backward", "step-done",
-                                 "dense-pull", "dense-push", "echo"};
+  static const char* kNames[] = {"?",         "forward",    "backward",
+                                 "step-done", "dense-pull", "dense-push",
+                                 "echo"};
   const char* kind = h.kind <= static_cast<uint8_t>(MessageKind::kMaxKind)
                          ? kNames[h.kind]
                          : "?";
   return std::string(kind) + " step " + std::to_string(h.step) + " mb " +
-         std::to_string(h.micro_batch) + " L" + std::to_string(h.layer) +
-         ".E" + std::to_string(h.expert) + ".S" + std::to_string(h.shard) +
-         " rank " + std::to_string(h.trainer_rank) + " epoch " +
-         std::to_string(h.epoch);
+         std::to_string(h.micro_batch) + " L" + std::to_string(h.layer) + ".E" +
+         std::to_string(h.expert) + ".S" + std::to_string(h.shard) + " rank " +
+         std::to_string(h.trainer_rank) + " epoch " + std::to_string(h.epoch);
 }
 
 }  // namespace switchyard::transport

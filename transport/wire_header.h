@@ -56,8 +56,7 @@ static_assert(sizeof(WireHeader) == 80, "the wire header is 80 bytes");
 // shape, and that payload_bytes matches the shape (or, for an error
 // response, that there is text) and what actually arrived.
 Status ValidateHeader(const WireHeader& header, size_t received_header_bytes,
-                      size_t received_payload_bytes,
-                      size_t max_payload_bytes);
+                      size_t received_payload_bytes, size_t max_payload_bytes);
 
 // "forward step 3 mb 0 L1.E5.S0 rank 2 epoch 7".
 std::string DescribeHeader(const WireHeader& header);

@@ -18,6 +18,7 @@
 
 #include "cli/status_client.h"
 #include "transport/control/auth.h"
+#include "transport/data_plane.h"
 
 namespace switchyard {
 namespace {
@@ -179,6 +180,45 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
                   .ok());
   EXPECT_EQ(from_json.routing().entries_size(), ready->total_shards());
   EXPECT_EQ(from_json.members_size(), 4);
+
+  // A worker process serves its expert shards over UCX at the current epoch,
+  // and refuses a request from an older one.
+  {
+    const auto& routing = from_json.routing();
+    const control::RoutingEntry* entry = nullptr;
+    for (const auto& e : routing.entries()) {
+      if (e.shard().kind() == control::EXPERT && e.worker() >= 0) {
+        entry = &e;
+        break;
+      }
+    }
+    ASSERT_NE(entry, nullptr);
+    const std::string address = routing.workers(entry->worker()).data_address();
+    auto client =
+        transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+    ASSERT_TRUE(client->Start(nullptr).ok());
+    auto forward = [&](uint64_t epoch) {
+      transport::Message m;
+      m.header.kind =
+          static_cast<uint8_t>(transport::MessageKind::kExpertForward);
+      m.header.epoch = epoch;
+      m.header.layer = entry->shard().layer();
+      m.header.expert = entry->shard().expert();
+      m.header.shard = entry->shard().shard();
+      m.payload = Tensor::Zeros(DType::kF32, {3, 64}).value();  // d_model 64.
+      m.header.dtype = static_cast<uint8_t>(DType::kF32);
+      m.header.rows = 3;
+      m.header.cols = 64;
+      m.header.payload_bytes = m.payload.num_bytes();
+      return client->SendSync(address, std::move(m), Ms(10000));
+    };
+    auto ok = forward(routing.epoch());
+    ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+    EXPECT_EQ(ok->payload.shape(), (std::vector<int64_t>{3, 64}));
+    auto stale = forward(routing.epoch() - 1);
+    EXPECT_EQ(stale.status().code(), StatusCode::kFailedPrecondition);
+    client->Shutdown();
+  }
   const control::MemberStatus* victim = Find(*ready, "worker-1");
   ASSERT_NE(victim, nullptr);
   ASSERT_GT(victim->pid(), 0);

@@ -4,10 +4,14 @@
 //
 // The binary doubles as the remote server: `data_plane_test --serve FILE`
 // runs an echo server and writes its address to FILE.
+#include "transport/data_plane.h"
+
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <ucp/api/ucp.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -18,11 +22,7 @@
 #include <mutex>
 #include <thread>
 
-#include <gtest/gtest.h>
-#include <ucp/api/ucp.h>
-
 #include "common/logging.h"
-#include "transport/data_plane.h"
 
 namespace switchyard::transport {
 namespace {
@@ -100,7 +100,8 @@ TEST_F(DataPlaneTest, EchoesSmallAndLargePayloads) {
     Message request = EchoRequest(bytes / 4 / cols, cols, 7);
     Message copy;
     copy.payload = request.payload.Clone();
-    auto r = client_->SendSync(server_->address(), std::move(request), Ms(60000));
+    auto r =
+        client_->SendSync(server_->address(), std::move(request), Ms(60000));
     ASSERT_TRUE(r.ok()) << bytes << ": " << r.status().ToString();
     EXPECT_EQ(r->header.payload_bytes, static_cast<uint64_t>(bytes));
     EXPECT_TRUE(SamePayload(*r, copy)) << bytes;
@@ -135,8 +136,8 @@ TEST_F(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
                              Ms(300));
   EXPECT_EQ(r.status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_LT(Clock::now() - start, Ms(2000));
-  auto ok = client_->SendSync(server_->address(), EchoRequest(1, 16, 2),
-                              Ms(5000));
+  auto ok =
+      client_->SendSync(server_->address(), EchoRequest(1, 16, 2), Ms(5000));
   EXPECT_TRUE(ok.ok()) << ok.status().ToString();
 }
 
@@ -169,8 +170,9 @@ class RawUcxPeer {
     ucp_worker_params_t wp{};
     CHECK_EQ(ucp_worker_create(context_, &wp, &worker_), UCS_OK);
     ucp_am_handler_param_t am{};
-    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    am.field_mask =
+        UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+        UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
     am.id = 2;
     am.flags = UCP_AM_FLAG_WHOLE_MSG;
     am.arg = this;
@@ -298,7 +300,8 @@ TEST_F(DataPlaneTest, MalformedHeadersGetErrorsAndServerKeepsServing) {
   WireHeader h;
   EXPECT_FALSE(raw.SendAndWait(&h, 40, "", Ms(300)));
   // The server still serves everyone.
-  auto r = client_->SendSync(server_->address(), EchoRequest(2, 8, 3), Ms(5000));
+  auto r =
+      client_->SendSync(server_->address(), EchoRequest(2, 8, 3), Ms(5000));
   EXPECT_TRUE(r.ok()) << r.status().ToString();
 }
 

@@ -37,6 +37,7 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
       std::chrono::milliseconds(cluster.heartbeat_ms());
   session_options.call_timeout =
       std::chrono::milliseconds(cluster.call_timeout_ms());
+  session_options.loads = options.loads;
 
   asio::io_context io;
   auto work = asio::make_work_guard(io);

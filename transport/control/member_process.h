@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "config.pb.h"
@@ -21,6 +22,8 @@ struct MemberProcessOptions {
   RegisterRequest registration;
   // Runs on the control thread for every newer routing table.
   std::function<void(const RoutingTable&)> on_routing;
+  // Per-shard token counts for heartbeats (optional).
+  std::function<std::vector<ShardLoad>()> loads;
 };
 
 // Blocks until SIGTERM or SIGINT (clean shutdown: OK), or until the first

@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "common/status.h"
 #include "config.pb.h"
@@ -31,6 +32,8 @@ struct MemberSessionOptions {
   RegisterRequest registration;
   std::chrono::milliseconds heartbeat_period{1000};
   std::chrono::milliseconds call_timeout{5000};
+  // Per-shard token counts to report with each heartbeat (may be empty).
+  std::function<std::vector<ShardLoad>()> loads;
 };
 
 class MemberSession : public std::enable_shared_from_this<MemberSession> {

@@ -13,6 +13,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <ucp/api/ucp.h>
 
 #include <atomic>
 #include <cstring>
@@ -21,8 +22,6 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
-
-#include <ucp/api/ucp.h>
 
 #include "common/metrics.h"
 #include "transport/data_plane.h"
@@ -161,9 +160,8 @@ class UcxDataPlane : public DataPlane {
   void PumpDeferred();
   ucs_status_t OnRequest(const void* header, size_t header_length, void* data,
                          size_t length, const ucp_am_recv_param_t* param);
-  ucs_status_t OnResponse(const void* header, size_t header_length,
-                          void* data, size_t length,
-                          const ucp_am_recv_param_t* param);
+  ucs_status_t OnResponse(const void* header, size_t header_length, void* data,
+                          size_t length, const ucp_am_recv_param_t* param);
 
   const DataPlaneOptions options_;
   Counter* metrics_requests_;
@@ -220,10 +218,9 @@ Status UcxDataPlane::Start(RequestHandler handler) {
 
   for (unsigned id : {kRequestAm, kResponseAm}) {
     ucp_am_handler_param_t am{};
-    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID |
-                    UCP_AM_HANDLER_PARAM_FIELD_CB |
-                    UCP_AM_HANDLER_PARAM_FIELD_ARG |
-                    UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    am.field_mask =
+        UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+        UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
     am.id = id;
     am.flags = UCP_AM_FLAG_WHOLE_MSG;
     am.arg = this;
@@ -246,8 +243,8 @@ Status UcxDataPlane::Start(RequestHandler handler) {
   ASSIGN_OR_RETURN(sockaddr_storage listen_addr,
                    ResolveAddress(options_.listen_host + ":0", &len));
   ucp_listener_params_t lparams{};
-  lparams.field_mask =
-      UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  lparams.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR |
+                       UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
   lparams.sockaddr.addr = reinterpret_cast<const sockaddr*>(&listen_addr);
   lparams.sockaddr.addrlen = len;
   lparams.conn_handler.arg = this;
@@ -279,8 +276,8 @@ Status UcxDataPlane::Start(RequestHandler handler) {
     }
     self->TrackEndpoint(ep, {peer, /*client_side=*/false});
   };
-  RETURN_IF_ERROR(UCX_STATUS(
-      ucp_listener_create(worker_, &lparams, &listener_), "ucp_listener_create"));
+  RETURN_IF_ERROR(UCX_STATUS(ucp_listener_create(worker_, &lparams, &listener_),
+                             "ucp_listener_create"));
   ucp_listener_attr_t lattr{};
   lattr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
   RETURN_IF_ERROR(
@@ -468,8 +465,9 @@ StatusOr<ucp_ep_h> UcxDataPlane::Endpoint(const std::string& peer) {
 
 void UcxDataPlane::SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
                                std::function<void(ucs_status_t)> on_sent) {
-  auto* ctx = new SendContext{this, message.header, std::move(message.payload),
-                              std::move(message.error_text), std::move(on_sent)};
+  auto* ctx =
+      new SendContext{this, message.header, std::move(message.payload),
+                      std::move(message.error_text), std::move(on_sent)};
   const void* buffer = nullptr;
   size_t bytes = 0;
   if (!ctx->payload.empty()) {
@@ -480,8 +478,8 @@ void UcxDataPlane::SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
     bytes = ctx->text.size();
   }
   ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                       UCP_OP_ATTR_FIELD_FLAGS;
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK |
+                       UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
   param.flags = UCP_AM_SEND_FLAG_REPLY;
   if (bytes >= options_.rendezvous_threshold_bytes) {
     param.flags |= UCP_AM_SEND_FLAG_RNDV;
@@ -493,9 +491,8 @@ void UcxDataPlane::SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
     delete c;
     ucp_request_free(request);
   };
-  ucs_status_ptr_t req = ucp_am_send_nbx(ep, am_id, &ctx->header,
-                                         sizeof(WireHeader), buffer, bytes,
-                                         &param);
+  ucs_status_ptr_t req = ucp_am_send_nbx(
+      ep, am_id, &ctx->header, sizeof(WireHeader), buffer, bytes, &param);
   if (req == nullptr || UCS_PTR_IS_ERR(req)) {
     if (ctx->on_sent) ctx->on_sent(UCS_PTR_STATUS(req));
     delete ctx;
@@ -522,11 +519,12 @@ void UcxDataPlane::Send(const std::string& peer, Message request,
     request.header.status_code = 0;
     pending_[id] = Pending{std::move(done), deadline, *ep, peer};
     deadlines_.emplace(deadline, id);
-    SendMessage(*ep, kRequestAm, std::move(request), [this, id, peer](ucs_status_t s) {
-      if (s != UCS_OK) {
-        Complete(id, UCX_STATUS(s, "send to data plane at " + peer));
-      }
-    });
+    SendMessage(
+        *ep, kRequestAm, std::move(request), [this, id, peer](ucs_status_t s) {
+          if (s != UCS_OK) {
+            Complete(id, UCX_STATUS(s, "send to data plane at " + peer));
+          }
+        });
   });
 }
 
@@ -548,8 +546,8 @@ ucs_status_t UcxDataPlane::OnRequest(const void* header, size_t header_length,
   const std::string peer =
       reply_ep && eps_.count(reply_ep) ? eps_[reply_ep].peer : "?";
   if (header_length != sizeof(WireHeader)) {
-    LOG(WARNING) << "data plane: dropping a request from " << peer
-                 << " with a " << header_length << "-byte header (expected "
+    LOG(WARNING) << "data plane: dropping a request from " << peer << " with a "
+                 << header_length << "-byte header (expected "
                  << sizeof(WireHeader) << ")";
     metrics_errors_->Increment();
     return UCS_OK;  // Nothing to answer to: the request id is unknown.
@@ -656,8 +654,8 @@ void UcxDataPlane::Dispatch(WireHeader header, Tensor payload,
   request.payload = std::move(payload);
   const size_t bytes = header.payload_bytes;
   auto answered = std::make_shared<std::atomic<bool>>(false);
-  Reply reply = [this, reply_ep, bytes, answered, request_id = header.request_id](
-                    Message response) {
+  Reply reply = [this, reply_ep, bytes, answered,
+                 request_id = header.request_id](Message response) {
     if (answered->exchange(true)) {
       LOG(ERROR) << "data plane: request " << request_id
                  << " answered twice; ignoring the second reply";
@@ -673,8 +671,8 @@ void UcxDataPlane::Dispatch(WireHeader header, Tensor payload,
     });
   };
   if (!handler_) {
-    reply(ErrorResponse(header, FailedPreconditionError(
-                                    "this data plane serves no requests")));
+    reply(ErrorResponse(
+        header, FailedPreconditionError("this data plane serves no requests")));
     return;
   }
   handler_(std::move(request), std::move(reply));
@@ -731,7 +729,8 @@ ucs_status_t UcxDataPlane::OnResponse(const void* header, size_t header_length,
   };
   auto* ctx = new Ctx{this, std::move(response)};
   ucp_request_param_t rparam{};
-  rparam.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  rparam.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   rparam.user_data = ctx;
   rparam.cb.recv_am = [](void* request, ucs_status_t status, size_t,
                          void* user_data) {

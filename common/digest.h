@@ -1,0 +1,35 @@
+// Digests of tensors (xxh3-64), for checking that two runs hold the same
+// parameters bit for bit. Incremental; thread-compatible.
+#ifndef SWITCHYARD_COMMON_DIGEST_H_
+#define SWITCHYARD_COMMON_DIGEST_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "common/tensor.h"
+
+namespace switchyard {
+
+class Digest {
+ public:
+  Digest();
+  ~Digest();
+  Digest(const Digest&) = delete;
+  Digest& operator=(const Digest&) = delete;
+
+  // Adds a name (so that equal bytes under different names differ) and the
+  // tensor's dtype, shape and bytes. Empty tensors add only the name.
+  void Add(const std::string& name, const Tensor& tensor);
+  uint64_t value() const;
+  // 16 hex digits.
+  std::string hex() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace switchyard
+
+#endif  // SWITCHYARD_COMMON_DIGEST_H_

@@ -1,0 +1,445 @@
+#include "expert_worker/worker_service.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "common/digest.h"
+#include "common/random.h"
+
+namespace switchyard::expert_worker {
+
+using transport::Message;
+using transport::MessageKind;
+
+namespace {
+
+constexpr uint64_t kTagW1 = 1;
+constexpr uint64_t kTagW2 = 2;
+
+// Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols).
+Tensor ConcatRows(const std::vector<const Tensor*>& parts, int64_t cols) {
+  int64_t rows = 0;
+  for (const Tensor* p : parts) rows += p->dim(0);
+  Tensor out = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+  char* dst = static_cast<char*>(out.data());
+  for (const Tensor* p : parts) {
+    std::memcpy(dst, p->data(), p->num_bytes());
+    dst += p->num_bytes();
+  }
+  return out;
+}
+
+}  // namespace
+
+struct WorkerService::Shard {
+  ShardId id;
+  ExpertParams params;
+  ExpertParams grads;
+  OptimizerState w1, b1, w2, b2;
+  // Forward activations (x, h) of the step in progress, by (step, rank, mb).
+  std::map<std::tuple<int64_t, int32_t, int32_t>, std::pair<Tensor, Tensor>>
+      activations;
+  struct Contribution {
+    Tensor x, h, dh, dy;
+  };
+  // Weight-gradient inputs of the step in progress, by (rank, micro-batch):
+  // std::map iterates them in that order.
+  std::map<std::pair<int32_t, int32_t>, Contribution> contributions;
+  uint64_t tokens = 0;
+};
+
+WorkerService::WorkerService(const config::SwitchyardConfig& config,
+                             std::string name)
+    : config_(config), name_(std::move(name)) {}
+
+WorkerService::~WorkerService() { Shutdown(); }
+
+Status WorkerService::Start() {
+  gemm_ = NewCpuGemm(config_.training().threads());
+  ASSIGN_OR_RETURN(optimizer_, Optimizer::Create(config_.training()));
+  const auto& m = config_.model();
+  ExpertShape shape;
+  shape.d_model = m.d_model();
+  shape.d_ff_shard = m.d_ff() / m.shards_per_expert();
+  ASSIGN_OR_RETURN(shape.activation, ParseActivation(m.activation()));
+  shape.has_b1 = m.expert_bias();
+  ASSIGN_OR_RETURN(shape.compute_dtype,
+                   ParseDType(config_.training().compute_dtype()));
+  shape.has_b2 = m.expert_bias();
+  ffn0_ = std::make_unique<ExpertFfn>(shape, gemm_.get());
+  shape.has_b2 = false;
+  ffn_ = std::make_unique<ExpertFfn>(shape, gemm_.get());
+  thread_ = std::thread([this] { Run(); });
+  return OkStatus();
+}
+
+void WorkerService::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  // Whatever was queued or waiting is answered, never dropped silently. The
+  // compute thread is gone and Handle() refuses new work, so no lock is needed.
+  std::vector<Task> unanswered(std::make_move_iterator(queue_.begin()),
+                               std::make_move_iterator(queue_.end()));
+  for (Task& t : waiting_) unanswered.push_back(std::move(t));
+  queue_.clear();
+  waiting_.clear();
+  for (Task& t : unanswered) {
+    t.reply(transport::ErrorResponse(
+        t.request.header, UnavailableError(name_ + " is shutting down")));
+  }
+}
+
+StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
+    const ShardId& id) const {
+  const auto& m = config_.model();
+  const ExpertFfn& ffn = id.shard == 0 ? *ffn0_ : *ffn_;
+  auto shard = std::make_unique<Shard>();
+  shard->id = id;
+  ASSIGN_OR_RETURN(shard->params, ExpertParams::Zeros(ffn.shape()));
+  ASSIGN_OR_RETURN(shard->grads, ExpertParams::Zeros(ffn.shape()));
+  const int64_t d = m.d_model(), f = ffn.shape().d_ff_shard;
+  const int gates = ffn.shape().gates();
+  const uint64_t seed = config_.training().seed();
+  const double std1 = std::sqrt(m.init_scale() / m.d_model());
+  const double std2 = std::sqrt(m.init_scale() / m.d_ff());
+  // W1 (d, gates*f): column g*f + j is global column g*d_ff + shard*f + j.
+  float* w1 = shard->params.w1.f32();
+  for (int64_t i = 0; i < d; ++i) {
+    for (int g = 0; g < gates; ++g) {
+      for (int64_t j = 0; j < f; ++j) {
+        const uint64_t col = g * m.d_ff() + id.shard * f + j;
+        w1[i * gates * f + g * f + j] = static_cast<float>(
+            std1 * RandomNormal(seed, {kTagW1, static_cast<uint64_t>(id.layer),
+                                       static_cast<uint64_t>(id.expert),
+                                       static_cast<uint64_t>(i), col}));
+      }
+    }
+  }
+  // W2 (f, d): row i is global row shard*f + i.
+  float* w2 = shard->params.w2.f32();
+  for (int64_t i = 0; i < f; ++i) {
+    for (int64_t o = 0; o < d; ++o) {
+      const uint64_t row = id.shard * f + i;
+      w2[i * d + o] = static_cast<float>(
+          std2 * RandomNormal(seed, {kTagW2, static_cast<uint64_t>(id.layer),
+                                     static_cast<uint64_t>(id.expert), row,
+                                     static_cast<uint64_t>(o)}));
+    }
+  }
+  ASSIGN_OR_RETURN(shard->w1, optimizer_->NewState(shard->params.w1));
+  ASSIGN_OR_RETURN(shard->w2, optimizer_->NewState(shard->params.w2));
+  if (!shard->params.b1.empty()) {
+    ASSIGN_OR_RETURN(shard->b1, optimizer_->NewState(shard->params.b1));
+  }
+  if (!shard->params.b2.empty()) {
+    ASSIGN_OR_RETURN(shard->b2, optimizer_->NewState(shard->params.b2));
+  }
+  return shard;
+}
+
+Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
+  int self = -1;
+  for (int i = 0; i < routing.workers_size(); ++i) {
+    if (routing.workers(i).name() == name_) self = i;
+  }
+  std::set<ShardId> wanted;
+  for (const auto& e : routing.entries()) {
+    if (e.worker() == self && self >= 0 && e.shard().kind() == control::EXPERT) {
+      wanted.insert(
+          ShardId::Expert(e.shard().layer(), e.shard().expert(), e.shard().shard()));
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = shards_.begin(); it != shards_.end();) {
+    it = wanted.count(it->first) ? std::next(it) : shards_.erase(it);
+  }
+  for (const ShardId& id : wanted) {
+    if (shards_.count(id)) continue;
+    if (next_step_ > 0) {
+      // NOTE: restoring a moved shard from the last committed checkpoint
+      // belongs to the checkpoint work (DESIGN.md, "Failures"); until then a
+      // shard adopted mid-run starts from its initial values.
+      LOG(WARNING) << name_ << ": adopting " << id.ToString() << " at step "
+                   << next_step_ << " with initial values";
+    }
+    ASSIGN_OR_RETURN(shards_[id], NewShard(id));
+  }
+  epoch_ = routing.epoch();
+  return OkStatus();
+}
+
+void WorkerService::Handle(Message request, transport::Reply reply) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stop_) {
+      queue_.push_back({std::move(request), std::move(reply)});
+      cv_.notify_one();
+      return;
+    }
+  }
+  reply(transport::ErrorResponse(request.header,
+                                 UnavailableError(name_ + " is shutting down")));
+}
+
+void WorkerService::Run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    Task task = std::move(queue_.front());
+    queue_.pop_front();
+    Process(std::move(task));
+  }
+}
+
+void WorkerService::Process(Task task) {
+  const transport::WireHeader& h = task.request.header;
+  auto fail = [&](const Status& s) {
+    task.reply(transport::ErrorResponse(h, s));
+  };
+  if (h.epoch != epoch_) {
+    if (h.epoch < epoch_) {
+      fail(FailedPreconditionError(
+          "stale epoch " + std::to_string(h.epoch) + ": " + name_ +
+          " is at epoch " + std::to_string(epoch_) + "; refresh the routing"));
+    } else {
+      fail(UnavailableError(name_ + " has not seen epoch " +
+                            std::to_string(h.epoch) + " yet (at " +
+                            std::to_string(epoch_) + "); retry"));
+    }
+    return;
+  }
+  const auto kind = static_cast<MessageKind>(h.kind);
+  if (kind != MessageKind::kExpertForward &&
+      kind != MessageKind::kExpertBackward && kind != MessageKind::kStepDone) {
+    fail(InvalidArgumentError("a worker does not serve " +
+                              transport::DescribeHeader(h)));
+    return;
+  }
+  if (h.step < next_step_) {
+    fail(FailedPreconditionError("step " + std::to_string(h.step) +
+                                 " is already applied (next step " +
+                                 std::to_string(next_step_) + ")"));
+    return;
+  }
+  if (h.step > next_step_) {
+    if (h.step == next_step_ + 1) {
+      waiting_.push_back(std::move(task));  // Runs once update t is applied.
+    } else {
+      fail(FailedPreconditionError("step " + std::to_string(h.step) +
+                                   " is ahead of step " +
+                                   std::to_string(next_step_)));
+    }
+    return;
+  }
+  if (h.trainer_rank < 0 || h.trainer_rank >= config_.cluster().trainers()) {
+    fail(InvalidArgumentError("trainer rank " + std::to_string(h.trainer_rank) +
+                              " is outside [0, " +
+                              std::to_string(config_.cluster().trainers()) +
+                              ")"));
+    return;
+  }
+  if (kind == MessageKind::kStepDone) {
+    Status s = StepDone(task.request);
+    task.reply(s.ok() ? transport::TensorResponse(h, Tensor())
+                      : transport::ErrorResponse(h, s));
+    return;
+  }
+  const ShardId id = ShardId::Expert(h.layer, h.expert, h.shard);
+  auto it = shards_.find(id);
+  if (it == shards_.end()) {
+    fail(NotFoundError("shard " + id.ToString() + " is not hosted by " +
+                       name_ + " at epoch " + std::to_string(epoch_)));
+    return;
+  }
+  const Tensor& payload = task.request.payload;
+  if (payload.empty() || payload.rank() != 2 ||
+      payload.dim(1) != config_.model().d_model()) {
+    fail(InvalidArgumentError(
+        "payload " + (payload.empty() ? "<none>" : payload.DebugString()) +
+        " is not (tokens, d_model = " +
+        std::to_string(config_.model().d_model()) + ")"));
+    return;
+  }
+  Tensor out;
+  Status s = kind == MessageKind::kExpertForward
+                 ? Forward(task.request, it->second.get(), &out)
+                 : Backward(task.request, it->second.get(), &out);
+  if (!s.ok()) {
+    fail(s);
+    return;
+  }
+  // Answer in the dtype the request came in.
+  if (payload.dtype() != DType::kF32) out = out.To(payload.dtype());
+  task.reply(transport::TensorResponse(h, std::move(out)));
+}
+
+Status WorkerService::Forward(const Message& request, Shard* shard,
+                              Tensor* y) {
+  const auto& h = request.header;
+  const auto key = std::make_tuple(h.step, h.trainer_rank, h.micro_batch);
+  if (shard->activations.count(key)) {
+    return AlreadyExistsError("duplicate forward for " +
+                              transport::DescribeHeader(h));
+  }
+  Tensor x = request.payload.dtype() == DType::kF32
+                 ? request.payload
+                 : request.payload.To(DType::kF32);
+  const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
+  const int64_t tokens = x.dim(0);
+  ASSIGN_OR_RETURN(Tensor hidden,
+                   Tensor::Zeros(DType::kF32, {tokens, ffn.shape().gates() *
+                                                           ffn.shape().d_ff_shard}));
+  ASSIGN_OR_RETURN(*y, Tensor::Zeros(DType::kF32, {tokens, x.dim(1)}));
+  RETURN_IF_ERROR(ffn.Forward(shard->params, x, &hidden, y));
+  shard->activations[key] = {std::move(x), std::move(hidden)};
+  shard->tokens += tokens;
+  return OkStatus();
+}
+
+Status WorkerService::Backward(const Message& request, Shard* shard,
+                               Tensor* dx) {
+  const auto& h = request.header;
+  const auto key = std::make_tuple(h.step, h.trainer_rank, h.micro_batch);
+  auto it = shard->activations.find(key);
+  if (it == shard->activations.end()) {
+    return FailedPreconditionError("backward without a forward: " +
+                                   transport::DescribeHeader(h));
+  }
+  Tensor dy = request.payload.dtype() == DType::kF32
+                  ? request.payload
+                  : request.payload.To(DType::kF32);
+  const Tensor& x = it->second.first;
+  const Tensor& hidden = it->second.second;
+  if (dy.dim(0) != x.dim(0)) {
+    return InvalidArgumentError("backward carries " + std::to_string(dy.dim(0)) +
+                                " tokens, its forward had " +
+                                std::to_string(x.dim(0)));
+  }
+  const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
+  ASSIGN_OR_RETURN(Tensor dh, Tensor::Zeros(DType::kF32, hidden.shape()));
+  ASSIGN_OR_RETURN(*dx, Tensor::Zeros(DType::kF32, x.shape()));
+  RETURN_IF_ERROR(ffn.BackwardInput(shard->params, hidden, dy, &dh, dx));
+  shard->contributions[{h.trainer_rank, h.micro_batch}] = {
+      x, hidden, std::move(dh), std::move(dy)};
+  shard->activations.erase(it);
+  return OkStatus();
+}
+
+Status WorkerService::StepDone(const Message& request) {
+  const auto& h = request.header;
+  auto& done = step_done_[h.step];
+  done.insert(h.trainer_rank);
+  if (static_cast<int>(done.size()) < config_.cluster().trainers()) {
+    return OkStatus();
+  }
+  step_done_.erase(h.step);
+  RETURN_IF_ERROR(ApplyUpdate(h.step));
+  // Requests for the next step that arrived early run now, in arrival order.
+  std::vector<Task> ready = std::move(waiting_);
+  waiting_.clear();
+  for (auto it = ready.rbegin(); it != ready.rend(); ++it) {
+    queue_.push_front(std::move(*it));
+  }
+  return OkStatus();
+}
+
+Status WorkerService::ApplyUpdate(int64_t step) {
+  for (auto& [id, shard] : shards_) {
+    shard->activations.clear();  // Forwards never followed by a backward.
+    if (shard->contributions.empty()) continue;  // No tokens: no update.
+    const ExpertFfn& ffn = id.shard == 0 ? *ffn0_ : *ffn_;
+    std::vector<const Tensor*> xs, hs, dhs, dys;
+    for (const auto& [key, c] : shard->contributions) {
+      xs.push_back(&c.x);
+      hs.push_back(&c.h);
+      dhs.push_back(&c.dh);
+      dys.push_back(&c.dy);
+    }
+    const int64_t gf = ffn.shape().gates() * ffn.shape().d_ff_shard;
+    const int64_t d = ffn.shape().d_model;
+    for (Tensor* g : {&shard->grads.w1, &shard->grads.b1, &shard->grads.w2,
+                      &shard->grads.b2}) {
+      if (!g->empty()) std::memset(g->data(), 0, g->num_bytes());
+    }
+    // One GEMM over every contribution, in (rank, micro-batch) order.
+    RETURN_IF_ERROR(ffn.AccumulateGrads(ConcatRows(xs, d), ConcatRows(hs, gf),
+                                        ConcatRows(dhs, gf), ConcatRows(dys, d),
+                                        &shard->grads));
+    shard->contributions.clear();
+    RETURN_IF_ERROR(optimizer_->Apply(step, shard->grads.w1, &shard->params.w1,
+                                      &shard->w1));
+    RETURN_IF_ERROR(optimizer_->Apply(step, shard->grads.w2, &shard->params.w2,
+                                      &shard->w2));
+    if (!shard->params.b1.empty()) {
+      RETURN_IF_ERROR(optimizer_->Apply(step, shard->grads.b1,
+                                        &shard->params.b1, &shard->b1));
+    }
+    if (!shard->params.b2.empty()) {
+      RETURN_IF_ERROR(optimizer_->Apply(step, shard->grads.b2,
+                                        &shard->params.b2, &shard->b2));
+    }
+  }
+  next_step_ = step + 1;
+  return OkStatus();
+}
+
+int64_t WorkerService::next_step() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return next_step_;
+}
+
+uint64_t WorkerService::epoch() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return epoch_;
+}
+
+std::vector<ShardId> WorkerService::hosted() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<ShardId> ids;
+  for (const auto& [id, shard] : shards_) ids.push_back(id);
+  return ids;
+}
+
+std::string WorkerService::ParameterDigest() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  Digest digest;
+  for (const auto& [id, s] : shards_) {
+    const std::string n = id.ToString();
+    digest.Add(n + ".w1", s->params.w1);
+    digest.Add(n + ".b1", s->params.b1);
+    digest.Add(n + ".w2", s->params.w2);
+    digest.Add(n + ".b2", s->params.b2);
+    for (const auto& [tag, st] : {std::pair{"w1", &s->w1}, {"b1", &s->b1},
+                                  {"w2", &s->w2}, {"b2", &s->b2}}) {
+      digest.Add(n + ".opt." + tag + ".m", st->m);
+      digest.Add(n + ".opt." + tag + ".v", st->v);
+      digest.Add(n + ".opt." + tag + ".row", st->row);
+      digest.Add(n + ".opt." + tag + ".col", st->col);
+    }
+  }
+  return digest.hex();
+}
+
+std::vector<control::ShardLoad> WorkerService::TakeLoads() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<control::ShardLoad> loads;
+  for (auto& [id, s] : shards_) {
+    control::ShardLoad load;
+    load.mutable_shard()->set_kind(control::EXPERT);
+    load.mutable_shard()->set_layer(id.layer);
+    load.mutable_shard()->set_expert(id.expert);
+    load.mutable_shard()->set_shard(id.shard);
+    load.set_tokens(s->tokens);
+    s->tokens = 0;
+    loads.push_back(load);
+  }
+  return loads;
+}
+
+}  // namespace switchyard::expert_worker

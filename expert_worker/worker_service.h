@@ -1,0 +1,110 @@
+// The expert shards a worker hosts, and the synchronous step protocol
+// (DESIGN.md, "One synchronous training step").
+//
+// For step t a trainer sends, per expert shard it routed tokens to, a forward
+// request (x -> y, activations kept) and a backward request (dy -> dx, the
+// weight-gradient inputs kept), then StepDone(t, rank). When StepDone(t) has
+// come from every trainer, each shard's weight gradient is computed in one
+// GEMM over the contributions concatenated in (trainer rank, micro-batch)
+// order, never arrival order, and the optimizer applies update t. Requests
+// for step t + 1 wait until then; requests for applied steps, from another
+// epoch, or for shards this worker does not host are refused.
+//
+// Initial parameters are a pure function of (seed, layer, expert, global
+// row, global column), so an expert's values do not depend on how it is
+// sharded or which worker hosts it.
+//
+// Thread-safety: all methods are thread-safe. Handle() only queues; one
+// compute thread runs requests in order (OpenBLAS parallelises each GEMM).
+#ifndef SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
+#define SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "common/ids.h"
+#include "common/status.h"
+#include "config.pb.h"
+#include "control.pb.h"
+#include "expert_worker/expert_ffn.h"
+#include "expert_worker/optimizer.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::expert_worker {
+
+class WorkerService {
+ public:
+  WorkerService(const config::SwitchyardConfig& config, std::string name);
+  ~WorkerService();
+  WorkerService(const WorkerService&) = delete;
+  WorkerService& operator=(const WorkerService&) = delete;
+
+  // Creates the GEMM backend and optimizer and starts the compute thread.
+  Status Start();
+  void Shutdown();
+
+  // Adopts the expert shards `routing` places on this worker (allocating and
+  // initialising new ones, dropping those moved away) and its epoch.
+  Status ApplyRouting(const control::RoutingTable& routing);
+
+  // The data-plane request handler. Never blocks.
+  void Handle(transport::Message request, transport::Reply reply);
+
+  // The next step this worker accepts (= updates applied so far).
+  int64_t next_step() const;
+  uint64_t epoch() const;
+  std::vector<ShardId> hosted() const;
+  // Digest of every hosted parameter and optimizer-state tensor, in shard
+  // order (for determinism checks).
+  std::string ParameterDigest() const;
+  // Tokens received per shard since the last call.
+  std::vector<control::ShardLoad> TakeLoads();
+
+ private:
+  struct Shard;
+  struct Task {
+    transport::Message request;
+    transport::Reply reply;
+  };
+  using ActivationKey = std::tuple<int64_t, int32_t, int32_t, ShardId>;
+
+  void Run();
+  // Executes or defers one task. Requires mu_.
+  void Process(Task task);
+  Status Forward(const transport::Message& request, Shard* shard,
+                 Tensor* y);
+  Status Backward(const transport::Message& request, Shard* shard,
+                  Tensor* dx);
+  Status StepDone(const transport::Message& request);
+  Status ApplyUpdate(int64_t step);
+  StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id) const;
+
+  const config::SwitchyardConfig config_;
+  const std::string name_;
+  std::unique_ptr<Gemm> gemm_;
+  std::unique_ptr<Optimizer> optimizer_;
+  std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), other shards.
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Task> queue_;                          // GUARDED_BY(mu_)
+  std::vector<Task> waiting_;                       // GUARDED_BY(mu_)
+  std::map<ShardId, std::unique_ptr<Shard>> shards_;  // GUARDED_BY(mu_)
+  uint64_t epoch_ = 0;                              // GUARDED_BY(mu_)
+  int64_t next_step_ = 0;                           // GUARDED_BY(mu_)
+  std::map<int64_t, std::set<int32_t>> step_done_;  // GUARDED_BY(mu_)
+  bool stop_ = false;                               // GUARDED_BY(mu_)
+  std::thread thread_;
+};
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_

@@ -1,0 +1,339 @@
+// The worker's step protocol: the same requests in different arrival orders
+// and thread interleavings give bit-identical parameters, and every invalid
+// request is refused with its reason while the worker keeps serving.
+#include "expert_worker/worker_service.h"
+
+#include <atomic>
+#include <future>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "common/config.h"
+#include "common/random.h"
+
+namespace switchyard::expert_worker {
+namespace {
+
+using transport::Message;
+using transport::MessageKind;
+using Ms = std::chrono::milliseconds;
+
+constexpr uint64_t kEpoch = 5;
+constexpr int kSteps = 3, kRanks = 2, kMicroBatches = 2;
+
+config::SwitchyardConfig TestConfig(const std::string& optimizer) {
+  auto loaded = ParseConfig(
+      "", "test",
+      {"cluster.trainers=2", "model.num_layers=2", "model.moe_every=2",
+       "model.num_experts=2", "model.shards_per_expert=2", "model.d_model=8",
+       "model.d_ff=16", "model.num_heads=2", "training.threads=1",
+       "training.optimizer=" + optimizer, "training.warmup_steps=0"});
+  CHECK(loaded.ok()) << loaded.status().ToString();
+  return loaded->config;
+}
+
+control::RoutingTable Routing(uint64_t epoch) {
+  control::RoutingTable t;
+  t.set_epoch(epoch);
+  t.add_workers()->set_name("w");
+  for (int e = 0; e < 2; ++e) {
+    for (int s = 0; s < 2; ++s) {
+      auto* entry = t.add_entries();
+      entry->mutable_shard()->set_kind(control::EXPERT);
+      entry->mutable_shard()->set_layer(0);
+      entry->mutable_shard()->set_expert(e);
+      entry->mutable_shard()->set_shard(s);
+      entry->set_worker(0);
+    }
+  }
+  return t;
+}
+
+// Tokens that (step, rank, mb) routes to expert e: sometimes none.
+int Tokens(int step, int rank, int mb, int expert) {
+  return static_cast<int>(RandomBits(9, {static_cast<uint64_t>(step),
+                                         static_cast<uint64_t>(rank),
+                                         static_cast<uint64_t>(mb),
+                                         static_cast<uint64_t>(expert)}) %
+                          6);
+}
+
+Message Request(MessageKind kind, int step, int rank, int mb, int expert,
+                int shard, uint64_t epoch = kEpoch, int tokens = -1) {
+  Message m;
+  m.header.kind = static_cast<uint8_t>(kind);
+  m.header.step = step;
+  m.header.trainer_rank = rank;
+  m.header.micro_batch = mb;
+  m.header.layer = 0;
+  m.header.expert = kind == MessageKind::kStepDone ? -1 : expert;
+  m.header.shard = shard;
+  m.header.epoch = epoch;
+  if (kind == MessageKind::kStepDone) return m;
+  const int t = tokens >= 0 ? tokens : Tokens(step, rank, mb, expert);
+  m.payload = Tensor::Zeros(DType::kF32, {t, 8}).value();
+  for (int i = 0; i < t * 8; ++i) {
+    m.payload.f32()[i] = static_cast<float>(RandomNormal(
+        3, {static_cast<uint64_t>(kind), static_cast<uint64_t>(step),
+            static_cast<uint64_t>(rank), static_cast<uint64_t>(mb),
+            static_cast<uint64_t>(expert), static_cast<uint64_t>(i)}));
+  }
+  m.header.dtype = static_cast<uint8_t>(DType::kF32);
+  m.header.rows = t;
+  m.header.cols = 8;
+  m.header.payload_bytes = m.payload.num_bytes();
+  return m;
+}
+
+// One trainer's requests for one step, in the order a trainer sends them.
+std::vector<Message> TrainerStep(int step, int rank) {
+  std::vector<Message> out;
+  for (int mb = 0; mb < kMicroBatches; ++mb) {
+    for (int e = 0; e < 2; ++e) {
+      for (int s = 0; s < 2; ++s) {
+        out.push_back(Request(MessageKind::kExpertForward, step, rank, mb, e, s));
+      }
+    }
+    for (int e = 1; e >= 0; --e) {
+      for (int s = 0; s < 2; ++s) {
+        out.push_back(Request(MessageKind::kExpertBackward, step, rank, mb, e, s));
+      }
+    }
+  }
+  out.push_back(Request(MessageKind::kStepDone, step, rank, 0, 0, 0));
+  return out;
+}
+
+// Collects replies; Wait() returns the failures.
+class Replies {
+ public:
+  transport::Reply Make() {
+    ++expected_;
+    return [this](Message r) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (r.header.status_code != 0) errors_.push_back(r.error_text);
+      ++received_;
+      cv_.notify_all();
+    };
+  }
+  std::vector<std::string> Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    EXPECT_TRUE(cv_.wait_for(lock, std::chrono::seconds(30),
+                             [this] { return received_ == expected_; }));
+    return errors_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int expected_ = 0, received_ = 0;
+  std::vector<std::string> errors_;
+};
+
+// Feeds every trainer's steps, interleaving the two trainers' request streams
+// at random (seed) or, with seed 0, trainer 1 first whenever it may go. As
+// with real trainers, a trainer runs at most one step ahead of the slowest
+// one (it cannot send step t + 2 before its step t + 1 forwards are
+// answered, which needs update t), so requests for the next step do arrive
+// before the update and must wait for it.
+std::string RunInterleaved(const std::string& optimizer, uint32_t seed) {
+  WorkerService worker(TestConfig(optimizer), "w");
+  EXPECT_TRUE(worker.Start().ok());
+  EXPECT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  Replies replies;
+  std::vector<std::deque<Message>> streams(kRanks);
+  for (int step = 0; step < kSteps; ++step) {
+    for (int r = 0; r < kRanks; ++r) {
+      for (auto& m : TrainerStep(step, r)) streams[r].push_back(std::move(m));
+    }
+  }
+  std::vector<int64_t> done(kRanks, 0);  // StepDones sent per rank.
+  auto eligible = [&](int r) {
+    return !streams[r].empty() &&
+           streams[r].front().header.step <= done[1 - r];
+  };
+  std::mt19937 rng(seed);
+  while (!streams[0].empty() || !streams[1].empty()) {
+    int r = seed == 0 ? 1 : static_cast<int>(rng() % 2);
+    if (!eligible(r)) r = 1 - r;
+    CHECK(eligible(r));
+    Message m = std::move(streams[r].front());
+    streams[r].pop_front();
+    if (m.header.kind == static_cast<uint8_t>(MessageKind::kStepDone)) ++done[r];
+    worker.Handle(std::move(m), replies.Make());
+  }
+  EXPECT_TRUE(replies.Wait().empty());
+  EXPECT_EQ(worker.next_step(), kSteps);
+  return worker.ParameterDigest();
+}
+
+TEST(WorkerServiceTest, ArrivalOrderDoesNotChangeTheResult) {
+  for (const char* optimizer : {"adamw", "adafactor"}) {
+    const std::string reference = RunInterleaved(optimizer, 0);
+    for (uint32_t seed = 1; seed <= 6; ++seed) {
+      EXPECT_EQ(RunInterleaved(optimizer, seed), reference)
+          << optimizer << " seed " << seed;
+    }
+  }
+}
+
+TEST(WorkerServiceTest, ThreadInterleavingsDoNotChangeTheResult) {
+  const std::string reference = RunInterleaved("adamw", 0);
+  for (int run = 0; run < 4; ++run) {
+    WorkerService worker(TestConfig("adamw"), "w");
+    ASSERT_TRUE(worker.Start().ok());
+    ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+    std::vector<std::thread> trainers;
+    for (int r = 0; r < kRanks; ++r) {
+      trainers.emplace_back([&, r] {
+        std::mt19937 rng(run * 10 + r);
+        for (int step = 0; step < kSteps; ++step) {
+          // Like a trainer: a step's answers come before the next step.
+          Replies replies;
+          for (auto& m : TrainerStep(step, r)) {
+            worker.Handle(std::move(m), replies.Make());
+            if (rng() % 3 == 0) std::this_thread::yield();
+          }
+          EXPECT_TRUE(replies.Wait().empty());
+        }
+      });
+    }
+    for (auto& t : trainers) t.join();
+    EXPECT_EQ(worker.ParameterDigest(), reference) << "run " << run;
+  }
+}
+
+TEST(WorkerServiceTest, TrainingChangesParametersDeterministically) {
+  WorkerService fresh(TestConfig("adamw"), "w");
+  ASSERT_TRUE(fresh.Start().ok());
+  ASSERT_TRUE(fresh.ApplyRouting(Routing(kEpoch)).ok());
+  // Initial values are a function of the seed only: two fresh workers agree.
+  WorkerService again(TestConfig("adamw"), "w");
+  ASSERT_TRUE(again.Start().ok());
+  ASSERT_TRUE(again.ApplyRouting(Routing(kEpoch)).ok());
+  EXPECT_EQ(fresh.ParameterDigest(), again.ParameterDigest());
+  EXPECT_NE(fresh.ParameterDigest(), RunInterleaved("adamw", 0));
+}
+
+TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
+  WorkerService worker(TestConfig("adamw"), "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  auto send = [&](Message m) {
+    std::promise<Message> p;
+    auto f = p.get_future();
+    worker.Handle(std::move(m), [&p](Message r) { p.set_value(std::move(r)); });
+    EXPECT_EQ(f.wait_for(Ms(10000)), std::future_status::ready);
+    return f.get();
+  };
+  struct Case {
+    const char* what;
+    Message request;
+    StatusCode code;
+    const char* fragment;
+  };
+  Message wrong_width = Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0);
+  wrong_width.payload = Tensor::Zeros(DType::kF32, {2, 5}).value();
+  std::vector<Case> cases;
+  cases.push_back({"stale epoch",
+                   Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch - 1),
+                   StatusCode::kFailedPrecondition, "stale epoch 4"});
+  cases.push_back({"future epoch",
+                   Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch + 1),
+                   StatusCode::kUnavailable, "has not seen epoch 6"});
+  cases.push_back({"unknown shard",
+                   Request(MessageKind::kExpertForward, 0, 0, 0, 7, 0),
+                   StatusCode::kNotFound, "shard L0.E7.S0 is not hosted by w"});
+  cases.push_back({"step ahead",
+                   Request(MessageKind::kExpertForward, 2, 0, 0, 0, 0),
+                   StatusCode::kFailedPrecondition, "step 2 is ahead of step 0"});
+  cases.push_back({"bad rank", Request(MessageKind::kExpertForward, 0, 5, 0, 0, 0),
+                   StatusCode::kInvalidArgument, "trainer rank 5 is outside"});
+  cases.push_back({"wrong width", std::move(wrong_width),
+                   StatusCode::kInvalidArgument, "is not (tokens, d_model = 8)"});
+  cases.push_back({"backward first",
+                   Request(MessageKind::kExpertBackward, 0, 1, 0, 0, 0),
+                   StatusCode::kFailedPrecondition, "backward without a forward"});
+  cases.push_back({"dense kind", Request(MessageKind::kEcho, 0, 0, 0, 0, 0),
+                   StatusCode::kInvalidArgument, "a worker does not serve"});
+  for (Case& c : cases) {
+    Message r = send(std::move(c.request));
+    EXPECT_EQ(r.header.status_code, static_cast<int32_t>(c.code)) << c.what;
+    EXPECT_NE(r.error_text.find(c.fragment), std::string::npos)
+        << c.what << ": " << r.error_text;
+  }
+  // A full step still works, and afterwards step 0 is refused as applied.
+  Message fwd = send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
+  EXPECT_EQ(fwd.header.status_code, 0) << fwd.error_text;
+  EXPECT_EQ(fwd.payload.dim(0), 3);
+  Message dup = send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
+  EXPECT_EQ(dup.header.status_code, static_cast<int32_t>(StatusCode::kAlreadyExists));
+  for (int r = 0; r < kRanks; ++r) {
+    EXPECT_EQ(send(Request(MessageKind::kStepDone, 0, r, 0, 0, 0)).header.status_code, 0);
+  }
+  EXPECT_EQ(worker.next_step(), 1);
+  Message late = send(Request(MessageKind::kExpertForward, 0, 1, 0, 0, 0));
+  EXPECT_NE(late.error_text.find("step 0 is already applied"), std::string::npos)
+      << late.error_text;
+}
+
+TEST(WorkerServiceTest, ZeroTokenRequestsAreNormal) {
+  WorkerService worker(TestConfig("adamw"), "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  const std::string before = worker.ParameterDigest();
+  Replies replies;
+  worker.Handle(Request(MessageKind::kExpertForward, 0, 0, 0, 1, 1, kEpoch, 0),
+                replies.Make());
+  worker.Handle(Request(MessageKind::kExpertBackward, 0, 0, 0, 1, 1, kEpoch, 0),
+                replies.Make());
+  for (int r = 0; r < kRanks; ++r) {
+    worker.Handle(Request(MessageKind::kStepDone, 0, r, 0, 0, 0), replies.Make());
+  }
+  EXPECT_TRUE(replies.Wait().empty());
+  EXPECT_EQ(worker.next_step(), 1);
+  EXPECT_EQ(worker.ParameterDigest(), before);  // No tokens: no update.
+}
+
+TEST(WorkerServiceTest, OverUcxMatchesInProcess) {
+  const std::string reference = RunInterleaved("adamw", 0);
+  WorkerService worker(TestConfig("adamw"), "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  auto server = transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+  ASSERT_TRUE(server
+                  ->Start([&worker](Message m, transport::Reply reply) {
+                    worker.Handle(std::move(m), std::move(reply));
+                  })
+                  .ok());
+  std::vector<std::thread> trainers;
+  std::atomic<int> failures{0};
+  for (int r = 0; r < kRanks; ++r) {
+    trainers.emplace_back([&, r] {
+      auto client = transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+      if (!client->Start(nullptr).ok()) {
+        ++failures;
+        return;
+      }
+      for (int step = 0; step < kSteps; ++step) {
+        for (auto& m : TrainerStep(step, r)) {
+          auto reply = client->SendSync(server->address(), std::move(m), Ms(30000));
+          if (!reply.ok()) {
+            ADD_FAILURE() << reply.status().ToString();
+            ++failures;
+          }
+        }
+      }
+      client->Shutdown();
+    });
+  }
+  for (auto& t : trainers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(worker.ParameterDigest(), reference);
+  server->Shutdown();
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker
