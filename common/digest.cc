@@ -1,8 +1,8 @@
 #include "common/digest.h"
 
-#include <cstdio>
-
 #include <xxhash.h>
+
+#include <cstdio>
 
 namespace switchyard {
 

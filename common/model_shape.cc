@@ -1,5 +1,7 @@
 #include "common/model_shape.h"
 
+#include <cmath>
+
 namespace switchyard {
 namespace {
 
@@ -34,23 +36,62 @@ int64_t ExpertShardParams(const config::ModelConfig& m, int shard) {
   return params;
 }
 
-int64_t DenseParams(const config::ModelConfig& m) {
+std::vector<DenseTensor> DenseLayout(const config::ModelConfig& m) {
   const int64_t d = m.d_model();
-  const int64_t norm = m.norm() == "layernorm" ? 2 * d : d;
-  int64_t params = m.vocab_size() * d;  // Token embedding.
-  if (m.positions() == "learned") params += m.seq_len() * d;
+  const double scale = m.init_scale();
+  std::vector<DenseTensor> layout;
+  int64_t offset = 0;
+  auto add = [&](std::string name, int64_t rows, int64_t cols,
+                 DenseTensor::Init init, double std = 0) {
+    layout.push_back({std::move(name), rows, cols, init, std, offset});
+    offset += rows * cols;
+  };
+  auto normal = [&](const std::string& name, int64_t rows, int64_t cols) {
+    add(name, rows, cols, DenseTensor::Init::kNormal,
+        std::sqrt(scale / static_cast<double>(rows)));
+  };
+  auto norm = [&](const std::string& prefix) {
+    add(prefix + ".scale", d, 1, DenseTensor::Init::kOnes);
+    if (m.norm() == "layernorm")
+      add(prefix + ".bias", d, 1, DenseTensor::Init::kZeros);
+  };
+  add("tok_embed", m.vocab_size(), d, DenseTensor::Init::kNormal, 0.02);
+  if (m.positions() == "learned") {
+    add("pos_embed", m.seq_len(), d, DenseTensor::Init::kNormal, 0.02);
+  }
+  const int64_t gates = m.activation() == "swiglu" ? 2 : 1;
   for (int layer = 0; layer < m.num_layers(); ++layer) {
-    params += 4 * d * d + 2 * norm;  // Q, K, V, O and two pre-norms.
+    const std::string p = "layers." + std::to_string(layer);
+    norm(p + ".norm1");
+    for (const char* w : {"wq", "wk", "wv", "wo"})
+      normal(p + ".attn." + w, d, d);
+    norm(p + ".norm2");
     if (IsMoeLayer(m, layer)) {
-      params += d * m.num_experts();  // Router.
+      normal(p + ".router", d, m.num_experts());
     } else {
-      const int64_t gates = m.activation() == "swiglu" ? 2 : 1;
-      params += gates * d * m.d_ff() + m.d_ff() * d;
-      if (m.expert_bias()) params += gates * m.d_ff() + d;
+      normal(p + ".ffn.w1", d, gates * m.d_ff());
+      if (m.expert_bias()) {
+        add(p + ".ffn.b1", gates * m.d_ff(), 1, DenseTensor::Init::kZeros);
+      }
+      normal(p + ".ffn.w2", m.d_ff(), d);
+      if (m.expert_bias()) add(p + ".ffn.b2", d, 1, DenseTensor::Init::kZeros);
     }
   }
-  params += norm + m.vocab_size() * d;  // Final norm, LM head.
-  return params;
+  norm("final_norm");
+  normal("lm_head", d, m.vocab_size());
+  return layout;
+}
+
+int64_t DenseParams(const config::ModelConfig& m) {
+  const auto layout = DenseLayout(m);
+  return layout.back().offset + layout.back().numel();
+}
+
+DenseRange DenseShardRange(const config::ModelConfig& m, int shard) {
+  const int64_t dense = DenseParams(m);
+  const int64_t per_shard = dense / m.dense_shards();
+  const int64_t begin = per_shard * shard;
+  return {begin, shard + 1 == m.dense_shards() ? dense - begin : per_shard};
 }
 
 std::vector<ShardFootprint> ModelShards(
@@ -76,17 +117,11 @@ std::vector<ShardFootprint> ModelShards(
       }
     }
   }
-  // Dense parameters are split evenly by element; the last shard takes the
-  // remainder. Treated as vectors for the optimizer-state estimate, which is
-  // the upper bound.
-  const int64_t dense = DenseParams(m);
-  const int64_t per_shard = dense / m.dense_shards();
+  // Dense shards are flat vectors to the optimizer (full second moments).
   for (int s = 0; s < m.dense_shards(); ++s) {
     ShardFootprint fp;
     fp.id = ShardId::Dense(s);
-    fp.num_params = s + 1 == m.dense_shards()
-                        ? dense - per_shard * (m.dense_shards() - 1)
-                        : per_shard;
+    fp.num_params = DenseShardRange(m, s).count;
     fp.bytes = TensorBytes(opt, fp.num_params, 1);
     shards.push_back(fp);
   }

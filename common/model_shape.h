@@ -8,6 +8,7 @@
 #define SWITCHYARD_COMMON_MODEL_SHAPE_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/ids.h"
@@ -28,6 +29,28 @@ int NumMoeLayers(const config::ModelConfig& model);
 // Whether transformer layer `layer` (0-based) has an MoE FFN.
 bool IsMoeLayer(const config::ModelConfig& model, int layer);
 
+// One dense parameter tensor. Dense shards cut the concatenation of all
+// dense tensors (in DenseLayout order) into equal flat ranges.
+struct DenseTensor {
+  enum class Init { kNormal, kOnes, kZeros };
+  std::string name;  // "layers.3.attn.wq"
+  int64_t rows = 0;
+  int64_t cols = 0;  // 1 for vectors.
+  Init init = Init::kZeros;
+  double init_std = 0;  // kNormal only.
+  int64_t offset = 0;   // First element in the flat concatenation.
+  int64_t numel() const { return rows * cols; }
+};
+
+// Every dense tensor, in order: tok_embed (vocab, d) N(0, 0.02), pos_embed
+// (seq_len, d) N(0, 0.02) when positions are learned; per layer: norm1 and
+// norm2 scale (d) ones [and bias (d) zeros for layernorm], attn.wq/wk/wv/wo
+// (d, d) N(0, sqrt(init_scale / d)); an MoE layer's router (d, E)
+// N(0, sqrt(init_scale / d)); a dense layer's ffn.w1 (d, g*d_ff) and ffn.w2
+// (d_ff, d) N(0, sqrt(init_scale / fan_in)) [and ffn.b1, ffn.b2 zeros];
+// then final_norm and lm_head (d, vocab) N(0, sqrt(init_scale / d)).
+std::vector<DenseTensor> DenseLayout(const config::ModelConfig& model);
+
 // Parameters of one expert shard: W1 (d_model, d_ff/S) [twice for SwiGLU],
 // b1 (d_ff/S) [twice for SwiGLU], W2 (d_ff/S, d_model), b2 (d_model) on shard
 // 0 only, all when expert_bias; else the matrices only.
@@ -35,6 +58,14 @@ int64_t ExpertShardParams(const config::ModelConfig& model, int shard);
 // Every dense parameter of the model (embeddings, positions, attention,
 // norms, dense FFNs, routers, LM head).
 int64_t DenseParams(const config::ModelConfig& model);
+
+// Dense shard `shard` holds flat elements [begin, begin + count) of the
+// DenseLayout concatenation: equal ranges, the last taking the remainder.
+struct DenseRange {
+  int64_t begin = 0;
+  int64_t count = 0;
+};
+DenseRange DenseShardRange(const config::ModelConfig& model, int shard);
 
 // Every placement unit: expert shards in (layer, expert, shard) order, then
 // the dense shards.

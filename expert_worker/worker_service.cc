@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "common/digest.h"
+#include "common/model_shape.h"
 #include "common/random.h"
 
 namespace switchyard::expert_worker {
@@ -15,6 +16,7 @@ namespace {
 
 constexpr uint64_t kTagW1 = 1;
 constexpr uint64_t kTagW2 = 2;
+constexpr uint64_t kTagDense = 3;
 
 // Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols).
 Tensor ConcatRows(const std::vector<const Tensor*>& parts, int64_t cols) {
@@ -46,6 +48,13 @@ struct WorkerService::Shard {
   // std::map iterates them in that order.
   std::map<std::pair<int32_t, int32_t>, Contribution> contributions;
   uint64_t tokens = 0;
+};
+
+struct WorkerService::DenseShard {
+  int index = 0;
+  Tensor params;  // (1, n)
+  OptimizerState state;
+  std::map<int32_t, Tensor> pushes;  // Gradients of the step, by rank.
 };
 
 WorkerService::WorkerService(const config::SwitchyardConfig& config,
@@ -142,19 +151,67 @@ StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
   return shard;
 }
 
+StatusOr<std::unique_ptr<WorkerService::DenseShard>>
+WorkerService::NewDenseShard(int index) const {
+  const auto& m = config_.model();
+  const DenseRange range = DenseShardRange(m, index);
+  const std::vector<DenseTensor> layout = DenseLayout(m);
+  auto shard = std::make_unique<DenseShard>();
+  shard->index = index;
+  ASSIGN_OR_RETURN(shard->params, Tensor::Zeros(DType::kF32, {1, range.count}));
+  float* p = shard->params.f32();
+  // Walk the layout tensors that overlap [begin, begin + count).
+  size_t t = 0;
+  while (t + 1 < layout.size() && layout[t + 1].offset <= range.begin) ++t;
+  for (int64_t k = 0; k < range.count; ++k) {
+    const int64_t global = range.begin + k;
+    while (global >= layout[t].offset + layout[t].numel()) ++t;
+    const DenseTensor& tensor = layout[t];
+    const int64_t local = global - tensor.offset;
+    switch (tensor.init) {
+      case DenseTensor::Init::kOnes:
+        p[k] = 1.0f;
+        break;
+      case DenseTensor::Init::kZeros:
+        p[k] = 0.0f;
+        break;
+      case DenseTensor::Init::kNormal:
+        p[k] = static_cast<float>(
+            tensor.init_std *
+            RandomNormal(config_.training().seed(),
+                         {kTagDense, t, static_cast<uint64_t>(local)}));
+        break;
+    }
+  }
+  ASSIGN_OR_RETURN(shard->state, optimizer_->NewState(shard->params));
+  return shard;
+}
+
 Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   int self = -1;
   for (int i = 0; i < routing.workers_size(); ++i) {
     if (routing.workers(i).name() == name_) self = i;
   }
   std::set<ShardId> wanted;
+  std::set<int> wanted_dense;
   for (const auto& e : routing.entries()) {
-    if (e.worker() == self && self >= 0 && e.shard().kind() == control::EXPERT) {
-      wanted.insert(
-          ShardId::Expert(e.shard().layer(), e.shard().expert(), e.shard().shard()));
+    if (e.worker() != self || self < 0) continue;
+    if (e.shard().kind() == control::EXPERT) {
+      wanted.insert(ShardId::Expert(e.shard().layer(), e.shard().expert(),
+                                    e.shard().shard()));
+    } else if (e.shard().kind() == control::DENSE) {
+      wanted_dense.insert(e.shard().shard());
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = dense_.begin(); it != dense_.end();) {
+    it = wanted_dense.count(it->first) ? std::next(it) : dense_.erase(it);
+  }
+  for (int index : wanted_dense) {
+    if (!dense_.count(index)) {
+      ASSIGN_OR_RETURN(dense_[index], NewDenseShard(index));
+    }
+  }
   for (auto it = shards_.begin(); it != shards_.end();) {
     it = wanted.count(it->first) ? std::next(it) : shards_.erase(it);
   }
@@ -182,8 +239,8 @@ void WorkerService::Handle(Message request, transport::Reply reply) {
       return;
     }
   }
-  reply(transport::ErrorResponse(request.header,
-                                 UnavailableError(name_ + " is shutting down")));
+  reply(transport::ErrorResponse(
+      request.header, UnavailableError(name_ + " is shutting down")));
 }
 
 void WorkerService::Run() {
@@ -215,8 +272,7 @@ void WorkerService::Process(Task task) {
     return;
   }
   const auto kind = static_cast<MessageKind>(h.kind);
-  if (kind != MessageKind::kExpertForward &&
-      kind != MessageKind::kExpertBackward && kind != MessageKind::kStepDone) {
+  if (kind == MessageKind::kEcho) {
     fail(InvalidArgumentError("a worker does not serve " +
                               transport::DescribeHeader(h)));
     return;
@@ -238,10 +294,9 @@ void WorkerService::Process(Task task) {
     return;
   }
   if (h.trainer_rank < 0 || h.trainer_rank >= config_.cluster().trainers()) {
-    fail(InvalidArgumentError("trainer rank " + std::to_string(h.trainer_rank) +
-                              " is outside [0, " +
-                              std::to_string(config_.cluster().trainers()) +
-                              ")"));
+    fail(InvalidArgumentError(
+        "trainer rank " + std::to_string(h.trainer_rank) + " is outside [0, " +
+        std::to_string(config_.cluster().trainers()) + ")"));
     return;
   }
   if (kind == MessageKind::kStepDone) {
@@ -250,11 +305,18 @@ void WorkerService::Process(Task task) {
                       : transport::ErrorResponse(h, s));
     return;
   }
+  if (kind == MessageKind::kDensePull || kind == MessageKind::kDensePush) {
+    Tensor out;
+    Status s = Dense(task.request, &out);
+    task.reply(s.ok() ? transport::TensorResponse(h, std::move(out))
+                      : transport::ErrorResponse(h, s));
+    return;
+  }
   const ShardId id = ShardId::Expert(h.layer, h.expert, h.shard);
   auto it = shards_.find(id);
   if (it == shards_.end()) {
-    fail(NotFoundError("shard " + id.ToString() + " is not hosted by " +
-                       name_ + " at epoch " + std::to_string(epoch_)));
+    fail(NotFoundError("shard " + id.ToString() + " is not hosted by " + name_ +
+                       " at epoch " + std::to_string(epoch_)));
     return;
   }
   const Tensor& payload = task.request.payload;
@@ -279,8 +341,7 @@ void WorkerService::Process(Task task) {
   task.reply(transport::TensorResponse(h, std::move(out)));
 }
 
-Status WorkerService::Forward(const Message& request, Shard* shard,
-                              Tensor* y) {
+Status WorkerService::Forward(const Message& request, Shard* shard, Tensor* y) {
   const auto& h = request.header;
   const auto key = std::make_tuple(h.step, h.trainer_rank, h.micro_batch);
   if (shard->activations.count(key)) {
@@ -292,9 +353,10 @@ Status WorkerService::Forward(const Message& request, Shard* shard,
                  : request.payload.To(DType::kF32);
   const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
   const int64_t tokens = x.dim(0);
-  ASSIGN_OR_RETURN(Tensor hidden,
-                   Tensor::Zeros(DType::kF32, {tokens, ffn.shape().gates() *
-                                                           ffn.shape().d_ff_shard}));
+  ASSIGN_OR_RETURN(
+      Tensor hidden,
+      Tensor::Zeros(DType::kF32,
+                    {tokens, ffn.shape().gates() * ffn.shape().d_ff_shard}));
   ASSIGN_OR_RETURN(*y, Tensor::Zeros(DType::kF32, {tokens, x.dim(1)}));
   RETURN_IF_ERROR(ffn.Forward(shard->params, x, &hidden, y));
   shard->activations[key] = {std::move(x), std::move(hidden)};
@@ -317,9 +379,9 @@ Status WorkerService::Backward(const Message& request, Shard* shard,
   const Tensor& x = it->second.first;
   const Tensor& hidden = it->second.second;
   if (dy.dim(0) != x.dim(0)) {
-    return InvalidArgumentError("backward carries " + std::to_string(dy.dim(0)) +
-                                " tokens, its forward had " +
-                                std::to_string(x.dim(0)));
+    return InvalidArgumentError(
+        "backward carries " + std::to_string(dy.dim(0)) +
+        " tokens, its forward had " + std::to_string(x.dim(0)));
   }
   const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
   ASSIGN_OR_RETURN(Tensor dh, Tensor::Zeros(DType::kF32, hidden.shape()));
@@ -328,6 +390,34 @@ Status WorkerService::Backward(const Message& request, Shard* shard,
   shard->contributions[{h.trainer_rank, h.micro_batch}] = {
       x, hidden, std::move(dh), std::move(dy)};
   shard->activations.erase(it);
+  return OkStatus();
+}
+
+Status WorkerService::Dense(const Message& request, Tensor* out) {
+  const auto& h = request.header;
+  auto it = dense_.find(h.shard);
+  if (it == dense_.end()) {
+    return NotFoundError("dense shard D" + std::to_string(h.shard) +
+                         " is not hosted by " + name_ + " at epoch " +
+                         std::to_string(epoch_));
+  }
+  DenseShard& shard = *it->second;
+  if (static_cast<MessageKind>(h.kind) == MessageKind::kDensePull) {
+    *out = shard.params.Clone();
+    return OkStatus();
+  }
+  const Tensor& grad = request.payload;
+  if (grad.empty() || grad.dtype() != DType::kF32 ||
+      grad.shape() != shard.params.shape()) {
+    return InvalidArgumentError("dense gradient " +
+                                (grad.empty() ? "<none>" : grad.DebugString()) +
+                                " for D" + std::to_string(h.shard) +
+                                " must be " + shard.params.DebugString());
+  }
+  if (!shard.pushes.emplace(h.trainer_rank, grad).second) {
+    return AlreadyExistsError("duplicate dense push: " +
+                              transport::DescribeHeader(h));
+  }
   return OkStatus();
 }
 
@@ -385,6 +475,20 @@ Status WorkerService::ApplyUpdate(int64_t step) {
                                         &shard->params.b2, &shard->b2));
     }
   }
+  for (auto& [index, shard] : dense_) {
+    if (shard->pushes.empty()) continue;
+    // Sum in rank order (std::map), whatever order the pushes came in.
+    Tensor sum = shard->pushes.begin()->second.Clone();
+    for (auto it = std::next(shard->pushes.begin()); it != shard->pushes.end();
+         ++it) {
+      float* acc = sum.f32();
+      const float* g = it->second.f32();
+      for (int64_t i = 0; i < sum.num_elements(); ++i) acc[i] += g[i];
+    }
+    shard->pushes.clear();
+    RETURN_IF_ERROR(
+        optimizer_->Apply(step, sum, &shard->params, &shard->state));
+  }
   next_step_ = step + 1;
   return OkStatus();
 }
@@ -409,14 +513,22 @@ std::vector<ShardId> WorkerService::hosted() const {
 std::string WorkerService::ParameterDigest() const {
   std::lock_guard<std::mutex> lock(mu_);
   Digest digest;
+  for (const auto& [index, d] : dense_) {
+    const std::string n = "D" + std::to_string(index);
+    digest.Add(n, d->params);
+    digest.Add(n + ".opt.m", d->state.m);
+    digest.Add(n + ".opt.v", d->state.v);
+  }
   for (const auto& [id, s] : shards_) {
     const std::string n = id.ToString();
     digest.Add(n + ".w1", s->params.w1);
     digest.Add(n + ".b1", s->params.b1);
     digest.Add(n + ".w2", s->params.w2);
     digest.Add(n + ".b2", s->params.b2);
-    for (const auto& [tag, st] : {std::pair{"w1", &s->w1}, {"b1", &s->b1},
-                                  {"w2", &s->w2}, {"b2", &s->b2}}) {
+    for (const auto& [tag, st] : {std::pair{"w1", &s->w1},
+                                  {"b1", &s->b1},
+                                  {"w2", &s->w2},
+                                  {"b2", &s->b2}}) {
       digest.Add(n + ".opt." + tag + ".m", st->m);
       digest.Add(n + ".opt." + tag + ".v", st->v);
       digest.Add(n + ".opt." + tag + ".row", st->row);

@@ -10,9 +10,16 @@
 // for step t + 1 wait until then; requests for applied steps, from another
 // epoch, or for shards this worker does not host are refused.
 //
+// Dense shards (parameter-server tables) are flat slices of the DenseLayout
+// concatenation: DensePull(t) returns the parameters of version t (after t
+// updates), DensePush(t, rank) delivers that rank's gradient, and update t
+// sums the pushed gradients in rank order before the optimizer (AdamW, or
+// Adafactor with full second moments: dense shards are flat vectors).
+//
 // Initial parameters are a pure function of (seed, layer, expert, global
-// row, global column), so an expert's values do not depend on how it is
-// sharded or which worker hosts it.
+// row, global column) for experts and (seed, dense tensor, element) for
+// dense tables, so values do not depend on sharding or on which worker hosts
+// a shard.
 //
 // Thread-safety: all methods are thread-safe. Handle() only queues; one
 // compute thread runs requests in order (OpenBLAS parallelises each GEMM).
@@ -70,6 +77,7 @@ class WorkerService {
 
  private:
   struct Shard;
+  struct DenseShard;
   struct Task {
     transport::Message request;
     transport::Reply reply;
@@ -79,13 +87,14 @@ class WorkerService {
   void Run();
   // Executes or defers one task. Requires mu_.
   void Process(Task task);
-  Status Forward(const transport::Message& request, Shard* shard,
-                 Tensor* y);
-  Status Backward(const transport::Message& request, Shard* shard,
-                  Tensor* dx);
+  Status Forward(const transport::Message& request, Shard* shard, Tensor* y);
+  Status Backward(const transport::Message& request, Shard* shard, Tensor* dx);
   Status StepDone(const transport::Message& request);
+  // Pull or push on a dense shard; a pull fills *out.
+  Status Dense(const transport::Message& request, Tensor* out);
   Status ApplyUpdate(int64_t step);
   StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id) const;
+  StatusOr<std::unique_ptr<DenseShard>> NewDenseShard(int index) const;
 
   const config::SwitchyardConfig config_;
   const std::string name_;
@@ -95,13 +104,14 @@ class WorkerService {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Task> queue_;                          // GUARDED_BY(mu_)
-  std::vector<Task> waiting_;                       // GUARDED_BY(mu_)
+  std::deque<Task> queue_;                            // GUARDED_BY(mu_)
+  std::vector<Task> waiting_;                         // GUARDED_BY(mu_)
   std::map<ShardId, std::unique_ptr<Shard>> shards_;  // GUARDED_BY(mu_)
-  uint64_t epoch_ = 0;                              // GUARDED_BY(mu_)
-  int64_t next_step_ = 0;                           // GUARDED_BY(mu_)
-  std::map<int64_t, std::set<int32_t>> step_done_;  // GUARDED_BY(mu_)
-  bool stop_ = false;                               // GUARDED_BY(mu_)
+  std::map<int, std::unique_ptr<DenseShard>> dense_;  // GUARDED_BY(mu_)
+  uint64_t epoch_ = 0;                                // GUARDED_BY(mu_)
+  int64_t next_step_ = 0;                             // GUARDED_BY(mu_)
+  std::map<int64_t, std::set<int32_t>> step_done_;    // GUARDED_BY(mu_)
+  bool stop_ = false;                                 // GUARDED_BY(mu_)
   std::thread thread_;
 };
 

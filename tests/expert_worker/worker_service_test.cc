@@ -3,14 +3,17 @@
 // request is refused with its reason while the worker keeps serving.
 #include "expert_worker/worker_service.h"
 
+#include <gtest/gtest.h>
+
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <future>
 #include <random>
 #include <thread>
 
-#include <gtest/gtest.h>
-
 #include "common/config.h"
+#include "common/model_shape.h"
 #include "common/random.h"
 
 namespace switchyard::expert_worker {
@@ -23,21 +26,30 @@ using Ms = std::chrono::milliseconds;
 constexpr uint64_t kEpoch = 5;
 constexpr int kSteps = 3, kRanks = 2, kMicroBatches = 2;
 
-config::SwitchyardConfig TestConfig(const std::string& optimizer) {
+config::SwitchyardConfig TestConfig(const std::string& optimizer,
+                                    int dense_shards = 2) {
   auto loaded = ParseConfig(
       "", "test",
       {"cluster.trainers=2", "model.num_layers=2", "model.moe_every=2",
        "model.num_experts=2", "model.shards_per_expert=2", "model.d_model=8",
-       "model.d_ff=16", "model.num_heads=2", "training.threads=1",
-       "training.optimizer=" + optimizer, "training.warmup_steps=0"});
+       "model.d_ff=16", "model.num_heads=2", "model.seq_len=16",
+       "model.vocab_size=32", "training.threads=1",
+       "training.optimizer=" + optimizer, "training.warmup_steps=0",
+       "model.dense_shards=" + std::to_string(dense_shards)});
   CHECK(loaded.ok()) << loaded.status().ToString();
   return loaded->config;
 }
 
-control::RoutingTable Routing(uint64_t epoch) {
+control::RoutingTable Routing(uint64_t epoch, int dense_shards = 2) {
   control::RoutingTable t;
   t.set_epoch(epoch);
   t.add_workers()->set_name("w");
+  for (int d = 0; d < dense_shards; ++d) {
+    auto* entry = t.add_entries();
+    entry->mutable_shard()->set_kind(control::DENSE);
+    entry->mutable_shard()->set_shard(d);
+    entry->set_worker(0);
+  }
   for (int e = 0; e < 2; ++e) {
     for (int s = 0; s < 2; ++s) {
       auto* entry = t.add_entries();
@@ -53,11 +65,11 @@ control::RoutingTable Routing(uint64_t epoch) {
 
 // Tokens that (step, rank, mb) routes to expert e: sometimes none.
 int Tokens(int step, int rank, int mb, int expert) {
-  return static_cast<int>(RandomBits(9, {static_cast<uint64_t>(step),
-                                         static_cast<uint64_t>(rank),
-                                         static_cast<uint64_t>(mb),
-                                         static_cast<uint64_t>(expert)}) %
-                          6);
+  return static_cast<int>(
+      RandomBits(9,
+                 {static_cast<uint64_t>(step), static_cast<uint64_t>(rank),
+                  static_cast<uint64_t>(mb), static_cast<uint64_t>(expert)}) %
+      6);
 }
 
 Message Request(MessageKind kind, int step, int rank, int mb, int expert,
@@ -87,20 +99,58 @@ Message Request(MessageKind kind, int step, int rank, int mb, int expert,
   return m;
 }
 
-// One trainer's requests for one step, in the order a trainer sends them.
+int64_t DenseCount(int shard) {
+  return DenseShardRange(TestConfig("adamw").model(), shard).count;
+}
+
+Message DenseRequest(MessageKind kind, int step, int rank, int shard,
+                     uint64_t epoch = kEpoch) {
+  Message m;
+  m.header.kind = static_cast<uint8_t>(kind);
+  m.header.step = step;
+  m.header.trainer_rank = rank;
+  m.header.expert = -1;
+  m.header.shard = shard;
+  m.header.epoch = epoch;
+  if (kind == MessageKind::kDensePush) {
+    const int64_t n = DenseCount(shard);
+    m.payload = Tensor::Zeros(DType::kF32, {1, n}).value();
+    for (int64_t i = 0; i < n; ++i) {
+      m.payload.f32()[i] = static_cast<float>(RandomNormal(
+          4, {static_cast<uint64_t>(step), static_cast<uint64_t>(rank),
+              static_cast<uint64_t>(shard), static_cast<uint64_t>(i)}));
+    }
+    m.header.dtype = static_cast<uint8_t>(DType::kF32);
+    m.header.rows = 1;
+    m.header.cols = n;
+    m.header.payload_bytes = m.payload.num_bytes();
+  }
+  return m;
+}
+
+// One trainer's requests for one step, in the order a trainer sends them:
+// pull the dense tables, the expert traffic, push dense gradients, StepDone.
 std::vector<Message> TrainerStep(int step, int rank) {
   std::vector<Message> out;
+  for (int d = 0; d < 2; ++d) {
+    out.push_back(DenseRequest(MessageKind::kDensePull, step, rank, d));
+  }
   for (int mb = 0; mb < kMicroBatches; ++mb) {
     for (int e = 0; e < 2; ++e) {
       for (int s = 0; s < 2; ++s) {
-        out.push_back(Request(MessageKind::kExpertForward, step, rank, mb, e, s));
+        out.push_back(
+            Request(MessageKind::kExpertForward, step, rank, mb, e, s));
       }
     }
     for (int e = 1; e >= 0; --e) {
       for (int s = 0; s < 2; ++s) {
-        out.push_back(Request(MessageKind::kExpertBackward, step, rank, mb, e, s));
+        out.push_back(
+            Request(MessageKind::kExpertBackward, step, rank, mb, e, s));
       }
     }
+  }
+  for (int d = 1; d >= 0; --d) {
+    out.push_back(DenseRequest(MessageKind::kDensePush, step, rank, d));
   }
   out.push_back(Request(MessageKind::kStepDone, step, rank, 0, 0, 0));
   return out;
@@ -151,8 +201,7 @@ std::string RunInterleaved(const std::string& optimizer, uint32_t seed) {
   }
   std::vector<int64_t> done(kRanks, 0);  // StepDones sent per rank.
   auto eligible = [&](int r) {
-    return !streams[r].empty() &&
-           streams[r].front().header.step <= done[1 - r];
+    return !streams[r].empty() && streams[r].front().header.step <= done[1 - r];
   };
   std::mt19937 rng(seed);
   while (!streams[0].empty() || !streams[1].empty()) {
@@ -161,7 +210,8 @@ std::string RunInterleaved(const std::string& optimizer, uint32_t seed) {
     CHECK(eligible(r));
     Message m = std::move(streams[r].front());
     streams[r].pop_front();
-    if (m.header.kind == static_cast<uint8_t>(MessageKind::kStepDone)) ++done[r];
+    if (m.header.kind == static_cast<uint8_t>(MessageKind::kStepDone))
+      ++done[r];
     worker.Handle(std::move(m), replies.Make());
   }
   EXPECT_TRUE(replies.Wait().empty());
@@ -237,26 +287,30 @@ TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
   Message wrong_width = Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0);
   wrong_width.payload = Tensor::Zeros(DType::kF32, {2, 5}).value();
   std::vector<Case> cases;
-  cases.push_back({"stale epoch",
-                   Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch - 1),
-                   StatusCode::kFailedPrecondition, "stale epoch 4"});
-  cases.push_back({"future epoch",
-                   Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch + 1),
-                   StatusCode::kUnavailable, "has not seen epoch 6"});
+  cases.push_back(
+      {"stale epoch",
+       Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch - 1),
+       StatusCode::kFailedPrecondition, "stale epoch 4"});
+  cases.push_back(
+      {"future epoch",
+       Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch + 1),
+       StatusCode::kUnavailable, "has not seen epoch 6"});
   cases.push_back({"unknown shard",
                    Request(MessageKind::kExpertForward, 0, 0, 0, 7, 0),
                    StatusCode::kNotFound, "shard L0.E7.S0 is not hosted by w"});
-  cases.push_back({"step ahead",
-                   Request(MessageKind::kExpertForward, 2, 0, 0, 0, 0),
-                   StatusCode::kFailedPrecondition, "step 2 is ahead of step 0"});
-  cases.push_back({"bad rank", Request(MessageKind::kExpertForward, 0, 5, 0, 0, 0),
+  cases.push_back(
+      {"step ahead", Request(MessageKind::kExpertForward, 2, 0, 0, 0, 0),
+       StatusCode::kFailedPrecondition, "step 2 is ahead of step 0"});
+  cases.push_back({"bad rank",
+                   Request(MessageKind::kExpertForward, 0, 5, 0, 0, 0),
                    StatusCode::kInvalidArgument, "trainer rank 5 is outside"});
   cases.push_back({"wrong width", std::move(wrong_width),
-                   StatusCode::kInvalidArgument, "is not (tokens, d_model = 8)"});
-  cases.push_back({"backward first",
-                   Request(MessageKind::kExpertBackward, 0, 1, 0, 0, 0),
-                   StatusCode::kFailedPrecondition, "backward without a forward"});
-  cases.push_back({"dense kind", Request(MessageKind::kEcho, 0, 0, 0, 0, 0),
+                   StatusCode::kInvalidArgument,
+                   "is not (tokens, d_model = 8)"});
+  cases.push_back(
+      {"backward first", Request(MessageKind::kExpertBackward, 0, 1, 0, 0, 0),
+       StatusCode::kFailedPrecondition, "backward without a forward"});
+  cases.push_back({"echo kind", Request(MessageKind::kEcho, 0, 0, 0, 0, 0),
                    StatusCode::kInvalidArgument, "a worker does not serve"});
   for (Case& c : cases) {
     Message r = send(std::move(c.request));
@@ -265,18 +319,112 @@ TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
         << c.what << ": " << r.error_text;
   }
   // A full step still works, and afterwards step 0 is refused as applied.
-  Message fwd = send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
+  Message fwd =
+      send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
   EXPECT_EQ(fwd.header.status_code, 0) << fwd.error_text;
   EXPECT_EQ(fwd.payload.dim(0), 3);
-  Message dup = send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
-  EXPECT_EQ(dup.header.status_code, static_cast<int32_t>(StatusCode::kAlreadyExists));
+  Message dup =
+      send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
+  EXPECT_EQ(dup.header.status_code,
+            static_cast<int32_t>(StatusCode::kAlreadyExists));
   for (int r = 0; r < kRanks; ++r) {
-    EXPECT_EQ(send(Request(MessageKind::kStepDone, 0, r, 0, 0, 0)).header.status_code, 0);
+    EXPECT_EQ(
+        send(Request(MessageKind::kStepDone, 0, r, 0, 0, 0)).header.status_code,
+        0);
   }
   EXPECT_EQ(worker.next_step(), 1);
   Message late = send(Request(MessageKind::kExpertForward, 0, 1, 0, 0, 0));
-  EXPECT_NE(late.error_text.find("step 0 is already applied"), std::string::npos)
+  EXPECT_NE(late.error_text.find("step 0 is already applied"),
+            std::string::npos)
       << late.error_text;
+}
+
+// Sends one request and waits for its answer.
+Message Ask(WorkerService* worker, Message m) {
+  std::promise<Message> p;
+  auto f = p.get_future();
+  worker->Handle(std::move(m), [&p](Message r) { p.set_value(std::move(r)); });
+  EXPECT_EQ(f.wait_for(Ms(10000)), std::future_status::ready);
+  return f.get();
+}
+
+TEST(WorkerServiceTest, DenseInitDoesNotDependOnSharding) {
+  std::vector<float> flat[2];
+  const int shardings[2] = {1, 3};
+  for (int i = 0; i < 2; ++i) {
+    WorkerService worker(TestConfig("adamw", shardings[i]), "w");
+    ASSERT_TRUE(worker.Start().ok());
+    ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch, shardings[i])).ok());
+    for (int d = 0; d < shardings[i]; ++d) {
+      Message r = Ask(&worker, DenseRequest(MessageKind::kDensePull, 0, 0, d));
+      ASSERT_EQ(r.header.status_code, 0) << r.error_text;
+      flat[i].insert(flat[i].end(), r.payload.f32(),
+                     r.payload.f32() + r.payload.num_elements());
+    }
+  }
+  ASSERT_EQ(flat[0].size(), flat[1].size());
+  EXPECT_EQ(flat[0], flat[1]);
+  // Norm scales start at one, embeddings are small random values.
+  for (const DenseTensor& t : DenseLayout(TestConfig("adamw").model())) {
+    if (t.name == "layers.0.norm1.scale") {
+      EXPECT_EQ(flat[0][t.offset], 1.0f);
+    }
+    if (t.name == "tok_embed") {
+      EXPECT_NE(flat[0][t.offset], 0.0f);
+      EXPECT_LT(std::abs(flat[0][t.offset]), 0.2f);
+    }
+  }
+}
+
+TEST(WorkerServiceTest, DenseUpdateSumsPushesInRankOrder) {
+  auto config = TestConfig("adamw");
+  WorkerService worker(config, "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  Message before = Ask(&worker, DenseRequest(MessageKind::kDensePull, 0, 0, 1));
+  // Rank 1 pushes first; the sum is still rank 0 + rank 1.
+  Message g1 = DenseRequest(MessageKind::kDensePush, 0, 1, 1);
+  Message g0 = DenseRequest(MessageKind::kDensePush, 0, 0, 1);
+  Tensor sum = g0.payload.Clone();
+  for (int64_t i = 0; i < sum.num_elements(); ++i) {
+    sum.f32()[i] += g1.payload.f32()[i];
+  }
+  EXPECT_EQ(Ask(&worker, std::move(g1)).header.status_code, 0);
+  EXPECT_EQ(Ask(&worker, std::move(g0)).header.status_code, 0);
+  for (int r = 0; r < kRanks; ++r) {
+    Ask(&worker, Request(MessageKind::kStepDone, 0, r, 0, 0, 0));
+  }
+  Message after = Ask(&worker, DenseRequest(MessageKind::kDensePull, 1, 0, 1));
+  ASSERT_EQ(after.header.status_code, 0) << after.error_text;
+  auto optimizer = Optimizer::Create(config.training()).value();
+  Tensor expected = before.payload.Clone();
+  OptimizerState state = optimizer->NewState(expected).value();
+  ASSERT_TRUE(optimizer->Apply(0, sum, &expected, &state).ok());
+  ASSERT_EQ(after.payload.num_bytes(), expected.num_bytes());
+  EXPECT_EQ(
+      std::memcmp(after.payload.data(), expected.data(), expected.num_bytes()),
+      0);
+}
+
+TEST(WorkerServiceTest, DenseRefusals) {
+  WorkerService worker(TestConfig("adamw"), "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  Message unknown =
+      Ask(&worker, DenseRequest(MessageKind::kDensePull, 0, 0, 9));
+  EXPECT_EQ(unknown.header.status_code,
+            static_cast<int32_t>(StatusCode::kNotFound));
+  Message wrong = DenseRequest(MessageKind::kDensePush, 0, 0, 0);
+  wrong.payload = Tensor::Zeros(DType::kF32, {1, 3}).value();
+  Message r = Ask(&worker, std::move(wrong));
+  EXPECT_NE(r.error_text.find("must be fp32[1,"), std::string::npos)
+      << "[" << r.error_text << "] " << r.header.status_code;
+  EXPECT_EQ(Ask(&worker, DenseRequest(MessageKind::kDensePush, 0, 0, 0))
+                .header.status_code,
+            0);
+  Message dup = Ask(&worker, DenseRequest(MessageKind::kDensePush, 0, 0, 0));
+  EXPECT_EQ(dup.header.status_code,
+            static_cast<int32_t>(StatusCode::kAlreadyExists));
 }
 
 TEST(WorkerServiceTest, ZeroTokenRequestsAreNormal) {
@@ -290,7 +438,8 @@ TEST(WorkerServiceTest, ZeroTokenRequestsAreNormal) {
   worker.Handle(Request(MessageKind::kExpertBackward, 0, 0, 0, 1, 1, kEpoch, 0),
                 replies.Make());
   for (int r = 0; r < kRanks; ++r) {
-    worker.Handle(Request(MessageKind::kStepDone, 0, r, 0, 0, 0), replies.Make());
+    worker.Handle(Request(MessageKind::kStepDone, 0, r, 0, 0, 0),
+                  replies.Make());
   }
   EXPECT_TRUE(replies.Wait().empty());
   EXPECT_EQ(worker.next_step(), 1);
@@ -302,7 +451,8 @@ TEST(WorkerServiceTest, OverUcxMatchesInProcess) {
   WorkerService worker(TestConfig("adamw"), "w");
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
-  auto server = transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+  auto server =
+      transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
   ASSERT_TRUE(server
                   ->Start([&worker](Message m, transport::Reply reply) {
                     worker.Handle(std::move(m), std::move(reply));
@@ -312,14 +462,16 @@ TEST(WorkerServiceTest, OverUcxMatchesInProcess) {
   std::atomic<int> failures{0};
   for (int r = 0; r < kRanks; ++r) {
     trainers.emplace_back([&, r] {
-      auto client = transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+      auto client =
+          transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
       if (!client->Start(nullptr).ok()) {
         ++failures;
         return;
       }
       for (int step = 0; step < kSteps; ++step) {
         for (auto& m : TrainerStep(step, r)) {
-          auto reply = client->SendSync(server->address(), std::move(m), Ms(30000));
+          auto reply =
+              client->SendSync(server->address(), std::move(m), Ms(30000));
           if (!reply.ok()) {
             ADD_FAILURE() << reply.status().ToString();
             ++failures;
