@@ -5,6 +5,7 @@
 
 #include "cli/commands.h"
 #include "common/logging.h"
+#include "expert_worker/cpu/blas_kernels.h"
 
 namespace {
 
@@ -24,6 +25,7 @@ constexpr char kUsage[] =
 }  // namespace
 
 int main(int argc, char** argv) {
+  switchyard::expert_worker::SelectBlasKernels(argv);
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0 ||
       std::strcmp(argv[1], "-h") == 0 || std::strcmp(argv[1], "help") == 0) {
     std::cout << kUsage;

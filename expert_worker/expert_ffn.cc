@@ -7,26 +7,6 @@
 namespace switchyard::expert_worker {
 namespace {
 
-constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kGeluA = 0.044715f;
-
-inline float Gelu(float h) {
-  const float u = kGeluC * (h + kGeluA * h * h * h);
-  return 0.5f * h * (1.0f + std::tanh(u));
-}
-inline float GeluGrad(float h) {
-  const float u = kGeluC * (h + kGeluA * h * h * h);
-  const float t = std::tanh(u);
-  return 0.5f * (1.0f + t) +
-         0.5f * h * (1.0f - t * t) * kGeluC * (1.0f + 3.0f * kGeluA * h * h);
-}
-inline float Sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
-inline float Silu(float z) { return z * Sigmoid(z); }
-inline float SiluGrad(float z) {
-  const float s = Sigmoid(z);
-  return s * (1.0f + z * (1.0f - s));
-}
-
 // Adds `bias` (n) to every row of `m` (rows, n).
 void AddRowBias(float* m, int64_t rows, int64_t n, const float* bias) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -111,25 +91,6 @@ Status ExpertFfn::CheckShapes(const ExpertParams& p, const Tensor& x,
   return OkStatus();
 }
 
-void ExpertFfn::Activate(const float* hp, int64_t tokens, float* ap) const {
-  const int64_t f = shape_.d_ff_shard;
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = hp + t * shape_.gates() * f;
-    float* out = ap + t * f;
-    switch (shape_.activation) {
-      case Activation::kGelu:
-        for (int64_t j = 0; j < f; ++j) out[j] = Gelu(row[j]);
-        break;
-      case Activation::kRelu:
-        for (int64_t j = 0; j < f; ++j) out[j] = row[j] > 0 ? row[j] : 0.0f;
-        break;
-      case Activation::kSwiglu:
-        for (int64_t j = 0; j < f; ++j) out[j] = Silu(row[j]) * row[f + j];
-        break;
-    }
-  }
-}
-
 Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
                           Tensor* y) const {
   const int64_t tokens = x.rank() == 2 ? x.dim(0) : -1;
@@ -150,7 +111,7 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
   // a = act(h); y = a W2 + b2
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* ap = s.a.data();
-  Activate(h->f32(), tokens, ap);
+  ActivationForward(shape_.activation, h->f32(), tokens, f, ap);
   if (dt == DType::kBF16) RoundToBf16(ap, tokens * f);
   gemm_->Sgemm(false, false, tokens, d, f, 1.0f, ap, f,
                Operand(p.w2.f32(), int64_t{f} * d, dt, &s.op1), d, 0.0f,
@@ -160,61 +121,43 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
 }
 
 Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
-                                const Tensor& dy, Tensor* dh,
+                                const Tensor& dy, Tensor* dh, Tensor* a,
                                 Tensor* dx) const {
   const int64_t tokens = dy.rank() == 2 ? dy.dim(0) : -1;
   RETURN_IF_ERROR(CheckShapes(p, dy, tokens));
   const int d = shape_.d_model, f = shape_.d_ff_shard, gf = shape_.gates() * f;
   if (!IsMatrix(h, tokens, gf) || !IsMatrix(*dh, tokens, gf) ||
-      !IsMatrix(*dx, tokens, d)) {
+      !IsMatrix(*a, tokens, f) || !IsMatrix(*dx, tokens, d)) {
     return InvalidArgumentError("expert backward tensors are mis-sized");
   }
   if (tokens == 0) return OkStatus();
   Scratch& s = ThreadScratch();
   const DType dt = shape_.compute_dtype;
-  // da = dy W2^T: (T, f), written into the scratch activation buffer.
+  // da = dy W2^T: (T, f), in the scratch buffer.
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* da = s.a.data();
   gemm_->Sgemm(false, true, tokens, f, d, 1.0f,
                Operand(dy.f32(), tokens * d, dt, &s.op0), d,
                Operand(p.w2.f32(), int64_t{f} * d, dt, &s.op1), d, 0.0f, da, f);
-  // dh = da * act'(h)
-  const float* hp = h.f32();
-  float* dhp = dh->f32();
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* hr = hp + t * gf;
-    const float* dar = da + t * f;
-    float* out = dhp + t * gf;
-    switch (shape_.activation) {
-      case Activation::kGelu:
-        for (int j = 0; j < f; ++j) out[j] = dar[j] * GeluGrad(hr[j]);
-        break;
-      case Activation::kRelu:
-        for (int j = 0; j < f; ++j) out[j] = hr[j] > 0 ? dar[j] : 0.0f;
-        break;
-      case Activation::kSwiglu:
-        for (int j = 0; j < f; ++j) {
-          out[j] = dar[j] * hr[f + j] * SiluGrad(hr[j]);
-          out[f + j] = dar[j] * Silu(hr[j]);
-        }
-        break;
-    }
-  }
+  // dh = da * act'(h), and a = act(h) from the same pass.
+  ActivationBackward(shape_.activation, h.f32(), da, tokens, f, dh->f32(),
+                     a->f32());
+  if (dt == DType::kBF16) RoundToBf16(a->f32(), tokens * f);
   // dx = dh W1^T
   gemm_->Sgemm(false, true, tokens, d, gf, 1.0f,
-               Operand(dhp, tokens * gf, dt, &s.op0), gf,
+               Operand(dh->f32(), tokens * gf, dt, &s.op0), gf,
                Operand(p.w1.f32(), int64_t{d} * gf, dt, &s.op1), gf, 0.0f,
                dx->f32(), d);
   return OkStatus();
 }
 
-Status ExpertFfn::AccumulateGrads(const Tensor& x, const Tensor& h,
+Status ExpertFfn::AccumulateGrads(const Tensor& x, const Tensor& a,
                                   const Tensor& dh, const Tensor& dy,
                                   ExpertParams* grads) const {
   const int64_t tokens = x.rank() == 2 ? x.dim(0) : -1;
   RETURN_IF_ERROR(CheckShapes(*grads, x, tokens));
   const int d = shape_.d_model, f = shape_.d_ff_shard, gf = shape_.gates() * f;
-  if (!IsMatrix(h, tokens, gf) || !IsMatrix(dh, tokens, gf) ||
+  if (!IsMatrix(a, tokens, f) || !IsMatrix(dh, tokens, gf) ||
       !IsMatrix(dy, tokens, d)) {
     return InvalidArgumentError("expert gradient inputs are mis-sized");
   }
@@ -227,12 +170,8 @@ Status ExpertFfn::AccumulateGrads(const Tensor& x, const Tensor& h,
                Operand(dh.f32(), tokens * gf, dt, &s.op1), gf, 1.0f,
                grads->w1.f32(), gf);
   if (shape_.has_b1) AddColumnSums(dh.f32(), tokens, gf, grads->b1.f32());
-  // dW2 += act(h)^T dy
-  if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
-  float* ap = s.a.data();
-  Activate(h.f32(), tokens, ap);
-  if (dt == DType::kBF16) RoundToBf16(ap, tokens * f);
-  gemm_->Sgemm(true, false, f, d, tokens, 1.0f, ap, f,
+  // dW2 += a^T dy (a is already rounded for bf16 compute)
+  gemm_->Sgemm(true, false, f, d, tokens, 1.0f, a.f32(), f,
                Operand(dy.f32(), tokens * d, dt, &s.op0), d, 1.0f,
                grads->w2.f32(), d);
   if (shape_.has_b2) AddColumnSums(dy.f32(), tokens, d, grads->b2.f32());

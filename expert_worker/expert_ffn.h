@@ -9,7 +9,8 @@
 //
 // Shards of one expert sum their y; only shard 0 adds b2. The weight gradient
 // is a separate step (AccumulateGrads) so that the worker can apply it in
-// trainer-rank order, whatever order the backward requests arrived in.
+// trainer-rank order, whatever order the backward requests arrived in; it
+// takes a = act(h), which BackwardInput returns from the same pass.
 //
 // compute_dtype bf16 rounds x, W1, a and W2 to bf16 before each product and
 // accumulates in fp32 (what a bf16 GEMM with fp32 accumulation computes);
@@ -21,11 +22,11 @@
 
 #include "common/status.h"
 #include "common/tensor.h"
+#include "expert_worker/cpu/activation_kernels.h"
 #include "expert_worker/gemm.h"
 
 namespace switchyard::expert_worker {
 
-enum class Activation { kGelu, kRelu, kSwiglu };
 StatusOr<Activation> ParseActivation(const std::string& name);
 
 struct ExpertShape {
@@ -56,19 +57,18 @@ class ExpertFfn {
   Status Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
                  Tensor* y) const;
 
-  // dy: (T, d). Writes dh: (T, g*f) (kept for AccumulateGrads) and dx: (T, d).
+  // dy: (T, d). Writes dh: (T, g*f) and a = act(h): (T, f) (both kept for
+  // AccumulateGrads) and dx: (T, d).
   Status BackwardInput(const ExpertParams& p, const Tensor& h, const Tensor& dy,
-                       Tensor* dh, Tensor* dx) const;
+                       Tensor* dh, Tensor* a, Tensor* dx) const;
 
   // grads += the weight gradients of one batch: dW1 += x^T dh,
-  // db1 += sum(dh), dW2 += act(h)^T dy, db2 += sum(dy). Calls for several
+  // db1 += sum(dh), dW2 += a^T dy, db2 += sum(dy). Calls for several
   // batches must come in a fixed order for reproducible sums.
-  Status AccumulateGrads(const Tensor& x, const Tensor& h, const Tensor& dh,
+  Status AccumulateGrads(const Tensor& x, const Tensor& a, const Tensor& dh,
                          const Tensor& dy, ExpertParams* grads) const;
 
  private:
-  // a = act(h). h: (T, g*f), a: (T, f).
-  void Activate(const float* h, int64_t tokens, float* a) const;
   Status CheckShapes(const ExpertParams& p, const Tensor& x,
                      int64_t tokens) const;
 

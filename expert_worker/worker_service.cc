@@ -42,7 +42,7 @@ struct WorkerService::Shard {
   std::map<std::tuple<int64_t, int32_t, int32_t>, std::pair<Tensor, Tensor>>
       activations;
   struct Contribution {
-    Tensor x, h, dh, dy;
+    Tensor x, a, dh, dy;  // a = act(h), from the backward pass.
   };
   // Weight-gradient inputs of the step in progress, by (rank, micro-batch):
   // std::map iterates them in that order.
@@ -385,10 +385,12 @@ Status WorkerService::Backward(const Message& request, Shard* shard,
   }
   const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
   ASSIGN_OR_RETURN(Tensor dh, Tensor::Zeros(DType::kF32, hidden.shape()));
+  ASSIGN_OR_RETURN(
+      Tensor a, Tensor::Zeros(DType::kF32, {x.dim(0), ffn.shape().d_ff_shard}));
   ASSIGN_OR_RETURN(*dx, Tensor::Zeros(DType::kF32, x.shape()));
-  RETURN_IF_ERROR(ffn.BackwardInput(shard->params, hidden, dy, &dh, dx));
+  RETURN_IF_ERROR(ffn.BackwardInput(shard->params, hidden, dy, &dh, &a, dx));
   shard->contributions[{h.trainer_rank, h.micro_batch}] = {
-      x, hidden, std::move(dh), std::move(dy)};
+      x, std::move(a), std::move(dh), std::move(dy)};
   shard->activations.erase(it);
   return OkStatus();
 }
@@ -444,10 +446,10 @@ Status WorkerService::ApplyUpdate(int64_t step) {
     shard->activations.clear();  // Forwards never followed by a backward.
     if (shard->contributions.empty()) continue;  // No tokens: no update.
     const ExpertFfn& ffn = id.shard == 0 ? *ffn0_ : *ffn_;
-    std::vector<const Tensor*> xs, hs, dhs, dys;
+    std::vector<const Tensor*> xs, as, dhs, dys;
     for (const auto& [key, c] : shard->contributions) {
       xs.push_back(&c.x);
-      hs.push_back(&c.h);
+      as.push_back(&c.a);
       dhs.push_back(&c.dh);
       dys.push_back(&c.dy);
     }
@@ -458,7 +460,8 @@ Status WorkerService::ApplyUpdate(int64_t step) {
       if (!g->empty()) std::memset(g->data(), 0, g->num_bytes());
     }
     // One GEMM over every contribution, in (rank, micro-batch) order.
-    RETURN_IF_ERROR(ffn.AccumulateGrads(ConcatRows(xs, d), ConcatRows(hs, gf),
+    const int64_t f = ffn.shape().d_ff_shard;
+    RETURN_IF_ERROR(ffn.AccumulateGrads(ConcatRows(xs, d), ConcatRows(as, f),
                                         ConcatRows(dhs, gf), ConcatRows(dys, d),
                                         &shard->grads));
     shard->contributions.clear();

@@ -151,9 +151,10 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
 
   Tensor dh = Tensor::Zeros(DType::kF32, {T, gf}).value();
   Tensor dx = Tensor::Zeros(DType::kF32, {T, d}).value();
-  ASSERT_TRUE(ffn.BackwardInput(p, h, dy, &dh, &dx).ok());
+  Tensor a = Tensor::Zeros(DType::kF32, {T, f}).value();
+  ASSERT_TRUE(ffn.BackwardInput(p, h, dy, &dh, &a, &dx).ok());
   ExpertParams grads = ExpertParams::Zeros(s).value();
-  ASSERT_TRUE(ffn.AccumulateGrads(xt, h, dh, dy, &grads).ok());
+  ASSERT_TRUE(ffn.AccumulateGrads(xt, a, dh, dy, &grads).ok());
   if (T == 0) return;
 
   auto loss = [&] { return RefLoss(s, ref, x, r, T); };
@@ -166,7 +167,7 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
   }
   // Accumulating a second identical batch doubles the gradient exactly.
   const float w1_once = grads.w1.f32()[0];
-  ASSERT_TRUE(ffn.AccumulateGrads(xt, h, dh, dy, &grads).ok());
+  ASSERT_TRUE(ffn.AccumulateGrads(xt, a, dh, dy, &grads).ok());
   EXPECT_EQ(grads.w1.f32()[0], 2 * w1_once);
 }
 

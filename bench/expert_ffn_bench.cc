@@ -1,0 +1,190 @@
+// bench/expert_ffn: expert forward + backward throughput on the CPU.
+//
+// For d_model 1024, d_ff 4096 (GELU, biases) and 64..4096 tokens it times
+// ExpertFfn::Forward + BackwardInput + AccumulateGrads against the same six
+// cblas_sgemm calls on the same shapes in the same process (raw GEMM), and
+// measures the machine's FMA peak with a register-only FMA loop on every
+// core. It checks the expert's output against the raw GEMMs' before timing.
+// Ratios printed: expert / raw GEMM (target >= 0.85 from 1024 tokens) and
+// raw GEMM / FMA peak (target >= 0.75). docs/performance.md has the figures.
+#include <cblas.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "common/random.h"
+#include "expert_worker/cpu/blas_kernels.h"
+#include "expert_worker/expert_ffn.h"
+
+namespace switchyard::expert_worker {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// 16 independent FMA chains of 16 floats; 2 * 16 * 16 FLOPs per iteration.
+__attribute__((target("avx512f"))) float FmaLoopAvx512(int64_t iters) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(1.0f + i * 1e-3f);
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  }
+  __m512 sum = acc[0];
+  for (int i = 1; i < 16; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  float out[16];
+  _mm512_storeu_ps(out, sum);  // (_mm512_reduce_add_ps trips GCC 12's
+  return out[0];               // -Wuninitialized in its own header.)
+}
+
+// 12 chains of 8 floats (AVX2 + FMA).
+__attribute__((target("avx2,fma"))) float FmaLoopAvx2(int64_t iters) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(1.0f + i * 1e-3f);
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  }
+  float out[8];
+  __m256 sum = acc[0];
+  for (int i = 1; i < 12; ++i) sum = _mm256_add_ps(sum, acc[i]);
+  _mm256_storeu_ps(out, sum);
+  return out[0];
+}
+
+// GFLOP/s of FMA loops on `threads` cores.
+double FmaPeakGflops(int threads) {
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const int64_t iters = 50'000'000;
+  const double flops_per_iter = avx512 ? 2.0 * 16 * 16 : 2.0 * 12 * 8;
+  std::atomic<float> sink{0};
+  const auto start = Clock::now();
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      sink = sink + (avx512 ? FmaLoopAvx512(iters) : FmaLoopAvx2(iters));
+    });
+  }
+  for (auto& t : pool) t.join();
+  const double s = Seconds(start, Clock::now());
+  return flops_per_iter * iters * threads / s / 1e9;
+}
+
+void Fill(Tensor* t, uint64_t tag, float scale) {
+  for (int64_t i = 0; i < t->num_elements(); ++i) {
+    t->f32()[i] = static_cast<float>(scale * RandomNormal(7, {tag, uint64_t(i)}));
+  }
+}
+
+int Run() {
+  const int d = 1024, f = 4096, threads = std::thread::hardware_concurrency();
+  openblas_set_num_threads(threads);
+  std::printf("expert_ffn: d_model %d, d_ff %d, GELU, %d threads, OpenBLAS "
+              "core %s\n",
+              d, f, threads, BlasKernelName());
+  const double peak = FmaPeakGflops(threads);
+  std::printf("FMA peak (register-only loop, %d cores): %.1f GFLOP/s\n",
+              threads, peak);
+  std::printf("%6s %5s %12s %12s %12s %10s %10s\n", "tokens", "dtype",
+              "tokens/s", "expert GF/s", "raw GF/s", "expert/raw",
+              "raw/peak");
+  auto gemm = NewCpuGemm(threads);
+  bool all_ok = true;
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    ExpertShape shape;
+    shape.d_model = d;
+    shape.d_ff_shard = f;
+    shape.compute_dtype = dtype;
+    ExpertFfn ffn(shape, gemm.get());
+    ExpertParams p = ExpertParams::Zeros(shape).value();
+    ExpertParams grads = ExpertParams::Zeros(shape).value();
+    Fill(&p.w1, 1, 0.03f);
+    Fill(&p.w2, 2, 0.015f);
+    for (int tokens : {64, 256, 1024, 4096}) {
+      Tensor x = Tensor::Zeros(DType::kF32, {tokens, d}).value();
+      Tensor dy = Tensor::Zeros(DType::kF32, {tokens, d}).value();
+      Fill(&x, 3, 1.0f);
+      Fill(&dy, 4, 1.0f);
+      Tensor h = Tensor::Zeros(DType::kF32, {tokens, f}).value();
+      Tensor y = Tensor::Zeros(DType::kF32, {tokens, d}).value();
+      Tensor dh = Tensor::Zeros(DType::kF32, {tokens, f}).value();
+      Tensor dx = Tensor::Zeros(DType::kF32, {tokens, d}).value();
+      Tensor a = Tensor::Zeros(DType::kF32, {tokens, f}).value();
+      // Scratch for the raw GEMMs.
+      std::vector<float> rh(int64_t{tokens} * f), ry(int64_t{tokens} * d),
+          rda(int64_t{tokens} * f), rdx(int64_t{tokens} * d),
+          rw1(int64_t{d} * f), rw2(int64_t{f} * d);
+      auto expert_step = [&] {
+        (void)ffn.Forward(p, x, &h, &y);
+        (void)ffn.BackwardInput(p, h, dy, &dh, &a, &dx);
+        (void)ffn.AccumulateGrads(x, a, dh, dy, &grads);
+      };
+      auto raw_step = [&] {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tokens, f, d, 1,
+                    x.f32(), d, p.w1.f32(), f, 0, rh.data(), f);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tokens, d, f, 1,
+                    rh.data(), f, p.w2.f32(), d, 0, ry.data(), d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, f, d, 1,
+                    dy.f32(), d, p.w2.f32(), d, 0, rda.data(), f);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tokens, d, f, 1,
+                    rda.data(), f, p.w1.f32(), f, 0, rdx.data(), d);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, f, tokens, 1,
+                    x.f32(), d, rda.data(), f, 1, rw1.data(), f);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, f, d, tokens, 1,
+                    rh.data(), f, dy.f32(), d, 1, rw2.data(), d);
+      };
+      // Verify: the expert's h equals the raw x W1 (fp32: exactly the same
+      // GEMM; bf16: within bf16 rounding).
+      expert_step();
+      raw_step();
+      double err = 0, scale = 1e-9;
+      for (int64_t i = 0; i < int64_t{tokens} * f; ++i) {
+        err = std::max(err, double(std::abs(h.f32()[i] - rh[i])));
+        scale = std::max(scale, double(std::abs(rh[i])));
+      }
+      const double tol = dtype == DType::kF32 ? 1e-6 : 2e-2;
+      if (err / scale > tol) {
+        std::printf("VERIFY FAILED: tokens %d %s: rel err %.3g\n", tokens,
+                    std::string(DTypeName(dtype)).c_str(), err / scale);
+        all_ok = false;
+      }
+      auto time_it = [](auto&& fn) {
+        int reps = 0;
+        const auto start = Clock::now();
+        do {
+          fn();
+          ++reps;
+        } while (reps < 3 || Seconds(start, Clock::now()) < 1.0);
+        return Seconds(start, Clock::now()) / reps;
+      };
+      const double t_raw = time_it(raw_step);
+      const double t_expert = time_it(expert_step);
+      const double flops = 6.0 * 2.0 * tokens * d * f;
+      std::printf("%6d %5s %12.0f %12.1f %12.1f %10.2f %10.2f\n", tokens,
+                  std::string(DTypeName(dtype)).c_str(), tokens / t_expert,
+                  flops / t_expert / 1e9, flops / t_raw / 1e9,
+                  t_raw / t_expert, flops / t_raw / 1e9 / peak);
+    }
+  }
+  return all_ok ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker
+
+int main(int argc, char** argv) {
+  // OPENBLAS_CORETYPE=Haswell bench/expert_ffn_bench measures the kernels
+  // OpenBLAS picks on its own here.
+  switchyard::expert_worker::SelectBlasKernels(argv);
+  return switchyard::expert_worker::Run();
+}
