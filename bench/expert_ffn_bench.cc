@@ -82,22 +82,23 @@ double FmaPeakGflops(int threads) {
 
 void Fill(Tensor* t, uint64_t tag, float scale) {
   for (int64_t i = 0; i < t->num_elements(); ++i) {
-    t->f32()[i] = static_cast<float>(scale * RandomNormal(7, {tag, uint64_t(i)}));
+    t->f32()[i] =
+        static_cast<float>(scale * RandomNormal(7, {tag, uint64_t(i)}));
   }
 }
 
 int Run() {
   const int d = 1024, f = 4096, threads = std::thread::hardware_concurrency();
   openblas_set_num_threads(threads);
-  std::printf("expert_ffn: d_model %d, d_ff %d, GELU, %d threads, OpenBLAS "
-              "core %s\n",
-              d, f, threads, BlasKernelName());
+  std::printf(
+      "expert_ffn: d_model %d, d_ff %d, GELU, %d threads, OpenBLAS "
+      "core %s\n",
+      d, f, threads, BlasKernelName());
   const double peak = FmaPeakGflops(threads);
   std::printf("FMA peak (register-only loop, %d cores): %.1f GFLOP/s\n",
               threads, peak);
   std::printf("%6s %5s %12s %12s %12s %10s %10s\n", "tokens", "dtype",
-              "tokens/s", "expert GF/s", "raw GF/s", "expert/raw",
-              "raw/peak");
+              "tokens/s", "expert GF/s", "raw GF/s", "expert/raw", "raw/peak");
   auto gemm = NewCpuGemm(threads);
   bool all_ok = true;
   for (DType dtype : {DType::kF32, DType::kBF16}) {
@@ -172,8 +173,8 @@ int Run() {
       const double flops = 6.0 * 2.0 * tokens * d * f;
       std::printf("%6d %5s %12.0f %12.1f %12.1f %10.2f %10.2f\n", tokens,
                   std::string(DTypeName(dtype)).c_str(), tokens / t_expert,
-                  flops / t_expert / 1e9, flops / t_raw / 1e9,
-                  t_raw / t_expert, flops / t_raw / 1e9 / peak);
+                  flops / t_expert / 1e9, flops / t_raw / 1e9, t_raw / t_expert,
+                  flops / t_raw / 1e9 / peak);
     }
   }
   return all_ok ? 0 : 1;

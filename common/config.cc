@@ -396,6 +396,14 @@ Status ValidateConfig(const SwitchyardConfig& config,
             x.request_timeout_ms(), "must be >= 1");
   v.Require(x.max_inflight_bytes() >= 1, "transport.max_inflight_bytes",
             x.max_inflight_bytes(), "must be >= 1");
+  v.Require(x.busy_poll_us() >= 0 && x.busy_poll_us() <= 1000000,
+            "transport.busy_poll_us", x.busy_poll_us(),
+            "must be in [0, 1000000]");
+  v.Require(x.ucx_tls().empty() ||
+                x.ucx_tls().find("tcp") != std::string::npos ||
+                x.ucx_tls().find("all") != std::string::npos,
+            "transport.ucx_tls", x.ucx_tls(),
+            "must include tcp: UCX 1.13 sets up connections over TCP");
   return v.status();
 }
 

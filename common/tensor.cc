@@ -65,6 +65,26 @@ StatusOr<Tensor> Tensor::Zeros(DType dtype, std::vector<int64_t> shape) {
   return t;
 }
 
+StatusOr<size_t> Tensor::BytesFor(DType dtype,
+                                  const std::vector<int64_t>& shape) {
+  ASSIGN_OR_RETURN(int64_t count, CountElements(shape));
+  return static_cast<size_t>(count) * DTypeBytes(dtype);
+}
+
+StatusOr<Tensor> Tensor::WithStorage(DType dtype, std::vector<int64_t> shape,
+                                     std::shared_ptr<uint8_t> storage) {
+  RETURN_IF_ERROR(CountElements(shape).status());
+  if (storage == nullptr ||
+      reinterpret_cast<uintptr_t>(storage.get()) % kTensorAlignmentBytes) {
+    return InvalidArgumentError("tensor storage must be 64-byte aligned");
+  }
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = std::move(shape);
+  t.storage_ = std::move(storage);
+  return t;
+}
+
 int64_t Tensor::num_elements() const {
   if (storage_ == nullptr) return 0;
   int64_t count = 1;

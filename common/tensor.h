@@ -35,6 +35,14 @@ class Tensor {
   // size whose byte count overflows.
   static StatusOr<Tensor> Zeros(DType dtype, std::vector<int64_t> shape);
 
+  // A tensor over caller-provided storage (64-byte aligned, at least
+  // num_bytes long), e.g. from a BufferPool.
+  static StatusOr<Tensor> WithStorage(DType dtype, std::vector<int64_t> shape,
+                                      std::shared_ptr<uint8_t> storage);
+  // Bytes `shape` of `dtype` needs, or an error for bad shapes.
+  static StatusOr<size_t> BytesFor(DType dtype,
+                                   const std::vector<int64_t>& shape);
+
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }
   int64_t dim(size_t i) const { return shape_.at(i); }

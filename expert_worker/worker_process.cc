@@ -34,6 +34,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
   dp.listen_host = config.transport().data_host();
   dp.ucx_tls = config.transport().ucx_tls();
   dp.max_inflight_bytes = config.transport().max_inflight_bytes();
+  dp.busy_poll_us = config.transport().busy_poll_us();
   ASSIGN_OR_RETURN(auto data_plane, transport::NewUcxDataPlane(dp));
   RETURN_IF_ERROR(data_plane->Start(
       [&service](transport::Message request, transport::Reply reply) {

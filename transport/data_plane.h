@@ -46,10 +46,19 @@ struct DataPlaneOptions {
   // Host to listen on; the port is chosen by the system (see address()).
   std::string listen_host = "127.0.0.1";
   // Passed to UCX as UCX_TLS when not empty (e.g. "tcp", "posix,cma,tcp").
+  // UCX 1.13 sets up client-server connections over TCP, so a non-empty
+  // list must include tcp (UCX still moves data over shared memory between
+  // processes of one host when posix/cma/sysv are listed too).
   std::string ucx_tls;
+  // After any activity the progress thread polls without sleeping for this
+  // long before it waits on the worker's event fd: lower latency for more
+  // CPU. 0 sleeps at once.
+  int busy_poll_us = 50;
   // Request bytes a server holds (received, not yet answered) before it
   // stops fetching large payloads (backpressure on senders).
   size_t max_inflight_bytes = size_t{1} << 30;
+  // Idle receive buffers kept for reuse (BufferPool).
+  size_t pool_cached_bytes = size_t{1} << 30;
   // Largest payload accepted.
   size_t max_payload_bytes = size_t{1} << 31;
   // Payloads from this size up go by rendezvous, received straight into the

@@ -56,9 +56,9 @@ void ActivationBackward(Activation act, const float* h, const float* da,
           const float x = hr[j];
           const float th = tanhf(kGeluC * (x + kGeluA * x * x * x));
           ar[j] = 0.5f * x * (1.0f + th);
-          const float grad = 0.5f * (1.0f + th) +
-                             0.5f * x * (1.0f - th * th) * kGeluC *
-                                 (1.0f + 3.0f * kGeluA * x * x);
+          const float grad =
+              0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC *
+                                       (1.0f + 3.0f * kGeluA * x * x);
           dhr[j] = dar[j] * grad;
         }
         break;

@@ -23,6 +23,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "common/buffer_pool.h"
 #include "common/metrics.h"
 #include "transport/data_plane.h"
 
@@ -100,6 +101,7 @@ class UcxDataPlane : public DataPlane {
  public:
   explicit UcxDataPlane(DataPlaneOptions options)
       : options_(std::move(options)),
+        pool_(BufferPool::Create(options_.pool_cached_bytes)),
         metrics_requests_(MetricsRegistry::Global().GetCounter(
             "switchyard_data_plane_requests_total")),
         metrics_errors_(MetricsRegistry::Global().GetCounter(
@@ -164,6 +166,8 @@ class UcxDataPlane : public DataPlane {
                           size_t length, const ucp_am_recv_param_t* param);
 
   const DataPlaneOptions options_;
+  // Received payloads land in reused buffers, never fresh pages.
+  std::shared_ptr<BufferPool> pool_;
   Counter* metrics_requests_;
   Counter* metrics_errors_;
   ucp_context_h context_ = nullptr;
@@ -191,6 +195,14 @@ class UcxDataPlane : public DataPlane {
 
 Status UcxDataPlane::Start(RequestHandler handler) {
   handler_ = std::move(handler);
+  const std::string& tls = options_.ucx_tls;
+  if (!tls.empty() && tls.find("tcp") == std::string::npos &&
+      tls.find("all") == std::string::npos) {
+    return InvalidArgumentError(
+        "transport.ucx_tls '" + tls +
+        "' has no tcp: UCX 1.13 sets up client-server connections over TCP; "
+        "add tcp (shared memory is still used between local processes)");
+  }
   ucp_config_t* config = nullptr;
   RETURN_IF_ERROR(UCX_STATUS(ucp_config_read(nullptr, nullptr, &config),
                              "ucp_config_read"));
@@ -298,21 +310,26 @@ void UcxDataPlane::Post(std::function<void()> fn) {
 }
 
 void UcxDataPlane::Loop() {
+  const auto busy_poll = std::chrono::microseconds(options_.busy_poll_us);
+  auto last_activity = Clock::now();
   while (true) {
     std::deque<std::function<void()>> commands;
     {
       std::lock_guard<std::mutex> lock(mu_);
       commands.swap(commands_);
     }
+    bool active = !commands.empty();
     for (auto& c : commands) c();
-    while (ucp_worker_progress(worker_) != 0) {
-    }
+    while (ucp_worker_progress(worker_) != 0) active = true;
     ExpireDeadlines();
     if (stop_.load()) break;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!commands_.empty()) continue;
     }
+    const auto now = Clock::now();
+    if (active) last_activity = now;
+    if (now - last_activity < busy_poll) continue;
     const ucs_status_t armed = ucp_worker_arm(worker_);
     if (armed == UCS_ERR_BUSY) continue;
     int wait_ms = 100;
@@ -565,8 +582,8 @@ ucs_status_t UcxDataPlane::OnRequest(const void* header, size_t header_length,
   if (!rndv) {
     Tensor payload;
     if (request.header.dtype != kNoDType) {
-      auto t = Tensor::Zeros(static_cast<DType>(request.header.dtype),
-                             {request.header.rows, request.header.cols});
+      auto t = pool_->Take(static_cast<DType>(request.header.dtype),
+                           {request.header.rows, request.header.cols});
       if (!t.ok()) {
         ReplyTo(reply_ep, request, t.status());
         return UCS_OK;
@@ -592,8 +609,8 @@ void UcxDataPlane::StartReceive(const WireHeader& header, void* desc,
                                 ucp_ep_h reply_ep) {
   Message request_header;
   request_header.header = header;
-  auto t = Tensor::Zeros(static_cast<DType>(header.dtype),
-                         {header.rows, header.cols});
+  auto t =
+      pool_->Take(static_cast<DType>(header.dtype), {header.rows, header.cols});
   if (!t.ok()) {
     ucp_am_data_release(worker_, desc);
     ReplyTo(reply_ep, request_header, t.status());
@@ -711,7 +728,7 @@ ucs_status_t UcxDataPlane::OnResponse(const void* header, size_t header_length,
   Message response;
   response.header = h;
   if (h.dtype != kNoDType) {
-    auto t = Tensor::Zeros(static_cast<DType>(h.dtype), {h.rows, h.cols});
+    auto t = pool_->Take(static_cast<DType>(h.dtype), {h.rows, h.cols});
     if (!t.ok()) {
       Complete(h.request_id, t.status());
       return UCS_OK;

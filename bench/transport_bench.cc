@@ -1,0 +1,227 @@
+// bench/transport: the data plane's expert-request round trip (send x,
+// receive y of the same size) against ucx_perftest on the same transports,
+// sizes and machine, run by this program.
+//
+//   bandwidth: 4 KiB..64 MiB echoes with 4 requests in flight; bytes moved
+//              both ways per second, against ucx_perftest tag_bw.
+//   latency:   a 4 KiB echo, one at a time, against twice ucx_perftest
+//              tag_lat's one-way latency (its round trip).
+// Transports: shared memory (UCX_TLS=posix,cma,tcp,self: UCX 1.13 needs tcp
+// to set up connections, and moves data over shared memory) and TCP on
+// loopback (UCX_TLS=tcp,self). Every echo is checked byte for byte.
+// Targets (docs/performance.md): >= 0.8 of ucx_perftest bandwidth for large
+// payloads; small round trips within 2x of ucx_perftest's.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "common/logging.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::transport {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Ms = std::chrono::milliseconds;
+
+std::string g_self;
+
+int Serve(const std::string& file, const std::string& tls) {
+  DataPlaneOptions options;
+  options.ucx_tls = tls;
+  options.max_inflight_bytes = size_t{1} << 31;
+  auto server = NewUcxDataPlane(options).value();
+  Status s = server->Start([](Message request, Reply reply) {
+    reply(TensorResponse(request.header, std::move(request.payload)));
+  });
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s\n", s.ToString().c_str());
+    return 1;
+  }
+  std::ofstream(file + ".tmp") << server->address() << "\n";
+  std::rename((file + ".tmp").c_str(), file.c_str());
+  while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+}
+
+// Runs ucx_perftest (server and client) and returns the "Final:" row's
+// average overhead in us (column 3) or bandwidth in MB/s (column 5).
+double Perftest(const std::string& tls, const std::string& test, size_t bytes,
+                int iters, int column) {
+  static int port = 20000 + ::getpid() % 20000;
+  ++port;
+  const std::string env = "UCX_TLS=" + tls + " ";
+  const std::string server = env + "ucx_perftest -p " + std::to_string(port) +
+                             " > /dev/null 2>&1 &";
+  if (std::system(server.c_str()) != 0) return 0;
+  std::this_thread::sleep_for(Ms(300));
+  const std::string client = env + "ucx_perftest 127.0.0.1 -p " +
+                             std::to_string(port) + " -t " + test + " -s " +
+                             std::to_string(bytes) + " -n " +
+                             std::to_string(iters) + " 2>&1";
+  FILE* pipe = ::popen(client.c_str(), "r");
+  char line[512];
+  double value = 0;
+  while (std::fgets(line, sizeof(line), pipe)) {
+    if (std::strncmp(line, "Final:", 6) != 0) continue;
+    double cols[8] = {0};
+    std::sscanf(line + 6, "%lf %lf %lf %lf %lf %lf %lf %lf", &cols[0],
+                &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &cols[6],
+                &cols[7]);
+    value = cols[column];
+  }
+  ::pclose(pipe);
+  return value;
+}
+
+Message Echo(size_t bytes, uint32_t seed) {
+  Message m;
+  m.header.kind = static_cast<uint8_t>(MessageKind::kEcho);
+  const int64_t cols = 1024;
+  const int64_t rows = static_cast<int64_t>(bytes / 4 / cols);
+  m.payload = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+  auto* words = static_cast<uint32_t*>(m.payload.data());
+  for (int64_t i = 0; i < rows * cols; ++i) words[i] = seed + uint32_t(i);
+  m.header.dtype = static_cast<uint8_t>(DType::kF32);
+  m.header.rows = rows;
+  m.header.cols = cols;
+  m.header.payload_bytes = m.payload.num_bytes();
+  return m;
+}
+
+// Echo bandwidth (MB/s, both directions, 2^20 bytes) with `window` in flight.
+double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
+                     int iters, int window, bool* ok) {
+  std::mutex mu;
+  std::condition_variable cv;
+  int in_flight = 0, done = 0;
+  const Message proto = Echo(bytes, 11);
+  const auto start = Clock::now();
+  for (int i = 0; i < iters; ++i) {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return in_flight < window; });
+      ++in_flight;
+    }
+    Message m;
+    m.header = proto.header;
+    m.payload = proto.payload;  // Shared buffer: the send only reads it.
+    client->Send(peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
+      const bool good =
+          r.ok() && r->payload.num_bytes() == proto.payload.num_bytes() &&
+          std::memcmp(r->payload.data(), proto.payload.data(),
+                      proto.payload.num_bytes()) == 0;
+      std::lock_guard<std::mutex> lock(mu);
+      if (!good && *ok) {
+        std::fprintf(stderr, "echo of %zu bytes failed: %s\n", bytes,
+                     r.ok() ? "payload differs" : r.status().ToString().c_str());
+      }
+      if (!good) *ok = false;
+      --in_flight;
+      ++done;
+      cv.notify_all();
+    });
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done == iters; });
+  const double s = std::chrono::duration<double>(Clock::now() - start).count();
+  return 2.0 * bytes * iters / s / (1 << 20);
+}
+
+int Run() {
+  bool ok = true;
+  std::printf("%-6s %10s %14s %16s %8s\n", "tls", "bytes", "echo MB/s",
+              "perftest MB/s", "ratio");
+  struct Transport {
+    const char* name;
+    const char* tls;
+  };
+  double lat_ratio[2] = {0, 0};
+  int t_index = 0;
+  for (Transport t : {Transport{"shm", "posix,cma,tcp,self"},
+                      Transport{"tcp", "tcp,self"}}) {
+    const std::string file =
+        "/tmp/switchyard_transport_bench_" + std::to_string(::getpid());
+    std::remove(file.c_str());
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::execl(g_self.c_str(), g_self.c_str(), "--serve", file.c_str(), t.tls,
+              nullptr);
+      ::_exit(127);
+    }
+    std::string address;
+    for (int i = 0; i < 200 && address.empty(); ++i) {
+      std::ifstream(file) >> address;
+      std::this_thread::sleep_for(Ms(20));
+    }
+    DataPlaneOptions options;
+    options.ucx_tls = t.tls;
+    auto client = NewUcxDataPlane(options).value();
+    if (address.empty() || !client->Start(nullptr).ok()) {
+      std::fprintf(stderr, "cannot start the %s echo server\n", t.name);
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      return 1;
+    }
+    for (size_t bytes : {size_t{4} << 10, size_t{64} << 10, size_t{1} << 20,
+                         size_t{16} << 20, size_t{64} << 20}) {
+      const int iters = static_cast<int>(
+          std::clamp<size_t>((size_t{2} << 30) / bytes, 20, 2000));
+      EchoBandwidth(client.get(), address, bytes, 5, 4, &ok);  // Warm up.
+      const double ours =
+          EchoBandwidth(client.get(), address, bytes, iters, 4, &ok);
+      const double theirs = Perftest(t.tls, "tag_bw", bytes, iters, 4);
+      std::printf("%-6s %10zu %14.0f %16.0f %8.2f\n", t.name, bytes, ours,
+                  theirs, theirs > 0 ? ours / theirs : 0.0);
+    }
+    // Latency: 4 KiB, one at a time.
+    const int lat_iters = 2000;
+    for (int i = 0; i < 50; ++i) {
+      (void)client->SendSync(address, Echo(4096, i), Ms(10000));
+    }
+    const Message proto = Echo(4096, 3);
+    const auto start = Clock::now();
+    for (int i = 0; i < lat_iters; ++i) {
+      Message m;
+      m.header = proto.header;
+      m.payload = proto.payload;
+      auto r = client->SendSync(address, std::move(m), Ms(10000));
+      ok = ok && r.ok();
+    }
+    const double rtt_us =
+        std::chrono::duration<double, std::micro>(Clock::now() - start).count() /
+        lat_iters;
+    const double perftest_rtt = 2 * Perftest(t.tls, "tag_lat", 4096, 20000, 1);
+    lat_ratio[t_index++] = perftest_rtt > 0 ? rtt_us / perftest_rtt : 0;
+    std::printf("%-6s 4 KiB round trip: %.1f us, ucx_perftest %.1f us: %.2fx "
+                "(target <= 2x)\n",
+                t.name, rtt_us, perftest_rtt, lat_ratio[t_index - 1]);
+    client->Shutdown();
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    std::remove(file.c_str());
+  }
+  if (!ok) std::printf("VERIFY FAILED: an echo came back wrong or failed\n");
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace switchyard::transport
+
+int main(int argc, char** argv) {
+  switchyard::InitLogging(argv[0]);
+  switchyard::transport::g_self = argv[0];
+  if (argc == 4 && std::strcmp(argv[1], "--serve") == 0) {
+    return switchyard::transport::Serve(argv[2], argv[3]);
+  }
+  return switchyard::transport::Run();
+}
