@@ -33,6 +33,8 @@ demo: bootstrap build
 
 bench: bootstrap build
 	$(BUILD_DIR)/bench/placement_bench
+	$(BUILD_DIR)/bench/expert_ffn_bench
+	$(BUILD_DIR)/bench/transport_bench
 
 format:
 	clang-format -i $(filter-out %.proto,$(SOURCES))

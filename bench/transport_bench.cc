@@ -60,8 +60,8 @@ double Perftest(const std::string& tls, const std::string& test, size_t bytes,
   static int port = 20000 + ::getpid() % 20000;
   ++port;
   const std::string env = "UCX_TLS=" + tls + " ";
-  const std::string server = env + "ucx_perftest -p " + std::to_string(port) +
-                             " > /dev/null 2>&1 &";
+  const std::string server =
+      env + "ucx_perftest -p " + std::to_string(port) + " > /dev/null 2>&1 &";
   if (std::system(server.c_str()) != 0) return 0;
   std::this_thread::sleep_for(Ms(300));
   const std::string client = env + "ucx_perftest 127.0.0.1 -p " +
@@ -74,9 +74,8 @@ double Perftest(const std::string& tls, const std::string& test, size_t bytes,
   while (std::fgets(line, sizeof(line), pipe)) {
     if (std::strncmp(line, "Final:", 6) != 0) continue;
     double cols[8] = {0};
-    std::sscanf(line + 6, "%lf %lf %lf %lf %lf %lf %lf %lf", &cols[0],
-                &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &cols[6],
-                &cols[7]);
+    std::sscanf(line + 6, "%lf %lf %lf %lf %lf %lf %lf %lf", &cols[0], &cols[1],
+                &cols[2], &cols[3], &cols[4], &cols[5], &cols[6], &cols[7]);
     value = cols[column];
   }
   ::pclose(pipe);
@@ -116,14 +115,15 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
     m.header = proto.header;
     m.payload = proto.payload;  // Shared buffer: the send only reads it.
     client->Send(peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
-      const bool good =
-          r.ok() && r->payload.num_bytes() == proto.payload.num_bytes() &&
-          std::memcmp(r->payload.data(), proto.payload.data(),
-                      proto.payload.num_bytes()) == 0;
+      const bool good = r.ok() &&
+                        r->payload.num_bytes() == proto.payload.num_bytes() &&
+                        std::memcmp(r->payload.data(), proto.payload.data(),
+                                    proto.payload.num_bytes()) == 0;
       std::lock_guard<std::mutex> lock(mu);
       if (!good && *ok) {
-        std::fprintf(stderr, "echo of %zu bytes failed: %s\n", bytes,
-                     r.ok() ? "payload differs" : r.status().ToString().c_str());
+        std::fprintf(
+            stderr, "echo of %zu bytes failed: %s\n", bytes,
+            r.ok() ? "payload differs" : r.status().ToString().c_str());
       }
       if (!good) *ok = false;
       --in_flight;
@@ -147,8 +147,8 @@ int Run() {
   };
   double lat_ratio[2] = {0, 0};
   int t_index = 0;
-  for (Transport t : {Transport{"shm", "posix,cma,tcp,self"},
-                      Transport{"tcp", "tcp,self"}}) {
+  for (Transport t :
+       {Transport{"shm", "posix,cma,tcp,self"}, Transport{"tcp", "tcp,self"}}) {
     const std::string file =
         "/tmp/switchyard_transport_bench_" + std::to_string(::getpid());
     std::remove(file.c_str());
@@ -198,13 +198,15 @@ int Run() {
       ok = ok && r.ok();
     }
     const double rtt_us =
-        std::chrono::duration<double, std::micro>(Clock::now() - start).count() /
+        std::chrono::duration<double, std::micro>(Clock::now() - start)
+            .count() /
         lat_iters;
     const double perftest_rtt = 2 * Perftest(t.tls, "tag_lat", 4096, 20000, 1);
     lat_ratio[t_index++] = perftest_rtt > 0 ? rtt_us / perftest_rtt : 0;
-    std::printf("%-6s 4 KiB round trip: %.1f us, ucx_perftest %.1f us: %.2fx "
-                "(target <= 2x)\n",
-                t.name, rtt_us, perftest_rtt, lat_ratio[t_index - 1]);
+    std::printf(
+        "%-6s 4 KiB round trip: %.1f us, ucx_perftest %.1f us: %.2fx "
+        "(target <= 2x)\n",
+        t.name, rtt_us, perftest_rtt, lat_ratio[t_index - 1]);
     client->Shutdown();
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);

@@ -40,7 +40,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   const size_t max_cached_bytes_;
   mutable std::mutex mu_;
   std::map<size_t, std::vector<uint8_t*>> free_;  // GUARDED_BY(mu_)
-  size_t cached_bytes_ = 0;                        // GUARDED_BY(mu_)
+  size_t cached_bytes_ = 0;                       // GUARDED_BY(mu_)
 };
 
 }  // namespace switchyard
