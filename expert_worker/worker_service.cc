@@ -1,9 +1,11 @@
 #include "expert_worker/worker_service.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
 #include "common/digest.h"
+#include "common/metrics.h"
 #include "common/model_shape.h"
 #include "common/random.h"
 
@@ -244,13 +246,40 @@ void WorkerService::Handle(Message request, transport::Reply reply) {
 }
 
 void WorkerService::Run() {
+  // Process-wide metrics (common/metrics.h): what the worker computes and
+  // how much waits for it.
+  auto& registry = MetricsRegistry::Global();
+  Gauge* queue_depth = registry.GetGauge("switchyard_worker_queue_depth");
+  Gauge* waiting = registry.GetGauge("switchyard_worker_waiting_next_step");
+  Counter* requests = registry.GetCounter("switchyard_worker_requests_total");
+  Counter* errors = registry.GetCounter("switchyard_worker_refused_total");
+  Counter* tokens = registry.GetCounter("switchyard_worker_tokens_total");
+  Histogram* compute_ms =
+      registry.GetHistogram("switchyard_worker_request_ms", LatencyBucketsMs());
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
     if (stop_) return;
     Task task = std::move(queue_.front());
     queue_.pop_front();
+    queue_depth->Set(static_cast<double>(queue_.size()));
+    requests->Increment();
+    if (task.request.header.kind ==
+        static_cast<uint8_t>(MessageKind::kExpertForward)) {
+      tokens->Increment(static_cast<uint64_t>(task.request.header.rows));
+    }
+    // Count refusals by wrapping the reply.
+    transport::Reply reply = std::move(task.reply);
+    task.reply = [reply = std::move(reply), errors](Message response) {
+      if (response.header.status_code != 0) errors->Increment();
+      reply(std::move(response));
+    };
+    const auto start = std::chrono::steady_clock::now();
     Process(std::move(task));
+    compute_ms->Observe(std::chrono::duration<double, std::milli>(
+                            std::chrono::steady_clock::now() - start)
+                            .count());
+    waiting->Set(static_cast<double>(waiting_.size()));
   }
 }
 

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "common/config.h"
+#include "common/metrics.h"
 #include "common/model_shape.h"
 #include "common/random.h"
 
@@ -425,6 +426,30 @@ TEST(WorkerServiceTest, DenseRefusals) {
   Message dup = Ask(&worker, DenseRequest(MessageKind::kDensePush, 0, 0, 0));
   EXPECT_EQ(dup.header.status_code,
             static_cast<int32_t>(StatusCode::kAlreadyExists));
+}
+
+TEST(WorkerServiceTest, ExposesComputeAndQueueMetrics) {
+  auto& registry = MetricsRegistry::Global();
+  const uint64_t requests_before =
+      registry.GetCounter("switchyard_worker_requests_total")->value();
+  const uint64_t refused_before =
+      registry.GetCounter("switchyard_worker_refused_total")->value();
+  const uint64_t tokens_before =
+      registry.GetCounter("switchyard_worker_tokens_total")->value();
+  WorkerService worker(TestConfig("adamw"), "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  Ask(&worker, Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 5));
+  Ask(&worker, Request(MessageKind::kExpertForward, 0, 0, 0, 9, 0, kEpoch, 2));
+  EXPECT_EQ(registry.GetCounter("switchyard_worker_requests_total")->value(),
+            requests_before + 2);
+  EXPECT_EQ(registry.GetCounter("switchyard_worker_refused_total")->value(),
+            refused_before + 1);
+  EXPECT_EQ(registry.GetCounter("switchyard_worker_tokens_total")->value(),
+            tokens_before + 7);
+  const std::string text = registry.RenderText();
+  EXPECT_NE(text.find("switchyard_worker_request_ms_count"), std::string::npos);
+  EXPECT_NE(text.find("switchyard_worker_queue_depth"), std::string::npos);
 }
 
 TEST(WorkerServiceTest, ZeroTokenRequestsAreNormal) {
