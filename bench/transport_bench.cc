@@ -42,7 +42,10 @@ int Serve(const std::string& file, const std::string& tls) {
   options.max_inflight_bytes = size_t{1} << 31;
   auto server = NewUcxDataPlane(options).value();
   Status s = server->Start([](Message request, Reply reply) {
-    reply(TensorResponse(request.header, std::move(request.payload)));
+    // step 1: one-way (dispatch only): answer without a payload.
+    reply(TensorResponse(request.header, request.header.step == 1
+                                             ? Tensor()
+                                             : std::move(request.payload)));
   });
   if (!s.ok()) {
     std::fprintf(stderr, "%s\n", s.ToString().c_str());
@@ -97,13 +100,16 @@ Message Echo(size_t bytes, uint32_t seed) {
   return m;
 }
 
-// Echo bandwidth (MB/s, both directions, 2^20 bytes) with `window` in flight.
+// Echo bandwidth (MB/s, both directions, 2^20 bytes) with `window` in flight;
+// with `one_way`, the server answers without a payload and only the request
+// bytes count.
 double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
-                     int iters, int window, bool* ok) {
+                     int iters, int window, bool* ok, bool one_way = false) {
   std::mutex mu;
   std::condition_variable cv;
   int in_flight = 0, done = 0;
-  const Message proto = Echo(bytes, 11);
+  Message proto = Echo(bytes, 11);
+  if (one_way) proto.header.step = 1;
   const auto start = Clock::now();
   for (int i = 0; i < iters; ++i) {
     {
@@ -134,7 +140,7 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
   std::unique_lock<std::mutex> lock(mu);
   cv.wait(lock, [&] { return done == iters; });
   const double s = std::chrono::duration<double>(Clock::now() - start).count();
-  return 2.0 * bytes * iters / s / (1 << 20);
+  return (one_way ? 1.0 : 2.0) * bytes * iters / s / (1 << 20);
 }
 
 int Run() {
@@ -182,6 +188,12 @@ int Run() {
       const double theirs = Perftest(t.tls, "tag_bw", bytes, iters, 4);
       std::printf("%-6s %10zu %14.0f %16.0f %8.2f\n", t.name, bytes, ours,
                   theirs, theirs > 0 ? ours / theirs : 0.0);
+      if (bytes >= (size_t{16} << 20)) {
+        const double one_way = EchoBandwidth(client.get(), address, bytes,
+                                             iters, 4, &ok, /*one_way=*/true);
+        std::printf("%-6s %10zu %14.0f %16s %8.2f  (one way)\n", t.name, bytes,
+                    one_way, "", theirs > 0 ? one_way / theirs : 0.0);
+      }
     }
     // Latency: 4 KiB, one at a time.
     const int lat_iters = 2000;
