@@ -23,24 +23,40 @@ void AddColumnSums(const float* m, int64_t rows, int64_t n, float* out) {
   }
 }
 
-// Returns `src` for fp32 compute, else a bf16-rounded copy in `scratch`.
-const float* Operand(const float* src, int64_t n, DType dtype,
-                     std::vector<float>* scratch) {
-  if (dtype == DType::kF32) return src;
+// bf16 copy of `src` (n elements) in `scratch`.
+const BFloat16* ToBf16(const float* src, int64_t n,
+                       std::vector<BFloat16>* scratch) {
   if (static_cast<int64_t>(scratch->size()) < n) scratch->resize(n);
-  std::memcpy(scratch->data(), src, n * sizeof(float));
-  RoundToBf16(scratch->data(), n);
-  return scratch->data();
+  BFloat16* out = scratch->data();
+  for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(src[i]);
+  return out;
 }
 
 // Per-thread scratch, grown on demand and reused: no allocation per call
 // once warm.
 struct Scratch {
-  std::vector<float> a, op0, op1;
+  std::vector<float> a;
+  std::vector<BFloat16> op0, op1;
 };
 Scratch& ThreadScratch() {
   thread_local Scratch scratch;
   return scratch;
+}
+
+// C = op(A) op(B) (+ C when accumulate), in the compute dtype: fp32 GEMM, or
+// bf16 operands (a_elems / b_elems converted into scratch) with fp32
+// accumulation.
+void Product(Gemm* gemm, DType dtype, bool trans_a, bool trans_b, int m, int n,
+             int k, const float* a, int lda, int64_t a_elems, const float* b,
+             int ldb, int64_t b_elems, bool accumulate, float* c, int ldc) {
+  const float beta = accumulate ? 1.0f : 0.0f;
+  if (dtype == DType::kF32) {
+    gemm->Sgemm(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  Scratch& s = ThreadScratch();
+  gemm->Bf16Gemm(trans_a, trans_b, m, n, k, 1.0f, ToBf16(a, a_elems, &s.op0),
+                 lda, ToBf16(b, b_elems, &s.op1), ldb, beta, c, ldc);
 }
 
 bool IsMatrix(const Tensor& t, int64_t rows, int64_t cols) {
@@ -49,10 +65,6 @@ bool IsMatrix(const Tensor& t, int64_t rows, int64_t cols) {
 }
 
 }  // namespace
-
-void RoundToBf16(float* data, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) data[i] = Bf16ToFloat(FloatToBf16(data[i]));
-}
 
 StatusOr<Activation> ParseActivation(const std::string& name) {
   if (name == "gelu") return Activation::kGelu;
@@ -103,19 +115,15 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
   Scratch& s = ThreadScratch();
   const DType dt = shape_.compute_dtype;
   // h = x W1 + b1
-  gemm_->Sgemm(false, false, tokens, gf, d, 1.0f,
-               Operand(x.f32(), tokens * d, dt, &s.op0), d,
-               Operand(p.w1.f32(), int64_t{d} * gf, dt, &s.op1), gf, 0.0f,
-               h->f32(), gf);
+  Product(gemm_, dt, false, false, tokens, gf, d, x.f32(), d, tokens * d,
+          p.w1.f32(), gf, int64_t{d} * gf, false, h->f32(), gf);
   if (shape_.has_b1) AddRowBias(h->f32(), tokens, gf, p.b1.f32());
   // a = act(h); y = a W2 + b2
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* ap = s.a.data();
   ActivationForward(shape_.activation, h->f32(), tokens, f, ap);
-  if (dt == DType::kBF16) RoundToBf16(ap, tokens * f);
-  gemm_->Sgemm(false, false, tokens, d, f, 1.0f, ap, f,
-               Operand(p.w2.f32(), int64_t{f} * d, dt, &s.op1), d, 0.0f,
-               y->f32(), d);
+  Product(gemm_, dt, false, false, tokens, d, f, ap, f, tokens * f, p.w2.f32(),
+          d, int64_t{f} * d, false, y->f32(), d);
   if (shape_.has_b2) AddRowBias(y->f32(), tokens, d, p.b2.f32());
   return OkStatus();
 }
@@ -136,18 +144,14 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
   // da = dy W2^T: (T, f), in the scratch buffer.
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* da = s.a.data();
-  gemm_->Sgemm(false, true, tokens, f, d, 1.0f,
-               Operand(dy.f32(), tokens * d, dt, &s.op0), d,
-               Operand(p.w2.f32(), int64_t{f} * d, dt, &s.op1), d, 0.0f, da, f);
+  Product(gemm_, dt, false, true, tokens, f, d, dy.f32(), d, tokens * d,
+          p.w2.f32(), d, int64_t{f} * d, false, da, f);
   // dh = da * act'(h), and a = act(h) from the same pass.
   ActivationBackward(shape_.activation, h.f32(), da, tokens, f, dh->f32(),
                      a->f32());
-  if (dt == DType::kBF16) RoundToBf16(a->f32(), tokens * f);
   // dx = dh W1^T
-  gemm_->Sgemm(false, true, tokens, d, gf, 1.0f,
-               Operand(dh->f32(), tokens * gf, dt, &s.op0), gf,
-               Operand(p.w1.f32(), int64_t{d} * gf, dt, &s.op1), gf, 0.0f,
-               dx->f32(), d);
+  Product(gemm_, dt, false, true, tokens, d, gf, dh->f32(), gf, tokens * gf,
+          p.w1.f32(), gf, int64_t{d} * gf, false, dx->f32(), d);
   return OkStatus();
 }
 
@@ -162,18 +166,14 @@ Status ExpertFfn::AccumulateGrads(const Tensor& x, const Tensor& a,
     return InvalidArgumentError("expert gradient inputs are mis-sized");
   }
   if (tokens == 0) return OkStatus();
-  Scratch& s = ThreadScratch();
   const DType dt = shape_.compute_dtype;
   // dW1 += x^T dh
-  gemm_->Sgemm(true, false, d, gf, tokens, 1.0f,
-               Operand(x.f32(), tokens * d, dt, &s.op0), d,
-               Operand(dh.f32(), tokens * gf, dt, &s.op1), gf, 1.0f,
-               grads->w1.f32(), gf);
+  Product(gemm_, dt, true, false, d, gf, tokens, x.f32(), d, tokens * d,
+          dh.f32(), gf, tokens * gf, true, grads->w1.f32(), gf);
   if (shape_.has_b1) AddColumnSums(dh.f32(), tokens, gf, grads->b1.f32());
-  // dW2 += a^T dy (a is already rounded for bf16 compute)
-  gemm_->Sgemm(true, false, f, d, tokens, 1.0f, a.f32(), f,
-               Operand(dy.f32(), tokens * d, dt, &s.op0), d, 1.0f,
-               grads->w2.f32(), d);
+  // dW2 += a^T dy
+  Product(gemm_, dt, true, false, f, d, tokens, a.f32(), f, tokens * f,
+          dy.f32(), d, tokens * d, true, grads->w2.f32(), d);
   if (shape_.has_b2) AddColumnSums(dy.f32(), tokens, d, grads->b2.f32());
   return OkStatus();
 }

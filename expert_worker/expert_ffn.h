@@ -12,9 +12,9 @@
 // trainer-rank order, whatever order the backward requests arrived in; it
 // takes a = act(h), which BackwardInput returns from the same pass.
 //
-// compute_dtype bf16 rounds x, W1, a and W2 to bf16 before each product and
-// accumulates in fp32 (what a bf16 GEMM with fp32 accumulation computes);
-// master weights and gradients stay fp32. Thread-compatible.
+// compute_dtype bf16 converts every GEMM operand to bf16 and multiplies with
+// Gemm::Bf16Gemm (fp32 accumulation, fp32 results); master weights,
+// gradients and activations stay fp32. Thread-compatible.
 #ifndef SWITCHYARD_EXPERT_WORKER_EXPERT_FFN_H_
 #define SWITCHYARD_EXPERT_WORKER_EXPERT_FFN_H_
 
@@ -75,9 +75,6 @@ class ExpertFfn {
   ExpertShape shape_;
   Gemm* gemm_;  // Not owned.
 };
-
-// Rounds every element to the nearest bf16 value, in place (fp32 storage).
-void RoundToBf16(float* data, int64_t n);
 
 }  // namespace switchyard::expert_worker
 

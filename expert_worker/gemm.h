@@ -10,6 +10,8 @@
 
 #include <memory>
 
+#include "common/bf16.h"
+
 namespace switchyard::expert_worker {
 
 class Gemm {
@@ -18,10 +20,16 @@ class Gemm {
   virtual void Sgemm(bool trans_a, bool trans_b, int m, int n, int k,
                      float alpha, const float* a, int lda, const float* b,
                      int ldb, float beta, float* c, int ldc) = 0;
+  // The same with bf16 operands, fp32 accumulation and an fp32 C.
+  virtual void Bf16Gemm(bool trans_a, bool trans_b, int m, int n, int k,
+                        float alpha, const BFloat16* a, int lda,
+                        const BFloat16* b, int ldb, float beta, float* c,
+                        int ldc) = 0;
 };
 
-// OpenBLAS. `threads` > 0 fixes OpenBLAS's thread count (process-wide; a
-// fixed count is what makes results reproducible); 0 keeps its default.
+// Sgemm on OpenBLAS, Bf16Gemm on oneDNN's matmul (AVX512-BF16 where the CPU
+// has it). `threads` > 0 fixes the thread count (process-wide; a fixed count
+// is what makes results reproducible); 0 keeps the libraries' defaults.
 std::unique_ptr<Gemm> NewCpuGemm(int threads);
 
 }  // namespace switchyard::expert_worker

@@ -21,7 +21,7 @@ packages=(
   libgtest-dev libgmock-dev
   libyaml-cpp-dev libssl-dev libxxhash-dev
   # Storage, data plane, compute.
-  librocksdb-dev libucx-dev ucx-utils libopenblas-dev
+  librocksdb-dev libucx-dev ucx-utils libopenblas-dev libdnnl-dev
   # Demo corpus: multilingual text in several scripts.
   fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-zh
 )

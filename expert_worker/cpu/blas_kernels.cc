@@ -1,36 +1,49 @@
 #include "expert_worker/cpu/blas_kernels.h"
 
 #include <cblas.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 
 namespace switchyard::expert_worker {
+namespace {
+// Set before re-executing, so that a process re-executes at most once.
+constexpr char kReexecGuard[] = "SWITCHYARD_BLAS_SELECTED";
+}  // namespace
 
 const char* BlasKernelName() { return openblas_get_corename(); }
 
-void SelectBlasKernels(char** argv) {
-  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
-  const bool avx512 =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+std::string ResolveBlasCoreType(const std::string& requested) {
+  if (!requested.empty() && requested != "auto") return requested;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
+      __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512cd")) {
+    return "SkylakeX";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return "Haswell";
+  }
+  return "";
+}
+
+void SelectBlasKernels(char** argv) {
+  const char* requested = std::getenv("SWITCHYARD_BLAS_CORETYPE");
+  const std::string want = ResolveBlasCoreType(requested ? requested : "");
   const char* current = openblas_get_corename();
-  if (!avx512 || current == nullptr ||
-      std::strstr(current, "Skylake") != nullptr ||
-      std::strstr(current, "Cooperlake") != nullptr ||
-      std::strstr(current, "SapphireRapids") != nullptr) {
+  if (want.empty() || current == nullptr ||
+      strcasecmp(current, want.c_str()) == 0 ||
+      std::getenv(kReexecGuard) != nullptr) {
     return;
   }
-  ::setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);
+  ::setenv("OPENBLAS_CORETYPE", want.c_str(), 1);
+  ::setenv(kReexecGuard, want.c_str(), 1);
   ::execv("/proc/self/exe", argv);
-  // exec failed: go on with the kernels already loaded.
   std::fprintf(stderr,
-               "switchyard: cannot re-execute with SkylakeX BLAS kernels; "
-               "using %s\n",
-               current);
+               "switchyard: cannot re-execute with %s BLAS kernels; using %s\n",
+               want.c_str(), current);
 }
 
 }  // namespace switchyard::expert_worker

@@ -1,23 +1,31 @@
 // Which OpenBLAS kernels the process computes with.
 //
 // Debian's OpenBLAS 0.3.21 does not recognise recent AVX-512 CPUs (AMD Zen 4
-// here) and falls back to its Haswell (AVX2) kernels: about 200 GFLOP/s of
-// sgemm on this 2-core machine, against about 365 GFLOP/s with its SkylakeX
-// kernels, which compute correctly on it (bench/expert_ffn). OpenBLAS picks
-// its kernels once, when it loads, from OPENBLAS_CORETYPE; so the choice is
-// made by re-executing the process with that variable set.
+// here); with its Haswell (AVX2) kernels sgemm reaches about 200 GFLOP/s on
+// this 2-core machine, with its SkylakeX kernels about 365 GFLOP/s, with
+// correct results (bench/expert_ffn). OpenBLAS picks its kernels once, when
+// it loads, from OPENBLAS_CORETYPE, so the choice is made by re-executing the
+// process with that variable set.
+//
+// Switchyard chooses from the CPU, not from whatever OPENBLAS_CORETYPE a
+// host's environment carries: every process of a run must compute with the
+// same kernels for bit-identical results.
 #ifndef SWITCHYARD_EXPERT_WORKER_CPU_BLAS_KERNELS_H_
 #define SWITCHYARD_EXPERT_WORKER_CPU_BLAS_KERNELS_H_
 
+#include <string>
+
 namespace switchyard::expert_worker {
 
-// Call first in main(). When OPENBLAS_CORETYPE is unset, the CPU has
-// AVX-512 (F, BW, DQ, VL, CD) and OpenBLAS chose a non-AVX-512 kernel, sets
-// OPENBLAS_CORETYPE=SkylakeX and re-executes /proc/self/exe with the same
-// arguments (once: the variable is then set). Every Switchyard process
-// applies the same rule, so all processes of a run compute with the same
-// kernels, which bit-exact reproducibility needs. Setting OPENBLAS_CORETYPE
-// (to any value) opts out.
+// The OpenBLAS core type for SWITCHYARD_BLAS_CORETYPE (`requested`):
+// "auto" (or empty) gives SkylakeX on CPUs with AVX-512 F/BW/DQ/VL/CD,
+// Haswell on CPUs with AVX2 and FMA, and "" (OpenBLAS's own choice)
+// otherwise; any other value is used as it is.
+std::string ResolveBlasCoreType(const std::string& requested);
+
+// Call first in main(). If OpenBLAS's kernels differ from the resolved core
+// type, sets OPENBLAS_CORETYPE to it and re-executes /proc/self/exe with the
+// same arguments (at most once).
 void SelectBlasKernels(char** argv);
 
 // OpenBLAS's name for the kernels in use ("SkylakeX", "Haswell", ...).

@@ -3,10 +3,13 @@
 #include "expert_worker/optimizer.h"
 
 #include <gtest/gtest.h>
+#include <strings.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include "common/config.h"
+#include "expert_worker/cpu/blas_kernels.h"
 
 namespace switchyard::expert_worker {
 namespace {
@@ -107,6 +110,30 @@ TEST(OptimizerTest, RejectsMismatchedGradients) {
   Tensor g = Tensor::Zeros(DType::kF32, {3, 2}).value();
   OptimizerState state = opt->NewState(p).value();
   EXPECT_EQ(opt->Apply(0, g, &p, &state).code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker
+
+namespace switchyard::expert_worker {
+namespace {
+
+TEST(BlasKernelsTest, ProcessRunsTheResolvedKernels) {
+  EXPECT_EQ(ResolveBlasCoreType("Haswell"), "Haswell");
+  const char* requested = std::getenv("SWITCHYARD_BLAS_CORETYPE");
+  const std::string want = ResolveBlasCoreType(requested ? requested : "auto");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512cd") && requested == nullptr) {
+    EXPECT_EQ(want, "SkylakeX");
+  }
+  // The test main called SelectBlasKernels, whatever OPENBLAS_CORETYPE the
+  // host's environment had.
+  if (!want.empty()) {
+    EXPECT_EQ(strcasecmp(BlasKernelName(), want.c_str()), 0)
+        << BlasKernelName() << " vs " << want;
+  }
 }
 
 }  // namespace
