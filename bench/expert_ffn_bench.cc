@@ -112,6 +112,8 @@ int Run() {
     ExpertParams grads = ExpertParams::Zeros(shape).value();
     Fill(&p.w1, 1, 0.03f);
     Fill(&p.w2, 2, 0.015f);
+    // As the worker does: bf16 copies of the weights, refreshed per update.
+    if (dtype == DType::kBF16 && !p.RefreshBf16().ok()) return 1;
     for (int tokens : {64, 256, 1024, 4096}) {
       Tensor x = Tensor::Zeros(DType::kF32, {tokens, d}).value();
       Tensor dy = Tensor::Zeros(DType::kF32, {tokens, d}).value();

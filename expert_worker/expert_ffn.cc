@@ -23,6 +23,11 @@ void AddColumnSums(const float* m, int64_t rows, int64_t n, float* out) {
   }
 }
 
+// bf16 copy of `src` (n elements) into `out`.
+void ConvertToBf16(const float* src, int64_t n, BFloat16* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(src[i]);
+}
+
 // bf16 copy of `src` (n elements) in `scratch`.
 const BFloat16* ToBf16(const float* src, int64_t n,
                        std::vector<BFloat16>* scratch) {
@@ -44,19 +49,23 @@ Scratch& ThreadScratch() {
 }
 
 // C = op(A) op(B) (+ C when accumulate), in the compute dtype: fp32 GEMM, or
-// bf16 operands (a_elems / b_elems converted into scratch) with fp32
-// accumulation.
+// bf16 operands (a_elems / b_elems converted into scratch, unless B comes
+// already converted as b_bf16) with fp32 accumulation.
 void Product(Gemm* gemm, DType dtype, bool trans_a, bool trans_b, int m, int n,
              int k, const float* a, int lda, int64_t a_elems, const float* b,
-             int ldb, int64_t b_elems, bool accumulate, float* c, int ldc) {
+             int ldb, int64_t b_elems, bool accumulate, float* c, int ldc,
+             const Tensor* b_bf16 = nullptr) {
   const float beta = accumulate ? 1.0f : 0.0f;
   if (dtype == DType::kF32) {
     gemm->Sgemm(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   Scratch& s = ThreadScratch();
+  const BFloat16* b16 = b_bf16 != nullptr && !b_bf16->empty()
+                            ? b_bf16->bf16()
+                            : ToBf16(b, b_elems, &s.op1);
   gemm->Bf16Gemm(trans_a, trans_b, m, n, k, 1.0f, ToBf16(a, a_elems, &s.op0),
-                 lda, ToBf16(b, b_elems, &s.op1), ldb, beta, c, ldc);
+                 lda, b16, ldb, beta, c, ldc);
 }
 
 bool IsMatrix(const Tensor& t, int64_t rows, int64_t cols) {
@@ -71,6 +80,14 @@ StatusOr<Activation> ParseActivation(const std::string& name) {
   if (name == "relu") return Activation::kRelu;
   if (name == "swiglu") return Activation::kSwiglu;
   return InvalidArgumentError("unknown activation '" + name + "'");
+}
+
+Status ExpertParams::RefreshBf16() {
+  ASSIGN_OR_RETURN(w1_bf16, Tensor::Zeros(DType::kBF16, w1.shape()));
+  ASSIGN_OR_RETURN(w2_bf16, Tensor::Zeros(DType::kBF16, w2.shape()));
+  ConvertToBf16(w1.f32(), w1.num_elements(), w1_bf16.bf16());
+  ConvertToBf16(w2.f32(), w2.num_elements(), w2_bf16.bf16());
+  return OkStatus();
 }
 
 StatusOr<ExpertParams> ExpertParams::Zeros(const ExpertShape& s) {
@@ -116,14 +133,14 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
   const DType dt = shape_.compute_dtype;
   // h = x W1 + b1
   Product(gemm_, dt, false, false, tokens, gf, d, x.f32(), d, tokens * d,
-          p.w1.f32(), gf, int64_t{d} * gf, false, h->f32(), gf);
+          p.w1.f32(), gf, int64_t{d} * gf, false, h->f32(), gf, &p.w1_bf16);
   if (shape_.has_b1) AddRowBias(h->f32(), tokens, gf, p.b1.f32());
   // a = act(h); y = a W2 + b2
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* ap = s.a.data();
   ActivationForward(shape_.activation, h->f32(), tokens, f, ap);
   Product(gemm_, dt, false, false, tokens, d, f, ap, f, tokens * f, p.w2.f32(),
-          d, int64_t{f} * d, false, y->f32(), d);
+          d, int64_t{f} * d, false, y->f32(), d, &p.w2_bf16);
   if (shape_.has_b2) AddRowBias(y->f32(), tokens, d, p.b2.f32());
   return OkStatus();
 }
@@ -145,13 +162,13 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* da = s.a.data();
   Product(gemm_, dt, false, true, tokens, f, d, dy.f32(), d, tokens * d,
-          p.w2.f32(), d, int64_t{f} * d, false, da, f);
+          p.w2.f32(), d, int64_t{f} * d, false, da, f, &p.w2_bf16);
   // dh = da * act'(h), and a = act(h) from the same pass.
   ActivationBackward(shape_.activation, h.f32(), da, tokens, f, dh->f32(),
                      a->f32());
   // dx = dh W1^T
   Product(gemm_, dt, false, true, tokens, d, gf, dh->f32(), gf, tokens * gf,
-          p.w1.f32(), gf, int64_t{d} * gf, false, dx->f32(), d);
+          p.w1.f32(), gf, int64_t{d} * gf, false, dx->f32(), d, &p.w1_bf16);
   return OkStatus();
 }
 

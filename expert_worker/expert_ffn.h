@@ -42,8 +42,15 @@ struct ExpertShape {
 // fp32 tensors; b1/b2 are empty when the shape has none.
 struct ExpertParams {
   Tensor w1, b1, w2, b2;
+  // Optional bf16 copies of w1 and w2 for bf16 compute (FloatToBf16 of every
+  // element). NOTE: whoever changes w1/w2 must call RefreshBf16() or clear
+  // them; when empty, each product converts the weights itself.
+  Tensor w1_bf16, w2_bf16;
+
   // Zero-filled tensors of `shape`'s sizes.
   static StatusOr<ExpertParams> Zeros(const ExpertShape& shape);
+  // (Re)computes w1_bf16 and w2_bf16 from w1 and w2.
+  Status RefreshBf16();
 };
 
 class ExpertFfn {

@@ -142,6 +142,9 @@ StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
                                      static_cast<uint64_t>(o)}));
     }
   }
+  if (ffn.shape().compute_dtype == DType::kBF16) {
+    RETURN_IF_ERROR(shard->params.RefreshBf16());
+  }
   ASSIGN_OR_RETURN(shard->w1, optimizer_->NewState(shard->params.w1));
   ASSIGN_OR_RETURN(shard->w2, optimizer_->NewState(shard->params.w2));
   if (!shard->params.b1.empty()) {
@@ -505,6 +508,9 @@ Status WorkerService::ApplyUpdate(int64_t step) {
     if (!shard->params.b2.empty()) {
       RETURN_IF_ERROR(optimizer_->Apply(step, shard->grads.b2,
                                         &shard->params.b2, &shard->b2));
+    }
+    if (ffn.shape().compute_dtype == DType::kBF16) {
+      RETURN_IF_ERROR(shard->params.RefreshBf16());  // Weights changed.
     }
   }
   for (auto& [index, shard] : dense_) {

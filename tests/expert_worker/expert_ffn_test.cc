@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -97,6 +98,15 @@ double RelErr(const Tensor& a, const Mat& b) {
     scale = std::max(scale, std::abs(b[i]));
   }
   return err / scale;
+}
+
+ExpertParams Params(Tensor w1, Tensor b1, Tensor w2, Tensor b2) {
+  ExpertParams p;
+  p.w1 = std::move(w1);
+  p.b1 = std::move(b1);
+  p.w2 = std::move(w2);
+  p.b2 = std::move(b2);
+  return p;
 }
 
 Mat Random(std::mt19937& rng, size_t n, double scale) {
@@ -194,14 +204,48 @@ TEST(ExpertFfnBf16Test, WithinStatedTolerance) {
   Mat x = Random(rng, T * d, 1.0);
   auto gemm = NewCpuGemm(1);
   ExpertFfn ffn(s, gemm.get());
-  ExpertParams p{ToTensor(ref.w1, {d, f}), ToTensor(ref.b1, {f}),
-                 ToTensor(ref.w2, {f, d}), ToTensor(ref.b2, {d})};
+  ExpertParams p = Params(ToTensor(ref.w1, {d, f}), ToTensor(ref.b1, {f}),
+                          ToTensor(ref.w2, {f, d}), ToTensor(ref.b2, {d}));
   Tensor h = Tensor::Zeros(DType::kF32, {T, f}).value();
   Tensor y = Tensor::Zeros(DType::kF32, {T, d}).value();
   ASSERT_TRUE(ffn.Forward(p, ToTensor(x, {T, d}), &h, &y).ok());
   const double err = RelErr(y, RefForward(s, ref, x, T));
   EXPECT_LT(err, 2e-2);
   EXPECT_GT(err, 1e-5) << "bf16 rounding should be visible";
+}
+
+TEST(ExpertFfnBf16Test, CachedBf16WeightsGiveTheSameBits) {
+  ExpertShape s;
+  s.d_model = 32;
+  s.d_ff_shard = 48;
+  s.activation = Activation::kSwiglu;
+  s.compute_dtype = DType::kBF16;
+  std::mt19937 rng(8);
+  const int T = 9, d = 32, gf = 96, f = 48;
+  auto gemm = NewCpuGemm(1);
+  ExpertFfn ffn(s, gemm.get());
+  ExpertParams p = Params(ToTensor(Random(rng, d * gf, 0.2), {d, gf}),
+                          ToTensor(Random(rng, gf, 0.1), {gf}),
+                          ToTensor(Random(rng, f * d, 0.2), {f, d}),
+                          ToTensor(Random(rng, d, 0.1), {d}));
+  Tensor x = ToTensor(Random(rng, T * d, 1.0), {T, d});
+  Tensor dy = ToTensor(Random(rng, T * d, 1.0), {T, d});
+  auto run = [&](const ExpertParams& params, Tensor* y, Tensor* dx) {
+    Tensor h = Tensor::Zeros(DType::kF32, {T, gf}).value();
+    Tensor dh = Tensor::Zeros(DType::kF32, {T, gf}).value();
+    Tensor a = Tensor::Zeros(DType::kF32, {T, f}).value();
+    ASSERT_TRUE(ffn.Forward(params, x, &h, y).ok());
+    ASSERT_TRUE(ffn.BackwardInput(params, h, dy, &dh, &a, dx).ok());
+  };
+  Tensor y1 = Tensor::Zeros(DType::kF32, {T, d}).value();
+  Tensor dx1 = Tensor::Zeros(DType::kF32, {T, d}).value();
+  run(p, &y1, &dx1);
+  ASSERT_TRUE(p.RefreshBf16().ok());
+  Tensor y2 = Tensor::Zeros(DType::kF32, {T, d}).value();
+  Tensor dx2 = Tensor::Zeros(DType::kF32, {T, d}).value();
+  run(p, &y2, &dx2);
+  EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.num_bytes()), 0);
+  EXPECT_EQ(std::memcmp(dx1.data(), dx2.data(), dx1.num_bytes()), 0);
 }
 
 TEST(ExpertFfnTest, RejectsMisSizedInputs) {

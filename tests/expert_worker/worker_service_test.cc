@@ -28,7 +28,8 @@ constexpr uint64_t kEpoch = 5;
 constexpr int kSteps = 3, kRanks = 2, kMicroBatches = 2;
 
 config::SwitchyardConfig TestConfig(const std::string& optimizer,
-                                    int dense_shards = 2) {
+                                    int dense_shards = 2,
+                                    const std::string& dtype = "fp32") {
   auto loaded = ParseConfig(
       "", "test",
       {"cluster.trainers=2", "model.num_layers=2", "model.moe_every=2",
@@ -36,7 +37,8 @@ config::SwitchyardConfig TestConfig(const std::string& optimizer,
        "model.d_ff=16", "model.num_heads=2", "model.seq_len=16",
        "model.vocab_size=32", "training.threads=1",
        "training.optimizer=" + optimizer, "training.warmup_steps=0",
-       "model.dense_shards=" + std::to_string(dense_shards)});
+       "model.dense_shards=" + std::to_string(dense_shards),
+       "training.compute_dtype=" + dtype});
   CHECK(loaded.ok()) << loaded.status().ToString();
   return loaded->config;
 }
@@ -189,8 +191,9 @@ class Replies {
 // one (it cannot send step t + 2 before its step t + 1 forwards are
 // answered, which needs update t), so requests for the next step do arrive
 // before the update and must wait for it.
-std::string RunInterleaved(const std::string& optimizer, uint32_t seed) {
-  WorkerService worker(TestConfig(optimizer), "w");
+std::string RunInterleaved(const std::string& optimizer, uint32_t seed,
+                           const std::string& dtype = "fp32") {
+  WorkerService worker(TestConfig(optimizer, 2, dtype), "w");
   EXPECT_TRUE(worker.Start().ok());
   EXPECT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
   Replies replies;
@@ -227,6 +230,14 @@ TEST(WorkerServiceTest, ArrivalOrderDoesNotChangeTheResult) {
       EXPECT_EQ(RunInterleaved(optimizer, seed), reference)
           << optimizer << " seed " << seed;
     }
+  }
+}
+
+TEST(WorkerServiceTest, Bf16ComputeIsAlsoOrderIndependent) {
+  const std::string reference = RunInterleaved("adamw", 0, "bf16");
+  EXPECT_NE(reference, RunInterleaved("adamw", 0, "fp32"));
+  for (uint32_t seed = 1; seed <= 3; ++seed) {
+    EXPECT_EQ(RunInterleaved("adamw", seed, "bf16"), reference) << seed;
   }
 }
 
