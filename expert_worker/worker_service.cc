@@ -86,19 +86,23 @@ Status WorkerService::Start() {
 
 void WorkerService::Shutdown() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(queue_mu_);
     if (stop_) return;
     stop_ = true;
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
-  // Whatever was queued or waiting is answered, never dropped silently. The
-  // compute thread is gone and Handle() refuses new work, so no lock is needed.
-  std::vector<Task> unanswered(std::make_move_iterator(queue_.begin()),
-                               std::make_move_iterator(queue_.end()));
-  for (Task& t : waiting_) unanswered.push_back(std::move(t));
-  queue_.clear();
-  waiting_.clear();
+  // Whatever was queued or waiting is answered, never dropped silently.
+  std::vector<Task> unanswered;
+  {
+    std::lock_guard<std::mutex> state(mu_);
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    unanswered.assign(std::make_move_iterator(queue_.begin()),
+                      std::make_move_iterator(queue_.end()));
+    for (Task& t : waiting_) unanswered.push_back(std::move(t));
+    queue_.clear();
+    waiting_.clear();
+  }
   for (Task& t : unanswered) {
     t.reply(transport::ErrorResponse(
         t.request.header, UnavailableError(name_ + " is shutting down")));
@@ -237,7 +241,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
 
 void WorkerService::Handle(Message request, transport::Reply reply) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(queue_mu_);
     if (!stop_) {
       queue_.push_back({std::move(request), std::move(reply)});
       cv_.notify_one();
@@ -259,13 +263,17 @@ void WorkerService::Run() {
   Counter* tokens = registry.GetCounter("switchyard_worker_tokens_total");
   Histogram* compute_ms =
       registry.GetHistogram("switchyard_worker_request_ms", LatencyBucketsMs());
-  std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-    if (stop_) return;
-    Task task = std::move(queue_.front());
-    queue_.pop_front();
-    queue_depth->Set(static_cast<double>(queue_.size()));
+    Task task;
+    {
+      std::unique_lock<std::mutex> lock(queue_mu_);
+      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      task = std::move(queue_.front());
+      queue_.pop_front();
+      queue_depth->Set(static_cast<double>(queue_.size()));
+    }
+    std::lock_guard<std::mutex> state(mu_);
     requests->Increment();
     if (task.request.header.kind ==
         static_cast<uint8_t>(MessageKind::kExpertForward)) {
@@ -467,6 +475,7 @@ Status WorkerService::StepDone(const Message& request) {
   // Requests for the next step that arrived early run now, in arrival order.
   std::vector<Task> ready = std::move(waiting_);
   waiting_.clear();
+  std::lock_guard<std::mutex> lock(queue_mu_);  // Order: mu_, then queue_mu_.
   for (auto it = ready.rbegin(); it != ready.rend(); ++it) {
     queue_.push_front(std::move(*it));
   }

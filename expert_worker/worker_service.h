@@ -21,8 +21,9 @@
 // dense tables, so values do not depend on sharding or on which worker hosts
 // a shard.
 //
-// Thread-safety: all methods are thread-safe. Handle() only queues; one
-// compute thread runs requests in order (OpenBLAS parallelises each GEMM).
+// Thread-safety: all methods are thread-safe. Handle() only queues (it never
+// waits for computation); one compute thread runs requests in order (the
+// GEMM libraries parallelise each product).
 #ifndef SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
 #define SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
 
@@ -102,16 +103,22 @@ class WorkerService {
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), other shards.
 
-  mutable std::mutex mu_;
+  // NOTE: two locks so that Handle(), on the data plane's progress thread,
+  // never waits for a GEMM: queue_mu_ guards only the queue and is never
+  // held while computing; mu_ guards the shards and the step state and is
+  // held while a request is processed. Order: mu_ before queue_mu_.
+  std::mutex queue_mu_;
   std::condition_variable cv_;
-  std::deque<Task> queue_;                            // GUARDED_BY(mu_)
+  std::deque<Task> queue_;  // GUARDED_BY(queue_mu_)
+  bool stop_ = false;       // GUARDED_BY(queue_mu_)
+
+  mutable std::mutex mu_;
   std::vector<Task> waiting_;                         // GUARDED_BY(mu_)
   std::map<ShardId, std::unique_ptr<Shard>> shards_;  // GUARDED_BY(mu_)
   std::map<int, std::unique_ptr<DenseShard>> dense_;  // GUARDED_BY(mu_)
   uint64_t epoch_ = 0;                                // GUARDED_BY(mu_)
   int64_t next_step_ = 0;                             // GUARDED_BY(mu_)
   std::map<int64_t, std::set<int32_t>> step_done_;    // GUARDED_BY(mu_)
-  bool stop_ = false;                                 // GUARDED_BY(mu_)
   std::thread thread_;
 };
 

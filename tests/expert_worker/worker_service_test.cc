@@ -463,6 +463,54 @@ TEST(WorkerServiceTest, ExposesComputeAndQueueMetrics) {
   EXPECT_NE(text.find("switchyard_worker_queue_depth"), std::string::npos);
 }
 
+TEST(WorkerServiceTest, HandleNeverWaitsForComputation) {
+  // A large shard, so one forward takes a while.
+  auto loaded = ParseConfig(
+      "", "big",
+      {"cluster.trainers=2", "model.num_layers=2", "model.moe_every=2",
+       "model.num_experts=1", "model.d_model=1024", "model.d_ff=4096",
+       "model.num_heads=8", "model.seq_len=16", "model.vocab_size=32",
+       "model.dense_shards=1"});
+  ASSERT_TRUE(loaded.ok());
+  WorkerService worker(loaded->config, "w");
+  ASSERT_TRUE(worker.Start().ok());
+  control::RoutingTable routing;
+  routing.set_epoch(kEpoch);
+  routing.add_workers()->set_name("w");
+  auto* entry = routing.add_entries();
+  entry->mutable_shard()->set_kind(control::EXPERT);
+  entry->set_worker(0);
+  ASSERT_TRUE(worker.ApplyRouting(routing).ok());
+  auto forward = [](int rank, int tokens) {
+    Message m;
+    m.header.kind = static_cast<uint8_t>(MessageKind::kExpertForward);
+    m.header.epoch = kEpoch;
+    m.header.trainer_rank = rank;
+    m.payload = Tensor::Zeros(DType::kF32, {tokens, 1024}).value();
+    m.header.dtype = static_cast<uint8_t>(DType::kF32);
+    m.header.rows = tokens;
+    m.header.cols = 1024;
+    m.header.payload_bytes = m.payload.num_bytes();
+    return m;
+  };
+  Replies replies;
+  const auto heavy_start = std::chrono::steady_clock::now();
+  worker.Handle(forward(0, 4096), replies.Make());
+  std::this_thread::sleep_for(Ms(5));  // The compute thread is in the GEMM.
+  const auto start = std::chrono::steady_clock::now();
+  worker.Handle(forward(1, 1), replies.Make());
+  const auto handle_time = std::chrono::steady_clock::now() - start;
+  EXPECT_TRUE(replies.Wait().empty());
+  const auto heavy_time = std::chrono::steady_clock::now() - heavy_start;
+  // Queueing takes microseconds; the computation takes far longer.
+  EXPECT_LT(handle_time * 10, heavy_time)
+      << "Handle() took "
+      << std::chrono::duration_cast<std::chrono::microseconds>(handle_time)
+             .count()
+      << " us while the forward took "
+      << std::chrono::duration_cast<Ms>(heavy_time).count() << " ms";
+}
+
 TEST(WorkerServiceTest, ZeroTokenRequestsAreNormal) {
   WorkerService worker(TestConfig("adamw"), "w");
   ASSERT_TRUE(worker.Start().ok());
