@@ -148,6 +148,15 @@ TEST_F(DataPlaneTest, HandlerErrorsReachTheCaller) {
   EXPECT_EQ(r.status().message(), "unknown shard L9.E9.S9");
 }
 
+TEST_F(DataPlaneTest, SendAfterShutdownIsCancelledNotLost) {
+  const std::string address = server_->address();
+  client_->Shutdown();
+  const auto start = Clock::now();
+  auto r = client_->SendSync(address, EchoRequest(1, 16, 1), Ms(60000));
+  EXPECT_EQ(r.status().code(), StatusCode::kCancelled);
+  EXPECT_LT(Clock::now() - start, Ms(1000));
+}
+
 TEST_F(DataPlaneTest, UnreachablePeerFailsInTime) {
   const auto start = Clock::now();
   // Nothing listens on port 1.

@@ -146,7 +146,8 @@ class UcxDataPlane : public DataPlane {
     ucp_ep_h reply_ep;
   };
 
-  void Post(std::function<void()> fn);
+  // Queues `fn` for the progress thread; false once the plane is closed.
+  bool Post(std::function<void()> fn);
   void Loop();
   void ExpireDeadlines();
   void Complete(uint64_t id, StatusOr<Message> result);
@@ -182,6 +183,7 @@ class UcxDataPlane : public DataPlane {
 
   std::mutex mu_;
   std::deque<std::function<void()>> commands_;  // GUARDED_BY(mu_)
+  bool closed_ = false;                         // GUARDED_BY(mu_)
 
   // Progress thread only.
   std::map<std::string, ucp_ep_h> client_eps_;
@@ -301,12 +303,13 @@ Status UcxDataPlane::Start(RequestHandler handler) {
   return OkStatus();
 }
 
-void UcxDataPlane::Post(std::function<void()> fn) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    commands_.push_back(std::move(fn));
-  }
+bool UcxDataPlane::Post(std::function<void()> fn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return false;
+  commands_.push_back(std::move(fn));
+  // Signal under the lock: the worker is destroyed only after closed_.
   if (worker_ != nullptr) ucp_worker_signal(worker_);
+  return true;
 }
 
 void UcxDataPlane::Loop() {
@@ -341,7 +344,20 @@ void UcxDataPlane::Loop() {
     pollfd pfd{efd_, POLLIN, 0};
     ::poll(&pfd, 1, wait_ms);
   }
-  // Shutting down: fail what is pending, close endpoints, release UCX.
+  // Shutting down: run what was posted (sends see stop_ and cancel), refuse
+  // further posts, fail what is pending, close endpoints, release UCX.
+  while (true) {
+    std::deque<std::function<void()>> commands;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (commands_.empty()) {
+        closed_ = true;
+        break;
+      }
+      commands.swap(commands_);
+    }
+    for (auto& c : commands) c();
+  }
   auto pending = std::move(pending_);
   pending_.clear();
   deadlines_.clear();
@@ -380,13 +396,21 @@ void UcxDataPlane::Loop() {
 void UcxDataPlane::Shutdown() {
   std::call_once(shutdown_once_, [this] {
     if (!thread_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        closed_ = true;
+      }
       if (listener_ != nullptr) ucp_listener_destroy(listener_);
       if (worker_ != nullptr) ucp_worker_destroy(worker_);
       if (context_ != nullptr) ucp_cleanup(context_);
       return;
     }
     stop_.store(true);
-    ucp_worker_signal(worker_);
+    {
+      // The progress thread destroys the worker only after setting closed_.
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!closed_) ucp_worker_signal(worker_);
+    }
     thread_.join();
   });
 }
@@ -520,8 +544,10 @@ void UcxDataPlane::Send(const std::string& peer, Message request,
                         std::chrono::milliseconds timeout,
                         ResponseCallback done) {
   const auto deadline = Clock::now() + timeout;
-  Post([this, peer, request = std::move(request), deadline,
-        done = std::move(done)]() mutable {
+  auto shared_done = std::make_shared<ResponseCallback>(std::move(done));
+  const bool posted = Post([this, peer, request = std::move(request), deadline,
+                            shared_done]() mutable {
+    ResponseCallback done = std::move(*shared_done);
     if (stop_.load()) {
       done(CancelledError("data plane shutting down"));
       return;
@@ -543,6 +569,7 @@ void UcxDataPlane::Send(const std::string& peer, Message request,
           }
         });
   });
+  if (!posted) (*shared_done)(CancelledError("data plane is shut down"));
 }
 
 void UcxDataPlane::ReplyTo(ucp_ep_h ep, const Message& request,
