@@ -153,6 +153,8 @@ class UcxDataPlane : public DataPlane {
   void Complete(uint64_t id, StatusOr<Message> result);
   StatusOr<ucp_ep_h> Endpoint(const std::string& peer);
   void TrackEndpoint(ucp_ep_h ep, EpInfo info);
+  // Peer error handling: a lost peer fails every request pending on it.
+  void SetPeerErrorHandling(ucp_ep_params_t* params);
   void DropEndpoint(ucp_ep_h ep, const Status& why);
   void SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
                    std::function<void(ucs_status_t)> on_sent);
@@ -271,16 +273,9 @@ Status UcxDataPlane::Start(RequestHandler handler) {
       peer = SockaddrString(attr.client_address);
     }
     ucp_ep_params_t ep_params{};
-    ep_params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST |
-                           UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                           UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep_params.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST;
     ep_params.conn_request = request;
-    ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    ep_params.err_handler.arg = self;
-    ep_params.err_handler.cb = [](void* arg, ucp_ep_h ep, ucs_status_t s) {
-      static_cast<UcxDataPlane*>(arg)->DropEndpoint(
-          ep, UCX_STATUS(s, "data-plane peer lost"));
-    };
+    self->SetPeerErrorHandling(&ep_params);
     ucp_ep_h ep = nullptr;
     const ucs_status_t s = ucp_ep_create(self->worker_, &ep_params, &ep);
     if (s != UCS_OK) {
@@ -478,24 +473,28 @@ void UcxDataPlane::DropEndpoint(ucp_ep_h ep, const Status& why) {
   });
 }
 
+void UcxDataPlane::SetPeerErrorHandling(ucp_ep_params_t* params) {
+  params->field_mask |=
+      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params->err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params->err_handler.arg = this;
+  params->err_handler.cb = [](void* arg, ucp_ep_h ep, ucs_status_t s) {
+    static_cast<UcxDataPlane*>(arg)->DropEndpoint(
+        ep, UCX_STATUS(s, "data-plane peer lost"));
+  };
+}
+
 StatusOr<ucp_ep_h> UcxDataPlane::Endpoint(const std::string& peer) {
   auto it = client_eps_.find(peer);
   if (it != client_eps_.end()) return it->second;
   socklen_t len = 0;
   ASSIGN_OR_RETURN(sockaddr_storage addr, ResolveAddress(peer, &len));
   ucp_ep_params_t params{};
-  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR;
   params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
   params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
   params.sockaddr.addrlen = len;
-  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-  params.err_handler.arg = this;
-  params.err_handler.cb = [](void* arg, ucp_ep_h ep, ucs_status_t s) {
-    static_cast<UcxDataPlane*>(arg)->DropEndpoint(
-        ep, UCX_STATUS(s, "data-plane peer lost"));
-  };
+  SetPeerErrorHandling(&params);
   ucp_ep_h ep = nullptr;
   RETURN_IF_ERROR(UCX_STATUS(ucp_ep_create(worker_, &params, &ep),
                              "connect to data plane at " + peer));
