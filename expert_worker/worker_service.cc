@@ -8,6 +8,7 @@
 #include "common/metrics.h"
 #include "common/model_shape.h"
 #include "common/random.h"
+#include "expert_worker/expert_init.h"
 
 namespace switchyard::expert_worker {
 
@@ -16,9 +17,7 @@ using transport::MessageKind;
 
 namespace {
 
-constexpr uint64_t kTagW1 = 1;
-constexpr uint64_t kTagW2 = 2;
-constexpr uint64_t kTagDense = 3;
+constexpr uint64_t kTagDense = 3;  // 1 and 2: expert_init.cc.
 
 // Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols).
 Tensor ConcatRows(const std::vector<const Tensor*>& parts, int64_t cols) {
@@ -68,17 +67,9 @@ WorkerService::~WorkerService() { Shutdown(); }
 Status WorkerService::Start() {
   gemm_ = NewCpuGemm(config_.training().threads());
   ASSIGN_OR_RETURN(optimizer_, Optimizer::Create(config_.training()));
-  const auto& m = config_.model();
-  ExpertShape shape;
-  shape.d_model = m.d_model();
-  shape.d_ff_shard = m.d_ff() / m.shards_per_expert();
-  ASSIGN_OR_RETURN(shape.activation, ParseActivation(m.activation()));
-  shape.has_b1 = m.expert_bias();
-  ASSIGN_OR_RETURN(shape.compute_dtype,
-                   ParseDType(config_.training().compute_dtype()));
-  shape.has_b2 = m.expert_bias();
-  ffn0_ = std::make_unique<ExpertFfn>(shape, gemm_.get());
-  shape.has_b2 = false;
+  ASSIGN_OR_RETURN(ExpertShape shape0, ExpertShardShape(config_, 0));
+  ASSIGN_OR_RETURN(ExpertShape shape, ExpertShardShape(config_, 1));
+  ffn0_ = std::make_unique<ExpertFfn>(shape0, gemm_.get());
   ffn_ = std::make_unique<ExpertFfn>(shape, gemm_.get());
   thread_ = std::thread([this] { Run(); });
   return OkStatus();
@@ -111,44 +102,11 @@ void WorkerService::Shutdown() {
 
 StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
     const ShardId& id) const {
-  const auto& m = config_.model();
   const ExpertFfn& ffn = id.shard == 0 ? *ffn0_ : *ffn_;
   auto shard = std::make_unique<Shard>();
   shard->id = id;
-  ASSIGN_OR_RETURN(shard->params, ExpertParams::Zeros(ffn.shape()));
+  ASSIGN_OR_RETURN(shard->params, InitialExpertParams(config_, id));
   ASSIGN_OR_RETURN(shard->grads, ExpertParams::Zeros(ffn.shape()));
-  const int64_t d = m.d_model(), f = ffn.shape().d_ff_shard;
-  const int gates = ffn.shape().gates();
-  const uint64_t seed = config_.training().seed();
-  const double std1 = std::sqrt(m.init_scale() / m.d_model());
-  const double std2 = std::sqrt(m.init_scale() / m.d_ff());
-  // W1 (d, gates*f): column g*f + j is global column g*d_ff + shard*f + j.
-  float* w1 = shard->params.w1.f32();
-  for (int64_t i = 0; i < d; ++i) {
-    for (int g = 0; g < gates; ++g) {
-      for (int64_t j = 0; j < f; ++j) {
-        const uint64_t col = g * m.d_ff() + id.shard * f + j;
-        w1[i * gates * f + g * f + j] = static_cast<float>(
-            std1 * RandomNormal(seed, {kTagW1, static_cast<uint64_t>(id.layer),
-                                       static_cast<uint64_t>(id.expert),
-                                       static_cast<uint64_t>(i), col}));
-      }
-    }
-  }
-  // W2 (f, d): row i is global row shard*f + i.
-  float* w2 = shard->params.w2.f32();
-  for (int64_t i = 0; i < f; ++i) {
-    for (int64_t o = 0; o < d; ++o) {
-      const uint64_t row = id.shard * f + i;
-      w2[i * d + o] = static_cast<float>(
-          std2 * RandomNormal(seed, {kTagW2, static_cast<uint64_t>(id.layer),
-                                     static_cast<uint64_t>(id.expert), row,
-                                     static_cast<uint64_t>(o)}));
-    }
-  }
-  if (ffn.shape().compute_dtype == DType::kBF16) {
-    RETURN_IF_ERROR(shard->params.RefreshBf16());
-  }
   ASSIGN_OR_RETURN(shard->w1, optimizer_->NewState(shard->params.w1));
   ASSIGN_OR_RETURN(shard->w2, optimizer_->NewState(shard->params.w2));
   if (!shard->params.b1.empty()) {

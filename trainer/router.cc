@@ -19,8 +19,7 @@ RouterOptions RouterOptions::FromModel(const config::ModelConfig& m) {
 }
 
 std::vector<float> JitterMultipliers(uint64_t seed, int64_t step, int rank,
-                                     int layer, int tokens, int d,
-                                     double eps) {
+                                     int layer, int tokens, int d, double eps) {
   constexpr uint64_t kTagJitter = 11;
   std::vector<float> out(static_cast<size_t>(tokens) * d);
   for (int t = 0; t < tokens; ++t) {
@@ -76,8 +75,9 @@ RouterState<Real> RouteForward(const RouterOptions& o, const Real* x,
   for (int t = 0; t < T; ++t) {
     const Real* p = &s.probs[static_cast<size_t>(t) * E];
     for (int e = 0; e < E; ++e) order[e] = e;
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [p](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    std::partial_sort(
+        order.begin(), order.begin() + k, order.end(),
+        [p](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
     Real chosen_sum = 0;
     for (int j = 0; j < k; ++j) chosen_sum += p[order[j]];
     for (int j = 0; j < k; ++j) {
@@ -90,7 +90,8 @@ RouterState<Real> RouteForward(const RouterOptions& o, const Real* x,
   // Capacity: choice rank j for all tokens before j + 1, tokens in order.
   s.load.assign(E, 0);
   s.first_choice_count.assign(E, 0);
-  for (int t = 0; t < T; ++t) ++s.first_choice_count[s.expert[static_cast<size_t>(t) * k]];
+  for (int t = 0; t < T; ++t)
+    ++s.first_choice_count[s.expert[static_cast<size_t>(t) * k]];
   if (o.capacity_factor > 0 && T > 0) {
     s.capacity = static_cast<int>(
         std::ceil(o.capacity_factor * T * k / static_cast<double>(E)));
@@ -114,7 +115,8 @@ RouterState<Real> RouteForward(const RouterOptions& o, const Real* x,
     Real total = 0;
     for (int e = 0; e < E; ++e) {
       Real mean_p = 0;
-      for (int t = 0; t < T; ++t) mean_p += s.probs[static_cast<size_t>(t) * E + e];
+      for (int t = 0; t < T; ++t)
+        mean_p += s.probs[static_cast<size_t>(t) * E + e];
       mean_p /= T;
       total += (Real(s.first_choice_count[e]) / T) * mean_p;
     }
@@ -134,7 +136,9 @@ void RouteBackward(const RouterOptions& o, const RouterState<Real>& s,
     Real* dp = &d_probs[static_cast<size_t>(t) * E];
     const size_t base = static_cast<size_t>(t) * k;
     // A dropped assignment's gate is the constant 0.
-    auto dg = [&](int j) { return s.kept[base + j] ? d_gate[base + j] : Real(0); };
+    auto dg = [&](int j) {
+      return s.kept[base + j] ? d_gate[base + j] : Real(0);
+    };
     if (k == 1) {
       dp[s.expert[base]] += dg(0);
     } else {
@@ -199,9 +203,8 @@ template RouterState<double> RouteForward<double>(const RouterOptions&,
                                                   const double*, int, int,
                                                   const double*, const float*);
 template void RouteBackward<float>(const RouterOptions&,
-                                   const RouterState<float>&, const float*,
-                                   int, const float*, const float*, float*,
-                                   float*);
+                                   const RouterState<float>&, const float*, int,
+                                   const float*, const float*, float*, float*);
 template void RouteBackward<double>(const RouterOptions&,
                                     const RouterState<double>&, const double*,
                                     int, const double*, const float*, double*,

@@ -42,16 +42,16 @@ struct RouterOptions {
 template <typename Real>
 struct RouterState {
   int tokens = 0, experts = 0, k = 0;
-  std::vector<Real> x;          // (T, d) after jitter: the router's input.
-  std::vector<Real> logits;     // (T, E)
-  std::vector<Real> probs;      // (T, E)
-  std::vector<int> expert;      // (T, k) choices, best first
-  std::vector<Real> gate;       // (T, k) combine weights; 0 when dropped
-  std::vector<uint8_t> kept;    // (T, k) 1 within capacity
+  std::vector<Real> x;        // (T, d) after jitter: the router's input.
+  std::vector<Real> logits;   // (T, E)
+  std::vector<Real> probs;    // (T, E)
+  std::vector<int> expert;    // (T, k) choices, best first
+  std::vector<Real> gate;     // (T, k) combine weights; 0 when dropped
+  std::vector<uint8_t> kept;  // (T, k) 1 within capacity
   std::vector<int> first_choice_count;  // (E) tokens whose first choice is e
-  std::vector<int> load;        // (E) kept assignments per expert
-  int capacity = 0;             // 0: dropless
-  int dropped = 0;              // assignments beyond capacity
+  std::vector<int> load;                // (E) kept assignments per expert
+  int capacity = 0;                     // 0: dropless
+  int dropped = 0;                      // assignments beyond capacity
   Real aux_loss = 0;
   Real z_loss = 0;
 };

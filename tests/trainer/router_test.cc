@@ -2,11 +2,11 @@
 // finite-difference gradient check in double through the whole router.
 #include "trainer/router.h"
 
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <numeric>
 #include <random>
-
-#include <gtest/gtest.h>
 
 namespace switchyard::trainer {
 namespace {
@@ -42,14 +42,16 @@ TEST_P(RouterGradTest, MatchesFiniteDifferences) {
   std::vector<double> x = Random(rng, T * d, 1.0), w = Random(rng, d * E, 0.7);
   const std::vector<double> r = Random(rng, T * c.top_k, 1.0);
   const std::vector<float> jitter =
-      c.jitter ? JitterMultipliers(5, 3, 1, 2, T, d, 0.1) : std::vector<float>();
+      c.jitter ? JitterMultipliers(5, 3, 1, 2, T, d, 0.1)
+               : std::vector<float>();
   const float* jp = c.jitter ? jitter.data() : nullptr;
   auto loss = [&](const RouterState<double>& s) {
     double l = s.aux_loss + s.z_loss;
     for (size_t i = 0; i < r.size(); ++i) l += r[i] * s.gate[i];
     return l;
   };
-  const RouterState<double> base = RouteForward(o, x.data(), T, d, w.data(), jp);
+  const RouterState<double> base =
+      RouteForward(o, x.data(), T, d, w.data(), jp);
   if (c.capacity_factor > 0) {
     EXPECT_GT(base.dropped, 0) << "the case should exercise dropping";
   }
@@ -154,7 +156,8 @@ TEST(RouterTest, CapacityDropsLaterTokensAndKeepsTheirResidual) {
     }
   }
   // Capacity one token.
-  auto one = RouteForward(Options(E, 1, 0.1), x.data(), T, d, w.data(), nullptr);
+  auto one =
+      RouteForward(Options(E, 1, 0.1), x.data(), T, d, w.data(), nullptr);
   EXPECT_EQ(one.capacity, 1);
   EXPECT_EQ(one.load[0], 1);
   // Dropless keeps everything.
@@ -197,8 +200,9 @@ TEST(RouterTest, LossValuesForUniformProbabilities) {
 }
 
 TEST(RouterTest, ZeroTokensAndFloatMatchesDouble) {
-  auto empty = RouteForward(Options(4, 2, 1.0), static_cast<const double*>(nullptr),
-                            0, 3, std::vector<double>(12, 0.1).data(), nullptr);
+  auto empty =
+      RouteForward(Options(4, 2, 1.0), static_cast<const double*>(nullptr), 0,
+                   3, std::vector<double>(12, 0.1).data(), nullptr);
   EXPECT_EQ(empty.dropped, 0);
   EXPECT_EQ(empty.aux_loss, 0.0);
   std::mt19937 rng(4);

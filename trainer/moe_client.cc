@@ -1,0 +1,259 @@
+#include "trainer/moe_client.h"
+
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+namespace switchyard::trainer {
+
+using transport::Message;
+using transport::MessageKind;
+
+MoeLayerClient::MoeLayerClient(transport::DataPlane* data_plane,
+                               const config::SwitchyardConfig& config,
+                               int rank)
+    : data_plane_(data_plane),
+      config_(config),
+      rank_(rank),
+      timeout_(config.transport().request_timeout_ms()) {
+  auto dtype = ParseDType(config.training().wire_dtype());
+  if (dtype.ok()) wire_dtype_ = *dtype;
+}
+
+void MoeLayerClient::SetRouting(const control::RoutingTable& routing) {
+  routing_ = routing;
+  address_.clear();
+  for (const auto& e : routing.entries()) {
+    if (e.shard().kind() != control::EXPERT || e.worker() < 0) continue;
+    address_[ShardId::Expert(e.shard().layer(), e.shard().expert(),
+                             e.shard().shard())] =
+        routing.workers(e.worker()).data_address();
+  }
+}
+
+StatusOr<std::string> MoeLayerClient::Address(const ShardId& id) const {
+  auto it = address_.find(id);
+  if (it == address_.end()) {
+    return FailedPreconditionError("expert shard " + id.ToString() +
+                                   " has no worker at epoch " +
+                                   std::to_string(routing_.epoch()));
+  }
+  return it->second;
+}
+
+StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
+    MessageKind kind, int64_t step, int micro_batch, int layer,
+    const std::vector<int>& experts, std::vector<Tensor> payloads) {
+  const int shards = config_.model().shards_per_expert();
+  struct Pending {
+    std::mutex mu;
+    std::condition_variable cv;
+    int outstanding = 0;
+    std::vector<Tensor> replies;
+    Status error;
+  };
+  auto pending = std::make_shared<Pending>();
+  pending->replies.resize(payloads.size());
+  std::vector<std::pair<std::string, Message>> requests;
+  for (size_t b = 0; b < experts.size(); ++b) {
+    for (int s = 0; s < shards; ++s) {
+      const size_t slot = b * shards + s;
+      const ShardId id = ShardId::Expert(layer, experts[b], s);
+      ASSIGN_OR_RETURN(std::string address, Address(id));
+      Message m;
+      m.header.kind = static_cast<uint8_t>(kind);
+      m.header.step = step;
+      m.header.micro_batch = micro_batch;
+      m.header.layer = layer;
+      m.header.expert = experts[b];
+      m.header.shard = s;
+      m.header.trainer_rank = rank_;
+      m.header.epoch = routing_.epoch();
+      Tensor& p = payloads[slot];
+      m.payload = wire_dtype_ == DType::kF32 ? p : p.To(wire_dtype_);
+      m.header.dtype = static_cast<uint8_t>(wire_dtype_);
+      m.header.rows = p.dim(0);
+      m.header.cols = p.dim(1);
+      m.header.payload_bytes = m.payload.num_bytes();
+      requests.emplace_back(std::move(address), std::move(m));
+    }
+  }
+  pending->outstanding = static_cast<int>(requests.size());
+  for (size_t slot = 0; slot < requests.size(); ++slot) {
+    const std::string what = ShardId::Expert(layer, requests[slot].second.header.expert,
+                                             requests[slot].second.header.shard)
+                                 .ToString() +
+                             " at " + requests[slot].first;
+    data_plane_->Send(
+        requests[slot].first, std::move(requests[slot].second), timeout_,
+        [pending, slot, what](StatusOr<Message> r) {
+          std::lock_guard<std::mutex> lock(pending->mu);
+          if (!r.ok()) {
+            if (pending->error.ok()) pending->error = r.status().WithContext(what);
+          } else {
+            Tensor t = std::move(r->payload);
+            pending->replies[slot] =
+                t.dtype() == DType::kF32 ? std::move(t) : t.To(DType::kF32);
+          }
+          if (--pending->outstanding == 0) pending->cv.notify_all();
+        });
+  }
+  std::unique_lock<std::mutex> lock(pending->mu);
+  // The data plane calls back by each request's deadline; the margin covers
+  // scheduling only.
+  if (!pending->cv.wait_for(lock, timeout_ + std::chrono::seconds(5),
+                            [&] { return pending->outstanding == 0; })) {
+    return DeadlineExceededError("expert requests of layer " +
+                                 std::to_string(layer) + " not answered");
+  }
+  if (!pending->error.ok()) return pending->error;
+  return std::move(pending->replies);
+}
+
+StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,
+                                         int layer, const Tensor& x,
+                                         const RouterState<float>& route) {
+  const int T = route.tokens, k = route.k, E = route.experts;
+  const int64_t d = config_.model().d_model();
+  if (x.rank() != 2 || x.dim(0) != T || x.dim(1) != d) {
+    return InvalidArgumentError("MoE input " + x.DebugString() +
+                                " does not match the route");
+  }
+  Saved saved;
+  saved.tokens = T;
+  saved.k = k;
+  saved.gate = route.gate;
+  saved.kept = route.kept;
+  // Group kept assignments by expert, tokens in order.
+  std::vector<std::vector<std::pair<int, int>>> rows(E);
+  for (int t = 0; t < T; ++t) {
+    for (int j = 0; j < k; ++j) {
+      if (route.kept[t * k + j]) rows[route.expert[t * k + j]].push_back({t, j});
+    }
+  }
+  std::vector<int> experts;
+  std::vector<Tensor> payloads;
+  const int shards = config_.model().shards_per_expert();
+  for (int e = 0; e < E; ++e) {
+    if (rows[e].empty()) continue;  // No tokens: no request.
+    ASSIGN_OR_RETURN(Tensor xe, Tensor::Zeros(DType::kF32,
+                                              {static_cast<int64_t>(rows[e].size()), d}));
+    for (size_t r = 0; r < rows[e].size(); ++r) {
+      std::memcpy(xe.f32() + r * d, x.f32() + rows[e][r].first * d,
+                  d * sizeof(float));
+    }
+    experts.push_back(e);
+    for (int s = 0; s < shards; ++s) payloads.push_back(xe);
+    saved.batches.push_back({e, std::move(rows[e]), Tensor()});
+  }
+  ASSIGN_OR_RETURN(std::vector<Tensor> replies,
+                   Exchange(MessageKind::kExpertForward, step, micro_batch,
+                            layer, experts, std::move(payloads)));
+  ASSIGN_OR_RETURN(Tensor y, Tensor::Zeros(DType::kF32, {T, d}));
+  // Fixed order: expert outputs sum their shards in shard order ...
+  std::vector<int> batch_of_expert(E, -1);
+  for (size_t b = 0; b < saved.batches.size(); ++b) {
+    ExpertBatch& batch = saved.batches[b];
+    batch.out = replies[b * shards].Clone();
+    for (int s = 1; s < shards; ++s) {
+      const Tensor& part = replies[b * shards + s];
+      for (int64_t i = 0; i < batch.out.num_elements(); ++i) {
+        batch.out.f32()[i] += part.f32()[i];
+      }
+    }
+    batch_of_expert[batch.expert] = static_cast<int>(b);
+  }
+  // ... and tokens combine their choices in (token, choice) order.
+  std::vector<int> cursor(saved.batches.size(), 0);
+  for (int t = 0; t < T; ++t) {
+    for (int j = 0; j < k; ++j) {
+      if (!route.kept[t * k + j]) continue;
+      const int b = batch_of_expert[route.expert[t * k + j]];
+      const float* out = saved.batches[b].out.f32() + cursor[b]++ * d;
+      const float g = route.gate[t * k + j];
+      float* yt = y.f32() + t * d;
+      for (int64_t i = 0; i < d; ++i) yt[i] += g * out[i];
+    }
+  }
+  saved_[{layer, micro_batch}] = std::move(saved);
+  return y;
+}
+
+Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
+                                const Tensor& dy, Tensor* dx,
+                                std::vector<float>* d_gate) {
+  auto it = saved_.find({layer, micro_batch});
+  if (it == saved_.end()) {
+    return FailedPreconditionError("MoE backward of layer " +
+                                   std::to_string(layer) +
+                                   " without its forward");
+  }
+  Saved saved = std::move(it->second);
+  saved_.erase(it);
+  const int T = saved.tokens, k = saved.k;
+  const int64_t d = config_.model().d_model();
+  if (dy.rank() != 2 || dy.dim(0) != T || dy.dim(1) != d) {
+    return InvalidArgumentError("MoE output gradient " + dy.DebugString() +
+                                " does not match the forward");
+  }
+  d_gate->assign(static_cast<size_t>(T) * k, 0.0f);
+  std::vector<int> experts;
+  std::vector<Tensor> payloads;
+  const int shards = config_.model().shards_per_expert();
+  for (const ExpertBatch& batch : saved.batches) {
+    ASSIGN_OR_RETURN(Tensor dye, Tensor::Zeros(DType::kF32,
+                                               {static_cast<int64_t>(batch.rows.size()), d}));
+    for (size_t r = 0; r < batch.rows.size(); ++r) {
+      const auto [t, j] = batch.rows[r];
+      const float g = saved.gate[t * k + j];
+      const float* dyt = dy.f32() + t * d;
+      const float* out = batch.out.f32() + r * d;
+      float dot = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        dye.f32()[r * d + i] = g * dyt[i];
+        dot += dyt[i] * out[i];
+      }
+      (*d_gate)[t * k + j] = dot;
+    }
+    experts.push_back(batch.expert);
+    for (int s = 0; s < shards; ++s) payloads.push_back(dye);
+  }
+  ASSIGN_OR_RETURN(std::vector<Tensor> replies,
+                   Exchange(MessageKind::kExpertBackward, step, micro_batch,
+                            layer, experts, std::move(payloads)));
+  ASSIGN_OR_RETURN(*dx, Tensor::Zeros(DType::kF32, {T, d}));
+  // Same fixed order as the forward.
+  for (size_t b = 0; b < saved.batches.size(); ++b) {
+    const ExpertBatch& batch = saved.batches[b];
+    Tensor sum = replies[b * shards].Clone();
+    for (int s = 1; s < shards; ++s) {
+      const Tensor& part = replies[b * shards + s];
+      for (int64_t i = 0; i < sum.num_elements(); ++i) {
+        sum.f32()[i] += part.f32()[i];
+      }
+    }
+    for (size_t r = 0; r < batch.rows.size(); ++r) {
+      float* dxt = dx->f32() + batch.rows[r].first * d;
+      const float* src = sum.f32() + r * d;
+      for (int64_t i = 0; i < d; ++i) dxt[i] += src[i];
+    }
+  }
+  return OkStatus();
+}
+
+Status MoeLayerClient::StepDone(int64_t step) {
+  for (const auto& worker : routing_.workers()) {
+    Message m;
+    m.header.kind = static_cast<uint8_t>(MessageKind::kStepDone);
+    m.header.step = step;
+    m.header.expert = -1;
+    m.header.trainer_rank = rank_;
+    m.header.epoch = routing_.epoch();
+    auto r = data_plane_->SendSync(worker.data_address(), std::move(m), timeout_);
+    if (!r.ok()) return r.status().WithContext("step done to " + worker.name());
+  }
+  return OkStatus();
+}
+
+}  // namespace switchyard::trainer

@@ -1,0 +1,91 @@
+// Dispatch and combine for one MoE layer of one trainer.
+//
+// Forward: the routed tokens of each expert go, as one request per expert
+// shard and all concurrently, to the workers the routing table names; the
+// shard outputs of an expert are summed (shard order) and each token's output
+// is sum_j gate_tj * expert_out(x_t), summed in (token, choice) order, so the
+// result never depends on the order replies arrive in. An expert with no
+// tokens gets no request. Backward sends each shard its tokens' gate-weighted
+// output gradients and returns dx (the same fixed-order sums) and
+// d_gate_tj = dy_t . expert_out_tj for the router.
+//
+// Every request carries (step, micro-batch, layer, expert, shard, rank,
+// epoch) and has a deadline; an unplaced shard or an unreachable worker is an
+// error naming it, never a hang.
+//
+// Thread-compatible: one trainer thread drives a client. The client keeps
+// what Backward needs from Forward, per (layer, micro-batch).
+#ifndef SWITCHYARD_TRAINER_MOE_CLIENT_H_
+#define SWITCHYARD_TRAINER_MOE_CLIENT_H_
+
+#include <chrono>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/ids.h"
+#include "common/status.h"
+#include "common/tensor.h"
+#include "config.pb.h"
+#include "control.pb.h"
+#include "trainer/router.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::trainer {
+
+class MoeLayerClient {
+ public:
+  MoeLayerClient(transport::DataPlane* data_plane,
+                 const config::SwitchyardConfig& config, int rank);
+
+  // Adopts a routing table (its epoch tags every request).
+  void SetRouting(const control::RoutingTable& routing);
+
+  // x: (T, d_model) fp32; `route` from RouteForward on x. Returns
+  // y: (T, d_model).
+  StatusOr<Tensor> Forward(int64_t step, int micro_batch, int layer,
+                           const Tensor& x, const RouterState<float>& route);
+
+  // dy: (T, d_model). Writes dx: (T, d_model) and d_gate: (T, k).
+  Status Backward(int64_t step, int micro_batch, int layer, const Tensor& dy,
+                  Tensor* dx, std::vector<float>* d_gate);
+
+  // StepDone(step, rank) to every worker of the routing table.
+  Status StepDone(int64_t step);
+
+ private:
+  struct ExpertBatch {
+    int expert = 0;
+    std::vector<std::pair<int, int>> rows;  // (token, choice), token order
+    Tensor out;                             // (rows, d): sum over shards
+  };
+  struct Saved {
+    int tokens = 0, k = 0;
+    std::vector<float> gate;    // (T, k)
+    std::vector<uint8_t> kept;  // (T, k)
+    std::vector<ExpertBatch> batches;
+  };
+
+  // Sends `kind` with one payload per (expert, shard) and returns the replies
+  // indexed like `payloads` (expert-major, shard-minor).
+  StatusOr<std::vector<Tensor>> Exchange(transport::MessageKind kind,
+                                         int64_t step, int micro_batch,
+                                         int layer,
+                                         const std::vector<int>& experts,
+                                         std::vector<Tensor> payloads);
+  StatusOr<std::string> Address(const ShardId& id) const;
+
+  transport::DataPlane* data_plane_;  // Not owned.
+  const config::SwitchyardConfig config_;
+  const int rank_;
+  const std::chrono::milliseconds timeout_;
+  DType wire_dtype_ = DType::kF32;
+  control::RoutingTable routing_;
+  std::map<ShardId, std::string> address_;  // Placed shards only.
+  std::map<std::pair<int, int>, Saved> saved_;  // (layer, micro-batch)
+};
+
+}  // namespace switchyard::trainer
+
+#endif  // SWITCHYARD_TRAINER_MOE_CLIENT_H_
