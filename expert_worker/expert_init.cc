@@ -58,7 +58,8 @@ StatusOr<ExpertParams> InitialExpertParams(
                                      static_cast<uint64_t>(o)}));
     }
   }
-  if (shape.compute_dtype == DType::kBF16) RETURN_IF_ERROR(params.RefreshBf16());
+  if (shape.compute_dtype == DType::kBF16)
+    RETURN_IF_ERROR(params.RefreshBf16());
   return params;
 }
 

@@ -11,8 +11,7 @@ using transport::Message;
 using transport::MessageKind;
 
 MoeLayerClient::MoeLayerClient(transport::DataPlane* data_plane,
-                               const config::SwitchyardConfig& config,
-                               int rank)
+                               const config::SwitchyardConfig& config, int rank)
     : data_plane_(data_plane),
       config_(config),
       rank_(rank),
@@ -81,23 +80,26 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
   }
   pending->outstanding = static_cast<int>(requests.size());
   for (size_t slot = 0; slot < requests.size(); ++slot) {
-    const std::string what = ShardId::Expert(layer, requests[slot].second.header.expert,
-                                             requests[slot].second.header.shard)
-                                 .ToString() +
-                             " at " + requests[slot].first;
-    data_plane_->Send(
-        requests[slot].first, std::move(requests[slot].second), timeout_,
-        [pending, slot, what](StatusOr<Message> r) {
-          std::lock_guard<std::mutex> lock(pending->mu);
-          if (!r.ok()) {
-            if (pending->error.ok()) pending->error = r.status().WithContext(what);
-          } else {
-            Tensor t = std::move(r->payload);
-            pending->replies[slot] =
-                t.dtype() == DType::kF32 ? std::move(t) : t.To(DType::kF32);
-          }
-          if (--pending->outstanding == 0) pending->cv.notify_all();
-        });
+    const std::string what =
+        ShardId::Expert(layer, requests[slot].second.header.expert,
+                        requests[slot].second.header.shard)
+            .ToString() +
+        " at " + requests[slot].first;
+    data_plane_->Send(requests[slot].first, std::move(requests[slot].second),
+                      timeout_, [pending, slot, what](StatusOr<Message> r) {
+                        std::lock_guard<std::mutex> lock(pending->mu);
+                        if (!r.ok()) {
+                          if (pending->error.ok())
+                            pending->error = r.status().WithContext(what);
+                        } else {
+                          Tensor t = std::move(r->payload);
+                          pending->replies[slot] = t.dtype() == DType::kF32
+                                                       ? std::move(t)
+                                                       : t.To(DType::kF32);
+                        }
+                        if (--pending->outstanding == 0)
+                          pending->cv.notify_all();
+                      });
   }
   std::unique_lock<std::mutex> lock(pending->mu);
   // The data plane calls back by each request's deadline; the margin covers
@@ -129,7 +131,8 @@ StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,
   std::vector<std::vector<std::pair<int, int>>> rows(E);
   for (int t = 0; t < T; ++t) {
     for (int j = 0; j < k; ++j) {
-      if (route.kept[t * k + j]) rows[route.expert[t * k + j]].push_back({t, j});
+      if (route.kept[t * k + j])
+        rows[route.expert[t * k + j]].push_back({t, j});
     }
   }
   std::vector<int> experts;
@@ -137,8 +140,9 @@ StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,
   const int shards = config_.model().shards_per_expert();
   for (int e = 0; e < E; ++e) {
     if (rows[e].empty()) continue;  // No tokens: no request.
-    ASSIGN_OR_RETURN(Tensor xe, Tensor::Zeros(DType::kF32,
-                                              {static_cast<int64_t>(rows[e].size()), d}));
+    ASSIGN_OR_RETURN(
+        Tensor xe,
+        Tensor::Zeros(DType::kF32, {static_cast<int64_t>(rows[e].size()), d}));
     for (size_t r = 0; r < rows[e].size(); ++r) {
       std::memcpy(xe.f32() + r * d, x.f32() + rows[e][r].first * d,
                   d * sizeof(float));
@@ -202,8 +206,10 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
   std::vector<Tensor> payloads;
   const int shards = config_.model().shards_per_expert();
   for (const ExpertBatch& batch : saved.batches) {
-    ASSIGN_OR_RETURN(Tensor dye, Tensor::Zeros(DType::kF32,
-                                               {static_cast<int64_t>(batch.rows.size()), d}));
+    ASSIGN_OR_RETURN(
+        Tensor dye,
+        Tensor::Zeros(DType::kF32,
+                      {static_cast<int64_t>(batch.rows.size()), d}));
     for (size_t r = 0; r < batch.rows.size(); ++r) {
       const auto [t, j] = batch.rows[r];
       const float g = saved.gate[t * k + j];
@@ -250,7 +256,8 @@ Status MoeLayerClient::StepDone(int64_t step) {
     m.header.expert = -1;
     m.header.trainer_rank = rank_;
     m.header.epoch = routing_.epoch();
-    auto r = data_plane_->SendSync(worker.data_address(), std::move(m), timeout_);
+    auto r =
+        data_plane_->SendSync(worker.data_address(), std::move(m), timeout_);
     if (!r.ok()) return r.status().WithContext("step done to " + worker.name());
   }
   return OkStatus();

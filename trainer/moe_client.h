@@ -82,7 +82,7 @@ class MoeLayerClient {
   const std::chrono::milliseconds timeout_;
   DType wire_dtype_ = DType::kF32;
   control::RoutingTable routing_;
-  std::map<ShardId, std::string> address_;  // Placed shards only.
+  std::map<ShardId, std::string> address_;      // Placed shards only.
   std::map<std::pair<int, int>, Saved> saved_;  // (layer, micro-batch)
 };
 

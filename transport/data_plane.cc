@@ -16,9 +16,9 @@ Message ErrorResponse(const WireHeader& request, const Status& status) {
   return m;
 }
 
-Message TensorResponse(const WireHeader& request, Tensor payload) {
+Message TensorMessage(const WireHeader& header, Tensor payload) {
   Message m;
-  m.header = request;
+  m.header = header;
   m.header.status_code = 0;
   if (payload.empty()) {
     m.header.dtype = kNoDType;

@@ -39,8 +39,13 @@ using ResponseCallback = std::function<void(StatusOr<Message> response)>;
 // A response message answering `request` with `status` (its message becomes
 // the error text).
 Message ErrorResponse(const WireHeader& request, const Status& status);
+// A message with `header`'s fields and `payload` (may be empty): dtype,
+// shape and payload_bytes follow the payload; status_code is 0.
+Message TensorMessage(const WireHeader& header, Tensor payload);
 // A response message answering `request` with `payload` (may be empty).
-Message TensorResponse(const WireHeader& request, Tensor payload);
+inline Message TensorResponse(const WireHeader& request, Tensor payload) {
+  return TensorMessage(request, std::move(payload));
+}
 
 struct DataPlaneOptions {
   // Host to listen on; the port is chosen by the system (see address()).

@@ -3,10 +3,10 @@
 // initial parameters; empty experts get no request; failures are errors.
 #include "trainer/moe_client.h"
 
+#include <gtest/gtest.h>
+
 #include <cstring>
 #include <random>
-
-#include <gtest/gtest.h>
 
 #include "common/config.h"
 #include "expert_worker/expert_init.h"
@@ -43,11 +43,12 @@ class MoeClientTest : public ::testing::Test {
       planes_.push_back(
           transport::NewUcxDataPlane(transport::DataPlaneOptions()).value());
       auto* worker = workers_[w].get();
-      ASSERT_TRUE(planes_[w]
-                      ->Start([worker](transport::Message m, transport::Reply r) {
-                        worker->Handle(std::move(m), std::move(r));
-                      })
-                      .ok());
+      ASSERT_TRUE(
+          planes_[w]
+              ->Start([worker](transport::Message m, transport::Reply r) {
+                worker->Handle(std::move(m), std::move(r));
+              })
+              .ok());
     }
     // Shard (e, s) lives on worker (e + s) % 2: every expert spans both.
     routing_.set_epoch(kEpoch);
@@ -66,7 +67,8 @@ class MoeClientTest : public ::testing::Test {
       }
     }
     for (auto& w : workers_) ASSERT_TRUE(w->ApplyRouting(routing_).ok());
-    client_plane_ = transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+    client_plane_ =
+        transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
     ASSERT_TRUE(client_plane_->Start(nullptr).ok());
     client_ = std::make_unique<MoeLayerClient>(client_plane_.get(), config_, 0);
     client_->SetRouting(routing_);
@@ -130,9 +132,10 @@ TEST_F(MoeClientTest, MatchesInProcessExpertsBitForBit) {
     std::vector<Tensor> hidden(S);
     for (int s = 0; s < S; ++s) {
       auto params =
-          expert_worker::InitialExpertParams(config_, ShardId::Expert(0, e, s)).value();
-      expert_worker::ExpertFfn ffn(expert_worker::ExpertShardShape(config_, s).value(),
-                                   gemm.get());
+          expert_worker::InitialExpertParams(config_, ShardId::Expert(0, e, s))
+              .value();
+      expert_worker::ExpertFfn ffn(
+          expert_worker::ExpertShardShape(config_, s).value(), gemm.get());
       hidden[s] = Tensor::Zeros(DType::kF32, {n, 16}).value();
       Tensor out = Tensor::Zeros(DType::kF32, {n, D}).value();
       ASSERT_TRUE(ffn.Forward(params, xe, &hidden[s], &out).ok());
@@ -153,13 +156,15 @@ TEST_F(MoeClientTest, MatchesInProcessExpertsBitForBit) {
     }
     for (int s = 0; s < S; ++s) {
       auto params =
-          expert_worker::InitialExpertParams(config_, ShardId::Expert(0, e, s)).value();
-      expert_worker::ExpertFfn ffn(expert_worker::ExpertShardShape(config_, s).value(),
-                                   gemm.get());
+          expert_worker::InitialExpertParams(config_, ShardId::Expert(0, e, s))
+              .value();
+      expert_worker::ExpertFfn ffn(
+          expert_worker::ExpertShardShape(config_, s).value(), gemm.get());
       Tensor dh = Tensor::Zeros(DType::kF32, {n, 16}).value();
       Tensor a = Tensor::Zeros(DType::kF32, {n, 16}).value();
       Tensor dxe = Tensor::Zeros(DType::kF32, {n, D}).value();
-      ASSERT_TRUE(ffn.BackwardInput(params, hidden[s], dye, &dh, &a, &dxe).ok());
+      ASSERT_TRUE(
+          ffn.BackwardInput(params, hidden[s], dye, &dh, &a, &dxe).ok());
       if (s == 0) {
         dx_sum = dxe;
       } else {

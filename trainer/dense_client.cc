@@ -1,0 +1,126 @@
+#include "trainer/dense_client.h"
+
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "common/model_shape.h"
+
+namespace switchyard::trainer {
+
+using transport::Message;
+using transport::MessageKind;
+
+DenseTableClient::DenseTableClient(transport::DataPlane* data_plane,
+                                   const config::SwitchyardConfig& config,
+                                   int rank)
+    : data_plane_(data_plane),
+      config_(config),
+      rank_(rank),
+      timeout_(config.transport().request_timeout_ms()) {}
+
+void DenseTableClient::SetRouting(const control::RoutingTable& routing) {
+  routing_ = routing;
+  address_.clear();
+  for (const auto& e : routing.entries()) {
+    if (e.shard().kind() == control::DENSE && e.worker() >= 0) {
+      address_[e.shard().shard()] = routing.workers(e.worker()).data_address();
+    }
+  }
+}
+
+StatusOr<std::vector<Tensor>> DenseTableClient::Exchange(
+    MessageKind kind, int64_t step, std::vector<Tensor> payloads) {
+  const int shards = config_.model().dense_shards();
+  struct Pending {
+    std::mutex mu;
+    std::condition_variable cv;
+    int outstanding = 0;
+    std::vector<Tensor> replies;
+    Status error;
+  };
+  auto pending = std::make_shared<Pending>();
+  pending->replies.resize(shards);
+  std::vector<std::pair<std::string, Message>> requests;
+  for (int s = 0; s < shards; ++s) {
+    auto it = address_.find(s);
+    if (it == address_.end()) {
+      return FailedPreconditionError("dense shard D" + std::to_string(s) +
+                                     " has no worker at epoch " +
+                                     std::to_string(routing_.epoch()));
+    }
+    Message m;
+    m.header.kind = static_cast<uint8_t>(kind);
+    m.header.step = step;
+    m.header.expert = -1;
+    m.header.shard = s;
+    m.header.trainer_rank = rank_;
+    m.header.epoch = routing_.epoch();
+    if (!payloads.empty()) {
+      m = transport::TensorMessage(m.header, std::move(payloads[s]));
+    }
+    requests.emplace_back(it->second, std::move(m));
+  }
+  pending->outstanding = shards;
+  for (int s = 0; s < shards; ++s) {
+    const std::string what = "D" + std::to_string(s) + " at " + requests[s].first;
+    data_plane_->Send(requests[s].first, std::move(requests[s].second),
+                      timeout_, [pending, s, what](StatusOr<Message> r) {
+                        std::lock_guard<std::mutex> lock(pending->mu);
+                        if (!r.ok()) {
+                          if (pending->error.ok()) {
+                            pending->error = r.status().WithContext(what);
+                          }
+                        } else {
+                          pending->replies[s] = std::move(r->payload);
+                        }
+                        if (--pending->outstanding == 0) pending->cv.notify_all();
+                      });
+  }
+  std::unique_lock<std::mutex> lock(pending->mu);
+  if (!pending->cv.wait_for(lock, timeout_ + std::chrono::seconds(5),
+                            [&] { return pending->outstanding == 0; })) {
+    return DeadlineExceededError("dense-table requests not answered");
+  }
+  if (!pending->error.ok()) return pending->error;
+  return std::move(pending->replies);
+}
+
+StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {
+  ASSIGN_OR_RETURN(std::vector<Tensor> parts,
+                   Exchange(MessageKind::kDensePull, step, {}));
+  const int64_t total = DenseParams(config_.model());
+  ASSIGN_OR_RETURN(Tensor flat, Tensor::Zeros(DType::kF32, {1, total}));
+  for (int s = 0; s < config_.model().dense_shards(); ++s) {
+    const DenseRange range = DenseShardRange(config_.model(), s);
+    if (parts[s].num_elements() != range.count ||
+        parts[s].dtype() != DType::kF32) {
+      return DataLossError("dense shard D" + std::to_string(s) + " returned " +
+                           parts[s].DebugString() + ", expected " +
+                           std::to_string(range.count) + " fp32 values");
+    }
+    std::memcpy(flat.f32() + range.begin, parts[s].data(), parts[s].num_bytes());
+  }
+  return flat;
+}
+
+Status DenseTableClient::Push(int64_t step, const Tensor& grads) {
+  const int64_t total = DenseParams(config_.model());
+  if (grads.dtype() != DType::kF32 || grads.num_elements() != total) {
+    return InvalidArgumentError("dense gradient " + grads.DebugString() +
+                                " must hold " + std::to_string(total) +
+                                " fp32 values");
+  }
+  std::vector<Tensor> payloads;
+  for (int s = 0; s < config_.model().dense_shards(); ++s) {
+    const DenseRange range = DenseShardRange(config_.model(), s);
+    ASSIGN_OR_RETURN(Tensor part, Tensor::Zeros(DType::kF32, {1, range.count}));
+    std::memcpy(part.data(), grads.f32() + range.begin,
+                range.count * sizeof(float));
+    payloads.push_back(std::move(part));
+  }
+  return Exchange(MessageKind::kDensePush, step, std::move(payloads)).status();
+}
+
+}  // namespace switchyard::trainer
