@@ -10,7 +10,8 @@ BUILD_TYPE ?= Release
 JOBS ?= $(shell nproc)
 CTEST_ARGS ?=
 
-SOURCES = $(shell git ls-files '*.cc' '*.h' '*.cu' '*.proto' 2>/dev/null)
+# Tracked and new (untracked, not ignored) files alike.
+SOURCES = $(shell git ls-files --cached --others --exclude-standard '*.cc' '*.h' '*.cu' '*.proto' 2>/dev/null)
 
 .PHONY: all build bootstrap test demo bench format format-check clean
 

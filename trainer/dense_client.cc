@@ -64,7 +64,8 @@ StatusOr<std::vector<Tensor>> DenseTableClient::Exchange(
   }
   pending->outstanding = shards;
   for (int s = 0; s < shards; ++s) {
-    const std::string what = "D" + std::to_string(s) + " at " + requests[s].first;
+    const std::string what =
+        "D" + std::to_string(s) + " at " + requests[s].first;
     data_plane_->Send(requests[s].first, std::move(requests[s].second),
                       timeout_, [pending, s, what](StatusOr<Message> r) {
                         std::lock_guard<std::mutex> lock(pending->mu);
@@ -75,7 +76,8 @@ StatusOr<std::vector<Tensor>> DenseTableClient::Exchange(
                         } else {
                           pending->replies[s] = std::move(r->payload);
                         }
-                        if (--pending->outstanding == 0) pending->cv.notify_all();
+                        if (--pending->outstanding == 0)
+                          pending->cv.notify_all();
                       });
   }
   std::unique_lock<std::mutex> lock(pending->mu);
@@ -100,7 +102,8 @@ StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {
                            parts[s].DebugString() + ", expected " +
                            std::to_string(range.count) + " fp32 values");
     }
-    std::memcpy(flat.f32() + range.begin, parts[s].data(), parts[s].num_bytes());
+    std::memcpy(flat.f32() + range.begin, parts[s].data(),
+                parts[s].num_bytes());
   }
   return flat;
 }

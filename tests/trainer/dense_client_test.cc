@@ -1,10 +1,10 @@
 // The dense-table client against real workers over UCX.
 #include "trainer/dense_client.h"
 
+#include <gtest/gtest.h>
+
 #include <cstring>
 #include <random>
-
-#include <gtest/gtest.h>
 
 #include "common/config.h"
 #include "common/model_shape.h"
@@ -56,7 +56,8 @@ TEST(DenseClientTest, PullPushStepPull) {
     e->set_worker(s % 2);
   }
   for (auto& w : workers) ASSERT_TRUE(w->ApplyRouting(routing).ok());
-  auto plane = transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+  auto plane =
+      transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
   ASSERT_TRUE(plane->Start(nullptr).ok());
   DenseTableClient client(plane.get(), config, 0);
   client.SetRouting(routing);
@@ -85,7 +86,8 @@ TEST(DenseClientTest, PullPushStepPull) {
   Tensor expected = before->Clone();
   auto state = optimizer->NewState(expected).value();
   ASSERT_TRUE(optimizer->Apply(0, grads, &expected, &state).ok());
-  EXPECT_EQ(std::memcmp(after->data(), expected.data(), expected.num_bytes()), 0);
+  EXPECT_EQ(std::memcmp(after->data(), expected.data(), expected.num_bytes()),
+            0);
 
   // Errors: wrong gradient size; an unplaced shard.
   Tensor short_grads = Tensor::Zeros(DType::kF32, {1, n - 1}).value();
