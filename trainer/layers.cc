@@ -1,0 +1,236 @@
+#include "trainer/layers.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace switchyard::trainer {
+
+template <typename Real>
+void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
+            bool trans_b, bool accumulate, Real* c) {
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < n; ++j) {
+      Real acc = accumulate ? c[static_cast<int64_t>(i) * n + j] : Real(0);
+      for (int p = 0; p < k; ++p) {
+        const Real av = trans_a ? a[static_cast<int64_t>(p) * m + i]
+                                : a[static_cast<int64_t>(i) * k + p];
+        const Real bv = trans_b ? b[static_cast<int64_t>(j) * k + p]
+                                : b[static_cast<int64_t>(p) * n + j];
+        acc += av * bv;
+      }
+      c[static_cast<int64_t>(i) * n + j] = acc;
+    }
+  }
+}
+
+template <typename Real>
+void RmsNormForward(const Real* x, const Real* g, int n, int d, Real* y) {
+  for (int r = 0; r < n; ++r) {
+    const Real* xr = x + static_cast<int64_t>(r) * d;
+    Real ms = 0;
+    for (int i = 0; i < d; ++i) ms += xr[i] * xr[i];
+    const Real inv = Real(1) / std::sqrt(ms / d + Real(kNormEps));
+    for (int i = 0; i < d; ++i)
+      y[static_cast<int64_t>(r) * d + i] = xr[i] * inv * g[i];
+  }
+}
+
+template <typename Real>
+void RmsNormBackward(const Real* x, const Real* g, const Real* dy, int n, int d,
+                     Real* dx, Real* dg) {
+  for (int r = 0; r < n; ++r) {
+    const Real* xr = x + static_cast<int64_t>(r) * d;
+    const Real* dyr = dy + static_cast<int64_t>(r) * d;
+    Real ms = 0;
+    for (int i = 0; i < d; ++i) ms += xr[i] * xr[i];
+    const Real inv = Real(1) / std::sqrt(ms / d + Real(kNormEps));
+    // y_i = x_i * inv * g_i; dinv/dx_j = -inv^3 x_j / d.
+    Real dot = 0;  // sum_i dy_i g_i x_i
+    for (int i = 0; i < d; ++i) {
+      dot += dyr[i] * g[i] * xr[i];
+      dg[i] += dyr[i] * xr[i] * inv;
+    }
+    for (int j = 0; j < d; ++j) {
+      dx[static_cast<int64_t>(r) * d + j] =
+          dyr[j] * g[j] * inv - dot * inv * inv * inv * xr[j] / d;
+    }
+  }
+}
+
+template <typename Real>
+void LayerNormForward(const Real* x, const Real* g, const Real* b, int n, int d,
+                      Real* y) {
+  for (int r = 0; r < n; ++r) {
+    const Real* xr = x + static_cast<int64_t>(r) * d;
+    Real mean = 0, var = 0;
+    for (int i = 0; i < d; ++i) mean += xr[i];
+    mean /= d;
+    for (int i = 0; i < d; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const Real inv = Real(1) / std::sqrt(var / d + Real(kNormEps));
+    for (int i = 0; i < d; ++i) {
+      y[static_cast<int64_t>(r) * d + i] = (xr[i] - mean) * inv * g[i] + b[i];
+    }
+  }
+}
+
+template <typename Real>
+void LayerNormBackward(const Real* x, const Real* g, const Real* dy, int n,
+                       int d, Real* dx, Real* dg, Real* db) {
+  for (int r = 0; r < n; ++r) {
+    const Real* xr = x + static_cast<int64_t>(r) * d;
+    const Real* dyr = dy + static_cast<int64_t>(r) * d;
+    Real mean = 0, var = 0;
+    for (int i = 0; i < d; ++i) mean += xr[i];
+    mean /= d;
+    for (int i = 0; i < d; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const Real inv = Real(1) / std::sqrt(var / d + Real(kNormEps));
+    Real sum_dxhat = 0, sum_dxhat_xhat = 0;
+    for (int i = 0; i < d; ++i) {
+      const Real xhat = (xr[i] - mean) * inv;
+      const Real dxhat = dyr[i] * g[i];
+      sum_dxhat += dxhat;
+      sum_dxhat_xhat += dxhat * xhat;
+      dg[i] += dyr[i] * xhat;
+      db[i] += dyr[i];
+    }
+    for (int i = 0; i < d; ++i) {
+      const Real xhat = (xr[i] - mean) * inv;
+      const Real dxhat = dyr[i] * g[i];
+      dx[static_cast<int64_t>(r) * d + i] =
+          inv * (dxhat - sum_dxhat / d - xhat * sum_dxhat_xhat / d);
+    }
+  }
+}
+
+template <typename Real>
+void AttentionForward(const Real* x, const Real* wq, const Real* wk,
+                      const Real* wv, const Real* wo, int len, int d, int heads,
+                      Real* y, AttentionCache<Real>* c) {
+  const int hd = d / heads;
+  const Real scale = Real(1) / std::sqrt(Real(hd));
+  c->q.assign(static_cast<size_t>(len) * d, Real(0));
+  c->k.assign(c->q.size(), Real(0));
+  c->v.assign(c->q.size(), Real(0));
+  c->context.assign(c->q.size(), Real(0));
+  c->probs.assign(static_cast<size_t>(heads) * len * len, Real(0));
+  MatMul(x, wq, len, d, d, false, false, false, c->q.data());
+  MatMul(x, wk, len, d, d, false, false, false, c->k.data());
+  MatMul(x, wv, len, d, d, false, false, false, c->v.data());
+  for (int h = 0; h < heads; ++h) {
+    for (int i = 0; i < len; ++i) {
+      Real* p = &c->probs[(static_cast<size_t>(h) * len + i) * len];
+      Real m = -1e300;
+      for (int j = 0; j <= i; ++j) {
+        Real s = 0;
+        for (int e = 0; e < hd; ++e) {
+          s += c->q[static_cast<size_t>(i) * d + h * hd + e] *
+               c->k[static_cast<size_t>(j) * d + h * hd + e];
+        }
+        p[j] = s * scale;
+        m = std::max(m, p[j]);
+      }
+      Real sum = 0;
+      for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - m));
+      for (int j = 0; j <= i; ++j) p[j] /= sum;
+      for (int e = 0; e < hd; ++e) {
+        Real acc = 0;
+        for (int j = 0; j <= i; ++j) {
+          acc += p[j] * c->v[static_cast<size_t>(j) * d + h * hd + e];
+        }
+        c->context[static_cast<size_t>(i) * d + h * hd + e] = acc;
+      }
+    }
+  }
+  MatMul(c->context.data(), wo, len, d, d, false, false, false, y);
+}
+
+template <typename Real>
+void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
+                       const Real* wv, const Real* wo, int len, int d,
+                       int heads, const AttentionCache<Real>& c, const Real* dy,
+                       Real* dx, Real* dwq, Real* dwk, Real* dwv, Real* dwo) {
+  const int hd = d / heads;
+  const Real scale = Real(1) / std::sqrt(Real(hd));
+  const size_t nd = static_cast<size_t>(len) * d;
+  std::vector<Real> dctx(nd), dq(nd, Real(0)), dk(nd, Real(0)), dv(nd, Real(0));
+  MatMul(c.context.data(), dy, d, d, len, true, false, true, dwo);  // ctx^T dy
+  MatMul(dy, wo, len, d, d, false, true, false, dctx.data());       // dy Wo^T
+  std::vector<Real> dp(len);
+  for (int h = 0; h < heads; ++h) {
+    for (int i = 0; i < len; ++i) {
+      const Real* p = &c.probs[(static_cast<size_t>(h) * len + i) * len];
+      // dP_ij = dctx_i . v_j; dv_j += P_ij dctx_i.
+      Real dot = 0;
+      for (int j = 0; j <= i; ++j) {
+        Real s = 0;
+        for (int e = 0; e < hd; ++e) {
+          const Real g = dctx[static_cast<size_t>(i) * d + h * hd + e];
+          s += g * c.v[static_cast<size_t>(j) * d + h * hd + e];
+          dv[static_cast<size_t>(j) * d + h * hd + e] += p[j] * g;
+        }
+        dp[j] = s;
+        dot += p[j] * s;
+      }
+      // Softmax backward, then through the scaled dot products.
+      for (int j = 0; j <= i; ++j) {
+        const Real ds = p[j] * (dp[j] - dot) * scale;
+        for (int e = 0; e < hd; ++e) {
+          dq[static_cast<size_t>(i) * d + h * hd + e] +=
+              ds * c.k[static_cast<size_t>(j) * d + h * hd + e];
+          dk[static_cast<size_t>(j) * d + h * hd + e] +=
+              ds * c.q[static_cast<size_t>(i) * d + h * hd + e];
+        }
+      }
+    }
+  }
+  MatMul(x, dq.data(), d, d, len, true, false, true, dwq);
+  MatMul(x, dk.data(), d, d, len, true, false, true, dwk);
+  MatMul(x, dv.data(), d, d, len, true, false, true, dwv);
+  MatMul(dq.data(), wq, len, d, d, false, true, false, dx);
+  MatMul(dk.data(), wk, len, d, d, false, true, true, dx);
+  MatMul(dv.data(), wv, len, d, d, false, true, true, dx);
+}
+
+template <typename Real>
+Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
+                  Real* dlogits) {
+  Real total = 0;
+  for (int r = 0; r < n; ++r) {
+    const Real* lg = logits + static_cast<int64_t>(r) * vocab;
+    Real* dl = dlogits + static_cast<int64_t>(r) * vocab;
+    const Real m = *std::max_element(lg, lg + vocab);
+    Real sum = 0;
+    for (int v = 0; v < vocab; ++v) sum += (dl[v] = std::exp(lg[v] - m));
+    total += std::log(sum) + m - lg[targets[r]];
+    for (int v = 0; v < vocab; ++v) dl[v] = dl[v] / sum / n;
+    dl[targets[r]] -= Real(1) / n;
+  }
+  return n > 0 ? total / n : Real(0);
+}
+
+#define SWITCHYARD_INSTANTIATE_LAYERS(Real)                                    \
+  template void MatMul<Real>(const Real*, const Real*, int, int, int, bool,    \
+                             bool, bool, Real*);                               \
+  template void RmsNormForward<Real>(const Real*, const Real*, int, int,       \
+                                     Real*);                                   \
+  template void RmsNormBackward<Real>(const Real*, const Real*, const Real*,   \
+                                      int, int, Real*, Real*);                 \
+  template void LayerNormForward<Real>(const Real*, const Real*, const Real*,  \
+                                       int, int, Real*);                       \
+  template void LayerNormBackward<Real>(const Real*, const Real*, const Real*, \
+                                        int, int, Real*, Real*, Real*);        \
+  template void AttentionForward<Real>(const Real*, const Real*, const Real*,  \
+                                       const Real*, const Real*, int, int,     \
+                                       int, Real*, AttentionCache<Real>*);     \
+  template void AttentionBackward<Real>(                                       \
+      const Real*, const Real*, const Real*, const Real*, const Real*, int,    \
+      int, int, const AttentionCache<Real>&, const Real*, Real*, Real*, Real*, \
+      Real*, Real*);                                                           \
+  template Real CrossEntropy<Real>(const Real*, const int32_t*, int, int,      \
+                                   Real*);
+
+SWITCHYARD_INSTANTIATE_LAYERS(float)
+SWITCHYARD_INSTANTIATE_LAYERS(double)
+#undef SWITCHYARD_INSTANTIATE_LAYERS
+
+}  // namespace switchyard::trainer

@@ -1,0 +1,67 @@
+// Dense layers of the transformer with explicit forward and backward, in the
+// spirit of a clean reference implementation (llm.c). Plain loops, templated
+// on the scalar so that gradient checks run in double; row-major.
+//
+// Backward functions accumulate (+=) into parameter gradients and overwrite
+// input gradients. Pure functions; thread-safe.
+#ifndef SWITCHYARD_TRAINER_LAYERS_H_
+#define SWITCHYARD_TRAINER_LAYERS_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace switchyard::trainer {
+
+constexpr double kNormEps = 1e-5;
+
+// RMSNorm: y = x / sqrt(mean(x^2) + eps) * g.  x, y: (N, d); g: (d).
+template <typename Real>
+void RmsNormForward(const Real* x, const Real* g, int n, int d, Real* y);
+template <typename Real>
+void RmsNormBackward(const Real* x, const Real* g, const Real* dy, int n, int d,
+                     Real* dx, Real* dg);
+
+// LayerNorm: y = (x - mean) / sqrt(var + eps) * g + b.
+template <typename Real>
+void LayerNormForward(const Real* x, const Real* g, const Real* b, int n, int d,
+                      Real* y);
+template <typename Real>
+void LayerNormBackward(const Real* x, const Real* g, const Real* dy, int n,
+                       int d, Real* dx, Real* dg, Real* db);
+
+// Causal multi-head self-attention over one sequence, no biases:
+// q, k, v = x Wq, x Wk, x Wv; per head h (columns h*hd .. (h+1)*hd):
+// P = softmax(q_h k_h^T / sqrt(hd)) with position i seeing j <= i;
+// y = concat_h(P v_h) Wo.  x, y: (L, d); W*: (d, d).
+template <typename Real>
+struct AttentionCache {
+  std::vector<Real> q, k, v;  // (L, d)
+  std::vector<Real> probs;    // (H, L, L)
+  std::vector<Real> context;  // (L, d): concat_h(P v_h)
+};
+template <typename Real>
+void AttentionForward(const Real* x, const Real* wq, const Real* wk,
+                      const Real* wv, const Real* wo, int len, int d, int heads,
+                      Real* y, AttentionCache<Real>* cache);
+template <typename Real>
+void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
+                       const Real* wv, const Real* wo, int len, int d,
+                       int heads, const AttentionCache<Real>& cache,
+                       const Real* dy, Real* dx, Real* dwq, Real* dwk,
+                       Real* dwv, Real* dwo);
+
+// Mean softmax cross-entropy of logits (N, V) against targets (N); writes
+// dlogits (N, V) = d(mean loss)/dlogits. Returns the mean loss.
+template <typename Real>
+Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
+                  Real* dlogits);
+
+// C (m, n) = A (m, k) B (k, n) [+ C when accumulate], with A or B
+// transposed in storage when asked. The reference's matrix product.
+template <typename Real>
+void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
+            bool trans_b, bool accumulate, Real* c);
+
+}  // namespace switchyard::trainer
+
+#endif  // SWITCHYARD_TRAINER_LAYERS_H_
