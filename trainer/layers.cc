@@ -103,9 +103,52 @@ void LayerNormBackward(const Real* x, const Real* g, const Real* dy, int n,
 }
 
 template <typename Real>
+void ApplyRotary(Real* rows, int len, int d, int heads, bool inverse) {
+  const int hd = d / heads;
+  for (int p = 0; p < len; ++p) {
+    for (int h = 0; h < heads; ++h) {
+      for (int i = 0; i + 1 < hd; i += 2) {
+        const double theta = p / std::pow(10000.0, static_cast<double>(i) / hd);
+        const Real cs = static_cast<Real>(std::cos(theta));
+        const Real sn =
+            static_cast<Real>(inverse ? -std::sin(theta) : std::sin(theta));
+        Real* pair = rows + static_cast<int64_t>(p) * d + h * hd + i;
+        const Real a = pair[0], b = pair[1];
+        pair[0] = a * cs - b * sn;
+        pair[1] = a * sn + b * cs;
+      }
+    }
+  }
+}
+
+template <typename Real>
+void EmbedForward(const int32_t* tokens, int len, int d, const Real* tok,
+                  const Real* pos, Real* y) {
+  for (int t = 0; t < len; ++t) {
+    const Real* e = tok + static_cast<int64_t>(tokens[t]) * d;
+    const Real* p = pos ? pos + static_cast<int64_t>(t) * d : nullptr;
+    Real* out = y + static_cast<int64_t>(t) * d;
+    for (int i = 0; i < d; ++i) out[i] = e[i] + (p ? p[i] : Real(0));
+  }
+}
+
+template <typename Real>
+void EmbedBackward(const int32_t* tokens, int len, int d, const Real* dy,
+                   Real* dtok, Real* dpos) {
+  for (int t = 0; t < len; ++t) {  // Token order: a fixed summation order.
+    Real* e = dtok + static_cast<int64_t>(tokens[t]) * d;
+    const Real* g = dy + static_cast<int64_t>(t) * d;
+    for (int i = 0; i < d; ++i) {
+      e[i] += g[i];
+      if (dpos) dpos[static_cast<int64_t>(t) * d + i] += g[i];
+    }
+  }
+}
+
+template <typename Real>
 void AttentionForward(const Real* x, const Real* wq, const Real* wk,
                       const Real* wv, const Real* wo, int len, int d, int heads,
-                      Real* y, AttentionCache<Real>* c) {
+                      bool rotary, Real* y, AttentionCache<Real>* c) {
   const int hd = d / heads;
   const Real scale = Real(1) / std::sqrt(Real(hd));
   c->q.assign(static_cast<size_t>(len) * d, Real(0));
@@ -116,6 +159,10 @@ void AttentionForward(const Real* x, const Real* wq, const Real* wk,
   MatMul(x, wq, len, d, d, false, false, false, c->q.data());
   MatMul(x, wk, len, d, d, false, false, false, c->k.data());
   MatMul(x, wv, len, d, d, false, false, false, c->v.data());
+  if (rotary) {
+    ApplyRotary(c->q.data(), len, d, heads, false);
+    ApplyRotary(c->k.data(), len, d, heads, false);
+  }
   for (int h = 0; h < heads; ++h) {
     for (int i = 0; i < len; ++i) {
       Real* p = &c->probs[(static_cast<size_t>(h) * len + i) * len];
@@ -147,8 +194,9 @@ void AttentionForward(const Real* x, const Real* wq, const Real* wk,
 template <typename Real>
 void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
                        const Real* wv, const Real* wo, int len, int d,
-                       int heads, const AttentionCache<Real>& c, const Real* dy,
-                       Real* dx, Real* dwq, Real* dwk, Real* dwv, Real* dwo) {
+                       int heads, bool rotary, const AttentionCache<Real>& c,
+                       const Real* dy, Real* dx, Real* dwq, Real* dwk,
+                       Real* dwv, Real* dwo) {
   const int hd = d / heads;
   const Real scale = Real(1) / std::sqrt(Real(hd));
   const size_t nd = static_cast<size_t>(len) * d;
@@ -182,6 +230,10 @@ void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
         }
       }
     }
+  }
+  if (rotary) {  // Back through the rotation: its transpose.
+    ApplyRotary(dq.data(), len, d, heads, true);
+    ApplyRotary(dk.data(), len, d, heads, true);
   }
   MatMul(x, dq.data(), d, d, len, true, false, true, dwq);
   MatMul(x, dk.data(), d, d, len, true, false, true, dwk);
@@ -219,13 +271,18 @@ Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
                                        int, int, Real*);                       \
   template void LayerNormBackward<Real>(const Real*, const Real*, const Real*, \
                                         int, int, Real*, Real*, Real*);        \
-  template void AttentionForward<Real>(const Real*, const Real*, const Real*,  \
-                                       const Real*, const Real*, int, int,     \
-                                       int, Real*, AttentionCache<Real>*);     \
+  template void ApplyRotary<Real>(Real*, int, int, int, bool);                 \
+  template void EmbedForward<Real>(const int32_t*, int, int, const Real*,      \
+                                   const Real*, Real*);                        \
+  template void EmbedBackward<Real>(const int32_t*, int, int, const Real*,     \
+                                    Real*, Real*);                             \
+  template void AttentionForward<Real>(                                        \
+      const Real*, const Real*, const Real*, const Real*, const Real*, int,    \
+      int, int, bool, Real*, AttentionCache<Real>*);                           \
   template void AttentionBackward<Real>(                                       \
       const Real*, const Real*, const Real*, const Real*, const Real*, int,    \
-      int, int, const AttentionCache<Real>&, const Real*, Real*, Real*, Real*, \
-      Real*, Real*);                                                           \
+      int, int, bool, const AttentionCache<Real>&, const Real*, Real*, Real*,  \
+      Real*, Real*, Real*);                                                    \
   template Real CrossEntropy<Real>(const Real*, const int32_t*, int, int,      \
                                    Real*);
 

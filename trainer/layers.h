@@ -29,26 +29,44 @@ template <typename Real>
 void LayerNormBackward(const Real* x, const Real* g, const Real* dy, int n,
                        int d, Real* dx, Real* dg, Real* db);
 
+// Rotary position embedding (RoPE) of rows (L, d) split into heads of hd:
+// within each head, pair (2i, 2i+1) of position p turns by
+// p / 10000^(2i / hd). `inverse` turns back (the transpose, for backward).
+template <typename Real>
+void ApplyRotary(Real* rows, int len, int d, int heads, bool inverse);
+
 // Causal multi-head self-attention over one sequence, no biases:
-// q, k, v = x Wq, x Wk, x Wv; per head h (columns h*hd .. (h+1)*hd):
-// P = softmax(q_h k_h^T / sqrt(hd)) with position i seeing j <= i;
-// y = concat_h(P v_h) Wo.  x, y: (L, d); W*: (d, d).
+// q, k, v = x Wq, x Wk, x Wv (q and k rotated when `rotary`); per head h
+// (columns h*hd .. (h+1)*hd): P = softmax(q_h k_h^T / sqrt(hd)) with
+// position i seeing j <= i; y = concat_h(P v_h) Wo.  x, y: (L, d);
+// W*: (d, d).
 template <typename Real>
 struct AttentionCache {
-  std::vector<Real> q, k, v;  // (L, d)
+  std::vector<Real> q, k, v;  // (L, d); q and k after rotation
   std::vector<Real> probs;    // (H, L, L)
   std::vector<Real> context;  // (L, d): concat_h(P v_h)
 };
 template <typename Real>
 void AttentionForward(const Real* x, const Real* wq, const Real* wk,
                       const Real* wv, const Real* wo, int len, int d, int heads,
-                      Real* y, AttentionCache<Real>* cache);
+                      bool rotary, Real* y, AttentionCache<Real>* cache);
 template <typename Real>
 void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
                        const Real* wv, const Real* wo, int len, int d,
-                       int heads, const AttentionCache<Real>& cache,
-                       const Real* dy, Real* dx, Real* dwq, Real* dwk,
-                       Real* dwv, Real* dwo);
+                       int heads, bool rotary,
+                       const AttentionCache<Real>& cache, const Real* dy,
+                       Real* dx, Real* dwq, Real* dwk, Real* dwv, Real* dwo);
+
+// Token embedding plus learned positions (pos may be null, for rotary):
+// y[t] = tok[tokens[t]] + pos[t].  y: (L, d).
+template <typename Real>
+void EmbedForward(const int32_t* tokens, int len, int d, const Real* tok,
+                  const Real* pos, Real* y);
+// Scatter-adds dy into dtok (rows of the tokens, in token order) and dpos
+// (may be null).
+template <typename Real>
+void EmbedBackward(const int32_t* tokens, int len, int d, const Real* dy,
+                   Real* dtok, Real* dpos);
 
 // Mean softmax cross-entropy of logits (N, V) against targets (N); writes
 // dlogits (N, V) = d(mean loss)/dlogits. Returns the mean loss.

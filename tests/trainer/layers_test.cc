@@ -84,7 +84,10 @@ TEST(LayersTest, LayerNormGradients) {
   ExpectGrad(&b, db, loss, "db");
 }
 
-TEST(LayersTest, AttentionGradientsAndCausality) {
+class AttentionTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(AttentionTest, GradientsAndCausality) {
+  const bool rotary = GetParam();
   std::mt19937 rng(3);
   const int len = 5, d = 8, heads = 2;
   Vec x = Random(rng, len * d), wq = Random(rng, d * d, 0.4),
@@ -94,7 +97,7 @@ TEST(LayersTest, AttentionGradientsAndCausality) {
     Vec y(len * d);
     AttentionCache<double> cache;
     AttentionForward(input.data(), wq.data(), wk.data(), wv.data(), wo.data(),
-                     len, d, heads, y.data(), &cache);
+                     len, d, heads, rotary, y.data(), &cache);
     return y;
   };
   auto loss = [&] { return Dot(forward(x), r); };
@@ -102,9 +105,9 @@ TEST(LayersTest, AttentionGradientsAndCausality) {
       dwv(d * d, 0.0), dwo(d * d, 0.0);
   AttentionCache<double> cache;
   AttentionForward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), len, d,
-                   heads, y.data(), &cache);
+                   heads, rotary, y.data(), &cache);
   AttentionBackward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), len,
-                    d, heads, cache, r.data(), dx.data(), dwq.data(),
+                    d, heads, rotary, cache, r.data(), dx.data(), dwq.data(),
                     dwk.data(), dwv.data(), dwo.data());
   ExpectGrad(&x, dx, loss, "dx");
   ExpectGrad(&wq, dwq, loss, "dwq");
@@ -121,7 +124,7 @@ TEST(LayersTest, AttentionGradientsAndCausality) {
   std::copy(x.begin(), x.begin() + d, one.begin());
   AttentionCache<double> c1;
   AttentionForward(one.data(), wq.data(), wk.data(), wv.data(), wo.data(), 1, d,
-                   heads, y1.data(), &c1);
+                   heads, rotary, y1.data(), &c1);
   for (int i = 0; i < d; ++i) EXPECT_NEAR(y1[i], y[i], 1e-12);
 }
 
@@ -143,6 +146,54 @@ TEST(LayersTest, CrossEntropyValueAndGradient) {
   EXPECT_NEAR(
       CrossEntropy(zeros.data(), targets.data(), n, vocab, scratch.data()),
       std::log(7.0), 1e-12);
+}
+
+INSTANTIATE_TEST_SUITE_P(Positions, AttentionTest, ::testing::Bool(),
+                         [](const auto& info) {
+                           return std::string(info.param ? "rotary" : "plain");
+                         });
+
+TEST(LayersTest, RotaryIsARotation) {
+  std::mt19937 rng(5);
+  const int len = 4, d = 8, heads = 2;
+  Vec rows = Random(rng, len * d);
+  Vec turned = rows;
+  ApplyRotary(turned.data(), len, d, heads, false);
+  // Position 0 does not turn; others keep each pair's length.
+  for (int i = 0; i < d; ++i) EXPECT_EQ(turned[i], rows[i]);
+  for (int p = 1; p < len; ++p) {
+    for (int i = 0; i < d; i += 2) {
+      const double a = std::hypot(rows[p * d + i], rows[p * d + i + 1]);
+      const double b = std::hypot(turned[p * d + i], turned[p * d + i + 1]);
+      EXPECT_NEAR(a, b, 1e-12);
+    }
+  }
+  EXPECT_NE(turned, rows);
+  ApplyRotary(turned.data(), len, d, heads, true);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_NEAR(turned[i], rows[i], 1e-12);
+  }
+}
+
+TEST(LayersTest, EmbeddingGradients) {
+  std::mt19937 rng(6);
+  const int len = 5, d = 3, vocab = 4;
+  std::vector<int32_t> tokens = {2, 0, 2, 3, 2};  // Repeats accumulate.
+  Vec tok = Random(rng, vocab * d), pos = Random(rng, len * d),
+      r = Random(rng, len * d);
+  auto loss = [&] {
+    Vec y(len * d);
+    EmbedForward(tokens.data(), len, d, tok.data(), pos.data(), y.data());
+    return Dot(y, r);
+  };
+  Vec dtok(vocab * d, 0.0), dpos(len * d, 0.0);
+  EmbedBackward(tokens.data(), len, d, r.data(), dtok.data(), dpos.data());
+  ExpectGrad(&tok, dtok, loss, "dtok");
+  ExpectGrad(&pos, dpos, loss, "dpos");
+  // Without learned positions the embedding is the token row.
+  Vec y(len * d);
+  EmbedForward<double>(tokens.data(), len, d, tok.data(), nullptr, y.data());
+  EXPECT_EQ(y[0], tok[2 * d]);
 }
 
 }  // namespace
