@@ -243,6 +243,92 @@ void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
   MatMul(dv.data(), wv, len, d, d, false, true, true, dx);
 }
 
+namespace {
+
+constexpr double kGeluC = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluA = 0.044715;
+
+template <typename Real>
+Real Sigmoid(Real z) {
+  return Real(1) / (Real(1) + std::exp(-z));
+}
+
+}  // namespace
+
+template <typename Real>
+void FfnForward(const Real* x, const Real* w1, const Real* b1, const Real* w2,
+                const Real* b2, int n, int d, int f, int activation, Real* y,
+                FfnCache<Real>* c) {
+  const int g = activation == 2 ? 2 : 1;
+  c->h.assign(static_cast<size_t>(n) * g * f, Real(0));
+  c->a.assign(static_cast<size_t>(n) * f, Real(0));
+  MatMul(x, w1, n, g * f, d, false, false, false, c->h.data());
+  for (int r = 0; r < n; ++r) {
+    Real* h = &c->h[static_cast<size_t>(r) * g * f];
+    if (b1 != nullptr) {
+      for (int j = 0; j < g * f; ++j) h[j] += b1[j];
+    }
+    Real* a = &c->a[static_cast<size_t>(r) * f];
+    for (int j = 0; j < f; ++j) {
+      const Real v = h[j];
+      if (activation == 0) {
+        a[j] = Real(0.5) * v *
+               (Real(1) +
+                std::tanh(Real(kGeluC) * (v + Real(kGeluA) * v * v * v)));
+      } else if (activation == 1) {
+        a[j] = v > 0 ? v : Real(0);
+      } else {
+        a[j] = v * Sigmoid(v) * h[f + j];
+      }
+    }
+  }
+  MatMul(c->a.data(), w2, n, d, f, false, false, false, y);
+  if (b2 != nullptr) {
+    for (int r = 0; r < n; ++r) {
+      for (int i = 0; i < d; ++i) y[static_cast<int64_t>(r) * d + i] += b2[i];
+    }
+  }
+}
+
+template <typename Real>
+void FfnBackward(const Real* x, const Real* w1, const Real* w2, int n, int d,
+                 int f, int activation, const FfnCache<Real>& c, const Real* dy,
+                 Real* dx, Real* dw1, Real* db1, Real* dw2, Real* db2) {
+  const int g = activation == 2 ? 2 : 1;
+  std::vector<Real> da(static_cast<size_t>(n) * f),
+      dh(static_cast<size_t>(n) * g * f);
+  MatMul(c.a.data(), dy, f, d, n, true, false, true, dw2);  // a^T dy
+  MatMul(dy, w2, n, f, d, false, true, false, da.data());   // dy W2^T
+  for (int r = 0; r < n; ++r) {
+    const Real* h = &c.h[static_cast<size_t>(r) * g * f];
+    const Real* dar = &da[static_cast<size_t>(r) * f];
+    Real* dhr = &dh[static_cast<size_t>(r) * g * f];
+    for (int j = 0; j < f; ++j) {
+      const Real v = h[j];
+      if (activation == 0) {
+        const Real t = std::tanh(Real(kGeluC) * (v + Real(kGeluA) * v * v * v));
+        dhr[j] = dar[j] * (Real(0.5) * (Real(1) + t) +
+                           Real(0.5) * v * (Real(1) - t * t) * Real(kGeluC) *
+                               (Real(1) + Real(3 * kGeluA) * v * v));
+      } else if (activation == 1) {
+        dhr[j] = v > 0 ? dar[j] : Real(0);
+      } else {
+        const Real s = Sigmoid(v);
+        dhr[j] = dar[j] * h[f + j] * s * (Real(1) + v * (Real(1) - s));
+        dhr[f + j] = dar[j] * v * s;
+      }
+    }
+    if (db1 != nullptr) {
+      for (int j = 0; j < g * f; ++j) db1[j] += dhr[j];
+    }
+    if (db2 != nullptr) {
+      for (int i = 0; i < d; ++i) db2[i] += dy[static_cast<int64_t>(r) * d + i];
+    }
+  }
+  MatMul(x, dh.data(), d, g * f, n, true, false, true, dw1);   // x^T dh
+  MatMul(dh.data(), w1, n, d, g * f, false, true, false, dx);  // dh W1^T
+}
+
 template <typename Real>
 Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
                   Real* dlogits) {
@@ -283,6 +369,12 @@ Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
       const Real*, const Real*, const Real*, const Real*, const Real*, int,    \
       int, int, bool, const AttentionCache<Real>&, const Real*, Real*, Real*,  \
       Real*, Real*, Real*);                                                    \
+  template void FfnForward<Real>(const Real*, const Real*, const Real*,        \
+                                 const Real*, const Real*, int, int, int, int, \
+                                 Real*, FfnCache<Real>*);                      \
+  template void FfnBackward<Real>(                                             \
+      const Real*, const Real*, const Real*, int, int, int, int,               \
+      const FfnCache<Real>&, const Real*, Real*, Real*, Real*, Real*, Real*);  \
   template Real CrossEntropy<Real>(const Real*, const int32_t*, int, int,      \
                                    Real*);
 

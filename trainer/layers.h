@@ -68,6 +68,26 @@ template <typename Real>
 void EmbedBackward(const int32_t* tokens, int len, int d, const Real* dy,
                    Real* dtok, Real* dpos);
 
+// Feed-forward block y = act(x W1 + b1) W2 + b2 (b1, b2 may be null), the
+// same function as an expert (expert_worker/expert_ffn.h): activation 0 GELU
+// (tanh form), 1 ReLU, 2 SwiGLU with W1 = [gate | up] (d, 2f).
+// x, y: (N, d); W1: (d, g*f); W2: (f, d).
+template <typename Real>
+struct FfnCache {
+  std::vector<Real> h;  // (N, g*f) pre-activation
+  std::vector<Real> a;  // (N, f) activation
+};
+template <typename Real>
+void FfnForward(const Real* x, const Real* w1, const Real* b1, const Real* w2,
+                const Real* b2, int n, int d, int f, int activation, Real* y,
+                FfnCache<Real>* cache);
+// Accumulates dW1, dW2 (and db1, db2 when not null); overwrites dx.
+template <typename Real>
+void FfnBackward(const Real* x, const Real* w1, const Real* w2, int n, int d,
+                 int f, int activation, const FfnCache<Real>& cache,
+                 const Real* dy, Real* dx, Real* dw1, Real* db1, Real* dw2,
+                 Real* db2);
+
 // Mean softmax cross-entropy of logits (N, V) against targets (N); writes
 // dlogits (N, V) = d(mean loss)/dlogits. Returns the mean loss.
 template <typename Real>

@@ -8,6 +8,8 @@
 #include <functional>
 #include <random>
 
+#include "expert_worker/expert_ffn.h"
+
 namespace switchyard::trainer {
 namespace {
 
@@ -194,6 +196,85 @@ TEST(LayersTest, EmbeddingGradients) {
   Vec y(len * d);
   EmbedForward<double>(tokens.data(), len, d, tok.data(), nullptr, y.data());
   EXPECT_EQ(y[0], tok[2 * d]);
+}
+
+class FfnTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(FfnTest, GradientsForEachActivation) {
+  const int act = GetParam();
+  const int g = act == 2 ? 2 : 1;
+  std::mt19937 rng(7 + act);
+  const int n = 4, d = 5, f = 6;
+  Vec x = Random(rng, n * d), w1 = Random(rng, d * g * f, 0.5),
+      b1 = Random(rng, g * f, 0.3), w2 = Random(rng, f * d, 0.5),
+      b2 = Random(rng, d, 0.3), r = Random(rng, n * d);
+  auto loss = [&] {
+    Vec y(n * d);
+    FfnCache<double> cache;
+    FfnForward(x.data(), w1.data(), b1.data(), w2.data(), b2.data(), n, d, f,
+               act, y.data(), &cache);
+    return Dot(y, r);
+  };
+  Vec y(n * d), dx(n * d), dw1(d * g * f, 0.0), db1(g * f, 0.0),
+      dw2(f * d, 0.0), db2(d, 0.0);
+  FfnCache<double> cache;
+  FfnForward(x.data(), w1.data(), b1.data(), w2.data(), b2.data(), n, d, f, act,
+             y.data(), &cache);
+  FfnBackward(x.data(), w1.data(), w2.data(), n, d, f, act, cache, r.data(),
+              dx.data(), dw1.data(), db1.data(), dw2.data(), db2.data());
+  ExpectGrad(&x, dx, loss, "dx");
+  ExpectGrad(&w1, dw1, loss, "dw1");
+  ExpectGrad(&b1, db1, loss, "db1");
+  ExpectGrad(&w2, dw2, loss, "dw2");
+  ExpectGrad(&b2, db2, loss, "db2");
+}
+
+std::string ActivationName(const ::testing::TestParamInfo<int>& info) {
+  static const char* kNames[] = {"gelu", "relu", "swiglu"};
+  return kNames[info.param];
+}
+
+INSTANTIATE_TEST_SUITE_P(Activations, FfnTest, ::testing::Values(0, 1, 2),
+                         ActivationName);
+
+TEST(LayersTest, FfnIsTheExpertFunction) {
+  // The reference FFN and the workers' ExpertFfn compute the same function
+  // (to float rounding), for every activation.
+  for (int act : {0, 1, 2}) {
+    const int g = act == 2 ? 2 : 1, n = 5, d = 8, f = 12;
+    std::mt19937 rng(30 + act);
+    Vec x = Random(rng, n * d), w1 = Random(rng, d * g * f, 0.4),
+        b1 = Random(rng, g * f, 0.2), w2 = Random(rng, f * d, 0.4),
+        b2 = Random(rng, d, 0.2);
+    Vec y(n * d);
+    FfnCache<double> cache;
+    FfnForward(x.data(), w1.data(), b1.data(), w2.data(), b2.data(), n, d, f,
+               act, y.data(), &cache);
+    expert_worker::ExpertShape shape;
+    shape.d_model = d;
+    shape.d_ff_shard = f;
+    shape.activation = static_cast<expert_worker::Activation>(act);
+    auto to_tensor = [](const Vec& v, std::vector<int64_t> dims) {
+      Tensor t = Tensor::Zeros(DType::kF32, dims).value();
+      for (size_t i = 0; i < v.size(); ++i)
+        t.f32()[i] = static_cast<float>(v[i]);
+      return t;
+    };
+    expert_worker::ExpertParams p;
+    p.w1 = to_tensor(w1, {d, g * f});
+    p.b1 = to_tensor(b1, {g * f});
+    p.w2 = to_tensor(w2, {f, d});
+    p.b2 = to_tensor(b2, {d});
+    auto gemm = expert_worker::NewCpuGemm(1);
+    expert_worker::ExpertFfn ffn(shape, gemm.get());
+    Tensor h = Tensor::Zeros(DType::kF32, {n, g * f}).value();
+    Tensor ye = Tensor::Zeros(DType::kF32, {n, d}).value();
+    ASSERT_TRUE(ffn.Forward(p, to_tensor(x, {n, d}), &h, &ye).ok());
+    for (int i = 0; i < n * d; ++i) {
+      EXPECT_NEAR(ye.f32()[i], y[i], 1e-4 * std::max(1.0, std::abs(y[i])))
+          << "activation " << act << " element " << i;
+    }
+  }
 }
 
 }  // namespace
