@@ -1,9 +1,6 @@
 #include "trainer/dense_client.h"
 
-#include <condition_variable>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
 #include "common/model_shape.h"
 
@@ -32,61 +29,27 @@ void DenseTableClient::SetRouting(const control::RoutingTable& routing) {
 
 StatusOr<std::vector<Tensor>> DenseTableClient::Exchange(
     MessageKind kind, int64_t step, std::vector<Tensor> payloads) {
-  const int shards = config_.model().dense_shards();
-  struct Pending {
-    std::mutex mu;
-    std::condition_variable cv;
-    int outstanding = 0;
-    std::vector<Tensor> replies;
-    Status error;
-  };
-  auto pending = std::make_shared<Pending>();
-  pending->replies.resize(shards);
-  std::vector<std::pair<std::string, Message>> requests;
-  for (int s = 0; s < shards; ++s) {
+  std::vector<transport::Outgoing> requests;
+  for (int s = 0; s < config_.model().dense_shards(); ++s) {
     auto it = address_.find(s);
     if (it == address_.end()) {
       return FailedPreconditionError("dense shard D" + std::to_string(s) +
                                      " has no worker at epoch " +
                                      std::to_string(routing_.epoch()));
     }
-    Message m;
-    m.header.kind = static_cast<uint8_t>(kind);
-    m.header.step = step;
-    m.header.expert = -1;
-    m.header.shard = s;
-    m.header.trainer_rank = rank_;
-    m.header.epoch = routing_.epoch();
-    if (!payloads.empty()) {
-      m = transport::TensorMessage(m.header, std::move(payloads[s]));
-    }
-    requests.emplace_back(it->second, std::move(m));
+    transport::WireHeader header;
+    header.kind = static_cast<uint8_t>(kind);
+    header.step = step;
+    header.expert = -1;
+    header.shard = s;
+    header.trainer_rank = rank_;
+    header.epoch = routing_.epoch();
+    Tensor payload = payloads.empty() ? Tensor() : std::move(payloads[s]);
+    requests.push_back({it->second,
+                        transport::TensorMessage(header, std::move(payload)),
+                        "D" + std::to_string(s) + " at " + it->second});
   }
-  pending->outstanding = shards;
-  for (int s = 0; s < shards; ++s) {
-    const std::string what =
-        "D" + std::to_string(s) + " at " + requests[s].first;
-    data_plane_->Send(requests[s].first, std::move(requests[s].second),
-                      timeout_, [pending, s, what](StatusOr<Message> r) {
-                        std::lock_guard<std::mutex> lock(pending->mu);
-                        if (!r.ok()) {
-                          if (pending->error.ok()) {
-                            pending->error = r.status().WithContext(what);
-                          }
-                        } else {
-                          pending->replies[s] = std::move(r->payload);
-                        }
-                        if (--pending->outstanding == 0)
-                          pending->cv.notify_all();
-                      });
-  }
-  std::unique_lock<std::mutex> lock(pending->mu);
-  if (!pending->cv.wait_for(lock, timeout_ + std::chrono::seconds(5),
-                            [&] { return pending->outstanding == 0; })) {
-    return DeadlineExceededError("dense-table requests not answered");
-  }
-  if (!pending->error.ok()) return pending->error;
-  return std::move(pending->replies);
+  return transport::SendAll(data_plane_, std::move(requests), timeout_);
 }
 
 StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {

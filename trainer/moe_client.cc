@@ -1,9 +1,6 @@
 #include "trainer/moe_client.h"
 
-#include <condition_variable>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
 namespace switchyard::trainer {
 
@@ -45,72 +42,28 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
     MessageKind kind, int64_t step, int micro_batch, int layer,
     const std::vector<int>& experts, std::vector<Tensor> payloads) {
   const int shards = config_.model().shards_per_expert();
-  struct Pending {
-    std::mutex mu;
-    std::condition_variable cv;
-    int outstanding = 0;
-    std::vector<Tensor> replies;
-    Status error;
-  };
-  auto pending = std::make_shared<Pending>();
-  pending->replies.resize(payloads.size());
-  std::vector<std::pair<std::string, Message>> requests;
+  std::vector<transport::Outgoing> requests;
   for (size_t b = 0; b < experts.size(); ++b) {
     for (int s = 0; s < shards; ++s) {
-      const size_t slot = b * shards + s;
       const ShardId id = ShardId::Expert(layer, experts[b], s);
       ASSIGN_OR_RETURN(std::string address, Address(id));
-      Message m;
-      m.header.kind = static_cast<uint8_t>(kind);
-      m.header.step = step;
-      m.header.micro_batch = micro_batch;
-      m.header.layer = layer;
-      m.header.expert = experts[b];
-      m.header.shard = s;
-      m.header.trainer_rank = rank_;
-      m.header.epoch = routing_.epoch();
-      Tensor& p = payloads[slot];
-      m.payload = wire_dtype_ == DType::kF32 ? p : p.To(wire_dtype_);
-      m.header.dtype = static_cast<uint8_t>(wire_dtype_);
-      m.header.rows = p.dim(0);
-      m.header.cols = p.dim(1);
-      m.header.payload_bytes = m.payload.num_bytes();
-      requests.emplace_back(std::move(address), std::move(m));
+      transport::WireHeader header;
+      header.kind = static_cast<uint8_t>(kind);
+      header.step = step;
+      header.micro_batch = micro_batch;
+      header.layer = layer;
+      header.expert = experts[b];
+      header.shard = s;
+      header.trainer_rank = rank_;
+      header.epoch = routing_.epoch();
+      Tensor& p = payloads[b * shards + s];
+      Message m = transport::TensorMessage(
+          header, wire_dtype_ == DType::kF32 ? p : p.To(wire_dtype_));
+      requests.push_back(
+          {address, std::move(m), id.ToString() + " at " + address});
     }
   }
-  pending->outstanding = static_cast<int>(requests.size());
-  for (size_t slot = 0; slot < requests.size(); ++slot) {
-    const std::string what =
-        ShardId::Expert(layer, requests[slot].second.header.expert,
-                        requests[slot].second.header.shard)
-            .ToString() +
-        " at " + requests[slot].first;
-    data_plane_->Send(requests[slot].first, std::move(requests[slot].second),
-                      timeout_, [pending, slot, what](StatusOr<Message> r) {
-                        std::lock_guard<std::mutex> lock(pending->mu);
-                        if (!r.ok()) {
-                          if (pending->error.ok())
-                            pending->error = r.status().WithContext(what);
-                        } else {
-                          Tensor t = std::move(r->payload);
-                          pending->replies[slot] = t.dtype() == DType::kF32
-                                                       ? std::move(t)
-                                                       : t.To(DType::kF32);
-                        }
-                        if (--pending->outstanding == 0)
-                          pending->cv.notify_all();
-                      });
-  }
-  std::unique_lock<std::mutex> lock(pending->mu);
-  // The data plane calls back by each request's deadline; the margin covers
-  // scheduling only.
-  if (!pending->cv.wait_for(lock, timeout_ + std::chrono::seconds(5),
-                            [&] { return pending->outstanding == 0; })) {
-    return DeadlineExceededError("expert requests of layer " +
-                                 std::to_string(layer) + " not answered");
-  }
-  if (!pending->error.ok()) return pending->error;
-  return std::move(pending->replies);
+  return transport::SendAll(data_plane_, std::move(requests), timeout_);
 }
 
 StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,

@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "common/tensor.h"
@@ -91,6 +92,21 @@ class DataPlane {
   StatusOr<Message> SendSync(const std::string& peer, Message request,
                              std::chrono::milliseconds timeout);
 };
+
+// One request of a fan-out: where it goes and what names it in errors.
+struct Outgoing {
+  std::string peer;
+  Message message;
+  std::string label;
+};
+
+// Sends every request concurrently and waits for all of them. Returns the
+// responses' payloads in request order (fp32 payloads as they came; others
+// converted to fp32), or the first failure, prefixed with its label. Every
+// request has `timeout`; the wait cannot outlast the last deadline.
+StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
+                                      std::vector<Outgoing> requests,
+                                      std::chrono::milliseconds timeout);
 
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options);
