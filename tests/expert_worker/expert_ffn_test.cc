@@ -9,8 +9,12 @@
 #include <random>
 #include <vector>
 
+#include "tests/testing/gradient_check.h"
+
 namespace switchyard::expert_worker {
 namespace {
+
+using ::switchyard::testing::CentralDifferences;
 
 // ---- fp64 reference, written from the formulas, sharing no code. ----
 using Mat = std::vector<double>;  // Row-major.
@@ -66,22 +70,6 @@ double RefLoss(const ExpertShape& s, const RefParams& p, const Mat& x,
   double loss = 0;
   for (size_t i = 0; i < y.size(); ++i) loss += y[i] * r[i];
   return loss;
-}
-
-// dL/dv[i] by central differences, for every element of *v.
-Mat FiniteDiff(Mat* v, const std::function<double()>& loss) {
-  Mat grad(v->size());
-  const double h = 1e-5;
-  for (size_t i = 0; i < v->size(); ++i) {
-    const double old = (*v)[i];
-    (*v)[i] = old + h;
-    const double up = loss();
-    (*v)[i] = old - h;
-    const double down = loss();
-    (*v)[i] = old;
-    grad[i] = (up - down) / (2 * h);
-  }
-  return grad;
 }
 
 Tensor ToTensor(const Mat& m, std::vector<int64_t> shape) {
@@ -168,12 +156,12 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
   if (T == 0) return;
 
   auto loss = [&] { return RefLoss(s, ref, x, r, T); };
-  EXPECT_LT(RelErr(dx, FiniteDiff(&x, loss)), 1e-4);
-  EXPECT_LT(RelErr(grads.w1, FiniteDiff(&ref.w1, loss)), 1e-4);
-  EXPECT_LT(RelErr(grads.w2, FiniteDiff(&ref.w2, loss)), 1e-4);
+  EXPECT_LT(RelErr(dx, CentralDifferences(&x, loss, 1e-5)), 1e-4);
+  EXPECT_LT(RelErr(grads.w1, CentralDifferences(&ref.w1, loss, 1e-5)), 1e-4);
+  EXPECT_LT(RelErr(grads.w2, CentralDifferences(&ref.w2, loss, 1e-5)), 1e-4);
   if (c.bias) {
-    EXPECT_LT(RelErr(grads.b1, FiniteDiff(&ref.b1, loss)), 1e-4);
-    EXPECT_LT(RelErr(grads.b2, FiniteDiff(&ref.b2, loss)), 1e-4);
+    EXPECT_LT(RelErr(grads.b1, CentralDifferences(&ref.b1, loss, 1e-5)), 1e-4);
+    EXPECT_LT(RelErr(grads.b2, CentralDifferences(&ref.b2, loss, 1e-5)), 1e-4);
   }
   // Accumulating a second identical batch doubles the gradient exactly.
   const float w1_once = grads.w1.f32()[0];

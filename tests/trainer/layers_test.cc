@@ -9,6 +9,7 @@
 #include <random>
 
 #include "expert_worker/expert_ffn.h"
+#include "tests/testing/gradient_check.h"
 
 namespace switchyard::trainer {
 namespace {
@@ -31,16 +32,9 @@ double Dot(const Vec& a, const Vec& b) {
 // Checks `grad` == d loss / d *v by central differences.
 void ExpectGrad(Vec* v, const Vec& grad, const std::function<double()>& loss,
                 const char* what) {
-  const double h = 1e-6;
+  const Vec fd = ::switchyard::testing::CentralDifferences(v, loss, 1e-6);
   for (size_t i = 0; i < v->size(); ++i) {
-    const double old = (*v)[i];
-    (*v)[i] = old + h;
-    const double up = loss();
-    (*v)[i] = old - h;
-    const double down = loss();
-    (*v)[i] = old;
-    const double fd = (up - down) / (2 * h);
-    ASSERT_NEAR(grad[i], fd, 1e-6 * std::max(1.0, std::abs(fd)))
+    ASSERT_NEAR(grad[i], fd[i], 1e-6 * std::max(1.0, std::abs(fd[i])))
         << what << "[" << i << "]";
   }
 }
