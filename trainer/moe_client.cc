@@ -7,6 +7,23 @@ namespace switchyard::trainer {
 using transport::Message;
 using transport::MessageKind;
 
+namespace {
+
+// The sum of expert batch b's shard replies (replies[b * shards + s]), in
+// shard order: a fixed order, whatever order the replies arrived in.
+Tensor SumShards(const std::vector<Tensor>& replies, size_t b, int shards) {
+  Tensor sum = replies[b * shards].Clone();
+  for (int s = 1; s < shards; ++s) {
+    const Tensor& part = replies[b * shards + s];
+    for (int64_t i = 0; i < sum.num_elements(); ++i) {
+      sum.f32()[i] += part.f32()[i];
+    }
+  }
+  return sum;
+}
+
+}  // namespace
+
 MoeLayerClient::MoeLayerClient(transport::DataPlane* data_plane,
                                const config::SwitchyardConfig& config, int rank)
     : data_plane_(data_plane),
@@ -112,13 +129,7 @@ StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,
   std::vector<int> batch_of_expert(E, -1);
   for (size_t b = 0; b < saved.batches.size(); ++b) {
     ExpertBatch& batch = saved.batches[b];
-    batch.out = replies[b * shards].Clone();
-    for (int s = 1; s < shards; ++s) {
-      const Tensor& part = replies[b * shards + s];
-      for (int64_t i = 0; i < batch.out.num_elements(); ++i) {
-        batch.out.f32()[i] += part.f32()[i];
-      }
-    }
+    batch.out = SumShards(replies, b, shards);
     batch_of_expert[batch.expert] = static_cast<int>(b);
   }
   // ... and tokens combine their choices in (token, choice) order.
@@ -185,13 +196,7 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
   // Same fixed order as the forward.
   for (size_t b = 0; b < saved.batches.size(); ++b) {
     const ExpertBatch& batch = saved.batches[b];
-    Tensor sum = replies[b * shards].Clone();
-    for (int s = 1; s < shards; ++s) {
-      const Tensor& part = replies[b * shards + s];
-      for (int64_t i = 0; i < sum.num_elements(); ++i) {
-        sum.f32()[i] += part.f32()[i];
-      }
-    }
+    const Tensor sum = SumShards(replies, b, shards);
     for (size_t r = 0; r < batch.rows.size(); ++r) {
       float* dxt = dx->f32() + batch.rows[r].first * d;
       const float* src = sum.f32() + r * d;

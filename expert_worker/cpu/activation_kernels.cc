@@ -8,6 +8,11 @@ namespace {
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 
+// tanh(sqrt(2/pi) (x + 0.044715 x^3)): the GELU (tanh form) core.
+inline float GeluTanh(float x) {
+  return tanhf(kGeluC * (x + kGeluA * x * x * x));
+}
+
 }  // namespace
 
 void ActivationForward(Activation act, const float* h, int64_t tokens,
@@ -22,7 +27,7 @@ void ActivationForward(Activation act, const float* h, int64_t tokens,
 #pragma omp simd
         for (int64_t j = 0; j < f; ++j) {
           const float x = hr[j];
-          ar[j] = 0.5f * x * (1.0f + tanhf(kGeluC * (x + kGeluA * x * x * x)));
+          ar[j] = 0.5f * x * (1.0f + GeluTanh(x));
         }
         break;
       case Activation::kRelu:
@@ -54,7 +59,7 @@ void ActivationBackward(Activation act, const float* h, const float* da,
 #pragma omp simd
         for (int64_t j = 0; j < f; ++j) {
           const float x = hr[j];
-          const float th = tanhf(kGeluC * (x + kGeluA * x * x * x));
+          const float th = GeluTanh(x);
           ar[j] = 0.5f * x * (1.0f + th);
           const float grad =
               0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC *

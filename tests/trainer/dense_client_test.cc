@@ -10,6 +10,7 @@
 #include "common/model_shape.h"
 #include "expert_worker/optimizer.h"
 #include "expert_worker/worker_service.h"
+#include "tests/testing/ucx_workers.h"
 #include "trainer/moe_client.h"
 
 namespace switchyard::trainer {
@@ -29,33 +30,19 @@ config::SwitchyardConfig Config() {
 
 TEST(DenseClientTest, PullPushStepPull) {
   const auto config = Config();
-  std::vector<std::unique_ptr<expert_worker::WorkerService>> workers;
-  std::vector<std::unique_ptr<transport::DataPlane>> planes;
+  testing::UcxWorkers workers;
+  std::string error;
+  ASSERT_TRUE(workers.Start(config, 2, &error)) << error;
   control::RoutingTable routing;
   routing.set_epoch(2);
-  for (int w = 0; w < 2; ++w) {
-    workers.push_back(std::make_unique<expert_worker::WorkerService>(
-        config, "w" + std::to_string(w)));
-    ASSERT_TRUE(workers[w]->Start().ok());
-    planes.push_back(
-        transport::NewUcxDataPlane(transport::DataPlaneOptions()).value());
-    auto* worker = workers[w].get();
-    ASSERT_TRUE(planes[w]
-                    ->Start([worker](transport::Message m, transport::Reply r) {
-                      worker->Handle(std::move(m), std::move(r));
-                    })
-                    .ok());
-    auto* rw = routing.add_workers();
-    rw->set_name("w" + std::to_string(w));
-    rw->set_data_address(planes[w]->address());
-  }
+  workers.AddTo(&routing);
   for (int s = 0; s < 3; ++s) {
     auto* e = routing.add_entries();
     e->mutable_shard()->set_kind(control::DENSE);
     e->mutable_shard()->set_shard(s);
     e->set_worker(s % 2);
   }
-  for (auto& w : workers) ASSERT_TRUE(w->ApplyRouting(routing).ok());
+  ASSERT_TRUE(workers.ApplyRouting(routing));
   auto plane =
       transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
   ASSERT_TRUE(plane->Start(nullptr).ok());
@@ -100,8 +87,7 @@ TEST(DenseClientTest, PullPushStepPull) {
   EXPECT_NE(missing.status().message().find("D2 has no worker"),
             std::string::npos);
   plane->Shutdown();
-  for (auto& p : planes) p->Shutdown();
-  for (auto& w : workers) w->Shutdown();
+  workers.Shutdown();
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "common/config.h"
 #include "expert_worker/expert_init.h"
 #include "expert_worker/worker_service.h"
+#include "tests/testing/ucx_workers.h"
 
 namespace switchyard::trainer {
 namespace {
@@ -36,27 +37,11 @@ class MoeClientTest : public ::testing::Test {
  protected:
   void SetUp() override {
     config_ = Config();
-    for (int w = 0; w < 2; ++w) {
-      workers_.push_back(std::make_unique<expert_worker::WorkerService>(
-          config_, "w" + std::to_string(w)));
-      ASSERT_TRUE(workers_[w]->Start().ok());
-      planes_.push_back(
-          transport::NewUcxDataPlane(transport::DataPlaneOptions()).value());
-      auto* worker = workers_[w].get();
-      ASSERT_TRUE(
-          planes_[w]
-              ->Start([worker](transport::Message m, transport::Reply r) {
-                worker->Handle(std::move(m), std::move(r));
-              })
-              .ok());
-    }
+    std::string error;
+    ASSERT_TRUE(workers_.Start(config_, 2, &error)) << error;
     // Shard (e, s) lives on worker (e + s) % 2: every expert spans both.
     routing_.set_epoch(kEpoch);
-    for (int w = 0; w < 2; ++w) {
-      auto* rw = routing_.add_workers();
-      rw->set_name("w" + std::to_string(w));
-      rw->set_data_address(planes_[w]->address());
-    }
+    workers_.AddTo(&routing_);
     for (int e = 0; e < E; ++e) {
       for (int s = 0; s < S; ++s) {
         auto* entry = routing_.add_entries();
@@ -66,7 +51,7 @@ class MoeClientTest : public ::testing::Test {
         entry->set_worker((e + s) % 2);
       }
     }
-    for (auto& w : workers_) ASSERT_TRUE(w->ApplyRouting(routing_).ok());
+    ASSERT_TRUE(workers_.ApplyRouting(routing_));
     client_plane_ =
         transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
     ASSERT_TRUE(client_plane_->Start(nullptr).ok());
@@ -75,13 +60,11 @@ class MoeClientTest : public ::testing::Test {
   }
   void TearDown() override {
     client_plane_->Shutdown();
-    for (auto& p : planes_) p->Shutdown();
-    for (auto& w : workers_) w->Shutdown();
+    workers_.Shutdown();
   }
 
   config::SwitchyardConfig config_;
-  std::vector<std::unique_ptr<expert_worker::WorkerService>> workers_;
-  std::vector<std::unique_ptr<transport::DataPlane>> planes_;
+  testing::UcxWorkers workers_;
   std::unique_ptr<transport::DataPlane> client_plane_;
   std::unique_ptr<MoeLayerClient> client_;
   control::RoutingTable routing_;
@@ -193,8 +176,8 @@ TEST_F(MoeClientTest, MatchesInProcessExpertsBitForBit) {
 
   // The step completes on both workers.
   ASSERT_TRUE(client_->StepDone(0).ok());
-  EXPECT_EQ(workers_[0]->next_step(), 1);
-  EXPECT_EQ(workers_[1]->next_step(), 1);
+  EXPECT_EQ(workers_.worker(0).next_step(), 1);
+  EXPECT_EQ(workers_.worker(1).next_step(), 1);
 }
 
 TEST_F(MoeClientTest, EmptyExpertsGetNoRequest) {
@@ -210,8 +193,8 @@ TEST_F(MoeClientTest, EmptyExpertsGetNoRequest) {
   const auto route = RouteForward(ro, x.f32(), T, D, w.f32(), nullptr);
   ASSERT_TRUE(client_->Forward(0, 0, 0, x, route).ok());
   uint64_t tokens_elsewhere = 0, tokens_on_2 = 0;
-  for (auto& worker : workers_) {
-    for (const auto& load : worker->TakeLoads()) {
+  for (int w = 0; w < 2; ++w) {
+    for (const auto& load : workers_.worker(w).TakeLoads()) {
       (load.shard().expert() == 2 ? tokens_on_2 : tokens_elsewhere) +=
           load.tokens();
     }
@@ -238,7 +221,7 @@ TEST_F(MoeClientTest, UnplacedShardAndLostWorkerAreErrors) {
       << r.status().message();
   // A worker whose data plane is gone: an error within the deadline.
   client_->SetRouting(routing_);
-  planes_[1]->Shutdown();
+  workers_.plane(1).Shutdown();
   const auto start = std::chrono::steady_clock::now();
   auto lost = client_->Forward(0, 1, 0, x, route);
   EXPECT_FALSE(lost.ok());
