@@ -35,4 +35,12 @@ std::string Digest::hex() const {
   return buf;
 }
 
+std::string CombineDigests(const std::map<std::string, std::string>& digests) {
+  Digest combined;
+  for (const auto& [name, hex] : digests) {
+    combined.Add(name + "=" + hex, Tensor());
+  }
+  return combined.hex();
+}
+
 }  // namespace switchyard

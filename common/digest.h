@@ -4,6 +4,7 @@
 #define SWITCHYARD_COMMON_DIGEST_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -29,6 +30,10 @@ class Digest {
   struct State;
   std::unique_ptr<State> state_;
 };
+
+// One digest of named digests (shard name -> hex), in name order: equal for
+// equal maps however the shards were spread over workers.
+std::string CombineDigests(const std::map<std::string, std::string>& digests);
 
 }  // namespace switchyard
 

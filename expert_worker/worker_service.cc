@@ -327,9 +327,9 @@ void WorkerService::Process(Task task) {
     return;
   }
   Tensor out;
-  Status s = kind == MessageKind::kExpertForward
-                 ? Forward(task.request, it->second.get(), &out)
-                 : Backward(task.request, it->second.get(), &out);
+  Status s = kind == MessageKind::kExpertBackward
+                 ? Backward(task.request, it->second.get(), &out)
+                 : Forward(task.request, it->second.get(), &out);
   if (!s.ok()) {
     fail(s);
     return;
@@ -341,8 +341,10 @@ void WorkerService::Process(Task task) {
 
 Status WorkerService::Forward(const Message& request, Shard* shard, Tensor* y) {
   const auto& h = request.header;
+  const bool train =
+      h.kind == static_cast<uint8_t>(MessageKind::kExpertForward);
   const auto key = std::make_tuple(h.step, h.trainer_rank, h.micro_batch);
-  if (shard->activations.count(key)) {
+  if (train && shard->activations.count(key)) {
     return AlreadyExistsError("duplicate forward for " +
                               transport::DescribeHeader(h));
   }
@@ -357,6 +359,7 @@ Status WorkerService::Forward(const Message& request, Shard* shard, Tensor* y) {
                     {tokens, ffn.shape().gates() * ffn.shape().d_ff_shard}));
   ASSIGN_OR_RETURN(*y, Tensor::Zeros(DType::kF32, {tokens, x.dim(1)}));
   RETURN_IF_ERROR(ffn.Forward(shard->params, x, &hidden, y));
+  if (!train) return OkStatus();  // Evaluation keeps nothing.
   shard->activations[key] = {std::move(x), std::move(hidden)};
   shard->tokens += tokens;
   return OkStatus();
@@ -515,17 +518,20 @@ std::vector<ShardId> WorkerService::hosted() const {
   return ids;
 }
 
-std::string WorkerService::ParameterDigest() const {
+std::map<std::string, std::string> WorkerService::ShardDigests() const {
   std::lock_guard<std::mutex> lock(mu_);
-  Digest digest;
+  std::map<std::string, std::string> digests;
   for (const auto& [index, d] : dense_) {
     const std::string n = "D" + std::to_string(index);
+    Digest digest;
     digest.Add(n, d->params);
     digest.Add(n + ".opt.m", d->state.m);
     digest.Add(n + ".opt.v", d->state.v);
+    digests[n] = digest.hex();
   }
   for (const auto& [id, s] : shards_) {
     const std::string n = id.ToString();
+    Digest digest;
     digest.Add(n + ".w1", s->params.w1);
     digest.Add(n + ".b1", s->params.b1);
     digest.Add(n + ".w2", s->params.w2);
@@ -539,8 +545,13 @@ std::string WorkerService::ParameterDigest() const {
       digest.Add(n + ".opt." + tag + ".row", st->row);
       digest.Add(n + ".opt." + tag + ".col", st->col);
     }
+    digests[n] = digest.hex();
   }
-  return digest.hex();
+  return digests;
+}
+
+std::string WorkerService::ParameterDigest() const {
+  return CombineDigests(ShardDigests());
 }
 
 std::vector<control::ShardLoad> WorkerService::TakeLoads() {

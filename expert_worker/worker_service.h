@@ -10,6 +10,9 @@
 // for step t + 1 wait until then; requests for applied steps, from another
 // epoch, or for shards this worker does not host are refused.
 //
+// An eval request (validation, sampling) is a forward for step t that keeps
+// nothing and counts no load.
+//
 // Dense shards (parameter-server tables) are flat slices of the DenseLayout
 // concatenation: DensePull(t) returns the parameters of version t (after t
 // updates), DensePush(t, rank) delivers that rank's gradient, and update t
@@ -70,8 +73,10 @@ class WorkerService {
   int64_t next_step() const;
   uint64_t epoch() const;
   std::vector<ShardId> hosted() const;
-  // Digest of every hosted parameter and optimizer-state tensor, in shard
-  // order (for determinism checks).
+  // Digest (hex) of each hosted shard's parameter and optimizer-state
+  // tensors, by shard name ("D0", "L0.E3.S0"), for determinism checks.
+  std::map<std::string, std::string> ShardDigests() const;
+  // CombineDigests(ShardDigests()).
   std::string ParameterDigest() const;
   // Tokens received per shard since the last call.
   std::vector<control::ShardLoad> TakeLoads();

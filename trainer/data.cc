@@ -19,8 +19,18 @@ StatusOr<ByteCorpus> ByteCorpus::FromText(std::string text,
                                 std::to_string(validation_fraction) +
                                 " must be in (0, 1)");
   }
+  const size_t split =
+      static_cast<size_t>(text.size() * (1 - validation_fraction));
+  const size_t size = text.size();
+  ASSIGN_OR_RETURN(ByteCorpus corpus, Make(std::move(text), split, min_window));
+  corpus.sources_.push_back({"", 0, size - split});
+  return corpus;
+}
+
+StatusOr<ByteCorpus> ByteCorpus::Make(std::string text, size_t split,
+                                      int min_window) {
   ByteCorpus corpus;
-  corpus.split_ = static_cast<size_t>(text.size() * (1 - validation_fraction));
+  corpus.split_ = split;
   corpus.text_ = std::move(text);
   const size_t window = static_cast<size_t>(min_window) + 1;
   if (corpus.train_bytes() < window || corpus.validation_bytes() < window) {
@@ -57,19 +67,36 @@ StatusOr<ByteCorpus> ByteCorpus::Load(const std::string& path,
     return InvalidArgumentError("training data directory '" + path +
                                 "' holds no files");
   }
-  std::string text;
+  if (validation_fraction <= 0 || validation_fraction >= 1) {
+    return InvalidArgumentError("validation fraction " +
+                                std::to_string(validation_fraction) +
+                                " must be in (0, 1)");
+  }
+  // Each file splits on its own: its head trains, its tail validates.
+  std::string train, validation;
+  std::vector<Source> sources;
   for (const fs::path& file : files) {
     std::ifstream in(file, std::ios::binary);
     if (!in) return UnavailableError("cannot read '" + file.string() + "'");
     std::stringstream buf;
     buf << in.rdbuf();
-    if (!text.empty()) text += '\n';
-    text += buf.str();
+    const std::string content = buf.str();
+    const size_t cut =
+        static_cast<size_t>(content.size() * (1 - validation_fraction));
+    if (!train.empty()) train += '\n';
+    train.append(content, 0, cut);
+    if (!validation.empty()) validation += '\n';
+    const std::string name = files.size() == 1 && !fs::is_directory(path, ec)
+                                 ? file.filename().string()
+                                 : fs::relative(file, path, ec).string();
+    sources.push_back({name, validation.size(), content.size() - cut});
+    validation.append(content, cut, std::string::npos);
   }
-  auto corpus = FromText(std::move(text), validation_fraction, min_window);
+  const size_t split = train.size();
+  auto corpus = Make(train + validation, split, min_window);
   if (!corpus.ok())
     return corpus.status().WithContext("training data '" + path + "'");
-  corpus->num_files_ = static_cast<int>(files.size());
+  corpus->sources_ = std::move(sources);
   return corpus;
 }
 
@@ -106,15 +133,29 @@ Batch ByteCorpus::TrainBatch(uint64_t seed, int64_t step, int rank,
   return Window(0, train_bytes(), starts, seq_len);
 }
 
-Batch ByteCorpus::ValidationBatch(int64_t index, int batch_size,
-                                  int seq_len) const {
-  const size_t span = validation_bytes();
+Batch ByteCorpus::Consecutive(size_t base, size_t span, int64_t index,
+                              int batch_size, int seq_len) const {
   const size_t windows = std::max<size_t>(1, (span - 1) / seq_len);
   std::vector<size_t> starts(batch_size);
   for (int i = 0; i < batch_size; ++i) {
     starts[i] = ((index * batch_size + i) % windows) * seq_len;
   }
-  return Window(split_, span, starts, seq_len);
+  return Window(base, span, starts, seq_len);
+}
+
+Batch ByteCorpus::ValidationBatch(int64_t index, int batch_size,
+                                  int seq_len) const {
+  return Consecutive(split_, validation_bytes(), index, batch_size, seq_len);
+}
+
+Batch ByteCorpus::SourceBatch(int source, int batch_size, int seq_len) const {
+  const Source& s = sources_.at(source);
+  if (s.size < static_cast<size_t>(seq_len) + 1) {
+    Batch empty;
+    empty.seq_len = seq_len;
+    return empty;
+  }
+  return Consecutive(split_ + s.begin, s.size, 0, batch_size, seq_len);
 }
 
 Batch MicroBatch(const Batch& batch, int m, int num_micro_batches) {

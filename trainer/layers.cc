@@ -1,5 +1,7 @@
 #include "trainer/layers.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -21,6 +23,22 @@ void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
       c[static_cast<int64_t>(i) * n + j] = acc;
     }
   }
+}
+
+// fp32 products go to BLAS (sgemm): deterministic for a fixed thread
+// count, like every GEMM in Switchyard.
+template <>
+void MatMul<float>(const float* a, const float* b, int m, int n, int k,
+                   bool trans_a, bool trans_b, bool accumulate, float* c) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) std::fill(c, c + static_cast<int64_t>(m) * n, 0.0f);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, m, n, k, 1.0f, a,
+              trans_a ? m : k, b, trans_b ? k : n, accumulate ? 1.0f : 0.0f, c,
+              n);
 }
 
 template <typename Real>

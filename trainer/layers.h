@@ -1,6 +1,7 @@
 // Dense layers of the transformer with explicit forward and backward, in the
-// spirit of a clean reference implementation (llm.c). Plain loops, templated
-// on the scalar so that gradient checks run in double; row-major.
+// spirit of a clean reference implementation (llm.c). Plain loops except for
+// the matrix products (MatMul), templated on the scalar so that gradient
+// checks run in double; row-major.
 //
 // Backward functions accumulate (+=) into parameter gradients and overwrite
 // input gradients. Pure functions; thread-safe.
@@ -95,7 +96,8 @@ Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
                   Real* dlogits);
 
 // C (m, n) = A (m, k) B (k, n) [+ C when accumulate], with A or B
-// transposed in storage when asked. The reference's matrix product.
+// transposed in storage when asked. fp32 runs on BLAS (sgemm); fp64 (the
+// gradient checks) is a plain triple loop.
 template <typename Real>
 void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
             bool trans_b, bool accumulate, Real* c);

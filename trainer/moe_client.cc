@@ -86,13 +86,33 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
 StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,
                                          int layer, const Tensor& x,
                                          const RouterState<float>& route) {
+  Saved saved;
+  ASSIGN_OR_RETURN(Tensor y, Dispatch(MessageKind::kExpertForward, step,
+                                      micro_batch, layer, x, route, &saved));
+  saved_[{layer, micro_batch}] = std::move(saved);
+  return y;
+}
+
+StatusOr<Tensor> MoeLayerClient::Evaluate(int64_t step, int layer,
+                                          const Tensor& x,
+                                          const RouterState<float>& route) {
+  Saved unused;
+  return Dispatch(MessageKind::kExpertEval, step, /*micro_batch=*/0, layer, x,
+                  route, &unused);
+}
+
+StatusOr<Tensor> MoeLayerClient::Dispatch(MessageKind kind, int64_t step,
+                                          int micro_batch, int layer,
+                                          const Tensor& x,
+                                          const RouterState<float>& route,
+                                          Saved* out_saved) {
   const int T = route.tokens, k = route.k, E = route.experts;
   const int64_t d = config_.model().d_model();
   if (x.rank() != 2 || x.dim(0) != T || x.dim(1) != d) {
     return InvalidArgumentError("MoE input " + x.DebugString() +
                                 " does not match the route");
   }
-  Saved saved;
+  Saved& saved = *out_saved;
   saved.tokens = T;
   saved.k = k;
   saved.gate = route.gate;
@@ -121,9 +141,9 @@ StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,
     for (int s = 0; s < shards; ++s) payloads.push_back(xe);
     saved.batches.push_back({e, std::move(rows[e]), Tensor()});
   }
-  ASSIGN_OR_RETURN(std::vector<Tensor> replies,
-                   Exchange(MessageKind::kExpertForward, step, micro_batch,
-                            layer, experts, std::move(payloads)));
+  ASSIGN_OR_RETURN(
+      std::vector<Tensor> replies,
+      Exchange(kind, step, micro_batch, layer, experts, std::move(payloads)));
   ASSIGN_OR_RETURN(Tensor y, Tensor::Zeros(DType::kF32, {T, d}));
   // Fixed order: expert outputs sum their shards in shard order ...
   std::vector<int> batch_of_expert(E, -1);
@@ -144,7 +164,6 @@ StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,
       for (int64_t i = 0; i < d; ++i) yt[i] += g * out[i];
     }
   }
-  saved_[{layer, micro_batch}] = std::move(saved);
   return y;
 }
 

@@ -47,6 +47,11 @@ class MoeLayerClient {
   StatusOr<Tensor> Forward(int64_t step, int micro_batch, int layer,
                            const Tensor& x, const RouterState<float>& route);
 
+  // The same output without training state: the workers keep nothing (for
+  // validation and sampling with the parameters after `step` updates).
+  StatusOr<Tensor> Evaluate(int64_t step, int layer, const Tensor& x,
+                            const RouterState<float>& route);
+
   // dy: (T, d_model). Writes dx: (T, d_model) and d_gate: (T, k).
   Status Backward(int64_t step, int micro_batch, int layer, const Tensor& dy,
                   Tensor* dx, std::vector<float>* d_gate);
@@ -67,6 +72,11 @@ class MoeLayerClient {
     std::vector<ExpertBatch> batches;
   };
 
+  // Sends the routed tokens of x as `kind` requests and combines the replies
+  // into y; fills *saved with what Backward needs.
+  StatusOr<Tensor> Dispatch(transport::MessageKind kind, int64_t step,
+                            int micro_batch, int layer, const Tensor& x,
+                            const RouterState<float>& route, Saved* saved);
   // Sends `kind` with one payload per (expert, shard) and returns the replies
   // indexed like `payloads` (expert-major, shard-minor).
   StatusOr<std::vector<Tensor>> Exchange(transport::MessageKind kind,

@@ -19,15 +19,17 @@ RouterOptions RouterOptions::FromModel(const config::ModelConfig& m) {
 }
 
 std::vector<float> JitterMultipliers(uint64_t seed, int64_t step, int rank,
-                                     int layer, int tokens, int d, double eps) {
+                                     int micro_batch, int layer, int tokens,
+                                     int d, double eps) {
   constexpr uint64_t kTagJitter = 11;
   std::vector<float> out(static_cast<size_t>(tokens) * d);
   for (int t = 0; t < tokens; ++t) {
     for (int i = 0; i < d; ++i) {
       const double u = RandomUniform(
-          seed, {kTagJitter, static_cast<uint64_t>(step),
-                 static_cast<uint64_t>(rank), static_cast<uint64_t>(layer),
-                 static_cast<uint64_t>(t), static_cast<uint64_t>(i)});
+          seed,
+          {kTagJitter, static_cast<uint64_t>(step), static_cast<uint64_t>(rank),
+           static_cast<uint64_t>(micro_batch), static_cast<uint64_t>(layer),
+           static_cast<uint64_t>(t), static_cast<uint64_t>(i)});
       out[static_cast<size_t>(t) * d + i] =
           static_cast<float>(1.0 - eps + 2.0 * eps * u);
     }
@@ -127,7 +129,7 @@ RouterState<Real> RouteForward(const RouterOptions& o, const Real* x,
 
 template <typename Real>
 void RouteBackward(const RouterOptions& o, const RouterState<Real>& s,
-                   const Real* d_gate, int d, const Real* w,
+                   const Real* d_gate, Real loss_scale, int d, const Real* w,
                    const float* jitter, Real* dx, Real* dw) {
   const int T = s.tokens, E = s.experts, k = s.k;
   std::vector<Real> d_probs(static_cast<size_t>(T) * E, Real(0));
@@ -151,7 +153,7 @@ void RouteBackward(const RouterOptions& o, const RouterState<Real>& s,
     }
     if (o.aux_loss_alpha > 0) {
       for (int e = 0; e < E; ++e) {
-        dp[e] += Real(o.aux_loss_alpha) * E *
+        dp[e] += loss_scale * Real(o.aux_loss_alpha) * E *
                  (Real(s.first_choice_count[e]) / T) / T;
       }
     }
@@ -174,7 +176,8 @@ void RouteBackward(const RouterOptions& o, const RouterState<Real>& s,
     Real* dl = &d_logits[static_cast<size_t>(t) * E];
     for (int e = 0; e < E; ++e) {
       dl[e] = p[e] * (dp[e] - dot);
-      if (o.z_loss > 0) dl[e] += Real(o.z_loss) * 2 * lse * p[e] / T;
+      if (o.z_loss > 0)
+        dl[e] += loss_scale * Real(o.z_loss) * 2 * lse * p[e] / T;
     }
   }
   // dW = x^T dlogits; dx = (dlogits W^T) * jitter.
@@ -203,11 +206,12 @@ template RouterState<double> RouteForward<double>(const RouterOptions&,
                                                   const double*, int, int,
                                                   const double*, const float*);
 template void RouteBackward<float>(const RouterOptions&,
-                                   const RouterState<float>&, const float*, int,
-                                   const float*, const float*, float*, float*);
+                                   const RouterState<float>&, const float*,
+                                   float, int, const float*, const float*,
+                                   float*, float*);
 template void RouteBackward<double>(const RouterOptions&,
                                     const RouterState<double>&, const double*,
-                                    int, const double*, const float*, double*,
-                                    double*);
+                                    double, int, const double*, const float*,
+                                    double*, double*);
 
 }  // namespace switchyard::trainer

@@ -15,7 +15,7 @@
 //                                       choice is i; P_i: mean prob of i
 //   z   = beta * mean_t logsumexp(logits_t)^2
 // Jitter multiplies x elementwise by U(1 - eps, 1 + eps) during training,
-// from (seed, step, rank, layer, token, dim).
+// from (seed, step, rank, micro-batch, layer, token, dim).
 //
 // Templated on the scalar so that gradient checks run in double; training
 // uses float. Pure functions; thread-safe.
@@ -58,7 +58,8 @@ struct RouterState {
 
 // Multipliers for router jitter: (T, d) values in [1 - eps, 1 + eps].
 std::vector<float> JitterMultipliers(uint64_t seed, int64_t step, int rank,
-                                     int layer, int tokens, int d, double eps);
+                                     int micro_batch, int layer, int tokens,
+                                     int d, double eps);
 
 // Routes x (T, d) with W (d, E). `jitter` is (T, d) multipliers or null.
 template <typename Real>
@@ -67,11 +68,11 @@ RouterState<Real> RouteForward(const RouterOptions& options, const Real* x,
                                const float* jitter);
 
 // Backward from d_gate (T, k) = dLoss/dgate, adding the aux and z losses'
-// gradients. Writes dx (T, d) (through the jitter multipliers) and
-// dw (d, E) (overwritten).
+// gradients times `loss_scale` (the factor d_gate already carries). Writes
+// dx (T, d) (through the jitter multipliers) and dw (d, E) (overwritten).
 template <typename Real>
 void RouteBackward(const RouterOptions& options, const RouterState<Real>& s,
-                   const Real* d_gate, int d, const Real* w,
+                   const Real* d_gate, Real loss_scale, int d, const Real* w,
                    const float* jitter, Real* dx, Real* dw);
 
 }  // namespace switchyard::trainer

@@ -26,7 +26,8 @@ enum class MessageKind : uint8_t {
   kDensePull = 4,       // no payload -> parameters (1, n)
   kDensePush = 5,       // gradients (1, n) -> no payload
   kEcho = 6,            // any tensor -> the same tensor (tests, benchmarks)
-  kMaxKind = 6,
+  kExpertEval = 7,      // x (T, d) -> y (T, d), nothing kept (validation)
+  kMaxKind = 7,
 };
 
 // dtype 0 means no tensor payload (an error response carries text).

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 namespace switchyard::trainer {
 namespace {
@@ -78,7 +79,13 @@ TEST(DataTest, LoadsDirectoriesInPathOrderAndNamesErrors) {
   auto corpus = ByteCorpus::Load(dir.string(), 0.05, 64);
   ASSERT_TRUE(corpus.ok()) << corpus.status().ToString();
   EXPECT_EQ(corpus->num_files(), 3);
-  EXPECT_EQ(corpus->train_bytes() + corpus->validation_bytes(), 9002u);
+  // Three files, each split 95/5 on its own and joined with '\n' per split.
+  EXPECT_EQ(corpus->train_bytes(), 3 * 2850u + 2);
+  EXPECT_EQ(corpus->validation_bytes(), 3 * 150u + 2);
+  ASSERT_EQ(corpus->sources().size(), 3u);
+  EXPECT_EQ(corpus->sources()[0].name, "a.txt");
+  EXPECT_EQ(corpus->sources()[2].name, "sub/c.txt");
+  EXPECT_EQ(corpus->sources()[1].size, 150u);
 
   auto missing = ByteCorpus::Load((dir / "nope").string(), 0.05, 64);
   EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
@@ -91,6 +98,29 @@ TEST(DataTest, LoadsDirectoriesInPathOrderAndNamesErrors) {
   fs::create_directories(dir / "empty");
   EXPECT_EQ(ByteCorpus::Load((dir / "empty").string(), 0.1, 8).status().code(),
             StatusCode::kInvalidArgument);
+  fs::remove_all(dir);
+}
+
+TEST(DataTest, EverySourceIsInBothSplits) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "switchyard_sources";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir / "en.txt") << std::string(2000, 'e');
+  std::ofstream(dir / "zh.txt") << std::string(2000, 'z');
+  auto corpus = ByteCorpus::Load(dir.string(), 0.1, 16);
+  ASSERT_TRUE(corpus.ok()) << corpus.status().ToString();
+  for (int s = 0; s < 2; ++s) {
+    const char want = s == 0 ? 'e' : 'z';
+    const Batch b = corpus->SourceBatch(s, 4, 16);
+    ASSERT_EQ(b.batch_size, 4);
+    for (int32_t t : b.inputs) EXPECT_EQ(t, want) << "source " << s;
+  }
+  // Validation draws from both languages, not only the last file.
+  const Batch v = corpus->ValidationBatch(0, 20, 16);
+  std::set<int32_t> seen(v.inputs.begin(), v.inputs.end());
+  EXPECT_TRUE(seen.count('e') && seen.count('z'));
+  EXPECT_EQ(corpus->SourceBatch(0, 4, 500).batch_size, 0)
+      << "a source shorter than a window gives an empty batch";
   fs::remove_all(dir);
 }
 

@@ -42,13 +42,16 @@ TEST_P(RouterGradTest, MatchesFiniteDifferences) {
   std::vector<double> x = Random(rng, T * d, 1.0), w = Random(rng, d * E, 0.7);
   const std::vector<double> r = Random(rng, T * c.top_k, 1.0);
   const std::vector<float> jitter =
-      c.jitter ? JitterMultipliers(5, 3, 1, 2, T, d, 0.1)
+      c.jitter ? JitterMultipliers(5, 3, 1, 0, 2, T, d, 0.1)
                : std::vector<float>();
   const float* jp = c.jitter ? jitter.data() : nullptr;
+  // The training loss is scaled (1 / (trainers * micro-batches)); the
+  // gradient of every term must carry the scale.
+  constexpr double kScale = 0.25;
   auto loss = [&](const RouterState<double>& s) {
     double l = s.aux_loss + s.z_loss;
     for (size_t i = 0; i < r.size(); ++i) l += r[i] * s.gate[i];
-    return l;
+    return kScale * l;
   };
   const RouterState<double> base =
       RouteForward(o, x.data(), T, d, w.data(), jp);
@@ -56,7 +59,10 @@ TEST_P(RouterGradTest, MatchesFiniteDifferences) {
     EXPECT_GT(base.dropped, 0) << "the case should exercise dropping";
   }
   std::vector<double> dx(T * d), dw(d * E);
-  RouteBackward(o, base, r.data(), d, w.data(), jp, dx.data(), dw.data());
+  std::vector<double> d_gate(r.size());
+  for (size_t i = 0; i < r.size(); ++i) d_gate[i] = kScale * r[i];
+  RouteBackward(o, base, d_gate.data(), kScale, d, w.data(), jp, dx.data(),
+                dw.data());
 
   auto check = [&](std::vector<double>* v, const std::vector<double>& grad,
                    const char* what) {
@@ -218,11 +224,13 @@ TEST(RouterTest, ZeroTokensAndFloatMatchesDouble) {
 }
 
 TEST(RouterTest, JitterIsDeterministicAndBounded) {
-  auto a = JitterMultipliers(1, 5, 0, 2, 4, 3, 0.01);
-  auto b = JitterMultipliers(1, 5, 0, 2, 4, 3, 0.01);
-  auto c = JitterMultipliers(1, 6, 0, 2, 4, 3, 0.01);
+  auto a = JitterMultipliers(1, 5, 0, 0, 2, 4, 3, 0.01);
+  auto b = JitterMultipliers(1, 5, 0, 0, 2, 4, 3, 0.01);
+  auto c = JitterMultipliers(1, 6, 0, 0, 2, 4, 3, 0.01);
+  auto m = JitterMultipliers(1, 5, 0, 1, 2, 4, 3, 0.01);
   EXPECT_EQ(a, b);
   EXPECT_NE(a, c);
+  EXPECT_NE(a, m) << "micro-batches of a step need their own noise";
   for (float m : a) {
     EXPECT_GE(m, 0.99f);
     EXPECT_LE(m, 1.01f);

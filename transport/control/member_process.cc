@@ -42,10 +42,13 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
   asio::io_context io;
   auto work = asio::make_work_guard(io);
   std::promise<int> stop_signal;
+  std::atomic<bool> stopping{false};
   asio::signal_set signals(io, SIGTERM, SIGINT);
   signals.async_wait(
-      [&stop_signal](const boost::system::error_code& ec, int sig) {
-        if (!ec) stop_signal.set_value(sig);
+      [&stop_signal, &stopping](const boost::system::error_code& ec, int sig) {
+        if (ec) return;
+        stopping = true;
+        stop_signal.set_value(sig);
       });
   auto session = MemberSession::Create(io, session_options, options.on_routing);
   std::thread io_thread([&io] { io.run(); });
@@ -54,7 +57,14 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
   const std::string& name = options.registration.name();
   Status result = session->WaitRegistered(
       std::chrono::milliseconds(cluster.call_timeout_ms() * 6));
-  if (result.ok()) {
+  if (result.ok() && options.body) {
+    LOG(INFO) << name << ": registered with the coordinator at "
+              << coordinator.ToString();
+    result = options.body(stopping);
+    LOG(INFO) << name
+              << (stopping ? ": stopped by a signal, leaving"
+                           : ": done, leaving");
+  } else if (result.ok()) {
     LOG(INFO) << name << ": registered with the coordinator at "
               << coordinator.ToString() << "; waiting for SIGTERM/SIGINT";
     const int sig = stop_signal.get_future().get();

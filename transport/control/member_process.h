@@ -4,6 +4,7 @@
 #ifndef SWITCHYARD_TRANSPORT_CONTROL_MEMBER_PROCESS_H_
 #define SWITCHYARD_TRANSPORT_CONTROL_MEMBER_PROCESS_H_
 
+#include <atomic>
 #include <functional>
 #include <string>
 #include <vector>
@@ -24,10 +25,15 @@ struct MemberProcessOptions {
   std::function<void(const RoutingTable&)> on_routing;
   // Per-shard token counts for heartbeats (optional).
   std::function<std::vector<ShardLoad>()> loads;
+  // The process's work (optional), run on the calling thread once
+  // registered; `stopping` turns true on SIGTERM/SIGINT and the body should
+  // then return soon. Its status is the process's.
+  std::function<Status(const std::atomic<bool>& stopping)> body;
 };
 
-// Blocks until SIGTERM or SIGINT (clean shutdown: OK), or until the first
-// registration fails for longer than cluster.call_timeout_ms * 6 (error).
+// Blocks until SIGTERM or SIGINT (clean shutdown: OK) or, with a body, until
+// it returns; or until the first registration fails for longer than
+// cluster.call_timeout_ms * 6 (error).
 Status RunMemberProcess(const MemberProcessOptions& options);
 
 }  // namespace switchyard::control

@@ -1,0 +1,35 @@
+// The single-process reference: every rank of a run, one after another, in
+// one process, with the workers' code (WorkerService, hosting every shard)
+// behind an in-process data plane. The same compute code as a distributed
+// run without any network, so the two can be compared bit for bit
+// (`switchyard train --reference`; the determinism tests).
+#ifndef SWITCHYARD_TRAINER_REFERENCE_H_
+#define SWITCHYARD_TRAINER_REFERENCE_H_
+
+#include <atomic>
+#include <map>
+#include <ostream>
+#include <string>
+
+#include "common/status.h"
+#include "config.pb.h"
+#include "trainer/training.h"
+
+namespace switchyard::trainer {
+
+struct ReferenceResult {
+  TrainingResult training;
+  // Digest (hex) of every shard's parameters and optimizer state after the
+  // last step, by shard name ("D0", "L0.E3.S0").
+  std::map<std::string, std::string> digests;
+};
+
+StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
+                                       const ByteCorpus& corpus,
+                                       const TrainingOptions& options,
+                                       const std::atomic<bool>* stopping,
+                                       std::ostream& out);
+
+}  // namespace switchyard::trainer
+
+#endif  // SWITCHYARD_TRAINER_REFERENCE_H_

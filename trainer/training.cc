@@ -1,0 +1,388 @@
+#include "trainer/training.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <iomanip>
+#include <sstream>
+
+#include "common/model_shape.h"
+#include "common/random.h"
+
+namespace switchyard::trainer {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start)
+      .count();
+}
+
+Tensor RowsTensor(const float* data, int64_t rows, int64_t cols) {
+  Tensor t = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+  std::memcpy(t.f32(), data, t.num_bytes());
+  return t;
+}
+
+std::string Duration(double seconds) {
+  const int64_t s = static_cast<int64_t>(std::llround(std::max(0.0, seconds)));
+  std::ostringstream o;
+  if (s >= 3600) o << s / 3600 << "h";
+  if (s >= 60) o << (s % 3600) / 60 << "m";
+  o << s % 60 << "s";
+  return o.str();
+}
+
+// Adds b's MoE loads into a's (same layers).
+void AddLoads(const LossReport& b, LossReport* a) {
+  if (a->moe.empty()) {
+    a->moe = b.moe;
+    return;
+  }
+  for (size_t l = 0; l < a->moe.size(); ++l) {
+    for (size_t e = 0; e < a->moe[l].load.size(); ++e)
+      a->moe[l].load[e] += b.moe[l].load[e];
+    a->moe[l].assignments += b.moe[l].assignments;
+    a->moe[l].dropped += b.moe[l].dropped;
+  }
+}
+
+// " | L0 min 3 max 40 cv 0.52 drop 0.0%" per MoE layer.
+std::string LoadSummary(const LossReport& r) {
+  std::ostringstream o;
+  o << std::fixed;
+  for (size_t l = 0; l < r.moe.size(); ++l) {
+    const auto& load = r.moe[l].load;
+    if (load.empty()) continue;
+    double mean = 0, var = 0;
+    for (int v : load) mean += v;
+    mean /= load.size();
+    for (int v : load) var += (v - mean) * (v - mean);
+    var /= load.size();
+    const double cv = mean > 0 ? std::sqrt(var) / mean : 0;
+    o << " | L" << l << " min " << *std::min_element(load.begin(), load.end())
+      << " max " << *std::max_element(load.begin(), load.end()) << " cv "
+      << std::setprecision(2) << cv << " drop " << std::setprecision(1)
+      << (r.moe[l].assignments > 0
+              ? 100.0 * r.moe[l].dropped / r.moe[l].assignments
+              : 0.0)
+      << "%";
+  }
+  return o.str();
+}
+
+}  // namespace
+
+// The model's view of the remote experts: MoeLayerClient at the current
+// step, timing what the exchanges cost.
+class MoeClientExperts : public MoeExperts<float> {
+ public:
+  MoeClientExperts(MoeLayerClient* client, int64_t d)
+      : client_(client), d_(d) {}
+
+  void Begin(int64_t step) {
+    step_ = step;
+    ms_ = 0;
+  }
+  double ms() const { return ms_; }
+
+  Status Forward(int layer, int micro_batch, bool train, const float* x,
+                 const RouterState<float>& route, float* y) override {
+    const auto start = Clock::now();
+    const Tensor xt = RowsTensor(x, route.tokens, d_);
+    StatusOr<Tensor> out =
+        train ? client_->Forward(step_, micro_batch, layer, xt, route)
+              : client_->Evaluate(step_, layer, xt, route);
+    ms_ += MsSince(start);
+    if (!out.ok()) return out.status();
+    std::memcpy(y, out->f32(), out->num_bytes());
+    return OkStatus();
+  }
+
+  Status Backward(int layer, int micro_batch, int tokens, const float* dy,
+                  float* dx, float* d_gate) override {
+    const auto start = Clock::now();
+    Tensor dxt;
+    std::vector<float> dg;
+    Status s = client_->Backward(step_, micro_batch, layer,
+                                 RowsTensor(dy, tokens, d_), &dxt, &dg);
+    ms_ += MsSince(start);
+    RETURN_IF_ERROR(s);
+    std::memcpy(dx, dxt.f32(), dxt.num_bytes());
+    std::copy(dg.begin(), dg.end(), d_gate);
+    return OkStatus();
+  }
+
+ private:
+  MoeLayerClient* client_;
+  const int64_t d_;
+  int64_t step_ = 0;
+  double ms_ = 0;
+};
+
+TrainerReplica::TrainerReplica(const config::SwitchyardConfig& config, int rank,
+                               transport::DataPlane* data_plane)
+    : config_(config),
+      rank_(rank),
+      moe_(data_plane, config, rank),
+      dense_(data_plane, config, rank),
+      experts_(
+          std::make_unique<MoeClientExperts>(&moe_, config.model().d_model())),
+      model_(config) {}
+
+TrainerReplica::~TrainerReplica() = default;
+
+void TrainerReplica::SetRouting(const control::RoutingTable& routing) {
+  moe_.SetRouting(routing);
+  dense_.SetRouting(routing);
+}
+
+StatusOr<StepReport> TrainerReplica::Step(int64_t step, const Batch& batch) {
+  const auto start = Clock::now();
+  StepReport report;
+  auto t = Clock::now();
+  ASSIGN_OR_RETURN(Tensor params, dense_.Pull(step));
+  report.time.pull = MsSince(t);
+  ASSIGN_OR_RETURN(Tensor grads,
+                   Tensor::Zeros(DType::kF32, {1, model_.num_params()}));
+  const int M = config_.training().micro_batches();
+  const float scale =
+      1.0f / static_cast<float>(config_.cluster().trainers() * M);
+  experts_->Begin(step);
+  t = Clock::now();
+  for (int m = 0; m < M; ++m) {
+    const Batch micro = MicroBatch(batch, m, M);
+    ASSIGN_OR_RETURN(LossReport r,
+                     model_.TrainStep(params.f32(), micro, {step, rank_, m},
+                                      scale, experts_.get(), grads.f32()));
+    report.loss.loss += r.loss / M;
+    report.loss.aux_loss += r.aux_loss / M;
+    report.loss.z_loss += r.z_loss / M;
+    report.loss.tokens += r.tokens;
+    AddLoads(r, &report.loss);
+  }
+  report.time.experts = experts_->ms();
+  report.time.dense = MsSince(t) - report.time.experts;
+  t = Clock::now();
+  RETURN_IF_ERROR(dense_.Push(step, grads));
+  report.time.push = MsSince(t);
+  t = Clock::now();
+  RETURN_IF_ERROR(moe_.StepDone(step));
+  report.time.done = MsSince(t);
+  report.time.total = MsSince(start);
+  return report;
+}
+
+StatusOr<LossReport> TrainerReplica::Evaluate(int64_t step, const Batch& batch,
+                                              std::vector<float>* logits) {
+  ASSIGN_OR_RETURN(Tensor params, dense_.Pull(step));
+  experts_->Begin(step);
+  return model_.Evaluate(params.f32(), batch, experts_.get(), logits);
+}
+
+StatusOr<std::string> TrainerReplica::Sample(int64_t step,
+                                             const std::string& prompt,
+                                             int length) {
+  constexpr uint64_t kTagSample = 31;
+  const int L = config_.model().seq_len(), V = config_.model().vocab_size();
+  ASSIGN_OR_RETURN(Tensor params, dense_.Pull(step));
+  experts_->Begin(step);
+  std::string text = prompt.empty() ? std::string("\n") : prompt;
+  std::string generated;
+  for (int i = 0; i < length; ++i) {
+    const size_t n = std::min<size_t>(text.size(), L);
+    Batch b;
+    b.batch_size = 1;
+    b.seq_len = static_cast<int>(n);
+    for (size_t j = text.size() - n; j < text.size(); ++j) {
+      b.inputs.push_back(static_cast<unsigned char>(text[j]) % V);
+    }
+    b.targets = b.inputs;
+    std::vector<float> logits;
+    ASSIGN_OR_RETURN(LossReport unused,
+                     model_.Evaluate(params.f32(), b, experts_.get(), &logits));
+    (void)unused;
+    // Sample from softmax(logits / 0.8) of the last position.
+    const float* last = logits.data() + (n - 1) * V;
+    const float m = *std::max_element(last, last + V);
+    std::vector<double> p(V);
+    double sum = 0;
+    for (int v = 0; v < V; ++v) sum += (p[v] = std::exp((last[v] - m) / 0.8));
+    double u = RandomUniform(config_.training().seed(),
+                             {kTagSample, static_cast<uint64_t>(step),
+                              static_cast<uint64_t>(i)}) *
+               sum;
+    int pick = V - 1;
+    for (int v = 0; v < V; ++v) {
+      if ((u -= p[v]) <= 0) {
+        pick = v;
+        break;
+      }
+    }
+    text += static_cast<char>(pick);
+    generated += static_cast<char>(pick);
+  }
+  return generated;
+}
+
+StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
+                                     const ByteCorpus& corpus,
+                                     const TrainingOptions& options,
+                                     std::vector<TrainerReplica*> replicas,
+                                     const std::atomic<bool>* stopping,
+                                     std::ostream& out) {
+  const auto& tr = config.training();
+  const int B = tr.batch_size(), L = config.model().seq_len();
+  const bool print = !replicas.empty() && replicas.front()->rank() == 0;
+  TrainerReplica* lead = replicas.front();
+  TrainingResult result;
+  auto validate = [&](int64_t version) -> StatusOr<double> {
+    double total = 0;
+    for (int i = 0; i < options.eval_batches; ++i) {
+      ASSIGN_OR_RETURN(
+          LossReport r,
+          lead->Evaluate(version, corpus.ValidationBatch(i, B, L), nullptr));
+      total += r.loss;
+    }
+    return total / std::max(1, options.eval_batches);
+  };
+  if (print) {
+    out << "training " << tr.steps()
+        << " steps: " << config.cluster().trainers() << " trainers x " << B
+        << " sequences x " << L << " bytes, " << config.model().num_layers()
+        << " layers (" << NumMoeLayers(config.model()) << " MoE, "
+        << config.model().num_experts() << " experts, top-"
+        << config.model().top_k() << "), " << corpus.train_bytes()
+        << " training bytes from " << corpus.num_files() << " files"
+        << std::endl;
+  }
+  const auto start = Clock::now();
+  int64_t tokens = 0;
+  LossReport window;  // Since the last progress line.
+  int window_steps = 0;
+  for (int64_t step = 0; step < tr.steps(); ++step) {
+    if (stopping != nullptr && *stopping) {
+      return CancelledError("stopped at step " + std::to_string(step));
+    }
+    double loss = 0;
+    for (TrainerReplica* r : replicas) {
+      const Batch batch = corpus.TrainBatch(tr.seed(), step, r->rank(), B, L);
+      StatusOr<StepReport> report = r->Step(step, batch);
+      if (!report.ok()) {
+        return report.status().WithContext("step " + std::to_string(step) +
+                                           " of rank " +
+                                           std::to_string(r->rank()));
+      }
+      loss += report->loss.loss / replicas.size();
+      tokens += report->loss.tokens;
+      AddLoads(report->loss, &window);
+      for (auto [sum, v] :
+           {std::pair{&result.mean_time.pull, report->time.pull},
+            {&result.mean_time.dense, report->time.dense},
+            {&result.mean_time.experts, report->time.experts},
+            {&result.mean_time.push, report->time.push},
+            {&result.mean_time.done, report->time.done},
+            {&result.mean_time.total, report->time.total}}) {
+        *sum += v / (tr.steps() * replicas.size());
+      }
+    }
+    window.loss += loss;
+    ++window_steps;
+    if (step == 0) result.first_loss = loss;
+    result.last_loss = loss;
+    result.steps = step + 1;
+    const bool last = step + 1 == tr.steps();
+    if (print &&
+        (last || (tr.log_every() > 0 && (step + 1) % tr.log_every() == 0))) {
+      const double seconds = MsSince(start) / 1000;
+      const double rate = tokens / std::max(seconds, 1e-9);
+      out << "step " << step + 1 << "/" << tr.steps() << std::fixed
+          << std::setprecision(3) << " loss " << window.loss / window_steps
+          << std::setprecision(0) << " " << rate << " tok/s"
+          << " ETA " << Duration(seconds / (step + 1) * (tr.steps() - step - 1))
+          << LoadSummary(window) << std::endl;
+      window = LossReport();
+      window_steps = 0;
+    }
+    if (print && tr.eval_every() > 0 && (step + 1) % tr.eval_every() == 0 &&
+        !last) {
+      ASSIGN_OR_RETURN(double v, validate(step + 1));
+      out << "step " << step + 1 << " validation loss " << std::fixed
+          << std::setprecision(3) << v << std::endl;
+    }
+  }
+  const double seconds = MsSince(start) / 1000;
+  result.tokens_per_second = tokens / std::max(seconds, 1e-9);
+  if (!print) return result;
+  ASSIGN_OR_RETURN(result.validation_loss, validate(tr.steps()));
+  const StepTimings& t = result.mean_time;
+  out << std::fixed << std::setprecision(3) << "done: " << tr.steps()
+      << " steps in " << Duration(seconds) << ", loss " << result.first_loss
+      << " -> " << result.last_loss << ", validation loss "
+      << result.validation_loss << std::setprecision(0) << ", "
+      << result.tokens_per_second << " tok/s" << std::setprecision(1)
+      << "\nper step (ms): pull " << t.pull << ", dense compute " << t.dense
+      << ", experts " << t.experts << ", push " << t.push << ", step done "
+      << t.done << ", total " << t.total << std::endl;
+  if (options.sample_bytes > 0) {
+    ASSIGN_OR_RETURN(
+        std::string sample,
+        lead->Sample(tr.steps(), options.sample_prompt, options.sample_bytes));
+    out << "sample: " << options.sample_prompt << sample << std::endl;
+  }
+  if (options.source_report && NumMoeLayers(config.model()) > 0 &&
+      corpus.sources().size() > 1) {
+    out << "experts by source (first MoE layer, share of routed tokens):"
+        << std::endl;
+    for (size_t s = 0; s < corpus.sources().size(); ++s) {
+      const Batch b = corpus.SourceBatch(static_cast<int>(s), B, L);
+      if (b.batch_size == 0) continue;
+      ASSIGN_OR_RETURN(LossReport r, lead->Evaluate(tr.steps(), b, nullptr));
+      const auto& load = r.moe.front().load;
+      std::vector<int> order(load.size());
+      for (size_t e = 0; e < order.size(); ++e) order[e] = static_cast<int>(e);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int a, int c) { return load[a] > load[c]; });
+      int total = 0;
+      for (int v : load) total += v;
+      out << "  " << std::left << std::setw(24) << corpus.sources()[s].name
+          << std::right;
+      for (size_t i = 0; i < std::min<size_t>(3, order.size()); ++i) {
+        out << " E" << order[i] << " " << std::setprecision(0)
+            << (total > 0 ? 100.0 * load[order[i]] / total : 0.0) << "%";
+      }
+      out << std::endl;
+    }
+  }
+  return result;
+}
+
+control::RoutingTable ReferenceRouting(const config::SwitchyardConfig& config,
+                                       const std::string& data_address) {
+  control::RoutingTable routing;
+  routing.set_epoch(1);
+  auto* w = routing.add_workers();
+  w->set_name("reference");
+  w->set_data_address(data_address);
+  for (const ShardFootprint& fp : ModelShards(config)) {
+    auto* e = routing.add_entries();
+    auto* id = e->mutable_shard();
+    if (fp.id.is_expert()) {
+      id->set_kind(control::EXPERT);
+      id->set_layer(fp.id.layer);
+      id->set_expert(fp.id.expert);
+      id->set_shard(fp.id.shard);
+    } else {
+      id->set_kind(control::DENSE);
+      id->set_shard(fp.id.shard);
+    }
+    e->set_worker(0);
+    e->set_bytes(fp.bytes);
+  }
+  return routing;
+}
+
+}  // namespace switchyard::trainer

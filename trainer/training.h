@@ -1,0 +1,117 @@
+// The training loop of data-parallel trainers (DESIGN.md, "One synchronous
+// training step").
+//
+// A TrainerReplica is one rank: for step t it pulls the dense parameters of
+// version t, runs forward and backward over its micro-batches (experts on
+// the workers through MoeLayerClient, dense gradients summed over
+// micro-batches in order), pushes its dense gradient and sends StepDone(t).
+// The loss of every micro-batch is scaled by 1 / (trainers * micro-batches)
+// so that the workers' rank-ordered sums are gradients of the mean loss.
+//
+// RunTraining drives replicas step by step: one replica in a `switchyard
+// train` process, or every rank in turn in the single-process reference
+// (RunReference), where the workers' code runs in the same process behind an
+// in-process data plane. Both print the same progress lines and summary.
+//
+// Thread-compatible: one thread drives a replica.
+#ifndef SWITCHYARD_TRAINER_TRAINING_H_
+#define SWITCHYARD_TRAINER_TRAINING_H_
+
+#include <atomic>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "config.pb.h"
+#include "control.pb.h"
+#include "trainer/data.h"
+#include "trainer/dense_client.h"
+#include "trainer/model.h"
+#include "trainer/moe_client.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::trainer {
+
+// Where a step's wall time went, in milliseconds.
+struct StepTimings {
+  double pull = 0;     // dense parameters
+  double dense = 0;    // the trainer's own compute (attention, routers ...)
+  double experts = 0;  // MoE exchanges: expert compute, transfer, waiting
+  double push = 0;     // dense gradients
+  double done = 0;     // StepDone (waits for nothing; the next pull waits)
+  double total = 0;
+};
+
+struct StepReport {
+  LossReport loss;  // Mean over micro-batches; MoE loads summed.
+  StepTimings time;
+};
+
+class MoeClientExperts;
+
+class TrainerReplica {
+ public:
+  TrainerReplica(const config::SwitchyardConfig& config, int rank,
+                 transport::DataPlane* data_plane);
+  ~TrainerReplica();
+
+  int rank() const { return rank_; }
+  void SetRouting(const control::RoutingTable& routing);
+
+  // Step `step` on this rank's batch.
+  StatusOr<StepReport> Step(int64_t step, const Batch& batch);
+  // The loss of `batch` with the parameters after `step` updates (nothing is
+  // trained; logits (B * L, V) when not null).
+  StatusOr<LossReport> Evaluate(int64_t step, const Batch& batch,
+                                std::vector<float>* logits);
+  // `length` bytes continuing `prompt`, sampled at temperature 0.8 with
+  // random numbers from (seed, position): deterministic.
+  StatusOr<std::string> Sample(int64_t step, const std::string& prompt,
+                               int length);
+
+ private:
+  const config::SwitchyardConfig config_;
+  const int rank_;
+  MoeLayerClient moe_;
+  DenseTableClient dense_;
+  std::unique_ptr<MoeClientExperts> experts_;
+  Transformer<float> model_;
+};
+
+struct TrainingOptions {
+  // Text for the sample at the end; empty: no sample.
+  std::string sample_prompt = "The ";
+  int sample_bytes = 160;
+  // Validation batches per evaluation.
+  int eval_batches = 4;
+  // Print which experts each corpus source routes to at the end.
+  bool source_report = true;
+};
+
+struct TrainingResult {
+  int64_t steps = 0;
+  double first_loss = 0, last_loss = 0;
+  double validation_loss = 0;  // At the end; 0 when not evaluated.
+  double tokens_per_second = 0;
+  StepTimings mean_time;  // Per step, over the replicas in this process.
+};
+
+// Runs steps [0, training.steps) for `replicas` (ascending ranks), printing
+// progress to `out` when the first replica is rank 0. Returns early
+// (CANCELLED) when `stopping` turns true.
+StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
+                                     const ByteCorpus& corpus,
+                                     const TrainingOptions& options,
+                                     std::vector<TrainerReplica*> replicas,
+                                     const std::atomic<bool>* stopping,
+                                     std::ostream& out);
+
+// Every dense and expert shard of the model on one worker named "reference".
+control::RoutingTable ReferenceRouting(const config::SwitchyardConfig& config,
+                                       const std::string& data_address);
+
+}  // namespace switchyard::trainer
+
+#endif  // SWITCHYARD_TRAINER_TRAINING_H_
