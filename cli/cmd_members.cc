@@ -4,8 +4,10 @@
 
 #include "cli/commands.h"
 #include "cli/config_flags.h"
+#include "common/digest.h"
 #include "coordinator/coordinator_service.h"
 #include "expert_worker/worker_process.h"
+#include "trainer/reference.h"
 #include "trainer/trainer_process.h"
 #include "transport/control/auth.h"
 
@@ -91,18 +93,51 @@ int WorkerCommand(int argc, char** argv) {
 
 int TrainCommand(int argc, char** argv) {
   FlagParser parser(
-      "switchyard train --config FILE --rank R [flags]",
-      "Runs one data-parallel trainer with rank R in [0, cluster.trainers).\n"
-      "SIGTERM/SIGINT leave the cluster cleanly.");
+      "switchyard train --config FILE --rank R [flags]\n"
+      "       switchyard train --config FILE --reference [flags]",
+      "Runs one data-parallel trainer with rank R in [0, cluster.trainers):\n"
+      "it trains training.steps steps on --data with the cluster's workers,\n"
+      "rank 0 printing progress, validation loss, a summary and a sample,\n"
+      "then leaves. SIGTERM/SIGINT leave the cluster cleanly.\n"
+      "\n"
+      "--reference runs the whole job in this one process instead: every\n"
+      "rank in turn, the workers' code behind an in-process data plane, no\n"
+      "coordinator. It prints the same lines, then the digest of every\n"
+      "shard; a distributed run with the same configuration ends with the\n"
+      "same digests (its workers log them).");
   ConfigFlags flags;
   flags.Register(&parser);
   trainer::TrainerOptions options;
-  int64_t rank = 0;
+  int64_t rank = 0, sample_bytes = options.training.sample_bytes;
+  bool reference = false;
   parser.AddInt("rank", &rank, "data-parallel rank");
   parser.AddString("name", &options.name,
                    "member name (default trainer-<rank>)");
+  parser.AddBool("reference", &reference,
+                 "run the single-process reference (no cluster)");
+  parser.AddInt("sample-bytes", &sample_bytes,
+                "bytes of text to generate at the end (0: none)");
+  parser.AddString("sample-prompt", &options.training.sample_prompt,
+                   "text the sample continues");
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
   options.rank = static_cast<int>(rank);
+  options.training.sample_bytes = static_cast<int>(sample_bytes);
+  if (reference) {
+    auto loaded = flags.Load();
+    if (!loaded.ok()) return Finish(loaded.status());
+    const auto& config = loaded->config;
+    auto corpus = trainer::LoadCorpus(config);
+    if (!corpus.ok()) return Finish(corpus.status());
+    auto result = trainer::RunReference(config, *corpus, options.training,
+                                        nullptr, std::cout);
+    if (!result.ok()) return Finish(result.status());
+    for (const auto& [shard, hex] : result->digests) {
+      std::cout << "digest " << shard << " " << hex << "\n";
+    }
+    std::cout << "model digest " << CombineDigests(result->digests)
+              << std::endl;
+    return 0;
+  }
   LoadedConfig loaded;
   std::string secret;
   if (!LoadConfigAndSecret(flags, &loaded, &secret)) return 2;

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <thread>
 
 #include "cli/commands.h"
@@ -41,9 +42,11 @@ int UpCommand(int argc, char** argv) {
       "switchyard up --workers N [--trainers M] --config FILE [flags]",
       "Starts a local cluster: a coordinator, N workers and M trainers as\n"
       "child processes, with their logs prefixed by name. Prints the cluster\n"
-      "status once every member has joined. Ctrl-C (or SIGTERM, or the end\n"
-      "of --duration-s) stops them all: the coordinator first, so that its\n"
-      "saved placement is the whole cluster's, then the members.");
+      "status once every member has joined. When every trainer has finished\n"
+      "training, or on Ctrl-C (or SIGTERM, or the end of --duration-s), it\n"
+      "stops them all: the coordinator first, so that its saved placement is\n"
+      "the whole cluster's, then the members. Exits 0 when every trainer\n"
+      "finished cleanly (or was stopped), 1 otherwise.");
   ConfigFlags flags;
   flags.Register(&parser);
   int64_t workers = 2, trainers = 1, port = 0, duration_s = 0;
@@ -204,6 +207,17 @@ int UpCommand(int argc, char** argv) {
     }
   }
 
+  // Trainers exit when training ends: then the cluster's work is done.
+  auto trainers_finished = [&]() -> std::optional<int> {
+    if (trainers == 0) return std::nullopt;
+    bool all_clean = true;
+    for (int r = 0; r < trainers; ++r) {
+      const std::string name = "trainer-" + std::to_string(r);
+      if (group.IsRunning(name)) return std::nullopt;
+      all_clean &= group.ExitedCleanly(name);
+    }
+    return all_clean ? 0 : 1;
+  };
   // 3. Wait until everyone has joined, then show the cluster.
   auto coordinator = ParseHostPort(address);
   const auto ready_deadline =
@@ -219,6 +233,10 @@ int UpCommand(int argc, char** argv) {
     last = status.ok() ? DeadlineExceededError("not every member has joined")
                        : status.status();
     print_events();
+    if (auto code = trainers_finished()) {
+      std::cout << "[up] every trainer has exited\n";
+      return shutdown(*code);
+    }
     if (std::chrono::steady_clock::now() > ready_deadline) {
       std::cerr << "[up] cluster not ready within " << ready_timeout_s
                 << " s: " << last.ToString() << "\n";
@@ -233,6 +251,11 @@ int UpCommand(int argc, char** argv) {
   while (true) {
     if (stop_requested(Ms(200))) return shutdown(0);
     print_events();
+    if (auto code = trainers_finished()) {
+      std::cout << "[up] every trainer has exited"
+                << (*code == 0 ? ": training done\n" : " (not all cleanly)\n");
+      return shutdown(*code);
+    }
     if (group.num_running() == 0) {
       std::cout << "[up] every process has exited\n";
       return 1;

@@ -1,5 +1,6 @@
 #include "cli/config_flags.h"
 
+#include <filesystem>
 #include <iostream>
 
 namespace switchyard::cli {
@@ -15,6 +16,9 @@ void ConfigFlags::Register(FlagParser* parser) {
                     "shared-secret file (sets cluster.secret_file)");
   parser->AddString("state-dir", &state_dir,
                     "state directory (sets cluster.state_dir)");
+  parser->AddString("data", &data_path,
+                    "training text, a file or a directory (sets "
+                    "training.data_path)");
 }
 
 std::vector<std::string> ConfigFlags::AllOverrides() const {
@@ -24,6 +28,11 @@ std::vector<std::string> ConfigFlags::AllOverrides() const {
   }
   if (!secret_file.empty()) all.push_back("cluster.secret_file=" + secret_file);
   if (!state_dir.empty()) all.push_back("cluster.state_dir=" + state_dir);
+  if (!data_path.empty()) {
+    // Absolute, so that child processes anywhere find it.
+    all.push_back("training.data_path=" +
+                  std::filesystem::absolute(data_path).string());
+  }
   return all;
 }
 

@@ -16,8 +16,10 @@ struct ConfigFlags {
   std::string coordinator;
   std::string secret_file;
   std::string state_dir;
+  std::string data_path;
 
-  // Registers --config, --set, --coordinator, --secret-file, --state-dir.
+  // Registers --config, --set, --coordinator, --secret-file, --state-dir,
+  // --data.
   void Register(FlagParser* parser);
   // Loads the file and applies --set, then the shorthand flags.
   StatusOr<LoadedConfig> Load() const;

@@ -101,6 +101,7 @@ std::vector<std::string> ProcessGroup::ReapExited() {
     const pid_t r = ::waitpid(child->pid, &status, WNOHANG);
     if (r == child->pid) {
       child->running = false;
+      child->wait_status = status;
       events.push_back(child->name + " (pid " + std::to_string(child->pid) +
                        ") exited with " + DescribeExit(status));
     }
@@ -111,6 +112,16 @@ std::vector<std::string> ProcessGroup::ReapExited() {
 bool ProcessGroup::IsRunning(const std::string& name) const {
   for (const auto& child : children_) {
     if (child->name == name) return child->running;
+  }
+  return false;
+}
+
+bool ProcessGroup::ExitedCleanly(const std::string& name) const {
+  for (const auto& child : children_) {
+    if (child->name == name) {
+      return !child->running && WIFEXITED(child->wait_status) &&
+             WEXITSTATUS(child->wait_status) == 0;
+    }
   }
   return false;
 }

@@ -31,6 +31,8 @@ class ProcessGroup {
   // Reaps children that exited; returns "name exited with ..." for each.
   std::vector<std::string> ReapExited();
   bool IsRunning(const std::string& name) const;
+  // True when child `name` has been reaped after exiting with status 0.
+  bool ExitedCleanly(const std::string& name) const;
   int num_running() const;
 
   // SIGTERM to the named children (all when empty), then SIGKILL to those
@@ -43,6 +45,7 @@ class ProcessGroup {
     std::string name;
     pid_t pid = -1;
     bool running = false;
+    int wait_status = -1;  // From waitpid, once reaped.
     std::thread reader;
   };
   std::vector<std::unique_ptr<Child>> children_;

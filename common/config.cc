@@ -376,6 +376,9 @@ Status ValidateConfig(const SwitchyardConfig& config,
             "must be >= 0 (0 disables validation)");
   v.Require(t.threads() >= 0, "training.threads", t.threads(),
             "must be >= 0 (0 means one per core)");
+  v.Require(t.validation_fraction() > 0 && t.validation_fraction() <= 0.5,
+            "training.validation_fraction", t.validation_fraction(),
+            "must be in (0, 0.5]");
 
   const auto& k = config.checkpoint();
   v.Require(k.every() >= 0, "checkpoint.every", k.every(),

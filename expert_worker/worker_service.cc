@@ -498,6 +498,14 @@ Status WorkerService::ApplyUpdate(int64_t step) {
         optimizer_->Apply(step, sum, &shard->params, &shard->state));
   }
   next_step_ = step + 1;
+  if (next_step_ == config_.training().steps()) {
+    // The end of the run: what it produced, shard by shard, so that runs
+    // can be compared (tests/e2e, `switchyard train --reference`).
+    for (const auto& [shard, hex] : ShardDigestsLocked()) {
+      LOG(INFO) << name_ << ": after step " << next_step_ << ": digest "
+                << shard << " " << hex;
+    }
+  }
   return OkStatus();
 }
 
@@ -520,6 +528,10 @@ std::vector<ShardId> WorkerService::hosted() const {
 
 std::map<std::string, std::string> WorkerService::ShardDigests() const {
   std::lock_guard<std::mutex> lock(mu_);
+  return ShardDigestsLocked();
+}
+
+std::map<std::string, std::string> WorkerService::ShardDigestsLocked() const {
   std::map<std::string, std::string> digests;
   for (const auto& [index, d] : dense_) {
     const std::string n = "D" + std::to_string(index);

@@ -10,6 +10,9 @@
 // for step t + 1 wait until then; requests for applied steps, from another
 // epoch, or for shards this worker does not host are refused.
 //
+// When update training.steps - 1 is applied (the run's end), the worker logs
+// the digest of every shard it hosts.
+//
 // An eval request (validation, sampling) is a forward for step t that keeps
 // nothing and counts no load.
 //
@@ -101,6 +104,8 @@ class WorkerService {
   Status ApplyUpdate(int64_t step);
   StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id) const;
   StatusOr<std::unique_ptr<DenseShard>> NewDenseShard(int index) const;
+  // ShardDigests(); requires mu_.
+  std::map<std::string, std::string> ShardDigestsLocked() const;
 
   const config::SwitchyardConfig config_;
   const std::string name_;

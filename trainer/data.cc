@@ -145,7 +145,17 @@ Batch ByteCorpus::Consecutive(size_t base, size_t span, int64_t index,
 
 Batch ByteCorpus::ValidationBatch(int64_t index, int batch_size,
                                   int seq_len) const {
-  return Consecutive(split_, validation_bytes(), index, batch_size, seq_len);
+  // Windows at fixed pseudo-random starts, so that a few batches sample
+  // every source of the split, not only the first.
+  constexpr uint64_t kTagValidation = 22;
+  const size_t positions = validation_bytes() - seq_len;
+  std::vector<size_t> starts(batch_size);
+  for (int i = 0; i < batch_size; ++i) {
+    starts[i] = RandomBits(0, {kTagValidation, static_cast<uint64_t>(index),
+                               static_cast<uint64_t>(i)}) %
+                positions;
+  }
+  return Window(split_, validation_bytes(), starts, seq_len);
 }
 
 Batch ByteCorpus::SourceBatch(int source, int batch_size, int seq_len) const {

@@ -52,7 +52,8 @@ class ByteCorpus {
   // Windows of seq_len + 1 bytes from the training split.
   Batch TrainBatch(uint64_t seed, int64_t step, int rank, int batch_size,
                    int seq_len) const;
-  // The index-th batch of consecutive validation windows (wrapping around).
+  // The index-th batch of validation windows: fixed pseudo-random starts
+  // over the whole split (the same for every run and seed).
   Batch ValidationBatch(int64_t index, int batch_size, int seq_len) const;
   // Consecutive validation windows of one source (wrapping around within
   // it); batch_size 0 when the source is shorter than seq_len + 1 bytes.

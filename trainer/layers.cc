@@ -25,6 +25,10 @@ void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
   }
 }
 
+void SetMatMulThreads(int threads) {
+  if (threads > 0) openblas_set_num_threads(threads);
+}
+
 // fp32 products go to BLAS (sgemm): deterministic for a fixed thread
 // count, like every GEMM in Switchyard.
 template <>

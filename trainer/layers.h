@@ -98,6 +98,10 @@ Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
 // C (m, n) = A (m, k) B (k, n) [+ C when accumulate], with A or B
 // transposed in storage when asked. fp32 runs on BLAS (sgemm); fp64 (the
 // gradient checks) is a plain triple loop.
+// Threads of the fp32 MatMul (process-wide; 0 keeps the library default).
+// A fixed count keeps results reproducible.
+void SetMatMulThreads(int threads);
+
 template <typename Real>
 void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
             bool trans_b, bool accumulate, Real* c);

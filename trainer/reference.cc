@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "expert_worker/worker_service.h"
+#include "trainer/layers.h"
 #include "transport/local/in_process_data_plane.h"
 
 namespace switchyard::trainer {
@@ -13,6 +14,7 @@ StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
                                        const TrainingOptions& options,
                                        const std::atomic<bool>* stopping,
                                        std::ostream& out) {
+  SetMatMulThreads(config.training().threads());
   expert_worker::WorkerService service(config, "reference");
   RETURN_IF_ERROR(service.Start());
   auto worker_plane = transport::NewInProcessDataPlane();

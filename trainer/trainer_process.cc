@@ -1,8 +1,36 @@
 #include "trainer/trainer_process.h"
 
+#include <condition_variable>
+#include <iostream>
+#include <mutex>
+
+#include "trainer/layers.h"
 #include "transport/control/member_process.h"
+#include "transport/data_plane.h"
 
 namespace switchyard::trainer {
+
+namespace {
+
+bool EveryShardPlaced(const control::RoutingTable& routing) {
+  if (routing.entries_size() == 0) return false;
+  for (const auto& e : routing.entries()) {
+    if (e.worker() < 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+StatusOr<ByteCorpus> LoadCorpus(const config::SwitchyardConfig& config) {
+  const std::string& path = config.training().data_path();
+  if (path.empty()) {
+    return InvalidArgumentError(
+        "no training data: set training.data_path (or pass --data PATH)");
+  }
+  return ByteCorpus::Load(path, config.training().validation_fraction(),
+                          config.model().seq_len());
+}
 
 Status RunTrainer(const config::SwitchyardConfig& config,
                   const std::string& secret, const TrainerOptions& options) {
@@ -12,6 +40,23 @@ Status RunTrainer(const config::SwitchyardConfig& config,
                                 std::to_string(config.cluster().trainers()) +
                                 ")");
   }
+  ASSIGN_OR_RETURN(ByteCorpus corpus, LoadCorpus(config));
+  SetMatMulThreads(config.training().threads());
+
+  transport::DataPlaneOptions dp;
+  dp.listen_host = config.transport().data_host();
+  dp.ucx_tls = config.transport().ucx_tls();
+  dp.max_inflight_bytes = config.transport().max_inflight_bytes();
+  dp.busy_poll_us = config.transport().busy_poll_us();
+  ASSIGN_OR_RETURN(auto data_plane, transport::NewUcxDataPlane(dp));
+  RETURN_IF_ERROR(
+      data_plane->Start([](transport::Message request, transport::Reply reply) {
+        reply(transport::ErrorResponse(
+            request.header,
+            InvalidArgumentError("a trainer serves no data-plane requests")));
+      }));
+  TrainerReplica replica(config, options.rank, data_plane.get());
+
   control::MemberProcessOptions member;
   member.config = config;
   member.secret = secret;
@@ -22,14 +67,60 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   reg.set_rank(options.rank);
   reg.set_device("cpu");
   const std::string name = reg.name();
-  member.on_routing = [name](const control::RoutingTable& routing) {
+
+  std::mutex mu;
+  std::condition_variable cv;
+  control::RoutingTable latest;  // GUARDED_BY(mu)
+  member.on_routing = [&](const control::RoutingTable& routing) {
     int placed = 0;
     for (const auto& e : routing.entries()) placed += e.worker() >= 0;
     LOG(INFO) << name << ": routing epoch " << routing.epoch() << ": " << placed
               << "/" << routing.entries_size() << " shards reachable over "
               << routing.workers_size() << " workers";
+    std::lock_guard<std::mutex> lock(mu);
+    latest = routing;
+    cv.notify_all();
   };
-  return control::RunMemberProcess(member);
+  // How long to wait for every worker to join and every shard to be placed.
+  const auto join_timeout =
+      std::chrono::milliseconds(config.cluster().call_timeout_ms()) * 12;
+  member.body = [&](const std::atomic<bool>& stopping) -> Status {
+    control::RoutingTable routing;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      const auto deadline = std::chrono::steady_clock::now() + join_timeout;
+      while (!EveryShardPlaced(latest)) {
+        if (stopping) return OkStatus();
+        if (cv.wait_until(
+                lock, std::min(deadline, std::chrono::steady_clock::now() +
+                                             std::chrono::milliseconds(200))) ==
+                std::cv_status::timeout &&
+            std::chrono::steady_clock::now() >= deadline) {
+          return DeadlineExceededError(
+              "no routing table placing every shard within " +
+              std::to_string(join_timeout.count()) + " ms" +
+              (latest.placement_error().empty()
+                   ? std::string(" (are cluster.workers workers running?)")
+                   : ": " + latest.placement_error()));
+        }
+      }
+      routing = latest;
+    }
+    replica.SetRouting(routing);
+    auto result = RunTraining(config, corpus, options.training, {&replica},
+                              &stopping, std::cout);
+    if (!result.ok()) {
+      if (stopping) return OkStatus();  // Interrupted on purpose.
+      return result.status();
+    }
+    LOG(INFO) << name << ": trained " << result->steps << " steps, "
+              << static_cast<int64_t>(result->tokens_per_second)
+              << " tokens/s on this rank";
+    return OkStatus();
+  };
+  Status s = control::RunMemberProcess(member);
+  data_plane->Shutdown();
+  return s;
 }
 
 }  // namespace switchyard::trainer
