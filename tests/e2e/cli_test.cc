@@ -5,24 +5,12 @@
 #include <cstdio>
 #include <string>
 
+#include "tests/testing/run_command.h"
+
 namespace {
 
-struct Result {
-  int exit_code;
-  std::string output;
-};
-
-Result RunSwitchyard(const std::string& args) {
-  const std::string command =
-      std::string(SWITCHYARD_BINARY) + " " + args + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  std::string output;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), pipe)) > 0) output.append(buf, n);
-  const int status = ::pclose(pipe);
-  return {WEXITSTATUS(status), output};
-}
+using Result = switchyard::testing::CommandResult;
+using switchyard::testing::RunSwitchyard;
 
 TEST(CliTest, HelpForEveryCommand) {
   Result top = RunSwitchyard("--help");

@@ -145,8 +145,11 @@ std::vector<std::string> ClusterOverrides() {
 }
 
 TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
+  // No trainers: a trainer trains and exits, and without checkpoints (a
+  // later issue) it cannot outlive a worker's death; `up` stops the cluster
+  // when its trainers are done.
   std::vector<std::string> up = {SWITCHYARD_BINARY, "up", "--workers", "3",
-                                 "--trainers",      "1",  "--run-dir", dir_};
+                                 "--trainers",      "0",  "--run-dir", dir_};
   for (const auto& o : ClusterOverrides()) up.push_back(o);
   up_pid_ = Spawn(up, log_);
 
@@ -166,7 +169,7 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
 
   // The status command shows all three, as a table and as JSON.
   const std::string table = RunStatus("");
-  for (const char* name : {"worker-0", "worker-1", "worker-2", "trainer-0"}) {
+  for (const char* name : {"worker-0", "worker-1", "worker-2"}) {
     EXPECT_NE(table.find(name), std::string::npos) << table;
   }
   EXPECT_NE(
@@ -179,7 +182,7 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
                   RunStatus("--json --routing"), &from_json)
                   .ok());
   EXPECT_EQ(from_json.routing().entries_size(), ready->total_shards());
-  EXPECT_EQ(from_json.members_size(), 4);
+  EXPECT_EQ(from_json.members_size(), 3);
 
   // A worker process serves its expert shards over UCX at the current epoch,
   // and refuses a request from an older one.

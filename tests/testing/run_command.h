@@ -1,0 +1,39 @@
+// Test helper: runs the switchyard binary through the shell, under
+// coreutils' timeout so that a hang fails the test instead of stalling it.
+// Header-only.
+#ifndef SWITCHYARD_TESTS_TESTING_RUN_COMMAND_H_
+#define SWITCHYARD_TESTS_TESTING_RUN_COMMAND_H_
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <string>
+
+namespace switchyard::testing {
+
+struct CommandResult {
+  int exit_code = -1;  // 124 when the timeout killed it.
+  std::string output;  // stdout and stderr together.
+};
+
+inline CommandResult RunSwitchyard(const std::string& args,
+                                   int timeout_s = 120) {
+  const std::string command = "timeout " + std::to_string(timeout_s) + " " +
+                              std::string(SWITCHYARD_BINARY) + " " + args +
+                              " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  CommandResult result;
+  if (pipe == nullptr) return result;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), pipe)) > 0) {
+    result.output.append(buf, n);
+  }
+  const int status = ::pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+}  // namespace switchyard::testing
+
+#endif  // SWITCHYARD_TESTS_TESTING_RUN_COMMAND_H_
