@@ -36,6 +36,8 @@ bench: bootstrap build
 	$(BUILD_DIR)/bench/placement_bench
 	$(BUILD_DIR)/bench/expert_ffn_bench
 	$(BUILD_DIR)/bench/transport_bench
+	$(BUILD_DIR)/bench/moe_layer_bench
+	bash bench/train_step_bench.sh $(BUILD_DIR)
 
 format:
 	clang-format -i $(filter-out %.proto,$(SOURCES))

@@ -277,7 +277,10 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
                                            std::to_string(r->rank()));
       }
       loss += report->loss.loss / replicas.size();
-      tokens += report->loss.tokens;
+      // Steps are synchronous: every rank trains as many tokens as this one,
+      // so the cluster's rate is this rank's times trainers per replica.
+      tokens += report->loss.tokens * config.cluster().trainers() /
+                static_cast<int64_t>(replicas.size());
       AddLoads(report->loss, &window);
       for (auto [sum, v] :
            {std::pair{&result.mean_time.pull, report->time.pull},
@@ -292,11 +295,13 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
     window.loss += loss;
     ++window_steps;
     if (step == 0) result.first_loss = loss;
-    result.last_loss = loss;
     result.steps = step + 1;
     const bool last = step + 1 == tr.steps();
-    if (print &&
-        (last || (tr.log_every() > 0 && (step + 1) % tr.log_every() == 0))) {
+    if (last || (step + 1) % tr.log_every() == 0) {
+      // The end of a progress window (log_every steps).
+      result.last_loss = window.loss / window_steps;
+    }
+    if (print && (last || (step + 1) % tr.log_every() == 0)) {
       const double seconds = MsSince(start) / 1000;
       const double rate = tokens / std::max(seconds, 1e-9);
       out << "step " << step + 1 << "/" << tr.steps() << std::fixed
@@ -304,6 +309,8 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
           << std::setprecision(0) << " " << rate << " tok/s"
           << " ETA " << Duration(seconds / (step + 1) * (tr.steps() - step - 1))
           << LoadSummary(window) << std::endl;
+    }
+    if (last || (step + 1) % tr.log_every() == 0) {
       window = LossReport();
       window_steps = 0;
     }
@@ -321,12 +328,13 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
   const StepTimings& t = result.mean_time;
   out << std::fixed << std::setprecision(3) << "done: " << tr.steps()
       << " steps in " << Duration(seconds) << ", loss " << result.first_loss
-      << " -> " << result.last_loss << ", validation loss "
-      << result.validation_loss << std::setprecision(0) << ", "
-      << result.tokens_per_second << " tok/s" << std::setprecision(1)
-      << "\nper step (ms): pull " << t.pull << ", dense compute " << t.dense
-      << ", experts " << t.experts << ", push " << t.push << ", step done "
-      << t.done << ", total " << t.total << std::endl;
+      << " (first step) -> " << result.last_loss << " (last " << tr.log_every()
+      << " steps), validation loss " << result.validation_loss
+      << std::setprecision(0) << ", " << result.tokens_per_second << " tok/s"
+      << std::setprecision(1) << "\nper step (ms): pull " << t.pull
+      << ", dense compute " << t.dense << ", experts " << t.experts << ", push "
+      << t.push << ", step done " << t.done << ", total " << t.total
+      << std::endl;
   if (options.sample_bytes > 0) {
     ASSIGN_OR_RETURN(
         std::string sample,
