@@ -122,6 +122,17 @@ Status ExpertFfn::CheckShapes(const ExpertParams& p, const Tensor& x,
 
 Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
                           Tensor* y) const {
+  return Forward(p, x, nullptr, h, y);
+}
+
+Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
+                                const Tensor& dy, Tensor* dh, Tensor* a,
+                                Tensor* dx) const {
+  return BackwardInput(p, h, dy, nullptr, dh, a, dx);
+}
+
+Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x,
+                          const float* keep, Tensor* h, Tensor* y) const {
   const int64_t tokens = x.rank() == 2 ? x.dim(0) : -1;
   RETURN_IF_ERROR(CheckShapes(p, x, tokens));
   const int d = shape_.d_model, f = shape_.d_ff_shard, gf = shape_.gates() * f;
@@ -139,6 +150,9 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* ap = s.a.data();
   ActivationForward(shape_.activation, h->f32(), tokens, f, ap);
+  if (keep != nullptr) {
+    for (int64_t i = 0; i < tokens * f; ++i) ap[i] *= keep[i];
+  }
   Product(gemm_, dt, false, false, tokens, d, f, ap, f, tokens * f, p.w2.f32(),
           d, int64_t{f} * d, false, y->f32(), d, &p.w2_bf16);
   if (shape_.has_b2) AddRowBias(y->f32(), tokens, d, p.b2.f32());
@@ -146,8 +160,8 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x, Tensor* h,
 }
 
 Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
-                                const Tensor& dy, Tensor* dh, Tensor* a,
-                                Tensor* dx) const {
+                                const Tensor& dy, const float* keep, Tensor* dh,
+                                Tensor* a, Tensor* dx) const {
   const int64_t tokens = dy.rank() == 2 ? dy.dim(0) : -1;
   RETURN_IF_ERROR(CheckShapes(p, dy, tokens));
   const int d = shape_.d_model, f = shape_.d_ff_shard, gf = shape_.gates() * f;
@@ -163,9 +177,17 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
   float* da = s.a.data();
   Product(gemm_, dt, false, true, tokens, f, d, dy.f32(), d, tokens * d,
           p.w2.f32(), d, int64_t{f} * d, false, da, f, &p.w2_bf16);
+  // Dropout: the gradient reaches only kept units, scaled like them.
+  if (keep != nullptr) {
+    for (int64_t i = 0; i < tokens * f; ++i) da[i] *= keep[i];
+  }
   // dh = da * act'(h), and a = act(h) from the same pass.
   ActivationBackward(shape_.activation, h.f32(), da, tokens, f, dh->f32(),
                      a->f32());
+  if (keep != nullptr) {
+    float* ap = a->f32();
+    for (int64_t i = 0; i < tokens * f; ++i) ap[i] *= keep[i];
+  }
   // dx = dh W1^T
   Product(gemm_, dt, false, true, tokens, d, gf, dh->f32(), gf, tokens * gf,
           p.w1.f32(), gf, int64_t{d} * gf, false, dx->f32(), d, &p.w1_bf16);

@@ -68,6 +68,15 @@ class ExpertFfn {
   // AccumulateGrads) and dx: (T, d).
   Status BackwardInput(const ExpertParams& p, const Tensor& h, const Tensor& dy,
                        Tensor* dh, Tensor* a, Tensor* dx) const;
+  // The same with expert dropout: `keep` (T, f) multiplies a = act(h), 0 for
+  // a dropped unit and 1 / (1 - rate) for a kept one (null: no dropout).
+  // BackwardInput must get the Forward's keep; the a it returns is the
+  // dropped one, as AccumulateGrads needs.
+  Status Forward(const ExpertParams& p, const Tensor& x, const float* keep,
+                 Tensor* h, Tensor* y) const;
+  Status BackwardInput(const ExpertParams& p, const Tensor& h, const Tensor& dy,
+                       const float* keep, Tensor* dh, Tensor* a,
+                       Tensor* dx) const;
 
   // grads += the weight gradients of one batch: dW1 += x^T dh,
   // db1 += sum(dh), dW2 += a^T dy, db2 += sum(dy). Calls for several

@@ -339,6 +339,38 @@ void WorkerService::Process(Task task) {
   task.reply(transport::TensorResponse(h, std::move(out)));
 }
 
+namespace {
+
+// Expert dropout's multipliers for one request's activations (T, f): unit
+// (row, column) of expert shard (layer, expert, shard) is dropped with
+// probability model.expert_dropout, from (seed, step, rank, micro-batch,
+// layer, expert, row, global column) so that a forward and its backward,
+// and two runs, agree. Empty when there is no dropout.
+std::vector<float> ExpertDropoutKeep(const config::SwitchyardConfig& config,
+                                     const transport::WireHeader& h,
+                                     int64_t tokens, int64_t f) {
+  const double rate = config.model().expert_dropout();
+  if (rate <= 0) return {};
+  constexpr uint64_t kTagExpertDropout = 41;
+  const float scale = static_cast<float>(1.0 / (1.0 - rate));
+  std::vector<float> keep(static_cast<size_t>(tokens * f));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < f; ++c) {
+      const double u = RandomUniform(
+          config.training().seed(),
+          {kTagExpertDropout, static_cast<uint64_t>(h.step),
+           static_cast<uint64_t>(h.trainer_rank),
+           static_cast<uint64_t>(h.micro_batch), static_cast<uint64_t>(h.layer),
+           static_cast<uint64_t>(h.expert), static_cast<uint64_t>(t),
+           static_cast<uint64_t>(h.shard * f + c)});
+      keep[t * f + c] = u < rate ? 0.0f : scale;
+    }
+  }
+  return keep;
+}
+
+}  // namespace
+
 Status WorkerService::Forward(const Message& request, Shard* shard, Tensor* y) {
   const auto& h = request.header;
   const bool train =
@@ -358,7 +390,11 @@ Status WorkerService::Forward(const Message& request, Shard* shard, Tensor* y) {
       Tensor::Zeros(DType::kF32,
                     {tokens, ffn.shape().gates() * ffn.shape().d_ff_shard}));
   ASSIGN_OR_RETURN(*y, Tensor::Zeros(DType::kF32, {tokens, x.dim(1)}));
-  RETURN_IF_ERROR(ffn.Forward(shard->params, x, &hidden, y));
+  const std::vector<float> keep =
+      train ? ExpertDropoutKeep(config_, h, tokens, ffn.shape().d_ff_shard)
+            : std::vector<float>();
+  RETURN_IF_ERROR(ffn.Forward(
+      shard->params, x, keep.empty() ? nullptr : keep.data(), &hidden, y));
   if (!train) return OkStatus();  // Evaluation keeps nothing.
   shard->activations[key] = {std::move(x), std::move(hidden)};
   shard->tokens += tokens;
@@ -389,7 +425,11 @@ Status WorkerService::Backward(const Message& request, Shard* shard,
   ASSIGN_OR_RETURN(
       Tensor a, Tensor::Zeros(DType::kF32, {x.dim(0), ffn.shape().d_ff_shard}));
   ASSIGN_OR_RETURN(*dx, Tensor::Zeros(DType::kF32, x.shape()));
-  RETURN_IF_ERROR(ffn.BackwardInput(shard->params, hidden, dy, &dh, &a, dx));
+  const std::vector<float> keep =
+      ExpertDropoutKeep(config_, h, x.dim(0), ffn.shape().d_ff_shard);
+  RETURN_IF_ERROR(ffn.BackwardInput(shard->params, hidden, dy,
+                                    keep.empty() ? nullptr : keep.data(), &dh,
+                                    &a, dx));
   shard->contributions[{h.trainer_rank, h.micro_batch}] = {
       x, std::move(a), std::move(dh), std::move(dy)};
   shard->activations.erase(it);

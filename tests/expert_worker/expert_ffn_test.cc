@@ -37,9 +37,10 @@ struct RefParams {
   Mat w1, b1, w2, b2;
 };
 
-// y (T, d) for x (T, d).
+// y (T, d) for x (T, d); `keep` (T, f) multiplies the activations (expert
+// dropout) when not empty.
 Mat RefForward(const ExpertShape& s, const RefParams& p, const Mat& x,
-               int tokens) {
+               int tokens, const Mat& keep) {
   const int d = s.d_model, f = s.d_ff_shard, gf = s.gates() * f;
   Mat y(tokens * d, 0.0);
   for (int t = 0; t < tokens; ++t) {
@@ -54,7 +55,8 @@ Mat RefForward(const ExpertShape& s, const RefParams& p, const Mat& x,
       for (int j = 0; j < f; ++j) {
         const double a =
             RefAct(s.activation, h[j],
-                   s.activation == Activation::kSwiglu ? h[f + j] : 0.0);
+                   s.activation == Activation::kSwiglu ? h[f + j] : 0.0) *
+            (keep.empty() ? 1.0 : keep[t * f + j]);
         acc += a * p.w2[j * d + o];
       }
       y[t * d + o] = acc;
@@ -65,8 +67,8 @@ Mat RefForward(const ExpertShape& s, const RefParams& p, const Mat& x,
 
 // L = sum(y * r).
 double RefLoss(const ExpertShape& s, const RefParams& p, const Mat& x,
-               const Mat& r, int tokens) {
-  const Mat y = RefForward(s, p, x, tokens);
+               const Mat& r, int tokens, const Mat& keep) {
+  const Mat y = RefForward(s, p, x, tokens, keep);
   double loss = 0;
   for (size_t i = 0; i < y.size(); ++i) loss += y[i] * r[i];
   return loss;
@@ -108,13 +110,15 @@ struct Case {
   Activation activation;
   bool bias;
   int tokens;
+  bool dropout = false;  // Drop half the units, scale the rest by 2.
 };
 
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
   static const char* kActivations[] = {"gelu", "relu", "swiglu"};
   return std::string(kActivations[static_cast<int>(info.param.activation)]) +
          (info.param.bias ? "_bias_" : "_nobias_") +
-         std::to_string(info.param.tokens) + "tokens";
+         std::to_string(info.param.tokens) + "tokens" +
+         (info.param.dropout ? "_dropout" : "");
 }
 
 class ExpertFfnTest : public ::testing::TestWithParam<Case> {};
@@ -131,6 +135,13 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
   RefParams ref{Random(rng, d * gf, 0.5), Random(rng, gf, 0.3),
                 Random(rng, f * d, 0.5), Random(rng, d, 0.3)};
   Mat x = Random(rng, T * d, 1.0), r = Random(rng, T * d, 1.0);
+  Mat keep;
+  std::vector<float> keep_f;
+  if (c.dropout) {
+    for (int i = 0; i < T * f; ++i) keep.push_back(rng() % 2 ? 2.0 : 0.0);
+    keep_f.assign(keep.begin(), keep.end());
+  }
+  const float* kp = c.dropout ? keep_f.data() : nullptr;
 
   auto gemm = NewCpuGemm(1);
   ExpertFfn ffn(s, gemm.get());
@@ -144,18 +155,18 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
   Tensor xt = ToTensor(x, {T, d}), dy = ToTensor(r, {T, d});
   Tensor h = Tensor::Zeros(DType::kF32, {T, gf}).value();
   Tensor y = Tensor::Zeros(DType::kF32, {T, d}).value();
-  ASSERT_TRUE(ffn.Forward(p, xt, &h, &y).ok());
-  EXPECT_LT(RelErr(y, RefForward(s, ref, x, T)), 1e-5);
+  ASSERT_TRUE(ffn.Forward(p, xt, kp, &h, &y).ok());
+  EXPECT_LT(RelErr(y, RefForward(s, ref, x, T, keep)), 1e-5);
 
   Tensor dh = Tensor::Zeros(DType::kF32, {T, gf}).value();
   Tensor dx = Tensor::Zeros(DType::kF32, {T, d}).value();
   Tensor a = Tensor::Zeros(DType::kF32, {T, f}).value();
-  ASSERT_TRUE(ffn.BackwardInput(p, h, dy, &dh, &a, &dx).ok());
+  ASSERT_TRUE(ffn.BackwardInput(p, h, dy, kp, &dh, &a, &dx).ok());
   ExpertParams grads = ExpertParams::Zeros(s).value();
   ASSERT_TRUE(ffn.AccumulateGrads(xt, a, dh, dy, &grads).ok());
   if (T == 0) return;
 
-  auto loss = [&] { return RefLoss(s, ref, x, r, T); };
+  auto loss = [&] { return RefLoss(s, ref, x, r, T, keep); };
   EXPECT_LT(RelErr(dx, CentralDifferences(&x, loss, 1e-5)), 1e-4);
   EXPECT_LT(RelErr(grads.w1, CentralDifferences(&ref.w1, loss, 1e-5)), 1e-4);
   EXPECT_LT(RelErr(grads.w2, CentralDifferences(&ref.w2, loss, 1e-5)), 1e-4);
@@ -169,14 +180,15 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
   EXPECT_EQ(grads.w1.f32()[0], 2 * w1_once);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, ExpertFfnTest,
-                         ::testing::Values(Case{Activation::kGelu, true, 7},
-                                           Case{Activation::kGelu, false, 1},
-                                           Case{Activation::kRelu, true, 7},
-                                           Case{Activation::kSwiglu, true, 7},
-                                           Case{Activation::kSwiglu, false, 3},
-                                           Case{Activation::kGelu, true, 0}),
-                         CaseName);
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ExpertFfnTest,
+    ::testing::Values(
+        Case{Activation::kGelu, true, 7}, Case{Activation::kGelu, false, 1},
+        Case{Activation::kRelu, true, 7}, Case{Activation::kSwiglu, true, 7},
+        Case{Activation::kSwiglu, false, 3}, Case{Activation::kGelu, true, 0},
+        Case{Activation::kGelu, true, 7, true},
+        Case{Activation::kSwiglu, true, 5, true}),
+    CaseName);
 
 TEST(ExpertFfnBf16Test, WithinStatedTolerance) {
   // bf16 operands (8-bit mantissa, relative rounding 2^-9) with fp32
@@ -197,7 +209,7 @@ TEST(ExpertFfnBf16Test, WithinStatedTolerance) {
   Tensor h = Tensor::Zeros(DType::kF32, {T, f}).value();
   Tensor y = Tensor::Zeros(DType::kF32, {T, d}).value();
   ASSERT_TRUE(ffn.Forward(p, ToTensor(x, {T, d}), &h, &y).ok());
-  const double err = RelErr(y, RefForward(s, ref, x, T));
+  const double err = RelErr(y, RefForward(s, ref, x, T, {}));
   EXPECT_LT(err, 2e-2);
   EXPECT_GT(err, 1e-5) << "bf16 rounding should be visible";
 }
