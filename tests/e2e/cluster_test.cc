@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "cli/status_client.h"
+#include "tests/testing/processes.h"
 #include "transport/control/auth.h"
 #include "transport/data_plane.h"
 
@@ -28,31 +29,8 @@ using Ms = std::chrono::milliseconds;
 
 constexpr int kLeaseMs = 1000;
 
-pid_t Spawn(const std::vector<std::string>& args, const std::string& log) {
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    FILE* out = std::fopen(log.c_str(), "a");
-    ::dup2(fileno(out), STDOUT_FILENO);
-    ::dup2(fileno(out), STDERR_FILENO);
-    std::vector<char*> argv;
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  return pid;
-}
-
-void StopAndReap(pid_t pid) {
-  if (pid <= 0) return;
-  ::kill(pid, SIGTERM);
-  for (int i = 0; i < 200; ++i) {
-    if (::waitpid(pid, nullptr, WNOHANG) == pid) return;
-    std::this_thread::sleep_for(Ms(50));
-  }
-  ::kill(pid, SIGKILL);
-  ::waitpid(pid, nullptr, 0);
-}
+using testing::Spawn;
+using testing::StopAndReap;
 
 std::map<std::string, std::string> Placement(const control::StatusResponse& s) {
   std::map<std::string, std::string> homes;

@@ -4,6 +4,7 @@
 // (`switchyard train --reference`) after 20 steps, and two distributed runs
 // must be bit-identical to each other.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -12,7 +13,10 @@
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "tests/testing/processes.h"
 #include "tests/testing/run_command.h"
 
 namespace switchyard {
@@ -91,6 +95,56 @@ TEST_F(TrainingTest, DistributedRunsMatchTheReferenceBitForBit) {
   const auto second = Distributed("run2");
   ASSERT_EQ(second.exit_code, 0) << second.output;
   EXPECT_EQ(Digests(second.output), Digests(first.output));
+}
+
+// A worker that dies mid-training: until recovery exists (checkpoints), the
+// trainers stop with an error naming the lost shard and worker, within the
+// request deadline, and `up` stops the cluster and exits 1. Nothing hangs.
+TEST_F(TrainingTest, LosingAWorkerStopsTrainingWithAClearError) {
+  const std::string log = dir_ + "/up.log";
+  std::vector<std::string> args = {
+      SWITCHYARD_BINARY, "up", "--workers", "2",
+      "--trainers",      "2",  "--run-dir", dir_ + "/run"};
+  std::istringstream flags(Flags() +
+                           " --set training.steps=1000000"
+                           " --set transport.request_timeout_ms=5000");
+  for (std::string f; flags >> f;) args.push_back(f);
+  const pid_t up = testing::Spawn(args, log);
+  auto read_log = [&] {
+    std::ifstream in(log);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  };
+  // Training is under way once trainer 0 has printed a progress line; the
+  // status table `up` printed before names worker-1's pid.
+  pid_t victim = -1;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(90);
+  while (std::chrono::steady_clock::now() < deadline) {
+    const std::string text = read_log();
+    std::smatch m;
+    static const std::regex kWorker(R"(\nworker-1 +ALIVE +\S+ +(\d+))");
+    if (text.find("[trainer-0] step 5/") != std::string::npos &&
+        std::regex_search(text, m, kWorker)) {
+      victim = std::stoi(m[1]);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_GT(victim, 0) << read_log();
+  ::kill(victim, SIGKILL);
+  const int code = testing::WaitExit(up, std::chrono::seconds(60));
+  if (code == -1) testing::StopAndReap(up);
+  const std::string text = read_log();
+  EXPECT_EQ(code, 1) << text;
+  EXPECT_NE(text.find("every trainer has exited (not all cleanly)"),
+            std::string::npos)
+      << text;
+  // The trainer's error names the step, the shard and the lost worker.
+  static const std::regex kError(
+      R"(\[trainer-[01]\] switchyard: [A-Z_]+: step \d+ of rank [01]: )");
+  EXPECT_TRUE(std::regex_search(text, kError)) << text;
 }
 
 TEST_F(TrainingTest, TrainerWithoutDataSaysSo) {
