@@ -3,6 +3,8 @@
 #   make test         bootstrap, build, format check, every test through ctest
 #   make demo         bootstrap, build, run the main job on a local cluster
 #   make bench        bootstrap, build, run the benchmarks (bench/)
+#   make chaos        bootstrap, build, the crash tests at full size
+#                     (CHAOS_ITERATIONS kill -9s, default 200)
 #   make format       rewrite sources with clang-format
 #   make format-check fail if any source differs from clang-format's output
 BUILD_DIR ?= build
@@ -13,7 +15,9 @@ CTEST_ARGS ?=
 # Tracked and new (untracked, not ignored) files alike.
 SOURCES = $(shell git ls-files --cached --others --exclude-standard '*.cc' '*.h' '*.cu' '*.proto' 2>/dev/null)
 
-.PHONY: all build bootstrap test demo bench format format-check clean
+CHAOS_ITERATIONS ?= 200
+
+.PHONY: all build bootstrap test demo bench chaos format format-check clean
 
 all: build
 
@@ -38,6 +42,10 @@ bench: bootstrap build
 	$(BUILD_DIR)/bench/transport_bench
 	$(BUILD_DIR)/bench/moe_layer_bench
 	bash bench/train_step_bench.sh $(BUILD_DIR)
+
+chaos: bootstrap build
+	SWITCHYARD_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) \
+	  $(BUILD_DIR)/tests/checkpoint_store_test --gtest_filter='*KillNine*'
 
 format:
 	clang-format -i $(filter-out %.proto,$(SOURCES))

@@ -35,6 +35,8 @@ std::string Digest::hex() const {
   return buf;
 }
 
+uint64_t Xxh3(const void* data, size_t size) { return XXH3_64bits(data, size); }
+
 std::string CombineDigests(const std::map<std::string, std::string>& digests) {
   Digest combined;
   for (const auto& [name, hex] : digests) {

@@ -31,6 +31,9 @@ class Digest {
   std::unique_ptr<State> state_;
 };
 
+// xxh3-64 of `size` bytes (chunk checksums).
+uint64_t Xxh3(const void* data, size_t size);
+
 // One digest of named digests (shard name -> hex), in name order: equal for
 // equal maps however the shards were spread over workers.
 std::string CombineDigests(const std::map<std::string, std::string>& digests);

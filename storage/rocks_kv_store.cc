@@ -1,4 +1,4 @@
-// KvStore on RocksDB. RocksDB statuses become Status here and nowhere else.
+// KvStore on RocksDB.
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
@@ -6,24 +6,10 @@
 #include <filesystem>
 
 #include "storage/kv_store.h"
+#include "storage/rocks_status.h"
 
 namespace switchyard::storage {
 namespace {
-
-Status RocksStatus(const rocksdb::Status& s, const std::string& what,
-                   const char* file, int line) {
-  if (s.ok()) return OkStatus();
-  const std::string msg = what + ": " + s.ToString() + " [" + file + ":" +
-                          std::to_string(line) + "]";
-  if (s.IsNotFound()) return NotFoundError(msg);
-  if (s.IsCorruption()) return DataLossError(msg);
-  if (s.IsInvalidArgument()) return InvalidArgumentError(msg);
-  if (s.IsBusy() || s.IsTimedOut() || s.IsTryAgain()) {
-    return UnavailableError(msg);
-  }
-  return InternalError(msg);
-}
-#define ROCKS_STATUS(s, what) RocksStatus((s), (what), __FILE__, __LINE__)
 
 class RocksKvStore : public KvStore {
  public:

@@ -1,0 +1,308 @@
+// CheckpointStore on RocksDB: one ingested SST file per shard checkpoint.
+// Layout: docs/checkpoint_format.md.
+#include "storage/checkpoint_store.h"
+
+#include <rocksdb/convenience.h>
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/sst_file_writer.h>
+#include <rocksdb/write_batch.h>
+
+#include <atomic>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+#include "common/digest.h"
+#include "storage/rocks_status.h"
+
+namespace switchyard::storage {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string Hex(uint64_t v, int width) {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%0*" PRIx64, width, v);
+  return buf;
+}
+
+// "ckpt/<step>/<shard>/": every chunk of one shard at one step.
+std::string ChunkPrefix(int64_t step, const std::string& shard) {
+  return "ckpt/" + Hex(static_cast<uint64_t>(step), 16) + "/" + shard + "/";
+}
+std::string ChunkKey(int64_t step, const std::string& shard, int tensor,
+                     uint64_t chunk) {
+  return ChunkPrefix(step, shard) + Hex(tensor, 4) + "/" + Hex(chunk, 8);
+}
+std::string ManifestKey(int64_t step, const std::string& shard) {
+  return "manifest/" + Hex(static_cast<uint64_t>(step), 16) + "/" + shard;
+}
+// The smallest key after every key that starts with `prefix` ending in '/'.
+std::string PrefixEnd(std::string prefix) {
+  prefix.back() = '/' + 1;
+  return prefix;
+}
+
+std::string Where(int64_t step, const std::string& shard) {
+  return "checkpoint of " + shard + " at step " + std::to_string(step);
+}
+
+class RocksCheckpointStore : public CheckpointStore {
+ public:
+  RocksCheckpointStore(std::string dir, rocksdb::Options db_options,
+                       std::unique_ptr<rocksdb::DB> db,
+                       CheckpointStoreOptions options)
+      : dir_(std::move(dir)),
+        db_options_(std::move(db_options)),
+        db_(std::move(db)),
+        options_(options) {}
+
+  StatusOr<checkpoint::ShardManifest> WriteShard(
+      const ShardSnapshot& snapshot) override {
+    if (snapshot.shard.empty() || snapshot.step < 0 ||
+        snapshot.shard.find('/') != std::string::npos) {
+      return InvalidArgumentError("bad shard checkpoint '" + snapshot.shard +
+                                  "' at step " + std::to_string(snapshot.step));
+    }
+    checkpoint::ShardManifest manifest;
+    manifest.set_format_version(kCheckpointFormatVersion);
+    manifest.set_step(snapshot.step);
+    manifest.set_epoch(snapshot.epoch);
+    manifest.set_shard(snapshot.shard);
+    manifest.set_digest(SnapshotDigest(snapshot));
+    manifest.set_written_unix_ms(
+        std::chrono::duration_cast<std::chrono::milliseconds>(
+            std::chrono::system_clock::now().time_since_epoch())
+            .count());
+
+    const std::string path = dir_ + "/ingest/" + snapshot.shard + "-" +
+                             std::to_string(snapshot.step) + "-" +
+                             std::to_string(counter_.fetch_add(1)) + ".sst";
+    rocksdb::SstFileWriter writer(rocksdb::EnvOptions(), db_options_);
+    RETURN_IF_ERROR(ROCKS_STATUS(writer.Open(path), "open " + path));
+    Status s = WriteChunks(snapshot, &writer, &manifest);
+    if (s.ok()) {
+      s = ROCKS_STATUS(writer.Put(ManifestKey(snapshot.step, snapshot.shard),
+                                  manifest.SerializeAsString()),
+                       "write manifest");
+    }
+    // Finish syncs the file; ingestion then links it into the database and
+    // records it in RocksDB's MANIFEST (synced): all or nothing.
+    if (s.ok()) s = ROCKS_STATUS(writer.Finish(), "finish " + path);
+    if (s.ok()) {
+      rocksdb::IngestExternalFileOptions ingest;
+      ingest.move_files = true;
+      ingest.failed_move_fall_back_to_copy = true;
+      s = ROCKS_STATUS(db_->IngestExternalFile({path}, ingest),
+                       "ingest " + path);
+    }
+    if (!s.ok()) {
+      std::error_code ec;
+      fs::remove(path, ec);
+      return s.WithContext("writing " + Where(snapshot.step, snapshot.shard));
+    }
+    return manifest;
+  }
+
+  StatusOr<ShardSnapshot> ReadShard(int64_t step,
+                                    const std::string& shard) override {
+    std::string value;
+    rocksdb::ReadOptions read;
+    read.verify_checksums = true;
+    rocksdb::Status rs = db_->Get(read, ManifestKey(step, shard), &value);
+    if (rs.IsNotFound()) return NotFoundError("no " + Where(step, shard));
+    RETURN_IF_ERROR(
+        ROCKS_STATUS(rs, "reading the manifest of " + Where(step, shard)));
+    checkpoint::ShardManifest manifest;
+    if (!manifest.ParseFromString(value) || manifest.step() != step ||
+        manifest.shard() != shard) {
+      return DataLossError("the manifest of " + Where(step, shard) +
+                           " is unreadable or names another shard");
+    }
+    if (manifest.format_version() != kCheckpointFormatVersion) {
+      return FailedPreconditionError(
+          Where(step, shard) + " has format version " +
+          std::to_string(manifest.format_version()) + "; this build reads " +
+          std::to_string(kCheckpointFormatVersion));
+    }
+    ShardSnapshot snapshot;
+    snapshot.shard = shard;
+    snapshot.step = step;
+    snapshot.epoch = manifest.epoch();
+    const std::string prefix = ChunkPrefix(step, shard);
+    const std::string end = PrefixEnd(prefix);
+    rocksdb::Slice upper(end);
+    read.iterate_upper_bound = &upper;
+    read.fill_cache = false;
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(read));
+    it->Seek(prefix);
+    for (int i = 0; i < manifest.tensors_size(); ++i) {
+      const checkpoint::TensorManifest& tm = manifest.tensors(i);
+      NamedTensor named{tm.name(), Tensor()};
+      if (tm.dtype() != 0) {
+        auto t = Tensor::Zeros(static_cast<DType>(tm.dtype()),
+                               {tm.shape().begin(), tm.shape().end()});
+        if (!t.ok() || t->num_bytes() != tm.bytes()) {
+          return DataLossError(Where(step, shard) + ": tensor " + tm.name() +
+                               " has an inconsistent shape in the manifest");
+        }
+        named.tensor = std::move(t).value();
+      }
+      char* out = static_cast<char*>(named.tensor.data());
+      uint64_t offset = 0;
+      for (int c = 0; c < tm.chunk_xxh3_size(); ++c) {
+        const std::string want = ChunkKey(step, shard, i, c);
+        const std::string what = Where(step, shard) + ": tensor " + tm.name() +
+                                 " chunk " + std::to_string(c);
+        if (!it->Valid() || it->key() != want) {
+          RETURN_IF_ERROR(ROCKS_STATUS(it->status(), "reading " + what));
+          return DataLossError(what + " is missing");
+        }
+        const rocksdb::Slice v = it->value();
+        if (offset + v.size() > tm.bytes() ||
+            Xxh3(v.data(), v.size()) != tm.chunk_xxh3(c)) {
+          return DataLossError(what + " does not match its checksum");
+        }
+        std::memcpy(out + offset, v.data(), v.size());
+        offset += v.size();
+        it->Next();
+      }
+      if (offset != tm.bytes()) {
+        return DataLossError(Where(step, shard) + ": tensor " + tm.name() +
+                             " has " + std::to_string(offset) + " of " +
+                             std::to_string(tm.bytes()) + " bytes");
+      }
+      snapshot.tensors.push_back(std::move(named));
+    }
+    RETURN_IF_ERROR(
+        ROCKS_STATUS(it->status(), "reading " + Where(step, shard)));
+    if (SnapshotDigest(snapshot) != manifest.digest()) {
+      return DataLossError(Where(step, shard) +
+                           " does not match the digest in its manifest");
+    }
+    return snapshot;
+  }
+
+  StatusOr<std::vector<checkpoint::ShardManifest>> Manifests(
+      std::optional<int64_t> step) override {
+    const std::string prefix =
+        step ? "manifest/" + Hex(static_cast<uint64_t>(*step), 16) + "/"
+             : std::string("manifest/");
+    const std::string end = PrefixEnd(prefix);
+    rocksdb::Slice upper(end);
+    rocksdb::ReadOptions read;
+    read.verify_checksums = true;
+    read.iterate_upper_bound = &upper;
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(read));
+    std::vector<checkpoint::ShardManifest> manifests;
+    for (it->Seek(prefix); it->Valid(); it->Next()) {
+      checkpoint::ShardManifest m;
+      if (!m.ParseFromArray(it->value().data(),
+                            static_cast<int>(it->value().size()))) {
+        return DataLossError("unreadable manifest at key " +
+                             it->key().ToString());
+      }
+      manifests.push_back(std::move(m));
+    }
+    RETURN_IF_ERROR(ROCKS_STATUS(it->status(), "listing checkpoints"));
+    return manifests;
+  }
+
+  Status DropSteps(int64_t first, int64_t end) override {
+    if (first >= end) return OkStatus();
+    const std::string from = Hex(static_cast<uint64_t>(first), 16);
+    const std::string to = Hex(static_cast<uint64_t>(end), 16);
+    rocksdb::WriteBatch batch;
+    batch.DeleteRange("manifest/" + from, "manifest/" + to);
+    batch.DeleteRange("ckpt/" + from, "ckpt/" + to);
+    rocksdb::WriteOptions write;
+    write.sync = true;
+    RETURN_IF_ERROR(ROCKS_STATUS(db_->Write(write, &batch), "drop steps"));
+    // Reclaim the space of files that held only dropped checkpoints now,
+    // rather than at some later compaction.
+    const std::string a = "ckpt/" + from, b = "ckpt/" + to;
+    rocksdb::Slice sa(a), sb(b);
+    rocksdb::RangePtr range(&sa, &sb);
+    return ROCKS_STATUS(rocksdb::DeleteFilesInRanges(
+                            db_.get(), db_->DefaultColumnFamily(), &range, 1),
+                        "delete dropped checkpoint files");
+  }
+
+ private:
+  Status WriteChunks(const ShardSnapshot& snapshot,
+                     rocksdb::SstFileWriter* writer,
+                     checkpoint::ShardManifest* manifest) {
+    uint64_t total = 0;
+    for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
+      const NamedTensor& named = snapshot.tensors[i];
+      checkpoint::TensorManifest* tm = manifest->add_tensors();
+      tm->set_name(named.name);
+      tm->set_chunk_bytes(options_.chunk_bytes);
+      if (named.tensor.empty()) continue;
+      tm->set_dtype(static_cast<uint32_t>(named.tensor.dtype()));
+      for (int64_t d : named.tensor.shape()) tm->add_shape(d);
+      const uint64_t bytes = named.tensor.num_bytes();
+      tm->set_bytes(bytes);
+      total += bytes;
+      const char* data = static_cast<const char*>(named.tensor.data());
+      for (uint64_t off = 0, c = 0; off < bytes; off += options_.chunk_bytes) {
+        const size_t n = std::min<uint64_t>(options_.chunk_bytes, bytes - off);
+        tm->add_chunk_xxh3(Xxh3(data + off, n));
+        RETURN_IF_ERROR(
+            ROCKS_STATUS(writer->Put(ChunkKey(snapshot.step, snapshot.shard,
+                                              static_cast<int>(i), c++),
+                                     rocksdb::Slice(data + off, n)),
+                         "write chunk"));
+      }
+    }
+    manifest->set_total_bytes(total);
+    return OkStatus();
+  }
+
+  const std::string dir_;
+  const rocksdb::Options db_options_;
+  std::unique_ptr<rocksdb::DB> db_;
+  const CheckpointStoreOptions options_;
+  std::atomic<uint64_t> counter_{0};
+};
+
+}  // namespace
+
+std::string SnapshotDigest(const ShardSnapshot& snapshot) {
+  Digest digest;
+  for (const NamedTensor& t : snapshot.tensors) {
+    digest.Add(snapshot.shard + "." + t.name, t.tensor);
+  }
+  return digest.hex();
+}
+
+StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStore(
+    const std::string& dir, const CheckpointStoreOptions& options) {
+  if (options.chunk_bytes == 0 || options.chunk_bytes > (size_t{1} << 30)) {
+    return InvalidArgumentError("checkpoint chunk size must be in (0, 1 GiB]");
+  }
+  std::error_code ec;
+  fs::create_directories(dir + "/ingest", ec);
+  if (ec) {
+    return UnavailableError("cannot create checkpoint directory '" + dir +
+                            "': " + ec.message());
+  }
+  // Leftovers of writes a crash interrupted were never ingested.
+  for (const auto& entry : fs::directory_iterator(dir + "/ingest", ec)) {
+    fs::remove(entry.path(), ec);
+  }
+  rocksdb::Options db_options;
+  db_options.create_if_missing = true;
+  db_options.paranoid_checks = true;
+  db_options.compression = rocksdb::kNoCompression;
+  rocksdb::DB* raw = nullptr;
+  RETURN_IF_ERROR(ROCKS_STATUS(rocksdb::DB::Open(db_options, dir + "/db", &raw),
+                               "open checkpoint store " + dir));
+  return std::unique_ptr<CheckpointStore>(new RocksCheckpointStore(
+      dir, db_options, std::unique_ptr<rocksdb::DB>(raw), options));
+}
+
+}  // namespace switchyard::storage

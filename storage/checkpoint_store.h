@@ -1,0 +1,82 @@
+// The checkpoint store: shard checkpoints in a worker's local RocksDB
+// (DESIGN.md "Checkpoints"; the byte layout is docs/checkpoint_format.md).
+//
+// A shard checkpoint is the shard's tensors (parameters and every optimizer
+// tensor) at one step, stored as xxh3-checksummed chunks, plus a manifest
+// (format version, step, epoch, tensor names, dtypes, shapes, chunk
+// checksums, digest). WriteShard builds one SST file holding the chunks and
+// then the manifest, syncs it and ingests it: the shard's checkpoint appears
+// whole or not at all, and survives a crash once WriteShard returns.
+// Readers go by manifests only, and ReadShard verifies every chunk.
+//
+// CheckpointStore is the seam tests wrap to inject faults. Implementations
+// are thread-safe.
+#ifndef SWITCHYARD_STORAGE_CHECKPOINT_STORE_H_
+#define SWITCHYARD_STORAGE_CHECKPOINT_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "checkpoint.pb.h"
+#include "common/status.h"
+#include "common/tensor.h"
+
+namespace switchyard::storage {
+
+constexpr uint32_t kCheckpointFormatVersion = 1;
+
+struct NamedTensor {
+  std::string name;
+  Tensor tensor;  // May be empty (a tensor the shard does not have).
+};
+
+// One shard's state at the boundary after `step` updates.
+struct ShardSnapshot {
+  std::string shard;  // "L0.E3.S0", "D1"
+  int64_t step = 0;
+  uint64_t epoch = 0;
+  std::vector<NamedTensor> tensors;
+};
+
+struct CheckpointStoreOptions {
+  // Chunk size: far under RocksDB's 4 GiB value limit, large enough to
+  // stream at disk speed.
+  size_t chunk_bytes = size_t{4} << 20;
+};
+
+class CheckpointStore {
+ public:
+  virtual ~CheckpointStore() = default;
+
+  // Writes `snapshot` durably and atomically (replacing an earlier write of
+  // the same shard and step). Returns its manifest.
+  virtual StatusOr<checkpoint::ShardManifest> WriteShard(
+      const ShardSnapshot& snapshot) = 0;
+  // The shard at `step`, every chunk verified: NOT_FOUND when there is no
+  // complete checkpoint of it, DATA_LOSS (naming shard, step, tensor and
+  // chunk) when bytes do not match the manifest.
+  virtual StatusOr<ShardSnapshot> ReadShard(int64_t step,
+                                            const std::string& shard) = 0;
+  // Manifests of every stored shard checkpoint, by (step, shard); only
+  // those of `step` when given.
+  virtual StatusOr<std::vector<checkpoint::ShardManifest>> Manifests(
+      std::optional<int64_t> step) = 0;
+  // Removes every shard checkpoint with first <= step < end (range deletion)
+  // and the files that held only those.
+  virtual Status DropSteps(int64_t first, int64_t end) = 0;
+};
+
+// Opens (creating if missing) the checkpoint store in directory `dir`.
+StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStore(
+    const std::string& dir, const CheckpointStoreOptions& options);
+
+// The digest of a snapshot's tensors (the manifest's `digest`): Digest over
+// (shard + "." + name, tensor) in order, so it equals what the worker logs.
+std::string SnapshotDigest(const ShardSnapshot& snapshot);
+
+}  // namespace switchyard::storage
+
+#endif  // SWITCHYARD_STORAGE_CHECKPOINT_STORE_H_

@@ -1,0 +1,305 @@
+// The checkpoint store on a real RocksDB: round trips, chunking, corruption
+// detection (our checksums and RocksDB's), torn writes, range drops, and
+// kill -9 at random instants during writes (a child process writing).
+#include "storage/checkpoint_store.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "storage/kv_store.h"
+
+namespace switchyard::storage {
+namespace {
+
+namespace fs = std::filesystem;
+
+Tensor Filled(DType dtype, std::vector<int64_t> shape, uint32_t seed) {
+  Tensor t = Tensor::Zeros(dtype, std::move(shape)).value();
+  std::mt19937 rng(seed);
+  auto* bytes = static_cast<uint8_t*>(t.data());
+  for (size_t i = 0; i < t.num_bytes(); ++i) bytes[i] = rng() & 0xff;
+  return t;
+}
+
+ShardSnapshot Snapshot(const std::string& shard, int64_t step) {
+  ShardSnapshot s;
+  s.shard = shard;
+  s.step = step;
+  s.epoch = 3;
+  const uint32_t seed = static_cast<uint32_t>(step * 131 + shard.size());
+  s.tensors.push_back({"w1", Filled(DType::kF32, {64, 48}, seed)});
+  s.tensors.push_back({"b1", Tensor()});  // A tensor the shard lacks.
+  s.tensors.push_back({"w2", Filled(DType::kBF16, {48, 64}, seed + 1)});
+  s.tensors.push_back({"opt.w1.m", Filled(DType::kF32, {64, 48}, seed + 2)});
+  return s;
+}
+
+bool SameBytes(const Tensor& a, const Tensor& b) {
+  if (a.empty() || b.empty()) return a.empty() == b.empty();
+  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
+         std::memcmp(a.data(), b.data(), a.num_bytes()) == 0;
+}
+
+void ExpectSame(const ShardSnapshot& a, const ShardSnapshot& b) {
+  EXPECT_EQ(a.shard, b.shard);
+  EXPECT_EQ(a.step, b.step);
+  EXPECT_EQ(a.epoch, b.epoch);
+  ASSERT_EQ(a.tensors.size(), b.tensors.size());
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    EXPECT_EQ(a.tensors[i].name, b.tensors[i].name);
+    EXPECT_TRUE(SameBytes(a.tensors[i].tensor, b.tensors[i].tensor))
+        << a.tensors[i].name;
+  }
+}
+
+class CheckpointStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "/switchyard_ckpt_" +
+           std::to_string(::getpid()) + "_" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    fs::remove_all(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::unique_ptr<CheckpointStore> Open(size_t chunk_bytes = 1000) {
+    CheckpointStoreOptions o;
+    o.chunk_bytes = chunk_bytes;  // Small: every tensor spans chunks.
+    auto store = OpenCheckpointStore(dir_, o);
+    EXPECT_TRUE(store.ok()) << store.status().ToString();
+    return store.ok() ? std::move(store).value() : nullptr;
+  }
+
+  std::string dir_;
+};
+
+TEST_F(CheckpointStoreTest, RoundTripsAcrossReopen) {
+  const ShardSnapshot a = Snapshot("L0.E1.S0", 7), d = Snapshot("D0", 7);
+  {
+    auto store = Open();
+    auto m = store->WriteShard(a);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    EXPECT_EQ(m->digest(), SnapshotDigest(a));
+    EXPECT_EQ(m->tensors(0).chunk_xxh3_size(), 13);  // 12288 B / 1000 B.
+    EXPECT_EQ(m->total_bytes(), 2u * 12288 + 6144);
+    ASSERT_TRUE(store->WriteShard(d).ok());
+  }
+  auto store = Open();  // Another process opening the directory later.
+  auto back = store->ReadShard(7, "L0.E1.S0");
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  ExpectSame(*back, a);
+  auto manifests = store->Manifests(std::nullopt);
+  ASSERT_TRUE(manifests.ok());
+  ASSERT_EQ(manifests->size(), 2u);
+  EXPECT_EQ((*manifests)[0].shard(), "D0");  // Ordered by (step, shard).
+  EXPECT_EQ((*manifests)[1].shard(), "L0.E1.S0");
+  auto missing = store->ReadShard(8, "L0.E1.S0");
+  EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("L0.E1.S0 at step 8"),
+            std::string::npos);
+}
+
+TEST_F(CheckpointStoreTest, RewritingAShardReplacesIt) {
+  auto store = Open();
+  ShardSnapshot s = Snapshot("D1", 4);
+  ASSERT_TRUE(store->WriteShard(s).ok());
+  s.tensors[0].tensor = Filled(DType::kF32, {64, 48}, 999);
+  ASSERT_TRUE(store->WriteShard(s).ok());
+  auto back = store->ReadShard(4, "D1");
+  ASSERT_TRUE(back.ok());
+  ExpectSame(*back, s);
+  EXPECT_EQ(store->Manifests(4)->size(), 1u);
+}
+
+TEST_F(CheckpointStoreTest, AChunkThatDoesNotMatchItsChecksumIsDataLoss) {
+  {
+    auto store = Open();
+    ASSERT_TRUE(store->WriteShard(Snapshot("L2.E5.S1", 9)).ok());
+  }
+  {
+    // Bytes changed behind the store's back (RocksDB's own checksums are
+    // consistent: only the manifest's can tell).
+    auto kv = OpenRocksKvStore(dir_ + "/db");
+    ASSERT_TRUE(kv.ok());
+    std::string key, value;
+    ASSERT_TRUE(
+        (*kv)
+            ->ScanPrefix("ckpt/",
+                         [&](const std::string& k, const std::string& v) {
+                           if (key.empty()) key = k, value = v;
+                         })
+            .ok());
+    ASSERT_FALSE(key.empty());
+    value[17] ^= 0x01;
+    ASSERT_TRUE((*kv)->Put(key, value, true).ok());
+  }
+  auto store = Open();
+  auto r = store->ReadShard(9, "L2.E5.S1");
+  EXPECT_EQ(r.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(r.status().message().find(
+                "L2.E5.S1 at step 9: tensor w1 chunk 0 does not match its "
+                "checksum"),
+            std::string::npos)
+      << r.status().message();
+}
+
+TEST_F(CheckpointStoreTest, AFlippedByteOnDiskIsDetected) {
+  {
+    auto store = Open(size_t{1} << 20);
+    ASSERT_TRUE(store->WriteShard(Snapshot("L1.E0.S0", 5)).ok());
+  }
+  // Flip one byte in the middle of the ingested SST (tensor data).
+  fs::path sst;
+  for (const auto& e : fs::directory_iterator(dir_ + "/db")) {
+    if (e.path().extension() == ".sst") sst = e.path();
+  }
+  ASSERT_FALSE(sst.empty());
+  {
+    std::fstream f(sst, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(4000);
+    char c = 0;
+    f.read(&c, 1);
+    c ^= 0x40;
+    f.seekp(4000);
+    f.write(&c, 1);
+  }
+  auto store = Open(size_t{1} << 20);
+  auto r = store->ReadShard(5, "L1.E0.S0");
+  EXPECT_EQ(r.status().code(), StatusCode::kDataLoss) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("L1.E0.S0 at step 5"), std::string::npos)
+      << r.status().message();
+}
+
+TEST_F(CheckpointStoreTest, ChunksWithoutAManifestAreNotACheckpoint) {
+  {
+    auto store = Open();
+    ASSERT_TRUE(store->WriteShard(Snapshot("D0", 1)).ok());
+  }
+  {
+    // A torn write: chunks of step 2, no manifest.
+    auto kv = OpenRocksKvStore(dir_ + "/db");
+    ASSERT_TRUE(kv.ok());
+    ASSERT_TRUE(
+        (*kv)
+            ->Put("ckpt/0000000000000002/D0/0000/00000000", "partial", true)
+            .ok());
+  }
+  auto store = Open();
+  EXPECT_EQ(store->ReadShard(2, "D0").status().code(), StatusCode::kNotFound);
+  auto manifests = store->Manifests(std::nullopt);
+  ASSERT_TRUE(manifests.ok());
+  ASSERT_EQ(manifests->size(), 1u);
+  EXPECT_EQ((*manifests)[0].step(), 1);
+}
+
+TEST_F(CheckpointStoreTest, DropStepsRemovesWholeCheckpoints) {
+  auto store = Open();
+  for (int64_t step : {10, 20, 30}) {
+    for (const char* shard : {"D0", "L0.E0.S0"}) {
+      ASSERT_TRUE(store->WriteShard(Snapshot(shard, step)).ok());
+    }
+  }
+  ASSERT_TRUE(store->DropSteps(0, 30).ok());
+  auto manifests = store->Manifests(std::nullopt);
+  ASSERT_TRUE(manifests.ok());
+  ASSERT_EQ(manifests->size(), 2u);
+  for (const auto& m : *manifests) EXPECT_EQ(m.step(), 30);
+  EXPECT_EQ(store->ReadShard(20, "D0").status().code(), StatusCode::kNotFound);
+  auto kept = store->ReadShard(30, "L0.E0.S0");
+  ASSERT_TRUE(kept.ok());
+  ExpectSame(*kept, Snapshot("L0.E0.S0", 30));
+}
+
+TEST_F(CheckpointStoreTest, BadInputIsRefused) {
+  auto store = Open();
+  EXPECT_EQ(store->WriteShard(Snapshot("a/b", 1)).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(store->WriteShard(Snapshot("D0", -1)).status().code(),
+            StatusCode::kInvalidArgument);
+  CheckpointStoreOptions zero;
+  zero.chunk_bytes = 0;
+  EXPECT_EQ(OpenCheckpointStore(dir_ + "x", zero).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// The child of the crash test: writes the steps after the last one in
+// DIR/done (two shards each) and appends "<step>\n" to DIR/done once both
+// are written.
+int CrashWriter(const std::string& dir) {
+  CheckpointStoreOptions o;
+  o.chunk_bytes = 4096;
+  auto store = OpenCheckpointStore(dir, o);
+  if (!store.ok()) return 1;
+  int64_t first = 0;
+  std::ifstream in(dir + "/done");
+  for (int64_t s; in >> s;) first = s + 1;
+  for (int64_t step = first;; ++step) {
+    for (const char* shard : {"D0", "L0.E0.S0"}) {
+      if (!(*store)->WriteShard(Snapshot(shard, step)).ok()) return 1;
+    }
+    std::ofstream(dir + "/done", std::ios::app) << step << "\n" << std::flush;
+  }
+}
+
+TEST_F(CheckpointStoreTest, KillNineAtAnyInstantLeavesWholeCheckpoints) {
+  const int iterations =
+      std::getenv("SWITCHYARD_CHAOS_ITERATIONS")
+          ? std::atoi(std::getenv("SWITCHYARD_CHAOS_ITERATIONS"))
+          : 20;
+  std::mt19937 rng(2026);
+  size_t total_done = 0;
+  for (int i = 0; i < iterations; ++i) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::execl("/proc/self/exe", "checkpoint_store_test", "--crash-writer",
+              dir_.c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 200));
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    // Steps reported done are present; everything listed reads whole.
+    std::set<int64_t> done;
+    std::ifstream in(dir_ + "/done");
+    for (int64_t s; in >> s;) done.insert(s);
+    auto store = Open();
+    ASSERT_NE(store, nullptr);
+    auto manifests = store->Manifests(std::nullopt);
+    ASSERT_TRUE(manifests.ok()) << manifests.status().ToString();
+    std::set<int64_t> listed;
+    for (const auto& m : *manifests) {
+      auto r = store->ReadShard(m.step(), m.shard());
+      ASSERT_TRUE(r.ok()) << "iteration " << i << ": " << r.status().ToString();
+      ExpectSame(*r, Snapshot(m.shard(), m.step()));
+      listed.insert(m.step());
+    }
+    for (int64_t s : done) {
+      EXPECT_TRUE(listed.count(s))
+          << "iteration " << i << ": step " << s << " was durable but is gone";
+    }
+    total_done = done.size();
+  }
+  // The writers got far enough for the kills to land mid-write.
+  EXPECT_GT(total_done, static_cast<size_t>(iterations)) << "too few writes";
+}
+
+}  // namespace
+}  // namespace switchyard::storage
+
+int main(int argc, char** argv) {
+  if (argc == 3 && std::strcmp(argv[1], "--crash-writer") == 0) {
+    return switchyard::storage::CrashWriter(argv[2]);
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
