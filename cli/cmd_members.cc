@@ -43,10 +43,15 @@ int Finish(const Status& s) {
 int CoordinatorCommand(int argc, char** argv) {
   FlagParser parser(
       "switchyard coordinator --config FILE [flags]",
-      "Runs the coordinator: membership, placement, routing tables. Its state\n"
-      "lives in <cluster.state_dir>/coordinator; a restart resumes it.");
+      "Runs the coordinator: membership, placement, routing tables, the\n"
+      "commit of checkpoints. Its state lives in <cluster.state_dir>/\n"
+      "coordinator; a restart resumes it, and training resumes from the\n"
+      "newest committed checkpoint unless --fresh or --from-step say\n"
+      "otherwise.");
   ConfigFlags flags;
   flags.Register(&parser);
+  ResumeFlags resume;
+  resume.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
   LoadedConfig loaded;
   std::string secret;
@@ -54,6 +59,7 @@ int CoordinatorCommand(int argc, char** argv) {
 
   boost::asio::io_context io;
   coordinator::CoordinatorService service(io, loaded.config, secret);
+  service.SetResume(resume.fresh, resume.from_step);
   Status started = service.Start();
   if (!started.ok()) return Finish(started);
   boost::asio::signal_set signals(io, SIGTERM, SIGINT);

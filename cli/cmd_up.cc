@@ -63,6 +63,8 @@ int UpCommand(int argc, char** argv) {
       "stop after this many seconds once ready (0: run until Ctrl-C)");
   parser.AddInt("ready-timeout-s", &ready_timeout_s,
                 "give up if the cluster is not ready within this time");
+  ResumeFlags resume;
+  resume.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
   if (workers < 1 || trainers < 0) {
     std::cerr << "switchyard: --workers must be >= 1 and --trainers >= 0\n";
@@ -169,6 +171,7 @@ int UpCommand(int argc, char** argv) {
   coordinator_args.push_back("--set");
   coordinator_args.push_back("cluster.coordinator_address=" + host->host + ":" +
                              std::to_string(port));
+  for (const std::string& a : resume.Args()) coordinator_args.push_back(a);
   if (!spawn("coordinator", coordinator_args)) return shutdown(1);
   std::string address;
   const auto addr_deadline = std::chrono::steady_clock::now() + Ms(15000);

@@ -40,6 +40,25 @@ StatusOr<LoadedConfig> ConfigFlags::Load() const {
   return LoadConfig(config_path, AllOverrides());
 }
 
+void ResumeFlags::Register(FlagParser* parser) {
+  parser->AddBool("fresh", &fresh,
+                  "train from scratch, not from the newest committed "
+                  "checkpoint");
+  parser->AddInt("from-step", &from_step,
+                 "resume from this committed checkpoint (default: the "
+                 "newest)");
+}
+
+std::vector<std::string> ResumeFlags::Args() const {
+  std::vector<std::string> args;
+  if (fresh) args.push_back("--fresh");
+  if (from_step > 0) {
+    args.push_back("--from-step");
+    args.push_back(std::to_string(from_step));
+  }
+  return args;
+}
+
 int ParseOrExit(FlagParser* parser, int argc, char** argv) {
   Status s = parser->Parse(argc, argv, 2);
   if (parser->help_requested()) {

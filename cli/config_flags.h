@@ -2,6 +2,7 @@
 #ifndef SWITCHYARD_CLI_CONFIG_FLAGS_H_
 #define SWITCHYARD_CLI_CONFIG_FLAGS_H_
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,16 @@ struct ConfigFlags {
   // Every override, shorthand flags included, as "path=value" strings (for
   // passing on to child processes).
   std::vector<std::string> AllOverrides() const;
+};
+
+// Where training resumes: --fresh and --from-step (coordinator, up).
+struct ResumeFlags {
+  bool fresh = false;
+  int64_t from_step = 0;
+
+  void Register(FlagParser* parser);
+  // The same flags as arguments for a child coordinator.
+  std::vector<std::string> Args() const;
 };
 
 // Parses argv for a subcommand: prints help and returns 0 for --help, prints

@@ -79,6 +79,17 @@ std::string FormatStatus(const control::StatusResponse& status) {
   if (!status.placement_error().empty()) {
     out << "placement error: " << status.placement_error() << "\n";
   }
+  out << "checkpoints: ";
+  if (status.checkpoints_size() == 0) out << "none committed";
+  for (int i = 0; i < status.checkpoints_size(); ++i) {
+    const auto& c = status.checkpoints(i);
+    out << (i > 0 ? ", " : "") << "step " << c.step() << " (" << c.shards()
+        << " shards, " << FormatBytes(c.bytes()) << ")";
+  }
+  if (status.routing().resume_step() > 0) {
+    out << "; resumed from step " << status.routing().resume_step();
+  }
+  out << "\n";
   char line[256];
   std::snprintf(line, sizeof(line),
                 "\n%-12s %-11s %-22s %-8s %-8s %7s %12s %12s %10s\n", "WORKER",

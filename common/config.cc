@@ -379,6 +379,9 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.Require(t.validation_fraction() > 0 && t.validation_fraction() <= 0.5,
             "training.validation_fraction", t.validation_fraction(),
             "must be in (0, 0.5]");
+  v.Require(t.stop_at_step() >= 0 && t.stop_at_step() <= t.steps(),
+            "training.stop_at_step", t.stop_at_step(),
+            "must be in [0, training.steps]");
 
   const auto& k = config.checkpoint();
   v.Require(k.every() >= 0, "checkpoint.every", k.every(),

@@ -53,6 +53,8 @@ StatusOr<ClusterState> ClusterState::Restore(
   state.next_incarnation_ = snapshot.next_incarnation();
   state.placed_ = snapshot.placed();
   state.placement_error_ = snapshot.placement_error();
+  state.committed_.assign(snapshot.committed().begin(),
+                          snapshot.committed().end());
   for (int i = 0; i < snapshot.shard_home_size(); ++i) {
     state.shard_home_[i] = snapshot.shard_home(i);
     state.shard_unplaced_[i] = snapshot.shard_unplaced(i);
@@ -87,6 +89,7 @@ control::CoordinatorSnapshot ClusterState::Snapshot() const {
   s.set_placed(placed_);
   *s.mutable_config() = config_;
   s.set_placement_error(placement_error_);
+  for (const auto& c : committed_) *s.add_committed() = c;
   return s;
 }
 
@@ -106,6 +109,7 @@ int ClusterState::NumLiveWorkers() const {
 void ClusterState::BumpEpoch(const std::string& why) {
   ++epoch_;
   ++version_;
+  ++routing_version_;
   LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
 }
 
@@ -224,6 +228,7 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   m.lease_deadline = now + lease;
   m.last_heartbeat = now;
   ++version_;
+  ++routing_version_;
   LOG(INFO) << "coordinator: " << KindName(request.kind()) << " "
             << request.name() << (confirmed ? " reconfirmed" : " registered")
             << " (incarnation " << m.record.incarnation() << ", pid "
@@ -258,6 +263,7 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   if (m.record.state() == control::UNCONFIRMED) {
     m.record.set_state(control::ALIVE);
     ++version_;
+    ++routing_version_;  // Its address is confirmed: tell the members.
   }
   m.lease_deadline =
       now + std::chrono::milliseconds(config_.cluster().lease_ms());
@@ -271,7 +277,106 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   }
   control::HeartbeatAck ack;
   ack.set_epoch(epoch_);
+  if (!committed_.empty()) {
+    ack.set_committed_step(committed_.back().step());
+    ack.set_keep_from_step(committed_.front().step());
+  }
   return ack;
+}
+
+StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
+    const control::CheckpointReport& report) {
+  auto it = members_.find(report.name());
+  if (it == members_.end() || !IsLive(it->second) ||
+      it->second.record.incarnation() != report.incarnation() ||
+      it->second.record.registration().kind() != control::WORKER) {
+    return FailedPreconditionError(
+        "checkpoint report from " + report.name() + " incarnation " +
+        std::to_string(report.incarnation()) + ", not a current worker");
+  }
+  if (report.step() <= 0) {
+    return InvalidArgumentError("checkpoint report for step " +
+                                std::to_string(report.step()));
+  }
+  control::CheckpointReportAck ack;
+  if (!committed_.empty() && report.step() <= committed_.back().step()) {
+    return ack;  // Older than what is committed: nothing to do.
+  }
+  std::map<int, ReportedShard>& reported = pending_[report.step()];
+  for (const auto& s : report.shards()) {
+    const auto& ref = s.shard();
+    const ShardId id =
+        ref.kind() == control::DENSE
+            ? ShardId::Dense(ref.shard())
+            : ShardId::Expert(ref.layer(), ref.expert(), ref.shard());
+    int index = -1;
+    for (size_t i = 0; i < shards_.size(); ++i) {
+      if (shards_[i].id == id) index = static_cast<int>(i);
+    }
+    if (index < 0) {
+      return InvalidArgumentError("checkpoint report names shard " +
+                                  id.ToString() + ", not in the model");
+    }
+    reported[index] = {report.name(), s.digest(), s.bytes()};
+  }
+  if (reported.size() < shards_.size()) return ack;
+
+  control::CommittedCheckpoint commit;
+  commit.set_step(report.step());
+  commit.set_committed_unix_ms(
+      std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::system_clock::now().time_since_epoch())
+          .count());
+  commit.set_shards(static_cast<int32_t>(shards_.size()));
+  uint64_t bytes = 0;
+  for (const auto& [index, r] : reported) {
+    commit.add_holder(r.holder);
+    commit.add_digest(r.digest);
+    bytes += r.bytes;
+  }
+  commit.set_bytes(bytes);
+  committed_.push_back(commit);
+  const size_t keep =
+      static_cast<size_t>(std::max(1, config_.checkpoint().keep_last()));
+  while (committed_.size() > keep) committed_.erase(committed_.begin());
+  pending_.erase(pending_.begin(), pending_.upper_bound(report.step()));
+  ++version_;
+  LOG(INFO) << "coordinator: checkpoint " << report.step() << " committed ("
+            << shards_.size() << " shards, " << bytes << " bytes)";
+  ack.set_committed_step(report.step());
+  return ack;
+}
+
+Status ClusterState::ChooseResumeStep(bool fresh, int64_t from_step) {
+  if (fresh) {
+    if (!committed_.empty()) {
+      LOG(WARNING) << "coordinator: --fresh: starting from scratch; the "
+                   << committed_.size()
+                   << " committed checkpoints are forgotten";
+    }
+    committed_.clear();
+    resume_step_ = 0;
+    ++version_;
+    return OkStatus();
+  }
+  if (from_step > 0) {
+    for (const auto& c : committed_) {
+      if (c.step() == from_step) {
+        resume_step_ = from_step;
+        // Later checkpoints belong to the abandoned future.
+        while (committed_.back().step() > from_step) committed_.pop_back();
+        ++version_;
+        return OkStatus();
+      }
+    }
+    std::string have;
+    for (const auto& c : committed_) have += " " + std::to_string(c.step());
+    return NotFoundError(
+        "no committed checkpoint at step " + std::to_string(from_step) +
+        " (committed:" + (have.empty() ? " none" : have) + ")");
+  }
+  resume_step_ = committed_.empty() ? 0 : committed_.back().step();
+  return OkStatus();
 }
 
 Status ClusterState::Leave(const control::Leave& leave) {
@@ -311,6 +416,7 @@ control::RoutingTable ClusterState::Routing() const {
     w->set_name(name);
     w->set_data_address(m.record.registration().data_address());
     w->set_incarnation(m.record.incarnation());
+    w->set_confirmed(m.record.state() == control::ALIVE);
   }
   if (!placed_) return table;
   for (size_t i = 0; i < shards_.size(); ++i) {
@@ -325,6 +431,7 @@ control::RoutingTable ClusterState::Routing() const {
     auto w = index.find(shard_home_[i]);
     e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);
   }
+  table.set_resume_step(resume_step_);
   return table;
 }
 
@@ -372,6 +479,7 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
     }
   }
   *s.mutable_routing() = Routing();
+  for (const auto& c : committed_) *s.add_checkpoints() = c;
   return s;
 }
 

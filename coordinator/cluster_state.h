@@ -44,12 +44,26 @@ class ClusterState {
   StatusOr<control::HeartbeatAck> Heartbeat(const control::Heartbeat& beat,
                                             Clock::time_point now);
   Status Leave(const control::Leave& leave);
+  // Records that a worker's shards are durable at report.step(); commits
+  // checkpoint `step` once every shard of the model (experts and dense) is
+  // (docs/protocol.md, "Checkpoints"), keeping the newest
+  // checkpoint.keep_last.
+  StatusOr<control::CheckpointReportAck> ReportCheckpoint(
+      const control::CheckpointReport& report);
+  // Where training (re)starts: from scratch with `fresh`, else from the
+  // committed checkpoint `from_step` (0: the newest). Call before members
+  // register.
+  Status ChooseResumeStep(bool fresh, int64_t from_step);
+  int64_t resume_step() const { return resume_step_; }
   // Declares members whose lease expired dead.
   void Tick(Clock::time_point now);
 
   uint64_t epoch() const { return epoch_; }
   // Incremented on every change that must be persisted.
   uint64_t version() const { return version_; }
+  // Incremented whenever Routing() may have changed (a new epoch, or a
+  // worker's address confirmed within an epoch): the table is pushed again.
+  uint64_t routing_version() const { return routing_version_; }
   control::RoutingTable Routing() const;
   control::StatusResponse Report(Clock::time_point now) const;
   const config::SwitchyardConfig& config() const { return config_; }
@@ -77,10 +91,21 @@ class ClusterState {
   uint64_t epoch_ = 1;
   uint64_t next_incarnation_ = 1;
   uint64_t version_ = 0;
+  uint64_t routing_version_ = 0;
   bool placed_ = false;
   std::vector<std::string> shard_home_;
   std::vector<bool> shard_unplaced_;
   std::string placement_error_;
+  // Checkpoints: committed (oldest first) and in progress, by step, with
+  // (holder, digest, bytes) per reported shard index.
+  struct ReportedShard {
+    std::string holder;
+    std::string digest;
+    uint64_t bytes = 0;
+  };
+  std::vector<control::CommittedCheckpoint> committed_;
+  std::map<int64_t, std::map<int, ReportedShard>> pending_;
+  int64_t resume_step_ = 0;
 };
 
 }  // namespace switchyard::coordinator

@@ -50,11 +50,16 @@ Status CoordinatorService::Start() {
       state_.emplace(config_);
       LOG(INFO) << "coordinator: new run, state in " << dir;
     }
+    RETURN_IF_ERROR(state_->ChooseResumeStep(fresh_, from_step_));
+    if (state_->resume_step() > 0) {
+      LOG(INFO) << "coordinator: training resumes from committed checkpoint "
+                << state_->resume_step();
+    }
     // Persist the (new or advanced) epoch before serving anyone.
     const std::string bytes = state_->Snapshot().SerializeAsString();
     RETURN_IF_ERROR(store_->Put(kSnapshotKey, bytes, /*sync=*/true));
     persisted_version_ = state_->version();
-    pushed_epoch_ = state_->epoch();
+    pushed_routing_version_ = state_->routing_version();
   }
 
   control::ControlOptions options;
@@ -88,7 +93,7 @@ Status CoordinatorService::Start() {
   if (ec)
     return UnavailableError("cannot write " + addr_file + ": " + ec.message());
   LOG(INFO) << "coordinator: listening on " << address.ToString() << " (epoch "
-            << pushed_epoch_ << ")";
+            << state_->epoch() << ")";
   ScheduleTick();
   return OkStatus();
 }
@@ -131,8 +136,8 @@ void CoordinatorService::CommitLocked() {
     }
     persisted_version_ = state_->version();
   }
-  if (state_->epoch() != pushed_epoch_) {
-    pushed_epoch_ = state_->epoch();
+  if (state_->routing_version() != pushed_routing_version_) {
+    pushed_routing_version_ = state_->routing_version();
     Envelope push;
     *push.mutable_routing_table() = state_->Routing();
     for (const auto& [name, conn] : connections_) conn->Push(push);
@@ -178,6 +183,15 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
           connections_.erase(request.leave().name());
         }
         break;
+      case Envelope::kCheckpointReport: {
+        auto r = state_->ReportCheckpoint(request.checkpoint_report());
+        if (r.ok()) {
+          *response.mutable_checkpoint_report_ack() = *r;
+        } else {
+          error = r.status();
+        }
+        break;
+      }
       case Envelope::kStatusRequest:
         *response.mutable_status_response() = state_->Report(now);
         response.mutable_status_response()->set_coordinator_pid(::getpid());

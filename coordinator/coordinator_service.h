@@ -33,6 +33,13 @@ class CoordinatorService {
                      config::SwitchyardConfig config, std::string secret);
   ~CoordinatorService();
 
+  // Where training resumes (before Start): from scratch with `fresh`, else
+  // from committed checkpoint `from_step` (0, the default: the newest).
+  void SetResume(bool fresh, int64_t from_step) {
+    fresh_ = fresh;
+    from_step_ = from_step;
+  }
+
   // Opens (or resumes) the state, listens, and writes the bound address to
   // <state_dir>/coordinator.addr.
   Status Start();
@@ -50,6 +57,8 @@ class CoordinatorService {
   boost::asio::io_context& io_;
   const config::SwitchyardConfig config_;
   const std::string secret_;
+  bool fresh_ = false;
+  int64_t from_step_ = 0;
   std::unique_ptr<control::ControlServer> server_;
   boost::asio::steady_timer tick_timer_;
 
@@ -57,7 +66,7 @@ class CoordinatorService {
   std::unique_ptr<storage::KvStore> store_;  // GUARDED_BY(mu_)
   std::optional<ClusterState> state_;        // GUARDED_BY(mu_)
   uint64_t persisted_version_ = 0;           // GUARDED_BY(mu_)
-  uint64_t pushed_epoch_ = 0;                // GUARDED_BY(mu_)
+  uint64_t pushed_routing_version_ = 0;      // GUARDED_BY(mu_)
   // Member name -> its current control connection (for pushes).
   std::map<std::string, control::Connection::Ptr> connections_;  // GUARDED_BY
   bool shut_down_ = false;                                       // GUARDED_BY

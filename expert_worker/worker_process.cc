@@ -2,6 +2,7 @@
 
 #include "expert_worker/cuda/device_probe.h"
 #include "expert_worker/worker_service.h"
+#include "storage/checkpoint_store.h"
 #include "transport/control/member_process.h"
 #include "transport/data_plane.h"
 
@@ -24,11 +25,39 @@ std::pair<int, int64_t> AssignedShards(const control::RoutingTable& routing,
   return {count, bytes};
 }
 
+std::string CheckpointDir(const config::SwitchyardConfig& config,
+                          const std::string& name) {
+  const std::string& base = config.checkpoint().dir();
+  return (base.empty() ? config.cluster().state_dir() + "/checkpoints" : base) +
+         "/" + name;
+}
+
 Status RunWorker(const config::SwitchyardConfig& config,
                  const std::string& secret, const WorkerOptions& options) {
   if (options.name.empty()) return InvalidArgumentError("--name is required");
   RETURN_IF_ERROR(CheckDevice(options.device));
   WorkerService service(config, options.name);
+  // The session, once created: checkpoint reports go through it.
+  std::mutex session_mu;
+  std::shared_ptr<control::MemberSession> session;
+  if (config.checkpoint().every() > 0) {
+    const std::string dir = CheckpointDir(config, options.name);
+    ASSIGN_OR_RETURN(auto store, storage::OpenCheckpointStore(
+                                     dir, storage::CheckpointStoreOptions()));
+    LOG(INFO) << options.name << ": checkpoints every "
+              << config.checkpoint().every() << " steps in " << dir;
+    service.EnableCheckpoints(
+        std::move(store),
+        [&session_mu, &session](const control::CheckpointReport& report) {
+          std::shared_ptr<control::MemberSession> s;
+          {
+            std::lock_guard<std::mutex> lock(session_mu);
+            s = session;
+          }
+          if (s == nullptr) return UnavailableError("not in a cluster yet");
+          return s->ReportCheckpoint(report).status();
+        });
+  }
   RETURN_IF_ERROR(service.Start());
   transport::DataPlaneOptions dp;
   dp.listen_host = config.transport().data_host();
@@ -69,8 +98,22 @@ Status RunWorker(const config::SwitchyardConfig& config,
     }
   };
   member.loads = [&service] { return service.TakeLoads(); };
+  member.on_session = [&session_mu,
+                       &session](std::shared_ptr<control::MemberSession> s) {
+    std::lock_guard<std::mutex> lock(session_mu);
+    session = std::move(s);
+  };
+  member.on_heartbeat_ack = [&service](const control::HeartbeatAck& ack) {
+    if (ack.keep_from_step() > 0) {
+      service.DropCheckpointsBefore(ack.keep_from_step());
+    }
+  };
   Status result = control::RunMemberProcess(member);
-  // Stop serving before the service goes away.
+  // Stop serving before the service goes away; the session is gone.
+  {
+    std::lock_guard<std::mutex> lock(session_mu);
+    session.reset();
+  }
   data_plane->Shutdown();
   service.Shutdown();
   return result;

@@ -30,6 +30,11 @@ struct WorkerOptions {
 std::pair<int, int64_t> AssignedShards(const control::RoutingTable& routing,
                                        const std::string& name);
 
+// Where worker `name` keeps its checkpoints: checkpoint.dir/<name>, or
+// <cluster.state_dir>/checkpoints/<name> when checkpoint.dir is empty.
+std::string CheckpointDir(const config::SwitchyardConfig& config,
+                          const std::string& name);
+
 // Runs until SIGTERM/SIGINT.
 Status RunWorker(const config::SwitchyardConfig& config,
                  const std::string& secret, const WorkerOptions& options);

@@ -72,7 +72,94 @@ Status WorkerService::Start() {
   ffn0_ = std::make_unique<ExpertFfn>(shape0, gemm_.get());
   ffn_ = std::make_unique<ExpertFfn>(shape, gemm_.get());
   thread_ = std::thread([this] { Run(); });
+  if (store_ != nullptr)
+    ckpt_thread_ = std::thread([this] { CheckpointLoop(); });
   return OkStatus();
+}
+
+void WorkerService::EnableCheckpoints(
+    std::unique_ptr<storage::CheckpointStore> store,
+    CheckpointReporter report) {
+  store_ = std::move(store);
+  report_ = std::move(report);
+}
+
+void WorkerService::CheckpointLoop() {
+  while (true) {
+    std::vector<storage::ShardSnapshot> job;
+    {
+      std::unique_lock<std::mutex> lock(ckpt_mu_);
+      ckpt_cv_.wait(lock, [this] { return ckpt_stop_ || !staged_.empty(); });
+      if (staged_.empty()) return;  // Stopping, nothing left to write.
+      job = std::move(staged_);
+      staged_.clear();
+    }
+    const int64_t step = job.front().step;
+    const auto start = std::chrono::steady_clock::now();
+    control::CheckpointReport report;
+    report.set_step(step);
+    Status s = OkStatus();
+    uint64_t bytes = 0;
+    for (const storage::ShardSnapshot& snapshot : job) {
+      auto manifest = store_->WriteShard(snapshot);
+      if (!manifest.ok()) {
+        s = manifest.status();
+        break;
+      }
+      bytes += manifest->total_bytes();
+      auto* shard = report.add_shards();
+      auto id = ShardId::Parse(snapshot.shard);
+      auto* ref = shard->mutable_shard();
+      if (id.ok() && id->is_expert()) {
+        ref->set_kind(control::EXPERT);
+        ref->set_layer(id->layer);
+        ref->set_expert(id->expert);
+      } else {
+        ref->set_kind(control::DENSE);
+      }
+      ref->set_shard(id.ok() ? id->shard : 0);
+      shard->set_digest(manifest->digest());
+      shard->set_bytes(manifest->total_bytes());
+    }
+    if (s.ok() && report_) s = report_(report);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
+    if (s.ok()) {
+      LOG(INFO) << name_ << ": checkpoint " << step << " written ("
+                << job.size() << " shards, " << bytes << " bytes in " << seconds
+                << " s) and reported";
+    } else {
+      // Training goes on; the coordinator never commits this step, and the
+      // previous committed checkpoint stays.
+      LOG(ERROR) << name_ << ": checkpoint " << step
+                 << " failed: " << s.ToString();
+    }
+    {
+      std::lock_guard<std::mutex> lock(ckpt_mu_);
+      ckpt_busy_ = !staged_.empty();
+    }
+    ckpt_cv_.notify_all();
+  }
+}
+
+void WorkerService::WaitCheckpointsWritten() {
+  std::unique_lock<std::mutex> lock(ckpt_mu_);
+  ckpt_cv_.wait(lock, [this] { return !ckpt_busy_; });
+}
+
+void WorkerService::DropCheckpointsBefore(int64_t step) {
+  if (store_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(ckpt_mu_);
+    if (step <= dropped_before_) return;
+    dropped_before_ = step;
+  }
+  Status s = store_->DropSteps(0, step);
+  if (!s.ok()) {
+    LOG(WARNING) << name_ << ": cannot drop checkpoints before step " << step
+                 << ": " << s.ToString();
+  }
 }
 
 void WorkerService::Shutdown() {
@@ -83,6 +170,13 @@ void WorkerService::Shutdown() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  {
+    // A checkpoint being written is finished (it may be committed).
+    std::lock_guard<std::mutex> lock(ckpt_mu_);
+    ckpt_stop_ = true;
+  }
+  ckpt_cv_.notify_all();
+  if (ckpt_thread_.joinable()) ckpt_thread_.join();
   // Whatever was queued or waiting is answered, never dropped silently.
   std::vector<Task> unanswered;
   {
@@ -194,6 +288,9 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
     ASSIGN_OR_RETURN(shards_[id], NewShard(id));
   }
   epoch_ = routing.epoch();
+  if (next_step_ == 0 && routing.resume_step() > 0) {
+    RETURN_IF_ERROR(RestoreLocked(routing.resume_step()));
+  }
   return OkStatus();
 }
 
@@ -263,9 +360,10 @@ void WorkerService::Process(Task task) {
           "stale epoch " + std::to_string(h.epoch) + ": " + name_ +
           " is at epoch " + std::to_string(epoch_) + "; refresh the routing"));
     } else {
-      fail(UnavailableError(name_ + " has not seen epoch " +
-                            std::to_string(h.epoch) + " yet (at " +
-                            std::to_string(epoch_) + "); retry"));
+      // ABORTED: nothing done, the sender retries (transport::SendAll).
+      fail(AbortedError(name_ + " has not seen epoch " +
+                        std::to_string(h.epoch) + " yet (at " +
+                        std::to_string(epoch_) + "); retry"));
     }
     return;
   }
@@ -538,6 +636,22 @@ Status WorkerService::ApplyUpdate(int64_t step) {
         optimizer_->Apply(step, sum, &shard->params, &shard->state));
   }
   next_step_ = step + 1;
+  // Checkpoints every `every` steps, and where the run ends or stops.
+  const int every = config_.checkpoint().every();
+  const auto& tr = config_.training();
+  if (store_ != nullptr && every > 0 &&
+      (next_step_ % every == 0 || next_step_ == tr.steps() ||
+       next_step_ == tr.stop_at_step())) {
+    std::lock_guard<std::mutex> lock(ckpt_mu_);
+    if (ckpt_busy_) {
+      LOG(WARNING) << name_ << ": checkpoint " << next_step_
+                   << " skipped: the previous one is still being written";
+    } else {
+      staged_ = SnapshotsLocked(/*deep=*/true);  // The staging copy.
+      ckpt_busy_ = true;
+      ckpt_cv_.notify_all();
+    }
+  }
   if (next_step_ == config_.training().steps()) {
     // The end of the run: what it produced, shard by shard, so that runs
     // can be compared (tests/e2e, `switchyard train --reference`).
@@ -571,33 +685,98 @@ std::map<std::string, std::string> WorkerService::ShardDigests() const {
   return ShardDigestsLocked();
 }
 
+std::vector<storage::ShardSnapshot> WorkerService::SnapshotsLocked(
+    bool deep) const {
+  auto copy = [deep](const Tensor& t) {
+    return deep && !t.empty() ? t.Clone() : t;
+  };
+  auto add_state = [&](storage::ShardSnapshot* s, const std::string& prefix,
+                       const OptimizerState& st) {
+    s->tensors.push_back({prefix + "m", copy(st.m)});
+    s->tensors.push_back({prefix + "v", copy(st.v)});
+    s->tensors.push_back({prefix + "row", copy(st.row)});
+    s->tensors.push_back({prefix + "col", copy(st.col)});
+  };
+  std::vector<storage::ShardSnapshot> snapshots;
+  for (const auto& [index, d] : dense_) {
+    storage::ShardSnapshot s;
+    s.shard = "D" + std::to_string(index);
+    s.step = next_step_;
+    s.epoch = epoch_;
+    s.tensors.push_back({"params", copy(d->params)});
+    add_state(&s, "opt.", d->state);
+    snapshots.push_back(std::move(s));
+  }
+  for (const auto& [id, shard] : shards_) {
+    storage::ShardSnapshot s;
+    s.shard = id.ToString();
+    s.step = next_step_;
+    s.epoch = epoch_;
+    s.tensors.push_back({"w1", copy(shard->params.w1)});
+    s.tensors.push_back({"b1", copy(shard->params.b1)});
+    s.tensors.push_back({"w2", copy(shard->params.w2)});
+    s.tensors.push_back({"b2", copy(shard->params.b2)});
+    add_state(&s, "opt.w1.", shard->w1);
+    add_state(&s, "opt.b1.", shard->b1);
+    add_state(&s, "opt.w2.", shard->w2);
+    add_state(&s, "opt.b2.", shard->b2);
+    snapshots.push_back(std::move(s));
+  }
+  return snapshots;
+}
+
+std::vector<storage::ShardSnapshot> WorkerService::Snapshots() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return SnapshotsLocked(/*deep=*/true);
+}
+
+Status WorkerService::RestoreLocked(int64_t step) {
+  if (store_ == nullptr) {
+    return FailedPreconditionError(
+        name_ + " has no checkpoint store to resume step " +
+        std::to_string(step) + " from (checkpoint.every is 0?)");
+  }
+  // The shallow snapshot's tensors share storage with the live ones: filling
+  // them fills the shards.
+  for (storage::ShardSnapshot& live : SnapshotsLocked(/*deep=*/false)) {
+    ASSIGN_OR_RETURN(storage::ShardSnapshot saved,
+                     store_->ReadShard(step, live.shard));
+    if (saved.tensors.size() != live.tensors.size()) {
+      return DataLossError(
+          "checkpoint of " + live.shard + " at step " + std::to_string(step) +
+          " has " + std::to_string(saved.tensors.size()) +
+          " tensors, the model " + std::to_string(live.tensors.size()));
+    }
+    for (size_t i = 0; i < live.tensors.size(); ++i) {
+      Tensor& to = live.tensors[i].tensor;
+      const Tensor& from = saved.tensors[i].tensor;
+      if (saved.tensors[i].name != live.tensors[i].name ||
+          to.empty() != from.empty() ||
+          (!to.empty() &&
+           (to.dtype() != from.dtype() || to.shape() != from.shape()))) {
+        return FailedPreconditionError(
+            "checkpoint of " + live.shard + " at step " + std::to_string(step) +
+            ": tensor " + saved.tensors[i].name +
+            " does not fit this model's " + live.tensors[i].name);
+      }
+      if (!to.empty()) std::memcpy(to.data(), from.data(), to.num_bytes());
+    }
+  }
+  for (auto& [id, shard] : shards_) {
+    if (ffn_->shape().compute_dtype == DType::kBF16) {
+      RETURN_IF_ERROR(shard->params.RefreshBf16());
+    }
+  }
+  next_step_ = step;
+  LOG(INFO) << name_ << ": restored " << shards_.size() + dense_.size()
+            << " shards from checkpoint " << step;
+  return OkStatus();
+}
+
 std::map<std::string, std::string> WorkerService::ShardDigestsLocked() const {
   std::map<std::string, std::string> digests;
-  for (const auto& [index, d] : dense_) {
-    const std::string n = "D" + std::to_string(index);
-    Digest digest;
-    digest.Add(n, d->params);
-    digest.Add(n + ".opt.m", d->state.m);
-    digest.Add(n + ".opt.v", d->state.v);
-    digests[n] = digest.hex();
-  }
-  for (const auto& [id, s] : shards_) {
-    const std::string n = id.ToString();
-    Digest digest;
-    digest.Add(n + ".w1", s->params.w1);
-    digest.Add(n + ".b1", s->params.b1);
-    digest.Add(n + ".w2", s->params.w2);
-    digest.Add(n + ".b2", s->params.b2);
-    for (const auto& [tag, st] : {std::pair{"w1", &s->w1},
-                                  {"b1", &s->b1},
-                                  {"w2", &s->w2},
-                                  {"b2", &s->b2}}) {
-      digest.Add(n + ".opt." + tag + ".m", st->m);
-      digest.Add(n + ".opt." + tag + ".v", st->v);
-      digest.Add(n + ".opt." + tag + ".row", st->row);
-      digest.Add(n + ".opt." + tag + ".col", st->col);
-    }
-    digests[n] = digest.hex();
+  for (const storage::ShardSnapshot& s : SnapshotsLocked(/*deep=*/false)) {
+    digests[s.shard] = storage::SnapshotDigest(s);
   }
   return digests;
 }

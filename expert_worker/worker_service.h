@@ -35,6 +35,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -50,6 +51,7 @@
 #include "control.pb.h"
 #include "expert_worker/expert_ffn.h"
 #include "expert_worker/optimizer.h"
+#include "storage/checkpoint_store.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::expert_worker {
@@ -66,8 +68,28 @@ class WorkerService {
   void Shutdown();
 
   // Adopts the expert shards `routing` places on this worker (allocating and
-  // initialising new ones, dropping those moved away) and its epoch.
+  // initialising new ones, dropping those moved away) and its epoch. A
+  // worker that has applied no update yet and gets a table with
+  // resume_step > 0 restores its shards from its checkpoint store at that
+  // step and continues from it.
   Status ApplyRouting(const control::RoutingTable& routing);
+
+  // Checkpoints (DESIGN.md "Checkpoints"): every checkpoint.every steps
+  // and at the run's end (training.steps or stop_at_step), at the step
+  // boundary, the worker copies its shards (a staging copy)
+  // and a background thread writes them to `store`, then calls `report`
+  // with their manifests' digests. One checkpoint is in flight at a time:
+  // when the next is due while one is still being written, the new one is
+  // skipped (logged; training never waits for the disk). Call before Start.
+  using CheckpointReporter =
+      std::function<Status(const control::CheckpointReport&)>;
+  void EnableCheckpoints(std::unique_ptr<storage::CheckpointStore> store,
+                         CheckpointReporter report);
+  // Drops local checkpoints older than `step` (the coordinator's
+  // keep_from_step).
+  void DropCheckpointsBefore(int64_t step);
+  // Blocks until no checkpoint write is in flight (tests, shutdown).
+  void WaitCheckpointsWritten();
 
   // The data-plane request handler. Never blocks.
   void Handle(transport::Message request, transport::Reply reply);
@@ -81,6 +103,9 @@ class WorkerService {
   std::map<std::string, std::string> ShardDigests() const;
   // CombineDigests(ShardDigests()).
   std::string ParameterDigest() const;
+  // A copy of every hosted shard's state (deep: safe to keep), as written
+  // to checkpoints.
+  std::vector<storage::ShardSnapshot> Snapshots() const;
   // Tokens received per shard since the last call.
   std::vector<control::ShardLoad> TakeLoads();
 
@@ -106,6 +131,13 @@ class WorkerService {
   StatusOr<std::unique_ptr<DenseShard>> NewDenseShard(int index) const;
   // ShardDigests(); requires mu_.
   std::map<std::string, std::string> ShardDigestsLocked() const;
+  // Every hosted shard's tensors at next_step_, shallow (sharing storage)
+  // or deep copies. Requires mu_.
+  std::vector<storage::ShardSnapshot> SnapshotsLocked(bool deep) const;
+  // Loads every hosted shard from the checkpoint store at `step`. Requires
+  // mu_.
+  Status RestoreLocked(int64_t step);
+  void CheckpointLoop();
 
   const config::SwitchyardConfig config_;
   const std::string name_;
@@ -130,6 +162,17 @@ class WorkerService {
   int64_t next_step_ = 0;                             // GUARDED_BY(mu_)
   std::map<int64_t, std::set<int32_t>> step_done_;    // GUARDED_BY(mu_)
   std::thread thread_;
+
+  // The checkpoint writer: one staged checkpoint at a time.
+  std::unique_ptr<storage::CheckpointStore> store_;
+  CheckpointReporter report_;
+  std::mutex ckpt_mu_;
+  std::condition_variable ckpt_cv_;
+  std::vector<storage::ShardSnapshot> staged_;  // GUARDED_BY(ckpt_mu_)
+  bool ckpt_busy_ = false;                      // GUARDED_BY(ckpt_mu_)
+  bool ckpt_stop_ = false;                      // GUARDED_BY(ckpt_mu_)
+  int64_t dropped_before_ = 0;                  // GUARDED_BY(ckpt_mu_)
+  std::thread ckpt_thread_;
 };
 
 }  // namespace switchyard::expert_worker

@@ -226,6 +226,7 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
 }
 
 Status MoeLayerClient::StepDone(int64_t step) {
+  std::vector<transport::Outgoing> requests;
   for (const auto& worker : routing_.workers()) {
     Message m;
     m.header.kind = static_cast<uint8_t>(MessageKind::kStepDone);
@@ -233,11 +234,11 @@ Status MoeLayerClient::StepDone(int64_t step) {
     m.header.expert = -1;
     m.header.trainer_rank = rank_;
     m.header.epoch = routing_.epoch();
-    auto r =
-        data_plane_->SendSync(worker.data_address(), std::move(m), timeout_);
-    if (!r.ok()) return r.status().WithContext("step done to " + worker.name());
+    requests.push_back(
+        {worker.data_address(), std::move(m), "step done to " + worker.name()});
   }
-  return OkStatus();
+  return transport::SendAll(data_plane_, std::move(requests), timeout_)
+      .status();
 }
 
 }  // namespace switchyard::trainer

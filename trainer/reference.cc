@@ -42,8 +42,8 @@ StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
     replicas.push_back(owned.back().get());
   }
   ReferenceResult result;
-  StatusOr<TrainingResult> training =
-      RunTraining(config, corpus, options, replicas, stopping, out);
+  StatusOr<TrainingResult> training = RunTraining(
+      config, corpus, options, replicas, /*first_step=*/0, stopping, out);
   trainer_plane->Shutdown();
   worker_plane->Shutdown();
   if (training.ok()) {

@@ -12,10 +12,13 @@ namespace switchyard::trainer {
 
 namespace {
 
+// Every shard placed on a worker that has confirmed its address.
 bool EveryShardPlaced(const control::RoutingTable& routing) {
   if (routing.entries_size() == 0) return false;
   for (const auto& e : routing.entries()) {
-    if (e.worker() < 0) return false;
+    if (e.worker() < 0 || !routing.workers(e.worker()).confirmed()) {
+      return false;
+    }
   }
   return true;
 }
@@ -81,6 +84,12 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     latest = routing;
     cv.notify_all();
   };
+  // The newest committed checkpoint, from heartbeat acknowledgements.
+  std::atomic<int64_t> committed{0};
+  member.on_heartbeat_ack = [&](const control::HeartbeatAck& ack) {
+    committed = ack.committed_step();
+    cv.notify_all();
+  };
   // How long to wait for every worker to join and every shard to be placed.
   const auto join_timeout =
       std::chrono::milliseconds(config.cluster().call_timeout_ms()) * 12;
@@ -108,14 +117,29 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     }
     replica.SetRouting(routing);
     auto result = RunTraining(config, corpus, options.training, {&replica},
-                              &stopping, std::cout);
+                              routing.resume_step(), &stopping, std::cout);
     if (!result.ok()) {
       if (stopping) return OkStatus();  // Interrupted on purpose.
       return result.status();
     }
     LOG(INFO) << name << ": trained " << result->steps << " steps, "
-              << static_cast<int64_t>(result->tokens_per_second)
-              << " tokens/s on this rank";
+              << static_cast<int64_t>(result->tokens_per_second) << " tokens/s";
+    if (config.checkpoint().every() == 0) return OkStatus();
+    // The run's end is only done once its checkpoint is committed: then
+    // everything trained survives whatever happens next.
+    const auto& tr = config.training();
+    const int64_t end = tr.stop_at_step() > 0 ? tr.stop_at_step() : tr.steps();
+    std::unique_lock<std::mutex> lock(mu);
+    if (!cv.wait_for(lock, join_timeout,
+                     [&] { return committed >= end || stopping; })) {
+      return DeadlineExceededError(
+          "the checkpoint of step " + std::to_string(end) +
+          " was not committed within " + std::to_string(join_timeout.count()) +
+          " ms (newest committed: " + std::to_string(committed) + ")");
+    }
+    if (options.rank == 0 && committed >= end) {
+      std::cout << "checkpoint " << end << " committed" << std::endl;
+    }
     return OkStatus();
   };
   Status s = control::RunMemberProcess(member);

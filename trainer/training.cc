@@ -228,12 +228,10 @@ StatusOr<std::string> TrainerReplica::Sample(int64_t step,
   return generated;
 }
 
-StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
-                                     const ByteCorpus& corpus,
-                                     const TrainingOptions& options,
-                                     std::vector<TrainerReplica*> replicas,
-                                     const std::atomic<bool>* stopping,
-                                     std::ostream& out) {
+StatusOr<TrainingResult> RunTraining(
+    const config::SwitchyardConfig& config, const ByteCorpus& corpus,
+    const TrainingOptions& options, std::vector<TrainerReplica*> replicas,
+    int64_t first_step, const std::atomic<bool>* stopping, std::ostream& out) {
   const auto& tr = config.training();
   const int B = tr.batch_size(), L = config.model().seq_len();
   const bool print = !replicas.empty() && replicas.front()->rank() == 0;
@@ -259,11 +257,28 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
         << " training bytes from " << corpus.num_files() << " files"
         << std::endl;
   }
+  // Where this run ends: training.steps, or earlier at stop_at_step.
+  const int64_t end_step =
+      tr.stop_at_step() > 0 ? tr.stop_at_step() : tr.steps();
+  if (first_step >= end_step) {
+    if (print) {
+      out << "nothing to train: the run resumes at step " << first_step
+          << " of " << tr.steps() << std::endl;
+    }
+    TrainingResult done;
+    done.steps = first_step;
+    return done;
+  }
+  if (print && first_step > 0) {
+    out << "resuming at step " << first_step << " from the committed checkpoint"
+        << std::endl;
+  }
   const auto start = Clock::now();
   int64_t tokens = 0;
   LossReport window;  // Since the last progress line.
   int window_steps = 0;
-  for (int64_t step = 0; step < tr.steps(); ++step) {
+  const int64_t run_steps = std::max<int64_t>(1, end_step - first_step);
+  for (int64_t step = first_step; step < end_step; ++step) {
     if (stopping != nullptr && *stopping) {
       return CancelledError("stopped at step " + std::to_string(step));
     }
@@ -289,14 +304,14 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
             {&result.mean_time.push, report->time.push},
             {&result.mean_time.done, report->time.done},
             {&result.mean_time.total, report->time.total}}) {
-        *sum += v / (tr.steps() * replicas.size());
+        *sum += v / (run_steps * replicas.size());
       }
     }
     window.loss += loss;
     ++window_steps;
-    if (step == 0) result.first_loss = loss;
+    if (step == first_step) result.first_loss = loss;
     result.steps = step + 1;
-    const bool last = step + 1 == tr.steps();
+    const bool last = step + 1 == end_step;
     if (last || (step + 1) % tr.log_every() == 0) {
       // The end of a progress window (log_every steps).
       result.last_loss = window.loss / window_steps;
@@ -307,7 +322,8 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
       out << "step " << step + 1 << "/" << tr.steps() << std::fixed
           << std::setprecision(3) << " loss " << window.loss / window_steps
           << std::setprecision(0) << " " << rate << " tok/s"
-          << " ETA " << Duration(seconds / (step + 1) * (tr.steps() - step - 1))
+          << " ETA "
+          << Duration(seconds / (step + 1 - first_step) * (end_step - step - 1))
           << LoadSummary(window) << std::endl;
     }
     if (last || (step + 1) % tr.log_every() == 0) {
@@ -324,12 +340,12 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
   const double seconds = MsSince(start) / 1000;
   result.tokens_per_second = tokens / std::max(seconds, 1e-9);
   if (!print) return result;
-  ASSIGN_OR_RETURN(result.validation_loss, validate(tr.steps()));
+  ASSIGN_OR_RETURN(result.validation_loss, validate(end_step));
   const StepTimings& t = result.mean_time;
-  out << std::fixed << std::setprecision(3) << "done: " << tr.steps()
+  out << std::fixed << std::setprecision(3) << "done: " << end_step - first_step
       << " steps in " << Duration(seconds) << ", loss " << result.first_loss
-      << " (first step) -> " << result.last_loss << " (last " << tr.log_every()
-      << " steps), validation loss " << result.validation_loss
+      << " (step " << first_step + 1 << ") -> " << result.last_loss << " (last "
+      << tr.log_every() << " steps), validation loss " << result.validation_loss
       << std::setprecision(0) << ", " << result.tokens_per_second << " tok/s"
       << std::setprecision(1) << "\nper step (ms): pull " << t.pull
       << ", dense compute " << t.dense << ", experts " << t.experts << ", push "
@@ -338,7 +354,7 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
   if (options.sample_bytes > 0) {
     ASSIGN_OR_RETURN(
         std::string sample,
-        lead->Sample(tr.steps(), options.sample_prompt, options.sample_bytes));
+        lead->Sample(end_step, options.sample_prompt, options.sample_bytes));
     out << "sample: " << options.sample_prompt << sample << std::endl;
   }
   if (options.source_report && NumMoeLayers(config.model()) > 0 &&
@@ -348,7 +364,7 @@ StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
     for (size_t s = 0; s < corpus.sources().size(); ++s) {
       const Batch b = corpus.SourceBatch(static_cast<int>(s), B, L);
       if (b.batch_size == 0) continue;
-      ASSIGN_OR_RETURN(LossReport r, lead->Evaluate(tr.steps(), b, nullptr));
+      ASSIGN_OR_RETURN(LossReport r, lead->Evaluate(end_step, b, nullptr));
       const auto& load = r.moe.front().load;
       std::vector<int> order(load.size());
       for (size_t e = 0; e < order.size(); ++e) order[e] = static_cast<int>(e);

@@ -100,15 +100,15 @@ struct TrainingResult {
   StepTimings mean_time;  // Per step, over the replicas in this process.
 };
 
-// Runs steps [0, training.steps) for `replicas` (ascending ranks), printing
-// progress to `out` when the first replica is rank 0. Returns early
-// (CANCELLED) when `stopping` turns true.
-StatusOr<TrainingResult> RunTraining(const config::SwitchyardConfig& config,
-                                     const ByteCorpus& corpus,
-                                     const TrainingOptions& options,
-                                     std::vector<TrainerReplica*> replicas,
-                                     const std::atomic<bool>* stopping,
-                                     std::ostream& out);
+// Runs steps [first_step, training.steps) for `replicas` (ascending
+// ranks), printing progress to `out` when the first replica is rank 0.
+// first_step > 0 resumes a run from a checkpoint: batches depend only on
+// (seed, step, rank), so the data order is the uninterrupted run's. Returns
+// early (CANCELLED) when `stopping` turns true.
+StatusOr<TrainingResult> RunTraining(
+    const config::SwitchyardConfig& config, const ByteCorpus& corpus,
+    const TrainingOptions& options, std::vector<TrainerReplica*> replicas,
+    int64_t first_step, const std::atomic<bool>* stopping, std::ostream& out);
 
 // Every dense and expert shard of the model on one worker named "reference".
 control::RoutingTable ReferenceRouting(const config::SwitchyardConfig& config,

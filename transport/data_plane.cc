@@ -1,8 +1,10 @@
 #include "transport/data_plane.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <future>
 #include <mutex>
+#include <thread>
 
 namespace switchyard::transport {
 
@@ -45,38 +47,68 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
     std::condition_variable cv;
     size_t outstanding = 0;
     std::vector<Tensor> replies;
+    std::vector<size_t> retry;  // Requests answered ABORTED.
     Status error;
   };
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   auto pending = std::make_shared<Pending>();
-  pending->outstanding = requests.size();
   pending->replies.resize(requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) {
-    data_plane->Send(
-        requests[i].peer, std::move(requests[i].message), timeout,
-        [pending, i, label = requests[i].label](StatusOr<Message> r) {
-          std::lock_guard<std::mutex> lock(pending->mu);
-          if (!r.ok()) {
-            if (pending->error.ok())
-              pending->error = r.status().WithContext(label);
-          } else {
-            Tensor t = std::move(r->payload);
-            pending->replies[i] = t.empty() || t.dtype() == DType::kF32
-                                      ? std::move(t)
-                                      : t.To(DType::kF32);
-          }
-          if (--pending->outstanding == 0) pending->cv.notify_all();
-        });
+  std::vector<size_t> to_send(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) to_send[i] = i;
+  for (int attempt = 0;; ++attempt) {
+    {
+      std::lock_guard<std::mutex> lock(pending->mu);
+      pending->outstanding = to_send.size();
+      pending->retry.clear();
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    for (size_t i : to_send) {
+      // Messages share their payload's storage: a copy is cheap, and the
+      // original stays for a retry.
+      data_plane->Send(
+          requests[i].peer, requests[i].message,
+          std::max(left, std::chrono::milliseconds(1)),
+          [pending, i, label = requests[i].label](StatusOr<Message> r) {
+            std::lock_guard<std::mutex> lock(pending->mu);
+            if (!r.ok() && r.status().code() == StatusCode::kAborted) {
+              pending->retry.push_back(i);
+            } else if (!r.ok()) {
+              if (pending->error.ok())
+                pending->error = r.status().WithContext(label);
+            } else {
+              Tensor t = std::move(r->payload);
+              pending->replies[i] = t.empty() || t.dtype() == DType::kF32
+                                        ? std::move(t)
+                                        : t.To(DType::kF32);
+            }
+            if (--pending->outstanding == 0) pending->cv.notify_all();
+          });
+    }
+    std::unique_lock<std::mutex> lock(pending->mu);
+    // Each callback runs by its request's deadline; the margin covers
+    // scheduling only.
+    if (!pending->cv.wait_until(lock, deadline + std::chrono::seconds(5),
+                                [&] { return pending->outstanding == 0; })) {
+      return DeadlineExceededError(std::to_string(pending->outstanding) +
+                                   " data-plane requests not answered");
+    }
+    if (!pending->error.ok()) return pending->error;
+    if (pending->retry.empty()) return std::move(pending->replies);
+    // ABORTED: the peer is not ready for this request yet (a routing table
+    // it has not received); it changed nothing, so send it again shortly.
+    if (std::chrono::steady_clock::now() + std::chrono::milliseconds(10) >=
+        deadline) {
+      return DeadlineExceededError(
+          requests[pending->retry.front()].label +
+          ": still refused as not ready (ABORTED) at the deadline");
+    }
+    to_send = pending->retry;
+    std::sort(to_send.begin(), to_send.end());
+    lock.unlock();
+    std::this_thread::sleep_for(
+        std::chrono::milliseconds(std::min(100, 5 << std::min(attempt, 4))));
   }
-  std::unique_lock<std::mutex> lock(pending->mu);
-  // Each callback runs by its request's deadline; the margin covers
-  // scheduling only.
-  if (!pending->cv.wait_for(lock, timeout + std::chrono::seconds(5),
-                            [&] { return pending->outstanding == 0; })) {
-    return DeadlineExceededError(std::to_string(pending->outstanding) +
-                                 " data-plane requests not answered");
-  }
-  if (!pending->error.ok()) return pending->error;
-  return std::move(pending->replies);
 }
 
 StatusOr<Message> DataPlane::SendSync(const std::string& peer, Message request,

@@ -102,8 +102,11 @@ struct Outgoing {
 
 // Sends every request concurrently and waits for all of them. Returns the
 // responses' payloads in request order (fp32 payloads as they came; others
-// converted to fp32), or the first failure, prefixed with its label. Every
-// request has `timeout`; the wait cannot outlast the last deadline.
+// converted to fp32), or the first failure, prefixed with its label. A
+// request answered ABORTED (the peer is not ready for it yet and changed
+// nothing: e.g. it has not received the sender's routing epoch) is sent
+// again after a short backoff. Everything ends by `timeout` (plus a
+// scheduling margin).
 StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
                                       std::vector<Outgoing> requests,
                                       std::chrono::milliseconds timeout);

@@ -306,7 +306,7 @@ TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
   cases.push_back(
       {"future epoch",
        Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch + 1),
-       StatusCode::kUnavailable, "has not seen epoch 6"});
+       StatusCode::kAborted, "has not seen epoch 6"});
   cases.push_back({"unknown shard",
                    Request(MessageKind::kExpertForward, 0, 0, 0, 7, 0),
                    StatusCode::kNotFound, "shard L0.E7.S0 is not hosted by w"});

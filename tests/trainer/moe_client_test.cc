@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <random>
+#include <thread>
 
 #include "common/config.h"
 #include "expert_worker/expert_init.h"
@@ -226,6 +227,33 @@ TEST_F(MoeClientTest, UnplacedShardAndLostWorkerAreErrors) {
   auto lost = client_->Forward(0, 1, 0, x, route);
   EXPECT_FALSE(lost.ok());
   EXPECT_LT(std::chrono::steady_clock::now() - start, Ms(8000));
+}
+
+// A trainer that receives a routing table before the workers do: the
+// workers refuse its requests as ABORTED (not ready) and the client sends
+// them again until the workers catch up.
+TEST_F(MoeClientTest, RetriesUntilWorkersHaveItsEpoch) {
+  std::mt19937 rng(4);
+  Tensor x = RandomTensor(rng, T, D);
+  Tensor w = RandomTensor(rng, D, E);
+  RouterOptions ro;
+  ro.num_experts = E;
+  ro.top_k = K;
+  const auto route = RouteForward(ro, x.f32(), T, D, w.f32(), nullptr);
+  control::RoutingTable next = routing_;
+  next.set_epoch(kEpoch + 1);
+  client_->SetRouting(next);
+  std::thread late([&] {
+    std::this_thread::sleep_for(Ms(150));
+    workers_.ApplyRouting(next);
+  });
+  const auto start = std::chrono::steady_clock::now();
+  auto y = client_->Forward(0, 0, 0, x, route);
+  late.join();
+  ASSERT_TRUE(y.ok()) << y.status().ToString();
+  EXPECT_GE(std::chrono::steady_clock::now() - start, Ms(100))
+      << "answered before the workers had the epoch";
+  EXPECT_TRUE(client_->StepDone(0).ok());
 }
 
 }  // namespace

@@ -38,6 +38,7 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
   session_options.call_timeout =
       std::chrono::milliseconds(cluster.call_timeout_ms());
   session_options.loads = options.loads;
+  session_options.on_heartbeat_ack = options.on_heartbeat_ack;
 
   asio::io_context io;
   auto work = asio::make_work_guard(io);
@@ -51,6 +52,7 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
         stop_signal.set_value(sig);
       });
   auto session = MemberSession::Create(io, session_options, options.on_routing);
+  if (options.on_session) options.on_session(session);
   std::thread io_thread([&io] { io.run(); });
   session->Start();
 

@@ -12,6 +12,7 @@
 #include "common/status.h"
 #include "config.pb.h"
 #include "control.pb.h"
+#include "transport/control/member_session.h"
 
 namespace switchyard::control {
 
@@ -25,6 +26,11 @@ struct MemberProcessOptions {
   std::function<void(const RoutingTable&)> on_routing;
   // Per-shard token counts for heartbeats (optional).
   std::function<std::vector<ShardLoad>()> loads;
+  // Heartbeat acknowledgements (optional; on the control thread).
+  std::function<void(const HeartbeatAck&)> on_heartbeat_ack;
+  // Called once with the session, before it starts (optional): for calls
+  // such as MemberSession::ReportCheckpoint.
+  std::function<void(std::shared_ptr<MemberSession>)> on_session;
   // The process's work (optional), run on the calling thread once
   // registered; `stopping` turns true on SIGTERM/SIGINT and the body should
   // then return soon. Its status is the process's.

@@ -97,8 +97,13 @@ void MemberSession::ScheduleHeartbeat() {
           self->client_->Call(
               std::move(envelope), self->options_.call_timeout,
               [self](StatusOr<Envelope> r) {
-                if (r.ok() ||
-                    r.status().code() != StatusCode::kFailedPrecondition) {
+                if (r.ok()) {
+                  if (self->options_.on_heartbeat_ack) {
+                    self->options_.on_heartbeat_ack(r->heartbeat_ack());
+                  }
+                  return;
+                }
+                if (r.status().code() != StatusCode::kFailedPrecondition) {
                   return;  // Connection trouble: the client reconnects.
                 }
                 LOG(WARNING) << "member: " << r.status().message();
@@ -156,6 +161,20 @@ void MemberSession::Shutdown(bool leave) {
   asio::post(io_,
              [self = shared_from_this()] { self->heartbeat_timer_.cancel(); });
   client_->Shutdown();
+}
+
+StatusOr<CheckpointReportAck> MemberSession::ReportCheckpoint(
+    CheckpointReport report) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    report.set_name(options_.registration.name());
+    report.set_incarnation(incarnation_);
+  }
+  Envelope envelope;
+  *envelope.mutable_checkpoint_report() = std::move(report);
+  ASSIGN_OR_RETURN(Envelope r, client_->CallSync(std::move(envelope),
+                                                 options_.call_timeout));
+  return r.checkpoint_report_ack();
 }
 
 uint64_t MemberSession::incarnation() const {

@@ -34,6 +34,9 @@ struct MemberSessionOptions {
   std::chrono::milliseconds call_timeout{5000};
   // Per-shard token counts to report with each heartbeat (may be empty).
   std::function<std::vector<ShardLoad>()> loads;
+  // Runs on the io_context thread with every heartbeat acknowledgement
+  // (committed checkpoints; may be empty).
+  std::function<void(const HeartbeatAck&)> on_heartbeat_ack;
 };
 
 class MemberSession : public std::enable_shared_from_this<MemberSession> {
@@ -53,6 +56,11 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
 
   uint64_t incarnation() const;
   RoutingTable routing() const;
+
+  // Tells the coordinator this worker's shards are durable at report.step
+  // (name and incarnation are filled in). Blocking, bounded by the call
+  // timeout; must not be called on the io_context thread.
+  StatusOr<CheckpointReportAck> ReportCheckpoint(CheckpointReport report);
 
  private:
   MemberSession(boost::asio::io_context& io, MemberSessionOptions options,
