@@ -78,15 +78,19 @@ Tensor RandomTensor(std::mt19937& rng, int64_t rows, int64_t cols) {
   return t;
 }
 
+// Routes x (T, D) with W (D, E) to the top k experts.
+RouterState<float> Route(const Tensor& x, const Tensor& w, int k) {
+  RouterOptions ro;
+  ro.num_experts = E;
+  ro.top_k = k;
+  return RouteForward(ro, x.f32(), T, D, w.f32(), nullptr);
+}
+
 TEST_F(MoeClientTest, MatchesInProcessExpertsBitForBit) {
   std::mt19937 rng(21);
   Tensor x = RandomTensor(rng, T, D);
   Tensor w = RandomTensor(rng, D, E);
-  RouterOptions ro;
-  ro.num_experts = E;
-  ro.top_k = K;
-  const RouterState<float> route =
-      RouteForward(ro, x.f32(), T, D, w.f32(), nullptr);
+  const RouterState<float> route = Route(x, w, K);
   auto y = client_->Forward(0, 0, 0, x, route);
   ASSERT_TRUE(y.ok()) << y.status().ToString();
   Tensor dy = RandomTensor(rng, T, D);
@@ -188,10 +192,7 @@ TEST_F(MoeClientTest, EmptyExpertsGetNoRequest) {
   for (int64_t i = 0; i < T * D; ++i) x.f32()[i] = std::abs(x.f32()[i]);
   Tensor w = Tensor::Zeros(DType::kF32, {D, E}).value();
   for (int i = 0; i < D; ++i) w.f32()[i * E + 2] = 1.0f;
-  RouterOptions ro;
-  ro.num_experts = E;
-  ro.top_k = 1;
-  const auto route = RouteForward(ro, x.f32(), T, D, w.f32(), nullptr);
+  const auto route = Route(x, w, 1);
   ASSERT_TRUE(client_->Forward(0, 0, 0, x, route).ok());
   uint64_t tokens_elsewhere = 0, tokens_on_2 = 0;
   for (int w = 0; w < 2; ++w) {
@@ -208,10 +209,7 @@ TEST_F(MoeClientTest, UnplacedShardAndLostWorkerAreErrors) {
   std::mt19937 rng(9);
   Tensor x = RandomTensor(rng, T, D);
   Tensor w = RandomTensor(rng, D, E);
-  RouterOptions ro;
-  ro.num_experts = E;
-  ro.top_k = E;  // Every expert gets every token.
-  const auto route = RouteForward(ro, x.f32(), T, D, w.f32(), nullptr);
+  const auto route = Route(x, w, E);  // Every expert gets every token.
   control::RoutingTable partial = routing_;
   partial.mutable_entries(3)->set_worker(-1);
   client_->SetRouting(partial);
@@ -236,10 +234,7 @@ TEST_F(MoeClientTest, RetriesUntilWorkersHaveItsEpoch) {
   std::mt19937 rng(4);
   Tensor x = RandomTensor(rng, T, D);
   Tensor w = RandomTensor(rng, D, E);
-  RouterOptions ro;
-  ro.num_experts = E;
-  ro.top_k = K;
-  const auto route = RouteForward(ro, x.f32(), T, D, w.f32(), nullptr);
+  const auto route = Route(x, w, K);
   control::RoutingTable next = routing_;
   next.set_epoch(kEpoch + 1);
   client_->SetRouting(next);
