@@ -20,7 +20,8 @@ constexpr char kUsage[] =
     "  worker        run an expert worker\n"
     "  train         run a trainer\n"
     "  up            start a local cluster as child processes\n"
-    "  status        print the cluster's members, epoch and placement\n";
+    "  status        print the cluster's members, epoch and placement\n"
+    "  ckpt          list, verify or export committed checkpoints\n";
 
 }  // namespace
 
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
   if (command == "train") return TrainCommand(argc, argv);
   if (command == "up") return UpCommand(argc, argv);
   if (command == "status") return StatusCommand(argc, argv);
+  if (command == "ckpt") return CkptCommand(argc, argv);
   std::cerr << "switchyard: unknown command '" << command << "'\n\n" << kUsage;
   return 2;
 }

@@ -19,6 +19,8 @@ packages=(
   libprotobuf-dev protobuf-compiler
   libgoogle-glog-dev libgflags-dev
   libgtest-dev libgmock-dev
+  # The independent safetensors reader in the export test.
+  python3
   libyaml-cpp-dev libssl-dev libxxhash-dev
   # Storage, data plane, compute.
   librocksdb-dev libucx-dev ucx-utils libopenblas-dev libdnnl-dev

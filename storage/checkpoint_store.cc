@@ -305,4 +305,17 @@ StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStore(
       dir, db_options, std::unique_ptr<rocksdb::DB>(raw), options));
 }
 
+StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStoreReadOnly(
+    const std::string& dir) {
+  rocksdb::Options db_options;
+  db_options.paranoid_checks = true;
+  rocksdb::DB* raw = nullptr;
+  RETURN_IF_ERROR(
+      ROCKS_STATUS(rocksdb::DB::OpenForReadOnly(db_options, dir + "/db", &raw),
+                   "open checkpoint store " + dir));
+  return std::unique_ptr<CheckpointStore>(new RocksCheckpointStore(
+      dir, db_options, std::unique_ptr<rocksdb::DB>(raw),
+      CheckpointStoreOptions()));
+}
+
 }  // namespace switchyard::storage

@@ -72,6 +72,10 @@ class CheckpointStore {
 // Opens (creating if missing) the checkpoint store in directory `dir`.
 StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStore(
     const std::string& dir, const CheckpointStoreOptions& options);
+// Opens an existing store for reading only (`switchyard ckpt`), also while
+// its worker is running; WriteShard and DropSteps fail.
+StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStoreReadOnly(
+    const std::string& dir);
 
 // The digest of a snapshot's tensors (the manifest's `digest`): Digest over
 // (shard + "." + name, tensor) in order, so it equals what the worker logs.

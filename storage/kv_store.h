@@ -45,6 +45,10 @@ class KvStore {
 
 // Opens (creating if missing) a RocksDB database in directory `path`.
 StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(const std::string& path);
+// Opens an existing database for reading, even while a process has it open
+// for writing (it sees what was durable when it opened). Write fails.
+StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStoreReadOnly(
+    const std::string& path);
 
 }  // namespace switchyard::storage
 

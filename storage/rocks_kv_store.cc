@@ -79,4 +79,15 @@ StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(const std::string& path) {
       new RocksKvStore(std::unique_ptr<rocksdb::DB>(raw)));
 }
 
+StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStoreReadOnly(
+    const std::string& path) {
+  rocksdb::Options options;
+  options.paranoid_checks = true;
+  rocksdb::DB* raw = nullptr;
+  RETURN_IF_ERROR(ROCKS_STATUS(
+      rocksdb::DB::OpenForReadOnly(options, path, &raw), "open " + path));
+  return std::unique_ptr<KvStore>(
+      new RocksKvStore(std::unique_ptr<rocksdb::DB>(raw)));
+}
+
 }  // namespace switchyard::storage

@@ -3,10 +3,13 @@
 // optimizer state bit-identical to the single-process reference
 // (`switchyard train --reference`) after 20 steps, and two distributed runs
 // must be bit-identical to each other.
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -16,6 +19,11 @@
 #include <thread>
 #include <vector>
 
+#include "cli/checkpoint_tools.h"
+#include "common/model_shape.h"
+#include "expert_worker/worker_process.h"
+#include "storage/checkpoint_store.h"
+#include "storage/kv_store.h"
 #include "tests/testing/processes.h"
 #include "tests/testing/run_command.h"
 
@@ -133,6 +141,135 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
   ASSERT_EQ(fresh.exit_code, 0) << fresh.output;
   EXPECT_EQ(fresh.output.find("resuming at step"), std::string::npos);
   EXPECT_EQ(Digests(fresh.output), want);
+}
+
+// `switchyard ckpt`: list, verify and export a committed checkpoint of a
+// SwiGLU model whose experts span two shards each. An independent reader
+// (Python's standard library) reads the safetensors files; every tensor's
+// sum matches the shards in the workers' stores, and a flipped byte in a
+// store fails `ckpt verify`, naming the shard.
+TEST_F(TrainingTest, CheckpointsListVerifyAndExport) {
+  const std::string run = dir_ + "/ckpt", out = dir_ + "/export";
+  const auto trained = RunSwitchyard(
+      "up --workers 3 --trainers 2 --run-dir " + run + Flags() +
+          " --set checkpoint.every=10 --set cluster.heartbeat_ms=200"
+          " --set model.activation=swiglu --set model.shards_per_expert=2",
+      180);
+  ASSERT_EQ(trained.exit_code, 0) << trained.output;
+  const auto ls = RunSwitchyard("ckpt ls --run-dir " + run);
+  ASSERT_EQ(ls.exit_code, 0) << ls.output;
+  EXPECT_NE(ls.output.find("\n10 "), std::string::npos) << ls.output;
+  EXPECT_NE(ls.output.find("\n20 "), std::string::npos) << ls.output;
+  const auto verify = RunSwitchyard("ckpt verify --run-dir " + run);
+  EXPECT_EQ(verify.exit_code, 0) << verify.output;
+  EXPECT_NE(verify.output.find("checkpoint 20: 34 shards verified"),
+            std::string::npos)
+      << verify.output;
+  const auto exported =
+      RunSwitchyard("ckpt export 20 --run-dir " + run + " --out " + out);
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+
+  // The independent reader.
+  const std::string command = "python3 " + std::string(SWITCHYARD_SOURCE_DIR) +
+                              "/tests/e2e/read_safetensors.py " + out;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  std::string json;
+  char buf[4096];
+  for (size_t n; (n = std::fread(buf, 1, sizeof(buf), pipe)) > 0;) {
+    json.append(buf, n);
+  }
+  ASSERT_EQ(::pclose(pipe), 0) << json;
+  google::protobuf::Struct read;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(json, &read).ok());
+  auto field = [&](const std::string& name, const char* key) {
+    const auto& t = read.fields().at(name).struct_value().fields();
+    return t.at(key).number_value();
+  };
+
+  // The same sums from the workers' stores.
+  auto state = cli::ReadCoordinatorState(run);
+  ASSERT_TRUE(state.ok()) << state.status().ToString();
+  auto commit = cli::FindCommitted(*state, 20);
+  ASSERT_TRUE(commit.ok());
+  config::SwitchyardConfig config = state->config();
+  config.mutable_cluster()->set_state_dir(run);
+  const auto shards = ModelShards(config);
+  std::map<std::string, storage::ShardSnapshot> snaps;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    auto store = storage::OpenCheckpointStoreReadOnly(
+        expert_worker::CheckpointDir(config, commit->holder(i)));
+    ASSERT_TRUE(store.ok());
+    auto s = (*store)->ReadShard(20, shards[i].id.ToString());
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    snaps[shards[i].id.ToString()] = std::move(s).value();
+  }
+  auto sum = [](const Tensor& t, int64_t from, int64_t n) {
+    double total = 0;
+    for (int64_t i = from; i < from + n; ++i) total += t.f32()[i];
+    return total;
+  };
+  auto tensor = [&](const std::string& shard, const std::string& name) {
+    for (const auto& t : snaps.at(shard).tensors) {
+      if (t.name == name) return t.tensor;
+    }
+    return Tensor();
+  };
+  int checked = 0;
+  // Dense: each tensor is a slice of the dense shards' concatenation.
+  std::vector<float> flat;
+  for (int d = 0; d < config.model().dense_shards(); ++d) {
+    const Tensor p = tensor("D" + std::to_string(d), "params");
+    flat.insert(flat.end(), p.f32(), p.f32() + p.num_elements());
+  }
+  for (const DenseTensor& t : DenseLayout(config.model())) {
+    double want = 0;
+    for (int64_t i = 0; i < t.numel(); ++i) want += flat[t.offset + i];
+    EXPECT_NEAR(field(t.name, "sum"), want, 1e-9 * (1 + std::fabs(want)))
+        << t.name;
+    EXPECT_EQ(field(t.name, "first"), flat[t.offset]) << t.name;
+    ++checked;
+  }
+  // Experts: both shards' values, in the exported tensor.
+  for (int e = 0; e < config.model().num_experts(); ++e) {
+    for (const char* w : {"w1", "w2"}) {
+      const std::string name =
+          "layers.1.experts." + std::to_string(e) + "." + w;
+      const Tensor s0 = tensor("L0.E" + std::to_string(e) + ".S0", w);
+      const Tensor s1 = tensor("L0.E" + std::to_string(e) + ".S1", w);
+      const double want =
+          sum(s0, 0, s0.num_elements()) + sum(s1, 0, s1.num_elements());
+      EXPECT_NEAR(field(name, "sum"), want, 1e-9 * (1 + std::fabs(want)))
+          << name;
+      EXPECT_EQ(field(name, "first"), s0.f32()[0]) << name;
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 40);
+
+  // A flipped byte in one worker's store: verify names the shard.
+  {
+    auto kv = storage::OpenRocksKvStore(
+        expert_worker::CheckpointDir(config, commit->holder(5)) + "/db");
+    ASSERT_TRUE(kv.ok()) << kv.status().ToString();
+    const std::string prefix =
+        "ckpt/0000000000000014/" + shards[5].id.ToString() + "/";
+    std::string key, value;
+    ASSERT_TRUE(
+        (*kv)
+            ->ScanPrefix(prefix,
+                         [&](const std::string& k, const std::string& v) {
+                           if (key.empty()) key = k, value = v;
+                         })
+            .ok());
+    ASSERT_FALSE(key.empty());
+    value[3] ^= 0x20;
+    ASSERT_TRUE((*kv)->Put(key, value, true).ok());
+  }
+  const auto bad = RunSwitchyard("ckpt verify 20 --run-dir " + run);
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("BAD " + shards[5].id.ToString()),
+            std::string::npos)
+      << bad.output;
 }
 
 // A worker that dies mid-training: until recovery exists (checkpoints), the
