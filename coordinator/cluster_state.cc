@@ -432,6 +432,14 @@ control::RoutingTable ClusterState::Routing() const {
     e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);
   }
   table.set_resume_step(resume_step_);
+  for (const auto& c : committed_) {
+    if (c.step() != resume_step_ || c.holder_size() != table.entries_size()) {
+      continue;
+    }
+    for (int i = 0; i < table.entries_size(); ++i) {
+      table.mutable_entries(i)->set_resume_holder(c.holder(i));
+    }
+  }
   return table;
 }
 

@@ -65,6 +65,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
   dp.max_inflight_bytes = config.transport().max_inflight_bytes();
   dp.busy_poll_us = config.transport().busy_poll_us();
   ASSIGN_OR_RETURN(auto data_plane, transport::NewUcxDataPlane(dp));
+  service.SetPeerPlane(data_plane.get());
   RETURN_IF_ERROR(data_plane->Start(
       [&service](transport::Message request, transport::Reply reply) {
         service.Handle(std::move(request), std::move(reply));

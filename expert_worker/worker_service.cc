@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "common/digest.h"
 #include "common/metrics.h"
@@ -72,8 +73,10 @@ Status WorkerService::Start() {
   ffn0_ = std::make_unique<ExpertFfn>(shape0, gemm_.get());
   ffn_ = std::make_unique<ExpertFfn>(shape, gemm_.get());
   thread_ = std::thread([this] { Run(); });
-  if (store_ != nullptr)
+  if (store_ != nullptr) {
     ckpt_thread_ = std::thread([this] { CheckpointLoop(); });
+    fetch_thread_ = std::thread([this] { FetchServeLoop(); });
+  }
   return OkStatus();
 }
 
@@ -143,6 +146,54 @@ void WorkerService::CheckpointLoop() {
   }
 }
 
+void WorkerService::FetchServeLoop() {
+  // The last shard read: a fetch asks for its tensors one by one.
+  std::optional<storage::ShardSnapshot> cached;
+  while (true) {
+    Task task;
+    {
+      std::unique_lock<std::mutex> lock(fetch_mu_);
+      fetch_cv_.wait(lock, [this] { return fetch_stop_ || !fetches_.empty(); });
+      if (fetch_stop_) break;
+      task = std::move(fetches_.front());
+      fetches_.pop_front();
+    }
+    const transport::WireHeader& h = task.request.header;
+    const std::string shard =
+        h.expert < 0 ? ShardId::Dense(h.shard).ToString()
+                     : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
+    if (!cached || cached->step != h.step || cached->shard != shard) {
+      cached.reset();
+      auto read = store_->ReadShard(h.step, shard);  // Verifies every chunk.
+      if (!read.ok()) {
+        task.reply(transport::ErrorResponse(
+            h, read.status().WithContext(name_ + " serving a fetch")));
+        continue;
+      }
+      cached = std::move(read).value();
+    }
+    if (h.micro_batch < 0 ||
+        h.micro_batch >= static_cast<int32_t>(cached->tensors.size()) ||
+        cached->tensors[h.micro_batch].tensor.empty()) {
+      task.reply(transport::ErrorResponse(
+          h, NotFoundError("checkpoint of " + shard + " at step " +
+                           std::to_string(h.step) + " has no tensor " +
+                           std::to_string(h.micro_batch))));
+      continue;
+    }
+    const Tensor& t = cached->tensors[h.micro_batch].tensor;
+    task.reply(
+        transport::TensorResponse(h, t.Reshape({1, t.num_elements()}).value()));
+  }
+  // Whatever is left is answered, never dropped.
+  std::lock_guard<std::mutex> lock(fetch_mu_);
+  for (Task& t : fetches_) {
+    t.reply(transport::ErrorResponse(
+        t.request.header, UnavailableError(name_ + " is shutting down")));
+  }
+  fetches_.clear();
+}
+
 void WorkerService::WaitCheckpointsWritten() {
   std::unique_lock<std::mutex> lock(ckpt_mu_);
   ckpt_cv_.wait(lock, [this] { return !ckpt_busy_; });
@@ -177,6 +228,12 @@ void WorkerService::Shutdown() {
   }
   ckpt_cv_.notify_all();
   if (ckpt_thread_.joinable()) ckpt_thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(fetch_mu_);
+    fetch_stop_ = true;
+  }
+  fetch_cv_.notify_all();
+  if (fetch_thread_.joinable()) fetch_thread_.join();
   // Whatever was queued or waiting is answered, never dropped silently.
   std::vector<Task> unanswered;
   {
@@ -287,14 +344,30 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
     }
     ASSIGN_OR_RETURN(shards_[id], NewShard(id));
   }
-  epoch_ = routing.epoch();
   if (next_step_ == 0 && routing.resume_step() > 0) {
-    RETURN_IF_ERROR(RestoreLocked(routing.resume_step()));
+    // Until the shards are restored the worker stays at its old epoch, so
+    // requests of the new one are refused as not ready (ABORTED), never
+    // served from initial values; a later table retries.
+    RETURN_IF_ERROR(RestoreLocked(routing));
   }
+  epoch_ = routing.epoch();
   return OkStatus();
 }
 
 void WorkerService::Handle(Message request, transport::Reply reply) {
+  if (request.header.kind ==
+      static_cast<uint8_t>(MessageKind::kCheckpointFetch)) {
+    std::lock_guard<std::mutex> lock(fetch_mu_);
+    if (store_ != nullptr && !fetch_stop_) {
+      fetches_.push_back({std::move(request), std::move(reply)});
+      fetch_cv_.notify_one();
+      return;
+    }
+    reply(transport::ErrorResponse(
+        request.header,
+        FailedPreconditionError(name_ + " keeps no checkpoints")));
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(queue_mu_);
     if (!stop_) {
@@ -730,33 +803,112 @@ std::vector<storage::ShardSnapshot> WorkerService::Snapshots() const {
   return SnapshotsLocked(/*deep=*/true);
 }
 
-Status WorkerService::RestoreLocked(int64_t step) {
+StatusOr<storage::ShardSnapshot> WorkerService::FetchShard(
+    const std::string& address, const control::RoutingTable& routing,
+    const storage::ShardSnapshot& like) {
+  ASSIGN_OR_RETURN(ShardId id, ShardId::Parse(like.shard));
+  std::vector<transport::Outgoing> requests;
+  std::vector<size_t> index;
+  for (size_t i = 0; i < like.tensors.size(); ++i) {
+    if (like.tensors[i].tensor.empty()) continue;
+    Message m;
+    m.header.kind = static_cast<uint8_t>(MessageKind::kCheckpointFetch);
+    m.header.step = routing.resume_step();
+    m.header.epoch = routing.epoch();
+    m.header.layer = id.layer;
+    m.header.expert = id.is_expert() ? id.expert : -1;
+    m.header.shard = id.shard;
+    m.header.micro_batch = static_cast<int32_t>(i);
+    requests.push_back(
+        {address, std::move(m), "fetching " + like.shard + " from " + address});
+    index.push_back(i);
+  }
+  ASSIGN_OR_RETURN(
+      std::vector<Tensor> replies,
+      transport::SendAll(
+          peers_, std::move(requests),
+          std::chrono::milliseconds(config_.transport().request_timeout_ms())));
+  storage::ShardSnapshot fetched;
+  fetched.shard = like.shard;
+  fetched.step = routing.resume_step();
+  fetched.epoch = routing.epoch();
+  for (const auto& t : like.tensors) fetched.tensors.push_back({t.name, {}});
+  for (size_t r = 0; r < replies.size(); ++r) {
+    const Tensor& want = like.tensors[index[r]].tensor;
+    if (replies[r].num_elements() != want.num_elements()) {
+      return DataLossError(
+          "fetched " + like.shard + " tensor " + like.tensors[index[r]].name +
+          " has " + std::to_string(replies[r].num_elements()) +
+          " values, expected " + std::to_string(want.num_elements()));
+    }
+    ASSIGN_OR_RETURN(fetched.tensors[index[r]].tensor,
+                     replies[r].Reshape(want.shape()));
+  }
+  return fetched;
+}
+
+Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
+  const int64_t step = routing.resume_step();
   if (store_ == nullptr) {
     return FailedPreconditionError(
         name_ + " has no checkpoint store to resume step " +
         std::to_string(step) + " from (checkpoint.every is 0?)");
   }
+  // Holders of the committed copies, by shard, and workers by name.
+  std::map<std::string, std::string> holder, address;
+  for (const auto& e : routing.entries()) {
+    const auto& r = e.shard();
+    const ShardId id = r.kind() == control::DENSE
+                           ? ShardId::Dense(r.shard())
+                           : ShardId::Expert(r.layer(), r.expert(), r.shard());
+    holder[id.ToString()] = e.resume_holder();
+  }
+  for (const auto& w : routing.workers()) {
+    if (w.confirmed()) address[w.name()] = w.data_address();
+  }
+  int fetched = 0;
   // The shallow snapshot's tensors share storage with the live ones: filling
   // them fills the shards.
   for (storage::ShardSnapshot& live : SnapshotsLocked(/*deep=*/false)) {
-    ASSIGN_OR_RETURN(storage::ShardSnapshot saved,
-                     store_->ReadShard(step, live.shard));
-    if (saved.tensors.size() != live.tensors.size()) {
+    StatusOr<storage::ShardSnapshot> saved =
+        store_->ReadShard(step, live.shard);
+    if (!saved.ok()) {
+      // Not here (a resume on other workers) or damaged: from the holder.
+      const std::string& from = holder[live.shard];
+      if (peers_ == nullptr || from.empty() || from == name_ ||
+          !address.count(from)) {
+        return saved.status().WithContext(
+            "restoring " + live.shard + " (committed copy on " +
+            (from.empty() ? std::string("no known worker") : from) +
+            (address.count(from) || from == name_
+                 ? ""
+                 : ", not running or not confirmed yet") +
+            ")");
+      }
+      LOG(WARNING) << name_ << ": " << live.shard << " at step " << step
+                   << " from " << from << ": local copy "
+                   << saved.status().ToString();
+      saved = FetchShard(address[from], routing, live);
+      RETURN_IF_ERROR(saved.status());
+      RETURN_IF_ERROR(store_->WriteShard(*saved).status());  // Keep it here.
+      ++fetched;
+    }
+    if (saved->tensors.size() != live.tensors.size()) {
       return DataLossError(
           "checkpoint of " + live.shard + " at step " + std::to_string(step) +
-          " has " + std::to_string(saved.tensors.size()) +
+          " has " + std::to_string(saved->tensors.size()) +
           " tensors, the model " + std::to_string(live.tensors.size()));
     }
     for (size_t i = 0; i < live.tensors.size(); ++i) {
       Tensor& to = live.tensors[i].tensor;
-      const Tensor& from = saved.tensors[i].tensor;
-      if (saved.tensors[i].name != live.tensors[i].name ||
+      const Tensor& from = saved->tensors[i].tensor;
+      if (saved->tensors[i].name != live.tensors[i].name ||
           to.empty() != from.empty() ||
           (!to.empty() &&
            (to.dtype() != from.dtype() || to.shape() != from.shape()))) {
         return FailedPreconditionError(
             "checkpoint of " + live.shard + " at step " + std::to_string(step) +
-            ": tensor " + saved.tensors[i].name +
+            ": tensor " + saved->tensors[i].name +
             " does not fit this model's " + live.tensors[i].name);
       }
       if (!to.empty()) std::memcpy(to.data(), from.data(), to.num_bytes());
@@ -769,7 +921,8 @@ Status WorkerService::RestoreLocked(int64_t step) {
   }
   next_step_ = step;
   LOG(INFO) << name_ << ": restored " << shards_.size() + dense_.size()
-            << " shards from checkpoint " << step;
+            << " shards from checkpoint " << step << " (" << fetched
+            << " fetched from peers)";
   return OkStatus();
 }
 

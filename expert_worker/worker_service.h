@@ -85,6 +85,10 @@ class WorkerService {
       std::function<Status(const control::CheckpointReport&)>;
   void EnableCheckpoints(std::unique_ptr<storage::CheckpointStore> store,
                          CheckpointReporter report);
+  // The data plane this worker fetches checkpointed shards from its peers
+  // with, when its own store lacks them (a resume on other workers) or
+  // holds a damaged copy. Not owned; set before the first routing table.
+  void SetPeerPlane(transport::DataPlane* plane) { peers_ = plane; }
   // Drops local checkpoints older than `step` (the coordinator's
   // keep_from_step).
   void DropCheckpointsBefore(int64_t step);
@@ -134,10 +138,19 @@ class WorkerService {
   // Every hosted shard's tensors at next_step_, shallow (sharing storage)
   // or deep copies. Requires mu_.
   std::vector<storage::ShardSnapshot> SnapshotsLocked(bool deep) const;
-  // Loads every hosted shard from the checkpoint store at `step`. Requires
-  // mu_.
-  Status RestoreLocked(int64_t step);
+  // Loads every hosted shard at routing.resume_step(): from the local
+  // store, else from the shard's resume_holder over the data plane (then
+  // kept locally). Requires mu_.
+  Status RestoreLocked(const control::RoutingTable& routing);
+  // Tensor `index` of shard `shard` at `step` from worker `address`.
+  StatusOr<storage::ShardSnapshot> FetchShard(
+      const std::string& address, const control::RoutingTable& routing,
+      const storage::ShardSnapshot& like);
   void CheckpointLoop();
+  // Serves kCheckpointFetch from the store, off the compute thread (and
+  // off mu_: two workers restoring from each other must not wait on each
+  // other's locks).
+  void FetchServeLoop();
 
   const config::SwitchyardConfig config_;
   const std::string name_;
@@ -173,6 +186,13 @@ class WorkerService {
   bool ckpt_stop_ = false;                      // GUARDED_BY(ckpt_mu_)
   int64_t dropped_before_ = 0;                  // GUARDED_BY(ckpt_mu_)
   std::thread ckpt_thread_;
+
+  transport::DataPlane* peers_ = nullptr;  // Not owned.
+  std::mutex fetch_mu_;
+  std::condition_variable fetch_cv_;
+  std::deque<Task> fetches_;  // GUARDED_BY(fetch_mu_)
+  bool fetch_stop_ = false;   // GUARDED_BY(fetch_mu_)
+  std::thread fetch_thread_;
 };
 
 }  // namespace switchyard::expert_worker

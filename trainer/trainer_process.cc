@@ -12,9 +12,12 @@ namespace switchyard::trainer {
 
 namespace {
 
-// Every shard placed on a worker that has confirmed its address.
-bool EveryShardPlaced(const control::RoutingTable& routing) {
-  if (routing.entries_size() == 0) return false;
+// All cluster.workers workers in the table, and every shard placed on one
+// that has confirmed its address: the table training can start with.
+bool ReadyToTrain(const control::RoutingTable& routing, int workers) {
+  int confirmed = 0;
+  for (const auto& w : routing.workers()) confirmed += w.confirmed();
+  if (routing.entries_size() == 0 || confirmed < workers) return false;
   for (const auto& e : routing.entries()) {
     if (e.worker() < 0 || !routing.workers(e.worker()).confirmed()) {
       return false;
@@ -98,7 +101,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     {
       std::unique_lock<std::mutex> lock(mu);
       const auto deadline = std::chrono::steady_clock::now() + join_timeout;
-      while (!EveryShardPlaced(latest)) {
+      while (!ReadyToTrain(latest, config.cluster().workers())) {
         if (stopping) return OkStatus();
         if (cv.wait_until(
                 lock, std::min(deadline, std::chrono::steady_clock::now() +
@@ -109,7 +112,9 @@ Status RunTrainer(const config::SwitchyardConfig& config,
               "no routing table placing every shard within " +
               std::to_string(join_timeout.count()) + " ms" +
               (latest.placement_error().empty()
-                   ? std::string(" (are cluster.workers workers running?)")
+                   ? " (are cluster.workers = " +
+                         std::to_string(config.cluster().workers()) +
+                         " workers running?)"
                    : ": " + latest.placement_error()));
         }
       }

@@ -66,7 +66,7 @@ Status ValidateHeader(const WireHeader& h, size_t received_header_bytes,
 std::string DescribeHeader(const WireHeader& h) {
   static const char* kNames[] = {"?",         "forward",    "backward",
                                  "step-done", "dense-pull", "dense-push",
-                                 "echo",      "eval"};
+                                 "echo",      "eval",       "ckpt-fetch"};
   const char* kind = h.kind <= static_cast<uint8_t>(MessageKind::kMaxKind)
                          ? kNames[h.kind]
                          : "?";

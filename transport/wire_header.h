@@ -20,14 +20,16 @@ constexpr uint32_t kWireMagic = 0x31445953;  // "SYD1" little-endian.
 constexpr uint16_t kWireVersion = 1;
 
 enum class MessageKind : uint8_t {
-  kExpertForward = 1,   // x (T, d) -> y (T, d)
-  kExpertBackward = 2,  // dy (T, d) -> dx (T, d)
-  kStepDone = 3,        // no payload -> no payload
-  kDensePull = 4,       // no payload -> parameters (1, n)
-  kDensePush = 5,       // gradients (1, n) -> no payload
-  kEcho = 6,            // any tensor -> the same tensor (tests, benchmarks)
-  kExpertEval = 7,      // x (T, d) -> y (T, d), nothing kept (validation)
-  kMaxKind = 7,
+  kExpertForward = 1,    // x (T, d) -> y (T, d)
+  kExpertBackward = 2,   // dy (T, d) -> dx (T, d)
+  kStepDone = 3,         // no payload -> no payload
+  kDensePull = 4,        // no payload -> parameters (1, n)
+  kDensePush = 5,        // gradients (1, n) -> no payload
+  kEcho = 6,             // any tensor -> the same tensor (tests, benchmarks)
+  kExpertEval = 7,       // x (T, d) -> y (T, d), nothing kept (validation)
+  kCheckpointFetch = 8,  // no payload -> tensor micro_batch of a shard's
+                         // checkpoint at step, as (1, n)
+  kMaxKind = 8,
 };
 
 // dtype 0 means no tensor payload (an error response carries text).
