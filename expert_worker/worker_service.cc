@@ -870,14 +870,16 @@ Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
   // The shallow snapshot's tensors share storage with the live ones: filling
   // them fills the shards.
   for (storage::ShardSnapshot& live : SnapshotsLocked(/*deep=*/false)) {
-    StatusOr<storage::ShardSnapshot> saved =
-        store_->ReadShard(step, live.shard);
-    if (!saved.ok()) {
+    // Straight into the live tensors.
+    const Status local = store_->ReadShardInto(step, live.shard, &live);
+    if (local.ok()) continue;
+    StatusOr<storage::ShardSnapshot> saved = local;
+    {
       // Not here (a resume on other workers) or damaged: from the holder.
       const std::string& from = holder[live.shard];
       if (peers_ == nullptr || from.empty() || from == name_ ||
           !address.count(from)) {
-        return saved.status().WithContext(
+        return local.WithContext(
             "restoring " + live.shard + " (committed copy on " +
             (from.empty() ? std::string("no known worker") : from) +
             (address.count(from) || from == name_
@@ -886,8 +888,7 @@ Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
             ")");
       }
       LOG(WARNING) << name_ << ": " << live.shard << " at step " << step
-                   << " from " << from << ": local copy "
-                   << saved.status().ToString();
+                   << " from " << from << ": local copy " << local.ToString();
       saved = FetchShard(address[from], routing, live);
       RETURN_IF_ERROR(saved.status());
       RETURN_IF_ERROR(store_->WriteShard(*saved).status());  // Keep it here.

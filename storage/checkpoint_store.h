@@ -60,6 +60,12 @@ class CheckpointStore {
   // chunk) when bytes do not match the manifest.
   virtual StatusOr<ShardSnapshot> ReadShard(int64_t step,
                                             const std::string& shard) = 0;
+  // The same into `into`'s tensors, allocated by the caller (a live shard:
+  // no allocation, one copy): their names, dtypes and shapes must be the
+  // manifest's, else FAILED_PRECONDITION. On error the tensors may hold
+  // part of the checkpoint.
+  virtual Status ReadShardInto(int64_t step, const std::string& shard,
+                               ShardSnapshot* into) = 0;
   // Manifests of every stored shard checkpoint, by (step, shard); only
   // those of `step` when given.
   virtual StatusOr<std::vector<checkpoint::ShardManifest>> Manifests(

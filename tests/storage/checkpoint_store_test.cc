@@ -109,6 +109,29 @@ TEST_F(CheckpointStoreTest, RoundTripsAcrossReopen) {
             std::string::npos);
 }
 
+TEST_F(CheckpointStoreTest, ReadsIntoCallerTensors) {
+  auto store = Open();
+  const ShardSnapshot s = Snapshot("L0.E2.S0", 3);
+  ASSERT_TRUE(store->WriteShard(s).ok());
+  // A destination shaped like the shard (a worker's live tensors).
+  ShardSnapshot into = s;
+  for (auto& t : into.tensors) {
+    if (!t.tensor.empty()) {
+      t.tensor = Tensor::Zeros(t.tensor.dtype(), t.tensor.shape()).value();
+    }
+  }
+  const void* before = into.tensors[0].tensor.data();
+  ASSERT_TRUE(store->ReadShardInto(3, "L0.E2.S0", &into).ok());
+  EXPECT_EQ(into.tensors[0].tensor.data(), before) << "no new allocation";
+  ExpectSame(into, s);
+  // A destination of another shape is refused, naming the tensor.
+  into.tensors[2].tensor = Tensor::Zeros(DType::kBF16, {48, 63}).value();
+  Status wrong = store->ReadShardInto(3, "L0.E2.S0", &into);
+  EXPECT_EQ(wrong.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(wrong.message().find("tensor w2 does not fit"), std::string::npos)
+      << wrong.message();
+}
+
 TEST_F(CheckpointStoreTest, RewritingAShardReplacesIt) {
   auto store = Open();
   ShardSnapshot s = Snapshot("D1", 4);

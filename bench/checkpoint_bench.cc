@@ -1,0 +1,176 @@
+// bench/checkpoint: checkpoint write and restore bandwidth against raw
+// sequential I/O on the same disk, in the same run.
+//
+// Writes --gib GiB of shard checkpoints (64 MiB tensors, shards of 256 MiB,
+// as a worker writes its shards) with CheckpointStore::WriteShard, evicts
+// them from the page cache (posix_fadvise DONTNEED on every file), and
+// reads them back with ReadShardInto into allocated tensors, as a worker
+// restores into its live shards (every chunk checksummed). Baseline: the
+// same bytes written to one file with O_DIRECT and fsync, and read back with
+// O_DIRECT (what `dd oflag=direct` / `iflag=direct` measure). Prints GB/s
+// and the ratios (targets: >= 0.7 for both, issue 5).
+//
+// usage: checkpoint_bench [--gib N] [--dir DIR]   (default 2 GiB in /tmp)
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "storage/checkpoint_store.h"
+
+namespace switchyard::storage {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+constexpr size_t kTensorBytes = size_t{64} << 20;
+constexpr int kTensorsPerShard = 4;
+
+double Seconds(Clock::time_point a) {
+  return std::chrono::duration<double>(Clock::now() - a).count();
+}
+
+// Drops every file under `dir` from the page cache.
+void Evict(const std::string& dir) {
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    const int fd = ::open(e.path().c_str(), O_RDONLY);
+    if (fd < 0) continue;
+    ::fdatasync(fd);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+  }
+}
+
+// O_DIRECT sequential write (then fsync) and read of `bytes` from `path`.
+std::pair<double, double> RawDirect(const std::string& path, size_t bytes,
+                                    const char* pattern) {
+  constexpr size_t kBlock = size_t{16} << 20;
+  void* buf = nullptr;
+  if (::posix_memalign(&buf, 4096, kBlock) != 0) return {0, 0};
+  std::memcpy(buf, pattern, kBlock);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0644);
+  if (fd < 0) {
+    std::perror("open O_DIRECT");
+    std::free(buf);
+    return {0, 0};
+  }
+  auto start = Clock::now();
+  for (size_t done = 0; done < bytes; done += kBlock) {
+    if (::write(fd, buf, kBlock) != static_cast<ssize_t>(kBlock)) break;
+  }
+  ::fsync(fd);
+  ::close(fd);
+  const double write_s = Seconds(start);
+  fd = ::open(path.c_str(), O_RDONLY | O_DIRECT);
+  start = Clock::now();
+  for (size_t done = 0; done < bytes; done += kBlock) {
+    if (::read(fd, buf, kBlock) != static_cast<ssize_t>(kBlock)) break;
+  }
+  ::close(fd);
+  const double read_s = Seconds(start);
+  std::free(buf);
+  return {bytes / write_s / 1e9, bytes / read_s / 1e9};
+}
+
+int Run(int argc, char** argv) {
+  double gib = 2;
+  std::string base = fs::temp_directory_path().string();
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (std::strcmp(argv[i], "--gib") == 0) gib = std::atof(argv[i + 1]);
+    if (std::strcmp(argv[i], "--dir") == 0) base = argv[i + 1];
+  }
+  const std::string dir =
+      base + "/checkpoint_bench." + std::to_string(::getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const size_t total = static_cast<size_t>(gib * (size_t{1} << 30));
+  const int shards = std::max<int>(
+      1, static_cast<int>(total / (kTensorBytes * kTensorsPerShard)));
+  const size_t bytes = size_t{1} * shards * kTensorsPerShard * kTensorBytes;
+
+  // One 64 MiB pattern (random, so nothing compresses), shared by tensors.
+  Tensor pattern =
+      Tensor::Zeros(DType::kF32, {static_cast<int64_t>(kTensorBytes / 4)})
+          .value();
+  std::mt19937 rng(7);
+  for (int64_t i = 0; i < pattern.num_elements(); ++i) {
+    pattern.f32()[i] = static_cast<float>(rng()) / 1e9f;
+  }
+  std::vector<ShardSnapshot> snapshots;
+  for (int s = 0; s < shards; ++s) {
+    ShardSnapshot snap;
+    snap.shard = "L0.E" + std::to_string(s) + ".S0";
+    snap.step = 100;
+    for (int t = 0; t < kTensorsPerShard; ++t) {
+      snap.tensors.push_back({"t" + std::to_string(t), pattern});
+    }
+    snapshots.push_back(std::move(snap));
+  }
+
+  auto store = OpenCheckpointStore(dir + "/store", CheckpointStoreOptions());
+  if (!store.ok()) {
+    std::fprintf(stderr, "%s\n", store.status().ToString().c_str());
+    return 1;
+  }
+  auto start = Clock::now();
+  for (const auto& snap : snapshots) {
+    auto m = (*store)->WriteShard(snap);
+    if (!m.ok()) {
+      std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
+      return 1;
+    }
+  }
+  const double write_gbs = bytes / Seconds(start) / 1e9;
+  Evict(dir + "/store");
+  // Restores land in a worker's live shard tensors (ReadShardInto): one
+  // allocated destination, reused.
+  ShardSnapshot into = snapshots.front();
+  for (auto& t : into.tensors) {
+    t.tensor = Tensor::Zeros(DType::kF32, pattern.shape()).value();
+  }
+  start = Clock::now();
+  for (const auto& snap : snapshots) {
+    Status r = (*store)->ReadShardInto(snap.step, snap.shard, &into);
+    if (!r.ok() || std::memcmp(into.tensors[0].tensor.data(), pattern.data(),
+                               pattern.num_bytes()) != 0) {
+      std::fprintf(stderr, "read back failed: %s\n",
+                   r.ok() ? "bytes differ" : r.ToString().c_str());
+      return 1;
+    }
+  }
+  const double read_gbs = bytes / Seconds(start) / 1e9;
+  store->reset();
+
+  std::vector<char> block(size_t{16} << 20);
+  std::memcpy(block.data(), pattern.data(), block.size());
+  const auto [raw_write, raw_read] =
+      RawDirect(dir + "/raw", bytes, block.data());
+  fs::remove_all(dir);
+
+  std::printf("checkpoint: %.2f GiB in %d shards of %d x 64 MiB, in %s\n",
+              bytes / double(size_t{1} << 30), shards, kTensorsPerShard,
+              base.c_str());
+  std::printf(
+      "  write: store %.2f GB/s, raw O_DIRECT %.2f GB/s, ratio %.2f "
+      "(target >= 0.7)\n",
+      write_gbs, raw_write, write_gbs / raw_write);
+  std::printf(
+      "  read:  store %.2f GB/s, raw O_DIRECT %.2f GB/s, ratio %.2f "
+      "(target >= 0.7)\n",
+      read_gbs, raw_read, read_gbs / raw_read);
+  return 0;
+}
+
+}  // namespace
+}  // namespace switchyard::storage
+
+int main(int argc, char** argv) { return switchyard::storage::Run(argc, argv); }
