@@ -720,7 +720,14 @@ Status WorkerService::ApplyUpdate(int64_t step) {
       LOG(WARNING) << name_ << ": checkpoint " << next_step_
                    << " skipped: the previous one is still being written";
     } else {
-      staged_ = SnapshotsLocked(/*deep=*/true);  // The staging copy.
+      // The staging copy: the one part of a checkpoint training waits for.
+      const auto start = std::chrono::steady_clock::now();
+      staged_ = SnapshotsLocked(/*deep=*/true);
+      LOG(INFO) << name_ << ": checkpoint " << next_step_ << " staged in "
+                << std::chrono::duration<double, std::milli>(
+                       std::chrono::steady_clock::now() - start)
+                       .count()
+                << " ms";
       ckpt_busy_ = true;
       ckpt_cv_.notify_all();
     }
