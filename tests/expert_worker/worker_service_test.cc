@@ -8,7 +8,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <future>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -358,6 +360,102 @@ Message Ask(WorkerService* worker, Message m) {
   worker->Handle(std::move(m), [&p](Message r) { p.set_value(std::move(r)); });
   EXPECT_EQ(f.wait_for(Ms(10000)), std::future_status::ready);
   return f.get();
+}
+
+// The fault-injection seam: a real store whose writes fail with
+// RESOURCE_EXHAUSTED (a full disk) while `full` is set.
+class FullDiskStore : public storage::CheckpointStore {
+ public:
+  explicit FullDiskStore(std::unique_ptr<storage::CheckpointStore> inner)
+      : inner_(std::move(inner)) {}
+  std::atomic<bool> full{false};
+
+  StatusOr<checkpoint::ShardManifest> WriteShard(
+      const storage::ShardSnapshot& s) override {
+    if (full) return ResourceExhaustedError("No space left on device");
+    return inner_->WriteShard(s);
+  }
+  StatusOr<storage::ShardSnapshot> ReadShard(
+      int64_t step, const std::string& shard) override {
+    return inner_->ReadShard(step, shard);
+  }
+  Status ReadShardInto(int64_t step, const std::string& shard,
+                       storage::ShardSnapshot* into) override {
+    return inner_->ReadShardInto(step, shard, into);
+  }
+  StatusOr<std::vector<checkpoint::ShardManifest>> Manifests(
+      std::optional<int64_t> step) override {
+    return inner_->Manifests(step);
+  }
+  Status DropSteps(int64_t first, int64_t end) override {
+    return inner_->DropSteps(first, end);
+  }
+
+ private:
+  std::unique_ptr<storage::CheckpointStore> inner_;
+};
+
+// Checkpoints at every step boundary: a full disk fails one (no report,
+// nothing stored for it) while training goes on unchanged; the earlier and
+// later ones are whole, and a fresh worker resumes from the last one with
+// the same parameters and optimizer state.
+TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
+  const std::string dir = ::testing::TempDir() + "/switchyard_ws_ckpt_" +
+                          std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  config::SwitchyardConfig config = TestConfig("adamw");
+  config.mutable_checkpoint()->set_every(1);
+  auto inner = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(inner.ok());
+  auto owned = std::make_unique<FullDiskStore>(std::move(inner).value());
+  FullDiskStore* store = owned.get();
+  std::mutex mu;
+  std::vector<int64_t> reported;
+  std::string digest;
+  {
+    WorkerService worker(config, "w");
+    worker.EnableCheckpoints(std::move(owned),
+                             [&](const control::CheckpointReport& r) {
+                               std::lock_guard<std::mutex> lock(mu);
+                               reported.push_back(r.step());
+                               EXPECT_EQ(r.shards_size(), 2 + 4);
+                               return OkStatus();
+                             });
+    ASSERT_TRUE(worker.Start().ok());
+    ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+    for (int step = 0; step < kSteps; ++step) {
+      store->full = step == 1;  // Checkpoint 2 hits the full disk.
+      for (int r = 0; r < kRanks; ++r) {
+        for (auto& m : TrainerStep(step, r)) {
+          EXPECT_EQ(Ask(&worker, std::move(m)).header.status_code, 0);
+        }
+      }
+      worker.WaitCheckpointsWritten();
+    }
+    store->full = false;
+    EXPECT_EQ(reported, (std::vector<int64_t>{1, 3}));
+    EXPECT_EQ(store->Manifests(2)->size(), 0u) << "nothing of the failed one";
+    EXPECT_EQ(store->Manifests(1)->size(), 6u);
+    ASSERT_EQ(store->Manifests(3)->size(), 6u);
+    // Training was not disturbed.
+    digest = worker.ParameterDigest();
+    EXPECT_EQ(digest, RunInterleaved("adamw", 0));
+    worker.Shutdown();
+  }  // The worker, and its store, are gone.
+
+  // A new worker process resumes from checkpoint 3.
+  WorkerService resumed(config, "w");
+  auto reopened = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(reopened.ok());
+  resumed.EnableCheckpoints(std::move(reopened).value(), nullptr);
+  ASSERT_TRUE(resumed.Start().ok());
+  control::RoutingTable routing = Routing(kEpoch + 1);
+  routing.set_resume_step(3);
+  ASSERT_TRUE(resumed.ApplyRouting(routing).ok());
+  EXPECT_EQ(resumed.next_step(), 3);
+  EXPECT_EQ(resumed.ParameterDigest(), digest);
+  resumed.Shutdown();
+  std::filesystem::remove_all(dir);
 }
 
 TEST(WorkerServiceTest, DenseInitDoesNotDependOnSharding) {
