@@ -3,6 +3,7 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include <algorithm>
+#include <sstream>
 
 #include "coordinator/placement.h"
 
@@ -281,7 +282,51 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
     ack.set_committed_step(committed_.back().step());
     ack.set_keep_from_step(committed_.front().step());
   }
+  auto tasks = tasks_.find(beat.name());
+  if (tasks != tasks_.end()) {
+    for (auto& t : tasks->second) *ack.add_replicate() = std::move(t);
+    tasks_.erase(tasks);
+  }
   return ack;
+}
+
+size_t ClusterState::ReplicasWanted() const {
+  const int live = NumLiveWorkers();
+  return static_cast<size_t>(
+      std::max(0, std::min(config_.checkpoint().replicas(), live - 1)));
+}
+
+void ClusterState::AssignReplicas(const control::CheckpointReport& report) {
+  const size_t want = ReplicasWanted();
+  if (want == 0 || report.shards_size() == 0) return;
+  const Member& source = members_.at(report.name());
+  const std::string& host = source.record.registration().host();
+  // Live workers after the source in name order (a fixed rotation), those
+  // on other hosts first.
+  std::vector<std::string> others, same_host;
+  std::vector<std::string> names;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() == control::WORKER && IsLive(m) &&
+        name != report.name()) {
+      names.push_back(name);
+    }
+  }
+  std::stable_partition(names.begin(), names.end(), [&](const std::string& n) {
+    return n > report.name();
+  });
+  for (const std::string& n : names) {
+    (members_.at(n).record.registration().host() != host ? others : same_host)
+        .push_back(n);
+  }
+  others.insert(others.end(), same_host.begin(), same_host.end());
+  control::ReplicationTask task;
+  task.set_step(report.step());
+  task.set_source(report.name());
+  task.set_source_address(source.record.registration().data_address());
+  for (const auto& s : report.shards()) *task.add_shards() = s.shard();
+  for (size_t i = 0; i < want && i < others.size(); ++i) {
+    tasks_[others[i]].push_back(task);
+  }
 }
 
 StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
@@ -303,6 +348,7 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
     return ack;  // Older than what is committed: nothing to do.
   }
   std::map<int, ReportedShard>& reported = pending_[report.step()];
+  if (!report.replica()) AssignReplicas(report);
   for (const auto& s : report.shards()) {
     const auto& ref = s.shard();
     const ShardId id =
@@ -317,9 +363,20 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
       return InvalidArgumentError("checkpoint report names shard " +
                                   id.ToString() + ", not in the model");
     }
-    reported[index] = {report.name(), s.digest(), s.bytes()};
+    ReportedShard& r = reported[index];
+    if (report.replica()) {
+      r.replicas.insert(report.name());
+    } else {
+      r.holder = report.name();
+      r.digest = s.digest();
+      r.bytes = s.bytes();
+    }
   }
+  // Every shard durable on its holder and on the replicas wanted.
   if (reported.size() < shards_.size()) return ack;
+  for (const auto& [index, r] : reported) {
+    if (r.holder.empty() || r.replicas.size() < ReplicasWanted()) return ack;
+  }
 
   control::CommittedCheckpoint commit;
   commit.set_step(report.step());
@@ -332,6 +389,11 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
   for (const auto& [index, r] : reported) {
     commit.add_holder(r.holder);
     commit.add_digest(r.digest);
+    std::string replicas;
+    for (const auto& name : r.replicas) {
+      replicas += (replicas.empty() ? "" : ",") + name;
+    }
+    commit.add_replicas(replicas);
     bytes += r.bytes;
   }
   commit.set_bytes(bytes);
@@ -438,6 +500,12 @@ control::RoutingTable ClusterState::Routing() const {
     }
     for (int i = 0; i < table.entries_size(); ++i) {
       table.mutable_entries(i)->set_resume_holder(c.holder(i));
+      if (i < c.replicas_size() && !c.replicas(i).empty()) {
+        std::stringstream names(c.replicas(i));
+        for (std::string n; std::getline(names, n, ',');) {
+          table.mutable_entries(i)->add_resume_replicas(n);
+        }
+      }
     }
   }
   return table;

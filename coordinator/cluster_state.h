@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -102,7 +103,16 @@ class ClusterState {
     std::string holder;
     std::string digest;
     uint64_t bytes = 0;
+    std::set<std::string> replicas;
   };
+  // Replicas each shard needs: checkpoint.replicas, at most the other live
+  // workers.
+  size_t ReplicasWanted() const;
+  // Queues replication of `report`'s shards onto other live workers
+  // (distinct hosts first).
+  void AssignReplicas(const control::CheckpointReport& report);
+  // Replication tasks by target worker, handed out with its next heartbeat.
+  std::map<std::string, std::vector<control::ReplicationTask>> tasks_;
   std::vector<control::CommittedCheckpoint> committed_;
   std::map<int64_t, std::map<int, ReportedShard>> pending_;
   int64_t resume_step_ = 0;

@@ -108,6 +108,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
     if (ack.keep_from_step() > 0) {
       service.DropCheckpointsBefore(ack.keep_from_step());
     }
+    for (const auto& task : ack.replicate()) service.Replicate(task);
   };
   Status result = control::RunMemberProcess(member);
   // Stop serving before the service goes away; the session is gone.

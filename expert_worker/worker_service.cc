@@ -90,12 +90,29 @@ void WorkerService::EnableCheckpoints(
 void WorkerService::CheckpointLoop() {
   while (true) {
     std::vector<storage::ShardSnapshot> job;
+    std::optional<control::ReplicationTask> replication;
     {
       std::unique_lock<std::mutex> lock(ckpt_mu_);
-      ckpt_cv_.wait(lock, [this] { return ckpt_stop_ || !staged_.empty(); });
-      if (staged_.empty()) return;  // Stopping, nothing left to write.
-      job = std::move(staged_);
-      staged_.clear();
+      ckpt_cv_.wait(lock, [this] {
+        return ckpt_stop_ || !staged_.empty() || !replicate_.empty();
+      });
+      if (staged_.empty() && replicate_.empty()) return;  // Stopping.
+      if (!staged_.empty()) {
+        job = std::move(staged_);
+        staged_.clear();
+      } else {
+        replication = std::move(replicate_.front());
+        replicate_.pop_front();
+      }
+    }
+    if (replication) {
+      Status s = RunReplication(*replication);
+      if (!s.ok()) {
+        LOG(ERROR) << name_ << ": replicating checkpoint "
+                   << replication->step() << " of " << replication->source()
+                   << " failed: " << s.ToString();
+      }
+      continue;
     }
     const int64_t step = job.front().step;
     const auto start = std::chrono::steady_clock::now();
@@ -192,6 +209,55 @@ void WorkerService::FetchServeLoop() {
         t.request.header, UnavailableError(name_ + " is shutting down")));
   }
   fetches_.clear();
+}
+
+void WorkerService::Replicate(control::ReplicationTask task) {
+  if (store_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(ckpt_mu_);
+    replicate_.push_back(std::move(task));
+  }
+  ckpt_cv_.notify_all();
+}
+
+Status WorkerService::RunReplication(const control::ReplicationTask& task) {
+  if (peers_ == nullptr) return FailedPreconditionError("no data plane");
+  const auto start = std::chrono::steady_clock::now();
+  control::CheckpointReport report;
+  report.set_step(task.step());
+  report.set_replica(true);
+  uint64_t bytes = 0;
+  for (const auto& ref : task.shards()) {
+    // Tensors shaped like the shard's, from a freshly made one.
+    storage::ShardSnapshot like;
+    std::unique_ptr<Shard> expert;
+    std::unique_ptr<DenseShard> dense;
+    if (ref.kind() == control::DENSE) {
+      ASSIGN_OR_RETURN(dense, NewDenseShard(ref.shard()));
+      like = SnapshotOf(*dense, /*deep=*/false);
+    } else {
+      ASSIGN_OR_RETURN(expert, NewShard(ShardId::Expert(
+                                   ref.layer(), ref.expert(), ref.shard())));
+      like = SnapshotOf(*expert, /*deep=*/false);
+    }
+    ASSIGN_OR_RETURN(storage::ShardSnapshot copy,
+                     FetchShard(task.source_address(), task.step(), like));
+    ASSIGN_OR_RETURN(auto manifest, store_->WriteShard(copy));
+    auto* shard = report.add_shards();
+    *shard->mutable_shard() = ref;
+    shard->set_digest(manifest.digest());
+    shard->set_bytes(manifest.total_bytes());
+    bytes += manifest.total_bytes();
+  }
+  if (report_) RETURN_IF_ERROR(report_(report));
+  LOG(INFO) << name_ << ": replicated " << task.shards_size()
+            << " shards of checkpoint " << task.step() << " from "
+            << task.source() << " (" << bytes << " bytes in "
+            << std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                             start)
+                   .count()
+            << " s)";
+  return OkStatus();
 }
 
 void WorkerService::WaitCheckpointsWritten() {
@@ -325,9 +391,11 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   for (auto it = dense_.begin(); it != dense_.end();) {
     it = wanted_dense.count(it->first) ? std::next(it) : dense_.erase(it);
   }
+  bool adopted = false;  // Shards new to this worker.
   for (int index : wanted_dense) {
     if (!dense_.count(index)) {
       ASSIGN_OR_RETURN(dense_[index], NewDenseShard(index));
+      adopted = true;
     }
   }
   for (auto it = shards_.begin(); it != shards_.end();) {
@@ -335,16 +403,23 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   }
   for (const ShardId& id : wanted) {
     if (shards_.count(id)) continue;
-    if (next_step_ > 0) {
-      // NOTE: restoring a moved shard from the last committed checkpoint
-      // belongs to the checkpoint work (DESIGN.md, "Failures"); until then a
-      // shard adopted mid-run starts from its initial values.
-      LOG(WARNING) << name_ << ": adopting " << id.ToString() << " at step "
-                   << next_step_ << " with initial values";
-    }
     ASSIGN_OR_RETURN(shards_[id], NewShard(id));
+    adopted = true;
   }
-  if (next_step_ == 0 && routing.resume_step() > 0) {
+  // A resumed run restores what it hosts before its first update: at start,
+  // and again when placement hands it more shards before training begins
+  // (the shards it has are still exactly the checkpoint's).
+  const int64_t resume = routing.resume_step();
+  const bool restore =
+      resume > 0 && (next_step_ == 0 || (adopted && next_step_ == resume));
+  if (adopted && next_step_ > 0 && !restore) {
+    // NOTE: re-placing a lost worker's shards mid-run from the last
+    // committed checkpoint, with a rollback, belongs to the failures work
+    // (DESIGN.md, "Failures"); until then they start from initial values.
+    LOG(WARNING) << name_ << ": adopting shards at step " << next_step_
+                 << " with initial values";
+  }
+  if (restore) {
     // Until the shards are restored the worker stays at its old epoch, so
     // requests of the new one are refused as not ready (ABORTED), never
     // served from initial values; a later table retries.
@@ -765,42 +840,58 @@ std::map<std::string, std::string> WorkerService::ShardDigests() const {
   return ShardDigestsLocked();
 }
 
+namespace {
+
+Tensor Copy(const Tensor& t, bool deep) {
+  return deep && !t.empty() ? t.Clone() : t;
+}
+
+void AddState(storage::ShardSnapshot* s, const std::string& prefix,
+              const OptimizerState& st, bool deep) {
+  s->tensors.push_back({prefix + "m", Copy(st.m, deep)});
+  s->tensors.push_back({prefix + "v", Copy(st.v, deep)});
+  s->tensors.push_back({prefix + "row", Copy(st.row, deep)});
+  s->tensors.push_back({prefix + "col", Copy(st.col, deep)});
+}
+
+}  // namespace
+
+storage::ShardSnapshot WorkerService::SnapshotOf(const DenseShard& d,
+                                                 bool deep) const {
+  storage::ShardSnapshot s;
+  s.shard = "D" + std::to_string(d.index);
+  s.tensors.push_back({"params", Copy(d.params, deep)});
+  AddState(&s, "opt.", d.state, deep);
+  return s;
+}
+
+storage::ShardSnapshot WorkerService::SnapshotOf(const Shard& shard,
+                                                 bool deep) const {
+  storage::ShardSnapshot s;
+  s.shard = shard.id.ToString();
+  s.tensors.push_back({"w1", Copy(shard.params.w1, deep)});
+  s.tensors.push_back({"b1", Copy(shard.params.b1, deep)});
+  s.tensors.push_back({"w2", Copy(shard.params.w2, deep)});
+  s.tensors.push_back({"b2", Copy(shard.params.b2, deep)});
+  AddState(&s, "opt.w1.", shard.w1, deep);
+  AddState(&s, "opt.b1.", shard.b1, deep);
+  AddState(&s, "opt.w2.", shard.w2, deep);
+  AddState(&s, "opt.b2.", shard.b2, deep);
+  return s;
+}
+
 std::vector<storage::ShardSnapshot> WorkerService::SnapshotsLocked(
     bool deep) const {
-  auto copy = [deep](const Tensor& t) {
-    return deep && !t.empty() ? t.Clone() : t;
-  };
-  auto add_state = [&](storage::ShardSnapshot* s, const std::string& prefix,
-                       const OptimizerState& st) {
-    s->tensors.push_back({prefix + "m", copy(st.m)});
-    s->tensors.push_back({prefix + "v", copy(st.v)});
-    s->tensors.push_back({prefix + "row", copy(st.row)});
-    s->tensors.push_back({prefix + "col", copy(st.col)});
-  };
   std::vector<storage::ShardSnapshot> snapshots;
   for (const auto& [index, d] : dense_) {
-    storage::ShardSnapshot s;
-    s.shard = "D" + std::to_string(index);
-    s.step = next_step_;
-    s.epoch = epoch_;
-    s.tensors.push_back({"params", copy(d->params)});
-    add_state(&s, "opt.", d->state);
-    snapshots.push_back(std::move(s));
+    snapshots.push_back(SnapshotOf(*d, deep));
   }
   for (const auto& [id, shard] : shards_) {
-    storage::ShardSnapshot s;
-    s.shard = id.ToString();
+    snapshots.push_back(SnapshotOf(*shard, deep));
+  }
+  for (auto& s : snapshots) {
     s.step = next_step_;
     s.epoch = epoch_;
-    s.tensors.push_back({"w1", copy(shard->params.w1)});
-    s.tensors.push_back({"b1", copy(shard->params.b1)});
-    s.tensors.push_back({"w2", copy(shard->params.w2)});
-    s.tensors.push_back({"b2", copy(shard->params.b2)});
-    add_state(&s, "opt.w1.", shard->w1);
-    add_state(&s, "opt.b1.", shard->b1);
-    add_state(&s, "opt.w2.", shard->w2);
-    add_state(&s, "opt.b2.", shard->b2);
-    snapshots.push_back(std::move(s));
   }
   return snapshots;
 }
@@ -811,7 +902,7 @@ std::vector<storage::ShardSnapshot> WorkerService::Snapshots() const {
 }
 
 StatusOr<storage::ShardSnapshot> WorkerService::FetchShard(
-    const std::string& address, const control::RoutingTable& routing,
+    const std::string& address, int64_t step,
     const storage::ShardSnapshot& like) {
   ASSIGN_OR_RETURN(ShardId id, ShardId::Parse(like.shard));
   std::vector<transport::Outgoing> requests;
@@ -820,8 +911,7 @@ StatusOr<storage::ShardSnapshot> WorkerService::FetchShard(
     if (like.tensors[i].tensor.empty()) continue;
     Message m;
     m.header.kind = static_cast<uint8_t>(MessageKind::kCheckpointFetch);
-    m.header.step = routing.resume_step();
-    m.header.epoch = routing.epoch();
+    m.header.step = step;
     m.header.layer = id.layer;
     m.header.expert = id.is_expert() ? id.expert : -1;
     m.header.shard = id.shard;
@@ -837,8 +927,7 @@ StatusOr<storage::ShardSnapshot> WorkerService::FetchShard(
           std::chrono::milliseconds(config_.transport().request_timeout_ms())));
   storage::ShardSnapshot fetched;
   fetched.shard = like.shard;
-  fetched.step = routing.resume_step();
-  fetched.epoch = routing.epoch();
+  fetched.step = step;
   for (const auto& t : like.tensors) fetched.tensors.push_back({t.name, {}});
   for (size_t r = 0; r < replies.size(); ++r) {
     const Tensor& want = like.tensors[index[r]].tensor;
@@ -861,14 +950,18 @@ Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
         name_ + " has no checkpoint store to resume step " +
         std::to_string(step) + " from (checkpoint.every is 0?)");
   }
-  // Holders of the committed copies, by shard, and workers by name.
-  std::map<std::string, std::string> holder, address;
+  // Holders of the committed copies (the writer, then replicas), by shard,
+  // and confirmed workers by name.
+  std::map<std::string, std::vector<std::string>> holders;
+  std::map<std::string, std::string> address;
   for (const auto& e : routing.entries()) {
     const auto& r = e.shard();
     const ShardId id = r.kind() == control::DENSE
                            ? ShardId::Dense(r.shard())
                            : ShardId::Expert(r.layer(), r.expert(), r.shard());
-    holder[id.ToString()] = e.resume_holder();
+    auto& h = holders[id.ToString()];
+    h.push_back(e.resume_holder());
+    h.insert(h.end(), e.resume_replicas().begin(), e.resume_replicas().end());
   }
   for (const auto& w : routing.workers()) {
     if (w.confirmed()) address[w.name()] = w.data_address();
@@ -883,21 +976,28 @@ Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
     StatusOr<storage::ShardSnapshot> saved = local;
     {
       // Not here (a resume on other workers) or damaged: from the holder.
-      const std::string& from = holder[live.shard];
-      if (peers_ == nullptr || from.empty() || from == name_ ||
-          !address.count(from)) {
-        return local.WithContext(
-            "restoring " + live.shard + " (committed copy on " +
-            (from.empty() ? std::string("no known worker") : from) +
-            (address.count(from) || from == name_
-                 ? ""
-                 : ", not running or not confirmed yet") +
-            ")");
+      // The writer's copy first, then the replicas; the first good one.
+      std::string tried;
+      for (const std::string& from : holders[live.shard]) {
+        if (from.empty() || from == name_) continue;
+        if (peers_ == nullptr || !address.count(from)) {
+          tried += " " + from + " (not running or not confirmed yet)";
+          continue;
+        }
+        saved = FetchShard(address[from], step, live);
+        if (saved.ok()) {
+          LOG(WARNING) << name_ << ": " << live.shard << " at step " << step
+                       << " fetched from " << from
+                       << "; the local copy: " << local.ToString();
+          break;
+        }
+        tried += " " + from + " (" + saved.status().ToString() + ")";
       }
-      LOG(WARNING) << name_ << ": " << live.shard << " at step " << step
-                   << " from " << from << ": local copy " << local.ToString();
-      saved = FetchShard(address[from], routing, live);
-      RETURN_IF_ERROR(saved.status());
+      if (!saved.ok()) {
+        return local.WithContext("restoring " + live.shard +
+                                 "; no other copy could be had:" +
+                                 (tried.empty() ? " none known" : tried));
+      }
       RETURN_IF_ERROR(store_->WriteShard(*saved).status());  // Keep it here.
       ++fetched;
     }

@@ -89,6 +89,10 @@ class WorkerService {
   // with, when its own store lacks them (a resume on other workers) or
   // holds a damaged copy. Not owned; set before the first routing table.
   void SetPeerPlane(transport::DataPlane* plane) { peers_ = plane; }
+  // Copies `task`'s shards from the source worker's checkpoint into this
+  // worker's store (every chunk verified at the source, digest here), in
+  // the background, then reports them as replicas (checkpoint.replicas).
+  void Replicate(control::ReplicationTask task);
   // Drops local checkpoints older than `step` (the coordinator's
   // keep_from_step).
   void DropCheckpointsBefore(int64_t step);
@@ -138,14 +142,19 @@ class WorkerService {
   // Every hosted shard's tensors at next_step_, shallow (sharing storage)
   // or deep copies. Requires mu_.
   std::vector<storage::ShardSnapshot> SnapshotsLocked(bool deep) const;
+  storage::ShardSnapshot SnapshotOf(const Shard& shard, bool deep) const;
+  storage::ShardSnapshot SnapshotOf(const DenseShard& shard, bool deep) const;
   // Loads every hosted shard at routing.resume_step(): from the local
   // store, else from the shard's resume_holder over the data plane (then
   // kept locally). Requires mu_.
   Status RestoreLocked(const control::RoutingTable& routing);
-  // Tensor `index` of shard `shard` at `step` from worker `address`.
+  // The checkpoint of `like`'s shard at `step` from worker `address`, into
+  // tensors shaped like `like`'s.
   StatusOr<storage::ShardSnapshot> FetchShard(
-      const std::string& address, const control::RoutingTable& routing,
+      const std::string& address, int64_t step,
       const storage::ShardSnapshot& like);
+  // Runs one replication task (on the checkpoint thread).
+  Status RunReplication(const control::ReplicationTask& task);
   void CheckpointLoop();
   // Serves kCheckpointFetch from the store, off the compute thread (and
   // off mu_: two workers restoring from each other must not wait on each
@@ -181,10 +190,11 @@ class WorkerService {
   CheckpointReporter report_;
   std::mutex ckpt_mu_;
   std::condition_variable ckpt_cv_;
-  std::vector<storage::ShardSnapshot> staged_;  // GUARDED_BY(ckpt_mu_)
-  bool ckpt_busy_ = false;                      // GUARDED_BY(ckpt_mu_)
-  bool ckpt_stop_ = false;                      // GUARDED_BY(ckpt_mu_)
-  int64_t dropped_before_ = 0;                  // GUARDED_BY(ckpt_mu_)
+  std::vector<storage::ShardSnapshot> staged_;      // GUARDED_BY(ckpt_mu_)
+  std::deque<control::ReplicationTask> replicate_;  // GUARDED_BY(ckpt_mu_)
+  bool ckpt_busy_ = false;                          // GUARDED_BY(ckpt_mu_)
+  bool ckpt_stop_ = false;                          // GUARDED_BY(ckpt_mu_)
+  int64_t dropped_before_ = 0;                      // GUARDED_BY(ckpt_mu_)
   std::thread ckpt_thread_;
 
   transport::DataPlane* peers_ = nullptr;  // Not owned.

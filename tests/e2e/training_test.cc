@@ -146,6 +146,37 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
   EXPECT_EQ(Digests(fresh.output), want);
 }
 
+// Replicas (checkpoint.replicas=1): a run on 3 workers stopped at step 10
+// resumes bit for bit (1) after one worker's whole checkpoint store is lost,
+// from the copies on its peers, and (2) on 2 workers, the third gone, its
+// shards placed anew and restored from their replicas.
+TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
+  const std::string ckpt =
+      " --set checkpoint.every=5 --set checkpoint.replicas=1"
+      " --set cluster.heartbeat_ms=200 --set cluster.lease_ms=1000";
+  const auto reference =
+      RunSwitchyard("train --reference --sample-bytes 0" + Flags());
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+  const auto want = Digests(reference.output);
+  for (const bool shrink : {false, true}) {
+    SCOPED_TRACE(shrink ? "resumed on 2 workers" : "a store lost");
+    const std::string run = dir_ + (shrink ? "/shrink" : "/lost");
+    const std::string flags = " --trainers 2 --run-dir " + run + Flags() + ckpt;
+    const auto first = RunSwitchyard(
+        "up --workers 3" + flags + " --set training.stop_at_step=10", 180);
+    ASSERT_EQ(first.exit_code, 0) << first.output;
+    EXPECT_NE(first.output.find("replicated"), std::string::npos);
+    if (!shrink) std::filesystem::remove_all(run + "/checkpoints/worker-1");
+    const auto second = RunSwitchyard(
+        std::string("up --workers ") + (shrink ? "2" : "3") + flags, 180);
+    ASSERT_EQ(second.exit_code, 0) << second.output;
+    EXPECT_NE(second.output.find("resuming at step 10"), std::string::npos)
+        << second.output;
+    EXPECT_NE(second.output.find("fetched from peers"), std::string::npos);
+    EXPECT_EQ(Digests(second.output), want) << second.output;
+  }
+}
+
 // `switchyard ckpt`: list, verify and export a committed checkpoint of a
 // SwiGLU model whose experts span two shards each. An independent reader
 // (Python's standard library) reads the safetensors files; every tensor's
