@@ -4,7 +4,9 @@
 #   make demo         bootstrap, build, run the main job on a local cluster
 #   make bench        bootstrap, build, run the benchmarks (bench/)
 #   make chaos        bootstrap, build, the crash tests at full size
-#                     (CHAOS_ITERATIONS kill -9s, default 200)
+#                     (CHAOS_ITERATIONS kill -9s of a checkpoint writer and
+#                     of a training worker, default 200 each; `make test`
+#                     runs 20 of each)
 #   make format       rewrite sources with clang-format
 #   make format-check fail if any source differs from clang-format's output
 BUILD_DIR ?= build
@@ -47,6 +49,8 @@ bench: bootstrap build
 chaos: bootstrap build
 	SWITCHYARD_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) \
 	  $(BUILD_DIR)/tests/checkpoint_store_test --gtest_filter='*KillNine*'
+	SWITCHYARD_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) \
+	  $(BUILD_DIR)/tests/e2e_test --gtest_filter='ChaosTest.*'
 
 format:
 	clang-format -i $(filter-out %.proto,$(SOURCES))
