@@ -15,6 +15,7 @@
 #include "expert_worker/worker_process.h"
 #include "storage/checkpoint_store.h"
 #include "storage/kv_store.h"
+#include "storage/safetensors.h"
 
 namespace switchyard::cli {
 namespace {
@@ -51,49 +52,14 @@ const Tensor* FindTensor(const storage::ShardSnapshot& s,
   return nullptr;
 }
 
-struct Entry {
-  std::string name;
-  Tensor tensor;
-};
+using Entry = storage::NamedArray;
 
-// safetensors: an 8-byte little-endian header size, a JSON header (padded
-// with spaces to 8 bytes) naming dtype, shape and byte range of every
-// tensor, then the bytes.
 Status WriteSafetensors(const std::string& path,
                         const std::vector<Entry>& entries, int64_t step) {
-  std::ostringstream header;
-  header << "{\"__metadata__\":{\"format\":\"pt\",\"source\":\"switchyard\","
-            "\"step\":\""
-         << step << "\"}";
-  uint64_t offset = 0;
-  for (const Entry& e : entries) {
-    header << ",\"" << e.name << "\":{\"dtype\":\""
-           << (e.tensor.dtype() == DType::kF32 ? "F32" : "BF16")
-           << "\",\"shape\":[";
-    for (size_t i = 0; i < e.tensor.shape().size(); ++i) {
-      header << (i ? "," : "") << e.tensor.shape()[i];
-    }
-    header << "],\"data_offsets\":[" << offset << ","
-           << offset + e.tensor.num_bytes() << "]}";
-    offset += e.tensor.num_bytes();
-  }
-  header << "}";
-  std::string json = header.str();
-  while (json.size() % 8 != 0) json += ' ';
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  const uint64_t n = json.size();
-  unsigned char size[8];
-  for (int i = 0; i < 8; ++i)
-    size[i] = static_cast<unsigned char>(n >> (8 * i));
-  out.write(reinterpret_cast<const char*>(size), 8);
-  out.write(json.data(), static_cast<std::streamsize>(json.size()));
-  for (const Entry& e : entries) {
-    out.write(static_cast<const char*>(e.tensor.data()),
-              static_cast<std::streamsize>(e.tensor.num_bytes()));
-  }
-  out.close();
-  if (!out) return UnavailableError("cannot write " + path);
-  return OkStatus();
+  return storage::WriteSafetensors(path, entries,
+                                   {{"format", "pt"},
+                                    {"source", "switchyard"},
+                                    {"step", std::to_string(step)}});
 }
 
 // Columns [from, from + n) of every row of m (rows, cols) into
@@ -309,6 +275,54 @@ Status ExportCheckpoint(const config::SwitchyardConfig& config,
   if (!index) return UnavailableError("cannot write the index in " + out_dir);
   out << "exported checkpoint " << step << ": " << weight_map.size()
       << " tensors into " << out_dir << "\n";
+  return OkStatus();
+}
+
+Status DescribeImport(const config::SwitchyardConfig& config,
+                      const std::string& path, std::ostream& out) {
+  ASSIGN_OR_RETURN(storage::SafetensorsReader reader,
+                   storage::SafetensorsReader::Open(path));
+  const auto& m = config.model();
+  int dense_found = 0, dense_total = 0;
+  for (const DenseTensor& t : DenseLayout(m)) {
+    ++dense_total;
+    if (!reader.Has(t.name)) continue;
+    ASSIGN_OR_RETURN(auto shape, reader.Shape(t.name));
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    if (n != t.numel()) {
+      return FailedPreconditionError(t.name + " has " + std::to_string(n) +
+                                     " values in " + path + ", the model " +
+                                     std::to_string(t.numel()));
+    }
+    ++dense_found;
+  }
+  out << "dense tensors: " << dense_found << " of " << dense_total
+      << " from the files, the rest random\n";
+  const int64_t g = m.activation() == "swiglu" ? 2 : 1;
+  for (int layer = 0; layer < m.num_layers(); ++layer) {
+    if (!IsMoeLayer(m, layer)) continue;
+    const std::string p = "layers." + std::to_string(layer);
+    int own = 0;
+    for (int e = 0; e < m.num_experts(); ++e) {
+      const std::string w1 = p + ".experts." + std::to_string(e) + ".w1";
+      if (!reader.Has(w1)) continue;
+      ASSIGN_OR_RETURN(auto shape, reader.Shape(w1));
+      if (shape != std::vector<int64_t>{m.d_model(), g * m.d_ff()}) {
+        return FailedPreconditionError(w1 + " does not fit d_model x d_ff");
+      }
+      ++own;
+    }
+    const bool upcycle = reader.Has(p + ".ffn.w1");
+    out << p << ": " << own << " of " << m.num_experts()
+        << " experts from their own tensors";
+    if (own < m.num_experts()) {
+      out << ", " << m.num_experts() - own
+          << (upcycle ? " upcycled from " + p + ".ffn" : " random");
+    }
+    out << "\n";
+  }
+  out << "start the run with --set checkpoint.init_from=" << path << "\n";
   return OkStatus();
 }
 

@@ -47,6 +47,13 @@ Status ExportCheckpoint(const config::SwitchyardConfig& config,
                         const control::CommittedCheckpoint& commit,
                         const std::string& out_dir, std::ostream& out);
 
+// Checks safetensors at `path` against `config`'s model for
+// checkpoint.init_from and prints what a run would start from: dense
+// tensors found, experts from their own tensors, upcycled from a dense FFN,
+// or random. Fails naming a tensor whose shape does not fit.
+Status DescribeImport(const config::SwitchyardConfig& config,
+                      const std::string& path, std::ostream& out);
+
 }  // namespace switchyard::cli
 
 #endif  // SWITCHYARD_CLI_CHECKPOINT_TOOLS_H_

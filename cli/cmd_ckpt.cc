@@ -10,7 +10,8 @@ namespace switchyard::cli {
 int CkptCommand(int argc, char** argv) {
   FlagParser parser(
       "switchyard ckpt ls|verify [STEP]|export STEP --out DIR "
-      "[--run-dir DIR | --config FILE]",
+      "[--run-dir DIR | --config FILE]\n"
+      "       switchyard ckpt import PATH --config FILE",
       "Committed checkpoints of a run, read from its run directory (the\n"
       "coordinator's state and the workers' stores; safe while it runs):\n"
       "  ls              steps, commit time, shards, bytes, holders\n"
@@ -18,7 +19,11 @@ int CkptCommand(int argc, char** argv) {
       "                  checking every chunk checksum, the manifests and the\n"
       "                  committed digests; exit 1 if anything is wrong\n"
       "  export STEP     write the model's parameters as safetensors files\n"
-      "                  with an index JSON into --out (docs/operations.md)");
+      "                  with an index JSON into --out (docs/operations.md)\n"
+      "  import PATH     check safetensors (an export, or a file) against\n"
+      "                  --config's model and show what a run started with\n"
+      "                  checkpoint.init_from=PATH begins from (sparse\n"
+      "                  upcycling: experts from a dense FFN)");
   ConfigFlags flags;
   flags.Register(&parser);
   std::string run_dir, out_dir;
@@ -32,12 +37,29 @@ int CkptCommand(int argc, char** argv) {
   }
   const auto& args = parser.positional();
   if (!parsed.ok() || args.empty() || args.size() > 2 ||
-      (args[0] != "ls" && args[0] != "verify" && args[0] != "export")) {
+      (args[0] != "ls" && args[0] != "verify" && args[0] != "export" &&
+       args[0] != "import")) {
     std::cerr << "switchyard: "
-              << (parsed.ok() ? "expected ls, verify [STEP] or export STEP"
-                              : parsed.message())
+              << (parsed.ok()
+                      ? "expected ls, verify [STEP], export STEP or import PATH"
+                      : parsed.message())
               << " (see switchyard ckpt --help)\n";
     return 2;
+  }
+  if (args[0] == "import") {
+    auto loaded = flags.Load();
+    if (args.size() != 2 || !loaded.ok()) {
+      std::cerr << "switchyard: import needs PATH and a valid --config"
+                << (loaded.ok() ? "" : ": " + loaded.status().message())
+                << "\n";
+      return 2;
+    }
+    Status s = DescribeImport(loaded->config, args[1], std::cout);
+    if (!s.ok()) {
+      std::cerr << "switchyard: " << s.ToString() << "\n";
+      return 1;
+    }
+    return 0;
   }
   int64_t step = 0;
   if (args.size() == 2) {

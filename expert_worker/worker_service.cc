@@ -72,6 +72,14 @@ Status WorkerService::Start() {
   ASSIGN_OR_RETURN(ExpertShape shape, ExpertShardShape(config_, 1));
   ffn0_ = std::make_unique<ExpertFfn>(shape0, gemm_.get());
   ffn_ = std::make_unique<ExpertFfn>(shape, gemm_.get());
+  if (!config_.checkpoint().init_from().empty()) {
+    auto reader =
+        storage::SafetensorsReader::Open(config_.checkpoint().init_from());
+    if (!reader.ok()) {
+      return reader.status().WithContext("checkpoint.init_from");
+    }
+    init_ = std::move(reader).value();
+  }
   thread_ = std::thread([this] { Run(); });
   if (store_ != nullptr) {
     ckpt_thread_ = std::thread([this] { CheckpointLoop(); });
@@ -323,6 +331,12 @@ StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
   auto shard = std::make_unique<Shard>();
   shard->id = id;
   ASSIGN_OR_RETURN(shard->params, InitialExpertParams(config_, id));
+  if (init_) {
+    RETURN_IF_ERROR(InitExpertFrom(id, &shard->params));
+    if (ffn.shape().compute_dtype == DType::kBF16) {
+      RETURN_IF_ERROR(shard->params.RefreshBf16());
+    }
+  }
   ASSIGN_OR_RETURN(shard->grads, ExpertParams::Zeros(ffn.shape()));
   ASSIGN_OR_RETURN(shard->w1, optimizer_->NewState(shard->params.w1));
   ASSIGN_OR_RETURN(shard->w2, optimizer_->NewState(shard->params.w2));
@@ -333,6 +347,80 @@ StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
     ASSIGN_OR_RETURN(shard->b2, optimizer_->NewState(shard->params.b2));
   }
   return shard;
+}
+
+Status WorkerService::InitExpertFrom(const ShardId& id,
+                                     ExpertParams* params) const {
+  const auto& m = config_.model();
+  int layer = -1;  // The transformer layer of MoE layer id.layer.
+  for (int l = 0, moe = 0; l < m.num_layers(); ++l) {
+    if (IsMoeLayer(m, l) && moe++ == id.layer) layer = l;
+  }
+  const std::string expert = "layers." + std::to_string(layer) + ".experts." +
+                             std::to_string(id.expert) + ".";
+  const std::string dense = "layers." + std::to_string(layer) + ".ffn.";
+  // The expert's own tensors, or the dense FFN it is upcycled from.
+  const std::string from = init_->Has(expert + "w1")  ? expert
+                           : init_->Has(dense + "w1") ? dense
+                                                      : "";
+  if (from.empty()) return OkStatus();  // Not in the files: random init.
+  const int64_t d = m.d_model(), F = m.d_ff();
+  const int64_t f = params->w2.dim(0), s0 = id.shard * f;
+  const int64_t g = params->w1.dim(1) / f;
+  auto load = [&](const std::string& name,
+                  std::vector<int64_t> shape) -> StatusOr<Tensor> {
+    ASSIGN_OR_RETURN(Tensor t, init_->Read(from + name));
+    if (t.shape() != shape) {
+      return FailedPreconditionError(
+          "checkpoint.init_from: " + from + name + " is " + t.DebugString() +
+          ", the model needs " +
+          Tensor::Zeros(DType::kF32, shape)->DebugString());
+    }
+    return t;
+  };
+  // W1 (d, g*F) [gate | up]: this shard's columns of each block.
+  ASSIGN_OR_RETURN(Tensor w1, load("w1", {d, g * F}));
+  for (int64_t r = 0; r < d; ++r) {
+    for (int64_t gate = 0; gate < g; ++gate) {
+      std::memcpy(params->w1.f32() + r * g * f + gate * f,
+                  w1.f32() + r * g * F + gate * F + s0, f * sizeof(float));
+    }
+  }
+  ASSIGN_OR_RETURN(Tensor w2, load("w2", {F, d}));
+  std::memcpy(params->w2.f32(), w2.f32() + s0 * d, f * d * sizeof(float));
+  if (!params->b1.empty() && init_->Has(from + "b1")) {
+    ASSIGN_OR_RETURN(Tensor b1, load("b1", {g * F}));
+    for (int64_t gate = 0; gate < g; ++gate) {
+      std::memcpy(params->b1.f32() + gate * f, b1.f32() + gate * F + s0,
+                  f * sizeof(float));
+    }
+  }
+  if (!params->b2.empty() && init_->Has(from + "b2")) {
+    ASSIGN_OR_RETURN(Tensor b2, load("b2", {d}));
+    std::memcpy(params->b2.f32(), b2.f32(), d * sizeof(float));
+  }
+  return OkStatus();
+}
+
+Status WorkerService::InitDenseFrom(int index, Tensor* params) const {
+  const auto& m = config_.model();
+  const DenseRange range = DenseShardRange(m, index);
+  for (const DenseTensor& t : DenseLayout(m)) {
+    const int64_t begin = std::max(t.offset, range.begin);
+    const int64_t end =
+        std::min(t.offset + t.numel(), range.begin + range.count);
+    if (begin >= end || !init_->Has(t.name)) continue;
+    ASSIGN_OR_RETURN(Tensor v, init_->Read(t.name));
+    if (v.num_elements() != t.numel()) {
+      return FailedPreconditionError(
+          "checkpoint.init_from: " + t.name + " is " + v.DebugString() +
+          ", the model needs " + std::to_string(t.rows) + " x " +
+          std::to_string(t.cols));
+    }
+    std::memcpy(params->f32() + (begin - range.begin),
+                v.f32() + (begin - t.offset), (end - begin) * sizeof(float));
+  }
+  return OkStatus();
 }
 
 StatusOr<std::unique_ptr<WorkerService::DenseShard>>
@@ -367,6 +455,7 @@ WorkerService::NewDenseShard(int index) const {
         break;
     }
   }
+  if (init_) RETURN_IF_ERROR(InitDenseFrom(index, &shard->params));
   ASSIGN_OR_RETURN(shard->state, optimizer_->NewState(shard->params));
   return shard;
 }

@@ -39,6 +39,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -52,6 +53,7 @@
 #include "expert_worker/expert_ffn.h"
 #include "expert_worker/optimizer.h"
 #include "storage/checkpoint_store.h"
+#include "storage/safetensors.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::expert_worker {
@@ -166,6 +168,10 @@ class WorkerService {
   std::unique_ptr<Gemm> gemm_;
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), other shards.
+  // checkpoint.init_from, when set: initial values of new shards.
+  std::optional<storage::SafetensorsReader> init_;
+  Status InitExpertFrom(const ShardId& id, ExpertParams* params) const;
+  Status InitDenseFrom(int index, Tensor* params) const;
 
   // NOTE: two locks so that Handle(), on the data plane's progress thread,
   // never waits for a GEMM: queue_mu_ guards only the queue and is never

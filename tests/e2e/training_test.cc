@@ -280,6 +280,34 @@ TEST_F(TrainingTest, CheckpointsListVerifyAndExport) {
   }
   EXPECT_GT(checked, 40);
 
+  // Import: a new run started from the export begins where it left off,
+  // far below a fresh start's ln 256.
+  const auto import = RunSwitchyard("ckpt import " + out + Flags() +
+                                    " --set model.activation=swiglu"
+                                    " --set model.shards_per_expert=2");
+  EXPECT_EQ(import.exit_code, 0) << import.output;
+  EXPECT_NE(import.output.find("8 of 8 experts from their own tensors"),
+            std::string::npos)
+      << import.output;
+  auto first_loss = [](const std::string& output) {
+    static const std::regex kLoss(R"(loss ([0-9.]+) \(step 1\))");
+    std::smatch m;
+    return std::regex_search(output, m, kLoss) ? std::stod(m[1]) : -1.0;
+  };
+  const std::string model =
+      Flags() +
+      " --set model.activation=swiglu"
+      " --set model.shards_per_expert=2 --set training.steps=2";
+  const auto fresh =
+      RunSwitchyard("train --reference --sample-bytes 0" + model);
+  const auto started =
+      RunSwitchyard("train --reference --sample-bytes 0" + model +
+                    " --set checkpoint.init_from=" + out);
+  ASSERT_EQ(started.exit_code, 0) << started.output;
+  EXPECT_GT(first_loss(fresh.output), 5.0) << fresh.output;
+  EXPECT_LT(first_loss(started.output), first_loss(fresh.output) - 1.0)
+      << started.output;
+
   // A flipped byte in one worker's store: verify names the shard.
   {
     auto kv = storage::OpenRocksKvStore(
