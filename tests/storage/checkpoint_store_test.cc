@@ -255,6 +255,51 @@ TEST_F(CheckpointStoreTest, BadInputIsRefused) {
             StatusCode::kInvalidArgument);
 }
 
+// A real full disk: the store on a small tmpfs. Writes that do not fit fail
+// with RESOURCE_EXHAUSTED and leave nothing behind; what was written before
+// stays readable; once space is freed, writes work again. Needs mount(2)
+// (root, as on the CI machines); elsewhere the fault-injection test in
+// worker_service_test covers the worker's side.
+TEST_F(CheckpointStoreTest, AFullDiskFailsWritesAndKeepsWhatWasThere) {
+  const std::string mnt = dir_ + "_tmpfs";
+  fs::create_directories(mnt);
+  const std::string mount_cmd =
+      "mount -t tmpfs -o size=4m tmpfs " + mnt + " 2>/dev/null";
+  if (std::system(mount_cmd.c_str()) != 0) {
+    fs::remove_all(mnt);
+    GTEST_SKIP() << "cannot mount a tmpfs here (not root)";
+  }
+  {
+    CheckpointStoreOptions o;
+    o.chunk_bytes = 4096;
+    auto store = OpenCheckpointStore(mnt + "/store", o);
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    ASSERT_TRUE((*store)->WriteShard(Snapshot("D0", 1)).ok());
+    // Fill the disk, leaving less room than one checkpoint of a shard.
+    {
+      std::ofstream filler(mnt + "/filler", std::ios::binary);
+      std::vector<char> block(64 * 1024, 'x');
+      while (filler.write(block.data(), block.size())) {
+      }
+    }
+    auto full = (*store)->WriteShard(Snapshot("D0", 2));
+    EXPECT_EQ(full.status().code(), StatusCode::kResourceExhausted)
+        << full.status().ToString();
+    EXPECT_NE(full.status().message().find("D0 at step 2"), std::string::npos)
+        << full.status().message();
+    auto kept = (*store)->ReadShard(1, "D0");
+    ASSERT_TRUE(kept.ok()) << kept.status().ToString();
+    ExpectSame(*kept, Snapshot("D0", 1));
+    EXPECT_EQ((*store)->ReadShard(2, "D0").status().code(),
+              StatusCode::kNotFound);
+    fs::remove(mnt + "/filler");
+    auto again = (*store)->WriteShard(Snapshot("D0", 3));
+    EXPECT_TRUE(again.ok()) << again.status().ToString();
+  }
+  std::system(("umount " + mnt).c_str());
+  fs::remove_all(mnt);
+}
+
 // The child of the crash test: writes the steps after the last one in
 // DIR/done (two shards each) and appends "<step>\n" to DIR/done once both
 // are written.
