@@ -94,8 +94,11 @@ Status RunWorker(const config::SwitchyardConfig& config,
                       : "; placement error: " + routing.placement_error());
     Status s = service.ApplyRouting(routing);
     if (!s.ok()) {
-      LOG(ERROR) << name << ": cannot adopt epoch " << routing.epoch() << ": "
-                 << s.ToString();
+      // The worker stays at its previous epoch (requests of the new one are
+      // refused as not ready) and tries again with the next table.
+      LOG(WARNING) << name << ": cannot adopt epoch " << routing.epoch()
+                   << " yet (retried with the next routing table): "
+                   << s.ToString();
     }
   };
   member.loads = [&service] { return service.TakeLoads(); };
