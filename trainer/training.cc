@@ -277,6 +277,7 @@ StatusOr<TrainingResult> RunTraining(
   int64_t tokens = 0;
   LossReport window;  // Since the last progress line.
   int window_steps = 0;
+  int last_window = 0;  // Steps in the last closed window.
   const int64_t run_steps = std::max<int64_t>(1, end_step - first_step);
   for (int64_t step = first_step; step < end_step; ++step) {
     if (stopping != nullptr && *stopping) {
@@ -315,6 +316,7 @@ StatusOr<TrainingResult> RunTraining(
     if (last || (step + 1) % tr.log_every() == 0) {
       // The end of a progress window (log_every steps).
       result.last_loss = window.loss / window_steps;
+      last_window = window_steps;
     }
     if (print && (last || (step + 1) % tr.log_every() == 0)) {
       const double seconds = MsSince(start) / 1000;
@@ -345,7 +347,7 @@ StatusOr<TrainingResult> RunTraining(
   out << std::fixed << std::setprecision(3) << "done: " << end_step - first_step
       << " steps in " << Duration(seconds) << ", loss " << result.first_loss
       << " (step " << first_step + 1 << ") -> " << result.last_loss << " (last "
-      << tr.log_every() << " steps), validation loss " << result.validation_loss
+      << last_window << " steps), validation loss " << result.validation_loss
       << std::setprecision(0) << ", " << result.tokens_per_second << " tok/s"
       << std::setprecision(1) << "\nper step (ms): pull " << t.pull
       << ", dense compute " << t.dense << ", experts " << t.experts << ", push "

@@ -93,7 +93,8 @@ struct TrainingOptions {
 // tokens_per_second counts the whole cluster's tokens (every rank's).
 struct TrainingResult {
   int64_t steps = 0;
-  // The first step's loss; the mean loss of the last log_every steps.
+  // The first step's loss; the mean loss of the last progress window (up
+  // to log_every steps).
   double first_loss = 0, last_loss = 0;
   double validation_loss = 0;  // At the end; 0 when not evaluated.
   double tokens_per_second = 0;
