@@ -52,10 +52,14 @@ int CoordinatorCommand(int argc, char** argv) {
   flags.Register(&parser);
   ResumeFlags resume;
   resume.Register(&parser);
+  MetricsFlag metrics;
+  metrics.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
   LoadedConfig loaded;
   std::string secret;
   if (!LoadConfigAndSecret(flags, &loaded, &secret)) return 2;
+  auto metrics_server = metrics.Start();
+  if (!metrics_server.ok()) return Finish(metrics_server.status());
 
   boost::asio::io_context io;
   coordinator::CoordinatorService service(io, loaded.config, secret);
@@ -89,11 +93,15 @@ int WorkerCommand(int argc, char** argv) {
   parser.AddString("device", &options.device, "cpu or cuda:N");
   parser.AddString("data-address", &options.data_address,
                    "data-plane address advertised to trainers");
+  MetricsFlag metrics;
+  metrics.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
   options.capacity_bytes = capacity;
   LoadedConfig loaded;
   std::string secret;
   if (!LoadConfigAndSecret(flags, &loaded, &secret)) return 2;
+  auto metrics_server = metrics.Start();
+  if (!metrics_server.ok()) return Finish(metrics_server.status());
   return Finish(expert_worker::RunWorker(loaded.config, secret, options));
 }
 

@@ -59,6 +59,19 @@ std::vector<std::string> ResumeFlags::Args() const {
   return args;
 }
 
+void MetricsFlag::Register(FlagParser* parser) {
+  parser->AddString("metrics-address", &address,
+                    "serve Prometheus metrics at http://HOST:PORT/metrics "
+                    "(port 0: any free port; off when empty)");
+}
+
+StatusOr<std::unique_ptr<transport::MetricsServer>> MetricsFlag::Start() const {
+  if (address.empty()) return std::unique_ptr<transport::MetricsServer>();
+  auto server = std::make_unique<transport::MetricsServer>();
+  RETURN_IF_ERROR(server->Start(address));
+  return server;
+}
+
 int ParseOrExit(FlagParser* parser, int argc, char** argv) {
   Status s = parser->Parse(argc, argv, 2);
   if (parser->help_requested()) {

@@ -3,11 +3,13 @@
 #define SWITCHYARD_CLI_CONFIG_FLAGS_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "common/config.h"
 #include "common/flags.h"
+#include "transport/http/metrics_server.h"
 
 namespace switchyard::cli {
 
@@ -37,6 +39,16 @@ struct ResumeFlags {
   void Register(FlagParser* parser);
   // The same flags as arguments for a child coordinator.
   std::vector<std::string> Args() const;
+};
+
+// --metrics-address HOST:PORT: a Prometheus endpoint for this process
+// (coordinator, worker, train).
+struct MetricsFlag {
+  std::string address;
+
+  void Register(FlagParser* parser);
+  // Starts the endpoint when the flag was given (null otherwise).
+  StatusOr<std::unique_ptr<transport::MetricsServer>> Start() const;
 };
 
 // Parses argv for a subcommand: prints help and returns 0 for --help, prints
