@@ -62,14 +62,14 @@ Status WriteSafetensors(const std::string& path,
                                     {"step", std::to_string(step)}});
 }
 
-// Columns [from, from + n) of every row of m (rows, cols) into
-// out (rows, out_cols) at column `at`.
+// Columns [from, from + n) of every row of m into columns [at, at + n) of
+// out. A vector is one row.
 void CopyColumns(const Tensor& m, int64_t from, int64_t n, Tensor* out,
                  int64_t at) {
-  const int64_t rows = m.dim(0), cols = m.rank() == 2 ? m.dim(1) : m.dim(0);
-  const int64_t out_cols = out->rank() == 2 ? out->dim(1) : out->dim(0);
-  const int64_t r_count = m.rank() == 2 ? rows : 1;
-  for (int64_t r = 0; r < r_count; ++r) {
+  const int64_t rows = m.rank() == 2 ? m.dim(0) : 1;
+  const int64_t cols = m.num_elements() / rows;
+  const int64_t out_cols = out->num_elements() / rows;
+  for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(out->f32() + r * out_cols + at, m.f32() + r * cols + from,
                 n * sizeof(float));
   }

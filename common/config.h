@@ -46,6 +46,13 @@ Status ValidateConfig(const SwitchyardConfig& config,
 // order. Used by docs tests and --help.
 std::vector<std::string> AllConfigFieldPaths();
 
+// Where this run stops: training.stop_at_step when set, else
+// training.steps.
+inline int64_t RunEndStep(const config::TrainingConfig& training) {
+  return training.stop_at_step() > 0 ? training.stop_at_step()
+                                     : training.steps();
+}
+
 }  // namespace switchyard
 
 #endif  // SWITCHYARD_COMMON_CONFIG_H_

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "common/shard_ref.h"
 #include "coordinator/placement.h"
 
 namespace switchyard::coordinator {
@@ -26,6 +27,9 @@ std::string KindName(MemberKind kind) {
 
 ClusterState::ClusterState(const config::SwitchyardConfig& config)
     : config_(config), shards_(ModelShards(config)) {
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    shard_index_[shards_[i].id] = static_cast<int>(i);
+  }
   shard_home_.assign(shards_.size(), "");
   shard_unplaced_.assign(shards_.size(), true);
 }
@@ -270,11 +274,7 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
       now + std::chrono::milliseconds(config_.cluster().lease_ms());
   m.last_heartbeat = now;
   for (const auto& load : beat.loads()) {
-    const auto& ref = load.shard();
-    ShardId id = ref.kind() == control::DENSE
-                     ? ShardId::Dense(ref.shard())
-                     : ShardId::Expert(ref.layer(), ref.expert(), ref.shard());
-    m.tokens[id.ToString()] = load.tokens();
+    m.tokens[FromShardRef(load.shard()).ToString()] = load.tokens();
   }
   control::HeartbeatAck ack;
   ack.set_epoch(epoch_);
@@ -350,20 +350,13 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
   std::map<int, ReportedShard>& reported = pending_[report.step()];
   if (!report.replica()) AssignReplicas(report);
   for (const auto& s : report.shards()) {
-    const auto& ref = s.shard();
-    const ShardId id =
-        ref.kind() == control::DENSE
-            ? ShardId::Dense(ref.shard())
-            : ShardId::Expert(ref.layer(), ref.expert(), ref.shard());
-    int index = -1;
-    for (size_t i = 0; i < shards_.size(); ++i) {
-      if (shards_[i].id == id) index = static_cast<int>(i);
-    }
-    if (index < 0) {
+    const ShardId id = FromShardRef(s.shard());
+    auto found = shard_index_.find(id);
+    if (found == shard_index_.end()) {
       return InvalidArgumentError("checkpoint report names shard " +
                                   id.ToString() + ", not in the model");
     }
-    ReportedShard& r = reported[index];
+    ReportedShard& r = reported[found->second];
     if (report.replica()) {
       r.replicas.insert(report.name());
     } else {
@@ -483,12 +476,7 @@ control::RoutingTable ClusterState::Routing() const {
   if (!placed_) return table;
   for (size_t i = 0; i < shards_.size(); ++i) {
     auto* e = table.add_entries();
-    const ShardId& id = shards_[i].id;
-    e->mutable_shard()->set_kind(id.is_expert() ? control::EXPERT
-                                                : control::DENSE);
-    e->mutable_shard()->set_layer(id.layer);
-    e->mutable_shard()->set_expert(id.expert);
-    e->mutable_shard()->set_shard(id.shard);
+    *e->mutable_shard() = ToShardRef(shards_[i].id);
     e->set_bytes(shards_[i].bytes);
     auto w = index.find(shard_home_[i]);
     e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);

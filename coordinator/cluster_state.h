@@ -88,6 +88,7 @@ class ClusterState {
 
   config::SwitchyardConfig config_;
   std::vector<ShardFootprint> shards_;
+  std::map<ShardId, int> shard_index_;  // Position in shards_.
   std::map<std::string, Member> members_;
   uint64_t epoch_ = 1;
   uint64_t next_incarnation_ = 1;

@@ -59,12 +59,9 @@ Status RunWorker(const config::SwitchyardConfig& config,
         });
   }
   RETURN_IF_ERROR(service.Start());
-  transport::DataPlaneOptions dp;
-  dp.listen_host = config.transport().data_host();
-  dp.ucx_tls = config.transport().ucx_tls();
-  dp.max_inflight_bytes = config.transport().max_inflight_bytes();
-  dp.busy_poll_us = config.transport().busy_poll_us();
-  ASSIGN_OR_RETURN(auto data_plane, transport::NewUcxDataPlane(dp));
+  ASSIGN_OR_RETURN(auto data_plane,
+                   transport::NewUcxDataPlane(
+                       transport::DataPlaneOptionsFrom(config.transport())));
   service.SetPeerPlane(data_plane.get());
   RETURN_IF_ERROR(data_plane->Start(
       [&service](transport::Message request, transport::Reply reply) {

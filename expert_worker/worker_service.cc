@@ -9,6 +9,7 @@
 #include "common/metrics.h"
 #include "common/model_shape.h"
 #include "common/random.h"
+#include "common/shard_ref.h"
 #include "expert_worker/expert_init.h"
 
 namespace switchyard::expert_worker {
@@ -135,17 +136,13 @@ void WorkerService::CheckpointLoop() {
         break;
       }
       bytes += manifest->total_bytes();
-      auto* shard = report.add_shards();
-      auto id = ShardId::Parse(snapshot.shard);
-      auto* ref = shard->mutable_shard();
-      if (id.ok() && id->is_expert()) {
-        ref->set_kind(control::EXPERT);
-        ref->set_layer(id->layer);
-        ref->set_expert(id->expert);
-      } else {
-        ref->set_kind(control::DENSE);
+      auto id = ShardId::Parse(snapshot.shard);  // Our own names: parse.
+      if (!id.ok()) {
+        s = id.status();
+        break;
       }
-      ref->set_shard(id.ok() ? id->shard : 0);
+      auto* shard = report.add_shards();
+      *shard->mutable_shard() = ToShardRef(*id);
       shard->set_digest(manifest->digest());
       shard->set_bytes(manifest->total_bytes());
     }
@@ -244,8 +241,7 @@ Status WorkerService::RunReplication(const control::ReplicationTask& task) {
       ASSIGN_OR_RETURN(dense, NewDenseShard(ref.shard()));
       like = SnapshotOf(*dense, /*deep=*/false);
     } else {
-      ASSIGN_OR_RETURN(expert, NewShard(ShardId::Expert(
-                                   ref.layer(), ref.expert(), ref.shard())));
+      ASSIGN_OR_RETURN(expert, NewShard(FromShardRef(ref)));
       like = SnapshotOf(*expert, /*deep=*/false);
     }
     ASSIGN_OR_RETURN(storage::ShardSnapshot copy,
@@ -470,8 +466,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   for (const auto& e : routing.entries()) {
     if (e.worker() != self || self < 0) continue;
     if (e.shard().kind() == control::EXPERT) {
-      wanted.insert(ShardId::Expert(e.shard().layer(), e.shard().expert(),
-                                    e.shard().shard()));
+      wanted.insert(FromShardRef(e.shard()));
     } else if (e.shard().kind() == control::DENSE) {
       wanted_dense.insert(e.shard().shard());
     }
@@ -1044,11 +1039,7 @@ Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
   std::map<std::string, std::vector<std::string>> holders;
   std::map<std::string, std::string> address;
   for (const auto& e : routing.entries()) {
-    const auto& r = e.shard();
-    const ShardId id = r.kind() == control::DENSE
-                           ? ShardId::Dense(r.shard())
-                           : ShardId::Expert(r.layer(), r.expert(), r.shard());
-    auto& h = holders[id.ToString()];
+    auto& h = holders[FromShardRef(e.shard()).ToString()];
     h.push_back(e.resume_holder());
     h.insert(h.end(), e.resume_replicas().begin(), e.resume_replicas().end());
   }
@@ -1140,10 +1131,7 @@ std::vector<control::ShardLoad> WorkerService::TakeLoads() {
   std::vector<control::ShardLoad> loads;
   for (auto& [id, s] : shards_) {
     control::ShardLoad load;
-    load.mutable_shard()->set_kind(control::EXPERT);
-    load.mutable_shard()->set_layer(id.layer);
-    load.mutable_shard()->set_expert(id.expert);
-    load.mutable_shard()->set_shard(id.shard);
+    *load.mutable_shard() = ToShardRef(id);
     load.set_tokens(s->tokens);
     s->tokens = 0;
     loads.push_back(load);

@@ -125,12 +125,13 @@ Status Transformer<Real>::Forward(const Real* params, const Batch& batch,
     c.attn.resize(B);
     c.h = c.x;
     std::vector<Real> attn_out(static_cast<size_t>(L) * d);
+    const Real* wq = Param(params, p + ".attn.wq");
+    const Real* wk = Param(params, p + ".attn.wk");
+    const Real* wv = Param(params, p + ".attn.wv");
+    const Real* wo = Param(params, p + ".attn.wo");
     for (int b = 0; b < B; ++b) {
       const size_t at = static_cast<size_t>(b) * L * d;
-      AttentionForward(c.n1.data() + at, Param(params, p + ".attn.wq"),
-                       Param(params, p + ".attn.wk"),
-                       Param(params, p + ".attn.wv"),
-                       Param(params, p + ".attn.wo"), L, d, heads, rotary_,
+      AttentionForward(c.n1.data() + at, wq, wk, wv, wo, L, d, heads, rotary_,
                        attn_out.data(), &c.attn[b]);
       for (size_t i = 0; i < attn_out.size(); ++i) c.h[at + i] += attn_out[i];
     }
@@ -256,15 +257,19 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
     AddInto(dx, &dh);  // The residual path.
     // h = x + Attention(Norm1(x)).
     std::vector<Real>& dn1 = dn;
+    const Real* wq = Param(params, p + ".attn.wq");
+    const Real* wk = Param(params, p + ".attn.wk");
+    const Real* wv = Param(params, p + ".attn.wv");
+    const Real* wo = Param(params, p + ".attn.wo");
+    Real* dwq = Grad(grads, p + ".attn.wq");
+    Real* dwk = Grad(grads, p + ".attn.wk");
+    Real* dwv = Grad(grads, p + ".attn.wv");
+    Real* dwo = Grad(grads, p + ".attn.wo");
     for (int b = 0; b < B; ++b) {
       const size_t at = static_cast<size_t>(b) * L * d;
-      AttentionBackward(
-          c.n1.data() + at, Param(params, p + ".attn.wq"),
-          Param(params, p + ".attn.wk"), Param(params, p + ".attn.wv"),
-          Param(params, p + ".attn.wo"), L, d, heads, rotary_, c.attn[b],
-          dh.data() + at, dn1.data() + at, Grad(grads, p + ".attn.wq"),
-          Grad(grads, p + ".attn.wk"), Grad(grads, p + ".attn.wv"),
-          Grad(grads, p + ".attn.wo"));
+      AttentionBackward(c.n1.data() + at, wq, wk, wv, wo, L, d, heads, rotary_,
+                        c.attn[b], dh.data() + at, dn1.data() + at, dwq, dwk,
+                        dwv, dwo);
     }
     NormBackward(params, p + ".norm1", c.x.data(), dn1.data(), N, dx.data(),
                  grads);

@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "common/shard_ref.h"
+
 namespace switchyard::trainer {
 
 using transport::Message;
@@ -39,8 +41,7 @@ void MoeLayerClient::SetRouting(const control::RoutingTable& routing) {
   address_.clear();
   for (const auto& e : routing.entries()) {
     if (e.shard().kind() != control::EXPERT || e.worker() < 0) continue;
-    address_[ShardId::Expert(e.shard().layer(), e.shard().expert(),
-                             e.shard().shard())] =
+    address_[FromShardRef(e.shard())] =
         routing.workers(e.worker()).data_address();
   }
 }

@@ -27,12 +27,7 @@ StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
   RETURN_IF_ERROR(service.ApplyRouting(routing));
 
   auto trainer_plane = transport::NewInProcessDataPlane();
-  RETURN_IF_ERROR(trainer_plane->Start(
-      [](transport::Message request, transport::Reply reply) {
-        reply(transport::ErrorResponse(
-            request.header,
-            InvalidArgumentError("a trainer serves no data-plane requests")));
-      }));
+  RETURN_IF_ERROR(trainer_plane->Start(transport::RefuseRequests("a trainer")));
   std::vector<std::unique_ptr<TrainerReplica>> owned;
   std::vector<TrainerReplica*> replicas;
   for (int rank = 0; rank < config.cluster().trainers(); ++rank) {

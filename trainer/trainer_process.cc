@@ -4,6 +4,7 @@
 #include <iostream>
 #include <mutex>
 
+#include "common/config.h"
 #include "trainer/layers.h"
 #include "transport/control/member_process.h"
 #include "transport/data_plane.h"
@@ -49,18 +50,10 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   ASSIGN_OR_RETURN(ByteCorpus corpus, LoadCorpus(config));
   SetMatMulThreads(config.training().threads());
 
-  transport::DataPlaneOptions dp;
-  dp.listen_host = config.transport().data_host();
-  dp.ucx_tls = config.transport().ucx_tls();
-  dp.max_inflight_bytes = config.transport().max_inflight_bytes();
-  dp.busy_poll_us = config.transport().busy_poll_us();
-  ASSIGN_OR_RETURN(auto data_plane, transport::NewUcxDataPlane(dp));
-  RETURN_IF_ERROR(
-      data_plane->Start([](transport::Message request, transport::Reply reply) {
-        reply(transport::ErrorResponse(
-            request.header,
-            InvalidArgumentError("a trainer serves no data-plane requests")));
-      }));
+  ASSIGN_OR_RETURN(auto data_plane,
+                   transport::NewUcxDataPlane(
+                       transport::DataPlaneOptionsFrom(config.transport())));
+  RETURN_IF_ERROR(data_plane->Start(transport::RefuseRequests("a trainer")));
   TrainerReplica replica(config, options.rank, data_plane.get());
 
   control::MemberProcessOptions member;
@@ -88,9 +81,13 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     cv.notify_all();
   };
   // The newest committed checkpoint, from heartbeat acknowledgements.
-  std::atomic<int64_t> committed{0};
+  int64_t committed = 0;  // GUARDED_BY(mu)
   member.on_heartbeat_ack = [&](const control::HeartbeatAck& ack) {
-    committed = ack.committed_step();
+    {
+      // Under the lock: the waiter's check and its wait are one step.
+      std::lock_guard<std::mutex> lock(mu);
+      committed = ack.committed_step();
+    }
     cv.notify_all();
   };
   // How long to wait for every worker to join and every shard to be placed.
@@ -132,8 +129,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     if (config.checkpoint().every() == 0) return OkStatus();
     // The run's end is only done once its checkpoint is committed: then
     // everything trained survives whatever happens next.
-    const auto& tr = config.training();
-    const int64_t end = tr.stop_at_step() > 0 ? tr.stop_at_step() : tr.steps();
+    const int64_t end = RunEndStep(config.training());
     std::unique_lock<std::mutex> lock(mu);
     if (!cv.wait_for(lock, join_timeout,
                      [&] { return committed >= end || stopping; })) {

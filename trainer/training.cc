@@ -7,8 +7,10 @@
 #include <iomanip>
 #include <sstream>
 
+#include "common/config.h"
 #include "common/model_shape.h"
 #include "common/random.h"
+#include "common/shard_ref.h"
 
 namespace switchyard::trainer {
 
@@ -258,8 +260,7 @@ StatusOr<TrainingResult> RunTraining(
         << std::endl;
   }
   // Where this run ends: training.steps, or earlier at stop_at_step.
-  const int64_t end_step =
-      tr.stop_at_step() > 0 ? tr.stop_at_step() : tr.steps();
+  const int64_t end_step = RunEndStep(tr);
   if (first_step >= end_step) {
     if (print) {
       out << "nothing to train: the run resumes at step " << first_step
@@ -395,16 +396,7 @@ control::RoutingTable ReferenceRouting(const config::SwitchyardConfig& config,
   w->set_data_address(data_address);
   for (const ShardFootprint& fp : ModelShards(config)) {
     auto* e = routing.add_entries();
-    auto* id = e->mutable_shard();
-    if (fp.id.is_expert()) {
-      id->set_kind(control::EXPERT);
-      id->set_layer(fp.id.layer);
-      id->set_expert(fp.id.expert);
-      id->set_shard(fp.id.shard);
-    } else {
-      id->set_kind(control::DENSE);
-      id->set_shard(fp.id.shard);
-    }
+    *e->mutable_shard() = ToShardRef(fp.id);
     e->set_worker(0);
     e->set_bytes(fp.bytes);
   }

@@ -104,11 +104,27 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
           ": still refused as not ready (ABORTED) at the deadline");
     }
     to_send = pending->retry;
-    std::sort(to_send.begin(), to_send.end());
     lock.unlock();
     std::this_thread::sleep_for(
         std::chrono::milliseconds(std::min(100, 5 << std::min(attempt, 4))));
   }
+}
+
+DataPlaneOptions DataPlaneOptionsFrom(const config::TransportConfig& config) {
+  DataPlaneOptions options;
+  options.listen_host = config.data_host();
+  options.ucx_tls = config.ucx_tls();
+  options.max_inflight_bytes = config.max_inflight_bytes();
+  options.busy_poll_us = config.busy_poll_us();
+  return options;
+}
+
+RequestHandler RefuseRequests(const std::string& who) {
+  return [who](Message request, Reply reply) {
+    reply(ErrorResponse(request.header,
+                        InvalidArgumentError(who + " serves no data-plane "
+                                                   "requests")));
+  };
 }
 
 StatusOr<Message> DataPlane::SendSync(const std::string& peer, Message request,

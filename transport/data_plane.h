@@ -20,6 +20,7 @@
 
 #include "common/status.h"
 #include "common/tensor.h"
+#include "config.pb.h"
 #include "transport/wire_header.h"
 
 namespace switchyard::transport {
@@ -113,6 +114,14 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
 
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options);
+
+// The options a run's configuration gives (transport.data_host, ucx_tls,
+// max_inflight_bytes, busy_poll_us); the rest keep their defaults.
+DataPlaneOptions DataPlaneOptionsFrom(const config::TransportConfig& config);
+
+// A handler for a data plane that only sends (a trainer's): every request
+// is refused with INVALID_ARGUMENT saying `who` serves none.
+RequestHandler RefuseRequests(const std::string& who);
 
 }  // namespace switchyard::transport
 

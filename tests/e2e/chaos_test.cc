@@ -15,23 +15,18 @@
 #include <fstream>
 #include <random>
 #include <regex>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "tests/testing/files.h"
 #include "tests/testing/processes.h"
 #include "tests/testing/run_command.h"
 
 namespace switchyard {
 namespace {
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using testing::ReadFile;
 
 TEST(ChaosTest, WorkersKilledDuringCheckpointsLeaveCommittedOnesWhole) {
   const char* env = std::getenv("SWITCHYARD_CHAOS_ITERATIONS");
@@ -75,7 +70,7 @@ TEST(ChaosTest, WorkersKilledDuringCheckpointsLeaveCommittedOnesWhole) {
     const auto deadline =
         std::chrono::steady_clock::now() + std::chrono::seconds(90);
     while (std::chrono::steady_clock::now() < deadline && pid < 0) {
-      const std::string text = ReadAll(log);
+      const std::string text = ReadFile(log);
       std::smatch m;
       if (std::regex_search(text, kCommit) &&
           std::regex_search(text, m, pid_re)) {
@@ -83,12 +78,12 @@ TEST(ChaosTest, WorkersKilledDuringCheckpointsLeaveCommittedOnesWhole) {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-    ASSERT_GT(pid, 0) << ReadAll(log);
+    ASSERT_GT(pid, 0) << ReadFile(log);
     std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 300));
     ::kill(pid, SIGKILL);
     const int code = testing::WaitExit(up, std::chrono::seconds(60));
     if (code == -1) testing::StopAndReap(up);
-    const std::string text = ReadAll(log);
+    const std::string text = ReadFile(log);
     EXPECT_NE(code, -1) << "the cluster did not stop\n" << text;
     std::smatch m;
     if (std::regex_search(text, m, kResume)) {

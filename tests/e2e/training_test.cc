@@ -23,7 +23,7 @@
 #include "common/model_shape.h"
 #include "expert_worker/worker_process.h"
 #include "storage/checkpoint_store.h"
-#include "storage/kv_store.h"
+#include "tests/testing/files.h"
 #include "tests/testing/processes.h"
 #include "tests/testing/run_command.h"
 
@@ -309,24 +309,10 @@ TEST_F(TrainingTest, CheckpointsListVerifyAndExport) {
       << started.output;
 
   // A flipped byte in one worker's store: verify names the shard.
-  {
-    auto kv = storage::OpenRocksKvStore(
-        expert_worker::CheckpointDir(config, commit->holder(5)) + "/db");
-    ASSERT_TRUE(kv.ok()) << kv.status().ToString();
-    const std::string prefix =
-        "ckpt/0000000000000014/" + shards[5].id.ToString() + "/";
-    std::string key, value;
-    ASSERT_TRUE(
-        (*kv)
-            ->ScanPrefix(prefix,
-                         [&](const std::string& k, const std::string& v) {
-                           if (key.empty()) key = k, value = v;
-                         })
-            .ok());
-    ASSERT_FALSE(key.empty());
-    value[3] ^= 0x20;
-    ASSERT_TRUE((*kv)->Put(key, value, true).ok());
-  }
+  const Status flipped = testing::FlipStoredByte(
+      expert_worker::CheckpointDir(config, commit->holder(5)) + "/db",
+      "ckpt/0000000000000014/" + shards[5].id.ToString() + "/", 3, 0x20);
+  ASSERT_TRUE(flipped.ok()) << flipped.ToString();
   const auto bad = RunSwitchyard("ckpt verify 20 --run-dir " + run);
   EXPECT_EQ(bad.exit_code, 1) << bad.output;
   EXPECT_NE(bad.output.find("BAD " + shards[5].id.ToString()),
@@ -347,12 +333,7 @@ TEST_F(TrainingTest, LosingAWorkerStopsTrainingWithAClearError) {
                            " --set transport.request_timeout_ms=5000");
   for (std::string f; flags >> f;) args.push_back(f);
   const pid_t up = testing::Spawn(args, log);
-  auto read_log = [&] {
-    std::ifstream in(log);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-  };
+  auto read_log = [&] { return testing::ReadFile(log); };
   // Training is under way once trainer 0 has printed a progress line; the
   // status table `up` printed before names worker-1's pid.
   pid_t victim = -1;

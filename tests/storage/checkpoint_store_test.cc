@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "storage/kv_store.h"
+#include "tests/testing/files.h"
 
 namespace switchyard::storage {
 namespace {
@@ -149,23 +150,9 @@ TEST_F(CheckpointStoreTest, AChunkThatDoesNotMatchItsChecksumIsDataLoss) {
     auto store = Open();
     ASSERT_TRUE(store->WriteShard(Snapshot("L2.E5.S1", 9)).ok());
   }
-  {
-    // Bytes changed behind the store's back (RocksDB's own checksums are
-    // consistent: only the manifest's can tell).
-    auto kv = OpenRocksKvStore(dir_ + "/db");
-    ASSERT_TRUE(kv.ok());
-    std::string key, value;
-    ASSERT_TRUE(
-        (*kv)
-            ->ScanPrefix("ckpt/",
-                         [&](const std::string& k, const std::string& v) {
-                           if (key.empty()) key = k, value = v;
-                         })
-            .ok());
-    ASSERT_FALSE(key.empty());
-    value[17] ^= 0x01;
-    ASSERT_TRUE((*kv)->Put(key, value, true).ok());
-  }
+  // Bytes changed behind the store's back (RocksDB's own checksums are
+  // consistent: only the manifest's can tell).
+  ASSERT_TRUE(testing::FlipStoredByte(dir_ + "/db", "ckpt/", 17, 0x01).ok());
   auto store = Open();
   auto r = store->ReadShard(9, "L2.E5.S1");
   EXPECT_EQ(r.status().code(), StatusCode::kDataLoss);

@@ -100,6 +100,15 @@ TEST_F(MoeClientTest, MatchesInProcessExpertsBitForBit) {
 
   // Reference: the same batches through the same expert code, here.
   auto gemm = expert_worker::NewCpuGemm(1);
+  // The same shard parameters and expert function the workers build.
+  auto ParamsOf = [&](int e, int s) {
+    return expert_worker::InitialExpertParams(config_, ShardId::Expert(0, e, s))
+        .value();
+  };
+  auto FfnOf = [&](int s) {
+    return expert_worker::ExpertFfn(
+        expert_worker::ExpertShardShape(config_, s).value(), gemm.get());
+  };
   Tensor y_ref = Tensor::Zeros(DType::kF32, {T, D}).value();
   Tensor dx_ref = Tensor::Zeros(DType::kF32, {T, D}).value();
   std::vector<float> d_gate_ref(T * K, 0.0f);
@@ -119,11 +128,8 @@ TEST_F(MoeClientTest, MatchesInProcessExpertsBitForBit) {
     Tensor out_sum, dx_sum;
     std::vector<Tensor> hidden(S);
     for (int s = 0; s < S; ++s) {
-      auto params =
-          expert_worker::InitialExpertParams(config_, ShardId::Expert(0, e, s))
-              .value();
-      expert_worker::ExpertFfn ffn(
-          expert_worker::ExpertShardShape(config_, s).value(), gemm.get());
+      const auto params = ParamsOf(e, s);
+      const expert_worker::ExpertFfn ffn = FfnOf(s);
       hidden[s] = Tensor::Zeros(DType::kF32, {n, 16}).value();
       Tensor out = Tensor::Zeros(DType::kF32, {n, D}).value();
       ASSERT_TRUE(ffn.Forward(params, xe, &hidden[s], &out).ok());
@@ -143,11 +149,8 @@ TEST_F(MoeClientTest, MatchesInProcessExpertsBitForBit) {
       d_gate_ref[t * K + j] = dot;
     }
     for (int s = 0; s < S; ++s) {
-      auto params =
-          expert_worker::InitialExpertParams(config_, ShardId::Expert(0, e, s))
-              .value();
-      expert_worker::ExpertFfn ffn(
-          expert_worker::ExpertShardShape(config_, s).value(), gemm.get());
+      const auto params = ParamsOf(e, s);
+      const expert_worker::ExpertFfn ffn = FfnOf(s);
       Tensor dh = Tensor::Zeros(DType::kF32, {n, 16}).value();
       Tensor a = Tensor::Zeros(DType::kF32, {n, 16}).value();
       Tensor dxe = Tensor::Zeros(DType::kF32, {n, D}).value();

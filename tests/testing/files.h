@@ -1,0 +1,42 @@
+// Test helpers for files and stores on disk. Header-only.
+#ifndef SWITCHYARD_TESTS_TESTING_FILES_H_
+#define SWITCHYARD_TESTS_TESTING_FILES_H_
+
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "common/status.h"
+#include "storage/kv_store.h"
+
+namespace switchyard::testing {
+
+// The whole file ("" if it cannot be read).
+inline std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Flips bit `mask` of byte `offset` in the value of the first key under
+// `prefix` of the RocksDB database at `db`, behind any store's back (its
+// own block checksums stay consistent). Fails when there is no such key.
+inline Status FlipStoredByte(const std::string& db, const std::string& prefix,
+                             size_t offset, char mask) {
+  ASSIGN_OR_RETURN(auto kv, storage::OpenRocksKvStore(db));
+  std::string key, value;
+  RETURN_IF_ERROR(
+      kv->ScanPrefix(prefix, [&](const std::string& k, const std::string& v) {
+        if (key.empty()) key = k, value = v;
+      }));
+  if (key.empty() || value.size() <= offset) {
+    return NotFoundError("no value to corrupt under " + prefix);
+  }
+  value[offset] ^= mask;
+  return kv->Put(key, value, /*sync=*/true);
+}
+
+}  // namespace switchyard::testing
+
+#endif  // SWITCHYARD_TESTS_TESTING_FILES_H_
