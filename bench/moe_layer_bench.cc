@@ -12,7 +12,11 @@
 // machine's 2 cores). Target: >= 5,000 tokens/s (issue 4). Each trainer also
 // prints where its step time goes (forward, backward, StepDone).
 //
-// usage: moe_layer_bench [--steps N] [--micro-batches M]
+// Runs with fp32 and then bf16 expert compute (bf16 GEMM operands, fp32
+// accumulation and master weights, bf16 tokens on the wire), or only the
+// one --dtype names.
+//
+// usage: moe_layer_bench [--steps N] [--micro-batches M] [--dtype fp32|bf16]
 //        (internal roles: --role worker|trainer ...)
 #include <cblas.h>
 #include <signal.h>
@@ -49,8 +53,13 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
+// Expert compute and wire dtype: "fp32" or "bf16" (--dtype).
+std::string g_dtype = "fp32";
+
 config::SwitchyardConfig BenchConfig(int threads) {
   config::SwitchyardConfig c;
+  c.mutable_training()->set_compute_dtype(g_dtype);
+  c.mutable_training()->set_wire_dtype(g_dtype);
   auto* m = c.mutable_model();
   m->set_num_layers(1);
   m->set_moe_every(1);
@@ -238,11 +247,18 @@ int RunParent(int steps, int micro_batches) {
                               .string();
   fs::remove_all(dir);
   fs::create_directories(dir);
+  std::printf(
+      "moe_layer (%s experts): d_model %d, d_ff %d, %d experts, top-1, %d "
+      "tokens x %d trainers, %d workers, %d steps of %d micro-batches\n",
+      g_dtype.c_str(), kD, kF, kExperts, kTokens, kTrainers, kWorkers, steps,
+      micro_batches);
+  std::fflush(stdout);
   const double raw = RawGemmStep(2);
   std::vector<pid_t> workers, trainers;
   for (int i = 0; i < kWorkers; ++i) {
-    workers.push_back(Spawn({"moe_layer_bench", "--role", "worker", "--dir",
-                             dir, "--index", std::to_string(i)}));
+    workers.push_back(
+        Spawn({"moe_layer_bench", "--role", "worker", "--dir", dir, "--index",
+               std::to_string(i), "--dtype", g_dtype}));
   }
   int rc = 0;
   control::RoutingTable routing;
@@ -269,10 +285,10 @@ int RunParent(int steps, int micro_batches) {
     if (!WaitForFile(dir + "/w" + std::to_string(i) + ".ready")) rc = 1;
   }
   for (int r = 0; r < kTrainers && rc == 0; ++r) {
-    trainers.push_back(
-        Spawn({"moe_layer_bench", "--role", "trainer", "--dir", dir, "--rank",
-               std::to_string(r), "--steps", std::to_string(steps),
-               "--micro-batches", std::to_string(micro_batches)}));
+    trainers.push_back(Spawn(
+        {"moe_layer_bench", "--role", "trainer", "--dir", dir, "--rank",
+         std::to_string(r), "--steps", std::to_string(steps), "--micro-batches",
+         std::to_string(micro_batches), "--dtype", g_dtype}));
   }
   for (pid_t p : trainers) {
     int status = 0;
@@ -299,10 +315,6 @@ int RunParent(int steps, int micro_batches) {
   const double gflops = tokens_per_s * flops_per_token / 1e9;
   const double raw_tokens_per_s = kTrainers * kTokens / raw;
   std::printf(
-      "moe_layer: d_model %d, d_ff %d, %d experts, top-1, %d tokens x %d "
-      "trainers, %d workers, %d steps of %d micro-batches\n",
-      kD, kF, kExperts, kTokens, kTrainers, kWorkers, steps, micro_batches);
-  std::printf(
       "  system:   %8.0f tokens/s  %6.1f expert GFLOP/s  (target >= "
       "5000 tokens/s: %s)\n",
       tokens_per_s, gflops, tokens_per_s >= 5000 ? "met" : "NOT met");
@@ -319,7 +331,7 @@ int RunParent(int steps, int micro_batches) {
 
 int main(int argc, char** argv) {
   switchyard::expert_worker::SelectBlasKernels(argv);
-  std::string role, dir;
+  std::string role, dir, dtype;
   int index = 0, steps = 10, micro_batches = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -333,10 +345,23 @@ int main(int argc, char** argv) {
       steps = std::stoi(value);
     else if (flag == "--micro-batches")
       micro_batches = std::stoi(value);
+    else if (flag == "--dtype")
+      dtype = value;
   }
+  if (!dtype.empty() && dtype != "fp32" && dtype != "bf16") {
+    std::fprintf(stderr, "moe_layer_bench: --dtype is fp32 or bf16\n");
+    return 2;
+  }
+  if (!dtype.empty()) switchyard::g_dtype = dtype;
   if (role == "worker") return switchyard::RunWorker(dir, index);
   if (role == "trainer") {
     return switchyard::RunTrainer(dir, index, steps, micro_batches);
   }
-  return switchyard::RunParent(steps, micro_batches);
+  int rc = 0;
+  for (const char* d : {"fp32", "bf16"}) {
+    if (!dtype.empty() && dtype != d) continue;
+    switchyard::g_dtype = d;
+    rc |= switchyard::RunParent(steps, micro_batches);
+  }
+  return rc;
 }

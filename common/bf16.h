@@ -29,6 +29,11 @@ inline float Bf16ToFloat(BFloat16 value) {
   return f;
 }
 
+// The same over n elements, vectorised (integer operations only, so the bits
+// do not depend on the instruction set chosen at load time).
+void FloatsToBf16(const float* src, int64_t n, BFloat16* dst);
+void Bf16ToFloats(const BFloat16* src, int64_t n, float* dst);
+
 }  // namespace switchyard
 
 #endif  // SWITCHYARD_COMMON_BF16_H_

@@ -144,17 +144,23 @@ Tensor Tensor::Clone() const {
 Tensor Tensor::To(DType dtype) const {
   if (dtype == dtype_) return Clone();
   Tensor out = Tensor::Zeros(dtype, shape_).value();
-  const int64_t n = num_elements();
-  if (dtype == DType::kBF16) {
-    const float* src = f32();
-    BFloat16* dst = out.bf16();
-    for (int64_t i = 0; i < n; ++i) dst[i] = FloatToBf16(src[i]);
-  } else {
-    const BFloat16* src = bf16();
-    float* dst = out.f32();
-    for (int64_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
-  }
+  (void)ConvertInto(&out);  // Same shape by construction.
   return out;
+}
+
+Status Tensor::ConvertInto(Tensor* out) const {
+  if (out->shape() != shape_) {
+    return InvalidArgumentError("cannot convert " + DebugString() + " into " +
+                                out->DebugString());
+  }
+  if (out->dtype() == dtype_) {
+    std::memcpy(out->data(), data(), num_bytes());
+  } else if (out->dtype() == DType::kBF16) {
+    FloatsToBf16(f32(), num_elements(), out->bf16());
+  } else {
+    Bf16ToFloats(bf16(), num_elements(), out->f32());
+  }
+  return OkStatus();
 }
 
 std::string Tensor::DebugString() const {

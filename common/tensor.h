@@ -67,6 +67,9 @@ class Tensor {
   Tensor Clone() const;
   // Converts to `dtype` (a deep copy; fp32 -> bf16 rounds to nearest even).
   Tensor To(DType dtype) const;
+  // The same into `out`, which has this shape (out's dtype says what to
+  // convert to), e.g. a buffer from a BufferPool.
+  Status ConvertInto(Tensor* out) const;
 
   // "f32[4,16]".
   std::string DebugString() const;

@@ -23,18 +23,12 @@ void AddColumnSums(const float* m, int64_t rows, int64_t n, float* out) {
   }
 }
 
-// bf16 copy of `src` (n elements) into `out`.
-void ConvertToBf16(const float* src, int64_t n, BFloat16* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(src[i]);
-}
-
 // bf16 copy of `src` (n elements) in `scratch`.
 const BFloat16* ToBf16(const float* src, int64_t n,
                        std::vector<BFloat16>* scratch) {
   if (static_cast<int64_t>(scratch->size()) < n) scratch->resize(n);
-  BFloat16* out = scratch->data();
-  for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(src[i]);
-  return out;
+  FloatsToBf16(src, n, scratch->data());
+  return scratch->data();
 }
 
 // Per-thread scratch, grown on demand and reused: no allocation per call
@@ -83,10 +77,14 @@ StatusOr<Activation> ParseActivation(const std::string& name) {
 }
 
 Status ExpertParams::RefreshBf16() {
-  ASSIGN_OR_RETURN(w1_bf16, Tensor::Zeros(DType::kBF16, w1.shape()));
-  ASSIGN_OR_RETURN(w2_bf16, Tensor::Zeros(DType::kBF16, w2.shape()));
-  ConvertToBf16(w1.f32(), w1.num_elements(), w1_bf16.bf16());
-  ConvertToBf16(w2.f32(), w2.num_elements(), w2_bf16.bf16());
+  // Reuses the copies' storage after the first call: no fresh pages per
+  // update.
+  for (auto [w, copy] : {std::pair{&w1, &w1_bf16}, {&w2, &w2_bf16}}) {
+    if (copy->empty() || copy->shape() != w->shape()) {
+      ASSIGN_OR_RETURN(*copy, Tensor::Zeros(DType::kBF16, w->shape()));
+    }
+    RETURN_IF_ERROR(w->ConvertInto(copy));
+  }
   return OkStatus();
 }
 
@@ -197,6 +195,18 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
 Status ExpertFfn::AccumulateGrads(const Tensor& x, const Tensor& a,
                                   const Tensor& dh, const Tensor& dy,
                                   ExpertParams* grads) const {
+  return Grads(x, a, dh, dy, /*accumulate=*/true, grads);
+}
+
+Status ExpertFfn::ComputeGrads(const Tensor& x, const Tensor& a,
+                               const Tensor& dh, const Tensor& dy,
+                               ExpertParams* grads) const {
+  return Grads(x, a, dh, dy, /*accumulate=*/false, grads);
+}
+
+Status ExpertFfn::Grads(const Tensor& x, const Tensor& a, const Tensor& dh,
+                        const Tensor& dy, bool accumulate,
+                        ExpertParams* grads) const {
   const int64_t tokens = x.rank() == 2 ? x.dim(0) : -1;
   RETURN_IF_ERROR(CheckShapes(*grads, x, tokens));
   const int d = shape_.d_model, f = shape_.d_ff_shard, gf = shape_.gates() * f;
@@ -204,15 +214,25 @@ Status ExpertFfn::AccumulateGrads(const Tensor& x, const Tensor& a,
       !IsMatrix(dy, tokens, d)) {
     return InvalidArgumentError("expert gradient inputs are mis-sized");
   }
+  if (!accumulate) {
+    for (Tensor* b : {&grads->b1, &grads->b2}) {
+      if (!b->empty()) std::memset(b->data(), 0, b->num_bytes());
+    }
+    if (tokens == 0) {
+      for (Tensor* w : {&grads->w1, &grads->w2}) {
+        std::memset(w->data(), 0, w->num_bytes());
+      }
+    }
+  }
   if (tokens == 0) return OkStatus();
   const DType dt = shape_.compute_dtype;
-  // dW1 += x^T dh
+  // dW1 (+)= x^T dh
   Product(gemm_, dt, true, false, d, gf, tokens, x.f32(), d, tokens * d,
-          dh.f32(), gf, tokens * gf, true, grads->w1.f32(), gf);
+          dh.f32(), gf, tokens * gf, accumulate, grads->w1.f32(), gf);
   if (shape_.has_b1) AddColumnSums(dh.f32(), tokens, gf, grads->b1.f32());
-  // dW2 += a^T dy
+  // dW2 (+)= a^T dy
   Product(gemm_, dt, true, false, f, d, tokens, a.f32(), f, tokens * f,
-          dy.f32(), d, tokens * d, true, grads->w2.f32(), d);
+          dy.f32(), d, tokens * d, accumulate, grads->w2.f32(), d);
   if (shape_.has_b2) AddColumnSums(dy.f32(), tokens, d, grads->b2.f32());
   return OkStatus();
 }

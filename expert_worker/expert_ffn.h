@@ -83,10 +83,16 @@ class ExpertFfn {
   // batches must come in a fixed order for reproducible sums.
   Status AccumulateGrads(const Tensor& x, const Tensor& a, const Tensor& dh,
                          const Tensor& dy, ExpertParams* grads) const;
+  // The same, overwriting grads instead of adding to them (no pass to zero
+  // them first).
+  Status ComputeGrads(const Tensor& x, const Tensor& a, const Tensor& dh,
+                      const Tensor& dy, ExpertParams* grads) const;
 
  private:
   Status CheckShapes(const ExpertParams& p, const Tensor& x,
                      int64_t tokens) const;
+  Status Grads(const Tensor& x, const Tensor& a, const Tensor& dh,
+               const Tensor& dy, bool accumulate, ExpertParams* grads) const;
 
   ExpertShape shape_;
   Gemm* gemm_;  // Not owned.

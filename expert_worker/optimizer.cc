@@ -34,6 +34,22 @@ Status CheckPair(const Tensor& grad, const Tensor& param) {
   return OkStatus();
 }
 
+// One AdamW update of n elements. Compiled for AVX-512, AVX2 and plain
+// x86-64 and chosen at load time; optimizer.cc is built with
+// -ffp-contract=off and -fno-math-errno, so every variant vectorises the
+// same IEEE operations (no fused multiply-adds) and gives the same bits.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AdamWUpdate(
+    int64_t n, float lr, float b1, float b2, float c1, float c2, float eps,
+    float wd, const float* __restrict g, float* __restrict p,
+    float* __restrict m, float* __restrict v) {
+  for (int64_t i = 0; i < n; ++i) {
+    m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+    v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+    const float update = (m[i] * c1) / (std::sqrt(v[i] * c2) + eps);
+    p[i] -= lr * (update + wd * p[i]);
+  }
+}
+
 class AdamW : public Optimizer {
  public:
   explicit AdamW(const config::TrainingConfig& t) : t_(t) {}
@@ -56,17 +72,8 @@ class AdamW : public Optimizer {
     const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(t_.beta2(), t)));
     const float eps = static_cast<float>(t_.eps());
     const float wd = static_cast<float>(t_.weight_decay());
-    const int64_t n = param->num_elements();
-    const float* g = grad.f32();
-    float* p = param->f32();
-    float* m = state->m.f32();
-    float* v = state->v.f32();
-    for (int64_t i = 0; i < n; ++i) {
-      m[i] = b1 * m[i] + (1.0f - b1) * g[i];
-      v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
-      const float update = (m[i] * c1) / (std::sqrt(v[i] * c2) + eps);
-      p[i] -= lr * (update + wd * p[i]);
-    }
+    AdamWUpdate(param->num_elements(), lr, b1, b2, c1, c2, eps, wd, grad.f32(),
+                param->f32(), state->m.f32(), state->v.f32());
     return OkStatus();
   }
 

@@ -21,16 +21,32 @@ namespace {
 
 constexpr uint64_t kTagDense = 3;  // 1 and 2: expert_init.cc.
 
-// Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols).
-Tensor ConcatRows(const std::vector<const Tensor*>& parts, int64_t cols) {
+// Idle request buffers (activations, outputs, gradient inputs) the worker
+// keeps for reuse: a step's working set, so that no request touches fresh
+// pages once the first steps have run.
+constexpr size_t kPoolCachedBytes = size_t{1} << 30;
+
+// Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols),
+// in a buffer from `pool`.
+StatusOr<Tensor> ConcatRows(BufferPool& pool,
+                            const std::vector<const Tensor*>& parts,
+                            int64_t cols) {
   int64_t rows = 0;
   for (const Tensor* p : parts) rows += p->dim(0);
-  Tensor out = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+  ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {rows, cols}));
   char* dst = static_cast<char*>(out.data());
   for (const Tensor* p : parts) {
     std::memcpy(dst, p->data(), p->num_bytes());
     dst += p->num_bytes();
   }
+  return out;
+}
+
+// `t` in `dtype`: itself, or a converted copy in a buffer from `pool`.
+StatusOr<Tensor> InDType(BufferPool& pool, const Tensor& t, DType dtype) {
+  if (t.dtype() == dtype) return t;
+  ASSIGN_OR_RETURN(Tensor out, pool.Take(dtype, t.shape()));
+  RETURN_IF_ERROR(t.ConvertInto(&out));
   return out;
 }
 
@@ -62,7 +78,9 @@ struct WorkerService::DenseShard {
 
 WorkerService::WorkerService(const config::SwitchyardConfig& config,
                              std::string name)
-    : config_(config), name_(std::move(name)) {}
+    : config_(config),
+      name_(std::move(name)),
+      pool_(BufferPool::Create(kPoolCachedBytes)) {}
 
 WorkerService::~WorkerService() { Shutdown(); }
 
@@ -540,6 +558,7 @@ void WorkerService::Handle(Message request, transport::Reply reply) {
 }
 
 void WorkerService::Run() {
+  SetKernelThreads(config_.training().threads());
   // Process-wide metrics (common/metrics.h): what the worker computes and
   // how much waits for it.
   auto& registry = MetricsRegistry::Global();
@@ -660,13 +679,14 @@ void WorkerService::Process(Task task) {
   Status s = kind == MessageKind::kExpertBackward
                  ? Backward(task.request, it->second.get(), &out)
                  : Forward(task.request, it->second.get(), &out);
-  if (!s.ok()) {
-    fail(s);
+  // Answer in the dtype the request came in.
+  StatusOr<Tensor> reply =
+      s.ok() ? InDType(*pool_, out, payload.dtype()) : StatusOr<Tensor>(s);
+  if (!reply.ok()) {
+    fail(reply.status());
     return;
   }
-  // Answer in the dtype the request came in.
-  if (payload.dtype() != DType::kF32) out = out.To(payload.dtype());
-  task.reply(transport::TensorResponse(h, std::move(out)));
+  task.reply(transport::TensorResponse(h, *std::move(reply)));
 }
 
 namespace {
@@ -710,16 +730,14 @@ Status WorkerService::Forward(const Message& request, Shard* shard, Tensor* y) {
     return AlreadyExistsError("duplicate forward for " +
                               transport::DescribeHeader(h));
   }
-  Tensor x = request.payload.dtype() == DType::kF32
-                 ? request.payload
-                 : request.payload.To(DType::kF32);
+  ASSIGN_OR_RETURN(Tensor x, InDType(*pool_, request.payload, DType::kF32));
   const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
   const int64_t tokens = x.dim(0);
   ASSIGN_OR_RETURN(
       Tensor hidden,
-      Tensor::Zeros(DType::kF32,
-                    {tokens, ffn.shape().gates() * ffn.shape().d_ff_shard}));
-  ASSIGN_OR_RETURN(*y, Tensor::Zeros(DType::kF32, {tokens, x.dim(1)}));
+      pool_->Take(DType::kF32,
+                  {tokens, ffn.shape().gates() * ffn.shape().d_ff_shard}));
+  ASSIGN_OR_RETURN(*y, pool_->Take(DType::kF32, {tokens, x.dim(1)}));
   const std::vector<float> keep =
       train ? ExpertDropoutKeep(config_, h, tokens, ffn.shape().d_ff_shard)
             : std::vector<float>();
@@ -740,9 +758,7 @@ Status WorkerService::Backward(const Message& request, Shard* shard,
     return FailedPreconditionError("backward without a forward: " +
                                    transport::DescribeHeader(h));
   }
-  Tensor dy = request.payload.dtype() == DType::kF32
-                  ? request.payload
-                  : request.payload.To(DType::kF32);
+  ASSIGN_OR_RETURN(Tensor dy, InDType(*pool_, request.payload, DType::kF32));
   const Tensor& x = it->second.first;
   const Tensor& hidden = it->second.second;
   if (dy.dim(0) != x.dim(0)) {
@@ -751,10 +767,10 @@ Status WorkerService::Backward(const Message& request, Shard* shard,
         " tokens, its forward had " + std::to_string(x.dim(0)));
   }
   const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
-  ASSIGN_OR_RETURN(Tensor dh, Tensor::Zeros(DType::kF32, hidden.shape()));
+  ASSIGN_OR_RETURN(Tensor dh, pool_->Take(DType::kF32, hidden.shape()));
   ASSIGN_OR_RETURN(
-      Tensor a, Tensor::Zeros(DType::kF32, {x.dim(0), ffn.shape().d_ff_shard}));
-  ASSIGN_OR_RETURN(*dx, Tensor::Zeros(DType::kF32, x.shape()));
+      Tensor a, pool_->Take(DType::kF32, {x.dim(0), ffn.shape().d_ff_shard}));
+  ASSIGN_OR_RETURN(*dx, pool_->Take(DType::kF32, x.shape()));
   const std::vector<float> keep =
       ExpertDropoutKeep(config_, h, x.dim(0), ffn.shape().d_ff_shard);
   RETURN_IF_ERROR(ffn.BackwardInput(shard->params, hidden, dy,
@@ -827,15 +843,14 @@ Status WorkerService::ApplyUpdate(int64_t step) {
     }
     const int64_t gf = ffn.shape().gates() * ffn.shape().d_ff_shard;
     const int64_t d = ffn.shape().d_model;
-    for (Tensor* g : {&shard->grads.w1, &shard->grads.b1, &shard->grads.w2,
-                      &shard->grads.b2}) {
-      if (!g->empty()) std::memset(g->data(), 0, g->num_bytes());
-    }
-    // One GEMM over every contribution, in (rank, micro-batch) order.
+    // One GEMM over every contribution, in (rank, micro-batch) order; it
+    // overwrites the previous step's gradient.
     const int64_t f = ffn.shape().d_ff_shard;
-    RETURN_IF_ERROR(ffn.AccumulateGrads(ConcatRows(xs, d), ConcatRows(as, f),
-                                        ConcatRows(dhs, gf), ConcatRows(dys, d),
-                                        &shard->grads));
+    ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, xs, d));
+    ASSIGN_OR_RETURN(Tensor a, ConcatRows(*pool_, as, f));
+    ASSIGN_OR_RETURN(Tensor dh, ConcatRows(*pool_, dhs, gf));
+    ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, dys, d));
+    RETURN_IF_ERROR(ffn.ComputeGrads(x, a, dh, dy, &shard->grads));
     shard->contributions.clear();
     RETURN_IF_ERROR(optimizer_->Apply(step, shard->grads.w1, &shard->params.w1,
                                       &shard->w1));

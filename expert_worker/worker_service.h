@@ -46,6 +46,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/buffer_pool.h"
 #include "common/ids.h"
 #include "common/status.h"
 #include "config.pb.h"
@@ -168,6 +169,7 @@ class WorkerService {
   std::unique_ptr<Gemm> gemm_;
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), other shards.
+  std::shared_ptr<BufferPool> pool_;  // Request and gradient-input buffers.
   // checkpoint.init_from, when set: initial values of new shards.
   std::optional<storage::SafetensorsReader> init_;
   Status InitExpertFrom(const ShardId& id, ExpertParams* params) const;

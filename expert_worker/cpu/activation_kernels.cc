@@ -1,5 +1,7 @@
 #include "expert_worker/cpu/activation_kernels.h"
 
+#include <omp.h>
+
 #include <cmath>
 
 namespace switchyard::expert_worker {
@@ -14,6 +16,10 @@ inline float GeluTanh(float x) {
 }
 
 }  // namespace
+
+void SetKernelThreads(int threads) {
+  if (threads > 0) omp_set_num_threads(threads);
+}
 
 void ActivationForward(Activation act, const float* h, int64_t tokens,
                        int64_t f, float* a) {

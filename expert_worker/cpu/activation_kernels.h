@@ -11,6 +11,12 @@ namespace switchyard::expert_worker {
 
 enum class Activation { kGelu, kRelu, kSwiglu };
 
+// OpenMP's thread count is a per-thread setting (a new thread starts with
+// the process default, all cores): every thread that runs these kernels, or
+// oneDNN, calls this first with the configured count (> 0; 0 keeps the
+// default).
+void SetKernelThreads(int threads);
+
 // h: (tokens, g*f) -> a: (tokens, f).
 void ActivationForward(Activation act, const float* h, int64_t tokens,
                        int64_t f, float* a);

@@ -101,7 +101,7 @@ class CpuGemm : public Gemm {
 std::unique_ptr<Gemm> NewCpuGemm(int threads) {
   if (threads > 0) {
     openblas_set_num_threads(threads);
-    omp_set_num_threads(threads);  // oneDNN and the activation kernels.
+    omp_set_num_threads(threads);  // This thread only: see SetKernelThreads.
   }
   return std::make_unique<CpuGemm>();
 }

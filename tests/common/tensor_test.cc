@@ -4,7 +4,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common/ids.h"
 
@@ -66,6 +68,42 @@ TEST(TensorTest, Bf16RoundsToNearestEven) {
   EXPECT_EQ(back.f32()[0], 3.140625f);
   EXPECT_EQ(back.f32()[1], -0.5f);
   EXPECT_EQ(t.To(DType::kBF16).DebugString(), "bf16[2]");
+}
+
+TEST(TensorTest, BulkConversionsMatchTheScalarOnes) {
+  // Every vector width's loop body and its scalar tail (n = 1037), with
+  // ties, NaNs, infinities, denormals, signed zeros and random bits.
+  std::vector<float> src = {1.0f + std::ldexp(1.0f, -8),
+                            1.0f + 3 * std::ldexp(1.0f, -8),
+                            std::nanf(""),
+                            -std::nanf(""),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::denorm_min(),
+                            -0.0f,
+                            0.0f,
+                            std::numeric_limits<float>::max()};
+  uint32_t bits = 12345;
+  while (src.size() < 1037) {
+    bits = bits * 1664525u + 1013904223u;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    src.push_back(f);
+  }
+  Tensor t =
+      Tensor::Zeros(DType::kF32, {static_cast<int64_t>(src.size())}).value();
+  std::memcpy(t.data(), src.data(), t.num_bytes());
+  Tensor half = Tensor::Zeros(DType::kBF16, t.shape()).value();
+  ASSERT_TRUE(t.ConvertInto(&half).ok());
+  Tensor back = Tensor::Zeros(DType::kF32, t.shape()).value();
+  ASSERT_TRUE(half.ConvertInto(&back).ok());
+  for (size_t i = 0; i < src.size(); ++i) {
+    ASSERT_EQ(half.bf16()[i].bits, FloatToBf16(src[i]).bits) << i;
+    const float want = Bf16ToFloat(FloatToBf16(src[i]));
+    ASSERT_EQ(std::memcmp(&back.f32()[i], &want, sizeof(float)), 0) << i;
+  }
+  Tensor wrong = Tensor::Zeros(DType::kBF16, {3}).value();
+  EXPECT_FALSE(t.ConvertInto(&wrong).ok());
 }
 
 TEST(ShardIdTest, ToStringParsesBack) {

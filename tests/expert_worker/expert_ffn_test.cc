@@ -5,7 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <random>
 #include <vector>
 
@@ -178,6 +177,20 @@ TEST_P(ExpertFfnTest, MatchesReferenceAndFiniteDifferences) {
   const float w1_once = grads.w1.f32()[0];
   ASSERT_TRUE(ffn.AccumulateGrads(xt, a, dh, dy, &grads).ok());
   EXPECT_EQ(grads.w1.f32()[0], 2 * w1_once);
+  // ComputeGrads overwrites: the doubled gradient is back to one batch's,
+  // element for element, biases included.
+  ExpertParams once = ExpertParams::Zeros(s).value();
+  ASSERT_TRUE(ffn.AccumulateGrads(xt, a, dh, dy, &once).ok());
+  ASSERT_TRUE(ffn.ComputeGrads(xt, a, dh, dy, &grads).ok());
+  for (auto [got, want] : {std::pair{&grads.w1, &once.w1},
+                           {&grads.w2, &once.w2},
+                           {&grads.b1, &once.b1},
+                           {&grads.b2, &once.b2}}) {
+    ASSERT_EQ(got->num_elements(), want->num_elements());
+    for (int64_t i = 0; i < got->num_elements(); ++i) {
+      ASSERT_EQ(got->f32()[i], want->f32()[i]) << i;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
