@@ -11,10 +11,13 @@
 // loopback (UCX_TLS=tcp,self). Every echo is checked byte for byte.
 // Targets (docs/performance.md): >= 0.8 of ucx_perftest bandwidth for large
 // payloads; small round trips within 2x of ucx_perftest's.
+//
+// usage: transport_bench [--latency]   (--latency: the round trips only)
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -24,6 +27,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "common/logging.h"
 #include "transport/data_plane.h"
@@ -35,6 +39,7 @@ using Clock = std::chrono::steady_clock;
 using Ms = std::chrono::milliseconds;
 
 std::string g_self;
+bool g_latency_only = false;
 
 int Serve(const std::string& file, const std::string& tls) {
   DataPlaneOptions options;
@@ -121,10 +126,13 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
     m.header = proto.header;
     m.payload = proto.payload;  // Shared buffer: the send only reads it.
     client->Send(peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
-      const bool good = r.ok() &&
-                        r->payload.num_bytes() == proto.payload.num_bytes() &&
-                        std::memcmp(r->payload.data(), proto.payload.data(),
-                                    proto.payload.num_bytes()) == 0;
+      // One way: the answer carries no payload by design.
+      const bool good =
+          r.ok() &&
+          (one_way ? r->payload.empty()
+                   : r->payload.num_bytes() == proto.payload.num_bytes() &&
+                         std::memcmp(r->payload.data(), proto.payload.data(),
+                                     proto.payload.num_bytes()) == 0);
       std::lock_guard<std::mutex> lock(mu);
       if (!good && *ok) {
         std::fprintf(
@@ -178,8 +186,11 @@ int Run() {
       ::waitpid(pid, nullptr, 0);
       return 1;
     }
-    for (size_t bytes : {size_t{4} << 10, size_t{64} << 10, size_t{1} << 20,
-                         size_t{16} << 20, size_t{64} << 20}) {
+    for (size_t bytes :
+         g_latency_only ? std::vector<size_t>{}
+                        : std::vector<size_t>{size_t{4} << 10, size_t{64} << 10,
+                                              size_t{1} << 20, size_t{16} << 20,
+                                              size_t{64} << 20}) {
       const int iters = static_cast<int>(
           std::clamp<size_t>((size_t{2} << 30) / bytes, 20, 2000));
       EchoBandwidth(client.get(), address, bytes, 5, 4, &ok);  // Warm up.
@@ -202,13 +213,26 @@ int Run() {
     }
     const Message proto = Echo(4096, 3);
     const auto start = Clock::now();
+    std::vector<double> each_us(lat_iters);
     for (int i = 0; i < lat_iters; ++i) {
       Message m;
       m.header = proto.header;
       m.payload = proto.payload;
+      const auto t0 = Clock::now();
       auto r = client->SendSync(address, std::move(m), Ms(10000));
-      ok = ok && r.ok();
+      each_us[i] =
+          std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+      ok = ok && r.ok() &&
+           r->payload.num_bytes() == proto.payload.num_bytes() &&
+           std::memcmp(r->payload.data(), proto.payload.data(),
+                       proto.payload.num_bytes()) == 0;
     }
+    std::sort(each_us.begin(), each_us.end());
+    std::printf(
+        "%-6s 4 KiB round trip percentiles: p10 %.1f us, p50 %.1f us, "
+        "p90 %.1f us\n",
+        t.name, each_us[lat_iters / 10], each_us[lat_iters / 2],
+        each_us[lat_iters * 9 / 10]);
     const double rtt_us =
         std::chrono::duration<double, std::micro>(Clock::now() - start)
             .count() /
@@ -234,6 +258,12 @@ int Run() {
 int main(int argc, char** argv) {
   switchyard::InitLogging(argv[0]);
   switchyard::transport::g_self = argv[0];
+  if (argc == 2 && std::strcmp(argv[1], "--latency") == 0) {
+    switchyard::transport::g_latency_only = true;
+  } else if (argc == 2) {
+    std::fprintf(stderr, "usage: transport_bench [--latency]\n");
+    return 2;
+  }
   if (argc == 4 && std::strcmp(argv[1], "--serve") == 0) {
     return switchyard::transport::Serve(argv[2], argv[3]);
   }

@@ -438,6 +438,56 @@ TEST(DataPlaneAcrossProcessesTest, EchoAndPeerKilledMidRequest) {
   client->Shutdown();
 }
 
+TEST(DataPlaneAcrossProcessesTest, ConcurrentLargeEchoesComeBackIntact) {
+  // 16 MiB rendezvous payloads, 4 in flight, each with its own contents:
+  // receive buffers are reused from pools on both sides, so a buffer handed
+  // out while the transport still reads or writes it shows up here.
+  RemoteServer server;
+  ASSERT_FALSE(server.address().empty()) << "remote server did not start";
+  auto client = NewUcxDataPlane(DataPlaneOptions()).value();
+  ASSERT_TRUE(client->Start(nullptr).ok());
+  constexpr int kRequests = 48, kWindow = 4;
+  std::mutex mu;
+  std::condition_variable cv;
+  int in_flight = 0, done = 0;
+  std::vector<std::string> failures;
+  for (int i = 0; i < kRequests; ++i) {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      ASSERT_TRUE(
+          cv.wait_for(lock, Ms(30000), [&] { return in_flight < kWindow; }));
+      ++in_flight;
+    }
+    Message request = EchoRequest(4096, 1024, 100 + i);
+    auto expected = std::make_shared<Tensor>(request.payload.Clone());
+    client->Send(
+        server.address(), std::move(request), Ms(30000),
+        [&, i, expected](StatusOr<Message> r) {
+          std::string failure;
+          if (!r.ok()) {
+            failure = r.status().ToString();
+          } else if (r->payload.num_bytes() != expected->num_bytes() ||
+                     std::memcmp(r->payload.data(), expected->data(),
+                                 expected->num_bytes()) != 0) {
+            failure = "payload differs";
+          }
+          std::lock_guard<std::mutex> lock(mu);
+          if (!failure.empty()) {
+            failures.push_back("echo " + std::to_string(i) + ": " + failure);
+          }
+          --in_flight;
+          ++done;
+          cv.notify_all();
+        });
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  ASSERT_TRUE(cv.wait_for(lock, Ms(60000), [&] { return done == kRequests; }));
+  EXPECT_TRUE(failures.empty())
+      << failures.size() << " bad echoes, first " << failures.front();
+  lock.unlock();
+  client->Shutdown();
+}
+
 int ServeForever(const char* address_file) {
   std::vector<Reply> held;
   std::mutex mu;
