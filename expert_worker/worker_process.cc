@@ -89,14 +89,9 @@ Status RunWorker(const config::SwitchyardConfig& config,
               << (routing.placement_error().empty()
                       ? ""
                       : "; placement error: " + routing.placement_error());
-    Status s = service.ApplyRouting(routing);
-    if (!s.ok()) {
-      // The worker stays at its previous epoch (requests of the new one are
-      // refused as not ready) and tries again with the next table.
-      LOG(WARNING) << name << ": cannot adopt epoch " << routing.epoch()
-                   << " yet (retried with the next routing table): "
-                   << s.ToString();
-    }
+    // Applied on the worker's routing thread: making or restoring shards
+    // must not hold up this control thread's heartbeats.
+    service.OfferRouting(routing);
   };
   member.loads = [&service] { return service.TakeLoads(); };
   member.on_session = [&session_mu,

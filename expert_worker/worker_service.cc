@@ -100,6 +100,7 @@ Status WorkerService::Start() {
     init_ = std::move(reader).value();
   }
   thread_ = std::thread([this] { Run(); });
+  routing_thread_ = std::thread([this] { RoutingLoop(); });
   if (store_ != nullptr) {
     ckpt_thread_ = std::thread([this] { CheckpointLoop(); });
     fetch_thread_ = std::thread([this] { FetchServeLoop(); });
@@ -307,6 +308,13 @@ void WorkerService::Shutdown() {
     if (stop_) return;
     stop_ = true;
   }
+  {
+    // A table being applied is finished first.
+    std::lock_guard<std::mutex> lock(routing_mu_);
+    routing_stop_ = true;
+  }
+  routing_cv_.notify_all();
+  if (routing_thread_.joinable()) routing_thread_.join();
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
   {
@@ -475,6 +483,7 @@ WorkerService::NewDenseShard(int index) const {
 }
 
 Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
+  std::lock_guard<std::mutex> applying(apply_mu_);
   int self = -1;
   for (int i = 0; i < routing.workers_size(); ++i) {
     if (routing.workers(i).name() == name_) self = i;
@@ -489,46 +498,103 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
       wanted_dense.insert(e.shard().shard());
     }
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  for (auto it = dense_.begin(); it != dense_.end();) {
-    it = wanted_dense.count(it->first) ? std::next(it) : dense_.erase(it);
-  }
-  bool adopted = false;  // Shards new to this worker.
-  for (int index : wanted_dense) {
-    if (!dense_.count(index)) {
-      ASSIGN_OR_RETURN(dense_[index], NewDenseShard(index));
-      adopted = true;
-    }
-  }
-  for (auto it = shards_.begin(); it != shards_.end();) {
-    it = wanted.count(it->first) ? std::next(it) : shards_.erase(it);
-  }
-  for (const ShardId& id : wanted) {
-    if (shards_.count(id)) continue;
-    ASSIGN_OR_RETURN(shards_[id], NewShard(id));
-    adopted = true;
+  // What is hosted now; only this function (under apply_mu_) changes it.
+  std::set<ShardId> have;
+  std::set<int> have_dense;
+  int64_t next_step = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, shard] : shards_) have.insert(id);
+    for (const auto& [index, shard] : dense_) have_dense.insert(index);
+    next_step = next_step_;
   }
   // A resumed run restores what it hosts before its first update: at start,
   // and again when placement hands it more shards before training begins
-  // (the shards it has are still exactly the checkpoint's).
+  // (the shards it has are then still exactly the checkpoint's, so only the
+  // new ones are loaded).
   const int64_t resume = routing.resume_step();
+  bool adopted = false;
+  for (const ShardId& id : wanted) adopted |= !have.count(id);
+  for (int index : wanted_dense) adopted |= !have_dense.count(index);
   const bool restore =
-      resume > 0 && (next_step_ == 0 || (adopted && next_step_ == resume));
-  if (adopted && next_step_ > 0 && !restore) {
+      resume > 0 && (next_step == 0 || (adopted && next_step == resume));
+  const bool reload_all = restore && next_step != resume;
+  if (adopted && next_step > 0 && !restore) {
     // NOTE: re-placing a lost worker's shards mid-run from the last
     // committed checkpoint, with a rollback, belongs to the failures work
     // (DESIGN.md, "Failures"); until then they start from initial values.
-    LOG(WARNING) << name_ << ": adopting shards at step " << next_step_
+    LOG(WARNING) << name_ << ": adopting shards at step " << next_step
                  << " with initial values";
+  }
+  // New shards are made (and restored) outside mu_: initialising or reading
+  // gigabytes takes seconds, and requests of the current epoch go on.
+  std::map<ShardId, std::unique_ptr<Shard>> made;
+  std::map<int, std::unique_ptr<DenseShard>> made_dense;
+  std::vector<storage::ShardSnapshot> to_restore;
+  for (int index : wanted_dense) {
+    if (have_dense.count(index) && !reload_all) continue;
+    ASSIGN_OR_RETURN(made_dense[index], NewDenseShard(index));
+    to_restore.push_back(SnapshotOf(*made_dense[index], /*deep=*/false));
+  }
+  for (const ShardId& id : wanted) {
+    if (have.count(id) && !reload_all) continue;
+    ASSIGN_OR_RETURN(made[id], NewShard(id));
+    to_restore.push_back(SnapshotOf(*made[id], /*deep=*/false));
   }
   if (restore) {
     // Until the shards are restored the worker stays at its old epoch, so
     // requests of the new one are refused as not ready (ABORTED), never
     // served from initial values; a later table retries.
-    RETURN_IF_ERROR(RestoreLocked(routing));
+    RETURN_IF_ERROR(Restore(routing, std::move(to_restore)));
+    if (ffn_->shape().compute_dtype == DType::kBF16) {
+      for (auto& [id, shard] : made) {
+        RETURN_IF_ERROR(shard->params.RefreshBf16());
+      }
+    }
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = dense_.begin(); it != dense_.end();) {
+    it = wanted_dense.count(it->first) ? std::next(it) : dense_.erase(it);
+  }
+  for (auto it = shards_.begin(); it != shards_.end();) {
+    it = wanted.count(it->first) ? std::next(it) : shards_.erase(it);
+  }
+  for (auto& [index, shard] : made_dense) dense_[index] = std::move(shard);
+  for (auto& [id, shard] : made) shards_[id] = std::move(shard);
+  if (restore) next_step_ = resume;
   epoch_ = routing.epoch();
   return OkStatus();
+}
+
+void WorkerService::OfferRouting(const control::RoutingTable& routing) {
+  {
+    std::lock_guard<std::mutex> lock(routing_mu_);
+    if (offered_.has_value() && offered_->epoch() > routing.epoch()) return;
+    offered_ = routing;
+  }
+  routing_cv_.notify_all();
+}
+
+void WorkerService::RoutingLoop() {
+  while (true) {
+    control::RoutingTable routing;
+    {
+      std::unique_lock<std::mutex> lock(routing_mu_);
+      routing_cv_.wait(
+          lock, [this] { return routing_stop_ || offered_.has_value(); });
+      if (routing_stop_) return;
+      routing = std::move(*offered_);
+      offered_.reset();
+    }
+    Status s = ApplyRouting(routing);
+    if (!s.ok()) {
+      // The worker stays at its previous epoch (requests of the new one are
+      // refused as not ready) and tries again with the next table.
+      LOG(WARNING) << name_ << ": cannot adopt epoch " << routing.epoch()
+                   << " yet (retried with the next routing table): "
+                   << s.ToString();
+    }
+  }
 }
 
 void WorkerService::Handle(Message request, transport::Reply reply) {
@@ -1042,7 +1108,8 @@ StatusOr<storage::ShardSnapshot> WorkerService::FetchShard(
   return fetched;
 }
 
-Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
+Status WorkerService::Restore(const control::RoutingTable& routing,
+                              std::vector<storage::ShardSnapshot> shards) {
   const int64_t step = routing.resume_step();
   if (store_ == nullptr) {
     return FailedPreconditionError(
@@ -1062,9 +1129,9 @@ Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
     if (w.confirmed()) address[w.name()] = w.data_address();
   }
   int fetched = 0;
-  // The shallow snapshot's tensors share storage with the live ones: filling
-  // them fills the shards.
-  for (storage::ShardSnapshot& live : SnapshotsLocked(/*deep=*/false)) {
+  // The snapshots' tensors share storage with the new shards: filling them
+  // fills the shards.
+  for (storage::ShardSnapshot& live : shards) {
     // Straight into the live tensors.
     const Status local = store_->ReadShardInto(step, live.shard, &live);
     if (local.ok()) continue;
@@ -1117,13 +1184,7 @@ Status WorkerService::RestoreLocked(const control::RoutingTable& routing) {
       if (!to.empty()) std::memcpy(to.data(), from.data(), to.num_bytes());
     }
   }
-  for (auto& [id, shard] : shards_) {
-    if (ffn_->shape().compute_dtype == DType::kBF16) {
-      RETURN_IF_ERROR(shard->params.RefreshBf16());
-    }
-  }
-  next_step_ = step;
-  LOG(INFO) << name_ << ": restored " << shards_.size() + dense_.size()
+  LOG(INFO) << name_ << ": restored " << shards.size()
             << " shards from checkpoint " << step << " (" << fetched
             << " fetched from peers)";
   return OkStatus();

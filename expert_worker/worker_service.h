@@ -74,8 +74,16 @@ class WorkerService {
   // initialising new ones, dropping those moved away) and its epoch. A
   // worker that has applied no update yet and gets a table with
   // resume_step > 0 restores its shards from its checkpoint store at that
-  // step and continues from it.
+  // step and continues from it. New shards are made and restored without
+  // holding the worker's state lock: requests of the current epoch are
+  // served meanwhile, and the table is adopted whole at the end or not at
+  // all. Tables are applied one at a time.
   Status ApplyRouting(const control::RoutingTable& routing);
+  // The same on the worker's routing thread, so that a caller on a control
+  // thread (heartbeats) never waits for initialisation or a restore. Only
+  // the newest offered table is applied; a table that cannot be adopted
+  // yet is logged and the next one is tried.
+  void OfferRouting(const control::RoutingTable& routing);
 
   // Checkpoints (DESIGN.md "Checkpoints"): every checkpoint.every steps
   // and at the run's end (training.steps or stop_at_step), at the step
@@ -147,10 +155,12 @@ class WorkerService {
   std::vector<storage::ShardSnapshot> SnapshotsLocked(bool deep) const;
   storage::ShardSnapshot SnapshotOf(const Shard& shard, bool deep) const;
   storage::ShardSnapshot SnapshotOf(const DenseShard& shard, bool deep) const;
-  // Loads every hosted shard at routing.resume_step(): from the local
-  // store, else from the shard's resume_holder over the data plane (then
-  // kept locally). Requires mu_.
-  Status RestoreLocked(const control::RoutingTable& routing);
+  // Loads `shards` (not yet hosted, so no lock is needed) at
+  // routing.resume_step(): from the local store, else from the shard's
+  // resume_holder or replicas over the data plane (then kept locally).
+  Status Restore(const control::RoutingTable& routing,
+                 std::vector<storage::ShardSnapshot> shards);
+  void RoutingLoop();
   // The checkpoint of `like`'s shard at `step` from worker `address`, into
   // tensors shaped like `like`'s.
   StatusOr<storage::ShardSnapshot> FetchShard(
@@ -211,6 +221,13 @@ class WorkerService {
   std::deque<Task> fetches_;  // GUARDED_BY(fetch_mu_)
   bool fetch_stop_ = false;   // GUARDED_BY(fetch_mu_)
   std::thread fetch_thread_;
+
+  std::mutex apply_mu_;  // Held while a table is applied: one at a time.
+  std::mutex routing_mu_;
+  std::condition_variable routing_cv_;
+  std::optional<control::RoutingTable> offered_;  // GUARDED_BY(routing_mu_)
+  bool routing_stop_ = false;                     // GUARDED_BY(routing_mu_)
+  std::thread routing_thread_;
 };
 
 }  // namespace switchyard::expert_worker

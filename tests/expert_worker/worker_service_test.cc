@@ -460,6 +460,88 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
   std::filesystem::remove_all(dir);
 }
 
+// A store whose reads wait until `open` is set: a restore that takes as long
+// as the test likes.
+class GatedReadStore : public FullDiskStore {
+ public:
+  using FullDiskStore::FullDiskStore;
+  std::atomic<bool> open{false};
+  std::atomic<int> waiting{0};
+
+  Status ReadShardInto(int64_t step, const std::string& shard,
+                       storage::ShardSnapshot* into) override {
+    ++waiting;
+    const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
+    while (!open && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(Ms(5));
+    }
+    return FullDiskStore::ReadShardInto(step, shard, into);
+  }
+};
+
+// A routing table offered by the control thread is applied on the worker's
+// own thread: while its restore reads, heartbeats' load reports and the
+// data plane's requests are answered at once, the new epoch's requests are
+// refused as not ready, and the table is adopted whole when the reads end.
+TEST(WorkerServiceTest, RestoreDoesNotHoldUpHeartbeatsOrRequests) {
+  const std::string dir = ::testing::TempDir() + "/switchyard_ws_gated_" +
+                          std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  config::SwitchyardConfig config = TestConfig("adamw");
+  config.mutable_checkpoint()->set_every(1);
+  std::string digest;
+  {
+    WorkerService writer(config, "w");
+    writer.EnableCheckpoints(storage::OpenCheckpointStore(dir, {}).value(),
+                             nullptr);
+    ASSERT_TRUE(writer.Start().ok());
+    ASSERT_TRUE(writer.ApplyRouting(Routing(kEpoch)).ok());
+    for (int r = 0; r < kRanks; ++r) {
+      for (auto& m : TrainerStep(0, r)) {
+        EXPECT_EQ(Ask(&writer, std::move(m)).header.status_code, 0);
+      }
+    }
+    writer.WaitCheckpointsWritten();
+    digest = writer.ParameterDigest();
+    writer.Shutdown();
+  }
+  auto owned = std::make_unique<GatedReadStore>(
+      storage::OpenCheckpointStore(dir, {}).value());
+  GatedReadStore* store = owned.get();
+  WorkerService worker(config, "w");
+  worker.EnableCheckpoints(std::move(owned), nullptr);
+  ASSERT_TRUE(worker.Start().ok());
+  control::RoutingTable routing = Routing(kEpoch + 1);
+  routing.set_resume_step(1);
+  const auto offered = std::chrono::steady_clock::now();
+  worker.OfferRouting(routing);
+  EXPECT_LT(std::chrono::steady_clock::now() - offered, Ms(100));
+  const auto deadline = std::chrono::steady_clock::now() + Ms(10000);
+  while (store->waiting == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(5));
+  }
+  ASSERT_GT(store->waiting.load(), 0) << "the restore never started";
+  // Mid-restore: the heartbeat's loads and a request answer promptly.
+  const auto asked = std::chrono::steady_clock::now();
+  EXPECT_TRUE(worker.TakeLoads().empty()) << "no shard adopted yet";
+  Message early = Ask(&worker, Request(MessageKind::kExpertForward, 1, 0, 0, 0,
+                                       0, kEpoch + 1, 2));
+  EXPECT_EQ(early.header.status_code, static_cast<int>(StatusCode::kAborted))
+      << early.error_text;
+  EXPECT_LT(std::chrono::steady_clock::now() - asked, Ms(1000));
+  EXPECT_EQ(worker.next_step(), 0);
+  store->open = true;
+  while (worker.next_step() != 1 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(5));
+  }
+  ASSERT_EQ(worker.next_step(), 1);
+  EXPECT_EQ(worker.ParameterDigest(), digest);
+  EXPECT_EQ(worker.TakeLoads().size(), 4u);
+  worker.Shutdown();
+  std::filesystem::remove_all(dir);
+}
+
 // checkpoint.init_from: dense tensors by name, an expert from its own
 // tensors, another upcycled from the layer's dense FFN, each shard taking
 // its columns (W1, b1) and rows (W2) of d_ff; b2 on shard 0.
