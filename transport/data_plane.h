@@ -89,6 +89,15 @@ class DataPlane {
                     std::chrono::milliseconds timeout,
                     ResponseCallback done) = 0;
 
+  // How requests to `peer` travel, once a connection to it is up: the
+  // transport each kind of traffic uses, e.g. "am=posix/memory
+  // rma_bw=cma/memory" (also logged when the connection comes up); empty
+  // before.
+  virtual std::string ConnectionInfo(const std::string& peer) const {
+    (void)peer;
+    return "";
+  }
+
   // Blocking Send. Must not be called from a handler or callback.
   StatusOr<Message> SendSync(const std::string& peer, Message request,
                              std::chrono::milliseconds timeout);

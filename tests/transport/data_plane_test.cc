@@ -17,6 +17,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <mutex>
@@ -485,6 +486,18 @@ TEST(DataPlaneAcrossProcessesTest, ConcurrentLargeEchoesComeBackIntact) {
   EXPECT_TRUE(failures.empty())
       << failures.size() << " bad echoes, first " << failures.front();
   lock.unlock();
+  // Processes of one host talk over shared memory (active messages) and
+  // CMA (rendezvous), not TCP, unless UCX_TLS says otherwise.
+  const std::string lanes = client->ConnectionInfo(server.address());
+  std::cout << "lanes: " << lanes << "\n";
+  if (std::getenv("UCX_TLS") == nullptr) {
+    EXPECT_TRUE(lanes.find("am=sysv/memory") != std::string::npos ||
+                lanes.find("am=posix/memory") != std::string::npos)
+        << lanes;
+    EXPECT_NE(lanes.find("rma_bw=cma/memory"), std::string::npos) << lanes;
+    EXPECT_EQ(lanes.find("tcp"), std::string::npos) << lanes;
+  }
+  EXPECT_EQ(client->ConnectionInfo("127.0.0.1:1"), "");
   client->Shutdown();
 }
 

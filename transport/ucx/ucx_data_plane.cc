@@ -8,7 +8,9 @@
 // rendezvous_threshold_bytes up are forced to rendezvous and received
 // straight into the destination tensor. Endpoints use peer error handling:
 // a lost peer fails every request pending on it. ucs_status_t becomes Status
-// in UcxStatus() only.
+// in UcxStatus() only. A client endpoint carries requests only once its
+// wire-up has finished (its first flush), and processes of one host use
+// shared memory and CMA (see NewUcxDataPlane).
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -16,10 +18,13 @@
 #include <ucp/api/ucp.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <thread>
 #include <unordered_map>
 
@@ -82,6 +87,44 @@ StatusOr<sockaddr_storage> ResolveAddress(const std::string& host_port,
   return storage;
 }
 
+// "am=posix/memory rma_bw=cma/memory ...": the transports of `ep`'s lanes
+// and what each carries, from ucp_ep_print_info's lane lines
+// ("lane[1]:  3:posix/memory.0 md[2] -> ... am am_bw#0 keepalive").
+std::string DescribeLanes(ucp_ep_h ep) {
+  char* text = nullptr;
+  size_t size = 0;
+  FILE* out = ::open_memstream(&text, &size);
+  if (out == nullptr) return "?";
+  ucp_ep_print_info(ep, out);
+  std::fclose(out);
+  std::string described;
+  std::istringstream lines(std::string(text, size));
+  std::free(text);
+  for (std::string line; std::getline(lines, line);) {
+    const size_t lane = line.find("lane[");
+    const size_t arrow = line.find("->");
+    if (lane == std::string::npos || arrow == std::string::npos) continue;
+    // The transport: "posix/memory" from " 3:posix/memory.0 md[2]".
+    std::istringstream local(line.substr(line.find(':', lane) + 1));
+    std::string resource;
+    local >> resource;
+    resource = resource.substr(resource.find(':') + 1);
+    resource = resource.substr(0, resource.rfind('.'));
+    // Its uses: the words after the remote md/transport/sysdev field.
+    std::istringstream uses(line.substr(arrow + 2));
+    std::string word;
+    uses >> word;  // md[2]/posix/sysdev[255]
+    while (uses >> word) {
+      if (word == "am" || word.rfind("rma_bw", 0) == 0 ||
+          word.rfind("am_bw", 0) == 0) {
+        word = word.substr(0, word.find('#'));
+        described += (described.empty() ? "" : " ") + word + "=" + resource;
+      }
+    }
+  }
+  return described.empty() ? "?" : described;
+}
+
 std::string SockaddrString(const sockaddr_storage& ss) {
   char host[INET6_ADDRSTRLEN] = "?";
   uint16_t port = 0;
@@ -113,6 +156,11 @@ class UcxDataPlane : public DataPlane {
   std::string address() const override { return address_; }
   void Send(const std::string& peer, Message request,
             std::chrono::milliseconds timeout, ResponseCallback done) override;
+  std::string ConnectionInfo(const std::string& peer) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = lanes_.find(peer);
+    return it == lanes_.end() ? "" : it->second;
+  }
 
  private:
   struct Pending {
@@ -124,6 +172,12 @@ class UcxDataPlane : public DataPlane {
   struct EpInfo {
     std::string peer;
     bool client_side;
+    // Client side: false until the endpoint's wire-up has finished (its
+    // first flush completed). Sends wait in `parked` until then: UCX 1.13
+    // fails an assertion when a rendezvous send queued during wire-up is
+    // replayed on lanes that changed under it (TCP -> CMA).
+    bool ready = true;
+    std::vector<std::function<void()>> parked;
   };
   // A request whose rendezvous payload waits for in-flight bytes to drain.
   struct Deferred {
@@ -153,6 +207,9 @@ class UcxDataPlane : public DataPlane {
   void Complete(uint64_t id, StatusOr<Message> result);
   StatusOr<ucp_ep_h> Endpoint(const std::string& peer);
   void TrackEndpoint(ucp_ep_h ep, EpInfo info);
+  // The endpoint's wire-up flush finished: runs its parked sends, or drops
+  // it (failing its requests) when `status` is an error.
+  void EndpointReady(ucp_ep_h ep, ucs_status_t status);
   // Peer error handling: a lost peer fails every request pending on it.
   void SetPeerErrorHandling(ucp_ep_params_t* params);
   void DropEndpoint(ucp_ep_h ep, const Status& why);
@@ -183,8 +240,9 @@ class UcxDataPlane : public DataPlane {
   std::atomic<bool> stop_{false};
   std::once_flag shutdown_once_;
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::deque<std::function<void()>> commands_;  // GUARDED_BY(mu_)
+  std::map<std::string, std::string> lanes_;    // GUARDED_BY(mu_)
   bool closed_ = false;                         // GUARDED_BY(mu_)
 
   // Progress thread only.
@@ -283,7 +341,7 @@ Status UcxDataPlane::Start(RequestHandler handler) {
                    << ucs_status_string(s);
       return;
     }
-    self->TrackEndpoint(ep, {peer, /*client_side=*/false});
+    self->TrackEndpoint(ep, {peer, /*client_side=*/false, /*ready=*/true, {}});
   };
   RETURN_IF_ERROR(UCX_STATUS(ucp_listener_create(worker_, &lparams, &listener_),
                              "ucp_listener_create"));
@@ -440,6 +498,26 @@ void UcxDataPlane::TrackEndpoint(ucp_ep_h ep, EpInfo info) {
   eps_[ep] = std::move(info);
 }
 
+void UcxDataPlane::EndpointReady(ucp_ep_h ep, ucs_status_t status) {
+  auto it = eps_.find(ep);
+  if (it == eps_.end()) return;  // Dropped meanwhile; its requests failed.
+  if (status != UCS_OK) {
+    DropEndpoint(
+        ep, UCX_STATUS(status, "connect to data plane at " + it->second.peer));
+    return;
+  }
+  it->second.ready = true;
+  const std::string lanes = DescribeLanes(ep);
+  LOG(INFO) << "data plane: connected to " << it->second.peer << " over "
+            << lanes;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    lanes_[it->second.peer] = lanes;
+  }
+  std::vector<std::function<void()>> parked = std::move(it->second.parked);
+  for (auto& send : parked) send();
+}
+
 void UcxDataPlane::DropEndpoint(ucp_ep_h ep, const Status& why) {
   auto it = eps_.find(ep);
   if (it == eps_.end()) return;
@@ -499,7 +577,29 @@ StatusOr<ucp_ep_h> UcxDataPlane::Endpoint(const std::string& peer) {
   RETURN_IF_ERROR(UCX_STATUS(ucp_ep_create(worker_, &params, &ep),
                              "connect to data plane at " + peer));
   client_eps_[peer] = ep;
-  TrackEndpoint(ep, {peer, /*client_side=*/true});
+  TrackEndpoint(ep, {peer, /*client_side=*/true, /*ready=*/false, {}});
+  struct FlushContext {
+    UcxDataPlane* self;
+    ucp_ep_h ep;
+  };
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.user_data = new FlushContext{this, ep};
+  param.cb.send = [](void* request, ucs_status_t status, void* user_data) {
+    auto* c = static_cast<FlushContext*>(user_data);
+    // Sent outside UCX's callback, as posted commands.
+    UcxDataPlane* self = c->self;
+    ucp_ep_h flushed = c->ep;
+    self->Post(
+        [self, flushed, status] { self->EndpointReady(flushed, status); });
+    delete c;
+    ucp_request_free(request);
+  };
+  ucs_status_ptr_t flush = ucp_ep_flush_nbx(ep, &param);
+  if (!UCS_PTR_IS_PTR(flush)) {
+    delete static_cast<FlushContext*>(param.user_data);
+    EndpointReady(ep, UCS_PTR_STATUS(flush));
+  }
   return ep;
 }
 
@@ -561,12 +661,26 @@ void UcxDataPlane::Send(const std::string& peer, Message request,
     request.header.status_code = 0;
     pending_[id] = Pending{std::move(done), deadline, *ep, peer};
     deadlines_.emplace(deadline, id);
-    SendMessage(
-        *ep, kRequestAm, std::move(request), [this, id, peer](ucs_status_t s) {
-          if (s != UCS_OK) {
-            Complete(id, UCX_STATUS(s, "send to data plane at " + peer));
-          }
-        });
+    auto info = eps_.find(*ep);
+    if (info == eps_.end()) {  // Its wire-up failed at once.
+      Complete(id, UnavailableError("cannot connect to data plane at " + peer));
+      return;
+    }
+    auto send = [this, ep = *ep, id, peer,
+                 request = std::move(request)]() mutable {
+      if (!pending_.count(id)) return;  // Expired while parked.
+      SendMessage(
+          ep, kRequestAm, std::move(request), [this, id, peer](ucs_status_t s) {
+            if (s != UCS_OK) {
+              Complete(id, UCX_STATUS(s, "send to data plane at " + peer));
+            }
+          });
+    };
+    if (info->second.ready) {
+      send();
+    } else {
+      info->second.parked.push_back(std::move(send));
+    }
   });
   if (!posted) (*shared_done)(CancelledError("data plane is shut down"));
 }
@@ -804,6 +918,19 @@ ucs_status_t UcxDataPlane::OnResponse(const void* header, size_t header_length,
 
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options) {
+  // Endpoints use peer error handling, and UCX 1.13 then leaves out every
+  // transport that cannot report a lost peer itself or invalidate remote
+  // memory access: shared memory (posix/sysv) and CMA, so processes of one
+  // host talked over TCP at a third of the bandwidth. Allow both: a lost
+  // peer is still found by the connection manager's socket and UCX
+  // keepalive, and every request here has its own deadline. Set in the
+  // environment (UCX reads CMA's setting only from there), once, before
+  // the first UCX call, never over a value the user set.
+  static std::once_flag shm_settings;
+  std::call_once(shm_settings, [] {
+    ::setenv("UCX_MM_ERROR_HANDLING", "y", /*overwrite=*/0);
+    ::setenv("UCX_CMA_MEMORY_INVALIDATE", "y", /*overwrite=*/0);
+  });
   return std::unique_ptr<DataPlane>(new UcxDataPlane(options));
 }
 
