@@ -1130,10 +1130,16 @@ Status WorkerService::Restore(const control::RoutingTable& routing,
   }
   int fetched = 0;
   // The snapshots' tensors share storage with the new shards: filling them
-  // fills the shards.
-  for (storage::ShardSnapshot& live : shards) {
-    // Straight into the live tensors.
-    const Status local = store_->ReadShardInto(step, live.shard, &live);
+  // fills the shards. Local copies first, several shards at a time.
+  const int threads =
+      config_.training().threads() > 0
+          ? config_.training().threads()
+          : static_cast<int>(std::thread::hardware_concurrency());
+  const std::vector<Status> locals =
+      storage::ReadShardsInto(*store_, step, &shards, threads);
+  for (size_t i = 0; i < shards.size(); ++i) {
+    storage::ShardSnapshot& live = shards[i];
+    const Status& local = locals[i];
     if (local.ok()) continue;
     StatusOr<storage::ShardSnapshot> saved = local;
     {
@@ -1169,17 +1175,17 @@ Status WorkerService::Restore(const control::RoutingTable& routing,
           " has " + std::to_string(saved->tensors.size()) +
           " tensors, the model " + std::to_string(live.tensors.size()));
     }
-    for (size_t i = 0; i < live.tensors.size(); ++i) {
-      Tensor& to = live.tensors[i].tensor;
-      const Tensor& from = saved->tensors[i].tensor;
-      if (saved->tensors[i].name != live.tensors[i].name ||
+    for (size_t t = 0; t < live.tensors.size(); ++t) {
+      Tensor& to = live.tensors[t].tensor;
+      const Tensor& from = saved->tensors[t].tensor;
+      if (saved->tensors[t].name != live.tensors[t].name ||
           to.empty() != from.empty() ||
           (!to.empty() &&
            (to.dtype() != from.dtype() || to.shape() != from.shape()))) {
         return FailedPreconditionError(
             "checkpoint of " + live.shard + " at step " + std::to_string(step) +
-            ": tensor " + saved->tensors[i].name +
-            " does not fit this model's " + live.tensors[i].name);
+            ": tensor " + saved->tensors[t].name +
+            " does not fit this model's " + live.tensors[t].name);
       }
       if (!to.empty()) std::memcpy(to.data(), from.data(), to.num_bytes());
     }

@@ -133,6 +133,34 @@ TEST_F(CheckpointStoreTest, ReadsIntoCallerTensors) {
       << wrong.message();
 }
 
+TEST_F(CheckpointStoreTest, ReadsManyShardsConcurrently) {
+  auto store = Open();
+  std::vector<ShardSnapshot> written, into;
+  for (int e = 0; e < 7; ++e) {
+    written.push_back(Snapshot("L1.E" + std::to_string(e) + ".S0", 4));
+    ASSERT_TRUE(store->WriteShard(written.back()).ok());
+  }
+  // Destinations shaped like the shards, plus one shard never written.
+  into = written;
+  into.push_back(Snapshot("L1.E9.S0", 4));
+  for (auto& shard : into) {
+    for (auto& t : shard.tensors) {
+      if (!t.tensor.empty()) {
+        t.tensor = Tensor::Zeros(t.tensor.dtype(), t.tensor.shape()).value();
+      }
+    }
+  }
+  for (int threads : {1, 3, 16}) {
+    const std::vector<Status> read = ReadShardsInto(*store, 4, &into, threads);
+    ASSERT_EQ(read.size(), into.size());
+    for (size_t i = 0; i < written.size(); ++i) {
+      ASSERT_TRUE(read[i].ok()) << read[i].ToString();
+      ExpectSame(into[i], written[i]);
+    }
+    EXPECT_EQ(read.back().code(), StatusCode::kNotFound) << threads;
+  }
+}
+
 TEST_F(CheckpointStoreTest, RewritingAShardReplacesIt) {
   auto store = Open();
   ShardSnapshot s = Snapshot("D1", 4);
