@@ -153,7 +153,12 @@ void MemberSession::Shutdown(bool leave) {
     Envelope envelope;
     *envelope.mutable_leave() = request;
     auto r = client_->CallSync(std::move(envelope), options_.call_timeout);
-    if (!r.ok()) {
+    if (!r.ok() && r.status().code() == StatusCode::kUnavailable) {
+      // The coordinator is gone already (`up` stops it first, so that its
+      // saved placement is the whole cluster's): nothing to tell it.
+      LOG(INFO) << "member: the coordinator is gone; left without telling it ("
+                << r.status().message() << ")";
+    } else if (!r.ok()) {
       LOG(WARNING) << "member: leave not acknowledged: "
                    << r.status().ToString();
     }
