@@ -115,6 +115,12 @@ void WorkerService::EnableCheckpoints(
   report_ = std::move(report);
 }
 
+int WorkerService::StorageThreads() const {
+  const int threads = config_.training().threads();
+  return threads > 0 ? threads
+                     : static_cast<int>(std::thread::hardware_concurrency());
+}
+
 void WorkerService::CheckpointLoop() {
   while (true) {
     std::vector<storage::ShardSnapshot> job;
@@ -148,8 +154,10 @@ void WorkerService::CheckpointLoop() {
     report.set_step(step);
     Status s = OkStatus();
     uint64_t bytes = 0;
-    for (const storage::ShardSnapshot& snapshot : job) {
-      auto manifest = store_->WriteShard(snapshot);
+    const auto manifests = storage::WriteShards(*store_, job, StorageThreads());
+    for (size_t i = 0; i < job.size(); ++i) {
+      const storage::ShardSnapshot& snapshot = job[i];
+      const auto& manifest = manifests[i];
       if (!manifest.ok()) {
         s = manifest.status();
         break;
@@ -1131,12 +1139,8 @@ Status WorkerService::Restore(const control::RoutingTable& routing,
   int fetched = 0;
   // The snapshots' tensors share storage with the new shards: filling them
   // fills the shards. Local copies first, several shards at a time.
-  const int threads =
-      config_.training().threads() > 0
-          ? config_.training().threads()
-          : static_cast<int>(std::thread::hardware_concurrency());
   const std::vector<Status> locals =
-      storage::ReadShardsInto(*store_, step, &shards, threads);
+      storage::ReadShardsInto(*store_, step, &shards, StorageThreads());
   for (size_t i = 0; i < shards.size(); ++i) {
     storage::ShardSnapshot& live = shards[i];
     const Status& local = locals[i];

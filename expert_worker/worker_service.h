@@ -169,6 +169,9 @@ class WorkerService {
   // Runs one replication task (on the checkpoint thread).
   Status RunReplication(const control::ReplicationTask& task);
   void CheckpointLoop();
+  // Shards written or restored at a time: the compute thread count
+  // (training.threads, else one per core).
+  int StorageThreads() const;
   // Serves kCheckpointFetch from the store, off the compute thread (and
   // off mu_: two workers restoring from each other must not wait on each
   // other's locks).

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <thread>
 
 #include "common/digest.h"
@@ -325,23 +326,43 @@ class RocksCheckpointStore : public CheckpointStore {
 
 }  // namespace
 
+namespace {
+
+// Runs work(i) for i in [0, n), `threads` at a time (the caller's thread is
+// one of them).
+void ParallelFor(size_t n, int threads,
+                 const std::function<void(size_t)>& work) {
+  std::atomic<size_t> next{0};
+  auto run = [&] {
+    for (size_t i = next++; i < n; i = next++) work(i);
+  };
+  std::vector<std::thread> pool;
+  const size_t extra =
+      n == 0 ? 0 : std::min<size_t>(std::max(threads, 1), n) - 1;
+  for (size_t t = 0; t < extra; ++t) pool.emplace_back(run);
+  run();
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+std::vector<StatusOr<checkpoint::ShardManifest>> WriteShards(
+    CheckpointStore& store, const std::vector<ShardSnapshot>& snapshots,
+    int threads) {
+  std::vector<StatusOr<checkpoint::ShardManifest>> result(
+      snapshots.size(), InternalError("not written"));
+  ParallelFor(snapshots.size(), threads,
+              [&](size_t i) { result[i] = store.WriteShard(snapshots[i]); });
+  return result;
+}
+
 std::vector<Status> ReadShardsInto(CheckpointStore& store, int64_t step,
                                    std::vector<ShardSnapshot>* into,
                                    int threads) {
   std::vector<Status> result(into->size());
-  std::atomic<size_t> next{0};
-  auto reader = [&] {
-    for (size_t i = next++; i < into->size(); i = next++) {
-      result[i] = store.ReadShardInto(step, (*into)[i].shard, &(*into)[i]);
-    }
-  };
-  std::vector<std::thread> pool;
-  const size_t extra = std::min<size_t>(std::max(threads, 1), into->size()) - 1;
-  for (size_t t = 0; t < extra && into->size() > 1; ++t) {
-    pool.emplace_back(reader);
-  }
-  reader();
-  for (auto& t : pool) t.join();
+  ParallelFor(into->size(), threads, [&](size_t i) {
+    result[i] = store.ReadShardInto(step, (*into)[i].shard, &(*into)[i]);
+  });
   return result;
 }
 

@@ -133,13 +133,20 @@ TEST_F(CheckpointStoreTest, ReadsIntoCallerTensors) {
       << wrong.message();
 }
 
-TEST_F(CheckpointStoreTest, ReadsManyShardsConcurrently) {
+TEST_F(CheckpointStoreTest, WritesAndReadsManyShardsConcurrently) {
   auto store = Open();
   std::vector<ShardSnapshot> written, into;
   for (int e = 0; e < 7; ++e) {
     written.push_back(Snapshot("L1.E" + std::to_string(e) + ".S0", 4));
-    ASSERT_TRUE(store->WriteShard(written.back()).ok());
   }
+  const auto manifests = WriteShards(*store, written, 3);
+  ASSERT_EQ(manifests.size(), written.size());
+  for (size_t i = 0; i < written.size(); ++i) {
+    ASSERT_TRUE(manifests[i].ok()) << manifests[i].status().ToString();
+    EXPECT_EQ(manifests[i]->shard(), written[i].shard);
+    EXPECT_EQ(manifests[i]->digest(), SnapshotDigest(written[i]));
+  }
+  EXPECT_EQ(store->Manifests(4)->size(), written.size());
   // Destinations shaped like the shards, plus one shard never written.
   into = written;
   into.push_back(Snapshot("L1.E9.S0", 4));
