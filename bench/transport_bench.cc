@@ -23,6 +23,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <mutex>
 #include <string>
@@ -112,20 +113,23 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
                      int iters, int window, bool* ok, bool one_way = false) {
   std::mutex mu;
   std::condition_variable cv;
-  int in_flight = 0, done = 0;
+  int in_flight = 0, sent = 0, checked = 0;
+  // Answers wait here to be checked by this thread, not on the data plane's
+  // progress thread, whose time is the transport's (at most `window` wait).
+  std::deque<StatusOr<Message>> arrived;
   Message proto = Echo(bytes, 11);
   if (one_way) proto.header.step = 1;
   const auto start = Clock::now();
-  for (int i = 0; i < iters; ++i) {
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return in_flight < window; });
-      ++in_flight;
-    }
-    Message m;
-    m.header = proto.header;
-    m.payload = proto.payload;  // Shared buffer: the send only reads it.
-    client->Send(peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
+  std::unique_lock<std::mutex> lock(mu);
+  while (checked < iters) {
+    cv.wait(lock, [&] {
+      return !arrived.empty() || (sent < iters && in_flight < window &&
+                                  static_cast<int>(arrived.size()) < window);
+    });
+    if (!arrived.empty()) {
+      StatusOr<Message> r = std::move(arrived.front());
+      arrived.pop_front();
+      lock.unlock();
       // One way: the answer carries no payload by design.
       const bool good =
           r.ok() &&
@@ -133,20 +137,30 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
                    : r->payload.num_bytes() == proto.payload.num_bytes() &&
                          std::memcmp(r->payload.data(), proto.payload.data(),
                                      proto.payload.num_bytes()) == 0);
-      std::lock_guard<std::mutex> lock(mu);
       if (!good && *ok) {
         std::fprintf(
             stderr, "echo of %zu bytes failed: %s\n", bytes,
             r.ok() ? "payload differs" : r.status().ToString().c_str());
       }
       if (!good) *ok = false;
+      lock.lock();
+      ++checked;
+      continue;
+    }
+    ++in_flight;
+    ++sent;
+    lock.unlock();
+    Message m;
+    m.header = proto.header;
+    m.payload = proto.payload;  // Shared buffer: the send only reads it.
+    client->Send(peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
+      std::lock_guard<std::mutex> guard(mu);
+      arrived.push_back(std::move(r));
       --in_flight;
-      ++done;
       cv.notify_all();
     });
+    lock.lock();
   }
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return done == iters; });
   const double s = std::chrono::duration<double>(Clock::now() - start).count();
   return (one_way ? 1.0 : 2.0) * bytes * iters / s / (1 << 20);
 }
