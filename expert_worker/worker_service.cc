@@ -1,5 +1,6 @@
 #include "expert_worker/worker_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -462,27 +463,37 @@ WorkerService::NewDenseShard(int index) const {
   shard->index = index;
   ASSIGN_OR_RETURN(shard->params, Tensor::Zeros(DType::kF32, {1, range.count}));
   float* p = shard->params.f32();
-  // Walk the layout tensors that overlap [begin, begin + count).
-  size_t t = 0;
-  while (t + 1 < layout.size() && layout[t + 1].offset <= range.begin) ++t;
-  for (int64_t k = 0; k < range.count; ++k) {
-    const int64_t global = range.begin + k;
-    while (global >= layout[t].offset + layout[t].numel()) ++t;
-    const DenseTensor& tensor = layout[t];
-    const int64_t local = global - tensor.offset;
-    switch (tensor.init) {
-      case DenseTensor::Init::kOnes:
-        p[k] = 1.0f;
-        break;
-      case DenseTensor::Init::kZeros:
-        p[k] = 0.0f;
-        break;
-      case DenseTensor::Init::kNormal:
-        p[k] = static_cast<float>(
-            tensor.init_std *
-            RandomNormal(config_.training().seed(),
-                         {kTagDense, t, static_cast<uint64_t>(local)}));
-        break;
+  // Every element is a pure function of (tensor, index): blocks of the
+  // range are drawn on all cores, each walking the layout tensors that
+  // overlap it from the one holding its first element.
+  constexpr int64_t kBlock = 1 << 16;
+  const uint64_t seed = config_.training().seed();
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t block = 0; block < range.count; block += kBlock) {
+    const int64_t first = range.begin + block;
+    size_t t = static_cast<size_t>(
+        std::upper_bound(
+            layout.begin(), layout.end(), first,
+            [](int64_t g, const DenseTensor& d) { return g < d.offset; }) -
+        layout.begin() - 1);
+    for (int64_t k = block; k < std::min(range.count, block + kBlock); ++k) {
+      const int64_t global = range.begin + k;
+      while (global >= layout[t].offset + layout[t].numel()) ++t;
+      const DenseTensor& tensor = layout[t];
+      const int64_t local = global - tensor.offset;
+      switch (tensor.init) {
+        case DenseTensor::Init::kOnes:
+          p[k] = 1.0f;
+          break;
+        case DenseTensor::Init::kZeros:
+          p[k] = 0.0f;
+          break;
+        case DenseTensor::Init::kNormal:
+          p[k] = static_cast<float>(
+              tensor.init_std *
+              RandomNormal(seed, {kTagDense, t, static_cast<uint64_t>(local)}));
+          break;
+      }
     }
   }
   if (init_) RETURN_IF_ERROR(InitDenseFrom(index, &shard->params));
