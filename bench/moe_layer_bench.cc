@@ -28,7 +28,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -36,6 +35,7 @@
 #include "common/random.h"
 #include "expert_worker/cpu/blas_kernels.h"
 #include "expert_worker/worker_service.h"
+#include "tests/testing/files.h"
 #include "trainer/moe_client.h"
 #include "trainer/router.h"
 #include "transport/data_plane.h"
@@ -44,6 +44,7 @@ namespace switchyard {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::ReadFile;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kD = 1024, kF = 4096, kExperts = 8, kTokens = 1024;
@@ -87,13 +88,6 @@ bool WaitForFile(const std::string& path) {
 void WriteFile(const std::string& path, const std::string& text) {
   std::ofstream(path + ".tmp") << text;
   fs::rename(path + ".tmp", path);
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
 }
 
 int RunWorker(const std::string& dir, int index) {

@@ -219,7 +219,7 @@ Status ExportCheckpoint(const config::SwitchyardConfig& config,
   // Experts: per MoE layer, each expert's shards joined along d_ff.
   const int S = m.shards_per_expert();
   const int64_t D = m.d_model(), F = m.d_ff(), f = F / S;
-  const int g = m.activation() == "swiglu" ? 2 : 1;
+  const int g = FfnGates(m);
   int moe = 0;
   for (int layer = 0; layer < m.num_layers(); ++layer) {
     if (!IsMoeLayer(m, layer)) continue;
@@ -248,8 +248,7 @@ Status ExportCheckpoint(const config::SwitchyardConfig& config,
         std::memcpy(w2.f32() + s * f * D, sw2->f32(), f * D * sizeof(float));
         if (const Tensor* sb2 = FindTensor(snap, "b2")) b2 = sb2->Clone();
       }
-      const std::string p = "layers." + std::to_string(layer) + ".experts." +
-                            std::to_string(e) + ".";
+      const std::string p = ExpertTensorPrefix(layer, e);
       experts.push_back({p + "w1", std::move(w1)});
       if (has_b1) experts.push_back({p + "b1", std::move(b1)});
       experts.push_back({p + "w2", std::move(w2)});
@@ -299,13 +298,13 @@ Status DescribeImport(const config::SwitchyardConfig& config,
   }
   out << "dense tensors: " << dense_found << " of " << dense_total
       << " from the files, the rest random\n";
-  const int64_t g = m.activation() == "swiglu" ? 2 : 1;
+  const int64_t g = FfnGates(m);
   for (int layer = 0; layer < m.num_layers(); ++layer) {
     if (!IsMoeLayer(m, layer)) continue;
     const std::string p = "layers." + std::to_string(layer);
     int own = 0;
     for (int e = 0; e < m.num_experts(); ++e) {
-      const std::string w1 = p + ".experts." + std::to_string(e) + ".w1";
+      const std::string w1 = ExpertTensorPrefix(layer, e) + "w1";
       if (!reader.Has(w1)) continue;
       ASSIGN_OR_RETURN(auto shape, reader.Shape(w1));
       if (shape != std::vector<int64_t>{m.d_model(), g * m.d_ff()}) {

@@ -27,10 +27,23 @@ bool IsMoeLayer(const config::ModelConfig& model, int layer) {
   return (layer + 1) % model.moe_every() == 0;
 }
 
+int TransformerLayerOfMoe(const config::ModelConfig& model, int moe) {
+  return (moe + 1) * model.moe_every() - 1;
+}
+
+int FfnGates(const config::ModelConfig& model) {
+  return model.activation() == "swiglu" ? 2 : 1;
+}
+
+std::string ExpertTensorPrefix(int layer, int expert) {
+  return "layers." + std::to_string(layer) + ".experts." +
+         std::to_string(expert) + ".";
+}
+
 int64_t ExpertShardParams(const config::ModelConfig& m, int shard) {
   const int64_t d = m.d_model();
   const int64_t f = m.d_ff() / m.shards_per_expert();
-  const int64_t gates = m.activation() == "swiglu" ? 2 : 1;
+  const int64_t gates = FfnGates(m);
   int64_t params = gates * d * f + f * d;
   if (m.expert_bias()) params += gates * f + (shard == 0 ? d : 0);
   return params;
@@ -59,7 +72,7 @@ std::vector<DenseTensor> DenseLayout(const config::ModelConfig& m) {
   if (m.positions() == "learned") {
     add("pos_embed", m.seq_len(), d, DenseTensor::Init::kNormal, 0.02);
   }
-  const int64_t gates = m.activation() == "swiglu" ? 2 : 1;
+  const int64_t gates = FfnGates(m);
   for (int layer = 0; layer < m.num_layers(); ++layer) {
     const std::string p = "layers." + std::to_string(layer);
     norm(p + ".norm1");
@@ -101,7 +114,7 @@ std::vector<ShardFootprint> ModelShards(
   std::vector<ShardFootprint> shards;
   const int64_t d = m.d_model();
   const int64_t f = m.d_ff() / m.shards_per_expert();
-  const int64_t gates = m.activation() == "swiglu" ? 2 : 1;
+  const int64_t gates = FfnGates(m);
   for (int layer = 0; layer < NumMoeLayers(m); ++layer) {
     for (int e = 0; e < m.num_experts(); ++e) {
       for (int s = 0; s < m.shards_per_expert(); ++s) {

@@ -28,6 +28,13 @@ struct ShardFootprint {
 int NumMoeLayers(const config::ModelConfig& model);
 // Whether transformer layer `layer` (0-based) has an MoE FFN.
 bool IsMoeLayer(const config::ModelConfig& model, int layer);
+// The transformer layer of MoE layer `moe` (0-based; IsMoeLayer's inverse).
+int TransformerLayerOfMoe(const config::ModelConfig& model, int moe);
+// Column blocks of an FFN's W1: 2 for SwiGLU ([gate | up]), else 1.
+int FfnGates(const config::ModelConfig& model);
+// "layers.<layer>.experts.<expert>.": the prefix of an expert's tensors in
+// exported and imported safetensors (`layer` is the transformer layer).
+std::string ExpertTensorPrefix(int layer, int expert);
 
 // One dense parameter tensor. Dense shards cut the concatenation of all
 // dense tensors (in DenseLayout order) into equal flat ranges.

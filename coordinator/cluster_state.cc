@@ -347,8 +347,9 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
   if (!committed_.empty() && report.step() <= committed_.back().step()) {
     return ack;  // Older than what is committed: nothing to do.
   }
-  std::map<int, ReportedShard>& reported = pending_[report.step()];
-  if (!report.replica()) AssignReplicas(report);
+  // A report naming a shard outside the model is refused whole, before
+  // anything of it is recorded or replicated.
+  std::vector<int> indices;
   for (const auto& s : report.shards()) {
     const ShardId id = FromShardRef(s.shard());
     auto found = shard_index_.find(id);
@@ -356,7 +357,13 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
       return InvalidArgumentError("checkpoint report names shard " +
                                   id.ToString() + ", not in the model");
     }
-    ReportedShard& r = reported[found->second];
+    indices.push_back(found->second);
+  }
+  std::map<int, ReportedShard>& reported = pending_[report.step()];
+  if (!report.replica()) AssignReplicas(report);
+  for (int i = 0; i < report.shards_size(); ++i) {
+    const auto& s = report.shards(i);
+    ReportedShard& r = reported[indices[i]];
     if (report.replica()) {
       r.replicas.insert(report.name());
     } else {

@@ -28,10 +28,11 @@ constexpr uint64_t kTagDense = 3;  // 1 and 2: expert_init.cc.
 constexpr size_t kPoolCachedBytes = size_t{1} << 30;
 
 // Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols),
-// in a buffer from `pool`.
+// in a buffer from `pool`; a single part is returned as it is.
 StatusOr<Tensor> ConcatRows(BufferPool& pool,
                             const std::vector<const Tensor*>& parts,
                             int64_t cols) {
+  if (parts.size() == 1) return *parts.front();
   int64_t rows = 0;
   for (const Tensor* p : parts) rows += p->dim(0);
   ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {rows, cols}));
@@ -41,6 +42,45 @@ StatusOr<Tensor> ConcatRows(BufferPool& pool,
     dst += p->num_bytes();
   }
   return out;
+}
+
+// The initial values of dense elements [range.begin, + range.count) into
+// `p`. Every element is a pure function of (tensor, index): blocks of the
+// range are drawn on all cores, each walking the layout tensors that
+// overlap it from the one holding its first element.
+void FillInitialDense(const config::SwitchyardConfig& config,
+                      const DenseRange& range, float* p) {
+  const std::vector<DenseTensor> layout = DenseLayout(config.model());
+  constexpr int64_t kBlock = 1 << 16;
+  const uint64_t seed = config.training().seed();
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t block = 0; block < range.count; block += kBlock) {
+    const int64_t first = range.begin + block;
+    size_t t = static_cast<size_t>(
+        std::upper_bound(
+            layout.begin(), layout.end(), first,
+            [](int64_t g, const DenseTensor& d) { return g < d.offset; }) -
+        layout.begin() - 1);
+    for (int64_t k = block; k < std::min(range.count, block + kBlock); ++k) {
+      const int64_t global = range.begin + k;
+      while (global >= layout[t].offset + layout[t].numel()) ++t;
+      const DenseTensor& tensor = layout[t];
+      const int64_t local = global - tensor.offset;
+      switch (tensor.init) {
+        case DenseTensor::Init::kOnes:
+          p[k] = 1.0f;
+          break;
+        case DenseTensor::Init::kZeros:
+          p[k] = 0.0f;
+          break;
+        case DenseTensor::Init::kNormal:
+          p[k] = static_cast<float>(
+              tensor.init_std *
+              RandomNormal(seed, {kTagDense, t, static_cast<uint64_t>(local)}));
+          break;
+      }
+    }
+  }
 }
 
 // `t` in `dtype`: itself, or a converted copy in a buffer from `pool`.
@@ -261,15 +301,16 @@ Status WorkerService::RunReplication(const control::ReplicationTask& task) {
   report.set_replica(true);
   uint64_t bytes = 0;
   for (const auto& ref : task.shards()) {
-    // Tensors shaped like the shard's, from a freshly made one.
+    // Tensors shaped like the shard's, from a zero-filled one.
     storage::ShardSnapshot like;
     std::unique_ptr<Shard> expert;
     std::unique_ptr<DenseShard> dense;
     if (ref.kind() == control::DENSE) {
-      ASSIGN_OR_RETURN(dense, NewDenseShard(ref.shard()));
+      ASSIGN_OR_RETURN(dense, NewDenseShard(ref.shard(), /*initialise=*/false));
       like = SnapshotOf(*dense, /*deep=*/false);
     } else {
-      ASSIGN_OR_RETURN(expert, NewShard(FromShardRef(ref)));
+      ASSIGN_OR_RETURN(expert,
+                       NewShard(FromShardRef(ref), /*initialise=*/false));
       like = SnapshotOf(*expert, /*deep=*/false);
     }
     ASSIGN_OR_RETURN(storage::ShardSnapshot copy,
@@ -357,12 +398,16 @@ void WorkerService::Shutdown() {
 }
 
 StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
-    const ShardId& id) const {
+    const ShardId& id, bool initialise) const {
   const ExpertFfn& ffn = id.shard == 0 ? *ffn0_ : *ffn_;
   auto shard = std::make_unique<Shard>();
   shard->id = id;
-  ASSIGN_OR_RETURN(shard->params, InitialExpertParams(config_, id));
-  if (init_) {
+  if (!initialise) {
+    ASSIGN_OR_RETURN(shard->params, ExpertParams::Zeros(ffn.shape()));
+  } else {
+    ASSIGN_OR_RETURN(shard->params, InitialExpertParams(config_, id));
+  }
+  if (init_ && initialise) {
     RETURN_IF_ERROR(InitExpertFrom(id, &shard->params));
     if (ffn.shape().compute_dtype == DType::kBF16) {
       RETURN_IF_ERROR(shard->params.RefreshBf16());
@@ -383,12 +428,8 @@ StatusOr<std::unique_ptr<WorkerService::Shard>> WorkerService::NewShard(
 Status WorkerService::InitExpertFrom(const ShardId& id,
                                      ExpertParams* params) const {
   const auto& m = config_.model();
-  int layer = -1;  // The transformer layer of MoE layer id.layer.
-  for (int l = 0, moe = 0; l < m.num_layers(); ++l) {
-    if (IsMoeLayer(m, l) && moe++ == id.layer) layer = l;
-  }
-  const std::string expert = "layers." + std::to_string(layer) + ".experts." +
-                             std::to_string(id.expert) + ".";
+  const int layer = TransformerLayerOfMoe(m, id.layer);
+  const std::string expert = ExpertTensorPrefix(layer, id.expert);
   const std::string dense = "layers." + std::to_string(layer) + ".ffn.";
   // The expert's own tensors, or the dense FFN it is upcycled from.
   const std::string from = init_->Has(expert + "w1")  ? expert
@@ -455,48 +496,15 @@ Status WorkerService::InitDenseFrom(int index, Tensor* params) const {
 }
 
 StatusOr<std::unique_ptr<WorkerService::DenseShard>>
-WorkerService::NewDenseShard(int index) const {
-  const auto& m = config_.model();
-  const DenseRange range = DenseShardRange(m, index);
-  const std::vector<DenseTensor> layout = DenseLayout(m);
+WorkerService::NewDenseShard(int index, bool initialise) const {
+  const DenseRange range = DenseShardRange(config_.model(), index);
   auto shard = std::make_unique<DenseShard>();
   shard->index = index;
   ASSIGN_OR_RETURN(shard->params, Tensor::Zeros(DType::kF32, {1, range.count}));
-  float* p = shard->params.f32();
-  // Every element is a pure function of (tensor, index): blocks of the
-  // range are drawn on all cores, each walking the layout tensors that
-  // overlap it from the one holding its first element.
-  constexpr int64_t kBlock = 1 << 16;
-  const uint64_t seed = config_.training().seed();
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t block = 0; block < range.count; block += kBlock) {
-    const int64_t first = range.begin + block;
-    size_t t = static_cast<size_t>(
-        std::upper_bound(
-            layout.begin(), layout.end(), first,
-            [](int64_t g, const DenseTensor& d) { return g < d.offset; }) -
-        layout.begin() - 1);
-    for (int64_t k = block; k < std::min(range.count, block + kBlock); ++k) {
-      const int64_t global = range.begin + k;
-      while (global >= layout[t].offset + layout[t].numel()) ++t;
-      const DenseTensor& tensor = layout[t];
-      const int64_t local = global - tensor.offset;
-      switch (tensor.init) {
-        case DenseTensor::Init::kOnes:
-          p[k] = 1.0f;
-          break;
-        case DenseTensor::Init::kZeros:
-          p[k] = 0.0f;
-          break;
-        case DenseTensor::Init::kNormal:
-          p[k] = static_cast<float>(
-              tensor.init_std *
-              RandomNormal(seed, {kTagDense, t, static_cast<uint64_t>(local)}));
-          break;
-      }
-    }
+  if (initialise) {
+    FillInitialDense(config_, range, shard->params.f32());
+    if (init_) RETURN_IF_ERROR(InitDenseFrom(index, &shard->params));
   }
-  if (init_) RETURN_IF_ERROR(InitDenseFrom(index, &shard->params));
   ASSIGN_OR_RETURN(shard->state, optimizer_->NewState(shard->params));
   return shard;
 }
@@ -547,17 +555,19 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   }
   // New shards are made (and restored) outside mu_: initialising or reading
   // gigabytes takes seconds, and requests of the current epoch go on.
+  // Restored ones start zero-filled: the checkpoint overwrites every tensor
+  // (Restore checks each against the model's).
   std::map<ShardId, std::unique_ptr<Shard>> made;
   std::map<int, std::unique_ptr<DenseShard>> made_dense;
   std::vector<storage::ShardSnapshot> to_restore;
   for (int index : wanted_dense) {
     if (have_dense.count(index) && !reload_all) continue;
-    ASSIGN_OR_RETURN(made_dense[index], NewDenseShard(index));
+    ASSIGN_OR_RETURN(made_dense[index], NewDenseShard(index, !restore));
     to_restore.push_back(SnapshotOf(*made_dense[index], /*deep=*/false));
   }
   for (const ShardId& id : wanted) {
     if (have.count(id) && !reload_all) continue;
-    ASSIGN_OR_RETURN(made[id], NewShard(id));
+    ASSIGN_OR_RETURN(made[id], NewShard(id, !restore));
     to_restore.push_back(SnapshotOf(*made[id], /*deep=*/false));
   }
   if (restore) {

@@ -146,8 +146,12 @@ class WorkerService {
   // Pull or push on a dense shard; a pull fills *out.
   Status Dense(const transport::Message& request, Tensor* out);
   Status ApplyUpdate(int64_t step);
-  StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id) const;
-  StatusOr<std::unique_ptr<DenseShard>> NewDenseShard(int index) const;
+  // A shard with its initial values (seeded, or checkpoint.init_from), or
+  // zero-filled when `initialise` is false (to be restored, or for shapes).
+  StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id,
+                                            bool initialise = true) const;
+  StatusOr<std::unique_ptr<DenseShard>> NewDenseShard(
+      int index, bool initialise = true) const;
   // ShardDigests(); requires mu_.
   std::map<std::string, std::string> ShardDigestsLocked() const;
   // Every hosted shard's tensors at next_step_, shallow (sharing storage)

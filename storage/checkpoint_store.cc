@@ -33,16 +33,21 @@ std::string Hex(uint64_t v, int width) {
   return buf;
 }
 
+// "<kind>/<step>/": every key of one step ("ckpt" chunks, "manifest"s);
+// steps sort in key order.
+std::string StepPrefix(const char* kind, int64_t step) {
+  return std::string(kind) + "/" + Hex(static_cast<uint64_t>(step), 16) + "/";
+}
 // "ckpt/<step>/<shard>/": every chunk of one shard at one step.
 std::string ChunkPrefix(int64_t step, const std::string& shard) {
-  return "ckpt/" + Hex(static_cast<uint64_t>(step), 16) + "/" + shard + "/";
+  return StepPrefix("ckpt", step) + shard + "/";
 }
 std::string ChunkKey(int64_t step, const std::string& shard, int tensor,
                      uint64_t chunk) {
   return ChunkPrefix(step, shard) + Hex(tensor, 4) + "/" + Hex(chunk, 8);
 }
 std::string ManifestKey(int64_t step, const std::string& shard) {
-  return "manifest/" + Hex(static_cast<uint64_t>(step), 16) + "/" + shard;
+  return StepPrefix("manifest", step) + shard;
 }
 // The smallest key after every key that starts with `prefix` ending in '/'.
 std::string PrefixEnd(std::string prefix) {
@@ -244,8 +249,7 @@ class RocksCheckpointStore : public CheckpointStore {
   StatusOr<std::vector<checkpoint::ShardManifest>> Manifests(
       std::optional<int64_t> step) override {
     const std::string prefix =
-        step ? "manifest/" + Hex(static_cast<uint64_t>(*step), 16) + "/"
-             : std::string("manifest/");
+        step ? StepPrefix("manifest", *step) : std::string("manifest/");
     const std::string end = PrefixEnd(prefix);
     rocksdb::Slice upper(end);
     rocksdb::ReadOptions read;
@@ -268,17 +272,17 @@ class RocksCheckpointStore : public CheckpointStore {
 
   Status DropSteps(int64_t first, int64_t end) override {
     if (first >= end) return OkStatus();
-    const std::string from = Hex(static_cast<uint64_t>(first), 16);
-    const std::string to = Hex(static_cast<uint64_t>(end), 16);
     rocksdb::WriteBatch batch;
-    batch.DeleteRange("manifest/" + from, "manifest/" + to);
-    batch.DeleteRange("ckpt/" + from, "ckpt/" + to);
+    batch.DeleteRange(StepPrefix("manifest", first),
+                      StepPrefix("manifest", end));
+    batch.DeleteRange(StepPrefix("ckpt", first), StepPrefix("ckpt", end));
     rocksdb::WriteOptions write;
     write.sync = true;
     RETURN_IF_ERROR(ROCKS_STATUS(db_->Write(write, &batch), "drop steps"));
     // Reclaim the space of files that held only dropped checkpoints now,
     // rather than at some later compaction.
-    const std::string a = "ckpt/" + from, b = "ckpt/" + to;
+    const std::string a = StepPrefix("ckpt", first),
+                      b = StepPrefix("ckpt", end);
     rocksdb::Slice sa(a), sb(b);
     rocksdb::RangePtr range(&sa, &sb);
     return ROCKS_STATUS(rocksdb::DeleteFilesInRanges(
@@ -323,10 +327,6 @@ class RocksCheckpointStore : public CheckpointStore {
   const CheckpointStoreOptions options_;
   std::atomic<uint64_t> counter_{0};
 };
-
-}  // namespace
-
-namespace {
 
 // Runs work(i) for i in [0, n), `threads` at a time (the caller's thread is
 // one of them).

@@ -2,11 +2,9 @@
 
 #include <gtest/gtest.h>
 
-#include <fstream>
-#include <sstream>
-
 #include "common/flags.h"
 #include "common/model_shape.h"
+#include "tests/testing/files.h"
 
 namespace switchyard {
 namespace {
@@ -154,13 +152,6 @@ INSTANTIATE_TEST_SUITE_P(
                   "--set cluster.workers=0: cluster.workers (0) must be >= "
                   "1"}));
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 TEST(ConfigTest, MissingFileIsNamed) {
   auto loaded = LoadConfig("/nonexistent/run.yaml", {});
   ASSERT_FALSE(loaded.ok());
@@ -183,8 +174,8 @@ TEST(ConfigTest, ExamplesLoad) {
 }
 
 TEST(ConfigTest, EveryFieldIsDocumented) {
-  const std::string doc =
-      ReadFile(std::string(SWITCHYARD_SOURCE_DIR) + "/docs/configuration.md");
+  const std::string doc = testing::ReadFile(std::string(SWITCHYARD_SOURCE_DIR) +
+                                            "/docs/configuration.md");
   ASSERT_FALSE(doc.empty());
   for (const std::string& path : AllConfigFieldPaths()) {
     EXPECT_NE(doc.find("`" + path + "`"), std::string::npos)

@@ -107,6 +107,44 @@ TEST_F(ClusterStateTest, PlacesOnceTheExpectedWorkersJoin) {
   }
 }
 
+TEST_F(ClusterStateTest, CheckpointReportWithAnUnknownShardIsRefusedWhole) {
+  RegisterWorkers(3, t0_);
+  const control::RoutingTable routing = state_.Routing();
+  ASSERT_EQ(routing.entries_size(), 2 * 8 + 2);
+  auto report = [&](int first, int end, bool unknown) {
+    control::CheckpointReport r;
+    r.set_name("worker-0");
+    r.set_incarnation(incarnation_["worker-0"]);
+    r.set_step(5);
+    for (int i = first; i < end; ++i) {
+      auto* s = r.add_shards();
+      *s->mutable_shard() = routing.entries(i).shard();
+      s->set_digest("d" + std::to_string(i));
+      s->set_bytes(10);
+    }
+    if (unknown) {
+      auto* s = r.add_shards();
+      s->mutable_shard()->set_kind(control::EXPERT);
+      s->mutable_shard()->set_layer(0);
+      s->mutable_shard()->set_expert(99);
+      s->mutable_shard()->set_shard(0);
+    }
+    return state_.ReportCheckpoint(r);
+  };
+  const int n = routing.entries_size();
+  // Every shard but the last, and one the model lacks: refused, and none
+  // of it recorded, so the last shard alone commits nothing.
+  auto bad = report(0, n - 1, /*unknown=*/true);
+  EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+  auto last = report(n - 1, n, /*unknown=*/false);
+  ASSERT_TRUE(last.ok()) << last.status().ToString();
+  EXPECT_EQ(last->committed_step(), 0);
+  // The whole report commits step 5.
+  auto whole = report(0, n, /*unknown=*/false);
+  ASSERT_TRUE(whole.ok()) << whole.status().ToString();
+  EXPECT_EQ(whole->committed_step(), 5);
+}
+
 TEST_F(ClusterStateTest, ExpiredLeaseFencesAndReplaces) {
   RegisterWorkers(3, t0_);
   const uint64_t epoch = state_.epoch();

@@ -523,7 +523,11 @@ void UcxDataPlane::DropEndpoint(ucp_ep_h ep, const Status& why) {
   if (it == eps_.end()) return;
   const EpInfo info = it->second;
   eps_.erase(it);
-  if (info.client_side) client_eps_.erase(info.peer);
+  if (info.client_side) {
+    client_eps_.erase(info.peer);
+    std::lock_guard<std::mutex> lock(mu_);
+    lanes_.erase(info.peer);  // ConnectionInfo: no connection now.
+  }
   std::vector<uint64_t> failed;
   for (const auto& [id, p] : pending_) {
     if (p.ep == ep) failed.push_back(id);
