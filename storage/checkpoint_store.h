@@ -4,10 +4,12 @@
 // A shard checkpoint is the shard's tensors (parameters and every optimizer
 // tensor) at one step, stored as xxh3-checksummed chunks, plus a manifest
 // (format version, step, epoch, tensor names, dtypes, shapes, chunk
-// checksums, digest). WriteShard builds one SST file holding the chunks and
-// then the manifest, syncs it and ingests it: the shard's checkpoint appears
-// whole or not at all, and survives a crash once WriteShard returns.
-// Readers go by manifests only, and ReadShard verifies every chunk.
+// checksums, digest). WriteShard builds an SST file holding the chunks and
+// one holding the manifest, syncs them and ingests both at once: the
+// shard's checkpoint appears whole or not at all, and survives a crash once
+// WriteShard returns. Readers go by manifests only, and ReadShard verifies
+// every chunk (read straight from the chunk file with direct I/O where it
+// qualifies: sst_chunk_reader.h).
 //
 // CheckpointStore is the seam tests wrap to inject faults. Implementations
 // are thread-safe.

@@ -16,7 +16,9 @@
 #include <set>
 #include <thread>
 
+#include "common/digest.h"
 #include "storage/kv_store.h"
+#include "storage/sst_chunk_reader.h"
 #include "tests/testing/files.h"
 
 namespace switchyard::storage {
@@ -203,12 +205,17 @@ TEST_F(CheckpointStoreTest, AFlippedByteOnDiskIsDetected) {
     auto store = Open(size_t{1} << 20);
     ASSERT_TRUE(store->WriteShard(Snapshot("L1.E0.S0", 5)).ok());
   }
-  // Flip one byte in the middle of the ingested SST (tensor data).
+  // Flip one byte in the middle of the ingested chunk file (tensor data;
+  // the manifest is in a small file of its own).
   fs::path sst;
   for (const auto& e : fs::directory_iterator(dir_ + "/db")) {
-    if (e.path().extension() == ".sst") sst = e.path();
+    if (e.path().extension() == ".sst" &&
+        (sst.empty() || fs::file_size(e.path()) > fs::file_size(sst))) {
+      sst = e.path();
+    }
   }
   ASSERT_FALSE(sst.empty());
+  ASSERT_GT(fs::file_size(sst), 4000u);
   {
     std::fstream f(sst, std::ios::in | std::ios::out | std::ios::binary);
     f.seekg(4000);
@@ -223,6 +230,124 @@ TEST_F(CheckpointStoreTest, AFlippedByteOnDiskIsDetected) {
   EXPECT_EQ(r.status().code(), StatusCode::kDataLoss) << r.status().ToString();
   EXPECT_NE(r.status().message().find("L1.E0.S0 at step 5"), std::string::npos)
       << r.status().message();
+}
+
+// Restores read chunks straight from their SST file (sst_chunk_reader.h),
+// whether chunks fill blocks of their own (1 MiB) or share blocks with
+// prefix-compressed keys (1000 B, under RocksDB's 4 KiB blocks), and give
+// the bytes the RocksDB iterator gives.
+TEST_F(CheckpointStoreTest, RestoresReadChunksStraightFromTheirFile) {
+  for (size_t chunk : {size_t{1000}, size_t{1} << 20}) {
+    SCOPED_TRACE(chunk);
+    fs::remove_all(dir_);
+    std::vector<ShardSnapshot> written;
+    {
+      auto store = Open(chunk);
+      for (int e = 0; e < 4; ++e) {
+        ShardSnapshot s = Snapshot("L0.E" + std::to_string(e) + ".S0", 6);
+        // A tensor of several MiB, so a 1 MiB chunk spans read windows'
+        // worth of entries too.
+        s.tensors.push_back(
+            {"opt.w1.v", Filled(DType::kF32, {1024, 1100}, 40 + e)});
+        ASSERT_TRUE(store->WriteShard(s).ok());
+        written.push_back(std::move(s));
+      }
+    }
+    auto store = Open(chunk);  // Reopened: what a restarted worker does.
+    const ShardReadCounts before = GetShardReadCounts();
+    std::vector<ShardSnapshot> into = written;
+    for (auto& shard : into) {
+      for (auto& t : shard.tensors) {
+        if (!t.tensor.empty()) {
+          t.tensor = Tensor::Zeros(t.tensor.dtype(), t.tensor.shape()).value();
+        }
+      }
+    }
+    for (const Status& s : ReadShardsInto(*store, 6, &into, 2)) {
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
+    auto one = store->ReadShard(6, "L0.E2.S0");
+    ASSERT_TRUE(one.ok()) << one.status().ToString();
+    const ShardReadCounts after = GetShardReadCounts();
+    EXPECT_EQ(after.direct - before.direct, 5u);
+    EXPECT_EQ(after.through_rocksdb, before.through_rocksdb);
+    for (size_t i = 0; i < written.size(); ++i) ExpectSame(into[i], written[i]);
+    ExpectSame(*one, written[2]);
+  }
+}
+
+// The fast path only reads what RocksDB would return: a chunk rewritten
+// through the memtable (here a flipped byte put behind the store's back)
+// sends the read through RocksDB, which sees the new value.
+TEST_F(CheckpointStoreTest, ANewerCopyOfAChunkElsewhereTakesTheRocksDbPath) {
+  {
+    auto store = Open();
+    ASSERT_TRUE(store->WriteShard(Snapshot("L2.E1.S0", 4)).ok());
+  }
+  ASSERT_TRUE(testing::FlipStoredByte(dir_ + "/db", "ckpt/", 5, 0x08).ok());
+  auto store = Open();
+  const ShardReadCounts before = GetShardReadCounts();
+  auto r = store->ReadShard(4, "L2.E1.S0");
+  EXPECT_EQ(r.status().code(), StatusCode::kDataLoss);
+  const ShardReadCounts after = GetShardReadCounts();
+  EXPECT_EQ(after.direct, before.direct);
+  EXPECT_EQ(after.through_rocksdb - before.through_rocksdb, 1u);
+}
+
+// Direct reads check what they find: a wrong block offset or a property
+// that does not parse is an error, never wrong bytes.
+TEST_F(CheckpointStoreTest, DirectReadsRefuseWhatDoesNotMatch) {
+  const ShardSnapshot s = Snapshot("D3", 2);
+  {
+    auto store = Open();
+    ASSERT_TRUE(store->WriteShard(s).ok());
+  }
+  fs::path sst;
+  for (const auto& e : fs::directory_iterator(dir_ + "/db")) {
+    if (e.path().extension() == ".sst" &&
+        (sst.empty() || fs::file_size(e.path()) > fs::file_size(sst))) {
+      sst = e.path();
+    }
+  }
+  const std::string key = "ckpt/0000000000000002/D3/0000/00000000";
+  Tensor dst = Tensor::Zeros(DType::kF32, {250}).value();
+  const ChunkTarget target{key, static_cast<char*>(dst.data()), 1000,
+                           Xxh3(s.tensors[0].tensor.data(), 1000)};
+  WindowPool windows;
+  EXPECT_TRUE(
+      ReadChunksDirect(sst.string(), {{key, 0}}, {target}, windows).ok());
+  EXPECT_EQ(std::memcmp(dst.data(), s.tensors[0].tensor.data(), 1000), 0);
+  EXPECT_EQ(
+      ReadChunksDirect(sst.string(), {{key, 7}}, {target}, windows).code(),
+      StatusCode::kDataLoss);
+  EXPECT_EQ(ReadChunksDirect(sst.string(), {}, {target}, windows).code(),
+            StatusCode::kNotFound);
+  ChunkTarget wrong_sum = target;
+  wrong_sum.xxh3 ^= 1;
+  EXPECT_EQ(
+      ReadChunksDirect(sst.string(), {{key, 0}}, {wrong_sum}, windows).code(),
+      StatusCode::kDataLoss);
+  ChunkTarget wrong_size = target;
+  wrong_size.bytes = 999;
+  EXPECT_EQ(
+      ReadChunksDirect(sst.string(), {{key, 0}}, {wrong_size}, windows).code(),
+      StatusCode::kDataLoss);
+  EXPECT_EQ(
+      ReadChunksDirect(dir_ + "/no-such.sst", {{key, 0}}, {target}, windows)
+          .code(),
+      StatusCode::kUnavailable);
+  EXPECT_EQ(ParseChunkBlocks(std::string("\x05"
+                                         "ab",
+                                         3))
+                .status()
+                .code(),
+            StatusCode::kInvalidArgument);
+  auto parsed =
+      ParseChunkBlocks(std::string("\x01"
+                                   "k\x85\x01",
+                                   4));
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(parsed->at("k"), 133u);
 }
 
 TEST_F(CheckpointStoreTest, ChunksWithoutAManifestAreNotACheckpoint) {
