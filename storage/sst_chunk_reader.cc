@@ -218,8 +218,14 @@ char* WindowPool::Take() {
 }
 
 void WindowPool::Give(char* window) {
-  std::lock_guard<std::mutex> lock(mu_);
-  free_.push_back(window);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.size() < kMaxIdle) {
+      free_.push_back(window);
+      return;
+    }
+  }
+  ::munmap(window, kWindowBytes);
 }
 
 Status ReadChunksDirect(const std::string& path,

@@ -53,10 +53,12 @@ struct ChunkTarget {
 };
 
 // Aligned read windows, reused across reads (a fresh 16 MiB buffer costs
-// tens of milliseconds of page faults on the CI VM). Thread-safe.
+// tens of milliseconds of page faults on the CI VM); at most kMaxIdle are
+// kept between reads. Thread-safe.
 class WindowPool {
  public:
   static constexpr size_t kWindowBytes = size_t{16} << 20;
+  static constexpr size_t kMaxIdle = 4;
   WindowPool() = default;
   WindowPool(const WindowPool&) = delete;
   WindowPool& operator=(const WindowPool&) = delete;
