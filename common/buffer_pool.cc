@@ -43,8 +43,7 @@ StatusOr<Tensor> BufferPool::Take(DType dtype, std::vector<int64_t> shape) {
     }
   }
   if (buffer == nullptr) {
-    buffer = static_cast<uint8_t*>(
-        std::aligned_alloc(kTensorAlignmentBytes, class_bytes));
+    buffer = static_cast<uint8_t*>(AllocateTensorMemory(class_bytes));
     if (buffer == nullptr) {
       return ResourceExhaustedError("cannot allocate " +
                                     std::to_string(class_bytes) +

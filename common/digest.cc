@@ -17,13 +17,21 @@ Digest::Digest() : state_(std::make_unique<State>()) {
 Digest::~Digest() = default;
 
 void Digest::Add(const std::string& name, const Tensor& tensor) {
+  AddHeader(name, tensor);
+  if (!tensor.empty()) AddBytes(tensor.data(), tensor.num_bytes());
+}
+
+void Digest::AddHeader(const std::string& name, const Tensor& tensor) {
   XXH3_64bits_update(state_->xxh, name.data(), name.size() + 1);
   if (tensor.empty()) return;
   const uint8_t dtype = static_cast<uint8_t>(tensor.dtype());
   XXH3_64bits_update(state_->xxh, &dtype, 1);
   XXH3_64bits_update(state_->xxh, tensor.shape().data(),
                      tensor.shape().size() * sizeof(int64_t));
-  XXH3_64bits_update(state_->xxh, tensor.data(), tensor.num_bytes());
+}
+
+void Digest::AddBytes(const void* data, size_t size) {
+  XXH3_64bits_update(state_->xxh, data, size);
 }
 
 uint64_t Digest::value() const { return XXH3_64bits_digest(state_->xxh); }

@@ -22,6 +22,11 @@ class Digest {
   // Adds a name (so that equal bytes under different names differ) and the
   // tensor's dtype, shape and bytes. Empty tensors add only the name.
   void Add(const std::string& name, const Tensor& tensor);
+  // Add in two parts, for bytes that arrive in pieces: AddHeader(name,
+  // tensor) and then AddBytes over all of the tensor's bytes in order give
+  // the same digest as Add(name, tensor).
+  void AddHeader(const std::string& name, const Tensor& tensor);
+  void AddBytes(const void* data, size_t size);
   uint64_t value() const;
   // 16 hex digits.
   std::string hex() const;

@@ -1,5 +1,7 @@
 #include "common/tensor.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -44,6 +46,20 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
+void* AllocateTensorMemory(size_t bytes) {
+  constexpr size_t kHugePage = size_t{2} << 20;
+  if (bytes < kHugePage) {
+    const size_t rounded = (bytes + kTensorAlignmentBytes - 1) /
+                           kTensorAlignmentBytes * kTensorAlignmentBytes;
+    return std::aligned_alloc(kTensorAlignmentBytes, rounded);
+  }
+  void* raw = nullptr;
+  if (::posix_memalign(&raw, kHugePage, bytes) != 0) return nullptr;
+  // Advice only: where transparent huge pages are off, 4 KiB pages.
+  ::madvise(raw, bytes / kHugePage * kHugePage, MADV_HUGEPAGE);
+  return raw;
+}
+
 StatusOr<Tensor> Tensor::Zeros(DType dtype, std::vector<int64_t> shape) {
   ASSIGN_OR_RETURN(int64_t count, CountElements(shape));
   size_t bytes = static_cast<size_t>(count) * DTypeBytes(dtype);
@@ -52,7 +68,7 @@ StatusOr<Tensor> Tensor::Zeros(DType dtype, std::vector<int64_t> shape) {
   size_t rounded = (bytes + kTensorAlignmentBytes - 1) / kTensorAlignmentBytes *
                    kTensorAlignmentBytes;
   if (rounded == 0) rounded = kTensorAlignmentBytes;
-  void* raw = std::aligned_alloc(kTensorAlignmentBytes, rounded);
+  void* raw = AllocateTensorMemory(rounded);
   if (raw == nullptr) {
     return ResourceExhaustedError("cannot allocate " + std::to_string(bytes) +
                                   " bytes for a tensor");

@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "common/digest.h"
+#include "storage/direct_write_fs.h"
 #include "storage/rocks_status.h"
 #include "storage/sst_chunk_reader.h"
 
@@ -68,6 +69,7 @@ rocksdb::Options StoreOptions() {
   options.paranoid_checks = true;
   options.compression = rocksdb::kNoCompression;
   options.advise_random_on_open = false;
+  options.env = DirectWriteEnv();  // Chunk files with O_DIRECT.
   options.table_properties_collector_factories.push_back(
       NewChunkBlocksCollectorFactory("ckpt/"));
   rocksdb::BlockBasedTableOptions table;
@@ -116,7 +118,7 @@ class RocksCheckpointStore : public CheckpointStore {
     const std::string base = dir_ + "/ingest/" + snapshot.shard + "-" +
                              std::to_string(snapshot.step) + "-" +
                              std::to_string(counter_.fetch_add(1));
-    const std::string chunks_path = base + ".chunks.sst";
+    const std::string chunks_path = base + kDirectWriteSuffix;
     const std::string manifest_path = base + ".manifest.sst";
     std::vector<std::string> files;
     Status s = WriteChunks(snapshot, chunks_path, &manifest);
@@ -199,6 +201,7 @@ class RocksCheckpointStore : public CheckpointStore {
     }
     // The tensors, checked against the manifest, and every chunk's place.
     std::vector<ChunkTarget> chunks;
+    std::vector<size_t> chunk_tensor;  // The tensor of each chunk.
     bool chunks_consistent = true;
     for (int i = 0; i < manifest.tensors_size(); ++i) {
       const checkpoint::TensorManifest& tm = manifest.tensors(i);
@@ -226,6 +229,7 @@ class RocksCheckpointStore : public CheckpointStore {
             " does not fit the reader's " + named.name);
       }
       uint64_t offset = 0;
+      chunk_tensor.resize(chunks.size() + tm.chunk_xxh3_size(), i);
       for (int c = 0; c < tm.chunk_xxh3_size() && chunks_consistent; ++c) {
         const uint64_t n = std::min<uint64_t>(
             tm.chunk_bytes(), tm.bytes() - std::min(offset, tm.bytes()));
@@ -237,10 +241,15 @@ class RocksCheckpointStore : public CheckpointStore {
       }
       chunks_consistent = chunks_consistent && offset == tm.bytes();
     }
-    const bool direct = chunks_consistent && ReadDirect(step, shard, chunks);
+    std::string digest;
+    const bool direct = chunks_consistent && ReadDirect(step, snapshot, chunks,
+                                                        chunk_tensor, &digest);
     CountShardRead(direct);
-    if (!direct) RETURN_IF_ERROR(ReadThroughRocksDb(step, manifest, &snapshot));
-    if (SnapshotDigest(snapshot) != manifest.digest()) {
+    if (!direct) {
+      RETURN_IF_ERROR(ReadThroughRocksDb(step, manifest, &snapshot));
+      digest = SnapshotDigest(snapshot);
+    }
+    if (digest != manifest.digest()) {
       return DataLossError(Where(step, shard) +
                            " does not match the digest in its manifest");
     }
@@ -254,8 +263,13 @@ class RocksCheckpointStore : public CheckpointStore {
   // overlapping the shard's keys has the property and lists none of them
   // (tables from before the property, or from elsewhere, disqualify), and
   // the memtables hold nothing there.
-  bool ReadDirect(int64_t step, const std::string& shard,
-                  const std::vector<ChunkTarget>& chunks) {
+  // It also computes the shard's digest (SnapshotDigest) as the bytes pass
+  // through the cache, into `digest`.
+  bool ReadDirect(int64_t step, const ShardSnapshot& snapshot,
+                  const std::vector<ChunkTarget>& chunks,
+                  const std::vector<size_t>& chunk_tensor,
+                  std::string* digest) {
+    const std::string& shard = snapshot.shard;
     if (chunks.empty()) return false;
     const std::string prefix = ChunkPrefix(step, shard);
     const std::string end = PrefixEnd(prefix);
@@ -284,7 +298,24 @@ class RocksCheckpointStore : public CheckpointStore {
       blocks = std::move(listed).value();
     }
     if (path.empty()) return false;
-    const Status s = ReadChunksDirect(path, blocks, chunks, windows_);
+    Digest running;
+    size_t headers = 0;  // Tensors whose header `running` has.
+    auto headers_through = [&](size_t last) {
+      for (; headers <= last && headers < snapshot.tensors.size(); ++headers) {
+        const NamedTensor& t = snapshot.tensors[headers];
+        running.AddHeader(shard + "." + t.name, t.tensor);
+      }
+    };
+    const Status s =
+        ReadChunksDirect(path, blocks, chunks, windows_,
+                         [&](size_t chunk, const char* data, size_t size) {
+                           headers_through(chunk_tensor[chunk]);
+                           running.AddBytes(data, size);
+                         });
+    if (s.ok()) {
+      headers_through(snapshot.tensors.size());
+      *digest = running.hex();
+    }
     if (!s.ok()) {
       LOG(WARNING) << "reading " << Where(step, shard) << " from " << path
                    << " directly failed (" << s.ToString()

@@ -20,6 +20,7 @@
 #include <rocksdb/table_properties.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -73,6 +74,13 @@ class WindowPool {
   std::vector<char*> free_;
 };
 
+// Called with each piece of a chunk (at most kPieceBytes) right after it
+// was copied to its destination, in order: `chunk` indexes `chunks`. The
+// piece is still in the CPU's cache: the place to hash it again.
+using PieceCallback =
+    std::function<void(size_t chunk, const char* data, size_t size)>;
+inline constexpr size_t kPieceBytes = size_t{256} << 10;
+
 // Reads `chunks` (in the file's key order) from the SST file at `path`,
 // whose chunk block offsets are `blocks`. OK once every chunk is in place
 // with its length and checksum; otherwise an error saying what did not
@@ -80,7 +88,8 @@ class WindowPool {
 Status ReadChunksDirect(const std::string& path,
                         const std::map<std::string, uint64_t>& blocks,
                         const std::vector<ChunkTarget>& chunks,
-                        WindowPool& windows);
+                        WindowPool& windows,
+                        const PieceCallback& on_piece = nullptr);
 
 // Shards this process has restored by each path (for tests and the
 // benchmark's report).
