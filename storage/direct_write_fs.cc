@@ -53,9 +53,10 @@ class DirectWritableFile : public rocksdb::FSWritableFile {
         rocksdb::IOStatus s = WaitForPending();
         if (!s.ok()) return s;
         std::swap(buffer_, spare_);
-        pending_ = std::async(std::launch::async, [this, at = written_] {
-          return WriteAt(spare_, at, kBufferBytes);
-        });
+        pending_ = std::async(std::launch::async,
+                              [this, full = spare_, at = written_] {
+                                return WriteAt(full, at, kBufferBytes);
+                              });
         written_ += kBufferBytes;
         filled_ = 0;
       }
