@@ -4,6 +4,8 @@
 #include "storage/checkpoint_store.h"
 
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
+#include <rocksdb/sst_file_writer.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -350,6 +352,54 @@ TEST_F(CheckpointStoreTest, DirectReadsRefuseWhatDoesNotMatch) {
                                    4));
   ASSERT_TRUE(parsed.ok());
   EXPECT_EQ(parsed->at("k"), 133u);
+}
+
+// A store written before chunk files and manifests were split, and before
+// the chunk block property: one SST with chunks and manifest, no property.
+// It still reads, through RocksDB's iterator.
+TEST_F(CheckpointStoreTest, AStoreFromBeforeTheChunkPropertyStillReads) {
+  const ShardSnapshot s = Snapshot("L3.E2.S1", 8);
+  const std::string old_layout = dir_ + "_old.sst";
+  {
+    auto store = Open();
+    ASSERT_TRUE(store->WriteShard(s).ok());
+  }
+  {
+    // Every key and value of the store, into one SST built without the
+    // store's options.
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(
+        rocksdb::DB::OpenForReadOnly(rocksdb::Options(), dir_ + "/db", &raw)
+            .ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    rocksdb::SstFileWriter writer{rocksdb::EnvOptions(), rocksdb::Options()};
+    ASSERT_TRUE(writer.Open(old_layout).ok());
+    std::unique_ptr<rocksdb::Iterator> it(
+        db->NewIterator(rocksdb::ReadOptions()));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      ASSERT_TRUE(writer.Put(it->key(), it->value()).ok());
+    }
+    ASSERT_TRUE(writer.Finish().ok());
+  }
+  fs::remove_all(dir_);
+  { ASSERT_NE(Open(), nullptr); }  // An empty store.
+  {
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), dir_ + "/db", &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    ASSERT_TRUE(db->IngestExternalFile({old_layout},
+                                       rocksdb::IngestExternalFileOptions())
+                    .ok());
+  }
+  fs::remove(old_layout);
+  auto store = Open();
+  const ShardReadCounts before = GetShardReadCounts();
+  auto back = store->ReadShard(8, "L3.E2.S1");
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  ExpectSame(*back, s);
+  const ShardReadCounts after = GetShardReadCounts();
+  EXPECT_EQ(after.direct, before.direct);
+  EXPECT_EQ(after.through_rocksdb - before.through_rocksdb, 1u);
 }
 
 // Chunk files are written with O_DIRECT in 16 MiB pieces
