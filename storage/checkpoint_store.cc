@@ -307,7 +307,7 @@ class RocksCheckpointStore : public CheckpointStore {
       }
     };
     const Status s =
-        ReadChunksDirect(path, blocks, chunks, windows_,
+        ReadChunksDirect(path, blocks, chunks, *windows_,
                          [&](size_t chunk, const char* data, size_t size) {
                            headers_through(chunk_tensor[chunk]);
                            running.AddBytes(data, size);
@@ -460,7 +460,9 @@ class RocksCheckpointStore : public CheckpointStore {
   std::unique_ptr<rocksdb::DB> db_;
   const CheckpointStoreOptions options_;
   std::atomic<uint64_t> counter_{0};
-  WindowPool windows_;
+  // Read windows; up to four idle ones are kept between restores.
+  const std::shared_ptr<BufferPool> windows_ =
+      BufferPool::Create(4 * kWindowBytes);
 };
 
 // Runs work(i) for i in [0, n), `threads` at a time (the caller's thread is

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <future>
 
+#include "common/buffer_pool.h"
 #include "common/tensor.h"
 
 namespace switchyard::storage {
@@ -22,19 +23,20 @@ rocksdb::IOStatus Errno(const std::string& what, int err) {
                        : rocksdb::IOStatus::IOError(text);
 }
 
-// Appends gather in a 16 MiB huge-page buffer (AllocateTensorMemory); a
+// Appends gather in a 16 MiB huge-page buffer from a BufferPool; a
 // full buffer goes to disk with one O_DIRECT write in the background while
 // appends fill the other buffer. Sync and Close wait for it, write the
 // unaligned tail padded to 4 KiB and truncate the file to its size.
 class DirectWritableFile : public rocksdb::FSWritableFile {
  public:
-  DirectWritableFile(std::string path, int fd, char* buffer, char* spare)
-      : path_(std::move(path)), fd_(fd), buffer_(buffer), spare_(spare) {}
+  DirectWritableFile(std::string path, int fd, Tensor buffer, Tensor spare)
+      : path_(std::move(path)),
+        fd_(fd),
+        buffer_(std::move(buffer)),
+        spare_(std::move(spare)) {}
   ~DirectWritableFile() override {
     if (pending_.valid()) pending_.wait();
     if (fd_ >= 0) ::close(fd_);
-    std::free(buffer_);
-    std::free(spare_);
   }
 
   rocksdb::IOStatus Append(const rocksdb::Slice& data,
@@ -44,7 +46,7 @@ class DirectWritableFile : public rocksdb::FSWritableFile {
     size_t n = data.size();
     while (n > 0) {
       const size_t k = std::min(n, kBufferBytes - filled_);
-      std::memcpy(buffer_ + filled_, p, k);
+      std::memcpy(Bytes(buffer_) + filled_, p, k);
       filled_ += k;
       size_ += k;
       p += k;
@@ -54,7 +56,7 @@ class DirectWritableFile : public rocksdb::FSWritableFile {
         if (!s.ok()) return s;
         std::swap(buffer_, spare_);
         pending_ = std::async(std::launch::async,
-                              [this, full = spare_, at = written_] {
+                              [this, full = Bytes(spare_), at = written_] {
                                 return WriteAt(full, at, kBufferBytes);
                               });
         written_ += kBufferBytes;
@@ -123,8 +125,8 @@ class DirectWritableFile : public rocksdb::FSWritableFile {
     rocksdb::IOStatus s = WaitForPending();
     if (!s.ok() || filled_ == 0) return s;
     const size_t padded = (filled_ + kAlign - 1) / kAlign * kAlign;
-    std::memset(buffer_ + filled_, 0, padded - filled_);
-    s = WriteAt(buffer_, written_, padded);
+    std::memset(Bytes(buffer_) + filled_, 0, padded - filled_);
+    s = WriteAt(Bytes(buffer_), written_, padded);
     if (s.ok() && ::ftruncate(fd_, static_cast<off_t>(size_)) != 0) {
       s = Errno("truncate " + path_, errno);
     }
@@ -133,8 +135,10 @@ class DirectWritableFile : public rocksdb::FSWritableFile {
 
   const std::string path_;
   int fd_;
-  char* buffer_;  // Being filled.
-  char* spare_;   // Being written by pending_, or free.
+  static char* Bytes(Tensor& t) { return static_cast<char*>(t.data()); }
+
+  Tensor buffer_;  // Being filled.
+  Tensor spare_;   // Being written by pending_, or free.
   std::future<rocksdb::IOStatus> pending_;
   size_t filled_ = 0;     // Bytes in buffer_ (from file offset written_).
   uint64_t written_ = 0;  // Bytes written whole (a multiple of 16 MiB).
@@ -159,15 +163,15 @@ class DirectWriteFileSystem : public rocksdb::FileSystemWrapper {
           ::open(path.c_str(),
                  O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT | O_CLOEXEC, 0644);
       if (fd >= 0) {
-        char* buffer = static_cast<char*>(AllocateTensorMemory(kBufferBytes));
-        char* spare = static_cast<char*>(AllocateTensorMemory(kBufferBytes));
-        if (buffer == nullptr || spare == nullptr) {
+        const std::vector<int64_t> shape = {kBufferBytes / sizeof(float)};
+        auto buffer = buffers_->Take(DType::kF32, shape);
+        auto spare = buffers_->Take(DType::kF32, shape);
+        if (!buffer.ok() || !spare.ok()) {
           ::close(fd);
-          std::free(buffer);
-          std::free(spare);
           return rocksdb::IOStatus::NoSpace("no memory for write buffers");
         }
-        result->reset(new DirectWritableFile(path, fd, buffer, spare));
+        result->reset(new DirectWritableFile(
+            path, fd, std::move(buffer).value(), std::move(spare).value()));
         return rocksdb::IOStatus::OK();
       }
       if (errno != EINVAL) return Errno("open " + path, errno);
@@ -178,6 +182,10 @@ class DirectWriteFileSystem : public rocksdb::FileSystemWrapper {
 
  private:
   const std::string suffix_;
+  // Write buffers (huge pages: AllocateTensorMemory); up to four idle ones
+  // are kept between files.
+  const std::shared_ptr<BufferPool> buffers_ =
+      BufferPool::Create(4 * kBufferBytes);
 };
 
 }  // namespace

@@ -4,7 +4,6 @@
 #include "storage/sst_chunk_reader.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -148,10 +147,9 @@ class WindowedFile {
   // Reads the window at w->start (aligned), short only at the file's end.
   Status Read(Window* w) const {
     w->size = 0;
-    while (w->size < WindowPool::kWindowBytes) {
-      const ssize_t r =
-          ::pread(fd_, w->data + w->size, WindowPool::kWindowBytes - w->size,
-                  static_cast<off_t>(w->start + w->size));
+    while (w->size < kWindowBytes) {
+      const ssize_t r = ::pread(fd_, w->data + w->size, kWindowBytes - w->size,
+                                static_cast<off_t>(w->start + w->size));
       if (r < 0 && errno == EINTR) continue;
       if (r < 0) return DataLossError(std::string("read: ") + strerror(errno));
       if (r == 0) break;
@@ -181,7 +179,7 @@ class WindowedFile {
       return DataLossError("offset " + std::to_string(pos) +
                            " is past the end of the file");
     }
-    if (cur_.size == WindowPool::kWindowBytes) {
+    if (cur_.size == kWindowBytes) {
       next_.start = cur_.start + cur_.size;
       prefetch_ =
           std::async(std::launch::async, [this] { return Read(&next_); });
@@ -226,69 +224,17 @@ StatusOr<std::map<std::string, uint64_t>> ParseChunkBlocks(
   return blocks;
 }
 
-WindowPool::~WindowPool() {
-  for (char* w : free_) ::munmap(w, kWindowBytes);
-}
-
-// Windows are 2 MiB aligned and asked for transparent huge pages, so a
-// direct read lands in a few physically contiguous pieces: on the CI VM
-// 16 MiB direct reads into 4 KiB pages that had been in use took about
-// 10 ms, into huge pages about 3 ms (bench/checkpoint).
-char* WindowPool::Take() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!free_.empty()) {
-      char* w = free_.back();
-      free_.pop_back();
-      return w;
-    }
-  }
-  constexpr size_t kHuge = size_t{2} << 20;
-  void* base = ::mmap(nullptr, kWindowBytes + kHuge, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return nullptr;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(base);
-  const uintptr_t aligned = (start + kHuge - 1) & ~uintptr_t{kHuge - 1};
-  if (aligned > start) ::munmap(base, aligned - start);
-  if (const size_t tail = kHuge - (aligned - start); tail > 0) {
-    ::munmap(reinterpret_cast<char*>(aligned + kWindowBytes), tail);
-  }
-  char* w = reinterpret_cast<char*>(aligned);
-  ::madvise(w, kWindowBytes, MADV_HUGEPAGE);  // Advice: may be ignored.
-  std::memset(w, 0, kWindowBytes);            // Fault it in now.
-  return w;
-}
-
-void WindowPool::Give(char* window) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (free_.size() < kMaxIdle) {
-      free_.push_back(window);
-      return;
-    }
-  }
-  ::munmap(window, kWindowBytes);
-}
-
 Status ReadChunksDirect(const std::string& path,
                         const std::map<std::string, uint64_t>& blocks,
                         const std::vector<ChunkTarget>& chunks,
-                        WindowPool& windows, const PieceCallback& on_piece) {
-  struct Windows {
-    WindowPool& pool;
-    char* first = pool.Take();
-    char* second = pool.Take();
-    ~Windows() {
-      if (first != nullptr) pool.Give(first);
-      if (second != nullptr) pool.Give(second);
-    }
-  } taken{windows};
-  if (taken.first == nullptr || taken.second == nullptr) {
-    return ResourceExhaustedError("no memory for read windows");
-  }
+                        BufferPool& windows, const PieceCallback& on_piece) {
+  const std::vector<int64_t> shape = {kWindowBytes / sizeof(float)};
+  ASSIGN_OR_RETURN(Tensor first, windows.Take(DType::kF32, shape));
+  ASSIGN_OR_RETURN(Tensor second, windows.Take(DType::kF32, shape));
   // Declared after the windows: it waits for its prefetch before they go
   // back.
-  WindowedFile file(taken.first, taken.second);
+  WindowedFile file(static_cast<char*>(first.data()),
+                    static_cast<char*>(second.data()));
   RETURN_IF_ERROR(file.Open(path));
 
   const std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> hash(

@@ -317,7 +317,8 @@ TEST_F(CheckpointStoreTest, DirectReadsRefuseWhatDoesNotMatch) {
   Tensor dst = Tensor::Zeros(DType::kF32, {250}).value();
   const ChunkTarget target{key, static_cast<char*>(dst.data()), 1000,
                            Xxh3(s.tensors[0].tensor.data(), 1000)};
-  WindowPool windows;
+  auto pool = BufferPool::Create(0);
+  BufferPool& windows = *pool;
   EXPECT_TRUE(
       ReadChunksDirect(sst.string(), {{key, 0}}, {target}, windows).ok());
   EXPECT_EQ(std::memcmp(dst.data(), s.tensors[0].tensor.data(), 1000), 0);
