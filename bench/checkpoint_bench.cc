@@ -54,53 +54,52 @@ void Evict(const std::string& dir) {
   }
 }
 
+// Both raw baselines use 16 MiB blocks in a tensor's memory: 2 MiB aligned,
+// huge pages (AllocateTensorMemory), the best buffer for direct I/O; into
+// scattered 4 KiB pages the same reads and writes ran about three times
+// slower here.
+constexpr size_t kRawBlock = size_t{16} << 20;
+Tensor RawBlock() {
+  return Tensor::Zeros(DType::kF32, {kRawBlock / sizeof(float)}).value();
+}
+
 // O_DIRECT sequential write (then fsync) of `bytes` to `path`. GB/s.
 double RawDirectWrite(const std::string& path, size_t bytes,
-                      const char* pattern) {
-  constexpr size_t kBlock = size_t{16} << 20;
-  // The best buffer for direct I/O: 2 MiB aligned, huge pages
-  // (AllocateTensorMemory); into scattered 4 KiB pages the same reads and
-  // writes ran about three times slower here.
-  void* buf = AllocateTensorMemory(kBlock);
-  if (buf == nullptr) return 0;
-  std::memcpy(buf, pattern, kBlock);
+                      const Tensor& pattern) {
+  Tensor block = RawBlock();
+  std::memcpy(block.data(), pattern.data(), kRawBlock);
   const int fd =
       ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0644);
   if (fd < 0) {
     std::perror("open O_DIRECT");
-    std::free(buf);
     return 0;
   }
   const auto start = Clock::now();
-  for (size_t done = 0; done < bytes; done += kBlock) {
-    if (::write(fd, buf, kBlock) != static_cast<ssize_t>(kBlock)) break;
+  for (size_t done = 0; done < bytes; done += kRawBlock) {
+    if (::write(fd, block.data(), kRawBlock) !=
+        static_cast<ssize_t>(kRawBlock)) {
+      break;
+    }
   }
   ::fsync(fd);
   ::close(fd);
-  const double seconds = Seconds(start);
-  std::free(buf);
-  return bytes / seconds / 1e9;
+  return bytes / Seconds(start) / 1e9;
 }
 
 // O_DIRECT sequential read, in 16 MiB blocks, of every SST file under
 // `dir`: the store's own bytes where they lie on disk. GB/s.
 double RawReadFiles(const std::string& dir) {
-  constexpr size_t kBlock = size_t{16} << 20;
-  void* buf = AllocateTensorMemory(kBlock);  // As RawDirectWrite's.
-  if (buf == nullptr) return 0;
-  std::memset(buf, 0, kBlock);  // Touched, as a reused buffer is.
+  Tensor block = RawBlock();
   size_t total = 0;
   const auto start = Clock::now();
   for (const auto& e : fs::recursive_directory_iterator(dir)) {
     if (!e.is_regular_file() || e.path().extension() != ".sst") continue;
     const int fd = ::open(e.path().c_str(), O_RDONLY | O_DIRECT);
     if (fd < 0) continue;
-    for (ssize_t n; (n = ::read(fd, buf, kBlock)) > 0;) total += n;
+    for (ssize_t n; (n = ::read(fd, block.data(), kRawBlock)) > 0;) total += n;
     ::close(fd);
   }
-  const double seconds = Seconds(start);
-  std::free(buf);
-  return total / seconds / 1e9;
+  return total / Seconds(start) / 1e9;
 }
 
 int Run(int argc, char** argv) {
@@ -192,9 +191,7 @@ int Run(int argc, char** argv) {
   }
   store->reset();
 
-  std::vector<char> block(size_t{16} << 20);
-  std::memcpy(block.data(), pattern.data(), block.size());
-  const double raw_write = RawDirectWrite(dir + "/raw", bytes, block.data());
+  const double raw_write = RawDirectWrite(dir + "/raw", bytes, pattern);
   fs::remove_all(dir);
 
   std::printf("checkpoint: %.2f GiB in %d shards of %d x 64 MiB, in %s\n",

@@ -229,7 +229,6 @@ class RocksCheckpointStore : public CheckpointStore {
             " does not fit the reader's " + named.name);
       }
       uint64_t offset = 0;
-      chunk_tensor.resize(chunks.size() + tm.chunk_xxh3_size(), i);
       for (int c = 0; c < tm.chunk_xxh3_size() && chunks_consistent; ++c) {
         const uint64_t n = std::min<uint64_t>(
             tm.chunk_bytes(), tm.bytes() - std::min(offset, tm.bytes()));
@@ -237,6 +236,7 @@ class RocksCheckpointStore : public CheckpointStore {
         chunks.push_back({ChunkKey(step, shard, i, c),
                           static_cast<char*>(named.tensor.data()) + offset, n,
                           tm.chunk_xxh3(c)});
+        chunk_tensor.push_back(i);
         offset += n;
       }
       chunks_consistent = chunks_consistent && offset == tm.bytes();
