@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <condition_variable>
-#include <future>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 namespace switchyard::transport {
@@ -63,10 +63,11 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
     }
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());
+    std::vector<SendRequest> sends;
     for (size_t i : to_send) {
       // Messages share their payload's storage: a copy is cheap, and the
       // original stays for a retry.
-      data_plane->Send(
+      sends.push_back(SendRequest{
           requests[i].peer, requests[i].message,
           std::max(left, std::chrono::milliseconds(1)),
           [pending, i, label = requests[i].label](StatusOr<Message> r) {
@@ -83,13 +84,14 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
                                         : t.To(DType::kF32);
             }
             if (--pending->outstanding == 0) pending->cv.notify_all();
-          });
+          }});
     }
     std::unique_lock<std::mutex> lock(pending->mu);
     // Each callback runs by its request's deadline; the margin covers
     // scheduling only.
-    if (!pending->cv.wait_until(lock, deadline + std::chrono::seconds(5),
-                                [&] { return pending->outstanding == 0; })) {
+    if (!data_plane->SendAndWait(std::move(sends), lock, pending->cv,
+                                 deadline + std::chrono::seconds(5),
+                                 [&] { return pending->outstanding == 0; })) {
       return DeadlineExceededError(std::to_string(pending->outstanding) +
                                    " data-plane requests not answered");
     }
@@ -127,13 +129,44 @@ RequestHandler RefuseRequests(const std::string& who) {
   };
 }
 
+bool DataPlane::SendAndWait(std::vector<SendRequest> requests,
+                            std::unique_lock<std::mutex>& lock,
+                            std::condition_variable& cv,
+                            std::chrono::steady_clock::time_point deadline,
+                            const std::function<bool()>& done) {
+  lock.unlock();  // Callbacks may run inside Send.
+  for (SendRequest& r : requests) {
+    Send(r.peer, std::move(r.message), r.timeout, std::move(r.done));
+  }
+  lock.lock();
+  return cv.wait_until(lock, deadline, done);
+}
+
 StatusOr<Message> DataPlane::SendSync(const std::string& peer, Message request,
                                       std::chrono::milliseconds timeout) {
-  auto promise = std::make_shared<std::promise<StatusOr<Message>>>();
-  auto future = promise->get_future();
-  Send(peer, std::move(request), timeout,
-       [promise](StatusOr<Message> r) { promise->set_value(std::move(r)); });
-  return future.get();  // Send guarantees the callback by the deadline.
+  struct Answer {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<StatusOr<Message>> result;
+  };
+  auto answer = std::make_shared<Answer>();
+  std::vector<SendRequest> send;
+  send.push_back(SendRequest{peer, std::move(request), timeout,
+                             [answer](StatusOr<Message> r) {
+                               std::lock_guard<std::mutex> lock(answer->mu);
+                               answer->result = std::move(r);
+                               answer->cv.notify_one();
+                             }});
+  std::unique_lock<std::mutex> lock(answer->mu);
+  // Send guarantees the callback by the deadline; the margin covers
+  // scheduling only.
+  if (!SendAndWait(
+          std::move(send), lock, answer->cv,
+          std::chrono::steady_clock::now() + timeout + std::chrono::seconds(5),
+          [&] { return answer->result.has_value(); })) {
+    return DeadlineExceededError("no data-plane answer from " + peer);
+  }
+  return std::move(*answer->result);
 }
 
 }  // namespace switchyard::transport

@@ -7,14 +7,17 @@
 // error, DEADLINE_EXCEEDED, or UNAVAILABLE when the peer is lost.
 //
 // Thread-safety: all methods are thread-safe. Handlers and callbacks run on
-// the data plane's progress thread and must not block; hand work to another
-// thread and call Reply from there.
+// the data plane's progress thread, or on a thread waiting in SendAndWait
+// (which drives the network meanwhile), and must not block; hand work to
+// another thread and call Reply from there.
 #ifndef SWITCHYARD_TRANSPORT_DATA_PLANE_H_
 #define SWITCHYARD_TRANSPORT_DATA_PLANE_H_
 
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -48,6 +51,14 @@ Message TensorMessage(const WireHeader& header, Tensor payload);
 inline Message TensorResponse(const WireHeader& request, Tensor payload) {
   return TensorMessage(request, std::move(payload));
 }
+
+// One request of SendAndWait.
+struct SendRequest {
+  std::string peer;
+  Message message;
+  std::chrono::milliseconds timeout;
+  ResponseCallback done;
+};
 
 struct DataPlaneOptions {
   // Host to listen on; the port is chosen by the system (see address()).
@@ -98,7 +109,24 @@ class DataPlane {
     return "";
   }
 
-  // Blocking Send. Must not be called from a handler or callback.
+  // Sends every request (as Send) and then blocks until `done()` is true or
+  // `deadline` passes, as cv.wait_until(lock, deadline, done) would;
+  // returns done(). `lock` is held on entry and on return, and released
+  // while sending. The requests' callbacks change what done() reads under
+  // lock's mutex and notify `cv`. The UCX plane lets the waiting thread
+  // drive the network itself meanwhile (the callbacks then run on it), so
+  // that an answer reaches the waiter without a thread hand-off: on a
+  // 2-core VM each hand-off is a wake-up of about 13 us, against a 2-3 us
+  // shared-memory round trip. Must not be called from a handler or
+  // callback.
+  virtual bool SendAndWait(std::vector<SendRequest> requests,
+                           std::unique_lock<std::mutex>& lock,
+                           std::condition_variable& cv,
+                           std::chrono::steady_clock::time_point deadline,
+                           const std::function<bool()>& done);
+
+  // Blocking Send (through SendAndWait). Must not be called from a handler
+  // or callback.
   StatusOr<Message> SendSync(const std::string& peer, Message request,
                              std::chrono::milliseconds timeout);
 };

@@ -1,23 +1,29 @@
 // DataPlane on UCX active messages (docs/protocol.md, "Data plane").
 //
-// One UCP context and worker per data plane, driven by one progress thread
-// that makes every UCX call; other threads post commands and wake it with
-// ucp_worker_signal. Requests go as AM kRequestAm with the 80-byte header and
-// the payload as a separate buffer, with UCP_AM_SEND_FLAG_REPLY so the server
-// answers on the same connection (AM kResponseAm). Payloads from
-// rendezvous_threshold_bytes up are forced to rendezvous and received
-// straight into the destination tensor. Endpoints use peer error handling:
-// a lost peer fails every request pending on it. ucs_status_t becomes Status
-// in UcxStatus() only. A client endpoint carries requests only once its
-// wire-up has finished (its first flush), and processes of one host use
-// shared memory and CMA (see NewUcxDataPlane).
+// One UCP context and worker per data plane. One thread at a time holds the
+// "role" (role_mu_) and alone makes UCX calls: the progress thread, or a
+// thread waiting in SendAndWait, which drives the network itself until its
+// answers are in (the progress thread stands back meanwhile), so that an
+// answer reaches its waiter without a thread hand-off. Other threads post
+// commands for the role holder and wake it only when it sleeps. Requests go as
+// AM kRequestAm with the 80-byte header and the payload as a separate buffer,
+// with UCP_AM_SEND_FLAG_REPLY so the server answers on the same connection (AM
+// kResponseAm). Payloads from rendezvous_threshold_bytes up are forced to
+// rendezvous and received straight into the destination tensor. Endpoints use
+// peer error handling: a lost peer fails every request pending on it.
+// ucs_status_t becomes Status in UcxStatus() only. A client endpoint carries
+// requests only once its wire-up has finished (its first flush), and processes
+// of one host use shared memory and CMA (see NewUcxDataPlane).
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -156,6 +162,10 @@ class UcxDataPlane : public DataPlane {
   std::string address() const override { return address_; }
   void Send(const std::string& peer, Message request,
             std::chrono::milliseconds timeout, ResponseCallback done) override;
+  bool SendAndWait(std::vector<SendRequest> requests,
+                   std::unique_lock<std::mutex>& lock,
+                   std::condition_variable& cv, Clock::time_point deadline,
+                   const std::function<bool()>& done) override;
   std::string ConnectionInfo(const std::string& peer) const override {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = lanes_.find(peer);
@@ -200,9 +210,29 @@ class UcxDataPlane : public DataPlane {
     ucp_ep_h reply_ep;
   };
 
-  // Queues `fn` for the progress thread; false once the plane is closed.
+  // Queues `fn` for the role holder; false once the plane is closed.
   bool Post(std::function<void()> fn);
+  // Makes sure a role holder will run posted commands soon: signals one
+  // sleeping on the worker's fd, or unparks the progress thread when no
+  // waiter drives. mu_ held.
+  void WakeLocked();
   void Loop();
+  // One round of the role holder's work: posted commands, UCX progress,
+  // expired deadlines. True when anything happened.
+  bool Round();
+  // Drives UCX on the calling thread, which holds `role`, until
+  // `finished()` (checked after every round) or `until`: rounds back to
+  // back for busy_poll_us after any activity, then one sleep on the
+  // worker's event fd, after which it returns with the role released (the
+  // caller decides whether to take it again).
+  void Drive(std::unique_lock<std::mutex>& role,
+             const std::function<bool()>& finished, Clock::time_point until);
+  // A waiter is done. The last one wakes the progress thread when work may
+  // need it (`holding_role`: the caller holds the role and can tell).
+  void LeaveWaiting(bool holding_role);
+  // Anything that needs progress without a waiter: commands, requests in
+  // flight either way, or peers that may send requests. Role and mu_ held.
+  bool HasWorkLocked() const;
   void ExpireDeadlines();
   void Complete(uint64_t id, StatusOr<Message> result);
   StatusOr<ucp_ep_h> Endpoint(const std::string& peer);
@@ -240,12 +270,26 @@ class UcxDataPlane : public DataPlane {
   std::atomic<bool> stop_{false};
   std::once_flag shutdown_once_;
 
+  // The role: its holder alone calls UCX (the worker is
+  // UCS_THREAD_MODE_SERIALIZED).
+  std::mutex role_mu_;
+  // The thread holding the role while awake (replies from it are sent at
+  // once, not posted).
+  std::atomic<std::thread::id> role_holder_;
+
   mutable std::mutex mu_;
   std::deque<std::function<void()>> commands_;  // GUARDED_BY(mu_)
   std::map<std::string, std::string> lanes_;    // GUARDED_BY(mu_)
   bool closed_ = false;                         // GUARDED_BY(mu_)
+  // Threads in SendAndWait (written under mu_; the progress thread stands
+  // back while any).
+  std::atomic<int> waiters_{0};
+  int sleepers_ = 0;     // GUARDED_BY(mu_): role holders in poll()
+  bool parked_ = false;  // GUARDED_BY(mu_): the progress thread stands back
+  bool kicked_ = false;  // GUARDED_BY(mu_)
+  std::condition_variable park_cv_;
 
-  // Progress thread only.
+  // Role holder only.
   std::map<std::string, ucp_ep_h> client_eps_;
   std::unordered_map<ucp_ep_h, EpInfo> eps_;
   std::unordered_map<uint64_t, Pending> pending_;
@@ -284,7 +328,7 @@ Status UcxDataPlane::Start(RequestHandler handler) {
 
   ucp_worker_params_t wparams{};
   wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  wparams.thread_mode = UCS_THREAD_MODE_SINGLE;
+  wparams.thread_mode = UCS_THREAD_MODE_SERIALIZED;
   RETURN_IF_ERROR(UCX_STATUS(ucp_worker_create(context_, &wparams, &worker_),
                              "ucp_worker_create"));
   RETURN_IF_ERROR(
@@ -360,43 +404,122 @@ bool UcxDataPlane::Post(std::function<void()> fn) {
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_) return false;
   commands_.push_back(std::move(fn));
-  // Signal under the lock: the worker is destroyed only after closed_.
-  if (worker_ != nullptr) ucp_worker_signal(worker_);
+  WakeLocked();
   return true;
 }
 
-void UcxDataPlane::Loop() {
+void UcxDataPlane::WakeLocked() {
+  // Signal under mu_: the worker is destroyed only after closed_.
+  if (sleepers_ > 0) {
+    ucp_worker_signal(worker_);
+  } else if (parked_ && waiters_.load() == 0) {
+    kicked_ = true;
+    park_cv_.notify_one();
+  }
+  // Otherwise a role holder is awake (it runs commands every round; one
+  // about to sleep checks for them under mu_ first) or a waiter is about
+  // to drive.
+}
+
+bool UcxDataPlane::Round() {
+  std::deque<std::function<void()>> commands;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    commands.swap(commands_);
+  }
+  bool active = !commands.empty();
+  for (auto& c : commands) c();
+  while (ucp_worker_progress(worker_) != 0) active = true;
+  ExpireDeadlines();
+  return active;
+}
+
+void UcxDataPlane::Drive(std::unique_lock<std::mutex>& role,
+                         const std::function<bool()>& finished,
+                         Clock::time_point until) {
   const auto busy_poll = std::chrono::microseconds(options_.busy_poll_us);
   auto last_activity = Clock::now();
+  role_holder_.store(std::this_thread::get_id());
   while (true) {
-    std::deque<std::function<void()>> commands;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      commands.swap(commands_);
-    }
-    bool active = !commands.empty();
-    for (auto& c : commands) c();
-    while (ucp_worker_progress(worker_) != 0) active = true;
-    ExpireDeadlines();
-    if (stop_.load()) break;
+    const bool active = Round();
+    if (finished()) break;
+    const auto now = Clock::now();
+    if (now >= until) break;
+    if (active) last_activity = now;
+    if (now - last_activity < busy_poll) continue;
+    if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!commands_.empty()) continue;
+      ++sleepers_;
     }
-    const auto now = Clock::now();
-    if (active) last_activity = now;
-    if (now - last_activity < busy_poll) continue;
-    const ucs_status_t armed = ucp_worker_arm(worker_);
-    if (armed == UCS_ERR_BUSY) continue;
-    int wait_ms = 100;
-    if (!deadlines_.empty()) {
-      const auto until = std::chrono::duration_cast<std::chrono::milliseconds>(
-          deadlines_.begin()->first - Clock::now());
-      wait_ms = std::clamp<int>(static_cast<int>(until.count()) + 1, 0, 100);
-    }
+    auto wake = std::min(until, now + std::chrono::milliseconds(100));
+    if (!deadlines_.empty()) wake = std::min(wake, deadlines_.begin()->first);
+    const int wait_ms = std::clamp<int>(
+        static_cast<int>(
+            std::chrono::duration_cast<std::chrono::milliseconds>(wake - now)
+                .count()) +
+            1,
+        0, 100);
+    role_holder_.store(std::thread::id());
+    role.unlock();
     pollfd pfd{efd_, POLLIN, 0};
     ::poll(&pfd, 1, wait_ms);
+    std::lock_guard<std::mutex> lock(mu_);
+    --sleepers_;
+    return;
   }
+  role_holder_.store(std::thread::id());
+}
+
+void UcxDataPlane::Loop() {
+  // The progress thread parks while a waiter drives. When the last waiter
+  // leaves work behind (HasWorkLocked) it unparks the thread; otherwise
+  // the thread looks for stray events (a new connection, say) on its own,
+  // without arming the worker, every park_for, doubling while idle: an
+  // armed worker would wake it for every event of the next waiter's round
+  // trips, on the core that the round trip's other end needs.
+  constexpr auto kParkMin = std::chrono::milliseconds(1);
+  constexpr auto kParkMax = std::chrono::milliseconds(64);
+  auto park_for = kParkMin;
+  bool look_only = false;
+  while (!stop_.load()) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (waiters_.load() > 0 || look_only) {
+        parked_ = true;
+        const bool kicked = park_cv_.wait_for(
+            lock, park_for, [this] { return kicked_ || stop_.load(); });
+        parked_ = kicked_ = false;
+        if (kicked) {
+          look_only = false;
+          park_for = kParkMin;
+        } else {
+          look_only = true;
+          park_for = std::min(park_for * 2, kParkMax);
+        }
+        if (waiters_.load() > 0) continue;
+      }
+    }
+    std::unique_lock<std::mutex> role(role_mu_, std::try_to_lock);
+    if (!role.owns_lock()) {  // A waiter on its way out.
+      ::sched_yield();
+      continue;
+    }
+    if (look_only) {
+      Round();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!HasWorkLocked()) continue;
+      look_only = false;
+      park_for = kParkMin;
+    }
+    Drive(
+        role, [this] { return stop_.load() || waiters_.load() > 0; },
+        Clock::time_point::max());
+    // A waiter arrived: it drives and this thread parks (look_only stays
+    // false: the last waiter unparks it when work is left).
+  }
+  std::unique_lock<std::mutex> role(role_mu_);
   // Shutting down: run what was posted (sends see stop_ and cancel), refuse
   // further posts, fail what is pending, close endpoints, release UCX.
   while (true) {
@@ -446,6 +569,86 @@ void UcxDataPlane::Loop() {
   context_ = nullptr;
 }
 
+bool UcxDataPlane::HasWorkLocked() const {
+  if (!commands_.empty() || !pending_.empty() || !deferred_.empty() ||
+      inflight_bytes_ > 0) {
+    return true;
+  }
+  for (const auto& [ep, info] : eps_) {
+    if (!info.client_side) return true;  // A peer that sends us requests.
+  }
+  return false;
+}
+
+void UcxDataPlane::LeaveWaiting(bool holding_role) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (waiters_.fetch_sub(1) > 1 || closed_) return;
+  if (holding_role && !HasWorkLocked()) return;
+  if (sleepers_ > 0) ucp_worker_signal(worker_);
+  kicked_ = true;
+  park_cv_.notify_one();
+}
+
+bool UcxDataPlane::SendAndWait(std::vector<SendRequest> requests,
+                               std::unique_lock<std::mutex>& lock,
+                               std::condition_variable& cv,
+                               Clock::time_point deadline,
+                               const std::function<bool()>& done) {
+  // While the role holder is busy (the progress thread finishing a round),
+  // retry this long, giving the core away between tries, before waiting
+  // on `cv` for a while between tries (another waiter drives).
+  constexpr auto kRoleSpin = std::chrono::microseconds(50);
+  constexpr auto kRoleRetry = std::chrono::microseconds(200);
+  lock.unlock();
+  {
+    // From here on posted commands need no wake-up: this thread runs them.
+    std::lock_guard<std::mutex> guard(mu_);
+    waiters_.fetch_add(1);
+  }
+  for (SendRequest& r : requests) {
+    Send(r.peer, std::move(r.message), r.timeout, std::move(r.done));
+  }
+  const auto spin_until = Clock::now() + kRoleSpin;
+  while (true) {
+    std::unique_lock<std::mutex> role(role_mu_, std::try_to_lock);
+    if (role.owns_lock()) {
+      bool finished = stop_.load();
+      if (!finished) {
+        Drive(
+            role,
+            [&] {
+              std::lock_guard<std::mutex> relock(*lock.mutex());
+              finished = stop_.load() || done() || Clock::now() >= deadline;
+              return finished;
+            },
+            deadline);
+      }
+      if (finished) {
+        LeaveWaiting(/*holding_role=*/true);
+        role.unlock();
+        lock.lock();
+        // Shutting down completes every request.
+        return stop_.load() ? cv.wait_until(lock, deadline, done) : done();
+      }
+      if (!role.owns_lock()) continue;  // It slept on the worker's fd.
+      role.unlock();                    // Past the deadline.
+    }
+    lock.lock();
+    const auto now = Clock::now();
+    if (done() || now >= deadline) {
+      LeaveWaiting(/*holding_role=*/false);
+      return done();
+    }
+    if (now < spin_until) {
+      lock.unlock();
+      ::sched_yield();
+      continue;
+    }
+    cv.wait_until(lock, std::min(deadline, now + kRoleRetry));
+    lock.unlock();
+  }
+}
+
 void UcxDataPlane::Shutdown() {
   std::call_once(shutdown_once_, [this] {
     if (!thread_.joinable()) {
@@ -463,6 +666,8 @@ void UcxDataPlane::Shutdown() {
       // The progress thread destroys the worker only after setting closed_.
       std::lock_guard<std::mutex> lock(mu_);
       if (!closed_) ucp_worker_signal(worker_);
+      kicked_ = true;
+      park_cv_.notify_all();
     }
     thread_.join();
   });
@@ -823,13 +1028,20 @@ void UcxDataPlane::Dispatch(WireHeader header, Tensor payload,
       return;
     }
     response.header.request_id = request_id;
-    Post([this, reply_ep, bytes, response = std::move(response)]() mutable {
+    auto send = [this, reply_ep, bytes,
+                 response = std::move(response)]() mutable {
       inflight_bytes_ -= bytes;
       if (eps_.count(reply_ep)) {
         SendMessage(reply_ep, kResponseAm, std::move(response), nullptr);
       }
       PumpDeferred();
-    });
+    };
+    // From the handler itself, on the role holder: at once.
+    if (role_holder_.load() == std::this_thread::get_id()) {
+      send();
+    } else {
+      Post(std::move(send));
+    }
   };
   if (!handler_) {
     reply(ErrorResponse(
