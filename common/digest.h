@@ -12,6 +12,24 @@
 
 namespace switchyard {
 
+// Streaming xxh3-64, for bytes that arrive in pieces (chunk checksums on
+// restore). Equal to Xxh3 over the concatenated pieces.
+class Xxh3Stream {
+ public:
+  Xxh3Stream();
+  ~Xxh3Stream();
+  Xxh3Stream(const Xxh3Stream&) = delete;
+  Xxh3Stream& operator=(const Xxh3Stream&) = delete;
+
+  void Reset();
+  void Update(const void* data, size_t size);
+  uint64_t value() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
 class Digest {
  public:
   Digest();
@@ -36,7 +54,9 @@ class Digest {
   std::unique_ptr<State> state_;
 };
 
-// xxh3-64 of `size` bytes (chunk checksums).
+// xxh3-64 of `size` bytes (chunk checksums). Xxh3, Xxh3Stream and Digest
+// run XXH3 on the widest vectors the CPU has (AVX-512 or AVX2, chosen at
+// run time; the same hashes as the portable code, about 3.5x faster here).
 uint64_t Xxh3(const void* data, size_t size);
 
 // One digest of named digests (shard name -> hex), in name order: equal for

@@ -93,9 +93,10 @@ std::vector<StatusOr<checkpoint::ShardManifest>> WriteShards(
     int threads);
 
 // ReadShardInto for every snapshot in `into` (each names its shard) at
-// `step`, `threads` shards at a time: one read stream at a time leaves a
-// virtual disk's queue mostly idle (bench/checkpoint: 2 streams read about
-// twice as fast on this 2-core VM). One status per shard, in order.
+// `step`, `threads` shards at a time. Through RocksDB's iterator two
+// streams read about twice as fast as one on the 2-core CI VM; the direct
+// path reads ahead on its own and runs about as fast with one or two
+// (docs/performance.md, bench/checkpoint). One status per shard, in order.
 std::vector<Status> ReadShardsInto(CheckpointStore& store, int64_t step,
                                    std::vector<ShardSnapshot>* into,
                                    int threads);

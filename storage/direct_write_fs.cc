@@ -10,6 +10,7 @@
 
 #include "common/buffer_pool.h"
 #include "common/tensor.h"
+#include "storage/background_io.h"
 
 namespace switchyard::storage {
 namespace {
@@ -55,10 +56,9 @@ class DirectWritableFile : public rocksdb::FSWritableFile {
         rocksdb::IOStatus s = WaitForPending();
         if (!s.ok()) return s;
         std::swap(buffer_, spare_);
-        pending_ = std::async(std::launch::async,
-                              [this, full = Bytes(spare_), at = written_] {
-                                return WriteAt(full, at, kBufferBytes);
-                              });
+        pending_ = InBackground([this, full = Bytes(spare_), at = written_] {
+          return WriteAt(full, at, kBufferBytes);
+        });
         written_ += kBufferBytes;
         filled_ = 0;
       }

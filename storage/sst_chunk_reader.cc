@@ -5,7 +5,6 @@
 
 #include <fcntl.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include <atomic>
 #include <cerrno>
@@ -14,6 +13,7 @@
 #include <future>
 
 #include "common/digest.h"
+#include "storage/background_io.h"
 
 namespace switchyard::storage {
 namespace {
@@ -181,8 +181,7 @@ class WindowedFile {
     }
     if (cur_.size == kWindowBytes) {
       next_.start = cur_.start + cur_.size;
-      prefetch_ =
-          std::async(std::launch::async, [this] { return Read(&next_); });
+      prefetch_ = InBackground([this] { return Read(&next_); });
     }
     return OkStatus();
   }
@@ -237,9 +236,7 @@ Status ReadChunksDirect(const std::string& path,
                     static_cast<char*>(second.data()));
   RETURN_IF_ERROR(file.Open(path));
 
-  const std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> hash(
-      XXH3_createState(), XXH3_freeState);
-  if (hash == nullptr) return ResourceExhaustedError("no hash state");
+  Xxh3Stream hash;
   uint64_t pos = 0;
   uint64_t block = ~uint64_t{0};
   std::string last_key;  // Internal key (user key + 8 bytes) of the entry.
@@ -282,13 +279,13 @@ Status ReadChunksDirect(const std::string& path,
                            " bytes, the manifest says " +
                            std::to_string(chunk.bytes));
     }
-    XXH3_64bits_reset(hash.get());
+    hash.Reset();
     RETURN_IF_ERROR(
         file.Copy(pos, chunk.bytes, chunk.dst, [&](const char* p, size_t n) {
-          XXH3_64bits_update(hash.get(), p, n);
+          hash.Update(p, n);
           if (on_piece) on_piece(index, p, n);
         }));
-    if (XXH3_64bits_digest(hash.get()) != chunk.xxh3) {
+    if (hash.value() != chunk.xxh3) {
       return DataLossError(chunk.key + " does not match its checksum");
     }
     pos += chunk.bytes;
