@@ -248,6 +248,15 @@ TEST_F(DataPlaneTest, SendAfterShutdownIsCancelledNotLost) {
   EXPECT_LT(Clock::now() - start, Ms(1000));
 }
 
+TEST_F(DataPlaneTest, SendBeforeStartFailsAtOnce) {
+  // Nothing would ever run the request: it fails, it does not hang.
+  auto idle = NewUcxDataPlane(DataPlaneOptions()).value();
+  const auto start = Clock::now();
+  auto r = idle->SendSync(server_->address(), EchoRequest(1, 16, 1), Ms(60000));
+  EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << r.status().ToString();
+  EXPECT_LT(Clock::now() - start, Ms(1000));
+}
+
 TEST_F(DataPlaneTest, UnreachablePeerFailsInTime) {
   const auto start = Clock::now();
   // Nothing listens on port 1.

@@ -280,7 +280,8 @@ class UcxDataPlane : public DataPlane {
   mutable std::mutex mu_;
   std::deque<std::function<void()>> commands_;  // GUARDED_BY(mu_)
   std::map<std::string, std::string> lanes_;    // GUARDED_BY(mu_)
-  bool closed_ = false;                         // GUARDED_BY(mu_)
+  // No progress thread runs commands: not started yet, or shut down.
+  bool closed_ = true;  // GUARDED_BY(mu_)
   // Threads in SendAndWait (written under mu_; the progress thread stands
   // back while any).
   std::atomic<int> waiters_{0};
@@ -395,6 +396,10 @@ Status UcxDataPlane::Start(RequestHandler handler) {
       UCX_STATUS(ucp_listener_query(listener_, &lattr), "ucp_listener_query"));
   const std::string bound = SockaddrString(lattr.sockaddr);
   address_ = options_.listen_host + bound.substr(bound.rfind(':'));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = false;
+  }
   thread_ = std::thread([this] { Loop(); });
   LOG(INFO) << "data plane: UCX listening on " << address_;
   return OkStatus();
@@ -600,10 +605,17 @@ bool UcxDataPlane::SendAndWait(std::vector<SendRequest> requests,
   constexpr auto kRoleSpin = std::chrono::microseconds(50);
   constexpr auto kRoleRetry = std::chrono::microseconds(200);
   lock.unlock();
+  bool running = false;
   {
     // From here on posted commands need no wake-up: this thread runs them.
     std::lock_guard<std::mutex> guard(mu_);
-    waiters_.fetch_add(1);
+    running = !closed_;
+    if (running) waiters_.fetch_add(1);
+  }
+  if (!running) {  // Not started, or shut down: every Send fails at once.
+    lock.lock();
+    return DataPlane::SendAndWait(std::move(requests), lock, cv, deadline,
+                                  done);
   }
   for (SendRequest& r : requests) {
     Send(r.peer, std::move(r.message), r.timeout, std::move(r.done));
@@ -891,7 +903,11 @@ void UcxDataPlane::Send(const std::string& peer, Message request,
       info->second.parked.push_back(std::move(send));
     }
   });
-  if (!posted) (*shared_done)(CancelledError("data plane is shut down"));
+  if (!posted) {
+    (*shared_done)(
+        CancelledError("data plane is not running (not started, "
+                       "or shut down)"));
+  }
 }
 
 void UcxDataPlane::ReplyTo(ucp_ep_h ep, const Message& request,
