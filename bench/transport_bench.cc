@@ -2,9 +2,11 @@
 // receive y of the same size) against ucx_perftest on the same transports,
 // sizes and machine, run by this program.
 //
-//   bandwidth: 4 KiB..64 MiB echoes with 4 requests in flight; bytes moved
-//              both ways per second, against ucx_perftest tag_bw (the
-//              better of its default buffers and transparent huge pages).
+//   bandwidth: 4 KiB..64 MiB echoes with 4 requests in flight, sent and
+//              waited for with SendAndWait as a trainer's requests are;
+//              bytes moved both ways per second, against ucx_perftest
+//              tag_bw (the better of its default buffers and transparent
+//              huge pages).
 //   latency:   a 4 KiB echo, one at a time, against twice ucx_perftest
 //              tag_lat's one-way latency (its round trip): median against
 //              median, and mean against mean.
@@ -110,30 +112,42 @@ Message Echo(size_t bytes, uint32_t seed) {
   return m;
 }
 
-// Echo bandwidth (MB/s, both directions, 2^20 bytes) with `window` in flight;
-// with `one_way`, the server answers without a payload and only the request
-// bytes count.
+// Echo bandwidth (MB/s, both directions, 2^20 bytes) with `window` in
+// flight, sent and waited for as a trainer does (SendAndWait: this thread
+// drives the network while it waits); with `one_way`, the server answers
+// without a payload and only the request bytes count.
 double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
                      int iters, int window, bool* ok, bool one_way = false) {
   std::mutex mu;
   std::condition_variable cv;
   int in_flight = 0, sent = 0, checked = 0;
-  // Answers wait here to be checked by this thread, not on the data plane's
-  // progress thread, whose time is the transport's (at most `window` wait).
+  // Answers are checked by this thread between its waits, not in the
+  // callbacks, which run while the network is being driven.
   std::deque<StatusOr<Message>> arrived;
   Message proto = Echo(bytes, 11);
   if (one_way) proto.header.step = 1;
   const auto start = Clock::now();
   std::unique_lock<std::mutex> lock(mu);
   while (checked < iters) {
-    cv.wait(lock, [&] {
-      return !arrived.empty() || (sent < iters && in_flight < window &&
-                                  static_cast<int>(arrived.size()) < window);
-    });
-    if (!arrived.empty()) {
-      StatusOr<Message> r = std::move(arrived.front());
-      arrived.pop_front();
-      lock.unlock();
+    std::vector<SendRequest> sends;
+    for (; sent < iters && in_flight < window; ++sent, ++in_flight) {
+      Message m;
+      m.header = proto.header;
+      m.payload = proto.payload;  // Shared buffer: the send only reads it.
+      sends.push_back(
+          SendRequest{peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
+                        std::lock_guard<std::mutex> guard(mu);
+                        arrived.push_back(std::move(r));
+                        --in_flight;
+                        cv.notify_all();
+                      }});
+    }
+    client->SendAndWait(std::move(sends), lock, cv, Clock::now() + Ms(60000),
+                        [&] { return !arrived.empty(); });
+    std::deque<StatusOr<Message>> batch;
+    batch.swap(arrived);
+    lock.unlock();
+    for (const StatusOr<Message>& r : batch) {
       // One way: the answer carries no payload by design.
       const bool good =
           r.ok() &&
@@ -147,23 +161,9 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
             r.ok() ? "payload differs" : r.status().ToString().c_str());
       }
       if (!good) *ok = false;
-      lock.lock();
-      ++checked;
-      continue;
     }
-    ++in_flight;
-    ++sent;
-    lock.unlock();
-    Message m;
-    m.header = proto.header;
-    m.payload = proto.payload;  // Shared buffer: the send only reads it.
-    client->Send(peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
-      std::lock_guard<std::mutex> guard(mu);
-      arrived.push_back(std::move(r));
-      --in_flight;
-      cv.notify_all();
-    });
     lock.lock();
+    checked += static_cast<int>(batch.size());
   }
   const double s = std::chrono::duration<double>(Clock::now() - start).count();
   return (one_way ? 1.0 : 2.0) * bytes * iters / s / (1 << 20);
