@@ -16,7 +16,10 @@
 // Targets (docs/performance.md): >= 0.8 of ucx_perftest bandwidth for large
 // payloads; small round trips within 2x of ucx_perftest's.
 //
-// usage: transport_bench [--latency]   (--latency: the round trips only)
+// usage: transport_bench [--latency | --bytes N]
+//   --latency: the round trips only
+//   --bytes N: the bandwidth rows for N-byte payloads only (a multiple of
+//              4 KiB), then the round trips
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,6 +29,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -45,6 +49,7 @@ using Ms = std::chrono::milliseconds;
 
 std::string g_self;
 bool g_latency_only = false;
+size_t g_only_bytes = 0;  // --bytes
 
 int Serve(const std::string& file, const std::string& tls) {
   DataPlaneOptions options;
@@ -202,11 +207,12 @@ int Run() {
       ::waitpid(pid, nullptr, 0);
       return 1;
     }
-    for (size_t bytes :
-         g_latency_only ? std::vector<size_t>{}
-                        : std::vector<size_t>{size_t{4} << 10, size_t{64} << 10,
-                                              size_t{1} << 20, size_t{16} << 20,
-                                              size_t{64} << 20}) {
+    std::vector<size_t> sizes = {size_t{4} << 10, size_t{64} << 10,
+                                 size_t{1} << 20, size_t{16} << 20,
+                                 size_t{64} << 20};
+    if (g_latency_only) sizes.clear();
+    if (g_only_bytes != 0) sizes = {g_only_bytes};
+    for (size_t bytes : sizes) {
       const int iters = static_cast<int>(
           std::clamp<size_t>((size_t{2} << 30) / bytes, 20, 2000));
       EchoBandwidth(client.get(), address, bytes, 5, 4, &ok);  // Warm up.
@@ -284,10 +290,19 @@ int Run() {
 int main(int argc, char** argv) {
   switchyard::InitLogging(argv[0]);
   switchyard::transport::g_self = argv[0];
+  const char* usage = "usage: transport_bench [--latency | --bytes N]\n";
   if (argc == 2 && std::strcmp(argv[1], "--latency") == 0) {
     switchyard::transport::g_latency_only = true;
-  } else if (argc == 2) {
-    std::fprintf(stderr, "usage: transport_bench [--latency]\n");
+  } else if (argc == 3 && std::strcmp(argv[1], "--bytes") == 0) {
+    const long long n = std::atoll(argv[2]);
+    if (n <= 0 || n % 4096 != 0) {
+      std::fprintf(stderr, "--bytes must be a positive multiple of 4096\n%s",
+                   usage);
+      return 2;
+    }
+    switchyard::transport::g_only_bytes = static_cast<size_t>(n);
+  } else if (argc == 2 || argc == 3) {
+    std::fprintf(stderr, "%s", usage);
     return 2;
   }
   if (argc == 4 && std::strcmp(argv[1], "--serve") == 0) {
