@@ -258,9 +258,10 @@ int Run() {
     std::sort(each_us.begin(), each_us.end());
     std::printf(
         "%-6s 4 KiB round trip percentiles: p10 %.1f us, p50 %.1f us, "
-        "p90 %.1f us\n",
+        "p90 %.1f us, p99 %.1f us, max %.1f us\n",
         t.name, each_us[lat_iters / 10], each_us[lat_iters / 2],
-        each_us[lat_iters * 9 / 10]);
+        each_us[lat_iters * 9 / 10], each_us[lat_iters * 99 / 100],
+        each_us.back());
     const double mean_us =
         std::chrono::duration<double, std::micro>(Clock::now() - start)
             .count() /

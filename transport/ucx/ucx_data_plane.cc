@@ -925,11 +925,14 @@ ucs_status_t UcxDataPlane::OnRequest(const void* header, size_t header_length,
   ucp_ep_h reply_ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)
                           ? param->reply_ep
                           : nullptr;
-  const std::string peer =
-      reply_ep && eps_.count(reply_ep) ? eps_[reply_ep].peer : "?";
+  // Who sent it, for the log (looked up only when something is wrong).
+  auto peer = [&]() -> std::string {
+    auto it = reply_ep ? eps_.find(reply_ep) : eps_.end();
+    return it == eps_.end() ? "?" : it->second.peer;
+  };
   if (header_length != sizeof(WireHeader)) {
-    LOG(WARNING) << "data plane: dropping a request from " << peer << " with a "
-                 << header_length << "-byte header (expected "
+    LOG(WARNING) << "data plane: dropping a request from " << peer()
+                 << " with a " << header_length << "-byte header (expected "
                  << sizeof(WireHeader) << ")";
     metrics_errors_->Increment();
     return UCS_OK;  // Nothing to answer to: the request id is unknown.
@@ -939,7 +942,7 @@ ucs_status_t UcxDataPlane::OnRequest(const void* header, size_t header_length,
   Status valid = ValidateHeader(request.header, header_length, length,
                                 options_.max_payload_bytes);
   if (!valid.ok()) {
-    LOG(WARNING) << "data plane: refusing a request from " << peer << ": "
+    LOG(WARNING) << "data plane: refusing a request from " << peer() << ": "
                  << valid.message();
     ReplyTo(reply_ep, request, valid);
     return UCS_OK;
