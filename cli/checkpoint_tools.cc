@@ -39,6 +39,20 @@ class Stores {
     return it->second->ReadShard(step, shard);
   }
 
+  // VerifyFiles on every store opened so far: one line per bad store.
+  int VerifyFiles(std::ostream& out) {
+    int bad = 0;
+    for (const auto& [holder, store] : stores_) {
+      Status s = store->VerifyFiles();
+      if (!s.ok()) {
+        ++bad;
+        out << "BAD store of " << holder << ": " << s.ToString() << "\n";
+      }
+    }
+    return bad;
+  }
+  size_t size() const { return stores_.size(); }
+
  private:
   const config::SwitchyardConfig config_;
   std::map<std::string, std::unique_ptr<storage::CheckpointStore>> stores_;
@@ -167,8 +181,16 @@ Status VerifyCheckpoint(const config::SwitchyardConfig& config,
         std::to_string(bad) + " of " + std::to_string(shards.size()) +
         " shards of checkpoint " + std::to_string(commit.step()) + " failed");
   }
+  const int bad_stores = stores.VerifyFiles(out);
+  if (bad_stores > 0) {
+    return DataLossError(std::to_string(bad_stores) + " of " +
+                         std::to_string(stores.size()) +
+                         " checkpoint stores hold damaged files");
+  }
   out << "checkpoint " << commit.step() << ": " << shards.size()
-      << " shards verified (every chunk checksum, manifest and digest)\n";
+      << " shards verified (every chunk checksum, manifest and digest), and "
+      << "every file of the " << stores.size()
+      << " stores holding them (RocksDB file and block checksums)\n";
   return OkStatus();
 }
 

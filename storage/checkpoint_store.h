@@ -75,6 +75,12 @@ class CheckpointStore {
   // Removes every shard checkpoint with first <= step < end (range deletion)
   // and the files that held only those.
   virtual Status DropSteps(int64_t first, int64_t end) = 0;
+  // Reads every file of the store back: each SST file against the xxh3
+  // file checksum recorded when it was written, and RocksDB's block
+  // checksums where a file has them (chunk files have none: their chunks
+  // carry their own). DATA_LOSS naming the file on a mismatch. Files from
+  // before file checksums (2026-11-24) have only their block checksums.
+  virtual Status VerifyFiles() = 0;
 };
 
 // Opens (creating if missing) the checkpoint store in directory `dir`.

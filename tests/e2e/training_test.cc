@@ -199,6 +199,8 @@ TEST_F(TrainingTest, CheckpointsListVerifyAndExport) {
   EXPECT_NE(verify.output.find("checkpoint 20: 34 shards verified"),
             std::string::npos)
       << verify.output;
+  EXPECT_NE(verify.output.find("every file of the 3 stores"), std::string::npos)
+      << verify.output;
   const auto exported =
       RunSwitchyard("ckpt export 20 --run-dir " + run + " --out " + out);
   ASSERT_EQ(exported.exit_code, 0) << exported.output;

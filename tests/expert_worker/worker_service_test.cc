@@ -392,6 +392,7 @@ class FullDiskStore : public storage::CheckpointStore {
   Status DropSteps(int64_t first, int64_t end) override {
     return inner_->DropSteps(first, end);
   }
+  Status VerifyFiles() override { return inner_->VerifyFiles(); }
 
  private:
   std::unique_ptr<storage::CheckpointStore> inner_;
