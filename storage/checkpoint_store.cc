@@ -197,6 +197,10 @@ class RocksCheckpointStore : public CheckpointStore {
       ingest.options.move_files = true;
       ingest.options.failed_move_fall_back_to_copy = true;
       ingest.options.verify_file_checksum = false;
+      // A file overlapping earlier keys (a shard rewritten at the same step)
+      // gets a newer sequence number; it is kept in RocksDB's MANIFEST, not
+      // written into the file, which would break its file checksum.
+      ingest.options.write_global_seqno = false;
       s = ROCKS_STATUS(db_->IngestExternalFiles({ingest}), "ingest " + base);
     }
     if (!s.ok()) {
