@@ -106,14 +106,33 @@ int Run(int argc, char** argv) {
   double gib = 2;
   std::string base = fs::temp_directory_path().string();
   int threads = static_cast<int>(std::thread::hardware_concurrency());
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (std::strcmp(argv[i], "--gib") == 0) gib = std::atof(argv[i + 1]);
-    if (std::strcmp(argv[i], "--dir") == 0) base = argv[i + 1];
-    if (std::strcmp(argv[i], "--threads") == 0) {
+  const char* usage =
+      "usage: checkpoint_bench [--gib N] [--dir DIR] [--threads N]\n"
+      "  Writes and restores N GiB (default 2) of checkpoint in 64 MiB\n"
+      "  tensors through the checkpoint store in DIR (default the temp\n"
+      "  directory), N shards at a time (default: the cores), against raw\n"
+      "  O_DIRECT writes and reads of the same bytes on the same disk.\n";
+  for (int i = 1; i < argc; i += 2) {
+    const bool has_value = i + 1 < argc;
+    if (std::strcmp(argv[i], "--help") == 0) {
+      std::printf("%s", usage);
+      return 0;
+    } else if (has_value && std::strcmp(argv[i], "--gib") == 0) {
+      gib = std::atof(argv[i + 1]);
+    } else if (has_value && std::strcmp(argv[i], "--dir") == 0) {
+      base = argv[i + 1];
+    } else if (has_value && std::strcmp(argv[i], "--threads") == 0) {
       threads = std::atoi(argv[i + 1]);
+    } else {
+      std::fprintf(stderr, "unknown or incomplete flag '%s'\n%s", argv[i],
+                   usage);
+      return 2;
     }
   }
-  threads = std::max(threads, 1);
+  if (!(gib > 0) || threads < 1) {
+    std::fprintf(stderr, "--gib and --threads must be positive\n%s", usage);
+    return 2;
+  }
   const std::string dir =
       base + "/checkpoint_bench." + std::to_string(::getpid());
   fs::remove_all(dir);
