@@ -31,32 +31,24 @@ void Xxh3Stream::Update(const void* data, size_t size) {
 
 uint64_t Xxh3Stream::value() const { return XXH3_64bits_digest(state_->xxh); }
 
-struct Digest::State {
-  Xxh3Stream xxh;
-};
-
-Digest::Digest() : state_(std::make_unique<State>()) {}
-Digest::~Digest() = default;
-
 void Digest::Add(const std::string& name, const Tensor& tensor) {
   AddHeader(name, tensor);
   if (!tensor.empty()) AddBytes(tensor.data(), tensor.num_bytes());
 }
 
 void Digest::AddHeader(const std::string& name, const Tensor& tensor) {
-  state_->xxh.Update(name.data(), name.size() + 1);
+  xxh_.Update(name.data(), name.size() + 1);
   if (tensor.empty()) return;
   const uint8_t dtype = static_cast<uint8_t>(tensor.dtype());
-  state_->xxh.Update(&dtype, 1);
-  state_->xxh.Update(tensor.shape().data(),
-                     tensor.shape().size() * sizeof(int64_t));
+  xxh_.Update(&dtype, 1);
+  xxh_.Update(tensor.shape().data(), tensor.shape().size() * sizeof(int64_t));
 }
 
 void Digest::AddBytes(const void* data, size_t size) {
-  state_->xxh.Update(data, size);
+  xxh_.Update(data, size);
 }
 
-uint64_t Digest::value() const { return state_->xxh.value(); }
+uint64_t Digest::value() const { return xxh_.value(); }
 
 std::string Digest::hex() const {
   char buf[17];

@@ -32,11 +32,6 @@ class Xxh3Stream {
 
 class Digest {
  public:
-  Digest();
-  ~Digest();
-  Digest(const Digest&) = delete;
-  Digest& operator=(const Digest&) = delete;
-
   // Adds a name (so that equal bytes under different names differ) and the
   // tensor's dtype, shape and bytes. Empty tensors add only the name.
   void Add(const std::string& name, const Tensor& tensor);
@@ -50,8 +45,7 @@ class Digest {
   std::string hex() const;
 
  private:
-  struct State;
-  std::unique_ptr<State> state_;
+  Xxh3Stream xxh_;
 };
 
 // xxh3-64 of `size` bytes (chunk checksums). Xxh3, Xxh3Stream and Digest
