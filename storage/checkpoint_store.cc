@@ -554,9 +554,10 @@ class RocksCheckpointStore : public CheckpointStore {
   std::unique_ptr<rocksdb::DB> db_;
   const CheckpointStoreOptions options_;
   std::atomic<uint64_t> counter_{0};
-  // Read windows; up to four idle ones are kept between restores.
+  // Read windows; those of two restores at a time are kept between
+  // restores.
   const std::shared_ptr<BufferPool> windows_ =
-      BufferPool::Create(4 * kWindowBytes);
+      BufferPool::Create(2 * (kReadAhead + 1) * kWindowBytes);
 };
 
 // Runs work(i) for i in [0, n), `threads` at a time (the caller's thread is

@@ -4,12 +4,14 @@
 #include "storage/sst_chunk_reader.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <future>
 
 #include "common/digest.h"
@@ -94,14 +96,17 @@ class ChunkBlocksCollectorFactory
 };
 
 // Sequential reads of one file in aligned windows, O_DIRECT where the file
-// system allows it. While the caller copies out of one window the next is
-// read into the other (the copy and checksum of 16 MiB take about as long
-// as reading it here).
+// system allows it. While the caller copies out of one window, the reads
+// of the next kReadAhead windows are in flight (each on a background I/O
+// thread): the copy and checksum of a window take about a third of its
+// read here, and one read at a time left the disk idle between reads.
 class WindowedFile {
  public:
-  WindowedFile(char* first, char* second) : cur_{first}, next_{second} {}
+  // `buffers`: kReadAhead + 1 windows of kWindowBytes, aligned for O_DIRECT.
+  explicit WindowedFile(std::vector<char*> buffers)
+      : idle_(std::move(buffers)) {}
   ~WindowedFile() {
-    if (prefetch_.valid()) prefetch_.wait();
+    for (Window& w : ahead_) w.read.wait();
     if (fd_ >= 0) ::close(fd_);
   }
 
@@ -114,6 +119,11 @@ class WindowedFile {
     if (fd_ < 0) {
       return UnavailableError("open " + path + ": " + std::strerror(errno));
     }
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) {
+      return UnavailableError("stat " + path + ": " + std::strerror(errno));
+    }
+    file_bytes_ = static_cast<uint64_t>(st.st_size);
     return OkStatus();
   }
 
@@ -139,9 +149,10 @@ class WindowedFile {
 
  private:
   struct Window {
-    char* data;
+    char* data = nullptr;
     uint64_t start = 0;
     size_t size = 0;
+    std::future<Status> read;  // While it is being read.
   };
 
   // Reads the window at w->start (aligned), short only at the file's end.
@@ -159,18 +170,36 @@ class WindowedFile {
     return OkStatus();
   }
 
+  // Makes the window at `pos` current; then starts reads of the windows
+  // after it, as far as buffers allow.
   Status Fill(uint64_t pos) {
     const uint64_t start = pos & ~uint64_t{kAlign - 1};
+    if (cur_.data != nullptr) idle_.push_back(cur_.data);
+    cur_ = Window();
+    // Windows read ahead of `start` are done with; the one at `start` is
+    // the next (reads are sequential but for the odd step back into the
+    // window before).
     Status read;
-    if (prefetch_.valid()) {
-      read = prefetch_.get();
-      if (next_.start == start) {
-        std::swap(cur_, next_);
+    while (!ahead_.empty() && cur_.data == nullptr) {
+      // (The read writes into the deque's element: done before it moves.)
+      Status s = ahead_.front().read.get();
+      Window w = std::move(ahead_.front());
+      ahead_.pop_front();
+      if (w.start == start) {
+        read = std::move(s);
+        cur_ = std::move(w);
       } else {
-        read = OkStatus();  // Not the window wanted: read it now.
+        idle_.push_back(w.data);
       }
     }
-    if (cur_.start != start || cur_.size == 0) {
+    if (cur_.data == nullptr) {  // Not read ahead: read it now.
+      for (Window& w : ahead_) {
+        w.read.wait();
+        idle_.push_back(w.data);
+      }
+      ahead_.clear();
+      cur_.data = idle_.back();
+      idle_.pop_back();
       cur_.start = start;
       read = Read(&cur_);
     }
@@ -179,17 +208,23 @@ class WindowedFile {
       return DataLossError("offset " + std::to_string(pos) +
                            " is past the end of the file");
     }
-    if (cur_.size == kWindowBytes) {
-      next_.start = cur_.start + cur_.size;
-      prefetch_ = InBackground([this] { return Read(&next_); });
+    uint64_t next = ahead_.empty() ? cur_.start + kWindowBytes
+                                   : ahead_.back().start + kWindowBytes;
+    for (; !idle_.empty() && next < file_bytes_; next += kWindowBytes) {
+      Window& w = ahead_.emplace_back();
+      w.data = idle_.back();
+      idle_.pop_back();
+      w.start = next;
+      w.read = InBackground([this, &w] { return Read(&w); });
     }
     return OkStatus();
   }
 
   int fd_ = -1;
+  uint64_t file_bytes_ = 0;
   Window cur_;
-  Window next_;
-  std::future<Status> prefetch_;  // Reading next_.
+  std::deque<Window> ahead_;  // Being read, in file order.
+  std::vector<char*> idle_;   // Buffers of no window.
 };
 
 std::atomic<uint64_t> direct_reads{0};
@@ -228,12 +263,16 @@ Status ReadChunksDirect(const std::string& path,
                         const std::vector<ChunkTarget>& chunks,
                         BufferPool& windows, const PieceCallback& on_piece) {
   const std::vector<int64_t> shape = {kWindowBytes / sizeof(float)};
-  ASSIGN_OR_RETURN(Tensor first, windows.Take(DType::kF32, shape));
-  ASSIGN_OR_RETURN(Tensor second, windows.Take(DType::kF32, shape));
-  // Declared after the windows: it waits for its prefetch before they go
+  std::vector<Tensor> buffers;
+  std::vector<char*> data;
+  for (size_t i = 0; i <= kReadAhead; ++i) {
+    ASSIGN_OR_RETURN(Tensor buffer, windows.Take(DType::kF32, shape));
+    data.push_back(static_cast<char*>(buffer.data()));
+    buffers.push_back(std::move(buffer));
+  }
+  // Declared after the buffers: it waits for its reads before they go
   // back.
-  WindowedFile file(static_cast<char*>(first.data()),
-                    static_cast<char*>(second.data()));
+  WindowedFile file(std::move(data));
   RETURN_IF_ERROR(file.Open(path));
 
   Xxh3Stream hash;

@@ -4,11 +4,11 @@
 //
 // RocksDB reads a multi-MiB value as one block read through the page cache,
 // then checksums and copies it: on the CI VM that moved 1.2-1.7 GB/s, this
-// path 3.6-4.5 GB/s, and raw 16 MiB O_DIRECT reads of the same files 7-11
+// path 5-8 GB/s, 0.71-0.95 of raw 16 MiB O_DIRECT reads of the same files
 // (bench/checkpoint). Every SST file the store writes carries a table
 // property, recorded while the file is built, with the offset of the data
 // block that holds each chunk key. ReadChunksDirect reads the file's chunk
-// region in large aligned windows (one read ahead) into reused buffers,
+// region in aligned windows (kReadAhead ahead) into reused buffers,
 // parses each entry's header (key and value length) at the recorded block,
 // checks the key, the length and the chunk's xxh3 against the manifest, and
 // copies the value into its tensor. Anything that does not match is an error
@@ -54,10 +54,15 @@ struct ChunkTarget {
 };
 
 // Direct reads go through windows of this size, taken from a BufferPool
-// (2 MiB aligned, transparent huge pages: AllocateTensorMemory). On the CI
-// VM 16 MiB direct reads into 4 KiB pages that had been in use took about
-// 10 ms, into huge pages about 3 ms (bench/checkpoint).
-inline constexpr size_t kWindowBytes = size_t{16} << 20;
+// (mappings of their own on transparent huge pages). On the CI VM a 4 MiB
+// direct read into huge pages took about 0.5 ms, into heap memory on 4 KiB
+// pages 2.4-3.5 ms; and the host's copy into the guest runs faster while
+// the buffers it fills stay within the CPU's cache, so windows are small
+// (docs/performance.md, "bench/checkpoint").
+inline constexpr size_t kWindowBytes = size_t{4} << 20;
+// Windows being read while the caller copies out of another: with one,
+// the disk idled between reads.
+inline constexpr size_t kReadAhead = 2;
 
 // Called with each piece of a chunk (at most kPieceBytes) right after it
 // was copied to its destination, in order: `chunk` indexes `chunks`. The

@@ -331,10 +331,10 @@ TEST_F(CheckpointStoreTest, RestoresReadChunksStraightFromTheirFile) {
       auto store = Open(chunk);
       for (int e = 0; e < 4; ++e) {
         ShardSnapshot s = Snapshot("L0.E" + std::to_string(e) + ".S0", 6);
-        // A tensor of several MiB, so a 1 MiB chunk spans read windows'
-        // worth of entries too.
+        // A tensor of 16 MiB, more than the windows read at once, so a
+        // restore reuses windows and a 1 MiB chunk spans windows.
         s.tensors.push_back(
-            {"opt.w1.v", Filled(DType::kF32, {1024, 1100}, 40 + e)});
+            {"opt.w1.v", Filled(DType::kF32, {1024, 4100}, 40 + e)});
         ASSERT_TRUE(store->WriteShard(s).ok());
         written.push_back(std::move(s));
       }
