@@ -170,8 +170,7 @@ int Run(int argc, char** argv) {
   // The write baseline, like the read one: raw writes of the same bytes
   // just before and just after the store's, averaged, so that a spell of
   // the shared disk being faster or slower weighs on both sides alike.
-  const double raw_write_before =
-      RawDirectWrite(dir + "/raw", bytes, pattern);
+  const double raw_write_before = RawDirectWrite(dir + "/raw", bytes, pattern);
   fs::remove(dir + "/raw");
   auto start = Clock::now();
   for (const auto& m : WriteShards(**store, snapshots, threads)) {

@@ -1,5 +1,11 @@
 #include "expert_worker/worker_process.h"
 
+#include <glog/logging.h>
+
+#include <chrono>
+#include <filesystem>
+#include <system_error>
+
 #include "expert_worker/cuda/device_probe.h"
 #include "expert_worker/worker_service.h"
 #include "storage/checkpoint_store.h"
@@ -32,6 +38,32 @@ std::string CheckpointDir(const config::SwitchyardConfig& config,
          "/" + name;
 }
 
+StatusOr<std::unique_ptr<storage::CheckpointStore>> OpenWorkerStore(
+    const std::string& dir) {
+  const storage::CheckpointStoreOptions options;
+  auto store = storage::OpenCheckpointStore(dir, options);
+  if (store.ok() || store.status().code() != StatusCode::kDataLoss) {
+    return store;
+  }
+  const std::string aside =
+      dir + ".damaged-" +
+      std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count());
+  std::error_code ec;
+  std::filesystem::rename(dir, aside, ec);
+  if (ec) {
+    return store.status().WithContext("opening the checkpoint store " + dir +
+                                      " (moving it aside to " + aside +
+                                      " failed: " + ec.message() + ")");
+  }
+  LOG(ERROR) << "the checkpoint store " << dir << " cannot be opened ("
+             << store.status().ToString() << "); moved it to " << aside
+             << " as it is and started an empty store: a resume fetches "
+                "this worker's shards from their other holders";
+  return storage::OpenCheckpointStore(dir, options);
+}
+
 Status RunWorker(const config::SwitchyardConfig& config,
                  const std::string& secret, const WorkerOptions& options) {
   if (options.name.empty()) return InvalidArgumentError("--name is required");
@@ -42,8 +74,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
   std::shared_ptr<control::MemberSession> session;
   if (config.checkpoint().every() > 0) {
     const std::string dir = CheckpointDir(config, options.name);
-    ASSIGN_OR_RETURN(auto store, storage::OpenCheckpointStore(
-                                     dir, storage::CheckpointStoreOptions()));
+    ASSIGN_OR_RETURN(auto store, OpenWorkerStore(dir));
     LOG(INFO) << options.name << ": checkpoints every "
               << config.checkpoint().every() << " steps in " << dir;
     service.EnableCheckpoints(

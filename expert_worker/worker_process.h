@@ -8,11 +8,13 @@
 #define SWITCHYARD_EXPERT_WORKER_WORKER_PROCESS_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "common/status.h"
 #include "config.pb.h"
 #include "control.pb.h"
+#include "storage/checkpoint_store.h"
 
 namespace switchyard::expert_worker {
 
@@ -34,6 +36,15 @@ std::pair<int, int64_t> AssignedShards(const control::RoutingTable& routing,
 // <cluster.state_dir>/checkpoints/<name> when checkpoint.dir is empty.
 std::string CheckpointDir(const config::SwitchyardConfig& config,
                           const std::string& name);
+
+// The worker's checkpoint store in `dir`. One whose files RocksDB finds
+// damaged (DATA_LOSS, e.g. a corrupt table footer) is renamed, as it is, to
+// `<dir>.damaged-<unix seconds>` and an empty store takes its place: the
+// worker keeps running, and a resume fetches its shards from their other
+// holders (checkpoint.replicas) or names the shards no copy is left of.
+// Other errors are returned.
+StatusOr<std::unique_ptr<storage::CheckpointStore>> OpenWorkerStore(
+    const std::string& dir);
 
 // Runs until SIGTERM/SIGINT.
 Status RunWorker(const config::SwitchyardConfig& config,

@@ -148,8 +148,11 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
 
 // Replicas (checkpoint.replicas=1): a run on 3 workers stopped at step 10
 // resumes bit for bit (1) after one worker's whole checkpoint store is lost,
-// from the copies on its peers, and (2) on 2 workers, the third gone, its
-// shards placed anew and restored from their replicas.
+// from the copies on its peers, (2) after one worker's store is damaged so
+// that RocksDB cannot open it (every table footer): the worker moves it
+// aside, keeps running and fetches its shards the same way, and (3) on 2
+// workers, the third gone, its shards placed anew and restored from their
+// replicas.
 TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
   const std::string ckpt =
       " --set checkpoint.every=5 --set checkpoint.replicas=1"
@@ -158,15 +161,29 @@ TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
       RunSwitchyard("train --reference --sample-bytes 0" + Flags());
   ASSERT_EQ(reference.exit_code, 0) << reference.output;
   const auto want = Digests(reference.output);
-  for (const bool shrink : {false, true}) {
-    SCOPED_TRACE(shrink ? "resumed on 2 workers" : "a store lost");
-    const std::string run = dir_ + (shrink ? "/shrink" : "/lost");
+  for (const std::string what : {"lost", "damaged", "shrink"}) {
+    SCOPED_TRACE(what);
+    const bool shrink = what == "shrink";
+    const std::string run = dir_ + "/" + what;
     const std::string flags = " --trainers 2 --run-dir " + run + Flags() + ckpt;
     const auto first = RunSwitchyard(
         "up --workers 3" + flags + " --set training.stop_at_step=10", 180);
     ASSERT_EQ(first.exit_code, 0) << first.output;
     EXPECT_NE(first.output.find("replicated"), std::string::npos);
-    if (!shrink) std::filesystem::remove_all(run + "/checkpoints/worker-1");
+    const std::string store = run + "/checkpoints/worker-1";
+    if (what == "lost") std::filesystem::remove_all(store);
+    if (what == "damaged") {
+      int damaged = 0;
+      for (const auto& e : std::filesystem::directory_iterator(store + "/db")) {
+        if (e.path().extension() != ".sst") continue;
+        std::fstream f(e.path(),
+                       std::ios::in | std::ios::out | std::ios::binary);
+        f.seekp(-1, std::ios::end);  // The footer's magic number.
+        f.put('\x5a');
+        ++damaged;
+      }
+      ASSERT_GT(damaged, 0);
+    }
     const auto second = RunSwitchyard(
         std::string("up --workers ") + (shrink ? "2" : "3") + flags, 180);
     ASSERT_EQ(second.exit_code, 0) << second.output;
@@ -174,6 +191,16 @@ TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
         << second.output;
     EXPECT_NE(second.output.find("fetched from peers"), std::string::npos);
     EXPECT_EQ(Digests(second.output), want) << second.output;
+    if (what == "damaged") {
+      EXPECT_NE(second.output.find("cannot be opened"), std::string::npos)
+          << second.output;
+      bool kept = false;
+      for (const auto& e :
+           std::filesystem::directory_iterator(run + "/checkpoints")) {
+        kept |= e.path().filename().string().rfind("worker-1.damaged-", 0) == 0;
+      }
+      EXPECT_TRUE(kept) << "the damaged store was not kept";
+    }
   }
 }
 
