@@ -36,6 +36,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -122,6 +123,8 @@ class WorkerService {
   std::map<std::string, std::string> ShardDigests() const;
   // CombineDigests(ShardDigests()).
   std::string ParameterDigest() const;
+  // Bytes of idle checkpoint staging buffers (kept between checkpoints).
+  size_t StagingCachedBytes() const { return staging_pool_->cached_bytes(); }
   // A copy of every hosted shard's state (deep: safe to keep), as written
   // to checkpoints.
   std::vector<storage::ShardSnapshot> Snapshots() const;
@@ -187,6 +190,12 @@ class WorkerService {
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), other shards.
   std::shared_ptr<BufferPool> pool_;  // Request and gradient-input buffers.
+  // Checkpoint staging copies: kept whole between checkpoints (a staging
+  // copy needs them anyway), so a checkpoint's step never waits for fresh
+  // memory's first touch; the shards' buffers are touched when the shards
+  // are made (ApplyRouting).
+  std::shared_ptr<BufferPool> staging_pool_ =
+      BufferPool::Create(std::numeric_limits<size_t>::max());
   // checkpoint.init_from, when set: initial values of new shards.
   std::optional<storage::SafetensorsReader> init_;
   Status InitExpertFrom(const ShardId& id, ExpertParams* params) const;

@@ -414,6 +414,7 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
   FullDiskStore* store = owned.get();
   std::mutex mu;
   std::vector<int64_t> reported;
+  uint64_t checkpoint_bytes = 0;
   std::string digest;
   {
     WorkerService worker(config, "w");
@@ -422,10 +423,18 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
                                std::lock_guard<std::mutex> lock(mu);
                                reported.push_back(r.step());
                                EXPECT_EQ(r.shards_size(), 2 + 4);
+                               checkpoint_bytes = 0;
+                               for (const auto& shard : r.shards()) {
+                                 checkpoint_bytes += shard.bytes();
+                               }
                                return OkStatus();
                              });
     ASSERT_TRUE(worker.Start().ok());
     ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+    // The staging buffers are made with the shards, and every checkpoint
+    // reuses them (none is allocated while a step waits).
+    const size_t staging = worker.StagingCachedBytes();
+    EXPECT_GT(staging, 0u);
     for (int step = 0; step < kSteps; ++step) {
       store->full = step == 1;  // Checkpoint 2 hits the full disk.
       for (int r = 0; r < kRanks; ++r) {
@@ -437,6 +446,8 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
     }
     store->full = false;
     EXPECT_EQ(reported, (std::vector<int64_t>{1, 3}));
+    EXPECT_GE(staging, checkpoint_bytes);
+    EXPECT_EQ(worker.StagingCachedBytes(), staging);
     EXPECT_EQ(store->Manifests(2)->size(), 0u) << "nothing of the failed one";
     EXPECT_EQ(store->Manifests(1)->size(), 6u);
     ASSERT_EQ(store->Manifests(3)->size(), 6u);
