@@ -13,8 +13,14 @@ namespace {
 
 // The sum of expert batch b's shard replies (replies[b * shards + s]), in
 // shard order: a fixed order, whatever order the replies arrived in.
-Tensor SumShards(const std::vector<Tensor>& replies, size_t b, int shards) {
-  Tensor sum = replies[b * shards].Clone();
+// The sum of expert batch b's shard replies, in shard order (one shard:
+// its reply itself).
+StatusOr<Tensor> SumShards(BufferPool& pool, const std::vector<Tensor>& replies,
+                           size_t b, int shards) {
+  const Tensor& first = replies[b * shards];
+  if (shards == 1) return first;
+  ASSIGN_OR_RETURN(Tensor sum, pool.Take(DType::kF32, first.shape()));
+  std::memcpy(sum.data(), first.data(), first.num_bytes());
   for (int s = 1; s < shards; ++s) {
     const Tensor& part = replies[b * shards + s];
     for (int64_t i = 0; i < sum.num_elements(); ++i) {
@@ -56,12 +62,24 @@ StatusOr<std::string> MoeLayerClient::Address(const ShardId& id) const {
   return it->second;
 }
 
+StatusOr<Tensor> MoeLayerClient::Buffer(std::vector<int64_t> shape, bool zero) {
+  ASSIGN_OR_RETURN(Tensor t, pool_->Take(DType::kF32, std::move(shape)));
+  if (zero) std::memset(t.data(), 0, t.num_bytes());
+  return t;
+}
+
 StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
     MessageKind kind, int64_t step, int micro_batch, int layer,
     const std::vector<int>& experts, std::vector<Tensor> payloads) {
   const int shards = config_.model().shards_per_expert();
   std::vector<transport::Outgoing> requests;
   for (size_t b = 0; b < experts.size(); ++b) {
+    // One wire copy per expert batch, shared by its shards' requests.
+    Tensor wire = payloads[b * shards];
+    if (wire_dtype_ != DType::kF32) {
+      ASSIGN_OR_RETURN(wire, pool_->Take(wire_dtype_, wire.shape()));
+      RETURN_IF_ERROR(payloads[b * shards].ConvertInto(&wire));
+    }
     for (int s = 0; s < shards; ++s) {
       const ShardId id = ShardId::Expert(layer, experts[b], s);
       ASSIGN_OR_RETURN(std::string address, Address(id));
@@ -74,9 +92,7 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
       header.shard = s;
       header.trainer_rank = rank_;
       header.epoch = routing_.epoch();
-      Tensor& p = payloads[b * shards + s];
-      Message m = transport::TensorMessage(
-          header, wire_dtype_ == DType::kF32 ? p : p.To(wire_dtype_));
+      Message m = transport::TensorMessage(header, wire);
       requests.push_back(
           {address, std::move(m), id.ToString() + " at " + address});
     }
@@ -133,7 +149,7 @@ StatusOr<Tensor> MoeLayerClient::Dispatch(MessageKind kind, int64_t step,
     if (rows[e].empty()) continue;  // No tokens: no request.
     ASSIGN_OR_RETURN(
         Tensor xe,
-        Tensor::Zeros(DType::kF32, {static_cast<int64_t>(rows[e].size()), d}));
+        Buffer({static_cast<int64_t>(rows[e].size()), d}, /*zero=*/false));
     for (size_t r = 0; r < rows[e].size(); ++r) {
       std::memcpy(xe.f32() + r * d, x.f32() + rows[e][r].first * d,
                   d * sizeof(float));
@@ -145,12 +161,12 @@ StatusOr<Tensor> MoeLayerClient::Dispatch(MessageKind kind, int64_t step,
   ASSIGN_OR_RETURN(
       std::vector<Tensor> replies,
       Exchange(kind, step, micro_batch, layer, experts, std::move(payloads)));
-  ASSIGN_OR_RETURN(Tensor y, Tensor::Zeros(DType::kF32, {T, d}));
+  ASSIGN_OR_RETURN(Tensor y, Buffer({T, d}, /*zero=*/true));
   // Fixed order: expert outputs sum their shards in shard order ...
   std::vector<int> batch_of_expert(E, -1);
   for (size_t b = 0; b < saved.batches.size(); ++b) {
     ExpertBatch& batch = saved.batches[b];
-    batch.out = SumShards(replies, b, shards);
+    ASSIGN_OR_RETURN(batch.out, SumShards(*pool_, replies, b, shards));
     batch_of_expert[batch.expert] = static_cast<int>(b);
   }
   // ... and tokens combine their choices in (token, choice) order.
@@ -192,8 +208,7 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
   for (const ExpertBatch& batch : saved.batches) {
     ASSIGN_OR_RETURN(
         Tensor dye,
-        Tensor::Zeros(DType::kF32,
-                      {static_cast<int64_t>(batch.rows.size()), d}));
+        Buffer({static_cast<int64_t>(batch.rows.size()), d}, /*zero=*/false));
     for (size_t r = 0; r < batch.rows.size(); ++r) {
       const auto [t, j] = batch.rows[r];
       const float g = saved.gate[t * k + j];
@@ -212,11 +227,11 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
   ASSIGN_OR_RETURN(std::vector<Tensor> replies,
                    Exchange(MessageKind::kExpertBackward, step, micro_batch,
                             layer, experts, std::move(payloads)));
-  ASSIGN_OR_RETURN(*dx, Tensor::Zeros(DType::kF32, {T, d}));
+  ASSIGN_OR_RETURN(*dx, Buffer({T, d}, /*zero=*/true));
   // Same fixed order as the forward.
   for (size_t b = 0; b < saved.batches.size(); ++b) {
     const ExpertBatch& batch = saved.batches[b];
-    const Tensor sum = SumShards(replies, b, shards);
+    ASSIGN_OR_RETURN(const Tensor sum, SumShards(*pool_, replies, b, shards));
     for (size_t r = 0; r < batch.rows.size(); ++r) {
       float* dxt = dx->f32() + batch.rows[r].first * d;
       const float* src = sum.f32() + r * d;

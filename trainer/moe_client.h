@@ -20,10 +20,12 @@
 
 #include <chrono>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "common/buffer_pool.h"
 #include "common/ids.h"
 #include "common/status.h"
 #include "common/tensor.h"
@@ -86,7 +88,15 @@ class MoeLayerClient {
                                          std::vector<Tensor> payloads);
   StatusOr<std::string> Address(const ShardId& id) const;
 
+  // A pool tensor of `shape`, zero-filled when `zero`.
+  StatusOr<Tensor> Buffer(std::vector<int64_t> shape, bool zero);
+
   transport::DataPlane* data_plane_;  // Not owned.
+  // Every step's token batches, wire copies and outputs: reused, not fresh
+  // memory (whose first touch costs 11.5 us per 4 KiB page on the CI VM),
+  // and large ones on huge pages, which the shared-memory transport reads
+  // faster (docs/performance.md).
+  const std::shared_ptr<BufferPool> pool_ = BufferPool::Create(size_t{1} << 30);
   const config::SwitchyardConfig config_;
   const int rank_;
   const std::chrono::milliseconds timeout_;
