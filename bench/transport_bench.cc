@@ -38,6 +38,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/buffer_pool.h"
 #include "common/digest.h"
 #include "common/logging.h"
 #include "transport/data_plane.h"
@@ -108,7 +109,9 @@ Message Echo(size_t bytes, uint32_t seed) {
   m.header.kind = static_cast<uint8_t>(MessageKind::kEcho);
   const int64_t cols = 1024;
   const int64_t rows = static_cast<int64_t>(bytes / 4 / cols);
-  m.payload = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+  // From a BufferPool, as a trainer's token batches are (MoeLayerClient).
+  static const std::shared_ptr<BufferPool> pool = BufferPool::Create(0);
+  m.payload = pool->Take(DType::kF32, {rows, cols}).value();
   auto* words = static_cast<uint32_t*>(m.payload.data());
   for (int64_t i = 0; i < rows * cols; ++i) words[i] = seed + uint32_t(i);
   m.header.dtype = static_cast<uint8_t>(DType::kF32);
