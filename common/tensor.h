@@ -31,7 +31,9 @@ constexpr size_t kTensorAlignmentBytes = 64;
 // up it is 2 MiB aligned and asks for transparent huge pages: the first
 // touch of a 4 KiB page costs about 11.5 us on the CI VM (0.35 GB/s), of
 // huge pages 1-12 GB/s, and direct I/O into huge pages runs about three
-// times faster there (docs/performance.md).
+// times faster there (docs/performance.md). The request is advice only:
+// heap memory glibc reuses may already be on 4 KiB pages, which it does
+// not change; BufferPool maps its large buffers itself for that reason.
 void* AllocateTensorMemory(size_t bytes);
 
 class Tensor {
