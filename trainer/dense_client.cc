@@ -56,7 +56,9 @@ StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {
   ASSIGN_OR_RETURN(std::vector<Tensor> parts,
                    Exchange(MessageKind::kDensePull, step, {}));
   const int64_t total = DenseParams(config_.model());
-  ASSIGN_OR_RETURN(Tensor flat, Tensor::Zeros(DType::kF32, {1, total}));
+  // Every value is overwritten: the shards' ranges cover [0, total).
+  ASSIGN_OR_RETURN(Tensor flat, pool_->Take(DType::kF32, {1, total}));
+  int64_t covered = 0;
   for (int s = 0; s < config_.model().dense_shards(); ++s) {
     const DenseRange range = DenseShardRange(config_.model(), s);
     if (parts[s].num_elements() != range.count ||
@@ -67,6 +69,11 @@ StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {
     }
     std::memcpy(flat.f32() + range.begin, parts[s].data(),
                 parts[s].num_bytes());
+    covered += range.count;
+  }
+  if (covered != total) {
+    return InternalError("dense shards cover " + std::to_string(covered) +
+                         " of " + std::to_string(total) + " values");
   }
   return flat;
 }
@@ -81,7 +88,7 @@ Status DenseTableClient::Push(int64_t step, const Tensor& grads) {
   std::vector<Tensor> payloads;
   for (int s = 0; s < config_.model().dense_shards(); ++s) {
     const DenseRange range = DenseShardRange(config_.model(), s);
-    ASSIGN_OR_RETURN(Tensor part, Tensor::Zeros(DType::kF32, {1, range.count}));
+    ASSIGN_OR_RETURN(Tensor part, pool_->Take(DType::kF32, {1, range.count}));
     std::memcpy(part.data(), grads.f32() + range.begin,
                 range.count * sizeof(float));
     payloads.push_back(std::move(part));

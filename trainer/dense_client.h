@@ -13,9 +13,11 @@
 
 #include <chrono>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "common/buffer_pool.h"
 #include "common/status.h"
 #include "common/tensor.h"
 #include "config.pb.h"
@@ -48,6 +50,9 @@ class DenseTableClient {
   const std::chrono::milliseconds timeout_;
   control::RoutingTable routing_;
   std::map<int, std::string> address_;  // Dense shard -> data address.
+  // Every step's pulled parameters and pushed gradient parts: reused
+  // buffers, not fresh memory (MoeLayerClient's pool_ says why).
+  const std::shared_ptr<BufferPool> pool_ = BufferPool::Create(size_t{1} << 30);
 };
 
 }  // namespace switchyard::trainer
