@@ -16,10 +16,12 @@
 // Targets (docs/performance.md): >= 0.8 of ucx_perftest bandwidth for large
 // payloads; small round trips within 2x of ucx_perftest's.
 //
-// usage: transport_bench [--latency | --bytes N]
+// usage: transport_bench [--latency | --bytes N] [--rounds N]
 //   --latency: the round trips only
 //   --bytes N: the bandwidth rows for N-byte payloads only (a multiple of
 //              4 KiB), then the round trips
+//   --rounds N: bandwidth rounds per size (default 3), ours and
+//              ucx_perftest's alternating; the median round's ratio counts
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -52,6 +54,22 @@ using Ms = std::chrono::milliseconds;
 std::string g_self;
 bool g_latency_only = false;
 size_t g_only_bytes = 0;  // --bytes
+int g_rounds = 3;         // --rounds
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+std::string Joined(const std::vector<double>& v) {
+  std::string out;
+  char buf[32];
+  for (double x : v) {
+    std::snprintf(buf, sizeof(buf), " %.2f", x);
+    out += buf;
+  }
+  return out;
+}
 
 int Serve(const std::string& file, const std::string& tls) {
   DataPlaneOptions options;
@@ -226,22 +244,35 @@ int Run() {
       const int iters = static_cast<int>(
           std::clamp<size_t>((size_t{2} << 30) / bytes, 20, 2000));
       EchoBandwidth(client.get(), address, bytes, 5, 4, &ok);  // Warm up.
-      const double ours =
-          EchoBandwidth(client.get(), address, bytes, iters, 4, &ok);
-      // The better of ucx_perftest's default buffers (UCX's sysv shared
-      // memory, 4 KiB pages) and transparent huge pages, as Switchyard's
-      // tensors are: on the CI VM huge pages moved 16 MiB messages at
-      // 17-20 GB/s against 8-11 with the default.
-      const double theirs = std::max(Perftest(t.tls, "tag_bw", bytes, iters, 4),
-                                     Perftest(t.tls, "tag_bw", bytes, iters, 4,
-                                              "UCX_ALLOC_PRIO=thp,mmap,heap"));
-      std::printf("%-6s %10zu %14.0f %16.0f %8.2f\n", t.name, bytes, ours,
-                  theirs, theirs > 0 ? ours / theirs : 0.0);
-      if (bytes >= (size_t{16} << 20)) {
-        const double one_way = EchoBandwidth(client.get(), address, bytes,
-                                             iters, 4, &ok, /*one_way=*/true);
-        std::printf("%-6s %10zu %14.0f %16s %8.2f  (one way)\n", t.name, bytes,
-                    one_way, "", theirs > 0 ? one_way / theirs : 0.0);
+      // Rounds alternate ours and ucx_perftest's, so that a fast or slow
+      // spell of the shared VM weighs on both alike; each round's ratio is
+      // taken, and the median round is the result.
+      std::vector<double> ours, theirs, ratios, one_way, one_way_ratios;
+      for (int r = 0; r < g_rounds; ++r) {
+        ours.push_back(
+            EchoBandwidth(client.get(), address, bytes, iters, 4, &ok));
+        // The better of ucx_perftest's default buffers (UCX's sysv shared
+        // memory, 4 KiB pages) and transparent huge pages, as Switchyard's
+        // tensors are: on the CI VM huge pages moved 16 MiB messages at
+        // 17-20 GB/s against 8-11 with the default.
+        theirs.push_back(std::max(Perftest(t.tls, "tag_bw", bytes, iters, 4),
+                                  Perftest(t.tls, "tag_bw", bytes, iters, 4,
+                                           "UCX_ALLOC_PRIO=thp,mmap,heap")));
+        ratios.push_back(theirs.back() > 0 ? ours.back() / theirs.back() : 0);
+        if (bytes >= (size_t{16} << 20)) {
+          one_way.push_back(EchoBandwidth(client.get(), address, bytes, iters,
+                                          4, &ok, /*one_way=*/true));
+          one_way_ratios.push_back(
+              theirs.back() > 0 ? one_way.back() / theirs.back() : 0);
+        }
+      }
+      std::printf("%-6s %10zu %14.0f %16.0f %8.2f  rounds:%s\n", t.name, bytes,
+                  Median(ours), Median(theirs), Median(ratios),
+                  Joined(ratios).c_str());
+      if (!one_way.empty()) {
+        std::printf("%-6s %10zu %14.0f %16s %8.2f  rounds:%s (one way)\n",
+                    t.name, bytes, Median(one_way), "", Median(one_way_ratios),
+                    Joined(one_way_ratios).c_str());
       }
     }
     // Latency: 4 KiB, one at a time.
@@ -299,25 +330,50 @@ int Run() {
 }  // namespace switchyard::transport
 
 int main(int argc, char** argv) {
+  namespace t = switchyard::transport;
   switchyard::InitLogging(argv[0]);
-  switchyard::transport::g_self = argv[0];
-  const char* usage = "usage: transport_bench [--latency | --bytes N]\n";
-  if (argc == 2 && std::strcmp(argv[1], "--latency") == 0) {
-    switchyard::transport::g_latency_only = true;
-  } else if (argc == 3 && std::strcmp(argv[1], "--bytes") == 0) {
-    const long long n = std::atoll(argv[2]);
-    if (n <= 0 || n % 4096 != 0) {
-      std::fprintf(stderr, "--bytes must be a positive multiple of 4096\n%s",
+  t::g_self = argv[0];
+  if (argc == 4 && std::strcmp(argv[1], "--serve") == 0) {
+    return t::Serve(argv[2], argv[3]);
+  }
+  const char* usage =
+      "usage: transport_bench [--latency | --bytes N] [--rounds N]\n"
+      "  --latency   the 4 KiB round trips only\n"
+      "  --bytes N   the bandwidth rows of N-byte payloads only (a multiple\n"
+      "              of 4096), then the round trips\n"
+      "  --rounds N  bandwidth rounds per size, each ours then\n"
+      "              ucx_perftest's; the median round's ratio is printed\n"
+      "              (default 3)\n";
+  for (int i = 1; i < argc; ++i) {
+    const bool has_value = i + 1 < argc;
+    if (std::strcmp(argv[i], "--help") == 0) {
+      std::printf("%s", usage);
+      return 0;
+    } else if (std::strcmp(argv[i], "--latency") == 0) {
+      t::g_latency_only = true;
+    } else if (has_value && std::strcmp(argv[i], "--bytes") == 0) {
+      const long long n = std::atoll(argv[++i]);
+      if (n <= 0 || n % 4096 != 0) {
+        std::fprintf(stderr, "--bytes must be a positive multiple of 4096\n%s",
+                     usage);
+        return 2;
+      }
+      t::g_only_bytes = static_cast<size_t>(n);
+    } else if (has_value && std::strcmp(argv[i], "--rounds") == 0) {
+      t::g_rounds = std::atoi(argv[++i]);
+      if (t::g_rounds < 1) {
+        std::fprintf(stderr, "--rounds must be positive\n%s", usage);
+        return 2;
+      }
+    } else {
+      std::fprintf(stderr, "unknown or incomplete flag '%s'\n%s", argv[i],
                    usage);
       return 2;
     }
-    switchyard::transport::g_only_bytes = static_cast<size_t>(n);
-  } else if (argc == 2 || argc == 3) {
-    std::fprintf(stderr, "%s", usage);
+  }
+  if (t::g_latency_only && t::g_only_bytes != 0) {
+    std::fprintf(stderr, "--latency and --bytes exclude each other\n%s", usage);
     return 2;
   }
-  if (argc == 4 && std::strcmp(argv[1], "--serve") == 0) {
-    return switchyard::transport::Serve(argv[2], argv[3]);
-  }
-  return switchyard::transport::Run();
+  return t::Run();
 }
