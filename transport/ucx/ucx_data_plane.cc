@@ -218,8 +218,12 @@ class UcxDataPlane : public DataPlane {
   void WakeLocked();
   void Loop();
   // One round of the role holder's work: posted commands, UCX progress,
-  // expired deadlines. True when anything happened.
-  bool Round();
+  // expired deadlines. True when anything happened. Progress stops early
+  // once `finished` (when given) holds: one call can take a whole
+  // rendezvous copy (a 16 MiB payload over CMA is about a millisecond), and
+  // a waiter whose answer has come sends its next requests before the
+  // copies of later answers, so that its peers are not left idle.
+  bool Round(const std::function<bool()>* finished = nullptr);
   // Drives UCX on the calling thread, which holds `role`, until
   // `finished()` (checked after every round) or `until`: rounds back to
   // back for busy_poll_us after any activity, then one sleep on the
@@ -426,7 +430,7 @@ void UcxDataPlane::WakeLocked() {
   // to drive.
 }
 
-bool UcxDataPlane::Round() {
+bool UcxDataPlane::Round(const std::function<bool()>* finished) {
   std::deque<std::function<void()>> commands;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -434,7 +438,10 @@ bool UcxDataPlane::Round() {
   }
   bool active = !commands.empty();
   for (auto& c : commands) c();
-  while (ucp_worker_progress(worker_) != 0) active = true;
+  while (ucp_worker_progress(worker_) != 0) {
+    active = true;
+    if (finished != nullptr && (*finished)()) break;
+  }
   ExpireDeadlines();
   return active;
 }
@@ -446,7 +453,7 @@ void UcxDataPlane::Drive(std::unique_lock<std::mutex>& role,
   auto last_activity = Clock::now();
   role_holder_.store(std::this_thread::get_id());
   while (true) {
-    const bool active = Round();
+    const bool active = Round(&finished);
     if (finished()) break;
     const auto now = Clock::now();
     if (now >= until) break;
