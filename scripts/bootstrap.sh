@@ -23,7 +23,8 @@ packages=(
   python3
   libyaml-cpp-dev libssl-dev libxxhash-dev
   # Storage, data plane, compute.
-  librocksdb-dev libucx-dev ucx-utils libopenblas-dev libdnnl-dev
+  librocksdb-dev libucx-dev ucx-utils libopenblas-dev libopenblas0-openmp
+  libdnnl-dev
   # Demo corpus: multilingual text in several scripts.
   fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-zh
 )

@@ -15,6 +15,18 @@ constexpr char kReexecGuard[] = "SWITCHYARD_BLAS_SELECTED";
 
 const char* BlasKernelName() { return openblas_get_corename(); }
 
+const char* BlasThreading() {
+  switch (openblas_get_parallel()) {
+    case 0:
+      return "sequential";
+    case 1:
+      return "pthreads";
+    case 2:
+      return "OpenMP";
+  }
+  return "unknown";
+}
+
 std::string ResolveBlasCoreType(const std::string& requested) {
   if (!requested.empty() && requested != "auto") return requested;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -31,6 +31,11 @@ void SelectBlasKernels(char** argv);
 // OpenBLAS's name for the kernels in use ("SkylakeX", "Haswell", ...).
 const char* BlasKernelName();
 
+// How the loaded OpenBLAS runs its threads: "OpenMP" (the build Switchyard
+// links, whose GEMMs share OpenMP's threads with the activation kernels),
+// "pthreads" or "sequential".
+const char* BlasThreading();
+
 }  // namespace switchyard::expert_worker
 
 #endif  // SWITCHYARD_EXPERT_WORKER_CPU_BLAS_KERNELS_H_

@@ -136,5 +136,11 @@ TEST(BlasKernelsTest, ProcessRunsTheResolvedKernels) {
   }
 }
 
+TEST(BlasKernelsTest, ProcessLoadsOpenBlasBuiltForOpenMp) {
+  // The pthread build (what the dynamic loader finds by default) runs a
+  // thread pool of its own that competes with OpenMP's for the cores.
+  EXPECT_STREQ(BlasThreading(), "OpenMP");
+}
+
 }  // namespace
 }  // namespace switchyard::expert_worker
