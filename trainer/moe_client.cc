@@ -97,7 +97,9 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
           {address, std::move(m), id.ToString() + " at " + address});
     }
   }
-  return transport::SendAll(data_plane_, std::move(requests), timeout_);
+  // bf16 answers become fp32 in pool buffers, not fresh memory.
+  return transport::SendAll(data_plane_, std::move(requests), timeout_,
+                            pool_.get());
 }
 
 StatusOr<Tensor> MoeLayerClient::Forward(int64_t step, int micro_batch,

@@ -39,9 +39,24 @@ Message TensorMessage(const WireHeader& header, Tensor payload) {
   return m;
 }
 
+namespace {
+
+// `t` as fp32: itself when it is (or is empty), else converted into a
+// buffer from `pool` (fresh memory without one).
+StatusOr<Tensor> ToF32(Tensor t, BufferPool* pool) {
+  if (t.empty() || t.dtype() == DType::kF32) return t;
+  if (pool == nullptr) return t.To(DType::kF32);
+  ASSIGN_OR_RETURN(Tensor out, pool->Take(DType::kF32, t.shape()));
+  RETURN_IF_ERROR(t.ConvertInto(&out));
+  return out;
+}
+
+}  // namespace
+
 StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
                                       std::vector<Outgoing> requests,
-                                      std::chrono::milliseconds timeout) {
+                                      std::chrono::milliseconds timeout,
+                                      BufferPool* pool) {
   struct Pending {
     std::mutex mu;
     std::condition_variable cv;
@@ -70,18 +85,18 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
       sends.push_back(SendRequest{
           requests[i].peer, requests[i].message,
           std::max(left, std::chrono::milliseconds(1)),
-          [pending, i, label = requests[i].label](StatusOr<Message> r) {
+          [pending, i, pool, label = requests[i].label](StatusOr<Message> r) {
             std::lock_guard<std::mutex> lock(pending->mu);
             if (!r.ok() && r.status().code() == StatusCode::kAborted) {
               pending->retry.push_back(i);
             } else if (!r.ok()) {
               if (pending->error.ok())
                 pending->error = r.status().WithContext(label);
-            } else {
-              Tensor t = std::move(r->payload);
-              pending->replies[i] = t.empty() || t.dtype() == DType::kF32
-                                        ? std::move(t)
-                                        : t.To(DType::kF32);
+            } else if (StatusOr<Tensor> t = ToF32(std::move(r->payload), pool);
+                       t.ok()) {
+              pending->replies[i] = std::move(t).value();
+            } else if (pending->error.ok()) {
+              pending->error = t.status().WithContext(label);
             }
             if (--pending->outstanding == 0) pending->cv.notify_all();
           }});

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "common/buffer_pool.h"
 #include "common/status.h"
 #include "common/tensor.h"
 #include "config.pb.h"
@@ -144,10 +145,12 @@ struct Outgoing {
 // request answered ABORTED (the peer is not ready for it yet and changed
 // nothing: e.g. it has not received the sender's routing epoch) is sent
 // again after a short backoff. Everything ends by `timeout` (plus a
-// scheduling margin).
+// scheduling margin). Conversions to fp32 go into buffers from `pool`
+// when one is given (fresh memory otherwise).
 StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
                                       std::vector<Outgoing> requests,
-                                      std::chrono::milliseconds timeout);
+                                      std::chrono::milliseconds timeout,
+                                      BufferPool* pool = nullptr);
 
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options);

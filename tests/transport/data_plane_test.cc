@@ -24,6 +24,7 @@
 #include <mutex>
 #include <thread>
 
+#include "common/buffer_pool.h"
 #include "common/logging.h"
 
 namespace switchyard::transport {
@@ -130,6 +131,39 @@ TEST_F(DataPlaneTest, EchoesSmallAndLargePayloads) {
     EXPECT_EQ(r->header.payload_bytes, static_cast<uint64_t>(bytes));
     EXPECT_TRUE(SamePayload(*r, copy)) << bytes;
   }
+}
+
+TEST_F(DataPlaneTest, SendAllConvertsBf16AnswersIntoPoolBuffers) {
+  // Small integers: exact in bf16, so the round trip must give them back.
+  Tensor values = Tensor::Zeros(DType::kF32, {64, 256}).value();
+  for (int64_t i = 0; i < values.num_elements(); ++i) {
+    values.f32()[i] = static_cast<float>(i % 251) - 125.0f;
+  }
+  WireHeader header;
+  header.kind = static_cast<uint8_t>(MessageKind::kEcho);
+  const std::shared_ptr<BufferPool> pool = BufferPool::Create(size_t{1} << 30);
+  for (BufferPool* with : {pool.get(), static_cast<BufferPool*>(nullptr)}) {
+    std::vector<Outgoing> requests;
+    for (int i = 0; i < 3; ++i) {
+      requests.push_back({server_->address(),
+                          TensorMessage(header, values.To(DType::kBF16)),
+                          "echo " + std::to_string(i)});
+    }
+    auto replies = SendAll(client_.get(), std::move(requests), Ms(30000), with);
+    ASSERT_TRUE(replies.ok()) << replies.status().ToString();
+    ASSERT_EQ(replies->size(), 3u);
+    for (const Tensor& r : *replies) {
+      ASSERT_EQ(r.dtype(), DType::kF32);
+      ASSERT_EQ(r.num_bytes(), values.num_bytes());
+      EXPECT_EQ(std::memcmp(r.data(), values.data(), values.num_bytes()), 0);
+    }
+    // The first round's three replies are pool buffers, all in use.
+    if (with != nullptr) {
+      EXPECT_EQ(pool->cached_bytes(), 0u);
+    }
+  }
+  // The first three came from the pool and went back to it.
+  EXPECT_GE(pool->cached_bytes(), 3 * values.num_bytes());
 }
 
 TEST_F(DataPlaneTest, ManyConcurrentRequests) {
