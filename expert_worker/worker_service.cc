@@ -121,7 +121,10 @@ WorkerService::WorkerService(const config::SwitchyardConfig& config,
                              std::string name)
     : config_(config),
       name_(std::move(name)),
-      pool_(BufferPool::Create(kPoolCachedBytes)) {}
+      pool_(BufferPool::Create(kPoolCachedBytes)),
+      staging_pool_(BufferPool::Create(config.checkpoint().staging_resident()
+                                           ? std::numeric_limits<size_t>::max()
+                                           : 0)) {}
 
 WorkerService::~WorkerService() { Shutdown(); }
 
@@ -582,7 +585,8 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
       }
     }
   }
-  if (store_ != nullptr && config_.checkpoint().every() > 0) {
+  if (store_ != nullptr && config_.checkpoint().every() > 0 &&
+      config_.checkpoint().staging_resident()) {
     // The staging buffers of the new shards, touched now (all held at
     // once, so that none reuses another's) rather than in the first
     // checkpoint's step.

@@ -190,12 +190,12 @@ class WorkerService {
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), other shards.
   std::shared_ptr<BufferPool> pool_;  // Request and gradient-input buffers.
-  // Checkpoint staging copies: kept whole between checkpoints (a staging
-  // copy needs them anyway), so a checkpoint's step never waits for fresh
-  // memory's first touch; the shards' buffers are touched when the shards
-  // are made (ApplyRouting).
-  std::shared_ptr<BufferPool> staging_pool_ =
-      BufferPool::Create(std::numeric_limits<size_t>::max());
+  // Checkpoint staging copies. With checkpoint.staging_resident (the
+  // default) kept whole between checkpoints (a staging copy needs them
+  // anyway), so a checkpoint's step never waits for fresh memory's first
+  // touch, and touched when the shards are made (ApplyRouting); without
+  // it, returned to the system after every write.
+  const std::shared_ptr<BufferPool> staging_pool_;
   // checkpoint.init_from, when set: initial values of new shards.
   std::optional<storage::SafetensorsReader> init_;
   Status InitExpertFrom(const ShardId& id, ExpertParams* params) const;

@@ -472,6 +472,60 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
   std::filesystem::remove_all(dir);
 }
 
+// checkpoint.staging_resident false: no staging memory is held between
+// checkpoints (none made with the shards, all returned after each write),
+// and the checkpoints are the same as with resident staging.
+TEST(WorkerServiceTest, NonResidentStagingHoldsNoMemoryBetweenCheckpoints) {
+  const std::string dir = ::testing::TempDir() + "/switchyard_ws_staging_" +
+                          std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  std::map<bool, std::string> digests;  // By staging_resident.
+  for (bool resident : {true, false}) {
+    config::SwitchyardConfig config = TestConfig("adamw");
+    config.mutable_checkpoint()->set_every(1);
+    config.mutable_checkpoint()->set_staging_resident(resident);
+    const std::string store_dir = dir + (resident ? "/resident" : "/not");
+    {
+      auto store = storage::OpenCheckpointStore(store_dir, {});
+      ASSERT_TRUE(store.ok());
+      WorkerService worker(config, "w");
+      worker.EnableCheckpoints(std::move(store).value(), nullptr);
+      ASSERT_TRUE(worker.Start().ok());
+      ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+      EXPECT_EQ(worker.StagingCachedBytes() > 0, resident);
+      for (int step = 0; step < kSteps; ++step) {
+        for (int r = 0; r < kRanks; ++r) {
+          for (auto& m : TrainerStep(step, r)) {
+            EXPECT_EQ(Ask(&worker, std::move(m)).header.status_code, 0);
+          }
+        }
+        worker.WaitCheckpointsWritten();
+        EXPECT_EQ(worker.StagingCachedBytes() > 0, resident) << step;
+      }
+      worker.Shutdown();
+    }  // The worker, and its store, are gone.
+    // The last checkpoint, read back: every tensor of every shard.
+    auto reopened = storage::OpenCheckpointStore(store_dir, {});
+    ASSERT_TRUE(reopened.ok());
+    auto manifests = (*reopened)->Manifests(kSteps);
+    ASSERT_TRUE(manifests.ok());
+    ASSERT_EQ(manifests->size(), 6u);
+    std::string all;
+    for (const auto& m : *manifests) {
+      auto shard = (*reopened)->ReadShard(kSteps, m.shard());
+      ASSERT_TRUE(shard.ok()) << shard.status().ToString();
+      for (const auto& t : shard->tensors) {
+        all += t.name;
+        all.append(static_cast<const char*>(t.tensor.data()),
+                   t.tensor.num_bytes());
+      }
+    }
+    digests[resident] = all;
+  }
+  EXPECT_EQ(digests[true], digests[false]);
+  std::filesystem::remove_all(dir);
+}
+
 // A store whose reads wait until `open` is set: a restore that takes as long
 // as the test likes.
 class GatedReadStore : public FullDiskStore {
