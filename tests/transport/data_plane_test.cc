@@ -22,6 +22,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "common/buffer_pool.h"
@@ -264,6 +265,101 @@ TEST_F(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
   auto ok =
       client_->SendSync(server_->address(), EchoRequest(1, 16, 2), Ms(5000));
   EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+}
+
+TEST_F(DataPlaneTest, DeadlinesExpireInOrderAmongManyAnsweredRequests) {
+  // Answered requests leave their deadlines behind (dropped lazily, the
+  // lot rebuilt when mostly stale): a silent request with a long deadline
+  // stays pending through hundreds of answered ones, and three short ones
+  // still expire at their own deadlines, shortest first.
+  std::mutex mu;
+  std::vector<std::pair<int, StatusCode>> expired;
+  std::vector<Clock::duration> after;
+  const auto start = Clock::now();
+  auto expect_expiry = [&](int tag, Ms timeout) {
+    client_->Send(server_->address(), EchoRequest(1, 16, tag, 999), timeout,
+                  [&, tag](StatusOr<Message> r) {
+                    std::lock_guard<std::mutex> lock(mu);
+                    expired.emplace_back(tag, r.status().code());
+                    after.push_back(Clock::now() - start);
+                  });
+  };
+  expect_expiry(0, Ms(60000));
+  for (int i = 0; i < 300; ++i) {
+    ASSERT_TRUE(
+        client_->SendSync(server_->address(), EchoRequest(1, 16, i), Ms(60000))
+            .ok());
+  }
+  const auto sent = Clock::now();
+  expect_expiry(3, Ms(900));
+  expect_expiry(1, Ms(300));
+  expect_expiry(2, Ms(600));
+  for (int i = 0; i < 300; ++i) {
+    ASSERT_TRUE(
+        client_->SendSync(server_->address(), EchoRequest(1, 16, i), Ms(60000))
+            .ok());
+  }
+  const auto waited = Clock::now() + Ms(10000);
+  while (Clock::now() < waited) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (expired.size() >= 3) break;
+    }
+    std::this_thread::sleep_for(Ms(10));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_EQ(expired.size(), 3u);  // Not the 60 s one.
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(expired[i].first, i + 1);
+    EXPECT_EQ(expired[i].second, StatusCode::kDeadlineExceeded);
+    EXPECT_GE(after[i], sent - start + Ms(300 * (i + 1)));
+    EXPECT_LT(after[i], sent - start + Ms(300 * (i + 1) + 1500));
+  }
+}
+
+TEST_F(DataPlaneTest, ALateAnswerDoesNotCompleteALaterRequest) {
+  // Request ids are never reused: the answer to an expired request, sent
+  // after a new request took its place, is dropped, and the new request
+  // gets its own answer.
+  auto expired = client_->SendSync(server_->address(),
+                                   EchoRequest(1, 16, 1, 999), Ms(200));
+  ASSERT_EQ(expired.status().code(), StatusCode::kDeadlineExceeded);
+  std::mutex mu;
+  std::condition_variable cv;
+  std::optional<StatusOr<Message>> answer;
+  client_->Send(server_->address(), EchoRequest(1, 16, 2, 999), Ms(10000),
+                [&](StatusOr<Message> r) {
+                  std::lock_guard<std::mutex> lock(mu);
+                  answer = std::move(r);
+                  cv.notify_one();
+                });
+  const auto held = Clock::now() + Ms(5000);
+  while (Clock::now() < held) {
+    {
+      std::lock_guard<std::mutex> lock(held_mu_);
+      if (held_.size() == 2) break;
+    }
+    std::this_thread::sleep_for(Ms(5));
+  }
+  std::vector<Reply> replies;
+  {
+    std::lock_guard<std::mutex> lock(held_mu_);
+    replies = std::move(held_);
+  }
+  ASSERT_EQ(replies.size(), 2u);
+  const Message late = EchoRequest(1, 16, 71);
+  const Message own = EchoRequest(1, 16, 72);
+  replies[0](TensorResponse(late.header, late.payload.Clone()));
+  std::this_thread::sleep_for(Ms(100));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_FALSE(answer.has_value()) << "completed by the late answer";
+  }
+  replies[1](TensorResponse(own.header, own.payload.Clone()));
+  std::unique_lock<std::mutex> lock(mu);
+  ASSERT_TRUE(cv.wait_for(lock, Ms(5000), [&] { return answer.has_value(); }));
+  ASSERT_TRUE(answer->ok()) << answer->status().ToString();
+  EXPECT_TRUE(SamePayload(**answer, own));
 }
 
 TEST_F(DataPlaneTest, HandlerErrorsReachTheCaller) {

@@ -4,8 +4,9 @@
 // "role" (role_mu_) and alone makes UCX calls: the progress thread, or a
 // thread waiting in SendAndWait, which drives the network itself until its
 // answers are in (the progress thread stands back meanwhile), so that an
-// answer reaches its waiter without a thread hand-off. Other threads post
-// commands for the role holder and wake it only when it sleeps. Requests go as
+// answer reaches its waiter without a thread hand-off; a waiter that finds
+// the role free sends its requests itself. Other threads post commands for
+// the role holder and wake it only when it sleeps. Requests go as
 // AM kRequestAm with the 80-byte header and the payload as a separate buffer,
 // with UCP_AM_SEND_FLAG_REPLY so the server answers on the same connection (AM
 // kResponseAm). Payloads from rendezvous_threshold_bytes up are forced to
@@ -45,6 +46,8 @@ using Clock = std::chrono::steady_clock;
 
 constexpr unsigned kRequestAm = 1;
 constexpr unsigned kResponseAm = 2;
+// Send contexts kept for reuse (each about 200 bytes).
+constexpr size_t kIdleSendContexts = 1024;
 
 Status UcxStatus(ucs_status_t s, const std::string& what, const char* file,
                  int line) {
@@ -173,10 +176,11 @@ class UcxDataPlane : public DataPlane {
   }
 
  private:
+  // A request awaiting its answer, in slot (id & 0xffffffff) of pending_.
   struct Pending {
+    uint64_t id = 0;  // 0: a free slot.
     ResponseCallback done;
-    Clock::time_point deadline;
-    ucp_ep_h ep;
+    ucp_ep_h ep = nullptr;
     std::string peer;
   };
   struct EpInfo {
@@ -195,13 +199,15 @@ class UcxDataPlane : public DataPlane {
     void* desc;
     ucp_ep_h reply_ep;
   };
-  // Keeps a message's buffers alive until UCX is done sending it.
+  // Keeps a message's buffers alive until UCX is done sending it. Reused
+  // (idle_send_contexts_).
   struct SendContext {
     UcxDataPlane* self;
     WireHeader header;
     Tensor payload;
     std::string text;
-    std::function<void(ucs_status_t)> on_sent;
+    // A request's id (its send failing completes it); 0 for a response.
+    uint64_t request_id;
   };
   struct RecvContext {
     UcxDataPlane* self;
@@ -212,6 +218,8 @@ class UcxDataPlane : public DataPlane {
 
   // Queues `fn` for the role holder; false once the plane is closed.
   bool Post(std::function<void()> fn);
+  // Runs the posted commands (role holder). True when there were any.
+  bool RunCommands();
   // Makes sure a role holder will run posted commands soon: signals one
   // sleeping on the worker's fd, or unparks the progress thread when no
   // waiter drives. mu_ held.
@@ -238,7 +246,15 @@ class UcxDataPlane : public DataPlane {
   // flight either way, or peers that may send requests. Role and mu_ held.
   bool HasWorkLocked() const;
   void ExpireDeadlines();
+  // Registers a request awaiting its answer; returns its id.
+  uint64_t AddPending(ResponseCallback done, Clock::time_point deadline,
+                      ucp_ep_h ep, const std::string& peer);
+  // The pending request `id`, or null (answered, expired, or never sent).
+  Pending* FindPending(uint64_t id);
   void Complete(uint64_t id, StatusOr<Message> result);
+  // Sends a request to `peer` (role holder): Send's work.
+  void StartRequest(const std::string& peer, Message request,
+                    Clock::time_point deadline, ResponseCallback done);
   StatusOr<ucp_ep_h> Endpoint(const std::string& peer);
   void TrackEndpoint(ucp_ep_h ep, EpInfo info);
   // The endpoint's wire-up flush finished: runs its parked sends, or drops
@@ -247,8 +263,13 @@ class UcxDataPlane : public DataPlane {
   // Peer error handling: a lost peer fails every request pending on it.
   void SetPeerErrorHandling(ucp_ep_params_t* params);
   void DropEndpoint(ucp_ep_h ep, const Status& why);
+  // Sends `message` as AM `am_id`; when it is the request `request_id`
+  // (0: a response) and the send fails, completes that request.
   void SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
-                   std::function<void(ucs_status_t)> on_sent);
+                   uint64_t request_id);
+  // UCX is done with `ctx`'s message (`status`): keeps ctx for reuse and
+  // fails its request when the send failed.
+  void SendDone(SendContext* ctx, ucs_status_t status);
   void ReplyTo(ucp_ep_h ep, const Message& request_header_only,
                const Status& error);
   void StartReceive(const WireHeader& header, void* desc, ucp_ep_h reply_ep);
@@ -282,8 +303,10 @@ class UcxDataPlane : public DataPlane {
   std::atomic<std::thread::id> role_holder_;
 
   mutable std::mutex mu_;
-  std::deque<std::function<void()>> commands_;  // GUARDED_BY(mu_)
-  std::map<std::string, std::string> lanes_;    // GUARDED_BY(mu_)
+  std::vector<std::function<void()>> commands_;  // GUARDED_BY(mu_)
+  // commands_ is not empty (read without mu_ by the role holder's rounds).
+  std::atomic<bool> has_commands_{false};
+  std::map<std::string, std::string> lanes_;  // GUARDED_BY(mu_)
   // No progress thread runs commands: not started yet, or shut down.
   bool closed_ = true;  // GUARDED_BY(mu_)
   // Threads in SendAndWait (written under mu_; the progress thread stands
@@ -297,9 +320,19 @@ class UcxDataPlane : public DataPlane {
   // Role holder only.
   std::map<std::string, ucp_ep_h> client_eps_;
   std::unordered_map<ucp_ep_h, EpInfo> eps_;
-  std::unordered_map<uint64_t, Pending> pending_;
-  std::multimap<Clock::time_point, uint64_t> deadlines_;
-  uint64_t next_request_id_ = 1;
+  // Commands being run (RunCommands), kept for their capacity.
+  std::vector<std::function<void()>> running_;
+  // Requests awaiting answers: slots reused through free_slots_, so that a
+  // request allocates nothing here once the plane is warm.
+  std::vector<Pending> pending_;
+  std::vector<uint32_t> free_slots_;
+  size_t pending_count_ = 0;
+  // Min-heap of (deadline, request id). Entries of answered requests stay
+  // until they surface (or the heap is rebuilt from pending_ when mostly
+  // stale): answering does not search it.
+  std::vector<std::pair<Clock::time_point, uint64_t>> deadlines_;
+  uint64_t next_sequence_ = 1;
+  std::vector<std::unique_ptr<SendContext>> idle_send_contexts_;
   size_t inflight_bytes_ = 0;
   std::deque<Deferred> deferred_;
 };
@@ -413,8 +446,22 @@ bool UcxDataPlane::Post(std::function<void()> fn) {
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_) return false;
   commands_.push_back(std::move(fn));
+  has_commands_.store(true, std::memory_order_release);
   WakeLocked();
   return true;
+}
+
+bool UcxDataPlane::RunCommands() {
+  if (!has_commands_.load(std::memory_order_acquire)) return false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    running_.swap(commands_);
+    has_commands_.store(false, std::memory_order_relaxed);
+  }
+  for (auto& c : running_) c();
+  const bool ran = !running_.empty();
+  running_.clear();
+  return ran;
 }
 
 void UcxDataPlane::WakeLocked() {
@@ -431,13 +478,7 @@ void UcxDataPlane::WakeLocked() {
 }
 
 bool UcxDataPlane::Round(const std::function<bool()>* finished) {
-  std::deque<std::function<void()>> commands;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    commands.swap(commands_);
-  }
-  bool active = !commands.empty();
-  for (auto& c : commands) c();
+  bool active = RunCommands();
   while (ucp_worker_progress(worker_) != 0) {
     active = true;
     if (finished != nullptr && (*finished)()) break;
@@ -466,7 +507,7 @@ void UcxDataPlane::Drive(std::unique_lock<std::mutex>& role,
       ++sleepers_;
     }
     auto wake = std::min(until, now + std::chrono::milliseconds(100));
-    if (!deadlines_.empty()) wake = std::min(wake, deadlines_.begin()->first);
+    if (!deadlines_.empty()) wake = std::min(wake, deadlines_.front().first);
     const int wait_ms = std::clamp<int>(
         static_cast<int>(
             std::chrono::duration_cast<std::chrono::milliseconds>(wake - now)
@@ -535,23 +576,23 @@ void UcxDataPlane::Loop() {
   // Shutting down: run what was posted (sends see stop_ and cancel), refuse
   // further posts, fail what is pending, close endpoints, release UCX.
   while (true) {
-    std::deque<std::function<void()>> commands;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (commands_.empty()) {
         closed_ = true;
         break;
       }
-      commands.swap(commands_);
     }
-    for (auto& c : commands) c();
+    RunCommands();
   }
-  auto pending = std::move(pending_);
-  pending_.clear();
+  std::vector<uint64_t> cancelled;
+  for (const Pending& p : pending_) {
+    if (p.id != 0) cancelled.push_back(p.id);
+  }
+  for (uint64_t id : cancelled) {
+    Complete(id, CancelledError("data plane shutting down"));
+  }
   deadlines_.clear();
-  for (auto& [id, p] : pending) {
-    p.done(CancelledError("data plane shutting down"));
-  }
   for (auto& d : deferred_) ucp_am_data_release(worker_, d.desc);
   deferred_.clear();
   std::vector<void*> closing;
@@ -582,7 +623,7 @@ void UcxDataPlane::Loop() {
 }
 
 bool UcxDataPlane::HasWorkLocked() const {
-  if (!commands_.empty() || !pending_.empty() || !deferred_.empty() ||
+  if (!commands_.empty() || pending_count_ > 0 || !deferred_.empty() ||
       inflight_bytes_ > 0) {
     return true;
   }
@@ -624,13 +665,25 @@ bool UcxDataPlane::SendAndWait(std::vector<SendRequest> requests,
     return DataPlane::SendAndWait(std::move(requests), lock, cv, deadline,
                                   done);
   }
-  for (SendRequest& r : requests) {
-    Send(r.peer, std::move(r.message), r.timeout, std::move(r.done));
+  std::unique_lock<std::mutex> role(role_mu_, std::try_to_lock);
+  if (role.owns_lock()) {
+    // Holding the role, send directly instead of posting commands (each a
+    // closure and a queue entry); what was posted before goes first, so
+    // that requests from one thread keep their order.
+    RunCommands();
+    const auto now = Clock::now();
+    for (SendRequest& r : requests) {
+      StartRequest(r.peer, std::move(r.message), now + r.timeout,
+                   std::move(r.done));
+    }
+  } else {
+    for (SendRequest& r : requests) {
+      Send(r.peer, std::move(r.message), r.timeout, std::move(r.done));
+    }
   }
   const auto spin_until = Clock::now() + kRoleSpin;
   while (true) {
-    std::unique_lock<std::mutex> role(role_mu_, std::try_to_lock);
-    if (role.owns_lock()) {
+    if (role.owns_lock() || role.try_lock()) {
       bool finished = stop_.load();
       if (!finished) {
         Drive(
@@ -693,29 +746,69 @@ void UcxDataPlane::Shutdown() {
 }
 
 void UcxDataPlane::ExpireDeadlines() {
+  if (deadlines_.empty()) return;
   const auto now = Clock::now();
-  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
-    const uint64_t id = deadlines_.begin()->second;
-    auto it = pending_.find(id);
-    const std::string peer = it == pending_.end() ? "" : it->second.peer;
-    Complete(id, DeadlineExceededError("no data-plane response from " + peer +
-                                       " by the deadline"));
+  const auto later = std::greater<>();
+  while (!deadlines_.empty() && deadlines_.front().first <= now) {
+    std::pop_heap(deadlines_.begin(), deadlines_.end(), later);
+    const uint64_t id = deadlines_.back().second;
+    deadlines_.pop_back();
+    const Pending* p = FindPending(id);
+    if (p == nullptr) continue;  // Answered before its deadline.
+    Complete(id, DeadlineExceededError("no data-plane response from " +
+                                       p->peer + " by the deadline"));
   }
 }
 
-void UcxDataPlane::Complete(uint64_t id, StatusOr<Message> result) {
-  auto it = pending_.find(id);
-  if (it == pending_.end()) return;
-  Pending p = std::move(it->second);
-  pending_.erase(it);
-  auto range = deadlines_.equal_range(p.deadline);
-  for (auto d = range.first; d != range.second; ++d) {
-    if (d->second == id) {
-      deadlines_.erase(d);
-      break;
-    }
+uint64_t UcxDataPlane::AddPending(ResponseCallback done,
+                                  Clock::time_point deadline, ucp_ep_h ep,
+                                  const std::string& peer) {
+  if (free_slots_.empty()) {
+    free_slots_.push_back(static_cast<uint32_t>(pending_.size()));
+    pending_.emplace_back();
   }
-  p.done(std::move(result));
+  const uint32_t slot = free_slots_.back();
+  free_slots_.pop_back();
+  const uint64_t id = (next_sequence_++ << 32) | slot;
+  Pending& p = pending_[slot];
+  p.id = id;
+  p.done = std::move(done);
+  p.ep = ep;
+  p.peer = peer;
+  ++pending_count_;
+  const auto later = std::greater<>();
+  if (deadlines_.size() >= 2 * pending_count_ + 64) {
+    // Mostly answered requests: keep the live ones' entries only.
+    std::vector<std::pair<Clock::time_point, uint64_t>> live;
+    for (const auto& entry : deadlines_) {
+      if (FindPending(entry.second) != nullptr) live.push_back(entry);
+    }
+    deadlines_.swap(live);
+    std::make_heap(deadlines_.begin(), deadlines_.end(), later);
+  }
+  deadlines_.emplace_back(deadline, id);
+  std::push_heap(deadlines_.begin(), deadlines_.end(), later);
+  return id;
+}
+
+UcxDataPlane::Pending* UcxDataPlane::FindPending(uint64_t id) {
+  const uint64_t slot = id & 0xffffffffu;
+  if (id == 0 || slot >= pending_.size() || pending_[slot].id != id) {
+    return nullptr;
+  }
+  return &pending_[slot];
+}
+
+void UcxDataPlane::Complete(uint64_t id, StatusOr<Message> result) {
+  Pending* p = FindPending(id);
+  if (p == nullptr) return;
+  ResponseCallback done = std::move(p->done);
+  p->id = 0;
+  p->done = nullptr;
+  p->ep = nullptr;
+  free_slots_.push_back(static_cast<uint32_t>(id & 0xffffffffu));
+  --pending_count_;
+  done(std::move(result));
 }
 
 void UcxDataPlane::TrackEndpoint(ucp_ep_h ep, EpInfo info) {
@@ -753,8 +846,8 @@ void UcxDataPlane::DropEndpoint(ucp_ep_h ep, const Status& why) {
     lanes_.erase(info.peer);  // ConnectionInfo: no connection now.
   }
   std::vector<uint64_t> failed;
-  for (const auto& [id, p] : pending_) {
-    if (p.ep == ep) failed.push_back(id);
+  for (const Pending& p : pending_) {
+    if (p.id != 0 && p.ep == ep) failed.push_back(p.id);
   }
   // A peer that goes away with nothing pending is ordinary (a trainer or
   // test client shutting down); one that takes requests with it is not.
@@ -832,10 +925,18 @@ StatusOr<ucp_ep_h> UcxDataPlane::Endpoint(const std::string& peer) {
 }
 
 void UcxDataPlane::SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
-                               std::function<void(ucs_status_t)> on_sent) {
-  auto* ctx =
-      new SendContext{this, message.header, std::move(message.payload),
-                      std::move(message.error_text), std::move(on_sent)};
+                               uint64_t request_id) {
+  SendContext* ctx = nullptr;
+  if (idle_send_contexts_.empty()) {
+    ctx = new SendContext{this, {}, {}, {}, 0};
+  } else {
+    ctx = idle_send_contexts_.back().release();
+    idle_send_contexts_.pop_back();
+  }
+  ctx->header = message.header;
+  ctx->payload = std::move(message.payload);
+  ctx->text = std::move(message.error_text);
+  ctx->request_id = request_id;
   const void* buffer = nullptr;
   size_t bytes = 0;
   if (!ctx->payload.empty()) {
@@ -855,16 +956,27 @@ void UcxDataPlane::SendMessage(ucp_ep_h ep, unsigned am_id, Message message,
   param.user_data = ctx;
   param.cb.send = [](void* request, ucs_status_t status, void* user_data) {
     auto* c = static_cast<SendContext*>(user_data);
-    if (c->on_sent) c->on_sent(status);
-    delete c;
+    c->self->SendDone(c, status);
     ucp_request_free(request);
   };
   ucs_status_ptr_t req = ucp_am_send_nbx(
       ep, am_id, &ctx->header, sizeof(WireHeader), buffer, bytes, &param);
-  if (req == nullptr || UCS_PTR_IS_ERR(req)) {
-    if (ctx->on_sent) ctx->on_sent(UCS_PTR_STATUS(req));
+  if (req == nullptr || UCS_PTR_IS_ERR(req)) SendDone(ctx, UCS_PTR_STATUS(req));
+}
+
+void UcxDataPlane::SendDone(SendContext* ctx, ucs_status_t status) {
+  const uint64_t request_id = ctx->request_id;
+  ctx->payload = Tensor();
+  ctx->text.clear();
+  if (idle_send_contexts_.size() < kIdleSendContexts) {
+    idle_send_contexts_.emplace_back(ctx);
+  } else {
     delete ctx;
   }
+  if (status == UCS_OK || request_id == 0) return;
+  const Pending* p = FindPending(request_id);
+  if (p == nullptr) return;
+  Complete(request_id, UCX_STATUS(status, "send to data plane at " + p->peer));
 }
 
 void UcxDataPlane::Send(const std::string& peer, Message request,
@@ -874,41 +986,7 @@ void UcxDataPlane::Send(const std::string& peer, Message request,
   auto shared_done = std::make_shared<ResponseCallback>(std::move(done));
   const bool posted = Post([this, peer, request = std::move(request), deadline,
                             shared_done]() mutable {
-    ResponseCallback done = std::move(*shared_done);
-    if (stop_.load()) {
-      done(CancelledError("data plane shutting down"));
-      return;
-    }
-    StatusOr<ucp_ep_h> ep = Endpoint(peer);
-    if (!ep.ok()) {
-      done(UnavailableError(ep.status().message()));
-      return;
-    }
-    const uint64_t id = next_request_id_++;
-    request.header.request_id = id;
-    request.header.status_code = 0;
-    pending_[id] = Pending{std::move(done), deadline, *ep, peer};
-    deadlines_.emplace(deadline, id);
-    auto info = eps_.find(*ep);
-    if (info == eps_.end()) {  // Its wire-up failed at once.
-      Complete(id, UnavailableError("cannot connect to data plane at " + peer));
-      return;
-    }
-    auto send = [this, ep = *ep, id, peer,
-                 request = std::move(request)]() mutable {
-      if (!pending_.count(id)) return;  // Expired while parked.
-      SendMessage(
-          ep, kRequestAm, std::move(request), [this, id, peer](ucs_status_t s) {
-            if (s != UCS_OK) {
-              Complete(id, UCX_STATUS(s, "send to data plane at " + peer));
-            }
-          });
-    };
-    if (info->second.ready) {
-      send();
-    } else {
-      info->second.parked.push_back(std::move(send));
-    }
+    StartRequest(peer, std::move(request), deadline, std::move(*shared_done));
   });
   if (!posted) {
     (*shared_done)(
@@ -917,11 +995,42 @@ void UcxDataPlane::Send(const std::string& peer, Message request,
   }
 }
 
+void UcxDataPlane::StartRequest(const std::string& peer, Message request,
+                                Clock::time_point deadline,
+                                ResponseCallback done) {
+  if (stop_.load()) {
+    done(CancelledError("data plane shutting down"));
+    return;
+  }
+  StatusOr<ucp_ep_h> ep = Endpoint(peer);
+  if (!ep.ok()) {
+    done(UnavailableError(ep.status().message()));
+    return;
+  }
+  const uint64_t id = AddPending(std::move(done), deadline, *ep, peer);
+  request.header.request_id = id;
+  request.header.status_code = 0;
+  auto info = eps_.find(*ep);
+  if (info == eps_.end()) {  // Its wire-up failed at once.
+    Complete(id, UnavailableError("cannot connect to data plane at " + peer));
+    return;
+  }
+  if (info->second.ready) {
+    SendMessage(*ep, kRequestAm, std::move(request), id);
+    return;
+  }
+  info->second.parked.push_back(
+      [this, ep = *ep, id, request = std::move(request)]() mutable {
+        if (FindPending(id) == nullptr) return;  // Expired while parked.
+        SendMessage(ep, kRequestAm, std::move(request), id);
+      });
+}
+
 void UcxDataPlane::ReplyTo(ucp_ep_h ep, const Message& request,
                            const Status& error) {
   metrics_errors_->Increment();
   if (ep == nullptr || !eps_.count(ep)) return;
-  SendMessage(ep, kResponseAm, ErrorResponse(request.header, error), nullptr);
+  SendMessage(ep, kResponseAm, ErrorResponse(request.header, error), 0);
 }
 
 ucs_status_t UcxDataPlane::OnRequest(const void* header, size_t header_length,
@@ -1058,7 +1167,7 @@ void UcxDataPlane::Dispatch(WireHeader header, Tensor payload,
                  response = std::move(response)]() mutable {
       inflight_bytes_ -= bytes;
       if (eps_.count(reply_ep)) {
-        SendMessage(reply_ep, kResponseAm, std::move(response), nullptr);
+        SendMessage(reply_ep, kResponseAm, std::move(response), 0);
       }
       PumpDeferred();
     };
@@ -1087,8 +1196,7 @@ ucs_status_t UcxDataPlane::OnResponse(const void* header, size_t header_length,
   }
   WireHeader h;
   std::memcpy(&h, header, sizeof(h));
-  auto it = pending_.find(h.request_id);
-  if (it == pending_.end()) {
+  if (FindPending(h.request_id) == nullptr) {
     VLOG(1) << "data plane: late response " << h.request_id;
     return UCS_OK;  // Timed out already; a rendezvous payload is dropped.
   }
