@@ -17,11 +17,15 @@
 // payloads; small round trips within 2x of ucx_perftest's.
 //
 // usage: transport_bench [--latency | --bytes N] [--rounds N]
+//                        [--transport shm|tcp] [--round-trips N]
 //   --latency: the round trips only
 //   --bytes N: the bandwidth rows for N-byte payloads only (a multiple of
 //              4 KiB), then the round trips
 //   --rounds N: bandwidth rounds per size (default 3), ours and
 //              ucx_perftest's alternating; the median round's ratio counts
+//   --transport: one transport only (default both)
+//   --round-trips N: 4 KiB round trips timed (default 2000; more for a
+//              profile)
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
@@ -55,8 +59,10 @@ using Ms = std::chrono::milliseconds;
 
 std::string g_self;
 bool g_latency_only = false;
-size_t g_only_bytes = 0;  // --bytes
-int g_rounds = 3;         // --rounds
+std::string g_transport;   // --transport: "shm", "tcp" or both when empty
+int g_round_trips = 2000;  // --round-trips
+size_t g_only_bytes = 0;   // --bytes
+int g_rounds = 3;          // --rounds
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -278,6 +284,7 @@ int Run() {
   };
   for (Transport t :
        {Transport{"shm", "posix,cma,tcp,self"}, Transport{"tcp", "tcp,self"}}) {
+    if (!g_transport.empty() && g_transport != t.name) continue;
     const std::string file =
         "/tmp/switchyard_transport_bench_" + std::to_string(::getpid());
     std::remove(file.c_str());
@@ -357,7 +364,7 @@ int Run() {
       }
     }
     // Latency: 4 KiB, one at a time.
-    const int lat_iters = 2000;
+    const int lat_iters = g_round_trips;
     for (int i = 0; i < 50; ++i) {
       (void)client->SendSync(address, Echo(4096, i), Ms(10000));
     }
@@ -379,8 +386,8 @@ int Run() {
     }
     std::sort(each_us.begin(), each_us.end());
     std::printf(
-        "%-6s 4 KiB round trip percentiles: p10 %.1f us, p50 %.1f us, "
-        "p90 %.1f us, p99 %.1f us, max %.1f us\n",
+        "%-6s 4 KiB round trip percentiles: p10 %.2f us, p50 %.2f us, "
+        "p90 %.2f us, p99 %.1f us, max %.1f us\n",
         t.name, each_us[lat_iters / 10], each_us[lat_iters / 2],
         each_us[lat_iters * 9 / 10], each_us[lat_iters * 99 / 100],
         each_us.back());
@@ -393,8 +400,8 @@ int Run() {
         2 * Perftest(t.tls, "tag_lat", 4096, 20000, 1);
     const double perftest_mean = 2 * Perftest(t.tls, "tag_lat", 4096, 20000, 2);
     std::printf(
-        "%-6s 4 KiB round trip: median %.1f us, ucx_perftest %.1f us: %.2fx "
-        "(target <= 2x); mean %.1f us, ucx_perftest %.1f us: %.2fx\n",
+        "%-6s 4 KiB round trip: median %.2f us, ucx_perftest %.2f us: %.2fx "
+        "(target <= 2x); mean %.2f us, ucx_perftest %.2f us: %.2fx\n",
         t.name, median_us, perftest_median,
         perftest_median > 0 ? median_us / perftest_median : 0.0, mean_us,
         perftest_mean, perftest_mean > 0 ? mean_us / perftest_mean : 0.0);
@@ -419,12 +426,17 @@ int main(int argc, char** argv) {
   }
   const char* usage =
       "usage: transport_bench [--latency | --bytes N] [--rounds N]\n"
+      "                       [--transport shm|tcp] [--round-trips N]\n"
       "  --latency   the 4 KiB round trips only\n"
       "  --bytes N   the bandwidth rows of N-byte payloads only (a multiple\n"
       "              of 4096), then the round trips\n"
       "  --rounds N  bandwidth rounds per size, each ours then\n"
       "              ucx_perftest's; the median round's ratio is printed\n"
-      "              (default 3)\n";
+      "              (default 3)\n"
+      "  --transport shm|tcp\n"
+      "              one transport only (default both)\n"
+      "  --round-trips N\n"
+      "              4 KiB round trips timed (default 2000)\n";
   for (int i = 1; i < argc; ++i) {
     const bool has_value = i + 1 < argc;
     if (std::strcmp(argv[i], "--help") == 0) {
@@ -444,6 +456,18 @@ int main(int argc, char** argv) {
       t::g_rounds = std::atoi(argv[++i]);
       if (t::g_rounds < 1) {
         std::fprintf(stderr, "--rounds must be positive\n%s", usage);
+        return 2;
+      }
+    } else if (has_value && std::strcmp(argv[i], "--transport") == 0) {
+      t::g_transport = argv[++i];
+      if (t::g_transport != "shm" && t::g_transport != "tcp") {
+        std::fprintf(stderr, "--transport must be shm or tcp\n%s", usage);
+        return 2;
+      }
+    } else if (has_value && std::strcmp(argv[i], "--round-trips") == 0) {
+      t::g_round_trips = std::atoi(argv[++i]);
+      if (t::g_round_trips < 10) {
+        std::fprintf(stderr, "--round-trips must be at least 10\n%s", usage);
         return 2;
       }
     } else {

@@ -272,16 +272,20 @@ TEST_F(DataPlaneTest, DeadlinesExpireInOrderAmongManyAnsweredRequests) {
   // lot rebuilt when mostly stale): a silent request with a long deadline
   // stays pending through hundreds of answered ones, and three short ones
   // still expire at their own deadlines, shortest first.
-  std::mutex mu;
-  std::vector<std::pair<int, StatusCode>> expired;
-  std::vector<Clock::duration> after;
+  struct Expired {
+    std::mutex mu;
+    std::vector<std::pair<int, StatusCode>> tags;
+    std::vector<Clock::duration> after;
+  };
+  // Shared: the 60 s request's callback runs at TearDown's shutdown.
+  auto expired = std::make_shared<Expired>();
   const auto start = Clock::now();
   auto expect_expiry = [&](int tag, Ms timeout) {
     client_->Send(server_->address(), EchoRequest(1, 16, tag, 999), timeout,
-                  [&, tag](StatusOr<Message> r) {
-                    std::lock_guard<std::mutex> lock(mu);
-                    expired.emplace_back(tag, r.status().code());
-                    after.push_back(Clock::now() - start);
+                  [expired, start, tag](StatusOr<Message> r) {
+                    std::lock_guard<std::mutex> lock(expired->mu);
+                    expired->tags.emplace_back(tag, r.status().code());
+                    expired->after.push_back(Clock::now() - start);
                   });
   };
   expect_expiry(0, Ms(60000));
@@ -302,18 +306,18 @@ TEST_F(DataPlaneTest, DeadlinesExpireInOrderAmongManyAnsweredRequests) {
   const auto waited = Clock::now() + Ms(10000);
   while (Clock::now() < waited) {
     {
-      std::lock_guard<std::mutex> lock(mu);
-      if (expired.size() >= 3) break;
+      std::lock_guard<std::mutex> lock(expired->mu);
+      if (expired->tags.size() >= 3) break;
     }
     std::this_thread::sleep_for(Ms(10));
   }
-  std::lock_guard<std::mutex> lock(mu);
-  ASSERT_EQ(expired.size(), 3u);  // Not the 60 s one.
+  std::lock_guard<std::mutex> lock(expired->mu);
+  ASSERT_EQ(expired->tags.size(), 3u);  // Not the 60 s one.
   for (int i = 0; i < 3; ++i) {
-    EXPECT_EQ(expired[i].first, i + 1);
-    EXPECT_EQ(expired[i].second, StatusCode::kDeadlineExceeded);
-    EXPECT_GE(after[i], sent - start + Ms(300 * (i + 1)));
-    EXPECT_LT(after[i], sent - start + Ms(300 * (i + 1) + 1500));
+    EXPECT_EQ(expired->tags[i].first, i + 1);
+    EXPECT_EQ(expired->tags[i].second, StatusCode::kDeadlineExceeded);
+    EXPECT_GE(expired->after[i], sent - start + Ms(300 * (i + 1)));
+    EXPECT_LT(expired->after[i], sent - start + Ms(300 * (i + 1) + 1500));
   }
 }
 
@@ -324,14 +328,18 @@ TEST_F(DataPlaneTest, ALateAnswerDoesNotCompleteALaterRequest) {
   auto expired = client_->SendSync(server_->address(),
                                    EchoRequest(1, 16, 1, 999), Ms(200));
   ASSERT_EQ(expired.status().code(), StatusCode::kDeadlineExceeded);
-  std::mutex mu;
-  std::condition_variable cv;
-  std::optional<StatusOr<Message>> answer;
+  struct Answer {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<StatusOr<Message>> result;
+  };
+  // Shared: on a failed assertion the callback runs at TearDown.
+  auto answer = std::make_shared<Answer>();
   client_->Send(server_->address(), EchoRequest(1, 16, 2, 999), Ms(10000),
-                [&](StatusOr<Message> r) {
-                  std::lock_guard<std::mutex> lock(mu);
-                  answer = std::move(r);
-                  cv.notify_one();
+                [answer](StatusOr<Message> r) {
+                  std::lock_guard<std::mutex> lock(answer->mu);
+                  answer->result = std::move(r);
+                  answer->cv.notify_one();
                 });
   const auto held = Clock::now() + Ms(5000);
   while (Clock::now() < held) {
@@ -352,14 +360,15 @@ TEST_F(DataPlaneTest, ALateAnswerDoesNotCompleteALaterRequest) {
   replies[0](TensorResponse(late.header, late.payload.Clone()));
   std::this_thread::sleep_for(Ms(100));
   {
-    std::lock_guard<std::mutex> lock(mu);
-    EXPECT_FALSE(answer.has_value()) << "completed by the late answer";
+    std::lock_guard<std::mutex> lock(answer->mu);
+    EXPECT_FALSE(answer->result.has_value()) << "completed by the late answer";
   }
   replies[1](TensorResponse(own.header, own.payload.Clone()));
-  std::unique_lock<std::mutex> lock(mu);
-  ASSERT_TRUE(cv.wait_for(lock, Ms(5000), [&] { return answer.has_value(); }));
-  ASSERT_TRUE(answer->ok()) << answer->status().ToString();
-  EXPECT_TRUE(SamePayload(**answer, own));
+  std::unique_lock<std::mutex> lock(answer->mu);
+  ASSERT_TRUE(answer->cv.wait_for(lock, Ms(5000),
+                                  [&] { return answer->result.has_value(); }));
+  ASSERT_TRUE(answer->result->ok()) << answer->result->status().ToString();
+  EXPECT_TRUE(SamePayload(**answer->result, own));
 }
 
 TEST_F(DataPlaneTest, HandlerErrorsReachTheCaller) {
