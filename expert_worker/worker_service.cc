@@ -22,6 +22,9 @@ namespace {
 
 constexpr uint64_t kTagDense = 3;  // 1 and 2: expert_init.cc.
 
+// How long the run's last checkpoint waits for the previous one's write.
+constexpr std::chrono::seconds kLastCheckpointWait{1800};
+
 // Idle request buffers (activations, outputs, gradient inputs) the worker
 // keeps for reuse: a step's working set, so that no request touches fresh
 // pages once the first steps have run.
@@ -89,6 +92,31 @@ StatusOr<Tensor> InDType(BufferPool& pool, const Tensor& t, DType dtype) {
   ASSIGN_OR_RETURN(Tensor out, pool.Take(dtype, t.shape()));
   RETURN_IF_ERROR(t.ConvertInto(&out));
   return out;
+}
+
+// `t` itself, or (deep) a copy in a buffer from `pool`: the staging copy of
+// a checkpoint reuses buffers instead of fresh memory, whose first touch
+// costs 11.5 us per 4 KiB page on the CI VM (the demo's 16 MB per worker
+// staged in 34-58 ms on fresh pages, 3-10 ms on reused ones).
+Tensor Copy(BufferPool& pool, const Tensor& t, bool deep) {
+  if (!deep || t.empty()) return t;
+  auto copy = pool.Take(t.dtype(), t.shape());
+  if (!copy.ok()) return t.Clone();
+  std::memcpy(copy->data(), t.data(), t.num_bytes());
+  return std::move(copy).value();
+}
+
+// Replaces every tensor of `shards` with a copy from `pool`; milliseconds
+// taken.
+double CopyIntoStaging(BufferPool& pool,
+                       std::vector<storage::ShardSnapshot>* shards) {
+  const auto start = std::chrono::steady_clock::now();
+  for (storage::ShardSnapshot& s : *shards) {
+    for (auto& t : s.tensors) t.tensor = Copy(pool, t.tensor, /*deep=*/true);
+  }
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now() - start)
+      .count();
 }
 
 }  // namespace
@@ -178,6 +206,19 @@ void WorkerService::CheckpointLoop() {
       if (!staged_.empty()) {
         job = std::move(staged_);
         staged_.clear();
+        if (uncopied_) {
+          // Copied without ckpt_mu_ held, while the worker serves requests;
+          // an update waits for it (WaitForStagingCopy).
+          uncopied_ = false;
+          copying_ = true;
+          lock.unlock();
+          const double ms = CopyIntoStaging(*staging_pool_, &job);
+          lock.lock();
+          copying_ = false;
+          ckpt_cv_.notify_all();
+          LOG(INFO) << name_ << ": checkpoint " << job.front().step
+                    << " staged in " << ms << " ms in the background";
+        }
       } else {
         replication = std::move(replicate_.front());
         replicate_.pop_front();
@@ -941,7 +982,36 @@ Status WorkerService::StepDone(const Message& request) {
   return OkStatus();
 }
 
+StatusOr<double> WorkerService::WaitForStagingCopy(int64_t step) {
+  const auto start = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lock(ckpt_mu_);
+  if (uncopied_) CopyStagedLocked("the next update");
+  // A copy is a memcpy of the shards (milliseconds); the deadline is only
+  // there so that nothing waits forever.
+  if (!ckpt_cv_.wait_for(lock, std::chrono::seconds(60),
+                         [this] { return !copying_; })) {
+    return InternalError(name_ + ": update " + std::to_string(step) +
+                         " waited 60 s for a checkpoint's staging copy");
+  }
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+void WorkerService::CopyStagedLocked(const char* by) {
+  const double ms = CopyIntoStaging(*staging_pool_, &staged_);
+  uncopied_ = false;
+  LOG(INFO) << name_ << ": checkpoint "
+            << (staged_.empty() ? -1 : staged_.front().step) << " staged in "
+            << ms << " ms by " << by;
+}
+
 Status WorkerService::ApplyUpdate(int64_t step) {
+  ASSIGN_OR_RETURN(const double waited, WaitForStagingCopy(step));
+  if (waited > 1) {
+    LOG(INFO) << name_ << ": update " << step << " waited " << waited
+              << " ms for a checkpoint's staging copy";
+  }
   for (auto& [id, shard] : shards_) {
     shard->activations.clear();  // Forwards never followed by a backward.
     if (shard->contributions.empty()) continue;  // No tokens: no update.
@@ -1001,19 +1071,29 @@ Status WorkerService::ApplyUpdate(int64_t step) {
   if (store_ != nullptr && every > 0 &&
       (next_step_ % every == 0 || next_step_ == tr.steps() ||
        next_step_ == tr.stop_at_step())) {
-    std::lock_guard<std::mutex> lock(ckpt_mu_);
+    std::unique_lock<std::mutex> lock(ckpt_mu_);
+    const bool run_ends =
+        next_step_ == tr.steps() || next_step_ == tr.stop_at_step();
+    if (ckpt_busy_ && run_ends) {
+      // The run's last checkpoint is never skipped: nothing follows it, so
+      // the wait for the previous write costs no training.
+      LOG(INFO) << name_ << ": checkpoint " << next_step_
+                << " (the run's end) waits for the previous write";
+      if (!ckpt_cv_.wait_for(lock, kLastCheckpointWait,
+                             [this] { return !ckpt_busy_; })) {
+        LOG(ERROR) << name_ << ": checkpoint " << next_step_
+                   << " skipped: the previous write took over "
+                   << kLastCheckpointWait.count() << " s";
+      }
+    }
     if (ckpt_busy_) {
       LOG(WARNING) << name_ << ": checkpoint " << next_step_
                    << " skipped: the previous one is still being written";
     } else {
-      // The staging copy: the one part of a checkpoint training waits for.
-      const auto start = std::chrono::steady_clock::now();
-      staged_ = SnapshotsLocked(/*deep=*/true);
-      LOG(INFO) << name_ << ": checkpoint " << next_step_ << " staged in "
-                << std::chrono::duration<double, std::milli>(
-                       std::chrono::steady_clock::now() - start)
-                       .count()
-                << " ms";
+      // References now; the copy is made while the next step's requests
+      // are served (staged_).
+      staged_ = SnapshotsLocked(/*deep=*/false);
+      uncopied_ = true;
       ckpt_busy_ = true;
       ckpt_cv_.notify_all();
     }
@@ -1052,18 +1132,6 @@ std::map<std::string, std::string> WorkerService::ShardDigests() const {
 }
 
 namespace {
-
-// `t` itself, or (deep) a copy in a buffer from `pool`: the staging copy of
-// a checkpoint reuses buffers instead of fresh memory, whose first touch
-// costs 11.5 us per 4 KiB page on the CI VM (the demo's 16 MB per worker
-// staged in 34-58 ms on fresh pages, 3-10 ms on reused ones).
-Tensor Copy(BufferPool& pool, const Tensor& t, bool deep) {
-  if (!deep || t.empty()) return t;
-  auto copy = pool.Take(t.dtype(), t.shape());
-  if (!copy.ok()) return t.Clone();
-  std::memcpy(copy->data(), t.data(), t.num_bytes());
-  return std::move(copy).value();
-}
 
 void AddState(BufferPool& pool, storage::ShardSnapshot* s,
               const std::string& prefix, const OptimizerState& st, bool deep) {

@@ -149,6 +149,13 @@ class WorkerService {
   // Pull or push on a dense shard; a pull fills *out.
   Status Dense(const transport::Message& request, Tensor* out);
   Status ApplyUpdate(int64_t step);
+  // Before an update changes the live tensors: copies a staged checkpoint
+  // still uncopied, or waits for the checkpoint thread's copy under way.
+  // The milliseconds it took. Requires mu_.
+  StatusOr<double> WaitForStagingCopy(int64_t step);
+  // Replaces staged_'s tensors with copies in staging buffers and logs how
+  // long that took (`by` says who). Requires ckpt_mu_.
+  void CopyStagedLocked(const char* by);
   // A shard with its initial values (seeded, or checkpoint.init_from), or
   // zero-filled when `initialise` is false (to be restored, or for shapes).
   StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id,
@@ -224,7 +231,15 @@ class WorkerService {
   CheckpointReporter report_;
   std::mutex ckpt_mu_;
   std::condition_variable ckpt_cv_;
+  // The checkpoint to write. Taken at the step boundary as references to
+  // the live tensors (uncopied_ true) and copied into staging buffers while
+  // the next step's requests are served: by the checkpoint thread, or by
+  // the next update if that thread has not begun (CopyStagedLocked); the
+  // update waits for a copy under way (WaitForStagingCopy), as it is what
+  // changes the live tensors.
   std::vector<storage::ShardSnapshot> staged_;      // GUARDED_BY(ckpt_mu_)
+  bool uncopied_ = false;                           // GUARDED_BY(ckpt_mu_)
+  bool copying_ = false;                            // GUARDED_BY(ckpt_mu_)
   std::deque<control::ReplicationTask> replicate_;  // GUARDED_BY(ckpt_mu_)
   bool ckpt_busy_ = false;                          // GUARDED_BY(ckpt_mu_)
   bool ckpt_stop_ = false;                          // GUARDED_BY(ckpt_mu_)

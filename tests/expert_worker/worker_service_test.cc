@@ -19,6 +19,7 @@
 #include "common/metrics.h"
 #include "common/model_shape.h"
 #include "common/random.h"
+#include "common/shard_ref.h"
 #include "storage/safetensors.h"
 
 namespace switchyard::expert_worker {
@@ -469,6 +470,69 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
   EXPECT_EQ(resumed.next_step(), 3);
   EXPECT_EQ(resumed.ParameterDigest(), digest);
   resumed.Shutdown();
+  std::filesystem::remove_all(dir);
+}
+
+// A checkpoint is taken at the step boundary as references to the live
+// tensors and copied while the next step's requests are served; the next
+// update waits for that copy. With a checkpoint due at every step and no
+// waiting between steps, every checkpoint written holds exactly its step's
+// values (the digests a worker without checkpoints has at that step).
+TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
+  const std::string dir = ::testing::TempDir() + "/switchyard_ws_copy_" +
+                          std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  constexpr int kManySteps = 12;
+  config::SwitchyardConfig config = TestConfig("adamw");
+  config.mutable_training()->set_steps(kManySteps);
+  std::vector<std::map<std::string, std::string>> expected(kManySteps + 1);
+  {
+    WorkerService reference(config, "w");
+    ASSERT_TRUE(reference.Start().ok());
+    ASSERT_TRUE(reference.ApplyRouting(Routing(kEpoch)).ok());
+    for (int step = 0; step < kManySteps; ++step) {
+      for (int r = 0; r < kRanks; ++r) {
+        for (auto& m : TrainerStep(step, r)) {
+          EXPECT_EQ(Ask(&reference, std::move(m)).header.status_code, 0);
+        }
+      }
+      expected[step + 1] = reference.ShardDigests();
+    }
+    reference.Shutdown();
+  }
+  config.mutable_checkpoint()->set_every(1);
+  auto store = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(store.ok());
+  std::mutex mu;
+  std::map<int64_t, std::map<std::string, std::string>> reported;
+  WorkerService worker(config, "w");
+  worker.EnableCheckpoints(
+      std::move(store).value(), [&](const control::CheckpointReport& r) {
+        std::lock_guard<std::mutex> lock(mu);
+        for (const auto& shard : r.shards()) {
+          reported[r.step()][FromShardRef(shard.shard()).ToString()] =
+              shard.digest();
+        }
+        return OkStatus();
+      });
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  for (int step = 0; step < kManySteps; ++step) {
+    for (int r = 0; r < kRanks; ++r) {
+      for (auto& m : TrainerStep(step, r)) {
+        EXPECT_EQ(Ask(&worker, std::move(m)).header.status_code, 0);
+      }
+    }
+  }
+  worker.WaitCheckpointsWritten();
+  EXPECT_EQ(worker.ShardDigests(), expected[kManySteps]);
+  worker.Shutdown();
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_GE(reported.size(), 2u);  // Some are skipped while one writes.
+  EXPECT_TRUE(reported.count(kManySteps)) << "the run's last step";
+  for (const auto& [step, digests] : reported) {
+    EXPECT_EQ(digests, expected[step]) << "checkpoint " << step;
+  }
   std::filesystem::remove_all(dir);
 }
 
