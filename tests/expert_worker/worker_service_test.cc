@@ -485,19 +485,25 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   constexpr int kManySteps = 12;
   config::SwitchyardConfig config = TestConfig("adamw");
   config.mutable_training()->set_steps(kManySteps);
+  // Every step's requests from every rank; after_step(step) follows each.
+  auto train = [](WorkerService* worker,
+                  const std::function<void(int)>& after_step) {
+    for (int step = 0; step < kManySteps; ++step) {
+      for (int r = 0; r < kRanks; ++r) {
+        for (auto& m : TrainerStep(step, r)) {
+          EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
+        }
+      }
+      after_step(step);
+    }
+  };
   std::vector<std::map<std::string, std::string>> expected(kManySteps + 1);
   {
     WorkerService reference(config, "w");
     ASSERT_TRUE(reference.Start().ok());
     ASSERT_TRUE(reference.ApplyRouting(Routing(kEpoch)).ok());
-    for (int step = 0; step < kManySteps; ++step) {
-      for (int r = 0; r < kRanks; ++r) {
-        for (auto& m : TrainerStep(step, r)) {
-          EXPECT_EQ(Ask(&reference, std::move(m)).header.status_code, 0);
-        }
-      }
-      expected[step + 1] = reference.ShardDigests();
-    }
+    train(&reference,
+          [&](int step) { expected[step + 1] = reference.ShardDigests(); });
     reference.Shutdown();
   }
   config.mutable_checkpoint()->set_every(1);
@@ -517,13 +523,7 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
       });
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
-  for (int step = 0; step < kManySteps; ++step) {
-    for (int r = 0; r < kRanks; ++r) {
-      for (auto& m : TrainerStep(step, r)) {
-        EXPECT_EQ(Ask(&worker, std::move(m)).header.status_code, 0);
-      }
-    }
-  }
+  train(&worker, [](int) {});  // No waiting for checkpoints between steps.
   worker.WaitCheckpointsWritten();
   EXPECT_EQ(worker.ShardDigests(), expected[kManySteps]);
   worker.Shutdown();
