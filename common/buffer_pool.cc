@@ -109,6 +109,13 @@ StatusOr<Tensor> BufferPool::Take(DType dtype, std::vector<int64_t> shape) {
   return Tensor::WithStorage(dtype, std::move(shape), std::move(storage));
 }
 
+StatusOr<Tensor> BufferPool::Converted(const Tensor& t, DType dtype) {
+  if (t.dtype() == dtype) return t;
+  ASSIGN_OR_RETURN(Tensor out, Take(dtype, t.shape()));
+  RETURN_IF_ERROR(t.ConvertInto(&out));
+  return out;
+}
+
 void BufferPool::Give(uint8_t* buffer, size_t class_bytes) {
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -27,6 +27,9 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   ~BufferPool();
 
   StatusOr<Tensor> Take(DType dtype, std::vector<int64_t> shape);
+  // `t` in `dtype`: `t` itself when it is in `dtype` already, else a
+  // converted copy (Tensor::ConvertInto) in a buffer taken from here.
+  StatusOr<Tensor> Converted(const Tensor& t, DType dtype);
 
   // The size class that holds `bytes`.
   static size_t ClassBytes(size_t bytes);

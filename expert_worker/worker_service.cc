@@ -86,14 +86,6 @@ void FillInitialDense(const config::SwitchyardConfig& config,
   }
 }
 
-// `t` in `dtype`: itself, or a converted copy in a buffer from `pool`.
-StatusOr<Tensor> InDType(BufferPool& pool, const Tensor& t, DType dtype) {
-  if (t.dtype() == dtype) return t;
-  ASSIGN_OR_RETURN(Tensor out, pool.Take(dtype, t.shape()));
-  RETURN_IF_ERROR(t.ConvertInto(&out));
-  return out;
-}
-
 // `t` itself, or (deep) a copy in a buffer from `pool`: the staging copy of
 // a checkpoint reuses buffers instead of fresh memory, whose first touch
 // costs 11.5 us per 4 KiB page on the CI VM (the demo's 16 MB per worker
@@ -104,19 +96,6 @@ Tensor Copy(BufferPool& pool, const Tensor& t, bool deep) {
   if (!copy.ok()) return t.Clone();
   std::memcpy(copy->data(), t.data(), t.num_bytes());
   return std::move(copy).value();
-}
-
-// Replaces every tensor of `shards` with a copy from `pool`; milliseconds
-// taken.
-double CopyIntoStaging(BufferPool& pool,
-                       std::vector<storage::ShardSnapshot>* shards) {
-  const auto start = std::chrono::steady_clock::now();
-  for (storage::ShardSnapshot& s : *shards) {
-    for (auto& t : s.tensors) t.tensor = Copy(pool, t.tensor, /*deep=*/true);
-  }
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::steady_clock::now() - start)
-      .count();
 }
 
 }  // namespace
@@ -212,12 +191,10 @@ void WorkerService::CheckpointLoop() {
           uncopied_ = false;
           copying_ = true;
           lock.unlock();
-          const double ms = CopyIntoStaging(*staging_pool_, &job);
+          CopyForCheckpoint(&job, "in the background");
           lock.lock();
           copying_ = false;
           ckpt_cv_.notify_all();
-          LOG(INFO) << name_ << ": checkpoint " << job.front().step
-                    << " staged in " << ms << " ms in the background";
         }
       } else {
         replication = std::move(replicate_.front());
@@ -834,7 +811,7 @@ void WorkerService::Process(Task task) {
                  : Forward(task.request, it->second.get(), &out);
   // Answer in the dtype the request came in.
   StatusOr<Tensor> reply =
-      s.ok() ? InDType(*pool_, out, payload.dtype()) : StatusOr<Tensor>(s);
+      s.ok() ? pool_->Converted(out, payload.dtype()) : StatusOr<Tensor>(s);
   if (!reply.ok()) {
     fail(reply.status());
     return;
@@ -883,7 +860,7 @@ Status WorkerService::Forward(const Message& request, Shard* shard, Tensor* y) {
     return AlreadyExistsError("duplicate forward for " +
                               transport::DescribeHeader(h));
   }
-  ASSIGN_OR_RETURN(Tensor x, InDType(*pool_, request.payload, DType::kF32));
+  ASSIGN_OR_RETURN(Tensor x, pool_->Converted(request.payload, DType::kF32));
   const ExpertFfn& ffn = shard->id.shard == 0 ? *ffn0_ : *ffn_;
   const int64_t tokens = x.dim(0);
   ASSIGN_OR_RETURN(
@@ -911,7 +888,7 @@ Status WorkerService::Backward(const Message& request, Shard* shard,
     return FailedPreconditionError("backward without a forward: " +
                                    transport::DescribeHeader(h));
   }
-  ASSIGN_OR_RETURN(Tensor dy, InDType(*pool_, request.payload, DType::kF32));
+  ASSIGN_OR_RETURN(Tensor dy, pool_->Converted(request.payload, DType::kF32));
   const Tensor& x = it->second.first;
   const Tensor& hidden = it->second.second;
   if (dy.dim(0) != x.dim(0)) {
@@ -982,10 +959,14 @@ Status WorkerService::StepDone(const Message& request) {
   return OkStatus();
 }
 
-StatusOr<double> WorkerService::WaitForStagingCopy(int64_t step) {
+Status WorkerService::WaitForStagingCopy(int64_t step) {
+  if (store_ == nullptr) return OkStatus();
   const auto start = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(ckpt_mu_);
-  if (uncopied_) CopyStagedLocked("the next update");
+  if (uncopied_) {
+    CopyForCheckpoint(&staged_, "by the next update");
+    uncopied_ = false;
+  }
   // A copy is a memcpy of the shards (milliseconds); the deadline is only
   // there so that nothing waits forever.
   if (!ckpt_cv_.wait_for(lock, std::chrono::seconds(60),
@@ -993,25 +974,34 @@ StatusOr<double> WorkerService::WaitForStagingCopy(int64_t step) {
     return InternalError(name_ + ": update " + std::to_string(step) +
                          " waited 60 s for a checkpoint's staging copy");
   }
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::steady_clock::now() - start)
-      .count();
+  const double ms = std::chrono::duration<double, std::milli>(
+                        std::chrono::steady_clock::now() - start)
+                        .count();
+  if (ms > 1) {
+    LOG(INFO) << name_ << ": update " << step << " waited " << ms
+              << " ms for a checkpoint's staging copy";
+  }
+  return OkStatus();
 }
 
-void WorkerService::CopyStagedLocked(const char* by) {
-  const double ms = CopyIntoStaging(*staging_pool_, &staged_);
-  uncopied_ = false;
+void WorkerService::CopyForCheckpoint(std::vector<storage::ShardSnapshot>* job,
+                                      const char* how) const {
+  const auto start = std::chrono::steady_clock::now();
+  for (storage::ShardSnapshot& s : *job) {
+    for (auto& t : s.tensors) {
+      t.tensor = Copy(*staging_pool_, t.tensor, /*deep=*/true);
+    }
+  }
   LOG(INFO) << name_ << ": checkpoint "
-            << (staged_.empty() ? -1 : staged_.front().step) << " staged in "
-            << ms << " ms by " << by;
+            << (job->empty() ? -1 : job->front().step) << " staged in "
+            << std::chrono::duration<double, std::milli>(
+                   std::chrono::steady_clock::now() - start)
+                   .count()
+            << " ms " << how;
 }
 
 Status WorkerService::ApplyUpdate(int64_t step) {
-  ASSIGN_OR_RETURN(const double waited, WaitForStagingCopy(step));
-  if (waited > 1) {
-    LOG(INFO) << name_ << ": update " << step << " waited " << waited
-              << " ms for a checkpoint's staging copy";
-  }
+  RETURN_IF_ERROR(WaitForStagingCopy(step));
   for (auto& [id, shard] : shards_) {
     shard->activations.clear();  // Forwards never followed by a backward.
     if (shard->contributions.empty()) continue;  // No tokens: no update.

@@ -150,12 +150,13 @@ class WorkerService {
   Status Dense(const transport::Message& request, Tensor* out);
   Status ApplyUpdate(int64_t step);
   // Before an update changes the live tensors: copies a staged checkpoint
-  // still uncopied, or waits for the checkpoint thread's copy under way.
-  // The milliseconds it took. Requires mu_.
-  StatusOr<double> WaitForStagingCopy(int64_t step);
-  // Replaces staged_'s tensors with copies in staging buffers and logs how
-  // long that took (`by` says who). Requires ckpt_mu_.
-  void CopyStagedLocked(const char* by);
+  // still uncopied, or waits for the checkpoint thread's copy under way
+  // (logging a wait over 1 ms). Requires mu_.
+  Status WaitForStagingCopy(int64_t step);
+  // Replaces `job`'s tensors with copies in staging buffers and logs how
+  // long that took (`how`: who made it).
+  void CopyForCheckpoint(std::vector<storage::ShardSnapshot>* job,
+                         const char* how) const;
   // A shard with its initial values (seeded, or checkpoint.init_from), or
   // zero-filled when `initialise` is false (to be restored, or for shapes).
   StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id,
@@ -234,7 +235,7 @@ class WorkerService {
   // The checkpoint to write. Taken at the step boundary as references to
   // the live tensors (uncopied_ true) and copied into staging buffers while
   // the next step's requests are served: by the checkpoint thread, or by
-  // the next update if that thread has not begun (CopyStagedLocked); the
+  // the next update if that thread has not begun (CopyForCheckpoint); the
   // update waits for a copy under way (WaitForStagingCopy), as it is what
   // changes the live tensors.
   std::vector<storage::ShardSnapshot> staged_;      // GUARDED_BY(ckpt_mu_)

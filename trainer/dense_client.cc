@@ -56,7 +56,7 @@ StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {
   ASSIGN_OR_RETURN(std::vector<Tensor> parts,
                    Exchange(MessageKind::kDensePull, step, {}));
   const int64_t total = DenseParams(config_.model());
-  // Every value is overwritten: the shards' ranges cover [0, total).
+  // Every value is overwritten: the shards' ranges tile [0, total).
   ASSIGN_OR_RETURN(Tensor flat, pool_->Take(DType::kF32, {1, total}));
   int64_t covered = 0;
   for (int s = 0; s < config_.model().dense_shards(); ++s) {
@@ -66,6 +66,11 @@ StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {
       return DataLossError("dense shard D" + std::to_string(s) + " returned " +
                            parts[s].DebugString() + ", expected " +
                            std::to_string(range.count) + " fp32 values");
+    }
+    if (range.begin != covered) {
+      return InternalError("dense shard D" + std::to_string(s) + " starts at " +
+                           std::to_string(range.begin) + ", not " +
+                           std::to_string(covered));
     }
     std::memcpy(flat.f32() + range.begin, parts[s].data(),
                 parts[s].num_bytes());

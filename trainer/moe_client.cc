@@ -75,11 +75,8 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
   std::vector<transport::Outgoing> requests;
   for (size_t b = 0; b < experts.size(); ++b) {
     // One wire copy per expert batch, shared by its shards' requests.
-    Tensor wire = payloads[b * shards];
-    if (wire_dtype_ != DType::kF32) {
-      ASSIGN_OR_RETURN(wire, pool_->Take(wire_dtype_, wire.shape()));
-      RETURN_IF_ERROR(payloads[b * shards].ConvertInto(&wire));
-    }
+    ASSIGN_OR_RETURN(Tensor wire,
+                     pool_->Converted(payloads[b * shards], wire_dtype_));
     for (int s = 0; s < shards; ++s) {
       const ShardId id = ShardId::Expert(layer, experts[b], s);
       ASSIGN_OR_RETURN(std::string address, Address(id));

@@ -46,9 +46,7 @@ namespace {
 StatusOr<Tensor> ToF32(Tensor t, BufferPool* pool) {
   if (t.empty() || t.dtype() == DType::kF32) return t;
   if (pool == nullptr) return t.To(DType::kF32);
-  ASSIGN_OR_RETURN(Tensor out, pool->Take(DType::kF32, t.shape()));
-  RETURN_IF_ERROR(t.ConvertInto(&out));
-  return out;
+  return pool->Converted(t, DType::kF32);
 }
 
 }  // namespace

@@ -260,6 +260,8 @@ class UcxDataPlane : public DataPlane {
   // Registers a request awaiting its answer; returns its id.
   uint64_t AddPending(ResponseCallback done, Clock::time_point deadline,
                       ucp_ep_h ep, const std::string& peer);
+  // Requests awaiting answers.
+  size_t PendingCount() const { return pending_.size() - free_slots_.size(); }
   // The pending request `id`, or null (answered, expired, or never sent).
   Pending* FindPending(uint64_t id);
   void Complete(uint64_t id, StatusOr<Message> result);
@@ -337,7 +339,6 @@ class UcxDataPlane : public DataPlane {
   // request allocates nothing here once the plane is warm.
   std::vector<Pending> pending_;
   std::vector<uint32_t> free_slots_;
-  size_t pending_count_ = 0;
   // Min-heap of (deadline, request id). Entries of answered requests stay
   // until they surface (or the heap is rebuilt from pending_ when mostly
   // stale): answering does not search it.
@@ -644,7 +645,7 @@ void UcxDataPlane::Loop() {
 }
 
 bool UcxDataPlane::HasWorkLocked() const {
-  if (!commands_.empty() || pending_count_ > 0 || !deferred_.empty() ||
+  if (!commands_.empty() || PendingCount() > 0 || !deferred_.empty() ||
       inflight_bytes_ > 0) {
     return true;
   }
@@ -798,9 +799,8 @@ uint64_t UcxDataPlane::AddPending(ResponseCallback done,
   p.done = std::move(done);
   p.ep = ep;
   p.peer = peer;
-  ++pending_count_;
   const auto later = std::greater<>();
-  if (deadlines_.size() >= 2 * pending_count_ + 64) {
+  if (deadlines_.size() >= 2 * PendingCount() + 64) {
     // Mostly answered requests: keep the live ones' entries only.
     std::vector<std::pair<Clock::time_point, uint64_t>> live;
     for (const auto& entry : deadlines_) {
@@ -830,7 +830,6 @@ void UcxDataPlane::Complete(uint64_t id, StatusOr<Message> result) {
   p->done = nullptr;
   p->ep = nullptr;
   free_slots_.push_back(static_cast<uint32_t>(id & 0xffffffffu));
-  --pending_count_;
   done(std::move(result));
 }
 
