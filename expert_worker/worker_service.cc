@@ -11,6 +11,7 @@
 #include "common/model_shape.h"
 #include "common/random.h"
 #include "common/shard_ref.h"
+#include "common/thread_name.h"
 #include "expert_worker/expert_init.h"
 
 namespace switchyard::expert_worker {
@@ -150,11 +151,23 @@ Status WorkerService::Start() {
     }
     init_ = std::move(reader).value();
   }
-  thread_ = std::thread([this] { Run(); });
-  routing_thread_ = std::thread([this] { RoutingLoop(); });
+  thread_ = std::thread([this] {
+    NameThisThread("sy-worker");
+    Run();
+  });
+  routing_thread_ = std::thread([this] {
+    NameThisThread("sy-routing");
+    RoutingLoop();
+  });
   if (store_ != nullptr) {
-    ckpt_thread_ = std::thread([this] { CheckpointLoop(); });
-    fetch_thread_ = std::thread([this] { FetchServeLoop(); });
+    ckpt_thread_ = std::thread([this] {
+      NameThisThread("sy-ckpt");
+      CheckpointLoop();
+    });
+    fetch_thread_ = std::thread([this] {
+      NameThisThread("sy-ckpt-fetch");
+      FetchServeLoop();
+    });
   }
   return OkStatus();
 }

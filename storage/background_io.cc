@@ -6,6 +6,8 @@
 #include <mutex>
 #include <thread>
 
+#include "common/thread_name.h"
+
 namespace switchyard::storage {
 namespace {
 
@@ -18,7 +20,10 @@ class BackgroundIo {
     tasks_.push_back(std::move(task));
     // Each idle thread takes one task; start another if they are too few.
     if (idle_ < tasks_.size()) {
-      std::thread([this] { Loop(); }).detach();
+      std::thread([this] {
+        NameThisThread("sy-io");
+        Loop();
+      }).detach();
     } else {
       cv_.notify_one();
     }

@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "common/digest.h"
+#include "common/thread_name.h"
 #include "storage/direct_write_fs.h"
 #include "storage/rocks_status.h"
 #include "storage/sst_chunk_reader.h"
@@ -571,7 +572,12 @@ void ParallelFor(size_t n, int threads,
   std::vector<std::thread> pool;
   const size_t extra =
       n == 0 ? 0 : std::min<size_t>(std::max(threads, 1), n) - 1;
-  for (size_t t = 0; t < extra; ++t) pool.emplace_back(run);
+  for (size_t t = 0; t < extra; ++t) {
+    pool.emplace_back([&] {
+      NameThisThread("sy-storage");
+      run();
+    });
+  }
   run();
   for (auto& t : pool) t.join();
 }

@@ -4,6 +4,7 @@
 
 #include "common/metrics.h"
 #include "common/net_address.h"
+#include "common/thread_name.h"
 
 namespace switchyard::transport {
 
@@ -85,7 +86,10 @@ Status MetricsServer::Start(const std::string& address) {
   hp.port = impl_->acceptor.local_endpoint().port();
   impl_->address = hp.ToString();
   impl_->Accept();
-  thread_ = std::thread([this] { impl_->io.run(); });
+  thread_ = std::thread([this] {
+    NameThisThread("sy-metrics");
+    impl_->io.run();
+  });
   LOG(INFO) << "metrics: serving http://" << impl_->address << "/metrics";
   return OkStatus();
 }

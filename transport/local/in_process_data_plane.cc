@@ -5,6 +5,8 @@
 #include <mutex>
 #include <thread>
 
+#include "common/thread_name.h"
+
 namespace switchyard::transport {
 
 namespace {
@@ -59,7 +61,10 @@ class InProcessDataPlane : public DataPlane {
   InProcessDataPlane() : pending_(std::make_shared<PendingTable>()) {
     static std::atomic<int> next_address{0};
     address_ = "inproc:" + std::to_string(next_address.fetch_add(1));
-    deadlines_ = std::thread([this] { ExpireLoop(); });
+    deadlines_ = std::thread([this] {
+      NameThisThread("sy-deadlines");
+      ExpireLoop();
+    });
   }
   ~InProcessDataPlane() override { Shutdown(); }
 

@@ -38,6 +38,7 @@
 
 #include "common/buffer_pool.h"
 #include "common/metrics.h"
+#include "common/thread_name.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::transport {
@@ -449,7 +450,10 @@ Status UcxDataPlane::Start(RequestHandler handler) {
     std::lock_guard<std::mutex> lock(mu_);
     closed_ = false;
   }
-  thread_ = std::thread([this] { Loop(); });
+  thread_ = std::thread([this] {
+    NameThisThread("sy-ucx");
+    Loop();
+  });
   LOG(INFO) << "data plane: UCX listening on " << address_;
   return OkStatus();
 }
