@@ -150,9 +150,10 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
 // resumes bit for bit (1) after one worker's whole checkpoint store is lost,
 // from the copies on its peers, (2) after one worker's store is damaged so
 // that RocksDB cannot open it (every table footer): the worker moves it
-// aside, keeps running and fetches its shards the same way, and (3) on 2
-// workers, the third gone, its shards placed anew and restored from their
-// replicas.
+// aside, keeps running and fetches its shards the same way, (3) after a
+// byte of one chunk of one shard is flipped: that shard fails its checksum
+// and comes from its replica, and (4) on 2 workers, the third gone, its
+// shards placed anew and restored from their replicas.
 TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
   const std::string ckpt =
       " --set checkpoint.every=5 --set checkpoint.replicas=1"
@@ -161,7 +162,7 @@ TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
       RunSwitchyard("train --reference --sample-bytes 0" + Flags());
   ASSERT_EQ(reference.exit_code, 0) << reference.output;
   const auto want = Digests(reference.output);
-  for (const std::string what : {"lost", "damaged", "shrink"}) {
+  for (const std::string what : {"lost", "damaged", "flipped", "shrink"}) {
     SCOPED_TRACE(what);
     const bool shrink = what == "shrink";
     const std::string run = dir_ + "/" + what;
@@ -184,6 +185,24 @@ TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
       }
       ASSERT_GT(damaged, 0);
     }
+    std::string flipped;  // The shard whose chunk is damaged.
+    if (what == "flipped") {
+      // A shard worker-1 wrote (its store also holds replicas of others'),
+      // which it hosts again when the run resumes on the same workers.
+      auto state = cli::ReadCoordinatorState(run);
+      ASSERT_TRUE(state.ok()) << state.status().ToString();
+      auto commit = cli::FindCommitted(*state, 10);
+      ASSERT_TRUE(commit.ok());
+      config::SwitchyardConfig config = state->config();
+      const auto shards = ModelShards(config);
+      for (size_t i = 0; i < shards.size(); ++i) {
+        if (commit->holder(i) == "worker-1") flipped = shards[i].id.ToString();
+      }
+      ASSERT_FALSE(flipped.empty());
+      const Status s = testing::FlipStoredByte(
+          store + "/db", "ckpt/000000000000000a/" + flipped + "/", 7, 0x10);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
     const auto second = RunSwitchyard(
         std::string("up --workers ") + (shrink ? "2" : "3") + flags, 180);
     ASSERT_EQ(second.exit_code, 0) << second.output;
@@ -191,6 +210,14 @@ TEST_F(TrainingTest, ReplicasReplaceLostStoresAndWorkers) {
         << second.output;
     EXPECT_NE(second.output.find("fetched from peers"), std::string::npos);
     EXPECT_EQ(Digests(second.output), want) << second.output;
+    if (what == "flipped") {
+      EXPECT_NE(second.output.find(flipped + " at step 10 fetched from"),
+                std::string::npos)
+          << second.output;
+      EXPECT_NE(second.output.find("does not match its checksum"),
+                std::string::npos)
+          << second.output;
+    }
     if (what == "damaged") {
       EXPECT_NE(second.output.find("cannot be opened"), std::string::npos)
           << second.output;

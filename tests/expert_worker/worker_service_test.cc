@@ -21,6 +21,7 @@
 #include "common/random.h"
 #include "common/shard_ref.h"
 #include "storage/safetensors.h"
+#include "tests/testing/files.h"
 
 namespace switchyard::expert_worker {
 namespace {
@@ -459,17 +460,41 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
   }  // The worker, and its store, are gone.
 
   // A new worker process resumes from checkpoint 3.
-  WorkerService resumed(config, "w");
-  auto reopened = storage::OpenCheckpointStore(dir, {});
-  ASSERT_TRUE(reopened.ok());
-  resumed.EnableCheckpoints(std::move(reopened).value(), nullptr);
-  ASSERT_TRUE(resumed.Start().ok());
   control::RoutingTable routing = Routing(kEpoch + 1);
   routing.set_resume_step(3);
-  ASSERT_TRUE(resumed.ApplyRouting(routing).ok());
-  EXPECT_EQ(resumed.next_step(), 3);
-  EXPECT_EQ(resumed.ParameterDigest(), digest);
-  resumed.Shutdown();
+  {
+    WorkerService resumed(config, "w");
+    auto reopened = storage::OpenCheckpointStore(dir, {});
+    ASSERT_TRUE(reopened.ok());
+    resumed.EnableCheckpoints(std::move(reopened).value(), nullptr);
+    ASSERT_TRUE(resumed.Start().ok());
+    ASSERT_TRUE(resumed.ApplyRouting(routing).ok());
+    EXPECT_EQ(resumed.next_step(), 3);
+    EXPECT_EQ(resumed.ParameterDigest(), digest);
+    resumed.Shutdown();
+  }  // Its store is closed.
+
+  // A flipped byte in one chunk of one shard of checkpoint 3, and no other
+  // copy anywhere (no replicas, no peers): the restore fails with an error
+  // that names the shard and the step, and loads nothing.
+  const std::string victim = "L0.E1.S0";
+  ASSERT_TRUE(testing::FlipStoredByte(dir + "/db",
+                                      "ckpt/0000000000000003/" + victim + "/",
+                                      11, 0x40)
+                  .ok());
+  WorkerService damaged(config, "w");
+  auto again = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(again.ok());
+  damaged.EnableCheckpoints(std::move(again).value(), nullptr);
+  ASSERT_TRUE(damaged.Start().ok());
+  const Status refused = damaged.ApplyRouting(routing);
+  EXPECT_EQ(refused.code(), StatusCode::kDataLoss) << refused.ToString();
+  EXPECT_NE(refused.ToString().find(victim), std::string::npos)
+      << refused.ToString();
+  EXPECT_NE(refused.ToString().find("step 3"), std::string::npos)
+      << refused.ToString();
+  EXPECT_NE(damaged.next_step(), 3) << "nothing of checkpoint 3 was adopted";
+  damaged.Shutdown();
   std::filesystem::remove_all(dir);
 }
 
