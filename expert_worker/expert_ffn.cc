@@ -7,14 +7,6 @@
 namespace switchyard::expert_worker {
 namespace {
 
-// Adds `bias` (n) to every row of `m` (rows, n).
-void AddRowBias(float* m, int64_t rows, int64_t n, const float* bias) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = m + r * n;
-    for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
-  }
-}
-
 // out (n) += column sums of m (rows, n), rows in order.
 void AddColumnSums(const float* m, int64_t rows, int64_t n, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -27,7 +19,7 @@ void AddColumnSums(const float* m, int64_t rows, int64_t n, float* out) {
 const BFloat16* ToBf16(const float* src, int64_t n,
                        std::vector<BFloat16>* scratch) {
   if (static_cast<int64_t>(scratch->size()) < n) scratch->resize(n);
-  FloatsToBf16(src, n, scratch->data());
+  ConvertToBf16(src, n, scratch->data());
   return scratch->data();
 }
 
@@ -140,14 +132,14 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x,
   if (tokens == 0) return OkStatus();
   Scratch& s = ThreadScratch();
   const DType dt = shape_.compute_dtype;
-  // h = x W1 + b1
+  // h = x W1 (+ b1, added by ActivationForward in its pass over h)
   Product(gemm_, dt, false, false, tokens, gf, d, x.f32(), d, tokens * d,
           p.w1.f32(), gf, int64_t{d} * gf, false, h->f32(), gf, &p.w1_bf16);
-  if (shape_.has_b1) AddRowBias(h->f32(), tokens, gf, p.b1.f32());
   // a = act(h); y = a W2 + b2
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* ap = s.a.data();
-  ActivationForward(shape_.activation, h->f32(), tokens, f, ap);
+  ActivationForward(shape_.activation, h->f32(),
+                    shape_.has_b1 ? p.b1.f32() : nullptr, tokens, f, ap);
   if (keep != nullptr) {
     for (int64_t i = 0; i < tokens * f; ++i) ap[i] *= keep[i];
   }

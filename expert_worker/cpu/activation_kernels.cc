@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace switchyard::expert_worker {
@@ -21,13 +22,20 @@ void SetKernelThreads(int threads) {
   if (threads > 0) omp_set_num_threads(threads);
 }
 
-void ActivationForward(Activation act, const float* h, int64_t tokens,
-                       int64_t f, float* a) {
+// Below this many elements a kernel runs on the calling thread alone.
+constexpr int64_t kParallelElements = 65536;
+
+void ActivationForward(Activation act, float* h, const float* bias,
+                       int64_t tokens, int64_t f, float* a) {
   const int64_t width = act == Activation::kSwiglu ? 2 * f : f;
-#pragma omp parallel for schedule(static) if (tokens * f > 65536)
+#pragma omp parallel for schedule(static) if (tokens * f > kParallelElements)
   for (int64_t t = 0; t < tokens; ++t) {
-    const float* hr = h + t * width;
+    float* hr = h + t * width;
     float* ar = a + t * f;
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) hr[j] += bias[j];
+    }
     switch (act) {
       case Activation::kGelu:
 #pragma omp simd
@@ -54,7 +62,7 @@ void ActivationForward(Activation act, const float* h, int64_t tokens,
 void ActivationBackward(Activation act, const float* h, const float* da,
                         int64_t tokens, int64_t f, float* dh, float* a) {
   const int64_t width = act == Activation::kSwiglu ? 2 * f : f;
-#pragma omp parallel for schedule(static) if (tokens * f > 65536)
+#pragma omp parallel for schedule(static) if (tokens * f > kParallelElements)
   for (int64_t t = 0; t < tokens; ++t) {
     const float* hr = h + t * width;
     const float* dar = da + t * f;
@@ -93,6 +101,25 @@ void ActivationBackward(Activation act, const float* h, const float* da,
         }
         break;
     }
+  }
+}
+
+void AddRowBias(float* m, int64_t rows, int64_t n, const float* bias) {
+#pragma omp parallel for schedule(static) if (rows * n > kParallelElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = m + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+  }
+}
+
+void ConvertToBf16(const float* src, int64_t n, BFloat16* dst) {
+  constexpr int64_t kBlock = 16384;  // Elements a thread converts at once.
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (n > kParallelElements)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t from = b * kBlock;
+    FloatsToBf16(src + from, std::min(kBlock, n - from), dst + from);
   }
 }
 

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/bf16.h"
+
 namespace switchyard::expert_worker {
 
 enum class Activation { kGelu, kRelu, kSwiglu };
@@ -17,9 +19,16 @@ enum class Activation { kGelu, kRelu, kSwiglu };
 // default).
 void SetKernelThreads(int threads);
 
-// h: (tokens, g*f) -> a: (tokens, f).
-void ActivationForward(Activation act, const float* h, int64_t tokens,
-                       int64_t f, float* a);
+// h: (tokens, g*f) -> a: (tokens, f). With a bias (g*f values), first
+// h += bias in place, row by row: one pass over h for both.
+void ActivationForward(Activation act, float* h, const float* bias,
+                       int64_t tokens, int64_t f, float* a);
+
+// m: (rows, n) += bias (n values) on every row.
+void AddRowBias(float* m, int64_t rows, int64_t n, const float* bias);
+
+// dst = src rounded to bf16 (FloatsToBf16), on every kernel thread.
+void ConvertToBf16(const float* src, int64_t n, BFloat16* dst);
 
 // h: (tokens, g*f), da: (tokens, f) -> dh: (tokens, g*f) = da * act'(h),
 // and a: (tokens, f) = act(h) (for the weight gradient).
