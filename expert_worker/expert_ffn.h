@@ -5,7 +5,8 @@
 //   x: (T, d)   W1: (d, g*f)   b1: (g*f)   h = x W1 + b1: (T, g*f)
 //   a = act(h): (T, f)   W2: (f, d)   b2: (d), shard 0 only   y: (T, d)
 // For SwiGLU, h = [gate | up] along its columns and a = silu(gate) * up.
-// GELU is the tanh approximation (as in GPT-2 and Switch's T5 code).
+// GELU is the tanh approximation (as in GPT-2 and Switch's T5 code), with
+// Switchyard's own tanh and exp (cpu/activation_kernels.h).
 //
 // Shards of one expert sum their y; only shard 0 adds b2. The weight gradient
 // is a separate step (AccumulateGrads) so that the worker can apply it in

@@ -1,7 +1,10 @@
 // Elementwise activation kernels of the expert FFN (expert_ffn.h has the
-// formulas). This file is compiled with -ffast-math and OpenMP so that the
-// loops use glibc's vector tanhf/expf and all cores; every element is still
-// computed independently, so results do not depend on the thread count.
+// formulas). They run on all cores (OpenMP) and, on CPUs that have them,
+// with AVX-512 or AVX2 vectors; every element is computed independently and
+// without fused multiply-adds, so results depend neither on the thread
+// count nor on the vector width. tanh is Switchyard's own (a rational
+// approximation within 3.6e-7), not glibc's; SwiGLU's sigmoid is computed
+// through it.
 #ifndef SWITCHYARD_EXPERT_WORKER_CPU_ACTIVATION_KERNELS_H_
 #define SWITCHYARD_EXPERT_WORKER_CPU_ACTIVATION_KERNELS_H_
 
