@@ -198,6 +198,10 @@ int Run() {
         all_ok = false;
       }
       auto time_it = [](auto&& fn) {
+        // One untimed call first: the FMA loop's threads have just had the
+        // cores, and the first call after them also pays for waking
+        // OpenMP's threads and refilling the caches.
+        fn();
         int reps = 0;
         const auto start = Clock::now();
         do {
