@@ -7,8 +7,10 @@
 
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <map>
 #include <optional>
@@ -22,6 +24,7 @@
 #include "common/shard_ref.h"
 #include "storage/safetensors.h"
 #include "tests/testing/files.h"
+#include "transport/local/in_process_data_plane.h"
 
 namespace switchyard::expert_worker {
 namespace {
@@ -498,6 +501,53 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
   std::filesystem::remove_all(dir);
 }
 
+// Trains `worker` through steps [0, steps) with every rank's requests;
+// after_step(step) follows each step.
+void TrainSteps(WorkerService* worker, int steps,
+                const std::function<void(int)>& after_step) {
+  for (int step = 0; step < steps; ++step) {
+    for (int r = 0; r < kRanks; ++r) {
+      for (auto& m : TrainerStep(step, r)) {
+        EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
+      }
+    }
+    after_step(step);
+  }
+}
+
+using DigestsByShard = std::map<std::string, std::string>;
+
+// The shard digests of a worker without checkpoints after each of `steps`
+// steps of `config` (index: steps done).
+std::vector<DigestsByShard> DigestsByStep(
+    const config::SwitchyardConfig& config, int steps) {
+  std::vector<DigestsByShard> expected(steps + 1);
+  WorkerService reference(config, "w");
+  EXPECT_TRUE(reference.Start().ok());
+  EXPECT_TRUE(reference.ApplyRouting(Routing(kEpoch)).ok());
+  TrainSteps(&reference, steps,
+             [&](int step) { expected[step + 1] = reference.ShardDigests(); });
+  reference.Shutdown();
+  return expected;
+}
+
+// What a worker reported of its checkpoints: digests by step and shard.
+struct Reported {
+  std::mutex mu;
+  std::map<int64_t, DigestsByShard> digests;  // GUARDED_BY(mu)
+
+  WorkerService::CheckpointReporter Reporter() {
+    return [this](const control::CheckpointReport& r) {
+      std::lock_guard<std::mutex> lock(mu);
+      for (const auto& shard : r.shards()) {
+        digests[r.step()][FromShardRef(shard.shard()).ToString()] =
+            shard.digest();
+      }
+      return OkStatus();
+    };
+  }
+};
+
 // A checkpoint is taken at the step boundary as references to the live
 // tensors and copied while the next step's requests are served; the next
 // update waits for that copy. With a checkpoint due at every step and no
@@ -510,52 +560,112 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   constexpr int kManySteps = 12;
   config::SwitchyardConfig config = TestConfig("adamw");
   config.mutable_training()->set_steps(kManySteps);
-  // Every step's requests from every rank; after_step(step) follows each.
-  auto train = [](WorkerService* worker,
-                  const std::function<void(int)>& after_step) {
-    for (int step = 0; step < kManySteps; ++step) {
-      for (int r = 0; r < kRanks; ++r) {
-        for (auto& m : TrainerStep(step, r)) {
-          EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
-        }
-      }
-      after_step(step);
-    }
-  };
-  std::vector<std::map<std::string, std::string>> expected(kManySteps + 1);
-  {
-    WorkerService reference(config, "w");
-    ASSERT_TRUE(reference.Start().ok());
-    ASSERT_TRUE(reference.ApplyRouting(Routing(kEpoch)).ok());
-    train(&reference,
-          [&](int step) { expected[step + 1] = reference.ShardDigests(); });
-    reference.Shutdown();
-  }
+  const std::vector<DigestsByShard> expected =
+      DigestsByStep(config, kManySteps);
   config.mutable_checkpoint()->set_every(1);
   auto store = storage::OpenCheckpointStore(dir, {});
   ASSERT_TRUE(store.ok());
-  std::mutex mu;
-  std::map<int64_t, std::map<std::string, std::string>> reported;
+  Reported reported;
   WorkerService worker(config, "w");
-  worker.EnableCheckpoints(
-      std::move(store).value(), [&](const control::CheckpointReport& r) {
-        std::lock_guard<std::mutex> lock(mu);
-        for (const auto& shard : r.shards()) {
-          reported[r.step()][FromShardRef(shard.shard()).ToString()] =
-              shard.digest();
-        }
-        return OkStatus();
-      });
+  worker.EnableCheckpoints(std::move(store).value(), reported.Reporter());
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
-  train(&worker, [](int) {});  // No waiting for checkpoints between steps.
+  // No waiting for checkpoints between steps.
+  TrainSteps(&worker, kManySteps, [](int) {});
   worker.WaitCheckpointsWritten();
   EXPECT_EQ(worker.ShardDigests(), expected[kManySteps]);
   worker.Shutdown();
-  std::lock_guard<std::mutex> lock(mu);
-  EXPECT_GE(reported.size(), 2u);  // Some are skipped while one writes.
-  EXPECT_TRUE(reported.count(kManySteps)) << "the run's last step";
-  for (const auto& [step, digests] : reported) {
+  std::lock_guard<std::mutex> lock(reported.mu);
+  EXPECT_GE(reported.digests.size(), 2u);  // Some are skipped while one writes.
+  EXPECT_TRUE(reported.digests.count(kManySteps)) << "the run's last step";
+  for (const auto& [step, digests] : reported.digests) {
+    EXPECT_EQ(digests, expected[step]) << "checkpoint " << step;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// The checkpoint thread is busy (a replication whose source has not
+// answered) when a checkpoint is staged, so nobody has copied it when the
+// next update comes: that update copies it before it changes anything, and
+// the checkpoint, written once the thread is free, holds its own step.
+TEST(WorkerServiceTest, AnUpdateCopiesACheckpointTheBusyThreadHasNotTaken) {
+  const std::string dir = ::testing::TempDir() + "/switchyard_ws_busy_" +
+                          std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  constexpr int kFewSteps = 3;
+  config::SwitchyardConfig config = TestConfig("adamw");
+  config.mutable_training()->set_steps(kFewSteps);
+  config.mutable_transport()->set_request_timeout_ms(60000);
+  const std::vector<DigestsByShard> expected = DigestsByStep(config, kFewSteps);
+  config.mutable_checkpoint()->set_every(1);
+
+  // The replication source: a real peer that holds its answers back.
+  std::mutex source_mu;
+  std::condition_variable source_cv;
+  // GUARDED_BY(source_mu)
+  std::vector<std::pair<transport::WireHeader, transport::Reply>> held;
+  auto source = transport::NewInProcessDataPlane();
+  ASSERT_TRUE(source
+                  ->Start([&](Message m, transport::Reply reply) {
+                    std::lock_guard<std::mutex> lock(source_mu);
+                    held.emplace_back(m.header, std::move(reply));
+                    source_cv.notify_all();
+                  })
+                  .ok());
+  auto peers = transport::NewInProcessDataPlane();
+  ASSERT_TRUE(peers->Start(nullptr).ok());
+
+  auto store = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(store.ok());
+  Reported reported;
+  WorkerService worker(config, "w");
+  worker.EnableCheckpoints(std::move(store).value(), reported.Reporter());
+  worker.SetPeerPlane(peers.get());
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+
+  control::ReplicationTask task;
+  task.set_step(7);
+  task.set_source("elsewhere");
+  task.set_source_address(source->address());
+  *task.add_shards() = Routing(kEpoch).entries(0).shard();
+  worker.Replicate(task);
+  {
+    // The checkpoint thread now waits in that fetch.
+    std::unique_lock<std::mutex> lock(source_mu);
+    ASSERT_TRUE(
+        source_cv.wait_for(lock, Ms(10000), [&] { return !held.empty(); }));
+  }
+  // Checkpoint 1 is staged at step 0's update and copied by step 1's
+  // update; the thread is still busy through checkpoints 2 and 3 (skipped
+  // or waited for at the run's end).
+  std::thread trainer([&] { TrainSteps(&worker, kFewSteps, [](int) {}); });
+  const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
+  while (worker.next_step() < 2 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(1));
+  }
+  EXPECT_GE(worker.next_step(), 2);
+  {
+    std::lock_guard<std::mutex> lock(source_mu);
+    // One request per tensor of the shard, none answered yet.
+    EXPECT_FALSE(held.empty()) << "the fetch was still unanswered";
+    for (auto& [header, reply] : held) {
+      reply(transport::ErrorResponse(header,
+                                     UnavailableError("the source let go")));
+    }
+    held.clear();
+  }
+  trainer.join();
+  worker.WaitCheckpointsWritten();
+  EXPECT_EQ(worker.ShardDigests(), expected[kFewSteps]);
+  worker.Shutdown();
+  peers->Shutdown();
+  source->Shutdown();
+  std::lock_guard<std::mutex> lock(reported.mu);
+  ASSERT_TRUE(reported.digests.count(1)) << "checkpoint 1 was written";
+  EXPECT_TRUE(reported.digests.count(kFewSteps)) << "the run's last step";
+  for (const auto& [step, digests] : reported.digests) {
     EXPECT_EQ(digests, expected[step]) << "checkpoint " << step;
   }
   std::filesystem::remove_all(dir);
