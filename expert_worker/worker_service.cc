@@ -23,9 +23,6 @@ namespace {
 
 constexpr uint64_t kTagDense = 3;  // 1 and 2: expert_init.cc.
 
-// How long the run's last checkpoint waits for the previous one's write.
-constexpr std::chrono::seconds kLastCheckpointWait{1800};
-
 // Idle request buffers (activations, outputs, gradient inputs) the worker
 // keeps for reuse: a step's working set, so that no request touches fresh
 // pages once the first steps have run.
@@ -1077,24 +1074,27 @@ Status WorkerService::ApplyUpdate(int64_t step) {
     std::unique_lock<std::mutex> lock(ckpt_mu_);
     const bool run_ends =
         next_step_ == tr.steps() || next_step_ == tr.stop_at_step();
-    if (ckpt_busy_ && run_ends) {
-      // The run's last checkpoint is never skipped: nothing follows it, so
-      // the wait for the previous write costs no training.
-      LOG(INFO) << name_ << ": checkpoint " << next_step_
-                << " (the run's end) waits for the previous write";
-      if (!ckpt_cv_.wait_for(lock, kLastCheckpointWait,
-                             [this] { return !ckpt_busy_; })) {
-        LOG(ERROR) << name_ << ": checkpoint " << next_step_
-                   << " skipped: the previous write took over "
-                   << kLastCheckpointWait.count() << " s";
-      }
-    }
-    if (ckpt_busy_) {
+    if (ckpt_busy_ && !run_ends) {
       LOG(WARNING) << name_ << ": checkpoint " << next_step_
                    << " skipped: the previous one is still being written";
     } else {
       // References now; the copy is made while the next step's requests
-      // are served (staged_).
+      // are served (staged_). The run's last checkpoint is never skipped:
+      // with a write in flight it is queued behind it, without waiting
+      // (this update answers the trainers' StepDone). The checkpoint
+      // thread copies it once that write has returned its staging
+      // buffers; no update follows the run's end to change the shards
+      // before (one that did would copy it first, WaitForStagingCopy).
+      if (ckpt_busy_) {
+        LOG(INFO) << name_ << ": checkpoint " << next_step_
+                  << " (the run's end) is queued behind the previous write";
+      }
+      if (!staged_.empty()) {
+        LOG(WARNING) << name_ << ": checkpoint " << staged_.front().step
+                     << " was not begun; the run's last, " << next_step_
+                     << ", replaces it";
+        staged_.clear();
+      }
       staged_ = SnapshotsLocked(/*deep=*/false);
       uncopied_ = true;
       ckpt_busy_ = true;

@@ -92,7 +92,8 @@ class WorkerService {
   // and a background thread writes them to `store`, then calls `report`
   // with their manifests' digests. One checkpoint is in flight at a time:
   // when the next is due while one is still being written, the new one is
-  // skipped (logged; training never waits for the disk). Call before Start.
+  // skipped (logged; training never waits for the disk), except the run's
+  // last, which is queued behind the write. Call before Start.
   using CheckpointReporter =
       std::function<Status(const control::CheckpointReport&)>;
   void EnableCheckpoints(std::unique_ptr<storage::CheckpointStore> store,

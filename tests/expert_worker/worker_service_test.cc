@@ -637,8 +637,7 @@ TEST(WorkerServiceTest, AnUpdateCopiesACheckpointTheBusyThreadHasNotTaken) {
         source_cv.wait_for(lock, Ms(10000), [&] { return !held.empty(); }));
   }
   // Checkpoint 1 is staged at step 0's update and copied by step 1's
-  // update; the thread is still busy through checkpoints 2 and 3 (skipped
-  // or waited for at the run's end).
+  // update, while the fetch is unanswered.
   std::thread trainer([&] { TrainSteps(&worker, kFewSteps, [](int) {}); });
   const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
   while (worker.next_step() < 2 &&
@@ -743,6 +742,64 @@ class GatedReadStore : public FullDiskStore {
     return FullDiskStore::ReadShardInto(step, shard, into);
   }
 };
+
+// A store whose writes wait until `open` is set: a checkpoint write that
+// takes as long as the test likes.
+class GatedWriteStore : public FullDiskStore {
+ public:
+  using FullDiskStore::FullDiskStore;
+  std::atomic<bool> open{false};
+
+  StatusOr<checkpoint::ShardManifest> WriteShard(
+      const storage::ShardSnapshot& s) override {
+    const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
+    while (!open && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(Ms(5));
+    }
+    return FullDiskStore::WriteShard(s);
+  }
+};
+
+// The run's last checkpoint, due while the previous one is still being
+// written, is queued behind that write: the last update (which answers the
+// trainers' StepDone) does not wait for the disk, and both checkpoints are
+// written, each holding its own step.
+TEST(WorkerServiceTest, TheRunsLastCheckpointIsQueuedNotWaitedFor) {
+  const std::string dir = ::testing::TempDir() + "/switchyard_ws_last_" +
+                          std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  constexpr int kSteps3 = 3;
+  config::SwitchyardConfig config = TestConfig("adamw");
+  config.mutable_training()->set_steps(kSteps3);
+  const std::vector<DigestsByShard> expected = DigestsByStep(config, kSteps3);
+  config.mutable_checkpoint()->set_every(2);  // Checkpoints 2 and 3 (end).
+  auto inner = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(inner.ok());
+  auto owned = std::make_unique<GatedWriteStore>(std::move(inner).value());
+  GatedWriteStore* store = owned.get();
+  Reported reported;
+  WorkerService worker(config, "w");
+  worker.EnableCheckpoints(std::move(owned), reported.Reporter());
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  // All three steps, the last included, while checkpoint 2's write waits.
+  TrainSteps(&worker, kSteps3, [](int) {});
+  EXPECT_EQ(worker.next_step(), kSteps3);
+  {
+    std::lock_guard<std::mutex> lock(reported.mu);
+    EXPECT_TRUE(reported.digests.empty()) << "nothing written yet";
+  }
+  store->open = true;
+  worker.WaitCheckpointsWritten();
+  worker.Shutdown();
+  std::lock_guard<std::mutex> lock(reported.mu);
+  EXPECT_EQ(reported.digests.size(), 2u);
+  for (int step : {2, kSteps3}) {
+    ASSERT_TRUE(reported.digests.count(step)) << "checkpoint " << step;
+    EXPECT_EQ(reported.digests[step], expected[step]) << "checkpoint " << step;
+  }
+  std::filesystem::remove_all(dir);
+}
 
 // A routing table offered by the control thread is applied on the worker's
 // own thread: while its restore reads, heartbeats' load reports and the
