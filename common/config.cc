@@ -390,6 +390,8 @@ Status ValidateConfig(const SwitchyardConfig& config,
             "must be >= 1");
   v.Require(k.replicas() >= 0, "checkpoint.replicas", k.replicas(),
             "must be >= 0");
+  v.Require(k.commit_timeout_ms() >= 1, "checkpoint.commit_timeout_ms",
+            k.commit_timeout_ms(), "must be >= 1");
   v.Require(k.replicas() < c.workers(), "checkpoint.replicas", k.replicas(),
             "must be < cluster.workers (" + std::to_string(c.workers()) +
                 "): a replica lives on another worker");

@@ -130,13 +130,17 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     // The run's end is only done once its checkpoint is committed: then
     // everything trained survives whatever happens next.
     const int64_t end = RunEndStep(config.training());
+    const std::chrono::milliseconds commit_timeout(
+        config.checkpoint().commit_timeout_ms());
     std::unique_lock<std::mutex> lock(mu);
-    if (!cv.wait_for(lock, join_timeout,
+    if (!cv.wait_for(lock, commit_timeout,
                      [&] { return committed >= end || stopping; })) {
       return DeadlineExceededError(
           "the checkpoint of step " + std::to_string(end) +
-          " was not committed within " + std::to_string(join_timeout.count()) +
-          " ms (newest committed: " + std::to_string(committed) + ")");
+          " was not committed within " +
+          std::to_string(commit_timeout.count()) +
+          " ms (checkpoint.commit_timeout_ms; newest committed: " +
+          std::to_string(committed) + ")");
     }
     if (options.rank == 0 && committed >= end) {
       std::cout << "checkpoint " << end << " committed" << std::endl;

@@ -131,6 +131,10 @@ INSTANTIATE_TEST_SUITE_P(
                   {},
                   "run.yaml:2: checkpoint.replicas (2) must be < "
                   "cluster.workers (1): a replica lives on another worker"},
+        ErrorCase{"",
+                  {"checkpoint.commit_timeout_ms=0"},
+                  "--set checkpoint.commit_timeout_ms=0: "
+                  "checkpoint.commit_timeout_ms (0) must be >= 1"},
         ErrorCase{"training:\n  batch_size: 6\n  micro_batches: 4\n",
                   {},
                   "run.yaml:2: training.batch_size (6) must be divisible by "
