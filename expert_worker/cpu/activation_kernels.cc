@@ -55,8 +55,12 @@ inline float GeluTanh(float x) {
 // error under 7e-9 before rounding), 2^n built from its exponent bits.
 // The same IEEE-only rules as Tanh.
 inline float Exp(float v) {
+  // NaN goes through the arithmetic as 0 (its integer conversion would be
+  // undefined) and comes back out as NaN.
+  const bool nan = v != v;
   float x = v > 88.0f ? 88.0f : v;
   x = x < -87.0f ? -87.0f : x;
+  x = nan ? 0.0f : x;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   const float n = (x * 1.44269504088896341f + kRound) - kRound;
   const float r = (x - n * 0.693145751953125f) - n * 1.42860676533018704e-6f;
@@ -70,7 +74,7 @@ inline float Exp(float v) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return nan ? v : p * scale;
 }
 
 // The logistic sigmoid, 1 / (1 + e^-g).

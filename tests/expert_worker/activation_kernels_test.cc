@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace switchyard::expert_worker {
@@ -76,6 +77,27 @@ TEST(ActivationKernelsTest, SwigluWithinItsStatedError) {
     const double want = 1.5 * RefSilu(x[i]);
     ASSERT_NEAR(a[i], want, 1e-6 * (1 + std::fabs(want))) << "gate " << x[i];
   }
+}
+
+// A diverged input never comes out as a plausible number: NaN stays NaN,
+// +inf gives +inf, and -inf a non-finite value.
+TEST(ActivationKernelsTest, NonFiniteInputs) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> gelu_in = {nan, inf, -inf}, gelu_out(3);
+  ActivationForward(Activation::kGelu, gelu_in.data(), nullptr, 1, 3,
+                    gelu_out.data());
+  EXPECT_TRUE(std::isnan(gelu_out[0]));
+  EXPECT_EQ(gelu_out[1], inf);
+  EXPECT_TRUE(std::isnan(gelu_out[2])) << "-inf * 0, as with tanhf";
+  // SwiGLU gates NaN, +inf, -inf, each with up 2.
+  std::vector<float> swiglu_in = {nan, inf, -inf, 2.0f, 2.0f, 2.0f};
+  std::vector<float> swiglu_out(3);
+  ActivationForward(Activation::kSwiglu, swiglu_in.data(), nullptr, 1, 3,
+                    swiglu_out.data());
+  EXPECT_TRUE(std::isnan(swiglu_out[0]));
+  EXPECT_EQ(swiglu_out[1], inf);
+  EXPECT_FALSE(std::isfinite(swiglu_out[2]));
 }
 
 // Every position of a row computes the same bits for the same input:
