@@ -249,13 +249,24 @@ void WorkerService::CheckpointLoop() {
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
             .count();
+    auto& metrics = MetricsRegistry::Global();
     if (s.ok()) {
+      metrics.GetCounter("switchyard_worker_checkpoints_written_total")
+          ->Increment();
+      metrics.GetCounter("switchyard_worker_checkpoint_bytes_total")
+          ->Increment(bytes);
+      metrics.GetGauge("switchyard_worker_checkpoint_last_step")
+          ->Set(static_cast<double>(step));
+      metrics.GetGauge("switchyard_worker_checkpoint_last_write_seconds")
+          ->Set(seconds);
       LOG(INFO) << name_ << ": checkpoint " << step << " written ("
                 << job.size() << " shards, " << bytes << " bytes in " << seconds
                 << " s) and reported";
     } else {
       // Training goes on; the coordinator never commits this step, and the
       // previous committed checkpoint stays.
+      metrics.GetCounter("switchyard_worker_checkpoints_failed_total")
+          ->Increment();
       LOG(ERROR) << name_ << ": checkpoint " << step
                  << " failed: " << s.ToString();
     }
@@ -1075,6 +1086,9 @@ Status WorkerService::ApplyUpdate(int64_t step) {
     const bool run_ends =
         next_step_ == tr.steps() || next_step_ == tr.stop_at_step();
     if (ckpt_busy_ && !run_ends) {
+      MetricsRegistry::Global()
+          .GetCounter("switchyard_worker_checkpoints_skipped_total")
+          ->Increment();
       LOG(WARNING) << name_ << ": checkpoint " << next_step_
                    << " skipped: the previous one is still being written";
     } else {

@@ -369,6 +369,11 @@ Message Ask(WorkerService* worker, Message m) {
   return f.get();
 }
 
+// The value of a process-wide counter (common/metrics.h).
+uint64_t CounterValue(const std::string& name) {
+  return MetricsRegistry::Global().GetCounter(name)->value();
+}
+
 // The fault-injection seam: a real store whose writes fail with
 // RESOURCE_EXHAUSTED (a full disk) while `full` is set.
 class FullDiskStore : public storage::CheckpointStore {
@@ -421,6 +426,8 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
   std::vector<int64_t> reported;
   uint64_t checkpoint_bytes = 0;
   std::string digest;
+  const uint64_t failed_before =
+      CounterValue("switchyard_worker_checkpoints_failed_total");
   {
     WorkerService worker(config, "w");
     worker.EnableCheckpoints(std::move(owned),
@@ -451,6 +458,12 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
     }
     store->full = false;
     EXPECT_EQ(reported, (std::vector<int64_t>{1, 3}));
+    EXPECT_EQ(CounterValue("switchyard_worker_checkpoints_failed_total"),
+              failed_before + 1);
+    EXPECT_EQ(MetricsRegistry::Global()
+                  .GetGauge("switchyard_worker_checkpoint_last_step")
+                  ->value(),
+              3.0);
     EXPECT_GE(staging, checkpoint_bytes);
     EXPECT_EQ(worker.StagingCachedBytes(), staging);
     EXPECT_EQ(store->Manifests(2)->size(), 0u) << "nothing of the failed one";
@@ -567,6 +580,10 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   auto store = storage::OpenCheckpointStore(dir, {});
   ASSERT_TRUE(store.ok());
   Reported reported;
+  const uint64_t written_before =
+      CounterValue("switchyard_worker_checkpoints_written_total");
+  const uint64_t skipped_before =
+      CounterValue("switchyard_worker_checkpoints_skipped_total");
   WorkerService worker(config, "w");
   worker.EnableCheckpoints(std::move(store).value(), reported.Reporter());
   ASSERT_TRUE(worker.Start().ok());
@@ -578,6 +595,15 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   worker.Shutdown();
   std::lock_guard<std::mutex> lock(reported.mu);
   EXPECT_GE(reported.digests.size(), 2u);  // Some are skipped while one writes.
+  // Every checkpoint due is counted as written or as skipped.
+  const uint64_t written =
+      CounterValue("switchyard_worker_checkpoints_written_total") -
+      written_before;
+  EXPECT_EQ(written, reported.digests.size());
+  EXPECT_EQ(written +
+                CounterValue("switchyard_worker_checkpoints_skipped_total") -
+                skipped_before,
+            static_cast<uint64_t>(kManySteps));
   EXPECT_TRUE(reported.digests.count(kManySteps)) << "the run's last step";
   for (const auto& [step, digests] : reported.digests) {
     EXPECT_EQ(digests, expected[step]) << "checkpoint " << step;
