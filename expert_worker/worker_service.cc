@@ -148,23 +148,12 @@ Status WorkerService::Start() {
     }
     init_ = std::move(reader).value();
   }
-  thread_ = std::thread([this] {
-    NameThisThread("sy-worker");
-    Run();
-  });
-  routing_thread_ = std::thread([this] {
-    NameThisThread("sy-routing");
-    RoutingLoop();
-  });
+  thread_ = StartNamedThread("sy-worker", [this] { Run(); });
+  routing_thread_ = StartNamedThread("sy-routing", [this] { RoutingLoop(); });
   if (store_ != nullptr) {
-    ckpt_thread_ = std::thread([this] {
-      NameThisThread("sy-ckpt");
-      CheckpointLoop();
-    });
-    fetch_thread_ = std::thread([this] {
-      NameThisThread("sy-ckpt-fetch");
-      FetchServeLoop();
-    });
+    ckpt_thread_ = StartNamedThread("sy-ckpt", [this] { CheckpointLoop(); });
+    fetch_thread_ =
+        StartNamedThread("sy-ckpt-fetch", [this] { FetchServeLoop(); });
   }
   return OkStatus();
 }

@@ -20,10 +20,7 @@ class BackgroundIo {
     tasks_.push_back(std::move(task));
     // Each idle thread takes one task; start another if they are too few.
     if (idle_ < tasks_.size()) {
-      std::thread([this] {
-        NameThisThread("sy-io");
-        Loop();
-      }).detach();
+      StartNamedThread("sy-io", [this] { Loop(); }).detach();
     } else {
       cv_.notify_one();
     }

@@ -573,10 +573,7 @@ void ParallelFor(size_t n, int threads,
   const size_t extra =
       n == 0 ? 0 : std::min<size_t>(std::max(threads, 1), n) - 1;
   for (size_t t = 0; t < extra; ++t) {
-    pool.emplace_back([&] {
-      NameThisThread("sy-storage");
-      run();
-    });
+    pool.push_back(StartNamedThread("sy-storage", run));
   }
   run();
   for (auto& t : pool) t.join();

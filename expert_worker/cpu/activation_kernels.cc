@@ -20,8 +20,9 @@ constexpr int64_t kRowBlock = 16;
 
 // tanh(x) as a rational function of x (odd degree 13 over even degree 6,
 // the minimax fit Eigen uses), clamped where tanh rounds to +-1, and x
-// itself for |x| < 0.0004. Within 3.6e-7 of tanh and 6 ulp everywhere
-// (ActivationKernelsTest checks). Only IEEE +, *, / and compares, compiled
+// itself for |x| < 0.0004: within 3.6e-7 of tanh everywhere
+// (ActivationKernelsTest checks GELU against that). Only IEEE +, *, / and
+// compares, compiled
 // without contraction into FMAs (CMakeLists.txt), so the baseline, AVX2 and
 // AVX-512 builds of a loop compute the same bits at any vector width; and
 // unlike glibc's vector tanhf it does not change with the glibc version.

@@ -2,9 +2,8 @@
 // formulas). They run on all cores (OpenMP) and, on CPUs that have them,
 // with AVX-512 or AVX2 vectors; every element is computed independently and
 // without fused multiply-adds, so results depend neither on the thread
-// count nor on the vector width. tanh is Switchyard's own (a rational
-// approximation within 3.6e-7), not glibc's; SwiGLU's sigmoid is computed
-// through it.
+// count nor on the vector width. tanh (a rational approximation within
+// 3.6e-7) and exp (for SwiGLU's sigmoid) are Switchyard's own, not glibc's.
 #ifndef SWITCHYARD_EXPERT_WORKER_CPU_ACTIVATION_KERNELS_H_
 #define SWITCHYARD_EXPERT_WORKER_CPU_ACTIVATION_KERNELS_H_
 

@@ -369,6 +369,14 @@ Message Ask(WorkerService* worker, Message m) {
   return f.get();
 }
 
+// An empty directory of this test process, named after `tag`.
+std::string FreshDir(const std::string& tag) {
+  const std::string dir = ::testing::TempDir() + "/switchyard_ws_" + tag + "_" +
+                          std::to_string(::getpid());
+  std::filesystem::remove_all(dir);
+  return dir;
+}
+
 // The value of a process-wide counter (common/metrics.h).
 uint64_t CounterValue(const std::string& name) {
   return MetricsRegistry::Global().GetCounter(name)->value();
@@ -413,9 +421,7 @@ class FullDiskStore : public storage::CheckpointStore {
 // later ones are whole, and a fresh worker resumes from the last one with
 // the same parameters and optimizer state.
 TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
-  const std::string dir = ::testing::TempDir() + "/switchyard_ws_ckpt_" +
-                          std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
+  const std::string dir = FreshDir("ckpt");
   config::SwitchyardConfig config = TestConfig("adamw");
   config.mutable_checkpoint()->set_every(1);
   auto inner = storage::OpenCheckpointStore(dir, {});
@@ -550,6 +556,12 @@ struct Reported {
   std::mutex mu;
   std::map<int64_t, DigestsByShard> digests;  // GUARDED_BY(mu)
 
+  // A copy of what was reported so far.
+  std::map<int64_t, DigestsByShard> Get() {
+    std::lock_guard<std::mutex> lock(mu);
+    return digests;
+  }
+
   WorkerService::CheckpointReporter Reporter() {
     return [this](const control::CheckpointReport& r) {
       std::lock_guard<std::mutex> lock(mu);
@@ -562,15 +574,21 @@ struct Reported {
   }
 };
 
+// Every reported checkpoint holds the digests of its step in `expected`.
+void ExpectEachMatches(const std::map<int64_t, DigestsByShard>& reported,
+                       const std::vector<DigestsByShard>& expected) {
+  for (const auto& [step, digests] : reported) {
+    EXPECT_EQ(digests, expected[step]) << "checkpoint " << step;
+  }
+}
+
 // A checkpoint is taken at the step boundary as references to the live
 // tensors and copied while the next step's requests are served; the next
 // update waits for that copy. With a checkpoint due at every step and no
 // waiting between steps, every checkpoint written holds exactly its step's
 // values (the digests a worker without checkpoints has at that step).
 TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
-  const std::string dir = ::testing::TempDir() + "/switchyard_ws_copy_" +
-                          std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
+  const std::string dir = FreshDir("copy");
   constexpr int kManySteps = 12;
   config::SwitchyardConfig config = TestConfig("adamw");
   config.mutable_training()->set_steps(kManySteps);
@@ -593,21 +611,19 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   worker.WaitCheckpointsWritten();
   EXPECT_EQ(worker.ShardDigests(), expected[kManySteps]);
   worker.Shutdown();
-  std::lock_guard<std::mutex> lock(reported.mu);
-  EXPECT_GE(reported.digests.size(), 2u);  // Some are skipped while one writes.
+  const auto got = reported.Get();
+  EXPECT_GE(got.size(), 2u);  // Some are skipped while one writes.
   // Every checkpoint due is counted as written or as skipped.
   const uint64_t written =
       CounterValue("switchyard_worker_checkpoints_written_total") -
       written_before;
-  EXPECT_EQ(written, reported.digests.size());
+  EXPECT_EQ(written, got.size());
   EXPECT_EQ(written +
                 CounterValue("switchyard_worker_checkpoints_skipped_total") -
                 skipped_before,
             static_cast<uint64_t>(kManySteps));
-  EXPECT_TRUE(reported.digests.count(kManySteps)) << "the run's last step";
-  for (const auto& [step, digests] : reported.digests) {
-    EXPECT_EQ(digests, expected[step]) << "checkpoint " << step;
-  }
+  EXPECT_TRUE(got.count(kManySteps)) << "the run's last step";
+  ExpectEachMatches(got, expected);
   std::filesystem::remove_all(dir);
 }
 
@@ -616,9 +632,7 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
 // next update comes: that update copies it before it changes anything, and
 // the checkpoint, written once the thread is free, holds its own step.
 TEST(WorkerServiceTest, AnUpdateCopiesACheckpointTheBusyThreadHasNotTaken) {
-  const std::string dir = ::testing::TempDir() + "/switchyard_ws_busy_" +
-                          std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
+  const std::string dir = FreshDir("busy");
   constexpr int kFewSteps = 3;
   config::SwitchyardConfig config = TestConfig("adamw");
   config.mutable_training()->set_steps(kFewSteps);
@@ -684,12 +698,10 @@ TEST(WorkerServiceTest, AnUpdateCopiesACheckpointTheBusyThreadHasNotTaken) {
   worker.Shutdown();
   peers->Shutdown();
   source->Shutdown();
-  std::lock_guard<std::mutex> lock(reported.mu);
-  ASSERT_TRUE(reported.digests.count(1)) << "checkpoint 1 was written";
-  EXPECT_TRUE(reported.digests.count(kFewSteps)) << "the run's last step";
-  for (const auto& [step, digests] : reported.digests) {
-    EXPECT_EQ(digests, expected[step]) << "checkpoint " << step;
-  }
+  const auto got = reported.Get();
+  ASSERT_TRUE(got.count(1)) << "checkpoint 1 was written";
+  EXPECT_TRUE(got.count(kFewSteps)) << "the run's last step";
+  ExpectEachMatches(got, expected);
   std::filesystem::remove_all(dir);
 }
 
@@ -697,9 +709,7 @@ TEST(WorkerServiceTest, AnUpdateCopiesACheckpointTheBusyThreadHasNotTaken) {
 // checkpoints (none made with the shards, all returned after each write),
 // and the checkpoints are the same as with resident staging.
 TEST(WorkerServiceTest, NonResidentStagingHoldsNoMemoryBetweenCheckpoints) {
-  const std::string dir = ::testing::TempDir() + "/switchyard_ws_staging_" +
-                          std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
+  const std::string dir = FreshDir("staging");
   std::map<bool, std::string> digests;  // By staging_resident.
   for (bool resident : {true, false}) {
     config::SwitchyardConfig config = TestConfig("adamw");
@@ -788,9 +798,7 @@ class GatedWriteStore : public FullDiskStore {
 // trainers' StepDone) does not wait for the disk, and both checkpoints are
 // written, each holding its own step.
 TEST(WorkerServiceTest, TheRunsLastCheckpointIsQueuedNotWaitedFor) {
-  const std::string dir = ::testing::TempDir() + "/switchyard_ws_last_" +
-                          std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
+  const std::string dir = FreshDir("last");
   constexpr int kSteps3 = 3;
   config::SwitchyardConfig config = TestConfig("adamw");
   config.mutable_training()->set_steps(kSteps3);
@@ -808,19 +816,16 @@ TEST(WorkerServiceTest, TheRunsLastCheckpointIsQueuedNotWaitedFor) {
   // All three steps, the last included, while checkpoint 2's write waits.
   TrainSteps(&worker, 0, kSteps3);
   EXPECT_EQ(worker.next_step(), kSteps3);
-  {
-    std::lock_guard<std::mutex> lock(reported.mu);
-    EXPECT_TRUE(reported.digests.empty()) << "nothing written yet";
-  }
+  EXPECT_TRUE(reported.Get().empty()) << "nothing written yet";
   store->open = true;
   worker.WaitCheckpointsWritten();
   worker.Shutdown();
-  std::lock_guard<std::mutex> lock(reported.mu);
-  EXPECT_EQ(reported.digests.size(), 2u);
+  const auto got = reported.Get();
+  EXPECT_EQ(got.size(), 2u);
   for (int step : {2, kSteps3}) {
-    ASSERT_TRUE(reported.digests.count(step)) << "checkpoint " << step;
-    EXPECT_EQ(reported.digests[step], expected[step]) << "checkpoint " << step;
+    EXPECT_TRUE(got.count(step)) << "checkpoint " << step;
   }
+  ExpectEachMatches(got, expected);
   std::filesystem::remove_all(dir);
 }
 
@@ -829,9 +834,7 @@ TEST(WorkerServiceTest, TheRunsLastCheckpointIsQueuedNotWaitedFor) {
 // data plane's requests are answered at once, the new epoch's requests are
 // refused as not ready, and the table is adopted whole when the reads end.
 TEST(WorkerServiceTest, RestoreDoesNotHoldUpHeartbeatsOrRequests) {
-  const std::string dir = ::testing::TempDir() + "/switchyard_ws_gated_" +
-                          std::to_string(::getpid());
-  std::filesystem::remove_all(dir);
+  const std::string dir = FreshDir("gated");
   config::SwitchyardConfig config = TestConfig("adamw");
   config.mutable_checkpoint()->set_every(1);
   std::string digest;

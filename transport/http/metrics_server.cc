@@ -86,10 +86,7 @@ Status MetricsServer::Start(const std::string& address) {
   hp.port = impl_->acceptor.local_endpoint().port();
   impl_->address = hp.ToString();
   impl_->Accept();
-  thread_ = std::thread([this] {
-    NameThisThread("sy-metrics");
-    impl_->io.run();
-  });
+  thread_ = StartNamedThread("sy-metrics", [this] { impl_->io.run(); });
   LOG(INFO) << "metrics: serving http://" << impl_->address << "/metrics";
   return OkStatus();
 }

@@ -61,10 +61,7 @@ class InProcessDataPlane : public DataPlane {
   InProcessDataPlane() : pending_(std::make_shared<PendingTable>()) {
     static std::atomic<int> next_address{0};
     address_ = "inproc:" + std::to_string(next_address.fetch_add(1));
-    deadlines_ = std::thread([this] {
-      NameThisThread("sy-deadlines");
-      ExpireLoop();
-    });
+    deadlines_ = StartNamedThread("sy-deadlines", [this] { ExpireLoop(); });
   }
   ~InProcessDataPlane() override { Shutdown(); }
 

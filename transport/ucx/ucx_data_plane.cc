@@ -450,10 +450,7 @@ Status UcxDataPlane::Start(RequestHandler handler) {
     std::lock_guard<std::mutex> lock(mu_);
     closed_ = false;
   }
-  thread_ = std::thread([this] {
-    NameThisThread("sy-ucx");
-    Loop();
-  });
+  thread_ = StartNamedThread("sy-ucx", [this] { Loop(); });
   LOG(INFO) << "data plane: UCX listening on " << address_;
   return OkStatus();
 }
