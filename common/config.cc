@@ -4,6 +4,7 @@
 #include <google/protobuf/reflection.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -104,6 +105,25 @@ Status SetScalar(Message* msg, const FieldDescriptor* field,
   }
 }
 
+// Sets `key` of the map<string, string> field `field` of `msg` to `value`
+// (replacing an earlier value).
+void SetMapEntry(Message* msg, const FieldDescriptor* field,
+                 const std::string& key, const std::string& value) {
+  const google::protobuf::Reflection* refl = msg->GetReflection();
+  const FieldDescriptor* key_field = field->message_type()->map_key();
+  const FieldDescriptor* value_field = field->message_type()->map_value();
+  for (int i = 0; i < refl->FieldSize(*msg, field); ++i) {
+    Message* entry = refl->MutableRepeatedMessage(msg, field, i);
+    if (entry->GetReflection()->GetString(*entry, key_field) == key) {
+      entry->GetReflection()->SetString(entry, value_field, value);
+      return;
+    }
+  }
+  Message* entry = refl->AddMessage(msg, field);
+  entry->GetReflection()->SetString(entry, key_field, key);
+  entry->GetReflection()->SetString(entry, value_field, value);
+}
+
 Status MergeNode(const YAML::Node& node, Message* msg,
                  const std::string& prefix, const std::string& source,
                  std::map<std::string, std::string>* origins) {
@@ -127,6 +147,22 @@ Status MergeNode(const YAML::Node& node, Message* msg,
                         "unknown field (known here: " + known + ")");
     }
     const YAML::Node& value = kv.second;
+    if (field->is_map()) {  // map<string, string>: a mapping of scalars.
+      if (!value.IsMap()) {
+        return FieldError(where, path, "expected a mapping of names to values");
+      }
+      for (const auto& entry : value) {
+        const std::string name = entry.first.as<std::string>();
+        const std::string entry_where = Location(source, entry.first);
+        if (!entry.second.IsScalar()) {
+          return FieldError(entry_where, path + "." + name,
+                            "expected a single value");
+        }
+        SetMapEntry(msg, field, name, entry.second.Scalar());
+        (*origins)[path + "." + name] = entry_where;
+      }
+      continue;
+    }
     if (field->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
       RETURN_IF_ERROR(
           MergeNode(value, msg->GetReflection()->MutableMessage(msg, field),
@@ -164,6 +200,16 @@ Status ApplyOverride(const std::string& assignment, SwitchyardConfig* config,
     if (field == nullptr) {
       return FieldError(where, path, "unknown field '" + name + "'");
     }
+    if (field->is_map()) {  // section.map.NAME=value
+      if (dot == std::string::npos || dot + 1 == path.size()) {
+        return FieldError(where, path,
+                          "is a mapping: set " + path + ".NAME=value");
+      }
+      const std::string key = path.substr(dot + 1);
+      SetMapEntry(msg, field, key, value);
+      (*origins)[path] = where;
+      return OkStatus();
+    }
     if (dot == std::string::npos) break;
     if (field->cpp_type() != FieldDescriptor::CPPTYPE_MESSAGE) {
       return FieldError(where, path, "'" + name + "' is not a section");
@@ -185,7 +231,7 @@ void CollectPaths(const Descriptor* desc, const std::string& prefix,
     const FieldDescriptor* f = desc->field(i);
     const std::string path =
         prefix.empty() ? f->name() : prefix + "." + f->name();
-    if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+    if (f->cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE && !f->is_map()) {
       CollectPaths(f->message_type(), path, out);
     } else {
       out->push_back(path);
@@ -412,6 +458,22 @@ Status ValidateConfig(const SwitchyardConfig& config,
                 x.ucx_tls().find("all") != std::string::npos,
             "transport.ucx_tls", x.ucx_tls(),
             "must include tcp: UCX 1.13 sets up connections over TCP");
+  for (const auto& [name, value] : x.ucx()) {
+    const std::string path = "transport.ucx." + name;
+    const bool well_formed =
+        name.size() > 4 && name.compare(0, 4, "UCX_") == 0 &&
+        std::all_of(name.begin() + 4, name.end(), [](char ch) {
+          return (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                 ch == '_';
+        });
+    v.Require(well_formed, path, "'" + value + "'",
+              "is not a UCX setting: names are UCX_ and capitals, as "
+              "`ucx_info -c` lists them");
+    v.Require(name != "UCX_TLS", path, "'" + value + "'",
+              "is set by transport.ucx_tls");
+    v.Require(!value.empty() && value.find('\n') == std::string::npos, path,
+              "'" + value + "'", "must be one non-empty line");
+  }
   return v.status();
 }
 

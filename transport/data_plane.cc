@@ -129,6 +129,7 @@ DataPlaneOptions DataPlaneOptionsFrom(const config::TransportConfig& config) {
   DataPlaneOptions options;
   options.listen_host = config.data_host();
   options.ucx_tls = config.ucx_tls();
+  options.ucx_env.insert(config.ucx().begin(), config.ucx().end());
   options.max_inflight_bytes = config.max_inflight_bytes();
   options.busy_poll_us = config.busy_poll_us();
   return options;

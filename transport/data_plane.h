@@ -16,6 +16,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -69,6 +70,13 @@ struct DataPlaneOptions {
   // list must include tcp (UCX still moves data over shared memory between
   // processes of one host when posix/cma/sysv are listed too).
   std::string ucx_tls;
+  // Further UCX settings, by environment name (UCX_NET_DEVICES=mlx5_0:1).
+  // UCX reads them from the process environment, so NewUcxDataPlane sets
+  // them there, before the first UCX context of the process reads it; a
+  // variable the environment already has keeps its value (and a warning
+  // says so). Settings UCX reads when it loads (UCX_LOG_LEVEL, say) take
+  // effect only from the environment the process starts with.
+  std::map<std::string, std::string> ucx_env;
   // After any activity the progress thread polls without sleeping for this
   // long before it waits on the worker's event fd: lower latency for more
   // CPU. 0 sleeps at once.
@@ -156,7 +164,7 @@ StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options);
 
 // The options a run's configuration gives (transport.data_host, ucx_tls,
-// max_inflight_bytes, busy_poll_us); the rest keep their defaults.
+// ucx, max_inflight_bytes, busy_poll_us); the rest keep their defaults.
 DataPlaneOptions DataPlaneOptionsFrom(const config::TransportConfig& config);
 
 // A handler for a data plane that only sends (a trainer's): every request

@@ -154,7 +154,55 @@ INSTANTIATE_TEST_SUITE_P(
         ErrorCase{"",
                   {"cluster.workers=0"},
                   "--set cluster.workers=0: cluster.workers (0) must be >= "
-                  "1"}));
+                  "1"},
+        ErrorCase{"transport:\n  ucx:\n    RNDV_THRESH: 8k\n",
+                  {},
+                  "run.yaml:3: transport.ucx.RNDV_THRESH ('8k') is not a UCX "
+                  "setting: names are UCX_ and capitals, as `ucx_info -c` "
+                  "lists them"},
+        ErrorCase{"",
+                  {"transport.ucx.UCX_TLS=tcp"},
+                  "--set transport.ucx.UCX_TLS=tcp: transport.ucx.UCX_TLS "
+                  "('tcp') is set by transport.ucx_tls"},
+        ErrorCase{"transport:\n  ucx:\n    UCX_NET_DEVICES: [a, b]\n",
+                  {},
+                  "run.yaml:3: transport.ucx.UCX_NET_DEVICES: expected a "
+                  "single value"},
+        ErrorCase{"transport:\n  ucx: mlx5_0\n",
+                  {},
+                  "run.yaml:2: transport.ucx: expected a mapping of names to "
+                  "values"},
+        ErrorCase{"",
+                  {"transport.ucx=UCX_NET_DEVICES"},
+                  "--set transport.ucx=UCX_NET_DEVICES: transport.ucx: is a "
+                  "mapping: set transport.ucx.NAME=value"},
+        ErrorCase{"",
+                  {"transport.ucx.UCX_NET_DEVICES="},
+                  "--set transport.ucx.UCX_NET_DEVICES=: "
+                  "transport.ucx.UCX_NET_DEVICES ('') must be one non-empty "
+                  "line"}));
+
+// transport.ucx: UCX settings from the file and from --set, which replaces
+// a value the file gave.
+TEST(ConfigTest, UcxSettingsFromFileAndOverrides) {
+  const char* yaml =
+      "transport:\n"
+      "  ucx:\n"
+      "    UCX_NET_DEVICES: mlx5_0:1\n"
+      "    UCX_RNDV_THRESH: 64k\n";
+  auto loaded = ParseConfig(
+      yaml, "rdma.yaml",
+      {"transport.ucx.UCX_RNDV_THRESH=8k", "transport.ucx.UCX_IB_GID_INDEX=3"});
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  const auto& ucx = loaded->config.transport().ucx();
+  ASSERT_EQ(ucx.size(), 3u);
+  EXPECT_EQ(ucx.at("UCX_NET_DEVICES"), "mlx5_0:1");
+  EXPECT_EQ(ucx.at("UCX_RNDV_THRESH"), "8k");
+  EXPECT_EQ(ucx.at("UCX_IB_GID_INDEX"), "3");
+  EXPECT_EQ(loaded->origins.at("transport.ucx.UCX_NET_DEVICES"), "rdma.yaml:3");
+  EXPECT_EQ(loaded->origins.at("transport.ucx.UCX_RNDV_THRESH"),
+            "--set transport.ucx.UCX_RNDV_THRESH=8k");
+}
 
 TEST(ConfigTest, MissingFileIsNamed) {
   auto loaded = LoadConfig("/nonexistent/run.yaml", {});

@@ -26,6 +26,7 @@
 #include <thread>
 
 #include "common/buffer_pool.h"
+#include "common/config.h"
 #include "common/logging.h"
 
 namespace switchyard::transport {
@@ -739,6 +740,104 @@ TEST(DataPlaneAcrossProcessesTest, ConcurrentLargeEchoesComeBackIntact) {
   client->Shutdown();
 }
 
+// --lanes NAME=VALUE FILE: a server and a client in this process, both
+// with ucx_env {NAME: VALUE} (as transport.ucx gives it), one 16 MiB echo,
+// then the client's ConnectionInfo into FILE.
+int ReportLanes(const std::string& setting, const char* out_file) {
+  const size_t eq = setting.find('=');
+  DataPlaneOptions options;
+  options.ucx_env[setting.substr(0, eq)] = setting.substr(eq + 1);
+  std::vector<Reply> held;
+  std::mutex mu;
+  auto server = NewUcxDataPlane(options).value();
+  auto client = NewUcxDataPlane(options).value();
+  Status s = server->Start(EchoHandler(&held, &mu));
+  if (s.ok()) s = client->Start(nullptr);
+  if (s.ok()) {
+    s = client
+            ->SendSync(server->address(), EchoRequest(4096, 1024, 3), Ms(30000))
+            .status();
+  }
+  std::ofstream out(out_file);
+  out << (s.ok() ? client->ConnectionInfo(server->address()) : s.ToString());
+  client->Shutdown();
+  server->Shutdown();
+  return s.ok() ? 0 : 1;
+}
+
+// The lanes a child process reports (ReportLanes) for `setting`, with
+// `environment` ("" or NAME=VALUE) added to this process's environment
+// less UCX_TLS and UCX_CMA_MEMORY_INVALIDATE.
+std::string LanesInAChild(const std::string& setting,
+                          const std::string& environment) {
+  const std::string file =
+      ::testing::TempDir() + "/dp_lanes_" + std::to_string(::getpid()) + "_" +
+      std::to_string(std::hash<std::string>()(setting + environment));
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string var = *e;
+    if (var.rfind("UCX_TLS=", 0) == 0 ||
+        var.rfind("UCX_CMA_MEMORY_INVALIDATE=", 0) == 0) {
+      continue;
+    }
+    env.push_back(var);
+  }
+  if (!environment.empty()) env.push_back(environment);
+  std::vector<char*> envp;
+  for (std::string& var : env) envp.push_back(var.data());
+  envp.push_back(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execle(g_self_binary.c_str(), g_self_binary.c_str(), "--lanes",
+             setting.c_str(), file.c_str(), nullptr, envp.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  std::ifstream in(file);
+  std::string lanes((std::istreambuf_iterator<char>(in)),
+                    std::istreambuf_iterator<char>());
+  std::remove(file.c_str());
+  return "exit " + std::to_string(WEXITSTATUS(status)) + ": " + lanes;
+}
+
+TEST(DataPlaneOptionsTest, TransportUcxSettingsBecomeUcxEnv) {
+  auto loaded = ParseConfig(
+      "transport:\n  ucx_tls: tcp\n  ucx:\n    UCX_NET_DEVICES: lo\n", "t.yaml",
+      {"transport.ucx.UCX_RNDV_THRESH=8k"});
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  const DataPlaneOptions options =
+      DataPlaneOptionsFrom(loaded->config.transport());
+  EXPECT_EQ(options.ucx_tls, "tcp");
+  const std::map<std::string, std::string> expected = {
+      {"UCX_NET_DEVICES", "lo"}, {"UCX_RNDV_THRESH", "8k"}};
+  EXPECT_EQ(options.ucx_env, expected);
+}
+
+// transport.ucx reaches UCX: UCX_CMA_MEMORY_INVALIDATE=n takes CMA out of
+// the rendezvous lanes (peer error handling then rules it out), where the
+// data plane's default (y) keeps it; the environment's value wins.
+TEST(DataPlaneAcrossProcessesTest, TransportUcxSettingsReachUcx) {
+  const std::string by_default =
+      LanesInAChild("UCX_RNDV_THRESH=auto", /*environment=*/"");
+  EXPECT_NE(by_default.find("exit 0: "), std::string::npos) << by_default;
+  EXPECT_NE(by_default.find("rma_bw=cma/memory"), std::string::npos)
+      << by_default;
+
+  const std::string without_cma = LanesInAChild("UCX_CMA_MEMORY_INVALIDATE=n",
+                                                /*environment=*/"");
+  EXPECT_NE(without_cma.find("exit 0: "), std::string::npos) << without_cma;
+  EXPECT_EQ(without_cma.find("cma"), std::string::npos) << without_cma;
+  EXPECT_NE(without_cma.find("rma_bw="), std::string::npos) << without_cma;
+
+  const std::string environment_wins = LanesInAChild(
+      "UCX_CMA_MEMORY_INVALIDATE=n", "UCX_CMA_MEMORY_INVALIDATE=y");
+  EXPECT_NE(environment_wins.find("rma_bw=cma/memory"), std::string::npos)
+      << environment_wins;
+  std::cout << "default: " << by_default
+            << "\nUCX_CMA_MEMORY_INVALIDATE=n: " << without_cma << "\n";
+}
+
 int ServeForever(const char* address_file) {
   std::vector<Reply> held;
   std::mutex mu;
@@ -764,6 +863,9 @@ int main(int argc, char** argv) {
   switchyard::transport::g_self_binary = argv[0];
   if (argc == 3 && std::strcmp(argv[1], "--serve") == 0) {
     return switchyard::transport::ServeForever(argv[2]);
+  }
+  if (argc == 4 && std::strcmp(argv[1], "--lanes") == 0) {
+    return switchyard::transport::ReportLanes(argv[2], argv[3]);
   }
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();

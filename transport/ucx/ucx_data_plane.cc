@@ -1291,6 +1291,19 @@ ucs_status_t UcxDataPlane::OnResponse(const void* header, size_t header_length,
 
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options) {
+  // transport.ucx first, so that its values win over the defaults below.
+  // Processes create their data plane while starting, before the threads
+  // that might read the environment concurrently.
+  for (const auto& [name, value] : options.ucx_env) {
+    const char* current = std::getenv(name.c_str());
+    if (current == nullptr) {
+      ::setenv(name.c_str(), value.c_str(), /*overwrite=*/0);
+      LOG(INFO) << "data plane: " << name << "=" << value << " (transport.ucx)";
+    } else if (value != current) {
+      LOG(WARNING) << "data plane: the environment's " << name << "=" << current
+                   << " overrides transport.ucx (" << value << ")";
+    }
+  }
   // Endpoints use peer error handling, and UCX 1.13 then leaves out every
   // transport that cannot report a lost peer itself or invalidate remote
   // memory access: shared memory (posix/sysv) and CMA, so processes of one
