@@ -89,7 +89,7 @@ class ControlTest : public ::testing::Test {
     server_.reset();
   }
 
-  void StartServer(uint16_t port) {
+  void StartServer(uint16_t port, const std::string& host = "127.0.0.1") {
     ControlOptions options;
     options.secret = kSecret;
     options.max_frame_bytes = 64 * 1024;
@@ -112,15 +112,16 @@ class ControlTest : public ::testing::Test {
       // Heartbeats are left unanswered: the silent-peer case.
     };
     server_ = std::make_unique<ControlServer>(io_, options, handlers);
-    ASSERT_TRUE(server_->Listen({"127.0.0.1", port}).ok());
+    ASSERT_TRUE(server_->Listen({host, port}).ok());
     port_ = server_->port();
   }
 
-  ControlClient::Ptr NewClient(
-      const std::string& secret, std::function<void()> on_connected = nullptr,
-      std::function<void(Envelope)> on_push = nullptr) {
+  ControlClient::Ptr NewClient(const std::string& secret,
+                               std::function<void()> on_connected = nullptr,
+                               std::function<void(Envelope)> on_push = nullptr,
+                               const std::string& host = "127.0.0.1") {
     ClientOptions options;
-    options.server = {"127.0.0.1", port_};
+    options.server = {host, port_};
     options.control.secret = secret;
     options.control.handshake_timeout = Ms(1000);
     options.min_backoff = Ms(20);
@@ -180,6 +181,34 @@ TEST_F(ControlTest, WrongSecretIsRejectedAndServerKeepsServing) {
   auto good = NewClient(kSecret);
   ASSERT_TRUE(good->WaitConnected(Ms(5000)).ok());
   EXPECT_TRUE(good->CallSync(StatusRequest(), Ms(2000)).ok());
+}
+
+// One config file names the coordinator for every process, so names work
+// on both ends: the server binds the name's address, the client resolves
+// it (trying each address "localhost" has) on every attempt.
+TEST_F(ControlTest, HostNamesAreResolvedOnBothEnds) {
+  server_->Shutdown();
+  StartServer(0, "localhost");
+  auto client = NewClient(kSecret, nullptr, nullptr, "localhost");
+  ASSERT_TRUE(client->WaitConnected(Ms(5000)).ok());
+  auto r = client->CallSync(StatusRequest(), Ms(2000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->status_response().epoch(), 42u);
+}
+
+TEST_F(ControlTest, AnUnresolvableHostIsNamedAndRetried) {
+  auto client = NewClient(kSecret, nullptr, nullptr, "no-such-host.invalid");
+  Status s = client->WaitConnected(Ms(1500));
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("resolve coordinator host 'no-such-host.invalid'"),
+            std::string::npos)
+      << s.ToString();
+  ControlServer server(io_, ControlOptions(), Connection::Handlers());
+  const Status listen = server.Listen({"no-such-host.invalid", 0});
+  EXPECT_EQ(listen.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(listen.message().find("cannot resolve host 'no-such-host.invalid'"),
+            std::string::npos)
+      << listen.ToString();
 }
 
 TEST_F(ControlTest, SilentPeerGivesDeadlineNotHang) {

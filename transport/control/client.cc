@@ -35,61 +35,84 @@ void ControlClient::Connect() {
     std::lock_guard<std::mutex> lock(mu_);
     if (shut_down_) return;
   }
+  auto socket = std::make_shared<tcp::socket>(io_);
   boost::system::error_code ec;
   const auto ip = asio::ip::make_address(options_.server.host, ec);
-  if (ec) {
-    ScheduleReconnect(InvalidArgumentError("bad coordinator host '" +
-                                           options_.server.host + "'"));
+  if (!ec) {
+    socket->async_connect(tcp::endpoint(ip, options_.server.port),
+                          [self = shared_from_this(),
+                           socket](const boost::system::error_code& ec) {
+                            self->Connected(socket, ec);
+                          });
     return;
   }
-  auto socket = std::make_shared<tcp::socket>(io_);
-  const tcp::endpoint endpoint(ip, options_.server.port);
-  socket->async_connect(endpoint, [self = shared_from_this(), socket](
-                                      const boost::system::error_code& ec) {
-    if (ec) {
-      self->ScheduleReconnect(
-          ASIO_STATUS(ec, "connect to " + self->options_.server.ToString()));
-      return;
-    }
-    socket->set_option(tcp::no_delay(true));
-    Connection::Handlers handlers;
-    std::weak_ptr<ControlClient> weak = self;
-    handlers.on_ready = [weak](const Connection::Ptr& conn) {
-      auto self = weak.lock();
-      if (!self) return;
-      {
-        std::lock_guard<std::mutex> lock(self->mu_);
-        if (self->shut_down_) {
-          conn->Close(CancelledError("client shut down"));
+  // A host name (DNS, a Kubernetes service): resolved on every attempt, so
+  // a coordinator that comes back at another address is found again. Each
+  // address the name has is tried in turn.
+  auto resolver = std::make_shared<tcp::resolver>(io_);
+  resolver->async_resolve(
+      options_.server.host, std::to_string(options_.server.port),
+      [self = shared_from_this(), resolver, socket](
+          const boost::system::error_code& ec,
+          const tcp::resolver::results_type& endpoints) {
+        if (ec) {
+          self->ScheduleReconnect(ASIO_STATUS(
+              ec,
+              "resolve coordinator host '" + self->options_.server.host + "'"));
           return;
         }
-        self->connection_ = conn;
-        self->backoff_ = self->options_.min_backoff;
-        self->last_error_ = OkStatus();
+        asio::async_connect(*socket, endpoints,
+                            [self, socket](const boost::system::error_code& ec,
+                                           const tcp::endpoint&) {
+                              self->Connected(socket, ec);
+                            });
+      });
+}
+
+void ControlClient::Connected(const std::shared_ptr<tcp::socket>& socket,
+                              const boost::system::error_code& ec) {
+  if (ec) {
+    ScheduleReconnect(
+        ASIO_STATUS(ec, "connect to " + options_.server.ToString()));
+    return;
+  }
+  socket->set_option(tcp::no_delay(true));
+  Connection::Handlers handlers;
+  std::weak_ptr<ControlClient> weak = shared_from_this();
+  handlers.on_ready = [weak](const Connection::Ptr& conn) {
+    auto self = weak.lock();
+    if (!self) return;
+    {
+      std::lock_guard<std::mutex> lock(self->mu_);
+      if (self->shut_down_) {
+        conn->Close(CancelledError("client shut down"));
+        return;
       }
-      self->cv_.notify_all();
-      VLOG(1) << "control: connected to " << conn->peer();
-      if (self->on_connected_) self->on_connected_();
-    };
-    handlers.on_push = [weak](const Connection::Ptr&, Envelope e) {
-      if (auto self = weak.lock(); self && self->on_push_) {
-        self->on_push_(std::move(e));
-      }
-    };
-    handlers.on_close = [weak](const Connection::Ptr& conn, const Status& s) {
-      auto self = weak.lock();
-      if (!self) return;
-      {
-        std::lock_guard<std::mutex> lock(self->mu_);
-        if (self->connection_ == conn) self->connection_.reset();
-      }
-      self->ScheduleReconnect(s);
-    };
-    auto conn =
-        Connection::Create(std::move(*socket), Connection::Role::kClient,
-                           self->options_.control, std::move(handlers));
-    conn->Start();
-  });
+      self->connection_ = conn;
+      self->backoff_ = self->options_.min_backoff;
+      self->last_error_ = OkStatus();
+    }
+    self->cv_.notify_all();
+    VLOG(1) << "control: connected to " << conn->peer();
+    if (self->on_connected_) self->on_connected_();
+  };
+  handlers.on_push = [weak](const Connection::Ptr&, Envelope e) {
+    if (auto self = weak.lock(); self && self->on_push_) {
+      self->on_push_(std::move(e));
+    }
+  };
+  handlers.on_close = [weak](const Connection::Ptr& conn, const Status& s) {
+    auto self = weak.lock();
+    if (!self) return;
+    {
+      std::lock_guard<std::mutex> lock(self->mu_);
+      if (self->connection_ == conn) self->connection_.reset();
+    }
+    self->ScheduleReconnect(s);
+  };
+  auto conn = Connection::Create(std::move(*socket), Connection::Role::kClient,
+                                 options_.control, std::move(handlers));
+  conn->Start();
 }
 
 void ControlClient::ScheduleReconnect(const Status& why) {

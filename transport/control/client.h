@@ -60,6 +60,10 @@ class ControlClient : public std::enable_shared_from_this<ControlClient> {
                 std::function<void()> on_connected,
                 std::function<void(Envelope)> on_push);
   void Connect();
+  // The attempt's socket is connected (or failed with `ec`): starts the
+  // handshake, or schedules the next attempt.
+  void Connected(const std::shared_ptr<boost::asio::ip::tcp::socket>& socket,
+                 const boost::system::error_code& ec);
   void ScheduleReconnect(const Status& why);
 
   boost::asio::io_context& io_;

@@ -1,6 +1,7 @@
 #include "transport/control/server.h"
 
 #include "transport/control/asio_status.h"
+#include "transport/control/listen_endpoint.h"
 
 namespace switchyard::control {
 
@@ -20,10 +21,9 @@ ControlServer::~ControlServer() {
 }
 
 Status ControlServer::Listen(const HostPort& address) {
+  ASSIGN_OR_RETURN(const tcp::endpoint endpoint,
+                   ListenEndpoint(io_, address, "listen address"));
   boost::system::error_code ec;
-  const auto ip = asio::ip::make_address(address.host, ec);
-  if (ec) return InvalidArgumentError("bad listen host '" + address.host + "'");
-  const tcp::endpoint endpoint(ip, address.port);
   acceptor_.open(endpoint.protocol(), ec);
   if (ec) return ASIO_STATUS(ec, "open listener");
   acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);

@@ -5,6 +5,7 @@
 #include "common/metrics.h"
 #include "common/net_address.h"
 #include "common/thread_name.h"
+#include "transport/control/listen_endpoint.h"
 
 namespace switchyard::transport {
 
@@ -69,12 +70,9 @@ MetricsServer::~MetricsServer() { Shutdown(); }
 
 Status MetricsServer::Start(const std::string& address) {
   ASSIGN_OR_RETURN(HostPort hp, ParseHostPort(address));
+  ASSIGN_OR_RETURN(const tcp::endpoint endpoint,
+                   control::ListenEndpoint(impl_->io, hp, "metrics address"));
   boost::system::error_code ec;
-  const auto ip = asio::ip::make_address(hp.host, ec);
-  if (ec)
-    return InvalidArgumentError("metrics address " + address + ": " +
-                                ec.message());
-  tcp::endpoint endpoint(ip, hp.port);
   impl_->acceptor.open(endpoint.protocol(), ec);
   if (!ec) impl_->acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
   if (!ec) impl_->acceptor.bind(endpoint, ec);
