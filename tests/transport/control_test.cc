@@ -188,6 +188,9 @@ TEST_F(ControlTest, WrongSecretIsRejectedAndServerKeepsServing) {
 // it (trying each address "localhost" has) on every attempt.
 TEST_F(ControlTest, HostNamesAreResolvedOnBothEnds) {
   server_->Shutdown();
+  // Destroying a ControlServer requires a stopped io_context; park it.
+  static std::vector<std::unique_ptr<ControlServer>> retired;
+  retired.push_back(std::move(server_));
   StartServer(0, "localhost");
   auto client = NewClient(kSecret, nullptr, nullptr, "localhost");
   ASSERT_TRUE(client->WaitConnected(Ms(5000)).ok());
