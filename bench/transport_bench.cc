@@ -9,7 +9,8 @@
 //              huge pages).
 //   latency:   a 4 KiB echo, one at a time, against twice ucx_perftest
 //              tag_lat's one-way latency (its round trip): median against
-//              median, and mean against mean.
+//              median, and mean against mean, in rounds that alternate
+//              ours and ucx_perftest's; the median round's ratio counts.
 // Transports: shared memory (UCX_TLS=posix,cma,tcp,self: UCX 1.13 needs tcp
 // to set up connections, and moves data over shared memory) and TCP on
 // loopback (UCX_TLS=tcp,self). Every echo is checked byte for byte.
@@ -21,11 +22,12 @@
 //   --latency: the round trips only
 //   --bytes N: the bandwidth rows for N-byte payloads only (a multiple of
 //              4 KiB), then the round trips
-//   --rounds N: bandwidth rounds per size (default 3), ours and
-//              ucx_perftest's alternating; the median round's ratio counts
+//   --rounds N: rounds per bandwidth size and of round trips (default 3),
+//              ours and ucx_perftest's alternating; the median round's
+//              ratio counts
 //   --transport: one transport only (default both)
-//   --round-trips N: 4 KiB round trips timed (default 2000; more for a
-//              profile)
+//   --round-trips N: 4 KiB round trips timed per round (default 2000;
+//              more for a profile)
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
@@ -99,18 +101,20 @@ int Serve(const std::string& file, const std::string& tls) {
   while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
 }
 
-// Runs ucx_perftest (server and client) and returns a column of the
-// "Final:" row: latency in us (1: median, 2: average) or bandwidth in MB/s
-// (4).
-// `memory`, when not empty, goes into the environment too.
-double Perftest(const std::string& tls, const std::string& test, size_t bytes,
-                int iters, int column, const std::string& memory = "") {
+// Runs ucx_perftest (server and client) and returns its "Final:" row
+// (zeros when it failed): latency in us (1: median, 2: average),
+// bandwidth in MB/s (4). `memory`, when not empty, goes into the
+// environment too.
+std::vector<double> PerftestFinal(const std::string& tls,
+                                  const std::string& test, size_t bytes,
+                                  int iters, const std::string& memory = "") {
   static int port = 20000 + ::getpid() % 20000;
   ++port;
   const std::string env = "UCX_TLS=" + tls + " " + memory + " ";
   const std::string server =
       env + "ucx_perftest -p " + std::to_string(port) + " > /dev/null 2>&1 &";
-  if (std::system(server.c_str()) != 0) return 0;
+  std::vector<double> row(8, 0.0);
+  if (std::system(server.c_str()) != 0) return row;
   std::this_thread::sleep_for(Ms(300));
   const std::string client = env + "ucx_perftest 127.0.0.1 -p " +
                              std::to_string(port) + " -t " + test + " -s " +
@@ -118,16 +122,13 @@ double Perftest(const std::string& tls, const std::string& test, size_t bytes,
                              std::to_string(iters) + " 2>&1";
   FILE* pipe = ::popen(client.c_str(), "r");
   char line[512];
-  double value = 0;
   while (std::fgets(line, sizeof(line), pipe)) {
     if (std::strncmp(line, "Final:", 6) != 0) continue;
-    double cols[8] = {0};
-    std::sscanf(line + 6, "%lf %lf %lf %lf %lf %lf %lf %lf", &cols[0], &cols[1],
-                &cols[2], &cols[3], &cols[4], &cols[5], &cols[6], &cols[7]);
-    value = cols[column];
+    std::sscanf(line + 6, "%lf %lf %lf %lf %lf %lf %lf %lf", &row[0], &row[1],
+                &row[2], &row[3], &row[4], &row[5], &row[6], &row[7]);
   }
   ::pclose(pipe);
-  return value;
+  return row;
 }
 
 // The copy under every shared-memory rendezvous: UCX's CMA transport
@@ -333,9 +334,10 @@ int Run() {
         // memory, 4 KiB pages) and transparent huge pages, as Switchyard's
         // tensors are: on the CI VM huge pages moved 16 MiB messages at
         // 17-20 GB/s against 8-11 with the default.
-        theirs.push_back(std::max(Perftest(t.tls, "tag_bw", bytes, iters, 4),
-                                  Perftest(t.tls, "tag_bw", bytes, iters, 4,
-                                           "UCX_ALLOC_PRIO=thp,mmap,heap")));
+        theirs.push_back(
+            std::max(PerftestFinal(t.tls, "tag_bw", bytes, iters)[4],
+                     PerftestFinal(t.tls, "tag_bw", bytes, iters,
+                                   "UCX_ALLOC_PRIO=thp,mmap,heap")[4]));
         ratios.push_back(theirs.back() > 0 ? ours.back() / theirs.back() : 0);
         if (bytes >= (size_t{16} << 20)) {
           one_way.push_back(EchoBandwidth(client.get(), address, bytes, iters,
@@ -363,48 +365,71 @@ int Run() {
             t.name, bytes, Median(copy_one), Median(copy_four));
       }
     }
-    // Latency: 4 KiB, one at a time.
-    const int lat_iters = g_round_trips;
-    for (int i = 0; i < 50; ++i) {
-      (void)client->SendSync(address, Echo(4096, i), Ms(10000));
-    }
+    // Latency: 4 KiB, one at a time, in rounds that alternate ours and
+    // ucx_perftest's (the VM's speed changes within seconds: a round
+    // compares the two at about the same moment); the median round's
+    // ratios count. Each round starts with 50 untimed round trips, as
+    // ucx_perftest warms up: after the other's round both sides sleep.
     const Message proto = Echo(4096, 3);
-    const auto start = Clock::now();
-    std::vector<double> each_us(lat_iters);
-    for (int i = 0; i < lat_iters; ++i) {
-      Message m;
-      m.header = proto.header;
-      m.payload = proto.payload;
-      const auto t0 = Clock::now();
-      auto r = client->SendSync(address, std::move(m), Ms(10000));
-      each_us[i] =
-          std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-      ok = ok && r.ok() &&
-           r->payload.num_bytes() == proto.payload.num_bytes() &&
-           std::memcmp(r->payload.data(), proto.payload.data(),
-                       proto.payload.num_bytes()) == 0;
+    std::vector<double> median_ratios, mean_ratios, all_us;
+    std::vector<std::string> round_lines;
+    for (int round = 0; round < g_rounds; ++round) {
+      for (int i = 0; i < 50; ++i) {
+        (void)client->SendSync(address, Echo(4096, i), Ms(10000));
+      }
+      std::vector<double> each_us(g_round_trips);
+      const auto start = Clock::now();
+      for (int i = 0; i < g_round_trips; ++i) {
+        Message m;
+        m.header = proto.header;
+        m.payload = proto.payload;
+        const auto t0 = Clock::now();
+        auto r = client->SendSync(address, std::move(m), Ms(10000));
+        each_us[i] =
+            std::chrono::duration<double, std::micro>(Clock::now() - t0)
+                .count();
+        ok = ok && r.ok() &&
+             r->payload.num_bytes() == proto.payload.num_bytes() &&
+             std::memcmp(r->payload.data(), proto.payload.data(),
+                         proto.payload.num_bytes()) == 0;
+      }
+      const double mean_us =
+          std::chrono::duration<double, std::micro>(Clock::now() - start)
+              .count() /
+          g_round_trips;
+      all_us.insert(all_us.end(), each_us.begin(), each_us.end());
+      const double median_us = Median(each_us);
+      // Its "Final" row: column 1 the median one-way latency, 2 the mean.
+      const std::vector<double> final_row =
+          PerftestFinal(t.tls, "tag_lat", 4096, 20000);
+      const double theirs_median = 2 * final_row[1];
+      const double theirs_mean = 2 * final_row[2];
+      median_ratios.push_back(theirs_median > 0 ? median_us / theirs_median
+                                                : 0.0);
+      mean_ratios.push_back(theirs_mean > 0 ? mean_us / theirs_mean : 0.0);
+      char line[256];
+      std::snprintf(line, sizeof(line),
+                    "median %.2f us, ucx_perftest %.2f us: %.2fx; mean %.2f "
+                    "us, ucx_perftest %.2f us: %.2fx",
+                    median_us, theirs_median, median_ratios.back(), mean_us,
+                    theirs_mean, mean_ratios.back());
+      round_lines.push_back(line);
     }
-    std::sort(each_us.begin(), each_us.end());
+    std::sort(all_us.begin(), all_us.end());
+    const size_t n = all_us.size();
     std::printf(
-        "%-6s 4 KiB round trip percentiles: p10 %.2f us, p50 %.2f us, "
-        "p90 %.2f us, p99 %.1f us, max %.1f us\n",
-        t.name, each_us[lat_iters / 10], each_us[lat_iters / 2],
-        each_us[lat_iters * 9 / 10], each_us[lat_iters * 99 / 100],
-        each_us.back());
-    const double mean_us =
-        std::chrono::duration<double, std::micro>(Clock::now() - start)
-            .count() /
-        lat_iters;
-    const double median_us = each_us[lat_iters / 2];
-    const double perftest_median =
-        2 * Perftest(t.tls, "tag_lat", 4096, 20000, 1);
-    const double perftest_mean = 2 * Perftest(t.tls, "tag_lat", 4096, 20000, 2);
+        "%-6s 4 KiB round trip percentiles (all rounds): p10 %.2f us, p50 "
+        "%.2f us, p90 %.2f us, p99 %.1f us, max %.1f us\n",
+        t.name, all_us[n / 10], all_us[n / 2], all_us[n * 9 / 10],
+        all_us[n * 99 / 100], all_us.back());
+    for (size_t r = 0; r < round_lines.size(); ++r) {
+      std::printf("%-6s 4 KiB round trip, round %zu: %s\n", t.name, r + 1,
+                  round_lines[r].c_str());
+    }
     std::printf(
-        "%-6s 4 KiB round trip: median %.2f us, ucx_perftest %.2f us: %.2fx "
-        "(target <= 2x); mean %.2f us, ucx_perftest %.2f us: %.2fx\n",
-        t.name, median_us, perftest_median,
-        perftest_median > 0 ? median_us / perftest_median : 0.0, mean_us,
-        perftest_mean, perftest_mean > 0 ? mean_us / perftest_mean : 0.0);
+        "%-6s 4 KiB round trip: median round %.2fx of ucx_perftest (target "
+        "<= 2x), mean %.2fx\n",
+        t.name, Median(median_ratios), Median(mean_ratios));
     client->Shutdown();
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);
@@ -430,13 +455,13 @@ int main(int argc, char** argv) {
       "  --latency   the 4 KiB round trips only\n"
       "  --bytes N   the bandwidth rows of N-byte payloads only (a multiple\n"
       "              of 4096), then the round trips\n"
-      "  --rounds N  bandwidth rounds per size, each ours then\n"
-      "              ucx_perftest's; the median round's ratio is printed\n"
-      "              (default 3)\n"
+      "  --rounds N  rounds per bandwidth size and of round trips, each\n"
+      "              ours then ucx_perftest's; the median round's ratio\n"
+      "              is printed (default 3)\n"
       "  --transport shm|tcp\n"
       "              one transport only (default both)\n"
       "  --round-trips N\n"
-      "              4 KiB round trips timed (default 2000)\n";
+      "              4 KiB round trips timed per round (default 2000)\n";
   for (int i = 1; i < argc; ++i) {
     const bool has_value = i + 1 < argc;
     if (std::strcmp(argv[i], "--help") == 0) {
