@@ -1292,8 +1292,9 @@ ucs_status_t UcxDataPlane::OnResponse(const void* header, size_t header_length,
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options) {
   // transport.ucx first, so that its values win over the defaults below.
-  // Processes create their data plane while starting, before the threads
-  // that might read the environment concurrently.
+  // setenv is not safe against a getenv running in another thread at the
+  // same time; workers and trainers get here while starting, when none of
+  // their threads reads the environment (UCX reads it in Start()).
   for (const auto& [name, value] : options.ucx_env) {
     const char* current = std::getenv(name.c_str());
     if (current == nullptr) {
