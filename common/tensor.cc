@@ -23,14 +23,16 @@ StatusOr<DType> ParseDType(std::string_view name) {
 
 namespace {
 
+// Without a division per dimension: this runs for every tensor a request
+// makes (a 64-bit division costs more than the rest of it).
 StatusOr<int64_t> CountElements(const std::vector<int64_t>& shape) {
+  constexpr int64_t kMaxElements = std::numeric_limits<int64_t>::max() / 8;
   int64_t count = 1;
   for (int64_t d : shape) {
     if (d < 0) return InvalidArgumentError("negative tensor dimension");
-    if (d != 0 && count > std::numeric_limits<int64_t>::max() / 8 / d) {
+    if (__builtin_mul_overflow(count, d, &count) || count > kMaxElements) {
       return InvalidArgumentError("tensor size overflows");
     }
-    count *= d;
   }
   return count;
 }

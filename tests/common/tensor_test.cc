@@ -33,6 +33,18 @@ TEST(TensorTest, RejectsBadShapes) {
   EXPECT_FALSE(Tensor::Zeros(DType::kF32, {-1, 4}).ok());
   const int64_t big = std::numeric_limits<int64_t>::max() / 2;
   EXPECT_FALSE(Tensor::Zeros(DType::kF32, {big, big}).ok());
+  // The limit is 2^63 / 8 elements (every dtype's bytes fit an int64), met
+  // exactly, passed by one, and passed only by the product of dimensions
+  // that each fit; a zero dimension makes any other size empty.
+  const int64_t limit = std::numeric_limits<int64_t>::max() / 8;
+  EXPECT_EQ(Tensor::BytesFor(DType::kBF16, {limit}).value(),
+            static_cast<size_t>(limit) * 2);
+  EXPECT_FALSE(Tensor::BytesFor(DType::kF32, {limit + 1}).ok());
+  EXPECT_FALSE(Tensor::BytesFor(DType::kF32, {int64_t{1} << 30, 1 << 30}).ok());
+  EXPECT_TRUE(Tensor::BytesFor(DType::kF32, {int64_t{1} << 29, 1 << 30}).ok());
+  EXPECT_EQ(Tensor::BytesFor(DType::kF32, {0, big, big}).value(), 0u);
+  EXPECT_FALSE(Tensor::BytesFor(DType::kF32, {big, big, 0}).ok());
+  EXPECT_EQ(Tensor::BytesFor(DType::kF32, {2, 3, 4}).value(), 96u);
 }
 
 TEST(TensorTest, SliceAndReshapeShareStorage) {
