@@ -445,6 +445,23 @@ TEST_F(DeployTest, KubernetesManifestsRunACluster) {
             "switchyard-coordinator:" +
                 (*service)["spec"]["ports"][0]["port"].as<std::string>());
 
+  // Pods run as the image's user, which can write the volumes and read
+  // the secret (group-readable, fsGroup).
+  const std::string dockerfile =
+      testing::ReadFile(kSource + "/deploy/docker/Dockerfile");
+  ASSERT_NE(dockerfile.find("--uid 10001 --gid 10001"), std::string::npos);
+  for (const YAML::Node* workload : {coordinator, worker, trainer}) {
+    const YAML::Node pod = (*workload)["spec"]["template"]["spec"];
+    const std::string name = (*workload)["metadata"]["name"].as<std::string>();
+    EXPECT_EQ(pod["securityContext"]["runAsUser"].as<int>(), 10001) << name;
+    EXPECT_EQ(pod["securityContext"]["fsGroup"].as<int>(), 10001) << name;
+    for (const auto& v : pod["volumes"]) {
+      if (v["secret"]) {
+        EXPECT_EQ(v["secret"]["defaultMode"].as<std::string>(), "0440") << name;
+      }
+    }
+  }
+
   // A few steps of the same model.
   config["training"]["steps"] = 4;
   config["training"]["threads"] = 1;
