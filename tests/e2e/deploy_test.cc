@@ -420,8 +420,12 @@ struct PodRunner {
 };
 
 TEST_F(DeployTest, KubernetesManifestsRunACluster) {
-  const std::vector<YAML::Node> docs =
+  std::vector<YAML::Node> docs =
       YAML::LoadAllFromFile(kSource + "/deploy/k8s/switchyard.yaml");
+  for (const YAML::Node& d :
+       YAML::LoadAllFromFile(kSource + "/deploy/k8s/trainers.yaml")) {
+    docs.push_back(d);
+  }
   const YAML::Node* config_map =
       FindKind(docs, "ConfigMap", "switchyard-config");
   const YAML::Node* coordinator =
