@@ -20,7 +20,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <iostream>
 #include <map>
 #include <regex>
 #include <sstream>
@@ -60,21 +59,25 @@ uint16_t FreePort() {
   return ntohs(addr.sin_port);
 }
 
+// `text` with every match of `variable` (whose group 1 is a name)
+// replaced by that name's value in `values`; an unknown name fails the
+// test (`what` says where it was looked up) and becomes "".
+std::string ExpandVariables(std::string text, const std::regex& variable,
+                            const std::map<std::string, std::string>& values,
+                            const std::string& what) {
+  std::smatch m;
+  while (std::regex_search(text, m, variable)) {
+    const auto it = values.find(m[1]);
+    EXPECT_NE(it, values.end()) << m[0] << " is not set in " << what;
+    text.replace(m.position(0), m.length(0),
+                 it == values.end() ? std::string() : it->second);
+  }
+  return text;
+}
+
 void WriteFile(const std::string& path, const std::string& text) {
   fs::create_directories(fs::path(path).parent_path());
   std::ofstream(path) << text;
-}
-
-// Two "languages" of training text.
-void WriteCorpus(const std::string& dir) {
-  fs::create_directories(dir);
-  std::ofstream en(dir + "/en.txt");
-  std::ofstream de(dir + "/de.txt");
-  for (int i = 0; i < 300; ++i) {
-    en << "the quick brown fox " << i << " jumps over the lazy dog.\n";
-    de << "zwölf boxkämpfer jagen viktor quer über den sylter deich " << i
-       << "\n";
-  }
 }
 
 // The processes of one simulated cluster, stopped at the end.
@@ -104,10 +107,7 @@ class Cluster {
     while (std::chrono::steady_clock::now() < deadline) {
       for (auto& p : procs_) {
         if (p.pid > 0) {
-          int status = 0;
-          if (::waitpid(p.pid, &status, WNOHANG) != p.pid) continue;
-          p.pid = -1;
-          p.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+          if (!Reap(p, Ms(0))) continue;
           if (!p.finishes) {
             ADD_FAILURE() << p.name << " exited (" << p.exit_code
                           << ") while waiting for " << name << ":\n"
@@ -128,16 +128,11 @@ class Cluster {
     for (auto it = procs_.rbegin(); it != procs_.rend(); ++it) {
       if (it->pid <= 0) continue;
       ::kill(it->pid, SIGTERM);
-      const auto start = std::chrono::steady_clock::now();
-      const int code = testing::WaitExit(it->pid, Ms(20000));
-      std::cout << it->name << " stopped in "
-                << std::chrono::duration_cast<Ms>(
-                       std::chrono::steady_clock::now() - start)
-                       .count()
-                << " ms\n";
-      EXPECT_EQ(code, 0) << it->name << " did not exit cleanly on SIGTERM\n"
-                         << Log(it->name);
-      if (code == -1) testing::StopAndReap(it->pid);  // Kills after 10 s.
+      const bool exited = Reap(*it, Ms(20000));
+      EXPECT_TRUE(exited && it->exit_code == 0)
+          << it->name << " did not exit cleanly on SIGTERM\n"
+          << Log(it->name);
+      if (!exited) testing::StopAndReap(it->pid);  // SIGKILL after 10 s.
       it->pid = -1;
     }
   }
@@ -149,10 +144,25 @@ class Cluster {
  private:
   struct Proc {
     std::string name;
-    pid_t pid;
+    pid_t pid;  // -1 once reaped.
     bool finishes;
-    int exit_code;
+    int exit_code;  // Once reaped: its exit code, -1 for a signal.
   };
+
+  // Whether `p` exited within `timeout` (0: has exited already); reaps it.
+  static bool Reap(Proc& p, Ms timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (true) {
+      int status = 0;
+      if (::waitpid(p.pid, &status, WNOHANG) == p.pid) {
+        p.pid = -1;
+        p.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        return true;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(Ms(50));
+    }
+  }
   std::string dir_;
   std::vector<Proc> procs_;
 };
@@ -164,7 +174,8 @@ class DeployTest : public ::testing::Test {
            std::to_string(::getpid());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
-    WriteCorpus(dir_ + "/corpus");
+    fs::create_directories(dir_ + "/corpus");
+    testing::WriteTwoLanguageCorpus(dir_ + "/corpus");
     secret_ = std::string(48, 'k') + std::to_string(::getpid());
   }
   void TearDown() override { fs::remove_all(dir_); }
@@ -216,16 +227,10 @@ std::vector<std::string> ExecStartArgs(
     const std::string& exec_start, const std::string& instance,
     const std::string& state_root,
     const std::map<std::string, std::string>& env) {
-  std::string line = ReplaceAll(exec_start, "%i", instance);
-  line = ReplaceAll(line, "%S", state_root);
   static const std::regex kVar(R"(\$\{([A-Z_]+)\})");
-  std::smatch m;
-  while (std::regex_search(line, m, kVar)) {
-    const auto it = env.find(m[1]);
-    EXPECT_NE(it, env.end()) << "${" << m[1] << "} is not in switchyard.env";
-    line.replace(m.position(0), m.length(0),
-                 it == env.end() ? std::string() : it->second);
-  }
+  std::string line = ReplaceAll(exec_start, "%i", instance);
+  line = ExpandVariables(ReplaceAll(line, "%S", state_root), kVar, env,
+                         "switchyard.env");
   std::vector<std::string> args;
   std::istringstream words(line);
   for (std::string w; words >> w;) args.push_back(w);
@@ -342,9 +347,10 @@ const YAML::Node* FindKind(const std::vector<YAML::Node>& docs,
 }
 
 // One pod of a workload as a local process: its command with $(VAR)
-// expanded from its env (fieldRefs given by `fields`, plus `extra_env`
-// that the controller injects), each volume's mountPath mapped to a
-// directory of the pod, the coordinator service and fixed ports mapped.
+// expanded from its env (fieldRefs answered as Kubernetes would for `pod`,
+// plus what the controller injects, passed in `env`), each volume's
+// mountPath mapped to a directory of the pod, the coordinator service and
+// fixed ports mapped.
 struct PodRunner {
   std::string dir;                             // The test's directory.
   std::map<std::string, std::string> replace;  // Service names, ports.
@@ -407,13 +413,8 @@ struct PodRunner {
     std::vector<std::string> args;
     static const std::regex kVar(R"(\$\(([A-Z_]+)\))");
     for (const auto& word : container["command"]) {
-      std::string arg = word.as<std::string>();
-      std::smatch m;
-      while (std::regex_search(arg, m, kVar)) {
-        EXPECT_EQ(env.count(m[1]), 1u) << "$(" << m[1] << ") is not set";
-        arg.replace(m.position(0), m.length(0), env[m[1]]);
-      }
-      args.push_back(map_text(arg));
+      args.push_back(map_text(
+          ExpandVariables(word.as<std::string>(), kVar, env, "the pod's env")));
     }
     return args;
   }

@@ -52,13 +52,7 @@ class TrainingTest : public ::testing::Test {
            std::to_string(::getpid());
     std::filesystem::remove_all(dir_);
     std::filesystem::create_directories(dir_ + "/data");
-    // Two "languages", so that routing has something to learn.
-    std::ofstream en(dir_ + "/data/en.txt");
-    std::ofstream ru(dir_ + "/data/ru.txt");
-    for (int i = 0; i < 400; ++i) {
-      en << "the quick brown fox " << i << " jumps over the lazy dog.\n";
-      ru << "съешь же ещё этих мягких французских булок " << i << "\n";
-    }
+    testing::WriteTwoLanguageCorpus(dir_ + "/data");
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 

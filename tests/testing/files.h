@@ -19,6 +19,17 @@ inline std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
+// Training text in two "languages" (so that routing has something to
+// learn) in `dir`, which must exist: en.txt and ru.txt, 400 lines each.
+inline void WriteTwoLanguageCorpus(const std::string& dir) {
+  std::ofstream en(dir + "/en.txt");
+  std::ofstream ru(dir + "/ru.txt");
+  for (int i = 0; i < 400; ++i) {
+    en << "the quick brown fox " << i << " jumps over the lazy dog.\n";
+    ru << "съешь же ещё этих мягких французских булок " << i << "\n";
+  }
+}
+
 // Flips bit `mask` of byte `offset` in the value of the first key under
 // `prefix` of the RocksDB database at `db`, behind any store's back (its
 // own block checksums stay consistent). Fails when there is no such key.

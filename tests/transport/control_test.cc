@@ -116,6 +116,14 @@ class ControlTest : public ::testing::Test {
     port_ = server_->port();
   }
 
+  // Shuts the server down and keeps it: destroying a ControlServer
+  // requires a stopped io_context.
+  void RetireServer() {
+    server_->Shutdown();
+    static std::vector<std::unique_ptr<ControlServer>> retired;
+    retired.push_back(std::move(server_));
+  }
+
   ControlClient::Ptr NewClient(const std::string& secret,
                                std::function<void()> on_connected = nullptr,
                                std::function<void(Envelope)> on_push = nullptr,
@@ -187,10 +195,7 @@ TEST_F(ControlTest, WrongSecretIsRejectedAndServerKeepsServing) {
 // on both ends: the server binds the name's address, the client resolves
 // it (trying each address "localhost" has) on every attempt.
 TEST_F(ControlTest, HostNamesAreResolvedOnBothEnds) {
-  server_->Shutdown();
-  // Destroying a ControlServer requires a stopped io_context; park it.
-  static std::vector<std::unique_ptr<ControlServer>> retired;
-  retired.push_back(std::move(server_));
+  RetireServer();
   StartServer(0, "localhost");
   auto client = NewClient(kSecret, nullptr, nullptr, "localhost");
   ASSERT_TRUE(client->WaitConnected(Ms(5000)).ok());
@@ -307,13 +312,10 @@ TEST_F(ControlTest, ClientReconnectsAfterServerRestart) {
   auto client = NewClient(kSecret, [&] { ++connects; });
   ASSERT_TRUE(client->WaitConnected(Ms(5000)).ok());
   const uint16_t port = port_;
-  server_->Shutdown();
+  RetireServer();
   std::this_thread::sleep_for(Ms(100));
   auto r = client->CallSync(StatusRequest(), Ms(500));
   EXPECT_FALSE(r.ok());
-  // Destroying a ControlServer requires a stopped io_context; park the old one.
-  static std::vector<std::unique_ptr<ControlServer>> retired;
-  retired.push_back(std::move(server_));
   StartServer(port);
   const auto deadline = std::chrono::steady_clock::now() + Ms(5000);
   while (connects.load() < 2 && std::chrono::steady_clock::now() < deadline) {
