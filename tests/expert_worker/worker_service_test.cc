@@ -782,9 +782,11 @@ class GatedWriteStore : public FullDiskStore {
  public:
   using FullDiskStore::FullDiskStore;
   std::atomic<bool> open{false};
+  std::atomic<int> writing{0};  // Writes begun.
 
   StatusOr<checkpoint::ShardManifest> WriteShard(
       const storage::ShardSnapshot& s) override {
+    ++writing;
     const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
     while (!open && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(Ms(5));
@@ -813,8 +815,16 @@ TEST(WorkerServiceTest, TheRunsLastCheckpointIsQueuedNotWaitedFor) {
   worker.EnableCheckpoints(std::move(owned), reported.Reporter());
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
-  // All three steps, the last included, while checkpoint 2's write waits.
-  TrainSteps(&worker, 0, kSteps3);
+  // Checkpoint 2's write begins (and waits); only then the last step, so
+  // that the run's last checkpoint is due while a write is in flight (had
+  // the checkpoint thread not begun, the last would replace checkpoint 2).
+  TrainSteps(&worker, 0, 2);
+  const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
+  while (store->writing == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(5));
+  }
+  ASSERT_GT(store->writing.load(), 0) << "checkpoint 2's write never began";
+  TrainSteps(&worker, 2, kSteps3);
   EXPECT_EQ(worker.next_step(), kSteps3);
   EXPECT_TRUE(reported.Get().empty()) << "nothing written yet";
   store->open = true;
