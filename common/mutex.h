@@ -80,8 +80,8 @@ class CondVar {
                  const std::chrono::time_point<Clock, Duration>& deadline)
       REQUIRES(mu) {
     std::unique_lock<std::mutex> lock(mu->mu_, std::adopt_lock);
-    const bool notified = cv_.wait_until(lock, deadline) ==
-                          std::cv_status::no_timeout;
+    const bool notified =
+        cv_.wait_until(lock, deadline) == std::cv_status::no_timeout;
     lock.release();
     return notified;
   }

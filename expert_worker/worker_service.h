@@ -27,35 +27,45 @@
 // dense tables, so values do not depend on sharding or on which worker hosts
 // a shard.
 //
+// The service is a composition of named parts: ShardFactory (new shards
+// and their initial values), ShardCompute (forward, backward and update of
+// expert and dense shards), StepGate (epoch and step checks, deferred
+// requests, StepDone counting), CheckpointWriter (staging and the write
+// loop), ShardTransfer and CheckpointFetchServer (restore, replication,
+// serving peers) and PlanRouting (what a routing table means here). This
+// class owns them, its threads and the hosted shards.
+//
 // Thread-safety: all methods are thread-safe. Handle() only queues (it never
 // waits for computation); one compute thread runs requests in order (the
 // GEMM libraries parallelise each product).
 #ifndef SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
 #define SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
 
-#include <condition_variable>
-#include <deque>
 #include <functional>
-#include <limits>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
-#include <set>
 #include <string>
 #include <thread>
-#include <tuple>
 #include <vector>
 
 #include "common/buffer_pool.h"
 #include "common/ids.h"
+#include "common/mutex.h"
 #include "common/status.h"
+#include "common/work_queue.h"
 #include "config.pb.h"
 #include "control.pb.h"
-#include "expert_worker/expert_ffn.h"
+#include "expert_worker/checkpoint_writer.h"
+#include "expert_worker/gemm.h"
+#include "expert_worker/hosted_shard.h"
 #include "expert_worker/optimizer.h"
+#include "expert_worker/shard_compute.h"
+#include "expert_worker/shard_factory.h"
+#include "expert_worker/shard_transfer.h"
+#include "expert_worker/step_gate.h"
+#include "expert_worker/worker_task.h"
 #include "storage/checkpoint_store.h"
-#include "storage/safetensors.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::expert_worker {
@@ -69,7 +79,7 @@ class WorkerService {
 
   // Creates the GEMM backend and optimizer and starts the compute thread.
   Status Start();
-  void Shutdown();
+  void Shutdown() EXCLUDES(mu_);
 
   // Adopts the expert shards `routing` places on this worker (allocating and
   // initialising new ones, dropping those moved away) and its epoch. A
@@ -79,12 +89,13 @@ class WorkerService {
   // holding the worker's state lock: requests of the current epoch are
   // served meanwhile, and the table is adopted whole at the end or not at
   // all. Tables are applied one at a time.
-  Status ApplyRouting(const control::RoutingTable& routing);
+  Status ApplyRouting(const control::RoutingTable& routing)
+      EXCLUDES(apply_mu_, mu_);
   // The same on the worker's routing thread, so that a caller on a control
   // thread (heartbeats) never waits for initialisation or a restore. Only
   // the newest offered table is applied; a table that cannot be adopted
   // yet is logged and the next one is tried.
-  void OfferRouting(const control::RoutingTable& routing);
+  void OfferRouting(const control::RoutingTable& routing) EXCLUDES(routing_mu_);
 
   // Checkpoints (DESIGN.md "Checkpoints"): every checkpoint.every steps
   // and at the run's end (training.steps or stop_at_step), at the step
@@ -94,14 +105,13 @@ class WorkerService {
   // when the next is due while one is still being written, the new one is
   // skipped (logged; training never waits for the disk), except the run's
   // last, which is queued behind the write. Call before Start.
-  using CheckpointReporter =
-      std::function<Status(const control::CheckpointReport&)>;
+  using CheckpointReporter = CheckpointWriter::Reporter;
   void EnableCheckpoints(std::unique_ptr<storage::CheckpointStore> store,
                          CheckpointReporter report);
   // The data plane this worker fetches checkpointed shards from its peers
   // with, when its own store lacks them (a resume on other workers) or
   // holds a damaged copy. Not owned; set before the first routing table.
-  void SetPeerPlane(transport::DataPlane* plane) { peers_ = plane; }
+  void SetPeerPlane(transport::DataPlane* plane);
   // Copies `task`'s shards from the source worker's checkpoint into this
   // worker's store (every chunk verified at the source, digest here), in
   // the background, then reports them as replicas (checkpoint.replicas).
@@ -116,88 +126,50 @@ class WorkerService {
   void Handle(transport::Message request, transport::Reply reply);
 
   // The next step this worker accepts (= updates applied so far).
-  int64_t next_step() const;
-  uint64_t epoch() const;
-  std::vector<ShardId> hosted() const;
+  int64_t next_step() const EXCLUDES(mu_);
+  uint64_t epoch() const EXCLUDES(mu_);
+  std::vector<ShardId> hosted() const EXCLUDES(mu_);
   // Digest (hex) of each hosted shard's parameter and optimizer-state
   // tensors, by shard name ("D0", "L0.E3.S0"), for determinism checks.
-  std::map<std::string, std::string> ShardDigests() const;
+  std::map<std::string, std::string> ShardDigests() const EXCLUDES(mu_);
   // CombineDigests(ShardDigests()).
   std::string ParameterDigest() const;
   // Bytes of idle checkpoint staging buffers (kept between checkpoints).
   size_t StagingCachedBytes() const { return staging_pool_->cached_bytes(); }
   // A copy of every hosted shard's state (deep: safe to keep), as written
   // to checkpoints.
-  std::vector<storage::ShardSnapshot> Snapshots() const;
+  std::vector<storage::ShardSnapshot> Snapshots() const EXCLUDES(mu_);
   // Tokens received per shard since the last call.
-  std::vector<control::ShardLoad> TakeLoads();
+  std::vector<control::ShardLoad> TakeLoads() EXCLUDES(mu_);
 
  private:
-  struct Shard;
-  struct DenseShard;
-  struct Task {
-    transport::Message request;
-    transport::Reply reply;
-  };
-  using ActivationKey = std::tuple<int64_t, int32_t, int32_t, ShardId>;
-
   void Run();
-  // Executes or defers one task. Requires mu_.
-  void Process(Task task);
-  Status Forward(const transport::Message& request, Shard* shard, Tensor* y);
-  Status Backward(const transport::Message& request, Shard* shard, Tensor* dx);
-  Status StepDone(const transport::Message& request);
-  // Pull or push on a dense shard; a pull fills *out.
-  Status Dense(const transport::Message& request, Tensor* out);
-  Status ApplyUpdate(int64_t step);
-  // Before an update changes the live tensors: copies a staged checkpoint
-  // still uncopied, or waits for the checkpoint thread's copy under way
-  // (logging a wait over 1 ms). Requires mu_.
-  Status WaitForStagingCopy(int64_t step);
-  // Replaces `job`'s tensors with copies in staging buffers and logs how
-  // long that took (`how`: who made it).
-  void CopyForCheckpoint(std::vector<storage::ShardSnapshot>* job,
-                         const char* how) const;
-  // A shard with its initial values (seeded, or checkpoint.init_from), or
-  // zero-filled when `initialise` is false (to be restored, or for shapes).
-  StatusOr<std::unique_ptr<Shard>> NewShard(const ShardId& id,
-                                            bool initialise = true) const;
-  StatusOr<std::unique_ptr<DenseShard>> NewDenseShard(
-      int index, bool initialise = true) const;
-  // ShardDigests(); requires mu_.
-  std::map<std::string, std::string> ShardDigestsLocked() const;
-  // Every hosted shard's tensors at next_step_, shallow (sharing storage)
-  // or deep copies. Requires mu_.
-  std::vector<storage::ShardSnapshot> SnapshotsLocked(bool deep) const;
-  storage::ShardSnapshot SnapshotOf(const Shard& shard, bool deep) const;
-  storage::ShardSnapshot SnapshotOf(const DenseShard& shard, bool deep) const;
-  // Loads `shards` (not yet hosted, so no lock is needed) at
-  // routing.resume_step(): from the local store, else from the shard's
-  // resume_holder or replicas over the data plane (then kept locally).
-  Status Restore(const control::RoutingTable& routing,
-                 std::vector<storage::ShardSnapshot> shards);
-  void RoutingLoop();
-  // The checkpoint of `like`'s shard at `step` from worker `address`, into
-  // tensors shaped like `like`'s.
-  StatusOr<storage::ShardSnapshot> FetchShard(
-      const std::string& address, int64_t step,
-      const storage::ShardSnapshot& like);
-  // Runs one replication task (on the checkpoint thread).
-  Status RunReplication(const control::ReplicationTask& task);
-  void CheckpointLoop();
+  // Serves, defers or refuses one request.
+  void Process(Task task) REQUIRES(mu_);
+  // Counts StepDone(t, rank); the last one applies update t, then the
+  // requests deferred for t + 1 run, in arrival order, before any other.
+  Status StepDone(const transport::WireHeader& h) REQUIRES(mu_);
+  Status Dense(const transport::Message& request, Tensor* out) REQUIRES(mu_);
+  Status ApplyUpdate(int64_t step) REQUIRES(mu_);
+  // After update next_step() - 1: stages the checkpoint due there, if any,
+  // and logs the digests at the run's end.
+  void AfterUpdate() REQUIRES(mu_);
+  std::map<std::string, std::string> ShardDigestsLocked() const REQUIRES(mu_);
+  // Every hosted shard's tensors at the gate's step, shallow (sharing
+  // storage) or deep copies.
+  std::vector<storage::ShardSnapshot> SnapshotsLocked(bool deep) const
+      REQUIRES(mu_);
+  void RoutingLoop() EXCLUDES(routing_mu_);
   // Shards written or restored at a time: the compute thread count
   // (training.threads, else one per core).
   int StorageThreads() const;
-  // Serves kCheckpointFetch from the store, off the compute thread (and
-  // off mu_: two workers restoring from each other must not wait on each
-  // other's locks).
-  void FetchServeLoop();
 
   const config::SwitchyardConfig config_;
   const std::string name_;
   std::unique_ptr<Gemm> gemm_;
   std::unique_ptr<Optimizer> optimizer_;
-  std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), other shards.
+  std::unique_ptr<ShardFactory> factory_;
+  std::unique_ptr<ShardCompute> compute_;
   std::shared_ptr<BufferPool> pool_;  // Request and gradient-input buffers.
   // Checkpoint staging copies. With checkpoint.staging_resident (the
   // default) kept whole between checkpoints (a staging copy needs them
@@ -205,61 +177,34 @@ class WorkerService {
   // touch, and touched when the shards are made (ApplyRouting); without
   // it, returned to the system after every write.
   const std::shared_ptr<BufferPool> staging_pool_;
-  // checkpoint.init_from, when set: initial values of new shards.
-  std::optional<storage::SafetensorsReader> init_;
-  Status InitExpertFrom(const ShardId& id, ExpertParams* params) const;
-  Status InitDenseFrom(int index, Tensor* params) const;
 
-  // NOTE: two locks so that Handle(), on the data plane's progress thread,
-  // never waits for a GEMM: queue_mu_ guards only the queue and is never
-  // held while computing; mu_ guards the shards and the step state and is
-  // held while a request is processed. Order: mu_ before queue_mu_.
-  std::mutex queue_mu_;
-  std::condition_variable cv_;
-  std::deque<Task> queue_;  // GUARDED_BY(queue_mu_)
-  bool stop_ = false;       // GUARDED_BY(queue_mu_)
-
-  mutable std::mutex mu_;
-  std::vector<Task> waiting_;                         // GUARDED_BY(mu_)
-  std::map<ShardId, std::unique_ptr<Shard>> shards_;  // GUARDED_BY(mu_)
-  std::map<int, std::unique_ptr<DenseShard>> dense_;  // GUARDED_BY(mu_)
-  uint64_t epoch_ = 0;                                // GUARDED_BY(mu_)
-  int64_t next_step_ = 0;                             // GUARDED_BY(mu_)
-  std::map<int64_t, std::set<int32_t>> step_done_;    // GUARDED_BY(mu_)
-  std::thread thread_;
-
-  // The checkpoint writer: one staged checkpoint at a time.
+  // Checkpoints: all null without a store.
   std::unique_ptr<storage::CheckpointStore> store_;
   CheckpointReporter report_;
-  std::mutex ckpt_mu_;
-  std::condition_variable ckpt_cv_;
-  // The checkpoint to write. Taken at the step boundary as references to
-  // the live tensors (uncopied_ true) and copied into staging buffers while
-  // the next step's requests are served: by the checkpoint thread, or by
-  // the next update if that thread has not begun (CopyForCheckpoint); the
-  // update waits for a copy under way (WaitForStagingCopy), as it is what
-  // changes the live tensors.
-  std::vector<storage::ShardSnapshot> staged_;      // GUARDED_BY(ckpt_mu_)
-  bool uncopied_ = false;                           // GUARDED_BY(ckpt_mu_)
-  bool copying_ = false;                            // GUARDED_BY(ckpt_mu_)
-  std::deque<control::ReplicationTask> replicate_;  // GUARDED_BY(ckpt_mu_)
-  bool ckpt_busy_ = false;                          // GUARDED_BY(ckpt_mu_)
-  bool ckpt_stop_ = false;                          // GUARDED_BY(ckpt_mu_)
-  int64_t dropped_before_ = 0;                      // GUARDED_BY(ckpt_mu_)
-  std::thread ckpt_thread_;
-
+  std::unique_ptr<CheckpointWriter> writer_;
+  std::unique_ptr<CheckpointFetchServer> fetch_server_;
   transport::DataPlane* peers_ = nullptr;  // Not owned.
-  std::mutex fetch_mu_;
-  std::condition_variable fetch_cv_;
-  std::deque<Task> fetches_;  // GUARDED_BY(fetch_mu_)
-  bool fetch_stop_ = false;   // GUARDED_BY(fetch_mu_)
-  std::thread fetch_thread_;
+  std::unique_ptr<ShardTransfer> transfer_;
 
-  std::mutex apply_mu_;  // Held while a table is applied: one at a time.
-  std::mutex routing_mu_;
-  std::condition_variable routing_cv_;
-  std::optional<control::RoutingTable> offered_;  // GUARDED_BY(routing_mu_)
-  bool routing_stop_ = false;                     // GUARDED_BY(routing_mu_)
+  // NOTE: Handle(), on the data plane's progress thread, never waits for a
+  // GEMM: it only pushes to queue_ (its own lock, never held while
+  // computing); mu_ guards the shards and the step state and is held while
+  // a request is processed.
+  WorkQueue<Task> queue_;
+  std::thread thread_;  // The compute thread (Run).
+
+  // Held while a table is applied: one at a time.
+  Mutex apply_mu_ ACQUIRED_BEFORE(mu_);
+  mutable Mutex mu_;
+  StepGate gate_ GUARDED_BY(mu_);
+  std::map<ShardId, std::unique_ptr<ExpertShard>> shards_ GUARDED_BY(mu_);
+  std::map<int, std::unique_ptr<DenseShard>> dense_ GUARDED_BY(mu_);
+
+  // The newest routing table offered and not yet applied.
+  Mutex routing_mu_;
+  CondVar routing_cv_;
+  std::optional<control::RoutingTable> offered_ GUARDED_BY(routing_mu_);
+  bool routing_stop_ GUARDED_BY(routing_mu_) = false;
   std::thread routing_thread_;
 };
 

@@ -1,0 +1,244 @@
+#include "expert_worker/checkpoint_writer.h"
+
+#include <chrono>
+#include <optional>
+#include <utility>
+
+#include "common/ids.h"
+#include "common/metrics.h"
+#include "common/shard_ref.h"
+#include "common/thread_name.h"
+#include "expert_worker/hosted_shard.h"
+
+namespace switchyard::expert_worker {
+
+CheckpointWriter::CheckpointWriter(std::string name,
+                                   storage::CheckpointStore* store,
+                                   BufferPool* staging_pool, int threads,
+                                   Reporter report, Replicator replicate)
+    : name_(std::move(name)),
+      store_(store),
+      staging_pool_(staging_pool),
+      threads_(threads),
+      report_(std::move(report)),
+      replicate_(std::move(replicate)) {}
+
+void CheckpointWriter::Start() {
+  thread_ = StartNamedThread("sy-ckpt", [this] { Loop(); });
+}
+
+void CheckpointWriter::Shutdown() {
+  {
+    MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  cv_.NotifyAll();
+  if (thread_.joinable()) thread_.join();
+}
+
+void CheckpointWriter::Loop() {
+  while (true) {
+    std::vector<storage::ShardSnapshot> job;
+    std::optional<control::ReplicationTask> replication;
+    {
+      MutexLock lock(&mu_);
+      while (!stop_ && staged_.empty() && replications_.empty()) {
+        cv_.Wait(&mu_);
+      }
+      if (staged_.empty() && replications_.empty()) return;  // Stopping.
+      if (!staged_.empty()) {
+        job = std::move(staged_);
+        staged_.clear();
+        if (uncopied_) {
+          // Copied without the lock, while the worker serves requests; an
+          // update waits for it (WaitForStagingCopy).
+          uncopied_ = false;
+          copying_ = true;
+          lock.Unlock();
+          Copy(&job, "in the background");
+          lock.Lock();
+          copying_ = false;
+          cv_.NotifyAll();
+        }
+      } else {
+        replication = std::move(replications_.front());
+        replications_.pop_front();
+      }
+    }
+    if (replication) {
+      Status s = replicate_(*replication);
+      if (!s.ok()) {
+        LOG(ERROR) << name_ << ": replicating checkpoint "
+                   << replication->step() << " of " << replication->source()
+                   << " failed: " << s.ToString();
+      }
+      continue;
+    }
+    Write(job);
+    job.clear();  // The staging buffers go back before the next can stage.
+    {
+      MutexLock lock(&mu_);
+      busy_ = !staged_.empty();
+    }
+    cv_.NotifyAll();
+  }
+}
+
+void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job) {
+  const int64_t step = job.front().step;
+  const auto start = std::chrono::steady_clock::now();
+  control::CheckpointReport report;
+  report.set_step(step);
+  Status s = OkStatus();
+  uint64_t bytes = 0;
+  const auto manifests = storage::WriteShards(*store_, job, threads_);
+  for (size_t i = 0; i < job.size(); ++i) {
+    const auto& manifest = manifests[i];
+    if (!manifest.ok()) {
+      s = manifest.status();
+      break;
+    }
+    bytes += manifest->total_bytes();
+    auto id = ShardId::Parse(job[i].shard);  // Our own names: parse.
+    if (!id.ok()) {
+      s = id.status();
+      break;
+    }
+    auto* shard = report.add_shards();
+    *shard->mutable_shard() = ToShardRef(*id);
+    shard->set_digest(manifest->digest());
+    shard->set_bytes(manifest->total_bytes());
+  }
+  if (s.ok() && report_) s = report_(report);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  auto& metrics = MetricsRegistry::Global();
+  if (!s.ok()) {
+    // Training goes on; the coordinator never commits this step, and the
+    // previous committed checkpoint stays.
+    metrics.GetCounter("switchyard_worker_checkpoints_failed_total")
+        ->Increment();
+    LOG(ERROR) << name_ << ": checkpoint " << step
+               << " failed: " << s.ToString();
+    return;
+  }
+  metrics.GetCounter("switchyard_worker_checkpoints_written_total")
+      ->Increment();
+  metrics.GetCounter("switchyard_worker_checkpoint_bytes_total")
+      ->Increment(bytes);
+  metrics.GetGauge("switchyard_worker_checkpoint_last_step")
+      ->Set(static_cast<double>(step));
+  metrics.GetGauge("switchyard_worker_checkpoint_last_write_seconds")
+      ->Set(seconds);
+  LOG(INFO) << name_ << ": checkpoint " << step << " written (" << job.size()
+            << " shards, " << bytes << " bytes in " << seconds
+            << " s) and reported";
+}
+
+void CheckpointWriter::Stage(std::vector<storage::ShardSnapshot> refs,
+                             bool run_ends) {
+  if (refs.empty()) return;
+  const int64_t step = refs.front().step;
+  {
+    MutexLock lock(&mu_);
+    if (busy_ && !run_ends) {
+      MetricsRegistry::Global()
+          .GetCounter("switchyard_worker_checkpoints_skipped_total")
+          ->Increment();
+      LOG(WARNING) << name_ << ": checkpoint " << step
+                   << " skipped: the previous one is still being written";
+      return;
+    }
+    // References now; the copy is made while the next step's requests are
+    // served. The run's last checkpoint is never skipped: with a write in
+    // flight it is queued behind it, without waiting (the update staging
+    // it answers the trainers' StepDone). The thread copies it once that
+    // write has returned its staging buffers; no update follows the run's
+    // end to change the shards before (one that did would copy it first,
+    // WaitForStagingCopy).
+    if (busy_) {
+      LOG(INFO) << name_ << ": checkpoint " << step
+                << " (the run's end) is queued behind the previous write";
+    }
+    if (!staged_.empty()) {
+      LOG(WARNING) << name_ << ": checkpoint " << staged_.front().step
+                   << " was not begun; the run's last, " << step
+                   << ", replaces it";
+    }
+    staged_ = std::move(refs);
+    uncopied_ = true;
+    busy_ = true;
+  }
+  cv_.NotifyAll();
+}
+
+Status CheckpointWriter::WaitForStagingCopy(int64_t step) {
+  const auto start = std::chrono::steady_clock::now();
+  MutexLock lock(&mu_);
+  if (uncopied_) {
+    Copy(&staged_, "by the next update");
+    uncopied_ = false;
+  }
+  // A copy is a memcpy of the shards (milliseconds); the deadline is only
+  // there so that nothing waits forever.
+  const auto deadline = start + std::chrono::seconds(60);
+  while (copying_) {
+    if (!cv_.WaitUntil(&mu_, deadline) && copying_) {
+      return InternalError(name_ + ": update " + std::to_string(step) +
+                           " waited 60 s for a checkpoint's staging copy");
+    }
+  }
+  const double ms = std::chrono::duration<double, std::milli>(
+                        std::chrono::steady_clock::now() - start)
+                        .count();
+  if (ms > 1) {
+    LOG(INFO) << name_ << ": update " << step << " waited " << ms
+              << " ms for a checkpoint's staging copy";
+  }
+  return OkStatus();
+}
+
+void CheckpointWriter::Copy(std::vector<storage::ShardSnapshot>* job,
+                            const char* how) const {
+  const auto start = std::chrono::steady_clock::now();
+  for (storage::ShardSnapshot& s : *job) {
+    for (auto& t : s.tensors) {
+      t.tensor = CopyTensor(*staging_pool_, t.tensor, /*deep=*/true);
+    }
+  }
+  LOG(INFO) << name_ << ": checkpoint "
+            << (job->empty() ? -1 : job->front().step) << " staged in "
+            << std::chrono::duration<double, std::milli>(
+                   std::chrono::steady_clock::now() - start)
+                   .count()
+            << " ms " << how;
+}
+
+void CheckpointWriter::Replicate(control::ReplicationTask task) {
+  {
+    MutexLock lock(&mu_);
+    replications_.push_back(std::move(task));
+  }
+  cv_.NotifyAll();
+}
+
+void CheckpointWriter::WaitWritten() {
+  MutexLock lock(&mu_);
+  while (busy_) cv_.Wait(&mu_);
+}
+
+void CheckpointWriter::DropBefore(int64_t step) {
+  {
+    MutexLock lock(&mu_);
+    if (step <= dropped_before_) return;
+    dropped_before_ = step;
+  }
+  Status s = store_->DropSteps(0, step);
+  if (!s.ok()) {
+    LOG(WARNING) << name_ << ": cannot drop checkpoints before step " << step
+                 << ": " << s.ToString();
+  }
+}
+
+}  // namespace switchyard::expert_worker

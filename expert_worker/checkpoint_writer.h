@@ -1,0 +1,96 @@
+// The worker's checkpoint writer (DESIGN.md, "Checkpoints"). At a step
+// boundary the worker stages its shards as references to the live tensors
+// (Stage); they are copied into staging buffers while the next step's
+// requests are served, by the writer's thread or, if that thread has not
+// begun, by the next update (WaitForStagingCopy: the update is what changes
+// the live tensors, so it copies first, or waits for a copy under way).
+// The thread then writes the copy to the store and reports the manifests'
+// digests. One checkpoint is in flight at a time: one due while another is
+// written is skipped (training never waits for the disk), except the run's
+// last, which is queued behind the write. Between checkpoints the thread
+// runs replication tasks (copies of peers' checkpoints).
+//
+// Thread-safety: every method is thread-safe. The store, the staging pool
+// and the replication runner are not owned and outlive the writer.
+#ifndef SWITCHYARD_EXPERT_WORKER_CHECKPOINT_WRITER_H_
+#define SWITCHYARD_EXPERT_WORKER_CHECKPOINT_WRITER_H_
+
+#include <deque>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/buffer_pool.h"
+#include "common/mutex.h"
+#include "common/status.h"
+#include "control.pb.h"
+#include "storage/checkpoint_store.h"
+
+namespace switchyard::expert_worker {
+
+class CheckpointWriter {
+ public:
+  using Reporter = std::function<Status(const control::CheckpointReport&)>;
+  using Replicator = std::function<Status(const control::ReplicationTask&)>;
+
+  // `threads`: shards written at a time. `report` (may be empty) is called
+  // after each write; `replicate` runs a replication task.
+  CheckpointWriter(std::string name, storage::CheckpointStore* store,
+                   BufferPool* staging_pool, int threads, Reporter report,
+                   Replicator replicate);
+  ~CheckpointWriter() { Shutdown(); }
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+
+  void Start();
+  // Finishes the write in flight (it may be committed), then stops.
+  void Shutdown() EXCLUDES(mu_);
+
+  // At the step boundary of `refs` (shallow snapshots of every hosted
+  // shard, all of one step): stages them for writing, or skips them when a
+  // write is in flight and `run_ends` is false (logged, counted).
+  void Stage(std::vector<storage::ShardSnapshot> refs, bool run_ends)
+      EXCLUDES(mu_);
+  // Before update `step` changes the live tensors: copies a staged
+  // checkpoint still uncopied, or waits for the copy under way.
+  Status WaitForStagingCopy(int64_t step) EXCLUDES(mu_);
+  // Queues a replication task for the writer's thread.
+  void Replicate(control::ReplicationTask task) EXCLUDES(mu_);
+  // Drops checkpoints older than `step` from the store (once per step).
+  void DropBefore(int64_t step) EXCLUDES(mu_);
+  // Blocks until no checkpoint write is in flight.
+  void WaitWritten() EXCLUDES(mu_);
+
+ private:
+  void Loop() EXCLUDES(mu_);
+  // Writes `job` and reports it; logs and counts the outcome.
+  void Write(const std::vector<storage::ShardSnapshot>& job);
+  // Replaces `job`'s tensors with copies in staging buffers, logging how
+  // long that took (`how`: who made it).
+  void Copy(std::vector<storage::ShardSnapshot>* job, const char* how) const;
+
+  const std::string name_;
+  storage::CheckpointStore* const store_;
+  BufferPool* const staging_pool_;
+  const int threads_;
+  const Reporter report_;
+  const Replicator replicate_;
+
+  Mutex mu_;
+  CondVar cv_;
+  // The checkpoint to write: references to the live tensors while
+  // uncopied_, then staging copies (copying_: being made off the lock).
+  std::vector<storage::ShardSnapshot> staged_ GUARDED_BY(mu_);
+  bool uncopied_ GUARDED_BY(mu_) = false;
+  bool copying_ GUARDED_BY(mu_) = false;
+  std::deque<control::ReplicationTask> replications_ GUARDED_BY(mu_);
+  bool busy_ GUARDED_BY(mu_) = false;  // A checkpoint staged or being written.
+  bool stop_ GUARDED_BY(mu_) = false;
+  int64_t dropped_before_ GUARDED_BY(mu_) = 0;
+  std::thread thread_;
+};
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_CHECKPOINT_WRITER_H_

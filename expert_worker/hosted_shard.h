@@ -1,0 +1,65 @@
+// The state of the shards a worker hosts: an expert shard (parameters,
+// gradient buffers, optimizer state, and the step in progress's activations
+// and weight-gradient inputs) and a dense-table shard (a flat slice of the
+// DenseLayout concatenation with its optimizer state and the step's pushed
+// gradients), and their checkpoint snapshots.
+//
+// Thread-compatible: the worker guards every hosted shard with its state
+// lock.
+#ifndef SWITCHYARD_EXPERT_WORKER_HOSTED_SHARD_H_
+#define SWITCHYARD_EXPERT_WORKER_HOSTED_SHARD_H_
+
+#include <cstdint>
+#include <map>
+#include <tuple>
+#include <utility>
+
+#include "common/buffer_pool.h"
+#include "common/ids.h"
+#include "common/tensor.h"
+#include "expert_worker/expert_ffn.h"
+#include "expert_worker/optimizer.h"
+#include "storage/checkpoint_store.h"
+
+namespace switchyard::expert_worker {
+
+struct ExpertShard {
+  ShardId id;
+  ExpertParams params;
+  ExpertParams grads;
+  OptimizerState w1, b1, w2, b2;
+  // Forward activations (x, h) of the step in progress, by (step, rank, mb).
+  std::map<std::tuple<int64_t, int32_t, int32_t>, std::pair<Tensor, Tensor>>
+      activations;
+  struct Contribution {
+    Tensor x, a, dh, dy;  // a = act(h), from the backward pass.
+  };
+  // Weight-gradient inputs of the step in progress, by (rank, micro-batch):
+  // std::map iterates them in that order.
+  std::map<std::pair<int32_t, int32_t>, Contribution> contributions;
+  uint64_t tokens = 0;  // Since the last load report.
+};
+
+struct DenseShard {
+  int index = 0;
+  Tensor params;  // (1, n)
+  OptimizerState state;
+  std::map<int32_t, Tensor> pushes;  // Gradients of the step, by rank.
+};
+
+// `t` itself (shallow, sharing storage), or (deep) a copy in a buffer from
+// `pool`: a checkpoint's staging copy reuses buffers instead of fresh
+// memory, whose first touch costs 11.5 us per 4 KiB page on the CI VM.
+Tensor CopyTensor(BufferPool& pool, const Tensor& t, bool deep);
+
+// The shard's tensors as a checkpoint holds them, named as in
+// docs/checkpoint_format.md ("w1", ..., "opt.w1.m", ...; dense: "params",
+// "opt.m", ...). Step and epoch are left for the caller.
+storage::ShardSnapshot SnapshotOf(const ExpertShard& shard, BufferPool& pool,
+                                  bool deep);
+storage::ShardSnapshot SnapshotOf(const DenseShard& shard, BufferPool& pool,
+                                  bool deep);
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_HOSTED_SHARD_H_

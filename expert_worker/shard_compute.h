@@ -1,0 +1,66 @@
+// What a worker computes on the shards it hosts, one request at a time:
+// an expert shard's forward (x -> y, activations kept), backward (dy -> dx,
+// weight-gradient inputs kept) and update (one GEMM over the step's
+// contributions in (trainer rank, micro-batch) order, then the optimizer);
+// a dense shard's pull (its parameters), push (one rank's gradient) and
+// update (the pushes summed in rank order, then the optimizer). Order, not
+// arrival, fixes every sum, so results do not depend on timing.
+//
+// Thread-compatible: the worker calls it under its state lock, from its
+// compute thread (the GEMM libraries parallelise each product).
+#ifndef SWITCHYARD_EXPERT_WORKER_SHARD_COMPUTE_H_
+#define SWITCHYARD_EXPERT_WORKER_SHARD_COMPUTE_H_
+
+#include <memory>
+
+#include "common/buffer_pool.h"
+#include "common/status.h"
+#include "config.pb.h"
+#include "expert_worker/expert_ffn.h"
+#include "expert_worker/gemm.h"
+#include "expert_worker/hosted_shard.h"
+#include "expert_worker/optimizer.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::expert_worker {
+
+class ShardCompute {
+ public:
+  // `optimizer` and `pool` (request and gradient-input buffers) are not
+  // owned and outlive this.
+  ShardCompute(const config::SwitchyardConfig& config,
+               const ExpertShape& shape0, const ExpertShape& shape, Gemm* gemm,
+               const Optimizer* optimizer, BufferPool* pool);
+
+  // request: a forward (training: activations kept, tokens counted) or an
+  // eval (nothing kept) with payload x: (T, d_model). *y: (T, d_model).
+  Status Forward(const transport::Message& request, ExpertShard* shard,
+                 Tensor* y) const;
+  // request: the backward of a kept forward, payload dy: (T, d_model).
+  // *dx: (T, d_model).
+  Status Backward(const transport::Message& request, ExpertShard* shard,
+                  Tensor* dx) const;
+  // Update `step` from the contributions kept since the last one (none: no
+  // change). Drops forwards never followed by a backward.
+  Status Update(int64_t step, ExpertShard* shard) const;
+
+  // A copy of the shard's parameters.
+  static Tensor Pull(const DenseShard& shard) { return shard.params.Clone(); }
+  // Keeps rank's gradient for the next update; refuses a second push of
+  // the rank and a gradient not shaped like the parameters.
+  static Status Push(const transport::WireHeader& h, const Tensor& grad,
+                     DenseShard* shard);
+  Status Update(int64_t step, DenseShard* shard) const;
+
+  const ExpertFfn& ffn(int shard) const { return shard == 0 ? *ffn0_ : *ffn_; }
+
+ private:
+  const config::SwitchyardConfig& config_;
+  const std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), others.
+  const Optimizer* const optimizer_;
+  BufferPool* const pool_;
+};
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_SHARD_COMPUTE_H_

@@ -1,0 +1,237 @@
+#include "expert_worker/shard_transfer.h"
+
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <optional>
+
+#include "common/ids.h"
+#include "common/shard_ref.h"
+#include "common/thread_name.h"
+#include "expert_worker/hosted_shard.h"
+
+namespace switchyard::expert_worker {
+
+using transport::Message;
+using transport::MessageKind;
+
+StatusOr<storage::ShardSnapshot> ShardTransfer::Fetch(
+    const std::string& address, int64_t step,
+    const storage::ShardSnapshot& like) {
+  ASSIGN_OR_RETURN(ShardId id, ShardId::Parse(like.shard));
+  std::vector<transport::Outgoing> requests;
+  std::vector<size_t> index;
+  for (size_t i = 0; i < like.tensors.size(); ++i) {
+    if (like.tensors[i].tensor.empty()) continue;
+    Message m;
+    m.header.kind = static_cast<uint8_t>(MessageKind::kCheckpointFetch);
+    m.header.step = step;
+    m.header.layer = id.layer;
+    m.header.expert = id.is_expert() ? id.expert : -1;
+    m.header.shard = id.shard;
+    m.header.micro_batch = static_cast<int32_t>(i);
+    requests.push_back(
+        {address, std::move(m), "fetching " + like.shard + " from " + address});
+    index.push_back(i);
+  }
+  ASSIGN_OR_RETURN(
+      std::vector<Tensor> replies,
+      transport::SendAll(
+          peers_, std::move(requests),
+          std::chrono::milliseconds(config_.transport().request_timeout_ms())));
+  storage::ShardSnapshot fetched;
+  fetched.shard = like.shard;
+  fetched.step = step;
+  for (const auto& t : like.tensors) fetched.tensors.push_back({t.name, {}});
+  for (size_t r = 0; r < replies.size(); ++r) {
+    const Tensor& want = like.tensors[index[r]].tensor;
+    if (replies[r].num_elements() != want.num_elements()) {
+      return DataLossError(
+          "fetched " + like.shard + " tensor " + like.tensors[index[r]].name +
+          " has " + std::to_string(replies[r].num_elements()) +
+          " values, expected " + std::to_string(want.num_elements()));
+    }
+    ASSIGN_OR_RETURN(fetched.tensors[index[r]].tensor,
+                     replies[r].Reshape(want.shape()));
+  }
+  return fetched;
+}
+
+Status ShardTransfer::Restore(const control::RoutingTable& routing,
+                              std::vector<storage::ShardSnapshot> shards) {
+  const int64_t step = routing.resume_step();
+  if (store_ == nullptr) {
+    return FailedPreconditionError(
+        name_ + " has no checkpoint store to resume step " +
+        std::to_string(step) + " from (checkpoint.every is 0?)");
+  }
+  // Holders of the committed copies (the writer, then replicas), by shard,
+  // and confirmed workers by name.
+  std::map<std::string, std::vector<std::string>> holders;
+  std::map<std::string, std::string> address;
+  for (const auto& e : routing.entries()) {
+    auto& h = holders[FromShardRef(e.shard()).ToString()];
+    h.push_back(e.resume_holder());
+    h.insert(h.end(), e.resume_replicas().begin(), e.resume_replicas().end());
+  }
+  for (const auto& w : routing.workers()) {
+    if (w.confirmed()) address[w.name()] = w.data_address();
+  }
+  int fetched = 0;
+  // The snapshots' tensors share storage with the new shards: filling them
+  // fills the shards. Local copies first, several shards at a time.
+  const std::vector<Status> locals =
+      storage::ReadShardsInto(*store_, step, &shards, threads_);
+  for (size_t i = 0; i < shards.size(); ++i) {
+    storage::ShardSnapshot& live = shards[i];
+    const Status& local = locals[i];
+    if (local.ok()) continue;
+    StatusOr<storage::ShardSnapshot> saved = local;
+    {
+      // Not here (a resume on other workers) or damaged: from the holder.
+      // The writer's copy first, then the replicas; the first good one.
+      std::string tried;
+      for (const std::string& from : holders[live.shard]) {
+        if (from.empty() || from == name_) continue;
+        if (peers_ == nullptr || !address.count(from)) {
+          tried += " " + from + " (not running or not confirmed yet)";
+          continue;
+        }
+        saved = Fetch(address[from], step, live);
+        if (saved.ok()) {
+          LOG(WARNING) << name_ << ": " << live.shard << " at step " << step
+                       << " fetched from " << from
+                       << "; the local copy: " << local.ToString();
+          break;
+        }
+        tried += " " + from + " (" + saved.status().ToString() + ")";
+      }
+      if (!saved.ok()) {
+        return local.WithContext("restoring " + live.shard +
+                                 "; no other copy could be had:" +
+                                 (tried.empty() ? " none known" : tried));
+      }
+      RETURN_IF_ERROR(store_->WriteShard(*saved).status());  // Keep it here.
+      ++fetched;
+    }
+    if (saved->tensors.size() != live.tensors.size()) {
+      return DataLossError(
+          "checkpoint of " + live.shard + " at step " + std::to_string(step) +
+          " has " + std::to_string(saved->tensors.size()) +
+          " tensors, the model " + std::to_string(live.tensors.size()));
+    }
+    for (size_t t = 0; t < live.tensors.size(); ++t) {
+      Tensor& to = live.tensors[t].tensor;
+      const Tensor& from = saved->tensors[t].tensor;
+      if (saved->tensors[t].name != live.tensors[t].name ||
+          to.empty() != from.empty() ||
+          (!to.empty() &&
+           (to.dtype() != from.dtype() || to.shape() != from.shape()))) {
+        return FailedPreconditionError(
+            "checkpoint of " + live.shard + " at step " + std::to_string(step) +
+            ": tensor " + saved->tensors[t].name +
+            " does not fit this model's " + live.tensors[t].name);
+      }
+      if (!to.empty()) std::memcpy(to.data(), from.data(), to.num_bytes());
+    }
+  }
+  LOG(INFO) << name_ << ": restored " << shards.size()
+            << " shards from checkpoint " << step << " (" << fetched
+            << " fetched from peers)";
+  return OkStatus();
+}
+
+Status ShardTransfer::Replicate(const control::ReplicationTask& task,
+                                const CheckpointWriter::Reporter& report_to) {
+  if (peers_ == nullptr) return FailedPreconditionError("no data plane");
+  const auto start = std::chrono::steady_clock::now();
+  control::CheckpointReport report;
+  report.set_step(task.step());
+  report.set_replica(true);
+  uint64_t bytes = 0;
+  const auto unused = BufferPool::Create(0);  // Shallow snapshots only.
+  for (const auto& ref : task.shards()) {
+    // Tensors shaped like the shard's, from a zero-filled one.
+    storage::ShardSnapshot like;
+    std::unique_ptr<ExpertShard> expert;
+    std::unique_ptr<DenseShard> dense;
+    if (ref.kind() == control::DENSE) {
+      ASSIGN_OR_RETURN(dense,
+                       factory_->NewDense(ref.shard(), /*initialise=*/false));
+      like = SnapshotOf(*dense, *unused, /*deep=*/false);
+    } else {
+      ASSIGN_OR_RETURN(expert, factory_->NewExpert(FromShardRef(ref),
+                                                   /*initialise=*/false));
+      like = SnapshotOf(*expert, *unused, /*deep=*/false);
+    }
+    ASSIGN_OR_RETURN(storage::ShardSnapshot copy,
+                     Fetch(task.source_address(), task.step(), like));
+    ASSIGN_OR_RETURN(auto manifest, store_->WriteShard(copy));
+    auto* shard = report.add_shards();
+    *shard->mutable_shard() = ref;
+    shard->set_digest(manifest.digest());
+    shard->set_bytes(manifest.total_bytes());
+    bytes += manifest.total_bytes();
+  }
+  if (report_to) RETURN_IF_ERROR(report_to(report));
+  LOG(INFO) << name_ << ": replicated " << task.shards_size()
+            << " shards of checkpoint " << task.step() << " from "
+            << task.source() << " (" << bytes << " bytes in "
+            << std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                             start)
+                   .count()
+            << " s)";
+  return OkStatus();
+}
+
+void CheckpointFetchServer::Start() {
+  thread_ = StartNamedThread("sy-ckpt-fetch", [this] { Loop(); });
+}
+
+void CheckpointFetchServer::Shutdown() {
+  queue_.Close();
+  if (thread_.joinable()) thread_.join();
+  // Whatever is left is answered, never dropped.
+  AnswerShuttingDown(queue_.Drain(), name_);
+}
+
+void CheckpointFetchServer::Serve(Task task) {
+  std::optional<Task> refused = queue_.Push(std::move(task));
+  if (refused) AnswerShuttingDown({std::move(*refused)}, name_);
+}
+
+void CheckpointFetchServer::Loop() {
+  // The last shard read: a fetch asks for its tensors one by one.
+  std::optional<storage::ShardSnapshot> cached;
+  while (std::optional<Task> task = queue_.Pop()) {
+    const transport::WireHeader& h = task->request.header;
+    const std::string shard =
+        h.expert < 0 ? ShardId::Dense(h.shard).ToString()
+                     : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
+    if (!cached || cached->step != h.step || cached->shard != shard) {
+      cached.reset();
+      auto read = store_->ReadShard(h.step, shard);  // Verifies every chunk.
+      if (!read.ok()) {
+        task->reply(transport::ErrorResponse(
+            h, read.status().WithContext(name_ + " serving a fetch")));
+        continue;
+      }
+      cached = std::move(read).value();
+    }
+    if (h.micro_batch < 0 ||
+        h.micro_batch >= static_cast<int32_t>(cached->tensors.size()) ||
+        cached->tensors[h.micro_batch].tensor.empty()) {
+      task->reply(transport::ErrorResponse(
+          h, NotFoundError("checkpoint of " + shard + " at step " +
+                           std::to_string(h.step) + " has no tensor " +
+                           std::to_string(h.micro_batch))));
+      continue;
+    }
+    const Tensor& t = cached->tensors[h.micro_batch].tensor;
+    task->reply(
+        transport::TensorResponse(h, t.Reshape({1, t.num_elements()}).value()));
+  }
+}
+
+}  // namespace switchyard::expert_worker

@@ -1,0 +1,99 @@
+// Moving checkpointed shards between workers over the data plane: fetching
+// a shard's checkpoint from a peer (tensor by tensor, each verified at the
+// source), restoring the shards a worker is given at a routing table's
+// resume step (the local store first, else the shard's holder, then its
+// replicas; what is fetched is kept locally), and replication tasks (a
+// peer's checkpoint copied into the local store and reported as a replica).
+// CheckpointFetchServer is the serving side.
+//
+// Thread-safety: thread-compatible; Restore runs on the routing thread and
+// Replicate on the checkpoint thread, which touch no shared state here (the
+// store and the data plane are thread-safe). Store, factory, data plane
+// and reporter outlive it.
+#ifndef SWITCHYARD_EXPERT_WORKER_SHARD_TRANSFER_H_
+#define SWITCHYARD_EXPERT_WORKER_SHARD_TRANSFER_H_
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "common/work_queue.h"
+#include "config.pb.h"
+#include "control.pb.h"
+#include "expert_worker/checkpoint_writer.h"
+#include "expert_worker/shard_factory.h"
+#include "expert_worker/worker_task.h"
+#include "storage/checkpoint_store.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::expert_worker {
+
+class ShardTransfer {
+ public:
+  // `store` may be null (a worker without checkpoints: Restore fails
+  // clearly); `peers` may be null until set.
+  ShardTransfer(const config::SwitchyardConfig& config, std::string name,
+                storage::CheckpointStore* store, const ShardFactory* factory,
+                int threads)
+      : config_(config),
+        name_(std::move(name)),
+        store_(store),
+        factory_(factory),
+        threads_(threads) {}
+
+  void set_peers(transport::DataPlane* peers) { peers_ = peers; }
+
+  // The checkpoint of `like`'s shard at `step` from the worker at data
+  // address `address`, into tensors shaped like `like`'s.
+  StatusOr<storage::ShardSnapshot> Fetch(const std::string& address,
+                                         int64_t step,
+                                         const storage::ShardSnapshot& like);
+  // Fills `shards` (sharing storage with shards not yet hosted) with their
+  // checkpoint at routing.resume_step(); every tensor is checked against
+  // the model's.
+  Status Restore(const control::RoutingTable& routing,
+                 std::vector<storage::ShardSnapshot> shards);
+  // Copies `task`'s shards from the source's checkpoint into the store and
+  // reports them (report.replica set).
+  Status Replicate(const control::ReplicationTask& task,
+                   const CheckpointWriter::Reporter& report);
+
+ private:
+  const config::SwitchyardConfig& config_;
+  const std::string name_;
+  storage::CheckpointStore* const store_;
+  const ShardFactory* const factory_;
+  const int threads_;
+  transport::DataPlane* peers_ = nullptr;
+};
+
+// Serves peers' kCheckpointFetch requests from the store, one tensor per
+// request, on a thread of its own: off the compute thread and off the
+// worker's locks (two workers restoring from each other must not wait on
+// each other). Every queued request is answered, at shutdown too.
+//
+// Thread-safety: Serve is thread-safe; Start and Shutdown are called once.
+class CheckpointFetchServer {
+ public:
+  CheckpointFetchServer(std::string name, storage::CheckpointStore* store)
+      : name_(std::move(name)), store_(store) {}
+  ~CheckpointFetchServer() { Shutdown(); }
+
+  void Start();
+  void Shutdown();
+  // Queues `task`, or answers it at once when shut down.
+  void Serve(Task task);
+
+ private:
+  void Loop();
+
+  const std::string name_;
+  storage::CheckpointStore* const store_;
+  WorkQueue<Task> queue_;
+  std::thread thread_;
+};
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_SHARD_TRANSFER_H_

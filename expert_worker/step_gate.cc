@@ -1,0 +1,65 @@
+#include "expert_worker/step_gate.h"
+
+#include <utility>
+
+namespace switchyard::expert_worker {
+
+Status StepGate::CheckEpoch(const transport::WireHeader& h) const {
+  if (h.epoch < epoch_) {
+    return FailedPreconditionError(
+        "stale epoch " + std::to_string(h.epoch) + ": " + name_ +
+        " is at epoch " + std::to_string(epoch_) + "; refresh the routing");
+  }
+  if (h.epoch > epoch_) {
+    // ABORTED: nothing done, the sender retries (transport::SendAll).
+    return AbortedError(name_ + " has not seen epoch " +
+                        std::to_string(h.epoch) + " yet (at " +
+                        std::to_string(epoch_) + "); retry");
+  }
+  return OkStatus();
+}
+
+StepGate::Verdict StepGate::Admit(const transport::WireHeader& h,
+                                  Status* why) const {
+  if (h.step < next_step_) {
+    *why = FailedPreconditionError("step " + std::to_string(h.step) +
+                                   " is already applied (next step " +
+                                   std::to_string(next_step_) + ")");
+    return Verdict::kRefuse;
+  }
+  if (h.step == next_step_ + 1) return Verdict::kDefer;
+  if (h.step > next_step_) {
+    *why = FailedPreconditionError("step " + std::to_string(h.step) +
+                                   " is ahead of step " +
+                                   std::to_string(next_step_));
+    return Verdict::kRefuse;
+  }
+  if (h.trainer_rank < 0 || h.trainer_rank >= trainers_) {
+    *why = InvalidArgumentError(
+        "trainer rank " + std::to_string(h.trainer_rank) + " is outside [0, " +
+        std::to_string(trainers_) + ")");
+    return Verdict::kRefuse;
+  }
+  return Verdict::kServe;
+}
+
+bool StepGate::MarkDone(int64_t step, int32_t rank) {
+  auto& done = done_[step];
+  done.insert(rank);
+  if (static_cast<int>(done.size()) < trainers_) return false;
+  done_.erase(step);
+  return true;
+}
+
+std::vector<Task> StepGate::Advance() {
+  ++next_step_;
+  return TakeDeferred();
+}
+
+std::vector<Task> StepGate::TakeDeferred() {
+  std::vector<Task> tasks = std::move(deferred_);
+  deferred_.clear();
+  return tasks;
+}
+
+}  // namespace switchyard::expert_worker

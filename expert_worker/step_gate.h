@@ -1,0 +1,70 @@
+// The step gate: which data-plane requests a worker may serve now
+// (DESIGN.md, "One synchronous training step"). A request must carry the
+// worker's routing epoch (older: refused for good; newer: refused as not
+// ready, ABORTED, so that the sender retries), a trainer rank in
+// [0, trainers), and the step the worker is at: requests for step t + 1 are
+// deferred until update t is applied, earlier and later steps are refused.
+// The gate also counts StepDone(t, rank): update t is due when every
+// trainer's has come.
+//
+// Thread-compatible: the worker holds its state lock around every call.
+#ifndef SWITCHYARD_EXPERT_WORKER_STEP_GATE_H_
+#define SWITCHYARD_EXPERT_WORKER_STEP_GATE_H_
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "expert_worker/worker_task.h"
+#include "transport/wire_header.h"
+
+namespace switchyard::expert_worker {
+
+class StepGate {
+ public:
+  StepGate(std::string name, int trainers)
+      : name_(std::move(name)), trainers_(trainers) {}
+
+  // OK when `h` carries this epoch; else why not (see above).
+  Status CheckEpoch(const transport::WireHeader& h) const;
+
+  enum class Verdict { kServe, kDefer, kRefuse };
+  // Whether `h`'s step and rank may be served now, later (Defer), or never
+  // (*why says why).
+  Verdict Admit(const transport::WireHeader& h, Status* why) const;
+  // Holds `task` (a kDefer verdict's) until the update before it.
+  void Defer(Task task) { deferred_.push_back(std::move(task)); }
+
+  // Records StepDone(step, rank) of an admitted request; true when it
+  // completes the step (every rank's has come).
+  bool MarkDone(int64_t step, int32_t rank);
+  // Update next_step() was applied: the gate moves to the next step and
+  // hands back the requests deferred for it, in arrival order.
+  std::vector<Task> Advance();
+
+  // Adopts a routing table's epoch, and (restored from a checkpoint) its
+  // step.
+  void set_epoch(uint64_t epoch) { epoch_ = epoch; }
+  void set_next_step(int64_t step) { next_step_ = step; }
+  // Every deferred request (shutdown answers them).
+  std::vector<Task> TakeDeferred();
+
+  uint64_t epoch() const { return epoch_; }
+  int64_t next_step() const { return next_step_; }
+  size_t num_deferred() const { return deferred_.size(); }
+
+ private:
+  const std::string name_;
+  const int trainers_;
+  uint64_t epoch_ = 0;
+  int64_t next_step_ = 0;                      // = updates applied.
+  std::map<int64_t, std::set<int32_t>> done_;  // StepDone ranks by step.
+  std::vector<Task> deferred_;
+};
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_STEP_GATE_H_

@@ -1,0 +1,105 @@
+// PlanRouting: what a routing table means for one worker.
+#include "expert_worker/routing_plan.h"
+
+#include <gtest/gtest.h>
+
+#include <set>
+
+namespace switchyard::expert_worker {
+namespace {
+
+// Workers "a" and "b"; `a_experts` expert shards L0.E<e>.S0 and dense D0 on
+// a, expert L0.E9.S0 and D1 on b.
+control::RoutingTable Table(const std::set<int>& a_experts,
+                            int64_t resume_step) {
+  control::RoutingTable t;
+  t.set_epoch(3);
+  t.set_resume_step(resume_step);
+  t.add_workers()->set_name("a");
+  t.add_workers()->set_name("b");
+  auto add = [&](control::ShardKind kind, int expert, int shard, int worker) {
+    auto* e = t.add_entries();
+    e->mutable_shard()->set_kind(kind);
+    e->mutable_shard()->set_layer(0);
+    e->mutable_shard()->set_expert(expert);
+    e->mutable_shard()->set_shard(shard);
+    e->set_worker(worker);
+  };
+  for (int e : a_experts) add(control::EXPERT, e, 0, 0);
+  add(control::EXPERT, 9, 0, 1);
+  add(control::DENSE, 0, 0, 0);
+  add(control::DENSE, 0, 1, 1);
+  return t;
+}
+
+std::set<ShardId> Experts(const std::set<int>& experts) {
+  std::set<ShardId> ids;
+  for (int e : experts) ids.insert(ShardId::Expert(0, e, 0));
+  return ids;
+}
+
+TEST(RoutingPlanTest, AFreshRunMakesItsOwnShardsWithInitialValues) {
+  const RoutingPlan plan = PlanRouting(Table({1, 2}, 0), "a", {}, {}, 0);
+  EXPECT_EQ(plan.experts, Experts({1, 2}));
+  EXPECT_EQ(plan.dense, std::set<int>({0}));
+  EXPECT_EQ(plan.make_experts, Experts({1, 2}));
+  EXPECT_EQ(plan.make_dense, std::set<int>({0}));
+  EXPECT_FALSE(plan.restore);
+  EXPECT_FALSE(plan.adopts_mid_run);
+}
+
+TEST(RoutingPlanTest, AWorkerNotInTheTableHostsNothing) {
+  const RoutingPlan plan =
+      PlanRouting(Table({1}, 0), "c", Experts({1}), {0}, 4);
+  EXPECT_TRUE(plan.experts.empty());
+  EXPECT_TRUE(plan.dense.empty());
+  EXPECT_TRUE(plan.make_experts.empty());
+}
+
+TEST(RoutingPlanTest, OnlyNewShardsAreMadeAndMovedOnesAreLeft) {
+  const RoutingPlan plan =
+      PlanRouting(Table({2, 3}, 0), "a", Experts({1, 2}), {0}, 5);
+  EXPECT_EQ(plan.experts, Experts({2, 3}));
+  EXPECT_EQ(plan.make_experts, Experts({3}));
+  EXPECT_TRUE(plan.make_dense.empty());
+  EXPECT_FALSE(plan.restore);
+  EXPECT_TRUE(plan.adopts_mid_run) << "a new shard at step 5, no resume";
+}
+
+TEST(RoutingPlanTest, AResumedRunRestoresBeforeItsFirstUpdate) {
+  // At start: everything is made and restored.
+  RoutingPlan plan = PlanRouting(Table({1, 2}, 10), "a", {}, {}, 0);
+  EXPECT_TRUE(plan.restore);
+  EXPECT_EQ(plan.make_experts, Experts({1, 2}));
+  EXPECT_FALSE(plan.adopts_mid_run);
+  // Handed one more shard at the resume step: only it is loaded.
+  plan = PlanRouting(Table({1, 2, 3}, 10), "a", Experts({1, 2}), {0}, 10);
+  EXPECT_TRUE(plan.restore);
+  EXPECT_EQ(plan.make_experts, Experts({3}));
+  EXPECT_TRUE(plan.make_dense.empty());
+  // The same table with nothing new: nothing to do.
+  plan = PlanRouting(Table({1, 2}, 10), "a", Experts({1, 2}), {0}, 10);
+  EXPECT_FALSE(plan.restore);
+  EXPECT_TRUE(plan.make_experts.empty());
+}
+
+TEST(RoutingPlanTest, AWorkerThatTrainedElsewhereReloadsEverything) {
+  // A worker at step 0 that already hosts shards (initial values) and is
+  // told the run resumes at 10: every shard it hosts is reloaded.
+  const RoutingPlan plan =
+      PlanRouting(Table({1, 2}, 10), "a", Experts({1, 2}), {0}, 0);
+  EXPECT_TRUE(plan.restore);
+  EXPECT_EQ(plan.make_experts, Experts({1, 2}));
+  EXPECT_EQ(plan.make_dense, std::set<int>({0}));
+}
+
+TEST(RoutingPlanTest, PastTheResumeStepNewShardsAreNotRestored) {
+  const RoutingPlan plan =
+      PlanRouting(Table({1, 2}, 10), "a", Experts({1}), {0}, 12);
+  EXPECT_FALSE(plan.restore);
+  EXPECT_TRUE(plan.adopts_mid_run);
+  EXPECT_EQ(plan.make_experts, Experts({2}));
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker

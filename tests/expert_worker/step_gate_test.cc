@@ -1,0 +1,98 @@
+// StepGate: which requests a worker serves, defers or refuses, and when
+// StepDone completes a step.
+#include "expert_worker/step_gate.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+namespace switchyard::expert_worker {
+namespace {
+
+constexpr int kTrainers = 3;
+
+transport::WireHeader Header(uint64_t epoch, int64_t step, int32_t rank) {
+  transport::WireHeader h;
+  h.epoch = epoch;
+  h.step = step;
+  h.trainer_rank = rank;
+  return h;
+}
+
+StepGate GateAt(uint64_t epoch, int64_t step) {
+  StepGate gate("w", kTrainers);
+  gate.set_epoch(epoch);
+  gate.set_next_step(step);
+  return gate;
+}
+
+TEST(StepGateTest, EpochsOtherThanTheWorkersAreRefusedAsStaleOrNotReady) {
+  const StepGate gate = GateAt(5, 0);
+  EXPECT_TRUE(gate.CheckEpoch(Header(5, 0, 0)).ok());
+  const Status stale = gate.CheckEpoch(Header(4, 0, 0));
+  EXPECT_EQ(stale.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(stale.message().find("stale epoch 4"), std::string::npos)
+      << stale.ToString();
+  // Newer: the worker has not adopted it yet, so the sender retries.
+  EXPECT_EQ(gate.CheckEpoch(Header(6, 0, 0)).code(), StatusCode::kAborted);
+}
+
+TEST(StepGateTest, ServesTheCurrentStepDefersTheNextRefusesTheRest) {
+  const StepGate gate = GateAt(1, 7);
+  struct Case {
+    int64_t step;
+    int32_t rank;
+    StepGate::Verdict verdict;
+    StatusCode code;  // Of the refusal.
+  };
+  const std::vector<Case> cases = {
+      {7, 0, StepGate::Verdict::kServe, StatusCode::kOk},
+      {7, kTrainers - 1, StepGate::Verdict::kServe, StatusCode::kOk},
+      {8, 0, StepGate::Verdict::kDefer, StatusCode::kOk},
+      {6, 0, StepGate::Verdict::kRefuse, StatusCode::kFailedPrecondition},
+      {0, 0, StepGate::Verdict::kRefuse, StatusCode::kFailedPrecondition},
+      {9, 0, StepGate::Verdict::kRefuse, StatusCode::kFailedPrecondition},
+      {7, kTrainers, StepGate::Verdict::kRefuse, StatusCode::kInvalidArgument},
+      {7, -1, StepGate::Verdict::kRefuse, StatusCode::kInvalidArgument},
+  };
+  for (const Case& c : cases) {
+    Status why;
+    EXPECT_EQ(gate.Admit(Header(1, c.step, c.rank), &why), c.verdict)
+        << "step " << c.step << " rank " << c.rank;
+    EXPECT_EQ(why.code(), c.code) << "step " << c.step << " rank " << c.rank;
+  }
+}
+
+TEST(StepGateTest, TheLastRanksStepDoneCompletesTheStepOnce) {
+  StepGate gate = GateAt(1, 0);
+  EXPECT_FALSE(gate.MarkDone(0, 2));
+  EXPECT_FALSE(gate.MarkDone(0, 2)) << "a repeated StepDone counts once";
+  EXPECT_FALSE(gate.MarkDone(0, 0));
+  EXPECT_TRUE(gate.MarkDone(0, 1));
+  // The step's count starts afresh (a retried step after a failed update).
+  EXPECT_FALSE(gate.MarkDone(0, 1));
+}
+
+TEST(StepGateTest, AdvanceHandsBackDeferredRequestsInArrivalOrder) {
+  StepGate gate = GateAt(1, 3);
+  for (int32_t rank : {2, 0, 1}) {
+    Task task;
+    task.request.header = Header(1, 4, rank);
+    gate.Defer(std::move(task));
+  }
+  EXPECT_EQ(gate.num_deferred(), 3u);
+  const std::vector<Task> ready = gate.Advance();
+  EXPECT_EQ(gate.next_step(), 4);
+  EXPECT_EQ(gate.num_deferred(), 0u);
+  ASSERT_EQ(ready.size(), 3u);
+  EXPECT_EQ(ready[0].request.header.trainer_rank, 2);
+  EXPECT_EQ(ready[1].request.header.trainer_rank, 0);
+  EXPECT_EQ(ready[2].request.header.trainer_rank, 1);
+  Status why;
+  EXPECT_EQ(gate.Admit(ready[0].request.header, &why),
+            StepGate::Verdict::kServe);
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker
