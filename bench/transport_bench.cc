@@ -37,13 +37,11 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fstream>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -51,6 +49,7 @@
 #include "common/buffer_pool.h"
 #include "common/digest.h"
 #include "common/logging.h"
+#include "common/mutex.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::transport {
@@ -218,8 +217,8 @@ Message Echo(size_t bytes, uint32_t seed) {
 // without a payload and only the request bytes count.
 double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
                      int iters, int window, bool* ok, bool one_way = false) {
-  std::mutex mu;
-  std::condition_variable cv;
+  Mutex mu;
+  CondVar cv;
   int in_flight = 0, sent = 0, checked = 0;
   // Answers are checked by this thread between its waits, not in the
   // callbacks, which run while the network is being driven.
@@ -233,7 +232,7 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
   const uint64_t sent_hash =
       Xxh3(proto.payload.data(), proto.payload.num_bytes());
   const auto start = Clock::now();
-  std::unique_lock<std::mutex> lock(mu);
+  MutexLock lock(&mu);
   while (checked < iters) {
     std::vector<SendRequest> sends;
     for (; sent < iters && in_flight < window; ++sent, ++in_flight) {
@@ -242,17 +241,17 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
       m.payload = proto.payload;  // Shared buffer: the send only reads it.
       sends.push_back(
           SendRequest{peer, std::move(m), Ms(60000), [&](StatusOr<Message> r) {
-                        std::lock_guard<std::mutex> guard(mu);
+                        MutexLock guard(&mu);
                         arrived.push_back(std::move(r));
                         --in_flight;
-                        cv.notify_all();
+                        cv.NotifyAll();
                       }});
     }
-    client->SendAndWait(std::move(sends), lock, cv, Clock::now() + Ms(60000),
+    client->SendAndWait(std::move(sends), &mu, &cv, Clock::now() + Ms(60000),
                         [&] { return !arrived.empty(); });
     std::deque<StatusOr<Message>> batch;
     batch.swap(arrived);
-    lock.unlock();
+    lock.Unlock();
     for (const StatusOr<Message>& r : batch) {
       // One way: the answer carries no payload by design.
       const bool good =
@@ -268,7 +267,7 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
       }
       if (!good) *ok = false;
     }
-    lock.lock();
+    lock.Lock();
     checked += static_cast<int>(batch.size());
   }
   const double s = std::chrono::duration<double>(Clock::now() - start).count();

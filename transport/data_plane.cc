@@ -1,8 +1,6 @@
 #include "transport/data_plane.h"
 
 #include <algorithm>
-#include <condition_variable>
-#include <mutex>
 #include <optional>
 #include <thread>
 
@@ -56,21 +54,24 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
                                       std::chrono::milliseconds timeout,
                                       BufferPool* pool) {
   struct Pending {
-    std::mutex mu;
-    std::condition_variable cv;
-    size_t outstanding = 0;
-    std::vector<Tensor> replies;
-    std::vector<size_t> retry;  // Requests answered ABORTED.
-    Status error;
+    Mutex mu;
+    CondVar cv;
+    size_t outstanding GUARDED_BY(mu) = 0;
+    std::vector<Tensor> replies GUARDED_BY(mu);
+    std::vector<size_t> retry GUARDED_BY(mu);  // Requests answered ABORTED.
+    Status error GUARDED_BY(mu);
   };
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   auto pending = std::make_shared<Pending>();
-  pending->replies.resize(requests.size());
+  {
+    MutexLock lock(&pending->mu);
+    pending->replies.resize(requests.size());
+  }
   std::vector<size_t> to_send(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) to_send[i] = i;
   for (int attempt = 0;; ++attempt) {
     {
-      std::lock_guard<std::mutex> lock(pending->mu);
+      MutexLock lock(&pending->mu);
       pending->outstanding = to_send.size();
       pending->retry.clear();
     }
@@ -84,7 +85,7 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
           requests[i].peer, requests[i].message,
           std::max(left, std::chrono::milliseconds(1)),
           [pending, i, pool, label = requests[i].label](StatusOr<Message> r) {
-            std::lock_guard<std::mutex> lock(pending->mu);
+            MutexLock lock(&pending->mu);
             if (!r.ok() && r.status().code() == StatusCode::kAborted) {
               pending->retry.push_back(i);
             } else if (!r.ok()) {
@@ -96,15 +97,18 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
             } else if (pending->error.ok()) {
               pending->error = t.status().WithContext(label);
             }
-            if (--pending->outstanding == 0) pending->cv.notify_all();
+            if (--pending->outstanding == 0) pending->cv.NotifyAll();
           }});
     }
-    std::unique_lock<std::mutex> lock(pending->mu);
+    MutexLock lock(&pending->mu);
     // Each callback runs by its request's deadline; the margin covers
     // scheduling only.
-    if (!data_plane->SendAndWait(std::move(sends), lock, pending->cv,
-                                 deadline + std::chrono::seconds(5),
-                                 [&] { return pending->outstanding == 0; })) {
+    if (!data_plane->SendAndWait(std::move(sends), &pending->mu, &pending->cv,
+                                 deadline + std::chrono::seconds(5), [&] {
+                                   // SendAndWait holds mu when it asks.
+                                   pending->mu.AssertHeld();
+                                   return pending->outstanding == 0;
+                                 })) {
       return DeadlineExceededError(std::to_string(pending->outstanding) +
                                    " data-plane requests not answered");
     }
@@ -119,7 +123,7 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
           ": still refused as not ready (ABORTED) at the deadline");
     }
     to_send = pending->retry;
-    lock.unlock();
+    lock.Unlock();
     std::this_thread::sleep_for(
         std::chrono::milliseconds(std::min(100, 5 << std::min(attempt, 4))));
   }
@@ -143,41 +147,46 @@ RequestHandler RefuseRequests(const std::string& who) {
   };
 }
 
-bool DataPlane::SendAndWait(std::vector<SendRequest> requests,
-                            std::unique_lock<std::mutex>& lock,
-                            std::condition_variable& cv,
+bool DataPlane::SendAndWait(std::vector<SendRequest> requests, Mutex* mu,
+                            CondVar* cv,
                             std::chrono::steady_clock::time_point deadline,
                             const std::function<bool()>& done) {
-  lock.unlock();  // Callbacks may run inside Send.
+  mu->Unlock();  // Callbacks may run inside Send.
   for (SendRequest& r : requests) {
     Send(r.peer, std::move(r.message), r.timeout, std::move(r.done));
   }
-  lock.lock();
-  return cv.wait_until(lock, deadline, done);
+  mu->Lock();
+  while (!done()) {
+    if (!cv->WaitUntil(mu, deadline)) return done();
+  }
+  return true;
 }
 
 StatusOr<Message> DataPlane::SendSync(const std::string& peer, Message request,
                                       std::chrono::milliseconds timeout) {
   struct Answer {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::optional<StatusOr<Message>> result;
+    Mutex mu;
+    CondVar cv;
+    std::optional<StatusOr<Message>> result GUARDED_BY(mu);
   };
   auto answer = std::make_shared<Answer>();
   std::vector<SendRequest> send;
   send.push_back(SendRequest{peer, std::move(request), timeout,
                              [answer](StatusOr<Message> r) {
-                               std::lock_guard<std::mutex> lock(answer->mu);
+                               MutexLock lock(&answer->mu);
                                answer->result = std::move(r);
-                               answer->cv.notify_one();
+                               answer->cv.NotifyOne();
                              }});
-  std::unique_lock<std::mutex> lock(answer->mu);
+  MutexLock lock(&answer->mu);
   // Send guarantees the callback by the deadline; the margin covers
   // scheduling only.
   if (!SendAndWait(
-          std::move(send), lock, answer->cv,
+          std::move(send), &answer->mu, &answer->cv,
           std::chrono::steady_clock::now() + timeout + std::chrono::seconds(5),
-          [&] { return answer->result.has_value(); })) {
+          [&] {
+            answer->mu.AssertHeld();  // SendAndWait holds mu when it asks.
+            return answer->result.has_value();
+          })) {
     return DeadlineExceededError("no data-plane answer from " + peer);
   }
   return std::move(*answer->result);

@@ -14,17 +14,17 @@
 #define SWITCHYARD_TRANSPORT_DATA_PLANE_H_
 
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "common/buffer_pool.h"
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/tensor.h"
+#include "common/thread_annotations.h"
 #include "config.pb.h"
 #include "transport/wire_header.h"
 
@@ -119,20 +119,19 @@ class DataPlane {
   }
 
   // Sends every request (as Send) and then blocks until `done()` is true or
-  // `deadline` passes, as cv.wait_until(lock, deadline, done) would;
-  // returns done(). `lock` is held on entry and on return, and released
-  // while sending. The requests' callbacks change what done() reads under
-  // lock's mutex and notify `cv`. The UCX plane lets the waiting thread
-  // drive the network itself meanwhile (the callbacks then run on it), so
-  // that an answer reaches the waiter without a thread hand-off: on a
-  // 2-core VM each hand-off is a wake-up of about 13 us, against a 2-3 us
-  // shared-memory round trip. Must not be called from a handler or
-  // callback.
-  virtual bool SendAndWait(std::vector<SendRequest> requests,
-                           std::unique_lock<std::mutex>& lock,
-                           std::condition_variable& cv,
+  // `deadline` passes, waiting on `cv` in a loop as CondVar's comment
+  // shows; returns done(). `mu` is held on entry and on return, and
+  // released while sending; done() is called with it held. The requests'
+  // callbacks change what done() reads under `mu` and notify `cv`. The UCX
+  // plane lets the waiting thread drive the network itself meanwhile (the
+  // callbacks then run on it), so that an answer reaches the waiter
+  // without a thread hand-off: on a 2-core VM each hand-off is a wake-up of
+  // about 13 us, against a 2-3 us shared-memory round trip. Must not be
+  // called from a handler or callback.
+  virtual bool SendAndWait(std::vector<SendRequest> requests, Mutex* mu,
+                           CondVar* cv,
                            std::chrono::steady_clock::time_point deadline,
-                           const std::function<bool()>& done);
+                           const std::function<bool()>& done) REQUIRES(mu);
 
   // Blocking Send (through SendAndWait). Must not be called from a handler
   // or callback.

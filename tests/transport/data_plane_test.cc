@@ -1,6 +1,8 @@
-// The UCX data plane, in one process and across processes: payloads from
-// 4 KiB to 256 MiB, concurrency, deadlines, errors, malformed headers from a
-// raw UCX peer, backpressure, and a server SIGKILLed mid-request.
+// The data plane: the DataPlane contract over every built backend (UCX and
+// the in-process plane: payloads from 4 KiB to 256 MiB, concurrency,
+// deadlines, errors, shutdown), then UCX's own behaviour in one process and
+// across processes: waiters driving the network, malformed headers from a
+// raw UCX peer, backpressure, lanes, and a server SIGKILLed mid-request.
 //
 // The binary doubles as the remote server: `data_plane_test --serve FILE`
 // runs an echo server and writes its address to FILE.
@@ -28,6 +30,8 @@
 #include "common/buffer_pool.h"
 #include "common/config.h"
 #include "common/logging.h"
+#include "common/mutex.h"
+#include "transport/local/in_process_data_plane.h"
 
 namespace switchyard::transport {
 namespace {
@@ -78,12 +82,27 @@ bool SamePayload(const Message& a, const Message& b) {
                      a.payload.num_bytes()) == 0;
 }
 
-class DataPlaneTest : public ::testing::Test {
+// Every data-plane backend built.
+enum class Backend { kUcx, kInProcess };
+
+std::string BackendName(const ::testing::TestParamInfo<Backend>& info) {
+  return info.param == Backend::kUcx ? "Ucx" : "InProcess";
+}
+
+std::unique_ptr<DataPlane> NewDataPlane(Backend backend,
+                                        const DataPlaneOptions& options) {
+  if (backend == Backend::kInProcess) return NewInProcessDataPlane();
+  return NewUcxDataPlane(options).value();
+}
+
+// A server (an echo handler, see EchoHandler) and a client of backend().
+class DataPlanePairTest : public ::testing::Test {
  protected:
+  virtual Backend backend() const = 0;
   void SetUp() override {
-    server_ = NewUcxDataPlane(ServerOptions()).value();
+    server_ = NewDataPlane(backend(), ServerOptions());
     ASSERT_TRUE(server_->Start(EchoHandler(&held_, &held_mu_)).ok());
-    client_ = NewUcxDataPlane(DataPlaneOptions()).value();
+    client_ = NewDataPlane(backend(), DataPlaneOptions());
     ASSERT_TRUE(client_->Start(nullptr).ok());
   }
   void TearDown() override {
@@ -119,7 +138,24 @@ class DataPlaneTest : public ::testing::Test {
   std::mutex held_mu_;
 };
 
-TEST_F(DataPlaneTest, EchoesSmallAndLargePayloads) {
+// The DataPlane contract, over every backend.
+class DataPlaneTest : public DataPlanePairTest,
+                      public ::testing::WithParamInterface<Backend> {
+ protected:
+  Backend backend() const override { return GetParam(); }
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, DataPlaneTest,
+                         ::testing::Values(Backend::kUcx, Backend::kInProcess),
+                         BackendName);
+
+// What only the UCX plane does.
+class UcxDataPlaneTest : public DataPlanePairTest {
+ protected:
+  Backend backend() const override { return Backend::kUcx; }
+};
+
+TEST_P(DataPlaneTest, EchoesSmallAndLargePayloads) {
   // 4 KiB (eager) up to 256 MiB (rendezvous, straight into the tensor).
   for (int64_t bytes : {int64_t{4} << 10, int64_t{64} << 10, int64_t{1} << 20,
                         int64_t{64} << 20, int64_t{256} << 20}) {
@@ -135,7 +171,7 @@ TEST_F(DataPlaneTest, EchoesSmallAndLargePayloads) {
   }
 }
 
-TEST_F(DataPlaneTest, SendAllConvertsBf16AnswersIntoPoolBuffers) {
+TEST_P(DataPlaneTest, SendAllConvertsBf16AnswersIntoPoolBuffers) {
   // Small integers: exact in bf16, so the round trip must give them back.
   Tensor values = Tensor::Zeros(DType::kF32, {64, 256}).value();
   for (int64_t i = 0; i < values.num_elements(); ++i) {
@@ -168,7 +204,7 @@ TEST_F(DataPlaneTest, SendAllConvertsBf16AnswersIntoPoolBuffers) {
   EXPECT_GE(pool->cached_bytes(), 3 * values.num_bytes());
 }
 
-TEST_F(DataPlaneTest, ManyConcurrentRequests) {
+TEST_P(DataPlaneTest, ManyConcurrentRequests) {
   // Alternate eager and rendezvous sizes.
   EXPECT_EQ(EchoFromThreads(4, 50,
                             [](int t, int i) {
@@ -178,32 +214,32 @@ TEST_F(DataPlaneTest, ManyConcurrentRequests) {
             4 * 50);
 }
 
-TEST_F(DataPlaneTest, AWaitingSenderDrivesItsOwnAnswers) {
+TEST_F(UcxDataPlaneTest, AWaitingSenderDrivesItsOwnAnswers) {
   // SendAndWait lets the waiting thread drive UCX: the answer's callback
   // runs on it, with no hand-off from the progress thread.
   for (int64_t rows : {1, 64}) {  // Eager, then rendezvous.
-    std::mutex mu;
-    std::condition_variable cv;
+    Mutex mu;
+    CondVar cv;
     bool answered = false;
     std::thread::id ran_on;
     std::vector<SendRequest> send;
     send.push_back(SendRequest{server_->address(), EchoRequest(rows, 1024, 5),
                                Ms(10000), [&](StatusOr<Message> r) {
                                  EXPECT_TRUE(r.ok()) << r.status().ToString();
-                                 std::lock_guard<std::mutex> lock(mu);
+                                 MutexLock lock(&mu);
                                  ran_on = std::this_thread::get_id();
                                  answered = true;
-                                 cv.notify_one();
+                                 cv.NotifyOne();
                                }});
-    std::unique_lock<std::mutex> lock(mu);
-    ASSERT_TRUE(client_->SendAndWait(std::move(send), lock, cv,
+    MutexLock lock(&mu);
+    ASSERT_TRUE(client_->SendAndWait(std::move(send), &mu, &cv,
                                      Clock::now() + Ms(10000),
                                      [&] { return answered; }));
     EXPECT_EQ(ran_on, std::this_thread::get_id()) << rows;
   }
 }
 
-TEST_F(DataPlaneTest, ManyWaitersAtOnceAllGetTheirOwnAnswers) {
+TEST_P(DataPlaneTest, ManyWaitersAtOnceAllGetTheirOwnAnswers) {
   // One waiter drives at a time; the others see their answers arrive
   // through it, or take over when it leaves.
   EXPECT_EQ(EchoFromThreads(8, 200,
@@ -213,10 +249,11 @@ TEST_F(DataPlaneTest, ManyWaitersAtOnceAllGetTheirOwnAnswers) {
             8 * 200);
 }
 
-TEST_F(DataPlaneTest, CallbackSendsAfterAWaiterLeftAreAnsweredPromptly) {
-  // After a waiter leaves with nothing in flight the progress thread stays
-  // parked; a plain Send must unpark it, not wait for its next look (up to
-  // 64 ms once idle).
+TEST_P(DataPlaneTest, CallbackSendsAfterAWaiterLeftAreAnsweredPromptly) {
+  // A plain Send after a while idle is answered at once. UCX: after a
+  // waiter leaves with nothing in flight the progress thread stays parked;
+  // a plain Send must unpark it, not wait for its next look (up to 64 ms
+  // once idle).
   std::vector<double> ms;
   for (int i = 0; i < 12; ++i) {
     ASSERT_TRUE(
@@ -244,7 +281,7 @@ TEST_F(DataPlaneTest, CallbackSendsAfterAWaiterLeftAreAnsweredPromptly) {
   EXPECT_LT(ms[ms.size() / 2], 10.0);
 }
 
-TEST_F(DataPlaneTest, ShutdownReleasesAWaiter) {
+TEST_P(DataPlaneTest, ShutdownReleasesAWaiter) {
   std::thread shut([&] {
     std::this_thread::sleep_for(Ms(200));
     client_->Shutdown();
@@ -257,7 +294,7 @@ TEST_F(DataPlaneTest, ShutdownReleasesAWaiter) {
   EXPECT_LT(Clock::now() - start, Ms(5000));
 }
 
-TEST_F(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
+TEST_P(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
   const auto start = Clock::now();
   auto r = client_->SendSync(server_->address(), EchoRequest(1, 16, 1, 999),
                              Ms(300));
@@ -268,7 +305,7 @@ TEST_F(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
   EXPECT_TRUE(ok.ok()) << ok.status().ToString();
 }
 
-TEST_F(DataPlaneTest, DeadlinesExpireInOrderAmongManyAnsweredRequests) {
+TEST_P(DataPlaneTest, DeadlinesExpireInOrderAmongManyAnsweredRequests) {
   // Answered requests leave their deadlines behind (dropped lazily, the
   // lot rebuilt when mostly stale): a silent request with a long deadline
   // stays pending through hundreds of answered ones, and three short ones
@@ -322,7 +359,7 @@ TEST_F(DataPlaneTest, DeadlinesExpireInOrderAmongManyAnsweredRequests) {
   }
 }
 
-TEST_F(DataPlaneTest, ALateAnswerDoesNotCompleteALaterRequest) {
+TEST_P(DataPlaneTest, ALateAnswerDoesNotCompleteALaterRequest) {
   // Request ids are never reused: the answer to an expired request, sent
   // after a new request took its place, is dropped, and the new request
   // gets its own answer.
@@ -372,14 +409,14 @@ TEST_F(DataPlaneTest, ALateAnswerDoesNotCompleteALaterRequest) {
   EXPECT_TRUE(SamePayload(**answer->result, own));
 }
 
-TEST_F(DataPlaneTest, HandlerErrorsReachTheCaller) {
+TEST_P(DataPlaneTest, HandlerErrorsReachTheCaller) {
   auto r = client_->SendSync(server_->address(), EchoRequest(1, 16, 1, -1),
                              Ms(5000));
   EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
   EXPECT_EQ(r.status().message(), "unknown shard L9.E9.S9");
 }
 
-TEST_F(DataPlaneTest, SendAfterShutdownIsCancelledNotLost) {
+TEST_P(DataPlaneTest, SendAfterShutdownIsCancelledNotLost) {
   const std::string address = server_->address();
   client_->Shutdown();
   const auto start = Clock::now();
@@ -388,7 +425,7 @@ TEST_F(DataPlaneTest, SendAfterShutdownIsCancelledNotLost) {
   EXPECT_LT(Clock::now() - start, Ms(1000));
 }
 
-TEST_F(DataPlaneTest, SendBeforeStartFailsAtOnce) {
+TEST_F(UcxDataPlaneTest, SendBeforeStartFailsAtOnce) {
   // Nothing would ever run the request: it fails, it does not hang.
   auto idle = NewUcxDataPlane(DataPlaneOptions()).value();
   const auto start = Clock::now();
@@ -397,7 +434,7 @@ TEST_F(DataPlaneTest, SendBeforeStartFailsAtOnce) {
   EXPECT_LT(Clock::now() - start, Ms(1000));
 }
 
-TEST_F(DataPlaneTest, UnreachablePeerFailsInTime) {
+TEST_P(DataPlaneTest, UnreachablePeerFailsInTime) {
   const auto start = Clock::now();
   // Nothing listens on port 1.
   auto r = client_->SendSync("127.0.0.1:1", EchoRequest(1, 16, 1), Ms(2000));
@@ -490,7 +527,7 @@ class RawUcxPeer {
   int responses_ = 0;
 };
 
-TEST_F(DataPlaneTest, MalformedHeadersGetErrorsAndServerKeepsServing) {
+TEST_F(UcxDataPlaneTest, MalformedHeadersGetErrorsAndServerKeepsServing) {
   RawUcxPeer raw(server_->address());
   struct Case {
     const char* what;
@@ -554,7 +591,7 @@ TEST_F(DataPlaneTest, MalformedHeadersGetErrorsAndServerKeepsServing) {
   EXPECT_TRUE(r.ok()) << r.status().ToString();
 }
 
-class BackpressureTest : public DataPlaneTest {
+class BackpressureTest : public UcxDataPlaneTest {
  protected:
   DataPlaneOptions ServerOptions() override {
     DataPlaneOptions o;
