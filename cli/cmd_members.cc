@@ -61,8 +61,12 @@ int CoordinatorCommand(int argc, char** argv) {
   auto metrics_server = metrics.Start();
   if (!metrics_server.ok()) return Finish(metrics_server.status());
 
+  auto store = coordinator::OpenCoordinatorStore(loaded.config);
+  if (!store.ok()) return Finish(store.status());
+
   boost::asio::io_context io;
-  coordinator::CoordinatorService service(io, loaded.config, secret);
+  coordinator::CoordinatorService service(io, loaded.config, secret,
+                                          std::move(store).value());
   service.SetResume(resume.fresh, resume.from_step);
   Status started = service.Start();
   if (!started.ok()) return Finish(started);

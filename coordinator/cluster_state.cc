@@ -23,13 +23,19 @@ std::string KindName(MemberKind kind) {
   return kind == control::WORKER ? "worker" : "trainer";
 }
 
+std::vector<ShardId> ShardIds(const std::vector<ShardFootprint>& shards) {
+  std::vector<ShardId> ids;
+  ids.reserve(shards.size());
+  for (const auto& s : shards) ids.push_back(s.id);
+  return ids;
+}
+
 }  // namespace
 
 ClusterState::ClusterState(const config::SwitchyardConfig& config)
-    : config_(config), shards_(ModelShards(config)) {
-  for (size_t i = 0; i < shards_.size(); ++i) {
-    shard_index_[shards_[i].id] = static_cast<int>(i);
-  }
+    : config_(config),
+      shards_(ModelShards(config)),
+      ledger_(ShardIds(shards_), config.checkpoint().keep_last()) {
   shard_home_.assign(shards_.size(), "");
   shard_unplaced_.assign(shards_.size(), true);
 }
@@ -58,8 +64,7 @@ StatusOr<ClusterState> ClusterState::Restore(
   state.next_incarnation_ = snapshot.next_incarnation();
   state.placed_ = snapshot.placed();
   state.placement_error_ = snapshot.placement_error();
-  state.committed_.assign(snapshot.committed().begin(),
-                          snapshot.committed().end());
+  state.ledger_.Restore(snapshot);
   for (int i = 0; i < snapshot.shard_home_size(); ++i) {
     state.shard_home_[i] = snapshot.shard_home(i);
     state.shard_unplaced_[i] = snapshot.shard_unplaced(i);
@@ -94,7 +99,7 @@ control::CoordinatorSnapshot ClusterState::Snapshot() const {
   s.set_placed(placed_);
   *s.mutable_config() = config_;
   s.set_placement_error(placement_error_);
-  for (const auto& c : committed_) *s.add_committed() = c;
+  ledger_.SaveTo(&s);
   return s;
 }
 
@@ -278,10 +283,8 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   }
   control::HeartbeatAck ack;
   ack.set_epoch(epoch_);
-  if (!committed_.empty()) {
-    ack.set_committed_step(committed_.back().step());
-    ack.set_keep_from_step(committed_.front().step());
-  }
+  ack.set_committed_step(ledger_.latest_committed_step());
+  ack.set_keep_from_step(ledger_.keep_from_step());
   auto tasks = tasks_.find(beat.name());
   if (tasks != tasks_.end()) {
     for (auto& t : tasks->second) *ack.add_replicate() = std::move(t);
@@ -339,106 +342,12 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
         "checkpoint report from " + report.name() + " incarnation " +
         std::to_string(report.incarnation()) + ", not a current worker");
   }
-  if (report.step() <= 0) {
-    return InvalidArgumentError("checkpoint report for step " +
-                                std::to_string(report.step()));
-  }
+  ASSIGN_OR_RETURN(const CheckpointLedger::Outcome outcome,
+                   ledger_.Record(report, ReplicasWanted()));
+  if (outcome.recorded && !report.replica()) AssignReplicas(report);
   control::CheckpointReportAck ack;
-  if (!committed_.empty() && report.step() <= committed_.back().step()) {
-    return ack;  // Older than what is committed: nothing to do.
-  }
-  // A report naming a shard outside the model is refused whole, before
-  // anything of it is recorded or replicated.
-  std::vector<int> indices;
-  for (const auto& s : report.shards()) {
-    const ShardId id = FromShardRef(s.shard());
-    auto found = shard_index_.find(id);
-    if (found == shard_index_.end()) {
-      return InvalidArgumentError("checkpoint report names shard " +
-                                  id.ToString() + ", not in the model");
-    }
-    indices.push_back(found->second);
-  }
-  std::map<int, ReportedShard>& reported = pending_[report.step()];
-  if (!report.replica()) AssignReplicas(report);
-  for (int i = 0; i < report.shards_size(); ++i) {
-    const auto& s = report.shards(i);
-    ReportedShard& r = reported[indices[i]];
-    if (report.replica()) {
-      r.replicas.insert(report.name());
-    } else {
-      r.holder = report.name();
-      r.digest = s.digest();
-      r.bytes = s.bytes();
-    }
-  }
-  // Every shard durable on its holder and on the replicas wanted.
-  if (reported.size() < shards_.size()) return ack;
-  for (const auto& [index, r] : reported) {
-    if (r.holder.empty() || r.replicas.size() < ReplicasWanted()) return ack;
-  }
-
-  control::CommittedCheckpoint commit;
-  commit.set_step(report.step());
-  commit.set_committed_unix_ms(
-      std::chrono::duration_cast<std::chrono::milliseconds>(
-          std::chrono::system_clock::now().time_since_epoch())
-          .count());
-  commit.set_shards(static_cast<int32_t>(shards_.size()));
-  uint64_t bytes = 0;
-  for (const auto& [index, r] : reported) {
-    commit.add_holder(r.holder);
-    commit.add_digest(r.digest);
-    std::string replicas;
-    for (const auto& name : r.replicas) {
-      replicas += (replicas.empty() ? "" : ",") + name;
-    }
-    commit.add_replicas(replicas);
-    bytes += r.bytes;
-  }
-  commit.set_bytes(bytes);
-  committed_.push_back(commit);
-  const size_t keep =
-      static_cast<size_t>(std::max(1, config_.checkpoint().keep_last()));
-  while (committed_.size() > keep) committed_.erase(committed_.begin());
-  pending_.erase(pending_.begin(), pending_.upper_bound(report.step()));
-  ++version_;
-  LOG(INFO) << "coordinator: checkpoint " << report.step() << " committed ("
-            << shards_.size() << " shards, " << bytes << " bytes)";
-  ack.set_committed_step(report.step());
+  ack.set_committed_step(outcome.committed_step);
   return ack;
-}
-
-Status ClusterState::ChooseResumeStep(bool fresh, int64_t from_step) {
-  if (fresh) {
-    if (!committed_.empty()) {
-      LOG(WARNING) << "coordinator: --fresh: starting from scratch; the "
-                   << committed_.size()
-                   << " committed checkpoints are forgotten";
-    }
-    committed_.clear();
-    resume_step_ = 0;
-    ++version_;
-    return OkStatus();
-  }
-  if (from_step > 0) {
-    for (const auto& c : committed_) {
-      if (c.step() == from_step) {
-        resume_step_ = from_step;
-        // Later checkpoints belong to the abandoned future.
-        while (committed_.back().step() > from_step) committed_.pop_back();
-        ++version_;
-        return OkStatus();
-      }
-    }
-    std::string have;
-    for (const auto& c : committed_) have += " " + std::to_string(c.step());
-    return NotFoundError(
-        "no committed checkpoint at step " + std::to_string(from_step) +
-        " (committed:" + (have.empty() ? " none" : have) + ")");
-  }
-  resume_step_ = committed_.empty() ? 0 : committed_.back().step();
-  return OkStatus();
 }
 
 Status ClusterState::Leave(const control::Leave& leave) {
@@ -488,18 +397,15 @@ control::RoutingTable ClusterState::Routing() const {
     auto w = index.find(shard_home_[i]);
     e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);
   }
-  table.set_resume_step(resume_step_);
-  for (const auto& c : committed_) {
-    if (c.step() != resume_step_ || c.holder_size() != table.entries_size()) {
-      continue;
-    }
-    for (int i = 0; i < table.entries_size(); ++i) {
-      table.mutable_entries(i)->set_resume_holder(c.holder(i));
-      if (i < c.replicas_size() && !c.replicas(i).empty()) {
-        std::stringstream names(c.replicas(i));
-        for (std::string n; std::getline(names, n, ',');) {
-          table.mutable_entries(i)->add_resume_replicas(n);
-        }
+  table.set_resume_step(ledger_.resume_step());
+  const control::CommittedCheckpoint* c = ledger_.Find(ledger_.resume_step());
+  if (c == nullptr || c->holder_size() != table.entries_size()) return table;
+  for (int i = 0; i < table.entries_size(); ++i) {
+    table.mutable_entries(i)->set_resume_holder(c->holder(i));
+    if (i < c->replicas_size() && !c->replicas(i).empty()) {
+      std::stringstream names(c->replicas(i));
+      for (std::string n; std::getline(names, n, ',');) {
+        table.mutable_entries(i)->add_resume_replicas(n);
       }
     }
   }
@@ -550,7 +456,7 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
     }
   }
   *s.mutable_routing() = Routing();
-  for (const auto& c : committed_) *s.add_checkpoints() = c;
+  for (const auto& c : ledger_.committed()) *s.add_checkpoints() = c;
   return s;
 }
 

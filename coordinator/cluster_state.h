@@ -1,8 +1,11 @@
-// The coordinator's view of the cluster: members, leases, epoch, placement.
+// The coordinator's view of the cluster: members, leases, epoch, placement,
+// and (through its CheckpointLedger) the committed checkpoints.
 //
 // A pure state machine, driven by requests and by Tick(now); no I/O, so tests
 // drive it directly with chosen times. The epoch advances whenever the
 // routing table changes or an incarnation is fenced, and on every restart.
+// Membership decides who may report a checkpoint and where its replicas go;
+// the ledger decides when a checkpoint is committed.
 //
 // Thread-compatible: the owner (CoordinatorService) serializes all calls.
 #ifndef SWITCHYARD_COORDINATOR_CLUSTER_STATE_H_
@@ -10,7 +13,6 @@
 
 #include <chrono>
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,7 @@
 #include "common/status.h"
 #include "config.pb.h"
 #include "control.pb.h"
+#include "coordinator/checkpoint_ledger.h"
 #include "coordinator_state.pb.h"
 
 namespace switchyard::coordinator {
@@ -45,23 +48,25 @@ class ClusterState {
   StatusOr<control::HeartbeatAck> Heartbeat(const control::Heartbeat& beat,
                                             Clock::time_point now);
   Status Leave(const control::Leave& leave);
-  // Records that a worker's shards are durable at report.step(); commits
-  // checkpoint `step` once every shard of the model (experts and dense) is
-  // (docs/protocol.md, "Checkpoints"), keeping the newest
-  // checkpoint.keep_last.
+  // Records that a current worker's shards are durable at report.step()
+  // (CheckpointLedger::Record) and, for a holder's new report, queues their
+  // replication; FAILED_PRECONDITION when the reporter is not a current
+  // worker.
   StatusOr<control::CheckpointReportAck> ReportCheckpoint(
       const control::CheckpointReport& report);
   // Where training (re)starts: from scratch with `fresh`, else from the
   // committed checkpoint `from_step` (0: the newest). Call before members
   // register.
-  Status ChooseResumeStep(bool fresh, int64_t from_step);
-  int64_t resume_step() const { return resume_step_; }
+  Status ChooseResumeStep(bool fresh, int64_t from_step) {
+    return ledger_.ChooseResumeStep(fresh, from_step);
+  }
+  int64_t resume_step() const { return ledger_.resume_step(); }
   // Declares members whose lease expired dead.
   void Tick(Clock::time_point now);
 
   uint64_t epoch() const { return epoch_; }
   // Incremented on every change that must be persisted.
-  uint64_t version() const { return version_; }
+  uint64_t version() const { return version_ + ledger_.version(); }
   // Incremented whenever Routing() may have changed (a new epoch, or a
   // worker's address confirmed within an epoch): the table is pushed again.
   uint64_t routing_version() const { return routing_version_; }
@@ -88,7 +93,6 @@ class ClusterState {
 
   config::SwitchyardConfig config_;
   std::vector<ShardFootprint> shards_;
-  std::map<ShardId, int> shard_index_;  // Position in shards_.
   std::map<std::string, Member> members_;
   uint64_t epoch_ = 1;
   uint64_t next_incarnation_ = 1;
@@ -98,14 +102,6 @@ class ClusterState {
   std::vector<std::string> shard_home_;
   std::vector<bool> shard_unplaced_;
   std::string placement_error_;
-  // Checkpoints: committed (oldest first) and in progress, by step, with
-  // (holder, digest, bytes) per reported shard index.
-  struct ReportedShard {
-    std::string holder;
-    std::string digest;
-    uint64_t bytes = 0;
-    std::set<std::string> replicas;
-  };
   // Replicas each shard needs: checkpoint.replicas, at most the other live
   // workers.
   size_t ReplicasWanted() const;
@@ -114,9 +110,7 @@ class ClusterState {
   void AssignReplicas(const control::CheckpointReport& report);
   // Replication tasks by target worker, handed out with its next heartbeat.
   std::map<std::string, std::vector<control::ReplicationTask>> tasks_;
-  std::vector<control::CommittedCheckpoint> committed_;
-  std::map<int64_t, std::map<int, ReportedShard>> pending_;
-  int64_t resume_step_ = 0;
+  CheckpointLedger ledger_;
 };
 
 }  // namespace switchyard::coordinator

@@ -14,15 +14,28 @@ using control::Envelope;
 
 namespace {
 constexpr char kSnapshotKey[] = "coordinator/snapshot";
+
+std::string StateDir(const config::SwitchyardConfig& config) {
+  return config.cluster().state_dir() + "/coordinator";
+}
 }  // namespace
+
+StatusOr<std::unique_ptr<storage::KvStore>> OpenCoordinatorStore(
+    const config::SwitchyardConfig& config) {
+  return storage::OpenRocksKvStore(StateDir(config));
+}
 
 CoordinatorService::CoordinatorService(asio::io_context& io,
                                        config::SwitchyardConfig config,
-                                       std::string secret)
+                                       std::string secret,
+                                       std::unique_ptr<storage::KvStore> store)
     : io_(io),
       config_(std::move(config)),
       secret_(std::move(secret)),
-      tick_timer_(io) {}
+      tick_timer_(io),
+      store_(std::move(store)) {
+  CHECK(store_ != nullptr);
+}
 
 CoordinatorService::~CoordinatorService() = default;
 
@@ -31,12 +44,11 @@ uint16_t CoordinatorService::port() const {
 }
 
 Status CoordinatorService::Start() {
-  const std::string dir = config_.cluster().state_dir() + "/coordinator";
-  ASSIGN_OR_RETURN(auto store, storage::OpenRocksKvStore(dir));
-  ASSIGN_OR_RETURN(auto existing, store->Get(kSnapshotKey));
+  const std::string dir = StateDir(config_);
+  uint64_t epoch = 0;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    store_ = std::move(store);
+    MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(auto existing, store_->Get(kSnapshotKey));
     if (existing) {
       control::CoordinatorSnapshot snapshot;
       if (!snapshot.ParseFromString(*existing)) {
@@ -60,6 +72,7 @@ Status CoordinatorService::Start() {
     RETURN_IF_ERROR(store_->Put(kSnapshotKey, bytes, /*sync=*/true));
     persisted_version_ = state_->version();
     pushed_routing_version_ = state_->routing_version();
+    epoch = state_->epoch();
   }
 
   control::ControlOptions options;
@@ -93,14 +106,14 @@ Status CoordinatorService::Start() {
   if (ec)
     return UnavailableError("cannot write " + addr_file + ": " + ec.message());
   LOG(INFO) << "coordinator: listening on " << address.ToString() << " (epoch "
-            << state_->epoch() << ")";
+            << epoch << ")";
   ScheduleTick();
   return OkStatus();
 }
 
 void CoordinatorService::Shutdown() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (shut_down_) return;
     shut_down_ = true;
     connections_.clear();
@@ -115,7 +128,7 @@ void CoordinatorService::ScheduleTick() {
   tick_timer_.async_wait([this](const boost::system::error_code& ec) {
     if (ec) return;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       if (shut_down_) return;
       state_->Tick(Clock::now());
       CommitLocked();
@@ -150,7 +163,7 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
   Envelope response;
   Status error;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (shut_down_) {
       conn->ReplyError(id, UnavailableError("coordinator shutting down"));
       return;
@@ -213,7 +226,7 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
 }
 
 void CoordinatorService::OnClose(const control::Connection::Ptr& conn) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   for (auto it = connections_.begin(); it != connections_.end();) {
     if (it->second == conn) {
       it = connections_.erase(it);

@@ -1,23 +1,25 @@
 // The coordinator process: control server + ClusterState + durable state.
 //
 // Serves registration, heartbeats, leave and status requests; expires leases
-// on a timer; persists every state change to its RocksDB (synchronously,
+// on a timer; persists every state change to its KvStore (synchronously,
 // before anyone hears of it) and pushes the routing table to every connected
-// member whenever the epoch changes.
+// member whenever the epoch changes. The store is handed in (the binary opens
+// OpenCoordinatorStore's RocksDB; tests may wrap a store to inject faults).
 //
-// Thread-safety: Start/Shutdown from the owning thread; request handlers run
-// on the io_context and serialize on mu_.
+// Thread-safety: SetResume/Start/Shutdown/port from the owning thread;
+// request handlers run on the io_context and serialize on mu_.
 #ifndef SWITCHYARD_COORDINATOR_COORDINATOR_SERVICE_H_
 #define SWITCHYARD_COORDINATOR_COORDINATOR_SERVICE_H_
 
 #include <boost/asio.hpp>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "config.pb.h"
 #include "coordinator/cluster_state.h"
 #include "storage/kv_store.h"
@@ -25,12 +27,18 @@
 
 namespace switchyard::coordinator {
 
+// The coordinator's durable store: a RocksDB in <cluster.state_dir>/
+// coordinator, created if missing.
+StatusOr<std::unique_ptr<storage::KvStore>> OpenCoordinatorStore(
+    const config::SwitchyardConfig& config);
+
 class CoordinatorService {
  public:
-  // `secret` authenticates control connections. The state lives in
-  // <cluster.state_dir>/coordinator.
+  // `secret` authenticates control connections. `store` (not null) holds the
+  // state between runs: a store holding a snapshot resumes it.
   CoordinatorService(boost::asio::io_context& io,
-                     config::SwitchyardConfig config, std::string secret);
+                     config::SwitchyardConfig config, std::string secret,
+                     std::unique_ptr<storage::KvStore> store);
   ~CoordinatorService();
 
   // Where training resumes (before Start): from scratch with `fresh`, else
@@ -40,19 +48,20 @@ class CoordinatorService {
     from_step_ = from_step;
   }
 
-  // Opens (or resumes) the state, listens, and writes the bound address to
+  // Resumes the store's state (or starts a new run) and persists it at its
+  // new epoch, listens, and writes the bound address to
   // <state_dir>/coordinator.addr.
-  Status Start();
-  void Shutdown();
+  Status Start() EXCLUDES(mu_);
+  void Shutdown() EXCLUDES(mu_);
   uint16_t port() const;
 
  private:
   void OnRequest(const control::Connection::Ptr& conn,
-                 control::Envelope request);
-  void OnClose(const control::Connection::Ptr& conn);
+                 control::Envelope request) EXCLUDES(mu_);
+  void OnClose(const control::Connection::Ptr& conn) EXCLUDES(mu_);
   void ScheduleTick();
-  // Persists and pushes if the state changed. Requires mu_.
-  void CommitLocked();
+  // Persists and pushes if the state changed.
+  void CommitLocked() REQUIRES(mu_);
 
   boost::asio::io_context& io_;
   const config::SwitchyardConfig config_;
@@ -62,14 +71,14 @@ class CoordinatorService {
   std::unique_ptr<control::ControlServer> server_;
   boost::asio::steady_timer tick_timer_;
 
-  std::mutex mu_;
-  std::unique_ptr<storage::KvStore> store_;  // GUARDED_BY(mu_)
-  std::optional<ClusterState> state_;        // GUARDED_BY(mu_)
-  uint64_t persisted_version_ = 0;           // GUARDED_BY(mu_)
-  uint64_t pushed_routing_version_ = 0;      // GUARDED_BY(mu_)
+  Mutex mu_;
+  const std::unique_ptr<storage::KvStore> store_ PT_GUARDED_BY(mu_);
+  std::optional<ClusterState> state_ GUARDED_BY(mu_);
+  uint64_t persisted_version_ GUARDED_BY(mu_) = 0;
+  uint64_t pushed_routing_version_ GUARDED_BY(mu_) = 0;
   // Member name -> its current control connection (for pushes).
-  std::map<std::string, control::Connection::Ptr> connections_;  // GUARDED_BY
-  bool shut_down_ = false;                                       // GUARDED_BY
+  std::map<std::string, control::Connection::Ptr> connections_ GUARDED_BY(mu_);
+  bool shut_down_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace switchyard::coordinator
