@@ -32,7 +32,7 @@ void ControlClient::Start() {
 
 void ControlClient::Connect() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (shut_down_) return;
   }
   auto socket = std::make_shared<tcp::socket>(io_);
@@ -83,7 +83,7 @@ void ControlClient::Connected(const std::shared_ptr<tcp::socket>& socket,
     auto self = weak.lock();
     if (!self) return;
     {
-      std::lock_guard<std::mutex> lock(self->mu_);
+      MutexLock lock(&self->mu_);
       if (self->shut_down_) {
         conn->Close(CancelledError("client shut down"));
         return;
@@ -92,7 +92,7 @@ void ControlClient::Connected(const std::shared_ptr<tcp::socket>& socket,
       self->backoff_ = self->options_.min_backoff;
       self->last_error_ = OkStatus();
     }
-    self->cv_.notify_all();
+    self->cv_.NotifyAll();
     VLOG(1) << "control: connected to " << conn->peer();
     if (self->on_connected_) self->on_connected_();
   };
@@ -105,7 +105,7 @@ void ControlClient::Connected(const std::shared_ptr<tcp::socket>& socket,
     auto self = weak.lock();
     if (!self) return;
     {
-      std::lock_guard<std::mutex> lock(self->mu_);
+      MutexLock lock(&self->mu_);
       if (self->connection_ == conn) self->connection_.reset();
     }
     self->ScheduleReconnect(s);
@@ -118,13 +118,13 @@ void ControlClient::Connected(const std::shared_ptr<tcp::socket>& socket,
 void ControlClient::ScheduleReconnect(const Status& why) {
   std::chrono::milliseconds delay;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (shut_down_) return;
     last_error_ = why;
     delay = backoff_;
     backoff_ = std::min(backoff_ * 2, options_.max_backoff);
   }
-  cv_.notify_all();
+  cv_.NotifyAll();
   VLOG(1) << "control: reconnecting in " << delay.count()
           << " ms: " << why.ToString();
   asio::post(io_, [self = shared_from_this(), delay] {
@@ -138,13 +138,13 @@ void ControlClient::ScheduleReconnect(const Status& why) {
 void ControlClient::Shutdown() {
   Connection::Ptr conn;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (shut_down_) return;
     shut_down_ = true;
     conn = std::move(connection_);
     last_error_ = CancelledError("client shut down");
   }
-  cv_.notify_all();
+  cv_.NotifyAll();
   asio::post(io_, [self = shared_from_this()] { self->retry_timer_.cancel(); });
   if (conn) conn->Close(CancelledError("client shut down"));
 }
@@ -154,7 +154,7 @@ void ControlClient::Call(Envelope request, std::chrono::milliseconds timeout,
   Connection::Ptr conn;
   Status why;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     conn = connection_;
     why = last_error_;
   }
@@ -176,9 +176,15 @@ StatusOr<Envelope> ControlClient::CallSync(Envelope request,
 }
 
 Status ControlClient::WaitConnected(std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mu_);
-  const bool connected = cv_.wait_for(
-      lock, timeout, [this] { return connection_ != nullptr || shut_down_; });
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  MutexLock lock(&mu_);
+  bool connected = true;  // Connected or shut down, before the deadline.
+  while (connection_ == nullptr && !shut_down_) {
+    if (!cv_.WaitUntil(&mu_, deadline)) {
+      connected = connection_ != nullptr || shut_down_;
+      break;
+    }
+  }
   if (connection_) return OkStatus();
   if (!connected) {
     return DeadlineExceededError(

@@ -12,14 +12,14 @@
 
 #include <boost/asio.hpp>
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/net_address.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "transport/control/connection.h"
 
 namespace switchyard::control {
@@ -43,28 +43,28 @@ class ControlClient : public std::enable_shared_from_this<ControlClient> {
   // Starts connecting (and reconnecting) in the background.
   void Start();
   // Stops reconnecting and closes the connection.
-  void Shutdown();
+  void Shutdown() EXCLUDES(mu_);
 
   // Sends a request over the current connection; fails with UNAVAILABLE at
   // once when not connected. `done` runs exactly once.
   void Call(Envelope request, std::chrono::milliseconds timeout,
-            Connection::CallDone done);
+            Connection::CallDone done) EXCLUDES(mu_);
   // Blocking Call.
   StatusOr<Envelope> CallSync(Envelope request,
-                              std::chrono::milliseconds timeout);
+                              std::chrono::milliseconds timeout) EXCLUDES(mu_);
   // Waits until connected and authenticated, or the timeout; returns why not.
-  Status WaitConnected(std::chrono::milliseconds timeout);
+  Status WaitConnected(std::chrono::milliseconds timeout) EXCLUDES(mu_);
 
  private:
   ControlClient(boost::asio::io_context& io, ClientOptions options,
                 std::function<void()> on_connected,
                 std::function<void(Envelope)> on_push);
-  void Connect();
+  void Connect() EXCLUDES(mu_);
   // The attempt's socket is connected (or failed with `ec`): starts the
   // handshake, or schedules the next attempt.
   void Connected(const std::shared_ptr<boost::asio::ip::tcp::socket>& socket,
-                 const boost::system::error_code& ec);
-  void ScheduleReconnect(const Status& why);
+                 const boost::system::error_code& ec) EXCLUDES(mu_);
+  void ScheduleReconnect(const Status& why) EXCLUDES(mu_);
 
   boost::asio::io_context& io_;
   const ClientOptions options_;
@@ -72,12 +72,13 @@ class ControlClient : public std::enable_shared_from_this<ControlClient> {
   std::function<void(Envelope)> on_push_;
   boost::asio::steady_timer retry_timer_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  Connection::Ptr connection_;  // GUARDED_BY(mu_); set once authenticated
-  bool shut_down_ = false;      // GUARDED_BY(mu_)
-  Status last_error_ = UnavailableError("not connected yet");  // GUARDED_BY
-  std::chrono::milliseconds backoff_;                          // GUARDED_BY
+  Mutex mu_;
+  CondVar cv_;
+  // Set once authenticated.
+  Connection::Ptr connection_ GUARDED_BY(mu_);
+  bool shut_down_ GUARDED_BY(mu_) = false;
+  Status last_error_ GUARDED_BY(mu_) = UnavailableError("not connected yet");
+  std::chrono::milliseconds backoff_ GUARDED_BY(mu_);
 };
 
 }  // namespace switchyard::control

@@ -24,7 +24,7 @@ void MemberSession::Start() {
       [weak] {
         if (auto self = weak.lock()) {
           {
-            std::lock_guard<std::mutex> lock(self->mu_);
+            MutexLock lock(&self->mu_);
             self->registered_ = false;
           }
           self->Register();
@@ -43,7 +43,7 @@ void MemberSession::Start() {
 void MemberSession::Register() {
   RegisterRequest request = options_.registration;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (stopped_ || registering_) return;
     registering_ = true;
     request.set_previous_incarnation(incarnation_);
@@ -52,7 +52,7 @@ void MemberSession::Register() {
   *envelope.mutable_register_request() = request;
   client_->Call(std::move(envelope), options_.call_timeout,
                 [self = shared_from_this()](StatusOr<Envelope> r) {
-                  std::unique_lock<std::mutex> lock(self->mu_);
+                  MutexLock lock(&self->mu_);
                   self->registering_ = false;
                   if (!r.ok()) {
                     self->last_error_ = r.status();
@@ -69,8 +69,8 @@ void MemberSession::Register() {
                   self->incarnation_ = resp.incarnation();
                   self->registered_ = true;
                   self->last_error_ = OkStatus();
-                  lock.unlock();
-                  self->cv_.notify_all();
+                  lock.Unlock();
+                  self->cv_.NotifyAll();
                   self->DeliverRouting(resp.routing());
                 });
 }
@@ -83,7 +83,7 @@ void MemberSession::ScheduleHeartbeat() {
         Heartbeat beat;
         bool registered;
         {
-          std::lock_guard<std::mutex> lock(self->mu_);
+          MutexLock lock(&self->mu_);
           if (self->stopped_) return;
           registered = self->registered_;
           beat.set_name(self->options_.registration.name());
@@ -108,7 +108,7 @@ void MemberSession::ScheduleHeartbeat() {
                 }
                 LOG(WARNING) << "member: " << r.status().message();
                 {
-                  std::lock_guard<std::mutex> lock(self->mu_);
+                  MutexLock lock(&self->mu_);
                   self->registered_ = false;
                   self->incarnation_ = 0;  // Fenced: come back as a new one.
                 }
@@ -121,7 +121,7 @@ void MemberSession::ScheduleHeartbeat() {
 
 void MemberSession::DeliverRouting(const RoutingTable& table) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (table.epoch() < routing_.epoch()) return;
     routing_ = table;
   }
@@ -129,10 +129,12 @@ void MemberSession::DeliverRouting(const RoutingTable& table) {
 }
 
 Status MemberSession::WaitRegistered(std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (cv_.wait_for(lock, timeout, [this] { return registered_; })) {
-    return OkStatus();
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  MutexLock lock(&mu_);
+  while (!registered_) {
+    if (!cv_.WaitUntil(&mu_, deadline)) break;
   }
+  if (registered_) return OkStatus();
   return DeadlineExceededError("not registered within " +
                                std::to_string(timeout.count()) +
                                " ms: " + last_error_.ToString());
@@ -142,7 +144,7 @@ void MemberSession::Shutdown(bool leave) {
   Leave request;
   bool was_registered;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (stopped_) return;
     stopped_ = true;
     was_registered = registered_;
@@ -171,7 +173,7 @@ void MemberSession::Shutdown(bool leave) {
 StatusOr<CheckpointReportAck> MemberSession::ReportCheckpoint(
     CheckpointReport report) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     report.set_name(options_.registration.name());
     report.set_incarnation(incarnation_);
   }
@@ -183,12 +185,12 @@ StatusOr<CheckpointReportAck> MemberSession::ReportCheckpoint(
 }
 
 uint64_t MemberSession::incarnation() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return incarnation_;
 }
 
 RoutingTable MemberSession::routing() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return routing_;
 }
 

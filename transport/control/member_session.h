@@ -14,13 +14,13 @@
 
 #include <boost/asio.hpp>
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "config.pb.h"
 #include "control.pb.h"
 #include "transport/control/client.h"
@@ -49,25 +49,26 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
 
   void Start();
   // Waits for the first successful registration.
-  Status WaitRegistered(std::chrono::milliseconds timeout);
+  Status WaitRegistered(std::chrono::milliseconds timeout) EXCLUDES(mu_);
   // Stops heartbeating; with `leave`, tells the coordinator first (bounded by
   // the call timeout). Must not be called on the io_context thread.
-  void Shutdown(bool leave);
+  void Shutdown(bool leave) EXCLUDES(mu_);
 
-  uint64_t incarnation() const;
-  RoutingTable routing() const;
+  uint64_t incarnation() const EXCLUDES(mu_);
+  RoutingTable routing() const EXCLUDES(mu_);
 
   // Tells the coordinator this worker's shards are durable at report.step
   // (name and incarnation are filled in). Blocking, bounded by the call
   // timeout; must not be called on the io_context thread.
-  StatusOr<CheckpointReportAck> ReportCheckpoint(CheckpointReport report);
+  StatusOr<CheckpointReportAck> ReportCheckpoint(CheckpointReport report)
+      EXCLUDES(mu_);
 
  private:
   MemberSession(boost::asio::io_context& io, MemberSessionOptions options,
                 RoutingHandler on_routing);
-  void Register();
-  void ScheduleHeartbeat();
-  void DeliverRouting(const RoutingTable& table);
+  void Register() EXCLUDES(mu_);
+  void ScheduleHeartbeat() EXCLUDES(mu_);
+  void DeliverRouting(const RoutingTable& table) EXCLUDES(mu_);
 
   boost::asio::io_context& io_;
   const MemberSessionOptions options_;
@@ -75,14 +76,14 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
   ControlClient::Ptr client_;
   boost::asio::steady_timer heartbeat_timer_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  uint64_t incarnation_ = 0;  // GUARDED_BY(mu_); 0 until registered
-  bool registered_ = false;   // GUARDED_BY(mu_)
-  bool registering_ = false;  // GUARDED_BY(mu_)
-  bool stopped_ = false;      // GUARDED_BY(mu_)
-  Status last_error_ = UnavailableError("not registered yet");  // GUARDED_BY
-  RoutingTable routing_;  // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  CondVar cv_;
+  uint64_t incarnation_ GUARDED_BY(mu_) = 0;  // 0 until registered
+  bool registered_ GUARDED_BY(mu_) = false;
+  bool registering_ GUARDED_BY(mu_) = false;
+  bool stopped_ GUARDED_BY(mu_) = false;
+  Status last_error_ GUARDED_BY(mu_) = UnavailableError("not registered yet");
+  RoutingTable routing_ GUARDED_BY(mu_);
 };
 
 }  // namespace switchyard::control

@@ -48,7 +48,7 @@ void ControlServer::DoAccept() {
       handlers.on_close = [this, user = handlers_.on_close](
                               const Connection::Ptr& conn, const Status& s) {
         {
-          std::lock_guard<std::mutex> lock(mu_);
+          MutexLock lock(&mu_);
           connections_.erase(conn);
         }
         if (user) user(conn, s);
@@ -57,7 +57,7 @@ void ControlServer::DoAccept() {
           Connection::Create(std::move(socket), Connection::Role::kServer,
                              options_, std::move(handlers));
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        MutexLock lock(&mu_);
         if (shut_down_) return;
         connections_.insert(conn);
       }
@@ -70,7 +70,7 @@ void ControlServer::DoAccept() {
 void ControlServer::Shutdown() {
   std::set<Connection::Ptr> connections;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (shut_down_) return;
     shut_down_ = true;
     connections.swap(connections_);

@@ -8,11 +8,12 @@
 
 #include <boost/asio.hpp>
 #include <memory>
-#include <mutex>
 #include <set>
 
+#include "common/mutex.h"
 #include "common/net_address.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "transport/control/connection.h"
 
 namespace switchyard::control {
@@ -30,7 +31,7 @@ class ControlServer {
   // Binds and starts accepting. Port 0 picks a free port (see port()).
   Status Listen(const HostPort& address);
   uint16_t port() const { return port_; }
-  void Shutdown();
+  void Shutdown() EXCLUDES(mu_);
 
  private:
   void DoAccept();
@@ -40,9 +41,9 @@ class ControlServer {
   Connection::Handlers handlers_;
   boost::asio::ip::tcp::acceptor acceptor_;
   uint16_t port_ = 0;
-  std::mutex mu_;
-  std::set<Connection::Ptr> connections_;  // GUARDED_BY(mu_)
-  bool shut_down_ = false;                 // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::set<Connection::Ptr> connections_ GUARDED_BY(mu_);
+  bool shut_down_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace switchyard::control

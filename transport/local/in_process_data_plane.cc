@@ -1,10 +1,11 @@
 #include "transport/local/in_process_data_plane.h"
 
-#include <condition_variable>
+#include <atomic>
 #include <map>
-#include <mutex>
 #include <thread>
 
+#include "common/mutex.h"
+#include "common/thread_annotations.h"
 #include "common/thread_name.h"
 
 namespace switchyard::transport {
@@ -14,13 +15,13 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // Request handlers by address, process-wide.
-std::mutex& RegistryMutex() {
-  static std::mutex mu;
-  return mu;
-}
-std::map<std::string, std::shared_ptr<RequestHandler>>& Registry() {
-  static auto* registry =
-      new std::map<std::string, std::shared_ptr<RequestHandler>>();
+struct Registry {
+  Mutex mu;
+  std::map<std::string, std::shared_ptr<RequestHandler>> handlers
+      GUARDED_BY(mu);
+};
+Registry& TheRegistry() {
+  static auto* registry = new Registry();
   return *registry;
 }
 
@@ -39,15 +40,15 @@ struct PendingTable {
     Clock::time_point deadline;
     ResponseCallback done;
   };
-  std::mutex mu;
-  std::condition_variable cv;
-  std::map<uint64_t, Entry> entries;  // GUARDED_BY(mu)
-  uint64_t next_id = 1;               // GUARDED_BY(mu)
-  bool stopped = false;               // GUARDED_BY(mu)
+  Mutex mu;
+  CondVar cv;
+  std::map<uint64_t, Entry> entries GUARDED_BY(mu);
+  uint64_t next_id GUARDED_BY(mu) = 1;
+  bool stopped GUARDED_BY(mu) = false;
 
   // Removes and returns the callback of `id`, or null when already done.
-  ResponseCallback Take(uint64_t id) {
-    std::lock_guard<std::mutex> lock(mu);
+  ResponseCallback Take(uint64_t id) EXCLUDES(mu) {
+    MutexLock lock(&mu);
     auto it = entries.find(id);
     if (it == entries.end()) return nullptr;
     ResponseCallback done = std::move(it->second.done);
@@ -66,8 +67,9 @@ class InProcessDataPlane : public DataPlane {
   ~InProcessDataPlane() override { Shutdown(); }
 
   Status Start(RequestHandler handler) override {
-    std::lock_guard<std::mutex> lock(RegistryMutex());
-    if (!Registry()
+    Registry& registry = TheRegistry();
+    MutexLock lock(&registry.mu);
+    if (!registry.handlers
              .emplace(address_,
                       std::make_shared<RequestHandler>(std::move(handler)))
              .second) {
@@ -78,17 +80,18 @@ class InProcessDataPlane : public DataPlane {
 
   void Shutdown() override {
     {
-      std::lock_guard<std::mutex> lock(RegistryMutex());
-      Registry().erase(address_);
+      Registry& registry = TheRegistry();
+      MutexLock lock(&registry.mu);
+      registry.handlers.erase(address_);
     }
     std::map<uint64_t, PendingTable::Entry> cancelled;
     {
-      std::lock_guard<std::mutex> lock(pending_->mu);
+      MutexLock lock(&pending_->mu);
       if (pending_->stopped) return;
       pending_->stopped = true;
       cancelled.swap(pending_->entries);
     }
-    pending_->cv.notify_all();
+    pending_->cv.NotifyAll();
     if (deadlines_.joinable()) deadlines_.join();
     for (auto& [id, entry] : cancelled) {
       entry.done(CancelledError("data plane " + address_ + " shut down"));
@@ -101,25 +104,30 @@ class InProcessDataPlane : public DataPlane {
             std::chrono::milliseconds timeout, ResponseCallback done) override {
     std::shared_ptr<RequestHandler> handler;
     {
-      std::lock_guard<std::mutex> lock(RegistryMutex());
-      auto it = Registry().find(peer);
-      if (it != Registry().end()) handler = it->second;
+      Registry& registry = TheRegistry();
+      MutexLock lock(&registry.mu);
+      auto it = registry.handlers.find(peer);
+      if (it != registry.handlers.end()) handler = it->second;
     }
     if (handler == nullptr) {
       done(UnavailableError("no in-process data plane at " + peer));
       return;
     }
     uint64_t id = 0;
+    bool stopped = false;
     {
-      std::lock_guard<std::mutex> lock(pending_->mu);
-      if (pending_->stopped) {
-        done(CancelledError("data plane " + address_ + " shut down"));
-        return;
+      MutexLock lock(&pending_->mu);
+      stopped = pending_->stopped;
+      if (!stopped) {
+        id = pending_->next_id++;
+        pending_->entries[id] = {Clock::now() + timeout, std::move(done)};
       }
-      id = pending_->next_id++;
-      pending_->entries[id] = {Clock::now() + timeout, std::move(done)};
     }
-    pending_->cv.notify_all();  // A new, perhaps earliest, deadline.
+    if (stopped) {
+      done(CancelledError("data plane " + address_ + " shut down"));
+      return;
+    }
+    pending_->cv.NotifyAll();  // A new, perhaps earliest, deadline.
     request.header.request_id = id;
     std::weak_ptr<PendingTable> weak = pending_;
     (*handler)(std::move(request), [weak, id](Message response) {
@@ -132,10 +140,10 @@ class InProcessDataPlane : public DataPlane {
 
  private:
   void ExpireLoop() {
-    std::unique_lock<std::mutex> lock(pending_->mu);
+    MutexLock lock(&pending_->mu);
     while (!pending_->stopped) {
       if (pending_->entries.empty()) {
-        pending_->cv.wait(lock);
+        pending_->cv.Wait(&pending_->mu);
         continue;
       }
       auto earliest = pending_->entries.begin();
@@ -144,14 +152,14 @@ class InProcessDataPlane : public DataPlane {
         if (it->second.deadline < earliest->second.deadline) earliest = it;
       }
       if (Clock::now() < earliest->second.deadline) {
-        pending_->cv.wait_until(lock, earliest->second.deadline);
+        pending_->cv.WaitUntil(&pending_->mu, earliest->second.deadline);
         continue;
       }
       ResponseCallback done = std::move(earliest->second.done);
       pending_->entries.erase(earliest);
-      lock.unlock();
+      lock.Unlock();
       done(DeadlineExceededError("in-process request not answered in time"));
-      lock.lock();
+      lock.Lock();
     }
   }
 
