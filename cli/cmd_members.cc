@@ -7,7 +7,7 @@
 #include "common/digest.h"
 #include "coordinator/coordinator_service.h"
 #include "expert_worker/worker_process.h"
-#include "trainer/reference.h"
+#include "reference/reference.h"
 #include "trainer/trainer_process.h"
 #include "transport/control/auth.h"
 
@@ -146,8 +146,8 @@ int TrainCommand(int argc, char** argv) {
     const auto& config = loaded->config;
     auto corpus = trainer::LoadCorpus(config);
     if (!corpus.ok()) return Finish(corpus.status());
-    auto result = trainer::RunReference(config, *corpus, options.training,
-                                        nullptr, std::cout);
+    auto result = reference::RunReference(config, *corpus, options.training,
+                                          nullptr, std::cout);
     if (!result.ok()) return Finish(result.status());
     for (const auto& [shard, hex] : result->digests) {
       std::cout << "digest " << shard << " " << hex << "\n";

@@ -10,7 +10,6 @@
 #include "common/config.h"
 #include "common/model_shape.h"
 #include "common/random.h"
-#include "common/shard_ref.h"
 
 namespace switchyard::trainer {
 
@@ -385,22 +384,6 @@ StatusOr<TrainingResult> RunTraining(
     }
   }
   return result;
-}
-
-control::RoutingTable ReferenceRouting(const config::SwitchyardConfig& config,
-                                       const std::string& data_address) {
-  control::RoutingTable routing;
-  routing.set_epoch(1);
-  auto* w = routing.add_workers();
-  w->set_name("reference");
-  w->set_data_address(data_address);
-  for (const ShardFootprint& fp : ModelShards(config)) {
-    auto* e = routing.add_entries();
-    *e->mutable_shard() = ToShardRef(fp.id);
-    e->set_worker(0);
-    e->set_bytes(fp.bytes);
-  }
-  return routing;
 }
 
 }  // namespace switchyard::trainer

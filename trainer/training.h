@@ -10,8 +10,9 @@
 //
 // RunTraining drives replicas step by step: one replica in a `switchyard
 // train` process, or every rank in turn in the single-process reference
-// (RunReference), where the workers' code runs in the same process behind an
-// in-process data plane. Both print the same progress lines and summary.
+// (reference/reference.h), where the workers' code runs in the same process
+// behind an in-process data plane. Both print the same progress lines and
+// summary.
 //
 // Thread-compatible: one thread drives a replica.
 #ifndef SWITCHYARD_TRAINER_TRAINING_H_
@@ -110,10 +111,6 @@ StatusOr<TrainingResult> RunTraining(
     const config::SwitchyardConfig& config, const ByteCorpus& corpus,
     const TrainingOptions& options, std::vector<TrainerReplica*> replicas,
     int64_t first_step, const std::atomic<bool>* stopping, std::ostream& out);
-
-// Every dense and expert shard of the model on one worker named "reference".
-control::RoutingTable ReferenceRouting(const config::SwitchyardConfig& config,
-                                       const std::string& data_address);
 
 }  // namespace switchyard::trainer
 

@@ -6,7 +6,7 @@
 
 #include <sstream>
 
-#include "trainer/reference.h"
+#include "reference/reference.h"
 
 namespace switchyard::trainer {
 namespace {
@@ -41,13 +41,13 @@ ByteCorpus CyclicCorpus() {
   return ByteCorpus::FromText(text, 0.1, 16).value();
 }
 
-StatusOr<ReferenceResult> RunRef(const config::SwitchyardConfig& config,
-                                 const ByteCorpus& corpus,
-                                 std::string* output) {
+StatusOr<reference::ReferenceResult> RunRef(
+    const config::SwitchyardConfig& config, const ByteCorpus& corpus,
+    std::string* output) {
   TrainingOptions options;
   options.sample_bytes = 0;
   std::ostringstream out;
-  auto r = RunReference(config, corpus, options, nullptr, out);
+  auto r = reference::RunReference(config, corpus, options, nullptr, out);
   if (output != nullptr) *output = out.str();
   return r;
 }

@@ -2,9 +2,10 @@
 // one process, with the workers' code (WorkerService, hosting every shard)
 // behind an in-process data plane. The same compute code as a distributed
 // run without any network, so the two can be compared bit for bit
-// (`switchyard train --reference`; the determinism tests).
-#ifndef SWITCHYARD_TRAINER_REFERENCE_H_
-#define SWITCHYARD_TRAINER_REFERENCE_H_
+// (`switchyard train --reference`; the determinism tests). A component of
+// its own, above trainer/ and expert_worker/ (it runs both).
+#ifndef SWITCHYARD_REFERENCE_REFERENCE_H_
+#define SWITCHYARD_REFERENCE_REFERENCE_H_
 
 #include <atomic>
 #include <map>
@@ -15,21 +16,21 @@
 #include "config.pb.h"
 #include "trainer/training.h"
 
-namespace switchyard::trainer {
+namespace switchyard::reference {
 
 struct ReferenceResult {
-  TrainingResult training;
+  trainer::TrainingResult training;
   // Digest (hex) of every shard's parameters and optimizer state after the
   // last step, by shard name ("D0", "L0.E3.S0").
   std::map<std::string, std::string> digests;
 };
 
 StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
-                                       const ByteCorpus& corpus,
-                                       const TrainingOptions& options,
+                                       const trainer::ByteCorpus& corpus,
+                                       const trainer::TrainingOptions& options,
                                        const std::atomic<bool>* stopping,
                                        std::ostream& out);
 
-}  // namespace switchyard::trainer
+}  // namespace switchyard::reference
 
-#endif  // SWITCHYARD_TRAINER_REFERENCE_H_
+#endif  // SWITCHYARD_REFERENCE_REFERENCE_H_
