@@ -32,10 +32,10 @@
 #include <thread>
 #include <vector>
 
+#include "common/files.h"
 #include "common/random.h"
 #include "expert_worker/cpu/blas_kernels.h"
 #include "expert_worker/worker_service.h"
-#include "tests/testing/files.h"
 #include "trainer/moe_client.h"
 #include "trainer/router.h"
 #include "transport/data_plane.h"
@@ -44,7 +44,6 @@ namespace switchyard {
 namespace {
 
 namespace fs = std::filesystem;
-using testing::ReadFile;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kD = 1024, kF = 4096, kExperts = 8, kTokens = 1024;
@@ -107,7 +106,7 @@ int RunWorker(const std::string& dir, int index) {
   WriteFile(dir + "/" + name + ".addr", (*plane)->address());
   if (!WaitForFile(dir + "/routing.pb")) return 1;
   control::RoutingTable routing;
-  routing.ParseFromString(ReadFile(dir + "/routing.pb"));
+  routing.ParseFromString(ReadFileToString(dir + "/routing.pb").value());
   if (!service.ApplyRouting(routing).ok()) return 1;
   WriteFile(dir + "/" + name + ".ready", "");
   // Serve until told to stop, or until the parent is gone.
@@ -122,7 +121,7 @@ int RunWorker(const std::string& dir, int index) {
 int RunTrainer(const std::string& dir, int rank, int steps, int micro_batches) {
   const auto config = BenchConfig(/*threads=*/1);
   control::RoutingTable routing;
-  routing.ParseFromString(ReadFile(dir + "/routing.pb"));
+  routing.ParseFromString(ReadFileToString(dir + "/routing.pb").value());
   auto plane = transport::NewUcxDataPlane(transport::DataPlaneOptions());
   if (!plane.ok() || !(*plane)->Start(nullptr).ok()) return 1;
   trainer::MoeLayerClient client(plane->get(), config, rank);
@@ -266,7 +265,7 @@ int RunParent(int steps, int micro_batches) {
     }
     auto* w = routing.add_workers();
     w->set_name("w" + std::to_string(i));
-    w->set_data_address(ReadFile(addr));
+    w->set_data_address(ReadFileToString(addr).value());
   }
   for (int e = 0; e < kExperts; ++e) {
     auto* entry = routing.add_entries();
@@ -298,9 +297,9 @@ int RunParent(int steps, int micro_batches) {
   }
   double slowest = 0;
   for (int r = 0; r < kTrainers; ++r) {
-    slowest = std::max(
-        slowest,
-        std::stod(ReadFile(dir + "/trainer-" + std::to_string(r) + ".result")));
+    const std::string result =
+        dir + "/trainer-" + std::to_string(r) + ".result";
+    slowest = std::max(slowest, std::stod(ReadFileToString(result).value()));
   }
   fs::remove_all(dir);
   const double tokens_per_s =

@@ -3,20 +3,20 @@
 #define SWITCHYARD_TESTS_TESTING_FILES_H_
 
 #include <fstream>
-#include <sstream>
 #include <string>
+#include <utility>
 
+#include "common/files.h"
 #include "common/status.h"
 #include "storage/kv_store.h"
 
 namespace switchyard::testing {
 
-// The whole file ("" if it cannot be read).
+// The whole file ("" if it cannot be read): ReadFileToString for tests
+// that only compare or print what they read.
 inline std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
+  StatusOr<std::string> bytes = ReadFileToString(path);
+  return bytes.ok() ? std::move(bytes).value() : std::string();
 }
 
 // Training text in two "languages" (so that routing has something to
