@@ -7,6 +7,13 @@
 #                     (CHAOS_ITERATIONS kill -9s of a checkpoint writer and
 #                     of a training worker, default 200 each; `make test`
 #                     runs 20 of each)
+#   make thread-safety  every source through clang's -Wthread-safety
+#                     analysis and our warnings, as errors (needs `build`)
+#   make asan         ASan+UBSan build in build-asan/, then the whole suite
+#   make tsan         TSan build in build-tsan/, then TSAN_TESTS (the
+#                     transport, storage, worker and common unit tests)
+#   make soak-tests   SOAK_PASSES (default 10) full ctest passes beside two
+#                     busy loops; prints the failures per test
 #   make format       rewrite sources with clang-format
 #   make format-check fail if any source differs from clang-format's output
 BUILD_DIR ?= build
@@ -19,7 +26,16 @@ SOURCES = $(shell git ls-files --cached --others --exclude-standard '*.cc' '*.h'
 
 CHAOS_ITERATIONS ?= 200
 
-.PHONY: all build bootstrap test demo bench chaos format format-check clean
+.PHONY: all build bootstrap test demo bench chaos format format-check clean \
+        thread-safety asan tsan soak-tests
+
+SOAK_PASSES ?= 10
+# Sanitizer builds: no CUDA (nvcc's host pass takes no sanitizer flags).
+SANITIZER_CMAKE = -DCMAKE_BUILD_TYPE=Release -DSWITCHYARD_CUDA=OFF
+# The tests TSan runs: everything below the multi-process tests.
+TSAN_TESTS ?= common_test transport_test data_plane_test \
+              checkpoint_store_test expert_worker_test coordinator_test
+SUPPRESSIONS = $(CURDIR)/tests/sanitizers
 
 all: build
 
@@ -51,6 +67,30 @@ chaos: bootstrap build
 	  $(BUILD_DIR)/tests/checkpoint_store_test --gtest_filter='*KillNine*'
 	SWITCHYARD_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) \
 	  $(BUILD_DIR)/tests/e2e_test --gtest_filter='ChaosTest.*'
+
+thread-safety: bootstrap build
+	bash scripts/thread_safety.sh $(BUILD_DIR)
+
+asan: bootstrap
+	cmake -S . -B build-asan $(SANITIZER_CMAKE) -DSWITCHYARD_SANITIZE=address
+	cmake --build build-asan -j $(JOBS)
+	cd build-asan && \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  LSAN_OPTIONS=suppressions=$(SUPPRESSIONS)/lsan.supp:print_suppressions=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ctest --output-on-failure --timeout 900 -j $(JOBS) $(CTEST_ARGS)
+
+tsan: bootstrap
+	cmake -S . -B build-tsan $(SANITIZER_CMAKE) -DSWITCHYARD_SANITIZE=thread
+	cmake --build build-tsan -j $(JOBS) --target $(TSAN_TESTS)
+	@export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(SUPPRESSIONS)/tsan.supp; \
+	  for t in $(TSAN_TESTS); do echo "tsan: $$t"; \
+	    (cd build-tsan/tests && ./$$t) > build-tsan/$$t.log 2>&1 \
+	      || { tail -80 build-tsan/$$t.log; echo "tsan: $$t failed (build-tsan/$$t.log)"; exit 1; }; \
+	    grep -E '^\[  PASSED  \]' build-tsan/$$t.log; done
+
+soak-tests: bootstrap build
+	bash scripts/soak_tests.sh $(BUILD_DIR) $(SOAK_PASSES)
 
 format:
 	clang-format -i $(filter-out %.proto,$(SOURCES))

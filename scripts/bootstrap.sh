@@ -14,6 +14,8 @@ fi
 packages=(
   # Toolchain.
   build-essential cmake pkg-config git clang-format procps iproute2
+  # clang for `make thread-safety` (-Wthread-safety).
+  clang
   # Control plane, config, logging, tests.
   libboost-dev libboost-system-dev
   libprotobuf-dev protobuf-compiler

@@ -368,9 +368,12 @@ Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
   return n > 0 ? total / n : Real(0);
 }
 
+// MatMul<float> is a specialisation (BLAS); only the double one is
+// instantiated from the template.
+template void MatMul<double>(const double*, const double*, int, int, int, bool,
+                             bool, bool, double*);
+
 #define SWITCHYARD_INSTANTIATE_LAYERS(Real)                                    \
-  template void MatMul<Real>(const Real*, const Real*, int, int, int, bool,    \
-                             bool, bool, Real*);                               \
   template void RmsNormForward<Real>(const Real*, const Real*, int, int,       \
                                      Real*);                                   \
   template void RmsNormBackward<Real>(const Real*, const Real*, const Real*,   \
