@@ -8,12 +8,15 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <mutex>
+
+#include "common/mutex.h"
 
 namespace switchyard::cli {
 namespace {
 
-std::mutex output_mu;
+// Serializes the children's lines on stdout, so that lines never interleave.
+// NOTE: what it guards is stdout, which the annotations cannot name.
+Mutex output_mu;
 
 void CopyLines(int fd, const std::string& name) {
   FILE* in = ::fdopen(fd, "r");
@@ -25,7 +28,7 @@ void CopyLines(int fd, const std::string& name) {
   size_t capacity = 0;
   ssize_t n;
   while ((n = ::getline(&line, &capacity, in)) > 0) {
-    std::lock_guard<std::mutex> lock(output_mu);
+    MutexLock lock(&output_mu);
     std::fprintf(stdout, "[%s] %.*s", name.c_str(), static_cast<int>(n), line);
     if (line[n - 1] != '\n') std::fputc('\n', stdout);
     std::fflush(stdout);

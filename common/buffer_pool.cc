@@ -73,7 +73,7 @@ size_t BufferPool::ClassBytes(size_t bytes) {
 }
 
 size_t BufferPool::cached_bytes() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return cached_bytes_;
 }
 
@@ -82,7 +82,7 @@ StatusOr<Tensor> BufferPool::Take(DType dtype, std::vector<int64_t> shape) {
   const size_t class_bytes = ClassBytes(bytes);
   uint8_t* buffer = nullptr;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     auto it = free_.find(class_bytes);
     if (it != free_.end() && !it->second.empty()) {
       buffer = it->second.back();
@@ -118,7 +118,7 @@ StatusOr<Tensor> BufferPool::Converted(const Tensor& t, DType dtype) {
 
 void BufferPool::Give(uint8_t* buffer, size_t class_bytes) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (cached_bytes_ + class_bytes <= max_cached_bytes_) {
       free_[class_bytes].push_back(buffer);
       cached_bytes_ += class_bytes;

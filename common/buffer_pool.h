@@ -14,10 +14,11 @@
 #include <cstddef>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/tensor.h"
+#include "common/thread_annotations.h"
 
 namespace switchyard {
 
@@ -26,24 +27,24 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   static std::shared_ptr<BufferPool> Create(size_t max_cached_bytes);
   ~BufferPool();
 
-  StatusOr<Tensor> Take(DType dtype, std::vector<int64_t> shape);
+  StatusOr<Tensor> Take(DType dtype, std::vector<int64_t> shape) EXCLUDES(mu_);
   // `t` in `dtype`: `t` itself when it is in `dtype` already, else a
   // converted copy (Tensor::ConvertInto) in a buffer taken from here.
-  StatusOr<Tensor> Converted(const Tensor& t, DType dtype);
+  StatusOr<Tensor> Converted(const Tensor& t, DType dtype) EXCLUDES(mu_);
 
   // The size class that holds `bytes`.
   static size_t ClassBytes(size_t bytes);
-  size_t cached_bytes() const;
+  size_t cached_bytes() const EXCLUDES(mu_);
 
  private:
   explicit BufferPool(size_t max_cached_bytes)
       : max_cached_bytes_(max_cached_bytes) {}
-  void Give(uint8_t* buffer, size_t class_bytes);
+  void Give(uint8_t* buffer, size_t class_bytes) EXCLUDES(mu_);
 
   const size_t max_cached_bytes_;
-  mutable std::mutex mu_;
-  std::map<size_t, std::vector<uint8_t*>> free_;  // GUARDED_BY(mu_)
-  size_t cached_bytes_ = 0;                       // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  std::map<size_t, std::vector<uint8_t*>> free_ GUARDED_BY(mu_);
+  size_t cached_bytes_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace switchyard

@@ -11,9 +11,11 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
+
+#include "common/mutex.h"
+#include "common/thread_annotations.h"
 
 namespace switchyard {
 
@@ -41,7 +43,7 @@ class Gauge {
 class Histogram {
  public:
   explicit Histogram(std::vector<double> upper_bounds);
-  void Observe(double value);
+  void Observe(double value) EXCLUDES(mu_);
 
   struct Snapshot {
     std::vector<double> upper_bounds;
@@ -49,14 +51,14 @@ class Histogram {
     uint64_t count = 0;
     double sum = 0;
   };
-  Snapshot snapshot() const;
+  Snapshot snapshot() const EXCLUDES(mu_);
 
  private:
   const std::vector<double> upper_bounds_;
-  mutable std::mutex mu_;
-  std::vector<uint64_t> counts_;  // GUARDED_BY(mu_); per bucket, not cumulative
-  uint64_t count_ = 0;            // GUARDED_BY(mu_)
-  double sum_ = 0;                // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  std::vector<uint64_t> counts_ GUARDED_BY(mu_);  // Per bucket, not cumulative.
+  uint64_t count_ GUARDED_BY(mu_) = 0;
+  double sum_ GUARDED_BY(mu_) = 0;
 };
 
 class MetricsRegistry {
@@ -66,18 +68,19 @@ class MetricsRegistry {
 
   // Returns the metric named `name`, creating it on first use. A histogram's
   // bounds are fixed by its first Get.
-  Counter* GetCounter(const std::string& name);
-  Gauge* GetGauge(const std::string& name);
+  Counter* GetCounter(const std::string& name) EXCLUDES(mu_);
+  Gauge* GetGauge(const std::string& name) EXCLUDES(mu_);
   Histogram* GetHistogram(const std::string& name,
-                          const std::vector<double>& upper_bounds);
+                          const std::vector<double>& upper_bounds)
+      EXCLUDES(mu_);
 
-  std::string RenderText() const;
+  std::string RenderText() const EXCLUDES(mu_);
 
  private:
-  mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<Counter>> counters_;      // GUARDED_BY
-  std::map<std::string, std::unique_ptr<Gauge>> gauges_;          // GUARDED_BY
-  std::map<std::string, std::unique_ptr<Histogram>> histograms_;  // GUARDED_BY
+  mutable Mutex mu_;
+  std::map<std::string, std::unique_ptr<Counter>> counters_ GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<Gauge>> gauges_ GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<Histogram>> histograms_ GUARDED_BY(mu_);
 };
 
 // Latency bounds in milliseconds, 0.05 ms to 10 s.

@@ -4,8 +4,11 @@
 
 #include <chrono>
 #include <filesystem>
+#include <memory>
 #include <system_error>
 
+#include "common/mutex.h"
+#include "common/thread_annotations.h"
 #include "expert_worker/cuda/device_probe.h"
 #include "expert_worker/worker_service.h"
 #include "storage/checkpoint_store.h"
@@ -13,6 +16,28 @@
 #include "transport/data_plane.h"
 
 namespace switchyard::expert_worker {
+
+namespace {
+
+// The member session once created (null before, and after the member
+// process ends): the checkpoint writer's thread reports through it.
+class SessionSlot {
+ public:
+  std::shared_ptr<control::MemberSession> Get() const EXCLUDES(mu_) {
+    MutexLock lock(&mu_);
+    return session_;
+  }
+  void Set(std::shared_ptr<control::MemberSession> session) EXCLUDES(mu_) {
+    MutexLock lock(&mu_);
+    session_ = std::move(session);
+  }
+
+ private:
+  mutable Mutex mu_;
+  std::shared_ptr<control::MemberSession> session_ GUARDED_BY(mu_);
+};
+
+}  // namespace
 
 std::pair<int, int64_t> AssignedShards(const control::RoutingTable& routing,
                                        const std::string& name) {
@@ -70,21 +95,15 @@ Status RunWorker(const config::SwitchyardConfig& config,
   RETURN_IF_ERROR(CheckDevice(options.device));
   WorkerService service(config, options.name);
   // The session, once created: checkpoint reports go through it.
-  std::mutex session_mu;
-  std::shared_ptr<control::MemberSession> session;
+  SessionSlot session;
   if (config.checkpoint().every() > 0) {
     const std::string dir = CheckpointDir(config, options.name);
     ASSIGN_OR_RETURN(auto store, OpenWorkerStore(dir));
     LOG(INFO) << options.name << ": checkpoints every "
               << config.checkpoint().every() << " steps in " << dir;
     service.EnableCheckpoints(
-        std::move(store),
-        [&session_mu, &session](const control::CheckpointReport& report) {
-          std::shared_ptr<control::MemberSession> s;
-          {
-            std::lock_guard<std::mutex> lock(session_mu);
-            s = session;
-          }
+        std::move(store), [&session](const control::CheckpointReport& report) {
+          std::shared_ptr<control::MemberSession> s = session.Get();
           if (s == nullptr) return UnavailableError("not in a cluster yet");
           return s->ReportCheckpoint(report).status();
         });
@@ -125,10 +144,8 @@ Status RunWorker(const config::SwitchyardConfig& config,
     service.OfferRouting(routing);
   };
   member.loads = [&service] { return service.TakeLoads(); };
-  member.on_session = [&session_mu,
-                       &session](std::shared_ptr<control::MemberSession> s) {
-    std::lock_guard<std::mutex> lock(session_mu);
-    session = std::move(s);
+  member.on_session = [&session](std::shared_ptr<control::MemberSession> s) {
+    session.Set(std::move(s));
   };
   member.on_heartbeat_ack = [&service](const control::HeartbeatAck& ack) {
     if (ack.keep_from_step() > 0) {
@@ -138,10 +155,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
   };
   Status result = control::RunMemberProcess(member);
   // Stop serving before the service goes away; the session is gone.
-  {
-    std::lock_guard<std::mutex> lock(session_mu);
-    session.reset();
-  }
+  session.Set(nullptr);
   data_plane->Shutdown();
   service.Shutdown();
   return result;

@@ -1,10 +1,10 @@
 #include "trainer/trainer_process.h"
 
-#include <condition_variable>
 #include <iostream>
-#include <mutex>
 
 #include "common/config.h"
+#include "common/mutex.h"
+#include "common/thread_annotations.h"
 #include "trainer/layers.h"
 #include "transport/control/member_process.h"
 #include "transport/data_plane.h"
@@ -26,6 +26,16 @@ bool ReadyToTrain(const control::RoutingTable& routing, int workers) {
   }
   return true;
 }
+
+// What the control thread hears of the cluster, for the training thread,
+// which waits on `changed` for it.
+struct ClusterNews {
+  Mutex mu;
+  CondVar changed;
+  control::RoutingTable latest GUARDED_BY(mu);
+  // The newest committed checkpoint, from heartbeat acknowledgements.
+  int64_t committed GUARDED_BY(mu) = 0;
+};
 
 }  // namespace
 
@@ -67,28 +77,24 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   reg.set_device("cpu");
   const std::string name = reg.name();
 
-  std::mutex mu;
-  std::condition_variable cv;
-  control::RoutingTable latest;  // GUARDED_BY(mu)
+  ClusterNews news;
   member.on_routing = [&](const control::RoutingTable& routing) {
     int placed = 0;
     for (const auto& e : routing.entries()) placed += e.worker() >= 0;
     LOG(INFO) << name << ": routing epoch " << routing.epoch() << ": " << placed
               << "/" << routing.entries_size() << " shards reachable over "
               << routing.workers_size() << " workers";
-    std::lock_guard<std::mutex> lock(mu);
-    latest = routing;
-    cv.notify_all();
+    MutexLock lock(&news.mu);
+    news.latest = routing;
+    news.changed.NotifyAll();
   };
-  // The newest committed checkpoint, from heartbeat acknowledgements.
-  int64_t committed = 0;  // GUARDED_BY(mu)
   member.on_heartbeat_ack = [&](const control::HeartbeatAck& ack) {
     {
       // Under the lock: the waiter's check and its wait are one step.
-      std::lock_guard<std::mutex> lock(mu);
-      committed = ack.committed_step();
+      MutexLock lock(&news.mu);
+      news.committed = ack.committed_step();
     }
-    cv.notify_all();
+    news.changed.NotifyAll();
   };
   // How long to wait for every worker to join and every shard to be placed.
   const auto join_timeout =
@@ -96,26 +102,26 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   member.body = [&](const std::atomic<bool>& stopping) -> Status {
     control::RoutingTable routing;
     {
-      std::unique_lock<std::mutex> lock(mu);
+      MutexLock lock(&news.mu);
       const auto deadline = std::chrono::steady_clock::now() + join_timeout;
-      while (!ReadyToTrain(latest, config.cluster().workers())) {
+      while (!ReadyToTrain(news.latest, config.cluster().workers())) {
         if (stopping) return OkStatus();
-        if (cv.wait_until(
-                lock, std::min(deadline, std::chrono::steady_clock::now() +
-                                             std::chrono::milliseconds(200))) ==
-                std::cv_status::timeout &&
+        if (!news.changed.WaitUntil(
+                &news.mu,
+                std::min(deadline, std::chrono::steady_clock::now() +
+                                       std::chrono::milliseconds(200))) &&
             std::chrono::steady_clock::now() >= deadline) {
           return DeadlineExceededError(
               "no routing table placing every shard within " +
               std::to_string(join_timeout.count()) + " ms" +
-              (latest.placement_error().empty()
+              (news.latest.placement_error().empty()
                    ? " (are cluster.workers = " +
                          std::to_string(config.cluster().workers()) +
                          " workers running?)"
-                   : ": " + latest.placement_error()));
+                   : ": " + news.latest.placement_error()));
         }
       }
-      routing = latest;
+      routing = news.latest;
     }
     replica.SetRouting(routing);
     auto result = RunTraining(config, corpus, options.training, {&replica},
@@ -132,17 +138,20 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     const int64_t end = RunEndStep(config.training());
     const std::chrono::milliseconds commit_timeout(
         config.checkpoint().commit_timeout_ms());
-    std::unique_lock<std::mutex> lock(mu);
-    if (!cv.wait_for(lock, commit_timeout,
-                     [&] { return committed >= end || stopping; })) {
+    MutexLock lock(&news.mu);
+    const auto deadline = std::chrono::steady_clock::now() + commit_timeout;
+    while (news.committed < end && !stopping) {
+      if (!news.changed.WaitUntil(&news.mu, deadline)) break;
+    }
+    if (news.committed < end && !stopping) {
       return DeadlineExceededError(
           "the checkpoint of step " + std::to_string(end) +
           " was not committed within " +
           std::to_string(commit_timeout.count()) +
           " ms (checkpoint.commit_timeout_ms; newest committed: " +
-          std::to_string(committed) + ")");
+          std::to_string(news.committed) + ")");
     }
-    if (options.rank == 0 && committed >= end) {
+    if (options.rank == 0 && news.committed >= end) {
       std::cout << "checkpoint " << end << " committed" << std::endl;
     }
     return OkStatus();

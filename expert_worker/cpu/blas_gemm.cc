@@ -5,10 +5,11 @@
 #include <omp.h>
 
 #include <map>
-#include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 
+#include "common/mutex.h"
+#include "common/thread_annotations.h"
 #include "expert_worker/gemm.h"
 
 namespace switchyard::expert_worker {
@@ -42,7 +43,7 @@ class CpuGemm : public Gemm {
 
   void Bf16Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha,
                 const BFloat16* a, int lda, const BFloat16* b, int ldb,
-                float beta, float* c, int ldc) override {
+                float beta, float* c, int ldc) override EXCLUDES(mu_) {
     if (m == 0 || n == 0) return;
     if (k == 0) {  // C = beta * C.
       for (int i = 0; i < m; ++i) {
@@ -54,7 +55,7 @@ class CpuGemm : public Gemm {
     using dims = dnnl::memory::dims;
     const MatmulKey key{trans_a, trans_b,      m,     n,   k, lda, ldb,
                         ldc,     beta != 0.0f, alpha, beta};
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     auto it = cache_.find(key);
     if (it == cache_.end()) {
       if (cache_.size() > 512) cache_.clear();  // Bound the cache.
@@ -91,9 +92,10 @@ class CpuGemm : public Gemm {
     dnnl::memory::desc a_md, b_md, c_md;
   };
   dnnl::engine engine_;
-  dnnl::stream stream_;
-  std::mutex mu_;
-  std::map<MatmulKey, Entry> cache_;  // GUARDED_BY(mu_)
+  Mutex mu_;
+  // A oneDNN stream is used by one thread at a time.
+  dnnl::stream stream_ GUARDED_BY(mu_);
+  std::map<MatmulKey, Entry> cache_ GUARDED_BY(mu_);
 };
 
 }  // namespace
