@@ -193,7 +193,16 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
       m.header.payload_bytes = m.payload.num_bytes();
       return client->SendSync(address, std::move(m), Ms(10000));
     };
+    // Workers adopt a table on their own routing thread, after the
+    // coordinator publishes it: until then they refuse its epoch as not
+    // ready (ABORTED), and a sender retries, as trainers do.
     auto ok = forward(routing.epoch());
+    const auto adopt_deadline = Clock::now() + Ms(10000);
+    while (ok.status().code() == StatusCode::kAborted &&
+           Clock::now() < adopt_deadline) {
+      std::this_thread::sleep_for(Ms(20));
+      ok = forward(routing.epoch());
+    }
     ASSERT_TRUE(ok.ok()) << ok.status().ToString();
     EXPECT_EQ(ok->payload.shape(), (std::vector<int64_t>{3, 64}));
     auto stale = forward(routing.epoch() - 1);
