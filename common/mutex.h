@@ -74,10 +74,11 @@ class CondVar {
     cv_.wait(lock);
     lock.release();
   }
-  // As Wait, until `deadline`; false when it has passed.
+  // As Wait, until `deadline`; false when it has passed. `deadline` is
+  // taken by value: the wait reads it again when it wakes, after others
+  // may have changed whatever a reference pointed into.
   template <typename Clock, typename Duration>
-  bool WaitUntil(Mutex* mu,
-                 const std::chrono::time_point<Clock, Duration>& deadline)
+  bool WaitUntil(Mutex* mu, std::chrono::time_point<Clock, Duration> deadline)
       REQUIRES(mu) {
     std::unique_lock<std::mutex> lock(mu->mu_, std::adopt_lock);
     const bool notified =

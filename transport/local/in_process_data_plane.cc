@@ -151,8 +151,12 @@ class InProcessDataPlane : public DataPlane {
            ++it) {
         if (it->second.deadline < earliest->second.deadline) earliest = it;
       }
-      if (Clock::now() < earliest->second.deadline) {
-        pending_->cv.WaitUntil(&pending_->mu, earliest->second.deadline);
+      // A copy: the entry may be answered and erased while this waits, and
+      // the wait reads its deadline again when it wakes (ASan found this
+      // use-after-free in DataPlaneTest.ManyConcurrentRequests/InProcess).
+      const Clock::time_point deadline = earliest->second.deadline;
+      if (Clock::now() < deadline) {
+        pending_->cv.WaitUntil(&pending_->mu, deadline);
         continue;
       }
       ResponseCallback done = std::move(earliest->second.done);
