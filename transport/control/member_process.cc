@@ -40,7 +40,17 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
   session_options.loads = options.loads;
   session_options.on_heartbeat_ack = options.on_heartbeat_ack;
 
-  asio::io_context io;
+  // The io_context lives as long as the session does: a session handed out
+  // (on_session) may be released after this returns, and its timers belong
+  // to the io_context's services (ASan: a worker's session freed after the
+  // io_context was a heap-use-after-free at every SIGTERM). Members are
+  // destroyed in reverse: the session first, then its io_context.
+  struct SessionAndIo {
+    asio::io_context io;
+    std::shared_ptr<MemberSession> session;
+  };
+  auto owner = std::make_shared<SessionAndIo>();
+  asio::io_context& io = owner->io;
   auto work = asio::make_work_guard(io);
   std::promise<int> stop_signal;
   std::atomic<bool> stopping{false};
@@ -51,7 +61,10 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
         stopping = true;
         stop_signal.set_value(sig);
       });
-  auto session = MemberSession::Create(io, session_options, options.on_routing);
+  owner->session =
+      MemberSession::Create(io, session_options, options.on_routing);
+  // Shares ownership of `owner`, pointing at its session.
+  const std::shared_ptr<MemberSession> session(owner, owner->session.get());
   if (options.on_session) options.on_session(session);
   std::thread io_thread([&io] { io.run(); });
   session->Start();

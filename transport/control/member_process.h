@@ -29,7 +29,8 @@ struct MemberProcessOptions {
   // Heartbeat acknowledgements (optional; on the control thread).
   std::function<void(const HeartbeatAck&)> on_heartbeat_ack;
   // Called once with the session, before it starts (optional): for calls
-  // such as MemberSession::ReportCheckpoint.
+  // such as MemberSession::ReportCheckpoint. A copy may outlive
+  // RunMemberProcess: it keeps the session's io_context alive with it.
   std::function<void(std::shared_ptr<MemberSession>)> on_session;
   // The process's work (optional), run on the calling thread once
   // registered; `stopping` turns true on SIGTERM/SIGINT and the body should
