@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/target_clones.h"
+
 namespace switchyard::expert_worker {
 
 double LearningRate(const config::TrainingConfig& t, int64_t step) {
@@ -38,10 +40,11 @@ Status CheckPair(const Tensor& grad, const Tensor& param) {
 // x86-64 and chosen at load time; optimizer.cc is built with
 // -ffp-contract=off and -fno-math-errno, so every variant vectorises the
 // same IEEE operations (no fused multiply-adds) and gives the same bits.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void AdamWUpdate(
-    int64_t n, float lr, float b1, float b2, float c1, float c2, float eps,
-    float wd, const float* __restrict g, float* __restrict p,
-    float* __restrict m, float* __restrict v) {
+SY_TARGET_CLONES void AdamWUpdate(int64_t n, float lr, float b1, float b2,
+                                  float c1, float c2, float eps, float wd,
+                                  const float* __restrict g,
+                                  float* __restrict p, float* __restrict m,
+                                  float* __restrict v) {
   for (int64_t i = 0; i < n; ++i) {
     m[i] = b1 * m[i] + (1.0f - b1) * g[i];
     v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/target_clones.h"
+
 namespace switchyard::expert_worker {
 namespace {
 
@@ -83,9 +85,8 @@ inline float Sigmoid(float g) { return 1.0f / (1.0f + Exp(-g)); }
 
 // Rows [t0, t1) of ActivationForward. Built for AVX-512, AVX2 and the
 // baseline; the loader picks one for the CPU (all give the same bits).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void ForwardRows(
-    Activation act, float* h, const float* bias, int64_t t0, int64_t t1,
-    int64_t f, float* a) {
+SY_TARGET_CLONES void ForwardRows(Activation act, float* h, const float* bias,
+                                  int64_t t0, int64_t t1, int64_t f, float* a) {
   const int64_t width = act == Activation::kSwiglu ? 2 * f : f;
   for (int64_t t = t0; t < t1; ++t) {
     float* __restrict hr = h + t * width;
@@ -132,9 +133,9 @@ inline void SwigluBackwardRow(const float* __restrict gates,
 }
 
 // Rows [t0, t1) of ActivationBackward.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void BackwardRows(
-    Activation act, const float* h, const float* da, int64_t t0, int64_t t1,
-    int64_t f, float* dh, float* a) {
+SY_TARGET_CLONES void BackwardRows(Activation act, const float* h,
+                                   const float* da, int64_t t0, int64_t t1,
+                                   int64_t f, float* dh, float* a) {
   const int64_t width = act == Activation::kSwiglu ? 2 * f : f;
   for (int64_t t = t0; t < t1; ++t) {
     const float* __restrict hr = h + t * width;

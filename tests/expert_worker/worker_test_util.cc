@@ -153,20 +153,30 @@ std::vector<Message> TrainerStep(int step, int rank) {
 }
 
 transport::Reply Replies::Make() {
-  ++expected_;
-  return [this](Message r) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (r.header.status_code != 0) errors_.push_back(r.error_text);
-    ++received_;
-    cv_.notify_all();
+  {
+    MutexLock lock(&state_->mu);
+    ++state_->expected;
+  }
+  return [state = state_](Message r) {
+    {
+      MutexLock lock(&state->mu);
+      if (r.header.status_code != 0) state->errors.push_back(r.error_text);
+      ++state->received;
+    }
+    state->cv.NotifyAll();
   };
 }
 
 std::vector<std::string> Replies::Wait() {
-  std::unique_lock<std::mutex> lock(mu_);
-  EXPECT_TRUE(cv_.wait_for(lock, std::chrono::seconds(30),
-                           [this] { return received_ == expected_; }));
-  return errors_;
+  State& s = *state_;
+  MutexLock lock(&s.mu);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (s.received != s.expected) {
+    if (!s.cv.WaitUntil(&s.mu, deadline)) break;
+  }
+  EXPECT_EQ(s.received, s.expected) << "replies still missing after 30 s";
+  return s.errors;
 }
 
 std::string RunInterleaved(const std::string& optimizer, uint32_t seed,

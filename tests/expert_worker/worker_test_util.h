@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/mutex.h"
 #include "config.pb.h"
 #include "control.pb.h"
 #include "expert_worker/worker_service.h"
@@ -58,17 +59,23 @@ Message DenseRequest(MessageKind kind, int step, int rank, int shard,
 // pull the dense tables, the expert traffic, push dense gradients, StepDone.
 std::vector<Message> TrainerStep(int step, int rank);
 
-// Collects replies; Wait() returns the failures.
+// Collects replies; Wait() returns the failures. The replies it makes share
+// its state, so a reply that comes after a failed Wait (and the end of the
+// test's scope) touches nothing freed.
 class Replies {
  public:
   transport::Reply Make();
   std::vector<std::string> Wait();
 
  private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int expected_ = 0, received_ = 0;  // GUARDED_BY(mu_)
-  std::vector<std::string> errors_;  // GUARDED_BY(mu_)
+  struct State {
+    Mutex mu;
+    CondVar cv;
+    int expected GUARDED_BY(mu) = 0;
+    int received GUARDED_BY(mu) = 0;
+    std::vector<std::string> errors GUARDED_BY(mu);
+  };
+  const std::shared_ptr<State> state_ = std::make_shared<State>();
 };
 
 // Feeds every trainer's steps, interleaving the two trainers' request streams
