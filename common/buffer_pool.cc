@@ -17,7 +17,7 @@ constexpr size_t kHugePage = size_t{2} << 20;
 // blocks are freed) may already be backed by 4 KiB pages, which the advice
 // does not change: on the CI VM an O_DIRECT read of 4 MiB into such pages
 // took 2.4-3.5 ms, into huge pages about 0.5 ms (docs/performance.md,
-// "Checkpoint restore").
+// "bench/checkpoint").
 uint8_t* AllocateBuffer(size_t class_bytes) {
   if (class_bytes < kHugePage) {
     return static_cast<uint8_t*>(AllocateTensorMemory(class_bytes));

@@ -577,7 +577,7 @@ TEST_F(CheckpointStoreTest, BadInputIsRefused) {
 // with RESOURCE_EXHAUSTED and leave nothing behind; what was written before
 // stays readable; once space is freed, writes work again. Needs mount(2)
 // (root, as on the CI machines); elsewhere the fault-injection test in
-// worker_service_test covers the worker's side.
+// worker_service_restore_test covers the worker's side.
 TEST_F(CheckpointStoreTest, AFullDiskFailsWritesAndKeepsWhatWasThere) {
   const std::string mnt = dir_ + "_tmpfs";
   fs::create_directories(mnt);
