@@ -162,6 +162,11 @@ void CheckpointWriter::Stage(std::vector<storage::ShardSnapshot> refs,
                 << " (the run's end) is queued behind the previous write";
     }
     if (!staged_.empty()) {
+      // Counted as skipped: every checkpoint due is written, failed or
+      // skipped.
+      MetricsRegistry::Global()
+          .GetCounter("switchyard_worker_checkpoints_skipped_total")
+          ->Increment();
       LOG(WARNING) << name_ << ": checkpoint " << staged_.front().step
                    << " was not begun; the run's last, " << step
                    << ", replaces it";

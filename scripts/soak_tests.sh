@@ -27,7 +27,7 @@ failures=$(mktemp)
 for ((pass = 1; pass <= passes; pass++)); do
   start=$(date +%s)
   # shellcheck disable=SC2086
-  (cd "$build" && ctest --timeout 300 -j "$jobs" ${CTEST_ARGS:-} \
+  (cd "$build" && ctest --output-on-failure --timeout 300 -j "$jobs" ${CTEST_ARGS:-} \
     > "../$build/soak-pass.log" 2>&1)
   rc=$?
   summary=$(grep -E "tests passed|tests failed" "$build/soak-pass.log" | tail -1)

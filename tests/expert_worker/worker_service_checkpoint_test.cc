@@ -25,8 +25,10 @@ namespace {
 // A checkpoint is taken at the step boundary as references to the live
 // tensors and copied while the next step's requests are served; the next
 // update waits for that copy. With a checkpoint due at every step and no
-// waiting between steps, every checkpoint written holds exactly its step's
-// values (the digests a worker without checkpoints has at that step).
+// waiting between steps (but for the first write to begin, so that at
+// least one checkpoint before the run's last is written), every checkpoint
+// written holds exactly its step's values (the digests a worker without
+// checkpoints has at that step).
 TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   const std::string dir = FreshDir("copy");
   constexpr int kManySteps = 12;
@@ -35,19 +37,30 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   const std::vector<DigestsByShard> expected =
       DigestsByStep(config, kManySteps);
   config.mutable_checkpoint()->set_every(1);
-  auto store = storage::OpenCheckpointStore(dir, {});
-  ASSERT_TRUE(store.ok());
+  auto inner = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(inner.ok());
+  auto owned = std::make_unique<GatedWriteStore>(std::move(inner).value());
+  GatedWriteStore* store = owned.get();
+  store->open = true;  // Writes go through; the store counts them begun.
   Reported reported;
   const uint64_t written_before =
       CounterValue("switchyard_worker_checkpoints_written_total");
   const uint64_t skipped_before =
       CounterValue("switchyard_worker_checkpoints_skipped_total");
   WorkerService worker(config, "w");
-  worker.EnableCheckpoints(std::move(store).value(), reported.Reporter());
+  worker.EnableCheckpoints(std::move(owned), reported.Reporter());
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
-  // No waiting for checkpoints between steps.
-  TrainSteps(&worker, 0, kManySteps);
+  // Step 0, then checkpoint 1's write begins (under load the thread could
+  // otherwise sleep through every step, and the run's last checkpoint
+  // replace an unbegun checkpoint 1); no waiting for checkpoints after.
+  TrainSteps(&worker, 0, 1);
+  const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
+  while (store->writing == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(5));
+  }
+  ASSERT_GT(store->writing.load(), 0) << "checkpoint 1's write never began";
+  TrainSteps(&worker, 1, kManySteps);
   worker.WaitCheckpointsWritten();
   EXPECT_EQ(worker.ShardDigests(), expected[kManySteps]);
   worker.Shutdown();
