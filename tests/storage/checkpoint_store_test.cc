@@ -638,20 +638,29 @@ int CrashWriter(const std::string& dir) {
 }
 
 TEST_F(CheckpointStoreTest, KillNineAtAnyInstantLeavesWholeCheckpoints) {
-  const int iterations =
-      std::getenv("SWITCHYARD_CHAOS_ITERATIONS")
-          ? std::atoi(std::getenv("SWITCHYARD_CHAOS_ITERATIONS"))
-          : 20;
+  const char* chaos = std::getenv("SWITCHYARD_CHAOS_ITERATIONS");
+  const int iterations = chaos ? std::atoi(chaos) : 20;
   std::mt19937 rng(2026);
   size_t total_done = 0;
+  using Clock = std::chrono::steady_clock;
+  auto steps_done = [this] {
+    std::ifstream in(dir_ + "/done");
+    return std::distance(std::istream_iterator<int64_t>(in), {});
+  };
   for (int i = 0; i < iterations; ++i) {
+    const auto done_before = steps_done();
     const pid_t pid = ::fork();
     if (pid == 0) {
       ::execl("/proc/self/exe", "checkpoint_store_test", "--crash-writer",
               dir_.c_str(), static_cast<char*>(nullptr));
       ::_exit(127);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 200));
+    // Killed at random in the write loop, once a step is done (slow starts).
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    while (steps_done() == done_before && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 200));
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);
     // Steps reported done are present; everything listed reads whole.
