@@ -55,11 +55,7 @@ TEST(WorkerServiceTest, CheckpointsCopiedDuringTheNextStepHoldTheirStep) {
   // otherwise sleep through every step, and the run's last checkpoint
   // replace an unbegun checkpoint 1); no waiting for checkpoints after.
   TrainSteps(&worker, 0, 1);
-  const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
-  while (store->writing == 0 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(Ms(5));
-  }
-  ASSERT_GT(store->writing.load(), 0) << "checkpoint 1's write never began";
+  ASSERT_TRUE(store->WaitForAWrite()) << "checkpoint 1's write never began";
   TrainSteps(&worker, 1, kManySteps);
   worker.WaitCheckpointsWritten();
   EXPECT_EQ(worker.ShardDigests(), expected[kManySteps]);
@@ -234,11 +230,7 @@ TEST(WorkerServiceTest, TheRunsLastCheckpointIsQueuedNotWaitedFor) {
   // that the run's last checkpoint is due while a write is in flight (had
   // the checkpoint thread not begun, the last would replace checkpoint 2).
   TrainSteps(&worker, 0, 2);
-  const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
-  while (store->writing == 0 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(Ms(5));
-  }
-  ASSERT_GT(store->writing.load(), 0) << "checkpoint 2's write never began";
+  ASSERT_TRUE(store->WaitForAWrite()) << "checkpoint 2's write never began";
   TrainSteps(&worker, 2, kSteps3);
   EXPECT_EQ(worker.next_step(), kSteps3);
   EXPECT_TRUE(reported.Get().empty()) << "nothing written yet";

@@ -324,4 +324,12 @@ StatusOr<checkpoint::ShardManifest> GatedWriteStore::WriteShard(
   return FullDiskStore::WriteShard(s);
 }
 
+bool GatedWriteStore::WaitForAWrite() const {
+  const auto deadline = std::chrono::steady_clock::now() + Ms(30000);
+  while (writing == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(5));
+  }
+  return writing > 0;
+}
+
 }  // namespace switchyard::expert_worker::worker_testing

@@ -167,6 +167,9 @@ class GatedWriteStore : public FullDiskStore {
   std::atomic<bool> open{false};
   std::atomic<int> writing{0};  // Writes begun.
 
+  // Whether a write has begun within 30 s.
+  bool WaitForAWrite() const;
+
   StatusOr<checkpoint::ShardManifest> WriteShard(
       const storage::ShardSnapshot& s) override;
 };
