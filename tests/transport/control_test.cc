@@ -11,6 +11,7 @@
 #include <future>
 #include <thread>
 
+#include "tests/testing/sockets.h"
 #include "transport/control/auth.h"
 #include "transport/control/client.h"
 #include "transport/control/server.h"
@@ -26,16 +27,10 @@ constexpr char kSecret[] = "0123456789abcdef0123456789abcdef";
 // A raw TCP peer with a 5 s receive timeout, so that a test can never hang.
 class RawPeer {
  public:
-  explicit RawPeer(uint16_t port) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    timeval tv{5, 0};
-    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    connected_ =
-        ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  explicit RawPeer(uint16_t port, timeval receive_timeout = {5, 0}) {
+    fd_ = testing::ConnectToLoopback(port, &connected_);
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &receive_timeout,
+                 sizeof(receive_timeout));
   }
   ~RawPeer() { ::close(fd_); }
   bool connected() const { return connected_; }
@@ -89,11 +84,13 @@ class ControlTest : public ::testing::Test {
     server_.reset();
   }
 
-  void StartServer(uint16_t port, const std::string& host = "127.0.0.1") {
+  void StartServer(uint16_t port, const std::string& host = "127.0.0.1",
+                   Ms handshake_timeout = Ms(1000),
+                   AdmissionLimits limits = {}) {
     ControlOptions options;
     options.secret = kSecret;
     options.max_frame_bytes = 64 * 1024;
-    options.handshake_timeout = Ms(1000);
+    options.handshake_timeout = handshake_timeout;
     Connection::Handlers handlers;
     handlers.on_ready = [](const Connection::Ptr& conn) {
       Envelope hello_push;
@@ -111,7 +108,7 @@ class ControlTest : public ::testing::Test {
       }
       // Heartbeats are left unanswered: the silent-peer case.
     };
-    server_ = std::make_unique<ControlServer>(io_, options, handlers);
+    server_ = std::make_unique<ControlServer>(io_, options, handlers, limits);
     ASSERT_TRUE(server_->Listen({host, port}).ok());
     port_ = server_->port();
   }
@@ -290,6 +287,59 @@ TEST_F(ControlTest, HostileFramesCloseOnlyThatConnection) {
     EXPECT_TRUE(good->CallSync(StatusRequest(), Ms(2000)).ok()) << c.what;
   }
   EXPECT_EQ(requests_.load(), static_cast<int>(cases.size()));
+}
+
+// Before the handshake a peer is unknown: a frame larger than a handshake
+// needs is refused from its header, long before the handshake deadline (30 s
+// here; the peer gives up after 5 s), even though an authenticated peer may
+// send it.
+TEST_F(ControlTest, FramesBeforeAuthenticationAreSmall) {
+  RetireServer();
+  StartServer(0, "127.0.0.1", Ms(30000));
+  RawPeer peer(port_);
+  ASSERT_TRUE(peer.connected());
+  ASSERT_EQ(peer.ReadFrame().body_case(), Envelope::kChallenge);
+  const uint32_t length = 32 * 1024;  // Under max_frame_bytes (64 KiB).
+  std::string header = "SYC1";
+  for (int shift : {24, 16, 8, 0}) header += static_cast<char>(length >> shift);
+  peer.Send(header + std::string(length - 1, 'x'));
+  EXPECT_TRUE(peer.ClosedByServer());
+  // An authenticated client may still send frames that large.
+  auto good = NewClient(kSecret);
+  ASSERT_TRUE(good->WaitConnected(Ms(5000)).ok());
+  Envelope big;
+  big.mutable_heartbeat()->set_name(std::string(length, 'w'));
+  EXPECT_EQ(good->CallSync(big, Ms(300)).status().code(),
+            StatusCode::kDeadlineExceeded);  // Heartbeats go unanswered.
+  EXPECT_TRUE(good->CallSync(StatusRequest(), Ms(2000)).ok());
+}
+
+// A flood of peers that connect and never authenticate: the server keeps at
+// most max_handshakes_per_address of them (it drops the oldest), and a member
+// that connects after the flood is served.
+TEST_F(ControlTest, IdleHandshakesAreBoundedAndCannotLockOutAMember) {
+  RetireServer();
+  AdmissionLimits limits;
+  limits.max_handshakes = 16;
+  limits.max_handshakes_per_address = 8;
+  StartServer(0, "127.0.0.1", Ms(30000), limits);
+  constexpr int kFlood = 300;
+  std::vector<std::unique_ptr<RawPeer>> flood;
+  for (int i = 0; i < kFlood; ++i) {
+    flood.push_back(std::make_unique<RawPeer>(port_, timeval{0, 200000}));
+    ASSERT_TRUE(flood.back()->connected()) << i;
+  }
+  auto good = NewClient(kSecret);
+  ASSERT_TRUE(good->WaitConnected(Ms(5000)).ok());
+  EXPECT_TRUE(good->CallSync(StatusRequest(), Ms(2000)).ok());
+  EXPECT_LE(server_->handshakes_in_progress(),
+            limits.max_handshakes_per_address);
+  // All but the newest few were closed by the server, long before the 30 s
+  // handshake deadline.
+  int closed = 0;
+  for (auto& peer : flood) closed += peer->ClosedByServer() ? 1 : 0;
+  EXPECT_GE(closed,
+            kFlood - static_cast<int>(limits.max_handshakes_per_address));
 }
 
 TEST_F(ControlTest, ProtocolVersionMismatchIsExplained) {

@@ -10,6 +10,9 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
+constexpr size_t kHandshakeReadBytes = 4 * 1024;
+constexpr size_t kReadBytes = 64 * 1024;
+
 // A peer that stops reading may leave at most this much queued for it.
 size_t MaxWriteQueueBytes(const ControlOptions& options) {
   return 4 * options.max_frame_bytes + (1u << 20);
@@ -45,7 +48,8 @@ Connection::Connection(tcp::socket socket, Role role, ControlOptions options,
       handlers_(std::move(handlers)),
       peer_(PeerString(socket_)),
       handshake_timer_(strand_),
-      decoder_(options_.max_frame_bytes) {}
+      decoder_(options_.max_handshake_frame_bytes),
+      read_buffer_(kHandshakeReadBytes) {}
 
 Connection::~Connection() = default;
 
@@ -185,6 +189,8 @@ void Connection::OnFrame(Envelope envelope) {
     }
     state_ = State::kReady;
     handshake_timer_.cancel();
+    decoder_.set_max_frame_bytes(options_.max_frame_bytes);
+    read_buffer_.resize(kReadBytes);
     if (handlers_.on_ready) handlers_.on_ready(shared_from_this());
     return;
   }
@@ -222,9 +228,12 @@ void Connection::OnFrame(Envelope envelope) {
 void Connection::Send(Envelope envelope) {
   if (state_ == State::kClosed || close_after_flush_) return;
   std::string frame = EncodeFrame(envelope);
-  if (frame.size() - kFrameHeaderBytes > options_.max_frame_bytes) {
+  const size_t limit = state_ == State::kReady
+                           ? options_.max_frame_bytes
+                           : options_.max_handshake_frame_bytes;
+  if (frame.size() - kFrameHeaderBytes > limit) {
     LOG(ERROR) << "control: dropping a " << frame.size() << "-byte message to "
-               << peer_ << ": larger than max_frame_bytes";
+               << peer_ << ": larger than the frame limit of " << limit;
     return;
   }
   write_queue_bytes_ += frame.size();

@@ -6,7 +6,9 @@
 // Anything malformed (bad magic, oversized, truncated or unparseable frame,
 // failed authentication, protocol version mismatch, a peer that does not read)
 // closes this one connection with a logged reason; nothing a peer sends can
-// crash the process.
+// crash the process. Before authentication a connection holds a few KiB at
+// most: frames are limited to max_handshake_frame_bytes and the handshake has
+// a deadline.
 //
 // Thread-safety: public methods may be called from any thread; all handlers
 // run on the connection's strand. Connections are shared_ptr-owned; handlers
@@ -14,7 +16,6 @@
 #ifndef SWITCHYARD_TRANSPORT_CONTROL_CONNECTION_H_
 #define SWITCHYARD_TRANSPORT_CONTROL_CONNECTION_H_
 
-#include <array>
 #include <boost/asio.hpp>
 #include <chrono>
 #include <cstdint>
@@ -23,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "control.pb.h"
@@ -33,7 +35,11 @@ namespace switchyard::control {
 struct ControlOptions {
   // Shared secret (ReadSecretFile); both ends must hold the same bytes.
   std::string secret;
+  // Largest frame accepted from an authenticated peer.
   size_t max_frame_bytes = 64u << 20;
+  // Until the handshake completes the peer is unknown: its frames may hold at
+  // most this many bytes, and it must finish within handshake_timeout.
+  size_t max_handshake_frame_bytes = 4096;
   std::chrono::milliseconds handshake_timeout{5000};
 };
 
@@ -107,7 +113,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::string server_nonce_;
   std::string client_nonce_;
   FrameDecoder decoder_;
-  std::array<char, 64 * 1024> read_buffer_;
+  // Small until the handshake completes.
+  std::vector<char> read_buffer_;
   std::deque<std::string> write_queue_;
   size_t write_queue_bytes_ = 0;
   bool writing_ = false;

@@ -37,11 +37,17 @@ class FrameDecoder {
   // that is not an Envelope. After an error the stream is unusable.
   StatusOr<bool> Next(Envelope* out);
 
+  // Changes the limit for frames not yet decoded (raised once a peer has
+  // authenticated).
+  void set_max_frame_bytes(size_t max_frame_bytes) {
+    max_frame_bytes_ = max_frame_bytes;
+  }
+
   // Bytes of a frame started but not completed (for "truncated" reports).
   size_t buffered_bytes() const { return buffer_.size() - offset_; }
 
  private:
-  const size_t max_frame_bytes_;
+  size_t max_frame_bytes_;
   std::string buffer_;
   size_t offset_ = 0;
 };
