@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_data_plane.h"
 #include "common/files.h"
 #include "common/random.h"
 #include "expert_worker/cpu/blas_kernels.h"
@@ -93,7 +94,7 @@ int RunWorker(const std::string& dir, int index) {
   const auto config = BenchConfig(/*threads=*/1);
   const std::string name = "w" + std::to_string(index);
   expert_worker::WorkerService service(config, name);
-  auto plane = transport::NewUcxDataPlane(transport::DataPlaneOptions());
+  auto plane = transport::NewUcxDataPlane(BenchDataPlaneOptions());
   if (!service.Start().ok() || !plane.ok() ||
       !(*plane)
            ->Start([&service](transport::Message m, transport::Reply r) {
@@ -122,7 +123,7 @@ int RunTrainer(const std::string& dir, int rank, int steps, int micro_batches) {
   const auto config = BenchConfig(/*threads=*/1);
   control::RoutingTable routing;
   routing.ParseFromString(ReadFileToString(dir + "/routing.pb").value());
-  auto plane = transport::NewUcxDataPlane(transport::DataPlaneOptions());
+  auto plane = transport::NewUcxDataPlane(BenchDataPlaneOptions());
   if (!plane.ok() || !(*plane)->Start(nullptr).ok()) return 1;
   trainer::MoeLayerClient client(plane->get(), config, rank);
   client.SetRouting(routing);

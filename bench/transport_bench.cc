@@ -46,6 +46,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_data_plane.h"
 #include "common/buffer_pool.h"
 #include "common/digest.h"
 #include "common/logging.h"
@@ -81,7 +82,7 @@ std::string Joined(const std::vector<double>& v) {
 }
 
 int Serve(const std::string& file, const std::string& tls) {
-  DataPlaneOptions options;
+  DataPlaneOptions options = BenchDataPlaneOptions();
   options.ucx_tls = tls;
   options.max_inflight_bytes = size_t{1} << 31;
   auto server = NewUcxDataPlane(options).value();
@@ -299,7 +300,7 @@ int Run() {
       std::ifstream(file) >> address;
       std::this_thread::sleep_for(Ms(20));
     }
-    DataPlaneOptions options;
+    DataPlaneOptions options = BenchDataPlaneOptions();
     options.ucx_tls = t.tls;
     auto client = NewUcxDataPlane(options).value();
     if (address.empty() || !client->Start(nullptr).ok()) {

@@ -287,7 +287,10 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   ack.set_keep_from_step(ledger_.keep_from_step());
   auto tasks = tasks_.find(beat.name());
   if (tasks != tasks_.end()) {
-    for (auto& t : tasks->second) *ack.add_replicate() = std::move(t);
+    for (auto& t : tasks->second) {
+      t.set_epoch(epoch_);  // The epoch the copy is made under.
+      *ack.add_replicate() = std::move(t);
+    }
     tasks_.erase(tasks);
   }
   return ack;

@@ -17,7 +17,7 @@ using transport::Message;
 using transport::MessageKind;
 
 StatusOr<storage::ShardSnapshot> ShardTransfer::Fetch(
-    const std::string& address, int64_t step,
+    const std::string& address, uint64_t epoch, int64_t step,
     const storage::ShardSnapshot& like) {
   ASSIGN_OR_RETURN(ShardId id, ShardId::Parse(like.shard));
   std::vector<transport::Outgoing> requests;
@@ -26,6 +26,7 @@ StatusOr<storage::ShardSnapshot> ShardTransfer::Fetch(
     if (like.tensors[i].tensor.empty()) continue;
     Message m;
     m.header.kind = static_cast<uint8_t>(MessageKind::kCheckpointFetch);
+    m.header.epoch = epoch;
     m.header.step = step;
     m.header.layer = id.layer;
     m.header.expert = id.is_expert() ? id.expert : -1;
@@ -98,7 +99,7 @@ Status ShardTransfer::Restore(const control::RoutingTable& routing,
           tried += " " + from + " (not running or not confirmed yet)";
           continue;
         }
-        saved = Fetch(address[from], step, live);
+        saved = Fetch(address[from], routing.epoch(), step, live);
         if (saved.ok()) {
           LOG(WARNING) << name_ << ": " << live.shard << " at step " << step
                        << " fetched from " << from
@@ -165,8 +166,9 @@ Status ShardTransfer::Replicate(const control::ReplicationTask& task,
                                                    /*initialise=*/false));
       like = SnapshotOf(*expert, *unused, /*deep=*/false);
     }
-    ASSIGN_OR_RETURN(storage::ShardSnapshot copy,
-                     Fetch(task.source_address(), task.step(), like));
+    ASSIGN_OR_RETURN(
+        storage::ShardSnapshot copy,
+        Fetch(task.source_address(), task.epoch(), task.step(), like));
     ASSIGN_OR_RETURN(auto manifest, store_->WriteShard(copy));
     auto* shard = report.add_shards();
     *shard->mutable_shard() = ref;
@@ -206,6 +208,15 @@ void CheckpointFetchServer::Loop() {
   std::optional<storage::ShardSnapshot> cached;
   while (std::optional<Task> task = queue_.Pop()) {
     const transport::WireHeader& h = task->request.header;
+    const uint64_t epoch = current_epoch_();
+    if (h.epoch < epoch) {
+      task->reply(transport::ErrorResponse(
+          h, FailedPreconditionError(
+                 "stale epoch " + std::to_string(h.epoch) + ": " + name_ +
+                 " is at epoch " + std::to_string(epoch) +
+                 "; checkpoint fetches must come from the current routing")));
+      continue;
+    }
     const std::string shard =
         h.expert < 0 ? ShardId::Dense(h.shard).ToString()
                      : ShardId::Expert(h.layer, h.expert, h.shard).ToString();

@@ -45,9 +45,10 @@ class ShardTransfer {
   void set_peers(transport::DataPlane* peers) { peers_ = peers; }
 
   // The checkpoint of `like`'s shard at `step` from the worker at data
-  // address `address`, into tensors shaped like `like`'s.
+  // address `address`, into tensors shaped like `like`'s; the requests
+  // carry `epoch`, the routing epoch this worker fetches under.
   StatusOr<storage::ShardSnapshot> Fetch(const std::string& address,
-                                         int64_t step,
+                                         uint64_t epoch, int64_t step,
                                          const storage::ShardSnapshot& like);
   // Fills `shards` (sharing storage with shards not yet hosted) with their
   // checkpoint at routing.resume_step(); every tensor is checked against
@@ -76,8 +77,13 @@ class ShardTransfer {
 // Thread-safety: Serve is thread-safe; Start and Shutdown are called once.
 class CheckpointFetchServer {
  public:
-  CheckpointFetchServer(std::string name, storage::CheckpointStore* store)
-      : name_(std::move(name)), store_(store) {}
+  // `current_epoch`: the worker's routing epoch (thread-safe); a fetch from
+  // an older epoch is refused.
+  CheckpointFetchServer(std::string name, storage::CheckpointStore* store,
+                        std::function<uint64_t()> current_epoch)
+      : name_(std::move(name)),
+        store_(store),
+        current_epoch_(std::move(current_epoch)) {}
   ~CheckpointFetchServer() { Shutdown(); }
 
   void Start();
@@ -90,6 +96,7 @@ class CheckpointFetchServer {
 
   const std::string name_;
   storage::CheckpointStore* const store_;
+  const std::function<uint64_t()> current_epoch_;
   WorkQueue<Task> queue_;
   std::thread thread_;
 };

@@ -111,7 +111,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
   RETURN_IF_ERROR(service.Start());
   ASSIGN_OR_RETURN(auto data_plane,
                    transport::NewUcxDataPlane(
-                       transport::DataPlaneOptionsFrom(config.transport())));
+                       transport::DataPlaneOptionsFrom(config, secret)));
   service.SetPeerPlane(data_plane.get());
   RETURN_IF_ERROR(data_plane->Start(
       [&service](transport::Message request, transport::Reply reply) {

@@ -66,7 +66,9 @@ void WorkerService::EnableCheckpoints(
       [this](const control::ReplicationTask& task) {
         return transfer_->Replicate(task, report_);
       });
-  fetch_server_ = std::make_unique<CheckpointFetchServer>(name_, store_.get());
+  fetch_server_ = std::make_unique<CheckpointFetchServer>(
+      name_, store_.get(),
+      [this] { return adopted_epoch_.load(std::memory_order_acquire); });
 }
 
 void WorkerService::SetPeerPlane(transport::DataPlane* plane) {
@@ -189,6 +191,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   for (auto& [id, shard] : made) shards_[id] = std::move(shard);
   if (plan.restore) gate_.set_next_step(routing.resume_step());
   gate_.set_epoch(routing.epoch());
+  adopted_epoch_.store(routing.epoch(), std::memory_order_release);
   return OkStatus();
 }
 

@@ -41,6 +41,7 @@
 #ifndef SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
 #define SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -197,6 +198,9 @@ class WorkerService {
   Mutex apply_mu_ ACQUIRED_BEFORE(mu_);
   mutable Mutex mu_;
   StepGate gate_ GUARDED_BY(mu_);
+  // gate_'s epoch, readable without mu_ (the checkpoint fetch server's: it
+  // must not wait on a worker busy with a step).
+  std::atomic<uint64_t> adopted_epoch_{0};
   std::map<ShardId, std::unique_ptr<ExpertShard>> shards_ GUARDED_BY(mu_);
   std::map<int, std::unique_ptr<DenseShard>> dense_ GUARDED_BY(mu_);
 

@@ -62,7 +62,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
 
   ASSIGN_OR_RETURN(auto data_plane,
                    transport::NewUcxDataPlane(
-                       transport::DataPlaneOptionsFrom(config.transport())));
+                       transport::DataPlaneOptionsFrom(config, secret)));
   RETURN_IF_ERROR(data_plane->Start(transport::RefuseRequests("a trainer")));
   TrainerReplica replica(config, options.rank, data_plane.get());
 

@@ -129,8 +129,13 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
   }
 }
 
-DataPlaneOptions DataPlaneOptionsFrom(const config::TransportConfig& config) {
+DataPlaneOptions DataPlaneOptionsFrom(const config::SwitchyardConfig& run,
+                                      const std::string& secret) {
+  const config::TransportConfig& config = run.transport();
   DataPlaneOptions options;
+  options.secret = secret;
+  options.handshake_timeout =
+      std::chrono::milliseconds(run.cluster().call_timeout_ms());
   options.listen_host = config.data_host();
   options.ucx_tls = config.ucx_tls();
   options.ucx_env.insert(config.ucx().begin(), config.ucx().end());

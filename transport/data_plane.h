@@ -62,7 +62,16 @@ struct SendRequest {
   ResponseCallback done;
 };
 
+// The shortest cluster secret a data plane accepts (as the control plane).
+constexpr size_t kMinDataPlaneSecretBytes = 16;
+
 struct DataPlaneOptions {
+  // The cluster secret (cluster.secret_file's bytes). Every connection
+  // proves, both ways, that its ends hold it before any request crosses
+  // (transport/ucx/peer_auth.h); NewUcxDataPlane refuses an empty one.
+  std::string secret;
+  // A connection whose handshake has not completed by then is closed.
+  std::chrono::milliseconds handshake_timeout{5000};
   // Host to listen on; the port is chosen by the system (see address()).
   std::string listen_host = "127.0.0.1";
   // Passed to UCX as UCX_TLS when not empty (e.g. "tcp", "posix,cma,tcp").
@@ -162,9 +171,12 @@ StatusOr<std::vector<Tensor>> SendAll(DataPlane* data_plane,
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options);
 
-// The options a run's configuration gives (transport.data_host, ucx_tls,
-// ucx, max_inflight_bytes, busy_poll_us); the rest keep their defaults.
-DataPlaneOptions DataPlaneOptionsFrom(const config::TransportConfig& config);
+// The options a run's configuration gives (the cluster secret,
+// transport.data_host, ucx_tls, ucx, max_inflight_bytes, busy_poll_us,
+// cluster.call_timeout_ms as the handshake timeout); the rest keep their
+// defaults.
+DataPlaneOptions DataPlaneOptionsFrom(const config::SwitchyardConfig& config,
+                                      const std::string& secret);
 
 // A handler for a data plane that only sends (a trainer's): every request
 // is refused with INVALID_ARGUMENT saying `who` serves none.

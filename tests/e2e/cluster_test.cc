@@ -175,8 +175,9 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
     }
     ASSERT_NE(entry, nullptr);
     const std::string address = routing.workers(entry->worker()).data_address();
-    auto client =
-        transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+    transport::DataPlaneOptions options;
+    options.secret = *control::ReadSecretFile(dir_ + "/secret");
+    auto client = transport::NewUcxDataPlane(options).value();
     ASSERT_TRUE(client->Start(nullptr).ok());
     auto forward = [&](uint64_t epoch) {
       transport::Message m;

@@ -1,6 +1,7 @@
 // A worker's checkpoints across failures and restarts: a full disk fails
-// one checkpoint while training goes on, a fresh worker restores the last
-// one (and refuses a damaged one, naming it), and a routing table offered
+// one checkpoint while training goes on, peers fetch the checkpoints only at
+// the current epoch, a fresh worker restores the last one (and refuses a
+// damaged one, naming it), and a routing table offered
 // during a slow restore keeps heartbeats and requests answered.
 #include <gtest/gtest.h>
 
@@ -83,6 +84,25 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
     // Training was not disturbed.
     digest = worker.ParameterDigest();
     EXPECT_EQ(digest, RunInterleaved("adamw", 0));
+    // Peers fetch checkpoints at the current epoch; an older one is refused.
+    for (uint64_t epoch : {kEpoch, kEpoch - 1}) {
+      Message fetch;
+      fetch.header.kind = static_cast<uint8_t>(MessageKind::kCheckpointFetch);
+      fetch.header.epoch = epoch;
+      fetch.header.step = 3;
+      fetch.header.layer = 0;  // MoE-layer ordinal: L0.E1.S0.
+      fetch.header.expert = 1;
+      const Message answer = Ask(&worker, std::move(fetch));
+      if (epoch == kEpoch) {
+        EXPECT_EQ(answer.header.status_code, 0) << answer.error_text;
+        EXPECT_GT(answer.payload.num_elements(), 0);
+      } else {
+        EXPECT_EQ(answer.header.status_code,
+                  static_cast<int32_t>(StatusCode::kFailedPrecondition));
+        EXPECT_NE(answer.error_text.find("stale epoch"), std::string::npos)
+            << answer.error_text;
+      }
+    }
     worker.Shutdown();
   }  // The worker, and its store, are gone.
 

@@ -18,6 +18,7 @@
 #include "common/config.h"
 #include "common/metrics.h"
 #include "tests/expert_worker/worker_test_util.h"
+#include "tests/testing/data_plane_options.h"
 
 namespace switchyard::expert_worker::worker_testing {
 namespace {
@@ -247,7 +248,7 @@ TEST(WorkerServiceTest, OverUcxMatchesInProcess) {
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
   auto server =
-      transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+      transport::NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
   ASSERT_TRUE(server
                   ->Start([&worker](Message m, transport::Reply reply) {
                     worker.Handle(std::move(m), std::move(reply));
@@ -258,7 +259,7 @@ TEST(WorkerServiceTest, OverUcxMatchesInProcess) {
   for (int r = 0; r < kRanks; ++r) {
     trainers.emplace_back([&, r] {
       auto client =
-          transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+          transport::NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
       if (!client->Start(nullptr).ok()) {
         ++failures;
         return;

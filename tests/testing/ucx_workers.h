@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "expert_worker/worker_service.h"
+#include "tests/testing/data_plane_options.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::testing {
@@ -24,7 +25,7 @@ class UcxWorkers {
       auto worker = std::make_unique<expert_worker::WorkerService>(
           config, "w" + std::to_string(w));
       Status s = worker->Start();
-      auto plane = transport::NewUcxDataPlane(transport::DataPlaneOptions());
+      auto plane = transport::NewUcxDataPlane(testing::TestDataPlaneOptions());
       if (s.ok()) s = plane.status();
       if (s.ok()) {
         auto* raw = worker.get();

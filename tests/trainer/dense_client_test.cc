@@ -10,6 +10,7 @@
 #include "common/model_shape.h"
 #include "expert_worker/optimizer.h"
 #include "expert_worker/worker_service.h"
+#include "tests/testing/data_plane_options.h"
 #include "tests/testing/ucx_workers.h"
 #include "trainer/moe_client.h"
 
@@ -44,7 +45,7 @@ TEST(DenseClientTest, PullPushStepPull) {
   }
   ASSERT_TRUE(workers.ApplyRouting(routing));
   auto plane =
-      transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+      transport::NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
   ASSERT_TRUE(plane->Start(nullptr).ok());
   DenseTableClient client(plane.get(), config, 0);
   client.SetRouting(routing);

@@ -12,6 +12,7 @@
 #include "common/config.h"
 #include "expert_worker/expert_init.h"
 #include "expert_worker/worker_service.h"
+#include "tests/testing/data_plane_options.h"
 #include "tests/testing/ucx_workers.h"
 
 namespace switchyard::trainer {
@@ -54,7 +55,7 @@ class MoeClientTest : public ::testing::Test {
     }
     ASSERT_TRUE(workers_.ApplyRouting(routing_));
     client_plane_ =
-        transport::NewUcxDataPlane(transport::DataPlaneOptions()).value();
+        transport::NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
     ASSERT_TRUE(client_plane_->Start(nullptr).ok());
     client_ = std::make_unique<MoeLayerClient>(client_plane_.get(), config_, 0);
     client_->SetRouting(routing_);

@@ -30,6 +30,7 @@
 
 #include "common/config.h"
 #include "common/logging.h"
+#include "tests/testing/data_plane_options.h"
 #include "tests/transport/data_plane_test_util.h"
 #include "transport/data_plane.h"
 
@@ -78,7 +79,7 @@ class RemoteServer {
 TEST(DataPlaneAcrossProcessesTest, EchoAndPeerKilledMidRequest) {
   RemoteServer server;
   ASSERT_FALSE(server.address().empty()) << "remote server did not start";
-  auto client = NewUcxDataPlane(DataPlaneOptions()).value();
+  auto client = NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
   ASSERT_TRUE(client->Start(nullptr).ok());
   for (int64_t rows : {1, 4096}) {  // 4 KiB and 16 MiB.
     Message request = EchoRequest(rows, 1024, 5);
@@ -120,7 +121,7 @@ TEST(DataPlaneAcrossProcessesTest, ConcurrentLargeEchoesComeBackIntact) {
   // out while the transport still reads or writes it shows up here.
   RemoteServer server;
   ASSERT_FALSE(server.address().empty()) << "remote server did not start";
-  auto client = NewUcxDataPlane(DataPlaneOptions()).value();
+  auto client = NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
   ASSERT_TRUE(client->Start(nullptr).ok());
   constexpr int kRequests = 48, kWindow = 4;
   std::mutex mu;
@@ -181,7 +182,7 @@ TEST(DataPlaneAcrossProcessesTest, ConcurrentLargeEchoesComeBackIntact) {
 // then the client's ConnectionInfo into FILE.
 int ReportLanes(const std::string& setting, const char* out_file) {
   const size_t eq = setting.find('=');
-  DataPlaneOptions options;
+  DataPlaneOptions options = testing::TestDataPlaneOptions();
   options.ucx_env[setting.substr(0, eq)] = setting.substr(eq + 1);
   std::vector<Reply> held;
   std::mutex mu;
@@ -243,7 +244,8 @@ TEST(DataPlaneOptionsTest, TransportUcxSettingsBecomeUcxEnv) {
       {"transport.ucx.UCX_RNDV_THRESH=8k"});
   ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
   const DataPlaneOptions options =
-      DataPlaneOptionsFrom(loaded->config.transport());
+      DataPlaneOptionsFrom(loaded->config, testing::kTestClusterSecret);
+  EXPECT_EQ(options.secret, testing::kTestClusterSecret);
   EXPECT_EQ(options.ucx_tls, "tcp");
   const std::map<std::string, std::string> expected = {
       {"UCX_NET_DEVICES", "lo"}, {"UCX_RNDV_THRESH", "8k"}};
@@ -277,7 +279,7 @@ TEST(DataPlaneAcrossProcessesTest, TransportUcxSettingsReachUcx) {
 int ServeForever(const char* address_file) {
   std::vector<Reply> held;
   std::mutex mu;
-  auto server = NewUcxDataPlane(DataPlaneOptions()).value();
+  auto server = NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
   Status s = server->Start(EchoHandler(&held, &mu));
   if (!s.ok()) {
     std::fprintf(stderr, "%s\n", s.ToString().c_str());

@@ -6,6 +6,7 @@
 #include <thread>
 #include <utility>
 
+#include "tests/testing/data_plane_options.h"
 #include "transport/local/in_process_data_plane.h"
 
 namespace switchyard::transport::data_plane_testing {
@@ -64,7 +65,7 @@ std::string BackendName(const ::testing::TestParamInfo<Backend>& info) {
 void DataPlanePairTest::SetUp() {
   server_ = NewDataPlane(backend(), ServerOptions());
   ASSERT_TRUE(server_->Start(EchoHandler(&held_, &held_mu_)).ok());
-  client_ = NewDataPlane(backend(), DataPlaneOptions());
+  client_ = NewDataPlane(backend(), testing::TestDataPlaneOptions());
   ASSERT_TRUE(client_->Start(nullptr).ok());
 }
 

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/testing/data_plane_options.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::transport::data_plane_testing {
@@ -46,7 +47,9 @@ class DataPlanePairTest : public ::testing::Test {
   virtual Backend backend() const = 0;
   void SetUp() override;
   void TearDown() override;
-  virtual DataPlaneOptions ServerOptions() { return DataPlaneOptions(); }
+  virtual DataPlaneOptions ServerOptions() {
+    return testing::TestDataPlaneOptions();
+  }
 
   // `threads` threads each send `per_thread` echoes with SendSync, request
   // `i` of thread `t` being make(t, i); how many came back intact.

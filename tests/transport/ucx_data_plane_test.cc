@@ -1,7 +1,10 @@
 // What only the UCX data plane does, in one process: a waiting sender
-// drives the network, a send before Start fails at once, malformed headers
-// from a raw UCX peer are refused with their reason, and a server holds no
-// more than its byte budget.
+// drives the network, a send before Start fails at once, every connection
+// authenticates (a raw UCX peer without the secret gets nothing and is
+// dropped; planes with different secrets cannot talk; only the connection a
+// request went out on may answer it), malformed headers from an
+// authenticated raw UCX peer are refused with their reason, and a server
+// holds no more than its byte budget.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -19,8 +22,12 @@
 
 #include "common/logging.h"
 #include "common/mutex.h"
+#include "tests/testing/data_plane_options.h"
 #include "tests/transport/data_plane_test_util.h"
+#include "transport/control/auth.h"
 #include "transport/data_plane.h"
+#include "transport/ucx/am_codec.h"
+#include "transport/ucx/peer_auth.h"
 
 namespace switchyard::transport::data_plane_testing {
 namespace {
@@ -58,14 +65,15 @@ TEST_F(UcxDataPlaneTest, AWaitingSenderDrivesItsOwnAnswers) {
 
 TEST_F(UcxDataPlaneTest, SendBeforeStartFailsAtOnce) {
   // Nothing would ever run the request: it fails, it does not hang.
-  auto idle = NewUcxDataPlane(DataPlaneOptions()).value();
+  auto idle = NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
   const auto start = Clock::now();
   auto r = idle->SendSync(server_->address(), EchoRequest(1, 16, 1), Ms(60000));
   EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << r.status().ToString();
   EXPECT_LT(Clock::now() - start, Ms(1000));
 }
 
-// A raw UCX client that sends arbitrary header bytes.
+// A raw UCX client that sends arbitrary header bytes, and runs the
+// data-plane handshake only when told to (with the secret it is given).
 class RawUcxPeer {
  public:
   explicit RawUcxPeer(const std::string& server) {
@@ -78,31 +86,23 @@ class RawUcxPeer {
     ucp_config_release(config);
     ucp_worker_params_t wp{};
     CHECK_EQ(ucp_worker_create(context_, &wp, &worker_), UCS_OK);
-    ucp_am_handler_param_t am{};
-    am.field_mask =
-        UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-        UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-    am.id = 2;
-    am.flags = UCP_AM_FLAG_WHOLE_MSG;
-    am.arg = this;
-    am.cb = [](void* arg, const void* h, size_t hl, void* d, size_t l,
-               const ucp_am_recv_param_t*) {
-      auto* self = static_cast<RawUcxPeer*>(arg);
-      if (hl == sizeof(WireHeader)) std::memcpy(&self->last_, h, hl);
-      self->last_text_.assign(static_cast<const char*>(d), l);
-      self->responses_++;
-      return UCS_OK;
-    };
-    CHECK_EQ(ucp_worker_set_am_recv_handler(worker_, &am), UCS_OK);
+    CHECK(
+        SetAmHandler(worker_, kResponseAm, &RawUcxPeer::OnResponse, this).ok());
+    CHECK(SetAmHandler(worker_, kAuthAm, &RawUcxPeer::OnAuth, this).ok());
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_port = htons(std::stoi(server.substr(server.rfind(':') + 1)));
     inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
-                    UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+                    UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
     ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // Servers require it.
+    ep.err_handler.arg = this;
+    ep.err_handler.cb = [](void* arg, ucp_ep_h, ucs_status_t) {
+      static_cast<RawUcxPeer*>(arg)->closed_by_peer_ = true;
+    };
     ep.sockaddr.addr = reinterpret_cast<sockaddr*>(&addr);
     ep.sockaddr.addrlen = sizeof(addr);
     CHECK_EQ(ucp_ep_create(worker_, &ep, &ep_), UCS_OK);
@@ -116,16 +116,71 @@ class RawUcxPeer {
     ucp_worker_destroy(worker_);
     ucp_cleanup(context_);
   }
-  // Sends and waits up to `wait` for a response; returns whether one came.
+  // Runs the client's side of the handshake with `secret`; true when the
+  // server accepted it within 5 s.
+  bool Authenticate(const std::string& secret) {
+    const std::string nonce = control::RandomNonce();
+    AuthMessage hello = MakeAuthMessage(AuthStep::kHello, nonce);
+    if (!Send(kAuthAm, &hello, sizeof(hello), "", Ms(5000),
+              [&] { return auth_.auth_step() == AuthStep::kChallenge; })) {
+      return false;
+    }
+    AuthMessage proof =
+        MakeAuthMessage(AuthStep::kProof, {},
+                        DataClientProof(secret, auth_.nonce_bytes(), nonce));
+    Send(kAuthAm, &proof, sizeof(proof), "", Ms(5000), [&] {
+      return auth_.auth_step() == AuthStep::kAccepted ||
+             auth_.auth_step() == AuthStep::kRefused || closed_by_peer_;
+    });
+    return auth_.auth_step() == AuthStep::kAccepted && !closed_by_peer_;
+  }
+  // Sends a request and waits up to `wait` for a response; returns whether
+  // one came.
   bool SendAndWait(const void* header, size_t header_bytes,
-                   const std::string& payload, Ms wait) {
+                   const std::string& payload, Ms wait,
+                   unsigned am_id = kRequestAm) {
     const int before = responses_;
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_AM_SEND_FLAG_REPLY;
-    void* req = ucp_am_send_nbx(ep_, 1, header, header_bytes, payload.data(),
-                                payload.size(), &p);
+    return Send(am_id, header, header_bytes, payload, wait,
+                [&] { return responses_ > before; });
+  }
+  // Progresses for `wait`; true if the server closed the connection.
+  bool ClosedByServer(Ms wait) {
+    Send(kAuthAm, nullptr, 0, "", wait, [&] { return closed_by_peer_; });
+    return closed_by_peer_;
+  }
+  const WireHeader& last() const { return last_; }
+  const std::string& last_text() const { return last_text_; }
+
+ private:
+  static ucs_status_t OnResponse(void* arg, const void* h, size_t hl, void* d,
+                                 size_t l, const ucp_am_recv_param_t*) {
+    auto* self = static_cast<RawUcxPeer*>(arg);
+    if (hl == sizeof(WireHeader)) std::memcpy(&self->last_, h, hl);
+    self->last_text_.assign(static_cast<const char*>(d), l);
+    self->responses_++;
+    return UCS_OK;
+  }
+  static ucs_status_t OnAuth(void* arg, const void* h, size_t hl, void*, size_t,
+                             const ucp_am_recv_param_t*) {
+    auto* self = static_cast<RawUcxPeer*>(arg);
+    if (hl == sizeof(AuthMessage)) std::memcpy(&self->auth_, h, hl);
+    return UCS_OK;
+  }
+  // Sends (when `header` is given) AM `am_id`, then progresses until
+  // `until()` holds and the send is done, or `wait` passes.
+  bool Send(unsigned am_id, const void* header, size_t header_bytes,
+            const std::string& payload, Ms wait,
+            const std::function<bool()>& until) {
+    void* req = nullptr;
+    if (header != nullptr && !closed_by_peer_) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_AM_SEND_FLAG_REPLY;
+      req = ucp_am_send_nbx(ep_, am_id, header, header_bytes, payload.data(),
+                            payload.size(), &p);
+    }
     const auto deadline = Clock::now() + wait;
+    bool done = false;
     while (Clock::now() < deadline) {
       ucp_worker_progress(worker_);
       if (UCS_PTR_IS_PTR(req) &&
@@ -133,25 +188,28 @@ class RawUcxPeer {
         ucp_request_free(req);
         req = nullptr;
       }
-      if (responses_ > before && req == nullptr) return true;
+      if (until() && !UCS_PTR_IS_PTR(req)) {
+        done = true;
+        break;
+      }
     }
     if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
-    return responses_ > before;
+    return done || until();
   }
-  const WireHeader& last() const { return last_; }
-  const std::string& last_text() const { return last_text_; }
 
- private:
   ucp_context_h context_;
   ucp_worker_h worker_;
   ucp_ep_h ep_;
   WireHeader last_{};
   std::string last_text_;
   int responses_ = 0;
+  AuthMessage auth_{};
+  bool closed_by_peer_ = false;
 };
 
 TEST_F(UcxDataPlaneTest, MalformedHeadersGetErrorsAndServerKeepsServing) {
   RawUcxPeer raw(server_->address());
+  ASSERT_TRUE(raw.Authenticate(testing::kTestClusterSecret));
   struct Case {
     const char* what;
     std::function<void(WireHeader*)> corrupt;
@@ -214,10 +272,79 @@ TEST_F(UcxDataPlaneTest, MalformedHeadersGetErrorsAndServerKeepsServing) {
   EXPECT_TRUE(r.ok()) << r.status().ToString();
 }
 
+// A peer that does not run the handshake gets no answer, no error text (no
+// epoch, step or shard), and is dropped; the server serves everyone else.
+TEST_F(UcxDataPlaneTest, UnauthenticatedPeersGetNothingAndAreDropped) {
+  RawUcxPeer raw(server_->address());
+  Message echo = EchoRequest(1, 16, 5);
+  echo.header.request_id = 9;
+  const std::string payload(reinterpret_cast<const char*>(echo.payload.data()),
+                            echo.payload.num_bytes());
+  EXPECT_FALSE(
+      raw.SendAndWait(&echo.header, sizeof(echo.header), payload, Ms(1000)));
+  EXPECT_TRUE(raw.ClosedByServer(Ms(5000)));
+  auto r =
+      client_->SendSync(server_->address(), EchoRequest(2, 8, 3), Ms(5000));
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+}
+
+TEST_F(UcxDataPlaneTest, APeerWithTheWrongSecretIsRefused) {
+  RawUcxPeer raw(server_->address());
+  EXPECT_FALSE(raw.Authenticate("not-the-cluster-secret-at-all-0123"));
+  EXPECT_TRUE(raw.ClosedByServer(Ms(5000)));
+  RawUcxPeer good(server_->address());
+  EXPECT_TRUE(good.Authenticate(testing::kTestClusterSecret));
+}
+
+// Both directions: whichever end sends, the server's proof does not check
+// at the client, which fails its requests with UNAUTHENTICATED, naming the
+// likely cause, not a hang.
+TEST_F(UcxDataPlaneTest, PlanesWithDifferentSecretsCannotTalk) {
+  DataPlaneOptions other = testing::TestDataPlaneOptions();
+  other.secret = "another-clusters-secret-0123456789";
+  auto stranger = NewUcxDataPlane(other).value();
+  ASSERT_TRUE(stranger->Start(EchoHandler(&held_, &held_mu_)).ok());
+  auto to_stranger =
+      client_->SendSync(stranger->address(), EchoRequest(1, 8, 1), Ms(5000));
+  EXPECT_EQ(to_stranger.status().code(), StatusCode::kUnauthenticated)
+      << to_stranger.status().ToString();
+  EXPECT_NE(to_stranger.status().message().find("different secrets?"),
+            std::string::npos)
+      << to_stranger.status().ToString();
+  auto from_stranger =
+      stranger->SendSync(server_->address(), EchoRequest(1, 8, 1), Ms(5000));
+  EXPECT_EQ(from_stranger.status().code(), StatusCode::kUnauthenticated)
+      << from_stranger.status().ToString();
+  EXPECT_NE(from_stranger.status().message().find("different secrets?"),
+            std::string::npos)
+      << from_stranger.status().ToString();
+  stranger->Shutdown();
+  EXPECT_EQ(NewUcxDataPlane(DataPlaneOptions()).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// An authenticated peer that connects to the client's own listener cannot
+// answer a request the client sent elsewhere: the answer must come over the
+// connection the request went out on.
+TEST_F(UcxDataPlaneTest, OnlyTheRequestsConnectionMayAnswerIt) {
+  std::atomic<bool> answered{false};
+  // Held by the server (step 999): the client's first request, id 1 << 32.
+  client_->Send(server_->address(), EchoRequest(1, 8, 1, 999), Ms(3000),
+                [&](StatusOr<Message>) { answered = true; });
+  RawUcxPeer forger(client_->address());
+  ASSERT_TRUE(forger.Authenticate(testing::kTestClusterSecret));
+  WireHeader forged;
+  forged.kind = static_cast<uint8_t>(MessageKind::kEcho);
+  forged.request_id = uint64_t{1} << 32;
+  forger.SendAndWait(&forged, sizeof(forged), "", Ms(300), kResponseAm);
+  EXPECT_TRUE(forger.ClosedByServer(Ms(5000)));
+  EXPECT_FALSE(answered.load());
+}
+
 class BackpressureTest : public UcxDataPlaneTest {
  protected:
   DataPlaneOptions ServerOptions() override {
-    DataPlaneOptions o;
+    DataPlaneOptions o = testing::TestDataPlaneOptions();
     o.max_inflight_bytes = 1 << 20;  // Two 512 KiB requests at a time.
     return o;
   }

@@ -86,16 +86,26 @@ std::string RandomNonce() {
   return nonce;
 }
 
+std::string HandshakeProof(const std::string& secret, std::string_view label,
+                           std::string_view first, std::string_view second) {
+  std::string message;
+  message.reserve(label.size() + first.size() + second.size());
+  message.append(label).append(first).append(second);
+  return Hmac(secret, message);
+}
+
 std::string ClientProof(const std::string& secret,
                         const std::string& server_nonce,
                         const std::string& client_nonce) {
-  return Hmac(secret, "switchyard-client" + server_nonce + client_nonce);
+  return HandshakeProof(secret, "switchyard-client", server_nonce,
+                        client_nonce);
 }
 
 std::string ServerProof(const std::string& secret,
                         const std::string& server_nonce,
                         const std::string& client_nonce) {
-  return Hmac(secret, "switchyard-server" + client_nonce + server_nonce);
+  return HandshakeProof(secret, "switchyard-server", client_nonce,
+                        server_nonce);
 }
 
 bool ProofsEqual(const std::string& a, const std::string& b) {

@@ -8,6 +8,7 @@
 #define SWITCHYARD_TRANSPORT_CONTROL_AUTH_H_
 
 #include <string>
+#include <string_view>
 
 #include "common/status.h"
 
@@ -24,6 +25,12 @@ StatusOr<std::string> ReadSecretFile(const std::string& path);
 Status WriteNewSecretFile(const std::string& path);
 
 std::string RandomNonce();
+
+// HMAC-SHA256(secret, label || first || second): one side's proof in a
+// challenge-response handshake. Distinct labels keep proofs of one protocol
+// or role from serving another.
+std::string HandshakeProof(const std::string& secret, std::string_view label,
+                           std::string_view first, std::string_view second);
 
 std::string ClientProof(const std::string& secret,
                         const std::string& server_nonce,

@@ -31,19 +31,28 @@ AmCodec::AmCodec(size_t rendezvous_threshold_bytes, size_t pool_cached_bytes,
 
 AmCodec::~AmCodec() = default;
 
+Status SetAmHandler(ucp_worker_h worker, unsigned id, ucp_am_recv_callback_t cb,
+                    void* arg) {
+  ucp_am_handler_param_t am{};
+  am.field_mask =
+      UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+      UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  am.id = id;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  am.arg = arg;
+  am.cb = cb;
+  return UCX_STATUS(
+      ucp_worker_set_am_recv_handler(worker, &am),
+      "ucp_worker_set_am_recv_handler (AM " + std::to_string(id) + ")");
+}
+
 Status AmCodec::Register(ucp_worker_h worker) {
   worker_ = worker;
   for (unsigned id : {kRequestAm, kResponseAm}) {
-    ucp_am_handler_param_t am{};
-    am.field_mask =
-        UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
-        UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
-    am.id = id;
-    am.flags = UCP_AM_FLAG_WHOLE_MSG;
-    am.arg = const_cast<std::function<ucs_status_t(const IncomingAm&)>*>(
+    auto* arg = const_cast<std::function<ucs_status_t(const IncomingAm&)>*>(
         id == kRequestAm ? &callbacks_.on_request : &callbacks_.on_response);
-    am.cb = [](void* arg, const void* header, size_t header_length, void* data,
-               size_t length, const ucp_am_recv_param_t* param) {
+    auto cb = [](void* arg, const void* header, size_t header_length,
+                 void* data, size_t length, const ucp_am_recv_param_t* param) {
       IncomingAm in;
       in.header_length = header_length;
       if (header_length == sizeof(WireHeader)) {
@@ -58,8 +67,7 @@ Status AmCodec::Register(ucp_worker_h worker) {
       return (*static_cast<std::function<ucs_status_t(const IncomingAm&)>*>(
           arg))(in);
     };
-    RETURN_IF_ERROR(UCX_STATUS(ucp_worker_set_am_recv_handler(worker_, &am),
-                               "ucp_worker_set_am_recv_handler"));
+    RETURN_IF_ERROR(SetAmHandler(worker_, id, cb, arg));
   }
   return OkStatus();
 }

@@ -36,6 +36,11 @@ namespace switchyard::transport {
 constexpr unsigned kRequestAm = 1;
 constexpr unsigned kResponseAm = 2;
 
+// Installs `cb` (with `arg`) as `worker`'s handler of AM `id`, receiving
+// whole messages.
+Status SetAmHandler(ucp_worker_h worker, unsigned id, ucp_am_recv_callback_t cb,
+                    void* arg);
+
 // One active message as it arrived.
 struct IncomingAm {
   // The header, when header_length is sizeof(WireHeader); zeros otherwise

@@ -4,12 +4,15 @@
 #include <netdb.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
 
+#include "transport/control/auth.h"
+#include "transport/ucx/am_codec.h"
 #include "transport/ucx/ucx_status.h"
 
 namespace switchyard::transport {
@@ -106,12 +109,29 @@ void* ForceClose(ucp_ep_h ep) {
 
 }  // namespace
 
-EndpointTable::EndpointTable(Callbacks callbacks)
-    : callbacks_(std::move(callbacks)) {}
+EndpointTable::EndpointTable(std::string secret,
+                             std::chrono::milliseconds handshake_timeout,
+                             Callbacks callbacks)
+    : secret_(std::move(secret)),
+      handshake_timeout_(handshake_timeout),
+      callbacks_(std::move(callbacks)) {}
 
 Status EndpointTable::Listen(ucp_worker_h worker, const std::string& host,
                              std::string* address) {
   worker_ = worker;
+  auto on_auth = [](void* arg, const void* header, size_t header_length, void*,
+                    size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<EndpointTable*>(arg);
+    const bool has_ep = param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP;
+    if (!has_ep) return UCS_OK;  // Nothing to answer or drop.
+    if (length != 0) {
+      self->Refuse(param->reply_ep, "a handshake message with a payload");
+      return UCS_OK;
+    }
+    self->OnAuthMessage(param->reply_ep, header, header_length);
+    return UCS_OK;
+  };
+  RETURN_IF_ERROR(SetAmHandler(worker_, kAuthAm, on_auth, this));
   socklen_t len = 0;
   ASSIGN_OR_RETURN(sockaddr_storage listen_addr,
                    ResolveAddress(host + ":0", &len));
@@ -153,7 +173,11 @@ void EndpointTable::Accept(ucp_conn_request_h request) {
                  << ucs_status_string(s);
     return;
   }
-  eps_[ep] = Info{peer, /*client_side=*/false, /*ready=*/true, {}};
+  Info& info = eps_[ep];
+  info.peer = peer;
+  info.client_side = false;
+  info.auth = Auth::kServerAwaitsHello;
+  info.handshake_deadline = Clock::now() + handshake_timeout_;
 }
 
 void EndpointTable::SetPeerErrorHandling(ucp_ep_params_t* params) {
@@ -182,7 +206,11 @@ StatusOr<ucp_ep_h> EndpointTable::Connect(const std::string& peer) {
   RETURN_IF_ERROR(UCX_STATUS(ucp_ep_create(worker_, &params, &ep),
                              "connect to data plane at " + peer));
   client_eps_[peer] = ep;
-  eps_[ep] = Info{peer, /*client_side=*/true, /*ready=*/false, {}};
+  Info& info = eps_[ep];
+  info.peer = peer;
+  info.client_side = true;
+  info.auth = Auth::kClientWiringUp;
+  info.handshake_deadline = Clock::now() + handshake_timeout_;
   struct FlushContext {
     EndpointTable* self;
     ucp_ep_h ep;
@@ -211,12 +239,14 @@ StatusOr<ucp_ep_h> EndpointTable::Connect(const std::string& peer) {
 EndpointTable::State EndpointTable::state(ucp_ep_h ep) const {
   auto it = eps_.find(ep);
   if (it == eps_.end()) return State::kGone;
-  return it->second.ready ? State::kReady : State::kConnecting;
+  return it->second.auth == Auth::kDone ? State::kReady : State::kConnecting;
 }
 
 void EndpointTable::Park(ucp_ep_h ep, std::function<void()> send) {
   auto it = eps_.find(ep);
-  CHECK(it != eps_.end() && !it->second.ready) << "Park needs kConnecting";
+  CHECK(it != eps_.end() && it->second.client_side &&
+        it->second.auth != Auth::kDone)
+      << "Park needs a connecting client endpoint";
   it->second.parked.push_back(std::move(send));
 }
 
@@ -245,16 +275,187 @@ void EndpointTable::WiredUp(ucp_ep_h ep, ucs_status_t status) {
     Drop(ep, UCX_STATUS(status, "connect to data plane at " + it->second.peer));
     return;
   }
-  it->second.ready = true;
+  Info& info = it->second;
+  info.own_nonce = control::RandomNonce();
+  info.auth = Auth::kClientAwaitsChallenge;
+  SendAuth(ep, MakeAuthMessage(AuthStep::kHello, info.own_nonce));
+}
+
+void EndpointTable::OnAuthMessage(ucp_ep_h ep, const void* bytes,
+                                  size_t length) {
+  auto it = eps_.find(ep);
+  if (it == eps_.end()) return;  // Dropped already.
+  Info& info = it->second;
+  StatusOr<AuthMessage> message = ParseAuthMessage(bytes, length);
+  if (!message.ok()) {
+    if (info.client_side) {
+      Drop(ep, message.status().WithContext("data-plane handshake with " +
+                                            info.peer));
+    } else {
+      Refuse(ep, message.status().message());
+    }
+    return;
+  }
+  if (info.client_side) {
+    ClientStep(ep, info, *message);
+  } else {
+    ServerStep(ep, info, *message);
+  }
+}
+
+void EndpointTable::ServerStep(ucp_ep_h ep, Info& info,
+                               const AuthMessage& message) {
+  if (info.auth == Auth::kServerAwaitsHello &&
+      message.auth_step() == AuthStep::kHello) {
+    info.peer_nonce = message.nonce_bytes();
+    info.own_nonce = control::RandomNonce();
+    info.auth = Auth::kServerAwaitsProof;
+    SendAuth(ep, MakeAuthMessage(AuthStep::kChallenge, info.own_nonce,
+                                 DataServerProof(secret_, info.own_nonce,
+                                                 info.peer_nonce)));
+    return;
+  }
+  if (info.auth == Auth::kServerAwaitsProof &&
+      message.auth_step() == AuthStep::kProof) {
+    if (!control::ProofsEqual(
+            message.proof_bytes(),
+            DataClientProof(secret_, info.own_nonce, info.peer_nonce))) {
+      LOG(WARNING) << "data plane: " << info.peer
+                   << " failed authentication (wrong cluster secret?); "
+                      "closing the connection";
+      info.handshake_deadline = Clock::time_point::max();
+      SendAuth(ep, MakeAuthMessage(AuthStep::kRefused),
+               UnauthenticatedError("data-plane authentication failed"));
+      return;
+    }
+    info.auth = Auth::kDone;
+    VLOG(1) << "data plane: " << info.peer << " authenticated";
+    SendAuth(ep, MakeAuthMessage(AuthStep::kAccepted));
+    return;
+  }
+  Refuse(ep, "an out-of-order handshake message");
+}
+
+void EndpointTable::ClientStep(ucp_ep_h ep, Info& info,
+                               const AuthMessage& message) {
+  if (message.auth_step() == AuthStep::kRefused) {
+    Drop(ep, UnauthenticatedError(
+                 "data plane at " + info.peer +
+                 " refused this process's proof of the cluster secret (the "
+                 "two hold different secrets?)"));
+    return;
+  }
+  if (info.auth == Auth::kClientAwaitsChallenge &&
+      message.auth_step() == AuthStep::kChallenge) {
+    info.peer_nonce = message.nonce_bytes();
+    if (!control::ProofsEqual(
+            message.proof_bytes(),
+            DataServerProof(secret_, info.peer_nonce, info.own_nonce))) {
+      Drop(ep, UnauthenticatedError(
+                   "data plane at " + info.peer +
+                   " failed to prove it holds this process's cluster secret "
+                   "(the two hold different secrets?)"));
+      return;
+    }
+    info.auth = Auth::kClientAwaitsVerdict;
+    SendAuth(ep, MakeAuthMessage(AuthStep::kProof, {},
+                                 DataClientProof(secret_, info.peer_nonce,
+                                                 info.own_nonce)));
+    return;
+  }
+  if (info.auth == Auth::kClientAwaitsVerdict &&
+      message.auth_step() == AuthStep::kAccepted) {
+    FinishClientHandshake(ep, info);
+    return;
+  }
+  Drop(ep, UnauthenticatedError("data plane at " + info.peer +
+                                " broke the handshake protocol"));
+}
+
+void EndpointTable::FinishClientHandshake(ucp_ep_h ep, Info& info) {
+  info.auth = Auth::kDone;
   const std::string lanes = DescribeLanes(ep);
-  LOG(INFO) << "data plane: connected to " << it->second.peer << " over "
-            << lanes;
+  LOG(INFO) << "data plane: connected to " << info.peer << " over " << lanes;
   {
     MutexLock lock(&lanes_mu_);
-    lanes_[it->second.peer] = lanes;
+    lanes_[info.peer] = lanes;
   }
-  std::vector<std::function<void()>> parked = std::move(it->second.parked);
+  std::vector<std::function<void()>> parked = std::move(info.parked);
   for (auto& send : parked) send();
+}
+
+void EndpointTable::SendAuth(ucp_ep_h ep, const AuthMessage& message,
+                             const Status& drop_after_send) {
+  struct Context {
+    EndpointTable* self;
+    ucp_ep_h ep;
+    AuthMessage message;
+    Status drop_after_send;
+  };
+  auto* ctx = new Context{this, ep, message, drop_after_send};
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK |
+                       UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
+  param.user_data = ctx;
+  param.cb.send = [](void* request, ucs_status_t, void* user_data) {
+    auto* c = static_cast<Context*>(user_data);
+    if (!c->drop_after_send.ok()) {
+      EndpointTable* self = c->self;
+      ucp_ep_h ep = c->ep;
+      Status why = c->drop_after_send;
+      self->callbacks_.post([self, ep, why] { self->Drop(ep, why); });
+    }
+    delete c;
+    ucp_request_free(request);
+  };
+  ucs_status_ptr_t req = ucp_am_send_nbx(
+      ep, kAuthAm, &ctx->message, sizeof(AuthMessage), nullptr, 0, &param);
+  if (UCS_PTR_IS_PTR(req)) return;
+  // Done (or failed) at once.
+  const Status drop = ctx->drop_after_send;
+  delete ctx;
+  if (req != nullptr) {
+    Drop(ep, UCX_STATUS(UCS_PTR_STATUS(req), "data-plane handshake send"));
+  } else if (!drop.ok()) {
+    Drop(ep, drop);
+  }
+}
+
+void EndpointTable::Refuse(ucp_ep_h ep, const std::string& what) {
+  auto it = eps_.find(ep);
+  if (it == eps_.end()) return;
+  LOG(WARNING) << "data plane: dropping unauthenticated peer "
+               << it->second.peer << ": it sent " << what;
+  Drop(ep, UnauthenticatedError("peer sent " + what));
+}
+
+bool EndpointTable::ExpireHandshakes(Clock::time_point now) {
+  std::vector<std::pair<ucp_ep_h, std::string>> expired;
+  for (const auto& [ep, info] : eps_) {
+    if (info.auth != Auth::kDone && info.handshake_deadline <= now) {
+      expired.emplace_back(ep, info.peer);
+    }
+  }
+  for (const auto& [ep, peer] : expired) {
+    LOG(WARNING) << "data plane: handshake with " << peer
+                 << " not completed within " << handshake_timeout_.count()
+                 << " ms; closing the connection";
+    Drop(ep, DeadlineExceededError("data-plane handshake with " + peer +
+                                   " not completed within " +
+                                   std::to_string(handshake_timeout_.count()) +
+                                   " ms"));
+  }
+  return !expired.empty();
+}
+
+Clock::time_point EndpointTable::NextHandshakeDeadline() const {
+  Clock::time_point next = Clock::time_point::max();
+  for (const auto& [ep, info] : eps_) {
+    if (info.auth != Auth::kDone)
+      next = std::min(next, info.handshake_deadline);
+  }
+  return next;
 }
 
 void EndpointTable::Drop(ucp_ep_h ep, const Status& why) {

@@ -43,6 +43,11 @@ const std::string* PendingRequests::Find(uint64_t id) const {
   return s == nullptr ? nullptr : &s->peer;
 }
 
+const void* PendingRequests::ChannelOf(uint64_t id) const {
+  const Slot* slot = FindSlot(id);
+  return slot == nullptr ? nullptr : slot->channel;
+}
+
 bool PendingRequests::Complete(uint64_t id, StatusOr<Message> result) {
   if (FindSlot(id) == nullptr) return false;
   Slot& s = slots_[id & kSlotMask];

@@ -48,6 +48,9 @@ class PendingRequests {
   // The peer of pending request `id`; null when it is not pending (answered,
   // expired, failed, or never issued). Valid until the table next changes.
   const std::string* Find(uint64_t id) const;
+  // The channel pending request `id` went out on; null when it is not
+  // pending.
+  const void* ChannelOf(uint64_t id) const;
 
   // Completes pending request `id` with `result`: takes it out of the
   // table, then runs its callback. False (and nothing runs) when `id` is not

@@ -17,6 +17,7 @@
 // the role holder.
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -119,6 +120,7 @@ UcxDataPlane::UcxDataPlane(DataPlaneOptions options)
            .on_send_failed = [this](uint64_t id,
                                     ucs_status_t s) { SendFailed(id, s); }}),
       endpoints_(
+          options_.secret, options_.handshake_timeout,
           {.post =
                [this](std::function<void()> fn) {
                  return driver_.Post(std::move(fn));
@@ -128,9 +130,14 @@ UcxDataPlane::UcxDataPlane(DataPlaneOptions options)
       driver_(options_.busy_poll_us,
               {.expire =
                    [this](Clock::time_point now) {
-                     return pending_.ExpireDue(now) > 0;
+                     const bool handshakes = endpoints_.ExpireHandshakes(now);
+                     return pending_.ExpireDue(now) > 0 || handshakes;
                    },
-               .next_deadline = [this] { return pending_.NextDeadline(); },
+               .next_deadline =
+                   [this] {
+                     return std::min(pending_.NextDeadline(),
+                                     endpoints_.NextHandshakeDeadline());
+                   },
                .has_work = [this] { return HasWork(); },
                .stopped = [this] { ReleaseUcx(); }}) {}
 
@@ -283,8 +290,12 @@ void UcxDataPlane::PeerLost(ucp_ep_h ep, const std::string& peer,
     LOG(WARNING) << "data plane: connection with " << peer << " lost with "
                  << failed.size() << " requests pending: " << why.ToString();
   }
+  // A failed handshake keeps its code: retrying cannot help.
+  const StatusCode code = why.code() == StatusCode::kUnauthenticated
+                              ? StatusCode::kUnauthenticated
+                              : StatusCode::kUnavailable;
   for (uint64_t id : failed) {
-    pending_.Complete(id, UnavailableError("data-plane peer " + peer +
+    pending_.Complete(id, Status(code, "data-plane peer " + peer +
                                            " lost: " + why.message()));
   }
 }
@@ -307,6 +318,12 @@ void UcxDataPlane::ReplyTo(ucp_ep_h ep, const WireHeader& request,
 
 ucs_status_t UcxDataPlane::OnRequest(const IncomingAm& in) {
   metrics_requests_->Increment();
+  if (!endpoints_.Authenticated(in.reply_ep)) {
+    // Nothing is answered, nothing read: a rendezvous payload stays unread.
+    metrics_errors_->Increment();
+    endpoints_.Refuse(in.reply_ep, "a request before authenticating");
+    return UCS_OK;
+  }
   if (!in.header_complete()) {
     LOG(WARNING) << "data plane: dropping a request from "
                  << endpoints_.PeerOf(in.reply_ep) << " with a "
@@ -434,6 +451,12 @@ ucs_status_t UcxDataPlane::OnResponse(const IncomingAm& in) {
     VLOG(1) << "data plane: late response " << h.request_id;
     return UCS_OK;  // Timed out already; a rendezvous payload is dropped.
   }
+  if (pending_.ChannelOf(h.request_id) != in.reply_ep) {
+    // Only the connection a request went out on may answer it.
+    endpoints_.Refuse(in.reply_ep,
+                      "a response to another connection's request");
+    return UCS_OK;
+  }
   Status valid = ValidateHeader(h, in.header_length, in.length,
                                 options_.max_payload_bytes);
   if (!valid.ok()) {
@@ -484,6 +507,13 @@ ucs_status_t UcxDataPlane::OnResponse(const IncomingAm& in) {
 
 StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options) {
+  if (options.secret.size() < kMinDataPlaneSecretBytes) {
+    return InvalidArgumentError(
+        "the data plane needs the cluster secret (at least " +
+        std::to_string(kMinDataPlaneSecretBytes) + " bytes; got " +
+        std::to_string(options.secret.size()) +
+        "): every connection proves it holds the secret");
+  }
   // transport.ucx first, so that its values win over the defaults below.
   // setenv is not safe against a getenv running in another thread at the
   // same time; workers and trainers get here while starting, when none of
