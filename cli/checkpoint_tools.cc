@@ -94,7 +94,8 @@ void CopyColumns(const Tensor& m, int64_t from, int64_t n, Tensor* out,
 StatusOr<control::CoordinatorSnapshot> ReadCoordinatorState(
     const std::string& state_dir) {
   const std::string dir = state_dir + "/coordinator";
-  if (!fs::exists(dir)) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
     return NotFoundError("no coordinator state in " + dir +
                          " (is this a run directory?)");
   }
@@ -304,37 +305,39 @@ Status DescribeImport(const config::SwitchyardConfig& config,
   ASSIGN_OR_RETURN(storage::SafetensorsReader reader,
                    storage::SafetensorsReader::Open(path));
   const auto& m = config.model();
+  // Every tensor the model would take from the files, by its full shape
+  // (as ShardFactory reads them), not only its element count.
   int dense_found = 0, dense_total = 0;
   for (const DenseTensor& t : DenseLayout(m)) {
     ++dense_total;
     if (!reader.Has(t.name)) continue;
-    ASSIGN_OR_RETURN(auto shape, reader.Shape(t.name));
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    if (n != t.numel()) {
-      return FailedPreconditionError(t.name + " has " + std::to_string(n) +
-                                     " values in " + path + ", the model " +
-                                     std::to_string(t.numel()));
-    }
+    RETURN_IF_ERROR(reader.CheckShape(t.name, t.shape()));
     ++dense_found;
   }
   out << "dense tensors: " << dense_found << " of " << dense_total
       << " from the files, the rest random\n";
-  const int64_t g = FfnGates(m);
+  const auto ffn_shapes = FfnTensorShapes(m);
+  // An FFN's tensors at `prefix` that the files hold, each of the right shape.
+  auto check_ffn = [&](const std::string& prefix) -> Status {
+    for (const auto& [name, shape] : ffn_shapes) {
+      if (reader.Has(prefix + name)) {
+        RETURN_IF_ERROR(reader.CheckShape(prefix + name, shape));
+      }
+    }
+    return OkStatus();
+  };
   for (int layer = 0; layer < m.num_layers(); ++layer) {
     if (!IsMoeLayer(m, layer)) continue;
     const std::string p = "layers." + std::to_string(layer);
     int own = 0;
     for (int e = 0; e < m.num_experts(); ++e) {
-      const std::string w1 = ExpertTensorPrefix(layer, e) + "w1";
-      if (!reader.Has(w1)) continue;
-      ASSIGN_OR_RETURN(auto shape, reader.Shape(w1));
-      if (shape != std::vector<int64_t>{m.d_model(), g * m.d_ff()}) {
-        return FailedPreconditionError(w1 + " does not fit d_model x d_ff");
-      }
+      const std::string prefix = ExpertTensorPrefix(layer, e);
+      if (!reader.Has(prefix + "w1")) continue;
+      RETURN_IF_ERROR(check_ffn(prefix));
       ++own;
     }
     const bool upcycle = reader.Has(p + ".ffn.w1");
+    if (upcycle) RETURN_IF_ERROR(check_ffn(p + ".ffn."));
     out << p << ": " << own << " of " << m.num_experts()
         << " experts from their own tensors";
     if (own < m.num_experts()) {

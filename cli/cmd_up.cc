@@ -85,11 +85,17 @@ int UpCommand(int argc, char** argv) {
               << "\n";
     return 1;
   }
-  run_dir = std::filesystem::absolute(run_dir).string();
+  const std::string absolute_run_dir =
+      std::filesystem::absolute(run_dir, ec).string();
+  if (ec) {
+    std::cerr << "switchyard: " << run_dir << ": " << ec.message() << "\n";
+    return 1;
+  }
+  run_dir = absolute_run_dir;
   std::string secret_file = base->config.cluster().secret_file();
   if (secret_file.empty()) {
     secret_file = run_dir + "/secret";
-    if (!std::filesystem::exists(secret_file)) {
+    if (!std::filesystem::exists(secret_file, ec)) {
       Status s = control::WriteNewSecretFile(secret_file);
       if (!s.ok()) {
         std::cerr << "switchyard: " << s.message() << "\n";
@@ -110,8 +116,11 @@ int UpCommand(int argc, char** argv) {
 
   std::vector<std::string> common_args;
   if (!flags.config_path.empty()) {
-    common_args = {"--config",
-                   std::filesystem::absolute(flags.config_path).string()};
+    // Absolute where it can be made so (else as given: the child fails
+    // to read it and says so).
+    const std::string config_path =
+        std::filesystem::absolute(flags.config_path, ec).string();
+    common_args = {"--config", ec ? flags.config_path : config_path};
   }
   auto add_set = [&common_args](const std::string& o) {
     common_args.push_back("--set");

@@ -30,8 +30,10 @@ std::vector<std::string> ConfigFlags::AllOverrides() const {
   if (!state_dir.empty()) all.push_back("cluster.state_dir=" + state_dir);
   if (!data_path.empty()) {
     // Absolute, so that child processes anywhere find it.
-    all.push_back("training.data_path=" +
-                  std::filesystem::absolute(data_path).string());
+    std::error_code ec;
+    const std::string absolute =
+        std::filesystem::absolute(data_path, ec).string();
+    all.push_back("training.data_path=" + (ec ? data_path : absolute));
   }
   return all;
 }

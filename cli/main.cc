@@ -1,6 +1,8 @@
 // The switchyard command: one binary, one subcommand per process role.
 #include <cstring>
+#include <filesystem>
 #include <iostream>
+#include <new>
 #include <string>
 
 #include "cli/commands.h"
@@ -35,12 +37,23 @@ int main(int argc, char** argv) {
   switchyard::InitLogging(argv[0]);
   const std::string command = argv[1];
   using namespace switchyard::cli;
-  if (command == "coordinator") return CoordinatorCommand(argc, argv);
-  if (command == "worker") return WorkerCommand(argc, argv);
-  if (command == "train") return TrainCommand(argc, argv);
-  if (command == "up") return UpCommand(argc, argv);
-  if (command == "status") return StatusCommand(argc, argv);
-  if (command == "ckpt") return CkptCommand(argc, argv);
+  // The last resort for what inputs can still cause on this thread (sizes
+  // from configuration and files are checked where they are read): an
+  // error and exit 1, not an abort.
+  try {
+    if (command == "coordinator") return CoordinatorCommand(argc, argv);
+    if (command == "worker") return WorkerCommand(argc, argv);
+    if (command == "train") return TrainCommand(argc, argv);
+    if (command == "up") return UpCommand(argc, argv);
+    if (command == "status") return StatusCommand(argc, argv);
+    if (command == "ckpt") return CkptCommand(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "switchyard: out of memory\n";
+    return 1;
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::cerr << "switchyard: " << e.what() << "\n";
+    return 1;
+  }
   std::cerr << "switchyard: unknown command '" << command << "'\n\n" << kUsage;
   return 2;
 }

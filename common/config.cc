@@ -8,14 +8,43 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
-#include <fstream>
 #include <limits>
 #include <sstream>
 
+#include "common/files.h"
+#include "common/model_shape.h"
 #include "common/net_address.h"
 
 namespace switchyard {
 namespace {
+
+// Switchyard's limits (docs/configuration.md, "Limits"): far above any
+// model it is meant for, low enough that every size the code derives from
+// them fits its integer types, so that a typo is refused here instead of
+// ending a process later in an overflow or a failed allocation.
+constexpr int64_t kMaxWorkers = 4096;
+constexpr int64_t kMaxTrainers = 4096;
+constexpr int64_t kMaxWorkerCapacityBytes = int64_t{1} << 50;  // 1 PiB
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxDModel = 65536;
+constexpr int64_t kMaxDFf = 1 << 20;
+constexpr int64_t kMaxHeads = 1024;
+constexpr int64_t kMaxVocab = 1 << 22;
+constexpr int64_t kMaxSeqLen = 1 << 20;
+constexpr int64_t kMaxExperts = 8192;
+constexpr int64_t kMaxShardsPerExpert = 256;
+constexpr int64_t kMaxDenseShards = 65536;
+constexpr int64_t kMaxSteps = 1000000000000;
+constexpr int64_t kMaxBatchSize = 1 << 20;
+constexpr int64_t kMaxThreads = 1024;
+constexpr int64_t kMaxKeepLast = 1000;
+constexpr int64_t kMaxInflightBytes = int64_t{1} << 40;  // 1 TiB
+// Limits on products of fields.
+constexpr int64_t kMaxShards = 1 << 20;                 // Placement units.
+constexpr int64_t kMaxTensorBytes = int64_t{1} << 34;   // 16 GiB
+constexpr int64_t kMaxMicroBatchTokens = 1 << 24;       // And token x top_k.
+constexpr int64_t kMaxTrainerBytes = int64_t{1} << 38;  // 256 GiB
+constexpr uint64_t kMaxConfigFileBytes = 1 << 20;
 
 using google::protobuf::Descriptor;
 using google::protobuf::FieldDescriptor;
@@ -124,6 +153,18 @@ void SetMapEntry(Message* msg, const FieldDescriptor* field,
   entry->GetReflection()->SetString(entry, value_field, value);
 }
 
+// YAML keeps only the last of two equal keys of a mapping; a run whose file
+// says two things must not silently use one, so both lines are named.
+Status RefuseDuplicate(std::map<std::string, std::string>* seen,
+                       const std::string& key, const std::string& where,
+                       const std::string& path) {
+  auto [it, inserted] = seen->emplace(key, where);
+  if (inserted) return OkStatus();
+  return FieldError(
+      where, path,
+      "is given twice (also at " + it->second + "); remove one of the two");
+}
+
 Status MergeNode(const YAML::Node& node, Message* msg,
                  const std::string& prefix, const std::string& source,
                  std::map<std::string, std::string>* origins) {
@@ -133,10 +174,12 @@ Status MergeNode(const YAML::Node& node, Message* msg,
                       "expected a mapping of field names to values");
   }
   const Descriptor* desc = msg->GetDescriptor();
+  std::map<std::string, std::string> seen;  // Key -> where it was first.
   for (const auto& kv : node) {
     const std::string key = kv.first.as<std::string>();
     const std::string path = prefix.empty() ? key : prefix + "." + key;
     const std::string where = Location(source, kv.first);
+    RETURN_IF_ERROR(RefuseDuplicate(&seen, key, where, path));
     const FieldDescriptor* field = desc->FindFieldByName(key);
     if (field == nullptr) {
       std::string known;
@@ -151,9 +194,12 @@ Status MergeNode(const YAML::Node& node, Message* msg,
       if (!value.IsMap()) {
         return FieldError(where, path, "expected a mapping of names to values");
       }
+      std::map<std::string, std::string> seen_names;
       for (const auto& entry : value) {
         const std::string name = entry.first.as<std::string>();
         const std::string entry_where = Location(source, entry.first);
+        RETURN_IF_ERROR(
+            RefuseDuplicate(&seen_names, name, entry_where, path + "." + name));
         if (!entry.second.IsScalar()) {
           return FieldError(entry_where, path + "." + name,
                             "expected a single value");
@@ -264,9 +310,70 @@ class Validator {
     }
     Require(found, path, "'" + value + "'", "must be one of: " + list);
   }
+  // Fails with "<where>: <path> (<value>) must be <= <limit>" when the
+  // value passes Switchyard's limit for the field (docs/configuration.md,
+  // "Limits").
+  void AtMost(const std::string& path, int64_t value, int64_t limit) {
+    Require(value <= limit, path, value,
+            "must be <= " + std::to_string(limit) +
+                " (Switchyard's limit for this field)");
+  }
+  // Fails unless `amount` (of `unit`) is at most `limit`: "<where>: <path>
+  // (<value>) makes <what> <amount>, more than Switchyard's limit of
+  // <limit>". The error is located at the first of `fields` (path, value)
+  // that the configuration sets, else at the first of them.
+  void AmountAtMost(
+      int64_t amount, int64_t limit, const std::string& unit,
+      const std::string& what,
+      const std::vector<std::pair<std::string, int64_t>>& fields) {
+    if (!status_.ok() || amount <= limit) return;
+    auto named = fields.front();
+    for (const auto& f : fields) {
+      if (origins_.count(f.first)) {
+        named = f;
+        break;
+      }
+    }
+    Require(false, named.first, named.second,
+            "makes " + what + " " + Amount(amount, unit) +
+                ", more than Switchyard's limit of " + Amount(limit, unit));
+  }
+  // AmountAtMost of scale x the product of `factors`, which the message
+  // lists ("model.d_model 64 x model.vocab_size 256 x 4").
+  void ProductAtMost(
+      const std::vector<std::pair<std::string, int64_t>>& factors,
+      int64_t scale, const std::string& what, int64_t limit,
+      const std::string& unit) {
+    int64_t product = scale;
+    std::string terms;
+    for (const auto& [path, value] : factors) {
+      product = SaturatingMul(product, value);
+      terms +=
+          (terms.empty() ? "" : " x ") + path + " " + std::to_string(value);
+    }
+    if (scale != 1) terms += " x " + std::to_string(scale);
+    AmountAtMost(product, limit, unit, what + " (" + terms + ")", factors);
+  }
   Status status() const { return status_; }
 
+  static int64_t SaturatingMul(int64_t a, int64_t b) {
+    int64_t out;
+    if (__builtin_mul_overflow(a, b, &out)) {
+      return std::numeric_limits<int64_t>::max();
+    }
+    return out;
+  }
+
  private:
+  static std::string Amount(int64_t n, const std::string& unit) {
+    std::string out =
+        (n == std::numeric_limits<int64_t>::max() ? "over " : "") +
+        std::to_string(n) + " " + unit;
+    if (unit == "bytes" && n >= (int64_t{1} << 30)) {
+      out += " (" + std::to_string(n >> 30) + " GiB)";
+    }
+    return out;
+  }
   std::string Where(const std::string& path) const {
     auto it = origins_.find(path);
     return it == origins_.end() ? "default" : it->second;
@@ -275,6 +382,91 @@ class Validator {
   const std::map<std::string, std::string>& origins_;
   Status status_;
 };
+
+// Products of fields, each within its own limit: the shards to place, the
+// largest tensors of the model and of a micro-batch, and a trainer's memory.
+// Every product here fits int64 because every factor is within its limit
+// (and the trainer's sum because its terms are checked first).
+void ValidateSizes(const SwitchyardConfig& config, Validator* v) {
+  const auto& m = config.model();
+  const auto& t = config.training();
+  const int64_t d = m.d_model(), ff = m.d_ff(), vocab = m.vocab_size();
+  const int64_t seq = m.seq_len(), heads = m.num_heads();
+  const int64_t gates = FfnGates(m);
+  const int64_t moe_layers = NumMoeLayers(m);
+  const std::string kBytes = "bytes";
+  v->ProductAtMost({{"model.num_experts", m.num_experts()},
+                    {"model.shards_per_expert", m.shards_per_expert()},
+                    {"MoE layers", moe_layers}},
+                   1, "the expert shards", kMaxShards, "shards");
+  v->ProductAtMost({{"model.d_ff", ff}, {"model.d_model", d}, {"gates", gates}},
+                   4, "a dense FFN's or an expert's w1", kMaxTensorBytes,
+                   kBytes);
+  v->ProductAtMost({{"model.vocab_size", vocab}, {"model.d_model", d}}, 4,
+                   "tok_embed and lm_head each", kMaxTensorBytes, kBytes);
+  const int64_t dense = DenseParams(m);
+  const int64_t largest_dense_shard =
+      dense - dense / m.dense_shards() * (m.dense_shards() - 1);
+  v->AmountAtMost(4 * largest_dense_shard, kMaxTensorBytes, kBytes,
+                  "the largest dense shard (" + std::to_string(dense) +
+                      " dense parameters in " +
+                      std::to_string(m.dense_shards()) + " shards, fp32)",
+                  {{"model.dense_shards", m.dense_shards()},
+                   {"model.d_model", d},
+                   {"model.num_layers", m.num_layers()}});
+  // A trainer's micro-batch: b sequences of seq_len tokens.
+  const int64_t b = t.batch_size() / t.micro_batches();
+  const std::string micro_batch =
+      std::to_string(b) + " sequences (training.batch_size " +
+      std::to_string(t.batch_size()) + " / training.micro_batches " +
+      std::to_string(t.micro_batches()) + ") x model.seq_len " +
+      std::to_string(seq);
+  const std::vector<std::pair<std::string, int64_t>> batch_fields = {
+      {"training.batch_size", t.batch_size()},
+      {"model.seq_len", seq},
+      {"training.micro_batches", t.micro_batches()}};
+  v->AmountAtMost(b * seq, kMaxMicroBatchTokens, "tokens",
+                  "one micro-batch (" + micro_batch + ")", batch_fields);
+  v->AmountAtMost(b * seq * m.top_k(), kMaxMicroBatchTokens, "assignments",
+                  "one micro-batch's expert assignments (" + micro_batch +
+                      " x model.top_k " + std::to_string(m.top_k()) + ")",
+                  {{"model.top_k", m.top_k()},
+                   {"training.batch_size", t.batch_size()},
+                   {"model.seq_len", seq}});
+  v->ProductAtMost({{"model.seq_len", seq},
+                    {"model.seq_len", seq},
+                    {"model.num_heads", heads}},
+                   4, "one sequence's attention probabilities", kMaxTensorBytes,
+                   kBytes);
+  std::vector<std::pair<std::string, int64_t>> logits_fields = batch_fields;
+  logits_fields.insert(logits_fields.begin() + 2, {"model.vocab_size", vocab});
+  v->AmountAtMost(Validator::SaturatingMul(4 * b * seq, vocab), kMaxTensorBytes,
+                  kBytes,
+                  "one micro-batch's logits (" + micro_batch +
+                      " x model.vocab_size " + std::to_string(vocab) + " x 4)",
+                  logits_fields);
+  if (!v->status().ok()) return;
+  // A trainer holds the dense parameters and their gradients, and for the
+  // backward pass, per layer, x, Norm1(x), h, Norm2(h), q, k, v and the
+  // attention context (N, d) each and the attention probabilities (b,
+  // heads, seq_len, seq_len); a dense FFN's hidden values (N, gates * d_ff)
+  // twice; the logits and their gradient (N, vocab): at least this many
+  // fp32 values.
+  const int64_t tokens = b * seq;
+  const int64_t dense_layers = m.num_layers() - moe_layers;
+  const int64_t values =
+      2 * dense + m.num_layers() * (8 * tokens * d + b * heads * seq * seq) +
+      dense_layers * 2 * tokens * gates * ff + 2 * tokens * vocab;
+  v->AmountAtMost(Validator::SaturatingMul(4, values), kMaxTrainerBytes, kBytes,
+                  "a trainer's memory (dense parameters and their gradients, "
+                  "one micro-batch's activations) at least",
+                  {{"training.batch_size", t.batch_size()},
+                   {"model.seq_len", seq},
+                   {"model.num_layers", m.num_layers()},
+                   {"model.d_model", d},
+                   {"model.d_ff", ff},
+                   {"model.vocab_size", vocab}});
+}
 
 }  // namespace
 
@@ -303,14 +495,10 @@ StatusOr<LoadedConfig> ParseConfig(std::string_view yaml_text,
 StatusOr<LoadedConfig> LoadConfig(const std::string& path,
                                   const std::vector<std::string>& overrides) {
   if (path.empty()) return ParseConfig("", "<defaults>", overrides);
-  std::ifstream in(path);
-  if (!in) {
-    return NotFoundError("cannot read config file '" + path +
-                         "': " + std::strerror(errno));
-  }
-  std::stringstream text;
-  text << in.rdbuf();
-  return ParseConfig(text.str(), path, overrides);
+  // Regular files only: /dev/zero or a FIFO would never end.
+  auto text = ReadRegularFile(path, kMaxConfigFileBytes);
+  if (!text.ok()) return text.status().WithContext("config file");
+  return ParseConfig(*text, path, overrides);
 }
 
 Status ValidateConfig(const SwitchyardConfig& config,
@@ -321,8 +509,10 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.Require(addr.ok(), "cluster.coordinator_address", c.coordinator_address(),
             "must be host:port with a port in 0..65535");
   v.Require(c.workers() >= 1, "cluster.workers", c.workers(), "must be >= 1");
+  v.AtMost("cluster.workers", c.workers(), kMaxWorkers);
   v.Require(c.trainers() >= 1, "cluster.trainers", c.trainers(),
             "must be >= 1");
+  v.AtMost("cluster.trainers", c.trainers(), kMaxTrainers);
   v.Require(c.lease_ms() >= 100, "cluster.lease_ms", c.lease_ms(),
             "must be >= 100");
   v.Require(c.heartbeat_ms() >= 10, "cluster.heartbeat_ms", c.heartbeat_ms(),
@@ -340,21 +530,29 @@ Status ValidateConfig(const SwitchyardConfig& config,
             c.call_timeout_ms(), "must be >= 1");
   v.Require(c.worker_capacity_bytes() >= 1, "cluster.worker_capacity_bytes",
             c.worker_capacity_bytes(), "must be >= 1");
+  v.AtMost("cluster.worker_capacity_bytes", c.worker_capacity_bytes(),
+           kMaxWorkerCapacityBytes);
 
   const auto& m = config.model();
   v.Require(m.num_layers() >= 1, "model.num_layers", m.num_layers(),
             "must be >= 1");
+  v.AtMost("model.num_layers", m.num_layers(), kMaxLayers);
   v.Require(m.d_model() >= 1, "model.d_model", m.d_model(), "must be >= 1");
+  v.AtMost("model.d_model", m.d_model(), kMaxDModel);
   v.Require(m.d_ff() >= 1, "model.d_ff", m.d_ff(), "must be >= 1");
+  v.AtMost("model.d_ff", m.d_ff(), kMaxDFf);
   v.Require(m.num_heads() >= 1, "model.num_heads", m.num_heads(),
             "must be >= 1");
+  v.AtMost("model.num_heads", m.num_heads(), kMaxHeads);
   v.Require(m.num_heads() >= 1 && m.d_model() % m.num_heads() == 0,
             "model.d_model", m.d_model(),
             "must be divisible by model.num_heads (" +
                 std::to_string(m.num_heads()) + ")");
   v.Require(m.vocab_size() >= 2, "model.vocab_size", m.vocab_size(),
             "must be >= 2");
+  v.AtMost("model.vocab_size", m.vocab_size(), kMaxVocab);
   v.Require(m.seq_len() >= 1, "model.seq_len", m.seq_len(), "must be >= 1");
+  v.AtMost("model.seq_len", m.seq_len(), kMaxSeqLen);
   v.Require(m.moe_every() >= 1, "model.moe_every", m.moe_every(),
             "must be >= 1");
   v.Require(m.moe_every() <= m.num_layers(), "model.moe_every", m.moe_every(),
@@ -362,12 +560,15 @@ Status ValidateConfig(const SwitchyardConfig& config,
                 ") so that the model has an MoE layer");
   v.Require(m.num_experts() >= 1, "model.num_experts", m.num_experts(),
             "must be >= 1");
+  v.AtMost("model.num_experts", m.num_experts(), kMaxExperts);
   v.Require(m.top_k() >= 1 && m.top_k() <= m.num_experts(), "model.top_k",
             m.top_k(),
             "must be in [1, model.num_experts (" +
                 std::to_string(m.num_experts()) + ")]");
   v.Require(m.shards_per_expert() >= 1, "model.shards_per_expert",
             m.shards_per_expert(), "must be >= 1");
+  v.AtMost("model.shards_per_expert", m.shards_per_expert(),
+           kMaxShardsPerExpert);
   v.Require(m.shards_per_expert() >= 1 && m.d_ff() % m.shards_per_expert() == 0,
             "model.d_ff", m.d_ff(),
             "must be divisible by model.shards_per_expert (" +
@@ -389,11 +590,14 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.OneOf("model.positions", m.positions(), {"learned", "rotary"});
   v.Require(m.dense_shards() >= 1, "model.dense_shards", m.dense_shards(),
             "must be >= 1");
+  v.AtMost("model.dense_shards", m.dense_shards(), kMaxDenseShards);
 
   const auto& t = config.training();
   v.Require(t.steps() >= 0, "training.steps", t.steps(), "must be >= 0");
+  v.AtMost("training.steps", t.steps(), kMaxSteps);
   v.Require(t.batch_size() >= 1, "training.batch_size", t.batch_size(),
             "must be >= 1");
+  v.AtMost("training.batch_size", t.batch_size(), kMaxBatchSize);
   v.Require(t.micro_batches() >= 1, "training.micro_batches", t.micro_batches(),
             "must be >= 1");
   v.Require(t.micro_batches() >= 1 && t.batch_size() % t.micro_batches() == 0,
@@ -407,6 +611,7 @@ Status ValidateConfig(const SwitchyardConfig& config,
           {"constant", "cosine", "inverse_sqrt"});
   v.Require(t.warmup_steps() >= 0, "training.warmup_steps", t.warmup_steps(),
             "must be >= 0");
+  v.AtMost("training.warmup_steps", t.warmup_steps(), kMaxSteps);
   v.Require(t.weight_decay() >= 0, "training.weight_decay", t.weight_decay(),
             "must be >= 0");
   v.Require(t.beta1() >= 0 && t.beta1() < 1, "training.beta1", t.beta1(),
@@ -422,6 +627,7 @@ Status ValidateConfig(const SwitchyardConfig& config,
             "must be >= 0 (0 disables validation)");
   v.Require(t.threads() >= 0, "training.threads", t.threads(),
             "must be >= 0 (0 means one per core)");
+  v.AtMost("training.threads", t.threads(), kMaxThreads);
   v.Require(t.validation_fraction() > 0 && t.validation_fraction() <= 0.5,
             "training.validation_fraction", t.validation_fraction(),
             "must be in (0, 0.5]");
@@ -434,6 +640,7 @@ Status ValidateConfig(const SwitchyardConfig& config,
             "must be >= 0 (0 disables checkpoints)");
   v.Require(k.keep_last() >= 1, "checkpoint.keep_last", k.keep_last(),
             "must be >= 1");
+  v.AtMost("checkpoint.keep_last", k.keep_last(), kMaxKeepLast);
   v.Require(k.replicas() >= 0, "checkpoint.replicas", k.replicas(),
             "must be >= 0");
   v.Require(k.commit_timeout_ms() >= 1, "checkpoint.commit_timeout_ms",
@@ -444,12 +651,16 @@ Status ValidateConfig(const SwitchyardConfig& config,
 
   const auto& x = config.transport();
   v.OneOf("transport.backend", x.backend(), {"ucx", "nccl"});
+  v.Require(x.backend() != "nccl", "transport.backend", "'nccl'",
+            "is not available: the NCCL data plane is not built yet; use ucx");
   v.Require(!x.data_host().empty(), "transport.data_host", "''",
             "must not be empty");
   v.Require(x.request_timeout_ms() >= 1, "transport.request_timeout_ms",
             x.request_timeout_ms(), "must be >= 1");
   v.Require(x.max_inflight_bytes() >= 1, "transport.max_inflight_bytes",
             x.max_inflight_bytes(), "must be >= 1");
+  v.AtMost("transport.max_inflight_bytes", x.max_inflight_bytes(),
+           kMaxInflightBytes);
   v.Require(x.busy_poll_us() >= 0 && x.busy_poll_us() <= 1000000,
             "transport.busy_poll_us", x.busy_poll_us(),
             "must be in [0, 1000000]");
@@ -474,6 +685,9 @@ Status ValidateConfig(const SwitchyardConfig& config,
     v.Require(!value.empty() && value.find('\n') == std::string::npos, path,
               "'" + value + "'", "must be one non-empty line");
   }
+  // Every field is within its limits; now what they make together.
+  RETURN_IF_ERROR(v.status());
+  ValidateSizes(config, &v);
   return v.status();
 }
 

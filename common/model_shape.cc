@@ -40,6 +40,18 @@ std::string ExpertTensorPrefix(int layer, int expert) {
          std::to_string(expert) + ".";
 }
 
+std::map<std::string, std::vector<int64_t>> FfnTensorShapes(
+    const config::ModelConfig& m) {
+  const int64_t d = m.d_model(), ff = m.d_ff(), gates = FfnGates(m);
+  std::map<std::string, std::vector<int64_t>> shapes = {{"w1", {d, gates * ff}},
+                                                        {"w2", {ff, d}}};
+  if (m.expert_bias()) {
+    shapes["b1"] = {gates * ff};
+    shapes["b2"] = {d};
+  }
+  return shapes;
+}
+
 int64_t ExpertShardParams(const config::ModelConfig& m, int shard) {
   const int64_t d = m.d_model();
   const int64_t f = m.d_ff() / m.shards_per_expert();

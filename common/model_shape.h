@@ -8,6 +8,7 @@
 #define SWITCHYARD_COMMON_MODEL_SHAPE_H_
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,12 @@ struct DenseTensor {
   double init_std = 0;  // kNormal only.
   int64_t offset = 0;   // First element in the flat concatenation.
   int64_t numel() const { return rows * cols; }
+  // Its shape in safetensors exports and imports: (rows, cols), or (rows)
+  // for a vector (cols 1).
+  std::vector<int64_t> shape() const {
+    return cols > 1 ? std::vector<int64_t>{rows, cols}
+                    : std::vector<int64_t>{rows};
+  }
 };
 
 // Every dense tensor, in order: tok_embed (vocab, d) N(0, 0.02), pos_embed
@@ -57,6 +64,13 @@ struct DenseTensor {
 // (d_ff, d) N(0, sqrt(init_scale / fan_in)) [and ffn.b1, ffn.b2 zeros];
 // then final_norm and lm_head (d, vocab) N(0, sqrt(init_scale / d)).
 std::vector<DenseTensor> DenseLayout(const config::ModelConfig& model);
+
+// The tensors of a whole (unsharded) expert, and of the dense FFN an expert
+// is upcycled from, by name, with their shapes in safetensors exports and
+// imports (y = x @ W): w1 (d_model, g * d_ff) with SwiGLU's [gate | up],
+// w2 (d_ff, d_model), and with expert_bias b1 (g * d_ff) and b2 (d_model).
+std::map<std::string, std::vector<int64_t>> FfnTensorShapes(
+    const config::ModelConfig& model);
 
 // Parameters of one expert shard: W1 (d_model, d_ff/S) [twice for SwiGLU],
 // b1 (d_ff/S) [twice for SwiGLU], W2 (d_ff/S, d_model), b2 (d_model) on shard

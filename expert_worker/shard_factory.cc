@@ -127,36 +127,31 @@ Status ShardFactory::InitExpertFrom(const ShardId& id,
   const int64_t d = m.d_model(), F = m.d_ff();
   const int64_t f = params->w2.dim(0), s0 = id.shard * f;
   const int64_t g = params->w1.dim(1) / f;
-  auto load = [&](const std::string& name,
-                  std::vector<int64_t> shape) -> StatusOr<Tensor> {
-    ASSIGN_OR_RETURN(Tensor t, init_->Read(from + name));
-    if (t.shape() != shape) {
-      return FailedPreconditionError(
-          "checkpoint.init_from: " + from + name + " is " + t.DebugString() +
-          ", the model needs " +
-          Tensor::Zeros(DType::kF32, shape)->DebugString());
-    }
+  const auto shapes = FfnTensorShapes(m);
+  auto load = [&](const std::string& name) -> StatusOr<Tensor> {
+    auto t = init_->Read(from + name, shapes.at(name));
+    if (!t.ok()) return t.status().WithContext("checkpoint.init_from");
     return t;
   };
   // W1 (d, g*F) [gate | up]: this shard's columns of each block.
-  ASSIGN_OR_RETURN(Tensor w1, load("w1", {d, g * F}));
+  ASSIGN_OR_RETURN(Tensor w1, load("w1"));
   for (int64_t r = 0; r < d; ++r) {
     for (int64_t gate = 0; gate < g; ++gate) {
       std::memcpy(params->w1.f32() + r * g * f + gate * f,
                   w1.f32() + r * g * F + gate * F + s0, f * sizeof(float));
     }
   }
-  ASSIGN_OR_RETURN(Tensor w2, load("w2", {F, d}));
+  ASSIGN_OR_RETURN(Tensor w2, load("w2"));
   std::memcpy(params->w2.f32(), w2.f32() + s0 * d, f * d * sizeof(float));
   if (!params->b1.empty() && init_->Has(from + "b1")) {
-    ASSIGN_OR_RETURN(Tensor b1, load("b1", {g * F}));
+    ASSIGN_OR_RETURN(Tensor b1, load("b1"));
     for (int64_t gate = 0; gate < g; ++gate) {
       std::memcpy(params->b1.f32() + gate * f, b1.f32() + gate * F + s0,
                   f * sizeof(float));
     }
   }
   if (!params->b2.empty() && init_->Has(from + "b2")) {
-    ASSIGN_OR_RETURN(Tensor b2, load("b2", {d}));
+    ASSIGN_OR_RETURN(Tensor b2, load("b2"));
     std::memcpy(params->b2.f32(), b2.f32(), d * sizeof(float));
   }
   return OkStatus();
@@ -170,15 +165,12 @@ Status ShardFactory::InitDenseFrom(int index, Tensor* params) const {
     const int64_t end =
         std::min(t.offset + t.numel(), range.begin + range.count);
     if (begin >= end || !init_->Has(t.name)) continue;
-    ASSIGN_OR_RETURN(Tensor v, init_->Read(t.name));
-    if (v.num_elements() != t.numel()) {
-      return FailedPreconditionError(
-          "checkpoint.init_from: " + t.name + " is " + v.DebugString() +
-          ", the model needs " + std::to_string(t.rows) + " x " +
-          std::to_string(t.cols));
-    }
+    // The full shape, not only the count: a transposed matrix has the
+    // right count and the wrong values.
+    auto v = init_->Read(t.name, t.shape());
+    if (!v.ok()) return v.status().WithContext("checkpoint.init_from");
     std::memcpy(params->f32() + (begin - range.begin),
-                v.f32() + (begin - t.offset), (end - begin) * sizeof(float));
+                v->f32() + (begin - t.offset), (end - begin) * sizeof(float));
   }
   return OkStatus();
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <new>
 #include <sstream>
 
 #include "common/random.h"
@@ -78,9 +79,15 @@ StatusOr<ByteCorpus> ByteCorpus::Load(const std::string& path,
   for (const fs::path& file : files) {
     std::ifstream in(file, std::ios::binary);
     if (!in) return UnavailableError("cannot read '" + file.string() + "'");
-    std::stringstream buf;
-    buf << in.rdbuf();
-    const std::string content = buf.str();
+    std::string content;
+    try {  // The text is held in memory whole; its size is the file's.
+      std::stringstream buf;
+      buf << in.rdbuf();
+      content = buf.str();
+    } catch (const std::bad_alloc&) {
+      return ResourceExhaustedError("training data '" + file.string() +
+                                    "' does not fit in memory");
+    }
     const size_t cut =
         static_cast<size_t>(content.size() * (1 - validation_fraction));
     if (!train.empty()) train += '\n';

@@ -1,6 +1,8 @@
 #include "common/config.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "common/flags.h"
 #include "common/model_shape.h"
@@ -180,7 +182,85 @@ INSTANTIATE_TEST_SUITE_P(
                   {"transport.ucx.UCX_NET_DEVICES="},
                   "--set transport.ucx.UCX_NET_DEVICES=: "
                   "transport.ucx.UCX_NET_DEVICES ('') must be one non-empty "
-                  "line"}));
+                  "line"},
+        // Duplicate keys: YAML would keep the last; both lines are named.
+        ErrorCase{"model:\n  d_model: 32\n  d_ff: 64\n  d_model: 64\n",
+                  {},
+                  "run.yaml:4: model.d_model: is given twice (also at "
+                  "run.yaml:2); remove one of the two"},
+        ErrorCase{"model:\n  d_model: 32\ntraining:\n  steps: 3\nmodel:\n"
+                  "  d_ff: 64\n",
+                  {},
+                  "run.yaml:5: model: is given twice (also at run.yaml:1); "
+                  "remove one of the two"},
+        ErrorCase{"transport:\n  ucx:\n    UCX_NET_DEVICES: a\n"
+                  "    UCX_NET_DEVICES: b\n",
+                  {},
+                  "run.yaml:4: transport.ucx.UCX_NET_DEVICES: is given twice "
+                  "(also at run.yaml:3); remove one of the two"},
+        // The NCCL data plane does not exist yet: no silent UCX instead.
+        ErrorCase{"transport:\n  backend: nccl\n",
+                  {},
+                  "run.yaml:2: transport.backend ('nccl') is not available: "
+                  "the NCCL data plane is not built yet; use ucx"},
+        // Sizes past Switchyard's limits (each used to end the process in
+        // an uncaught std::bad_alloc or an unnamed tensor error).
+        ErrorCase{"",
+                  {"training.batch_size=2000000000"},
+                  "--set training.batch_size=2000000000: training.batch_size "
+                  "(2000000000) must be <= 1048576 (Switchyard's limit for "
+                  "this field)"},
+        ErrorCase{"model:\n  num_experts: 2000000000\n",
+                  {},
+                  "run.yaml:2: model.num_experts (2000000000) must be <= 8192 "
+                  "(Switchyard's limit for this field)"},
+        ErrorCase{"",
+                  {"model.d_model=2147483644"},
+                  "--set model.d_model=2147483644: model.d_model (2147483644) "
+                  "must be <= 65536 (Switchyard's limit for this field)"},
+        ErrorCase{"",
+                  {"model.seq_len=4000000"},
+                  "--set model.seq_len=4000000: model.seq_len (4000000) must "
+                  "be <= 1048576 (Switchyard's limit for this field)"},
+        // Products of fields within their limits.
+        ErrorCase{"model:\n  d_model: 4096\n  num_heads: 32\n"
+                  "  vocab_size: 4194304\n",
+                  {},
+                  "run.yaml:4: model.vocab_size (4194304) makes tok_embed and "
+                  "lm_head each (model.vocab_size 4194304 x model.d_model "
+                  "4096 x 4) 68719476736 bytes (64 GiB), more than "
+                  "Switchyard's limit of 17179869184 bytes (16 GiB)"},
+        ErrorCase{"",
+                  {"model.num_layers=1024", "model.moe_every=1",
+                   "model.num_experts=8192"},
+                  "--set model.num_experts=8192: model.num_experts (8192) "
+                  "makes the expert shards (model.num_experts 8192 x "
+                  "model.shards_per_expert 1 x MoE layers 1024) 8388608 "
+                  "shards, more than Switchyard's limit of 1048576 shards"},
+        ErrorCase{"",
+                  {"training.batch_size=65536", "model.seq_len=4096"},
+                  "--set training.batch_size=65536: training.batch_size "
+                  "(65536) makes one micro-batch (65536 sequences "
+                  "(training.batch_size 65536 / training.micro_batches 1) x "
+                  "model.seq_len 4096) 268435456 tokens, more than "
+                  "Switchyard's limit of 16777216 tokens"},
+        ErrorCase{"",
+                  {"training.batch_size=1024", "model.vocab_size=4194304"},
+                  "--set training.batch_size=1024: training.batch_size (1024) "
+                  "makes one micro-batch's logits (1024 sequences "
+                  "(training.batch_size 1024 / training.micro_batches 1) x "
+                  "model.seq_len 64 x model.vocab_size 4194304 x 4) "
+                  "1099511627776 bytes (1024 GiB), more than Switchyard's "
+                  "limit of 17179869184 bytes (16 GiB)"},
+        ErrorCase{"",
+                  {"model.num_layers=1024", "model.d_model=4096",
+                   "model.num_heads=32", "model.d_ff=16384",
+                   "model.dense_shards=1024"},
+                  "--set model.num_layers=1024: model.num_layers (1024) "
+                  "makes a trainer's memory (dense parameters and their "
+                  "gradients, one micro-batch's activations) at least "
+                  "1207190978560 bytes (1124 GiB), more than Switchyard's "
+                  "limit of 274877906944 bytes (256 GiB)"}));
 
 // transport.ucx: UCX settings from the file and from --set, which replaces
 // a value the file gave.
@@ -202,6 +282,63 @@ TEST(ConfigTest, UcxSettingsFromFileAndOverrides) {
   EXPECT_EQ(loaded->origins.at("transport.ucx.UCX_NET_DEVICES"), "rdma.yaml:3");
   EXPECT_EQ(loaded->origins.at("transport.ucx.UCX_RNDV_THRESH"),
             "--set transport.ucx.UCX_RNDV_THRESH=8k");
+}
+
+// Every count and size field has an upper limit: its type's largest value
+// is refused at load, naming the field and the limit, for each of them.
+TEST(ConfigTest, EverySizeFieldHasALimit) {
+  const char* kInt32Max = "2147483647";
+  const char* kInt64Max = "9223372036854775807";
+  const std::vector<std::pair<std::string, const char*>> fields = {
+      {"cluster.workers", kInt32Max},
+      {"cluster.trainers", kInt32Max},
+      {"cluster.worker_capacity_bytes", kInt64Max},
+      {"model.num_layers", kInt32Max},
+      {"model.d_model", kInt32Max},
+      {"model.d_ff", kInt32Max},
+      {"model.num_heads", kInt32Max},
+      {"model.vocab_size", kInt32Max},
+      {"model.seq_len", kInt32Max},
+      {"model.num_experts", kInt32Max},
+      {"model.shards_per_expert", kInt32Max},
+      {"model.dense_shards", kInt32Max},
+      {"training.steps", kInt64Max},
+      {"training.batch_size", kInt32Max},
+      {"training.warmup_steps", kInt64Max},
+      {"training.threads", kInt32Max},
+      {"checkpoint.keep_last", kInt32Max},
+      {"transport.max_inflight_bytes", kInt64Max}};
+  for (const auto& [path, max] : fields) {
+    const std::string set = path + "=" + max;
+    auto loaded = ParseConfig("", "run.yaml", {set});
+    ASSERT_FALSE(loaded.ok()) << set;
+    EXPECT_EQ(
+        loaded.status().message().rfind(
+            "--set " + set + ": " + path + " (" + max + ") must be <= ", 0),
+        0u)
+        << loaded.status().message();
+  }
+}
+
+// A configuration file is a regular file: a device would never end and a
+// FIFO would block.
+TEST(ConfigTest, ConfigFileMustBeARegularFile) {
+  for (const char* path : {"/dev/zero", "/dev/urandom", "/tmp"}) {
+    auto loaded = LoadConfig(path, {});
+    ASSERT_FALSE(loaded.ok()) << path;
+    EXPECT_EQ(loaded.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(loaded.status().message().find("not a regular file"),
+              std::string::npos)
+        << loaded.status().message();
+  }
+  const std::string fifo = ::testing::TempDir() + "/switchyard_config_fifo_" +
+                           std::to_string(::getpid());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto loaded = LoadConfig(fifo, {});
+  ::unlink(fifo.c_str());
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_EQ(loaded.status().message(),
+            "config file: '" + fifo + "' is a FIFO, not a regular file");
 }
 
 TEST(ConfigTest, MissingFileIsNamed) {

@@ -1,10 +1,17 @@
 // The switchyard command's help, usage errors and configuration errors.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
+#include <iterator>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "storage/safetensors.h"
 #include "tests/testing/run_command.h"
 
 namespace {
@@ -62,6 +69,101 @@ TEST(CliTest, StatusWithoutACoordinatorFailsFast) {
                            secret + " --timeout-ms 500");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("DEADLINE_EXCEEDED"), std::string::npos) << r.output;
+}
+
+// Sizes past Switchyard's limits, which used to end a process in an
+// uncaught std::bad_alloc (or a tensor error naming no field), and the NCCL
+// backend, which silently ran UCX, are configuration errors: exit 2.
+TEST(CliTest, ConfigPastTheLimitsExitsWithTwo) {
+  for (const char* set :
+       {"training.batch_size=2000000000", "model.num_experts=2000000000",
+        "model.d_model=2147483644"}) {
+    Result r =
+        RunSwitchyard("ckpt import /nonexistent --set " + std::string(set));
+    EXPECT_EQ(r.exit_code, 2) << set << ": " << r.output;
+    EXPECT_NE(r.output.find("--set " + std::string(set) + ": "),
+              std::string::npos)
+        << r.output;
+    EXPECT_NE(r.output.find("(Switchyard's limit for this field)"),
+              std::string::npos)
+        << r.output;
+  }
+  Result nccl =
+      RunSwitchyard("ckpt import /nonexistent --set transport.backend=nccl");
+  EXPECT_EQ(nccl.exit_code, 2) << nccl.output;
+  EXPECT_NE(nccl.output.find("the NCCL data plane is not built yet; use ucx"),
+            std::string::npos)
+      << nccl.output;
+}
+
+// `ckpt import` reads regular files: a device, a FIFO, a directory where a
+// file is expected give an error and exit 1 (it used to abort on
+// /dev/urandom in an uncaught filesystem_error, and would block on a FIFO).
+TEST(CliTest, CkptImportReadsRegularFilesOnly) {
+  const std::string dir =
+      ::testing::TempDir() + "/cli_import_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir + "/export/dense.safetensors");
+  std::FILE* index =
+      std::fopen((dir + "/export/model.safetensors.index.json").c_str(), "w");
+  std::fputs("{\"weight_map\":{\"lm_head\":\"dense.safetensors\"}}", index);
+  std::fclose(index);
+  const std::string fifo = dir + "/fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const std::pair<std::string, std::string> cases[] = {
+      {"/dev/urandom", "is a character device, not a regular file"},
+      {"/dev/zero", "is a character device, not a regular file"},
+      {fifo, "is a FIFO, not a regular file"},
+      {dir + "/export",
+       "dense.safetensors' is a directory, not a regular "
+       "file"},
+      {dir, "is a directory without a readable safetensors index"}};
+  for (const auto& [path, expected] : cases) {
+    Result r = RunSwitchyard("ckpt import " + path, 30);
+    EXPECT_EQ(r.exit_code, 1) << path << ": " << r.output;
+    EXPECT_NE(r.output.find(expected), std::string::npos) << r.output;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// A tensor with the right number of values in the wrong shape (a
+// transposed lm_head or router) is refused naming both shapes and the
+// orientation; it used to load silently wrong.
+TEST(CliTest, CkptImportRefusesTensorsOfAnotherShape) {
+  const std::string path = ::testing::TempDir() + "/cli_import_shape_" +
+                           std::to_string(::getpid()) + ".safetensors";
+  using switchyard::DType;
+  using switchyard::Tensor;
+  // The default model: d_model 64, vocab 256, 8 experts, layer 1 MoE.
+  const std::pair<std::string, std::vector<int64_t>> cases[] = {
+      {"lm_head", {256, 64}},
+      {"layers.1.router", {8, 64}},
+      {"layers.1.experts.0.w2", {64, 256}},
+      {"layers.0.ffn.b1", {256, 1}}};
+  const std::string expected[] = {"(256, 64); the model expects (64, 256)",
+                                  "(8, 64); the model expects (64, 8)",
+                                  "(64, 256); the model expects (256, 64)",
+                                  "(256, 1); the model expects (256,)"};
+  for (size_t i = 0; i < std::size(cases); ++i) {
+    const auto& [name, shape] = cases[i];
+    std::vector<switchyard::storage::NamedArray> tensors = {
+        {name, Tensor::Zeros(DType::kF32, shape).value()}};
+    if (name.find("experts") != std::string::npos) {
+      tensors.push_back({"layers.1.experts.0.w1",
+                         Tensor::Zeros(DType::kF32, {64, 256}).value()});
+    }
+    ASSERT_TRUE(switchyard::storage::WriteSafetensors(path, tensors, {}).ok());
+    Result r = RunSwitchyard("ckpt import " + path, 30);
+    EXPECT_EQ(r.exit_code, 1) << name << ": " << r.output;
+    EXPECT_NE(
+        r.output.find(path + ": tensor " + name + " has shape " + expected[i]),
+        std::string::npos)
+        << r.output;
+    EXPECT_NE(r.output.find("Switchyard computes y = x @ W and stores W as "
+                            "(in_features, out_features)"),
+              std::string::npos)
+        << r.output;
+  }
+  std::filesystem::remove(path);
 }
 
 }  // namespace

@@ -98,6 +98,21 @@ TEST(WorkerServiceTest, InitialisesFromSafetensorsWithUpcycling) {
   EXPECT_NE(s.message().find("layers.1.ffn.w1"), std::string::npos)
       << s.message();
   wrong.Shutdown();
+  // So is a dense tensor with the right count in another shape (it used to
+  // load transposed values silently), naming both shapes.
+  ASSERT_TRUE(
+      storage::WriteSafetensors(path, {{"tok_embed", random({8, 32})}}, {})
+          .ok());
+  WorkerService transposed(config, "w");
+  ASSERT_TRUE(transposed.Start().ok());
+  s = transposed.ApplyRouting(Routing(kEpoch));
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("checkpoint.init_from: " + path +
+                             ": tensor tok_embed has shape (8, 32); the "
+                             "model expects (32, 8)"),
+            std::string::npos)
+      << s.message();
+  transposed.Shutdown();
   std::filesystem::remove(path);
 }
 
