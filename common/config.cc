@@ -643,6 +643,9 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.AtMost("checkpoint.keep_last", k.keep_last(), kMaxKeepLast);
   v.Require(k.replicas() >= 0, "checkpoint.replicas", k.replicas(),
             "must be >= 0");
+  v.Require(k.max_consecutive_failures() >= 0,
+            "checkpoint.max_consecutive_failures", k.max_consecutive_failures(),
+            "must be >= 0 (0 trains on whatever fails)");
   v.Require(k.commit_timeout_ms() >= 1, "checkpoint.commit_timeout_ms",
             k.commit_timeout_ms(), "must be >= 1");
   v.Require(k.replicas() < c.workers(), "checkpoint.replicas", k.replicas(),

@@ -4,6 +4,7 @@
 #include <optional>
 #include <utility>
 
+#include "common/finite.h"
 #include "common/ids.h"
 #include "common/metrics.h"
 #include "common/shard_ref.h"
@@ -15,13 +16,15 @@ namespace switchyard::expert_worker {
 CheckpointWriter::CheckpointWriter(std::string name,
                                    storage::CheckpointStore* store,
                                    BufferPool* staging_pool, int threads,
-                                   Reporter report, Replicator replicate)
+                                   Reporter report, Replicator replicate,
+                                   int max_consecutive_failures)
     : name_(std::move(name)),
       store_(store),
       staging_pool_(staging_pool),
       threads_(threads),
       report_(std::move(report)),
-      replicate_(std::move(replicate)) {}
+      replicate_(std::move(replicate)),
+      max_consecutive_failures_(max_consecutive_failures) {}
 
 void CheckpointWriter::Start() {
   thread_ = StartNamedThread("sy-ckpt", [this] { Loop(); });
@@ -91,8 +94,17 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job) {
   report.set_step(step);
   Status s = OkStatus();
   uint64_t bytes = 0;
-  const auto manifests = storage::WriteShards(*store_, job, threads_);
-  for (size_t i = 0; i < job.size(); ++i) {
+  // Nothing non-finite is ever committed: such a checkpoint is not written
+  // (a failure), and the last good one stays.
+  for (const auto& shard : job) {
+    for (const auto& t : shard.tensors) {
+      if (s.ok()) s = CheckFinite(t.tensor, shard.shard + " tensor " + t.name);
+    }
+  }
+  const auto manifests =
+      s.ok() ? storage::WriteShards(*store_, job, threads_)
+             : std::vector<StatusOr<checkpoint::ShardManifest>>(job.size(), s);
+  for (size_t i = 0; s.ok() && i < job.size(); ++i) {
     const auto& manifest = manifests[i];
     if (!manifest.ok()) {
       s = manifest.status();
@@ -115,13 +127,21 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job) {
           .count();
   auto& metrics = MetricsRegistry::Global();
   if (!s.ok()) {
-    // Training goes on; the coordinator never commits this step, and the
-    // previous committed checkpoint stays.
+    // The coordinator never commits this step, and the previous committed
+    // checkpoint stays. Training goes on until max_consecutive_failures
+    // (Healthy).
     metrics.GetCounter("switchyard_worker_checkpoints_failed_total")
         ->Increment();
     LOG(ERROR) << name_ << ": checkpoint " << step
                << " failed: " << s.ToString();
+    MutexLock lock(&mu_);
+    ++consecutive_failures_;
+    last_failure_ = s.WithContext("checkpoint " + std::to_string(step));
     return;
+  }
+  {
+    MutexLock lock(&mu_);
+    consecutive_failures_ = 0;
   }
   metrics.GetCounter("switchyard_worker_checkpoints_written_total")
       ->Increment();
@@ -134,6 +154,21 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job) {
   LOG(INFO) << name_ << ": checkpoint " << step << " written (" << job.size()
             << " shards, " << bytes << " bytes in " << seconds
             << " s) and reported";
+}
+
+Status CheckpointWriter::Healthy() const {
+  MutexLock lock(&mu_);
+  if (max_consecutive_failures_ <= 0 ||
+      consecutive_failures_ < max_consecutive_failures_) {
+    return OkStatus();
+  }
+  return FailedPreconditionError(
+      name_ + ": the last " + std::to_string(consecutive_failures_) +
+      " checkpoints failed (checkpoint.max_consecutive_failures = " +
+      std::to_string(max_consecutive_failures_) +
+      "); the run stops instead of training on work it cannot save. The "
+      "last failure: " +
+      last_failure_.ToString());
 }
 
 void CheckpointWriter::Stage(std::vector<storage::ShardSnapshot> refs,

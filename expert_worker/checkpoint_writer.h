@@ -36,9 +36,10 @@ class CheckpointWriter {
 
   // `threads`: shards written at a time. `report` (may be empty) is called
   // after each write; `replicate` runs a replication task.
+  // `max_consecutive_failures` (0: no limit): see Healthy.
   CheckpointWriter(std::string name, storage::CheckpointStore* store,
                    BufferPool* staging_pool, int threads, Reporter report,
-                   Replicator replicate);
+                   Replicator replicate, int max_consecutive_failures = 0);
   ~CheckpointWriter() { Shutdown(); }
   CheckpointWriter(const CheckpointWriter&) = delete;
   CheckpointWriter& operator=(const CheckpointWriter&) = delete;
@@ -61,11 +62,17 @@ class CheckpointWriter {
   void DropBefore(int64_t step) EXCLUDES(mu_);
   // Blocks until no checkpoint write is in flight.
   void WaitWritten() EXCLUDES(mu_);
+  // OK unless the last max_consecutive_failures checkpoints all failed:
+  // then FAILED_PRECONDITION with the last failure, so that the run stops
+  // instead of training on work it cannot save. A written checkpoint
+  // resets the count.
+  Status Healthy() const EXCLUDES(mu_);
 
  private:
   void Loop() EXCLUDES(mu_);
-  // Writes `job` and reports it; logs and counts the outcome.
-  void Write(const std::vector<storage::ShardSnapshot>& job);
+  // Writes `job` and reports it; logs and counts the outcome. A job
+  // holding a non-finite value is not written (a failure).
+  void Write(const std::vector<storage::ShardSnapshot>& job) EXCLUDES(mu_);
   // Replaces `job`'s tensors with copies in staging buffers, logging how
   // long that took (`how`: who made it).
   void Copy(std::vector<storage::ShardSnapshot>* job, const char* how) const;
@@ -76,8 +83,11 @@ class CheckpointWriter {
   const int threads_;
   const Reporter report_;
   const Replicator replicate_;
+  const int max_consecutive_failures_;
 
-  Mutex mu_;
+  mutable Mutex mu_;
+  int consecutive_failures_ GUARDED_BY(mu_) = 0;
+  Status last_failure_ GUARDED_BY(mu_);
   CondVar cv_;
   // The checkpoint to write: references to the live tensors while
   // uncopied_, then staging copies (copying_: being made off the lock).

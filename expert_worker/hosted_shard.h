@@ -37,6 +37,8 @@ struct ExpertShard {
   // Weight-gradient inputs of the step in progress, by (rank, micro-batch):
   // std::map iterates them in that order.
   std::map<std::pair<int32_t, int32_t>, Contribution> contributions;
+  // `grads` hold the step's gradient, computed and checked, not yet applied.
+  bool grads_ready = false;
   uint64_t tokens = 0;  // Since the last load report.
 };
 
@@ -45,6 +47,8 @@ struct DenseShard {
   Tensor params;  // (1, n)
   OptimizerState state;
   std::map<int32_t, Tensor> pushes;  // Gradients of the step, by rank.
+  // The pushes' sum in rank order, checked, not yet applied (empty: none).
+  Tensor grad;
 };
 
 // `t` itself (shallow, sharing storage), or (deep) a copy in a buffer from

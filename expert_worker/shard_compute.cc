@@ -5,6 +5,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/finite.h"
 #include "common/random.h"
 
 namespace switchyard::expert_worker {
@@ -133,8 +134,9 @@ Status ShardCompute::Backward(const Message& request, ExpertShard* shard,
   return OkStatus();
 }
 
-Status ShardCompute::Update(int64_t step, ExpertShard* shard) const {
+Status ShardCompute::Gradients(ExpertShard* shard) const {
   shard->activations.clear();  // Forwards never followed by a backward.
+  shard->grads_ready = false;
   if (shard->contributions.empty()) return OkStatus();  // No tokens.
   const ExpertFfn& f = ffn(shard->id.shard);
   std::vector<const Tensor*> xs, as, dhs, dys;
@@ -154,6 +156,20 @@ Status ShardCompute::Update(int64_t step, ExpertShard* shard) const {
   ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, dys, d));
   RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &shard->grads));
   shard->contributions.clear();
+  const std::string name = shard->id.ToString();
+  const ExpertParams& g = shard->grads;
+  RETURN_IF_ERROR(CheckFinite(g.w1, "the gradient of " + name + " w1"));
+  RETURN_IF_ERROR(CheckFinite(g.w2, "the gradient of " + name + " w2"));
+  RETURN_IF_ERROR(CheckFinite(g.b1, "the gradient of " + name + " b1"));
+  RETURN_IF_ERROR(CheckFinite(g.b2, "the gradient of " + name + " b2"));
+  shard->grads_ready = true;
+  return OkStatus();
+}
+
+Status ShardCompute::Apply(int64_t step, ExpertShard* shard) const {
+  if (!shard->grads_ready) return OkStatus();
+  shard->grads_ready = false;
+  const ExpertFfn& f = ffn(shard->id.shard);
   ExpertParams& p = shard->params;
   const ExpertParams& g = shard->grads;
   RETURN_IF_ERROR(optimizer_->Apply(step, g.w1, &p.w1, &shard->w1));
@@ -179,6 +195,10 @@ Status ShardCompute::Push(const transport::WireHeader& h, const Tensor& grad,
                                 " for D" + std::to_string(h.shard) +
                                 " must be " + shard->params.DebugString());
   }
+  RETURN_IF_ERROR(CheckFinite(grad, "the dense gradient of rank " +
+                                        std::to_string(h.trainer_rank) +
+                                        " for D" + std::to_string(h.shard) +
+                                        " at step " + std::to_string(h.step)));
   if (!shard->pushes.emplace(h.trainer_rank, grad).second) {
     return AlreadyExistsError("duplicate dense push: " +
                               transport::DescribeHeader(h));
@@ -186,7 +206,8 @@ Status ShardCompute::Push(const transport::WireHeader& h, const Tensor& grad,
   return OkStatus();
 }
 
-Status ShardCompute::Update(int64_t step, DenseShard* shard) const {
+Status ShardCompute::Gradients(DenseShard* shard) const {
+  shard->grad = Tensor();
   if (shard->pushes.empty()) return OkStatus();
   // Sum in rank order (std::map), whatever order the pushes came in.
   Tensor sum = shard->pushes.begin()->second.Clone();
@@ -197,7 +218,17 @@ Status ShardCompute::Update(int64_t step, DenseShard* shard) const {
     for (int64_t i = 0; i < sum.num_elements(); ++i) acc[i] += g[i];
   }
   shard->pushes.clear();
-  return optimizer_->Apply(step, sum, &shard->params, &shard->state);
+  RETURN_IF_ERROR(CheckFinite(
+      sum, "the summed gradient of D" + std::to_string(shard->index)));
+  shard->grad = std::move(sum);
+  return OkStatus();
+}
+
+Status ShardCompute::Apply(int64_t step, DenseShard* shard) const {
+  if (shard->grad.empty()) return OkStatus();
+  const Tensor grad = std::move(shard->grad);
+  shard->grad = Tensor();
+  return optimizer_->Apply(step, grad, &shard->params, &shard->state);
 }
 
 }  // namespace switchyard::expert_worker

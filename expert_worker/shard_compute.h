@@ -40,17 +40,26 @@ class ShardCompute {
   // *dx: (T, d_model).
   Status Backward(const transport::Message& request, ExpertShard* shard,
                   Tensor* dx) const;
-  // Update `step` from the contributions kept since the last one (none: no
-  // change). Drops forwards never followed by a backward.
-  Status Update(int64_t step, ExpertShard* shard) const;
+  // An update is two phases, so that a worker applies a step to all of its
+  // shards or to none: Gradients computes the shard's gradient from what
+  // the step kept (the contributions since the last update; none: no
+  // change) and checks that it is finite (FAILED_PRECONDITION naming the
+  // shard and tensor otherwise); it drops forwards never followed by a
+  // backward. Apply then runs the optimizer at `step` with that gradient.
+  Status Gradients(ExpertShard* shard) const;
+  Status Apply(int64_t step, ExpertShard* shard) const;
 
   // A copy of the shard's parameters.
   static Tensor Pull(const DenseShard& shard) { return shard.params.Clone(); }
   // Keeps rank's gradient for the next update; refuses a second push of
-  // the rank and a gradient not shaped like the parameters.
+  // the rank, a gradient not shaped like the parameters and a non-finite
+  // one.
   static Status Push(const transport::WireHeader& h, const Tensor& grad,
                      DenseShard* shard);
-  Status Update(int64_t step, DenseShard* shard) const;
+  // The two phases (as for experts): the pushes' sum in rank order, then
+  // the optimizer.
+  Status Gradients(DenseShard* shard) const;
+  Status Apply(int64_t step, DenseShard* shard) const;
 
   const ExpertFfn& ffn(int shard) const { return shard == 0 ? *ffn0_ : *ffn_; }
 

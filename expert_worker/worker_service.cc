@@ -65,7 +65,8 @@ void WorkerService::EnableCheckpoints(
       name_, store_.get(), staging_pool_.get(), StorageThreads(), report_,
       [this](const control::ReplicationTask& task) {
         return transfer_->Replicate(task, report_);
-      });
+      },
+      config_.checkpoint().max_consecutive_failures());
   fetch_server_ = std::make_unique<CheckpointFetchServer>(
       name_, store_.get(),
       [this] { return adopted_epoch_.load(std::memory_order_acquire); });
@@ -353,6 +354,7 @@ Status WorkerService::Dense(const Message& request, Tensor* out) {
 
 Status WorkerService::StepDone(const transport::WireHeader& h) {
   if (!gate_.MarkDone(h.step, h.trainer_rank)) return OkStatus();
+  if (writer_ != nullptr) RETURN_IF_ERROR(writer_->Healthy());
   RETURN_IF_ERROR(ApplyUpdate(h.step));
   // Requests for the next step that arrived early run now, in arrival order.
   queue_.PushFront(gate_.Advance());
@@ -362,11 +364,27 @@ Status WorkerService::StepDone(const transport::WireHeader& h) {
 
 Status WorkerService::ApplyUpdate(int64_t step) {
   if (writer_ != nullptr) RETURN_IF_ERROR(writer_->WaitForStagingCopy(step));
+  // All or nothing: every shard's gradient is computed and checked before
+  // any shard changes. A non-finite gradient stops the run here, with the
+  // step's update applied nowhere (the last checkpoint stays good).
+  const auto refused = [&](const Status& s) {
+    return s.WithContext(name_ + " refuses update " + std::to_string(step) +
+                         " (nothing of it applied; the run stops: lower "
+                         "training.learning_rate or check the data)");
+  };
   for (auto& [id, shard] : shards_) {
-    RETURN_IF_ERROR(compute_->Update(step, shard.get()));
+    Status s = compute_->Gradients(shard.get());
+    if (!s.ok()) return refused(s);
   }
   for (auto& [index, shard] : dense_) {
-    RETURN_IF_ERROR(compute_->Update(step, shard.get()));
+    Status s = compute_->Gradients(shard.get());
+    if (!s.ok()) return refused(s);
+  }
+  for (auto& [id, shard] : shards_) {
+    RETURN_IF_ERROR(compute_->Apply(step, shard.get()));
+  }
+  for (auto& [index, shard] : dense_) {
+    RETURN_IF_ERROR(compute_->Apply(step, shard.get()));
   }
   return OkStatus();
 }

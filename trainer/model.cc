@@ -1,6 +1,8 @@
 #include "trainer/model.h"
 
 #include <algorithm>
+#include <cmath>
+#include <sstream>
 
 namespace switchyard::trainer {
 
@@ -215,6 +217,19 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
   std::vector<Real> dlogits(static_cast<size_t>(N) * V);
   report.loss = static_cast<double>(CrossEntropy(
       cache.logits.data(), batch.targets.data(), N, V, dlogits.data()));
+  if (!std::isfinite(report.loss) || !std::isfinite(report.aux_loss) ||
+      !std::isfinite(report.z_loss)) {
+    // Before any gradient leaves this pass: nothing of the step is applied.
+    std::ostringstream what;
+    what << "non-finite loss at step " << pass.step << ", rank " << pass.rank
+         << ", micro-batch " << pass.micro_batch << " (cross-entropy "
+         << report.loss << ", aux " << report.aux_loss << ", z "
+         << report.z_loss
+         << "): the run has diverged and stops before this step is applied; "
+            "resume from the last checkpoint with a lower "
+            "training.learning_rate, or check the data";
+    return FailedPreconditionError(what.str());
+  }
   for (Real& g : dlogits) g *= loss_scale;
   // lm_head (d, V) += n_final^T dlogits; dn (N, d) = dlogits lm_head^T.
   MatMul(cache.n_final.data(), dlogits.data(), d, V, N, true, false, true,

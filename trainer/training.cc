@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "common/config.h"
+#include "common/finite.h"
 #include "common/model_shape.h"
 #include "common/random.h"
 
@@ -167,6 +168,7 @@ StatusOr<StepReport> TrainerReplica::Step(int64_t step, const Batch& batch) {
   }
   report.time.experts = experts_->ms();
   report.time.dense = MsSince(t) - report.time.experts;
+  RETURN_IF_ERROR(CheckDenseGradients(step, grads));
   t = Clock::now();
   RETURN_IF_ERROR(dense_.Push(step, grads));
   report.time.push = MsSince(t);
@@ -175,6 +177,23 @@ StatusOr<StepReport> TrainerReplica::Step(int64_t step, const Batch& batch) {
   report.time.done = MsSince(t);
   report.time.total = MsSince(start);
   return report;
+}
+
+Status TrainerReplica::CheckDenseGradients(int64_t step,
+                                           const Tensor& grads) const {
+  const int64_t at = FirstNonFinite(grads.f32(), grads.num_elements());
+  if (at < 0) return OkStatus();
+  std::string tensor = "?";
+  for (const DenseTensor& t : model_.layout()) {
+    if (at >= t.offset && at < t.offset + t.numel()) tensor = t.name;
+  }
+  return FailedPreconditionError(
+      "non-finite gradient of dense tensor " + tensor + " (" +
+      std::to_string(grads.f32()[at]) + ") at step " + std::to_string(step) +
+      ", rank " + std::to_string(rank_) +
+      ": the run has diverged and stops before this step is applied; resume "
+      "from the last checkpoint with a lower training.learning_rate, or "
+      "check the data");
 }
 
 StatusOr<LossReport> TrainerReplica::Evaluate(int64_t step, const Batch& batch,

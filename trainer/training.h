@@ -73,6 +73,9 @@ class TrainerReplica {
                                int length);
 
  private:
+  // OK when every dense gradient is finite; else an error naming the tensor,
+  // the step and this rank.
+  Status CheckDenseGradients(int64_t step, const Tensor& grads) const;
   const config::SwitchyardConfig config_;
   const int rank_;
   MoeLayerClient moe_;

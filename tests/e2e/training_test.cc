@@ -415,6 +415,21 @@ TEST_F(TrainingTest, LosingAWorkerStopsTrainingWithAClearError) {
   EXPECT_TRUE(std::regex_search(text, kError)) << text;
 }
 
+// learning_rate 1e30: the loss is non-finite from the second step. The run
+// stops there with the trainers' error naming the step and rank (before:
+// it trained on, committed NaN checkpoints and exited 0).
+TEST_F(TrainingTest, ADivergedRunStopsWithAClearError) {
+  const auto r = RunSwitchyard(
+      "up --workers 2 --trainers 2 --run-dir " + dir_ + "/diverged" + Flags() +
+          " --set training.learning_rate=1e30 --set training.warmup_steps=0"
+          " --set checkpoint.every=1 --set transport.request_timeout_ms=5000",
+      120);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  static const std::regex kError(
+      R"(\[trainer-[01]\] switchyard: FAILED_PRECONDITION: .*non-finite loss at step \d+, rank [01])");
+  EXPECT_TRUE(std::regex_search(r.output, kError)) << r.output;
+}
+
 TEST_F(TrainingTest, TrainerWithoutDataSaysSo) {
   const auto r =
       RunSwitchyard("train --reference --config " +

@@ -97,6 +97,26 @@ TEST(TrainingTest, ExpertDropoutIsAppliedAndRepeatable) {
   EXPECT_LT(a->training.last_loss, a->training.first_loss - 1.0);
 }
 
+// learning_rate 1e30 diverges at once: the run stops at the first
+// non-finite loss with an error naming the step, rank and micro-batch,
+// instead of training on (and committing) NaN.
+TEST(TrainingTest, ADivergedRunStopsAtTheFirstNonFiniteLoss) {
+  config::SwitchyardConfig config = SmallConfig();
+  config.mutable_training()->set_steps(20);
+  config.mutable_training()->set_warmup_steps(0);
+  config.mutable_training()->set_learning_rate(1e30);
+  auto r = RunRef(config, CyclicCorpus(), nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(r.status().message().find("non-finite"), std::string::npos)
+      << r.status().ToString();
+  EXPECT_NE(r.status().message().find(", rank "), std::string::npos)
+      << r.status().ToString();
+  EXPECT_NE(r.status().message().find("training.learning_rate"),
+            std::string::npos)
+      << r.status().ToString();
+}
+
 struct EdgeCase {
   std::string name;
   int top_k = 1;
