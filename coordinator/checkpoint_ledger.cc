@@ -52,13 +52,28 @@ StatusOr<CheckpointLedger::Outcome> CheckpointLedger::Record(
     }
     indices.push_back(found->second);
   }
-  outcome.recorded = true;
   Reports& reported = pending_[report.step()];
+  if (report.replica()) {
+    // A copy that differs from what its holder wrote is not a replica.
+    for (int i = 0; i < report.shards_size(); ++i) {
+      auto it = reported.find(indices[i]);
+      if (it != reported.end() && !it->second.holder.empty() &&
+          it->second.digest != report.shards(i).digest()) {
+        return DataLossError(
+            "replica of " + FromShardRef(report.shards(i).shard()).ToString() +
+            " at step " + std::to_string(report.step()) + " on " +
+            report.name() + " has digest " + report.shards(i).digest() +
+            ", its holder " + it->second.holder + " wrote " +
+            it->second.digest + ": not counted");
+      }
+    }
+  }
+  outcome.recorded = true;
   for (int i = 0; i < report.shards_size(); ++i) {
     const auto& s = report.shards(i);
     ReportedShard& r = reported[indices[i]];
     if (report.replica()) {
-      r.replicas.insert(report.name());
+      r.replicas[report.name()] = s.digest();
     } else {
       r.holder = report.name();
       r.digest = s.digest();
@@ -76,9 +91,15 @@ bool CheckpointLedger::Complete(const Reports& reported,
   // Every shard durable on its holder and on the replicas wanted.
   if (reported.size() < shards_.size()) return false;
   for (const auto& [index, r] : reported) {
-    if (r.holder.empty() || r.replicas.size() < replicas_wanted) return false;
+    if (r.holder.empty() || MatchingReplicas(r) < replicas_wanted) return false;
   }
   return true;
+}
+
+size_t CheckpointLedger::MatchingReplicas(const ReportedShard& r) {
+  size_t n = 0;
+  for (const auto& [name, digest] : r.replicas) n += digest == r.digest;
+  return n;
 }
 
 void CheckpointLedger::Commit(int64_t step, const Reports& reported) {
@@ -94,7 +115,8 @@ void CheckpointLedger::Commit(int64_t step, const Reports& reported) {
     commit.add_holder(r.holder);
     commit.add_digest(r.digest);
     std::string replicas;
-    for (const auto& name : r.replicas) {
+    for (const auto& [name, digest] : r.replicas) {
+      if (digest != r.digest) continue;  // A copy that does not match.
       replicas += (replicas.empty() ? "" : ",") + name;
     }
     commit.add_replicas(replicas);

@@ -58,7 +58,9 @@ class CheckpointLedger {
   // Records that report.name() holds report.shards() durably at
   // report.step(), as their holder or (report.replica()) as a replica, and
   // commits the step once every shard has a holder and `replicas_wanted`
-  // replicas. INVALID_ARGUMENT, with nothing recorded, for a step <= 0 or a
+  // replicas whose digests equal the holder's. DATA_LOSS, with nothing
+  // recorded, for a replica whose copy's digest differs from its holder's.
+  // INVALID_ARGUMENT, with nothing recorded, for a step <= 0 or a
   // shard outside the model. Precondition: report.name() is a current
   // worker.
   StatusOr<Outcome> Record(const control::CheckpointReport& report,
@@ -94,8 +96,12 @@ class CheckpointLedger {
     std::string holder;  // "" until its holder reports.
     std::string digest;
     uint64_t bytes = 0;
-    std::set<std::string> replicas;
+    // Replica holder -> the digest of its copy. Only copies whose digest is
+    // the holder's count.
+    std::map<std::string, std::string> replicas;
   };
+  // The replicas of `r` whose copies match its holder's.
+  static size_t MatchingReplicas(const ReportedShard& r);
   using Reports = std::map<int, ReportedShard>;  // By shard index.
 
   bool Complete(const Reports& reported, size_t replicas_wanted) const;

@@ -405,6 +405,9 @@ control::RoutingTable ClusterState::Routing() const {
   if (c == nullptr || c->holder_size() != table.entries_size()) return table;
   for (int i = 0; i < table.entries_size(); ++i) {
     table.mutable_entries(i)->set_resume_holder(c->holder(i));
+    if (i < c->digest_size()) {
+      table.mutable_entries(i)->set_resume_digest(c->digest(i));
+    }
     if (i < c->replicas_size() && !c->replicas(i).empty()) {
       std::stringstream names(c->replicas(i));
       for (std::string n; std::getline(names, n, ',');) {

@@ -131,21 +131,21 @@ void CoordinatorService::ScheduleTick() {
       MutexLock lock(&mu_);
       if (shut_down_) return;
       state_->Tick(Clock::now());
-      CommitLocked();
+      CommitLocked().IgnoreError();  // Logged; retried on the next tick.
     }
     ScheduleTick();
   });
 }
 
-void CoordinatorService::CommitLocked() {
+Status CoordinatorService::CommitLocked() {
   if (state_->version() != persisted_version_) {
     const std::string bytes = state_->Snapshot().SerializeAsString();
     Status s = store_->Put(kSnapshotKey, bytes, /*sync=*/true);
     if (!s.ok()) {
-      // NOTE: state stays in memory and is retried on the next change or
+      // The state stays in memory and is retried on the next change or
       // tick; the routing table is not published until it is durable.
       LOG(ERROR) << "coordinator: cannot persist state: " << s.ToString();
-      return;
+      return s;
     }
     persisted_version_ = state_->version();
   }
@@ -155,6 +155,7 @@ void CoordinatorService::CommitLocked() {
     *push.mutable_routing_table() = state_->Routing();
     for (const auto& [name, conn] : connections_) conn->Push(push);
   }
+  return OkStatus();
 }
 
 void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
@@ -216,7 +217,15 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
         LOG(WARNING) << "coordinator: " << error.message();
         break;
     }
-    CommitLocked();
+    // Nothing is acknowledged before it is durable: a change the store
+    // refused is answered UNAVAILABLE (members retry), not as done.
+    const Status durable = CommitLocked();
+    if (!durable.ok() && error.ok() &&
+        request.body_case() != Envelope::kStatusRequest) {
+      error = UnavailableError(
+          "the coordinator cannot make its state durable (" +
+          durable.ToString() + "); nothing was acknowledged: retry");
+    }
   }
   if (error.ok()) {
     conn->Reply(id, std::move(response));

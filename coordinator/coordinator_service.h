@@ -61,7 +61,10 @@ class CoordinatorService {
   void OnClose(const control::Connection::Ptr& conn) EXCLUDES(mu_);
   void ScheduleTick();
   // Persists and pushes if the state changed.
-  void CommitLocked() REQUIRES(mu_);
+  // Makes the state durable (when it changed) and then pushes a changed
+  // routing table; an error when the store refused the write (the table is
+  // then not pushed, and the write is retried on the next change or tick).
+  Status CommitLocked() REQUIRES(mu_);
 
   boost::asio::io_context& io_;
   const config::SwitchyardConfig config_;

@@ -42,6 +42,7 @@ void CheckpointWriter::Shutdown() {
 void CheckpointWriter::Loop() {
   while (true) {
     std::vector<storage::ShardSnapshot> job;
+    uint64_t incarnation = 0;
     std::optional<control::ReplicationTask> replication;
     {
       MutexLock lock(&mu_);
@@ -52,6 +53,7 @@ void CheckpointWriter::Loop() {
       if (!staged_.empty()) {
         job = std::move(staged_);
         staged_.clear();
+        incarnation = staged_incarnation_;
         if (uncopied_) {
           // Copied without the lock, while the worker serves requests; an
           // update waits for it (WaitForStagingCopy).
@@ -77,7 +79,7 @@ void CheckpointWriter::Loop() {
       }
       continue;
     }
-    Write(job);
+    Write(job, incarnation);
     job.clear();  // The staging buffers go back before the next can stage.
     {
       MutexLock lock(&mu_);
@@ -87,11 +89,13 @@ void CheckpointWriter::Loop() {
   }
 }
 
-void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job) {
+void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job,
+                             uint64_t incarnation) {
   const int64_t step = job.front().step;
   const auto start = std::chrono::steady_clock::now();
   control::CheckpointReport report;
   report.set_step(step);
+  report.set_incarnation(incarnation);
   Status s = OkStatus();
   uint64_t bytes = 0;
   // Nothing non-finite is ever committed: such a checkpoint is not written
@@ -172,7 +176,7 @@ Status CheckpointWriter::Healthy() const {
 }
 
 void CheckpointWriter::Stage(std::vector<storage::ShardSnapshot> refs,
-                             bool run_ends) {
+                             bool run_ends, uint64_t incarnation) {
   if (refs.empty()) return;
   const int64_t step = refs.front().step;
   {
@@ -207,6 +211,7 @@ void CheckpointWriter::Stage(std::vector<storage::ShardSnapshot> refs,
                    << ", replaces it";
     }
     staged_ = std::move(refs);
+    staged_incarnation_ = incarnation;
     uncopied_ = true;
     busy_ = true;
   }

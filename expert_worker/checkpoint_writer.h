@@ -51,8 +51,12 @@ class CheckpointWriter {
   // At the step boundary of `refs` (shallow snapshots of every hosted
   // shard, all of one step): stages them for writing, or skips them when a
   // write is in flight and `run_ends` is false (logged, counted).
-  void Stage(std::vector<storage::ShardSnapshot> refs, bool run_ends)
-      EXCLUDES(mu_);
+  // `incarnation`: the worker's incarnation in the routing table the shards
+  // were trained under; the report carries it, so that the coordinator
+  // refuses a checkpoint taken before a fence (0: unknown, the session
+  // stamps its own).
+  void Stage(std::vector<storage::ShardSnapshot> refs, bool run_ends,
+             uint64_t incarnation = 0) EXCLUDES(mu_);
   // Before update `step` changes the live tensors: copies a staged
   // checkpoint still uncopied, or waits for the copy under way.
   Status WaitForStagingCopy(int64_t step) EXCLUDES(mu_);
@@ -72,7 +76,8 @@ class CheckpointWriter {
   void Loop() EXCLUDES(mu_);
   // Writes `job` and reports it; logs and counts the outcome. A job
   // holding a non-finite value is not written (a failure).
-  void Write(const std::vector<storage::ShardSnapshot>& job) EXCLUDES(mu_);
+  void Write(const std::vector<storage::ShardSnapshot>& job,
+             uint64_t incarnation) EXCLUDES(mu_);
   // Replaces `job`'s tensors with copies in staging buffers, logging how
   // long that took (`how`: who made it).
   void Copy(std::vector<storage::ShardSnapshot>* job, const char* how) const;
@@ -92,6 +97,7 @@ class CheckpointWriter {
   // The checkpoint to write: references to the live tensors while
   // uncopied_, then staging copies (copying_: being made off the lock).
   std::vector<storage::ShardSnapshot> staged_ GUARDED_BY(mu_);
+  uint64_t staged_incarnation_ GUARDED_BY(mu_) = 0;
   bool uncopied_ GUARDED_BY(mu_) = false;
   bool copying_ GUARDED_BY(mu_) = false;
   std::deque<control::ReplicationTask> replications_ GUARDED_BY(mu_);

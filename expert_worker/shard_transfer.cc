@@ -70,22 +70,39 @@ Status ShardTransfer::Restore(const control::RoutingTable& routing,
   // Holders of the committed copies (the writer, then replicas), by shard,
   // and confirmed workers by name.
   std::map<std::string, std::vector<std::string>> holders;
+  std::map<std::string, std::string> committed_digest;
   std::map<std::string, std::string> address;
   for (const auto& e : routing.entries()) {
-    auto& h = holders[FromShardRef(e.shard()).ToString()];
+    const std::string shard = FromShardRef(e.shard()).ToString();
+    auto& h = holders[shard];
     h.push_back(e.resume_holder());
     h.insert(h.end(), e.resume_replicas().begin(), e.resume_replicas().end());
+    committed_digest[shard] = e.resume_digest();
   }
+  // A copy counts only if it is what the coordinator committed: the chunk
+  // checksums catch damaged bytes, the digest a whole wrong copy (another
+  // run's, an older write).
+  const auto check_digest = [&](const storage::ShardSnapshot& copy,
+                                const std::string& where) -> Status {
+    const std::string& want = committed_digest[copy.shard];
+    if (want.empty()) return OkStatus();  // A table without digests.
+    const std::string got = storage::SnapshotDigest(copy);
+    if (got == want) return OkStatus();
+    return DataLossError(where + " copy of " + copy.shard + " at step " +
+                         std::to_string(step) + " has digest " + got +
+                         ", the committed digest is " + want);
+  };
   for (const auto& w : routing.workers()) {
     if (w.confirmed()) address[w.name()] = w.data_address();
   }
   int fetched = 0;
   // The snapshots' tensors share storage with the new shards: filling them
   // fills the shards. Local copies first, several shards at a time.
-  const std::vector<Status> locals =
+  std::vector<Status> locals =
       storage::ReadShardsInto(*store_, step, &shards, threads_);
   for (size_t i = 0; i < shards.size(); ++i) {
     storage::ShardSnapshot& live = shards[i];
+    if (locals[i].ok()) locals[i] = check_digest(live, name_ + "'s");
     const Status& local = locals[i];
     if (local.ok()) continue;
     StatusOr<storage::ShardSnapshot> saved = local;
@@ -101,6 +118,10 @@ Status ShardTransfer::Restore(const control::RoutingTable& routing,
         }
         saved = Fetch(address[from], routing.epoch(), step, live);
         if (saved.ok()) {
+          Status matches = check_digest(*saved, from + "'s");
+          if (!matches.ok()) saved = matches;
+        }
+        if (saved.ok()) {
           LOG(WARNING) << name_ << ": " << live.shard << " at step " << step
                        << " fetched from " << from
                        << "; the local copy: " << local.ToString();
@@ -109,9 +130,14 @@ Status ShardTransfer::Restore(const control::RoutingTable& routing,
         tried += " " + from + " (" + saved.status().ToString() + ")";
       }
       if (!saved.ok()) {
-        return local.WithContext("restoring " + live.shard +
-                                 "; no other copy could be had:" +
-                                 (tried.empty() ? " none known" : tried));
+        // DATA_LOSS when any copy was damaged or not the committed one.
+        const bool damaged = local.code() == StatusCode::kDataLoss ||
+                             tried.find("DATA_LOSS") != std::string::npos;
+        return Status(damaged ? StatusCode::kDataLoss : local.code(),
+                      local.message())
+            .WithContext("restoring " + live.shard +
+                         "; no other copy could be had:" +
+                         (tried.empty() ? " none known" : tried));
       }
       RETURN_IF_ERROR(store_->WriteShard(*saved).status());  // Keep it here.
       ++fetched;

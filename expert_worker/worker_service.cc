@@ -193,6 +193,10 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   if (plan.restore) gate_.set_next_step(routing.resume_step());
   gate_.set_epoch(routing.epoch());
   adopted_epoch_.store(routing.epoch(), std::memory_order_release);
+  adopted_incarnation_ = 0;
+  for (const auto& w : routing.workers()) {
+    if (w.name() == name_) adopted_incarnation_ = w.incarnation();
+  }
   return OkStatus();
 }
 
@@ -396,7 +400,8 @@ void WorkerService::AfterUpdate() {
   // Checkpoints every `every` steps, and where the run ends or stops.
   const int every = config_.checkpoint().every();
   if (writer_ != nullptr && every > 0 && (next % every == 0 || run_ends)) {
-    writer_->Stage(SnapshotsLocked(/*deep=*/false), run_ends);
+    writer_->Stage(SnapshotsLocked(/*deep=*/false), run_ends,
+                   adopted_incarnation_);
   }
   if (next == tr.steps()) {
     // The end of the run: what it produced, shard by shard, so that runs

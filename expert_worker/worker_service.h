@@ -201,6 +201,9 @@ class WorkerService {
   // gate_'s epoch, readable without mu_ (the checkpoint fetch server's: it
   // must not wait on a worker busy with a step).
   std::atomic<uint64_t> adopted_epoch_{0};
+  // This worker's incarnation in the adopted routing table (0: not in it):
+  // what its checkpoints' reports carry.
+  uint64_t adopted_incarnation_ GUARDED_BY(mu_) = 0;
   std::map<ShardId, std::unique_ptr<ExpertShard>> shards_ GUARDED_BY(mu_);
   std::map<int, std::unique_ptr<DenseShard>> dense_ GUARDED_BY(mu_);
 

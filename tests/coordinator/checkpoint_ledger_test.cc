@@ -1,6 +1,6 @@
-// The checkpoint ledger alone: when a checkpoint commits, what it refuses or
-// ignores, which checkpoints it keeps, where training resumes, and what a
-// restart keeps.
+// The checkpoint ledger alone: when a checkpoint commits (replicas only
+// when their digests are the holder's), what it refuses or ignores, which
+// checkpoints it keeps, where training resumes, and what a restart keeps.
 #include "coordinator/checkpoint_ledger.h"
 
 #include <gtest/gtest.h>
@@ -165,6 +165,32 @@ TEST_F(CheckpointLedgerTest, ReplicasWithoutTheHolderDoNotCommit) {
   EXPECT_EQ(Record(&ledger, Report("worker-0", 6, all_but_first), 1), 0);
   EXPECT_TRUE(ledger.committed().empty());
   EXPECT_EQ(Record(&ledger, Report("worker-0", 6, {0}), 1), 6);
+}
+
+// A replica whose copy's digest is not its holder's is refused whole
+// (DATA_LOSS) and does not count; a replica reported before its holder
+// counts only if the digests agree.
+TEST_F(CheckpointLedgerTest, ReplicasMustMatchTheirHoldersDigest) {
+  CheckpointLedger ledger(shards_, /*keep_last=*/2);
+  EXPECT_EQ(Record(&ledger, Report("worker-0", 4, AllShards()), 1), 0);
+  control::CheckpointReport bad = Report("worker-1", 4, AllShards(), true);
+  bad.mutable_shards(5)->set_digest("not-the-holders");
+  auto refused = ledger.Record(bad, 1);
+  ASSERT_EQ(refused.status().code(), StatusCode::kDataLoss)
+      << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find(shards_[5].ToString() +
+                                            " at step 4 on worker-1"),
+            std::string::npos)
+      << refused.status().ToString();
+  EXPECT_TRUE(ledger.committed().empty());
+  EXPECT_EQ(Record(&ledger, Report("worker-2", 4, AllShards(), true), 1), 4);
+  EXPECT_EQ(ledger.committed()[0].replicas(5), "worker-2");
+  // Before the holder: recorded, but a wrong copy never makes the commit.
+  control::CheckpointReport early = Report("worker-1", 6, AllShards(), true);
+  early.mutable_shards(0)->set_digest("stale");
+  EXPECT_EQ(Record(&ledger, early, 1), 0);
+  EXPECT_EQ(Record(&ledger, Report("worker-0", 6, AllShards()), 1), 0);
+  EXPECT_EQ(Steps(ledger), (std::vector<int64_t>{4}));
 }
 
 TEST_F(CheckpointLedgerTest, RefusesUnknownShardsAndNonPositiveStepsWhole) {

@@ -1,6 +1,7 @@
 // The coordinator service over a store the test hands in (the seam of
-// STYLE.md 8): what Start persists before it serves, and that a store which
-// refuses writes keeps it from serving at all.
+// STYLE.md 8): what Start persists before it serves, that a store which
+// refuses writes keeps it from serving at all, and that a change the store
+// refuses later is never acknowledged.
 #include "coordinator/coordinator_service.h"
 
 #include <gtest/gtest.h>
@@ -10,10 +11,12 @@
 #include <boost/asio.hpp>
 #include <filesystem>
 #include <map>
+#include <thread>
 
 #include "common/config.h"
 #include "common/mutex.h"
 #include "common/thread_annotations.h"
+#include "transport/control/client.h"
 
 namespace switchyard::coordinator {
 namespace {
@@ -154,6 +157,50 @@ TEST_F(CoordinatorServiceTest, AStoredSnapshotThatDoesNotParseIsRefused) {
   EXPECT_EQ(started.code(), StatusCode::kDataLoss) << started.ToString();
   EXPECT_EQ(service.port(), 0);
   service.Shutdown();
+}
+
+// A registration whose state change the store refuses is answered
+// UNAVAILABLE, not acknowledged; once the store takes writes again the
+// retried registration is.
+TEST_F(CoordinatorServiceTest, AChangeTheStoreRefusesIsNotAcknowledged) {
+  auto owned = std::make_unique<MemoryKvStore>();
+  MemoryKvStore* store = owned.get();
+  CoordinatorService service(io_, config_, "0123456789abcdef-secret",
+                             std::move(owned));
+  ASSERT_TRUE(service.Start().ok());
+  auto work = boost::asio::make_work_guard(io_);
+  std::thread io_thread([this] { io_.run(); });
+  control::ClientOptions options;
+  options.server = {"127.0.0.1", service.port()};
+  options.control.secret = "0123456789abcdef-secret";
+  auto client = control::ControlClient::Create(io_, options, nullptr, nullptr);
+  client->Start();
+  ASSERT_TRUE(client->WaitConnected(std::chrono::seconds(5)).ok());
+  control::Envelope request;
+  auto* reg = request.mutable_register_request();
+  reg->set_kind(control::WORKER);
+  reg->set_name("worker-0");
+  reg->set_data_address("127.0.0.1:1");
+  reg->set_capacity_bytes(1 << 30);
+  reg->set_device("cpu");
+  reg->set_rank(-1);
+  store->fail_writes = true;
+  auto refused = client->CallSync(request, std::chrono::seconds(5));
+  EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable)
+      << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("cannot make its state durable"),
+            std::string::npos)
+      << refused.status().ToString();
+  EXPECT_EQ(Stored(store).members_size(), 0);
+  store->fail_writes = false;
+  auto accepted = client->CallSync(request, std::chrono::seconds(5));
+  EXPECT_TRUE(accepted.ok()) << accepted.status().ToString();
+  EXPECT_EQ(Stored(store).members_size(), 1);
+  client->Shutdown();
+  service.Shutdown();
+  work.reset();
+  io_.stop();
+  io_thread.join();
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // Nothing wrong is trained on or committed: a non-finite gradient (expert
 // or dense) stops the step with nothing of it applied, a checkpoint holding
-// a non-finite value is never written, and checkpoints that keep failing
-// stop the run instead of letting it train on unsaved work.
+// a non-finite value is never written, checkpoints that keep failing stop
+// the run instead of letting it train on unsaved work, and a checkpoint's
+// report names the incarnation it was taken under.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -116,6 +117,39 @@ TEST(WorkerServiceTest, CheckpointsThatKeepFailingStopTheRun) {
   EXPECT_NE(last.error_text.find("checkpoint 2"), std::string::npos)
       << last.error_text;
   EXPECT_EQ(worker.ParameterDigest(), before);
+  worker.Shutdown();
+  std::filesystem::remove_all(dir);
+}
+
+// A checkpoint's report carries the incarnation the worker had in the
+// routing table its shards were trained under, not whatever the session
+// holds when the write ends: the coordinator then refuses a checkpoint
+// taken before a fence.
+TEST(WorkerServiceTest,
+     CheckpointReportsCarryTheIncarnationTheyWereTakenUnder) {
+  const std::string dir = FreshDir("incarnation");
+  config::SwitchyardConfig config = TestConfig("adamw");
+  config.mutable_checkpoint()->set_every(1);
+  auto store = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(store.ok());
+  std::mutex mu;
+  std::vector<uint64_t> incarnations;
+  WorkerService worker(config, "w");
+  worker.EnableCheckpoints(std::move(store).value(),
+                           [&](const control::CheckpointReport& r) {
+                             std::lock_guard<std::mutex> lock(mu);
+                             incarnations.push_back(r.incarnation());
+                             return OkStatus();
+                           });
+  ASSERT_TRUE(worker.Start().ok());
+  control::RoutingTable routing = Routing(kEpoch);
+  routing.mutable_workers(0)->set_incarnation(7);
+  ASSERT_TRUE(worker.ApplyRouting(routing).ok());
+  for (const Message& a : RunStep(&worker, 0, [](Message*) {})) {
+    ASSERT_EQ(a.header.status_code, 0) << a.error_text;
+  }
+  worker.WaitCheckpointsWritten();
+  EXPECT_EQ(incarnations, std::vector<uint64_t>{7});
   worker.Shutdown();
   std::filesystem::remove_all(dir);
 }

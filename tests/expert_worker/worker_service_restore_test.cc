@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "common/metrics.h"
+#include "common/shard_ref.h"
 #include "expert_worker/worker_service.h"
 #include "storage/checkpoint_store.h"
 #include "tests/expert_worker/worker_test_util.h"
@@ -120,6 +122,41 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
     EXPECT_EQ(resumed.ParameterDigest(), digest);
     resumed.Shutdown();
   }  // Its store is closed.
+
+  // The routing table carries the committed digests: a copy that matches
+  // them restores; one that is not the committed copy (its digest differs)
+  // is refused with DATA_LOSS naming the shard, with no other copy to try.
+  {
+    auto reopened = storage::OpenCheckpointStore(dir, {});
+    ASSERT_TRUE(reopened.ok());
+    std::map<std::string, std::string> digests;
+    auto manifests = (*reopened)->Manifests(3);
+    ASSERT_TRUE(manifests.ok()) << manifests.status().ToString();
+    for (const auto& m : *manifests) digests[m.shard()] = m.digest();
+    control::RoutingTable checked = routing;
+    for (auto& e : *checked.mutable_entries()) {
+      e.set_resume_digest(digests.at(FromShardRef(e.shard()).ToString()));
+    }
+    control::RoutingTable wrong = checked;
+    wrong.mutable_entries(3)->set_resume_digest(std::string(32, '0'));
+    const std::string wrong_shard =
+        FromShardRef(wrong.entries(3).shard()).ToString();
+    WorkerService resumed(config, "w");
+    resumed.EnableCheckpoints(std::move(reopened).value(), nullptr);
+    ASSERT_TRUE(resumed.Start().ok());
+    const Status refused = resumed.ApplyRouting(wrong);
+    EXPECT_EQ(refused.code(), StatusCode::kDataLoss) << refused.ToString();
+    EXPECT_NE(refused.ToString().find(wrong_shard + " at step 3 has digest"),
+              std::string::npos)
+        << refused.ToString();
+    EXPECT_NE(refused.ToString().find("the committed digest is"),
+              std::string::npos)
+        << refused.ToString();
+    checked.set_epoch(kEpoch + 2);
+    ASSERT_TRUE(resumed.ApplyRouting(checked).ok());
+    EXPECT_EQ(resumed.ParameterDigest(), digest);
+    resumed.Shutdown();
+  }
 
   // A flipped byte in one chunk of one shard of checkpoint 3, and no other
   // copy anywhere (no replicas, no peers): the restore fails with an error

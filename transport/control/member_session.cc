@@ -175,7 +175,9 @@ StatusOr<CheckpointReportAck> MemberSession::ReportCheckpoint(
   {
     MutexLock lock(&mu_);
     report.set_name(options_.registration.name());
-    report.set_incarnation(incarnation_);
+    // A report that names the incarnation it was taken under keeps it: the
+    // coordinator refuses it if that incarnation has been fenced since.
+    if (report.incarnation() == 0) report.set_incarnation(incarnation_);
   }
   Envelope envelope;
   *envelope.mutable_checkpoint_report() = std::move(report);

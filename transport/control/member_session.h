@@ -58,7 +58,8 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
   RoutingTable routing() const EXCLUDES(mu_);
 
   // Tells the coordinator this worker's shards are durable at report.step
-  // (name and incarnation are filled in). Blocking, bounded by the call
+  // (the name is filled in, and the incarnation unless the report carries
+  // the one its checkpoint was taken under). Blocking, bounded by the call
   // timeout; must not be called on the io_context thread.
   StatusOr<CheckpointReportAck> ReportCheckpoint(CheckpointReport report)
       EXCLUDES(mu_);
