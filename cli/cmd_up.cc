@@ -165,12 +165,18 @@ int UpCommand(int argc, char** argv) {
   // The coordinator stops first, so that its saved placement is that of the
   // whole cluster (members leaving one by one would re-place their shards);
   // a later `up` on the same run directory resumes it.
+  // A member that did not exit cleanly (a crash at shutdown, an assertion,
+  // a kill) makes `up` fail, whatever else went well: its log says why.
   auto shutdown = [&](int code) {
     std::cout << "[up] stopping the cluster\n" << std::flush;
     group.Terminate({"coordinator"}, Ms(10000));
     group.Terminate({}, Ms(10000));
     print_events();
-    return code;
+    const std::vector<std::string> abnormal = group.AbnormalExits();
+    for (const std::string& a : abnormal) {
+      std::cerr << "[up] not a clean exit: " << a << "\n";
+    }
+    return code == 0 && !abnormal.empty() ? 1 : code;
   };
 
   // 1. Coordinator, on the requested port; wait for its address file.

@@ -96,20 +96,37 @@ StatusOr<pid_t> ProcessGroup::Spawn(const std::string& name,
   return pid;
 }
 
+std::string ProcessGroup::Reap(Child& child) {
+  if (!child.running) return "";
+  int status = 0;
+  if (::waitpid(child.pid, &status, WNOHANG) != child.pid) return "";
+  child.running = false;
+  child.wait_status = status;
+  return child.name + " (pid " + std::to_string(child.pid) + ") exited with " +
+         DescribeExit(status);
+}
+
 std::vector<std::string> ProcessGroup::ReapExited() {
-  std::vector<std::string> events;
+  std::vector<std::string> events = std::move(unreported_);
+  unreported_.clear();
   for (auto& child : children_) {
-    if (!child->running) continue;
-    int status = 0;
-    const pid_t r = ::waitpid(child->pid, &status, WNOHANG);
-    if (r == child->pid) {
-      child->running = false;
-      child->wait_status = status;
-      events.push_back(child->name + " (pid " + std::to_string(child->pid) +
-                       ") exited with " + DescribeExit(status));
-    }
+    std::string event = Reap(*child);
+    if (!event.empty()) events.push_back(std::move(event));
   }
   return events;
+}
+
+std::vector<std::string> ProcessGroup::AbnormalExits() const {
+  std::vector<std::string> abnormal;
+  for (const auto& child : children_) {
+    if (child->running || child->wait_status == -1) continue;
+    if (WIFEXITED(child->wait_status) && WEXITSTATUS(child->wait_status) == 0) {
+      continue;
+    }
+    abnormal.push_back(child->name + " (pid " + std::to_string(child->pid) +
+                       ") exited with " + DescribeExit(child->wait_status));
+  }
+  return abnormal;
 }
 
 bool ProcessGroup::IsRunning(const std::string& name) const {
@@ -149,7 +166,10 @@ void ProcessGroup::Terminate(const std::vector<std::string>& names,
   }
   const auto deadline = std::chrono::steady_clock::now() + grace;
   while (std::chrono::steady_clock::now() < deadline) {
-    ReapExited();
+    for (auto& child : children_) {
+      std::string event = Reap(*child);
+      if (!event.empty()) unreported_.push_back(std::move(event));
+    }
     bool any = false;
     for (auto& child : children_) any |= child->running && selected(*child);
     if (!any) return;
@@ -160,8 +180,13 @@ void ProcessGroup::Terminate(const std::vector<std::string>& names,
       std::fprintf(stderr, "[up] %s did not stop within %lld ms; killing it\n",
                    child->name.c_str(), static_cast<long long>(grace.count()));
       ::kill(child->pid, SIGKILL);
-      ::waitpid(child->pid, nullptr, 0);
+      int status = 0;
+      ::waitpid(child->pid, &status, 0);
       child->running = false;
+      child->wait_status = status;
+      unreported_.push_back(child->name + " (pid " +
+                            std::to_string(child->pid) + ") exited with " +
+                            DescribeExit(status));
     }
   }
 }

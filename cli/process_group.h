@@ -28,12 +28,17 @@ class ProcessGroup {
   StatusOr<pid_t> Spawn(const std::string& name,
                         const std::vector<std::string>& argv);
 
-  // Reaps children that exited; returns "name exited with ..." for each.
+  // Reaps children that exited; returns "name exited with ..." for each,
+  // including those Terminate reaped since the last call.
   std::vector<std::string> ReapExited();
   bool IsRunning(const std::string& name) const;
   // True when child `name` has been reaped after exiting with status 0.
   bool ExitedCleanly(const std::string& name) const;
   int num_running() const;
+  // Children reaped after exiting other than with status 0 (a signal, a
+  // non-zero exit code, killed after Terminate's grace): "name (pid N)
+  // exited with ..." each.
+  std::vector<std::string> AbnormalExits() const;
 
   // SIGTERM to the named children (all when empty), then SIGKILL to those
   // still running after `grace`.
@@ -48,7 +53,12 @@ class ProcessGroup {
     int wait_status = -1;  // From waitpid, once reaped.
     std::thread reader;
   };
+  // Reaps `child` when it has exited; its event, or empty.
+  std::string Reap(Child& child);
+
   std::vector<std::unique_ptr<Child>> children_;
+  // Events Terminate reaped, for the next ReapExited.
+  std::vector<std::string> unreported_;
 };
 
 }  // namespace switchyard::cli

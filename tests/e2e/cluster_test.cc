@@ -269,5 +269,32 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
   EXPECT_EQ(Find(*resumed, "worker-1")->state(), control::DEAD);
 }
 
+// A member that does not exit cleanly makes `up` fail and says which, even
+// when it was not the cause of the stop (before: `up --duration-s` exited 0
+// with a worker dead of SIGKILL, and exits at shutdown went unreported).
+TEST_F(ClusterTest, UpFailsWhenAMemberDidNotExitCleanly) {
+  std::vector<std::string> up = {SWITCHYARD_BINARY, "up", "--workers",    "2",
+                                 "--trainers",      "0",  "--duration-s", "4",
+                                 "--run-dir",       dir_};
+  for (const auto& o : ClusterOverrides()) up.push_back(o);
+  up_pid_ = Spawn(up, log_);
+  auto ready = WaitFor(
+      [](const control::StatusResponse& s) {
+        const auto* w1 = Find(s, "worker-1");
+        return w1 != nullptr && w1->state() == control::ALIVE && w1->pid() > 0;
+      },
+      Ms(60000));
+  ASSERT_TRUE(ready.ok()) << ready.status().ToString();
+  ASSERT_EQ(::kill(Find(*ready, "worker-1")->pid(), SIGKILL), 0);
+  const int code = testing::WaitExit(up_pid_, Ms(60000));
+  if (code != -1) up_pid_ = -1;  // Reaped; else TearDown stops it.
+  EXPECT_EQ(code, 1);
+  std::ifstream in(log_);
+  const std::string log((std::istreambuf_iterator<char>(in)),
+                        std::istreambuf_iterator<char>());
+  EXPECT_NE(log.find("[up] not a clean exit: worker-1"), std::string::npos)
+      << log;
+}
+
 }  // namespace
 }  // namespace switchyard
