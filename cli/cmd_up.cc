@@ -12,6 +12,8 @@
 #include "cli/config_flags.h"
 #include "cli/process_group.h"
 #include "cli/status_client.h"
+#include "common/model_shape.h"
+#include "coordinator/placement.h"
 #include "transport/control/auth.h"
 
 namespace switchyard::cli {
@@ -26,6 +28,31 @@ std::string SelfExe() {
 }
 
 // True when the status shows every expected member alive and placement made.
+// OK when the placement rules can place every shard of the model on
+// `workers` workers of cluster.worker_capacity_bytes each; else why not.
+Status CheckPlaceable(const config::SwitchyardConfig& config, int workers) {
+  coordinator::PlacementInput input;
+  input.shards = ModelShards(config);
+  for (int i = 0; i < workers; ++i) {
+    input.workers.push_back({"worker-" + std::to_string(i),
+                             config.cluster().worker_capacity_bytes()});
+  }
+  const coordinator::PlacementResult result =
+      coordinator::ComputePlacement(input);
+  return result.status.WithContext(
+      "--workers " + std::to_string(workers) +
+      " with cluster.worker_capacity_bytes " +
+      std::to_string(config.cluster().worker_capacity_bytes()));
+}
+
+bool AllWorkersAlive(const control::StatusResponse& s, int workers) {
+  int live = 0;
+  for (const auto& m : s.members()) {
+    live += m.state() == control::ALIVE && m.kind() == control::WORKER;
+  }
+  return live == workers;
+}
+
 bool ClusterReady(const control::StatusResponse& s, int workers, int trainers) {
   int live_workers = 0, live_trainers = 0;
   for (const auto& m : s.members()) {
@@ -76,6 +103,12 @@ int UpCommand(int argc, char** argv) {
   if (!base.ok()) {
     std::cerr << "switchyard: " << base.status().message() << "\n";
     return 2;
+  }
+  // A model that N workers of this capacity cannot hold fails here, before
+  // anything starts (workers would otherwise allocate what fits and wait).
+  if (Status fits = CheckPlaceable(base->config, workers); !fits.ok()) {
+    std::cerr << "switchyard: " << fits.message() << "\n";
+    return 1;
   }
   if (run_dir.empty()) run_dir = base->config.cluster().state_dir();
   std::error_code ec;
@@ -247,6 +280,14 @@ int UpCommand(int argc, char** argv) {
       std::cout << "[up] cluster ready\n"
                 << FormatStatus(*status) << std::flush;
       break;
+    }
+    if (status.ok() && !status->placement_error().empty() &&
+        AllWorkersAlive(*status, workers)) {
+      // Every worker is here and the model still does not fit (workers
+      // started with other capacities): it never will.
+      std::cerr << "[up] the cluster cannot hold the model: "
+                << status->placement_error() << "\n";
+      return shutdown(1);
     }
     last = status.ok() ? DeadlineExceededError("not every member has joined")
                        : status.status();

@@ -71,6 +71,23 @@ TEST(CliTest, StatusWithoutACoordinatorFailsFast) {
   EXPECT_NE(r.output.find("DEADLINE_EXCEEDED"), std::string::npos) << r.output;
 }
 
+// A model the workers cannot hold fails `up` before anything starts (before:
+// "cluster ready", workers allocating what fitted, the error 60 s later).
+TEST(CliTest, UpRefusesAModelItsWorkersCannotHold) {
+  const std::string dir = ::testing::TempDir() + "/cli_test_unplaceable";
+  Result r = RunSwitchyard("up --workers 2 --trainers 0 --run-dir " + dir +
+                           " --config " + std::string(SWITCHYARD_SOURCE_DIR) +
+                           "/examples/tiny.yaml"
+                           " --set cluster.worker_capacity_bytes=1000000");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("cannot place 16 of 18 shards"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("cluster.worker_capacity_bytes 1000000"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("cluster ready"), std::string::npos) << r.output;
+}
+
 // Sizes past Switchyard's limits, which used to end a process in an
 // uncaught std::bad_alloc (or a tensor error naming no field), and the NCCL
 // backend, which silently ran UCX, are configuration errors: exit 2.
