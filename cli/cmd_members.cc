@@ -78,7 +78,7 @@ int CoordinatorCommand(int argc, char** argv) {
     io.stop();
   });
   io.run();
-  return 0;
+  return Finish(service.failure());
 }
 
 int WorkerCommand(int argc, char** argv) {

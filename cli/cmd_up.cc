@@ -292,6 +292,13 @@ int UpCommand(int argc, char** argv) {
     last = status.ok() ? DeadlineExceededError("not every member has joined")
                        : status.status();
     print_events();
+    if (group.ExitedWithError("coordinator")) {
+      // It refused to go on (e.g. its state is older than its members
+      // know). One killed by a signal may be restarted, and members wait.
+      std::cerr << "[up] the coordinator exited with an error (its log says "
+                   "why)\n";
+      return shutdown(1);
+    }
     if (auto code = trainers_finished()) {
       std::cout << "[up] every trainer has exited\n";
       return shutdown(*code);
@@ -310,6 +317,13 @@ int UpCommand(int argc, char** argv) {
   while (true) {
     if (stop_requested(Ms(200))) return shutdown(0);
     print_events();
+    if (group.ExitedWithError("coordinator")) {
+      // It refused to go on (e.g. its state is older than its members
+      // know). One killed by a signal may be restarted, and members wait.
+      std::cerr << "[up] the coordinator exited with an error (its log says "
+                   "why)\n";
+      return shutdown(1);
+    }
     if (auto code = trainers_finished()) {
       std::cout << "[up] every trainer has exited"
                 << (*code == 0 ? ": training done\n" : " (not all cleanly)\n");

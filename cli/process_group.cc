@@ -146,6 +146,17 @@ bool ProcessGroup::ExitedCleanly(const std::string& name) const {
   return false;
 }
 
+bool ProcessGroup::ExitedWithError(const std::string& name) const {
+  for (const auto& child : children_) {
+    if (child->name == name) {
+      return !child->running && child->wait_status != -1 &&
+             WIFEXITED(child->wait_status) &&
+             WEXITSTATUS(child->wait_status) != 0;
+    }
+  }
+  return false;
+}
+
 int ProcessGroup::num_running() const {
   int n = 0;
   for (const auto& child : children_) n += child->running;

@@ -34,6 +34,9 @@ class ProcessGroup {
   bool IsRunning(const std::string& name) const;
   // True when child `name` has been reaped after exiting with status 0.
   bool ExitedCleanly(const std::string& name) const;
+  // True when child `name` has been reaped after exiting with a non-zero
+  // code (it refused to go on), not killed by a signal.
+  bool ExitedWithError(const std::string& name) const;
   int num_running() const;
   // Children reaped after exiting other than with status 0 (a signal, a
   // non-zero exit code, killed after Terminate's grace): "name (pid N)

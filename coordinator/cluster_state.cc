@@ -3,6 +3,8 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include <algorithm>
+#include <iomanip>
+#include <random>
 #include <sstream>
 
 #include "common/shard_ref.h"
@@ -38,6 +40,17 @@ ClusterState::ClusterState(const config::SwitchyardConfig& config)
       ledger_(ShardIds(shards_), config.checkpoint().keep_last()) {
   shard_home_.assign(shards_.size(), "");
   shard_unplaced_.assign(shards_.size(), true);
+  NewRunId();
+}
+
+void ClusterState::NewRunId() {
+  std::random_device device;
+  std::ostringstream id;
+  id << std::hex;
+  for (int i = 0; i < 4; ++i)
+    id << std::setw(8) << std::setfill('0') << device();
+  run_id_ = id.str();
+  ++version_;
 }
 
 StatusOr<ClusterState> ClusterState::Restore(
@@ -62,6 +75,7 @@ StatusOr<ClusterState> ClusterState::Restore(
   }
   state.epoch_ = snapshot.epoch() + 1;  // A restart always advances the epoch.
   state.next_incarnation_ = snapshot.next_incarnation();
+  if (!snapshot.run_id().empty()) state.run_id_ = snapshot.run_id();
   state.placed_ = snapshot.placed();
   state.placement_error_ = snapshot.placement_error();
   state.ledger_.Restore(snapshot);
@@ -91,6 +105,7 @@ control::CoordinatorSnapshot ClusterState::Snapshot() const {
   control::CoordinatorSnapshot s;
   s.set_epoch(epoch_);
   s.set_next_incarnation(next_incarnation_);
+  s.set_run_id(run_id_);
   for (const auto& [name, m] : members_) *s.add_members() = m.record;
   for (size_t i = 0; i < shards_.size(); ++i) {
     s.add_shard_home(shard_home_[i]);
@@ -206,6 +221,19 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
       }
     }
   }
+  if (request.run_id() == run_id_ &&
+      request.committed_step_seen() > ledger_.latest_committed_step()) {
+    return DataLossError(
+        "this coordinator's state is older than its members know: " +
+        request.name() + " was told of committed checkpoint " +
+        std::to_string(request.committed_step_seen()) + " in run " + run_id_ +
+        ", the newest commit here is " +
+        std::to_string(ledger_.latest_committed_step()) +
+        ". The coordinator's state directory was damaged or restored from an "
+        "old copy; the coordinator stops rather than resume from older "
+        "checkpoints its members may have dropped. Restore the state, or "
+        "start again with --fresh");
+  }
   auto it = members_.find(request.name());
   if (it != members_.end() &&
       it->second.record.registration().kind() != request.kind()) {
@@ -254,6 +282,7 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   }
   control::RegisterResponse response;
   response.set_incarnation(m.record.incarnation());
+  response.set_run_id(run_id_);
   *response.mutable_config() = config_;
   *response.mutable_routing() = Routing();
   return response;
@@ -283,6 +312,7 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   }
   control::HeartbeatAck ack;
   ack.set_epoch(epoch_);
+  ack.set_run_id(run_id_);
   ack.set_committed_step(ledger_.latest_committed_step());
   ack.set_keep_from_step(ledger_.keep_from_step());
   auto tasks = tasks_.find(beat.name());

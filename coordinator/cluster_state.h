@@ -57,7 +57,9 @@ class ClusterState {
   // Where training (re)starts: from scratch with `fresh`, else from the
   // committed checkpoint `from_step` (0: the newest). Call before members
   // register.
+  // A --fresh start also names a new run (run_id).
   Status ChooseResumeStep(bool fresh, int64_t from_step) {
+    if (fresh) NewRunId();
     return ledger_.ChooseResumeStep(fresh, from_step);
   }
   int64_t resume_step() const { return ledger_.resume_step(); }
@@ -94,8 +96,12 @@ class ClusterState {
   config::SwitchyardConfig config_;
   std::vector<ShardFootprint> shards_;
   std::map<std::string, Member> members_;
+  // Gives the run a new random name.
+  void NewRunId();
+
   uint64_t epoch_ = 1;
   uint64_t next_incarnation_ = 1;
+  std::string run_id_;
   uint64_t version_ = 0;
   uint64_t routing_version_ = 0;
   bool placed_ = false;

@@ -39,6 +39,38 @@ CoordinatorService::CoordinatorService(asio::io_context& io,
 
 CoordinatorService::~CoordinatorService() = default;
 
+Status CoordinatorService::CheckNoOrphanedCheckpoints() const {
+  const std::string& base = config_.checkpoint().dir();
+  const std::string stores =
+      base.empty() ? config_.cluster().state_dir() + "/checkpoints" : base;
+  std::string found;
+  std::error_code ec;
+  for (const auto& worker : std::filesystem::directory_iterator(stores, ec)) {
+    std::error_code inner;
+    for (const auto& file :
+         std::filesystem::directory_iterator(worker.path() / "db", inner)) {
+      if (file.path().extension() == ".sst") {
+        found +=
+            (found.empty() ? "" : ", ") + worker.path().filename().string();
+        break;
+      }
+    }
+  }
+  if (found.empty()) return OkStatus();
+  if (fresh_) {
+    LOG(WARNING) << "coordinator: --fresh: a new run over the checkpoints of "
+                 << found << " in " << stores
+                 << " (the new run's checkpoints replace them)";
+    return OkStatus();
+  }
+  return FailedPreconditionError(
+      "no coordinator state in " + StateDir(config_) +
+      ", but the checkpoint stores of " + found + " in " + stores +
+      " hold checkpoints: this run's coordinator state was deleted or lost. "
+      "Restore that directory to resume the run, or pass --fresh to start "
+      "a new run over them");
+}
+
 uint16_t CoordinatorService::port() const {
   return server_ ? server_->port() : 0;
 }
@@ -59,6 +91,7 @@ Status CoordinatorService::Start() {
                        ClusterState::Restore(config_, snapshot, Clock::now()));
       state_.emplace(std::move(restored));
     } else {
+      RETURN_IF_ERROR(CheckNoOrphanedCheckpoints());
       state_.emplace(config_);
       LOG(INFO) << "coordinator: new run, state in " << dir;
     }
@@ -109,6 +142,22 @@ Status CoordinatorService::Start() {
             << epoch << ")";
   ScheduleTick();
   return OkStatus();
+}
+
+void CoordinatorService::FailLocked(const Status& why) {
+  if (!failure_.ok()) return;
+  failure_ = why;
+  LOG(ERROR) << "coordinator: stopping: " << why.ToString();
+  // After this request's reply is on its way.
+  asio::post(io_, [this] {
+    Shutdown();
+    io_.stop();
+  });
+}
+
+Status CoordinatorService::failure() const {
+  MutexLock lock(&mu_);
+  return failure_;
 }
 
 void CoordinatorService::Shutdown() {
@@ -178,6 +227,7 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
           connections_[request.register_request().name()] = conn;
         } else {
           error = r.status();
+          if (error.code() == StatusCode::kDataLoss) FailLocked(error);
         }
         break;
       }

@@ -53,6 +53,10 @@ class CoordinatorService {
   // <state_dir>/coordinator.addr.
   Status Start() EXCLUDES(mu_);
   void Shutdown() EXCLUDES(mu_);
+  // OK, or why the coordinator stopped by itself (its state is older than
+  // its members know: see ClusterState::Register); the process should exit
+  // with it once the io_context has stopped.
+  Status failure() const EXCLUDES(mu_);
   uint16_t port() const;
 
  private:
@@ -65,6 +69,13 @@ class CoordinatorService {
   // routing table; an error when the store refused the write (the table is
   // then not pushed, and the write is retried on the next change or tick).
   Status CommitLocked() REQUIRES(mu_);
+  // The coordinator's state cannot be trusted (`why`): it stops serving and
+  // stops its io_context; failure() says why.
+  void FailLocked(const Status& why) REQUIRES(mu_);
+  // For a new run: FAILED_PRECONDITION when workers' checkpoint stores in
+  // this run's checkpoint directory already hold checkpoints (the run's
+  // coordinator state was deleted or lost), unless --fresh.
+  Status CheckNoOrphanedCheckpoints() const;
 
   boost::asio::io_context& io_;
   const config::SwitchyardConfig config_;
@@ -74,7 +85,8 @@ class CoordinatorService {
   std::unique_ptr<control::ControlServer> server_;
   boost::asio::steady_timer tick_timer_;
 
-  Mutex mu_;
+  mutable Mutex mu_;
+  Status failure_ GUARDED_BY(mu_);
   const std::unique_ptr<storage::KvStore> store_ PT_GUARDED_BY(mu_);
   std::optional<ClusterState> state_ GUARDED_BY(mu_);
   uint64_t persisted_version_ GUARDED_BY(mu_) = 0;

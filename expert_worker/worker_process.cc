@@ -1,9 +1,14 @@
 #include "expert_worker/worker_process.h"
 
+#include <fcntl.h>
 #include <glog/logging.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <system_error>
 
@@ -55,6 +60,32 @@ std::pair<int, int64_t> AssignedShards(const control::RoutingTable& routing,
   }
   return {count, bytes};
 }
+
+namespace {
+
+// Writes "<run id> <committed step>" to `path` durably: a temporary file,
+// fsync, then rename over the old one.
+Status WriteSeenFile(const std::string& path, const std::string& run_id,
+                     int64_t committed_step) {
+  const std::string tmp = path + ".tmp";
+  const std::string text = run_id + " " + std::to_string(committed_step) + "\n";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) {
+    return UnavailableError("cannot write " + tmp + ": " +
+                            std::strerror(errno));
+  }
+  const bool written = ::write(fd, text.data(), text.size()) ==
+                           static_cast<ssize_t>(text.size()) &&
+                       ::fsync(fd) == 0;
+  ::close(fd);
+  if (!written || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    return UnavailableError("cannot write " + path + ": " +
+                            std::strerror(errno));
+  }
+  return OkStatus();
+}
+
+}  // namespace
 
 std::string CheckpointDir(const config::SwitchyardConfig& config,
                           const std::string& name) {
@@ -147,7 +178,32 @@ Status RunWorker(const config::SwitchyardConfig& config,
   member.on_session = [&session](std::shared_ptr<control::MemberSession> s) {
     session.Set(std::move(s));
   };
-  member.on_heartbeat_ack = [&service](const control::HeartbeatAck& ack) {
+  // What this worker heard of the run's commits, kept beside its
+  // checkpoints: a restarted coordinator whose state lost commits is then
+  // found out at this worker's next registration, even after a restart.
+  const std::string seen_file =
+      config.checkpoint().every() > 0
+          ? CheckpointDir(config, options.name) + "/coordinator_seen"
+          : "";
+  if (!seen_file.empty()) {
+    std::ifstream in(seen_file);
+    std::string run_id;
+    int64_t step = 0;
+    if (in >> run_id >> step) {
+      reg.set_run_id(run_id);
+      reg.set_committed_step_seen(step);
+    }
+  }
+  auto seen = std::make_shared<std::pair<std::string, int64_t>>(
+      reg.run_id(), reg.committed_step_seen());
+  member.on_heartbeat_ack = [&service, seen_file,
+                             seen](const control::HeartbeatAck& ack) {
+    if (!seen_file.empty() &&
+        (ack.run_id() != seen->first || ack.committed_step() != seen->second)) {
+      *seen = {ack.run_id(), ack.committed_step()};
+      Status s = WriteSeenFile(seen_file, ack.run_id(), ack.committed_step());
+      if (!s.ok()) LOG(WARNING) << s.ToString();
+    }
     if (ack.keep_from_step() > 0) {
       service.DropCheckpointsBefore(ack.keep_from_step());
     }

@@ -218,6 +218,37 @@ TEST_F(ClusterStateTest, RestartResumesPlacementAtAHigherEpoch) {
   }
 }
 
+// A member that was told of a commit this state does not have (same run)
+// shows the state lost commits: the registration is refused with DATA_LOSS.
+// Another run's members (a --fresh start names a new run) are not compared.
+TEST_F(ClusterStateTest, AStateOlderThanItsMembersKnowIsFoundOut) {
+  auto first = state_.Register(Worker("worker-0"), t0_);
+  ASSERT_TRUE(first.ok());
+  const std::string run = first->run_id();
+  EXPECT_EQ(run.size(), 32u);
+  auto restored = ClusterState::Restore(TestConfig(), state_.Snapshot(), t0_);
+  ASSERT_TRUE(restored.ok());
+  RegisterRequest told = Worker("worker-1");
+  told.set_run_id(run);
+  told.set_committed_step_seen(500);
+  auto refused = restored->Register(told, t0_);
+  EXPECT_EQ(refused.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(refused.status().message().find(
+                "worker-1 was told of committed checkpoint 500"),
+            std::string::npos)
+      << refused.status().ToString();
+  told.set_committed_step_seen(0);
+  EXPECT_TRUE(restored->Register(told, t0_).ok());
+  told.set_run_id("another-run");
+  told.set_committed_step_seen(500);
+  EXPECT_TRUE(restored->Register(told, t0_).ok());
+  ASSERT_TRUE(restored->ChooseResumeStep(/*fresh=*/true, 0).ok());
+  told.set_run_id(run);
+  auto fresh = restored->Register(told, t0_);
+  ASSERT_TRUE(fresh.ok()) << fresh.status().ToString();
+  EXPECT_NE(fresh->run_id(), run);
+}
+
 TEST_F(ClusterStateTest, RestoreRefusesADifferentModel) {
   RegisterWorkers(3, t0_);
   auto other = TestConfig();

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <boost/asio.hpp>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <thread>
 
@@ -157,6 +158,35 @@ TEST_F(CoordinatorServiceTest, AStoredSnapshotThatDoesNotParseIsRefused) {
   EXPECT_EQ(started.code(), StatusCode::kDataLoss) << started.ToString();
   EXPECT_EQ(service.port(), 0);
   service.Shutdown();
+}
+
+// No coordinator state, but workers' stores in the run's checkpoint
+// directory hold checkpoints: the state was deleted, and a new run over
+// them is refused unless --fresh (before: "new run", training from step 0
+// over the old run's directory).
+TEST_F(CoordinatorServiceTest, ANewRunOverAnOldRunsCheckpointsNeedsFresh) {
+  std::filesystem::create_directories(dir_ + "/checkpoints/worker-0/db");
+  std::filesystem::create_directories(dir_ + "/checkpoints/worker-1/db");
+  std::ofstream(dir_ + "/checkpoints/worker-1/db/000012.sst") << "x";
+  {
+    CoordinatorService service(io_, config_, "secret",
+                               std::make_unique<MemoryKvStore>());
+    const Status refused = service.Start();
+    EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition)
+        << refused.ToString();
+    EXPECT_NE(refused.message().find("the checkpoint stores of worker-1"),
+              std::string::npos)
+        << refused.ToString();
+    EXPECT_NE(refused.message().find("--fresh"), std::string::npos)
+        << refused.ToString();
+    EXPECT_EQ(service.port(), 0);
+    service.Shutdown();
+  }
+  CoordinatorService fresh(io_, config_, "secret",
+                           std::make_unique<MemoryKvStore>());
+  fresh.SetResume(/*fresh=*/true, 0);
+  EXPECT_TRUE(fresh.Start().ok());
+  fresh.Shutdown();
 }
 
 // A registration whose state change the store refuses is answered

@@ -103,7 +103,8 @@ TEST_F(TrainingTest, DistributedRunsMatchTheReferenceBitForBit) {
 // committed) and resumed by a second `up` on the same run directory with 3
 // workers (shards placed anew; the new worker fetches its shards from the
 // holders) ends at step 20 bit-identical to the reference trained 20 steps
-// straight; --fresh starts over instead.
+// straight; the coordinator's state replaced by an older copy stops the
+// run; --fresh starts over instead.
 TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
   const std::string ckpt =
       " --set checkpoint.every=5 --set cluster.heartbeat_ms=200";
@@ -123,6 +124,10 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
             std::string::npos)
       << first.output;
   EXPECT_TRUE(Digests(first.output).empty()) << "stopped before the end";
+  // The coordinator's state as of step 10, for (*) below.
+  const std::string state = dir_ + "/resume/coordinator";
+  std::filesystem::copy(state, dir_ + "/old_coordinator",
+                        std::filesystem::copy_options::recursive);
 
   const auto second = RunSwitchyard(up, 180);
   ASSERT_EQ(second.exit_code, 0) << second.output;
@@ -132,6 +137,19 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
       R"(restored \d+ shards from checkpoint 10 \([1-9]\d* fetched from peers\))");
   EXPECT_TRUE(std::regex_search(second.output, kFetched)) << second.output;
   EXPECT_EQ(Digests(second.output), want) << second.output;
+
+  // (*) The coordinator's state replaced by its older copy (newest commit
+  // 10) while the workers were told of later commits: the coordinator finds
+  // out at their registration and stops, and so does `up` (before: it
+  // resumed from checkpoint 10, which the workers had already dropped).
+  std::filesystem::remove_all(state);
+  std::filesystem::rename(dir_ + "/old_coordinator", state);
+  const auto older = RunSwitchyard(up, 180);
+  EXPECT_EQ(older.exit_code, 1) << older.output;
+  EXPECT_NE(older.output.find("this coordinator's state is older than its "
+                              "members know"),
+            std::string::npos)
+      << older.output;
 
   // --fresh: from scratch again, and still the same 20 steps.
   const auto fresh = RunSwitchyard(up + " --fresh", 180);

@@ -15,7 +15,12 @@ MemberSession::MemberSession(asio::io_context& io, MemberSessionOptions options,
     : io_(io),
       options_(std::move(options)),
       on_routing_(std::move(on_routing)),
-      heartbeat_timer_(io) {}
+      heartbeat_timer_(io) {
+  // What a previous process of this member heard (a worker keeps it beside
+  // its checkpoints).
+  seen_run_id_ = options_.registration.run_id();
+  seen_committed_step_ = options_.registration.committed_step_seen();
+}
 
 void MemberSession::Start() {
   std::weak_ptr<MemberSession> weak = shared_from_this();
@@ -47,6 +52,10 @@ void MemberSession::Register() {
     if (stopped_ || registering_) return;
     registering_ = true;
     request.set_previous_incarnation(incarnation_);
+    if (!seen_run_id_.empty()) {
+      request.set_run_id(seen_run_id_);
+      request.set_committed_step_seen(seen_committed_step_);
+    }
   }
   Envelope envelope;
   *envelope.mutable_register_request() = request;
@@ -67,6 +76,10 @@ void MemberSession::Register() {
                         << " registered as incarnation " << resp.incarnation();
                   }
                   self->incarnation_ = resp.incarnation();
+                  if (resp.run_id() != self->seen_run_id_) {
+                    self->seen_run_id_ = resp.run_id();
+                    self->seen_committed_step_ = 0;
+                  }
                   self->registered_ = true;
                   self->last_error_ = OkStatus();
                   lock.Unlock();
@@ -98,6 +111,13 @@ void MemberSession::ScheduleHeartbeat() {
               std::move(envelope), self->options_.call_timeout,
               [self](StatusOr<Envelope> r) {
                 if (r.ok()) {
+                  {
+                    const HeartbeatAck& ack = r->heartbeat_ack();
+                    MutexLock lock(&self->mu_);
+                    if (ack.run_id() == self->seen_run_id_) {
+                      self->seen_committed_step_ = ack.committed_step();
+                    }
+                  }
                   if (self->options_.on_heartbeat_ack) {
                     self->options_.on_heartbeat_ack(r->heartbeat_ack());
                   }

@@ -80,6 +80,10 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
   mutable Mutex mu_;
   CondVar cv_;
   uint64_t incarnation_ GUARDED_BY(mu_) = 0;  // 0 until registered
+  // The run last heard from and the newest commit it announced (sent with
+  // every registration; see RegisterRequest.run_id).
+  std::string seen_run_id_ GUARDED_BY(mu_);
+  int64_t seen_committed_step_ GUARDED_BY(mu_) = 0;
   bool registered_ GUARDED_BY(mu_) = false;
   bool registering_ GUARDED_BY(mu_) = false;
   bool stopped_ GUARDED_BY(mu_) = false;
