@@ -24,6 +24,7 @@
 #include "common/digest.h"
 #include "common/thread_name.h"
 #include "storage/direct_write_fs.h"
+#include "storage/durable_dir.h"
 #include "storage/rocks_status.h"
 #include "storage/sst_chunk_reader.h"
 
@@ -623,13 +624,17 @@ StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStore(
   if (options.file_system != nullptr) {
     env = rocksdb::NewCompositeEnv(options.file_system);
   }
-  std::error_code ec;
-  fs::create_directories(dir + "/ingest", ec);
-  if (ec) {
-    return UnavailableError("cannot create checkpoint directory '" + dir +
-                            "': " + ec.message());
+  rocksdb::FileSystem& file_system = options.file_system != nullptr
+                                         ? *options.file_system
+                                         : *DirectWriteFileSystem();
+  // The store's directories survive power loss before anything is written
+  // in them (RocksDB does not sync the parent of the database directory).
+  for (const char* sub : {"", "/db", "/ingest"}) {
+    const Status s = CreateDirDurably(file_system, dir + sub);
+    if (!s.ok()) return s.WithContext("opening checkpoint store " + dir);
   }
   // Leftovers of writes a crash interrupted were never ingested.
+  std::error_code ec;
   for (const auto& entry : fs::directory_iterator(dir + "/ingest", ec)) {
     fs::remove(entry.path(), ec);
   }

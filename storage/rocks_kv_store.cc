@@ -5,8 +5,7 @@
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
 
-#include <filesystem>
-
+#include "storage/durable_dir.h"
 #include "storage/kv_store.h"
 #include "storage/rocks_status.h"
 
@@ -70,14 +69,13 @@ class RocksKvStore : public KvStore {
 
 StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(
     const std::string& path, std::shared_ptr<rocksdb::FileSystem> file_system) {
-  std::error_code ec;
-  std::filesystem::create_directories(path, ec);
-  if (ec) {
-    return UnavailableError("cannot create directory '" + path +
-                            "': " + ec.message());
-  }
   std::unique_ptr<rocksdb::Env> env;
   if (file_system != nullptr) env = rocksdb::NewCompositeEnv(file_system);
+  // The directory survives power loss before anything is written in it
+  // (RocksDB does not sync the parent of the database directory).
+  RETURN_IF_ERROR(CreateDirDurably(
+      file_system != nullptr ? *file_system : *rocksdb::FileSystem::Default(),
+      path));
   rocksdb::Options options;
   if (env != nullptr) options.env = env.get();
   options.create_if_missing = true;

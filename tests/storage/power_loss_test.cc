@@ -1,12 +1,21 @@
 // Power loss under the real RocksDB engine (tests/testing/power_loss_fs.h):
-// the file system itself, and RocksDB's sync on it.
+// a workload runs on a file system that cuts the power before its n-th file
+// operation, for every n; what the power loss leaves is reopened through
+// the default file system and checked against what the workload was told
+// was durable. The checkpoint store: a shard WriteShard returned survives
+// whole, one cut mid-write is whole or absent.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <random>
+#include <set>
 
+#include "storage/checkpoint_store.h"
+#include "storage/direct_write_fs.h"
 #include "storage/kv_store.h"
 #include "tests/testing/power_loss_fs.h"
 
@@ -14,6 +23,8 @@ namespace switchyard {
 namespace {
 
 namespace fs = std::filesystem;
+using storage::CheckpointStore;
+using storage::ShardSnapshot;
 using switchyard::testing::PowerLossFileSystem;
 
 class PowerLossTest : public ::testing::Test {
@@ -118,6 +129,217 @@ TEST_F(PowerLossTest, AnUnsyncedRocksDbWriteIsLostAndASyncedOneIsNot) {
     ASSERT_TRUE(v.ok());
     EXPECT_EQ(v->has_value(), sync);
   }
+}
+
+// --- The checkpoint store.
+
+// Which cut a failure is about: "power cut before operation 7 (sync ...)".
+std::string Where(uint64_t cut, const PowerLossFileSystem& fs) {
+  return "power cut before operation " + std::to_string(cut) + " (" +
+         fs.first_refused() + ")";
+}
+
+ShardSnapshot Snapshot(const std::string& shard, int64_t step, int version) {
+  ShardSnapshot s;
+  s.shard = shard;
+  s.step = step;
+  s.epoch = 2 + version;
+  std::mt19937 rng(static_cast<uint32_t>(step * 977 + version * 31) +
+                   static_cast<uint32_t>(std::hash<std::string>()(shard)));
+  auto filled = [&](DType dtype, std::vector<int64_t> shape) {
+    Tensor t = Tensor::Zeros(dtype, std::move(shape)).value();
+    auto* bytes = static_cast<uint8_t*>(t.data());
+    for (size_t i = 0; i < t.num_bytes(); ++i) bytes[i] = rng() & 0xff;
+    return t;
+  };
+  s.tensors.push_back({"w1", filled(DType::kF32, {24, 20})});
+  s.tensors.push_back({"w2", filled(DType::kBF16, {20, 24})});
+  s.tensors.push_back({"opt.w1.m", filled(DType::kF32, {24, 20})});
+  return s;
+}
+
+// Opens the store in `dir` through `file_system` (null: the default).
+StatusOr<std::unique_ptr<CheckpointStore>> Open(
+    const std::string& dir,
+    std::shared_ptr<PowerLossFileSystem> file_system = nullptr) {
+  storage::CheckpointStoreOptions options;
+  options.chunk_bytes = 1000;  // Every tensor spans chunks.
+  options.file_system = std::move(file_system);
+  return storage::OpenCheckpointStore(dir, options);
+}
+
+// A shard checkpoint WriteShard returned: the worker reports it now.
+struct Reported {
+  std::string shard;
+  int64_t step = 0;
+  std::string digest;
+};
+
+// Every listed checkpoint reads back whole, the files verify, and every
+// reported one is there with its digest (`gone_steps` excepted: a drop of
+// them had begun). Returns the manifests.
+std::vector<checkpoint::ShardManifest> ExpectIntact(
+    CheckpointStore& store, const std::vector<Reported>& reported,
+    const std::set<int64_t>& gone_steps, const std::string& where) {
+  auto manifests = store.Manifests(std::nullopt);
+  EXPECT_TRUE(manifests.ok()) << where << ": " << manifests.status().ToString();
+  if (!manifests.ok()) return {};
+  for (const auto& m : *manifests) {
+    auto back = store.ReadShard(m.step(), m.shard());
+    EXPECT_TRUE(back.ok()) << where << ": listed " << m.shard() << " at "
+                           << m.step() << ": " << back.status().ToString();
+  }
+  for (const Reported& r : reported) {
+    if (gone_steps.count(r.step) != 0) continue;
+    auto back = store.ReadShard(r.step, r.shard);
+    EXPECT_TRUE(back.ok()) << where << ": reported " << r.shard << " at "
+                           << r.step << ": " << back.status().ToString();
+    if (back.ok()) {
+      EXPECT_EQ(storage::SnapshotDigest(*back), r.digest)
+          << where << ": " << r.shard << " at " << r.step;
+    }
+  }
+  const Status verified = store.VerifyFiles();
+  EXPECT_TRUE(verified.ok()) << where << ": " << verified.ToString();
+  return std::move(manifests).value();
+}
+
+// A worker's checkpoints: two shards at steps 1-3, then step 1 dropped.
+// It stops at the first failure (the power went; so did the process).
+struct CheckpointRun {
+  std::vector<Reported> reported;
+  std::set<int64_t> gone_steps;       // Steps whose drop began.
+  std::vector<uint64_t> reported_at;  // Operations done at each report.
+};
+CheckpointRun RunCheckpoints(const std::string& dir,
+                             std::shared_ptr<PowerLossFileSystem> plfs) {
+  CheckpointRun run;
+  auto store = Open(dir, plfs);
+  if (!store.ok()) return run;
+  for (int64_t step = 1; step <= 3; ++step) {
+    for (const char* shard : {"L0.E1.S0", "D0"}) {
+      const ShardSnapshot s = Snapshot(shard, step, 0);
+      auto m = (*store)->WriteShard(s);
+      if (!m.ok()) return run;
+      EXPECT_EQ(m->digest(), storage::SnapshotDigest(s));
+      run.reported.push_back({shard, step, m->digest()});
+      run.reported_at.push_back(plfs->operations());
+    }
+  }
+  run.gone_steps.insert(1);
+  (void)(*store)->DropSteps(1, 2);
+  return run;
+}
+
+TEST_F(PowerLossTest, AReportedCheckpointSurvivesPowerLossAtEveryLaterPoint) {
+  // The whole run once, uncut, to count its operations.
+  auto plfs =
+      std::make_shared<PowerLossFileSystem>(storage::DirectWriteFileSystem());
+  const CheckpointRun full = RunCheckpoints(Fresh("full") + "/store", plfs);
+  ASSERT_EQ(full.reported.size(), 6u);
+  const uint64_t total = plfs->operations();
+  ASSERT_GT(total, full.reported_at.back());
+  // Then cut before every operation (from the store's creation on), and
+  // after the last (the whole run done, its unsynced bytes lost).
+  for (uint64_t cut = 0; cut <= total; ++cut) {
+    const std::string dir = Fresh("cut") + "/store";
+    plfs =
+        std::make_shared<PowerLossFileSystem>(storage::DirectWriteFileSystem());
+    plfs->CutPowerAt(cut);
+    const CheckpointRun run = RunCheckpoints(dir, plfs);
+    const std::string where = Where(cut, *plfs);
+    ASSERT_TRUE(plfs->DropUnsyncedData().ok());
+    auto store = Open(dir);
+    ASSERT_TRUE(store.ok()) << where << ": " << store.status().ToString();
+    if (cut >= full.reported_at.front()) {
+      EXPECT_GE(run.reported.size(), 1u) << where;
+    }
+    ExpectIntact(**store, run.reported, run.gone_steps, where);
+    if (HasFailure()) break;  // One cut's story is enough.
+  }
+}
+
+TEST_F(PowerLossTest, ACheckpointCutMidWriteIsWholeOrAbsent) {
+  // Step 1 written, then a new shard checkpoint (D0 at 2) and a rewrite of
+  // one (L0.E1.S0 at 1, other bytes); the power is cut before every
+  // operation of those two writes.
+  const ShardSnapshot a1 = Snapshot("L0.E1.S0", 1, 0);
+  const ShardSnapshot a1_new = Snapshot("L0.E1.S0", 1, 1);
+  const ShardSnapshot d1 = Snapshot("D0", 1, 0);
+  const ShardSnapshot d2 = Snapshot("D0", 2, 0);
+  struct Written {
+    uint64_t before = 0, after = 0;   // Operations done around the writes.
+    bool d2 = false, a1_new = false;  // Which of them returned OK.
+  };
+  auto run = [&](const std::string& dir,
+                 const std::shared_ptr<PowerLossFileSystem>& plfs,
+                 std::optional<uint64_t> cut_after_setup) {
+    Written w;
+    auto store = Open(dir, plfs);
+    EXPECT_TRUE(store.ok()) << store.status().ToString();
+    if (!store.ok()) return w;
+    EXPECT_TRUE((*store)->WriteShard(a1).ok());
+    EXPECT_TRUE((*store)->WriteShard(d1).ok());
+    w.before = plfs->operations();
+    if (cut_after_setup) plfs->CutPowerAt(w.before + *cut_after_setup);
+    w.d2 = (*store)->WriteShard(d2).ok();
+    w.a1_new = w.d2 && (*store)->WriteShard(a1_new).ok();
+    w.after = plfs->operations();
+    return w;
+  };
+  auto plfs =
+      std::make_shared<PowerLossFileSystem>(storage::DirectWriteFileSystem());
+  const Written full = run(Fresh("full") + "/store", plfs, std::nullopt);
+  ASSERT_TRUE(full.d2 && full.a1_new);
+  ASSERT_GT(full.after - full.before, 10u);
+  int d2_absent = 0, d2_whole = 0, a1_old = 0, a1_rewritten = 0;
+  for (uint64_t k = 0; k <= full.after - full.before; ++k) {
+    const std::string dir = Fresh("cut") + "/store";
+    plfs =
+        std::make_shared<PowerLossFileSystem>(storage::DirectWriteFileSystem());
+    const Written w = run(dir, plfs, k);
+    const std::string where = Where(w.before + k, *plfs);
+    ASSERT_TRUE(plfs->DropUnsyncedData().ok());
+    auto store = Open(dir);
+    ASSERT_TRUE(store.ok()) << where << ": " << store.status().ToString();
+    // Step 1's D0 was reported; the L0.E1.S0 rewrite is checked below.
+    const auto manifests = ExpectIntact(
+        **store, {{"D0", 1, storage::SnapshotDigest(d1)}}, {}, where);
+    // D0 at 2: absent (not listed, NOT_FOUND) or whole; whole if reported.
+    auto back = (*store)->ReadShard(2, "D0");
+    const bool listed = std::any_of(
+        manifests.begin(), manifests.end(),
+        [](const auto& m) { return m.step() == 2 && m.shard() == "D0"; });
+    if (back.ok()) {
+      ++d2_whole;
+      EXPECT_TRUE(listed) << where;
+      EXPECT_EQ(storage::SnapshotDigest(*back), storage::SnapshotDigest(d2))
+          << where;
+    } else {
+      ++d2_absent;
+      EXPECT_EQ(back.status().code(), StatusCode::kNotFound)
+          << where << ": " << back.status().ToString();
+      EXPECT_FALSE(listed) << where;
+      EXPECT_FALSE(w.d2) << where << ": reported, then lost";
+    }
+    // L0.E1.S0 at 1: the old bytes or the new, the new if reported.
+    auto a = (*store)->ReadShard(1, "L0.E1.S0");
+    ASSERT_TRUE(a.ok()) << where << ": " << a.status().ToString();
+    const std::string digest = storage::SnapshotDigest(*a);
+    if (digest == storage::SnapshotDigest(a1_new)) {
+      ++a1_rewritten;
+    } else {
+      ++a1_old;
+      EXPECT_EQ(digest, storage::SnapshotDigest(a1)) << where;
+      EXPECT_FALSE(w.a1_new) << where << ": rewrite reported, then lost";
+    }
+    if (HasFailure()) break;
+  }
+  // The cuts fell on both sides of each commit.
+  EXPECT_GT(d2_absent, 0);
+  EXPECT_GT(d2_whole, 0);
+  EXPECT_GT(a1_old, 0);
+  EXPECT_GT(a1_rewritten, 0);
 }
 
 }  // namespace
