@@ -131,13 +131,13 @@ void CoordinatorService::ScheduleTick() {
       MutexLock lock(&mu_);
       if (shut_down_) return;
       state_->Tick(Clock::now());
-      CommitLocked();
+      (void)CommitLocked();  // Logged; retried on the next tick.
     }
     ScheduleTick();
   });
 }
 
-void CoordinatorService::CommitLocked() {
+Status CoordinatorService::CommitLocked() {
   if (state_->version() != persisted_version_) {
     const std::string bytes = state_->Snapshot().SerializeAsString();
     Status s = store_->Put(kSnapshotKey, bytes, /*sync=*/true);
@@ -145,7 +145,8 @@ void CoordinatorService::CommitLocked() {
       // NOTE: state stays in memory and is retried on the next change or
       // tick; the routing table is not published until it is durable.
       LOG(ERROR) << "coordinator: cannot persist state: " << s.ToString();
-      return;
+      return UnavailableError("coordinator cannot persist its state: " +
+                              s.message());
     }
     persisted_version_ = state_->version();
   }
@@ -155,6 +156,7 @@ void CoordinatorService::CommitLocked() {
     *push.mutable_routing_table() = state_->Routing();
     for (const auto& [name, conn] : connections_) conn->Push(push);
   }
+  return OkStatus();
 }
 
 void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
@@ -216,7 +218,10 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
         LOG(WARNING) << "coordinator: " << error.message();
         break;
     }
-    CommitLocked();
+    // Nothing is acknowledged before it is durable: a reply that a change
+    // it made could not be persisted is an error (the requester retries).
+    Status persisted = CommitLocked();
+    if (error.ok() && !persisted.ok()) error = std::move(persisted);
   }
   if (error.ok()) {
     conn->Reply(id, std::move(response));

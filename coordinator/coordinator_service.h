@@ -2,7 +2,8 @@
 //
 // Serves registration, heartbeats, leave and status requests; expires leases
 // on a timer; persists every state change to its KvStore (synchronously,
-// before anyone hears of it) and pushes the routing table to every connected
+// before anyone hears of it: a request whose change cannot be persisted is
+// answered UNAVAILABLE) and pushes the routing table to every connected
 // member whenever the epoch changes. The store is handed in (the binary opens
 // OpenCoordinatorStore's RocksDB; tests may wrap a store to inject faults).
 //
@@ -60,8 +61,10 @@ class CoordinatorService {
                  control::Envelope request) EXCLUDES(mu_);
   void OnClose(const control::Connection::Ptr& conn) EXCLUDES(mu_);
   void ScheduleTick();
-  // Persists and pushes if the state changed.
-  void CommitLocked() REQUIRES(mu_);
+  // Persists and pushes if the state changed. UNAVAILABLE when it could
+  // not persist (the change stays in memory and is retried on the next
+  // call; nothing is pushed before it is durable).
+  [[nodiscard]] Status CommitLocked() REQUIRES(mu_);
 
   boost::asio::io_context& io_;
   const config::SwitchyardConfig config_;

@@ -3,21 +3,31 @@
 // operation, for every n; what the power loss leaves is reopened through
 // the default file system and checked against what the workload was told
 // was durable. The checkpoint store: a shard WriteShard returned survives
-// whole, one cut mid-write is whole or absent.
+// whole, one cut mid-write is whole or absent. The coordinator: what a
+// reply acknowledged (members, epoch, committed checkpoints) survives.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/asio.hpp>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <random>
 #include <set>
+#include <thread>
 
+#include "common/config.h"
+#include "common/model_shape.h"
+#include "common/shard_ref.h"
+#include "coordinator/cluster_state.h"
+#include "coordinator/coordinator_service.h"
 #include "storage/checkpoint_store.h"
 #include "storage/direct_write_fs.h"
 #include "storage/kv_store.h"
 #include "tests/testing/power_loss_fs.h"
+#include "transport/control/client.h"
 
 namespace switchyard {
 namespace {
@@ -340,6 +350,197 @@ TEST_F(PowerLossTest, ACheckpointCutMidWriteIsWholeOrAbsent) {
   EXPECT_GT(d2_whole, 0);
   EXPECT_GT(a1_old, 0);
   EXPECT_GT(a1_rewritten, 0);
+}
+
+// --- The coordinator.
+
+constexpr char kSecret[] = "power-loss-test-secret-0123456789abcdef";
+
+// What the coordinator's replies acknowledged.
+struct Acked {
+  bool started = false;  // Start returned OK: the run is persisted.
+  uint64_t epoch = 0;    // The newest epoch a reply carried.
+  std::map<std::string, uint64_t> incarnations;  // Registered members.
+  std::set<std::string> left;
+  std::set<int64_t> committed;  // Steps a report ack said it committed.
+  int64_t committed_step = 0;   // The newest a heartbeat ack named.
+};
+
+class CoordinatorPowerLossTest : public PowerLossTest {
+ protected:
+  void SetUp() override {
+    PowerLossTest::SetUp();
+    auto loaded = ParseConfig(
+        "", "test",
+        {"cluster.state_dir=" + dir_, "cluster.coordinator_address=127.0.0.1:0",
+         "cluster.workers=2", "cluster.lease_ms=60000",
+         "cluster.heartbeat_ms=1000", "model.num_experts=4",
+         "model.dense_shards=1", "checkpoint.keep_last=5"});
+    ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+    config_ = loaded->config;
+  }
+
+  // Starts a coordinator on a store in `dir` through `plfs` and drives it
+  // as two workers would: register, heartbeat, report two checkpoints,
+  // leave. Every request is sent whatever became of the earlier ones.
+  Acked Run(const std::string& dir,
+            const std::shared_ptr<PowerLossFileSystem>& plfs) {
+    Acked acked;
+    auto store = storage::OpenRocksKvStore(dir, plfs);
+    if (!store.ok()) return acked;
+    boost::asio::io_context io;
+    auto work = boost::asio::make_work_guard(io);
+    std::thread thread([&io] { io.run(); });
+    auto service = std::make_unique<coordinator::CoordinatorService>(
+        io, config_, kSecret, std::move(store).value());
+    if (service->Start().ok()) {
+      acked.started = true;
+      Drive(io, service->port(), &acked);
+    }
+    service->Shutdown();
+    work.reset();
+    io.stop();
+    thread.join();
+    service.reset();
+    return acked;
+  }
+
+  void Drive(boost::asio::io_context& io, uint16_t port, Acked* acked) {
+    control::ClientOptions options;
+    options.server = {"127.0.0.1", port};
+    options.control.secret = kSecret;
+    options.min_backoff = std::chrono::milliseconds(10);
+    auto client = control::ControlClient::Create(io, options, nullptr, nullptr);
+    client->Start();
+    ASSERT_TRUE(client->WaitConnected(std::chrono::seconds(10)).ok());
+    auto call = [&](control::Envelope request) {
+      return client->CallSync(std::move(request), std::chrono::seconds(10));
+    };
+    const char* const workers[2] = {"worker-0", "worker-1"};
+    for (const char* name : workers) {
+      control::Envelope e;
+      auto* r = e.mutable_register_request();
+      r->set_kind(control::WORKER);
+      r->set_name(name);
+      r->set_capacity_bytes(int64_t{1} << 30);
+      r->set_device("cpu");
+      r->set_rank(-1);
+      auto reply = call(e);
+      if (!reply.ok()) continue;
+      acked->incarnations[name] = reply->register_response().incarnation();
+      acked->epoch =
+          std::max(acked->epoch, reply->register_response().routing().epoch());
+    }
+    // The incarnation a registration reply gave `name` (0: none).
+    auto incarnation = [&](const std::string& name) {
+      auto it = acked->incarnations.find(name);
+      return it == acked->incarnations.end() ? uint64_t{0} : it->second;
+    };
+    auto heartbeat = [&](const char* name) {
+      control::Envelope e;
+      e.mutable_heartbeat()->set_name(name);
+      e.mutable_heartbeat()->set_incarnation(incarnation(name));
+      auto reply = call(e);
+      if (!reply.ok()) return;
+      acked->epoch = std::max(acked->epoch, reply->heartbeat_ack().epoch());
+      acked->committed_step = std::max(acked->committed_step,
+                                       reply->heartbeat_ack().committed_step());
+    };
+    const auto shards = ModelShards(config_);
+    for (int64_t step : {10, 20}) {
+      for (int w = 0; w < 2; ++w) {
+        heartbeat(workers[w]);
+        // Worker w holds every other shard.
+        control::Envelope e;
+        auto* report = e.mutable_checkpoint_report();
+        report->set_name(workers[w]);
+        report->set_incarnation(incarnation(workers[w]));
+        report->set_step(step);
+        for (size_t i = w; i < shards.size(); i += 2) {
+          auto* s = report->add_shards();
+          *s->mutable_shard() = ToShardRef(shards[i].id);
+          s->set_digest("digest-" + std::to_string(step * 100 + i));
+          s->set_bytes(1000);
+        }
+        auto reply = call(e);
+        if (!reply.ok()) continue;
+        const int64_t c = reply->checkpoint_report_ack().committed_step();
+        if (c != 0) acked->committed.insert(c);
+      }
+    }
+    heartbeat("worker-0");
+    control::Envelope leave;
+    leave.mutable_leave()->set_name("worker-1");
+    leave.mutable_leave()->set_incarnation(incarnation("worker-1"));
+    if (call(leave).ok()) acked->left.insert("worker-1");
+    heartbeat("worker-0");
+    client->Shutdown();
+  }
+
+  // What the store in `dir` holds after the power loss covers `acked`.
+  void ExpectDurable(const std::string& dir, const Acked& acked,
+                     const std::string& where) {
+    auto store = storage::OpenRocksKvStore(dir);
+    ASSERT_TRUE(store.ok()) << where << ": " << store.status().ToString();
+    auto bytes = (*store)->Get("coordinator/snapshot");
+    ASSERT_TRUE(bytes.ok()) << where << ": " << bytes.status().ToString();
+    if (!bytes->has_value()) {
+      EXPECT_FALSE(acked.started) << where << ": a started run is lost";
+      return;
+    }
+    control::CoordinatorSnapshot snapshot;
+    ASSERT_TRUE(snapshot.ParseFromString(**bytes)) << where;
+    EXPECT_GE(snapshot.epoch(), acked.epoch) << where;
+    std::map<std::string, const control::MemberRecord*> members;
+    for (const auto& m : snapshot.members()) {
+      members[m.registration().name()] = &m;
+    }
+    for (const auto& [name, incarnation] : acked.incarnations) {
+      ASSERT_TRUE(members.count(name)) << where << ": " << name << " lost";
+      EXPECT_EQ(members[name]->incarnation(), incarnation) << where;
+    }
+    for (const auto& name : acked.left) {
+      EXPECT_EQ(members[name]->state(), control::LEFT) << where << ": " << name;
+    }
+    std::set<int64_t> committed;
+    for (const auto& c : snapshot.committed()) committed.insert(c.step());
+    for (int64_t step : acked.committed) {
+      EXPECT_TRUE(committed.count(step)) << where << ": commit " << step;
+    }
+    EXPECT_GE(committed.empty() ? 0 : *committed.rbegin(), acked.committed_step)
+        << where;
+    // And a restarted coordinator resumes from it.
+    auto restored = coordinator::ClusterState::Restore(
+        config_, snapshot, coordinator::Clock::now());
+    EXPECT_TRUE(restored.ok()) << where << ": " << restored.status().ToString();
+  }
+
+  config::SwitchyardConfig config_;
+};
+
+TEST_F(CoordinatorPowerLossTest, WhatARepliedAcknowledgedSurvivesPowerLoss) {
+  auto plfs =
+      std::make_shared<PowerLossFileSystem>(rocksdb::FileSystem::Default());
+  const Acked full = Run(Fresh("full") + "/coordinator", plfs);
+  ASSERT_TRUE(full.started);
+  ASSERT_EQ(full.incarnations.size(), 2u);
+  ASSERT_EQ(full.committed, (std::set<int64_t>{10, 20}));
+  ASSERT_EQ(full.left.size(), 1u);
+  const uint64_t total = plfs->operations();
+  int between_commits = 0;  // Cuts after step 10's commit, before 20's.
+  for (uint64_t cut = 0; cut <= total; ++cut) {
+    const std::string dir = Fresh("cut") + "/coordinator";
+    plfs =
+        std::make_shared<PowerLossFileSystem>(rocksdb::FileSystem::Default());
+    plfs->CutPowerAt(cut);
+    const Acked acked = Run(dir, plfs);
+    const std::string where = Where(cut, *plfs);
+    ASSERT_TRUE(plfs->DropUnsyncedData().ok());
+    ExpectDurable(dir, acked, where);
+    if (HasFailure()) break;
+    between_commits += acked.committed.size() == 1;
+  }
+  EXPECT_GT(between_commits, 0);
 }
 
 }  // namespace
