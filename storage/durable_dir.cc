@@ -1,15 +1,22 @@
 // Durable directory creation: see durable_dir.h.
 #include "storage/durable_dir.h"
 
+#include <glog/logging.h>
+
 #include <filesystem>
-#include <set>
+#include <map>
 #include <vector>
 
 namespace switchyard::storage {
 namespace {
 
-Status Unavailable(const std::string& what, const rocksdb::IOStatus& s) {
-  return UnavailableError(what + ": " + s.ToString());
+rocksdb::IOStatus SyncDir(rocksdb::FileSystem& fs, const std::string& dir) {
+  const rocksdb::IOOptions io;
+  std::unique_ptr<rocksdb::FSDirectory> d;
+  rocksdb::IOStatus s = fs.NewDirectory(dir, io, &d, nullptr);
+  if (s.ok()) s = d->Fsync(io, nullptr);
+  if (s.ok()) s = d->Close(io, nullptr);
+  return s;
 }
 
 }  // namespace
@@ -24,20 +31,30 @@ Status CreateDirDurably(rocksdb::FileSystem& fs, const std::string& path) {
     if (fs.FileExists(p.string(), io, nullptr).ok()) break;
     missing.push_back(p);
   }
-  std::set<std::string> parents = {target.parent_path().string()};
+  // Directories to fsync -> whether they hold one this call created.
+  std::map<std::string, bool> parents = {
+      {target.parent_path().string(), false}};
   for (auto p = missing.rbegin(); p != missing.rend(); ++p) {
     const rocksdb::IOStatus s = fs.CreateDirIfMissing(p->string(), io, nullptr);
-    if (!s.ok())
-      return Unavailable("cannot create directory " + p->string(), s);
-    parents.insert(p->parent_path().string());
+    if (!s.ok()) {
+      return UnavailableError("cannot create directory " + p->string() + ": " +
+                              s.ToString());
+    }
+    parents[p->parent_path().string()] = true;
   }
-  for (const std::string& parent : parents) {
+  for (const auto& [parent, holds_new] : parents) {
     if (parent.empty()) continue;  // A relative path's ".": not ours.
-    std::unique_ptr<rocksdb::FSDirectory> dir;
-    rocksdb::IOStatus s = fs.NewDirectory(parent, io, &dir, nullptr);
-    if (s.ok()) s = dir->Fsync(io, nullptr);
-    if (s.ok()) s = dir->Close(io, nullptr);
-    if (!s.ok()) return Unavailable("cannot sync directory " + parent, s);
+    const rocksdb::IOStatus s = SyncDir(fs, parent);
+    if (s.ok()) continue;
+    if (holds_new) {
+      return UnavailableError("cannot sync directory " + parent + ": " +
+                              s.ToString());
+    }
+    // NOTE: an existing directory was most likely made durable when it was
+    // created; a parent we may not read (mode 711) must not stop a store
+    // from opening.
+    LOG(WARNING) << "cannot sync directory " << parent << " (" << s.ToString()
+                 << "); " << target.string() << " may not survive a power loss";
   }
   return OkStatus();
 }

@@ -15,7 +15,9 @@ namespace switchyard::storage {
 // Creates directory `path` and its missing parents through `fs`, then
 // fsyncs the parent of `path` and of every directory it created, whether
 // or not `path` existed (a process killed after creating it may not have
-// synced it). UNAVAILABLE naming the directory on failure.
+// synced it). UNAVAILABLE naming the directory when it cannot create one or
+// sync the parent of one it created; a parent of an existing directory that
+// cannot be synced is logged.
 Status CreateDirDurably(rocksdb::FileSystem& fs, const std::string& path);
 
 }  // namespace switchyard::storage
