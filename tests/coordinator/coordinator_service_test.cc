@@ -1,6 +1,7 @@
 // The coordinator service over a store the test hands in (the seam of
-// STYLE.md 8): what Start persists before it serves, and that a store which
-// refuses writes keeps it from serving at all.
+// STYLE.md 8): what Start persists before it serves, that a store which
+// refuses writes keeps it from serving at all, and that a change it cannot
+// persist is not acknowledged.
 #include "coordinator/coordinator_service.h"
 
 #include <gtest/gtest.h>
@@ -10,10 +11,12 @@
 #include <boost/asio.hpp>
 #include <filesystem>
 #include <map>
+#include <thread>
 
 #include "common/config.h"
 #include "common/mutex.h"
 #include "common/thread_annotations.h"
+#include "transport/control/client.h"
 
 namespace switchyard::coordinator {
 namespace {
@@ -154,6 +157,47 @@ TEST_F(CoordinatorServiceTest, AStoredSnapshotThatDoesNotParseIsRefused) {
   EXPECT_EQ(started.code(), StatusCode::kDataLoss) << started.ToString();
   EXPECT_EQ(service.port(), 0);
   service.Shutdown();
+}
+
+TEST_F(CoordinatorServiceTest, AChangeThatCannotBePersistedIsNotAcknowledged) {
+  auto owned = std::make_unique<MemoryKvStore>();
+  MemoryKvStore* store = owned.get();
+  CoordinatorService service(io_, config_, "secret", std::move(owned));
+  ASSERT_TRUE(service.Start().ok());
+  auto work = boost::asio::make_work_guard(io_);
+  std::thread io_thread([this] { io_.run(); });
+  control::ClientOptions options;
+  options.server = {"127.0.0.1", service.port()};
+  options.control.secret = "secret";
+  auto client = control::ControlClient::Create(io_, options, nullptr, nullptr);
+  client->Start();
+  ASSERT_TRUE(client->WaitConnected(std::chrono::seconds(10)).ok());
+  control::Envelope registration;
+  auto* r = registration.mutable_register_request();
+  r->set_kind(control::WORKER);
+  r->set_name("worker-0");
+  r->set_capacity_bytes(int64_t{1} << 30);
+  r->set_rank(-1);
+  // The store loses the write: the registration is refused, not confirmed.
+  store->fail_writes = true;
+  auto refused = client->CallSync(registration, std::chrono::seconds(10));
+  EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable)
+      << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("cannot persist"),
+            std::string::npos)
+      << refused.status().ToString();
+  EXPECT_EQ(Stored(store).members_size(), 0);
+  // Once the store takes writes again, a retry is confirmed, and stored.
+  store->fail_writes = false;
+  auto accepted = client->CallSync(registration, std::chrono::seconds(10));
+  EXPECT_TRUE(accepted.ok()) << accepted.status().ToString();
+  ASSERT_EQ(Stored(store).members_size(), 1);
+  EXPECT_EQ(Stored(store).members(0).registration().name(), "worker-0");
+  client->Shutdown();
+  service.Shutdown();
+  work.reset();
+  io_.stop();
+  io_thread.join();
 }
 
 }  // namespace
