@@ -18,12 +18,13 @@
 //
 // Counted as one operation each: a file's Append, PositionedAppend,
 // Truncate, Sync, Fsync and RangeSync; creating or reopening a file for
-// writing; RenameFile, LinkFile, DeleteFile, Truncate, CreateDir(IfMissing),
-// DeleteDir; a directory's Fsync. Flush fails once the power is cut but is
-// not counted; Close always goes through (descriptors are released), and
-// the bytes it writes are dropped like any unsynced ones.
+// writing; RenameFile, LinkFile, DeleteFile, FileSystem::Truncate,
+// CreateDir(IfMissing), DeleteDir; a directory's Fsync. Flush fails once the
+// power is cut but is not counted; Close always goes through (descriptors are
+// released), and the bytes it writes are dropped like any unsynced ones.
 //
-// NOTE: the model is stricter than ext4 and looser in one place:
+// NOTE: the model is POSIX's, stricter than ext4's journal, except where
+// it is looser (deletions, untracked files):
 // - RangeSync (sync_file_range) makes nothing durable: it writes pages back
 //   but neither the file's size nor the disk cache.
 // - A new name needs an fsync of its directory, also for a file that was
