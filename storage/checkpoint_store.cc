@@ -24,6 +24,7 @@
 #include "common/digest.h"
 #include "common/thread_name.h"
 #include "storage/direct_write_fs.h"
+#include "storage/durable_dir.h"
 #include "storage/rocks_status.h"
 #include "storage/sst_chunk_reader.h"
 
@@ -100,12 +101,12 @@ class Xxh3FileChecksumFactory : public rocksdb::FileChecksumGenFactory {
 // (bench/checkpoint). Files are not advised random: a restore reads every
 // chunk in key order, and kernel readahead took reads from about 1.0 to
 // 1.2-1.6 GB/s here.
-rocksdb::Options StoreOptions() {
+rocksdb::Options StoreOptions(rocksdb::Env* env) {
   rocksdb::Options options;
   options.paranoid_checks = true;
   options.compression = rocksdb::kNoCompression;
   options.advise_random_on_open = false;
-  options.env = DirectWriteEnv();  // Chunk files with O_DIRECT.
+  options.env = env;
   options.table_properties_collector_factories.push_back(
       NewChunkBlocksCollectorFactory("ckpt/"));
   options.file_checksum_gen_factory =
@@ -140,10 +141,13 @@ std::string Where(int64_t step, const std::string& shard) {
 
 class RocksCheckpointStore : public CheckpointStore {
  public:
-  RocksCheckpointStore(std::string dir, rocksdb::Options db_options,
+  // `env`, when not null, is db_options.env (owned).
+  RocksCheckpointStore(std::string dir, std::unique_ptr<rocksdb::Env> env,
+                       rocksdb::Options db_options,
                        std::unique_ptr<rocksdb::DB> db,
                        CheckpointStoreOptions options)
       : dir_(std::move(dir)),
+        env_(std::move(env)),
         db_options_(std::move(db_options)),
         chunk_file_options_(ChunkFileOptions(db_options_)),
         db_(std::move(db)),
@@ -550,6 +554,7 @@ class RocksCheckpointStore : public CheckpointStore {
   }
 
   const std::string dir_;
+  const std::unique_ptr<rocksdb::Env> env_;  // Outlives db_.
   const rocksdb::Options db_options_;
   const rocksdb::Options chunk_file_options_;
   std::unique_ptr<rocksdb::DB> db_;
@@ -614,34 +619,45 @@ StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStore(
   if (options.chunk_bytes == 0 || options.chunk_bytes > (size_t{1} << 30)) {
     return InvalidArgumentError("checkpoint chunk size must be in (0, 1 GiB]");
   }
-  std::error_code ec;
-  fs::create_directories(dir + "/ingest", ec);
-  if (ec) {
-    return UnavailableError("cannot create checkpoint directory '" + dir +
-                            "': " + ec.message());
+  // Chunk files with O_DIRECT, unless a test brings its own file system.
+  std::unique_ptr<rocksdb::Env> env;
+  if (options.file_system != nullptr) {
+    env = rocksdb::NewCompositeEnv(options.file_system);
+  }
+  rocksdb::FileSystem& file_system = options.file_system != nullptr
+                                         ? *options.file_system
+                                         : *DirectWriteFileSystem();
+  // The store's directories survive power loss before anything is written
+  // in them (RocksDB does not sync the parent of the database directory).
+  for (const char* sub : {"", "/db", "/ingest"}) {
+    const Status s = CreateDirDurably(file_system, dir + sub);
+    if (!s.ok()) return s.WithContext("opening checkpoint store " + dir);
   }
   // Leftovers of writes a crash interrupted were never ingested.
+  std::error_code ec;
   for (const auto& entry : fs::directory_iterator(dir + "/ingest", ec)) {
     fs::remove(entry.path(), ec);
   }
-  rocksdb::Options db_options = StoreOptions();
+  rocksdb::Options db_options =
+      StoreOptions(env != nullptr ? env.get() : DirectWriteEnv());
   db_options.create_if_missing = true;
   rocksdb::DB* raw = nullptr;
   RETURN_IF_ERROR(ROCKS_STATUS(rocksdb::DB::Open(db_options, dir + "/db", &raw),
                                "open checkpoint store " + dir));
-  return std::unique_ptr<CheckpointStore>(new RocksCheckpointStore(
-      dir, db_options, std::unique_ptr<rocksdb::DB>(raw), options));
+  return std::unique_ptr<CheckpointStore>(
+      new RocksCheckpointStore(dir, std::move(env), db_options,
+                               std::unique_ptr<rocksdb::DB>(raw), options));
 }
 
 StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStoreReadOnly(
     const std::string& dir) {
-  rocksdb::Options db_options = StoreOptions();
+  rocksdb::Options db_options = StoreOptions(DirectWriteEnv());
   rocksdb::DB* raw = nullptr;
   RETURN_IF_ERROR(
       ROCKS_STATUS(rocksdb::DB::OpenForReadOnly(db_options, dir + "/db", &raw),
                    "open checkpoint store " + dir));
   return std::unique_ptr<CheckpointStore>(new RocksCheckpointStore(
-      dir, db_options, std::unique_ptr<rocksdb::DB>(raw),
+      dir, nullptr, db_options, std::unique_ptr<rocksdb::DB>(raw),
       CheckpointStoreOptions()));
 }
 

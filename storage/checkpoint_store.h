@@ -26,6 +26,10 @@
 #include "common/status.h"
 #include "common/tensor.h"
 
+namespace rocksdb {
+class FileSystem;
+}  // namespace rocksdb
+
 namespace switchyard::storage {
 
 constexpr uint32_t kCheckpointFormatVersion = 1;
@@ -47,6 +51,10 @@ struct CheckpointStoreOptions {
   // Chunk size: far under RocksDB's 4 GiB value limit, large enough to
   // stream at disk speed.
   size_t chunk_bytes = size_t{4} << 20;
+  // What the store's files go through; null (the default):
+  // DirectWriteFileSystem() (direct_write_fs.h). Tests wrap that one to
+  // inject faults (tests/testing/power_loss_fs.h).
+  std::shared_ptr<rocksdb::FileSystem> file_system;
 };
 
 class CheckpointStore {

@@ -145,9 +145,9 @@ class DirectWritableFile : public rocksdb::FSWritableFile {
   uint64_t size_ = 0;     // Bytes appended.
 };
 
-class DirectWriteFileSystem : public rocksdb::FileSystemWrapper {
+class DirectChunkFileSystem : public rocksdb::FileSystemWrapper {
  public:
-  DirectWriteFileSystem(const std::shared_ptr<rocksdb::FileSystem>& target,
+  DirectChunkFileSystem(const std::shared_ptr<rocksdb::FileSystem>& target,
                         std::string suffix)
       : FileSystemWrapper(target), suffix_(std::move(suffix)) {}
   const char* Name() const override { return "SwitchyardDirectWrite"; }
@@ -190,12 +190,16 @@ class DirectWriteFileSystem : public rocksdb::FileSystemWrapper {
 
 }  // namespace
 
+const std::shared_ptr<rocksdb::FileSystem>& DirectWriteFileSystem() {
+  static const auto* const fs = new std::shared_ptr<rocksdb::FileSystem>(
+      std::make_shared<DirectChunkFileSystem>(rocksdb::FileSystem::Default(),
+                                              kDirectWriteSuffix));
+  return *fs;
+}
+
 rocksdb::Env* DirectWriteEnv() {
   static rocksdb::Env* const env =
-      rocksdb::NewCompositeEnv(
-          std::make_shared<DirectWriteFileSystem>(
-              rocksdb::FileSystem::Default(), kDirectWriteSuffix))
-          .release();
+      rocksdb::NewCompositeEnv(DirectWriteFileSystem()).release();
   return env;
 }
 

@@ -15,12 +15,16 @@
 #include <rocksdb/env.h>
 #include <rocksdb/file_system.h>
 
+#include <memory>
+
 namespace switchyard::storage {
 
 inline constexpr char kDirectWriteSuffix[] = ".chunks.sst";
 
-// Process-wide; never destroyed.
+// Process-wide; never destroyed. DirectWriteEnv is the default Env over
+// DirectWriteFileSystem.
 rocksdb::Env* DirectWriteEnv();
+const std::shared_ptr<rocksdb::FileSystem>& DirectWriteFileSystem();
 
 }  // namespace switchyard::storage
 

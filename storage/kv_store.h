@@ -14,6 +14,10 @@
 
 #include "common/status.h"
 
+namespace rocksdb {
+class FileSystem;
+}  // namespace rocksdb
+
 namespace switchyard::storage {
 
 struct WriteBatchOp {
@@ -43,8 +47,11 @@ class KvStore {
   }
 };
 
-// Opens (creating if missing) a RocksDB database in directory `path`.
-StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(const std::string& path);
+// Opens (creating if missing) a RocksDB database in directory `path`, its
+// files through `file_system` (null: the default; tests inject faults).
+StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(
+    const std::string& path,
+    std::shared_ptr<rocksdb::FileSystem> file_system = nullptr);
 // Opens an existing database for reading, even while a process has it open
 // for writing (it sees what was durable when it opened). Write fails.
 StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStoreReadOnly(

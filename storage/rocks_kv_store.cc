@@ -1,10 +1,11 @@
 // KvStore on RocksDB.
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
+#include <rocksdb/file_system.h>
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
 
-#include <filesystem>
-
+#include "storage/durable_dir.h"
 #include "storage/kv_store.h"
 #include "storage/rocks_status.h"
 
@@ -13,7 +14,10 @@ namespace {
 
 class RocksKvStore : public KvStore {
  public:
-  explicit RocksKvStore(std::unique_ptr<rocksdb::DB> db) : db_(std::move(db)) {}
+  // `env`, when not null, is the Env `db` was opened with.
+  RocksKvStore(std::unique_ptr<rocksdb::Env> env,
+               std::unique_ptr<rocksdb::DB> db)
+      : env_(std::move(env)), db_(std::move(db)) {}
 
   Status Write(const std::vector<WriteBatchOp>& ops, bool sync) override {
     rocksdb::WriteBatch batch;
@@ -57,26 +61,30 @@ class RocksKvStore : public KvStore {
   }
 
  private:
+  const std::unique_ptr<rocksdb::Env> env_;  // Outlives db_.
   std::unique_ptr<rocksdb::DB> db_;
 };
 
 }  // namespace
 
-StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(const std::string& path) {
-  std::error_code ec;
-  std::filesystem::create_directories(path, ec);
-  if (ec) {
-    return UnavailableError("cannot create directory '" + path +
-                            "': " + ec.message());
-  }
+StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStore(
+    const std::string& path, std::shared_ptr<rocksdb::FileSystem> file_system) {
+  std::unique_ptr<rocksdb::Env> env;
+  if (file_system != nullptr) env = rocksdb::NewCompositeEnv(file_system);
+  // The directory survives power loss before anything is written in it
+  // (RocksDB does not sync the parent of the database directory).
+  RETURN_IF_ERROR(CreateDirDurably(
+      file_system != nullptr ? *file_system : *rocksdb::FileSystem::Default(),
+      path));
   rocksdb::Options options;
+  if (env != nullptr) options.env = env.get();
   options.create_if_missing = true;
   options.paranoid_checks = true;
   rocksdb::DB* raw = nullptr;
   RETURN_IF_ERROR(
       ROCKS_STATUS(rocksdb::DB::Open(options, path, &raw), "open " + path));
   return std::unique_ptr<KvStore>(
-      new RocksKvStore(std::unique_ptr<rocksdb::DB>(raw)));
+      new RocksKvStore(std::move(env), std::unique_ptr<rocksdb::DB>(raw)));
 }
 
 StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStoreReadOnly(
@@ -87,7 +95,7 @@ StatusOr<std::unique_ptr<KvStore>> OpenRocksKvStoreReadOnly(
   RETURN_IF_ERROR(ROCKS_STATUS(
       rocksdb::DB::OpenForReadOnly(options, path, &raw), "open " + path));
   return std::unique_ptr<KvStore>(
-      new RocksKvStore(std::unique_ptr<rocksdb::DB>(raw)));
+      new RocksKvStore(nullptr, std::unique_ptr<rocksdb::DB>(raw)));
 }
 
 }  // namespace switchyard::storage
