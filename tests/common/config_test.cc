@@ -125,6 +125,12 @@ INSTANTIATE_TEST_SUITE_P(
                   {},
                   "run.yaml:3: cluster.heartbeat_ms (600) must be at most "
                   "half of cluster.lease_ms (1000)"},
+        // Twice this overflows an int32 (fuzz/config_fuzzer found it).
+        ErrorCase{"",
+                  {"cluster.heartbeat_ms=2000000000"},
+                  "--set cluster.heartbeat_ms=2000000000: "
+                  "cluster.heartbeat_ms (2000000000) must be at most half of "
+                  "cluster.lease_ms (3000)"},
         ErrorCase{"cluster:\n  coordinator_address: nowhere\n",
                   {},
                   "run.yaml:2: cluster.coordinator_address (nowhere) must be "
