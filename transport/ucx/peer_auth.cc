@@ -12,8 +12,10 @@ AuthMessage MakeAuthMessage(AuthStep step, std::string_view nonce,
   CHECK(proof.empty() || proof.size() == kAuthFieldBytes);
   AuthMessage message;
   message.step = static_cast<uint8_t>(step);
-  std::memcpy(message.nonce, nonce.data(), nonce.size());
-  std::memcpy(message.proof, proof.data(), proof.size());
+  // An empty view's data() may be null, which memcpy must not get even for
+  // no bytes (UBSan, in fuzz/seed_corpus.cc).
+  if (!nonce.empty()) std::memcpy(message.nonce, nonce.data(), nonce.size());
+  if (!proof.empty()) std::memcpy(message.proof, proof.data(), proof.size());
   return message;
 }
 
