@@ -642,6 +642,16 @@ StatusOr<ChunkPlan> PlanShardRead(const checkpoint::ShardManifest& manifest,
                                      tm.name() + " does not fit the reader's " +
                                      named.name);
     }
+    // Chunks go into the tensor's bytes: a tensor the shard does not have
+    // has none (its data() is null), and the manifest's byte count is the
+    // tensor's (found by fuzz/checkpoint_manifest_fuzzer).
+    if (t.empty() ? tm.bytes() != 0 || tm.chunk_xxh3_size() != 0
+                  : tm.bytes() != t.num_bytes()) {
+      return DataLossError(Where(step, shard) + ": tensor " + tm.name() +
+                           " has " + std::to_string(tm.bytes()) +
+                           " bytes in the manifest; its shape holds " +
+                           std::to_string(t.num_bytes()));
+    }
     uint64_t offset = 0;
     for (int c = 0; c < tm.chunk_xxh3_size() && plan.consistent; ++c) {
       const uint64_t n = std::min<uint64_t>(
