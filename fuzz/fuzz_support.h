@@ -8,6 +8,7 @@
 #define SWITCHYARD_FUZZ_FUZZ_SUPPORT_H_
 
 #include <glog/logging.h>
+#include <google/protobuf/stubs/logging.h>
 #include <stdlib.h>
 
 #include <cstdio>
@@ -17,11 +18,21 @@
 
 namespace switchyard::fuzz {
 
-// Logs only errors (a fuzzer's inputs make every warning path speak);
-// LOG(FATAL) and CHECK still abort, and a fuzzer reports that as a crash.
+// Logs only errors (a fuzzer's inputs make every warning path speak), and
+// of protobuf's only fatal ones (it logs an error for every string field
+// that is not UTF-8, millions in a run); LOG(FATAL) and CHECK still abort,
+// and a fuzzer reports that as a crash.
 inline void QuietLogging() {
   FLAGS_logtostderr = true;
   FLAGS_minloglevel = google::GLOG_ERROR;
+  google::protobuf::SetLogHandler([](google::protobuf::LogLevel level,
+                                     const char* file, int line,
+                                     const std::string& message) {
+    if (level >= google::protobuf::LOGLEVEL_FATAL) {
+      std::fprintf(stderr, "[libprotobuf FATAL %s:%d] %s\n", file, line,
+                   message.c_str());
+    }
+  });
 }
 
 // A directory of this process's own under $TMPDIR (default /tmp), created
