@@ -43,7 +43,7 @@ for name in "${fuzzers[@]}"; do
   corpus=$(find "$work/$name/corpus" -type f | wc -l)
   findings=$(find "$work/$name" -maxdepth 1 -type f \
     \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' \
-       -o -name 'oom-*' -o -name 'slow-unit-*' \) | grep -v slow-unit || true)
+       -o -name 'oom-*' \))
   if [[ $rc -ne 0 || -n $findings ]]; then
     echo "fuzz: $name: FOUND something after ${runs:-?} runs (exit $rc):" \
          "${findings:-see the log}; log: $log"
