@@ -12,6 +12,10 @@
 #   make asan         ASan+UBSan build in build-asan/, then the whole suite
 #   make tsan         TSan build in build-tsan/, then TSAN_TESTS (the
 #                     transport, storage, worker and common unit tests)
+#   make fuzz         libFuzzer build (clang, ASan+UBSan) in build-fuzz/, then
+#                     every fuzzer of fuzz/ for FUZZ_SECONDS (default 600)
+#                     each from a copy of its seed corpus; fails on any
+#                     finding (scripts/fuzz.sh)
 #   make soak-tests   SOAK_PASSES (default 10) full ctest passes beside two
 #                     busy loops; prints the failures per test
 #   make format       rewrite sources with clang-format
@@ -27,7 +31,7 @@ SOURCES = $(shell git ls-files --cached --others --exclude-standard '*.cc' '*.h'
 CHAOS_ITERATIONS ?= 200
 
 .PHONY: all build bootstrap test demo bench chaos format format-check clean \
-        thread-safety asan tsan soak-tests
+        thread-safety asan tsan soak-tests fuzz
 
 SOAK_PASSES ?= 10
 # Sanitizer builds: no CUDA (nvcc's host pass takes no sanitizer flags).
@@ -40,6 +44,14 @@ SUPPRESSIONS = $(CURDIR)/tests/sanitizers
 # 1024 x 4096 expert takes minutes under TSan's instrumentation on one
 # OpenMP thread (it runs in `make test` and `make asan`).
 TSAN_GTEST_FILTER ?= -WorkerServiceTest.HandleNeverWaitsForComputation
+
+# Fuzzing: seconds per fuzzer, and which fuzzers (default: every one with
+# a corpus in fuzz/corpus/).
+FUZZ_SECONDS ?= 600
+FUZZERS ?=
+FUZZ_CMAKE = -DCMAKE_BUILD_TYPE=Release -DSWITCHYARD_CUDA=OFF \
+             -DSWITCHYARD_FUZZ=ON -DCMAKE_C_COMPILER=clang \
+             -DCMAKE_CXX_COMPILER=clang++
 
 all: build
 
@@ -99,6 +111,11 @@ tsan: bootstrap
 	      > build-tsan/$$t.log 2>&1 \
 	      || { tail -80 build-tsan/$$t.log; echo "tsan: $$t failed (build-tsan/$$t.log)"; exit 1; }; \
 	    grep -E '^\[  PASSED  \]' build-tsan/$$t.log; done
+
+fuzz: bootstrap
+	cmake -S . -B build-fuzz $(FUZZ_CMAKE)
+	cmake --build build-fuzz -j $(JOBS) --target fuzzers
+	bash scripts/fuzz.sh build-fuzz $(FUZZ_SECONDS) $(FUZZERS)
 
 soak-tests: bootstrap build
 	bash scripts/soak_tests.sh $(BUILD_DIR) $(SOAK_PASSES)

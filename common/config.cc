@@ -517,8 +517,9 @@ Status ValidateConfig(const SwitchyardConfig& config,
             "must be >= 100");
   v.Require(c.heartbeat_ms() >= 10, "cluster.heartbeat_ms", c.heartbeat_ms(),
             "must be >= 10");
-  v.Require(c.heartbeat_ms() * 2 <= c.lease_ms(), "cluster.heartbeat_ms",
-            c.heartbeat_ms(),
+  // In 64 bits: twice an int32 overflows it (found by fuzz/config_fuzzer).
+  v.Require(int64_t{c.heartbeat_ms()} * 2 <= c.lease_ms(),
+            "cluster.heartbeat_ms", c.heartbeat_ms(),
             "must be at most half of cluster.lease_ms (" +
                 std::to_string(c.lease_ms()) + ")");
   v.Require(!c.state_dir().empty(), "cluster.state_dir", "''",

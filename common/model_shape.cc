@@ -113,7 +113,11 @@ int64_t DenseParams(const config::ModelConfig& m) {
 }
 
 DenseRange DenseShardRange(const config::ModelConfig& m, int shard) {
-  const int64_t dense = DenseParams(m);
+  return DenseShardRange(m, shard, DenseParams(m));
+}
+
+DenseRange DenseShardRange(const config::ModelConfig& m, int shard,
+                           int64_t dense) {
   const int64_t per_shard = dense / m.dense_shards();
   const int64_t begin = per_shard * shard;
   return {begin, shard + 1 == m.dense_shards() ? dense - begin : per_shard};
@@ -143,10 +147,11 @@ std::vector<ShardFootprint> ModelShards(
     }
   }
   // Dense shards are flat vectors to the optimizer (full second moments).
+  const int64_t dense = DenseParams(m);
   for (int s = 0; s < m.dense_shards(); ++s) {
     ShardFootprint fp;
     fp.id = ShardId::Dense(s);
-    fp.num_params = DenseShardRange(m, s).count;
+    fp.num_params = DenseShardRange(m, s, dense).count;
     fp.bytes = TensorBytes(opt, fp.num_params, 1);
     shards.push_back(fp);
   }

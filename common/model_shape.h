@@ -87,6 +87,11 @@ struct DenseRange {
   int64_t count = 0;
 };
 DenseRange DenseShardRange(const config::ModelConfig& model, int shard);
+// The same given DenseParams(model), for loops over the shards: DenseParams
+// builds the whole layout, and once per shard of 65536 shards of a
+// 1024-layer model that took minutes.
+DenseRange DenseShardRange(const config::ModelConfig& model, int shard,
+                           int64_t dense_params);
 
 // Every placement unit: expert shards in (layer, expert, shard) order, then
 // the dense shards.

@@ -83,7 +83,9 @@ StatusOr<ClusterState> ClusterState::Restore(
     state.shard_home_[i] = snapshot.shard_home(i);
     state.shard_unplaced_[i] = snapshot.shard_unplaced(i);
   }
-  const auto grace = std::chrono::milliseconds(2 * config.cluster().lease_ms());
+  // In 64 bits: lease_ms may be up to INT32_MAX.
+  const auto grace =
+      std::chrono::milliseconds(2 * int64_t{config.cluster().lease_ms()});
   for (const auto& record : snapshot.members()) {
     Member m;
     m.record = record;

@@ -14,8 +14,10 @@ fi
 packages=(
   # Toolchain.
   build-essential cmake pkg-config git clang-format procps iproute2
-  # clang for `make thread-safety` (-Wthread-safety).
-  clang
+  # clang for `make thread-safety` (-Wthread-safety) and `make fuzz`;
+  # libFuzzer and the sanitizers' runtimes for clang (only recommended by
+  # clang, which --no-install-recommends skips).
+  clang libclang-rt-14-dev
   # Control plane, config, logging, tests.
   libboost-dev libboost-system-dev
   libprotobuf-dev protobuf-compiler

@@ -23,6 +23,7 @@
 
 #include "common/digest.h"
 #include "common/thread_name.h"
+#include "storage/checkpoint_read.h"
 #include "storage/direct_write_fs.h"
 #include "storage/durable_dir.h"
 #include "storage/rocks_status.h"
@@ -250,74 +251,18 @@ class RocksCheckpointStore : public CheckpointStore {
     if (rs.IsNotFound()) return NotFoundError("no " + Where(step, shard));
     RETURN_IF_ERROR(
         ROCKS_STATUS(rs, "reading the manifest of " + Where(step, shard)));
-    checkpoint::ShardManifest manifest;
-    if (!manifest.ParseFromString(value) || manifest.step() != step ||
-        manifest.shard() != shard) {
-      return DataLossError("the manifest of " + Where(step, shard) +
-                           " is unreadable or names another shard");
-    }
-    if (manifest.format_version() != kCheckpointFormatVersion) {
-      return FailedPreconditionError(
-          Where(step, shard) + " has format version " +
-          std::to_string(manifest.format_version()) + "; this build reads " +
-          std::to_string(kCheckpointFormatVersion));
-    }
+    ASSIGN_OR_RETURN(const checkpoint::ShardManifest manifest,
+                     ParseShardManifest(value, step, shard));
     ShardSnapshot& snapshot = *out;
     snapshot.shard = shard;
     snapshot.step = step;
     snapshot.epoch = manifest.epoch();
-    if (!allocate && snapshot.tensors.size() !=
-                         static_cast<size_t>(manifest.tensors_size())) {
-      return FailedPreconditionError(Where(step, shard) + " has " +
-                                     std::to_string(manifest.tensors_size()) +
-                                     " tensors, the reader " +
-                                     std::to_string(snapshot.tensors.size()));
-    }
-    // The tensors, checked against the manifest, and every chunk's place.
-    std::vector<ChunkTarget> chunks;
-    std::vector<size_t> chunk_tensor;  // The tensor of each chunk.
-    bool chunks_consistent = true;
-    for (int i = 0; i < manifest.tensors_size(); ++i) {
-      const checkpoint::TensorManifest& tm = manifest.tensors(i);
-      if (allocate) {
-        NamedTensor named{tm.name(), Tensor()};
-        if (tm.dtype() != 0) {
-          auto t = Tensor::Zeros(static_cast<DType>(tm.dtype()),
-                                 {tm.shape().begin(), tm.shape().end()});
-          if (!t.ok() || t->num_bytes() != tm.bytes()) {
-            return DataLossError(Where(step, shard) + ": tensor " + tm.name() +
-                                 " has an inconsistent shape in the manifest");
-          }
-          named.tensor = std::move(t).value();
-        }
-        snapshot.tensors.push_back(std::move(named));
-      }
-      NamedTensor& named = snapshot.tensors[i];
-      const Tensor& t = named.tensor;
-      const std::vector<int64_t> shape(tm.shape().begin(), tm.shape().end());
-      if (named.name != tm.name() || t.empty() != (tm.dtype() == 0) ||
-          (!t.empty() && (static_cast<uint32_t>(t.dtype()) != tm.dtype() ||
-                          t.shape() != shape))) {
-        return FailedPreconditionError(
-            Where(step, shard) + ": tensor " + tm.name() +
-            " does not fit the reader's " + named.name);
-      }
-      uint64_t offset = 0;
-      for (int c = 0; c < tm.chunk_xxh3_size() && chunks_consistent; ++c) {
-        const uint64_t n = std::min<uint64_t>(
-            tm.chunk_bytes(), tm.bytes() - std::min(offset, tm.bytes()));
-        chunks_consistent = n > 0;
-        chunks.push_back({ChunkKey(step, shard, i, c),
-                          static_cast<char*>(named.tensor.data()) + offset, n,
-                          tm.chunk_xxh3(c)});
-        chunk_tensor.push_back(i);
-        offset += n;
-      }
-      chunks_consistent = chunks_consistent && offset == tm.bytes();
-    }
+    ASSIGN_OR_RETURN(const ChunkPlan plan,
+                     PlanShardRead(manifest, allocate, &snapshot));
     std::string digest;
-    const bool direct = chunks_consistent && ReadDirect(step, snapshot, chunks,
-                                                        chunk_tensor, &digest);
+    const bool direct =
+        plan.consistent &&
+        ReadDirect(step, snapshot, plan.chunks, plan.chunk_tensor, &digest);
     CountShardRead(direct);
     if (!direct) {
       RETURN_IF_ERROR(ReadThroughRocksDb(step, manifest, &snapshot));
@@ -428,19 +373,12 @@ class RocksCheckpointStore : public CheckpointStore {
           return DataLossError(what + " is missing");
         }
         const rocksdb::Slice v = it->value();
-        if (offset + v.size() > tm.bytes() ||
-            Xxh3(v.data(), v.size()) != tm.chunk_xxh3(c)) {
-          return DataLossError(what + " does not match its checksum");
-        }
-        std::memcpy(out + offset, v.data(), v.size());
-        offset += v.size();
+        RETURN_IF_ERROR(CopyCheckpointChunk(
+            tm, c, std::string_view(v.data(), v.size()), what, out, &offset));
         it->Next();
       }
-      if (offset != tm.bytes()) {
-        return DataLossError(Where(step, shard) + ": tensor " + tm.name() +
-                             " has " + std::to_string(offset) + " of " +
-                             std::to_string(tm.bytes()) + " bytes");
-      }
+      RETURN_IF_ERROR(
+          CheckCheckpointTensorComplete(tm, Where(step, shard), offset));
     }
     return ROCKS_STATUS(it->status(), "reading " + Where(step, shard));
   }
@@ -659,6 +597,114 @@ StatusOr<std::unique_ptr<CheckpointStore>> OpenCheckpointStoreReadOnly(
   return std::unique_ptr<CheckpointStore>(new RocksCheckpointStore(
       dir, nullptr, db_options, std::unique_ptr<rocksdb::DB>(raw),
       CheckpointStoreOptions()));
+}
+
+std::string CheckpointChunkKey(int64_t step, const std::string& shard,
+                               int tensor, uint64_t chunk) {
+  return ChunkKey(step, shard, tensor, chunk);
+}
+
+StatusOr<checkpoint::ShardManifest> ParseShardManifest(
+    std::string_view bytes, int64_t step, const std::string& shard) {
+  checkpoint::ShardManifest manifest;
+  if (!manifest.ParseFromArray(bytes.data(), static_cast<int>(bytes.size())) ||
+      manifest.step() != step || manifest.shard() != shard) {
+    return DataLossError("the manifest of " + Where(step, shard) +
+                         " is unreadable or names another shard");
+  }
+  if (manifest.format_version() != kCheckpointFormatVersion) {
+    return FailedPreconditionError(Where(step, shard) + " has format version " +
+                                   std::to_string(manifest.format_version()) +
+                                   "; this build reads " +
+                                   std::to_string(kCheckpointFormatVersion));
+  }
+  return manifest;
+}
+
+StatusOr<ChunkPlan> PlanShardRead(const checkpoint::ShardManifest& manifest,
+                                  bool allocate, ShardSnapshot* snapshot) {
+  const int64_t step = snapshot->step;
+  const std::string& shard = snapshot->shard;
+  if (!allocate && snapshot->tensors.size() !=
+                       static_cast<size_t>(manifest.tensors_size())) {
+    return FailedPreconditionError(
+        Where(step, shard) + " has " + std::to_string(manifest.tensors_size()) +
+        " tensors, the reader " + std::to_string(snapshot->tensors.size()));
+  }
+  // The tensors, checked against the manifest, and every chunk's place.
+  ChunkPlan plan;
+  for (int i = 0; i < manifest.tensors_size(); ++i) {
+    const checkpoint::TensorManifest& tm = manifest.tensors(i);
+    if (allocate) {
+      NamedTensor named{tm.name(), Tensor()};
+      if (tm.dtype() != 0) {
+        auto t = Tensor::Zeros(static_cast<DType>(tm.dtype()),
+                               {tm.shape().begin(), tm.shape().end()});
+        if (!t.ok() || t->num_bytes() != tm.bytes()) {
+          return DataLossError(Where(step, shard) + ": tensor " + tm.name() +
+                               " has an inconsistent shape in the manifest");
+        }
+        named.tensor = std::move(t).value();
+      }
+      snapshot->tensors.push_back(std::move(named));
+    }
+    NamedTensor& named = snapshot->tensors[i];
+    const Tensor& t = named.tensor;
+    const std::vector<int64_t> shape(tm.shape().begin(), tm.shape().end());
+    if (named.name != tm.name() || t.empty() != (tm.dtype() == 0) ||
+        (!t.empty() && (static_cast<uint32_t>(t.dtype()) != tm.dtype() ||
+                        t.shape() != shape))) {
+      return FailedPreconditionError(Where(step, shard) + ": tensor " +
+                                     tm.name() + " does not fit the reader's " +
+                                     named.name);
+    }
+    // Chunks go into the tensor's bytes: a tensor the shard does not have
+    // has none (its data() is null), and the manifest's byte count is the
+    // tensor's (found by fuzz/checkpoint_manifest_fuzzer).
+    if (t.empty() ? tm.bytes() != 0 || tm.chunk_xxh3_size() != 0
+                  : tm.bytes() != t.num_bytes()) {
+      return DataLossError(Where(step, shard) + ": tensor " + tm.name() +
+                           " has " + std::to_string(tm.bytes()) +
+                           " bytes in the manifest; its shape holds " +
+                           std::to_string(t.num_bytes()));
+    }
+    uint64_t offset = 0;
+    for (int c = 0; c < tm.chunk_xxh3_size() && plan.consistent; ++c) {
+      const uint64_t n = std::min<uint64_t>(
+          tm.chunk_bytes(), tm.bytes() - std::min(offset, tm.bytes()));
+      plan.consistent = n > 0;
+      plan.chunks.push_back({ChunkKey(step, shard, i, c),
+                             static_cast<char*>(named.tensor.data()) + offset,
+                             n, tm.chunk_xxh3(c)});
+      plan.chunk_tensor.push_back(i);
+      offset += n;
+    }
+    plan.consistent = plan.consistent && offset == tm.bytes();
+  }
+  return plan;
+}
+
+Status CopyCheckpointChunk(const checkpoint::TensorManifest& tm, int chunk,
+                           std::string_view value, const std::string& what,
+                           char* out, uint64_t* offset) {
+  if (*offset + value.size() > tm.bytes() ||
+      Xxh3(value.data(), value.size()) != tm.chunk_xxh3(chunk)) {
+    return DataLossError(what + " does not match its checksum");
+  }
+  std::memcpy(out + *offset, value.data(), value.size());
+  *offset += value.size();
+  return OkStatus();
+}
+
+Status CheckCheckpointTensorComplete(const checkpoint::TensorManifest& tm,
+                                     const std::string& where,
+                                     uint64_t offset) {
+  if (offset != tm.bytes()) {
+    return DataLossError(where + ": tensor " + tm.name() + " has " +
+                         std::to_string(offset) + " of " +
+                         std::to_string(tm.bytes()) + " bytes");
+  }
+  return OkStatus();
 }
 
 }  // namespace switchyard::storage

@@ -60,7 +60,7 @@ StatusOr<Tensor> DenseTableClient::Pull(int64_t step) {
   ASSIGN_OR_RETURN(Tensor flat, pool_->Take(DType::kF32, {1, total}));
   int64_t covered = 0;
   for (int s = 0; s < config_.model().dense_shards(); ++s) {
-    const DenseRange range = DenseShardRange(config_.model(), s);
+    const DenseRange range = DenseShardRange(config_.model(), s, total);
     if (parts[s].num_elements() != range.count ||
         parts[s].dtype() != DType::kF32) {
       return DataLossError("dense shard D" + std::to_string(s) + " returned " +
@@ -92,7 +92,7 @@ Status DenseTableClient::Push(int64_t step, const Tensor& grads) {
   }
   std::vector<Tensor> payloads;
   for (int s = 0; s < config_.model().dense_shards(); ++s) {
-    const DenseRange range = DenseShardRange(config_.model(), s);
+    const DenseRange range = DenseShardRange(config_.model(), s, total);
     ASSIGN_OR_RETURN(Tensor part, pool_->Take(DType::kF32, {1, range.count}));
     std::memcpy(part.data(), grads.f32() + range.begin,
                 range.count * sizeof(float));

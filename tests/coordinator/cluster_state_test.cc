@@ -249,6 +249,20 @@ TEST_F(ClusterStateTest, AStateOlderThanItsMembersKnowIsFoundOut) {
   EXPECT_NE(fresh->run_id(), run);
 }
 
+// Two leases of the largest lease_ms overflow an int32: the grace must
+// still be two leases, not negative (members dead at once).
+TEST_F(ClusterStateTest, RestoreGraceOfTheLongestLease) {
+  RegisterWorkers(3, t0_);
+  auto config = TestConfig();
+  config.mutable_cluster()->set_lease_ms(2000000000);
+  ASSERT_TRUE(ValidateConfig(config, {}).ok());
+  auto restored = ClusterState::Restore(config, state_.Snapshot(), t0_);
+  ASSERT_TRUE(restored.ok()) << restored.status().ToString();
+  restored->Tick(t0_ + std::chrono::hours(24));
+  EXPECT_EQ(Member(restored->Report(t0_), "worker-0").state(),
+            control::UNCONFIRMED);
+}
+
 TEST_F(ClusterStateTest, RestoreRefusesADifferentModel) {
   RegisterWorkers(3, t0_);
   auto other = TestConfig();

@@ -71,7 +71,7 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
 
   const std::string& name = options.registration.name();
   Status result = session->WaitRegistered(
-      std::chrono::milliseconds(cluster.call_timeout_ms() * 6));
+      std::chrono::milliseconds(int64_t{cluster.call_timeout_ms()} * 6));
   if (result.ok() && options.body) {
     LOG(INFO) << name << ": registered with the coordinator at "
               << coordinator.ToString();
