@@ -113,12 +113,14 @@ class ControlTest : public ::testing::Test {
     port_ = server_->port();
   }
 
-  // Shuts the server down and keeps it: destroying a ControlServer
-  // requires a stopped io_context.
+  // Shuts the server down and keeps it until the fixture goes: destroying
+  // a ControlServer requires a stopped io_context (TearDown stops it), and
+  // its I/O objects must go before the io_context does (retired_ is
+  // declared after io_). A static list outlived io_: its timers then
+  // touched freed services at exit (ASan).
   void RetireServer() {
     server_->Shutdown();
-    static std::vector<std::unique_ptr<ControlServer>> retired;
-    retired.push_back(std::move(server_));
+    retired_.push_back(std::move(server_));
   }
 
   ControlClient::Ptr NewClient(const std::string& secret,
@@ -145,6 +147,7 @@ class ControlTest : public ::testing::Test {
   }
 
   asio::io_context io_;
+  std::vector<std::unique_ptr<ControlServer>> retired_;
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>>
       work_;
   std::vector<std::thread> threads_;
