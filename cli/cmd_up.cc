@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <thread>
 
@@ -73,11 +74,21 @@ int UpCommand(int argc, char** argv) {
       "training, or on Ctrl-C (or SIGTERM, or the end of --duration-s), it\n"
       "stops them all: the coordinator first, so that its saved placement is\n"
       "the whole cluster's, then the members. Exits 0 when every trainer\n"
-      "finished cleanly (or was stopped), 1 otherwise.");
+      "finished cleanly (or was stopped), 1 otherwise.\n"
+      "\n"
+      "It supervises its children as systemd or Kubernetes would: a member\n"
+      "killed by a signal (a crash, kill -9, the OOM killer), or a worker\n"
+      "exiting with an error, is started again under its name after a\n"
+      "backoff (0.2 s, doubling to 5 s; back to 0.2 s once it has stayed up\n"
+      "30 s), at most --max-restarts times each; the coordinator comes back\n"
+      "on its address. A trainer or coordinator exiting with an error refused\n"
+      "to go on: the cluster stops. Children never outlive `up`, even a\n"
+      "SIGKILLed one.");
   ConfigFlags flags;
   flags.Register(&parser);
   int64_t workers = 2, trainers = 1, port = 0, duration_s = 0;
   int64_t ready_timeout_s = 60;
+  int64_t max_restarts = 20;
   std::string run_dir;
   parser.AddInt("workers", &workers, "expert workers to start");
   parser.AddInt("trainers", &trainers, "trainers to start");
@@ -90,11 +101,14 @@ int UpCommand(int argc, char** argv) {
       "stop after this many seconds once ready (0: run until Ctrl-C)");
   parser.AddInt("ready-timeout-s", &ready_timeout_s,
                 "give up if the cluster is not ready within this time");
+  parser.AddInt("max-restarts", &max_restarts,
+                "restarts of each member before `up` gives up (0: none)");
   ResumeFlags resume;
   resume.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
-  if (workers < 1 || trainers < 0) {
-    std::cerr << "switchyard: --workers must be >= 1 and --trainers >= 0\n";
+  if (workers < 1 || trainers < 0 || max_restarts < 0) {
+    std::cerr << "switchyard: --workers must be >= 1, --trainers and "
+                 "--max-restarts >= 0\n";
     return 2;
   }
 
@@ -176,6 +190,15 @@ int UpCommand(int argc, char** argv) {
   const std::string addr_file = run_dir + "/coordinator.addr";
   std::filesystem::remove(addr_file, ec);
   ProcessGroup group;
+  // Each member's command line and restart state, for supervision.
+  struct Supervised {
+    std::vector<std::string> args;
+    std::chrono::steady_clock::time_point started;
+    int restarts = 0;
+    Ms backoff{200};
+    std::optional<std::chrono::steady_clock::time_point> restart_at;
+  };
+  std::map<std::string, Supervised> supervised;
   auto spawn = [&](const std::string& name, std::vector<std::string> args) {
     args.insert(args.begin(), exe);
     auto pid = group.Spawn(name, args);
@@ -184,6 +207,9 @@ int UpCommand(int argc, char** argv) {
                 << pid.status().message() << "\n";
       return false;
     }
+    Supervised& s = supervised[name];
+    s.args = std::move(args);
+    s.started = std::chrono::steady_clock::now();
     return true;
   };
   auto print_events = [&group] {
@@ -239,6 +265,15 @@ int UpCommand(int argc, char** argv) {
     if (stop_requested(Ms(50))) return shutdown(130);
   }
   std::cout << "[up] coordinator listening on " << address << "\n";
+  {
+    // A restarted coordinator comes back on the same address (members
+    // reconnect to it) and resumes the run's state: never --fresh again.
+    std::vector<std::string> again = {exe, "coordinator"};
+    again.insert(again.end(), common_args.begin(), common_args.end());
+    again.push_back("--set");
+    again.push_back("cluster.coordinator_address=" + address);
+    supervised["coordinator"].args = std::move(again);
+  }
 
   // 2. Workers and trainers.
   auto with = [&](std::vector<std::string> args) {
@@ -258,17 +293,59 @@ int UpCommand(int argc, char** argv) {
     }
   }
 
-  // Trainers exit when training ends: then the cluster's work is done.
+  // Trainers exit when training ends: then the cluster's work is done. (A
+  // trainer that crashed is restarted, one that refused to go on stops the
+  // cluster: supervise() sees to both.)
   auto trainers_finished = [&]() -> std::optional<int> {
     if (trainers == 0) return std::nullopt;
-    bool all_clean = true;
     for (int r = 0; r < trainers; ++r) {
-      const std::string name = "trainer-" + std::to_string(r);
-      if (group.IsRunning(name)) return std::nullopt;
-      all_clean &= group.ExitedCleanly(name);
+      if (!group.ExitedCleanly("trainer-" + std::to_string(r))) {
+        return std::nullopt;
+      }
     }
-    return all_clean ? 0 : 1;
+    return 0;
   };
+  // Restarts members that crashed, after their backoff; nullopt while the
+  // cluster can go on, else the exit code to stop with (a member that
+  // refused to go on, or one restarted --max-restarts times).
+  auto supervise = [&]() -> std::optional<int> {
+    const auto now = std::chrono::steady_clock::now();
+    for (auto& [name, s] : supervised) {
+      if (group.IsRunning(name) || group.ExitedCleanly(name)) continue;
+      const bool is_worker = name.rfind("worker-", 0) == 0;
+      if (!group.KilledBySignal(name) && !is_worker) {
+        std::cerr << "[up] " << name
+                  << " exited with an error: it refused to go on (its log "
+                     "says why)\n";
+        return 1;
+      }
+      if (!s.restart_at) {
+        if (s.restarts >= max_restarts) {
+          std::cerr << "[up] " << name << " failed again after " << s.restarts
+                    << " restarts (--max-restarts); stopping\n";
+          return 1;
+        }
+        if (now - s.started >= std::chrono::seconds(30)) s.backoff = Ms(200);
+        s.restart_at = now + s.backoff;
+        std::cout << "[up] restarting " << name << " in " << s.backoff.count()
+                  << " ms (restart " << s.restarts + 1 << ")\n"
+                  << std::flush;
+        s.backoff = std::min(Ms(5000), s.backoff * 2);
+      } else if (now >= *s.restart_at) {
+        s.restart_at.reset();
+        ++s.restarts;
+        auto pid = group.Spawn(name, s.args);
+        if (!pid.ok()) {
+          std::cerr << "[up] cannot restart " << name << ": "
+                    << pid.status().message() << "\n";
+          return 1;
+        }
+        s.started = now;
+      }
+    }
+    return std::nullopt;
+  };
+
   // 3. Wait until everyone has joined, then show the cluster.
   auto coordinator = ParseHostPort(address);
   const auto ready_deadline =
@@ -292,17 +369,11 @@ int UpCommand(int argc, char** argv) {
     last = status.ok() ? DeadlineExceededError("not every member has joined")
                        : status.status();
     print_events();
-    if (group.ExitedWithError("coordinator")) {
-      // It refused to go on (e.g. its state is older than its members
-      // know). One killed by a signal may be restarted, and members wait.
-      std::cerr << "[up] the coordinator exited with an error (its log says "
-                   "why)\n";
-      return shutdown(1);
-    }
     if (auto code = trainers_finished()) {
       std::cout << "[up] every trainer has exited\n";
       return shutdown(*code);
     }
+    if (auto code = supervise()) return shutdown(*code);
     if (std::chrono::steady_clock::now() > ready_deadline) {
       std::cerr << "[up] cluster not ready within " << ready_timeout_s
                 << " s: " << last.ToString() << "\n";
@@ -317,18 +388,11 @@ int UpCommand(int argc, char** argv) {
   while (true) {
     if (stop_requested(Ms(200))) return shutdown(0);
     print_events();
-    if (group.ExitedWithError("coordinator")) {
-      // It refused to go on (e.g. its state is older than its members
-      // know). One killed by a signal may be restarted, and members wait.
-      std::cerr << "[up] the coordinator exited with an error (its log says "
-                   "why)\n";
-      return shutdown(1);
-    }
     if (auto code = trainers_finished()) {
-      std::cout << "[up] every trainer has exited"
-                << (*code == 0 ? ": training done\n" : " (not all cleanly)\n");
+      std::cout << "[up] every trainer has exited: training done\n";
       return shutdown(*code);
     }
+    if (auto code = supervise()) return shutdown(*code);
     if (group.num_running() == 0) {
       std::cout << "[up] every process has exited\n";
       return 1;

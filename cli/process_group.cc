@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -69,6 +70,7 @@ StatusOr<pid_t> ProcessGroup::Spawn(const std::string& name,
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) {
     ::close(pipe_fds[0]);
@@ -76,7 +78,13 @@ StatusOr<pid_t> ProcessGroup::Spawn(const std::string& name,
     return UnavailableError(std::string("fork: ") + std::strerror(errno));
   }
   if (pid == 0) {
-    // Child: unblock signals the parent blocked, route output to the pipe.
+    // Child: it dies with its parent (a SIGKILLed `up` leaves nothing
+    // behind: no worker holding its store's lock or its port), even when
+    // the parent died before this line.
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) {
+      ::_exit(127);
+    }
+    // Unblock signals the parent blocked, route output to the pipe.
     sigset_t all;
     sigfillset(&all);
     ::sigprocmask(SIG_UNBLOCK, &all, nullptr);
@@ -119,7 +127,12 @@ std::vector<std::string> ProcessGroup::ReapExited() {
 std::vector<std::string> ProcessGroup::AbnormalExits() const {
   std::vector<std::string> abnormal;
   for (const auto& child : children_) {
-    if (child->running || child->wait_status == -1) continue;
+    // A child that was restarted is reported when it exits (ReapExited),
+    // not here: its successor's exit is what counts.
+    if (child->running || child->wait_status == -1 ||
+        Latest(child->name) != child.get()) {
+      continue;
+    }
     if (WIFEXITED(child->wait_status) && WEXITSTATUS(child->wait_status) == 0) {
       continue;
     }
@@ -129,32 +142,34 @@ std::vector<std::string> ProcessGroup::AbnormalExits() const {
   return abnormal;
 }
 
-bool ProcessGroup::IsRunning(const std::string& name) const {
-  for (const auto& child : children_) {
-    if (child->name == name) return child->running;
+const ProcessGroup::Child* ProcessGroup::Latest(const std::string& name) const {
+  for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
+    if ((*it)->name == name) return it->get();
   }
-  return false;
+  return nullptr;
+}
+
+bool ProcessGroup::IsRunning(const std::string& name) const {
+  const Child* child = Latest(name);
+  return child != nullptr && child->running;
 }
 
 bool ProcessGroup::ExitedCleanly(const std::string& name) const {
-  for (const auto& child : children_) {
-    if (child->name == name) {
-      return !child->running && WIFEXITED(child->wait_status) &&
-             WEXITSTATUS(child->wait_status) == 0;
-    }
-  }
-  return false;
+  const Child* child = Latest(name);
+  return child != nullptr && !child->running && child->wait_status != -1 &&
+         WIFEXITED(child->wait_status) && WEXITSTATUS(child->wait_status) == 0;
 }
 
 bool ProcessGroup::ExitedWithError(const std::string& name) const {
-  for (const auto& child : children_) {
-    if (child->name == name) {
-      return !child->running && child->wait_status != -1 &&
-             WIFEXITED(child->wait_status) &&
-             WEXITSTATUS(child->wait_status) != 0;
-    }
-  }
-  return false;
+  const Child* child = Latest(name);
+  return child != nullptr && !child->running && child->wait_status != -1 &&
+         WIFEXITED(child->wait_status) && WEXITSTATUS(child->wait_status) != 0;
+}
+
+bool ProcessGroup::KilledBySignal(const std::string& name) const {
+  const Child* child = Latest(name);
+  return child != nullptr && !child->running && child->wait_status != -1 &&
+         WIFSIGNALED(child->wait_status);
 }
 
 int ProcessGroup::num_running() const {

@@ -1,5 +1,9 @@
 // Child processes of `switchyard up`, with their output prefixed.
 //
+// A name may be spawned again once its child has exited (a restart): the
+// queries by name answer for the newest child of that name. Children die
+// with this process (PR_SET_PDEATHSIG), a SIGKILL of it included.
+//
 // Each child's stdout and stderr go to one pipe; a thread per child copies
 // its lines to our stdout as "[name] line". Not thread-safe: one owner.
 #ifndef SWITCHYARD_CLI_PROCESS_GROUP_H_
@@ -37,10 +41,13 @@ class ProcessGroup {
   // True when child `name` has been reaped after exiting with a non-zero
   // code (it refused to go on), not killed by a signal.
   bool ExitedWithError(const std::string& name) const;
+  // True when child `name` has been reaped after being killed by a signal
+  // (a crash, a kill -9, the OOM killer).
+  bool KilledBySignal(const std::string& name) const;
   int num_running() const;
-  // Children reaped after exiting other than with status 0 (a signal, a
-  // non-zero exit code, killed after Terminate's grace): "name (pid N)
-  // exited with ..." each.
+  // The newest children of each name reaped after exiting other than with
+  // status 0 (a signal, a non-zero exit code, killed after Terminate's
+  // grace): "name (pid N) exited with ..." each.
   std::vector<std::string> AbnormalExits() const;
 
   // SIGTERM to the named children (all when empty), then SIGKILL to those
@@ -56,6 +63,8 @@ class ProcessGroup {
     int wait_status = -1;  // From waitpid, once reaped.
     std::thread reader;
   };
+  // The newest child named `name`, or null.
+  const Child* Latest(const std::string& name) const;
   // Reaps `child` when it has exited; its event, or empty.
   std::string Reap(Child& child);
 
