@@ -3,10 +3,12 @@
 #   make test         bootstrap, build, format check, every test through ctest
 #   make demo         bootstrap, build, run the main job on a local cluster
 #   make bench        bootstrap, build, run the benchmarks (bench/)
-#   make chaos        bootstrap, build, the crash tests at full size
-#                     (CHAOS_ITERATIONS kill -9s of a checkpoint writer and
-#                     of a training worker, default 200 each; `make test`
-#                     runs 20 of each)
+#   make chaos        bootstrap, build, the crash tests at full size:
+#                     CHAOS_ITERATIONS (default 200) kill -9s of a checkpoint
+#                     writer, and the chaos harness on the demo model with
+#                     CHAOS_FAULTS (default 13) faults of each of 4 kinds
+#                     (52 in all; `make test` runs 20 kill -9s and 5 faults
+#                     of each kind on the tiny model)
 #   make thread-safety  every source through clang's -Wthread-safety
 #                     analysis and our warnings, as errors (needs `build`)
 #   make asan         ASan+UBSan build in build-asan/, then the whole suite
@@ -29,6 +31,13 @@ CTEST_ARGS ?=
 SOURCES = $(shell git ls-files --cached --others --exclude-standard '*.cc' '*.h' '*.cu' '*.proto' 2>/dev/null)
 
 CHAOS_ITERATIONS ?= 200
+# The chaos harness (tests/e2e/chaos_test.cc): faults of each kind, the
+# seed of their schedule, the model, steps and checkpoint interval.
+CHAOS_FAULTS ?= 13
+CHAOS_SEED ?= 1
+CHAOS_CONFIG ?= examples/demo.yaml
+CHAOS_STEPS ?= 1500
+CHAOS_EVERY ?= 20
 
 .PHONY: all build bootstrap test demo bench chaos format format-check clean \
         thread-safety asan tsan soak-tests fuzz
@@ -81,7 +90,9 @@ bench: bootstrap build
 chaos: bootstrap build
 	SWITCHYARD_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) \
 	  $(BUILD_DIR)/tests/checkpoint_store_test --gtest_filter='*KillNine*'
-	SWITCHYARD_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) \
+	SWITCHYARD_CHAOS_FAULTS=$(CHAOS_FAULTS) SWITCHYARD_CHAOS_SEED=$(CHAOS_SEED) \
+	  SWITCHYARD_CHAOS_CONFIG=$(CURDIR)/$(CHAOS_CONFIG) \
+	  SWITCHYARD_CHAOS_STEPS=$(CHAOS_STEPS) SWITCHYARD_CHAOS_EVERY=$(CHAOS_EVERY) \
 	  $(BUILD_DIR)/tests/e2e_test --gtest_filter='ChaosTest.*'
 
 thread-safety: bootstrap build

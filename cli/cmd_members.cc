@@ -137,6 +137,8 @@ int TrainCommand(int argc, char** argv) {
                 "bytes of text to generate at the end (0: none)");
   parser.AddString("sample-prompt", &options.training.sample_prompt,
                    "text the sample continues");
+  MetricsFlag metrics;
+  metrics.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
   options.rank = static_cast<int>(rank);
   options.training.sample_bytes = static_cast<int>(sample_bytes);
@@ -159,6 +161,8 @@ int TrainCommand(int argc, char** argv) {
   LoadedConfig loaded;
   std::string secret;
   if (!LoadConfigAndSecret(flags, &loaded, &secret)) return 2;
+  auto metrics_server = metrics.Start();
+  if (!metrics_server.ok()) return Finish(metrics_server.status());
   return Finish(trainer::RunTrainer(loaded.config, secret, options));
 }
 

@@ -2,8 +2,10 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include <algorithm>
 #include <boost/asio.hpp>
 #include <cstdio>
+#include <ctime>
 #include <sstream>
 #include <thread>
 
@@ -90,6 +92,21 @@ std::string FormatStatus(const control::StatusResponse& status) {
     out << "; resumed from step " << status.routing().resume_step();
   }
   out << "\n";
+  if (status.recoveries_total() > 0) {
+    out << "recoveries: " << status.recoveries_total()
+        << " in all; the last:\n";
+    const int n = status.recoveries_size();
+    for (int i = std::max(0, n - 3); i < n; ++i) {
+      const auto& r = status.recoveries(i);
+      const std::time_t when = static_cast<std::time_t>(r.unix_ms() / 1000);
+      char stamp[32];
+      std::tm tm{};
+      ::localtime_r(&when, &tm);
+      std::strftime(stamp, sizeof(stamp), "%H:%M:%S", &tm);
+      out << "  " << stamp << " epoch " << r.epoch() << ": continued from step "
+          << r.resume_step() << " after: " << r.cause() << "\n";
+    }
+  }
   char line[256];
   std::snprintf(line, sizeof(line),
                 "\n%-12s %-11s %-22s %-8s %-8s %7s %12s %12s %10s\n", "WORKER",

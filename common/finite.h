@@ -48,7 +48,7 @@ inline int64_t FirstNonFinite(const Tensor& t) {
   return -1;
 }
 
-// OK when `t` is finite; else FAILED_PRECONDITION "<what> holds a non-finite
+// OK when `t` is finite; else INVALID_ARGUMENT "<what> holds a non-finite
 // value (<value> at element <i>)".
 inline Status CheckFinite(const Tensor& t, const std::string& what) {
   const int64_t i = FirstNonFinite(t);
@@ -62,9 +62,9 @@ inline Status CheckFinite(const Tensor& t, const std::string& what) {
     const uint32_t wide = uint32_t{bits} << 16;
     std::memcpy(&value, &wide, sizeof(value));
   }
-  return FailedPreconditionError(what + " holds a non-finite value (" +
-                                 std::to_string(value) + " at element " +
-                                 std::to_string(i) + ")");
+  return InvalidArgumentError(what + " holds a non-finite value (" +
+                              std::to_string(value) + " at element " +
+                              std::to_string(i) + ")");
 }
 
 }  // namespace switchyard

@@ -72,6 +72,14 @@ class CheckpointLedger {
   // when `from_step` is not committed.
   Status ChooseResumeStep(bool fresh, int64_t from_step);
   int64_t resume_step() const { return resume_step_; }
+  // A member died or the placement changed mid-run: training continues from
+  // the newest committed checkpoint (0: none), which becomes the resume
+  // step, and reports of later steps not yet committed are forgotten (the
+  // members report them again once they have trained there again).
+  void RollBack() {
+    resume_step_ = latest_committed_step();
+    pending_.clear();
+  }
 
   // Committed checkpoints, oldest first.
   const std::vector<control::CommittedCheckpoint>& committed() const {

@@ -7,6 +7,7 @@
 #include <random>
 #include <sstream>
 
+#include "common/metrics.h"
 #include "common/shard_ref.h"
 #include "coordinator/placement.h"
 
@@ -73,12 +74,19 @@ StatusOr<ClusterState> ClusterState::Restore(
                          " shard homes, the model has " +
                          std::to_string(state.shards_.size()));
   }
-  state.epoch_ = snapshot.epoch() + 1;  // A restart always advances the epoch.
+  // The same epoch: the routing table the members hold is still the one
+  // in force, and training goes on through a coordinator restart. What
+  // changed while it was away (a member died or came back) fences and
+  // advances the epoch as usual once found out.
+  state.epoch_ = snapshot.epoch();
   state.next_incarnation_ = snapshot.next_incarnation();
   if (!snapshot.run_id().empty()) state.run_id_ = snapshot.run_id();
   state.placed_ = snapshot.placed();
   state.placement_error_ = snapshot.placement_error();
   state.ledger_.Restore(snapshot);
+  state.recoveries_.assign(snapshot.recoveries().begin(),
+                           snapshot.recoveries().end());
+  state.recoveries_total_ = snapshot.recoveries_total();
   for (int i = 0; i < snapshot.shard_home_size(); ++i) {
     state.shard_home_[i] = snapshot.shard_home(i);
     state.shard_unplaced_[i] = snapshot.shard_unplaced(i);
@@ -117,6 +125,8 @@ control::CoordinatorSnapshot ClusterState::Snapshot() const {
   *s.mutable_config() = config_;
   s.set_placement_error(placement_error_);
   ledger_.SaveTo(&s);
+  for (const auto& r : recoveries_) *s.add_recoveries() = r;
+  s.set_recoveries_total(recoveries_total_);
   return s;
 }
 
@@ -133,11 +143,38 @@ int ClusterState::NumLiveWorkers() const {
   return n;
 }
 
-void ClusterState::BumpEpoch(const std::string& why) {
+void ClusterState::BumpEpoch(const std::string& why, bool first_placement) {
   ++epoch_;
   ++version_;
   ++routing_version_;
-  LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
+  if (!placed_ || first_placement) {
+    LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
+    return;
+  }
+  // Every new epoch of a placed cluster names the step all its members
+  // continue from: the newest committed checkpoint (DESIGN.md, "Failures
+  // and elasticity"). The step in flight is abandoned; members that trained
+  // past the checkpoint roll back to it.
+  ledger_.RollBack();
+  control::Recovery recovery;
+  recovery.set_epoch(epoch_);
+  recovery.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::system_clock::now().time_since_epoch())
+                           .count());
+  recovery.set_cause(why);
+  recovery.set_resume_step(ledger_.resume_step());
+  recoveries_.push_back(std::move(recovery));
+  if (recoveries_.size() > kMaxRecoveries)
+    recoveries_.erase(recoveries_.begin());
+  ++recoveries_total_;
+  MetricsRegistry::Global()
+      .GetCounter("switchyard_coordinator_recoveries_total")
+      ->Increment();
+  LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << why
+               << "; the cluster continues from step " << ledger_.resume_step()
+               << (ledger_.resume_step() > 0
+                       ? " (the newest committed checkpoint)"
+                       : " (nothing committed yet)");
 }
 
 void ClusterState::Replace(const std::string& why) {
@@ -169,9 +206,10 @@ void ClusterState::Replace(const std::string& why) {
   const bool first = !placed_;
   placed_ = true;
   BumpEpoch(why + (first ? ": first placement of " : ": re-placement moved ") +
-            std::to_string(first ? shards_.size() : result.num_moved) +
-            " shards over " + std::to_string(input.workers.size()) +
-            " workers");
+                std::to_string(first ? shards_.size() : result.num_moved) +
+                " shards over " + std::to_string(input.workers.size()) +
+                " workers",
+            first);
 }
 
 void ClusterState::Fence(Member* member, MemberState state,
@@ -182,12 +220,14 @@ void ClusterState::Fence(Member* member, MemberState state,
       KindName(reg.kind()) + " " + reg.name() + " (incarnation " +
       std::to_string(member->record.incarnation()) + ") " + why;
   LOG(WARNING) << "coordinator: " << what;
-  if (reg.kind() == control::WORKER) {
-    if (placed_) {
-      Replace(what);
-    } else {
-      BumpEpoch(what);
-    }
+  if (reg.kind() == control::WORKER && placed_) {
+    Replace(what);
+  } else if (reg.kind() == control::WORKER ||
+             (placed_ && state == control::DEAD)) {
+    // A trainer's death abandons the step in flight (its partial
+    // gradients are on every worker): a new epoch. One that left has
+    // finished its work.
+    BumpEpoch(what);
   } else {
     ++version_;
   }
@@ -253,9 +293,10 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   if (it == members_.end()) {
     it = members_.emplace(request.name(), Member()).first;
   } else if (!confirmed && IsLive(it->second)) {
-    // A new process under a live name: the old incarnation is fenced.
+    // A new process under a live name: the old incarnation is fenced (a
+    // worker's shards, or a trainer's step in flight, are lost with it).
     it->second.record.set_state(control::DEAD);
-    if (request.kind() == control::WORKER) {
+    if (request.kind() == control::WORKER || placed_) {
       BumpEpoch(request.name() + " re-registered; incarnation " +
                 std::to_string(it->second.record.incarnation()) + " fenced");
     }
@@ -408,6 +449,16 @@ void ClusterState::Tick(Clock::time_point now) {
   }
 }
 
+void ClusterState::ConnectionLost(const std::string& name,
+                                  Clock::time_point now) {
+  auto it = members_.find(name);
+  if (it == members_.end() || !IsLive(it->second)) return;
+  const auto grace = std::chrono::milliseconds(
+      std::min(int64_t{config_.cluster().lease_ms()},
+               2 * int64_t{config_.cluster().heartbeat_ms()}));
+  it->second.lease_deadline = std::min(it->second.lease_deadline, now + grace);
+}
+
 control::RoutingTable ClusterState::Routing() const {
   control::RoutingTable table;
   table.set_epoch(epoch_);
@@ -495,6 +546,8 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
   }
   *s.mutable_routing() = Routing();
   for (const auto& c : ledger_.committed()) *s.add_checkpoints() = c;
+  for (const auto& r : recoveries_) *s.add_recoveries() = r;
+  s.set_recoveries_total(recoveries_total_);
   return s;
 }
 

@@ -3,7 +3,9 @@
 //
 // A pure state machine, driven by requests and by Tick(now); no I/O, so tests
 // drive it directly with chosen times. The epoch advances whenever the
-// routing table changes or an incarnation is fenced, and on every restart.
+// routing table changes or an incarnation is fenced; once placed, every new
+// epoch also names the step the cluster continues from (a rollback to the
+// newest committed checkpoint: DESIGN.md, "Failures and elasticity").
 // Membership decides who may report a checkpoint and where its replicas go;
 // the ledger decides when a checkpoint is committed.
 //
@@ -32,9 +34,11 @@ class ClusterState {
   // A fresh run at epoch 1, nothing placed.
   explicit ClusterState(const config::SwitchyardConfig& config);
 
-  // Resumes from a persisted snapshot, at a higher epoch. Members that were
-  // alive become UNCONFIRMED with a grace of two leases from `now` to
-  // re-register. Fails if the snapshot's model differs from `config`'s.
+  // Resumes from a persisted snapshot, at its epoch (the members' routing
+  // tables stay in force: a coordinator restart alone changes nothing for
+  // them). Members that were alive become UNCONFIRMED with a grace of two
+  // leases from `now` to re-register. Fails if the snapshot's model differs
+  // from `config`'s.
   static StatusOr<ClusterState> Restore(
       const config::SwitchyardConfig& config,
       const control::CoordinatorSnapshot& snapshot, Clock::time_point now);
@@ -65,6 +69,10 @@ class ClusterState {
   int64_t resume_step() const { return ledger_.resume_step(); }
   // Declares members whose lease expired dead.
   void Tick(Clock::time_point now);
+  // `name`'s control connection closed: a live process reconnects and
+  // re-registers at once, so its lease is cut to two heartbeat periods
+  // (a killed process is fenced then, well before its lease would end).
+  void ConnectionLost(const std::string& name, Clock::time_point now);
 
   uint64_t epoch() const { return epoch_; }
   // Incremented on every change that must be persisted.
@@ -91,7 +99,9 @@ class ClusterState {
   void Replace(const std::string& why);
   void Fence(Member* member, control::MemberState state,
              const std::string& why);
-  void BumpEpoch(const std::string& why);
+  // A new epoch. Once placed (after the first placement) it is a rollback:
+  // the ledger's resume step becomes the newest committed checkpoint.
+  void BumpEpoch(const std::string& why, bool first_placement = false);
 
   config::SwitchyardConfig config_;
   std::vector<ShardFootprint> shards_;
@@ -114,6 +124,10 @@ class ClusterState {
   // Queues replication of `report`'s shards onto other live workers
   // (distinct hosts first).
   void AssignReplicas(const control::CheckpointReport& report);
+  // The last kMaxRecoveries recoveries, oldest first, and how many in all.
+  static constexpr int kMaxRecoveries = 16;
+  std::vector<control::Recovery> recoveries_;
+  int64_t recoveries_total_ = 0;
   // Replication tasks by target worker, handed out with its next heartbeat.
   std::map<std::string, std::vector<control::ReplicationTask>> tasks_;
   CheckpointLedger ledger_;

@@ -288,6 +288,7 @@ void CoordinatorService::OnClose(const control::Connection::Ptr& conn) {
   MutexLock lock(&mu_);
   for (auto it = connections_.begin(); it != connections_.end();) {
     if (it->second == conn) {
+      if (state_.has_value()) state_->ConnectionLost(it->first, Clock::now());
       it = connections_.erase(it);
     } else {
       ++it;

@@ -47,7 +47,14 @@ void CheckpointWriter::Loop() {
     {
       MutexLock lock(&mu_);
       while (!stop_ && staged_.empty() && replications_.empty()) {
-        cv_.Wait(&mu_);
+        if (unreported_.empty()) {
+          cv_.Wait(&mu_);
+        } else if (!cv_.WaitUntil(
+                       &mu_, std::chrono::steady_clock::now() + kReportRetry)) {
+          lock.Unlock();
+          RetryReports();
+          lock.Lock();
+        }
       }
       if (staged_.empty() && replications_.empty()) return;  // Stopping.
       if (!staged_.empty()) {
@@ -125,7 +132,7 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job,
     shard->set_digest(manifest->digest());
     shard->set_bytes(manifest->total_bytes());
   }
-  if (s.ok() && report_) s = report_(report);
+  const bool reported = s.ok() && Report(report);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
           .count();
@@ -156,8 +163,62 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job,
   metrics.GetGauge("switchyard_worker_checkpoint_last_write_seconds")
       ->Set(seconds);
   LOG(INFO) << name_ << ": checkpoint " << step << " written (" << job.size()
-            << " shards, " << bytes << " bytes in " << seconds
-            << " s) and reported";
+            << " shards, " << bytes << " bytes in " << seconds << " s)"
+            << (reported ? " and reported"
+                         : "; reported once the coordinator is back");
+}
+
+bool CheckpointWriter::Report(const control::CheckpointReport& report) {
+  {
+    MutexLock lock(&mu_);
+    if (!unreported_.empty()) {
+      // Behind the older ones, in step order.
+      unreported_.push_back(report);
+      return false;
+    }
+  }
+  if (!report_) return true;
+  const Status s = report_(report);
+  if (s.ok()) return true;
+  if (s.code() == StatusCode::kUnavailable ||
+      s.code() == StatusCode::kDeadlineExceeded) {
+    LOG(WARNING) << name_ << ": checkpoint " << report.step()
+                 << " is written but the coordinator cannot be reached ("
+                 << s.ToString() << "); reporting it again until it can";
+    MutexLock lock(&mu_);
+    unreported_.push_back(report);
+    return false;
+  }
+  // Refused (e.g. this incarnation was fenced): the copy is on disk, but
+  // it will not count towards a commit.
+  LOG(WARNING) << name_ << ": checkpoint " << report.step()
+               << " is written but its report was refused: " << s.ToString();
+  return true;
+}
+
+void CheckpointWriter::RetryReports() {
+  while (true) {
+    control::CheckpointReport report;
+    {
+      MutexLock lock(&mu_);
+      if (unreported_.empty()) return;
+      report = unreported_.front();
+    }
+    const Status s = report_(report);
+    if (!s.ok() && (s.code() == StatusCode::kUnavailable ||
+                    s.code() == StatusCode::kDeadlineExceeded)) {
+      return;  // Still away: the next retry.
+    }
+    if (s.ok()) {
+      LOG(INFO) << name_ << ": checkpoint " << report.step()
+                << " reported (the coordinator is back)";
+    } else {
+      LOG(WARNING) << name_ << ": checkpoint " << report.step()
+                   << " report refused: " << s.ToString();
+    }
+    MutexLock lock(&mu_);
+    unreported_.pop_front();
+  }
 }
 
 Status CheckpointWriter::Healthy() const {
@@ -166,7 +227,7 @@ Status CheckpointWriter::Healthy() const {
       consecutive_failures_ < max_consecutive_failures_) {
     return OkStatus();
   }
-  return FailedPreconditionError(
+  return ResourceExhaustedError(
       name_ + ": the last " + std::to_string(consecutive_failures_) +
       " checkpoints failed (checkpoint.max_consecutive_failures = " +
       std::to_string(max_consecutive_failures_) +

@@ -10,11 +10,19 @@
 // last, which is queued behind the write. Between checkpoints the thread
 // runs replication tasks (copies of peers' checkpoints).
 //
+// A written checkpoint whose report cannot reach the coordinator
+// (UNAVAILABLE or DEADLINE_EXCEEDED: it is restarting) is kept and
+// reported again, oldest first, every kReportRetry until it gets through:
+// training goes on while the coordinator is away, and its commits follow
+// when it returns. Only failures to write count against
+// max_consecutive_failures.
+//
 // Thread-safety: every method is thread-safe. The store, the staging pool
 // and the replication runner are not owned and outlive the writer.
 #ifndef SWITCHYARD_EXPERT_WORKER_CHECKPOINT_WRITER_H_
 #define SWITCHYARD_EXPERT_WORKER_CHECKPOINT_WRITER_H_
 
+#include <chrono>
 #include <deque>
 #include <functional>
 #include <string>
@@ -33,6 +41,7 @@ class CheckpointWriter {
  public:
   using Reporter = std::function<Status(const control::CheckpointReport&)>;
   using Replicator = std::function<Status(const control::ReplicationTask&)>;
+  static constexpr std::chrono::milliseconds kReportRetry{200};
 
   // `threads`: shards written at a time. `report` (may be empty) is called
   // after each write; `replicate` runs a replication task.
@@ -67,13 +76,19 @@ class CheckpointWriter {
   // Blocks until no checkpoint write is in flight.
   void WaitWritten() EXCLUDES(mu_);
   // OK unless the last max_consecutive_failures checkpoints all failed:
-  // then FAILED_PRECONDITION with the last failure, so that the run stops
+  // then RESOURCE_EXHAUSTED with the last failure, so that the run stops
   // instead of training on work it cannot save. A written checkpoint
   // resets the count.
   Status Healthy() const EXCLUDES(mu_);
 
  private:
   void Loop() EXCLUDES(mu_);
+  // Sends the reports the coordinator could not take yet, oldest first,
+  // until one fails again.
+  void RetryReports() EXCLUDES(mu_);
+  // Reports `report` of a written checkpoint; keeps it for RetryReports
+  // when the coordinator cannot be reached. False when it was kept.
+  bool Report(const control::CheckpointReport& report) EXCLUDES(mu_);
   // Writes `job` and reports it; logs and counts the outcome. A job
   // holding a non-finite value is not written (a failure).
   void Write(const std::vector<storage::ShardSnapshot>& job,
@@ -104,6 +119,8 @@ class CheckpointWriter {
   bool busy_ GUARDED_BY(mu_) = false;  // A checkpoint staged or being written.
   bool stop_ GUARDED_BY(mu_) = false;
   int64_t dropped_before_ GUARDED_BY(mu_) = 0;
+  // Written checkpoints not yet reported (the coordinator was away).
+  std::deque<control::CheckpointReport> unreported_ GUARDED_BY(mu_);
   std::thread thread_;
 };
 

@@ -5,6 +5,17 @@
 
 namespace switchyard::expert_worker {
 
+void AbandonStep(ExpertShard* shard) {
+  shard->activations.clear();
+  shard->contributions.clear();
+  shard->grads_ready = false;
+}
+
+void AbandonStep(DenseShard* shard) {
+  shard->pushes.clear();
+  shard->grad = Tensor();
+}
+
 Tensor CopyTensor(BufferPool& pool, const Tensor& t, bool deep) {
   if (!deep || t.empty()) return t;
   auto copy = pool.Take(t.dtype(), t.shape());

@@ -51,6 +51,12 @@ struct DenseShard {
   Tensor grad;
 };
 
+// Drops what the step in flight left in `shard` (activations, gradient
+// inputs, pushes, a computed but unapplied gradient): the step was
+// abandoned (a new routing epoch).
+void AbandonStep(ExpertShard* shard);
+void AbandonStep(DenseShard* shard);
+
 // `t` itself (shallow, sharing storage), or (deep) a copy in a buffer from
 // `pool`: a checkpoint's staging copy reuses buffers instead of fresh
 // memory, whose first touch costs 11.5 us per 4 KiB page on the CI VM.

@@ -21,21 +21,20 @@ RoutingPlan PlanRouting(const control::RoutingTable& routing,
       plan.dense.insert(e.shard().shard());
     }
   }
-  bool adopted = false;
-  for (const ShardId& id : plan.experts) adopted |= !hosted_experts.count(id);
-  for (int index : plan.dense) adopted |= !hosted_dense.count(index);
   const int64_t resume = routing.resume_step();
-  plan.restore =
-      resume > 0 && (next_step == 0 || (adopted && next_step == resume));
-  plan.adopts_mid_run = adopted && next_step > 0 && !plan.restore;
-  // A worker that has trained to another step reloads everything it hosts.
-  const bool reload_all = plan.restore && next_step != resume;
+  plan.rolls_back = next_step != resume;
   for (const ShardId& id : plan.experts) {
-    if (reload_all || !hosted_experts.count(id)) plan.make_experts.insert(id);
+    if (plan.rolls_back || !hosted_experts.count(id)) {
+      plan.make_experts.insert(id);
+    }
   }
   for (int index : plan.dense) {
-    if (reload_all || !hosted_dense.count(index)) plan.make_dense.insert(index);
+    if (plan.rolls_back || !hosted_dense.count(index)) {
+      plan.make_dense.insert(index);
+    }
   }
+  plan.restore =
+      resume > 0 && (!plan.make_experts.empty() || !plan.make_dense.empty());
   return plan;
 }
 

@@ -1,14 +1,16 @@
-// What adopting a routing table means for one worker, decided from the
-// table, the worker's name, what it hosts and how far it has trained: the
-// shards it is to host, which of them must be made (new to it, or all of
-// them when a resumed run reloads), and whether they come from the
-// checkpoint at the table's resume step or start from initial values.
-// A pure function: WorkerService::ApplyRouting carries the plan out.
+// What adopting a routing table of a new epoch means for one worker,
+// decided from the table, the worker's name, what it hosts and how far it
+// has trained: the shards it is to host, which of them must be made, and
+// whether they come from the checkpoint at the table's resume step or
+// start from initial values. A pure function: WorkerService::ApplyRouting
+// carries the plan out.
 //
-// A resumed run restores before its first update: at start, and again when
-// placement hands the worker more shards before training begins (the
-// shards it has are then still exactly the checkpoint's, so only the new
-// ones are loaded).
+// Every new epoch names the step the whole cluster continues from (its
+// resume step: the newest committed checkpoint, 0 for none; DESIGN.md,
+// "Failures and elasticity"). A worker already there (a fresh start, or a
+// resume before its first update) keeps what it hosts and makes only the
+// shards new to it; a worker that has trained to another step rolls every
+// shard it hosts back to the resume step.
 #ifndef SWITCHYARD_EXPERT_WORKER_ROUTING_PLAN_H_
 #define SWITCHYARD_EXPERT_WORKER_ROUTING_PLAN_H_
 
@@ -27,11 +29,10 @@ struct RoutingPlan {
   std::set<ShardId> make_experts;  // To make (a subset of the above).
   std::set<int> make_dense;
   // The made shards are restored from the checkpoint at the table's
-  // resume step (else they get initial values).
+  // resume step (else they get initial values: a resume step of 0).
   bool restore = false;
-  // New shards arrive mid-run without a restore: they start from initial
-  // values (re-placement with a rollback belongs to recovery).
-  bool adopts_mid_run = false;
+  // Every hosted shard is made again: the worker rolls back.
+  bool rolls_back = false;
 };
 
 RoutingPlan PlanRouting(const control::RoutingTable& routing,

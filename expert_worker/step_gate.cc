@@ -16,7 +16,18 @@ Status StepGate::CheckEpoch(const transport::WireHeader& h) const {
                         std::to_string(h.epoch) + " yet (at " +
                         std::to_string(epoch_) + "); retry");
   }
+  if (!open_) {
+    return AbortedError(name_ + " is still making its shards for epoch " +
+                        std::to_string(epoch_) + "; retry");
+  }
   return OkStatus();
+}
+
+std::vector<Task> StepGate::Fence(uint64_t epoch) {
+  epoch_ = epoch;
+  open_ = false;
+  done_.clear();
+  return TakeDeferred();
 }
 
 StepGate::Verdict StepGate::Admit(const transport::WireHeader& h,

@@ -1,7 +1,8 @@
 // The step gate: which data-plane requests a worker may serve now
 // (DESIGN.md, "One synchronous training step"). A request must carry the
-// worker's routing epoch (older: refused for good; newer: refused as not
-// ready, ABORTED, so that the sender retries), a trainer rank in
+// worker's routing epoch (older: refused for good; newer, or the worker's
+// own while its shards for it are being made: refused as not ready,
+// ABORTED, so that the sender retries), a trainer rank in
 // [0, trainers), and the step the worker is at: requests for step t + 1 are
 // deferred until update t is applied, earlier and later steps are refused.
 // The gate also counts StepDone(t, rank): update t is due when every
@@ -45,10 +46,19 @@ class StepGate {
   // hands back the requests deferred for it, in arrival order.
   std::vector<Task> Advance();
 
-  // Adopts a routing table's epoch, and (restored from a checkpoint) its
-  // step.
-  void set_epoch(uint64_t epoch) { epoch_ = epoch; }
-  void set_next_step(int64_t step) { next_step_ = step; }
+  // A routing table of a newer epoch arrived: from now on requests of
+  // older epochs are refused for good, and those of `epoch` are answered
+  // not ready (ABORTED: the sender retries) until Open. The step in
+  // flight is abandoned: its StepDone marks are dropped and its deferred
+  // requests handed back (to be refused).
+  std::vector<Task> Fence(uint64_t epoch);
+  // The shards of the fenced epoch are in place at `next_step`: requests of
+  // the epoch are served.
+  void Open(int64_t next_step) {
+    next_step_ = next_step;
+    open_ = true;
+  }
+  bool open() const { return open_; }
   // Every deferred request (shutdown answers them).
   std::vector<Task> TakeDeferred();
 
@@ -60,6 +70,7 @@ class StepGate {
   const std::string name_;
   const int trainers_;
   uint64_t epoch_ = 0;
+  bool open_ = false;                          // Serving epoch_.
   int64_t next_step_ = 0;                      // = updates applied.
   std::map<int64_t, std::set<int32_t>> done_;  // StepDone ranks by step.
   std::vector<Task> deferred_;

@@ -125,20 +125,45 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   std::set<ShardId> have;
   std::set<int> have_dense;
   int64_t next_step = 0;
+  std::vector<Task> abandoned;
   {
     MutexLock lock(&mu_);
+    if (routing.epoch() < gate_.epoch() ||
+        (routing.epoch() == gate_.epoch() && gate_.open())) {
+      // The same placement (a table re-sent when a worker's address is
+      // confirmed): only who this worker is in it may have changed.
+      for (const auto& w : routing.workers()) {
+        if (w.name() == name_) adopted_incarnation_ = w.incarnation();
+      }
+      return OkStatus();
+    }
+    // A new epoch: nothing of the old one is served from now on, and the
+    // step in flight is abandoned everywhere (the trainers redo it, or roll
+    // back further, under the new epoch).
+    abandoned = gate_.Fence(routing.epoch());
+    adopted_epoch_.store(routing.epoch(), std::memory_order_release);
+    for (auto& [id, shard] : shards_) AbandonStep(shard.get());
+    for (auto& [index, shard] : dense_) AbandonStep(shard.get());
     for (const auto& [id, shard] : shards_) have.insert(id);
     for (const auto& [index, shard] : dense_) have_dense.insert(index);
     next_step = gate_.next_step();
   }
+  for (Task& t : abandoned) {
+    t.reply(transport::ErrorResponse(
+        t.request.header,
+        FailedPreconditionError(
+            "step " + std::to_string(t.request.header.step) +
+            " abandoned: " + name_ + " moved to epoch " +
+            std::to_string(routing.epoch()) + "; refresh the routing")));
+  }
   const RoutingPlan plan =
       PlanRouting(routing, name_, have, have_dense, next_step);
-  if (plan.adopts_mid_run) {
-    // NOTE: re-placing a lost worker's shards mid-run from the last
-    // committed checkpoint, with a rollback, belongs to the failures work
-    // (DESIGN.md, "Failures"); until then they start from initial values.
-    LOG(WARNING) << name_ << ": adopting shards at step " << next_step
-                 << " with initial values";
+  if (plan.rolls_back) {
+    LOG(WARNING) << name_ << ": epoch " << routing.epoch()
+                 << ": rolling back from step " << next_step << " to step "
+                 << routing.resume_step()
+                 << (plan.restore ? " (the newest committed checkpoint)"
+                                  : " (initial values: nothing committed)");
   }
   // New shards are made (and restored) outside mu_: initialising or reading
   // gigabytes takes seconds, and requests of the current epoch go on.
@@ -190,9 +215,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   }
   for (auto& [index, shard] : made_dense) dense_[index] = std::move(shard);
   for (auto& [id, shard] : made) shards_[id] = std::move(shard);
-  if (plan.restore) gate_.set_next_step(routing.resume_step());
-  gate_.set_epoch(routing.epoch());
-  adopted_epoch_.store(routing.epoch(), std::memory_order_release);
+  gate_.Open(routing.resume_step());
   adopted_incarnation_ = 0;
   for (const auto& w : routing.workers()) {
     if (w.name() == name_) adopted_incarnation_ = w.incarnation();

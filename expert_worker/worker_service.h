@@ -82,14 +82,20 @@ class WorkerService {
   Status Start();
   void Shutdown() EXCLUDES(mu_);
 
-  // Adopts the expert shards `routing` places on this worker (allocating and
-  // initialising new ones, dropping those moved away) and its epoch. A
-  // worker that has applied no update yet and gets a table with
-  // resume_step > 0 restores its shards from its checkpoint store at that
-  // step and continues from it. New shards are made and restored without
-  // holding the worker's state lock: requests of the current epoch are
-  // served meanwhile, and the table is adopted whole at the end or not at
-  // all. Tables are applied one at a time.
+  // Adopts a routing table of a new epoch: the shards it places on this
+  // worker and the step the cluster continues from (its resume step;
+  // RoutingPlan). The epoch is adopted at once: from then on requests of
+  // older epochs are refused, the step in flight is abandoned (partial
+  // gradients dropped, deferred requests refused), and requests of the new
+  // epoch are answered not ready (ABORTED) until the shards are in place:
+  // kept ones, made ones (initial values at step 0, else restored from the
+  // committed checkpoint at the resume step: local store, holder, replicas),
+  // and all of them rolled back when the worker has trained to another
+  // step. Shards are made and restored without holding the worker's state
+  // lock. A table that fails (e.g. no copy of a shard is reachable) leaves
+  // the epoch closed, and the next table (or the same epoch again) retries.
+  // A table of the adopted epoch changes nothing but this worker's
+  // incarnation in it. Tables are applied one at a time.
   Status ApplyRouting(const control::RoutingTable& routing)
       EXCLUDES(apply_mu_, mu_);
   // The same on the worker's routing thread, so that a caller on a control

@@ -228,7 +228,7 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
          << "): the run has diverged and stops before this step is applied; "
             "resume from the last checkpoint with a lower "
             "training.learning_rate, or check the data";
-    return FailedPreconditionError(what.str());
+    return InvalidArgumentError(what.str());
   }
   for (Real& g : dlogits) g *= loss_scale;
   // lm_head (d, V) += n_final^T dlogits; dn (N, d) = dlogits lm_head^T.

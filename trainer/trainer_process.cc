@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "common/config.h"
+#include "common/metrics.h"
 #include "common/mutex.h"
 #include "common/thread_annotations.h"
 #include "trainer/layers.h"
@@ -13,18 +14,41 @@ namespace switchyard::trainer {
 
 namespace {
 
-// All cluster.workers workers in the table, and every shard placed on one
-// that has confirmed its address: the table training can start with.
-bool ReadyToTrain(const control::RoutingTable& routing, int workers) {
-  int confirmed = 0;
-  for (const auto& w : routing.workers()) confirmed += w.confirmed();
-  if (routing.entries_size() == 0 || confirmed < workers) return false;
+// Every shard placed on a worker that has confirmed its address.
+bool AllShardsReachable(const control::RoutingTable& routing) {
+  if (routing.entries_size() == 0) return false;
   for (const auto& e : routing.entries()) {
     if (e.worker() < 0 || !routing.workers(e.worker()).confirmed()) {
       return false;
     }
   }
   return true;
+}
+
+// All cluster.workers workers in the table, and every shard reachable: the
+// table training can start with.
+bool ReadyToTrain(const control::RoutingTable& routing, int workers) {
+  int confirmed = 0;
+  for (const auto& w : routing.workers()) confirmed += w.confirmed();
+  return confirmed >= workers && AllShardsReachable(routing);
+}
+
+// Failures the cluster may recover from under a new routing epoch (a
+// member died, was fenced or replaced): stale epochs, abandoned steps,
+// lost or silent peers. Others (a non-finite loss, a bad request, lost
+// data) stop the trainer.
+bool MayRecover(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kUnavailable:
+    case StatusCode::kDeadlineExceeded:
+    case StatusCode::kFailedPrecondition:
+    case StatusCode::kAborted:
+    case StatusCode::kNotFound:
+    case StatusCode::kCancelled:  // FailPending: a new epoch arrived.
+      return true;
+    default:
+      return false;
+  }
 }
 
 // What the control thread hears of the cluster, for the training thread,
@@ -78,12 +102,24 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   const std::string name = reg.name();
 
   ClusterNews news;
+  // The epoch training runs under (0: not started).
+  std::atomic<uint64_t> training_epoch{0};
   member.on_routing = [&](const control::RoutingTable& routing) {
     int placed = 0;
     for (const auto& e : routing.entries()) placed += e.worker() >= 0;
     LOG(INFO) << name << ": routing epoch " << routing.epoch() << ": " << placed
               << "/" << routing.entries_size() << " shards reachable over "
               << routing.workers_size() << " workers";
+    const uint64_t training = training_epoch.load();
+    if (training != 0 && routing.epoch() > training) {
+      // The step in flight is abandoned on every worker: stop waiting for
+      // its answers (a paused or cut-off peer would hold them until their
+      // deadline). Before the table is published, so that no request of
+      // the new epoch can be caught by it.
+      data_plane->FailPending(CancelledError("routing epoch " +
+                                             std::to_string(routing.epoch()) +
+                                             " abandons the step in flight"));
+    }
     MutexLock lock(&news.mu);
     news.latest = routing;
     news.changed.NotifyAll();
@@ -99,6 +135,46 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   // How long to wait for every worker to join and every shard to be placed.
   const auto join_timeout =
       std::chrono::milliseconds(config.cluster().call_timeout_ms()) * 12;
+  // Trains from step `from` under routing epoch `epoch` to the run's end
+  // and waits for the end's checkpoint to be committed; OK when done, else
+  // why not (a failed step, or a newer epoch before the commit).
+  auto train_and_commit = [&](int64_t from, uint64_t epoch,
+                              const std::atomic<bool>& stopping) -> Status {
+    auto result = RunTraining(config, corpus, options.training, {&replica},
+                              from, &stopping, std::cout);
+    if (!result.ok()) return result.status();
+    LOG(INFO) << name << ": trained " << result->steps << " steps, "
+              << static_cast<int64_t>(result->tokens_per_second) << " tokens/s";
+    if (config.checkpoint().every() == 0) return OkStatus();
+    // The run's end is only done once its checkpoint is committed: then
+    // everything trained survives whatever happens next.
+    const int64_t end = RunEndStep(config.training());
+    const std::chrono::milliseconds commit_timeout(
+        config.checkpoint().commit_timeout_ms());
+    MutexLock lock(&news.mu);
+    const auto deadline = std::chrono::steady_clock::now() + commit_timeout;
+    while (news.committed < end && !stopping && news.latest.epoch() <= epoch) {
+      if (!news.changed.WaitUntil(&news.mu, deadline)) break;
+    }
+    if (news.committed >= end) {
+      if (options.rank == 0) {
+        std::cout << "checkpoint " << end << " committed" << std::endl;
+      }
+      return OkStatus();
+    }
+    if (stopping) return OkStatus();
+    if (news.latest.epoch() > epoch) {
+      return AbortedError("the cluster moved to epoch " +
+                          std::to_string(news.latest.epoch()) +
+                          " before the checkpoint of step " +
+                          std::to_string(end) + " was committed");
+    }
+    return DeadlineExceededError(
+        "the checkpoint of step " + std::to_string(end) +
+        " was not committed within " + std::to_string(commit_timeout.count()) +
+        " ms (checkpoint.commit_timeout_ms; newest committed: " +
+        std::to_string(news.committed) + ")");
+  };
   member.body = [&](const std::atomic<bool>& stopping) -> Status {
     control::RoutingTable routing;
     {
@@ -124,37 +200,60 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       routing = news.latest;
     }
     replica.SetRouting(routing);
-    auto result = RunTraining(config, corpus, options.training, {&replica},
-                              routing.resume_step(), &stopping, std::cout);
-    if (!result.ok()) {
-      if (stopping) return OkStatus();  // Interrupted on purpose.
-      return result.status();
+    training_epoch = routing.epoch();
+    int64_t from = routing.resume_step();
+    int recoveries = 0;
+    while (true) {
+      Status failure = train_and_commit(from, routing.epoch(), stopping);
+      if (failure.ok() || stopping) return OkStatus();
+      if (!MayRecover(failure)) return failure;
+      // Recovery: the coordinator publishes a new epoch naming the step
+      // every member continues from (a rollback to the newest committed
+      // checkpoint); this trainer waits for it with every shard reachable.
+      const auto failed_at = std::chrono::steady_clock::now();
+      LOG(WARNING) << name << ": " << failure.ToString()
+                   << "; waiting for the cluster to recover (a routing epoch "
+                      "newer than "
+                   << routing.epoch() << ")";
+      {
+        MutexLock lock(&news.mu);
+        const auto deadline = failed_at + join_timeout;
+        while (!(news.latest.epoch() > routing.epoch() &&
+                 AllShardsReachable(news.latest))) {
+          if (stopping) return OkStatus();
+          if (!news.changed.WaitUntil(&news.mu, deadline) &&
+              std::chrono::steady_clock::now() >= deadline) {
+            return failure.WithContext(
+                "no recovery within " + std::to_string(join_timeout.count()) +
+                " ms" +
+                (news.latest.placement_error().empty()
+                     ? ""
+                     : " (placement: " + news.latest.placement_error() + ")"));
+          }
+        }
+        routing = news.latest;
+      }
+      replica.SetRouting(routing);
+      training_epoch = routing.epoch();
+      ++recoveries;
+      const double waited_ms = std::chrono::duration<double, std::milli>(
+                                   std::chrono::steady_clock::now() - failed_at)
+                                   .count();
+      auto& metrics = MetricsRegistry::Global();
+      metrics.GetCounter("switchyard_trainer_recoveries_total")->Increment();
+      metrics
+          .GetHistogram("switchyard_trainer_recovery_ms", LatencyBucketsMs())
+          ->Observe(waited_ms);
+      metrics.GetCounter("switchyard_trainer_steps_redone_total")
+          ->Increment(static_cast<uint64_t>(std::max<int64_t>(
+              0, replica.last_step() - routing.resume_step())));
+      LOG(WARNING) << name << ": recovery " << recoveries << ": epoch "
+                   << routing.epoch() << " continues from step "
+                   << routing.resume_step() << " (the failure was at step "
+                   << replica.last_step() << ") after "
+                   << static_cast<int64_t>(waited_ms) << " ms";
+      from = routing.resume_step();
     }
-    LOG(INFO) << name << ": trained " << result->steps << " steps, "
-              << static_cast<int64_t>(result->tokens_per_second) << " tokens/s";
-    if (config.checkpoint().every() == 0) return OkStatus();
-    // The run's end is only done once its checkpoint is committed: then
-    // everything trained survives whatever happens next.
-    const int64_t end = RunEndStep(config.training());
-    const std::chrono::milliseconds commit_timeout(
-        config.checkpoint().commit_timeout_ms());
-    MutexLock lock(&news.mu);
-    const auto deadline = std::chrono::steady_clock::now() + commit_timeout;
-    while (news.committed < end && !stopping) {
-      if (!news.changed.WaitUntil(&news.mu, deadline)) break;
-    }
-    if (news.committed < end && !stopping) {
-      return DeadlineExceededError(
-          "the checkpoint of step " + std::to_string(end) +
-          " was not committed within " +
-          std::to_string(commit_timeout.count()) +
-          " ms (checkpoint.commit_timeout_ms; newest committed: " +
-          std::to_string(news.committed) + ")");
-    }
-    if (options.rank == 0 && news.committed >= end) {
-      std::cout << "checkpoint " << end << " committed" << std::endl;
-    }
-    return OkStatus();
   };
   Status s = control::RunMemberProcess(member);
   data_plane->Shutdown();

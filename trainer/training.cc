@@ -143,6 +143,7 @@ void TrainerReplica::SetRouting(const control::RoutingTable& routing) {
 }
 
 StatusOr<StepReport> TrainerReplica::Step(int64_t step, const Batch& batch) {
+  last_step_ = step;
   const auto start = Clock::now();
   StepReport report;
   auto t = Clock::now();

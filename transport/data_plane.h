@@ -113,6 +113,13 @@ class DataPlane {
   // "host:port" peers use to reach this data plane.
   virtual std::string address() const = 0;
 
+  // Completes every request pending now with `why`, as if its deadline
+  // had passed: the sender gave up on them (a trainer that learns of a new
+  // routing epoch abandons its step in flight rather than wait on a peer
+  // that may be gone). Requests sent after the call are unaffected.
+  // Thread-safe; never blocks.
+  virtual void FailPending(const Status& why) = 0;
+
   // Sends `request` to the data plane at `peer` ("host:port").
   virtual void Send(const std::string& peer, Message request,
                     std::chrono::milliseconds timeout,

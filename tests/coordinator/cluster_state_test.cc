@@ -183,13 +183,130 @@ TEST_F(ClusterStateTest, ExpiredLeaseFencesAndReplaces) {
   EXPECT_GT(Member(state_.Report(now), "worker-1").shards(), 0);
 }
 
-TEST_F(ClusterStateTest, RestartResumesPlacementAtAHigherEpoch) {
+// A coordinator restart alone changes nothing for the members: the same
+// epoch (their routing tables stay in force, so training goes on and nothing
+// rolls back), the same placement, the same incarnations.
+// Every shard's report at `step` from `worker` (digests by shard index).
+control::CheckpointReport FullReport(const control::RoutingTable& routing,
+                                     const std::string& worker,
+                                     uint64_t incarnation, int64_t step) {
+  control::CheckpointReport r;
+  r.set_name(worker);
+  r.set_incarnation(incarnation);
+  r.set_step(step);
+  for (int i = 0; i < routing.entries_size(); ++i) {
+    auto* s = r.add_shards();
+    *s->mutable_shard() = routing.entries(i).shard();
+    s->set_digest("d" + std::to_string(i) + "@" + std::to_string(step));
+    s->set_bytes(10);
+  }
+  return r;
+}
+
+// A worker's death mid-run: the new epoch names the newest committed
+// checkpoint as the step every member continues from, with its holders
+// and digests, and reports of later steps not yet committed are forgotten
+// (the members report them again after training there again).
+TEST_F(ClusterStateTest, AWorkersDeathRollsTheClusterBackToTheNewestCommit) {
+  RegisterWorkers(3, t0_);
+  const control::RoutingTable first = state_.Routing();
+  EXPECT_EQ(first.resume_step(), 0);
+  ASSERT_TRUE(state_
+                  .ReportCheckpoint(FullReport(first, "worker-0",
+                                               incarnation_["worker-0"], 10))
+                  .ok());
+  ASSERT_EQ(state_.Report(t0_).checkpoints_size(), 1);
+  // Step 20: every shard but through worker-0 only, not yet committed...
+  control::CheckpointReport partial =
+      FullReport(first, "worker-0", incarnation_["worker-0"], 20);
+  partial.mutable_shards()->RemoveLast();
+  ASSERT_TRUE(state_.ReportCheckpoint(partial).ok());
+  // ... when worker-2 dies.
+  BeatAll(t0_ + milliseconds(900), "worker-2");
+  state_.Tick(t0_ + milliseconds(1001));
+  const control::RoutingTable after = state_.Routing();
+  EXPECT_GT(after.epoch(), first.epoch());
+  EXPECT_EQ(after.resume_step(), 10);
+  for (const auto& e : after.entries()) {
+    EXPECT_EQ(e.resume_holder(), "worker-0");
+    EXPECT_FALSE(e.resume_digest().empty());
+  }
+  // The forgotten half of step 20 does not complete it with the last shard.
+  control::CheckpointReport last =
+      FullReport(first, "worker-1", incarnation_["worker-1"], 20);
+  for (int i = 0; i + 1 < first.entries_size(); ++i) {
+    last.mutable_shards()->DeleteSubrange(0, 1);
+  }
+  auto ack = state_.ReportCheckpoint(last);
+  ASSERT_TRUE(ack.ok()) << ack.status().ToString();
+  EXPECT_EQ(ack->committed_step(), 0);
+  // The operator sees the recovery (and still after a restart).
+  for (const auto& report :
+       {state_.Report(t0_),
+        ClusterState::Restore(TestConfig(), state_.Snapshot(), t0_)
+            ->Report(t0_)}) {
+    EXPECT_EQ(report.recoveries_total(), 1);
+    ASSERT_EQ(report.recoveries_size(), 1);
+    EXPECT_EQ(report.recoveries(0).epoch(), after.epoch());
+    EXPECT_EQ(report.recoveries(0).resume_step(), 10);
+    EXPECT_NE(report.recoveries(0).cause().find("worker-2"), std::string::npos)
+        << report.recoveries(0).cause();
+  }
+}
+
+// A trainer's death abandons the step in flight on every worker: a new
+// epoch (a rollback). One that leaves at the run's end changes nothing.
+TEST_F(ClusterStateTest, ATrainersDeathStartsANewEpochItsLeavingDoesNot) {
+  RegisterWorkers(3, t0_);
+  auto t0 = state_.Register(Trainer(0), t0_);
+  auto t1 = state_.Register(Trainer(1), t0_);
+  ASSERT_TRUE(t0.ok() && t1.ok());
+  incarnation_["trainer-0"] = t0->incarnation();
+  const uint64_t epoch = state_.epoch();
+  control::Leave leave;
+  leave.set_name("trainer-1");
+  leave.set_incarnation(t1->incarnation());
+  ASSERT_TRUE(state_.Leave(leave).ok());
+  EXPECT_EQ(state_.epoch(), epoch);
+  BeatAll(t0_ + milliseconds(900), "trainer-0");
+  state_.Tick(t0_ + milliseconds(1001));
+  EXPECT_EQ(Member(state_.Report(t0_), "trainer-0").state(), control::DEAD);
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  // A restarted trainer under a live name fences the old one: a new epoch.
+  auto again = state_.Register(Trainer(1), t0_ + milliseconds(1002));
+  ASSERT_TRUE(again.ok());
+  auto replaced = state_.Register(Trainer(1), t0_ + milliseconds(1003));
+  ASSERT_TRUE(replaced.ok());
+  EXPECT_EQ(state_.epoch(), epoch + 2);
+}
+
+// A member's control connection closing cuts its lease to two heartbeat
+// periods: a killed process is fenced then, not a whole lease later; a
+// live one re-registers (or heartbeats) in time and is kept.
+TEST_F(ClusterStateTest, ALostConnectionCutsTheLeaseToTwoHeartbeats) {
+  RegisterWorkers(3, t0_);
+  const uint64_t epoch = state_.epoch();
+  state_.ConnectionLost("worker-1", t0_ + milliseconds(10));
+  state_.ConnectionLost("worker-2", t0_ + milliseconds(10));
+  ASSERT_TRUE(state_
+                  .Heartbeat(Beat("worker-2", incarnation_["worker-2"]),
+                             t0_ + milliseconds(300))
+                  .ok());
+  state_.Tick(t0_ + milliseconds(411));  // Heartbeats every 200 ms.
+  const auto report = state_.Report(t0_ + milliseconds(411));
+  EXPECT_EQ(Member(report, "worker-1").state(), control::DEAD);
+  EXPECT_EQ(Member(report, "worker-2").state(), control::ALIVE);
+  EXPECT_EQ(Member(report, "worker-0").state(), control::ALIVE);
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+}
+
+TEST_F(ClusterStateTest, RestartResumesPlacementAtTheSameEpoch) {
   RegisterWorkers(3, t0_);
   const auto homes = Homes(state_.Routing());
   const uint64_t epoch = state_.epoch();
   auto restored = ClusterState::Restore(TestConfig(), state_.Snapshot(), t0_);
   ASSERT_TRUE(restored.ok()) << restored.status().ToString();
-  EXPECT_EQ(restored->epoch(), epoch + 1);
+  EXPECT_EQ(restored->epoch(), epoch);
   EXPECT_EQ(Homes(restored->Routing()), homes);
   EXPECT_EQ(Member(restored->Report(t0_), "worker-0").state(),
             control::UNCONFIRMED);
@@ -199,7 +316,7 @@ TEST_F(ClusterStateTest, RestartResumesPlacementAtAHigherEpoch) {
     ASSERT_TRUE(r.ok());
     EXPECT_EQ(r->incarnation(), incarnation_[name]);
   }
-  EXPECT_EQ(restored->epoch(), epoch + 1);
+  EXPECT_EQ(restored->epoch(), epoch);
   EXPECT_EQ(Homes(restored->Routing()), homes);
   // worker-2 never returns: after the grace of two leases it is dead.
   const auto later = t0_ + milliseconds(2100);

@@ -274,9 +274,8 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
 // With restarts spent (--max-restarts 0), a crashed member stops `up`.
 TEST_F(ClusterTest, UpFailsWhenAMemberDidNotExitCleanly) {
   std::vector<std::string> up = {
-      SWITCHYARD_BINARY, "up", "--workers", "2",     "--trainers", "0",
-      "--duration-s",    "4",  "--run-dir", dir_,    "--max-restarts",
-      "0"};
+      SWITCHYARD_BINARY, "up", "--workers", "2",  "--trainers",     "0",
+      "--duration-s",    "4",  "--run-dir", dir_, "--max-restarts", "0"};
   for (const auto& o : ClusterOverrides()) up.push_back(o);
   up_pid_ = Spawn(up, log_);
   auto ready = WaitFor(
@@ -315,8 +314,8 @@ TEST_F(ClusterTest, UpRestartsCrashedMembersAndLeavesNothingBehind) {
   auto ready = WaitFor(
       [](const control::StatusResponse& s) {
         const auto* w1 = Find(s, "worker-1");
-        return s.placed() && w1 != nullptr &&
-               w1->state() == control::ALIVE && w1->pid() > 0;
+        return s.placed() && w1 != nullptr && w1->state() == control::ALIVE &&
+               w1->pid() > 0;
       },
       Ms(60000));
   ASSERT_TRUE(ready.ok()) << ready.status().ToString();

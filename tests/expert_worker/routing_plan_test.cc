@@ -45,7 +45,7 @@ TEST(RoutingPlanTest, AFreshRunMakesItsOwnShardsWithInitialValues) {
   EXPECT_EQ(plan.make_experts, Experts({1, 2}));
   EXPECT_EQ(plan.make_dense, std::set<int>({0}));
   EXPECT_FALSE(plan.restore);
-  EXPECT_FALSE(plan.adopts_mid_run);
+  EXPECT_FALSE(plan.rolls_back);
 }
 
 TEST(RoutingPlanTest, AWorkerNotInTheTableHostsNothing) {
@@ -56,14 +56,14 @@ TEST(RoutingPlanTest, AWorkerNotInTheTableHostsNothing) {
   EXPECT_TRUE(plan.make_experts.empty());
 }
 
-TEST(RoutingPlanTest, OnlyNewShardsAreMadeAndMovedOnesAreLeft) {
+TEST(RoutingPlanTest, AtTheResumeStepOnlyNewShardsAreMadeAndMovedOnesLeft) {
   const RoutingPlan plan =
-      PlanRouting(Table({2, 3}, 0), "a", Experts({1, 2}), {0}, 5);
+      PlanRouting(Table({2, 3}, 5), "a", Experts({1, 2}), {0}, 5);
   EXPECT_EQ(plan.experts, Experts({2, 3}));
   EXPECT_EQ(plan.make_experts, Experts({3}));
   EXPECT_TRUE(plan.make_dense.empty());
-  EXPECT_FALSE(plan.restore);
-  EXPECT_TRUE(plan.adopts_mid_run) << "a new shard at step 5, no resume";
+  EXPECT_TRUE(plan.restore);
+  EXPECT_FALSE(plan.rolls_back);
 }
 
 TEST(RoutingPlanTest, AResumedRunRestoresBeforeItsFirstUpdate) {
@@ -71,7 +71,6 @@ TEST(RoutingPlanTest, AResumedRunRestoresBeforeItsFirstUpdate) {
   RoutingPlan plan = PlanRouting(Table({1, 2}, 10), "a", {}, {}, 0);
   EXPECT_TRUE(plan.restore);
   EXPECT_EQ(plan.make_experts, Experts({1, 2}));
-  EXPECT_FALSE(plan.adopts_mid_run);
   // Handed one more shard at the resume step: only it is loaded.
   plan = PlanRouting(Table({1, 2, 3}, 10), "a", Experts({1, 2}), {0}, 10);
   EXPECT_TRUE(plan.restore);
@@ -93,12 +92,23 @@ TEST(RoutingPlanTest, AWorkerThatTrainedElsewhereReloadsEverything) {
   EXPECT_EQ(plan.make_dense, std::set<int>({0}));
 }
 
-TEST(RoutingPlanTest, PastTheResumeStepNewShardsAreNotRestored) {
+// A new epoch while training (a member died or joined): every worker
+// rolls back to the resume step, every shard it hosts, kept or new.
+TEST(RoutingPlanTest, PastTheResumeStepEveryShardRollsBack) {
   const RoutingPlan plan =
       PlanRouting(Table({1, 2}, 10), "a", Experts({1}), {0}, 12);
+  EXPECT_TRUE(plan.restore);
+  EXPECT_TRUE(plan.rolls_back);
+  EXPECT_EQ(plan.make_experts, Experts({1, 2}));
+  EXPECT_EQ(plan.make_dense, std::set<int>({0}));
+}
+
+TEST(RoutingPlanTest, ARollbackWithNoCommitStartsAgainFromInitialValues) {
+  const RoutingPlan plan =
+      PlanRouting(Table({1, 2}, 0), "a", Experts({1, 2}), {0}, 7);
   EXPECT_FALSE(plan.restore);
-  EXPECT_TRUE(plan.adopts_mid_run);
-  EXPECT_EQ(plan.make_experts, Experts({2}));
+  EXPECT_TRUE(plan.rolls_back);
+  EXPECT_EQ(plan.make_experts, Experts({1, 2}));
 }
 
 }  // namespace

@@ -22,8 +22,8 @@ transport::WireHeader Header(uint64_t epoch, int64_t step, int32_t rank) {
 
 StepGate GateAt(uint64_t epoch, int64_t step) {
   StepGate gate("w", kTrainers);
-  gate.set_epoch(epoch);
-  gate.set_next_step(step);
+  gate.Fence(epoch);
+  gate.Open(step);
   return gate;
 }
 
@@ -36,6 +36,29 @@ TEST(StepGateTest, EpochsOtherThanTheWorkersAreRefusedAsStaleOrNotReady) {
       << stale.ToString();
   // Newer: the worker has not adopted it yet, so the sender retries.
   EXPECT_EQ(gate.CheckEpoch(Header(6, 0, 0)).code(), StatusCode::kAborted);
+}
+
+// A newer epoch fences at once: older requests are refused for good, the
+// new epoch's are not ready until its shards are in place, and the step in
+// flight is abandoned (its StepDone marks and deferred requests).
+TEST(StepGateTest, ANewEpochAbandonsTheStepInFlightUntilOpen) {
+  StepGate gate = GateAt(5, 7);
+  EXPECT_FALSE(gate.MarkDone(7, 0));
+  Task deferred;
+  deferred.request.header = Header(5, 8, 0);
+  gate.Defer(std::move(deferred));
+  EXPECT_EQ(gate.Fence(6).size(), 1u);
+  EXPECT_EQ(gate.CheckEpoch(Header(5, 7, 0)).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(gate.CheckEpoch(Header(6, 7, 0)).code(), StatusCode::kAborted);
+  gate.Open(7);  // Back at the same step (a rollback to it).
+  EXPECT_TRUE(gate.CheckEpoch(Header(6, 7, 0)).ok());
+  EXPECT_EQ(gate.next_step(), 7);
+  // Rank 0's StepDone of the abandoned step no longer counts.
+  for (int rank = 1; rank < kTrainers; ++rank) {
+    EXPECT_FALSE(gate.MarkDone(7, rank));
+  }
+  EXPECT_TRUE(gate.MarkDone(7, 0));
 }
 
 TEST(StepGateTest, ServesTheCurrentStepDefersTheNextRefusesTheRest) {

@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/buffer_pool.h"
@@ -61,7 +62,7 @@ TEST(WorkerServiceTest, ANonFiniteExpertGradientAppliesNothing) {
   const Message& last = answers.back();
   ASSERT_EQ(last.header.kind, static_cast<uint8_t>(MessageKind::kStepDone));
   EXPECT_EQ(last.header.status_code,
-            static_cast<int32_t>(StatusCode::kFailedPrecondition));
+            static_cast<int32_t>(StatusCode::kInvalidArgument));
   EXPECT_NE(last.error_text.find("refuses update 1"), std::string::npos)
       << last.error_text;
   EXPECT_NE(last.error_text.find("non-finite"), std::string::npos)
@@ -78,7 +79,7 @@ TEST(WorkerServiceTest, ANonFiniteDenseGradientIsRefused) {
   push.payload.f32()[3] = std::numeric_limits<float>::infinity();
   const Message answer = Ask(&worker, std::move(push));
   EXPECT_EQ(answer.header.status_code,
-            static_cast<int32_t>(StatusCode::kFailedPrecondition));
+            static_cast<int32_t>(StatusCode::kInvalidArgument));
   EXPECT_NE(answer.error_text.find("dense gradient of rank 1 for D0"),
             std::string::npos)
       << answer.error_text;
@@ -110,7 +111,7 @@ TEST(WorkerServiceTest, CheckpointsThatKeepFailingStopTheRun) {
   const std::string before = worker.ParameterDigest();
   const Message last = RunStep(&worker, 2, [](Message*) {}).back();
   EXPECT_EQ(last.header.status_code,
-            static_cast<int32_t>(StatusCode::kFailedPrecondition));
+            static_cast<int32_t>(StatusCode::kResourceExhausted));
   EXPECT_NE(last.error_text.find("the last 2 checkpoints failed"),
             std::string::npos)
       << last.error_text;
@@ -185,12 +186,67 @@ TEST(CheckpointWriterTest, ANonFiniteCheckpointIsNeverWritten) {
   EXPECT_EQ(reported, std::vector<int64_t>{1});
   EXPECT_EQ((*store)->Manifests(2)->size(), 0u);
   const Status healthy = writer.Healthy();
-  EXPECT_EQ(healthy.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(healthy.code(), StatusCode::kResourceExhausted);
   EXPECT_NE(healthy.message().find("L0.E0.S0 tensor w1 holds a non-finite"),
             std::string::npos)
       << healthy.ToString();
   writer.Shutdown();
   std::filesystem::remove_all(dir);
+}
+
+// The coordinator is away (restarting) while checkpoints are written:
+// their reports are kept and sent again, oldest first, once it is back,
+// and unreachable reports are no checkpoint failures (training goes on).
+TEST(CheckpointWriterTest, ReportsWaitForTheCoordinatorToComeBack) {
+  const std::string dir = FreshDir("away");
+  auto store = storage::OpenCheckpointStore(dir, {});
+  ASSERT_TRUE(store.ok());
+  auto pool = BufferPool::Create(1 << 20);
+  std::mutex mu;
+  bool away = true;
+  int refused = 0;
+  std::vector<int64_t> reported;
+  CheckpointWriter writer(
+      "w", store->get(), pool.get(), 1,
+      [&](const control::CheckpointReport& r) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (away) {
+          ++refused;
+          return UnavailableError("no connection to the coordinator");
+        }
+        reported.push_back(r.step());
+        return OkStatus();
+      },
+      nullptr, /*max_consecutive_failures=*/1);
+  writer.Start();
+  for (int64_t step : {1, 2, 3}) {
+    storage::ShardSnapshot snapshot;
+    snapshot.shard = "L0.E0.S0";
+    snapshot.step = step;
+    snapshot.tensors.push_back(
+        {"w1", Tensor::Zeros(DType::kF32, {4, 4}).value()});
+    writer.Stage({std::move(snapshot)}, /*run_ends=*/true);
+    writer.WaitWritten();
+    EXPECT_TRUE(writer.Healthy().ok()) << writer.Healthy().ToString();
+  }
+  EXPECT_EQ((*store)->Manifests(3)->size(), 1u);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_GE(refused, 1);
+    EXPECT_TRUE(reported.empty());
+    away = false;
+  }
+  const auto deadline =
+      std::chrono::steady_clock::now() + 50 * CheckpointWriter::kReportRetry;
+  while (std::chrono::steady_clock::now() < deadline) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (reported.size() == 3) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(reported, (std::vector<int64_t>{1, 2, 3}));
 }
 
 }  // namespace

@@ -7,6 +7,9 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <map>
+#include <regex>
+#include <sstream>
 #include <string>
 
 namespace switchyard::testing {
@@ -32,6 +35,21 @@ inline CommandResult RunSwitchyard(const std::string& args,
   const int status = ::pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+// "<...> digest L0.E3.S0 0123456789abcdef" lines of a run's output (the
+// reference prints them, workers log them at the run's end), by shard; the
+// last line of a shard wins (a worker that applies the last step again
+// after a rollback logs it again).
+inline std::map<std::string, std::string> Digests(const std::string& output) {
+  static const std::regex kLine(R"(digest ([A-Z0-9.]+) ([0-9a-f]{16}))");
+  std::map<std::string, std::string> digests;
+  std::istringstream in(output);
+  for (std::string line; std::getline(in, line);) {
+    std::smatch m;
+    if (std::regex_search(line, m, kLine)) digests[m[1]] = m[2];
+  }
+  return digests;
 }
 
 }  // namespace switchyard::testing

@@ -147,6 +147,26 @@ TEST_P(DataPlaneTest, ShutdownReleasesAWaiter) {
   EXPECT_LT(Clock::now() - start, Ms(5000));
 }
 
+// A sender that gives up on what it has pending (a trainer told of a new
+// routing epoch) releases its waiter at once with its own status, and
+// later requests go through as usual.
+TEST_P(DataPlaneTest, FailPendingReleasesAWaiterAndLaterSendsWork) {
+  std::thread give_up([&] {
+    std::this_thread::sleep_for(Ms(200));
+    client_->FailPending(CancelledError("epoch 7 abandons the step"));
+  });
+  const auto start = Clock::now();
+  auto r = client_->SendSync(server_->address(), EchoRequest(1, 16, 1, 999),
+                             Ms(30000));
+  give_up.join();
+  EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("epoch 7"), std::string::npos);
+  EXPECT_LT(Clock::now() - start, Ms(5000));
+  auto ok =
+      client_->SendSync(server_->address(), EchoRequest(1, 16, 2), Ms(5000));
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+}
+
 TEST_P(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
   const auto start = Clock::now();
   auto r = client_->SendSync(server_->address(), EchoRequest(1, 16, 1, 999),

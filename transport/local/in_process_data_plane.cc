@@ -100,6 +100,15 @@ class InProcessDataPlane : public DataPlane {
 
   std::string address() const override { return address_; }
 
+  void FailPending(const Status& why) override {
+    std::map<uint64_t, PendingTable::Entry> failed;
+    {
+      MutexLock lock(&pending_->mu);
+      failed.swap(pending_->entries);
+    }
+    for (auto& [id, entry] : failed) entry.done(why);
+  }
+
   void Send(const std::string& peer, Message request,
             std::chrono::milliseconds timeout, ResponseCallback done) override {
     std::shared_ptr<RequestHandler> handler;

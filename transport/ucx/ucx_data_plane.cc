@@ -46,6 +46,7 @@ class UcxDataPlane : public DataPlane {
   Status Start(RequestHandler handler) override;
   void Shutdown() override;
   std::string address() const override { return address_; }
+  void FailPending(const Status& why) override;
   void Send(const std::string& peer, Message request,
             std::chrono::milliseconds timeout, ResponseCallback done) override;
   bool SendAndWait(std::vector<SendRequest> requests, Mutex* mu, CondVar* cv,
@@ -204,6 +205,11 @@ void UcxDataPlane::ReleaseUcx() {
 bool UcxDataPlane::HasWork() const {
   return pending_.size() > 0 || !deferred_.empty() || inflight_bytes_ > 0 ||
          endpoints_.HasServerSide();  // A peer that sends us requests.
+}
+
+void UcxDataPlane::FailPending(const Status& why) {
+  // On the driver, in order with the sends posted before and after it.
+  driver_.Post([this, why] { pending_.FailAll(why); });
 }
 
 void UcxDataPlane::Send(const std::string& peer, Message request,
