@@ -127,6 +127,13 @@ std::string FormatStatus(const control::StatusResponse& status) {
                   static_cast<long long>(m.ms_since_heartbeat()));
     out << line;
   }
+  for (const auto& m : status.members()) {
+    if (m.probation_ms_left() > 0) {
+      out << m.name() << " is in a crash loop: no shards for another "
+          << (m.probation_ms_left() + 999) / 1000
+          << " s (cluster.probation_ms)\n";
+    }
+  }
   std::snprintf(line, sizeof(line), "\n%-12s %-11s %-8s %-6s %10s\n", "TRAINER",
                 "STATE", "PID", "RANK", "HEARTBEAT");
   out << line;

@@ -533,6 +533,12 @@ Status ValidateConfig(const SwitchyardConfig& config,
             c.worker_capacity_bytes(), "must be >= 1");
   v.AtMost("cluster.worker_capacity_bytes", c.worker_capacity_bytes(),
            kMaxWorkerCapacityBytes);
+  v.Require(c.crash_loop_deaths() >= 1, "cluster.crash_loop_deaths",
+            c.crash_loop_deaths(), "must be >= 1");
+  v.Require(c.crash_loop_window_ms() >= 0, "cluster.crash_loop_window_ms",
+            c.crash_loop_window_ms(), "must be >= 0");
+  v.Require(c.probation_ms() >= 0, "cluster.probation_ms", c.probation_ms(),
+            "must be >= 0");
 
   const auto& m = config.model();
   v.Require(m.num_layers() >= 1, "model.num_layers", m.num_layers(),

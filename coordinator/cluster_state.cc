@@ -182,7 +182,8 @@ void ClusterState::Replace(const std::string& why) {
   PlacementInput input;
   input.shards = shards_;
   for (const auto& [name, m] : members_) {  // std::map: sorted by name.
-    if (m.record.registration().kind() == control::WORKER && IsLive(m)) {
+    if (m.record.registration().kind() == control::WORKER && IsLive(m) &&
+        !m.on_probation) {
       input.workers.push_back({name, m.record.registration().capacity_bytes()});
       for (const auto& [shard, tokens] : m.tokens) {
         auto id = ShardId::Parse(shard);
@@ -194,6 +195,8 @@ void ClusterState::Replace(const std::string& why) {
     if (!shard_home_[i].empty()) input.previous[shards_[i].id] = shard_home_[i];
   }
   const PlacementResult result = ComputePlacement(input);
+  const std::vector<std::string> old_home = shard_home_;
+  const std::vector<bool> old_unplaced = shard_unplaced_;
   for (size_t i = 0; i < shards_.size(); ++i) {
     const int w = result.worker_of_shard[i];
     shard_unplaced_[i] = w < 0;
@@ -204,6 +207,16 @@ void ClusterState::Replace(const std::string& why) {
     LOG(ERROR) << "coordinator: " << result.status.ToString();
   }
   const bool first = !placed_;
+  if (!first && shard_home_ == old_home && shard_unplaced_ == old_unplaced) {
+    // No shard moved (a spare joined or died, a worker on probation came
+    // back): the epoch stands, nothing rolls back; the new list of workers
+    // goes out in the table.
+    ++version_;
+    ++routing_version_;
+    LOG(INFO) << "coordinator: " << why << ": no shard moves (epoch " << epoch_
+              << " stands)";
+    return;
+  }
   placed_ = true;
   BumpEpoch(why + (first ? ": first placement of " : ": re-placement moved ") +
                 std::to_string(first ? shards_.size() : result.num_moved) +
@@ -212,9 +225,22 @@ void ClusterState::Replace(const std::string& why) {
             first);
 }
 
+void ClusterState::RecordDeath(Member* member, Clock::time_point now) {
+  if (member->record.registration().kind() != control::WORKER) return;
+  const auto window =
+      std::chrono::milliseconds(config_.cluster().crash_loop_window_ms());
+  auto& deaths = member->deaths;
+  deaths.push_back(now);
+  deaths.erase(
+      std::remove_if(deaths.begin(), deaths.end(),
+                     [&](Clock::time_point t) { return now - t > window; }),
+      deaths.end());
+}
+
 void ClusterState::Fence(Member* member, MemberState state,
-                         const std::string& why) {
+                         const std::string& why, Clock::time_point now) {
   member->record.set_state(state);
+  if (state == control::DEAD) RecordDeath(member, now);
   const auto& reg = member->record.registration();
   const std::string what =
       KindName(reg.kind()) + " " + reg.name() + " (incarnation " +
@@ -296,6 +322,7 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
     // A new process under a live name: the old incarnation is fenced (a
     // worker's shards, or a trainer's step in flight, are lost with it).
     it->second.record.set_state(control::DEAD);
+    RecordDeath(&it->second, now);
     if (request.kind() == control::WORKER || placed_) {
       BumpEpoch(request.name() + " re-registered; incarnation " +
                 std::to_string(it->second.record.incarnation()) + " fenced");
@@ -314,6 +341,23 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
             << request.name() << (confirmed ? " reconfirmed" : " registered")
             << " (incarnation " << m.record.incarnation() << ", pid "
             << request.pid() << " on " << request.host() << ")";
+  if (!confirmed) m.on_probation = false;
+  if (request.kind() == control::WORKER && !confirmed &&
+      config_.cluster().probation_ms() > 0 &&
+      static_cast<int>(m.deaths.size()) >=
+          config_.cluster().crash_loop_deaths()) {
+    // A crash loop: shards given to it would be lost again.
+    m.on_probation = true;
+    m.probation_until =
+        now + std::chrono::milliseconds(config_.cluster().probation_ms());
+    LOG(WARNING) << "coordinator: worker " << request.name()
+                 << " is in a crash loop (" << m.deaths.size()
+                 << " deaths within cluster.crash_loop_window_ms = "
+                 << config_.cluster().crash_loop_window_ms()
+                 << "): it gets no shards until it has stayed up "
+                 << config_.cluster().probation_ms()
+                 << " ms (cluster.probation_ms)";
+  }
   if (request.kind() == control::WORKER && !confirmed) {
     // A joiner (or a restarted worker that may have lost its shards while
     // dead) changes the placement once placement has begun.
@@ -321,7 +365,9 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
     for (size_t i = 0; i < shards_.size(); ++i) {
       holds_any |= shard_home_[i] == request.name() && !shard_unplaced_[i];
     }
-    if (!placed_ || !holds_any) Replace(request.name() + " joined");
+    if (!placed_ || !holds_any || m.on_probation) {
+      Replace(request.name() + " joined");
+    }
   }
   control::RegisterResponse response;
   response.set_incarnation(m.record.incarnation());
@@ -434,7 +480,7 @@ Status ClusterState::Leave(const control::Leave& leave) {
                                    std::to_string(leave.incarnation()) +
                                    " is not current");
   }
-  Fence(&it->second, control::LEFT, "left the cluster");
+  Fence(&it->second, control::LEFT, "left the cluster", Clock::time_point());
   return OkStatus();
 }
 
@@ -444,7 +490,17 @@ void ClusterState::Tick(Clock::time_point now) {
       Fence(&m, control::DEAD,
             "lease expired (" +
                 std::to_string(MsBetween(m.last_heartbeat, now)) +
-                " ms since its last heartbeat)");
+                " ms since its last heartbeat)",
+            now);
+    }
+  }
+  for (auto& [name, m] : members_) {
+    if (IsLive(m) && m.on_probation && now >= m.probation_until) {
+      m.on_probation = false;
+      ++version_;
+      LOG(INFO) << "coordinator: worker " << name
+                << " stayed up through its probation";
+      if (placed_) Replace(name + " ended its probation");
     }
   }
 }
@@ -536,6 +592,10 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
     ms->set_pid(reg.pid());
     ms->set_host(reg.host());
     ms->set_ms_since_heartbeat(MsBetween(m.last_heartbeat, now));
+    if (IsLive(m) && m.on_probation) {
+      ms->set_probation_ms_left(
+          std::max<int64_t>(0, MsBetween(now, m.probation_until)));
+    }
     if (IsLive(m)) {
       auto h = held.find(name);
       if (h != held.end()) {

@@ -90,6 +90,12 @@ class ClusterState {
     Clock::time_point lease_deadline;
     Clock::time_point last_heartbeat;
     std::map<std::string, uint64_t> tokens;  // ShardId string -> tokens.
+    // When this name was declared dead (workers; within the crash-loop
+    // window), and whether the current incarnation is on probation (a
+    // crash loop: no shards until probation_until).
+    std::vector<Clock::time_point> deaths;
+    bool on_probation = false;
+    Clock::time_point probation_until;
   };
 
   bool IsLive(const Member& m) const;
@@ -97,8 +103,10 @@ class ClusterState {
   // Recomputes placement if the first placement has been made (or can now be
   // made), advancing the epoch.
   void Replace(const std::string& why);
-  void Fence(Member* member, control::MemberState state,
-             const std::string& why);
+  void Fence(Member* member, control::MemberState state, const std::string& why,
+             Clock::time_point now);
+  // A worker's process is gone (`now`): counted towards a crash loop.
+  void RecordDeath(Member* member, Clock::time_point now);
   // A new epoch. Once placed (after the first placement) it is a rollback:
   // the ledger's resume step becomes the newest committed checkpoint.
   void BumpEpoch(const std::string& why, bool first_placement = false);

@@ -59,6 +59,8 @@ struct ClusterNews {
   control::RoutingTable latest GUARDED_BY(mu);
   // The newest committed checkpoint, from heartbeat acknowledgements.
   int64_t committed GUARDED_BY(mu) = 0;
+  // When the coordinator last acknowledged a heartbeat.
+  std::chrono::steady_clock::time_point last_ack GUARDED_BY(mu);
 };
 
 }  // namespace
@@ -129,6 +131,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       // Under the lock: the waiter's check and its wait are one step.
       MutexLock lock(&news.mu);
       news.committed = ack.committed_step();
+      news.last_ack = std::chrono::steady_clock::now();
     }
     news.changed.NotifyAll();
   };
@@ -217,11 +220,27 @@ Status RunTrainer(const config::SwitchyardConfig& config,
                    << routing.epoch() << ")";
       {
         MutexLock lock(&news.mu);
-        const auto deadline = failed_at + join_timeout;
+        auto said = failed_at;
         while (!(news.latest.epoch() > routing.epoch() &&
                  AllShardsReachable(news.latest))) {
           if (stopping) return OkStatus();
-          if (!news.changed.WaitUntil(&news.mu, deadline) &&
+          // A cluster that cannot hold the model says so in its table and
+          // is waited for as long as the coordinator answers; otherwise a
+          // recovery must come within join_timeout.
+          const bool waiting_for_capacity =
+              !news.latest.placement_error().empty();
+          const auto deadline = waiting_for_capacity
+                                    ? news.last_ack + join_timeout
+                                    : failed_at + join_timeout;
+          const auto now = std::chrono::steady_clock::now();
+          if (waiting_for_capacity && now - said >= std::chrono::seconds(10)) {
+            said = now;
+            LOG(WARNING) << name << ": waiting for the cluster to hold the "
+                         << "model again: " << news.latest.placement_error();
+          }
+          if (!news.changed.WaitUntil(
+                  &news.mu,
+                  std::min(deadline, now + std::chrono::seconds(1))) &&
               std::chrono::steady_clock::now() >= deadline) {
             return failure.WithContext(
                 "no recovery within " + std::to_string(join_timeout.count()) +

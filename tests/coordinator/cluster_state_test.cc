@@ -300,6 +300,62 @@ TEST_F(ClusterStateTest, ALostConnectionCutsTheLeaseToTwoHeartbeats) {
   EXPECT_EQ(state_.epoch(), epoch + 1);
 }
 
+// A worker that keeps dying (crash_loop_deaths within the window) gets no
+// shards when it comes back until it has stayed up probation_ms; a worker
+// holding nothing that dies moves nothing and leaves the epoch (nothing
+// rolls back).
+TEST(ClusterStateCrashLoopTest, ACrashLoopingWorkerGetsNoShardsUntilItStaysUp) {
+  auto loaded = ParseConfig(
+      "", "test",
+      {"cluster.workers=3", "cluster.trainers=1", "cluster.lease_ms=1000",
+       "cluster.heartbeat_ms=200", "model.num_experts=8",
+       "model.dense_shards=2", "cluster.crash_loop_deaths=2",
+       "cluster.crash_loop_window_ms=60000", "cluster.probation_ms=5000"});
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  ClusterState state(loaded->config);
+  const Clock::time_point t0 = Clock::time_point() + std::chrono::hours(1);
+  for (const char* name : {"worker-0", "worker-1", "worker-2"}) {
+    ASSERT_TRUE(state.Register(Worker(name), t0).ok());
+  }
+  ASSERT_GT(Member(state.Report(t0), "worker-2").shards(), 0);
+  // Two new processes under its name (each fences the one before): dead
+  // twice, a crash loop. Its shards go to the others.
+  ASSERT_TRUE(state.Register(Worker("worker-2"), t0 + milliseconds(10)).ok());
+  auto third = state.Register(Worker("worker-2"), t0 + milliseconds(20));
+  ASSERT_TRUE(third.ok());
+  auto report = state.Report(t0 + milliseconds(20));
+  EXPECT_EQ(Member(report, "worker-2").shards(), 0);
+  EXPECT_GT(Member(report, "worker-2").probation_ms_left(), 0);
+  EXPECT_EQ(report.placed_shards(), report.total_shards());
+  // It dies again holding nothing: no shard moves, the epoch stands.
+  const uint64_t epoch = state.epoch();
+  const auto later = t0 + milliseconds(900);
+  for (const char* name : {"worker-0", "worker-1"}) {
+    const uint64_t inc = Member(state.Report(later), name).incarnation();
+    ASSERT_TRUE(state.Heartbeat(Beat(name, inc), later).ok());
+  }
+  state.Tick(t0 + milliseconds(1100));
+  EXPECT_EQ(Member(state.Report(later), "worker-2").state(), control::DEAD);
+  EXPECT_EQ(state.epoch(), epoch);
+  // Back once more, and up through its probation: then it gets shards.
+  auto back = state.Register(Worker("worker-2"), t0 + milliseconds(1200));
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(Member(state.Report(t0 + milliseconds(1200)), "worker-2").shards(),
+            0);
+  for (int ms = 1200; ms <= 6400; ms += 200) {
+    const auto now = t0 + milliseconds(ms);
+    for (const char* name : {"worker-0", "worker-1", "worker-2"}) {
+      const uint64_t inc = Member(state.Report(now), name).incarnation();
+      ASSERT_TRUE(state.Heartbeat(Beat(name, inc), now).ok()) << name;
+    }
+    state.Tick(now);
+  }
+  report = state.Report(t0 + milliseconds(6400));
+  EXPECT_GT(Member(report, "worker-2").shards(), 0);
+  EXPECT_EQ(Member(report, "worker-2").probation_ms_left(), 0);
+  EXPECT_GT(state.epoch(), epoch);
+}
+
 TEST_F(ClusterStateTest, RestartResumesPlacementAtTheSameEpoch) {
   RegisterWorkers(3, t0_);
   const auto homes = Homes(state_.Routing());

@@ -162,7 +162,7 @@ TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
         << " --set cluster.trainers=" << kTrainers
         << " --set checkpoint.every=" << every << " --set checkpoint.replicas=1"
         << " --set cluster.lease_ms=" << kLeaseMs
-        << " --set cluster.heartbeat_ms=100"
+        << " --set cluster.heartbeat_ms=100 --set cluster.probation_ms=5000"
         << " --set transport.request_timeout_ms=10000";
   std::cout << "chaos: seed " << seed << ", " << per_kind
             << " faults of each kind, " << steps << " steps of " << config
