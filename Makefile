@@ -93,7 +93,7 @@ chaos: bootstrap build
 	SWITCHYARD_CHAOS_FAULTS=$(CHAOS_FAULTS) SWITCHYARD_CHAOS_SEED=$(CHAOS_SEED) \
 	  SWITCHYARD_CHAOS_CONFIG=$(CURDIR)/$(CHAOS_CONFIG) \
 	  SWITCHYARD_CHAOS_STEPS=$(CHAOS_STEPS) SWITCHYARD_CHAOS_EVERY=$(CHAOS_EVERY) \
-	  $(BUILD_DIR)/tests/e2e_test --gtest_filter='ChaosTest.*'
+	  $(BUILD_DIR)/tests/chaos_test
 
 thread-safety: bootstrap build
 	bash scripts/thread_safety.sh $(BUILD_DIR)

@@ -15,7 +15,7 @@
 // Sizes (environment): SWITCHYARD_CHAOS_FAULTS faults of each kind
 // (default 5: `make test`), SWITCHYARD_CHAOS_SEED (default 1; a failing
 // schedule replays with its seed), SWITCHYARD_CHAOS_CONFIG (default
-// examples/tiny.yaml), SWITCHYARD_CHAOS_STEPS (default 400; the run must
+// examples/tiny.yaml), SWITCHYARD_CHAOS_STEPS (default 250; the run must
 // outlast the faults), SWITCHYARD_CHAOS_EVERY (checkpoint interval,
 // default 10).
 #include <gtest/gtest.h>
@@ -142,7 +142,7 @@ const std::regex kStepLine(R"(^\[trainer-0\] step (\d+)/)");
 TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
   const int per_kind = EnvInt("SWITCHYARD_CHAOS_FAULTS", 5);
   const int seed = EnvInt("SWITCHYARD_CHAOS_SEED", 1);
-  const int steps = EnvInt("SWITCHYARD_CHAOS_STEPS", 400);
+  const int steps = EnvInt("SWITCHYARD_CHAOS_STEPS", 250);
   const int every = EnvInt("SWITCHYARD_CHAOS_EVERY", 10);
   const std::string config =
       EnvString("SWITCHYARD_CHAOS_CONFIG",
