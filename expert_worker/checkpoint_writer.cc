@@ -169,6 +169,9 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job,
 }
 
 bool CheckpointWriter::Report(const control::CheckpointReport& report) {
+  // Older reports still waiting go first (the writer is not always idle
+  // long enough for its timed retries: checkpoints may keep coming).
+  RetryReports();
   {
     MutexLock lock(&mu_);
     if (!unreported_.empty()) {
