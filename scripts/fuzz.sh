@@ -19,6 +19,11 @@ if [[ ${#fuzzers[@]} -eq 0 ]]; then
   for dir in fuzz/corpus/*/; do fuzzers+=("$(basename "$dir")"); done
 fi
 work=$build/fuzz-runs
+# The fuzzers that write a file per input (safetensors, sst_chunk) run
+# about 17x faster with their temp dir on tmpfs (fuzz/fuzz_support.h).
+if [[ -z ${TMPDIR:-} && -d /dev/shm && -w /dev/shm ]]; then
+  export TMPDIR=/dev/shm
+fi
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1
 export LSAN_OPTIONS=suppressions=$PWD/tests/sanitizers/lsan.supp:print_suppressions=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
