@@ -239,8 +239,12 @@ TEST(CheckpointWriterTest, ReportsWaitForTheCoordinatorToComeBack) {
   // The next checkpoint's report takes the waiting ones along, in order,
   // even with no idle moment for the timed retry.
   write(4);
-  std::lock_guard<std::mutex> lock(mu);
-  EXPECT_EQ(reported, (std::vector<int64_t>{1, 2, 3, 4}));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(reported, (std::vector<int64_t>{1, 2, 3, 4}));
+  }
+  writer.Shutdown();
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
