@@ -143,11 +143,11 @@ int ClusterState::NumLiveWorkers() const {
   return n;
 }
 
-void ClusterState::BumpEpoch(const std::string& why, bool first_placement) {
+void ClusterState::BumpEpoch(const std::string& why) {
   ++epoch_;
   ++version_;
   ++routing_version_;
-  if (!placed_ || first_placement) {
+  if (!placed_) {
     LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
     return;
   }
@@ -217,12 +217,11 @@ void ClusterState::Replace(const std::string& why) {
               << " stands)";
     return;
   }
-  placed_ = true;
   BumpEpoch(why + (first ? ": first placement of " : ": re-placement moved ") +
-                std::to_string(first ? shards_.size() : result.num_moved) +
-                " shards over " + std::to_string(input.workers.size()) +
-                " workers",
-            first);
+            std::to_string(first ? shards_.size() : result.num_moved) +
+            " shards over " + std::to_string(input.workers.size()) +
+            " workers");
+  placed_ = true;  // After: the first placement is no rollback.
 }
 
 void ClusterState::RecordDeath(Member* member, Clock::time_point now) {

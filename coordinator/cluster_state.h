@@ -109,7 +109,7 @@ class ClusterState {
   void RecordDeath(Member* member, Clock::time_point now);
   // A new epoch. Once placed (after the first placement) it is a rollback:
   // the ledger's resume step becomes the newest committed checkpoint.
-  void BumpEpoch(const std::string& why, bool first_placement = false);
+  void BumpEpoch(const std::string& why);
 
   config::SwitchyardConfig config_;
   std::vector<ShardFootprint> shards_;
