@@ -80,6 +80,9 @@ class CheckpointLedger {
     resume_step_ = latest_committed_step();
     pending_.clear();
   }
+  // The cluster continues, without rolling back, from `step` (the step
+  // its workers reached: ClusterState's hold): reports pending stay.
+  void ContinueAt(int64_t step) { resume_step_ = step; }
 
   // Committed checkpoints, oldest first.
   const std::vector<control::CommittedCheckpoint>& committed() const {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <iomanip>
 #include <random>
+#include <set>
 #include <sstream>
 
 #include "common/metrics.h"
@@ -87,6 +88,8 @@ StatusOr<ClusterState> ClusterState::Restore(
   state.recoveries_.assign(snapshot.recoveries().begin(),
                            snapshot.recoveries().end());
   state.recoveries_total_ = snapshot.recoveries_total();
+  state.holding_ = snapshot.holding();
+  state.hold_cause_ = snapshot.hold_cause();
   for (int i = 0; i < snapshot.shard_home_size(); ++i) {
     state.shard_home_[i] = snapshot.shard_home(i);
     state.shard_unplaced_[i] = snapshot.shard_unplaced(i);
@@ -127,6 +130,8 @@ control::CoordinatorSnapshot ClusterState::Snapshot() const {
   ledger_.SaveTo(&s);
   for (const auto& r : recoveries_) *s.add_recoveries() = r;
   s.set_recoveries_total(recoveries_total_);
+  s.set_holding(holding_);
+  s.set_hold_cause(hold_cause_);
   return s;
 }
 
@@ -147,6 +152,9 @@ void ClusterState::BumpEpoch(const std::string& why) {
   ++epoch_;
   ++version_;
   ++routing_version_;
+  holding_ = false;
+  held_.clear();
+  continues_ = false;
   if (!placed_) {
     LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
     return;
@@ -156,13 +164,22 @@ void ClusterState::BumpEpoch(const std::string& why) {
   // and elasticity"). The step in flight is abandoned; members that trained
   // past the checkpoint roll back to it.
   ledger_.RollBack();
+  RecordRecovery(why, ledger_.resume_step());
+  LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << why
+               << "; the cluster continues from step " << ledger_.resume_step()
+               << (ledger_.resume_step() > 0
+                       ? " (the newest committed checkpoint)"
+                       : " (nothing committed yet)");
+}
+
+void ClusterState::RecordRecovery(const std::string& why, int64_t resume_step) {
   control::Recovery recovery;
   recovery.set_epoch(epoch_);
   recovery.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
                            std::chrono::system_clock::now().time_since_epoch())
                            .count());
   recovery.set_cause(why);
-  recovery.set_resume_step(ledger_.resume_step());
+  recovery.set_resume_step(resume_step);
   recoveries_.push_back(std::move(recovery));
   if (recoveries_.size() > kMaxRecoveries)
     recoveries_.erase(recoveries_.begin());
@@ -170,11 +187,70 @@ void ClusterState::BumpEpoch(const std::string& why) {
   MetricsRegistry::Global()
       .GetCounter("switchyard_coordinator_recoveries_total")
       ->Increment();
+}
+
+void ClusterState::Hold(const std::string& why) {
+  if (holding_) {
+    LOG(WARNING) << "coordinator: " << why << " (within the hold of epoch "
+                 << epoch_ << ")";
+    ++version_;
+    return;
+  }
+  ++epoch_;
+  ++version_;
+  ++routing_version_;
+  holding_ = true;
+  hold_cause_ = why;
+  held_.clear();
+  continues_ = false;
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << why
-               << "; the cluster continues from step " << ledger_.resume_step()
-               << (ledger_.resume_step() > 0
-                       ? " (the newest committed checkpoint)"
-                       : " (nothing committed yet)");
+               << "; holding the cluster until every worker reports the step "
+                  "it stopped at";
+}
+
+void ClusterState::MaybeEndHold() {
+  if (!holding_) return;
+  std::set<std::string> holders;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (!shard_unplaced_[i] && !shard_home_[i].empty()) {
+      holders.insert(shard_home_[i]);
+    }
+  }
+  int64_t reached = 0;
+  for (const std::string& name : holders) {
+    auto it = held_.find(name);
+    if (it == held_.end()) return;  // Not yet.
+    reached = std::max(reached, it->second.first);
+  }
+  // Every worker is at `reached` or one update behind it (a trainer died
+  // between its StepDones: some workers applied the step, the others hold
+  // all its gradients), and was serving its shards.
+  std::string why;
+  for (const std::string& name : holders) {
+    const auto [step, serving] = held_.at(name);
+    if (!serving) {
+      why = name + " was not serving its shards";
+    } else if (step < reached - 1) {
+      why = name + " held at step " + std::to_string(step) + ", others at " +
+            std::to_string(reached);
+    }
+    if (!why.empty()) break;
+  }
+  if (!why.empty()) {
+    BumpEpoch(hold_cause_ + "; the hold cannot continue (" + why + ")");
+    return;
+  }
+  ++epoch_;
+  ++version_;
+  ++routing_version_;
+  holding_ = false;
+  held_.clear();
+  continues_ = true;
+  ledger_.ContinueAt(reached);
+  RecordRecovery(hold_cause_, reached);
+  LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << hold_cause_
+               << "; the cluster continues from step " << reached
+               << " (the step its workers reached: nothing rolls back)";
 }
 
 void ClusterState::Replace(const std::string& why) {
@@ -247,12 +323,13 @@ void ClusterState::Fence(Member* member, MemberState state,
   LOG(WARNING) << "coordinator: " << what;
   if (reg.kind() == control::WORKER && placed_) {
     Replace(what);
-  } else if (reg.kind() == control::WORKER ||
-             (placed_ && state == control::DEAD)) {
-    // A trainer's death abandons the step in flight (its partial
-    // gradients are on every worker): a new epoch. One that left has
-    // finished its work.
+  } else if (reg.kind() == control::WORKER) {
     BumpEpoch(what);
+  } else if (placed_ && state == control::DEAD) {
+    // A trainer's death stops the step in flight (its partial gradients
+    // are on every worker): a hold, then the step is redone. One that left
+    // has finished its work.
+    Hold(what);
   } else {
     ++version_;
   }
@@ -322,10 +399,19 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
     // worker's shards, or a trainer's step in flight, are lost with it).
     it->second.record.set_state(control::DEAD);
     RecordDeath(&it->second, now);
-    if (request.kind() == control::WORKER || placed_) {
-      BumpEpoch(request.name() + " re-registered; incarnation " +
-                std::to_string(it->second.record.incarnation()) + " fenced");
+    const std::string why =
+        request.name() + " re-registered; incarnation " +
+        std::to_string(it->second.record.incarnation()) + " fenced";
+    if (request.kind() == control::WORKER) {
+      BumpEpoch(why);
+    } else if (placed_) {
+      Hold(why);
     }
+  } else if (!confirmed && placed_ && request.kind() == control::TRAINER &&
+             it->second.record.state() == control::DEAD) {
+    // A trainer that died comes back: the others may have given up on the
+    // step waiting for it; all of them start it again together.
+    Hold(request.name() + " came back after dying");
   }
   Member& m = it->second;
   *m.record.mutable_registration() = request;
@@ -397,6 +483,12 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   m.last_heartbeat = now;
   for (const auto& load : beat.loads()) {
     m.tokens[FromShardRef(load.shard()).ToString()] = load.tokens();
+  }
+  if (holding_ && beat.held_epoch() == epoch_ &&
+      m.record.registration().kind() == control::WORKER &&
+      !held_.count(beat.name())) {
+    held_[beat.name()] = {beat.held_step(), beat.held_serving()};
+    MaybeEndHold();
   }
   control::HeartbeatAck ack;
   ack.set_epoch(epoch_);
@@ -539,6 +631,9 @@ control::RoutingTable ClusterState::Routing() const {
     e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);
   }
   table.set_resume_step(ledger_.resume_step());
+  table.set_hold(holding_);
+  table.set_continues(continues_);
+  if (holding_ || continues_) return table;
   const control::CommittedCheckpoint* c = ledger_.Find(ledger_.resume_step());
   if (c == nullptr || c->holder_size() != table.entries_size()) return table;
   for (int i = 0; i < table.entries_size(); ++i) {

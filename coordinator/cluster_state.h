@@ -4,8 +4,11 @@
 // A pure state machine, driven by requests and by Tick(now); no I/O, so tests
 // drive it directly with chosen times. The epoch advances whenever the
 // routing table changes or an incarnation is fenced; once placed, every new
-// epoch also names the step the cluster continues from (a rollback to the
-// newest committed checkpoint: DESIGN.md, "Failures and elasticity").
+// epoch also names the step the cluster continues from: a rollback to the
+// newest committed checkpoint when a worker's shards were lost or moved
+// (DESIGN.md, "Failures and elasticity"), or, when only a trainer died or
+// came back, the step the workers reached (a hold, then an epoch that
+// continues from it: nothing redone but the step in flight).
 // Membership decides who may report a checkpoint and where its replicas go;
 // the ledger decides when a checkpoint is committed.
 //
@@ -110,6 +113,17 @@ class ClusterState {
   // A new epoch. Once placed (after the first placement) it is a rollback:
   // the ledger's resume step becomes the newest committed checkpoint.
   void BumpEpoch(const std::string& why);
+  // A trainer died or a new trainer incarnation came (once placed): a new
+  // epoch that holds the cluster (RoutingTable.hold) until every worker
+  // holding shards has reported the step it stopped at; then EndHold.
+  // Nothing rolls back. Within a hold, another such event changes nothing.
+  void Hold(const std::string& why);
+  // Every shard holder has reported: the next epoch continues from the
+  // step they reached (RoutingTable.continues), or, when they are not one
+  // update apart or one was not serving, rolls back (BumpEpoch).
+  void MaybeEndHold();
+  // Appends a recovery (a new epoch of a placed cluster) to the record.
+  void RecordRecovery(const std::string& why, int64_t resume_step);
 
   config::SwitchyardConfig config_;
   std::vector<ShardFootprint> shards_;
@@ -136,6 +150,13 @@ class ClusterState {
   static constexpr int kMaxRecoveries = 16;
   std::vector<control::Recovery> recoveries_;
   int64_t recoveries_total_ = 0;
+  // A hold in progress (Hold), why, and what each worker reported of it
+  // (by name): the step it stopped at and whether it was serving.
+  bool holding_ = false;
+  std::string hold_cause_;
+  std::map<std::string, std::pair<int64_t, bool>> held_;
+  // The current epoch continues a hold (RoutingTable.continues).
+  bool continues_ = false;
   // Replication tasks by target worker, handed out with its next heartbeat.
   std::map<std::string, std::vector<control::ReplicationTask>> tasks_;
   CheckpointLedger ledger_;

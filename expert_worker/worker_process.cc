@@ -139,6 +139,11 @@ Status RunWorker(const config::SwitchyardConfig& config,
           return s->ReportCheckpoint(report).status();
         });
   }
+  service.SetOnHeld([&session] {
+    if (std::shared_ptr<control::MemberSession> s = session.Get()) {
+      s->HeartbeatNow();
+    }
+  });
   RETURN_IF_ERROR(service.Start());
   ASSIGN_OR_RETURN(auto data_plane,
                    transport::NewUcxDataPlane(
@@ -175,6 +180,15 @@ Status RunWorker(const config::SwitchyardConfig& config,
     service.OfferRouting(routing);
   };
   member.loads = [&service] { return service.TakeLoads(); };
+  // A hold's report (where this worker stopped) goes with every heartbeat
+  // until the next epoch, and at once when the hold begins.
+  member.annotate_heartbeat = [&service](control::Heartbeat* beat) {
+    if (const auto held = service.held()) {
+      beat->set_held_epoch(held->epoch);
+      beat->set_held_step(held->step);
+      beat->set_held_serving(held->serving);
+    }
+  };
   member.on_session = [&session](std::shared_ptr<control::MemberSession> s) {
     session.Set(std::move(s));
   };

@@ -126,6 +126,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   std::set<int> have_dense;
   int64_t next_step = 0;
   std::vector<Task> abandoned;
+  bool holding = false;
   {
     MutexLock lock(&mu_);
     if (routing.epoch() < gate_.epoch() ||
@@ -139,11 +140,29 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
     }
     // A new epoch: nothing of the old one is served from now on, and the
     // step in flight is abandoned everywhere (the trainers redo it, or roll
-    // back further, under the new epoch).
+    // back further, under the new epoch), or, at a hold, stopped.
+    const bool was_serving = gate_.open();
     abandoned = gate_.Fence(routing.epoch());
     adopted_epoch_.store(routing.epoch(), std::memory_order_release);
-    for (auto& [id, shard] : shards_) AbandonStep(shard.get());
-    for (auto& [index, shard] : dense_) AbandonStep(shard.get());
+    if (routing.hold()) {
+      held_ = Held{routing.epoch(), gate_.next_step(), was_serving};
+      holding = true;
+    } else if (routing.continues() && held_.has_value() && held_->serving &&
+               held_->epoch + 1 == routing.epoch() &&
+               gate_.next_step() + 1 == routing.resume_step()) {
+      // The others applied the step: every trainer had finished it, so
+      // its gradients are all here.
+      LOG(INFO) << name_ << ": epoch " << routing.epoch()
+                << " continues from step " << routing.resume_step()
+                << ": applying update " << gate_.next_step()
+                << " from the gradients held";
+      RETURN_IF_ERROR(CompleteStep());
+      held_.reset();
+    } else {
+      for (auto& [id, shard] : shards_) AbandonStep(shard.get());
+      for (auto& [index, shard] : dense_) AbandonStep(shard.get());
+      held_.reset();
+    }
     for (const auto& [id, shard] : shards_) have.insert(id);
     for (const auto& [index, shard] : dense_) have_dense.insert(index);
     next_step = gate_.next_step();
@@ -155,6 +174,12 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
             "step " + std::to_string(t.request.header.step) +
             " abandoned: " + name_ + " moved to epoch " +
             std::to_string(routing.epoch()) + "; refresh the routing")));
+  }
+  if (holding) {
+    LOG(INFO) << name_ << ": epoch " << routing.epoch()
+              << " holds the cluster: stopped at step " << next_step;
+    if (on_held_) on_held_();
+    return OkStatus();
   }
   const RoutingPlan plan =
       PlanRouting(routing, name_, have, have_dense, next_step);
@@ -381,8 +406,12 @@ Status WorkerService::Dense(const Message& request, Tensor* out) {
 
 Status WorkerService::StepDone(const transport::WireHeader& h) {
   if (!gate_.MarkDone(h.step, h.trainer_rank)) return OkStatus();
+  return CompleteStep();
+}
+
+Status WorkerService::CompleteStep() {
   if (writer_ != nullptr) RETURN_IF_ERROR(writer_->Healthy());
-  RETURN_IF_ERROR(ApplyUpdate(h.step));
+  RETURN_IF_ERROR(ApplyUpdate(gate_.next_step()));
   // Requests for the next step that arrived early run now, in arrival order.
   queue_.PushFront(gate_.Advance());
   AfterUpdate();
@@ -439,6 +468,11 @@ void WorkerService::AfterUpdate() {
 int64_t WorkerService::next_step() const {
   MutexLock lock(&mu_);
   return gate_.next_step();
+}
+
+std::optional<WorkerService::Held> WorkerService::held() const {
+  MutexLock lock(&mu_);
+  return held_;
 }
 
 uint64_t WorkerService::epoch() const {

@@ -96,6 +96,14 @@ class WorkerService {
   // the epoch closed, and the next table (or the same epoch again) retries.
   // A table of the adopted epoch changes nothing but this worker's
   // incarnation in it. Tables are applied one at a time.
+  //
+  // A hold (RoutingTable.hold: a trainer died or came back) fences the
+  // same way but keeps the step's partial gradients and serves nothing:
+  // the worker reports where it stopped (held(), in its heartbeats) and
+  // waits for the next epoch. When that one continues from the step after
+  // this worker's (RoutingTable.continues: every trainer had finished the
+  // step, some workers applied it), the worker applies the update from the
+  // gradients it holds; otherwise the step's partial gradients are dropped.
   Status ApplyRouting(const control::RoutingTable& routing)
       EXCLUDES(apply_mu_, mu_);
   // The same on the worker's routing thread, so that a caller on a control
@@ -132,6 +140,20 @@ class WorkerService {
   // The data-plane request handler. Never blocks.
   void Handle(transport::Message request, transport::Reply reply);
 
+  // Where this worker stopped at a hold, while it holds.
+  struct Held {
+    uint64_t epoch = 0;
+    int64_t step = 0;      // Its next step then (updates applied).
+    bool serving = false;  // It was serving its shards then.
+  };
+  std::optional<Held> held() const EXCLUDES(mu_);
+  // Called (on the routing thread) when the worker starts holding: its
+  // report should go out at once rather than with the next heartbeat.
+  // Set before Start.
+  void SetOnHeld(std::function<void()> on_held) {
+    on_held_ = std::move(on_held);
+  }
+
   // The next step this worker accepts (= updates applied so far).
   int64_t next_step() const EXCLUDES(mu_);
   uint64_t epoch() const EXCLUDES(mu_);
@@ -158,6 +180,10 @@ class WorkerService {
   Status StepDone(const transport::WireHeader& h) REQUIRES(mu_);
   Status Dense(const transport::Message& request, Tensor* out) REQUIRES(mu_);
   Status ApplyUpdate(int64_t step) REQUIRES(mu_);
+  // Applies update next_step() (every trainer's StepDone has come, or a
+  // hold's next epoch continues past it), then runs the requests deferred
+  // for the next step and AfterUpdate.
+  Status CompleteStep() REQUIRES(mu_);
   // After update next_step() - 1: stages the checkpoint due there, if any,
   // and logs the digests at the run's end.
   void AfterUpdate() REQUIRES(mu_);
@@ -207,6 +233,8 @@ class WorkerService {
   // gate_'s epoch, readable without mu_ (the checkpoint fetch server's: it
   // must not wait on a worker busy with a step).
   std::atomic<uint64_t> adopted_epoch_{0};
+  std::optional<Held> held_ GUARDED_BY(mu_);
+  std::function<void()> on_held_;
   // This worker's incarnation in the adopted routing table (0: not in it):
   // what its checkpoints' reports carry.
   uint64_t adopted_incarnation_ GUARDED_BY(mu_) = 0;

@@ -14,9 +14,10 @@ namespace switchyard::trainer {
 
 namespace {
 
-// Every shard placed on a worker that has confirmed its address.
+// Every shard placed on a worker that has confirmed its address, and the
+// cluster not held (RoutingTable.hold: the next epoch says where to go on).
 bool AllShardsReachable(const control::RoutingTable& routing) {
-  if (routing.entries_size() == 0) return false;
+  if (routing.entries_size() == 0 || routing.hold()) return false;
   for (const auto& e : routing.entries()) {
     if (e.worker() < 0 || !routing.workers(e.worker()).confirmed()) {
       return false;
@@ -212,7 +213,8 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       if (!MayRecover(failure)) return failure;
       // Recovery: the coordinator publishes a new epoch naming the step
       // every member continues from (a rollback to the newest committed
-      // checkpoint); this trainer waits for it with every shard reachable.
+      // checkpoint, or after a hold the step the workers reached); this
+      // trainer waits for it with every shard reachable.
       const auto failed_at = std::chrono::steady_clock::now();
       LOG(WARNING) << name << ": " << failure.ToString()
                    << "; waiting for the cluster to recover (a routing epoch "

@@ -256,7 +256,12 @@ TEST_F(ClusterStateTest, AWorkersDeathRollsTheClusterBackToTheNewestCommit) {
 
 // A trainer's death abandons the step in flight on every worker: a new
 // epoch (a rollback). One that leaves at the run's end changes nothing.
-TEST_F(ClusterStateTest, ATrainersDeathStartsANewEpochItsLeavingDoesNot) {
+// A trainer's death (or a new trainer incarnation) holds the cluster: an
+// epoch whose table says hold, until every worker holding shards has
+// reported the step it stopped at; the next epoch continues from the
+// furthest of them, nothing rolled back. A trainer that left changes
+// nothing.
+TEST_F(ClusterStateTest, ATrainersDeathHoldsTheClusterThenItContinues) {
   RegisterWorkers(3, t0_);
   auto t0 = state_.Register(Trainer(0), t0_);
   auto t1 = state_.Register(Trainer(1), t0_);
@@ -272,12 +277,73 @@ TEST_F(ClusterStateTest, ATrainersDeathStartsANewEpochItsLeavingDoesNot) {
   state_.Tick(t0_ + milliseconds(1001));
   EXPECT_EQ(Member(state_.Report(t0_), "trainer-0").state(), control::DEAD);
   EXPECT_EQ(state_.epoch(), epoch + 1);
-  // A restarted trainer under a live name fences the old one: a new epoch.
-  auto again = state_.Register(Trainer(1), t0_ + milliseconds(1002));
-  ASSERT_TRUE(again.ok());
-  auto replaced = state_.Register(Trainer(1), t0_ + milliseconds(1003));
-  ASSERT_TRUE(replaced.ok());
-  EXPECT_EQ(state_.epoch(), epoch + 2);
+  EXPECT_TRUE(state_.Routing().hold());
+  const auto recoveries = state_.Report(t0_).recoveries_total();
+  // A restarted trainer within the hold changes nothing more.
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(1002)).ok());
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  // Workers report where they stopped: two applied step 41, one holds its
+  // gradients (a trainer died between its StepDones). A report of another
+  // epoch counts for nothing.
+  const auto held = [&](const std::string& name, uint64_t at, int64_t step) {
+    control::Heartbeat b = Beat(name, incarnation_[name]);
+    b.set_held_epoch(at);
+    b.set_held_step(step);
+    b.set_held_serving(true);
+    ASSERT_TRUE(state_.Heartbeat(b, t0_ + milliseconds(1100)).ok());
+  };
+  held("worker-0", epoch + 1, 42);
+  held("worker-1", epoch, 41);
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  held("worker-1", epoch + 1, 41);
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  held("worker-2", epoch + 1, 42);
+  const control::RoutingTable table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 2);
+  EXPECT_FALSE(table.hold());
+  EXPECT_TRUE(table.continues());
+  EXPECT_EQ(table.resume_step(), 42);
+  EXPECT_EQ(state_.Report(t0_).recoveries_total(), recoveries + 1);
+  // A restarted trainer under a live name fences the old one: a hold.
+  ASSERT_TRUE(state_.Register(Trainer(1), t0_ + milliseconds(1200)).ok());
+  ASSERT_TRUE(state_.Register(Trainer(1), t0_ + milliseconds(1201)).ok());
+  EXPECT_EQ(state_.epoch(), epoch + 3);
+  EXPECT_TRUE(state_.Routing().hold());
+}
+
+// A hold whose workers are not one update apart, or one of which was not
+// serving its shards, cannot continue: it rolls back to the newest
+// committed checkpoint.
+TEST_F(ClusterStateTest, AHoldTheWorkersCannotContinueRollsBack) {
+  RegisterWorkers(3, t0_);
+  auto t0 = state_.Register(Trainer(0), t0_);
+  ASSERT_TRUE(t0.ok());
+  const uint64_t epoch = state_.epoch();
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(10)).ok());
+  ASSERT_EQ(state_.epoch(), epoch + 1);
+  const auto held = [&](const std::string& name, int64_t step, bool serving) {
+    control::Heartbeat b = Beat(name, incarnation_[name]);
+    b.set_held_epoch(state_.epoch());
+    b.set_held_step(step);
+    b.set_held_serving(serving);
+    ASSERT_TRUE(state_.Heartbeat(b, t0_ + milliseconds(100)).ok());
+  };
+  held("worker-0", 30, true);
+  held("worker-1", 28, true);
+  held("worker-2", 30, true);
+  control::RoutingTable table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 2);
+  EXPECT_FALSE(table.hold());
+  EXPECT_FALSE(table.continues());
+  EXPECT_EQ(table.resume_step(), 0);  // Nothing committed.
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(200)).ok());
+  ASSERT_EQ(state_.epoch(), epoch + 3);
+  held("worker-0", 30, true);
+  held("worker-1", 30, false);
+  held("worker-2", 30, true);
+  table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 4);
+  EXPECT_FALSE(table.continues());
 }
 
 // A member's control connection closing cuts its lease to two heartbeat

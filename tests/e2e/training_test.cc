@@ -376,57 +376,98 @@ TEST_F(TrainingTest, CheckpointsListVerifyAndExport) {
       << bad.output;
 }
 
+// `up` trains 120 steps (checkpoints every 10) while `victim` is SIGKILLed
+// past step 25; returns up's output once it has exited 0, and checks that
+// `up` restarted the victim and that the run ended bit-identical to the
+// reference trained straight through.
+class RecoveryTest : public TrainingTest {
+ protected:
+  std::string KillMidRun(const std::string& victim_name) {
+    const std::string steps =
+        " --set training.steps=120 --set training.eval_every=40"
+        " --set checkpoint.every=10 --set cluster.heartbeat_ms=100"
+        " --set cluster.lease_ms=1000";
+    const auto reference =
+        RunSwitchyard("train --reference --sample-bytes 0" + Flags() + steps);
+    EXPECT_EQ(reference.exit_code, 0) << reference.output;
+    const auto want = Digests(reference.output);
+    EXPECT_EQ(want.size(), 18u);
+
+    const std::string log = dir_ + "/up.log";
+    std::vector<std::string> args = {
+        SWITCHYARD_BINARY, "up", "--workers", "3",
+        "--trainers",      "2",  "--run-dir", dir_ + "/run"};
+    std::istringstream flags(Flags() + steps);
+    for (std::string f; flags >> f;) args.push_back(f);
+    const pid_t up = testing::Spawn(args, log);
+    auto read_log = [&] { return testing::ReadFile(log); };
+    // Training is under way past a committed checkpoint; the status table
+    // `up` printed names the victim's pid.
+    pid_t victim = -1;
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(90);
+    // Workers' rows name their data address before the pid.
+    const std::regex pid_of("\\n" + victim_name +
+                            R"( +ALIVE +(?:[0-9.]+:\d+ +)?(\d+) )");
+    while (std::chrono::steady_clock::now() < deadline) {
+      const std::string text = read_log();
+      std::smatch m;
+      if (text.find("[trainer-0] step 25/") != std::string::npos &&
+          std::regex_search(text, m, pid_of)) {
+        victim = std::stoi(m[1]);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_GT(victim, 0) << read_log();
+    if (victim <= 0) {
+      testing::StopAndReap(up);
+      return "";
+    }
+    EXPECT_EQ(::kill(victim, SIGKILL), 0);
+    const int code = testing::WaitExit(up, std::chrono::seconds(180));
+    if (code == -1) testing::StopAndReap(up);
+    const std::string text = read_log();
+    EXPECT_EQ(code, 0) << text;
+    EXPECT_NE(text.find("[up] restarting " + victim_name), std::string::npos)
+        << text;
+    EXPECT_EQ(Digests(text), want) << text;
+    return text;
+  }
+};
+
 // A worker SIGKILLed mid-training: the cluster recovers by itself (the
 // worker is fenced, every member rolls back to the newest committed
 // checkpoint, `up` restarts the worker, which rejoins) and the run ends
 // bit-identical to the reference trained straight through (before: the
 // trainers stopped with an error and `up` exited 1).
-TEST_F(TrainingTest, AWorkerKilledMidRunIsRecoveredBitForBit) {
-  const std::string steps =
-      " --set training.steps=120 --set training.eval_every=40"
-      " --set checkpoint.every=10 --set cluster.heartbeat_ms=100"
-      " --set cluster.lease_ms=1000";
-  const auto reference =
-      RunSwitchyard("train --reference --sample-bytes 0" + Flags() + steps);
-  ASSERT_EQ(reference.exit_code, 0) << reference.output;
-  const auto want = Digests(reference.output);
-  ASSERT_EQ(want.size(), 18u);
-
-  const std::string log = dir_ + "/up.log";
-  std::vector<std::string> args = {
-      SWITCHYARD_BINARY, "up", "--workers", "3",
-      "--trainers",      "2",  "--run-dir", dir_ + "/run"};
-  std::istringstream flags(Flags() + steps);
-  for (std::string f; flags >> f;) args.push_back(f);
-  const pid_t up = testing::Spawn(args, log);
-  auto read_log = [&] { return testing::ReadFile(log); };
-  // Training is under way past a committed checkpoint; the status table
-  // `up` printed names worker-1's pid.
-  pid_t victim = -1;
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(90);
-  while (std::chrono::steady_clock::now() < deadline) {
-    const std::string text = read_log();
-    std::smatch m;
-    static const std::regex kWorker(R"(\nworker-1 +ALIVE +\S+ +(\d+))");
-    if (text.find("[trainer-0] step 25/") != std::string::npos &&
-        std::regex_search(text, m, kWorker)) {
-      victim = std::stoi(m[1]);
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  ASSERT_GT(victim, 0) << read_log();
-  ASSERT_EQ(::kill(victim, SIGKILL), 0);
-  const int code = testing::WaitExit(up, std::chrono::seconds(180));
-  if (code == -1) testing::StopAndReap(up);
-  const std::string text = read_log();
-  ASSERT_EQ(code, 0) << text;
-  EXPECT_NE(text.find("[up] restarting worker-1"), std::string::npos) << text;
+TEST_F(RecoveryTest, AWorkerKilledMidRunIsRecoveredBitForBit) {
+  const std::string text = KillMidRun("worker-1");
   static const std::regex kRecovered(
       R"(trainer-[01]: recovery 1: epoch \d+ continues from step [1-9]\d*0 )");
   EXPECT_TRUE(std::regex_search(text, kRecovered)) << text;
-  EXPECT_EQ(Digests(text), want) << text;
+}
+
+// A trainer SIGKILLed mid-training: the cluster holds, the workers report
+// where they stopped, and the run continues from the step in flight (or
+// the one after it, when some workers had applied it) with nothing rolled
+// back: at most that step is redone; `up` restarts the trainer, which rejoins with its rank. The run
+// ends bit-identical (before: every member rolled back to the newest
+// committed checkpoint, up to checkpoint.every steps redone).
+TEST_F(RecoveryTest, ATrainerKilledMidRunRedoesOnlyTheStepInFlight) {
+  const std::string text = KillMidRun("trainer-1");
+  static const std::regex kRecovered(
+      R"(trainer-0: recovery 1: epoch \d+ continues from step (\d+) \(the failure was at step (\d+)\))");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(text, m, kRecovered)) << text;
+  const int resume = std::stoi(m[1]), failed = std::stoi(m[2]);
+  // A trainer may be a step ahead of the workers (its StepDone answered,
+  // its next step's requests waiting for the update), or a step behind
+  // (some workers applied the step, the others then hold its gradients).
+  EXPECT_GE(resume, failed - 1) << text;
+  EXPECT_LE(resume, failed + 1) << text;
+  EXPECT_NE(text.find("nothing rolls back"), std::string::npos) << text;
+  EXPECT_EQ(text.find("rolling back from step"), std::string::npos) << text;
 }
 
 // learning_rate 1e30: the loss is non-finite from the second step. The run

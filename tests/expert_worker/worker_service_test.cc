@@ -79,6 +79,74 @@ TEST(WorkerServiceTest, TrainingChangesParametersDeterministically) {
   EXPECT_NE(fresh.ParameterDigest(), RunInterleaved("adamw", 0));
 }
 
+// A hold (a trainer died) stops the step in flight but keeps its
+// gradients; the epoch that continues from the step after it applies that
+// update from them (every trainer had finished the step: some workers
+// applied it), and one that continues from the step itself drops them to
+// have it redone. Either way the parameters end as if nothing happened.
+TEST(WorkerServiceTest, AHoldKeepsTheStepAndTheNextEpochAppliesOrDropsIt) {
+  const config::SwitchyardConfig config = TestConfig("adamw");
+  const std::vector<DigestsByShard> want = DigestsByStep(config, 3);
+  // Step 1 with every request but rank 1's StepDone.
+  const auto partial_step = [](WorkerService* worker) {
+    for (int r = 0; r < kRanks; ++r) {
+      for (auto& m : TrainerStep(1, r)) {
+        if (r == 1 && m.header.kind ==
+                          static_cast<uint8_t>(MessageKind::kStepDone)) {
+          continue;
+        }
+        EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
+      }
+    }
+  };
+  const auto table = [](uint64_t epoch, bool hold, int64_t resume) {
+    control::RoutingTable t = Routing(epoch);
+    t.set_hold(hold);
+    t.set_continues(!hold);
+    t.set_resume_step(resume);
+    return t;
+  };
+  const auto finish = [&](WorkerService* worker, int first, uint64_t epoch) {
+    for (int step = first; step < 3; ++step) {
+      for (int r = 0; r < kRanks; ++r) {
+        for (auto& m : TrainerStep(step, r)) {
+          m.header.epoch = epoch;
+          EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
+        }
+      }
+    }
+  };
+  for (const int64_t resume : {2, 1}) {
+    SCOPED_TRACE("continues from step " + std::to_string(resume));
+    WorkerService worker(config, "w");
+    ASSERT_TRUE(worker.Start().ok());
+    ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+    TrainSteps(&worker, 0, 1);
+    partial_step(&worker);
+    EXPECT_FALSE(worker.held().has_value());
+    ASSERT_TRUE(worker.ApplyRouting(table(kEpoch + 1, true, 0)).ok());
+    const auto held = worker.held();
+    ASSERT_TRUE(held.has_value());
+    EXPECT_EQ(held->epoch, kEpoch + 1);
+    EXPECT_EQ(held->step, 1);
+    EXPECT_TRUE(held->serving);
+    // Nothing is served in a hold, of either epoch.
+    Message stale = Request(MessageKind::kStepDone, 1, 1, 0, 0, 0);
+    EXPECT_EQ(Ask(&worker, std::move(stale)).header.status_code,
+              static_cast<uint8_t>(StatusCode::kFailedPrecondition));
+    Message early = Request(MessageKind::kStepDone, 1, 1, 0, 0, 0, kEpoch + 1);
+    EXPECT_EQ(Ask(&worker, std::move(early)).header.status_code,
+              static_cast<uint8_t>(StatusCode::kAborted));
+    EXPECT_EQ(worker.ShardDigests(), want[1]);
+    ASSERT_TRUE(worker.ApplyRouting(table(kEpoch + 2, false, resume)).ok());
+    EXPECT_FALSE(worker.held().has_value());
+    EXPECT_EQ(worker.next_step(), resume);
+    EXPECT_EQ(worker.ShardDigests(), want[resume]);
+    finish(&worker, static_cast<int>(resume), kEpoch + 2);
+    EXPECT_EQ(worker.ShardDigests(), want[3]);
+  }
+}
+
 TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
   WorkerService worker(TestConfig("adamw"), "w");
   ASSERT_TRUE(worker.Start().ok());

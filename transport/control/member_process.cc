@@ -39,6 +39,7 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
       std::chrono::milliseconds(cluster.call_timeout_ms());
   session_options.loads = options.loads;
   session_options.on_heartbeat_ack = options.on_heartbeat_ack;
+  session_options.annotate_heartbeat = options.annotate_heartbeat;
 
   // The io_context lives as long as the session does: a session handed out
   // (on_session) may be released after this returns, and its timers belong

@@ -26,6 +26,9 @@ struct MemberProcessOptions {
   std::function<void(const RoutingTable&)> on_routing;
   // Per-shard token counts for heartbeats (optional).
   std::function<std::vector<ShardLoad>()> loads;
+  // Adds to every heartbeat what the member reports with it (optional; on
+  // the control thread).
+  std::function<void(Heartbeat*)> annotate_heartbeat;
   // Heartbeat acknowledgements (optional; on the control thread).
   std::function<void(const HeartbeatAck&)> on_heartbeat_ack;
   // Called once with the session, before it starts (optional): for calls

@@ -93,49 +93,58 @@ void MemberSession::ScheduleHeartbeat() {
   heartbeat_timer_.async_wait(
       [self = shared_from_this()](const boost::system::error_code& ec) {
         if (ec) return;
-        Heartbeat beat;
-        bool registered;
+        self->SendHeartbeat();
+        self->ScheduleHeartbeat();
+      });
+}
+
+void MemberSession::HeartbeatNow() {
+  asio::post(io_, [self = shared_from_this()] { self->SendHeartbeat(); });
+}
+
+void MemberSession::SendHeartbeat() {
+  Heartbeat beat;
+  bool registered;
+  {
+    MutexLock lock(&mu_);
+    if (stopped_) return;
+    registered = registered_;
+    beat.set_name(options_.registration.name());
+    beat.set_incarnation(incarnation_);
+  }
+  if (!registered) {
+    Register();
+    return;
+  }
+  if (options_.annotate_heartbeat) options_.annotate_heartbeat(&beat);
+  Envelope envelope;
+  *envelope.mutable_heartbeat() = beat;
+  client_->Call(
+      std::move(envelope), options_.call_timeout,
+      [self = shared_from_this()](StatusOr<Envelope> r) {
+        if (r.ok()) {
+          {
+            const HeartbeatAck& ack = r->heartbeat_ack();
+            MutexLock lock(&self->mu_);
+            if (ack.run_id() == self->seen_run_id_) {
+              self->seen_committed_step_ = ack.committed_step();
+            }
+          }
+          if (self->options_.on_heartbeat_ack) {
+            self->options_.on_heartbeat_ack(r->heartbeat_ack());
+          }
+          return;
+        }
+        if (r.status().code() != StatusCode::kFailedPrecondition) {
+          return;  // Connection trouble: the client reconnects.
+        }
+        LOG(WARNING) << "member: " << r.status().message();
         {
           MutexLock lock(&self->mu_);
-          if (self->stopped_) return;
-          registered = self->registered_;
-          beat.set_name(self->options_.registration.name());
-          beat.set_incarnation(self->incarnation_);
+          self->registered_ = false;
+          self->incarnation_ = 0;  // Fenced: come back as a new one.
         }
-        if (!registered) {
-          self->Register();
-        } else {
-          Envelope envelope;
-          *envelope.mutable_heartbeat() = beat;
-          self->client_->Call(
-              std::move(envelope), self->options_.call_timeout,
-              [self](StatusOr<Envelope> r) {
-                if (r.ok()) {
-                  {
-                    const HeartbeatAck& ack = r->heartbeat_ack();
-                    MutexLock lock(&self->mu_);
-                    if (ack.run_id() == self->seen_run_id_) {
-                      self->seen_committed_step_ = ack.committed_step();
-                    }
-                  }
-                  if (self->options_.on_heartbeat_ack) {
-                    self->options_.on_heartbeat_ack(r->heartbeat_ack());
-                  }
-                  return;
-                }
-                if (r.status().code() != StatusCode::kFailedPrecondition) {
-                  return;  // Connection trouble: the client reconnects.
-                }
-                LOG(WARNING) << "member: " << r.status().message();
-                {
-                  MutexLock lock(&self->mu_);
-                  self->registered_ = false;
-                  self->incarnation_ = 0;  // Fenced: come back as a new one.
-                }
-                self->Register();
-              });
-        }
-        self->ScheduleHeartbeat();
+        self->Register();
       });
 }
 

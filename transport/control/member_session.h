@@ -34,6 +34,9 @@ struct MemberSessionOptions {
   std::chrono::milliseconds call_timeout{5000};
   // Per-shard token counts to report with each heartbeat (may be empty).
   std::function<std::vector<ShardLoad>()> loads;
+  // Adds to every heartbeat what the member reports with it (may be
+  // empty; on the io_context thread).
+  std::function<void(Heartbeat*)> annotate_heartbeat;
   // Runs on the io_context thread with every heartbeat acknowledgement
   // (committed checkpoints; may be empty).
   std::function<void(const HeartbeatAck&)> on_heartbeat_ack;
@@ -54,6 +57,10 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
   // the call timeout). Must not be called on the io_context thread.
   void Shutdown(bool leave) EXCLUDES(mu_);
 
+  // Sends a heartbeat now (as well as the periodic ones): news the
+  // coordinator waits for.
+  void HeartbeatNow();
+
   uint64_t incarnation() const EXCLUDES(mu_);
   RoutingTable routing() const EXCLUDES(mu_);
 
@@ -69,6 +76,8 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
                 RoutingHandler on_routing);
   void Register() EXCLUDES(mu_);
   void ScheduleHeartbeat() EXCLUDES(mu_);
+  // One heartbeat (or a registration, when not registered).
+  void SendHeartbeat() EXCLUDES(mu_);
   void DeliverRouting(const RoutingTable& table) EXCLUDES(mu_);
 
   boost::asio::io_context& io_;
