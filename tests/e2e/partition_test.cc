@@ -8,6 +8,8 @@
 //   shards re-placed, and the run goes on without it; healed, it finds it
 //   was fenced, rejoins as a new incarnation and serves shards again. The
 //   run ends bit-identical to the reference trained straight through.
+// - The same for trainer-1: fenced (the cluster holds, nothing rolls
+//   back), healed it rejoins with its rank.
 // - The link delays and drops packets (tc netem where the kernel has it,
 //   else a token-bucket shaper whose queue limit drops), below the lease:
 //   the run is slower but no member is declared dead, nothing is redone,
@@ -116,8 +118,8 @@ class PartitionTest : public ::testing::Test {
     return args;
   }
 
-  // Starts the coordinator on the host's end of the veth, the workers
-  // (worker-2 in the namespace) and the trainers, each logging to
+  // Starts the coordinator on the host's end of the veth, the workers and
+  // the trainers (cut_off_ in the namespace), each logging to
   // <dir>/<name>.log.
   void StartCluster(int steps) {
     const std::string flags = Flags(steps) + " --state-dir " + dir_ +
@@ -138,20 +140,24 @@ class PartitionTest : public ::testing::Test {
     }
     ASSERT_FALSE(address.empty()) << Read("coordinator");
     const std::string joined = " --coordinator " + address;
-    for (int i = 0; i < 2; ++i) {
+    // `member` in the namespace, the others beside the coordinator.
+    auto place = [&](const std::string& name, std::vector<std::string> cmd) {
+      const bool inside = name == cut_off_;
+      if (inside) {
+        cmd.insert(cmd.begin(), {"/usr/sbin/ip", "netns", "exec", ns_});
+      }
+      start(name, cmd,
+            joined + " --set transport.data_host=" +
+                (inside ? ns_ip_ : host_ip_));
+    };
+    for (int i = 0; i < 3; ++i) {
       const std::string name = "worker-" + std::to_string(i);
-      start(name, {SWITCHYARD_BINARY, "worker", "--name", name},
-            joined + " --set transport.data_host=" + host_ip_);
+      place(name, {SWITCHYARD_BINARY, "worker", "--name", name});
     }
-    start("worker-2",
-          {"/usr/sbin/ip", "netns", "exec", ns_, SWITCHYARD_BINARY, "worker",
-           "--name", "worker-2"},
-          joined + " --set transport.data_host=" + ns_ip_);
     for (int r = 0; r < 2; ++r) {
-      start("trainer-" + std::to_string(r),
+      place("trainer-" + std::to_string(r),
             {SWITCHYARD_BINARY, "train", "--rank", std::to_string(r),
-             "--sample-bytes", "0"},
-            joined + " --set transport.data_host=" + host_ip_);
+             "--sample-bytes", "0"});
     }
     trainers_ = {pids_.end()[-2], pids_.end()[-1]};
   }
@@ -208,6 +214,7 @@ class PartitionTest : public ::testing::Test {
   std::string ns_, host_if_, ns_if_, host_ip_, ns_ip_, dir_;
   bool made_ = false;
   int lease_ms_ = 1000;
+  std::string cut_off_ = "worker-2";  // The member in the namespace.
   std::vector<pid_t> pids_;
   std::vector<pid_t> trainers_;
 };
@@ -255,6 +262,35 @@ TEST_F(PartitionTest, AWorkerCutOffBeyondItsLeaseIsFencedAndRejoins) {
       << Read("trainer-0");
   // Nothing it did while cut off counted: the result is the reference's.
   EXPECT_EQ(WorkerDigests(), want) << ReadAll();
+}
+
+// A trainer cut off beyond its lease: fenced (a hold; nothing rolls
+// back), healed it rejoins as a new incarnation with its rank, and the run
+// ends bit-identical.
+TEST_F(PartitionTest, ATrainerCutOffBeyondItsLeaseIsFencedAndRejoins) {
+  cut_off_ = "trainer-1";
+  const int steps = 100;
+  const auto want = Reference(steps);
+  ASSERT_EQ(want.size(), 18u);
+  StartCluster(steps);
+  ASSERT_TRUE(WaitForStep(25)) << ReadAll();
+  ASSERT_EQ(Shell("ip link set " + host_if_ + " down"), 0);
+  std::this_thread::sleep_for(Ms(3000));
+  ASSERT_EQ(Shell("ip link set " + host_if_ + " up"), 0);
+  ASSERT_TRUE(WaitForTrainers()) << ReadAll();
+  const std::string coordinator = Read("coordinator");
+  EXPECT_NE(coordinator.find("trainer trainer-1 (incarnation"),
+            std::string::npos)
+      << coordinator;
+  static const std::regex kHold(
+      R"(trainer trainer-1 \(incarnation \d+\) lease expired.*holding the cluster)");
+  EXPECT_TRUE(std::regex_search(coordinator, kHold)) << coordinator;
+  EXPECT_NE(Read("trainer-1").find("of trainer-1 is not current"),
+            std::string::npos)
+      << Read("trainer-1");
+  const std::string all = ReadAll();
+  EXPECT_EQ(all.find("rolling back from step"), std::string::npos) << all;
+  EXPECT_EQ(WorkerDigests(), want) << all;
 }
 
 TEST_F(PartitionTest, DelayAndLossBelowTheLeaseDeclareNothing) {
