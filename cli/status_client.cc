@@ -103,8 +103,16 @@ std::string FormatStatus(const control::StatusResponse& status) {
       std::tm tm{};
       ::localtime_r(&when, &tm);
       std::strftime(stamp, sizeof(stamp), "%H:%M:%S", &tm);
-      out << "  " << stamp << " epoch " << r.epoch() << ": continued from step "
-          << r.resume_step() << " after: " << r.cause() << "\n";
+      out << "  " << stamp << " epoch " << r.epoch() << ": at step "
+          << r.at_step()
+          << (r.rolled_back() ? ", rolled back to step "
+                              : ", continued from step ")
+          << r.resume_step()
+          << (r.rolled_back() ? "" : " (nothing rolled back)") << ", "
+          << (r.duration_ms() > 0 ? "training again after " +
+                                        std::to_string(r.duration_ms()) + " ms"
+                                  : std::string("in progress"))
+          << "; cause: " << r.cause() << "\n";
     }
   }
   char line[256];

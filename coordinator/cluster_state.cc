@@ -19,6 +19,12 @@ using control::MemberState;
 
 namespace {
 
+int64_t UnixMsNow() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
 int64_t MsBetween(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(b - a).count();
 }
@@ -164,7 +170,7 @@ void ClusterState::BumpEpoch(const std::string& why) {
   // and elasticity"). The step in flight is abandoned; members that trained
   // past the checkpoint roll back to it.
   ledger_.RollBack();
-  RecordRecovery(why, ledger_.resume_step());
+  RecordRecovery(why, ledger_.resume_step(), /*rolled_back=*/true);
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << why
                << "; the cluster continues from step " << ledger_.resume_step()
                << (ledger_.resume_step() > 0
@@ -172,14 +178,21 @@ void ClusterState::BumpEpoch(const std::string& why) {
                        : " (nothing committed yet)");
 }
 
-void ClusterState::RecordRecovery(const std::string& why, int64_t resume_step) {
+void ClusterState::RecordRecovery(const std::string& why, int64_t resume_step,
+                                  bool rolled_back, int64_t began_unix_ms) {
   control::Recovery recovery;
   recovery.set_epoch(epoch_);
-  recovery.set_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
-                           std::chrono::system_clock::now().time_since_epoch())
-                           .count());
+  recovery.set_unix_ms(began_unix_ms > 0 ? began_unix_ms : UnixMsNow());
   recovery.set_cause(why);
   recovery.set_resume_step(resume_step);
+  recovery.set_rolled_back(rolled_back);
+  int64_t at = -1;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() == control::TRAINER) {
+      at = std::max(at, m.step);
+    }
+  }
+  recovery.set_at_step(std::max<int64_t>(at, 0));
   recoveries_.push_back(std::move(recovery));
   if (recoveries_.size() > kMaxRecoveries)
     recoveries_.erase(recoveries_.begin());
@@ -187,6 +200,30 @@ void ClusterState::RecordRecovery(const std::string& why, int64_t resume_step) {
   MetricsRegistry::Global()
       .GetCounter("switchyard_coordinator_recoveries_total")
       ->Increment();
+}
+
+void ClusterState::FinishRecoveries() {
+  if (recoveries_.empty() || recoveries_.back().duration_ms() > 0) return;
+  // The oldest epoch a live trainer trains under.
+  uint64_t oldest = 0;
+  bool any = false;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() != control::TRAINER || !IsLive(m)) {
+      continue;
+    }
+    oldest = any ? std::min(oldest, m.training_epoch) : m.training_epoch;
+    any = true;
+  }
+  if (!any || oldest == 0) return;
+  const int64_t now = UnixMsNow();
+  for (auto& r : recoveries_) {
+    if (r.duration_ms() > 0 || r.epoch() > oldest) continue;
+    r.set_duration_ms(std::max<int64_t>(1, now - r.unix_ms()));
+    MetricsRegistry::Global()
+        .GetHistogram("switchyard_coordinator_recovery_ms", LatencyBucketsMs())
+        ->Observe(static_cast<double>(r.duration_ms()));
+    ++version_;
+  }
 }
 
 void ClusterState::Hold(const std::string& why) {
@@ -201,6 +238,7 @@ void ClusterState::Hold(const std::string& why) {
   ++routing_version_;
   holding_ = true;
   hold_cause_ = why;
+  hold_began_unix_ms_ = UnixMsNow();
   held_.clear();
   continues_ = false;
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << why
@@ -247,7 +285,8 @@ void ClusterState::MaybeEndHold() {
   held_.clear();
   continues_ = true;
   ledger_.ContinueAt(reached);
-  RecordRecovery(hold_cause_, reached);
+  RecordRecovery(hold_cause_, reached, /*rolled_back=*/false,
+                 hold_began_unix_ms_);
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << hold_cause_
                << "; the cluster continues from step " << reached
                << " (the step its workers reached: nothing rolls back)";
@@ -399,9 +438,9 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
     // worker's shards, or a trainer's step in flight, are lost with it).
     it->second.record.set_state(control::DEAD);
     RecordDeath(&it->second, now);
-    const std::string why =
-        request.name() + " re-registered; incarnation " +
-        std::to_string(it->second.record.incarnation()) + " fenced";
+    const std::string why = request.name() + " re-registered; incarnation " +
+                            std::to_string(it->second.record.incarnation()) +
+                            " fenced";
     if (request.kind() == control::WORKER) {
       BumpEpoch(why);
     } else if (placed_) {
@@ -426,7 +465,10 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
             << request.name() << (confirmed ? " reconfirmed" : " registered")
             << " (incarnation " << m.record.incarnation() << ", pid "
             << request.pid() << " on " << request.host() << ")";
-  if (!confirmed) m.on_probation = false;
+  if (!confirmed) {
+    m.on_probation = false;
+    m.training_epoch = 0;
+  }
   if (request.kind() == control::WORKER && !confirmed &&
       config_.cluster().probation_ms() > 0 &&
       static_cast<int>(m.deaths.size()) >=
@@ -484,6 +526,11 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   for (const auto& load : beat.loads()) {
     m.tokens[FromShardRef(load.shard()).ToString()] = load.tokens();
   }
+  if (m.record.registration().kind() == control::TRAINER) {
+    m.training_epoch = beat.training_epoch();
+    m.step = beat.step();
+    FinishRecoveries();
+  }
   if (holding_ && beat.held_epoch() == epoch_ &&
       m.record.registration().kind() == control::WORKER &&
       !held_.count(beat.name())) {
@@ -503,6 +550,29 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
     }
     tasks_.erase(tasks);
   }
+  return ack;
+}
+
+StatusOr<control::PeerLostAck> ClusterState::PeerLost(
+    const control::PeerLost& report, Clock::time_point now) {
+  auto reporter = members_.find(report.reporter());
+  if (reporter == members_.end() || !IsLive(reporter->second) ||
+      reporter->second.record.incarnation() != report.incarnation()) {
+    return FailedPreconditionError(
+        "fenced: incarnation " + std::to_string(report.incarnation()) + " of " +
+        report.reporter() + " is not current; register again");
+  }
+  control::PeerLostAck ack;
+  auto it = members_.find(report.peer());
+  if (it == members_.end() || !IsLive(it->second) ||
+      it->second.record.registration().kind() != control::WORKER ||
+      it->second.record.incarnation() != report.peer_incarnation()) {
+    return ack;  // Already fenced, or another incarnation by now.
+  }
+  Fence(&it->second, control::DEAD,
+        "unreachable from " + report.reporter() + " (" + report.error() + ")",
+        now);
+  ack.set_fenced(true);
   return ack;
 }
 
@@ -560,6 +630,7 @@ StatusOr<control::CheckpointReportAck> ClusterState::ReportCheckpoint(
   if (outcome.recorded && !report.replica()) AssignReplicas(report);
   control::CheckpointReportAck ack;
   ack.set_committed_step(outcome.committed_step);
+  ack.set_newest_committed_step(ledger_.latest_committed_step());
   return ack;
 }
 

@@ -70,6 +70,12 @@ class ClusterState {
     return ledger_.ChooseResumeStep(fresh, from_step);
   }
   int64_t resume_step() const { return ledger_.resume_step(); }
+  // A member could not reach a worker (its data-plane connection failed
+  // with requests pending): that worker incarnation, if still current, is
+  // fenced as dead at once. FAILED_PRECONDITION when the reporter is not
+  // current.
+  StatusOr<control::PeerLostAck> PeerLost(const control::PeerLost& report,
+                                          Clock::time_point now);
   // Declares members whose lease expired dead.
   void Tick(Clock::time_point now);
   // `name`'s control connection closed: a live process reconnects and
@@ -99,6 +105,10 @@ class ClusterState {
     std::vector<Clock::time_point> deaths;
     bool on_probation = false;
     Clock::time_point probation_until;
+    // Trainers, from heartbeats: the epoch trained under (0: waiting) and
+    // the last step begun.
+    uint64_t training_epoch = 0;
+    int64_t step = -1;
   };
 
   bool IsLive(const Member& m) const;
@@ -122,8 +132,12 @@ class ClusterState {
   // step they reached (RoutingTable.continues), or, when they are not one
   // update apart or one was not serving, rolls back (BumpEpoch).
   void MaybeEndHold();
-  // Appends a recovery (a new epoch of a placed cluster) to the record.
-  void RecordRecovery(const std::string& why, int64_t resume_step);
+  // Appends a recovery (a new epoch of a placed cluster) to the record;
+  // `began_unix_ms` 0: now.
+  void RecordRecovery(const std::string& why, int64_t resume_step,
+                      bool rolled_back, int64_t began_unix_ms = 0);
+  // Recoveries every live trainer now trains past get their duration.
+  void FinishRecoveries();
 
   config::SwitchyardConfig config_;
   std::vector<ShardFootprint> shards_;
@@ -154,6 +168,7 @@ class ClusterState {
   // (by name): the step it stopped at and whether it was serving.
   bool holding_ = false;
   std::string hold_cause_;
+  int64_t hold_began_unix_ms_ = 0;
   std::map<std::string, std::pair<int64_t, bool>> held_;
   // The current epoch continues a hold (RoutingTable.continues).
   bool continues_ = false;

@@ -256,6 +256,15 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
         }
         break;
       }
+      case Envelope::kPeerLost: {
+        auto r = state_->PeerLost(request.peer_lost(), now);
+        if (r.ok()) {
+          *response.mutable_peer_lost_ack() = *r;
+        } else {
+          error = r.status();
+        }
+        break;
+      }
       case Envelope::kStatusRequest:
         *response.mutable_status_response() = state_->Report(now);
         response.mutable_status_response()->set_coordinator_pid(::getpid());

@@ -17,14 +17,16 @@ CheckpointWriter::CheckpointWriter(std::string name,
                                    storage::CheckpointStore* store,
                                    BufferPool* staging_pool, int threads,
                                    Reporter report, Replicator replicate,
-                                   int max_consecutive_failures)
+                                   int max_consecutive_failures,
+                                   bool keep_in_memory)
     : name_(std::move(name)),
       store_(store),
       staging_pool_(staging_pool),
       threads_(threads),
       report_(std::move(report)),
       replicate_(std::move(replicate)),
-      max_consecutive_failures_(max_consecutive_failures) {}
+      max_consecutive_failures_(max_consecutive_failures),
+      keep_in_memory_(keep_in_memory) {}
 
 void CheckpointWriter::Start() {
   thread_ = StartNamedThread("sy-ckpt", [this] { Loop(); });
@@ -86,18 +88,32 @@ void CheckpointWriter::Loop() {
       }
       continue;
     }
-    Write(job, incarnation);
+    auto digests = Write(job, incarnation);
+    std::shared_ptr<KeptCheckpoint> kept;
+    if (digests.has_value() && keep_in_memory_) {
+      kept = std::make_shared<KeptCheckpoint>();
+      kept->step = job.front().step;
+      kept->digests = std::move(*digests);
+      for (storage::ShardSnapshot& shard : job) {
+        std::string name = shard.shard;
+        kept->shards.emplace(std::move(name), std::move(shard));
+      }
+    }
     job.clear();  // The staging buffers go back before the next can stage.
     {
       MutexLock lock(&mu_);
+      if (kept != nullptr) {
+        kept_[kept->step] = std::move(kept);
+        TrimKept();
+      }
       busy_ = !staged_.empty();
     }
     cv_.NotifyAll();
   }
 }
 
-void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job,
-                             uint64_t incarnation) {
+std::optional<std::map<std::string, std::string>> CheckpointWriter::Write(
+    const std::vector<storage::ShardSnapshot>& job, uint64_t incarnation) {
   const int64_t step = job.front().step;
   const auto start = std::chrono::steady_clock::now();
   control::CheckpointReport report;
@@ -148,7 +164,7 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job,
     MutexLock lock(&mu_);
     ++consecutive_failures_;
     last_failure_ = s.WithContext("checkpoint " + std::to_string(step));
-    return;
+    return std::nullopt;
   }
   {
     MutexLock lock(&mu_);
@@ -166,6 +182,34 @@ void CheckpointWriter::Write(const std::vector<storage::ShardSnapshot>& job,
             << " shards, " << bytes << " bytes in " << seconds << " s)"
             << (reported ? " and reported"
                          : "; reported once the coordinator is back");
+  std::map<std::string, std::string> digests;
+  for (size_t i = 0; i < job.size(); ++i) {
+    digests[job[i].shard] = manifests[i]->digest();
+  }
+  return digests;
+}
+
+void CheckpointWriter::NoteCommitted(int64_t step) {
+  MutexLock lock(&mu_);
+  if (step <= committed_) return;
+  committed_ = step;
+  TrimKept();
+}
+
+void CheckpointWriter::TrimKept() {
+  if (kept_.empty()) return;
+  const int64_t newest = kept_.rbegin()->first;
+  for (auto it = kept_.begin(); it != kept_.end();) {
+    it = it->first == newest || it->first == committed_ ? std::next(it)
+                                                        : kept_.erase(it);
+  }
+}
+
+std::shared_ptr<const KeptCheckpoint> CheckpointWriter::KeptAt(
+    int64_t step) const {
+  MutexLock lock(&mu_);
+  auto it = kept_.find(step);
+  return it == kept_.end() ? nullptr : it->second;
 }
 
 bool CheckpointWriter::Report(const control::CheckpointReport& report) {

@@ -17,6 +17,11 @@
 // when it returns. Only failures to write count against
 // max_consecutive_failures.
 //
+// With `keep_in_memory`, a written checkpoint's staging copy is kept
+// rather than returned to the pool: the newest written one and the newest
+// committed one (NoteCommitted), so that a rollback to the committed
+// checkpoint reads no disk (KeptAt).
+//
 // Thread-safety: every method is thread-safe. The store, the staging pool
 // and the replication runner are not owned and outlive the writer.
 #ifndef SWITCHYARD_EXPERT_WORKER_CHECKPOINT_WRITER_H_
@@ -25,6 +30,9 @@
 #include <chrono>
 #include <deque>
 #include <functional>
+#include <map>
+#include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,6 +45,14 @@
 
 namespace switchyard::expert_worker {
 
+// A written checkpoint kept in memory: deep copies of its shards (never
+// changed once kept) and their manifests' digests, by shard name.
+struct KeptCheckpoint {
+  int64_t step = 0;
+  std::map<std::string, storage::ShardSnapshot> shards;
+  std::map<std::string, std::string> digests;
+};
+
 class CheckpointWriter {
  public:
   using Reporter = std::function<Status(const control::CheckpointReport&)>;
@@ -48,7 +64,8 @@ class CheckpointWriter {
   // `max_consecutive_failures` (0: no limit): see Healthy.
   CheckpointWriter(std::string name, storage::CheckpointStore* store,
                    BufferPool* staging_pool, int threads, Reporter report,
-                   Replicator replicate, int max_consecutive_failures = 0);
+                   Replicator replicate, int max_consecutive_failures = 0,
+                   bool keep_in_memory = false);
   ~CheckpointWriter() { Shutdown(); }
   CheckpointWriter(const CheckpointWriter&) = delete;
   CheckpointWriter& operator=(const CheckpointWriter&) = delete;
@@ -81,7 +98,15 @@ class CheckpointWriter {
   // resets the count.
   Status Healthy() const EXCLUDES(mu_);
 
+  // The coordinator committed `step`: kept copies older than it go.
+  void NoteCommitted(int64_t step) EXCLUDES(mu_);
+  // The kept copy of checkpoint `step`, or null.
+  std::shared_ptr<const KeptCheckpoint> KeptAt(int64_t step) const
+      EXCLUDES(mu_);
+
  private:
+  // Drops kept copies but the newest and the newest committed one.
+  void TrimKept() REQUIRES(mu_);
   void Loop() EXCLUDES(mu_);
   // Sends the reports the coordinator could not take yet, oldest first,
   // until one fails again.
@@ -91,8 +116,10 @@ class CheckpointWriter {
   bool Report(const control::CheckpointReport& report) EXCLUDES(mu_);
   // Writes `job` and reports it; logs and counts the outcome. A job
   // holding a non-finite value is not written (a failure).
-  void Write(const std::vector<storage::ShardSnapshot>& job,
-             uint64_t incarnation) EXCLUDES(mu_);
+  // The manifests' digests by shard when written, else nothing.
+  std::optional<std::map<std::string, std::string>> Write(
+      const std::vector<storage::ShardSnapshot>& job, uint64_t incarnation)
+      EXCLUDES(mu_);
   // Replaces `job`'s tensors with copies in staging buffers, logging how
   // long that took (`how`: who made it).
   void Copy(std::vector<storage::ShardSnapshot>* job, const char* how) const;
@@ -104,6 +131,7 @@ class CheckpointWriter {
   const Reporter report_;
   const Replicator replicate_;
   const int max_consecutive_failures_;
+  const bool keep_in_memory_;
 
   mutable Mutex mu_;
   int consecutive_failures_ GUARDED_BY(mu_) = 0;
@@ -121,6 +149,9 @@ class CheckpointWriter {
   int64_t dropped_before_ GUARDED_BY(mu_) = 0;
   // Written checkpoints not yet reported (the coordinator was away).
   std::deque<control::CheckpointReport> unreported_ GUARDED_BY(mu_);
+  std::map<int64_t, std::shared_ptr<const KeptCheckpoint>> kept_
+      GUARDED_BY(mu_);
+  int64_t committed_ GUARDED_BY(mu_) = 0;
   std::thread thread_;
 };
 

@@ -97,7 +97,26 @@ Status ShardTransfer::Restore(const control::RoutingTable& routing,
   }
   int fetched = 0;
   // The snapshots' tensors share storage with the new shards: filling them
-  // fills the shards. Local copies first, several shards at a time.
+  // fills the shards. Copies kept in memory first (a live worker rolling
+  // back), then local copies, several shards at a time.
+  const size_t total = shards.size();
+  int from_memory = 0;
+  if (const auto kept = memory_ ? memory_(step) : nullptr) {
+    std::vector<storage::ShardSnapshot> rest;
+    for (storage::ShardSnapshot& live : shards) {
+      auto copy = kept->shards.find(live.shard);
+      auto digest = kept->digests.find(live.shard);
+      const std::string& want = committed_digest[live.shard];
+      if (copy != kept->shards.end() && digest != kept->digests.end() &&
+          (want.empty() || digest->second == want) &&
+          CopyTensors(copy->second, &live).ok()) {
+        ++from_memory;
+      } else {
+        rest.push_back(std::move(live));
+      }
+    }
+    shards = std::move(rest);
+  }
   std::vector<Status> locals =
       storage::ReadShardsInto(*store_, step, &shards, threads_);
   for (size_t i = 0; i < shards.size(); ++i) {
@@ -142,30 +161,41 @@ Status ShardTransfer::Restore(const control::RoutingTable& routing,
       RETURN_IF_ERROR(store_->WriteShard(*saved).status());  // Keep it here.
       ++fetched;
     }
-    if (saved->tensors.size() != live.tensors.size()) {
-      return DataLossError(
-          "checkpoint of " + live.shard + " at step " + std::to_string(step) +
-          " has " + std::to_string(saved->tensors.size()) +
-          " tensors, the model " + std::to_string(live.tensors.size()));
-    }
-    for (size_t t = 0; t < live.tensors.size(); ++t) {
-      Tensor& to = live.tensors[t].tensor;
-      const Tensor& from = saved->tensors[t].tensor;
-      if (saved->tensors[t].name != live.tensors[t].name ||
-          to.empty() != from.empty() ||
-          (!to.empty() &&
-           (to.dtype() != from.dtype() || to.shape() != from.shape()))) {
-        return FailedPreconditionError(
-            "checkpoint of " + live.shard + " at step " + std::to_string(step) +
-            ": tensor " + saved->tensors[t].name +
-            " does not fit this model's " + live.tensors[t].name);
-      }
-      if (!to.empty()) std::memcpy(to.data(), from.data(), to.num_bytes());
+    RETURN_IF_ERROR(CopyTensors(*saved, &live));
+  }
+  LOG(INFO) << name_ << ": restored " << total << " shards from checkpoint "
+            << step << " (" << from_memory << " from memory, " << fetched
+            << " fetched from peers)";
+  return OkStatus();
+}
+
+Status ShardTransfer::CopyTensors(const storage::ShardSnapshot& saved,
+                                  storage::ShardSnapshot* live) {
+  const std::string what =
+      "checkpoint of " + live->shard + " at step " + std::to_string(saved.step);
+  if (saved.tensors.size() != live->tensors.size()) {
+    return DataLossError(what + " has " + std::to_string(saved.tensors.size()) +
+                         " tensors, the model " +
+                         std::to_string(live->tensors.size()));
+  }
+  for (size_t t = 0; t < live->tensors.size(); ++t) {
+    Tensor& to = live->tensors[t].tensor;
+    const Tensor& from = saved.tensors[t].tensor;
+    if (saved.tensors[t].name != live->tensors[t].name ||
+        to.empty() != from.empty() ||
+        (!to.empty() &&
+         (to.dtype() != from.dtype() || to.shape() != from.shape()))) {
+      return FailedPreconditionError(
+          what + ": tensor " + saved.tensors[t].name +
+          " does not fit this model's " + live->tensors[t].name);
     }
   }
-  LOG(INFO) << name_ << ": restored " << shards.size()
-            << " shards from checkpoint " << step << " (" << fetched
-            << " fetched from peers)";
+  for (size_t t = 0; t < live->tensors.size(); ++t) {
+    Tensor& to = live->tensors[t].tensor;
+    if (!to.empty()) {
+      std::memcpy(to.data(), saved.tensors[t].tensor.data(), to.num_bytes());
+    }
+  }
   return OkStatus();
 }
 

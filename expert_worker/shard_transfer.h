@@ -1,10 +1,10 @@
 // Moving checkpointed shards between workers over the data plane: fetching
 // a shard's checkpoint from a peer (tensor by tensor, each verified at the
 // source), restoring the shards a worker is given at a routing table's
-// resume step (the local store first, else the shard's holder, then its
-// replicas; what is fetched is kept locally), and replication tasks (a
-// peer's checkpoint copied into the local store and reported as a replica).
-// CheckpointFetchServer is the serving side.
+// resume step (a copy kept in memory first, then the local store, else
+// the shard's holder, then its replicas; what is fetched is kept locally), and
+// replication tasks (a peer's checkpoint copied into the local store and
+// reported as a replica). CheckpointFetchServer is the serving side.
 //
 // Thread-safety: thread-compatible; Restore runs on the routing thread and
 // Replicate on the checkpoint thread, which touch no shared state here (the
@@ -13,6 +13,8 @@
 #ifndef SWITCHYARD_EXPERT_WORKER_SHARD_TRANSFER_H_
 #define SWITCHYARD_EXPERT_WORKER_SHARD_TRANSFER_H_
 
+#include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -43,6 +45,11 @@ class ShardTransfer {
         threads_(threads) {}
 
   void set_peers(transport::DataPlane* peers) { peers_ = peers; }
+  // Where Restore looks first: this worker's checkpoints kept in memory
+  // (CheckpointWriter::KeptAt). Set before the first Restore.
+  using MemoryCopies =
+      std::function<std::shared_ptr<const KeptCheckpoint>(int64_t step)>;
+  void set_memory(MemoryCopies memory) { memory_ = std::move(memory); }
 
   // The checkpoint of `like`'s shard at `step` from the worker at data
   // address `address`, into tensors shaped like `like`'s; the requests
@@ -51,8 +58,9 @@ class ShardTransfer {
                                          uint64_t epoch, int64_t step,
                                          const storage::ShardSnapshot& like);
   // Fills `shards` (sharing storage with shards not yet hosted) with their
-  // checkpoint at routing.resume_step(); every tensor is checked against
-  // the model's.
+  // checkpoint at routing.resume_step(): a copy kept in memory, else the
+  // local store, else a peer's; every copy is checked against the
+  // committed digest and every tensor against the model's.
   Status Restore(const control::RoutingTable& routing,
                  std::vector<storage::ShardSnapshot> shards);
   // Copies `task`'s shards from the source's checkpoint into the store and
@@ -61,12 +69,18 @@ class ShardTransfer {
                    const CheckpointWriter::Reporter& report);
 
  private:
+  // Copies `saved`'s tensors into `live`'s when every one fits (names,
+  // dtypes, shapes); nothing is copied otherwise.
+  static Status CopyTensors(const storage::ShardSnapshot& saved,
+                            storage::ShardSnapshot* live);
+
   const config::SwitchyardConfig& config_;
   const std::string name_;
   storage::CheckpointStore* const store_;
   const ShardFactory* const factory_;
   const int threads_;
   transport::DataPlane* peers_ = nullptr;
+  MemoryCopies memory_;
 };
 
 // Serves peers' kCheckpointFetch requests from the store, one tensor per

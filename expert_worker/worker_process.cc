@@ -133,10 +133,15 @@ Status RunWorker(const config::SwitchyardConfig& config,
     LOG(INFO) << options.name << ": checkpoints every "
               << config.checkpoint().every() << " steps in " << dir;
     service.EnableCheckpoints(
-        std::move(store), [&session](const control::CheckpointReport& report) {
+        std::move(store),
+        [&session, &service](const control::CheckpointReport& report) {
           std::shared_ptr<control::MemberSession> s = session.Get();
           if (s == nullptr) return UnavailableError("not in a cluster yet");
-          return s->ReportCheckpoint(report).status();
+          auto ack = s->ReportCheckpoint(report);
+          if (!ack.ok()) return ack.status();
+          // Before the written copy is kept: which copies stay in memory.
+          service.NoteCommitted(ack->newest_committed_step());
+          return OkStatus();
         });
   }
   service.SetOnHeld([&session] {
@@ -218,6 +223,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
       Status s = WriteSeenFile(seen_file, ack.run_id(), ack.committed_step());
       if (!s.ok()) LOG(WARNING) << s.ToString();
     }
+    service.NoteCommitted(ack.committed_step());
     if (ack.keep_from_step() > 0) {
       service.DropCheckpointsBefore(ack.keep_from_step());
     }

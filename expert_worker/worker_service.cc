@@ -47,6 +47,11 @@ Status WorkerService::Start() {
   transfer_ = std::make_unique<ShardTransfer>(config_, name_, store_.get(),
                                               factory_.get(), StorageThreads());
   transfer_->set_peers(peers_);
+  if (writer_ != nullptr) {
+    transfer_->set_memory([writer = writer_.get()](int64_t step) {
+      return writer->KeptAt(step);
+    });
+  }
   thread_ = StartNamedThread("sy-worker", [this] { Run(); });
   routing_thread_ = StartNamedThread("sy-routing", [this] { RoutingLoop(); });
   if (writer_ != nullptr) {
@@ -66,7 +71,10 @@ void WorkerService::EnableCheckpoints(
       [this](const control::ReplicationTask& task) {
         return transfer_->Replicate(task, report_);
       },
-      config_.checkpoint().max_consecutive_failures());
+      config_.checkpoint().max_consecutive_failures(),
+      // Kept copies are staging buffers: none without resident staging.
+      config_.checkpoint().rollback_in_memory() &&
+          config_.checkpoint().staging_resident());
   fetch_server_ = std::make_unique<CheckpointFetchServer>(
       name_, store_.get(),
       [this] { return adopted_epoch_.load(std::memory_order_acquire); });
@@ -93,6 +101,10 @@ void WorkerService::WaitCheckpointsWritten() {
 
 void WorkerService::DropCheckpointsBefore(int64_t step) {
   if (writer_ != nullptr) writer_->DropBefore(step);
+}
+
+void WorkerService::NoteCommitted(int64_t step) {
+  if (writer_ != nullptr) writer_->NoteCommitted(step);
 }
 
 void WorkerService::Shutdown() {

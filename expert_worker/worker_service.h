@@ -134,6 +134,9 @@ class WorkerService {
   // Drops local checkpoints older than `step` (the coordinator's
   // keep_from_step).
   void DropCheckpointsBefore(int64_t step);
+  // The coordinator's newest committed checkpoint (heartbeat acks): the
+  // copy kept in memory for rollbacks (checkpoint.rollback_in_memory).
+  void NoteCommitted(int64_t step);
   // Blocks until no checkpoint write is in flight (tests, shutdown).
   void WaitCheckpointsWritten();
 

@@ -1,6 +1,8 @@
 #include "trainer/trainer_process.h"
 
 #include <iostream>
+#include <set>
+#include <utility>
 
 #include "common/config.h"
 #include "common/metrics.h"
@@ -64,6 +66,14 @@ struct ClusterNews {
   std::chrono::steady_clock::time_point last_ack GUARDED_BY(mu);
 };
 
+// Workers reported unreachable (name, incarnation), and the session to
+// report through once there is one.
+struct LostPeers {
+  Mutex mu;
+  std::set<std::pair<std::string, uint64_t>> reported GUARDED_BY(mu);
+  std::shared_ptr<control::MemberSession> session GUARDED_BY(mu);
+};
+
 }  // namespace
 
 StatusOr<ByteCorpus> LoadCorpus(const config::SwitchyardConfig& config) {
@@ -87,9 +97,40 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   ASSIGN_OR_RETURN(ByteCorpus corpus, LoadCorpus(config));
   SetMatMulThreads(config.training().threads());
 
+  // Declared before the data plane, whose handler uses them.
+  ClusterNews news;
+  LostPeers lost;
   ASSIGN_OR_RETURN(auto data_plane,
                    transport::NewUcxDataPlane(
                        transport::DataPlaneOptionsFrom(config, secret)));
+  // A worker this trainer cannot reach is reported to the coordinator at
+  // once (it may still heartbeat: a lease would not notice), once per
+  // incarnation; the coordinator fences it and the cluster recovers.
+  data_plane->set_peer_lost_handler(
+      [&](const std::string& address, const Status& why) {
+        control::PeerLost report;
+        {
+          MutexLock lock(&news.mu);
+          for (const auto& w : news.latest.workers()) {
+            if (w.data_address() == address) {
+              report.set_peer(w.name());
+              report.set_peer_incarnation(w.incarnation());
+            }
+          }
+        }
+        if (report.peer().empty()) return;  // Not a worker of the table.
+        report.set_error(why.ToString());
+        std::shared_ptr<control::MemberSession> session;
+        {
+          MutexLock lock(&lost.mu);
+          if (!lost.reported.insert({report.peer(), report.peer_incarnation()})
+                   .second) {
+            return;
+          }
+          session = lost.session;
+        }
+        if (session != nullptr) session->ReportPeerLost(std::move(report));
+      });
   RETURN_IF_ERROR(data_plane->Start(transport::RefuseRequests("a trainer")));
   TrainerReplica replica(config, options.rank, data_plane.get());
 
@@ -103,8 +144,10 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   reg.set_rank(options.rank);
   reg.set_device("cpu");
   const std::string name = reg.name();
-
-  ClusterNews news;
+  member.on_session = [&lost](std::shared_ptr<control::MemberSession> s) {
+    MutexLock lock(&lost.mu);
+    lost.session = std::move(s);
+  };
   // The epoch training runs under (0: not started).
   std::atomic<uint64_t> training_epoch{0};
   member.on_routing = [&](const control::RoutingTable& routing) {
@@ -126,6 +169,13 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     MutexLock lock(&news.mu);
     news.latest = routing;
     news.changed.NotifyAll();
+  };
+  // The epoch this trainer trains under, 0 while it waits for the cluster
+  // (heartbeats tell the coordinator when a recovery is over).
+  std::atomic<uint64_t> trains_at{0};
+  member.annotate_heartbeat = [&](control::Heartbeat* beat) {
+    beat->set_training_epoch(trains_at.load());
+    beat->set_step(replica.last_step());
   };
   member.on_heartbeat_ack = [&](const control::HeartbeatAck& ack) {
     {
@@ -205,12 +255,14 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     }
     replica.SetRouting(routing);
     training_epoch = routing.epoch();
+    trains_at = routing.epoch();
     int64_t from = routing.resume_step();
     int recoveries = 0;
     while (true) {
       Status failure = train_and_commit(from, routing.epoch(), stopping);
       if (failure.ok() || stopping) return OkStatus();
       if (!MayRecover(failure)) return failure;
+      trains_at = 0;
       // Recovery: the coordinator publishes a new epoch naming the step
       // every member continues from (a rollback to the newest committed
       // checkpoint, or after a hold the step the workers reached); this
@@ -256,6 +308,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       }
       replica.SetRouting(routing);
       training_epoch = routing.epoch();
+      trains_at = routing.epoch();
       ++recoveries;
       const double waited_ms = std::chrono::duration<double, std::milli>(
                                    std::chrono::steady_clock::now() - failed_at)

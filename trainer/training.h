@@ -61,7 +61,8 @@ class TrainerReplica {
   int rank() const { return rank_; }
   void SetRouting(const control::RoutingTable& routing);
   // The step the last Step call trained (-1: none yet).
-  int64_t last_step() const { return last_step_; }
+  // The last step begun (any thread may ask).
+  int64_t last_step() const { return last_step_.load(); }
 
   // Step `step` on this rank's batch.
   StatusOr<StepReport> Step(int64_t step, const Batch& batch);
@@ -84,7 +85,7 @@ class TrainerReplica {
   DenseTableClient dense_;
   std::unique_ptr<MoeClientExperts> experts_;
   Transformer<float> model_;
-  int64_t last_step_ = -1;
+  std::atomic<int64_t> last_step_{-1};
 };
 
 struct TrainingOptions {

@@ -120,6 +120,15 @@ class DataPlane {
   // Thread-safe; never blocks.
   virtual void FailPending(const Status& why) = 0;
 
+  // Called on the data plane's thread (it must not block) when a
+  // connection to `peer` fails with requests pending: the peer may be
+  // gone, or cut off from here. Set before Start.
+  using PeerLostHandler =
+      std::function<void(const std::string& peer, const Status& why)>;
+  void set_peer_lost_handler(PeerLostHandler handler) {
+    peer_lost_ = std::move(handler);
+  }
+
   // Sends `request` to the data plane at `peer` ("host:port").
   virtual void Send(const std::string& peer, Message request,
                     std::chrono::milliseconds timeout,
@@ -153,6 +162,14 @@ class DataPlane {
   // or callback.
   StatusOr<Message> SendSync(const std::string& peer, Message request,
                              std::chrono::milliseconds timeout);
+
+ protected:
+  void NotifyPeerLost(const std::string& peer, const Status& why) const {
+    if (peer_lost_) peer_lost_(peer, why);
+  }
+
+ private:
+  PeerLostHandler peer_lost_;
 };
 
 // One request of a fan-out: where it goes and what names it in errors.

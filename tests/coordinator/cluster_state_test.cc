@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <memory>
+
 #include "common/config.h"
 
 namespace switchyard::coordinator {
@@ -304,6 +306,30 @@ TEST_F(ClusterStateTest, ATrainersDeathHoldsTheClusterThenItContinues) {
   EXPECT_TRUE(table.continues());
   EXPECT_EQ(table.resume_step(), 42);
   EXPECT_EQ(state_.Report(t0_).recoveries_total(), recoveries + 1);
+  // The recovery is over once every live trainer trains under its epoch
+  // (their heartbeats say so): then it has a duration.
+  const auto last = [&] {
+    const auto report = state_.Report(t0_);
+    return std::make_unique<control::Recovery>(*report.recoveries().rbegin());
+  };
+  EXPECT_FALSE(last()->rolled_back());
+  EXPECT_EQ(last()->resume_step(), 42);
+  const auto trains = [&](const std::string& name, uint64_t incarnation,
+                          uint64_t at, int64_t step) {
+    control::Heartbeat b = Beat(name, incarnation);
+    b.set_training_epoch(at);
+    b.set_step(step);
+    ASSERT_TRUE(state_.Heartbeat(b, t0_ + milliseconds(1150)).ok());
+  };
+  uint64_t trainer0 = 0;
+  const control::StatusResponse members = state_.Report(t0_);
+  for (const auto& m : members.members()) {
+    if (m.name() == "trainer-0") trainer0 = m.incarnation();
+  }
+  trains("trainer-0", trainer0, epoch + 1, 42);
+  EXPECT_EQ(last()->duration_ms(), 0) << "still the hold's epoch";
+  trains("trainer-0", trainer0, epoch + 2, 43);
+  EXPECT_GT(last()->duration_ms(), 0);
   // A restarted trainer under a live name fences the old one: a hold.
   ASSERT_TRUE(state_.Register(Trainer(1), t0_ + milliseconds(1200)).ok());
   ASSERT_TRUE(state_.Register(Trainer(1), t0_ + milliseconds(1201)).ok());
@@ -344,6 +370,41 @@ TEST_F(ClusterStateTest, AHoldTheWorkersCannotContinueRollsBack) {
   table = state_.Routing();
   EXPECT_EQ(table.epoch(), epoch + 4);
   EXPECT_FALSE(table.continues());
+}
+
+// A trainer that cannot reach a worker says so: that incarnation is
+// fenced at once (it may still heartbeat), its shards move and the epoch
+// rolls back. A report about an incarnation already gone changes nothing;
+// one from a member that is not current is refused.
+TEST_F(ClusterStateTest, AWorkerATrainerCannotReachIsFenced) {
+  RegisterWorkers(3, t0_);
+  auto trainer = state_.Register(Trainer(0), t0_);
+  ASSERT_TRUE(trainer.ok());
+  const uint64_t epoch = state_.epoch();
+  control::PeerLost report;
+  report.set_reporter("trainer-0");
+  report.set_incarnation(trainer->incarnation());
+  report.set_peer("worker-1");
+  report.set_peer_incarnation(incarnation_["worker-1"]);
+  report.set_error("UNAVAILABLE: data-plane peer lost");
+  auto ack = state_.PeerLost(report, t0_ + milliseconds(10));
+  ASSERT_TRUE(ack.ok()) << ack.status().ToString();
+  EXPECT_TRUE(ack->fenced());
+  EXPECT_EQ(Member(state_.Report(t0_), "worker-1").state(), control::DEAD);
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  for (const auto& home : Homes(state_.Routing())) {
+    EXPECT_NE(home, "worker-1");
+  }
+  ack = state_.PeerLost(report, t0_ + milliseconds(20));
+  ASSERT_TRUE(ack.ok());
+  EXPECT_FALSE(ack->fenced());
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  report.set_incarnation(trainer->incarnation() + 100);
+  report.set_peer("worker-2");
+  report.set_peer_incarnation(incarnation_["worker-2"]);
+  EXPECT_EQ(state_.PeerLost(report, t0_ + milliseconds(30)).status().code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Member(state_.Report(t0_), "worker-2").state(), control::ALIVE);
 }
 
 // A member's control connection closing cuts its lease to two heartbeat

@@ -146,9 +146,14 @@ class PartitionTest : public ::testing::Test {
       if (inside) {
         cmd.insert(cmd.begin(), {"/usr/sbin/ip", "netns", "exec", ns_});
       }
+      // UCX's TCP uses every interface it sees unless told: here only
+      // the veth's end (a source address from another one would not be
+      // routed back to the namespace).
       start(name, cmd,
-            joined + " --set transport.data_host=" +
-                (inside ? ns_ip_ : host_ip_));
+            joined +
+                " --set transport.data_host=" + (inside ? ns_ip_ : host_ip_) +
+                " --set transport.ucx.UCX_NET_DEVICES=" +
+                (inside ? ns_if_ : host_if_));
     };
     for (int i = 0; i < 3; ++i) {
       const std::string name = "worker-" + std::to_string(i);
@@ -205,8 +210,8 @@ class PartitionTest : public ::testing::Test {
   }
 
   std::map<std::string, std::string> Reference(int steps) {
-    const auto r = RunSwitchyard("train --reference --sample-bytes 0" +
-                                 Flags(steps));
+    const auto r =
+        RunSwitchyard("train --reference --sample-bytes 0" + Flags(steps));
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return Digests(r.output);
   }
@@ -243,8 +248,8 @@ TEST_F(PartitionTest, AWorkerCutOffBeyondItsLeaseIsFencedAndRejoins) {
   static const std::regex kRejoined(
       R"(worker worker-2 registered \(incarnation (\d+))");
   bool rejoined = false;
-  for (std::sregex_iterator it(coordinator.begin(), coordinator.end(),
-                               kRejoined),
+  for (std::sregex_iterator
+           it(coordinator.begin(), coordinator.end(), kRejoined),
        end;
        it != end; ++it) {
     rejoined |= std::stoull((*it)[1]) > std::stoull(fenced[1]);

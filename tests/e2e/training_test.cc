@@ -122,7 +122,7 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
   EXPECT_NE(second.output.find("resuming at step 10"), std::string::npos)
       << second.output;
   static const std::regex kFetched(
-      R"(restored \d+ shards from checkpoint 10 \([1-9]\d* fetched from peers\))");
+      R"(restored \d+ shards from checkpoint 10 \(\d+ from memory, [1-9]\d* fetched from peers\))");
   EXPECT_TRUE(std::regex_search(second.output, kFetched)) << second.output;
   EXPECT_EQ(Digests(second.output), want) << second.output;
 
@@ -438,7 +438,8 @@ class RecoveryTest : public TrainingTest {
 
 // A worker SIGKILLed mid-training: the cluster recovers by itself (the
 // worker is fenced, every member rolls back to the newest committed
-// checkpoint, `up` restarts the worker, which rejoins) and the run ends
+// checkpoint, the live workers from the copy they kept in memory, `up`
+// restarts the worker, which rejoins) and the run ends
 // bit-identical to the reference trained straight through (before: the
 // trainers stopped with an error and `up` exited 1).
 TEST_F(RecoveryTest, AWorkerKilledMidRunIsRecoveredBitForBit) {
@@ -446,14 +447,18 @@ TEST_F(RecoveryTest, AWorkerKilledMidRunIsRecoveredBitForBit) {
   static const std::regex kRecovered(
       R"(trainer-[01]: recovery 1: epoch \d+ continues from step [1-9]\d*0 )");
   EXPECT_TRUE(std::regex_search(text, kRecovered)) << text;
+  // The live workers rolled back from the copies they kept in memory.
+  static const std::regex kFromMemory(
+      R"(restored \d+ shards from checkpoint [1-9]\d*0 \([1-9]\d* from memory)");
+  EXPECT_TRUE(std::regex_search(text, kFromMemory)) << text;
 }
 
 // A trainer SIGKILLed mid-training: the cluster holds, the workers report
 // where they stopped, and the run continues from the step in flight (or
 // the one after it, when some workers had applied it) with nothing rolled
-// back: at most that step is redone; `up` restarts the trainer, which rejoins with its rank. The run
-// ends bit-identical (before: every member rolled back to the newest
-// committed checkpoint, up to checkpoint.every steps redone).
+// back: at most that step is redone; `up` restarts the trainer, which rejoins
+// with its rank. The run ends bit-identical (before: every member rolled back
+// to the newest committed checkpoint, up to checkpoint.every steps redone).
 TEST_F(RecoveryTest, ATrainerKilledMidRunRedoesOnlyTheStepInFlight) {
   const std::string text = KillMidRun("trainer-1");
   static const std::regex kRecovered(

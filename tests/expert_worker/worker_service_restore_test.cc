@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -241,6 +242,77 @@ TEST(WorkerServiceTest, RestoreDoesNotHoldUpHeartbeatsOrRequests) {
   EXPECT_EQ(worker.TakeLoads().size(), 4u);
   worker.Shutdown();
   std::filesystem::remove_all(dir);
+}
+
+// A live worker rolling back to the newest committed checkpoint takes it
+// from the copy it kept in memory (checkpoint.rollback_in_memory): no disk
+// read (the store's reads would wait for a gate never opened), and the
+// parameters are those of that step. A checkpoint neither the newest
+// written nor the committed one is no longer kept and is read from disk;
+// with rollback_in_memory off every rollback reads the disk.
+TEST(WorkerServiceTest, ARollbackReadsTheCommittedCopyKeptInMemory) {
+  for (const bool in_memory : {true, false}) {
+    SCOPED_TRACE(in_memory ? "rollback_in_memory" : "from the store");
+    const std::string dir = FreshDir("kept");
+    config::SwitchyardConfig config = TestConfig("adamw");
+    config.mutable_checkpoint()->set_every(1);
+    config.mutable_checkpoint()->set_rollback_in_memory(in_memory);
+    const std::vector<DigestsByShard> want = DigestsByStep(config, kSteps);
+    auto owned = std::make_unique<GatedReadStore>(
+        storage::OpenCheckpointStore(dir, {}).value());
+    GatedReadStore* store = owned.get();
+    Reported reported;
+    WorkerService worker(config, "w");
+    // As the coordinator's acks say: each report finds the one before it
+    // committed.
+    worker.EnableCheckpoints(
+        std::move(owned),
+        [&, report = reported.Reporter()](const control::CheckpointReport& r) {
+          worker.NoteCommitted(r.step() - 1);
+          return report(r);
+        });
+    ASSERT_TRUE(worker.Start().ok());
+    ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+    TrainSteps(&worker, 0, kSteps,
+               [&](int) { worker.WaitCheckpointsWritten(); });
+    // The tables of a rollback to `step`, as the coordinator makes them.
+    const auto rollback = [&](uint64_t epoch, int64_t step) {
+      control::RoutingTable t = Routing(epoch);
+      t.set_resume_step(step);
+      const DigestsByShard digests = reported.Get().at(step);
+      for (auto& e : *t.mutable_entries()) {
+        e.set_resume_holder("w");
+        e.set_resume_digest(digests.at(FromShardRef(e.shard()).ToString()));
+      }
+      return t;
+    };
+    auto applied = std::async(std::launch::async, [&] {
+      return worker.ApplyRouting(rollback(kEpoch + 1, 2));
+    });
+    if (!in_memory) {
+      const auto deadline = std::chrono::steady_clock::now() + Ms(10000);
+      while (store->waiting == 0 &&
+             std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(Ms(5));
+      }
+      EXPECT_GT(store->waiting.load(), 0);
+      store->open = true;
+    }
+    ASSERT_EQ(applied.wait_for(std::chrono::seconds(20)),
+              std::future_status::ready);
+    ASSERT_TRUE(applied.get().ok());
+    EXPECT_EQ(store->waiting.load() > 0, !in_memory);
+    EXPECT_EQ(worker.next_step(), 2);
+    EXPECT_EQ(worker.ShardDigests(), want[2]);
+    // Step 1 was neither kept nor committed last: from the store.
+    store->open = true;
+    const int read_before = store->waiting.load();
+    ASSERT_TRUE(worker.ApplyRouting(rollback(kEpoch + 2, 1)).ok());
+    EXPECT_GT(store->waiting.load(), read_before);
+    EXPECT_EQ(worker.ShardDigests(), want[1]);
+    worker.Shutdown();
+    std::filesystem::remove_all(dir);
+  }
 }
 
 }  // namespace

@@ -91,8 +91,8 @@ TEST(WorkerServiceTest, AHoldKeepsTheStepAndTheNextEpochAppliesOrDropsIt) {
   const auto partial_step = [](WorkerService* worker) {
     for (int r = 0; r < kRanks; ++r) {
       for (auto& m : TrainerStep(1, r)) {
-        if (r == 1 && m.header.kind ==
-                          static_cast<uint8_t>(MessageKind::kStepDone)) {
+        if (r == 1 &&
+            m.header.kind == static_cast<uint8_t>(MessageKind::kStepDone)) {
           continue;
         }
         EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);

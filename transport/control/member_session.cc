@@ -119,33 +119,32 @@ void MemberSession::SendHeartbeat() {
   if (options_.annotate_heartbeat) options_.annotate_heartbeat(&beat);
   Envelope envelope;
   *envelope.mutable_heartbeat() = beat;
-  client_->Call(
-      std::move(envelope), options_.call_timeout,
-      [self = shared_from_this()](StatusOr<Envelope> r) {
-        if (r.ok()) {
-          {
-            const HeartbeatAck& ack = r->heartbeat_ack();
-            MutexLock lock(&self->mu_);
-            if (ack.run_id() == self->seen_run_id_) {
-              self->seen_committed_step_ = ack.committed_step();
-            }
-          }
-          if (self->options_.on_heartbeat_ack) {
-            self->options_.on_heartbeat_ack(r->heartbeat_ack());
-          }
-          return;
-        }
-        if (r.status().code() != StatusCode::kFailedPrecondition) {
-          return;  // Connection trouble: the client reconnects.
-        }
-        LOG(WARNING) << "member: " << r.status().message();
-        {
-          MutexLock lock(&self->mu_);
-          self->registered_ = false;
-          self->incarnation_ = 0;  // Fenced: come back as a new one.
-        }
-        self->Register();
-      });
+  client_->Call(std::move(envelope), options_.call_timeout,
+                [self = shared_from_this()](StatusOr<Envelope> r) {
+                  if (r.ok()) {
+                    {
+                      const HeartbeatAck& ack = r->heartbeat_ack();
+                      MutexLock lock(&self->mu_);
+                      if (ack.run_id() == self->seen_run_id_) {
+                        self->seen_committed_step_ = ack.committed_step();
+                      }
+                    }
+                    if (self->options_.on_heartbeat_ack) {
+                      self->options_.on_heartbeat_ack(r->heartbeat_ack());
+                    }
+                    return;
+                  }
+                  if (r.status().code() != StatusCode::kFailedPrecondition) {
+                    return;  // Connection trouble: the client reconnects.
+                  }
+                  LOG(WARNING) << "member: " << r.status().message();
+                  {
+                    MutexLock lock(&self->mu_);
+                    self->registered_ = false;
+                    self->incarnation_ = 0;  // Fenced: come back as a new one.
+                  }
+                  self->Register();
+                });
 }
 
 void MemberSession::DeliverRouting(const RoutingTable& table) {
@@ -213,6 +212,28 @@ StatusOr<CheckpointReportAck> MemberSession::ReportCheckpoint(
   ASSIGN_OR_RETURN(Envelope r, client_->CallSync(std::move(envelope),
                                                  options_.call_timeout));
   return r.checkpoint_report_ack();
+}
+
+void MemberSession::ReportPeerLost(PeerLost report) {
+  {
+    MutexLock lock(&mu_);
+    if (stopped_ || !registered_) return;
+    report.set_reporter(options_.registration.name());
+    report.set_incarnation(incarnation_);
+  }
+  const std::string peer = report.peer();
+  Envelope envelope;
+  *envelope.mutable_peer_lost() = std::move(report);
+  client_->Call(
+      std::move(envelope), options_.call_timeout, [peer](StatusOr<Envelope> r) {
+        if (!r.ok()) {
+          LOG(WARNING) << "member: telling the coordinator that " << peer
+                       << " is unreachable failed: " << r.status().ToString();
+        } else if (r->peer_lost_ack().fenced()) {
+          LOG(WARNING) << "member: the coordinator fenced " << peer
+                       << " (unreachable from here)";
+        }
+      });
 }
 
 uint64_t MemberSession::incarnation() const {

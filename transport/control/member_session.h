@@ -61,6 +61,11 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
   // coordinator waits for.
   void HeartbeatNow();
 
+  // Tells the coordinator that this member's data-plane connection to a
+  // worker failed (PeerLost; name and incarnation filled in). Does not
+  // wait: the outcome is logged. Any thread.
+  void ReportPeerLost(PeerLost report) EXCLUDES(mu_);
+
   uint64_t incarnation() const EXCLUDES(mu_);
   RoutingTable routing() const EXCLUDES(mu_);
 

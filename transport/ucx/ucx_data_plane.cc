@@ -304,6 +304,7 @@ void UcxDataPlane::PeerLost(ucp_ep_h ep, const std::string& peer,
     pending_.Complete(id, Status(code, "data-plane peer " + peer +
                                            " lost: " + why.message()));
   }
+  if (!failed.empty()) NotifyPeerLost(peer, why);
 }
 
 void UcxDataPlane::SendFailed(uint64_t request_id, ucs_status_t status) {
