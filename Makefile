@@ -6,9 +6,10 @@
 #   make chaos        bootstrap, build, the crash tests at full size:
 #                     CHAOS_ITERATIONS (default 200) kill -9s of a checkpoint
 #                     writer, and the chaos harness on the demo model with
-#                     CHAOS_FAULTS (default 13) faults of each of 4 kinds
-#                     (52 in all; `make test` runs 20 kill -9s and 5 faults
-#                     of each kind on the tiny model)
+#                     CHAOS_FAULTS (default 13) faults of each of 5 kinds
+#                     (65 in all; 4 kinds without root, no partitions;
+#                     `make test` runs 20 kill -9s and 5 faults of each
+#                     kind on the tiny model)
 #   make thread-safety  every source through clang's -Wthread-safety
 #                     analysis and our warnings, as errors (needs `build`)
 #   make asan         ASan+UBSan build in build-asan/, then the whole suite

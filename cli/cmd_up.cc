@@ -7,7 +7,9 @@
 #include <iostream>
 #include <map>
 #include <optional>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/config_flags.h"
@@ -103,6 +105,15 @@ int UpCommand(int argc, char** argv) {
                 "give up if the cluster is not ready within this time");
   parser.AddInt("max-restarts", &max_restarts,
                 "restarts of each member before `up` gives up (0: none)");
+  std::vector<std::string> member_sets, netns_flags;
+  parser.AddRepeated(
+      "member-set", &member_sets,
+      "NAME:section.field=value: a config override for one member only "
+      "(e.g. worker-2:transport.data_host=10.0.0.2)");
+  parser.AddRepeated(
+      "netns", &netns_flags,
+      "NAME=NETNS: run member NAME in network namespace NETNS (`ip netns "
+      "exec`; needs root; for partition tests)");
   ResumeFlags resume;
   resume.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
@@ -110,6 +121,52 @@ int UpCommand(int argc, char** argv) {
     std::cerr << "switchyard: --workers must be >= 1, --trainers and "
                  "--max-restarts >= 0\n";
     return 2;
+  }
+
+  // Per-member overrides and namespaces, by member name.
+  const auto is_member = [&](const std::string& name) {
+    for (int64_t i = 0; i < std::max(workers, trainers); ++i) {
+      if ((i < workers && name == "worker-" + std::to_string(i)) ||
+          (i < trainers && name == "trainer-" + std::to_string(i))) {
+        return true;
+      }
+    }
+    return false;
+  };
+  std::map<std::string, std::vector<std::string>> member_overrides;
+  for (const std::string& m : member_sets) {
+    const size_t colon = m.find(':');
+    const std::string name = m.substr(0, colon);
+    if (colon == std::string::npos || m.find('=', colon) == std::string::npos ||
+        !is_member(name)) {
+      std::cerr << "switchyard: --member-set " << m
+                << ": want NAME:section.field=value with NAME worker-<i> or "
+                   "trainer-<r> of this cluster\n";
+      return 2;
+    }
+    member_overrides[name].push_back(m.substr(colon + 1));
+  }
+  std::map<std::string, std::string> netns;
+  for (const std::string& n : netns_flags) {
+    const size_t eq = n.find('=');
+    const std::string name = n.substr(0, eq);
+    if (eq == std::string::npos || eq + 1 == n.size() || !is_member(name)) {
+      std::cerr << "switchyard: --netns " << n
+                << ": want NAME=NETNS with NAME worker-<i> or trainer-<r> of "
+                   "this cluster\n";
+      return 2;
+    }
+    netns[name] = n.substr(eq + 1);
+  }
+  std::string ip_command;
+  if (!netns.empty()) {
+    for (const char* path : {"/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"}) {
+      if (ip_command.empty() && ::access(path, X_OK) == 0) ip_command = path;
+    }
+    if (ip_command.empty()) {
+      std::cerr << "switchyard: --netns needs iproute2's ip command\n";
+      return 2;
+    }
   }
 
   // Resolve the run directory and secret before starting anything.
@@ -201,6 +258,9 @@ int UpCommand(int argc, char** argv) {
   std::map<std::string, Supervised> supervised;
   auto spawn = [&](const std::string& name, std::vector<std::string> args) {
     args.insert(args.begin(), exe);
+    if (auto ns = netns.find(name); ns != netns.end()) {
+      args.insert(args.begin(), {ip_command, "netns", "exec", ns->second});
+    }
     auto pid = group.Spawn(name, args);
     if (!pid.ok()) {
       std::cerr << "[up] cannot start " << name << ": "
@@ -276,19 +336,25 @@ int UpCommand(int argc, char** argv) {
   }
 
   // 2. Workers and trainers.
-  auto with = [&](std::vector<std::string> args) {
+  auto with = [&](const std::string& name, std::vector<std::string> args) {
     args.insert(args.end(), common_args.begin(), common_args.end());
     args.push_back("--set");
     args.push_back("cluster.coordinator_address=" + address);
+    for (const std::string& o : member_overrides[name]) {
+      args.push_back("--set");
+      args.push_back(o);
+    }
     return args;
   };
   for (int i = 0; i < workers; ++i) {
     const std::string name = "worker-" + std::to_string(i);
-    if (!spawn(name, with({"worker", "--name", name}))) return shutdown(1);
+    if (!spawn(name, with(name, {"worker", "--name", name}))) {
+      return shutdown(1);
+    }
   }
   for (int r = 0; r < trainers; ++r) {
     const std::string name = "trainer-" + std::to_string(r);
-    if (!spawn(name, with({"train", "--rank", std::to_string(r)}))) {
+    if (!spawn(name, with(name, {"train", "--rank", std::to_string(r)}))) {
       return shutdown(1);
     }
   }

@@ -1,7 +1,9 @@
 // The chaos harness (docs/development.md, "Chaos"): `switchyard up` trains
 // with checkpoints while a seeded driver, at random instants, kill -9s
 // workers, trainers and the coordinator, and pauses workers (SIGSTOP)
-// beyond their lease before letting them go on (SIGCONT). Nobody helps:
+// beyond their lease before letting them go on (SIGCONT), and (as root)
+// cuts worker-2, which runs in a network namespace of its own behind a veth
+// pair, off the network beyond its lease before healing it. Nobody helps:
 // `up` restarts what died and the cluster recovers by itself. At the end
 // every parameter and optimizer tensor must be bit-identical to the
 // single-process reference trained straight through, `up` must exit 0, and
@@ -15,9 +17,10 @@
 // Sizes (environment): SWITCHYARD_CHAOS_FAULTS faults of each kind
 // (default 5: `make test`), SWITCHYARD_CHAOS_SEED (default 1; a failing
 // schedule replays with its seed), SWITCHYARD_CHAOS_CONFIG (default
-// examples/tiny.yaml), SWITCHYARD_CHAOS_STEPS (default 250; the run must
+// examples/tiny.yaml), SWITCHYARD_CHAOS_STEPS (default 300; the run must
 // outlast the faults), SWITCHYARD_CHAOS_EVERY (checkpoint interval,
-// default 10).
+// default 10), SWITCHYARD_CHAOS_PARTITIONS (default 1; 0 leaves partitions
+// out, and so does a run without root).
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
@@ -106,7 +109,13 @@ class LogWatcher {
   std::vector<Line> lines_;
 };
 
-enum class Fault { kKillWorker, kKillTrainer, kKillCoordinator, kPauseWorker };
+enum class Fault {
+  kKillWorker,
+  kKillTrainer,
+  kKillCoordinator,
+  kPauseWorker,
+  kPartitionWorker
+};
 
 const char* FaultName(Fault f) {
   switch (f) {
@@ -118,6 +127,8 @@ const char* FaultName(Fault f) {
       return "kill -9 coordinator";
     case Fault::kPauseWorker:
       return "SIGSTOP worker beyond its lease";
+    case Fault::kPartitionWorker:
+      return "worker cut off beyond its lease";
   }
   return "?";
 }
@@ -136,13 +147,49 @@ double Percentile(std::vector<double> v, double p) {
   return v[i];
 }
 
+// Runs `command` through the shell; true when it exits 0.
+bool Shell(const std::string& command) {
+  return std::system((command + " >/dev/null 2>&1").c_str()) == 0;
+}
+
+// A network namespace joined to this one by a veth pair, torn down with
+// the object: the members' TCP crosses it (partitions).
+class Netns {
+ public:
+  Netns() {
+    const int id = static_cast<int>(::getpid() % 100000);
+    name = "syc" + std::to_string(id);
+    host_if = "sych" + std::to_string(id);
+    ns_if = "sycn" + std::to_string(id);
+    const std::string net = "10.214." + std::to_string(id % 250);
+    host_ip = net + ".1";
+    ns_ip = net + ".2";
+    made = Shell("set -e; ip netns add " + name + "; ip link add " + host_if +
+                 " type veth peer name " + ns_if + "; ip link set " + ns_if +
+                 " netns " + name + "; ip addr add " + host_ip + "/30 dev " +
+                 host_if + "; ip link set " + host_if + " up; ip netns exec " +
+                 name + " ip addr add " + ns_ip + "/30 dev " + ns_if +
+                 "; ip netns exec " + name + " ip link set " + ns_if +
+                 " up; ip netns exec " + name + " ip link set lo up");
+  }
+  ~Netns() {
+    Shell("ip link del " + host_if);
+    Shell("ip netns del " + name);
+  }
+  bool Cut() const { return Shell("ip link set " + host_if + " down"); }
+  bool Heal() const { return Shell("ip link set " + host_if + " up"); }
+
+  std::string name, host_if, ns_if, host_ip, ns_ip;
+  bool made = false;
+};
+
 // "[trainer-0] step N/" -> N.
 const std::regex kStepLine(R"(^\[trainer-0\] step (\d+)/)");
 
 TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
   const int per_kind = EnvInt("SWITCHYARD_CHAOS_FAULTS", 5);
   const int seed = EnvInt("SWITCHYARD_CHAOS_SEED", 1);
-  const int steps = EnvInt("SWITCHYARD_CHAOS_STEPS", 250);
+  const int steps = EnvInt("SWITCHYARD_CHAOS_STEPS", 300);
   const int every = EnvInt("SWITCHYARD_CHAOS_EVERY", 10);
   const std::string config =
       EnvString("SWITCHYARD_CHAOS_CONFIG",
@@ -164,6 +211,19 @@ TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
         << " --set cluster.lease_ms=" << kLeaseMs
         << " --set cluster.heartbeat_ms=100 --set cluster.probation_ms=5000"
         << " --set transport.request_timeout_ms=10000";
+  // Partitions need root (ip netns; CI runs as root) and
+  // SWITCHYARD_CHAOS_PARTITIONS not 0. Then every member speaks TCP over
+  // the veth's addresses, worker-2 from inside the namespace.
+  std::optional<Netns> netns;
+  if (::geteuid() == 0 && EnvInt("SWITCHYARD_CHAOS_PARTITIONS", 1) != 0) {
+    netns.emplace();
+    ASSERT_TRUE(netns->made) << "cannot make a network namespace";
+    flags << " --set transport.ucx_tls=tcp --set transport.data_host="
+          << netns->host_ip
+          << " --set transport.ucx.UCX_NET_DEVICES=" << netns->host_if;
+  } else {
+    std::cout << "chaos: no partitions (they need root)" << std::endl;
+  }
   std::cout << "chaos: seed " << seed << ", " << per_kind
             << " faults of each kind, " << steps << " steps of " << config
             << ", checkpoints every " << every << std::endl;
@@ -184,6 +244,15 @@ TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
   {
     std::istringstream in(flags.str());
     for (std::string f; in >> f;) args.push_back(f);
+  }
+  if (netns.has_value()) {
+    for (const std::string& a : std::vector<std::string>{
+             "--coordinator", netns->host_ip + ":0", "--netns",
+             "worker-2=" + netns->name, "--member-set",
+             "worker-2:transport.data_host=" + netns->ns_ip, "--member-set",
+             "worker-2:transport.ucx.UCX_NET_DEVICES=" + netns->ns_if}) {
+      args.push_back(a);
+    }
   }
   const pid_t up = testing::Spawn(args, log_path);
   LogWatcher log(log_path);
@@ -241,9 +310,11 @@ TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
     return DeadlineExceededError("the cluster did not settle");
   };
 
+  std::vector<Fault> kinds = {Fault::kKillWorker, Fault::kKillTrainer,
+                              Fault::kKillCoordinator, Fault::kPauseWorker};
+  if (netns.has_value()) kinds.push_back(Fault::kPartitionWorker);
   std::vector<Fault> schedule;
-  for (Fault f : {Fault::kKillWorker, Fault::kKillTrainer,
-                  Fault::kKillCoordinator, Fault::kPauseWorker}) {
+  for (Fault f : kinds) {
     for (int i = 0; i < per_kind; ++i) schedule.push_back(f);
   }
   std::mt19937 rng(seed);
@@ -270,6 +341,9 @@ TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
     if (fault == Fault::kKillCoordinator) {
       outcome.victim = "coordinator";
       pid = s->coordinator_pid();
+    } else if (fault == Fault::kPartitionWorker) {
+      outcome.victim = "worker-2";  // The one in the namespace.
+      pid = 1;                      // Not signalled.
     } else {
       const bool worker = fault != Fault::kKillTrainer;
       const int n = worker ? kWorkers : kTrainers;
@@ -282,14 +356,15 @@ TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
     ASSERT_GT(pid, 0) << outcome.victim;
     const size_t mark = log.lines().size();
     const auto at = Clock::now();
-    if (fault == Fault::kPauseWorker) {
-      ::kill(pid, SIGSTOP);
+    if (fault == Fault::kPauseWorker || fault == Fault::kPartitionWorker) {
+      const bool pause = fault == Fault::kPauseWorker;
+      ASSERT_TRUE(pause ? ::kill(pid, SIGSTOP) == 0 : netns->Cut());
       // The log is read meanwhile: its lines' stamps stay true.
       while (Clock::now() < at + Ms(kLeaseMs * 3 / 2)) {
         log.Poll();
         std::this_thread::sleep_for(Ms(5));
       }
-      ::kill(pid, SIGCONT);
+      ASSERT_TRUE(pause ? ::kill(pid, SIGCONT) == 0 : netns->Heal());
     } else {
       ::kill(pid, SIGKILL);
     }
@@ -364,8 +439,7 @@ TEST(ChaosTest, FaultsOfEveryKindAreRecoveredBitForBit) {
             << "); committed checkpoints lost " << checkpoints_lost
             << std::endl;
 
-  for (Fault f : {Fault::kKillWorker, Fault::kKillTrainer,
-                  Fault::kKillCoordinator, Fault::kPauseWorker}) {
+  for (Fault f : kinds) {
     EXPECT_EQ(by_kind[f], per_kind)
         << FaultName(f)
         << ": the run ended before every fault was made; "

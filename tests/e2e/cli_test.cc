@@ -56,6 +56,16 @@ TEST(CliTest, UsageErrorsExitWithTwo) {
   EXPECT_EQ(secret.exit_code, 2);
   EXPECT_NE(secret.output.find("no secret file"), std::string::npos)
       << secret.output;
+  // Per-member flags of `up` name members of the cluster it starts.
+  for (const char* bad :
+       {"--member-set worker-5:training.steps=3", "--member-set worker-0",
+        "--netns trainer-1=ns", "--netns worker-0"}) {
+    Result up =
+        RunSwitchyard(std::string("up --workers 2 --trainers 1 ") + bad);
+    EXPECT_EQ(up.exit_code, 2) << bad << "\n" << up.output;
+    EXPECT_NE(up.output.find("of this cluster"), std::string::npos)
+        << up.output;
+  }
 }
 
 TEST(CliTest, StatusWithoutACoordinatorFailsFast) {
