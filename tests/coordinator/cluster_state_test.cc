@@ -337,6 +337,35 @@ TEST_F(ClusterStateTest, ATrainersDeathHoldsTheClusterThenItContinues) {
   EXPECT_TRUE(state_.Routing().hold());
 }
 
+// A coordinator restarted within a hold resumes it: the workers' reports
+// (sent with every heartbeat) end it as before.
+TEST_F(ClusterStateTest, AHoldSurvivesACoordinatorRestart) {
+  RegisterWorkers(3, t0_);
+  auto trainer = state_.Register(Trainer(0), t0_);
+  ASSERT_TRUE(trainer.ok());
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(10)).ok());
+  const uint64_t hold = state_.epoch();
+  ASSERT_TRUE(state_.Routing().hold());
+  auto restored = ClusterState::Restore(TestConfig(), state_.Snapshot(),
+                                        t0_ + milliseconds(20));
+  ASSERT_TRUE(restored.ok()) << restored.status().ToString();
+  EXPECT_EQ(restored->epoch(), hold);
+  EXPECT_TRUE(restored->Routing().hold());
+  for (const char* name : {"worker-0", "worker-1", "worker-2"}) {
+    control::RegisterRequest again = Worker(name, incarnation_[name]);
+    ASSERT_TRUE(restored->Register(again, t0_ + milliseconds(30)).ok());
+    control::Heartbeat b = Beat(name, incarnation_[name]);
+    b.set_held_epoch(hold);
+    b.set_held_step(7);
+    b.set_held_serving(true);
+    ASSERT_TRUE(restored->Heartbeat(b, t0_ + milliseconds(40)).ok());
+  }
+  const control::RoutingTable table = restored->Routing();
+  EXPECT_EQ(table.epoch(), hold + 1);
+  EXPECT_TRUE(table.continues());
+  EXPECT_EQ(table.resume_step(), 7);
+}
+
 // A hold whose workers are not one update apart, or one of which was not
 // serving its shards, cannot continue: it rolls back to the newest
 // committed checkpoint.
