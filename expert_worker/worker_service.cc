@@ -153,7 +153,11 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
     // A new epoch: nothing of the old one is served from now on, and the
     // step in flight is abandoned everywhere (the trainers redo it, or roll
     // back further, under the new epoch), or, at a hold, stopped.
-    const bool was_serving = gate_.open();
+    // Serving the epoch just before the hold: this worker holds that
+    // epoch's shards and the gradients of its step in flight. (One that
+    // skipped an epoch, e.g. a rollback applied by the others, does not.)
+    const bool was_serving =
+        gate_.open() && gate_.epoch() + 1 == routing.epoch();
     abandoned = gate_.Fence(routing.epoch());
     adopted_epoch_.store(routing.epoch(), std::memory_order_release);
     if (routing.hold()) {

@@ -145,6 +145,16 @@ TEST(WorkerServiceTest, AHoldKeepsTheStepAndTheNextEpochAppliesOrDropsIt) {
     finish(&worker, static_cast<int>(resume), kEpoch + 2);
     EXPECT_EQ(worker.ShardDigests(), want[3]);
   }
+  // A worker that missed the epoch before a hold (the others adopted a
+  // rollback it never saw) does not count as serving: the coordinator then
+  // rolls back rather than continue from its step.
+  WorkerService worker(config, "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  TrainSteps(&worker, 0, 1);
+  ASSERT_TRUE(worker.ApplyRouting(table(kEpoch + 2, true, 0)).ok());
+  ASSERT_TRUE(worker.held().has_value());
+  EXPECT_FALSE(worker.held()->serving);
 }
 
 TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
