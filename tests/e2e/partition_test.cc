@@ -216,6 +216,21 @@ class PartitionTest : public ::testing::Test {
     return Digests(r.output);
   }
 
+  // Trains `steps` with cut_off_ in the namespace, cuts its link for
+  // three leases past step 25, heals it, and waits for the trainers to
+  // end cleanly; *want: the reference's digests.
+  void TrainCutOffAtStep25(int steps,
+                           std::map<std::string, std::string>* want) {
+    *want = Reference(steps);
+    ASSERT_EQ(want->size(), 18u);
+    StartCluster(steps);
+    ASSERT_TRUE(WaitForStep(25)) << ReadAll();
+    ASSERT_EQ(Shell("ip link set " + host_if_ + " down"), 0);
+    std::this_thread::sleep_for(Ms(3000));
+    ASSERT_EQ(Shell("ip link set " + host_if_ + " up"), 0);
+    ASSERT_TRUE(WaitForTrainers()) << ReadAll();
+  }
+
   std::string ns_, host_if_, ns_if_, host_ip_, ns_ip_, dir_;
   bool made_ = false;
   int lease_ms_ = 1000;
@@ -225,16 +240,8 @@ class PartitionTest : public ::testing::Test {
 };
 
 TEST_F(PartitionTest, AWorkerCutOffBeyondItsLeaseIsFencedAndRejoins) {
-  const int steps = 120;
-  const auto want = Reference(steps);
-  ASSERT_EQ(want.size(), 18u);
-  StartCluster(steps);
-  ASSERT_TRUE(WaitForStep(25)) << ReadAll();
-  // Cut for three leases, then heal.
-  ASSERT_EQ(Shell("ip link set " + host_if_ + " down"), 0);
-  std::this_thread::sleep_for(Ms(3000));
-  ASSERT_EQ(Shell("ip link set " + host_if_ + " up"), 0);
-  ASSERT_TRUE(WaitForTrainers()) << ReadAll();
+  std::map<std::string, std::string> want;
+  ASSERT_NO_FATAL_FAILURE(TrainCutOffAtStep25(120, &want));
   const std::string coordinator = Read("coordinator");
   const std::string worker2 = Read("worker-2");
   // Fenced at its lease, while cut off.
@@ -274,15 +281,8 @@ TEST_F(PartitionTest, AWorkerCutOffBeyondItsLeaseIsFencedAndRejoins) {
 // ends bit-identical.
 TEST_F(PartitionTest, ATrainerCutOffBeyondItsLeaseIsFencedAndRejoins) {
   cut_off_ = "trainer-1";
-  const int steps = 100;
-  const auto want = Reference(steps);
-  ASSERT_EQ(want.size(), 18u);
-  StartCluster(steps);
-  ASSERT_TRUE(WaitForStep(25)) << ReadAll();
-  ASSERT_EQ(Shell("ip link set " + host_if_ + " down"), 0);
-  std::this_thread::sleep_for(Ms(3000));
-  ASSERT_EQ(Shell("ip link set " + host_if_ + " up"), 0);
-  ASSERT_TRUE(WaitForTrainers()) << ReadAll();
+  std::map<std::string, std::string> want;
+  ASSERT_NO_FATAL_FAILURE(TrainCutOffAtStep25(100, &want));
   const std::string coordinator = Read("coordinator");
   EXPECT_NE(coordinator.find("trainer trainer-1 (incarnation"),
             std::string::npos)
