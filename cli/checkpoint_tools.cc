@@ -16,6 +16,7 @@
 #include "storage/checkpoint_store.h"
 #include "storage/kv_store.h"
 #include "storage/safetensors.h"
+#include "trainer/layers.h"
 
 namespace switchyard::cli {
 namespace {
@@ -87,6 +88,49 @@ void CopyColumns(const Tensor& m, int64_t from, int64_t n, Tensor* out,
     std::memcpy(out->f32() + r * out_cols + at, m.f32() + r * cols + from,
                 n * sizeof(float));
   }
+}
+
+// config.json of an export: everything needed to rebuild the model outside
+// Switchyard (python/switchyard/torch/model.py reads it). Numbers are
+// written with 17 significant digits, so that they read back exactly.
+std::string ExportConfigJson(const config::SwitchyardConfig& config,
+                             int64_t step) {
+  const auto& m = config.model();
+  std::ostringstream j;
+  j << std::setprecision(17);
+  j << "{\n  \"model_type\": \"switchyard\",\n  \"format_version\": 1,\n"
+    << "  \"step\": " << step << ",\n"
+    << "  \"num_layers\": " << m.num_layers() << ",\n"
+    << "  \"d_model\": " << m.d_model() << ",\n"
+    << "  \"d_ff\": " << m.d_ff() << ",\n"
+    << "  \"num_heads\": " << m.num_heads() << ",\n"
+    << "  \"vocab_size\": " << m.vocab_size() << ",\n"
+    << "  \"seq_len\": " << m.seq_len() << ",\n"
+    << "  \"moe_layers\": [";
+  const char* sep = "";
+  for (int l = 0; l < m.num_layers(); ++l) {
+    if (!IsMoeLayer(m, l)) continue;
+    j << sep << l;
+    sep = ", ";
+  }
+  j << "],\n  \"num_experts\": " << m.num_experts() << ",\n"
+    << "  \"top_k\": " << m.top_k() << ",\n"
+    << "  \"activation\": \""
+    << (m.activation() == "gelu" ? "gelu_tanh" : m.activation()) << "\",\n"
+    << "  \"norm\": \"" << m.norm() << "\",\n"
+    << "  \"norm_eps\": " << trainer::kNormEps << ",\n"
+    << "  \"positions\": \"" << m.positions() << "\",\n"
+    << "  \"rope_theta\": " << trainer::kRopeTheta << ",\n"
+    << "  \"expert_bias\": " << (m.expert_bias() ? "true" : "false") << ",\n"
+    << "  \"capacity_factor\": " << m.capacity_factor() << ",\n"
+    << "  \"eval_capacity_factor\": "
+    << config.training().eval_capacity_factor() << ",\n"
+    << "  \"aux_loss_alpha\": " << m.aux_loss_alpha() << ",\n"
+    << "  \"router_z_loss\": " << m.router_z_loss() << ",\n"
+    << "  \"router_jitter\": " << m.router_jitter() << ",\n"
+    << "  \"weight_layout\": \"in_out\",\n"
+    << "  \"ffn_w1_layout\": \"gate_up\"\n}\n";
+  return j.str();
 }
 
 }  // namespace
@@ -295,6 +339,12 @@ Status ExportCheckpoint(const config::SwitchyardConfig& config,
   index << "}}\n";
   index.close();
   if (!index) return UnavailableError("cannot write the index in " + out_dir);
+  std::ofstream description(out_dir + "/config.json");
+  description << ExportConfigJson(config, step);
+  description.close();
+  if (!description) {
+    return UnavailableError("cannot write config.json in " + out_dir);
+  }
   out << "exported checkpoint " << step << ": " << weight_map.size()
       << " tensors into " << out_dir << "\n";
   return OkStatus();

@@ -43,6 +43,9 @@ Status VerifyCheckpoint(const config::SwitchyardConfig& config,
 // model.safetensors.index.json ({"metadata": {...}, "weight_map": {tensor:
 // file}}). Matrices are stored as Switchyard computes with them, x @ W:
 // w1 (d_model, g * d_ff) with SwiGLU's [gate | up], w2 (d_ff, d_model).
+// config.json beside them describes the model (sizes, heads, activation,
+// norm and eps, positions, router settings, tensor orientation: see
+// docs/pytorch.md), as Hugging Face exports do.
 Status ExportCheckpoint(const config::SwitchyardConfig& config,
                         const control::CommittedCheckpoint& commit,
                         const std::string& out_dir, std::ostream& out);

@@ -1,10 +1,12 @@
 // switchyard coordinator | worker | train: the long-running processes.
 #include <boost/asio.hpp>
+#include <iomanip>
 #include <iostream>
 
 #include "cli/commands.h"
 #include "cli/config_flags.h"
 #include "common/digest.h"
+#include "common/files.h"
 #include "coordinator/coordinator_service.h"
 #include "expert_worker/worker_process.h"
 #include "reference/reference.h"
@@ -122,7 +124,13 @@ int TrainCommand(int argc, char** argv) {
       "rank in turn, the workers' code behind an in-process data plane, no\n"
       "coordinator. It prints the same lines, then the digest of every\n"
       "shard; a distributed run with the same configuration ends with the\n"
-      "same digests (its workers log them).");
+      "same digests (its workers log them).\n"
+      "\n"
+      "--reference --eval-text FILE trains nothing: it prints the loss of\n"
+      "the initial parameters (checkpoint.init_from, e.g. a `ckpt export`\n"
+      "directory) on FILE, read as windows of model.seq_len + 1 bytes at\n"
+      "offsets 0, seq_len, 2 * seq_len, ..., training.batch_size windows per\n"
+      "forward pass: `text loss L over N windows (T tokens)`.");
   ConfigFlags flags;
   flags.Register(&parser);
   trainer::TrainerOptions options;
@@ -133,6 +141,13 @@ int TrainCommand(int argc, char** argv) {
                    "member name (default trainer-<rank>)");
   parser.AddBool("reference", &reference,
                  "run the single-process reference (no cluster)");
+  std::string eval_text;
+  int64_t eval_windows = 0;
+  parser.AddString("eval-text", &eval_text,
+                   "with --reference: print the loss on this file instead of "
+                   "training");
+  parser.AddInt("eval-windows", &eval_windows,
+                "with --eval-text: at most this many windows (0: all)");
   parser.AddInt("sample-bytes", &sample_bytes,
                 "bytes of text to generate at the end (0: none)");
   parser.AddString("sample-prompt", &options.training.sample_prompt,
@@ -140,12 +155,27 @@ int TrainCommand(int argc, char** argv) {
   MetricsFlag metrics;
   metrics.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;
+  if (!eval_text.empty() && !reference) {
+    std::cerr << "switchyard: --eval-text needs --reference\n";
+    return 2;
+  }
   options.rank = static_cast<int>(rank);
   options.training.sample_bytes = static_cast<int>(sample_bytes);
   if (reference) {
     auto loaded = flags.Load();
     if (!loaded.ok()) return Finish(loaded.status());
     const auto& config = loaded->config;
+    if (!eval_text.empty()) {
+      // Device files and absurd sizes are refused (1 GiB is plenty).
+      auto text = ReadRegularFile(eval_text, uint64_t{1} << 30);
+      if (!text.ok()) return Finish(text.status());
+      auto loss = reference::ReferenceTextLoss(config, *text, eval_windows);
+      if (!loss.ok()) return Finish(loss.status());
+      std::cout << std::setprecision(17) << "text loss " << loss->loss
+                << " over " << loss->windows << " windows (" << loss->tokens
+                << " tokens)" << std::endl;
+      return 0;
+    }
     auto corpus = trainer::LoadCorpus(config);
     if (!corpus.ok()) return Finish(corpus.status());
     auto result = reference::RunReference(config, *corpus, options.training,

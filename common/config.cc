@@ -581,8 +581,9 @@ Status ValidateConfig(const SwitchyardConfig& config,
             "must be divisible by model.shards_per_expert (" +
                 std::to_string(m.shards_per_expert()) + ")");
   v.OneOf("model.activation", m.activation(), {"gelu", "relu", "swiglu"});
-  v.Require(m.capacity_factor() >= 0, "model.capacity_factor",
-            m.capacity_factor(), "must be >= 0 (0 means dropless)");
+  v.Require(std::isfinite(m.capacity_factor()) && m.capacity_factor() >= 0,
+            "model.capacity_factor", m.capacity_factor(),
+            "must be finite and >= 0 (0 means dropless)");
   v.Require(m.aux_loss_alpha() >= 0, "model.aux_loss_alpha", m.aux_loss_alpha(),
             "must be >= 0");
   v.Require(m.router_z_loss() >= 0, "model.router_z_loss", m.router_z_loss(),
@@ -638,6 +639,10 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.Require(t.validation_fraction() > 0 && t.validation_fraction() <= 0.5,
             "training.validation_fraction", t.validation_fraction(),
             "must be in (0, 0.5]");
+  v.Require(
+      std::isfinite(t.eval_capacity_factor()) && t.eval_capacity_factor() >= 0,
+      "training.eval_capacity_factor", t.eval_capacity_factor(),
+      "must be finite and >= 0 (0 means dropless)");
   v.Require(t.stop_at_step() >= 0 && t.stop_at_step() <= t.steps(),
             "training.stop_at_step", t.stop_at_step(),
             "must be in [0, training.steps]");

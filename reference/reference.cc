@@ -29,6 +29,62 @@ control::RoutingTable ReferenceRouting(const config::SwitchyardConfig& config,
   return routing;
 }
 
+// Every shard in one WorkerService behind an in-process data plane, and a
+// trainer replica per rank.
+class InProcessCluster {
+ public:
+  explicit InProcessCluster(const config::SwitchyardConfig& config)
+      : config_(config), service_(config, "reference") {}
+  ~InProcessCluster() {
+    if (trainer_plane_) trainer_plane_->Shutdown();
+    if (worker_plane_) worker_plane_->Shutdown();
+    service_.Shutdown();
+  }
+
+  Status Start() {
+    trainer::SetMatMulThreads(config_.training().threads());
+    RETURN_IF_ERROR(service_.Start());
+    worker_plane_ = transport::NewInProcessDataPlane();
+    RETURN_IF_ERROR(worker_plane_->Start(
+        [this](transport::Message request, transport::Reply reply) {
+          service_.Handle(std::move(request), std::move(reply));
+        }));
+    const control::RoutingTable routing =
+        ReferenceRouting(config_, worker_plane_->address());
+    RETURN_IF_ERROR(service_.ApplyRouting(routing));
+    trainer_plane_ = transport::NewInProcessDataPlane();
+    RETURN_IF_ERROR(
+        trainer_plane_->Start(transport::RefuseRequests("a trainer")));
+    for (int rank = 0; rank < config_.cluster().trainers(); ++rank) {
+      owned_.push_back(std::make_unique<trainer::TrainerReplica>(
+          config_, rank, trainer_plane_.get()));
+      owned_.back()->SetRouting(routing);
+      replicas_.push_back(owned_.back().get());
+    }
+    return OkStatus();
+  }
+
+  const std::vector<trainer::TrainerReplica*>& replicas() const {
+    return replicas_;
+  }
+  // Stops the data planes (the service keeps its shards).
+  void StopTraffic() {
+    trainer_plane_->Shutdown();
+    worker_plane_->Shutdown();
+  }
+  std::map<std::string, std::string> ShardDigests() {
+    return service_.ShardDigests();
+  }
+
+ private:
+  const config::SwitchyardConfig& config_;
+  expert_worker::WorkerService service_;
+  std::unique_ptr<transport::DataPlane> worker_plane_;
+  std::unique_ptr<transport::DataPlane> trainer_plane_;
+  std::vector<std::unique_ptr<trainer::TrainerReplica>> owned_;
+  std::vector<trainer::TrainerReplica*> replicas_;
+};
+
 }  // namespace
 
 StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
@@ -36,40 +92,26 @@ StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
                                        const trainer::TrainingOptions& options,
                                        const std::atomic<bool>* stopping,
                                        std::ostream& out) {
-  trainer::SetMatMulThreads(config.training().threads());
-  expert_worker::WorkerService service(config, "reference");
-  RETURN_IF_ERROR(service.Start());
-  auto worker_plane = transport::NewInProcessDataPlane();
-  RETURN_IF_ERROR(worker_plane->Start(
-      [&service](transport::Message request, transport::Reply reply) {
-        service.Handle(std::move(request), std::move(reply));
-      }));
-  const control::RoutingTable routing =
-      ReferenceRouting(config, worker_plane->address());
-  RETURN_IF_ERROR(service.ApplyRouting(routing));
-
-  auto trainer_plane = transport::NewInProcessDataPlane();
-  RETURN_IF_ERROR(trainer_plane->Start(transport::RefuseRequests("a trainer")));
-  std::vector<std::unique_ptr<trainer::TrainerReplica>> owned;
-  std::vector<trainer::TrainerReplica*> replicas;
-  for (int rank = 0; rank < config.cluster().trainers(); ++rank) {
-    owned.push_back(std::make_unique<trainer::TrainerReplica>(
-        config, rank, trainer_plane.get()));
-    owned.back()->SetRouting(routing);
-    replicas.push_back(owned.back().get());
-  }
+  InProcessCluster cluster(config);
+  RETURN_IF_ERROR(cluster.Start());
+  ASSIGN_OR_RETURN(
+      trainer::TrainingResult training,
+      trainer::RunTraining(config, corpus, options, cluster.replicas(),
+                           /*first_step=*/0, stopping, out));
+  cluster.StopTraffic();
   ReferenceResult result;
-  StatusOr<trainer::TrainingResult> training = trainer::RunTraining(
-      config, corpus, options, replicas, /*first_step=*/0, stopping, out);
-  trainer_plane->Shutdown();
-  worker_plane->Shutdown();
-  if (training.ok()) {
-    result.training = *training;
-    result.digests = service.ShardDigests();
-  }
-  service.Shutdown();
-  if (!training.ok()) return training.status();
+  result.training = training;
+  result.digests = cluster.ShardDigests();
   return result;
+}
+
+StatusOr<trainer::TextLoss> ReferenceTextLoss(
+    const config::SwitchyardConfig& config, const std::string& text,
+    int64_t max_windows) {
+  InProcessCluster cluster(config);
+  RETURN_IF_ERROR(cluster.Start());
+  return trainer::EvaluateText(cluster.replicas().front(), /*step=*/0, text,
+                               config.training().batch_size(), max_windows);
 }
 
 }  // namespace switchyard::reference

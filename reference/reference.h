@@ -25,6 +25,13 @@ struct ReferenceResult {
   std::map<std::string, std::string> digests;
 };
 
+// The loss of the run's initial parameters (random, or
+// checkpoint.init_from) on `text`, as trainer::EvaluateText with
+// training.batch_size windows per pass. Nothing is trained.
+StatusOr<trainer::TextLoss> ReferenceTextLoss(
+    const config::SwitchyardConfig& config, const std::string& text,
+    int64_t max_windows);
+
 StatusOr<ReferenceResult> RunReference(const config::SwitchyardConfig& config,
                                        const trainer::ByteCorpus& corpus,
                                        const trainer::TrainingOptions& options,

@@ -23,8 +23,9 @@ packages=(
   libprotobuf-dev protobuf-compiler
   libgoogle-glog-dev libgflags-dev
   libgtest-dev libgmock-dev
-  # The independent safetensors reader in the export test.
-  python3
+  # The independent safetensors reader in the export test; the PyTorch
+  # front end (python/switchyard) and its binding.
+  python3 python3-dev python3-torch pybind11-dev
   libyaml-cpp-dev libssl-dev libxxhash-dev
   # Storage, data plane, compute.
   librocksdb-dev libucx-dev ucx-utils libopenblas-dev libopenblas0-openmp

@@ -130,7 +130,8 @@ void ApplyRotary(Real* rows, int len, int d, int heads, bool inverse) {
   for (int p = 0; p < len; ++p) {
     for (int h = 0; h < heads; ++h) {
       for (int i = 0; i + 1 < hd; i += 2) {
-        const double theta = p / std::pow(10000.0, static_cast<double>(i) / hd);
+        const double theta =
+            p / std::pow(kRopeTheta, static_cast<double>(i) / hd);
         const Real cs = static_cast<Real>(std::cos(theta));
         const Real sn =
             static_cast<Real>(inverse ? -std::sin(theta) : std::sin(theta));

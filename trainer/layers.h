@@ -14,6 +14,9 @@
 namespace switchyard::trainer {
 
 constexpr double kNormEps = 1e-5;
+// Rotary positions: dimension pair (i, i + 1) of a head of width hd turns by
+// position / kRopeTheta^(i / hd).
+constexpr double kRopeTheta = 10000.0;
 
 // RMSNorm: y = x / sqrt(mean(x^2) + eps) * g.  x, y: (N, d); g: (d).
 template <typename Real>

@@ -27,6 +27,7 @@ Transformer<Real>::Transformer(const config::SwitchyardConfig& config)
     : model_(config.model()),
       seed_(config.training().seed()),
       router_(RouterOptions::FromModel(config.model())),
+      eval_router_(RouterOptions::ForEvaluation(config)),
       activation_(ActivationCode(config.model().activation())),
       rotary_(config.model().positions() == "rotary"),
       layernorm_(config.model().norm() == "layernorm"),
@@ -148,9 +149,9 @@ Status Transformer<Real>::Forward(const Real* params, const Batch& batch,
             JitterMultipliers(seed_, pass.step, pass.rank, pass.micro_batch,
                               moe, N, d, router_.jitter);
       }
-      c.route =
-          RouteForward(router_, c.n2.data(), N, d, Param(params, p + ".router"),
-                       c.jitter.empty() ? nullptr : c.jitter.data());
+      c.route = RouteForward(train ? router_ : eval_router_, c.n2.data(), N, d,
+                             Param(params, p + ".router"),
+                             c.jitter.empty() ? nullptr : c.jitter.data());
       RETURN_IF_ERROR(experts->Forward(moe, pass.micro_batch, train,
                                        c.n2.data(), c.route, y.data()));
       MoeLayerStats stats;

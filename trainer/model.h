@@ -125,8 +125,9 @@ class Transformer {
 
   const config::ModelConfig model_;
   const uint64_t seed_;
-  const RouterOptions router_;
-  const int activation_;  // 0 GELU, 1 ReLU, 2 SwiGLU
+  const RouterOptions router_;       // Training passes.
+  const RouterOptions eval_router_;  // Evaluate: eval_capacity_factor.
+  const int activation_;             // 0 GELU, 1 ReLU, 2 SwiGLU
   const bool rotary_;
   const bool layernorm_;
   std::vector<DenseTensor> layout_;

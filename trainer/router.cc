@@ -18,6 +18,13 @@ RouterOptions RouterOptions::FromModel(const config::ModelConfig& m) {
   return o;
 }
 
+RouterOptions RouterOptions::ForEvaluation(
+    const config::SwitchyardConfig& config) {
+  RouterOptions o = FromModel(config.model());
+  o.capacity_factor = config.training().eval_capacity_factor();
+  return o;
+}
+
 std::vector<float> JitterMultipliers(uint64_t seed, int64_t step, int rank,
                                      int micro_batch, int layer, int tokens,
                                      int d, double eps) {
@@ -95,8 +102,10 @@ RouterState<Real> RouteForward(const RouterOptions& o, const Real* x,
   for (int t = 0; t < T; ++t)
     ++s.first_choice_count[s.expert[static_cast<size_t>(t) * k]];
   if (o.capacity_factor > 0 && T > 0) {
+    // At most T * k: a larger factor (any finite one) changes nothing.
     s.capacity = static_cast<int>(
-        std::ceil(o.capacity_factor * T * k / static_cast<double>(E)));
+        std::min(std::ceil(o.capacity_factor * T * k / static_cast<double>(E)),
+                 static_cast<double>(T) * k));
   }
   for (int j = 0; j < k; ++j) {
     for (int t = 0; t < T; ++t) {

@@ -37,6 +37,8 @@ struct RouterOptions {
   double z_loss = 0;
   double jitter = 0;
   static RouterOptions FromModel(const config::ModelConfig& model);
+  // FromModel with training.eval_capacity_factor as the capacity factor.
+  static RouterOptions ForEvaluation(const config::SwitchyardConfig& config);
 };
 
 template <typename Real>

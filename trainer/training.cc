@@ -249,6 +249,47 @@ StatusOr<std::string> TrainerReplica::Sample(int64_t step,
   return generated;
 }
 
+StatusOr<TextLoss> EvaluateText(TrainerReplica* replica, int64_t step,
+                                const std::string& text, int batch_size,
+                                int64_t max_windows) {
+  const auto& m = replica->config().model();
+  const int L = m.seq_len(), V = m.vocab_size();
+  TextLoss result;
+  result.windows =
+      text.size() > 0 ? static_cast<int64_t>(text.size() - 1) / L : 0;
+  if (max_windows > 0) result.windows = std::min(result.windows, max_windows);
+  if (result.windows == 0) {
+    return InvalidArgumentError(
+        "the text holds " + std::to_string(text.size()) +
+        " bytes: fewer than one window of model.seq_len + 1 = " +
+        std::to_string(L + 1));
+  }
+  if (batch_size < 1) {
+    return InvalidArgumentError("batch size " + std::to_string(batch_size) +
+                                " is below 1");
+  }
+  double total = 0;
+  for (int64_t first = 0; first < result.windows; first += batch_size) {
+    Batch b;
+    b.batch_size =
+        static_cast<int>(std::min<int64_t>(batch_size, result.windows - first));
+    b.seq_len = L;
+    for (int64_t w = first; w < first + b.batch_size; ++w) {
+      for (int i = 0; i < L; ++i) {
+        const size_t at = static_cast<size_t>(w) * L + i;
+        b.inputs.push_back(static_cast<unsigned char>(text[at]) % V);
+        b.targets.push_back(static_cast<unsigned char>(text[at + 1]) % V);
+      }
+    }
+    ASSIGN_OR_RETURN(LossReport r, replica->Evaluate(step, b, nullptr));
+    const int64_t tokens = static_cast<int64_t>(b.batch_size) * L;
+    total += r.loss * static_cast<double>(tokens);
+    result.tokens += tokens;
+  }
+  result.loss = total / static_cast<double>(result.tokens);
+  return result;
+}
+
 StatusOr<TrainingResult> RunTraining(
     const config::SwitchyardConfig& config, const ByteCorpus& corpus,
     const TrainingOptions& options, std::vector<TrainerReplica*> replicas,

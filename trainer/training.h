@@ -59,9 +59,9 @@ class TrainerReplica {
   ~TrainerReplica();
 
   int rank() const { return rank_; }
+  const config::SwitchyardConfig& config() const { return config_; }
   void SetRouting(const control::RoutingTable& routing);
-  // The step the last Step call trained (-1: none yet).
-  // The last step begun (any thread may ask).
+  // The last step begun (-1: none yet; any thread may ask).
   int64_t last_step() const { return last_step_.load(); }
 
   // Step `step` on this rank's batch.
@@ -97,6 +97,20 @@ struct TrainingOptions {
   // Print which experts each corpus source routes to at the end.
   bool source_report = true;
 };
+
+// The model's loss on a text: windows of seq_len + 1 bytes at offsets 0,
+// seq_len, 2 * seq_len, ... (inputs the first seq_len bytes, targets the
+// next seq_len, each byte mod vocab_size), at most max_windows of them (0:
+// every whole window), evaluated batch_size windows per forward pass (the
+// last pass may hold fewer). loss is the mean cross-entropy per token.
+struct TextLoss {
+  double loss = 0;
+  int64_t windows = 0;
+  int64_t tokens = 0;
+};
+StatusOr<TextLoss> EvaluateText(TrainerReplica* replica, int64_t step,
+                                const std::string& text, int batch_size,
+                                int64_t max_windows);
 
 // tokens_per_second counts the whole cluster's tokens (every rank's).
 struct TrainingResult {

@@ -259,16 +259,30 @@ TEST_F(TrainingTest, CheckpointsListVerifyAndExport) {
       RunSwitchyard("ckpt export 20 --run-dir " + run + " --out " + out);
   ASSERT_EQ(exported.exit_code, 0) << exported.output;
 
+  // config.json describes the model (python/switchyard/torch reads it).
+  google::protobuf::Struct description;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(
+                  testing::ReadFile(out + "/config.json"), &description)
+                  .ok());
+  const auto& f = description.fields();
+  EXPECT_EQ(f.at("step").number_value(), 20);
+  EXPECT_EQ(f.at("num_layers").number_value(), 4);
+  EXPECT_EQ(f.at("d_ff").number_value(), 256);
+  EXPECT_EQ(f.at("activation").string_value(), "swiglu");
+  EXPECT_EQ(f.at("norm_eps").number_value(), 1e-5);
+  EXPECT_EQ(f.at("weight_layout").string_value(), "in_out");
+  const auto& moe_layers = f.at("moe_layers").list_value().values();
+  ASSERT_EQ(moe_layers.size(), 2);
+  EXPECT_EQ(moe_layers[0].number_value(), 1);
+  EXPECT_EQ(moe_layers[1].number_value(), 3);
+
   // The independent reader.
-  const std::string command = "python3 " + std::string(SWITCHYARD_SOURCE_DIR) +
-                              "/tests/e2e/read_safetensors.py " + out;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  std::string json;
-  char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof(buf), pipe)) > 0;) {
-    json.append(buf, n);
-  }
-  ASSERT_EQ(::pclose(pipe), 0) << json;
+  const auto reader =
+      testing::RunCommand("python3 " + std::string(SWITCHYARD_SOURCE_DIR) +
+                              "/tests/e2e/read_safetensors.py " + out,
+                          120);
+  ASSERT_EQ(reader.exit_code, 0) << reader.output;
+  const std::string& json = reader.output;
   google::protobuf::Struct read;
   ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(json, &read).ok());
   auto field = [&](const std::string& name, const char* key) {

@@ -19,12 +19,11 @@ struct CommandResult {
   std::string output;  // stdout and stderr together.
 };
 
-inline CommandResult RunSwitchyard(const std::string& args,
-                                   int timeout_s = 120) {
-  const std::string command = "timeout " + std::to_string(timeout_s) + " " +
-                              std::string(SWITCHYARD_BINARY) + " " + args +
-                              " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
+// Runs `command` through the shell (stdout and stderr together).
+inline CommandResult RunCommand(const std::string& command, int timeout_s) {
+  const std::string line =
+      "timeout " + std::to_string(timeout_s) + " " + command + " 2>&1";
+  FILE* pipe = ::popen(line.c_str(), "r");
   CommandResult result;
   if (pipe == nullptr) return result;
   char buf[4096];
@@ -35,6 +34,11 @@ inline CommandResult RunSwitchyard(const std::string& args,
   const int status = ::pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+inline CommandResult RunSwitchyard(const std::string& args,
+                                   int timeout_s = 120) {
+  return RunCommand(std::string(SWITCHYARD_BINARY) + " " + args, timeout_s);
 }
 
 // "<...> digest L0.E3.S0 0123456789abcdef" lines of a run's output (the

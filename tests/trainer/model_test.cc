@@ -51,6 +51,9 @@ config::SwitchyardConfig TinyConfig(const Case& c) {
   m->set_positions(c.positions);
   m->set_activation(c.activation);
   m->set_init_scale(1.0);
+  // The gradient checks difference Evaluate's loss: it must route as
+  // training does.
+  config.mutable_training()->set_eval_capacity_factor(c.capacity_factor);
   return config;
 }
 
@@ -167,6 +170,65 @@ TEST(ModelTest, RejectsBatchesThatDoNotFit) {
   r = model.Evaluate(params.data(), bad_token, &experts, nullptr);
   EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(r.status().message().find("vocabulary"), std::string::npos);
+}
+
+// Evaluation routes with training.eval_capacity_factor (0: dropless), so a
+// sequence's logits do not depend on the sequences beside it in its batch;
+// with the training capacity they would (every token to one expert, far
+// beyond its capacity of 1).
+TEST(ModelTest, EvaluationUsesTheEvalCapacityFactor) {
+  Case c;
+  c.capacity_factor = 0.01;  // Training capacity: one token per expert.
+  c.one_expert = true;
+  config::SwitchyardConfig config = TinyConfig(c);
+  config.mutable_training()->clear_eval_capacity_factor();  // Dropless.
+  std::normal_distribution<float> normal(0, 0.5f);
+  auto logits_of_last_sequence = [&](const config::SwitchyardConfig& cfg,
+                                     int batch) {
+    Transformer<float> model(cfg);
+    std::vector<float> params(model.num_params());
+    std::mt19937 init(3);
+    for (float& p : params) p = normal(init);
+    // Every token's first choice is expert 0.
+    for (const DenseTensor& t : model.layout()) {
+      if (t.name.find("router") == std::string::npos) continue;
+      for (int64_t i = 0; i < t.numel(); ++i)
+        params[t.offset + i] = (i % t.cols == 0) ? 5.0f : -5.0f;
+    }
+    testing::LocalExperts<float> experts(1, 4, 8, 6, 0);
+    std::mt19937 ew(5);
+    for (float& p : experts.params) p = normal(ew);
+    Batch b;
+    b.batch_size = batch;
+    b.seq_len = 5;
+    // The sequence compared comes last, after its neighbours' tokens.
+    for (int s = batch - 1; s >= 0; --s) {
+      for (int i = 0; i < 5; ++i) {
+        b.inputs.push_back((i * 7 + 3 * s + 3) % 16);
+        b.targets.push_back((i * 5 + s + 1) % 16);
+      }
+    }
+    std::vector<float> logits;
+    auto report = model.Evaluate(params.data(), b, &experts, &logits);
+    EXPECT_TRUE(report.ok()) << report.status().ToString();
+    logits.erase(logits.begin(), logits.end() - 5 * 16);
+    return std::make_pair(logits, report.ok() ? report->moe[0].dropped : -1);
+  };
+  const auto [alone, alone_dropped] = logits_of_last_sequence(config, 1);
+  const auto [beside, beside_dropped] = logits_of_last_sequence(config, 3);
+  EXPECT_EQ(alone_dropped, 0);
+  EXPECT_EQ(beside_dropped, 0);
+  EXPECT_EQ(alone, beside);
+  // With the training capacity at evaluation too, tokens are dropped and the
+  // last sequence's logits change with its neighbours.
+  config.mutable_training()->set_eval_capacity_factor(0.01);
+  const auto [capped_alone, capped_alone_dropped] =
+      logits_of_last_sequence(config, 1);
+  const auto [capped_beside, capped_beside_dropped] =
+      logits_of_last_sequence(config, 3);
+  EXPECT_GT(capped_alone_dropped, 0);
+  EXPECT_GT(capped_beside_dropped, capped_alone_dropped);
+  EXPECT_NE(capped_alone, capped_beside);
 }
 
 }  // namespace
