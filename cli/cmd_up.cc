@@ -56,13 +56,17 @@ bool AllWorkersAlive(const control::StatusResponse& s, int workers) {
   return live == workers;
 }
 
+// Ready: every worker alive and the model placed, and every trainer `up`
+// started alive (with --trainers 0 the trainers are other programs', which
+// may join before or after).
 bool ClusterReady(const control::StatusResponse& s, int workers, int trainers) {
   int live_workers = 0, live_trainers = 0;
   for (const auto& m : s.members()) {
     if (m.state() != control::ALIVE) continue;
     (m.kind() == control::WORKER ? live_workers : live_trainers)++;
   }
-  return s.placed() && live_workers == workers && live_trainers == trainers;
+  return s.placed() && live_workers == workers &&
+         (trainers == 0 || live_trainers == trainers);
 }
 
 }  // namespace
@@ -85,7 +89,12 @@ int UpCommand(int argc, char** argv) {
       "30 s), at most --max-restarts times each; the coordinator comes back\n"
       "on its address. A trainer or coordinator exiting with an error refused\n"
       "to go on: the cluster stops. Children never outlive `up`, even a\n"
-      "SIGKILLed one.");
+      "SIGKILLed one.\n"
+      "\n"
+      "--trainers 0 starts no trainer: cluster.trainers trainers of another\n"
+      "program (python/switchyard's, docs/pytorch.md) join with the\n"
+      "configuration and --run-dir; `up` then runs until Ctrl-C, SIGTERM or\n"
+      "--duration-s.");
   ConfigFlags flags;
   flags.Register(&parser);
   int64_t workers = 2, trainers = 1, port = 0, duration_s = 0;
@@ -234,7 +243,9 @@ int UpCommand(int argc, char** argv) {
   add_set("cluster.state_dir=" + run_dir);
   add_set("cluster.secret_file=" + secret_file);
   add_set("cluster.workers=" + std::to_string(workers));
-  add_set("cluster.trainers=" + std::to_string(std::max<int64_t>(trainers, 1)));
+  // With --trainers 0, cluster.trainers from the configuration says how many
+  // trainers of other programs (the PyTorch front end) will join.
+  if (trainers > 0) add_set("cluster.trainers=" + std::to_string(trainers));
 
   // Signals are handled synchronously below; children unblock them.
   sigset_t stop_signals;

@@ -156,6 +156,7 @@ int ClusterState::NumLiveWorkers() const {
 
 void ClusterState::BumpEpoch(const std::string& why) {
   ++epoch_;
+  epoch_cause_ = why;
   ++version_;
   ++routing_version_;
   holding_ = false;
@@ -238,6 +239,7 @@ void ClusterState::Hold(const std::string& why) {
   ++routing_version_;
   holding_ = true;
   hold_cause_ = why;
+  epoch_cause_ = why;
   hold_began_unix_ms_ = UnixMsNow();
   held_.clear();
   continues_ = false;
@@ -284,6 +286,7 @@ void ClusterState::MaybeEndHold() {
   holding_ = false;
   held_.clear();
   continues_ = true;
+  epoch_cause_ = hold_cause_ + "; continuing";
   ledger_.ContinueAt(reached);
   RecordRecovery(hold_cause_, reached, /*rolled_back=*/false,
                  hold_began_unix_ms_);
@@ -681,6 +684,7 @@ control::RoutingTable ClusterState::Routing() const {
   control::RoutingTable table;
   table.set_epoch(epoch_);
   table.set_placement_error(placement_error_);
+  table.set_cause(epoch_cause_);
   std::map<std::string, int> index;
   for (const auto& [name, m] : members_) {
     if (m.record.registration().kind() != control::WORKER || !IsLive(m)) {

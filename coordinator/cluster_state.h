@@ -168,6 +168,7 @@ class ClusterState {
   // (by name): the step it stopped at and whether it was serving.
   bool holding_ = false;
   std::string hold_cause_;
+  std::string epoch_cause_;  // Why epoch_ began (RoutingTable.cause).
   int64_t hold_began_unix_ms_ = 0;
   std::map<std::string, std::pair<int64_t, bool>> held_;
   // The current epoch continues a hold (RoutingTable.continues).

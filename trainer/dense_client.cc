@@ -20,9 +20,12 @@ DenseTableClient::DenseTableClient(transport::DataPlane* data_plane,
 void DenseTableClient::SetRouting(const control::RoutingTable& routing) {
   routing_ = routing;
   address_.clear();
+  where_.clear();
   for (const auto& e : routing.entries()) {
     if (e.shard().kind() == control::DENSE && e.worker() >= 0) {
-      address_[e.shard().shard()] = routing.workers(e.worker()).data_address();
+      const auto& w = routing.workers(e.worker());
+      address_[e.shard().shard()] = w.data_address();
+      where_[e.shard().shard()] = w.name() + " at " + w.data_address();
     }
   }
 }
@@ -47,7 +50,7 @@ StatusOr<std::vector<Tensor>> DenseTableClient::Exchange(
     Tensor payload = payloads.empty() ? Tensor() : std::move(payloads[s]);
     requests.push_back({it->second,
                         transport::TensorMessage(header, std::move(payload)),
-                        "D" + std::to_string(s) + " at " + it->second});
+                        "D" + std::to_string(s) + " on " + where_[s]});
   }
   return transport::SendAll(data_plane_, std::move(requests), timeout_);
 }

@@ -50,6 +50,7 @@ class DenseTableClient {
   const std::chrono::milliseconds timeout_;
   control::RoutingTable routing_;
   std::map<int, std::string> address_;  // Dense shard -> data address.
+  std::map<int, std::string> where_;    // Dense shard -> "name at addr".
   // Every step's pulled parameters and pushed gradient parts: reused
   // buffers, not fresh memory (MoeLayerClient's pool_ says why).
   const std::shared_ptr<BufferPool> pool_ = BufferPool::Create(size_t{1} << 30);

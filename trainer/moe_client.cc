@@ -45,10 +45,13 @@ MoeLayerClient::MoeLayerClient(transport::DataPlane* data_plane,
 void MoeLayerClient::SetRouting(const control::RoutingTable& routing) {
   routing_ = routing;
   address_.clear();
+  where_.clear();
   for (const auto& e : routing.entries()) {
     if (e.shard().kind() != control::EXPERT || e.worker() < 0) continue;
-    address_[FromShardRef(e.shard())] =
-        routing.workers(e.worker()).data_address();
+    const auto& w = routing.workers(e.worker());
+    address_[FromShardRef(e.shard())] = w.data_address();
+    // Errors name the worker, not only its address.
+    where_[w.data_address()] = w.name() + " at " + w.data_address();
   }
 }
 
@@ -91,7 +94,7 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
       header.epoch = routing_.epoch();
       Message m = transport::TensorMessage(header, wire);
       requests.push_back(
-          {address, std::move(m), id.ToString() + " at " + address});
+          {address, std::move(m), id.ToString() + " on " + where_[address]});
     }
   }
   // bf16 answers become fp32 in pool buffers, not fresh memory.

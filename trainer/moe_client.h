@@ -103,6 +103,7 @@ class MoeLayerClient {
   DType wire_dtype_ = DType::kF32;
   control::RoutingTable routing_;
   std::map<ShardId, std::string> address_;      // Placed shards only.
+  std::map<std::string, std::string> where_;    // Address -> "name at addr".
   std::map<std::pair<int, int>, Saved> saved_;  // (layer, micro-batch)
 };
 

@@ -1,13 +1,13 @@
 #include "trainer/trainer_process.h"
 
 #include <iostream>
-#include <set>
 #include <utility>
 
 #include "common/config.h"
 #include "common/metrics.h"
 #include "common/mutex.h"
 #include "common/thread_annotations.h"
+#include "trainer/cluster_view.h"
 #include "trainer/layers.h"
 #include "transport/control/member_process.h"
 #include "transport/data_plane.h"
@@ -15,26 +15,6 @@
 namespace switchyard::trainer {
 
 namespace {
-
-// Every shard placed on a worker that has confirmed its address, and the
-// cluster not held (RoutingTable.hold: the next epoch says where to go on).
-bool AllShardsReachable(const control::RoutingTable& routing) {
-  if (routing.entries_size() == 0 || routing.hold()) return false;
-  for (const auto& e : routing.entries()) {
-    if (e.worker() < 0 || !routing.workers(e.worker()).confirmed()) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// All cluster.workers workers in the table, and every shard reachable: the
-// table training can start with.
-bool ReadyToTrain(const control::RoutingTable& routing, int workers) {
-  int confirmed = 0;
-  for (const auto& w : routing.workers()) confirmed += w.confirmed();
-  return confirmed >= workers && AllShardsReachable(routing);
-}
 
 // Failures the cluster may recover from under a new routing epoch (a
 // member died, was fenced or replaced): stale epochs, abandoned steps,
@@ -53,26 +33,6 @@ bool MayRecover(const Status& s) {
       return false;
   }
 }
-
-// What the control thread hears of the cluster, for the training thread,
-// which waits on `changed` for it.
-struct ClusterNews {
-  Mutex mu;
-  CondVar changed;
-  control::RoutingTable latest GUARDED_BY(mu);
-  // The newest committed checkpoint, from heartbeat acknowledgements.
-  int64_t committed GUARDED_BY(mu) = 0;
-  // When the coordinator last acknowledged a heartbeat.
-  std::chrono::steady_clock::time_point last_ack GUARDED_BY(mu);
-};
-
-// Workers reported unreachable (name, incarnation), and the session to
-// report through once there is one.
-struct LostPeers {
-  Mutex mu;
-  std::set<std::pair<std::string, uint64_t>> reported GUARDED_BY(mu);
-  std::shared_ptr<control::MemberSession> session GUARDED_BY(mu);
-};
 
 }  // namespace
 
@@ -99,37 +59,13 @@ Status RunTrainer(const config::SwitchyardConfig& config,
 
   // Declared before the data plane, whose handler uses them.
   ClusterNews news;
-  LostPeers lost;
+  PeerLostReporter lost(&news);
   ASSIGN_OR_RETURN(auto data_plane,
                    transport::NewUcxDataPlane(
                        transport::DataPlaneOptionsFrom(config, secret)));
-  // A worker this trainer cannot reach is reported to the coordinator at
-  // once (it may still heartbeat: a lease would not notice), once per
-  // incarnation; the coordinator fences it and the cluster recovers.
   data_plane->set_peer_lost_handler(
-      [&](const std::string& address, const Status& why) {
-        control::PeerLost report;
-        {
-          MutexLock lock(&news.mu);
-          for (const auto& w : news.latest.workers()) {
-            if (w.data_address() == address) {
-              report.set_peer(w.name());
-              report.set_peer_incarnation(w.incarnation());
-            }
-          }
-        }
-        if (report.peer().empty()) return;  // Not a worker of the table.
-        report.set_error(why.ToString());
-        std::shared_ptr<control::MemberSession> session;
-        {
-          MutexLock lock(&lost.mu);
-          if (!lost.reported.insert({report.peer(), report.peer_incarnation()})
-                   .second) {
-            return;
-          }
-          session = lost.session;
-        }
-        if (session != nullptr) session->ReportPeerLost(std::move(report));
+      [&lost](const std::string& address, const Status& why) {
+        lost.Report(address, why);
       });
   RETURN_IF_ERROR(data_plane->Start(transport::RefuseRequests("a trainer")));
   TrainerReplica replica(config, options.rank, data_plane.get());
@@ -145,8 +81,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   reg.set_device("cpu");
   const std::string name = reg.name();
   member.on_session = [&lost](std::shared_ptr<control::MemberSession> s) {
-    MutexLock lock(&lost.mu);
-    lost.session = std::move(s);
+    lost.SetSession(std::move(s));
   };
   // The epoch training runs under (0: not started).
   std::atomic<uint64_t> training_epoch{0};

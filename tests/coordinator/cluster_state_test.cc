@@ -424,6 +424,10 @@ TEST_F(ClusterStateTest, AWorkerATrainerCannotReachIsFenced) {
   for (const auto& home : Homes(state_.Routing())) {
     EXPECT_NE(home, "worker-1");
   }
+  // The table says why its epoch began (members quote it in errors).
+  const std::string cause = state_.Routing().cause();
+  EXPECT_NE(cause.find("worker-1"), std::string::npos) << cause;
+  EXPECT_NE(cause.find("trainer-0"), std::string::npos) << cause;
   ack = state_.PeerLost(report, t0_ + milliseconds(20));
   ASSERT_TRUE(ack.ok());
   EXPECT_FALSE(ack->fenced());

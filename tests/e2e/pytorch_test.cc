@@ -1,18 +1,27 @@
 // Switchyard and PyTorch (python/switchyard, Debian's python3-torch): an
 // export loads into PyTorch by itself from its config.json and computes the
 // loss Switchyard computes on the same text; a file saved from that PyTorch
-// module (its state_dict) imports back into Switchyard unchanged.
+// module (its state_dict) imports back into Switchyard unchanged. With the
+// binding (switchyard._core), PyTorch trainers train experts that live on a
+// real cluster (`up --trainers 0`): the same gradients and updates as plain
+// PyTorch, bit-identical runs, and a killed worker an exception.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <regex>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "tests/testing/files.h"
+#include "tests/testing/processes.h"
 #include "tests/testing/run_command.h"
 
 namespace switchyard {
@@ -21,13 +30,22 @@ namespace {
 using testing::CommandResult;
 using testing::RunSwitchyard;
 
-// Debian's interpreter with python3-torch, the package on its path.
+// Debian's interpreter with python3-torch, and the package as the build
+// holds it (python/switchyard's sources beside the binding).
+std::vector<std::string> PythonCommand() {
+  return {"/usr/bin/env", "PYTHONDONTWRITEBYTECODE=1",
+          std::string("PYTHONPATH=") + SWITCHYARD_PYTHON_PATH,
+          SWITCHYARD_PYTHON};
+}
+
 CommandResult RunPython(const std::string& args, int timeout_s = 300) {
-  return testing::RunCommand(std::string("env PYTHONDONTWRITEBYTECODE=1 "
-                                         "PYTHONPATH=") +
-                                 SWITCHYARD_SOURCE_DIR + "/python " +
-                                 SWITCHYARD_PYTHON + " " + args,
-                             timeout_s);
+  std::string line;
+  for (const auto& a : PythonCommand()) line += a + " ";
+  return testing::RunCommand(line + args, timeout_s);
+}
+
+std::string Script(const std::string& name) {
+  return std::string(SWITCHYARD_SOURCE_DIR) + "/tests/python/" + name;
 }
 
 // The number after `key` in `output` (NaN when absent).
@@ -146,6 +164,211 @@ TEST_F(PyTorchTest, AnExportLoadsIntoPyTorchWithSwitchyardsLoss) {
     ASSERT_EQ(again.exit_code, 0) << again.output;
     EXPECT_EQ(again.output, switchyard.output);
   }
+}
+
+// A cluster of `switchyard up --trainers 0` in the background, whose
+// trainers are PyTorch processes (switchyard.torch over the binding).
+class PyTorchClusterTest : public PyTorchTest {
+ protected:
+  void SetUp() override {
+    if (!SWITCHYARD_PYTHON_BINDING) {
+      GTEST_SKIP() << "no switchyard._core in this build (sanitizer builds "
+                      "leave the binding out: python/CMakeLists.txt)";
+    }
+    PyTorchTest::SetUp();
+    // One MoE layer (layer 1) of 4 experts, top-2; the cluster's dense
+    // shards are unused. AdamW at a constant rate, so that one step can be
+    // compared with torch.optim.AdamW.
+    std::ofstream yaml(dir_ + "/moe.yaml");
+    yaml << "cluster:\n  workers: 2\n  trainers: 1\n  heartbeat_ms: 200\n"
+            "  lease_ms: 1000\n  call_timeout_ms: 2000\n"
+            "model:\n  num_layers: 2\n  d_model: 32\n  d_ff: 64\n"
+            "  num_heads: 2\n  seq_len: 16\n  moe_every: 2\n"
+            "  num_experts: 4\n  top_k: 2\n"
+            "training:\n  steps: 5\n  optimizer: adamw\n"
+            "  lr_schedule: constant\n  warmup_steps: 0\n"
+            "  learning_rate: 0.01\n  weight_decay: 0\n  threads: 1\n"
+            // A first AdamW step is about lr * sign(g) with a small eps:
+            // eps 1 makes the compared update depend on the gradient's
+            // scale too.
+            "  eps: 1\n"
+            "checkpoint:\n  every: 1\n";
+  }
+  void TearDown() override {
+    testing::StopAndReap(up_);
+    if (!IsSkipped()) PyTorchTest::TearDown();
+  }
+
+  std::string Config() const { return dir_ + "/moe.yaml"; }
+
+  // Starts `up` on run directory `run` and waits until its workers serve.
+  void StartCluster(const std::string& run,
+                    const std::vector<std::string>& sets) {
+    std::vector<std::string> args = {
+        SWITCHYARD_BINARY, "up", "--workers", "2", "--trainers", "0",
+        "--max-restarts",  "0",  "--run-dir", run, "--config",   Config()};
+    for (const auto& set : sets) {
+      args.push_back("--set");
+      args.push_back(set);
+    }
+    log_ = run + ".log";
+    up_ = testing::Spawn(args, log_);
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(90);
+    while (testing::ReadFile(log_).find("[up] cluster ready") ==
+           std::string::npos) {
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline)
+          << testing::ReadFile(log_);
+      ASSERT_EQ(::waitpid(up_, nullptr, WNOHANG), 0) << testing::ReadFile(log_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+
+  // Stops `up`; its whole output.
+  std::string StopCluster() {
+    testing::StopAndReap(up_);
+    up_ = -1;
+    return testing::ReadFile(log_);
+  }
+
+  pid_t up_ = -1;
+  std::string log_;
+};
+
+// switchyard.torch.MoE with its experts on the cluster against a plain
+// PyTorch MoE holding the same weights (fp32): outputs, input gradients and
+// the router's gradient within 1e-5 relative; after one step, the experts
+// the cluster updated (checkpoint 1, exported) equal torch.optim.AdamW's
+// update of the plain ones within 1e-5.
+TEST_F(PyTorchClusterTest, GradientsAndUpdatesMatchPlainPyTorch) {
+  const std::string weights = dir_ + "/weights.safetensors";
+  const std::string updated = dir_ + "/updated.safetensors";
+  const std::string run = dir_ + "/grad";
+  const auto wrote = RunPython(Script("moe_test.py") + " write-weights " +
+                               Config() + " " + weights);
+  ASSERT_EQ(wrote.exit_code, 0) << wrote.output;
+  StartCluster(run, {"checkpoint.init_from=" + weights});
+  const auto check =
+      RunPython(Script("moe_test.py") + " gradcheck " + run + " " + Config() +
+                " " + weights + " --updated " + updated);
+  ASSERT_EQ(check.exit_code, 0) << check.output << testing::ReadFile(log_);
+  EXPECT_NE(check.output.find("moe_test gradcheck ok"), std::string::npos)
+      << check.output;
+  // Checkpoint 1 holds the experts after the step.
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (RunSwitchyard("ckpt ls --run-dir " + run).output.find("\n1 ") ==
+         std::string::npos) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline)
+        << testing::ReadFile(log_);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  const std::string out = dir_ + "/grad-export";
+  const auto exported =
+      RunSwitchyard("ckpt export 1 --run-dir " + run + " --out " + out);
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  const auto compared = RunPython(
+      "-c 'import sys, torch\n"
+      "from switchyard.torch import read_safetensors\n"
+      "got = read_safetensors(sys.argv[1])\n"
+      "want = read_safetensors(sys.argv[2])\n"
+      "assert set(want) <= set(got), sorted(set(want) - set(got))\n"
+      "worst = max(((got[n] - want[n]).abs().max() / want[n].abs().max())"
+      ".item() for n in want)\n"
+      "print(\"tensors\", len(want), \"worst relative difference\", worst)\n"
+      "assert worst <= 1e-5, worst' " +
+      out + "/experts-layer1.safetensors " + updated);
+  EXPECT_EQ(compared.exit_code, 0) << compared.output;
+  std::cout << compared.output;
+}
+
+// Two PyTorch trainer processes (torch.distributed over gloo) and two
+// workers, 5 steps, twice: the experts' parameters and optimizer state at
+// the end (the digests the workers log) are the same bit for bit.
+TEST_F(PyTorchClusterTest, TwoDataParallelTrainersAreBitIdenticalAcrossRuns) {
+  std::map<std::string, std::string> first;
+  for (const std::string name : {"run1", "run2"}) {
+    SCOPED_TRACE(name);
+    const std::string run = dir_ + "/" + name;
+    StartCluster(run, {"cluster.trainers=2"});
+    pid_t ranks[2];
+    for (int r = 0; r < 2; ++r) {
+      std::vector<std::string> args = PythonCommand();
+      for (const std::string& a :
+           {Script("moe_test.py"), std::string("determinism"), run, Config(),
+            std::to_string(r), std::string("2"),
+            run + "-rank" + std::to_string(r) + ".json"}) {
+        args.push_back(a);
+      }
+      ranks[r] =
+          testing::Spawn(args, run + "-rank" + std::to_string(r) + ".log");
+    }
+    for (int r = 0; r < 2; ++r) {
+      const int code = testing::WaitExit(ranks[r], std::chrono::seconds(120));
+      EXPECT_EQ(code, 0) << testing::ReadFile(run + "-rank" +
+                                              std::to_string(r) + ".log");
+      if (code == -1) testing::StopAndReap(ranks[r]);  // Still running.
+    }
+    // The workers log the digests once they have applied the last step.
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (testing::Digests(testing::ReadFile(log_)).size() < 4) {
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline)
+          << testing::ReadFile(log_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    const std::string output = StopCluster();
+    auto digests = testing::Digests(output);
+    // The 4 experts of the one MoE layer (and the unused dense shards).
+    ASSERT_GE(digests.size(), 4u) << output;
+    if (first.empty()) {
+      first = digests;
+    } else {
+      EXPECT_EQ(digests, first) << output;
+    }
+  }
+}
+
+// A worker killed while a PyTorch trainer trains: the trainer gets a
+// SwitchyardError naming it, within the configured deadlines (no hang).
+TEST_F(PyTorchClusterTest, AKilledWorkerIsAnExceptionNamingIt) {
+  const std::string run = dir_ + "/kill";
+  StartCluster(run, {"training.steps=100000", "checkpoint.every=0"});
+  std::vector<std::string> args = PythonCommand();
+  args.push_back(Script("moe_test.py"));
+  args.push_back("killed");
+  args.push_back(run);
+  args.push_back(Config());
+  const std::string trainer_log = run + "-trainer.log";
+  const pid_t trainer = testing::Spawn(args, trainer_log);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (testing::ReadFile(trainer_log).find("step 3") == std::string::npos) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline)
+        << testing::ReadFile(trainer_log) << testing::ReadFile(log_);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  // worker-1's pid, from `switchyard status`.
+  const auto status = RunSwitchyard("status --run-dir " + run);
+  // Its line: name, state, address, pid, ...
+  const std::regex pid_of("\nworker-1 +\\S+ +\\S+ +([0-9]+)");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(status.output, m, pid_of)) << status.output;
+  const auto killed_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(std::stoi(m[1]), SIGKILL), 0);
+  // call_timeout_ms is 2 s, the lease 1 s: well within 20 s.
+  const int code = testing::WaitExit(trainer, std::chrono::seconds(20));
+  EXPECT_EQ(code, 0) << testing::ReadFile(trainer_log);
+  const double seconds = std::chrono::duration<double>(
+                             std::chrono::steady_clock::now() - killed_at)
+                             .count();
+  if (code == -1) testing::StopAndReap(trainer);  // Still running.
+  const std::string out = testing::ReadFile(trainer_log);
+  const size_t error = out.find("error: ");
+  ASSERT_NE(error, std::string::npos) << out;
+  const std::string line = out.substr(error, out.find('\n', error) - error);
+  EXPECT_NE(line.find("worker-1"), std::string::npos) << out;
+  std::cout << "exception " << seconds << " s after the kill: " << line
+            << std::endl;
 }
 
 }  // namespace

@@ -32,7 +32,8 @@ inline pid_t Spawn(const std::vector<std::string>& args,
   return pid;
 }
 
-// SIGTERM, then SIGKILL after 10 s; reaps the child.
+// SIGTERM, then SIGKILL after 10 s; reaps the child. Only for a child not
+// yet reaped (WaitExit reaps one that exited): its pid may be reused.
 inline void StopAndReap(pid_t pid) {
   if (pid <= 0) return;
   ::kill(pid, SIGTERM);

@@ -55,7 +55,11 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
   auto work = asio::make_work_guard(io);
   std::promise<int> stop_signal;
   std::atomic<bool> stopping{false};
-  asio::signal_set signals(io, SIGTERM, SIGINT);
+  asio::signal_set signals(io);
+  if (options.handle_signals) {
+    signals.add(SIGTERM);
+    signals.add(SIGINT);
+  }
   signals.async_wait(
       [&stop_signal, &stopping](const boost::system::error_code& ec, int sig) {
         if (ec) return;

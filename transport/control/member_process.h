@@ -39,6 +39,10 @@ struct MemberProcessOptions {
   // registered; `stopping` turns true on SIGTERM/SIGINT and the body should
   // then return soon. Its status is the process's.
   std::function<Status(const std::atomic<bool>& stopping)> body;
+  // Whether SIGTERM and SIGINT stop the member (a process of its own).
+  // false for a member embedded in another program (a Python interpreter
+  // keeps its own SIGINT): then only the body's return ends it.
+  bool handle_signals = true;
 };
 
 // Blocks until SIGTERM or SIGINT (clean shutdown: OK) or, with a body, until

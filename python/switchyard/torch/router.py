@@ -1,5 +1,6 @@
-"""The MoE router of one layer in evaluation (trainer/router.h, router.cc
-RouteForward without jitter; no aux or z losses)."""
+"""The MoE router of one layer (trainer/router.h, router.cc RouteForward
+without jitter): the routing decisions and gates, and the router's
+load-balancing and z losses."""
 
 import dataclasses
 import math
@@ -19,6 +20,7 @@ class Route:
     capacity: int  # 0: dropless
     load: torch.Tensor  # (E) int64 kept assignments per expert
     dropped: int  # assignments beyond capacity
+    logits: torch.Tensor = None  # (T, E) x W, before the softmax
 
 
 def route(x, w, top_k, capacity_factor):
@@ -32,8 +34,14 @@ def route(x, w, top_k, capacity_factor):
     rank j of all tokens before rank j + 1, tokens in order; later ones are
     dropped (gate 0).
     """
-    T, E = x.shape[0], w.shape[1]
-    probs = torch.softmax(x @ w, dim=-1)
+    return route_logits(x @ w, top_k, capacity_factor)
+
+
+def route_logits(logits, top_k, capacity_factor):
+    """route() from the router logits (T, E) = x W, differentiable in them
+    through probs and gate."""
+    T, E = logits.shape
+    probs = torch.softmax(logits, dim=-1)
     # A stable descending sort keeps equal probabilities in index order.
     expert = torch.sort(probs, dim=-1, descending=True,
                         stable=True).indices[:, :top_k]
@@ -49,8 +57,8 @@ def route(x, w, top_k, capacity_factor):
     if capacity_factor > 0 and T > 0:
         share = capacity_factor * T * top_k / float(E)  # The C++ order.
         capacity = T * top_k if share >= T * top_k else math.ceil(share)
-    kept = torch.ones(T, top_k, dtype=torch.bool)
-    load = torch.zeros(E, dtype=torch.int64)
+    kept = torch.ones(T, top_k, dtype=torch.bool, device=logits.device)
+    load = torch.zeros(E, dtype=torch.int64, device=logits.device)
     for j in range(top_k):
         onehot = F.one_hot(expert[:, j], E)  # (T, E)
         if capacity > 0:
@@ -61,4 +69,26 @@ def route(x, w, top_k, capacity_factor):
         load += onehot[kept[:, j]].sum(0)
     gate = torch.where(kept, gate, torch.zeros_like(gate))
     dropped = int((~kept).sum())
-    return Route(probs, expert, gate, kept, capacity, load, dropped)
+    return Route(probs, expert, gate, kept, capacity, load, dropped, logits)
+
+
+def router_losses(r, aux_loss_coeff, z_loss_coeff):
+    """(aux, z) of a Route, as trainer/router.cc RouteForward computes them:
+
+        aux = aux_loss_coeff * E * sum_i f_i * P_i
+        z   = z_loss_coeff * mean_t logsumexp(logits_t)^2
+
+    f_i: the fraction of tokens whose first choice is expert i (a constant);
+    P_i: the mean probability of i. 0-dim tensors of the logits' dtype,
+    differentiable in r.probs and r.logits; both 0 for T = 0 tokens.
+    """
+    T, E = r.probs.shape
+    zero = r.probs.new_zeros(())
+    if T == 0:
+        return zero, zero
+    f = torch.bincount(r.expert[:, 0], minlength=E).to(r.probs.dtype) / T
+    aux = aux_loss_coeff * E * (f * r.probs.mean(0)).sum() \
+        if aux_loss_coeff > 0 else zero
+    z = z_loss_coeff * torch.logsumexp(r.logits, -1).square().mean() \
+        if z_loss_coeff > 0 else zero
+    return aux, z

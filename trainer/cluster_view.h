@@ -1,0 +1,66 @@
+// What a trainer process knows of the cluster, shared by `switchyard train`
+// (trainer_process.cc) and the PyTorch front end's session (moe_session.h):
+// the newest routing table and committed checkpoint as the control thread
+// hears them, when a table is one to train with, and the workers this
+// trainer could not reach, reported to the coordinator once each.
+#ifndef SWITCHYARD_TRAINER_CLUSTER_VIEW_H_
+#define SWITCHYARD_TRAINER_CLUSTER_VIEW_H_
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+
+#include "common/mutex.h"
+#include "common/status.h"
+#include "common/thread_annotations.h"
+#include "control.pb.h"
+#include "transport/control/member_session.h"
+
+namespace switchyard::trainer {
+
+// Every shard placed on a worker that has confirmed its address, and the
+// cluster not held (RoutingTable.hold: the next epoch says where to go on).
+bool AllShardsReachable(const control::RoutingTable& routing);
+
+// All `workers` workers in the table, and every shard reachable: the table
+// training can start with.
+bool ReadyToTrain(const control::RoutingTable& routing, int workers);
+
+// What the control thread hears of the cluster, for the training thread,
+// which waits on `changed` for it.
+struct ClusterNews {
+  Mutex mu;
+  CondVar changed;
+  control::RoutingTable latest GUARDED_BY(mu);
+  // The newest committed checkpoint, from heartbeat acknowledgements.
+  int64_t committed GUARDED_BY(mu) = 0;
+  // When the coordinator last acknowledged a heartbeat.
+  std::chrono::steady_clock::time_point last_ack GUARDED_BY(mu);
+};
+
+// Reports a worker this trainer cannot reach (its data-plane connection
+// failed with requests pending) to the coordinator, once per incarnation:
+// it may still heartbeat, so its lease would not notice. The coordinator
+// fences it and the cluster recovers. Thread-safe.
+class PeerLostReporter {
+ public:
+  explicit PeerLostReporter(ClusterNews* news) : news_(news) {}
+  // The session to report through (reports before it are dropped).
+  void SetSession(std::shared_ptr<control::MemberSession> session)
+      EXCLUDES(mu_);
+  // DataPlane::set_peer_lost_handler's callback.
+  void Report(const std::string& address, const Status& why) EXCLUDES(mu_);
+
+ private:
+  ClusterNews* const news_;
+  Mutex mu_;
+  std::set<std::pair<std::string, uint64_t>> reported_ GUARDED_BY(mu_);
+  std::shared_ptr<control::MemberSession> session_ GUARDED_BY(mu_);
+};
+
+}  // namespace switchyard::trainer
+
+#endif  // SWITCHYARD_TRAINER_CLUSTER_VIEW_H_

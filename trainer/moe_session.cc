@@ -1,0 +1,256 @@
+#include "trainer/moe_session.h"
+
+#include <chrono>
+#include <utility>
+
+#include "common/model_shape.h"
+#include "transport/control/member_process.h"
+
+namespace switchyard::trainer {
+
+MoeSession::MoeSession(MoeSessionOptions options)
+    : options_(std::move(options)) {}
+
+MoeSession::~MoeSession() { (void)Close(); }
+
+StatusOr<std::unique_ptr<MoeSession>> MoeSession::Connect(
+    MoeSessionOptions options) {
+  const int trainers = options.config.cluster().trainers();
+  if (options.rank < 0 || options.rank >= trainers) {
+    return InvalidArgumentError(
+        "rank " + std::to_string(options.rank) +
+        " is outside [0, cluster.trainers = " + std::to_string(trainers) + ")");
+  }
+  std::unique_ptr<MoeSession> session(new MoeSession(std::move(options)));
+  RETURN_IF_ERROR(session->Start());
+  return session;
+}
+
+Status MoeSession::Start() {
+  const auto& config = options_.config;
+  ASSIGN_OR_RETURN(data_plane_,
+                   transport::NewUcxDataPlane(transport::DataPlaneOptionsFrom(
+                       config, options_.secret)));
+  data_plane_->set_peer_lost_handler(
+      [this](const std::string& address, const Status& why) {
+        lost_.Report(address, why);
+      });
+  RETURN_IF_ERROR(data_plane_->Start(transport::RefuseRequests("a trainer")));
+  client_ = std::make_unique<MoeLayerClient>(data_plane_.get(), config,
+                                             options_.rank);
+
+  control::MemberProcessOptions member;
+  member.config = config;
+  member.secret = options_.secret;
+  member.handle_signals = false;  // The host program keeps its signals.
+  auto& reg = member.registration;
+  reg.set_kind(control::TRAINER);
+  reg.set_name(options_.name.empty()
+                   ? "trainer-" + std::to_string(options_.rank)
+                   : options_.name);
+  reg.set_rank(options_.rank);
+  reg.set_device("cpu");
+  member.on_session = [this](std::shared_ptr<control::MemberSession> s) {
+    lost_.SetSession(std::move(s));
+  };
+  member.on_routing = [this](const control::RoutingTable& routing) {
+    const uint64_t training = training_epoch_.load();
+    if (training != 0 && routing.epoch() > training) {
+      // The step in flight is abandoned on every worker: stop waiting for
+      // its answers (as trainer_process.cc does).
+      data_plane_->FailPending(CancelledError("routing epoch " +
+                                              std::to_string(routing.epoch()) +
+                                              " abandons the step in flight"));
+    }
+    MutexLock lock(&news_.mu);
+    news_.latest = routing;
+    news_.changed.NotifyAll();
+  };
+  member.annotate_heartbeat = [this](control::Heartbeat* beat) {
+    beat->set_training_epoch(training_epoch_.load());
+    beat->set_step(step_.load());
+  };
+  member.on_heartbeat_ack = [this](const control::HeartbeatAck& ack) {
+    {
+      MutexLock lock(&news_.mu);
+      news_.committed = ack.committed_step();
+      news_.last_ack = std::chrono::steady_clock::now();
+    }
+    news_.changed.NotifyAll();
+  };
+  // Registered: wait for a table to train with, then until Close.
+  const auto join_timeout =
+      std::chrono::milliseconds(config.cluster().call_timeout_ms()) * 12;
+  member.body = [this, join_timeout, workers = config.cluster().workers()](
+                    const std::atomic<bool>&) -> Status {
+    MutexLock lock(&news_.mu);
+    const auto deadline = std::chrono::steady_clock::now() + join_timeout;
+    while (!ReadyToTrain(news_.latest, workers) && !closing_) {
+      if (!news_.changed.WaitUntil(&news_.mu, deadline)) {
+        return DeadlineExceededError(
+            "no routing table placing every shard within " +
+            std::to_string(join_timeout.count()) + " ms" +
+            (news_.latest.placement_error().empty()
+                 ? " (are cluster.workers = " + std::to_string(workers) +
+                       " workers running?)"
+                 : ": " + news_.latest.placement_error()));
+      }
+    }
+    ready_ = true;
+    news_.changed.NotifyAll();
+    while (!closing_) news_.changed.Wait(&news_.mu);
+    return OkStatus();
+  };
+  member_thread_ = std::thread([this, member = std::move(member)] {
+    Status s = control::RunMemberProcess(member);
+    MutexLock lock(&news_.mu);
+    member_done_ = true;
+    member_status_ = std::move(s);
+    news_.changed.NotifyAll();
+  });
+
+  // Bounded: the body gives up after join_timeout, and RunMemberProcess
+  // when registration fails for longer than call_timeout_ms x 6.
+  control::RoutingTable routing;
+  Status joined;
+  {
+    MutexLock lock(&news_.mu);
+    while (!ready_ && !member_done_) news_.changed.Wait(&news_.mu);
+    if (ready_) {
+      routing = news_.latest;
+    } else {
+      joined = member_status_.ok()
+                   ? UnavailableError("the member stopped before joining")
+                   : member_status_;
+    }
+  }
+  if (!joined.ok()) {
+    (void)Close();
+    return joined;
+  }
+  client_->SetRouting(routing);
+  epoch_ = routing.epoch();
+  resume_step_ = routing.resume_step();
+  step_ = routing.resume_step();
+  training_epoch_ = routing.epoch();
+  LOG(INFO) << "trainer " << options_.rank << ": training under routing epoch "
+            << epoch_ << " from step " << step_.load();
+  return OkStatus();
+}
+
+Status MoeSession::Close() {
+  {
+    MutexLock lock(&news_.mu);
+    closing_ = true;
+    news_.changed.NotifyAll();
+  }
+  if (member_thread_.joinable()) member_thread_.join();
+  if (data_plane_ != nullptr) data_plane_->Shutdown();
+  MutexLock lock(&news_.mu);
+  return member_status_;
+}
+
+Status MoeSession::CheckEpoch() {
+  MutexLock lock(&news_.mu);
+  if (member_done_) {
+    return member_status_.ok()
+               ? FailedPreconditionError("the session is closed")
+               : member_status_.WithContext("the session left the cluster");
+  }
+  const control::RoutingTable& latest = news_.latest;
+  if (latest.epoch() <= epoch_) return OkStatus();
+  return AbortedError(
+      "the cluster moved to routing epoch " + std::to_string(latest.epoch()) +
+      (latest.cause().empty() ? "" : " (" + latest.cause() + ")") +
+      (latest.hold() ? ", holding"
+                     : ", which resumes at step " +
+                           std::to_string(latest.resume_step())) +
+      "; step " + std::to_string(step_.load()) + " under epoch " +
+      std::to_string(epoch_) +
+      " is abandoned (restore the dense model to the resume step and "
+      "connect again)");
+}
+
+Status MoeSession::CheckCall(int layer, int micro_batch) const {
+  const int layers = NumMoeLayers(options_.config.model());
+  if (layer < 0 || layer >= layers) {
+    return InvalidArgumentError("MoE layer " + std::to_string(layer) +
+                                " is outside [0, " + std::to_string(layers) +
+                                "): the cluster's model has " +
+                                std::to_string(layers) + " MoE layers");
+  }
+  const int micro = options_.config.training().micro_batches();
+  if (micro_batch < 0 || micro_batch >= micro) {
+    return InvalidArgumentError("micro-batch " + std::to_string(micro_batch) +
+                                " is outside [0, training.micro_batches = " +
+                                std::to_string(micro) + ")");
+  }
+  return OkStatus();
+}
+
+Status MoeSession::CheckRoute(int layer, const Tensor& x,
+                              const RouterState<float>& route) const {
+  const auto& m = options_.config.model();
+  RETURN_IF_ERROR(CheckCall(layer, 0));
+  if (route.experts != m.num_experts() || route.k != m.top_k()) {
+    return InvalidArgumentError(
+        "a route over " + std::to_string(route.experts) + " experts, top-" +
+        std::to_string(route.k) + ", for a cluster of model.num_experts = " +
+        std::to_string(m.num_experts()) +
+        ", model.top_k = " + std::to_string(m.top_k()));
+  }
+  const size_t n = static_cast<size_t>(route.tokens) * route.k;
+  if (route.tokens < 0 || route.expert.size() != n || route.gate.size() != n ||
+      route.kept.size() != n) {
+    return InvalidArgumentError("route arrays do not hold tokens x k = " +
+                                std::to_string(n) + " values");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (route.expert[i] < 0 || route.expert[i] >= route.experts) {
+      return InvalidArgumentError(
+          "token " + std::to_string(i / route.k) + " is routed to expert " +
+          std::to_string(route.expert[i]) + ", outside [0, " +
+          std::to_string(route.experts) + ")");
+    }
+  }
+  if (x.dtype() != DType::kF32 || x.rank() != 2 || x.dim(0) != route.tokens ||
+      x.dim(1) != m.d_model()) {
+    return InvalidArgumentError(
+        "MoE input " + x.DebugString() +
+        " is not fp32 (tokens = " + std::to_string(route.tokens) +
+        ", model.d_model = " + std::to_string(m.d_model()) + ")");
+  }
+  return OkStatus();
+}
+
+StatusOr<Tensor> MoeSession::Forward(int layer, int micro_batch,
+                                     const Tensor& x,
+                                     const RouterState<float>& route) {
+  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(CheckCall(layer, micro_batch));
+  RETURN_IF_ERROR(CheckRoute(layer, x, route));
+  return client_->Forward(step_, micro_batch, layer, x, route);
+}
+
+StatusOr<Tensor> MoeSession::Evaluate(int layer, const Tensor& x,
+                                      const RouterState<float>& route) {
+  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(CheckRoute(layer, x, route));
+  return client_->Evaluate(step_, layer, x, route);
+}
+
+Status MoeSession::Backward(int layer, int micro_batch, const Tensor& dy,
+                            Tensor* dx, std::vector<float>* d_gate) {
+  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(CheckCall(layer, micro_batch));
+  return client_->Backward(step_, micro_batch, layer, dy, dx, d_gate);
+}
+
+Status MoeSession::StepDone() {
+  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(client_->StepDone(step_));
+  ++step_;
+  return OkStatus();
+}
+
+}  // namespace switchyard::trainer

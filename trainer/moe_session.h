@@ -1,0 +1,106 @@
+// A trainer whose model runs in another program: the PyTorch front end
+// (python/switchyard, docs/pytorch.md) holds one per process. It joins the
+// cluster as trainer `rank`, follows the routing tables, and runs the MoE
+// layers' dispatch and combine (MoeLayerClient) and the step's end
+// (StepDone) with the cluster's experts. The dense part of the model, its
+// router and their optimizer are the caller's; the cluster's dense shards
+// are not used (they receive no gradient and do not change).
+//
+// Steps: the session starts at the routing table's resume step; Forward,
+// Backward and Evaluate act at step(); StepDone ends it on every worker and
+// moves to the next. When the cluster moves to a newer routing epoch (a
+// member died, joined or was fenced), the step in flight is abandoned and
+// every later call fails with ABORTED naming the epoch and the step it
+// resumes at: the caller's dense model must go back to that step too, which
+// this session cannot do for it. Every wait has a deadline; every failure
+// is a Status with Switchyard's text.
+//
+// Thread-compatible: one thread drives a session (the control thread inside
+// is its own).
+#ifndef SWITCHYARD_TRAINER_MOE_SESSION_H_
+#define SWITCHYARD_TRAINER_MOE_SESSION_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "common/tensor.h"
+#include "config.pb.h"
+#include "trainer/cluster_view.h"
+#include "trainer/moe_client.h"
+#include "trainer/router.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::trainer {
+
+struct MoeSessionOptions {
+  config::SwitchyardConfig config;  // The cluster's, validated.
+  std::string secret;               // The cluster secret.
+  int rank = 0;                     // In [0, cluster.trainers).
+  std::string name;                 // Member name; empty: trainer-<rank>.
+};
+
+class MoeSession {
+ public:
+  // Registers and waits until every shard is reachable (deadline:
+  // cluster.call_timeout_ms x 12).
+  static StatusOr<std::unique_ptr<MoeSession>> Connect(
+      MoeSessionOptions options);
+  ~MoeSession();  // Close().
+
+  const config::SwitchyardConfig& config() const { return options_.config; }
+  int64_t step() const { return step_; }
+  uint64_t epoch() const { return epoch_; }
+
+  // x: (T, d_model) fp32. `route` holds T, E, k and the (T, k) expert,
+  // gate and kept arrays (checked: expert ids in [0, E), sizes). Returns
+  // y (T, d_model) = sum_j kept_tj * gate_tj * expert_{e_tj}(x_t); the
+  // workers keep what Backward needs, per (layer, micro_batch).
+  StatusOr<Tensor> Forward(int layer, int micro_batch, const Tensor& x,
+                           const RouterState<float>& route);
+  // The same without training state (evaluation).
+  StatusOr<Tensor> Evaluate(int layer, const Tensor& x,
+                            const RouterState<float>& route);
+  // dy: (T, d_model). Writes dx (T, d_model) and d_gate (T, k).
+  Status Backward(int layer, int micro_batch, const Tensor& dy, Tensor* dx,
+                  std::vector<float>* d_gate);
+  // Ends step() on every worker (they apply it once every rank has), then
+  // moves to the next step.
+  Status StepDone();
+  // Leaves the cluster. Idempotent.
+  Status Close();
+
+ private:
+  explicit MoeSession(MoeSessionOptions options);
+  Status Start();
+  // OK while the cluster is at the epoch this session trains under.
+  Status CheckEpoch();
+  Status CheckCall(int layer, int micro_batch) const;
+  Status CheckRoute(int layer, const Tensor& x,
+                    const RouterState<float>& route) const;
+
+  const MoeSessionOptions options_;
+  ClusterNews news_;
+  PeerLostReporter lost_{&news_};
+  std::unique_ptr<transport::DataPlane> data_plane_;
+  std::unique_ptr<MoeLayerClient> client_;
+  std::thread member_thread_;
+  // The member thread's state, under news_.mu.
+  bool ready_ GUARDED_BY(news_.mu) = false;
+  bool closing_ GUARDED_BY(news_.mu) = false;
+  bool member_done_ GUARDED_BY(news_.mu) = false;
+  Status member_status_ GUARDED_BY(news_.mu);
+  // The epoch training runs under (0: not yet), read by the control thread.
+  std::atomic<uint64_t> training_epoch_{0};
+  std::atomic<int64_t> step_{0};
+  uint64_t epoch_ = 0;
+  int64_t resume_step_ = 0;
+};
+
+}  // namespace switchyard::trainer
+
+#endif  // SWITCHYARD_TRAINER_MOE_SESSION_H_
