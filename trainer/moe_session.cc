@@ -157,14 +157,14 @@ Status MoeSession::CheckEpoch() {
                ? FailedPreconditionError("the session is closed")
                : member_status_.WithContext("the session left the cluster");
   }
-  const control::RoutingTable& latest = news_.latest;
-  if (latest.epoch() <= epoch_) return OkStatus();
+  if (news_.latest.epoch() <= epoch_) return OkStatus();
   return AbortedError(
-      "the cluster moved to routing epoch " + std::to_string(latest.epoch()) +
-      (latest.cause().empty() ? "" : " (" + latest.cause() + ")") +
-      (latest.hold() ? ", holding"
-                     : ", which resumes at step " +
-                           std::to_string(latest.resume_step())) +
+      "the cluster moved to routing epoch " +
+      std::to_string(news_.latest.epoch()) +
+      (news_.latest.cause().empty() ? "" : " (" + news_.latest.cause() + ")") +
+      (news_.latest.hold() ? ", holding"
+                           : ", which resumes at step " +
+                                 std::to_string(news_.latest.resume_step())) +
       "; step " + std::to_string(step_.load()) + " under epoch " +
       std::to_string(epoch_) +
       " is abandoned (restore the dense model to the resume step and "

@@ -254,6 +254,10 @@ TEST_F(PyTorchClusterTest, GradientsAndUpdatesMatchPlainPyTorch) {
   ASSERT_EQ(check.exit_code, 0) << check.output << testing::ReadFile(log_);
   EXPECT_NE(check.output.find("moe_test gradcheck ok"), std::string::npos)
       << check.output;
+  // Bad calls (an unknown expert, layer or micro-batch, wrong sizes) were
+  // refused with errors naming them.
+  EXPECT_NE(check.output.find("refusals ok"), std::string::npos)
+      << check.output;
   // Checkpoint 1 holds the experts after the step.
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::seconds(30);

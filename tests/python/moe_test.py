@@ -63,6 +63,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import yaml  # Debian's python3-yaml, a dependency of python3-torch.
 from torch import nn
@@ -203,6 +204,43 @@ def write_weights(args):
     return 0
 
 
+def check_refusals(session):
+    """Bad calls through the binding are SwitchyardErrors naming what is
+    wrong, and leave the session usable (trainer/moe_session.cc checks)."""
+    core = session._core  # The binding itself, below the wrapper.
+    d, k, E = session.d_model, session.top_k, session.num_experts
+    x = np.zeros((4, d), np.float32)
+    experts = np.zeros((4, k), np.int32)
+    gates = np.ones((4, k), np.float32)
+    kept = np.ones((4, k), np.uint8)
+    bad_expert = experts.copy()
+    bad_expert[2, 0] = E + 5
+    for what, call, want in (
+            ("an unknown expert",
+             lambda: core.forward(0, 0, x, bad_expert, gates, kept),
+             "outside [0, %d)" % E),
+            ("a layer the model lacks",
+             lambda: core.forward(session.num_moe_layers, 0, x, experts,
+                                  gates, kept), "MoE layer"),
+            ("a micro-batch beyond training.micro_batches",
+             lambda: core.forward(0, session.micro_batches, x, experts, gates,
+                                  kept), "micro-batch"),
+            ("x of the wrong width",
+             lambda: core.forward(0, 0, np.zeros((4, d + 1), np.float32),
+                                  experts, gates, kept), "d_model"),
+            ("route arrays of another length",
+             lambda: core.forward(0, 0, x, experts[:3], gates, kept),
+             "(tokens, k)")):
+        try:
+            call()
+        except sy.SwitchyardError as e:
+            check(want in str(e), "%s: the error %r does not say %r", what,
+                  str(e), want)
+        else:
+            check(False, "%s was accepted", what)
+    print("refusals ok", flush=True)
+
+
 def gradcheck(args):
     config = load_config(args.config, args.set)
     model, training = model_config(config), config["training"]
@@ -213,6 +251,7 @@ def gradcheck(args):
                          ["cluster.trainers=1"] + args.set,
                          name="moe-test-gradcheck")
     check_session(session, model)
+    check_refusals(session)
     step = session.step
     check(step == 0, "gradcheck needs a fresh run at step 0 (AdamW's bias "
           "correction starts there); the cluster is at step %d", step)
