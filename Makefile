@@ -45,7 +45,8 @@ CHAOS_EVERY ?= 20
 
 SOAK_PASSES ?= 10
 # Sanitizer builds: no CUDA (nvcc's host pass takes no sanitizer flags).
-SANITIZER_CMAKE = -DCMAKE_BUILD_TYPE=Release -DSWITCHYARD_CUDA=OFF
+SANITIZER_CMAKE = -DCMAKE_BUILD_TYPE=Release -DSWITCHYARD_CUDA=OFF \
+                  -DSWITCHYARD_PYTHON_PACKAGE=ON
 # The tests TSan runs: everything below the multi-process tests.
 TSAN_TESTS ?= common_test transport_test data_plane_test \
               checkpoint_store_test expert_worker_test coordinator_test
@@ -69,7 +70,8 @@ bootstrap:
 	@bash scripts/bootstrap.sh
 
 $(BUILD_DIR)/CMakeCache.txt:
-	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE)
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+	  -DSWITCHYARD_PYTHON_PACKAGE=ON
 
 build: $(BUILD_DIR)/CMakeCache.txt
 	cmake --build $(BUILD_DIR) -j $(JOBS)
