@@ -78,6 +78,7 @@ class PyTorchTest : public ::testing::Test {
 
 struct Variant {
   std::string name;
+  std::string config;  // In examples/.
   std::string flags;
   int dense_tensors = 0;  // In the model's DenseLayout.
 };
@@ -89,20 +90,21 @@ struct Variant {
 // from the file instead: `ckpt import` takes every tensor, and the loss is
 // the same to the last digit.
 TEST_F(PyTorchTest, AnExportLoadsIntoPyTorchWithSwitchyardsLoss) {
-  const std::string base =
-      " --config " + std::string(SWITCHYARD_SOURCE_DIR) +
-      "/examples/tiny.yaml --data " + dir_ +
-      "/data --set training.steps=20 --set training.threads=1"
-      " --set training.batch_size=4";
+  const std::string base = " --data " + dir_ +
+                           "/data --set training.steps=20"
+                           " --set training.threads=1"
+                           " --set training.batch_size=4";
   const Variant variants[] = {
+      // The demo model (rotary positions, 8 experts, top-1).
+      {"demo", "demo.yaml", "", 37},
       // Top-2 with capacity in training, a larger one at evaluation.
-      {"top2_capacity",
+      {"top2_capacity", "tiny.yaml",
        " --set model.top_k=2 --set model.capacity_factor=1.0"
        " --set training.eval_capacity_factor=1.5",
        38},
       // SwiGLU without biases, LayerNorm, rotary positions, experts in two
       // shards each (joined by the export).
-      {"swiglu_rotary",
+      {"swiglu_rotary", "tiny.yaml",
        " --set model.activation=swiglu --set model.norm=layernorm"
        " --set model.positions=rotary --set model.expert_bias=false"
        " --set model.shards_per_expert=2",
@@ -110,7 +112,9 @@ TEST_F(PyTorchTest, AnExportLoadsIntoPyTorchWithSwitchyardsLoss) {
   for (const Variant& v : variants) {
     SCOPED_TRACE(v.name);
     const std::string run = dir_ + "/" + v.name, out = run + "-export";
-    const std::string flags = base + v.flags;
+    const std::string flags = " --config " +
+                              std::string(SWITCHYARD_SOURCE_DIR) +
+                              "/examples/" + v.config + base + v.flags;
     const auto trained = RunSwitchyard(
         "up --workers 2 --run-dir " + run + flags +
             " --set checkpoint.every=10 --set cluster.heartbeat_ms=200",
