@@ -205,12 +205,18 @@ class PyTorchClusterTest : public PyTorchTest {
 
   std::string Config() const { return dir_ + "/moe.yaml"; }
 
-  // Starts `up` on run directory `run` and waits until its workers serve.
+  // Starts `up` on run directory `run` with `config` (default: Config())
+  // and waits until its workers serve.
   void StartCluster(const std::string& run,
-                    const std::vector<std::string>& sets) {
+                    const std::vector<std::string>& sets,
+                    const std::string& config = "") {
     std::vector<std::string> args = {
-        SWITCHYARD_BINARY, "up", "--workers", "2", "--trainers", "0",
-        "--max-restarts",  "0",  "--run-dir", run, "--config",   Config()};
+        SWITCHYARD_BINARY, "up",
+        "--workers",       "2",
+        "--trainers",      "0",
+        "--max-restarts",  "0",
+        "--run-dir",       run,
+        "--config",        config.empty() ? Config() : config};
     for (const auto& set : sets) {
       args.push_back("--set");
       args.push_back(set);
@@ -377,6 +383,24 @@ TEST_F(PyTorchClusterTest, AKilledWorkerIsAnExceptionNamingIt) {
   EXPECT_NE(line.find("worker-1"), std::string::npos) << out;
   std::cout << "exception " << seconds << " s after the kill: " << line
             << std::endl;
+}
+
+// examples/torch_moe.py (docs/pytorch.md) trains the demo model's MoE
+// shape from PyTorch against `up --trainers 0`: the loss falls from ln 256.
+TEST_F(PyTorchClusterTest, TheExampleTrains) {
+  const std::string run = dir_ + "/example";
+  const std::string config =
+      std::string(SWITCHYARD_SOURCE_DIR) + "/examples/demo.yaml";
+  StartCluster(run, {"cluster.trainers=1"}, config);
+  const auto trained = RunPython(
+      std::string(SWITCHYARD_SOURCE_DIR) + "/examples/torch_moe.py --run-dir " +
+      run + " --config " + config + " --set cluster.trainers=1 --data " + dir_ +
+      "/data --steps 30 --log-every 10");
+  ASSERT_EQ(trained.exit_code, 0) << trained.output << testing::ReadFile(log_);
+  const double loss = NumberAfter(trained.output, "done: loss");
+  EXPECT_LT(loss, 4.0) << trained.output;  // ln 256 = 5.55 at the start.
+  EXPECT_NE(trained.output.find("step 30/30 loss"), std::string::npos)
+      << trained.output;
 }
 
 }  // namespace
