@@ -16,7 +16,8 @@ dense block.
         --set cluster.trainers=1 --data build/demo-corpus --steps 200
 
 Several data-parallel processes: start `up` with cluster.trainers=N and
-run N copies with --rank R --world N (torch.distributed over gloo). Each
+run N copies with --rank R --world N (torch.distributed over gloo, which
+meets in RUN_DIR/torch-rendezvous: remove it before a new run). Each
 rank's loss is scaled by 1/N: the workers sum the ranks' expert gradients,
 and the dense gradients are summed with all_reduce, so both are the mean
 over the ranks (as trainer/training.cc does).
@@ -144,7 +145,10 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
                                   weight_decay=0.0)
     text = read_corpus(args.data)
-    start, tokens = time.time(), 0
+    start, tokens, loss = time.time(), 0, None
+    if session.step >= args.steps:
+        sys.exit(f"torch_moe: the cluster is at step {session.step}, "
+                 f"at or past --steps {args.steps}")
     for step in range(session.step, args.steps):
         inputs, targets = batch(text, step, args.rank, args.batch_size,
                                 args.seq_len, args.seed)

@@ -2,8 +2,9 @@
 // (trainer/moe_session.h). python/switchyard/torch wraps it in nn.Modules;
 // docs/pytorch.md documents both. Arrays cross as numpy arrays (torch
 // tensors' .numpy() and torch.from_numpy, no copy on the torch side); the
-// GIL is released while a call waits on the cluster. Every failure raises
-// SwitchyardError with Switchyard's status text.
+// GIL is released while a call waits on the cluster (and while a session
+// is deleted: it leaves the cluster). Every failure raises SwitchyardError
+// with Switchyard's status text.
 #include <glog/logging.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -91,6 +92,20 @@ trainer::RouterState<float> ToRoute(const trainer::MoeSession& s,
   return route;
 }
 
+// Deletes a session without the GIL: leaving the cluster waits on the
+// network, and other Python threads should run meanwhile.
+struct DeleteWithoutGil {
+  void operator()(trainer::MoeSession* session) const {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      delete session;
+    } else {
+      delete session;
+    }
+  }
+};
+using SessionHolder = std::unique_ptr<trainer::MoeSession, DeleteWithoutGil>;
+
 // `call()` with the GIL released (it waits on the cluster).
 template <typename F>
 auto WithoutGil(F&& call) {
@@ -152,7 +167,7 @@ PYBIND11_MODULE(_core, m) {
                                                  PyExc_RuntimeError);
   sy::g_error = error.ptr();
 
-  py::class_<MoeSession>(m, "Session")
+  py::class_<MoeSession, sy::SessionHolder>(m, "Session")
       .def(py::init([](const std::string& config_path, int rank,
                        const std::string& run_dir,
                        const std::vector<std::string>& overrides,
@@ -161,8 +176,10 @@ PYBIND11_MODULE(_core, m) {
                  sy::Options(config_path, overrides, run_dir);
              options.rank = rank;
              options.name = name;
-             return sy::ValueOrRaise(sy::WithoutGil(
-                 [&] { return MoeSession::Connect(std::move(options)); }));
+             return sy::SessionHolder(sy::ValueOrRaise(sy::WithoutGil([&] {
+                                        return MoeSession::Connect(
+                                            std::move(options));
+                                      })).release());
            }),
            py::arg("config_path"), py::arg("rank"), py::arg("run_dir") = "",
            py::arg("overrides") = std::vector<std::string>(),

@@ -1,8 +1,12 @@
 #include "trainer/moe_session.h"
 
+#include <google/protobuf/util/message_differencer.h>
+
 #include <chrono>
+#include <cstdint>
 #include <utility>
 
+#include "common/finite.h"
 #include "common/model_shape.h"
 #include "transport/control/member_process.h"
 
@@ -70,6 +74,12 @@ Status MoeSession::Start() {
     beat->set_training_epoch(training_epoch_.load());
     beat->set_step(step_.load());
   };
+  member.on_registered = [this](const control::RegisterResponse& response) {
+    std::string difference = ConfigDifference(response.config());
+    MutexLock lock(&news_.mu);
+    config_difference_ = std::move(difference);
+    news_.changed.NotifyAll();
+  };
   member.on_heartbeat_ack = [this](const control::HeartbeatAck& ack) {
     {
       MutexLock lock(&news_.mu);
@@ -96,6 +106,10 @@ Status MoeSession::Start() {
                  : ": " + news_.latest.placement_error()));
       }
     }
+    // A session of another configuration leaves cleanly (Start reports
+    // why), not by lease expiry later.
+    if (!config_difference_.empty()) return OkStatus();
+    ready_routing_ = news_.latest;
     ready_ = true;
     news_.changed.NotifyAll();
     while (!closing_) news_.changed.Wait(&news_.mu);
@@ -117,7 +131,9 @@ Status MoeSession::Start() {
     MutexLock lock(&news_.mu);
     while (!ready_ && !member_done_) news_.changed.Wait(&news_.mu);
     if (ready_) {
-      routing = news_.latest;
+      routing = ready_routing_;
+    } else if (!config_difference_.empty()) {
+      joined = FailedPreconditionError(config_difference_);
     } else {
       joined = member_status_.ok()
                    ? UnavailableError("the member stopped before joining")
@@ -139,6 +155,7 @@ Status MoeSession::Start() {
 }
 
 Status MoeSession::Close() {
+  MutexLock calls(&call_mu_);
   {
     MutexLock lock(&news_.mu);
     closing_ = true;
@@ -157,7 +174,15 @@ Status MoeSession::CheckEpoch() {
                ? FailedPreconditionError("the session is closed")
                : member_status_.WithContext("the session left the cluster");
   }
+  if (!config_difference_.empty()) {
+    return FailedPreconditionError(config_difference_);
+  }
   if (news_.latest.epoch() <= epoch_) return OkStatus();
+  // Leave now: a session that stayed registered would be fenced by the
+  // next one of its rank and come back as a new incarnation, fencing that
+  // one in turn.
+  closing_ = true;
+  news_.changed.NotifyAll();
   return AbortedError(
       "the cluster moved to routing epoch " +
       std::to_string(news_.latest.epoch()) +
@@ -167,8 +192,33 @@ Status MoeSession::CheckEpoch() {
                                  std::to_string(news_.latest.resume_step())) +
       "; step " + std::to_string(step_.load()) + " under epoch " +
       std::to_string(epoch_) +
-      " is abandoned (restore the dense model to the resume step and "
-      "connect again)");
+      " is abandoned and this session has left the cluster (close it, "
+      "restore the dense model to the resume step, connect again)");
+}
+
+std::string MoeSession::ConfigDifference(
+    const config::SwitchyardConfig& cluster) const {
+  // What a trainer's requests depend on, from both configurations.
+  auto relevant = [](const config::SwitchyardConfig& c) {
+    config::SwitchyardConfig r;
+    *r.mutable_model() = c.model();
+    r.mutable_cluster()->set_trainers(c.cluster().trainers());
+    r.mutable_training()->set_micro_batches(c.training().micro_batches());
+    r.mutable_training()->set_eval_capacity_factor(
+        c.training().eval_capacity_factor());
+    r.mutable_training()->set_wire_dtype(c.training().wire_dtype());
+    return r;
+  };
+  std::string report;
+  google::protobuf::util::MessageDifferencer differencer;
+  differencer.ReportDifferencesToString(&report);
+  if (differencer.Compare(relevant(cluster), relevant(options_.config))) {
+    return "";
+  }
+  return "this session's configuration differs from the cluster's (" +
+         report.substr(0, report.find_last_not_of('\n') + 1) +
+         "; the cluster's first): connect with the configuration and --set "
+         "overrides given to `switchyard up`";
 }
 
 Status MoeSession::CheckCall(int layer, int micro_batch) const {
@@ -200,7 +250,12 @@ Status MoeSession::CheckRoute(int layer, const Tensor& x,
         ", model.top_k = " + std::to_string(m.top_k()));
   }
   const size_t n = static_cast<size_t>(route.tokens) * route.k;
-  if (route.tokens < 0 || route.expert.size() != n || route.gate.size() != n ||
+  // The client indexes (token, choice) pairs with int.
+  if (route.tokens < 0 || n > static_cast<size_t>(INT32_MAX / 2)) {
+    return InvalidArgumentError(std::to_string(route.tokens) +
+                                " tokens: too many for one call");
+  }
+  if (route.expert.size() != n || route.gate.size() != n ||
       route.kept.size() != n) {
     return InvalidArgumentError("route arrays do not hold tokens x k = " +
                                 std::to_string(n) + " values");
@@ -226,6 +281,7 @@ Status MoeSession::CheckRoute(int layer, const Tensor& x,
 StatusOr<Tensor> MoeSession::Forward(int layer, int micro_batch,
                                      const Tensor& x,
                                      const RouterState<float>& route) {
+  MutexLock calls(&call_mu_);
   RETURN_IF_ERROR(CheckEpoch());
   RETURN_IF_ERROR(CheckCall(layer, micro_batch));
   RETURN_IF_ERROR(CheckRoute(layer, x, route));
@@ -234,6 +290,7 @@ StatusOr<Tensor> MoeSession::Forward(int layer, int micro_batch,
 
 StatusOr<Tensor> MoeSession::Evaluate(int layer, const Tensor& x,
                                       const RouterState<float>& route) {
+  MutexLock calls(&call_mu_);
   RETURN_IF_ERROR(CheckEpoch());
   RETURN_IF_ERROR(CheckRoute(layer, x, route));
   return client_->Evaluate(step_, layer, x, route);
@@ -241,12 +298,19 @@ StatusOr<Tensor> MoeSession::Evaluate(int layer, const Tensor& x,
 
 Status MoeSession::Backward(int layer, int micro_batch, const Tensor& dy,
                             Tensor* dx, std::vector<float>* d_gate) {
+  MutexLock calls(&call_mu_);
   RETURN_IF_ERROR(CheckEpoch());
   RETURN_IF_ERROR(CheckCall(layer, micro_batch));
+  // A NaN or infinity would make every worker refuse the step's update and
+  // stop the whole run (a loss scaler's overflow step, a loss spike).
+  RETURN_IF_ERROR(CheckFinite(
+      dy, "the output gradient of MoE layer " + std::to_string(layer) +
+              " (skip step_done for this step, or lower the loss scale)"));
   return client_->Backward(step_, micro_batch, layer, dy, dx, d_gate);
 }
 
 Status MoeSession::StepDone() {
+  MutexLock calls(&call_mu_);
   RETURN_IF_ERROR(CheckEpoch());
   RETURN_IF_ERROR(client_->StepDone(step_));
   ++step_;

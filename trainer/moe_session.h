@@ -9,14 +9,21 @@
 // Steps: the session starts at the routing table's resume step; Forward,
 // Backward and Evaluate act at step(); StepDone ends it on every worker and
 // moves to the next. When the cluster moves to a newer routing epoch (a
-// member died, joined or was fenced), the step in flight is abandoned and
-// every later call fails with ABORTED naming the epoch and the step it
-// resumes at: the caller's dense model must go back to that step too, which
-// this session cannot do for it. Every wait has a deadline; every failure
-// is a Status with Switchyard's text.
+// member died, joined or was fenced), the step in flight is abandoned:
+// the session leaves the cluster (so that it never comes back as a new
+// incarnation of its own accord) and every later call fails with ABORTED
+// naming the epoch, its cause and the step it resumes at. The caller's
+// dense model must go back to that step too, which this session cannot do
+// for it: close it and connect a new one. Every wait has a deadline; every
+// failure is a Status with Switchyard's text.
 //
-// Thread-compatible: one thread drives a session (the control thread inside
-// is its own).
+// The configuration must be the cluster's where it matters to a trainer
+// (the model, cluster.trainers, training.micro_batches and
+// eval_capacity_factor and wire_dtype): Connect compares it with
+// the coordinator's and fails naming what differs.
+//
+// Thread-safe: calls are serialized (the control thread inside is its
+// own).
 #ifndef SWITCHYARD_TRAINER_MOE_SESSION_H_
 #define SWITCHYARD_TRAINER_MOE_SESSION_H_
 
@@ -27,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "common/tensor.h"
 #include "config.pb.h"
@@ -46,8 +54,8 @@ struct MoeSessionOptions {
 
 class MoeSession {
  public:
-  // Registers and waits until every shard is reachable (deadline:
-  // cluster.call_timeout_ms x 12).
+  // Registers (deadline: cluster.call_timeout_ms x 6) and waits until every
+  // shard is reachable (cluster.call_timeout_ms x 12 more).
   static StatusOr<std::unique_ptr<MoeSession>> Connect(
       MoeSessionOptions options);
   ~MoeSession();  // Close().
@@ -61,29 +69,36 @@ class MoeSession {
   // y (T, d_model) = sum_j kept_tj * gate_tj * expert_{e_tj}(x_t); the
   // workers keep what Backward needs, per (layer, micro_batch).
   StatusOr<Tensor> Forward(int layer, int micro_batch, const Tensor& x,
-                           const RouterState<float>& route);
+                           const RouterState<float>& route) EXCLUDES(call_mu_);
   // The same without training state (evaluation).
   StatusOr<Tensor> Evaluate(int layer, const Tensor& x,
-                            const RouterState<float>& route);
-  // dy: (T, d_model). Writes dx (T, d_model) and d_gate (T, k).
+                            const RouterState<float>& route) EXCLUDES(call_mu_);
+  // dy: (T, d_model), finite (a NaN or infinity is refused before it
+  // reaches the workers, which would stop the run). Writes dx (T, d_model)
+  // and d_gate (T, k).
   Status Backward(int layer, int micro_batch, const Tensor& dy, Tensor* dx,
-                  std::vector<float>* d_gate);
+                  std::vector<float>* d_gate) EXCLUDES(call_mu_);
   // Ends step() on every worker (they apply it once every rank has), then
   // moves to the next step.
-  Status StepDone();
+  Status StepDone() EXCLUDES(call_mu_);
   // Leaves the cluster. Idempotent.
-  Status Close();
+  Status Close() EXCLUDES(call_mu_);
 
  private:
   explicit MoeSession(MoeSessionOptions options);
   Status Start();
-  // OK while the cluster is at the epoch this session trains under.
+  // OK while the cluster is at the epoch this session trains under (else
+  // the session leaves: see above) and its configuration is the cluster's.
   Status CheckEpoch();
+  // What differs between `cluster`'s configuration and options_.config
+  // where it matters to a trainer ("" when nothing).
+  std::string ConfigDifference(const config::SwitchyardConfig& cluster) const;
   Status CheckCall(int layer, int micro_batch) const;
   Status CheckRoute(int layer, const Tensor& x,
                     const RouterState<float>& route) const;
 
   const MoeSessionOptions options_;
+  Mutex call_mu_;  // Serializes the public calls.
   ClusterNews news_;
   PeerLostReporter lost_{&news_};
   std::unique_ptr<transport::DataPlane> data_plane_;
@@ -94,6 +109,10 @@ class MoeSession {
   bool closing_ GUARDED_BY(news_.mu) = false;
   bool member_done_ GUARDED_BY(news_.mu) = false;
   Status member_status_ GUARDED_BY(news_.mu);
+  // The table the member found ready to train with.
+  control::RoutingTable ready_routing_ GUARDED_BY(news_.mu);
+  // ConfigDifference with the coordinator's configuration at registration.
+  std::string config_difference_ GUARDED_BY(news_.mu);
   // The epoch training runs under (0: not yet), read by the control thread.
   std::atomic<uint64_t> training_epoch_{0};
   std::atomic<int64_t> step_{0};

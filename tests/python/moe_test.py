@@ -247,6 +247,19 @@ def gradcheck(args):
     check(training["optimizer"] == "adamw", "gradcheck reproduces AdamW "
           "only; training.optimizer is %s", training["optimizer"])
     weights = read_safetensors(args.weights)
+    # A session whose model differs from the cluster's is refused, naming
+    # the field, and leaves (the real session below joins after it).
+    other_k = 1 if model.top_k != 1 else 2
+    try:
+        sy.connect(args.config, 0, args.run_dir,
+                   ["cluster.trainers=1", "model.top_k=%d" % other_k] +
+                   args.set, name="moe-test-mismatch")
+    except sy.SwitchyardError as e:
+        check("top_k" in str(e) and "differs from the cluster" in str(e),
+              "the refusal does not name model.top_k: %s", e)
+    else:
+        check(False, "a session with another model.top_k was accepted")
+    print("configuration mismatch refused", flush=True)
     session = sy.connect(args.config, 0, args.run_dir,
                          ["cluster.trainers=1"] + args.set,
                          name="moe-test-gradcheck")
@@ -433,16 +446,16 @@ def determinism(args):
 
 
 def killed(args):
+    """Trains until a SwitchyardError (the harness kills a worker), prints
+    it, then does what docs/pytorch.md tells a user to: connect again (the
+    old session has left the cluster), attach, and train 3 more steps from
+    the cluster's resume step. Exit 0 when all of that worked."""
     error_class = sy.SwitchyardError
     deadline = time.monotonic() + args.timeout_s
-    try:
-        session = sy.connect(args.config, 0, args.run_dir, args.set,
-                             name="moe-test-killed")
-        torch.manual_seed(GRADCHECK_SEED)
-        moes = nn.ModuleList(MoE.from_session(session)
-                             for _ in range(session.num_moe_layers))
-        sy.attach(moes, session)
-        while time.monotonic() < deadline:
+    torch.manual_seed(GRADCHECK_SEED)
+
+    def train(session, moes, steps):
+        for _ in range(steps):
             step = session.step
             for _ in range(session.micro_batches):
                 x = torch.randn(TOKENS, session.d_model)
@@ -454,16 +467,33 @@ def killed(args):
                 (loss + x.square().mean()).backward()
             sy.step_done(session)
             print("step %d" % step, flush=True)
-    except error_class as e:
-        print("error: %s" % e, flush=True)
+            if time.monotonic() > deadline:
+                raise TimeoutError("no SwitchyardError within %g s" %
+                                   args.timeout_s)
+
+    try:
+        session = sy.connect(args.config, 0, args.run_dir, args.set,
+                             name="moe-test-killed")
+        moes = nn.ModuleList(MoE.from_session(session)
+                             for _ in range(session.num_moe_layers))
+        sy.attach(moes, session)
+        try:
+            train(session, moes, 1 << 30)
+        except error_class as e:
+            print("error: %s" % e, flush=True)
+        # The cluster recovers by itself; this trainer joins it again.
+        session = sy.connect(args.config, 0, args.run_dir, args.set,
+                             name="moe-test-killed")
+        sy.attach(moes, session)
+        print("reconnected at step %d under epoch %d" %
+              (session.step, session.epoch), flush=True)
+        train(session, moes, 3)
+        session.close()
+        print("moe_test killed ok", flush=True)
         return 0
     except Exception as e:  # noqa: BLE001 - reported, then exit 1.
-        print("error (not a SwitchyardError): %s: %s" %
-              (type(e).__name__, e), flush=True)
+        print("error (%s): %s" % (type(e).__name__, e), flush=True)
         return 1
-    print("error: no SwitchyardError within %g s" % args.timeout_s,
-          flush=True)
-    return 1
 
 
 def parse(argv):

@@ -40,6 +40,7 @@ Status RunMemberProcess(const MemberProcessOptions& options) {
   session_options.loads = options.loads;
   session_options.on_heartbeat_ack = options.on_heartbeat_ack;
   session_options.annotate_heartbeat = options.annotate_heartbeat;
+  session_options.on_registered = options.on_registered;
 
   // The io_context lives as long as the session does: a session handed out
   // (on_session) may be released after this returns, and its timers belong

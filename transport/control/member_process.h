@@ -31,6 +31,9 @@ struct MemberProcessOptions {
   std::function<void(Heartbeat*)> annotate_heartbeat;
   // Heartbeat acknowledgements (optional; on the control thread).
   std::function<void(const HeartbeatAck&)> on_heartbeat_ack;
+  // Registration responses, before their routing table (optional; on the
+  // control thread).
+  std::function<void(const RegisterResponse&)> on_registered;
   // Called once with the session, before it starts (optional): for calls
   // such as MemberSession::ReportCheckpoint. A copy may outlive
   // RunMemberProcess: it keeps the session's io_context alive with it.

@@ -83,6 +83,9 @@ void MemberSession::Register() {
                   self->registered_ = true;
                   self->last_error_ = OkStatus();
                   lock.Unlock();
+                  if (self->options_.on_registered) {
+                    self->options_.on_registered(resp);
+                  }
                   self->cv_.NotifyAll();
                   self->DeliverRouting(resp.routing());
                 });

@@ -40,6 +40,9 @@ struct MemberSessionOptions {
   // Runs on the io_context thread with every heartbeat acknowledgement
   // (committed checkpoints; may be empty).
   std::function<void(const HeartbeatAck&)> on_heartbeat_ack;
+  // Runs on the io_context thread with every registration's response,
+  // before its routing table is delivered (may be empty).
+  std::function<void(const RegisterResponse&)> on_registered;
 };
 
 class MemberSession : public std::enable_shared_from_this<MemberSession> {

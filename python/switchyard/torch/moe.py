@@ -187,8 +187,11 @@ class MoE(nn.Module):
 
     def _next_micro_batch(self, session):
         step = session.step
-        if self._count_step != step:
-            self._count_step, self._forwards = step, 0
+        # Per session, epoch and step: after a reconnect the cluster may
+        # continue at the same step number, whose forwards start again.
+        key = (id(session), session.epoch, step)
+        if self._count_step != key:
+            self._count_step, self._forwards = key, 0
         if self._forwards >= session.micro_batches:
             raise RuntimeError(
                 "MoE layer %d: training forward %d of step %d, but the "
@@ -262,4 +265,5 @@ def attach(model, session=None):
                                  cluster_field, theirs))
     for layer, (_, m) in enumerate(named):
         m.layer, m.session = layer, session
+        m._count_step, m._forwards = None, 0  # A new session counts anew.
     return [m for _, m in named]

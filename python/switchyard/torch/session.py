@@ -140,11 +140,21 @@ def connect(config, rank, run_dir="", overrides=(), name=""):
     strings applied after it (pass those given to `switchyard up`);
     run_dir: the `switchyard up --run-dir` directory, whose
     coordinator.addr and secret are used when given; name: the member name
-    (empty: chosen by the cluster). Blocks until every expert shard is
-    reachable, or raises SwitchyardError after cluster.call_timeout_ms x 12.
+    (empty: trainer-<rank>). Closes the current session first, if one is
+    open. Blocks until every expert shard is reachable, or raises
+    SwitchyardError (registration within cluster.call_timeout_ms x 6, then
+    a routing table within x 12 more).
     """
     global _current
     core = _import_core()
+    if _current is not None and not _current.closed:
+        # A session left open would keep its rank's registration: close it
+        # first (after a failure it has already left the cluster, and
+        # its error was raised then).
+        try:
+            _current.close()
+        except error_class():
+            pass
     session = Session(core.Session(os.fspath(config), int(rank),
                                    os.fspath(run_dir),
                                    [str(o) for o in overrides], str(name)))
