@@ -18,6 +18,16 @@ WARMUP = 2
 TOKENS = 1024
 
 
+def x_grad(moe, x, dy):
+    """dLoss/dx of one more pass (evaluation mode keeps nothing on the
+    workers, so this one runs in training mode and ends with step_done)."""
+    x = x.clone().requires_grad_(True)
+    y, _ = moe(x)
+    y.backward(dy)
+    sy.step_done()
+    return x.grad
+
+
 def main():
     run_dir, config, rank, steps, result = sys.argv[1:6]
     rank, steps = int(rank), int(steps)
@@ -39,6 +49,11 @@ def main():
         y.backward(dy)
         sy.step_done(session)
     seconds = time.perf_counter() - start
+    # What was timed produced numbers: the last step's output and input
+    # gradient are finite and not all zero.
+    for name, t in (("y", y), ("dx", x_grad(moe, x, dy))):
+        if not torch.isfinite(t).all() or not t.abs().sum() > 0:
+            sys.exit("torch_moe_bench: %s is not finite and non-zero" % name)
     session.close()
     with open(result, "w") as f:
         f.write("%.6f\n" % seconds)

@@ -8,7 +8,8 @@
 # up --trainers 0`, then moe_layer_bench itself (C++ trainers, the same
 # client code) in the same run. Prints both tokens/s and their ratio.
 #
-# usage: bench/torch_moe_bench.sh [BUILD_DIR]    (STEPS=N, default 10)
+# usage: bench/torch_moe_bench.sh [BUILD_DIR]    (STEPS=N, default 10;
+#        SWITCHYARD_PYTHON=interpreter with torch, default /usr/bin/python3)
 set -euo pipefail
 build_dir=${1:-build}
 steps=${STEPS:-10}
