@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <sstream>
 
 #include "reference/reference.h"
@@ -151,6 +152,46 @@ INSTANTIATE_TEST_SUITE_P(
                       EdgeCase{"capacity_one_token", 1, 0.01},
                       EdgeCase{"sequence_of_one", 2, 0, 1}),
     EdgeName);
+
+// EvaluateText through the reference: whole windows of seq_len + 1 bytes
+// at stride seq_len, at most max_windows, batch_size per pass (a shorter
+// last pass); with evaluation dropless the loss does not depend on the
+// batching, with a capacity it does.
+TEST(TrainingTest, EvaluateTextReadsWindowsInBatches) {
+  config::SwitchyardConfig config = SmallConfig();
+  config.mutable_training()->set_batch_size(2);
+  std::string text;
+  for (int i = 0; i < 5 * 16 + 1 + 9; ++i) text += static_cast<char>(i * 7);
+  auto five = reference::ReferenceTextLoss(config, text, 0);
+  ASSERT_TRUE(five.ok()) << five.status().ToString();
+  EXPECT_EQ(five->windows, 5);  // 90 bytes: 5 whole windows of 17.
+  EXPECT_EQ(five->tokens, 80);
+  EXPECT_GT(five->loss, 4.0);  // Random initial parameters: near ln 256.
+  auto three = reference::ReferenceTextLoss(config, text, 3);
+  ASSERT_TRUE(three.ok());
+  EXPECT_EQ(three->windows, 3);
+  EXPECT_EQ(three->tokens, 48);
+  EXPECT_NE(three->loss, five->loss);
+  // Dropless evaluation: the same loss in one pass of 5 windows.
+  config::SwitchyardConfig one_pass = config;
+  one_pass.mutable_training()->set_batch_size(5);
+  auto whole = reference::ReferenceTextLoss(one_pass, text, 0);
+  ASSERT_TRUE(whole.ok());
+  EXPECT_NEAR(whole->loss, five->loss, 1e-6 * five->loss);
+  // With a capacity at evaluation, which tokens an expert keeps depends on
+  // the pass: the batching shows.
+  config.mutable_training()->set_eval_capacity_factor(0.25);
+  one_pass.mutable_training()->set_eval_capacity_factor(0.25);
+  auto capped = reference::ReferenceTextLoss(config, text, 0);
+  auto capped_whole = reference::ReferenceTextLoss(one_pass, text, 0);
+  ASSERT_TRUE(capped.ok() && capped_whole.ok());
+  EXPECT_GT(std::abs(capped->loss - capped_whole->loss), 1e-5);
+  // Less than one window: an error saying so.
+  auto short_text = reference::ReferenceTextLoss(config, text.substr(0, 16), 0);
+  EXPECT_EQ(short_text.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(short_text.status().message().find("fewer than one window"),
+            std::string::npos);
+}
 
 }  // namespace
 }  // namespace switchyard::trainer
