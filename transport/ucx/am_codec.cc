@@ -29,7 +29,9 @@ AmCodec::AmCodec(size_t rendezvous_threshold_bytes, size_t pool_cached_bytes,
       pool_(BufferPool::Create(pool_cached_bytes)),
       callbacks_(std::move(callbacks)) {}
 
-AmCodec::~AmCodec() = default;
+AmCodec::~AmCodec() {
+  for (SendContext* ctx : in_flight_) delete ctx;
+}
 
 Status SetAmHandler(ucp_worker_h worker, unsigned id, ucp_am_recv_callback_t cb,
                     void* arg) {
@@ -82,6 +84,7 @@ void AmCodec::Send(ucp_ep_h ep, unsigned am_id, Message message,
     ctx = idle_send_contexts_.back().release();
     idle_send_contexts_.pop_back();
   }
+  in_flight_.insert(ctx);
   ctx->header = message.header;
   ctx->payload = std::move(message.payload);
   ctx->text = std::move(message.error_text);
@@ -114,6 +117,7 @@ void AmCodec::Send(ucp_ep_h ep, unsigned am_id, Message message,
 }
 
 void AmCodec::SendDone(SendContext* ctx, ucs_status_t status) {
+  in_flight_.erase(ctx);
   const uint64_t request_id = ctx->request_id;
   ctx->payload = Tensor();
   ctx->text.clear();
