@@ -18,6 +18,29 @@ bool ReadyToTrain(const control::RoutingTable& routing, int workers) {
   return confirmed >= workers && AllShardsReachable(routing);
 }
 
+void ClusterNews::PublishRouting(const control::RoutingTable& routing,
+                                 uint64_t training_epoch,
+                                 transport::DataPlane* plane) {
+  if (training_epoch != 0 && routing.epoch() > training_epoch) {
+    plane->FailPending(CancelledError("routing epoch " +
+                                      std::to_string(routing.epoch()) +
+                                      " abandons the step in flight"));
+  }
+  MutexLock lock(&mu);
+  latest = routing;
+  changed.NotifyAll();
+}
+
+void ClusterNews::NoteAck(const control::HeartbeatAck& ack) {
+  {
+    // Under the lock: a waiter's check and its wait are one step.
+    MutexLock lock(&mu);
+    committed = ack.committed_step();
+    last_ack = std::chrono::steady_clock::now();
+  }
+  changed.NotifyAll();
+}
+
 void PeerLostReporter::SetSession(
     std::shared_ptr<control::MemberSession> session) {
   MutexLock lock(&mu_);

@@ -18,6 +18,7 @@
 #include "common/thread_annotations.h"
 #include "control.pb.h"
 #include "transport/control/member_session.h"
+#include "transport/data_plane.h"
 
 namespace switchyard::trainer {
 
@@ -39,6 +40,18 @@ struct ClusterNews {
   int64_t committed GUARDED_BY(mu) = 0;
   // When the coordinator last acknowledged a heartbeat.
   std::chrono::steady_clock::time_point last_ack GUARDED_BY(mu);
+
+  // The control thread's newer table. Under an epoch newer than
+  // `training_epoch` (0: not training yet) the step in flight is abandoned
+  // on every worker, so the data plane's pending requests fail at once
+  // (a paused or cut-off peer would hold them until their deadline):
+  // before the table is published, so that no request of the new epoch
+  // can be caught by it.
+  void PublishRouting(const control::RoutingTable& routing,
+                      uint64_t training_epoch, transport::DataPlane* plane)
+      EXCLUDES(mu);
+  // A heartbeat acknowledgement: the newest committed step.
+  void NoteAck(const control::HeartbeatAck& ack) EXCLUDES(mu);
 };
 
 // Reports a worker this trainer cannot reach (its data-plane connection

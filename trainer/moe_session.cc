@@ -58,17 +58,7 @@ Status MoeSession::Start() {
     lost_.SetSession(std::move(s));
   };
   member.on_routing = [this](const control::RoutingTable& routing) {
-    const uint64_t training = training_epoch_.load();
-    if (training != 0 && routing.epoch() > training) {
-      // The step in flight is abandoned on every worker: stop waiting for
-      // its answers (as trainer_process.cc does).
-      data_plane_->FailPending(CancelledError("routing epoch " +
-                                              std::to_string(routing.epoch()) +
-                                              " abandons the step in flight"));
-    }
-    MutexLock lock(&news_.mu);
-    news_.latest = routing;
-    news_.changed.NotifyAll();
+    news_.PublishRouting(routing, training_epoch_.load(), data_plane_.get());
   };
   member.annotate_heartbeat = [this](control::Heartbeat* beat) {
     beat->set_training_epoch(training_epoch_.load());
@@ -81,12 +71,7 @@ Status MoeSession::Start() {
     news_.changed.NotifyAll();
   };
   member.on_heartbeat_ack = [this](const control::HeartbeatAck& ack) {
-    {
-      MutexLock lock(&news_.mu);
-      news_.committed = ack.committed_step();
-      news_.last_ack = std::chrono::steady_clock::now();
-    }
-    news_.changed.NotifyAll();
+    news_.NoteAck(ack);
   };
   // Registered: wait for a table to train with, then until Close.
   const auto join_timeout =

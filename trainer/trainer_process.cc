@@ -91,19 +91,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     LOG(INFO) << name << ": routing epoch " << routing.epoch() << ": " << placed
               << "/" << routing.entries_size() << " shards reachable over "
               << routing.workers_size() << " workers";
-    const uint64_t training = training_epoch.load();
-    if (training != 0 && routing.epoch() > training) {
-      // The step in flight is abandoned on every worker: stop waiting for
-      // its answers (a paused or cut-off peer would hold them until their
-      // deadline). Before the table is published, so that no request of
-      // the new epoch can be caught by it.
-      data_plane->FailPending(CancelledError("routing epoch " +
-                                             std::to_string(routing.epoch()) +
-                                             " abandons the step in flight"));
-    }
-    MutexLock lock(&news.mu);
-    news.latest = routing;
-    news.changed.NotifyAll();
+    news.PublishRouting(routing, training_epoch.load(), data_plane.get());
   };
   // The epoch this trainer trains under, 0 while it waits for the cluster
   // (heartbeats tell the coordinator when a recovery is over).
@@ -112,14 +100,8 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     beat->set_training_epoch(trains_at.load());
     beat->set_step(replica.last_step());
   };
-  member.on_heartbeat_ack = [&](const control::HeartbeatAck& ack) {
-    {
-      // Under the lock: the waiter's check and its wait are one step.
-      MutexLock lock(&news.mu);
-      news.committed = ack.committed_step();
-      news.last_ack = std::chrono::steady_clock::now();
-    }
-    news.changed.NotifyAll();
+  member.on_heartbeat_ack = [&news](const control::HeartbeatAck& ack) {
+    news.NoteAck(ack);
   };
   // How long to wait for every worker to join and every shard to be placed.
   const auto join_timeout =

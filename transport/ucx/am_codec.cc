@@ -21,6 +21,9 @@ struct AmCodec::SendContext {
   std::string text;
   // A request's id (its send failing fails it); 0 for a response.
   uint64_t request_id = 0;
+  // Neighbours in AmCodec::in_flight_ while UCX holds the send.
+  SendContext* prev = nullptr;
+  SendContext* next = nullptr;
 };
 
 AmCodec::AmCodec(size_t rendezvous_threshold_bytes, size_t pool_cached_bytes,
@@ -30,7 +33,11 @@ AmCodec::AmCodec(size_t rendezvous_threshold_bytes, size_t pool_cached_bytes,
       callbacks_(std::move(callbacks)) {}
 
 AmCodec::~AmCodec() {
-  for (SendContext* ctx : in_flight_) delete ctx;
+  while (in_flight_ != nullptr) {
+    SendContext* next = in_flight_->next;
+    delete in_flight_;
+    in_flight_ = next;
+  }
 }
 
 Status SetAmHandler(ucp_worker_h worker, unsigned id, ucp_am_recv_callback_t cb,
@@ -84,7 +91,10 @@ void AmCodec::Send(ucp_ep_h ep, unsigned am_id, Message message,
     ctx = idle_send_contexts_.back().release();
     idle_send_contexts_.pop_back();
   }
-  in_flight_.insert(ctx);
+  ctx->prev = nullptr;
+  ctx->next = in_flight_;
+  if (in_flight_ != nullptr) in_flight_->prev = ctx;
+  in_flight_ = ctx;
   ctx->header = message.header;
   ctx->payload = std::move(message.payload);
   ctx->text = std::move(message.error_text);
@@ -117,7 +127,8 @@ void AmCodec::Send(ucp_ep_h ep, unsigned am_id, Message message,
 }
 
 void AmCodec::SendDone(SendContext* ctx, ucs_status_t status) {
-  in_flight_.erase(ctx);
+  (ctx->prev != nullptr ? ctx->prev->next : in_flight_) = ctx->next;
+  if (ctx->next != nullptr) ctx->next->prev = ctx->prev;
   const uint64_t request_id = ctx->request_id;
   ctx->payload = Tensor();
   ctx->text.clear();

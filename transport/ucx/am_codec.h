@@ -22,7 +22,6 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
 #include "common/buffer_pool.h"
@@ -110,11 +109,11 @@ class AmCodec {
   ucp_worker_h worker_ = nullptr;
   // Send contexts kept for reuse (each about 200 bytes).
   std::vector<std::unique_ptr<SendContext>> idle_send_contexts_;
-  // Sends UCX has not completed. A worker destroyed with sends in flight
-  // (a rendezvous whose peer never fetched it) never calls their
-  // callbacks: the destructor frees what is left (it runs after the
-  // worker is gone).
-  std::unordered_set<SendContext*> in_flight_;
+  // Sends UCX has not completed, as an intrusive list (no allocation per
+  // send). A worker destroyed with sends in flight (a rendezvous whose
+  // peer never fetched it) never calls their callbacks: the destructor
+  // frees what is left (it runs after the worker is gone).
+  SendContext* in_flight_ = nullptr;
 };
 
 }  // namespace switchyard::transport
