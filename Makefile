@@ -89,6 +89,7 @@ bench: bootstrap build
 	$(BUILD_DIR)/bench/moe_layer_bench
 	bash bench/train_step_bench.sh $(BUILD_DIR)
 	bash bench/recovery_overhead_bench.sh $(BUILD_DIR)
+	bash bench/elastic_bench.sh $(BUILD_DIR)
 	bash bench/torch_moe_bench.sh $(BUILD_DIR)
 	$(BUILD_DIR)/bench/checkpoint_bench --gib 2
 

@@ -87,7 +87,9 @@ int WorkerCommand(int argc, char** argv) {
   FlagParser parser(
       "switchyard worker --config FILE --name NAME [flags]",
       "Runs an expert worker: joins the cluster and hosts the shards the\n"
-      "coordinator places on it. SIGTERM/SIGINT leave the cluster cleanly.");
+      "coordinator places on it. SIGTERM/SIGINT drain it first (its shards\n"
+      "move live to the other workers at a step boundary), then it leaves\n"
+      "and exits 0; `switchyard drain NAME` does the same without a signal.");
   ConfigFlags flags;
   flags.Register(&parser);
   expert_worker::WorkerOptions options;
@@ -99,6 +101,10 @@ int WorkerCommand(int argc, char** argv) {
   parser.AddString("device", &options.device, "cpu or cuda:N");
   parser.AddString("data-address", &options.data_address,
                    "data-plane address advertised to trainers");
+  parser.AddBool("drain-on-stop", &options.drain_on_stop,
+                 "on SIGTERM/SIGINT hand every shard to the other workers "
+                 "before leaving (false: leave at once; the cluster then "
+                 "recovers the shards from the newest committed checkpoint)");
   MetricsFlag metrics;
   metrics.Register(&parser);
   if (int rc = ParseOrExit(&parser, argc, argv); rc >= 0) return rc;

@@ -359,7 +359,9 @@ int UpCommand(int argc, char** argv) {
   };
   for (int i = 0; i < workers; ++i) {
     const std::string name = "worker-" + std::to_string(i);
-    if (!spawn(name, with(name, {"worker", "--name", name}))) {
+    if (!spawn(name, with(name, {"worker", "--name", name,
+                                 // `up` stops the whole cluster.
+                                 "--drain-on-stop=false"}))) {
       return shutdown(1);
     }
   }

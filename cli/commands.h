@@ -10,6 +10,7 @@ int WorkerCommand(int argc, char** argv);
 int TrainCommand(int argc, char** argv);
 int UpCommand(int argc, char** argv);
 int StatusCommand(int argc, char** argv);
+int DrainCommand(int argc, char** argv);
 int CkptCommand(int argc, char** argv);
 
 }  // namespace switchyard::cli

@@ -74,7 +74,8 @@ StatusOr<std::unique_ptr<transport::MetricsServer>> MetricsFlag::Start() const {
   return server;
 }
 
-int ParseOrExit(FlagParser* parser, int argc, char** argv) {
+int ParseOrExit(FlagParser* parser, int argc, char** argv,
+                size_t max_positional) {
   Status s = parser->Parse(argc, argv, 2);
   if (parser->help_requested()) {
     std::cout << parser->Help();
@@ -84,9 +85,9 @@ int ParseOrExit(FlagParser* parser, int argc, char** argv) {
     std::cerr << "switchyard: " << s.message() << "\n";
     return 2;
   }
-  if (!parser->positional().empty()) {
-    std::cerr << "switchyard: unexpected argument '" << parser->positional()[0]
-              << "' (see --help)\n";
+  if (parser->positional().size() > max_positional) {
+    std::cerr << "switchyard: unexpected argument '"
+              << parser->positional()[max_positional] << "' (see --help)\n";
     return 2;
   }
   return -1;

@@ -53,7 +53,8 @@ struct MetricsFlag {
 
 // Parses argv for a subcommand: prints help and returns 0 for --help, prints
 // the error and returns 2 for bad flags, and returns -1 to go on.
-int ParseOrExit(FlagParser* parser, int argc, char** argv);
+int ParseOrExit(FlagParser* parser, int argc, char** argv,
+                size_t max_positional = 0);
 
 }  // namespace switchyard::cli
 

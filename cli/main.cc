@@ -23,6 +23,7 @@ constexpr char kUsage[] =
     "  train         run a trainer\n"
     "  up            start a local cluster as child processes\n"
     "  status        print the cluster's members, epoch and placement\n"
+    "  drain         move a worker's shards to the others live, then stop it\n"
     "  ckpt          list, verify or export committed checkpoints\n";
 
 }  // namespace
@@ -46,6 +47,7 @@ int main(int argc, char** argv) {
     if (command == "train") return TrainCommand(argc, argv);
     if (command == "up") return UpCommand(argc, argv);
     if (command == "status") return StatusCommand(argc, argv);
+    if (command == "drain") return DrainCommand(argc, argv);
     if (command == "ckpt") return CkptCommand(argc, argv);
   } catch (const std::bad_alloc&) {
     std::cerr << "switchyard: out of memory\n";

@@ -14,9 +14,10 @@
 
 namespace switchyard::cli {
 
-StatusOr<control::StatusResponse> FetchStatus(
-    const HostPort& coordinator, const std::string& secret,
-    std::chrono::milliseconds timeout) {
+StatusOr<control::Envelope> CallCoordinator(const HostPort& coordinator,
+                                            const std::string& secret,
+                                            std::chrono::milliseconds timeout,
+                                            control::Envelope request) {
   boost::asio::io_context io;
   auto work = boost::asio::make_work_guard(io);
   control::ClientOptions options;
@@ -29,8 +30,6 @@ StatusOr<control::StatusResponse> FetchStatus(
   StatusOr<control::Envelope> response = UnavailableError("not connected");
   Status connected = client->WaitConnected(timeout);
   if (connected.ok()) {
-    control::Envelope request;
-    request.mutable_status_request();
     response = client->CallSync(std::move(request), timeout);
   } else {
     response = connected;
@@ -39,6 +38,16 @@ StatusOr<control::StatusResponse> FetchStatus(
   work.reset();
   io.stop();
   io_thread.join();
+  return response;
+}
+
+StatusOr<control::StatusResponse> FetchStatus(
+    const HostPort& coordinator, const std::string& secret,
+    std::chrono::milliseconds timeout) {
+  control::Envelope request;
+  request.mutable_status_request();
+  auto response =
+      CallCoordinator(coordinator, secret, timeout, std::move(request));
   if (!response.ok()) return response.status();
   if (response->body_case() != control::Envelope::kStatusResponse) {
     return InternalError("coordinator answered a status request with body " +
@@ -80,6 +89,11 @@ std::string FormatStatus(const control::StatusResponse& status) {
   out << "\n";
   if (!status.placement_error().empty()) {
     out << "placement error: " << status.placement_error() << "\n";
+  }
+  if (!status.pending_move().empty()) {
+    out << "move pending for " << status.pending_move_ms()
+        << " ms (the trainers stop at the next step boundary): "
+        << status.pending_move() << "\n";
   }
   out << "checkpoints: ";
   if (status.checkpoints_size() == 0) out << "none committed";
@@ -128,7 +142,8 @@ std::string FormatStatus(const control::StatusResponse& status) {
         m.data_address().empty() ? m.host() : m.data_address();
     std::snprintf(line, sizeof(line),
                   "%-12s %-11s %-22s %-8d %-8s %7d %12s %12s %7lld ms\n",
-                  m.name().c_str(), StateName(m.state()).c_str(),
+                  m.name().c_str(),
+                  m.draining() ? "DRAINING" : StateName(m.state()).c_str(),
                   address.c_str(), m.pid(), m.device().c_str(), m.shards(),
                   FormatBytes(m.shard_bytes()).c_str(),
                   FormatBytes(m.capacity_bytes()).c_str(),

@@ -11,6 +11,13 @@
 
 namespace switchyard::cli {
 
+// One authenticated request to the coordinator, connection and answer
+// within `timeout`.
+StatusOr<control::Envelope> CallCoordinator(const HostPort& coordinator,
+                                            const std::string& secret,
+                                            std::chrono::milliseconds timeout,
+                                            control::Envelope request);
+
 // One authenticated StatusRequest, connection and answer within `timeout`.
 StatusOr<control::StatusResponse> FetchStatus(
     const HostPort& coordinator, const std::string& secret,

@@ -539,6 +539,8 @@ Status ValidateConfig(const SwitchyardConfig& config,
             c.crash_loop_window_ms(), "must be >= 0");
   v.Require(c.probation_ms() >= 0, "cluster.probation_ms", c.probation_ms(),
             "must be >= 0");
+  v.Require(c.move_timeout_ms() > 0, "cluster.move_timeout_ms",
+            c.move_timeout_ms(), "must be > 0");
 
   const auto& m = config.model();
   v.Require(m.num_layers() >= 1, "model.num_layers", m.num_layers(),

@@ -48,6 +48,7 @@ ClusterState::ClusterState(const config::SwitchyardConfig& config)
       ledger_(ShardIds(shards_), config.checkpoint().keep_last()) {
   shard_home_.assign(shards_.size(), "");
   shard_unplaced_.assign(shards_.size(), true);
+  moved_from_.assign(shards_.size(), "");
   NewRunId();
 }
 
@@ -162,6 +163,11 @@ void ClusterState::BumpEpoch(const std::string& why) {
   holding_ = false;
   held_.clear();
   continues_ = false;
+  pausing_ = false;
+  moved_from_.assign(shards_.size(), "");
+  // Nothing handed over is needed any more: the shards restore from the
+  // checkpoint.
+  moves_done_epoch_ = move_epoch_;
   if (!placed_) {
     LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
     return;
@@ -243,6 +249,9 @@ void ClusterState::Hold(const std::string& why) {
   hold_began_unix_ms_ = UnixMsNow();
   held_.clear();
   continues_ = false;
+  // A pending move is made at this hold's end (PlaceAtBoundary).
+  pausing_ = false;
+  moved_from_.assign(shards_.size(), "");
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << why
                << "; holding the cluster until every worker reports the step "
                   "it stopped at";
@@ -278,6 +287,13 @@ void ClusterState::MaybeEndHold() {
   }
   if (!why.empty()) {
     BumpEpoch(hold_cause_ + "; the hold cannot continue (" + why + ")");
+    // The moves the hold was for, if any, are made with the rollback.
+    const PlacementInput input = CurrentPlacementInput();
+    if (AdoptPlacement(input, ComputePlacement(input))) {
+      LOG(WARNING) << "coordinator: epoch " << epoch_
+                   << " places the shards anew (restored from the newest "
+                      "committed checkpoint)";
+    }
     return;
   }
   ++epoch_;
@@ -288,6 +304,7 @@ void ClusterState::MaybeEndHold() {
   continues_ = true;
   epoch_cause_ = hold_cause_ + "; continuing";
   ledger_.ContinueAt(reached);
+  PlaceAtBoundary();
   RecordRecovery(hold_cause_, reached, /*rolled_back=*/false,
                  hold_began_unix_ms_);
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << hold_cause_
@@ -295,13 +312,12 @@ void ClusterState::MaybeEndHold() {
                << " (the step its workers reached: nothing rolls back)";
 }
 
-void ClusterState::Replace(const std::string& why) {
-  if (!placed_ && NumLiveWorkers() < config_.cluster().workers()) return;
+PlacementInput ClusterState::CurrentPlacementInput() const {
   PlacementInput input;
   input.shards = shards_;
   for (const auto& [name, m] : members_) {  // std::map: sorted by name.
     if (m.record.registration().kind() == control::WORKER && IsLive(m) &&
-        !m.on_probation) {
+        !m.on_probation && !m.record.draining()) {
       input.workers.push_back({name, m.record.registration().capacity_bytes()});
       for (const auto& [shard, tokens] : m.tokens) {
         auto id = ShardId::Parse(shard);
@@ -312,20 +328,60 @@ void ClusterState::Replace(const std::string& why) {
   for (size_t i = 0; i < shards_.size(); ++i) {
     if (!shard_home_[i].empty()) input.previous[shards_[i].id] = shard_home_[i];
   }
-  const PlacementResult result = ComputePlacement(input);
-  const std::vector<std::string> old_home = shard_home_;
-  const std::vector<bool> old_unplaced = shard_unplaced_;
+  return input;
+}
+
+bool ClusterState::AllShardsOnLiveWorkers() const {
   for (size_t i = 0; i < shards_.size(); ++i) {
-    const int w = result.worker_of_shard[i];
-    shard_unplaced_[i] = w < 0;
-    if (w >= 0) shard_home_[i] = input.workers[w].name;
+    if (shard_unplaced_[i]) return false;
+    auto it = members_.find(shard_home_[i]);
+    if (it == members_.end() || !IsLive(it->second) ||
+        it->second.on_probation) {
+      return false;
+    }
   }
-  placement_error_ = result.status.ok() ? "" : result.status.message();
-  if (!result.status.ok()) {
-    LOG(ERROR) << "coordinator: " << result.status.ToString();
+  return true;
+}
+
+int ClusterState::ShardsHeldBy(const std::string& name) const {
+  if (!placed_) return 0;
+  int n = 0;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    n += !shard_unplaced_[i] && shard_home_[i] == name;
+  }
+  return n;
+}
+
+void ClusterState::Replace(const std::string& why, bool live,
+                           Clock::time_point now) {
+  if (!placed_ && NumLiveWorkers() < config_.cluster().workers()) return;
+  const PlacementInput input = CurrentPlacementInput();
+  const PlacementResult result = ComputePlacement(input);
+  if (live && placed_ && AllShardsOnLiveWorkers() && result.num_unplaced == 0) {
+    // Nothing was lost: the shards move at the next step boundary, live.
+    bool moves = false;
+    for (size_t i = 0; i < shards_.size(); ++i) {
+      moves |= input.workers[result.worker_of_shard[i]].name != shard_home_[i];
+    }
+    if (!moves) {
+      ++version_;
+      ++routing_version_;
+      LOG(INFO) << "coordinator: " << why << ": no shard moves (epoch "
+                << epoch_ << " stands)";
+      return;
+    }
+    if (holding_) {
+      LOG(INFO) << "coordinator: " << why
+                << ": the shards move when the hold of epoch " << epoch_
+                << " ends";
+      ++version_;
+      return;
+    }
+    StartPause(why, now);
+    return;
   }
   const bool first = !placed_;
-  if (!first && shard_home_ == old_home && shard_unplaced_ == old_unplaced) {
+  if (!AdoptPlacement(input, result) && !first) {
     // No shard moved (a spare joined or died, a worker on probation came
     // back): the epoch stands, nothing rolls back; the new list of workers
     // goes out in the table.
@@ -340,6 +396,130 @@ void ClusterState::Replace(const std::string& why) {
             " shards over " + std::to_string(input.workers.size()) +
             " workers");
   placed_ = true;  // After: the first placement is no rollback.
+}
+
+bool ClusterState::AdoptPlacement(const PlacementInput& input,
+                                  const PlacementResult& result) {
+  const std::vector<std::string> old_home = shard_home_;
+  const std::vector<bool> old_unplaced = shard_unplaced_;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const int w = result.worker_of_shard[i];
+    shard_unplaced_[i] = w < 0;
+    if (w >= 0) shard_home_[i] = input.workers[w].name;
+  }
+  placement_error_ = result.status.ok() ? "" : result.status.message();
+  if (!result.status.ok()) {
+    LOG(ERROR) << "coordinator: " << result.status.ToString();
+  }
+  return shard_home_ != old_home || shard_unplaced_ != old_unplaced;
+}
+
+void ClusterState::StartPause(const std::string& why, Clock::time_point now) {
+  if (pausing_) {
+    LOG(INFO) << "coordinator: " << why
+              << " (joins the move planned: " << pause_cause_ << ")";
+    pause_cause_ += "; " + why;
+    ++version_;
+    return;
+  }
+  pausing_ = true;
+  pause_step_ = 0;
+  pause_cause_ = why;
+  pause_began_ = now;
+  ++version_;
+  ++routing_version_;
+  LOG(INFO) << "coordinator: " << why
+            << ": shards move live at the next step boundary (epoch " << epoch_
+            << " pauses the trainers there)";
+  MaybeEndPause();
+}
+
+void ClusterState::MaybeEndPause() {
+  if (!pausing_) return;
+  int training = 0;
+  int64_t lo = 0, hi = 0;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() != control::TRAINER || !IsLive(m) ||
+        m.training_epoch != epoch_) {
+      continue;
+    }
+    if (!m.paused) return;  // Not there yet.
+    lo = training == 0 ? m.paused_step : std::min(lo, m.paused_step);
+    hi = training == 0 ? m.paused_step : std::max(hi, m.paused_step);
+    ++training;
+  }
+  if (training > 0 && lo != hi) {
+    // One trainer had begun the next step before it heard of the pause:
+    // the others go on to that boundary.
+    if (pause_step_ != hi) {
+      pause_step_ = hi;
+      ++version_;
+      ++routing_version_;
+      LOG(INFO) << "coordinator: trainers stopped at steps " << lo << " to "
+                << hi << "; the pause moves to the boundary of step " << hi;
+    }
+    return;
+  }
+  const std::string why =
+      pause_cause_ + (training > 0 ? " (the trainers stopped before step " +
+                                         std::to_string(hi) + ")"
+                                   : " (no trainer is training)");
+  Hold(why);
+}
+
+void ClusterState::PlaceAtBoundary() {
+  moved_from_.assign(shards_.size(), "");
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    // An orphan has no state to hand over: the failure's recovery places it.
+    if (shard_unplaced_[i]) return;
+  }
+  const PlacementInput input = CurrentPlacementInput();
+  const PlacementResult result = ComputePlacement(input);
+  if (result.num_unplaced > 0) {
+    for (auto& [name, m] : members_) {
+      if (!m.record.draining()) continue;
+      m.record.set_draining(false);
+      LOG(ERROR) << "coordinator: the drain of " << name
+                 << " is called off: " << result.status.message()
+                 << "; it keeps serving its shards";
+    }
+    ++version_;
+    return;
+  }
+  int moved = 0;
+  std::set<std::string> to;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const std::string& home = input.workers[result.worker_of_shard[i]].name;
+    if (home == shard_home_[i]) continue;
+    moved_from_[i] = shard_home_[i];
+    shard_home_[i] = home;
+    to.insert(home);
+    ++moved;
+  }
+  if (moved == 0) return;
+  move_epoch_ = epoch_;
+  std::string names;
+  for (const std::string& n : to) names += (names.empty() ? "" : ", ") + n;
+  LOG(WARNING) << "coordinator: epoch " << epoch_ << " moves " << moved
+               << " shards live (to " << names << ")";
+  MetricsRegistry::Global()
+      .GetCounter("switchyard_coordinator_shards_moved_live_total")
+      ->Increment(static_cast<uint64_t>(moved));
+}
+
+void ClusterState::MaybeFinishMoves() {
+  if (!placed_ || holding_ || moves_done_epoch_ >= epoch_) return;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (shard_unplaced_[i]) return;
+    auto it = members_.find(shard_home_[i]);
+    if (it == members_.end() || it->second.open_epoch < epoch_) return;
+  }
+  moves_done_epoch_ = epoch_;
+  ++version_;
+  if (move_epoch_ == epoch_) {
+    LOG(INFO) << "coordinator: the shards moved in epoch " << epoch_
+              << " are in place";
+  }
 }
 
 void ClusterState::RecordDeath(Member* member, Clock::time_point now) {
@@ -374,6 +554,7 @@ void ClusterState::Fence(Member* member, MemberState state,
     Hold(what);
   } else {
     ++version_;
+    MaybeEndPause();  // One trainer fewer to wait for.
   }
 }
 
@@ -496,7 +677,7 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
       holds_any |= shard_home_[i] == request.name() && !shard_unplaced_[i];
     }
     if (!placed_ || !holds_any || m.on_probation) {
-      Replace(request.name() + " joined");
+      Replace(request.name() + " joined", /*live=*/true, now);
     }
   }
   control::RegisterResponse response;
@@ -532,7 +713,13 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   if (m.record.registration().kind() == control::TRAINER) {
     m.training_epoch = beat.training_epoch();
     m.step = beat.step();
+    m.paused = beat.paused();
+    m.paused_step = beat.paused_step();
     FinishRecoveries();
+    MaybeEndPause();
+  } else if (beat.open_epoch() > m.open_epoch) {
+    m.open_epoch = beat.open_epoch();
+    MaybeFinishMoves();
   }
   if (holding_ && beat.held_epoch() == epoch_ &&
       m.record.registration().kind() == control::WORKER &&
@@ -545,6 +732,10 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   ack.set_run_id(run_id_);
   ack.set_committed_step(ledger_.latest_committed_step());
   ack.set_keep_from_step(ledger_.keep_from_step());
+  ack.set_moves_done_epoch(moves_done_epoch_);
+  ack.set_drained(m.record.draining() && placed_ && !pausing_ && !holding_ &&
+                  ShardsHeldBy(beat.name()) == 0 &&
+                  moves_done_epoch_ == epoch_);
   auto tasks = tasks_.find(beat.name());
   if (tasks != tasks_.end()) {
     for (auto& t : tasks->second) {
@@ -665,9 +856,109 @@ void ClusterState::Tick(Clock::time_point now) {
       ++version_;
       LOG(INFO) << "coordinator: worker " << name
                 << " stayed up through its probation";
-      if (placed_) Replace(name + " ended its probation");
+      if (placed_) Replace(name + " ended its probation", /*live=*/true, now);
     }
   }
+  if (pausing_ &&
+      now - pause_began_ >
+          std::chrono::milliseconds(config_.cluster().move_timeout_ms())) {
+    const std::string why =
+        pause_cause_ +
+        "; the trainers did not all reach a step boundary within " +
+        std::to_string(config_.cluster().move_timeout_ms()) +
+        " ms (cluster.move_timeout_ms), so the shards move by a rollback";
+    pausing_ = false;
+    ++version_;
+    ++routing_version_;
+    LOG(WARNING) << "coordinator: " << why;
+    Replace(why);
+    return;
+  }
+  if (placed_ && !pausing_ && !holding_ && now >= next_move_check_) {
+    // A move still to make: a drain, or a worker that holds nothing while
+    // the join rule would give it shards (after a coordinator restart, or
+    // a hold that ended in a rollback). Checked once a lease.
+    next_move_check_ =
+        now + std::chrono::milliseconds(config_.cluster().lease_ms());
+    std::string who;
+    for (const auto& [name, m] : members_) {
+      if (!IsLive(m) || m.on_probation ||
+          m.record.registration().kind() != control::WORKER) {
+        continue;
+      }
+      const int held = ShardsHeldBy(name);
+      if ((m.record.draining() && held > 0) ||
+          (!m.record.draining() && held == 0)) {
+        who = name;
+        break;
+      }
+    }
+    if (!who.empty() && AllShardsOnLiveWorkers()) {
+      const PlacementInput input = CurrentPlacementInput();
+      const PlacementResult result = ComputePlacement(input);
+      bool moves = false;
+      for (size_t i = 0; result.num_unplaced == 0 && i < shards_.size(); ++i) {
+        moves |=
+            input.workers[result.worker_of_shard[i]].name != shard_home_[i];
+      }
+      if (moves) {
+        Replace("moves still to make (" + who + ")", /*live=*/true, now);
+      }
+    }
+  }
+}
+
+StatusOr<control::DrainResponse> ClusterState::Drain(
+    const control::DrainRequest& request, Clock::time_point now) {
+  auto it = members_.find(request.worker());
+  if (it == members_.end() ||
+      it->second.record.registration().kind() != control::WORKER) {
+    return NotFoundError("drain: no worker named '" + request.worker() + "'");
+  }
+  Member& m = it->second;
+  if (!IsLive(m)) {
+    return FailedPreconditionError("drain: worker " + request.worker() +
+                                   " is not alive");
+  }
+  control::DrainResponse response;
+  if (request.cancel()) {
+    if (!m.record.draining()) {
+      response.set_message(request.worker() + " was not draining");
+    } else {
+      m.record.set_draining(false);
+      ++version_;
+      response.set_message("stopped draining " + request.worker());
+      LOG(INFO) << "coordinator: " << response.message();
+      Replace(request.worker() + " is no longer draining", /*live=*/true, now);
+    }
+    response.set_shards(ShardsHeldBy(request.worker()));
+    return response;
+  }
+  if (!m.record.draining()) {
+    m.record.set_draining(true);
+    if (placed_) {
+      // The others must hold everything: else the worker keeps serving.
+      const PlacementResult result = ComputePlacement(CurrentPlacementInput());
+      if (result.num_unplaced > 0) {
+        m.record.set_draining(false);
+        return ResourceExhaustedError(
+            "cannot drain " + request.worker() +
+            ": the other workers cannot hold its shards (" +
+            result.status.message() + "); it keeps serving");
+      }
+    }
+    ++version_;
+    LOG(WARNING) << "coordinator: draining " << request.worker() << " ("
+                 << ShardsHeldBy(request.worker()) << " shards)";
+    Replace(request.worker() + " is draining", /*live=*/true, now);
+  }
+  response.set_shards(ShardsHeldBy(request.worker()));
+  response.set_message(response.shards() == 0
+                           ? request.worker() + " holds no shards; it leaves"
+                           : request.worker() + " is draining: " +
+                                 std::to_string(response.shards()) +
+                                 " shards move at the next step boundary");
+  return response;
 }
 
 void ClusterState::ConnectionLost(const std::string& name,
@@ -704,7 +995,10 @@ control::RoutingTable ClusterState::Routing() const {
     e->set_bytes(shards_[i].bytes);
     auto w = index.find(shard_home_[i]);
     e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);
+    if (continues_) e->set_moved_from(moved_from_[i]);
   }
+  table.set_pause(pausing_);
+  table.set_pause_step(pausing_ ? pause_step_ : 0);
   table.set_resume_step(ledger_.resume_step());
   table.set_hold(holding_);
   table.set_continues(continues_);
@@ -761,6 +1055,7 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
     ms->set_pid(reg.pid());
     ms->set_host(reg.host());
     ms->set_ms_since_heartbeat(MsBetween(m.last_heartbeat, now));
+    ms->set_draining(IsLive(m) && m.record.draining());
     if (IsLive(m) && m.on_probation) {
       ms->set_probation_ms_left(
           std::max<int64_t>(0, MsBetween(now, m.probation_until)));
@@ -777,6 +1072,10 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
   for (const auto& c : ledger_.committed()) *s.add_checkpoints() = c;
   for (const auto& r : recoveries_) *s.add_recoveries() = r;
   s.set_recoveries_total(recoveries_total_);
+  if (pausing_) {
+    s.set_pending_move(pause_cause_);
+    s.set_pending_move_ms(std::max<int64_t>(0, MsBetween(pause_began_, now)));
+  }
   return s;
 }
 

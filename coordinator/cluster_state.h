@@ -12,6 +12,17 @@
 // Membership decides who may report a checkpoint and where its replicas go;
 // the ledger decides when a checkpoint is committed.
 //
+// Planned moves (a worker joins, is drained, or ends its probation) happen
+// live, with nothing rolled back or redone: the routing table asks the
+// trainers to pause at the next step boundary (RoutingTable.pause); once
+// every training trainer has stopped at the same boundary the cluster is
+// held there (Hold), every worker reports the step it stopped at, and the
+// epoch that continues from it places the shards anew, each moved shard
+// naming its old home (RoutingEntry.moved_from), which hands its state
+// over on the data plane. A pause that does not complete within
+// cluster.move_timeout_ms, or a move whose old home is gone, is made as a
+// recovery instead (a rollback to the newest committed checkpoint).
+//
 // Thread-compatible: the owner (CoordinatorService) serializes all calls.
 #ifndef SWITCHYARD_COORDINATOR_CLUSTER_STATE_H_
 #define SWITCHYARD_COORDINATOR_CLUSTER_STATE_H_
@@ -26,6 +37,7 @@
 #include "config.pb.h"
 #include "control.pb.h"
 #include "coordinator/checkpoint_ledger.h"
+#include "coordinator/placement.h"
 #include "coordinator_state.pb.h"
 
 namespace switchyard::coordinator {
@@ -76,7 +88,14 @@ class ClusterState {
   // current.
   StatusOr<control::PeerLostAck> PeerLost(const control::PeerLost& report,
                                           Clock::time_point now);
-  // Declares members whose lease expired dead.
+  // Drains `request.worker()` (its shards move live to the others, then it
+  // is told to leave: HeartbeatAck.drained), or with cancel stops draining
+  // it. RESOURCE_EXHAUSTED, changing nothing, when the others cannot hold
+  // its shards; NOT_FOUND / FAILED_PRECONDITION for no such live worker.
+  StatusOr<control::DrainResponse> Drain(const control::DrainRequest& request,
+                                         Clock::time_point now);
+  // Declares members whose lease expired dead; ends probations; gives up
+  // on a pause past cluster.move_timeout_ms.
   void Tick(Clock::time_point now);
   // `name`'s control connection closed: a live process reconnects and
   // re-registers at once, so its lease is cut to two heartbeat periods
@@ -109,13 +128,44 @@ class ClusterState {
     // the last step begun.
     uint64_t training_epoch = 0;
     int64_t step = -1;
+    // Trainers: stopped at the boundary before paused_step (a pause).
+    bool paused = false;
+    int64_t paused_step = 0;
+    // Workers: the newest epoch whose shards it serves.
+    uint64_t open_epoch = 0;
   };
 
   bool IsLive(const Member& m) const;
   int NumLiveWorkers() const;
   // Recomputes placement if the first placement has been made (or can now be
-  // made), advancing the epoch.
-  void Replace(const std::string& why);
+  // made), advancing the epoch. With `live` (nothing was lost: a join, a
+  // drain, a probation's end) and every shard on a live worker, the moves
+  // are planned for the next step boundary (a pause) instead.
+  void Replace(const std::string& why, bool live = false,
+               Clock::time_point now = Clock::time_point());
+  // The placement input of the moment: live workers not on probation and
+  // not draining, in name order, with their token loads and the shards'
+  // current homes.
+  PlacementInput CurrentPlacementInput() const;
+  // Makes `result` (of `input`) the placement; true when a shard's home
+  // changed. Records the placement error.
+  bool AdoptPlacement(const PlacementInput& input,
+                      const PlacementResult& result);
+  // Every shard is placed, on a live worker not on probation.
+  bool AllShardsOnLiveWorkers() const;
+  // Asks the trainers to stop at the next step boundary for a move.
+  void StartPause(const std::string& why, Clock::time_point now);
+  // Every trainer training under this epoch has stopped at one boundary
+  // (or none trains): hold there. Stopped at different ones: the others
+  // are asked to go on to the furthest.
+  void MaybeEndPause();
+  // In an epoch that continues from a hold: places the shards anew and
+  // records what moves live (moved_from_); nothing moves when a shard
+  // would be left without a home (the drains are called off, saying why).
+  void PlaceAtBoundary();
+  // Every worker holding shards serves the epoch that moved them.
+  void MaybeFinishMoves();
+  int ShardsHeldBy(const std::string& name) const;
   void Fence(Member* member, control::MemberState state, const std::string& why,
              Clock::time_point now);
   // A worker's process is gone (`now`): counted towards a crash loop.
@@ -173,6 +223,19 @@ class ClusterState {
   std::map<std::string, std::pair<int64_t, bool>> held_;
   // The current epoch continues a hold (RoutingTable.continues).
   bool continues_ = false;
+  // A planned move waiting for the trainers to reach a step boundary.
+  bool pausing_ = false;
+  int64_t pause_step_ = 0;  // RoutingTable.pause_step.
+  std::string pause_cause_;
+  Clock::time_point pause_began_;
+  // This epoch's live moves: each shard's old home ("": not moved).
+  std::vector<std::string> moved_from_;
+  // The newest epoch that moved shards live, and the newest one whose new
+  // homes all serve them (HeartbeatAck.moves_done_epoch).
+  uint64_t move_epoch_ = 0;
+  uint64_t moves_done_epoch_ = 0;
+  // When Tick next looks for moves still to make.
+  Clock::time_point next_move_check_;
   // Replication tasks by target worker, handed out with its next heartbeat.
   std::map<std::string, std::vector<control::ReplicationTask>> tasks_;
   CheckpointLedger ledger_;

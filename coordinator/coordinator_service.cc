@@ -265,6 +265,15 @@ void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,
         }
         break;
       }
+      case Envelope::kDrainRequest: {
+        auto r = state_->Drain(request.drain_request(), now);
+        if (r.ok()) {
+          *response.mutable_drain_response() = *r;
+        } else {
+          error = r.status();
+        }
+        break;
+      }
       case Envelope::kStatusRequest:
         *response.mutable_status_response() = state_->Report(now);
         response.mutable_status_response()->set_coordinator_pid(::getpid());

@@ -22,19 +22,40 @@ RoutingPlan PlanRouting(const control::RoutingTable& routing,
     }
   }
   const int64_t resume = routing.resume_step();
-  plan.rolls_back = next_step != resume;
+  plan.rolls_back =
+      next_step != resume && (!hosted_experts.empty() || !hosted_dense.empty());
+  // Shards moved live, by their old home.
+  std::set<std::string> handed;
+  if (routing.continues()) {
+    for (const auto& e : routing.entries()) {
+      if (self >= 0 && e.worker() == self && !e.moved_from().empty() &&
+          e.moved_from() != worker) {
+        handed.insert(FromShardRef(e.shard()).ToString());
+      }
+    }
+  }
+  bool restore = false;
   for (const ShardId& id : plan.experts) {
     if (plan.rolls_back || !hosted_experts.count(id)) {
       plan.make_experts.insert(id);
+      if (handed.count(id.ToString()) && !plan.rolls_back) {
+        plan.handover_experts.insert(id);
+      } else {
+        restore = true;
+      }
     }
   }
   for (int index : plan.dense) {
     if (plan.rolls_back || !hosted_dense.count(index)) {
       plan.make_dense.insert(index);
+      if (handed.count(ShardId::Dense(index).ToString()) && !plan.rolls_back) {
+        plan.handover_dense.insert(index);
+      } else {
+        restore = true;
+      }
     }
   }
-  plan.restore =
-      resume > 0 && (!plan.make_experts.empty() || !plan.make_dense.empty());
+  plan.restore = resume > 0 && restore;
   return plan;
 }
 

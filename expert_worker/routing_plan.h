@@ -28,10 +28,16 @@ struct RoutingPlan {
   std::set<int> dense;             // And dense shards.
   std::set<ShardId> make_experts;  // To make (a subset of the above).
   std::set<int> make_dense;
-  // The made shards are restored from the checkpoint at the table's
-  // resume step (else they get initial values: a resume step of 0).
+  // Made shards whose old home hands their state over (a live move:
+  // RoutingEntry.moved_from); neither restored nor initialised.
+  std::set<ShardId> handover_experts;
+  std::set<int> handover_dense;
+  // The made shards not handed over are restored from the checkpoint at
+  // the table's resume step (else they get initial values: a resume step
+  // of 0).
   bool restore = false;
-  // Every hosted shard is made again: the worker rolls back.
+  // Every hosted shard is made again: the worker, which hosts shards,
+  // rolls back.
   bool rolls_back = false;
 };
 

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "common/ids.h"
+#include "common/metrics.h"
 #include "common/shard_ref.h"
 #include "common/thread_name.h"
 #include "expert_worker/hosted_shard.h"
@@ -18,14 +19,15 @@ using transport::MessageKind;
 
 StatusOr<storage::ShardSnapshot> ShardTransfer::Fetch(
     const std::string& address, uint64_t epoch, int64_t step,
-    const storage::ShardSnapshot& like) {
+    const storage::ShardSnapshot& like, bool handover) {
   ASSIGN_OR_RETURN(ShardId id, ShardId::Parse(like.shard));
   std::vector<transport::Outgoing> requests;
   std::vector<size_t> index;
   for (size_t i = 0; i < like.tensors.size(); ++i) {
     if (like.tensors[i].tensor.empty()) continue;
     Message m;
-    m.header.kind = static_cast<uint8_t>(MessageKind::kCheckpointFetch);
+    m.header.kind = static_cast<uint8_t>(
+        handover ? MessageKind::kShardHandover : MessageKind::kCheckpointFetch);
     m.header.epoch = epoch;
     m.header.step = step;
     m.header.layer = id.layer;
@@ -169,6 +171,49 @@ Status ShardTransfer::Restore(const control::RoutingTable& routing,
   return OkStatus();
 }
 
+Status ShardTransfer::TakeOver(const control::RoutingTable& routing,
+                               std::vector<storage::ShardSnapshot> shards) {
+  if (shards.empty()) return OkStatus();
+  if (peers_ == nullptr) return FailedPreconditionError("no data plane");
+  const auto start = std::chrono::steady_clock::now();
+  std::map<std::string, std::string> from, address;
+  for (const auto& e : routing.entries()) {
+    if (!e.moved_from().empty()) {
+      from[FromShardRef(e.shard()).ToString()] = e.moved_from();
+    }
+  }
+  for (const auto& w : routing.workers()) address[w.name()] = w.data_address();
+  int64_t bytes = 0;
+  for (storage::ShardSnapshot& live : shards) {
+    auto source = from.find(live.shard);
+    if (source == from.end() || !address.count(source->second)) {
+      return FailedPreconditionError(
+          "epoch " + std::to_string(routing.epoch()) + " moves " + live.shard +
+          " here without a live old home to hand it over");
+    }
+    StatusOr<storage::ShardSnapshot> copy =
+        Fetch(address[source->second], routing.epoch(), routing.resume_step(),
+              live, /*handover=*/true);
+    if (!copy.ok()) {
+      return copy.status().WithContext("taking over " + live.shard + " from " +
+                                       source->second);
+    }
+    RETURN_IF_ERROR(CopyTensors(*copy, &live));
+    for (const auto& t : live.tensors) bytes += t.tensor.num_bytes();
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  LOG(INFO) << name_ << ": took over " << shards.size()
+            << " shards live at step " << routing.resume_step() << " (" << bytes
+            << " bytes in " << seconds << " s, "
+            << bytes / std::max(seconds, 1e-9) / 1e6 << " MB/s)";
+  MetricsRegistry::Global()
+      .GetCounter("switchyard_worker_shards_taken_over_total")
+      ->Increment(shards.size());
+  return OkStatus();
+}
+
 Status ShardTransfer::CopyTensors(const storage::ShardSnapshot& saved,
                                   storage::ShardSnapshot* live) {
   const std::string what =
@@ -276,6 +321,30 @@ void CheckpointFetchServer::Loop() {
     const std::string shard =
         h.expert < 0 ? ShardId::Dense(h.shard).ToString()
                      : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
+    if (h.kind == static_cast<uint8_t>(MessageKind::kShardHandover)) {
+      auto handed = handovers_ ? handovers_(h.epoch, h.step, shard)
+                               : NotFoundError(name_ + " hands nothing over");
+      const storage::ShardSnapshot* s = handed.ok() ? handed->get() : nullptr;
+      if (s == nullptr || h.micro_batch < 0 ||
+          h.micro_batch >= static_cast<int32_t>(s->tensors.size()) ||
+          s->tensors[h.micro_batch].tensor.empty()) {
+        task->reply(transport::ErrorResponse(
+            h, handed.ok()
+                   ? NotFoundError("handover of " + shard + " has no tensor " +
+                                   std::to_string(h.micro_batch))
+                   : handed.status()));
+        continue;
+      }
+      const Tensor& t = s->tensors[h.micro_batch].tensor;
+      task->reply(transport::TensorResponse(
+          h, t.Reshape({1, t.num_elements()}).value()));
+      continue;
+    }
+    if (store_ == nullptr) {
+      task->reply(transport::ErrorResponse(
+          h, FailedPreconditionError(name_ + " keeps no checkpoints")));
+      continue;
+    }
     if (!cached || cached->step != h.step || cached->shard != shard) {
       cached.reset();
       auto read = store_->ReadShard(h.step, shard);  // Verifies every chunk.

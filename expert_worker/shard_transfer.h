@@ -2,9 +2,11 @@
 // a shard's checkpoint from a peer (tensor by tensor, each verified at the
 // source), restoring the shards a worker is given at a routing table's
 // resume step (a copy kept in memory first, then the local store, else
-// the shard's holder, then its replicas; what is fetched is kept locally), and
+// the shard's holder, then its replicas; what is fetched is kept locally),
 // replication tasks (a peer's checkpoint copied into the local store and
-// reported as a replica). CheckpointFetchServer is the serving side.
+// reported as a replica), and live moves (a shard's state at a step
+// boundary fetched from the worker that held it: kShardHandover).
+// CheckpointFetchServer is the serving side.
 //
 // Thread-safety: thread-compatible; Restore runs on the routing thread and
 // Replicate on the checkpoint thread, which touch no shared state here (the
@@ -53,10 +55,20 @@ class ShardTransfer {
 
   // The checkpoint of `like`'s shard at `step` from the worker at data
   // address `address`, into tensors shaped like `like`'s; the requests
-  // carry `epoch`, the routing epoch this worker fetches under.
+  // carry `epoch`, the routing epoch this worker fetches under. With
+  // `handover`, the shard's live state that worker handed over at `step`
+  // in a move of `epoch` instead (requests answered not ready, ABORTED,
+  // are retried until the request deadline: the old home may not have
+  // adopted the epoch yet).
   StatusOr<storage::ShardSnapshot> Fetch(const std::string& address,
                                          uint64_t epoch, int64_t step,
-                                         const storage::ShardSnapshot& like);
+                                         const storage::ShardSnapshot& like,
+                                         bool handover = false);
+  // Fills `shards` (sharing storage with shards not yet hosted) with their
+  // state handed over by their old homes (RoutingEntry.moved_from) at
+  // routing.resume_step() in a live move.
+  Status TakeOver(const control::RoutingTable& routing,
+                  std::vector<storage::ShardSnapshot> shards);
   // Fills `shards` (sharing storage with shards not yet hosted) with their
   // checkpoint at routing.resume_step(): a copy kept in memory, else the
   // local store, else a peer's; every copy is checked against the
@@ -83,7 +95,8 @@ class ShardTransfer {
   MemoryCopies memory_;
 };
 
-// Serves peers' kCheckpointFetch requests from the store, one tensor per
+// Serves peers' kCheckpointFetch requests from the store and their
+// kShardHandover requests from the shards handed over, one tensor per
 // request, on a thread of its own: off the compute thread and off the
 // worker's locks (two workers restoring from each other must not wait on
 // each other). Every queued request is answered, at shutdown too.
@@ -91,13 +104,22 @@ class ShardTransfer {
 // Thread-safety: Serve is thread-safe; Start and Shutdown are called once.
 class CheckpointFetchServer {
  public:
+  // A shard this worker handed over (kShardHandover's epoch, step, shard):
+  // its state, ABORTED while the worker has not handed that epoch's shards
+  // over yet, NOT_FOUND when it has and this is not among them.
+  using Handovers =
+      std::function<StatusOr<std::shared_ptr<const storage::ShardSnapshot>>(
+          uint64_t epoch, int64_t step, const std::string& shard)>;
   // `current_epoch`: the worker's routing epoch (thread-safe); a fetch from
-  // an older epoch is refused.
+  // an older epoch is refused. `store` may be null (no checkpoints: only
+  // handovers are served).
   CheckpointFetchServer(std::string name, storage::CheckpointStore* store,
-                        std::function<uint64_t()> current_epoch)
+                        std::function<uint64_t()> current_epoch,
+                        Handovers handovers)
       : name_(std::move(name)),
         store_(store),
-        current_epoch_(std::move(current_epoch)) {}
+        current_epoch_(std::move(current_epoch)),
+        handovers_(std::move(handovers)) {}
   ~CheckpointFetchServer() { Shutdown(); }
 
   void Start();
@@ -111,6 +133,7 @@ class CheckpointFetchServer {
   const std::string name_;
   storage::CheckpointStore* const store_;
   const std::function<uint64_t()> current_epoch_;
+  const Handovers handovers_;
   WorkQueue<Task> queue_;
   std::thread thread_;
 };

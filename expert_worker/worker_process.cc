@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <system_error>
 
 #include "common/mutex.h"
@@ -144,7 +145,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
           return OkStatus();
         });
   }
-  service.SetOnHeld([&session] {
+  service.SetOnNews([&session] {
     if (std::shared_ptr<control::MemberSession> s = session.Get()) {
       s->HeartbeatNow();
     }
@@ -188,6 +189,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
   // A hold's report (where this worker stopped) goes with every heartbeat
   // until the next epoch, and at once when the hold begins.
   member.annotate_heartbeat = [&service](control::Heartbeat* beat) {
+    beat->set_open_epoch(service.open_epoch());
     if (const auto held = service.held()) {
       beat->set_held_epoch(held->epoch);
       beat->set_held_step(held->step);
@@ -215,8 +217,19 @@ Status RunWorker(const config::SwitchyardConfig& config,
   }
   auto seen = std::make_shared<std::pair<std::string, int64_t>>(
       reg.run_id(), reg.committed_step_seen());
-  member.on_heartbeat_ack = [&service, seen_file,
-                             seen](const control::HeartbeatAck& ack) {
+  // Set when the coordinator says this worker is drained.
+  Mutex drained_mu;
+  CondVar drained_cv;
+  bool drained = false;
+  member.on_heartbeat_ack = [&service, seen_file, seen, &drained_mu,
+                             &drained_cv,
+                             &drained](const control::HeartbeatAck& ack) {
+    service.NoteMovesDone(ack.moves_done_epoch());
+    if (ack.drained()) {
+      MutexLock lock(&drained_mu);
+      drained = true;
+      drained_cv.NotifyAll();
+    }
     if (!seen_file.empty() &&
         (ack.run_id() != seen->first || ack.committed_step() != seen->second)) {
       *seen = {ack.run_id(), ack.committed_step()};
@@ -228,6 +241,48 @@ Status RunWorker(const config::SwitchyardConfig& config,
       service.DropCheckpointsBefore(ack.keep_from_step());
     }
     for (const auto& task : ack.replicate()) service.Replicate(task);
+  };
+  member.body = [&](const std::atomic<bool>& stopping) -> Status {
+    // Serves until drained, or a signal; then, with drain_on_stop, drains.
+    std::optional<std::chrono::steady_clock::time_point> drain_deadline;
+    const auto drain_time = std::chrono::milliseconds(
+        int64_t{config.cluster().move_timeout_ms()} +
+        4 * int64_t{config.cluster().call_timeout_ms()});
+    MutexLock lock(&drained_mu);
+    while (true) {
+      if (drained) {
+        LOG(INFO) << name << ": drained: its shards are with the other workers";
+        return OkStatus();
+      }
+      if (stopping && !drain_deadline) {
+        if (!options.drain_on_stop) return OkStatus();
+        std::shared_ptr<control::MemberSession> s = session.Get();
+        lock.Unlock();
+        StatusOr<control::DrainResponse> r =
+            s != nullptr ? s->Drain() : UnavailableError("no session");
+        lock.Lock();
+        if (!r.ok()) {
+          LOG(ERROR) << name << ": cannot drain (" << r.status().ToString()
+                     << "); leaving without handing its shards over (the "
+                        "cluster recovers them from the newest committed "
+                        "checkpoint)";
+          return OkStatus();
+        }
+        LOG(INFO) << name << ": " << r->message();
+        drain_deadline = std::chrono::steady_clock::now() + drain_time;
+        if (s != nullptr) s->HeartbeatNow();
+      }
+      if (drain_deadline &&
+          std::chrono::steady_clock::now() >= *drain_deadline) {
+        return DeadlineExceededError(
+            name + " was not drained within " +
+            std::to_string(drain_time.count()) +
+            " ms (cluster.move_timeout_ms + 4 call timeouts); leaving: the "
+            "cluster recovers its shards from the newest committed checkpoint");
+      }
+      drained_cv.WaitUntil(&drained_mu, std::chrono::steady_clock::now() +
+                                            std::chrono::milliseconds(50));
+    }
   };
   Status result = control::RunMemberProcess(member);
   // Stop serving before the service goes away; the session is gone.

@@ -26,6 +26,11 @@ struct WorkerOptions {
   std::string device = "cpu";
   // Advertised data-plane address; empty: the UCX listener's own.
   std::string data_address;
+  // On SIGTERM/SIGINT, drain first (every shard handed to the other
+  // workers live, within cluster.move_timeout_ms), then leave; without
+  // it, or when the drain is refused, leave at once (the cluster recovers
+  // the shards from the newest committed checkpoint).
+  bool drain_on_stop = true;
 };
 
 // The shards `routing` places on worker `name`, as (count, bytes).
@@ -46,7 +51,8 @@ std::string CheckpointDir(const config::SwitchyardConfig& config,
 StatusOr<std::unique_ptr<storage::CheckpointStore>> OpenWorkerStore(
     const std::string& dir);
 
-// Runs until SIGTERM/SIGINT.
+// Runs until SIGTERM/SIGINT (then drains, with drain_on_stop), or until
+// the coordinator says it is drained (`switchyard drain`).
 Status RunWorker(const config::SwitchyardConfig& config,
                  const std::string& secret, const WorkerOptions& options);
 

@@ -52,12 +52,17 @@ Status WorkerService::Start() {
       return writer->KeptAt(step);
     });
   }
+  // Serves checkpoint fetches (with a store) and live moves' handovers.
+  fetch_server_ = std::make_unique<CheckpointFetchServer>(
+      name_, store_.get(),
+      [this] { return adopted_epoch_.load(std::memory_order_acquire); },
+      [this](uint64_t epoch, int64_t step, const std::string& shard) {
+        return HandedOver(epoch, step, shard);
+      });
   thread_ = StartNamedThread("sy-worker", [this] { Run(); });
   routing_thread_ = StartNamedThread("sy-routing", [this] { RoutingLoop(); });
-  if (writer_ != nullptr) {
-    writer_->Start();
-    fetch_server_->Start();
-  }
+  if (writer_ != nullptr) writer_->Start();
+  fetch_server_->Start();
   return OkStatus();
 }
 
@@ -75,9 +80,6 @@ void WorkerService::EnableCheckpoints(
       // Kept copies are staging buffers: none without resident staging.
       config_.checkpoint().rollback_in_memory() &&
           config_.checkpoint().staging_resident());
-  fetch_server_ = std::make_unique<CheckpointFetchServer>(
-      name_, store_.get(),
-      [this] { return adopted_epoch_.load(std::memory_order_acquire); });
 }
 
 void WorkerService::SetPeerPlane(transport::DataPlane* plane) {
@@ -194,11 +196,13 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   if (holding) {
     LOG(INFO) << name_ << ": epoch " << routing.epoch()
               << " holds the cluster: stopped at step " << next_step;
-    if (on_held_) on_held_();
+    HandOver(routing, {});  // Nothing: the hold's next epoch says.
+    if (on_news_) on_news_();
     return OkStatus();
   }
   const RoutingPlan plan =
       PlanRouting(routing, name_, have, have_dense, next_step);
+  HandOver(routing, plan);
   if (plan.rolls_back) {
     LOG(WARNING) << name_ << ": epoch " << routing.epoch()
                  << ": rolling back from step " << next_step << " to step "
@@ -212,26 +216,33 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   // (Restore checks each against the model's).
   std::map<ShardId, std::unique_ptr<ExpertShard>> made;
   std::map<int, std::unique_ptr<DenseShard>> made_dense;
-  std::vector<storage::ShardSnapshot> to_restore;
+  std::vector<storage::ShardSnapshot> to_restore, to_take_over;
   for (int index : plan.make_dense) {
+    const bool handed = plan.handover_dense.count(index) > 0;
     ASSIGN_OR_RETURN(made_dense[index],
-                     factory_->NewDense(index, !plan.restore));
-    to_restore.push_back(
-        SnapshotOf(*made_dense[index], *staging_pool_, /*deep=*/false));
+                     factory_->NewDense(index, !plan.restore && !handed));
+    (handed ? to_take_over : to_restore)
+        .push_back(
+            SnapshotOf(*made_dense[index], *staging_pool_, /*deep=*/false));
   }
   for (const ShardId& id : plan.make_experts) {
-    ASSIGN_OR_RETURN(made[id], factory_->NewExpert(id, !plan.restore));
-    to_restore.push_back(SnapshotOf(*made[id], *staging_pool_, /*deep=*/false));
+    const bool handed = plan.handover_experts.count(id) > 0;
+    ASSIGN_OR_RETURN(made[id],
+                     factory_->NewExpert(id, !plan.restore && !handed));
+    (handed ? to_take_over : to_restore)
+        .push_back(SnapshotOf(*made[id], *staging_pool_, /*deep=*/false));
   }
+  // Until the shards are restored (or taken over) the worker's gate stays
+  // closed, so requests of the new epoch are refused as not ready
+  // (ABORTED), never served from initial values; a later table retries.
   if (plan.restore) {
-    // Until the shards are restored the worker stays at its old epoch, so
-    // requests of the new one are refused as not ready (ABORTED), never
-    // served from initial values; a later table retries.
     RETURN_IF_ERROR(transfer_->Restore(routing, std::move(to_restore)));
-    if (factory_->shape(1).compute_dtype == DType::kBF16) {
-      for (auto& [id, shard] : made) {
-        RETURN_IF_ERROR(shard->params.RefreshBf16());
-      }
+  }
+  RETURN_IF_ERROR(transfer_->TakeOver(routing, std::move(to_take_over)));
+  if ((plan.restore || !plan.handover_experts.empty()) &&
+      factory_->shape(1).compute_dtype == DType::kBF16) {
+    for (auto& [id, shard] : made) {
+      RETURN_IF_ERROR(shard->params.RefreshBf16());
     }
   }
   if (writer_ != nullptr && config_.checkpoint().every() > 0 &&
@@ -257,11 +268,78 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   for (auto& [index, shard] : made_dense) dense_[index] = std::move(shard);
   for (auto& [id, shard] : made) shards_[id] = std::move(shard);
   gate_.Open(routing.resume_step());
+  open_epoch_.store(routing.epoch(), std::memory_order_release);
   adopted_incarnation_ = 0;
   for (const auto& w : routing.workers()) {
     if (w.name() == name_) adopted_incarnation_ = w.incarnation();
   }
+  lock.Unlock();
+  if (on_news_) on_news_();
   return OkStatus();
+}
+
+void WorkerService::HandOver(const control::RoutingTable& routing,
+                             const RoutingPlan& plan) {
+  std::map<std::string, HandedOverShard> handed;
+  if (routing.continues()) {
+    std::set<std::string> leaving;
+    for (const auto& e : routing.entries()) {
+      if (e.moved_from() == name_) {
+        leaving.insert(FromShardRef(e.shard()).ToString());
+      }
+    }
+    // The gate is closed: nothing changes these shards any more. Shallow
+    // copies keep their storage alive after the shards are dropped.
+    MutexLock lock(&mu_);
+    for (const auto& [id, shard] : shards_) {
+      if (plan.experts.count(id) || !leaving.count(id.ToString())) continue;
+      handed[id.ToString()] = {routing.epoch(), gate_.next_step(),
+                               std::make_shared<const storage::ShardSnapshot>(
+                                   SnapshotOf(*shard, *staging_pool_, false))};
+    }
+    for (const auto& [index, shard] : dense_) {
+      const std::string id = ShardId::Dense(index).ToString();
+      if (plan.dense.count(index) || !leaving.count(id)) continue;
+      handed[id] = {routing.epoch(), gate_.next_step(),
+                    std::make_shared<const storage::ShardSnapshot>(
+                        SnapshotOf(*shard, *staging_pool_, false))};
+    }
+  }
+  if (!handed.empty()) {
+    LOG(INFO) << name_ << ": hands " << handed.size() << " shards over at step "
+              << handed.begin()->second.step << " (epoch " << routing.epoch()
+              << ")";
+  }
+  MutexLock lock(&handover_mu_);
+  // What earlier epochs handed over is no longer fetched: a move that did
+  // not complete before this epoch is recovered otherwise.
+  handed_over_ = std::move(handed);
+  handover_epoch_ = routing.epoch();
+}
+
+StatusOr<std::shared_ptr<const storage::ShardSnapshot>>
+WorkerService::HandedOver(uint64_t epoch, int64_t step,
+                          const std::string& shard) const {
+  MutexLock lock(&handover_mu_);
+  if (epoch > handover_epoch_) {
+    return AbortedError(name_ + " has not handed over the shards of epoch " +
+                        std::to_string(epoch) + " yet; retry");
+  }
+  auto it = handed_over_.find(shard);
+  if (it == handed_over_.end() || it->second.epoch != epoch ||
+      it->second.step != step) {
+    return NotFoundError(name_ + " did not hand over " + shard + " at step " +
+                         std::to_string(step) + " in epoch " +
+                         std::to_string(epoch));
+  }
+  return it->second.snapshot;
+}
+
+void WorkerService::NoteMovesDone(uint64_t epoch) {
+  MutexLock lock(&handover_mu_);
+  for (auto it = handed_over_.begin(); it != handed_over_.end();) {
+    it = it->second.epoch <= epoch ? handed_over_.erase(it) : std::next(it);
+  }
 }
 
 void WorkerService::OfferRouting(const control::RoutingTable& routing) {
@@ -298,11 +376,12 @@ void WorkerService::RoutingLoop() {
 
 void WorkerService::Handle(Message request, transport::Reply reply) {
   if (request.header.kind ==
-      static_cast<uint8_t>(MessageKind::kCheckpointFetch)) {
+          static_cast<uint8_t>(MessageKind::kCheckpointFetch) ||
+      request.header.kind ==
+          static_cast<uint8_t>(MessageKind::kShardHandover)) {
     if (fetch_server_ == nullptr) {
       reply(transport::ErrorResponse(
-          request.header,
-          FailedPreconditionError(name_ + " keeps no checkpoints")));
+          request.header, AbortedError(name_ + " is starting up; retry")));
       return;
     }
     fetch_server_->Serve({std::move(request), std::move(reply)});

@@ -61,6 +61,7 @@
 #include "expert_worker/gemm.h"
 #include "expert_worker/hosted_shard.h"
 #include "expert_worker/optimizer.h"
+#include "expert_worker/routing_plan.h"
 #include "expert_worker/shard_compute.h"
 #include "expert_worker/shard_factory.h"
 #include "expert_worker/shard_transfer.h"
@@ -150,12 +151,20 @@ class WorkerService {
     bool serving = false;  // It was serving its shards then.
   };
   std::optional<Held> held() const EXCLUDES(mu_);
-  // Called (on the routing thread) when the worker starts holding: its
-  // report should go out at once rather than with the next heartbeat.
-  // Set before Start.
-  void SetOnHeld(std::function<void()> on_held) {
-    on_held_ = std::move(on_held);
+  // Called (on the routing thread) with news the coordinator waits for:
+  // the worker started holding, or has the shards of a new epoch in place
+  // (open_epoch()). Its report should go out at once rather than with the
+  // next heartbeat. Set before Start.
+  void SetOnNews(std::function<void()> on_news) {
+    on_news_ = std::move(on_news);
   }
+  // The newest epoch whose shards are in place and served (0: none yet).
+  uint64_t open_epoch() const {
+    return open_epoch_.load(std::memory_order_acquire);
+  }
+  // Every shard moved live up to `epoch` is in place at its new home
+  // (HeartbeatAck.moves_done_epoch): what this worker handed over goes.
+  void NoteMovesDone(uint64_t epoch) EXCLUDES(handover_mu_);
 
   // The next step this worker accepts (= updates applied so far).
   int64_t next_step() const EXCLUDES(mu_);
@@ -196,6 +205,15 @@ class WorkerService {
   std::vector<storage::ShardSnapshot> SnapshotsLocked(bool deep) const
       REQUIRES(mu_);
   void RoutingLoop() EXCLUDES(routing_mu_);
+  // In a live move (a `continues` table), keeps the state of the shards
+  // this worker hands over (RoutingEntry.moved_from) for their new homes to
+  // fetch; drops what earlier epochs handed over.
+  void HandOver(const control::RoutingTable& routing, const RoutingPlan& plan)
+      EXCLUDES(mu_, handover_mu_);
+  // CheckpointFetchServer::Handovers.
+  StatusOr<std::shared_ptr<const storage::ShardSnapshot>> HandedOver(
+      uint64_t epoch, int64_t step, const std::string& shard) const
+      EXCLUDES(handover_mu_);
   // Shards written or restored at a time: the compute thread count
   // (training.threads, else one per core).
   int StorageThreads() const;
@@ -237,7 +255,18 @@ class WorkerService {
   // must not wait on a worker busy with a step).
   std::atomic<uint64_t> adopted_epoch_{0};
   std::optional<Held> held_ GUARDED_BY(mu_);
-  std::function<void()> on_held_;
+  std::function<void()> on_news_;
+  std::atomic<uint64_t> open_epoch_{0};
+  // Shards handed over in a live move, by name, and the newest epoch
+  // whose handover is done.
+  struct HandedOverShard {
+    uint64_t epoch = 0;
+    int64_t step = 0;
+    std::shared_ptr<const storage::ShardSnapshot> snapshot;
+  };
+  mutable Mutex handover_mu_;
+  std::map<std::string, HandedOverShard> handed_over_ GUARDED_BY(handover_mu_);
+  uint64_t handover_epoch_ GUARDED_BY(handover_mu_) = 0;
   // This worker's incarnation in the adopted routing table (0: not in it):
   // what its checkpoints' reports carry.
   uint64_t adopted_incarnation_ GUARDED_BY(mu_) = 0;

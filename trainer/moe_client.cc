@@ -244,8 +244,18 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
 }
 
 Status MoeLayerClient::StepDone(int64_t step) {
+  // To every worker holding a shard: a spare (a worker just joined, one
+  // drained and about to leave) has no update to apply.
+  std::vector<bool> holds(routing_.workers_size(), false);
+  for (const auto& e : routing_.entries()) {
+    if (e.worker() >= 0 && e.worker() < routing_.workers_size()) {
+      holds[e.worker()] = true;
+    }
+  }
   std::vector<transport::Outgoing> requests;
-  for (const auto& worker : routing_.workers()) {
+  for (int w = 0; w < routing_.workers_size(); ++w) {
+    if (!holds[w]) continue;
+    const auto& worker = routing_.workers(w);
     Message m;
     m.header.kind = static_cast<uint8_t>(MessageKind::kStepDone);
     m.header.step = step;

@@ -58,7 +58,8 @@ class MoeLayerClient {
   Status Backward(int64_t step, int micro_batch, int layer, const Tensor& dy,
                   Tensor* dx, std::vector<float>* d_gate);
 
-  // StepDone(step, rank) to every worker of the routing table.
+  // StepDone(step, rank) to every worker of the routing table holding a
+  // shard.
   Status StepDone(int64_t step);
 
  private:

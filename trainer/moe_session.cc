@@ -55,6 +55,10 @@ Status MoeSession::Start() {
   reg.set_rank(options_.rank);
   reg.set_device("cpu");
   member.on_session = [this](std::shared_ptr<control::MemberSession> s) {
+    {
+      MutexLock lock(&news_.mu);
+      session_ = s;
+    }
     lost_.SetSession(std::move(s));
   };
   member.on_routing = [this](const control::RoutingTable& routing) {
@@ -63,6 +67,8 @@ Status MoeSession::Start() {
   member.annotate_heartbeat = [this](control::Heartbeat* beat) {
     beat->set_training_epoch(training_epoch_.load());
     beat->set_step(step_.load());
+    beat->set_paused(paused_.load());
+    beat->set_paused_step(step_.load());
   };
   member.on_registered = [this](const control::RegisterResponse& response) {
     std::string difference = ConfigDifference(response.config());
@@ -134,6 +140,12 @@ Status MoeSession::Start() {
   resume_step_ = routing.resume_step();
   step_ = routing.resume_step();
   training_epoch_ = routing.epoch();
+  {
+    // The coordinator waits for trainers that train under an epoch (a
+    // pause for a move): say so at once.
+    MutexLock lock(&news_.mu);
+    if (session_ != nullptr) session_->HeartbeatNow();
+  }
   LOG(INFO) << "trainer " << options_.rank << ": training under routing epoch "
             << epoch_ << " from step " << step_.load();
   return OkStatus();
@@ -179,6 +191,50 @@ Status MoeSession::CheckEpoch() {
       std::to_string(epoch_) +
       " is abandoned and this session has left the cluster (close it, "
       "restore the dense model to the resume step, connect again)");
+}
+
+Status MoeSession::EnterStep() {
+  if (!at_boundary_) return CheckEpoch();
+  const auto limit =
+      std::chrono::milliseconds(options_.config.cluster().move_timeout_ms()) +
+      std::chrono::milliseconds(options_.config.cluster().call_timeout_ms()) *
+          12;
+  const auto began = std::chrono::steady_clock::now();
+  {
+    MutexLock lock(&news_.mu);
+    while (!member_done_ && !closing_ && config_difference_.empty()) {
+      const control::RoutingTable& latest = news_.latest;
+      if (latest.epoch() == epoch_) {
+        if (!latest.pause() || step_ < latest.pause_step()) break;
+        if (!paused_) {
+          paused_ = true;
+          LOG(INFO) << "trainer " << options_.rank << ": paused before step "
+                    << step_.load() << " for a move of shards (epoch " << epoch_
+                    << ")";
+          if (session_ != nullptr) session_->HeartbeatNow();
+        }
+      } else if (!latest.hold() && AllShardsReachable(latest)) {
+        if (latest.continues() && latest.resume_step() == step_) {
+          client_->SetRouting(latest);
+          epoch_ = latest.epoch();
+          training_epoch_ = epoch_;
+          LOG(INFO) << "trainer " << options_.rank << ": epoch " << epoch_
+                    << " continues at step " << step_.load() << " after "
+                    << std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::steady_clock::now() - began)
+                           .count()
+                    << " ms (" << latest.cause() << ")";
+        }
+        break;  // Else CheckEpoch says why the step cannot go on.
+      }
+      if (!news_.changed.WaitUntil(&news_.mu, began + limit) &&
+          std::chrono::steady_clock::now() >= began + limit) {
+        break;
+      }
+    }
+  }
+  paused_ = false;
+  return CheckEpoch();
 }
 
 std::string MoeSession::ConfigDifference(
@@ -267,16 +323,17 @@ StatusOr<Tensor> MoeSession::Forward(int layer, int micro_batch,
                                      const Tensor& x,
                                      const RouterState<float>& route) {
   MutexLock calls(&call_mu_);
-  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(EnterStep());
   RETURN_IF_ERROR(CheckCall(layer, micro_batch));
   RETURN_IF_ERROR(CheckRoute(layer, x, route));
+  at_boundary_ = false;
   return client_->Forward(step_, micro_batch, layer, x, route);
 }
 
 StatusOr<Tensor> MoeSession::Evaluate(int layer, const Tensor& x,
                                       const RouterState<float>& route) {
   MutexLock calls(&call_mu_);
-  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(EnterStep());
   RETURN_IF_ERROR(CheckRoute(layer, x, route));
   return client_->Evaluate(step_, layer, x, route);
 }
@@ -284,8 +341,9 @@ StatusOr<Tensor> MoeSession::Evaluate(int layer, const Tensor& x,
 Status MoeSession::Backward(int layer, int micro_batch, const Tensor& dy,
                             Tensor* dx, std::vector<float>* d_gate) {
   MutexLock calls(&call_mu_);
-  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(EnterStep());
   RETURN_IF_ERROR(CheckCall(layer, micro_batch));
+  at_boundary_ = false;
   // A NaN or infinity would make every worker refuse the step's update and
   // stop the whole run (a loss scaler's overflow step, a loss spike).
   RETURN_IF_ERROR(CheckFinite(
@@ -296,9 +354,11 @@ Status MoeSession::Backward(int layer, int micro_batch, const Tensor& dy,
 
 Status MoeSession::StepDone() {
   MutexLock calls(&call_mu_);
-  RETURN_IF_ERROR(CheckEpoch());
+  RETURN_IF_ERROR(EnterStep());
+  at_boundary_ = false;
   RETURN_IF_ERROR(client_->StepDone(step_));
   ++step_;
+  at_boundary_ = true;
   return OkStatus();
 }
 

@@ -8,8 +8,14 @@
 //
 // Steps: the session starts at the routing table's resume step; Forward,
 // Backward and Evaluate act at step(); StepDone ends it on every worker and
-// moves to the next. When the cluster moves to a newer routing epoch (a
-// member died, joined or was fenced), the step in flight is abandoned:
+// moves to the next. Between a StepDone and the next step's first call the
+// session is at a step boundary: there it stops for a live move
+// (RoutingTable.pause: a worker joins or is drained), and adopts a newer
+// epoch that continues from its step (the move made, or a hold after
+// another trainer's failure), waiting up to cluster.move_timeout_ms plus
+// the join timeout. When the cluster moves to a newer routing epoch that
+// does not continue from the session's step (a member died or was fenced
+// mid-step, a rollback), the step in flight is abandoned:
 // the session leaves the cluster (so that it never comes back as a new
 // incarnation of its own accord) and every later call fails with ABORTED
 // naming the epoch, its cause and the step it resumes at. The caller's
@@ -90,6 +96,9 @@ class MoeSession {
   // OK while the cluster is at the epoch this session trains under (else
   // the session leaves: see above) and its configuration is the cluster's.
   Status CheckEpoch();
+  // At a step boundary: waits out a pause for a live move and adopts a
+  // newer epoch that continues from step_ (see above); then CheckEpoch.
+  Status EnterStep() REQUIRES(call_mu_);
   // What differs between `cluster`'s configuration and options_.config
   // where it matters to a trainer ("" when nothing).
   std::string ConfigDifference(const config::SwitchyardConfig& cluster) const;
@@ -116,6 +125,12 @@ class MoeSession {
   // The epoch training runs under (0: not yet), read by the control thread.
   std::atomic<uint64_t> training_epoch_{0};
   std::atomic<int64_t> step_{0};
+  // At a step boundary: nothing of step_ sent yet.
+  bool at_boundary_ GUARDED_BY(call_mu_) = true;
+  // Stopped there for a move, reported in heartbeats.
+  std::atomic<bool> paused_{false};
+  // The member's session, for reports that cannot wait for a heartbeat.
+  std::shared_ptr<control::MemberSession> session_ GUARDED_BY(news_.mu);
   uint64_t epoch_ = 0;
   int64_t resume_step_ = 0;
 };

@@ -80,7 +80,11 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   reg.set_rank(options.rank);
   reg.set_device("cpu");
   const std::string name = reg.name();
-  member.on_session = [&lost](std::shared_ptr<control::MemberSession> s) {
+  // Set once before the body runs, on the same thread.
+  std::shared_ptr<control::MemberSession> session;
+  member.on_session = [&lost,
+                       &session](std::shared_ptr<control::MemberSession> s) {
+    session = s;
     lost.SetSession(std::move(s));
   };
   // The epoch training runs under (0: not started).
@@ -96,9 +100,14 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   // The epoch this trainer trains under, 0 while it waits for the cluster
   // (heartbeats tell the coordinator when a recovery is over).
   std::atomic<uint64_t> trains_at{0};
+  // Stopped at the boundary before paused_step for a move.
+  std::atomic<bool> paused{false};
+  std::atomic<int64_t> paused_step{0};
   member.annotate_heartbeat = [&](control::Heartbeat* beat) {
     beat->set_training_epoch(trains_at.load());
     beat->set_step(replica.last_step());
+    beat->set_paused(paused.load());
+    beat->set_paused_step(paused_step.load());
   };
   member.on_heartbeat_ack = [&news](const control::HeartbeatAck& ack) {
     news.NoteAck(ack);
@@ -106,10 +115,11 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   // How long to wait for every worker to join and every shard to be placed.
   const auto join_timeout =
       std::chrono::milliseconds(config.cluster().call_timeout_ms()) * 12;
-  // Trains from step `from` under routing epoch `epoch` to the run's end
-  // and waits for the end's checkpoint to be committed; OK when done, else
-  // why not (a failed step, or a newer epoch before the commit).
-  auto train_and_commit = [&](int64_t from, uint64_t epoch,
+  // Trains from step `from` to the run's end (under training_epoch, which a
+  // live move may advance) and waits for the end's checkpoint to be
+  // committed; OK when done, else why not (a failed step, or a rollback
+  // before the commit).
+  auto train_and_commit = [&](int64_t from,
                               const std::atomic<bool>& stopping) -> Status {
     auto result = RunTraining(config, corpus, options.training, {&replica},
                               from, &stopping, std::cout);
@@ -124,9 +134,28 @@ Status RunTrainer(const config::SwitchyardConfig& config,
         config.checkpoint().commit_timeout_ms());
     MutexLock lock(&news.mu);
     const auto deadline = std::chrono::steady_clock::now() + commit_timeout;
-    while (news.committed < end && !stopping && news.latest.epoch() <= epoch) {
+    // Done training: a move may pause at the end and go on from there.
+    paused_step = end;
+    paused = true;
+    uint64_t epoch = training_epoch.load();
+    while (news.committed < end && !stopping) {
+      if (news.latest.epoch() > epoch) {
+        // A hold, or an epoch that goes on from the end, changes nothing
+        // here; anything else rolls back.
+        if (!news.latest.hold() &&
+            !(news.latest.continues() && news.latest.resume_step() == end)) {
+          break;
+        }
+        if (!news.latest.hold()) {
+          epoch = news.latest.epoch();
+          replica.SetRouting(news.latest);
+          training_epoch = epoch;
+          trains_at = epoch;
+        }
+      }
       if (!news.changed.WaitUntil(&news.mu, deadline)) break;
     }
+    paused = false;
     if (news.committed >= end) {
       if (options.rank == 0) {
         std::cout << "checkpoint " << end << " committed" << std::endl;
@@ -146,7 +175,75 @@ Status RunTrainer(const config::SwitchyardConfig& config,
         " ms (checkpoint.commit_timeout_ms; newest committed: " +
         std::to_string(news.committed) + ")");
   };
+  // A live move (RoutingTable.pause): at the boundary before `step`, waits
+  // there until the pause is lifted or moved on, or the epoch that moves
+  // the shards continues from this step.
+  const auto pause_limit =
+      std::chrono::milliseconds(config.cluster().move_timeout_ms()) +
+      join_timeout;
+  auto boundary = [&](int64_t step,
+                      const std::atomic<bool>& stopping) -> Status {
+    MutexLock lock(&news.mu);
+    const uint64_t epoch = training_epoch.load();
+    const auto stops_here = [&] {
+      news.mu.AssertHeld();
+      return news.latest.epoch() == epoch && news.latest.pause() &&
+             step >= news.latest.pause_step();
+    };
+    if (!stops_here()) return OkStatus();
+    const auto began = std::chrono::steady_clock::now();
+    paused_step = step;
+    paused = true;
+    if (session != nullptr) session->HeartbeatNow();
+    LOG(INFO) << name << ": paused before step " << step
+              << " for a move of shards (epoch " << epoch << ")";
+    Status outcome;
+    while (true) {
+      if (stopping) {
+        outcome = CancelledError("stopped while paused before step " +
+                                 std::to_string(step));
+        break;
+      }
+      if (news.latest.epoch() == epoch) {
+        if (!stops_here()) break;  // Lifted, or on to a later boundary.
+      } else if (!news.latest.hold() && AllShardsReachable(news.latest)) {
+        const control::RoutingTable& next = news.latest;
+        if (!next.continues() || next.resume_step() != step) {
+          outcome = AbortedError(
+              "epoch " + std::to_string(next.epoch()) + " resumes at step " +
+              std::to_string(next.resume_step()) + ", not at step " +
+              std::to_string(step) + " where this trainer paused");
+          break;
+        }
+        replica.SetRouting(next);
+        training_epoch = next.epoch();
+        trains_at = next.epoch();
+        const double ms = std::chrono::duration<double, std::milli>(
+                              std::chrono::steady_clock::now() - began)
+                              .count();
+        MetricsRegistry::Global()
+            .GetHistogram("switchyard_trainer_move_pause_ms",
+                          LatencyBucketsMs())
+            ->Observe(ms);
+        LOG(INFO) << name << ": epoch " << next.epoch() << " continues at step "
+                  << step << " after a pause of " << static_cast<int64_t>(ms)
+                  << " ms (" << next.cause() << ")";
+        break;
+      }
+      if (!news.changed.WaitUntil(&news.mu, began + pause_limit) &&
+          std::chrono::steady_clock::now() >= began + pause_limit) {
+        outcome = DeadlineExceededError(
+            "paused before step " + std::to_string(step) +
+            " for a move for more than " + std::to_string(pause_limit.count()) +
+            " ms (cluster.move_timeout_ms + the join timeout)");
+        break;
+      }
+    }
+    paused = false;
+    return outcome;
+  };
   member.body = [&](const std::atomic<bool>& stopping) -> Status {
+    replica.SetBoundary([&](int64_t step) { return boundary(step, stopping); });
     control::RoutingTable routing;
     {
       MutexLock lock(&news.mu);
@@ -173,13 +270,18 @@ Status RunTrainer(const config::SwitchyardConfig& config,
     replica.SetRouting(routing);
     training_epoch = routing.epoch();
     trains_at = routing.epoch();
+    // The coordinator waits for trainers that train under an epoch (a
+    // pause for a move): say so at once.
+    if (session != nullptr) session->HeartbeatNow();
     int64_t from = routing.resume_step();
     int recoveries = 0;
     while (true) {
-      Status failure = train_and_commit(from, routing.epoch(), stopping);
+      Status failure = train_and_commit(from, stopping);
       if (failure.ok() || stopping) return OkStatus();
       if (!MayRecover(failure)) return failure;
       trains_at = 0;
+      // The epoch trained under last (a live move may have advanced it).
+      routing.set_epoch(training_epoch.load());
       // Recovery: the coordinator publishes a new epoch naming the step
       // every member continues from (a rollback to the newest committed
       // checkpoint, or after a hold the step the workers reached); this
@@ -226,6 +328,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       replica.SetRouting(routing);
       training_epoch = routing.epoch();
       trains_at = routing.epoch();
+      if (session != nullptr) session->HeartbeatNow();
       ++recoveries;
       const double waited_ms = std::chrono::duration<double, std::milli>(
                                    std::chrono::steady_clock::now() - failed_at)

@@ -143,6 +143,7 @@ void TrainerReplica::SetRouting(const control::RoutingTable& routing) {
 }
 
 StatusOr<StepReport> TrainerReplica::Step(int64_t step, const Batch& batch) {
+  if (boundary_) RETURN_IF_ERROR(boundary_(step));
   last_step_ = step;
   const auto start = Clock::now();
   StepReport report;

@@ -19,6 +19,7 @@
 #define SWITCHYARD_TRAINER_TRAINING_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -61,6 +62,13 @@ class TrainerReplica {
   int rank() const { return rank_; }
   const config::SwitchyardConfig& config() const { return config_; }
   void SetRouting(const control::RoutingTable& routing);
+  // Called at the start of every Step(step), at the step boundary, before
+  // anything of the step is sent: it may wait there (a pause for a live
+  // move) and change the routing; an error fails the step with nothing
+  // of it done.
+  void SetBoundary(std::function<Status(int64_t step)> boundary) {
+    boundary_ = std::move(boundary);
+  }
   // The last step begun (-1: none yet; any thread may ask).
   int64_t last_step() const { return last_step_.load(); }
 
@@ -86,6 +94,7 @@ class TrainerReplica {
   std::unique_ptr<MoeClientExperts> experts_;
   Transformer<float> model_;
   std::atomic<int64_t> last_step_{-1};
+  std::function<Status(int64_t step)> boundary_;
 };
 
 struct TrainingOptions {

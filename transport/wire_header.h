@@ -29,7 +29,10 @@ enum class MessageKind : uint8_t {
   kExpertEval = 7,       // x (T, d) -> y (T, d), nothing kept (validation)
   kCheckpointFetch = 8,  // no payload -> tensor micro_batch of a shard's
                          // checkpoint at step, as (1, n)
-  kMaxKind = 8,
+  kShardHandover = 9,    // no payload -> tensor micro_batch of a shard this
+                         // worker handed over at step in a live move of
+                         // epoch (RoutingEntry.moved_from), as (1, n)
+  kMaxKind = 9,
 };
 
 // dtype 0 means no tensor payload (an error response carries text).

@@ -177,11 +177,23 @@ TEST_F(ClusterStateTest, ExpiredLeaseFencesAndReplaces) {
       state_.Heartbeat(Beat("worker-1", incarnation_["worker-1"]), now);
   EXPECT_EQ(fenced.status().code(), StatusCode::kFailedPrecondition);
   EXPECT_NE(fenced.status().message().find("fenced"), std::string::npos);
-  // Coming back makes it a new incarnation and a joiner.
+  // Coming back makes it a new incarnation and a joiner, whose shards move
+  // live at a step boundary: with no trainer training, the cluster holds
+  // at once, and once the holders report, the next epoch moves them.
   auto back = state_.Register(Worker("worker-1"), now);
   ASSERT_TRUE(back.ok());
   EXPECT_GT(back->incarnation(), incarnation_["worker-1"]);
   EXPECT_EQ(state_.epoch(), epoch + 2);
+  EXPECT_TRUE(state_.Routing().hold());
+  for (const char* name : {"worker-0", "worker-2"}) {
+    control::Heartbeat b = Beat(name, incarnation_[name]);
+    b.set_held_epoch(epoch + 2);
+    b.set_held_step(0);
+    b.set_held_serving(true);
+    ASSERT_TRUE(state_.Heartbeat(b, now).ok());
+  }
+  EXPECT_EQ(state_.epoch(), epoch + 3);
+  EXPECT_TRUE(state_.Routing().continues());
   EXPECT_GT(Member(state_.Report(now), "worker-1").shards(), 0);
 }
 
@@ -506,7 +518,14 @@ TEST(ClusterStateCrashLoopTest, ACrashLoopingWorkerGetsNoShardsUntilItStaysUp) {
     const auto now = t0 + milliseconds(ms);
     for (const char* name : {"worker-0", "worker-1", "worker-2"}) {
       const uint64_t inc = Member(state.Report(now), name).incarnation();
-      ASSERT_TRUE(state.Heartbeat(Beat(name, inc), now).ok()) << name;
+      control::Heartbeat b = Beat(name, inc);
+      if (state.Routing().hold()) {
+        // Its probation over, its shards move live: a hold (no trainer
+        // trains here) the workers report where they stopped in.
+        b.set_held_epoch(state.epoch());
+        b.set_held_serving(true);
+      }
+      ASSERT_TRUE(state.Heartbeat(b, now).ok()) << name;
     }
     state.Tick(now);
   }

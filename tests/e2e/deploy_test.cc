@@ -29,6 +29,7 @@
 
 #include "tests/testing/files.h"
 #include "tests/testing/processes.h"
+#include "tests/testing/run_command.h"
 
 namespace switchyard {
 namespace {
@@ -140,6 +141,31 @@ class Cluster {
   std::string Log(const std::string& name) const {
     return testing::ReadFile(dir_ + "/" + name + ".log");
   }
+  // Waits until `name`'s log holds `text`.
+  bool WaitLog(const std::string& name, const std::string& text,
+               Ms timeout = Ms(120000)) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (Log(name).find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(Ms(20));
+    }
+    return false;
+  }
+  // SIGTERM to `name` (systemctl stop); its exit code within `timeout`
+  // (-1: it did not exit, and is killed).
+  int Stop(const std::string& name, Ms timeout) {
+    for (auto& p : procs_) {
+      if (p.name != name || p.pid <= 0) continue;
+      ::kill(p.pid, SIGTERM);
+      if (!Reap(p, timeout)) {
+        testing::StopAndReap(p.pid);
+        p.pid = -1;
+        return -1;
+      }
+      return p.exit_code;
+    }
+    return -1;
+  }
 
  private:
   struct Proc {
@@ -247,7 +273,9 @@ TEST_F(DeployTest, SystemdUnitsRunACluster) {
   }
   // This host's values for the variables the example file documents.
   YAML::Node config = YAML::LoadFile(kSource + "/examples/tiny.yaml");
-  config["training"]["steps"] = 4;
+  config["training"]["steps"] = 300;
+  config["training"]["log_every"] = 5;
+  config["training"]["threads"] = 1;
   WriteFile(dir_ + "/etc/run.yaml", YAML::Dump(config));
   WriteFile(dir_ + "/etc/secret", secret_);
   env["SWITCHYARD_CONFIG"] = dir_ + "/etc/run.yaml";
@@ -288,13 +316,33 @@ TEST_F(DeployTest, SystemdUnitsRunACluster) {
     start("switchyard-trainer@.service", std::to_string(r),
           "trainer-" + std::to_string(r), /*finishes=*/true);
   }
+  // `systemctl start` of one more worker instance during the run is a
+  // join, `systemctl stop` of it a drain: both move shards live.
+  const std::string extra = "worker-" + std::to_string(workers);
+  ASSERT_TRUE(cluster.WaitLog("trainer-0", "step 10/"))
+      << cluster.Log("trainer-0");
+  start("switchyard-worker@.service", extra, extra, /*finishes=*/true);
+  ASSERT_TRUE(cluster.WaitLog(extra, "took over")) << cluster.Log(extra);
+  EXPECT_EQ(cluster.Stop(extra, Ms(100000)), 0) << cluster.Log(extra);
+  EXPECT_NE(cluster.Log(extra).find(extra + ": drained"), std::string::npos)
+      << cluster.Log(extra);
   for (int r = 0; r < trainers; ++r) {
     const std::string name = "trainer-" + std::to_string(r);
     ASSERT_EQ(cluster.WaitExit(name, Ms(180000)), 0)
         << cluster.Log(name) << "\n--- coordinator:\n"
         << cluster.Log("coordinator");
   }
-  EXPECT_NE(cluster.Log("trainer-0").find("step 4/4 loss"), std::string::npos)
+  EXPECT_NE(cluster.Log("trainer-0").find("step 300/300 loss"),
+            std::string::npos)
+      << cluster.Log("trainer-0");
+  // Nothing rolled back: each move continued from a step boundary.
+  for (const char* rollback :
+       {"(the newest committed checkpoint)", "(nothing committed yet)"}) {
+    EXPECT_EQ(cluster.Log("coordinator").find(rollback), std::string::npos)
+        << cluster.Log("coordinator");
+  }
+  EXPECT_NE(cluster.Log("trainer-0").find("after a pause of"),
+            std::string::npos)
       << cluster.Log("trainer-0");
   cluster.StopAllExpectingCleanExits();
   // Everything stateful is under the state directory systemd provides.
@@ -396,13 +444,8 @@ struct PodRunner {
       fs::create_directories(local);
       if (kind == "secret") WriteFile(local + "/secret", secret);
     }
-    auto map_text = [&](std::string text) {
-      for (const auto& [from, to] : replace) text = ReplaceAll(text, from, to);
-      for (const auto& [path, local] : mounts) {
-        text = ReplaceAll(text, path, local);
-      }
-      return text;
-    };
+    pod_mounts[pod] = mounts;
+    auto map_text = [&](const std::string& text) { return Map(pod, text); };
     for (const auto& [path, local] : mounts) {
       if (path == "/etc/switchyard/config") {
         WriteFile(local + "/run.yaml", map_text(run_yaml));
@@ -418,6 +461,34 @@ struct PodRunner {
     }
     return args;
   }
+
+  // `text` with the services, ports and `pod`'s mounts mapped.
+  std::string Map(const std::string& pod, std::string text) const {
+    for (const auto& [from, to] : replace) text = ReplaceAll(text, from, to);
+    if (pod_mounts.count(pod)) {
+      for (const auto& [path, local] : pod_mounts.at(pod)) {
+        text = ReplaceAll(text, path, local);
+      }
+    }
+    return text;
+  }
+
+  // The container's preStop hook (`sh -c SCRIPT`) as a shell command line
+  // for `pod`, run after Args: its env, mounts and the binary mapped.
+  std::string PreStop(const YAML::Node& pod_spec, const std::string& pod) {
+    const YAML::Node command =
+        pod_spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"];
+    EXPECT_EQ(command.size(), 3u);
+    EXPECT_EQ(command[0].as<std::string>(), "sh");
+    EXPECT_EQ(command[1].as<std::string>(), "-c");
+    std::string script = Map(pod, command[2].as<std::string>());
+    EXPECT_EQ(script.rfind("switchyard ", 0), 0u) << script;
+    script = std::string(SWITCHYARD_BINARY) + script.substr(10);
+    return "env POD_NAME=" + pod + " sh -c '" + script + "'";
+  }
+
+  std::map<std::string, std::vector<std::pair<std::string, std::string>>>
+      pod_mounts;
 };
 
 TEST_F(DeployTest, KubernetesManifestsRunACluster) {
@@ -467,8 +538,9 @@ TEST_F(DeployTest, KubernetesManifestsRunACluster) {
     }
   }
 
-  // A few steps of the same model.
-  config["training"]["steps"] = 4;
+  // A few dozen steps of the same model.
+  config["training"]["steps"] = 60;
+  config["training"]["log_every"] = 5;
   config["training"]["threads"] = 1;
   PodRunner runner;
   runner.dir = dir_;
@@ -496,15 +568,41 @@ TEST_F(DeployTest, KubernetesManifestsRunACluster) {
                               {{"JOB_COMPLETION_INDEX", std::to_string(r)}}),
                   /*finishes=*/true);
   }
+  // Scaling the StatefulSet up during the run starts one more pod (a
+  // join); scaling it down runs that pod's preStop hook (a drain), after
+  // which its worker has left (exit 0) and the run goes on.
+  const std::string extra = "switchyard-worker-" + std::to_string(workers);
+  const YAML::Node worker_pod = (*worker)["spec"]["template"]["spec"];
+  EXPECT_GE(worker_pod["terminationGracePeriodSeconds"].as<int>(),
+            config["cluster"]["move_timeout_ms"]
+                ? config["cluster"]["move_timeout_ms"].as<int>() / 1000
+                : 60);
+  ASSERT_TRUE(cluster.WaitLog("switchyard-trainer-0", "step 10/"))
+      << cluster.Log("switchyard-trainer-0");
+  cluster.Start(extra, SWITCHYARD_BINARY, runner.Args(worker_pod, extra, {}),
+                /*finishes=*/true);
+  ASSERT_TRUE(cluster.WaitLog(extra, "took over")) << cluster.Log(extra);
+  const auto pre_stop =
+      testing::RunCommand(runner.PreStop(worker_pod, extra), 110);
+  EXPECT_EQ(pre_stop.exit_code, 0) << pre_stop.output;
+  EXPECT_NE(pre_stop.output.find(extra + " drained and left"),
+            std::string::npos)
+      << pre_stop.output;
+  EXPECT_EQ(cluster.WaitExit(extra, Ms(30000)), 0) << cluster.Log(extra);
   for (int r = 0; r < trainers; ++r) {
     const std::string pod = "switchyard-trainer-" + std::to_string(r);
     ASSERT_EQ(cluster.WaitExit(pod, Ms(180000)), 0)
         << cluster.Log(pod) << "\n--- coordinator:\n"
         << cluster.Log("coordinator");
   }
-  EXPECT_NE(cluster.Log("switchyard-trainer-0").find("step 4/4 loss"),
+  EXPECT_NE(cluster.Log("switchyard-trainer-0").find("step 60/60 loss"),
             std::string::npos)
       << cluster.Log("switchyard-trainer-0");
+  for (const char* rollback :
+       {"(the newest committed checkpoint)", "(nothing committed yet)"}) {
+    EXPECT_EQ(cluster.Log("coordinator").find(rollback), std::string::npos)
+        << cluster.Log("coordinator");
+  }
   // Workers registered under their pod names.
   EXPECT_NE(cluster.Log("coordinator").find("switchyard-worker-1"),
             std::string::npos)

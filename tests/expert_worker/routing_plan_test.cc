@@ -111,5 +111,40 @@ TEST(RoutingPlanTest, ARollbackWithNoCommitStartsAgainFromInitialValues) {
   EXPECT_EQ(plan.make_experts, Experts({1, 2}));
 }
 
+// A live move (a `continues` epoch): shards naming their old home are
+// handed over, neither restored nor initialised; the worker that gives
+// them up keeps the rest; a worker that holds nothing yet (a joiner) does
+// not roll back, whatever step its gate is at.
+TEST(RoutingPlanTest, ALiveMoveTakesMovedShardsFromTheirOldHome) {
+  control::RoutingTable t = Table({1, 2}, 40);
+  t.set_continues(true);
+  t.mutable_entries(1)->set_moved_from("b");  // L0.E2.S0: b -> a.
+  t.mutable_entries(2)->set_worker(0);        // L0.E9.S0: b -> a.
+  t.mutable_entries(2)->set_moved_from("b");
+  // The joiner a, at step 0 with nothing.
+  RoutingPlan plan = PlanRouting(t, "a", {}, {}, 0);
+  EXPECT_FALSE(plan.rolls_back);
+  EXPECT_EQ(plan.make_experts, Experts({1, 2, 9}));
+  EXPECT_EQ(plan.handover_experts, Experts({2, 9}));
+  EXPECT_TRUE(plan.handover_dense.empty());
+  EXPECT_TRUE(plan.restore) << "E1 and D0 have no old home here";
+  // a holding E1 and D0 at the step: only the moved shards are made.
+  plan = PlanRouting(t, "a", Experts({1}), {0}, 40);
+  EXPECT_EQ(plan.make_experts, Experts({2, 9}));
+  EXPECT_EQ(plan.handover_experts, Experts({2, 9}));
+  EXPECT_FALSE(plan.restore);
+  // The old home keeps D1 only.
+  plan = PlanRouting(t, "b", Experts({2, 9}), {1}, 40);
+  EXPECT_TRUE(plan.experts.empty());
+  EXPECT_EQ(plan.dense, std::set<int>({1}));
+  EXPECT_TRUE(plan.make_experts.empty());
+  EXPECT_FALSE(plan.restore);
+  // Not a continuing epoch (a rollback): moved_from means nothing.
+  t.set_continues(false);
+  plan = PlanRouting(t, "a", Experts({1}), {0}, 40);
+  EXPECT_TRUE(plan.handover_experts.empty());
+  EXPECT_TRUE(plan.restore);
+}
+
 }  // namespace
 }  // namespace switchyard::expert_worker

@@ -217,6 +217,14 @@ StatusOr<CheckpointReportAck> MemberSession::ReportCheckpoint(
   return r.checkpoint_report_ack();
 }
 
+StatusOr<DrainResponse> MemberSession::Drain() {
+  Envelope envelope;
+  envelope.mutable_drain_request()->set_worker(options_.registration.name());
+  ASSIGN_OR_RETURN(Envelope r, client_->CallSync(std::move(envelope),
+                                                 options_.call_timeout));
+  return r.drain_response();
+}
+
 void MemberSession::ReportPeerLost(PeerLost report) {
   {
     MutexLock lock(&mu_);

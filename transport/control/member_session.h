@@ -69,6 +69,11 @@ class MemberSession : public std::enable_shared_from_this<MemberSession> {
   // wait: the outcome is logged. Any thread.
   void ReportPeerLost(PeerLost report) EXCLUDES(mu_);
 
+  // Asks the coordinator to drain this worker (DrainRequest): its shards
+  // move to the others, then heartbeat acks say `drained`. Blocking,
+  // bounded by the call timeout; not on the io_context thread.
+  StatusOr<DrainResponse> Drain();
+
   uint64_t incarnation() const EXCLUDES(mu_);
   RoutingTable routing() const EXCLUDES(mu_);
 

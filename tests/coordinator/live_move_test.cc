@@ -1,0 +1,347 @@
+// Live moves in the coordinator's state machine (a join, a drain, a
+// probation's end): the trainers pause at a step boundary, the cluster
+// holds there, and the next epoch continues from that step with the moved
+// shards naming their old homes; nothing rolls back. Driven with chosen
+// times, as cluster_state_test.cc.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+
+#include "common/config.h"
+#include "common/model_shape.h"
+#include "coordinator/cluster_state.h"
+
+namespace switchyard::coordinator {
+namespace {
+
+using std::chrono::milliseconds;
+
+config::SwitchyardConfig MoveConfig() {
+  std::vector<std::string> sets = {
+      "cluster.workers=3",           "cluster.trainers=2",
+      "cluster.lease_ms=1000",       "cluster.heartbeat_ms=200",
+      "model.num_experts=8",         "model.dense_shards=2",
+      "cluster.move_timeout_ms=5000"};
+  auto loaded = ParseConfig("", "test", sets);
+  CHECK(loaded.ok()) << loaded.status().ToString();
+  return loaded->config;
+}
+
+class LiveMoveTest : public ::testing::Test {
+ protected:
+  const Clock::time_point t0_ = Clock::time_point() + std::chrono::hours(1);
+  ClusterState state_{MoveConfig()};
+  std::map<std::string, uint64_t> incarnation_;
+
+  void Register(const std::string& name, bool worker,
+                int64_t capacity = int64_t{1} << 30) {
+    control::RegisterRequest r;
+    r.set_name(name);
+    r.set_kind(worker ? control::WORKER : control::TRAINER);
+    if (worker) {
+      r.set_capacity_bytes(capacity);
+      r.set_rank(-1);
+    } else {
+      r.set_rank(name.back() - '0');
+    }
+    auto response = state_.Register(r, t0_);
+    ASSERT_TRUE(response.ok()) << response.status().ToString();
+    incarnation_[name] = response->incarnation();
+  }
+  // Three workers placed and two trainers training under the epoch.
+  void StartTraining(int64_t capacity = int64_t{1} << 30) {
+    for (int i = 0; i < 3; ++i) {
+      Register("worker-" + std::to_string(i), true, capacity);
+    }
+    Register("trainer-0", false);
+    Register("trainer-1", false);
+    Train("trainer-0", 40);
+    Train("trainer-1", 40);
+  }
+  StatusOr<control::HeartbeatAck> Beat(const control::Heartbeat& beat) {
+    return state_.Heartbeat(beat, t0_ + milliseconds(100));
+  }
+  control::Heartbeat BeatOf(const std::string& name) {
+    control::Heartbeat b;
+    b.set_name(name);
+    b.set_incarnation(incarnation_.at(name));
+    return b;
+  }
+  void Train(const std::string& trainer, int64_t step) {
+    control::Heartbeat b = BeatOf(trainer);
+    b.set_training_epoch(state_.epoch());
+    b.set_step(step);
+    ASSERT_TRUE(Beat(b).ok());
+  }
+  void Pause(const std::string& trainer, int64_t before_step) {
+    control::Heartbeat b = BeatOf(trainer);
+    b.set_training_epoch(state_.epoch());
+    b.set_step(before_step - 1);
+    b.set_paused(true);
+    b.set_paused_step(before_step);
+    ASSERT_TRUE(Beat(b).ok());
+  }
+  // Every worker reports where the hold stopped it.
+  void Held(int64_t step) {
+    const uint64_t epoch = state_.epoch();
+    for (const auto& [name, inc] : incarnation_) {
+      if (name.rfind("worker-", 0) != 0) continue;
+      control::Heartbeat b = BeatOf(name);
+      b.set_held_epoch(epoch);
+      b.set_held_step(step);
+      b.set_held_serving(true);
+      ASSERT_TRUE(Beat(b).ok());
+    }
+  }
+  // Every worker serves the current epoch; `name`'s acknowledgement.
+  control::HeartbeatAck Open(const std::string& name) {
+    control::HeartbeatAck mine;
+    for (const auto& [w, inc] : incarnation_) {
+      if (w.rfind("worker-", 0) != 0) continue;
+      control::Heartbeat b = BeatOf(w);
+      b.set_open_epoch(state_.epoch());
+      auto ack = Beat(b);
+      EXPECT_TRUE(ack.ok()) << ack.status().ToString();
+      if (w == name && ack.ok()) mine = *ack;
+    }
+    // Acks after everyone reported.
+    auto ack = Beat(BeatOf(name));
+    EXPECT_TRUE(ack.ok());
+    return ack.ok() ? *ack : mine;
+  }
+  int Shards(const std::string& name) {
+    const control::StatusResponse report = state_.Report(t0_);
+    for (const auto& m : report.members()) {
+      if (m.name() == name) return m.shards();
+    }
+    return -1;
+  }
+};
+
+TEST_F(LiveMoveTest, AJoinPausesAtAStepBoundaryThenMovesShardsLive) {
+  StartTraining();
+  const uint64_t epoch = state_.epoch();
+  const control::RoutingTable before = state_.Routing();
+  Register("worker-3", true);
+  // The epoch stands; the table asks the trainers to pause.
+  EXPECT_EQ(state_.epoch(), epoch);
+  EXPECT_TRUE(state_.Routing().pause());
+  EXPECT_EQ(state_.Routing().pause_step(), 0);
+  EXPECT_NE(state_.Report(t0_).pending_move().find("worker-3 joined"),
+            std::string::npos);
+  EXPECT_EQ(Shards("worker-3"), 0);
+  // trainer-1 had begun step 51 when it heard: the pause moves on to the
+  // boundary before 52, and trainer-0 runs on to it.
+  Pause("trainer-0", 51);
+  EXPECT_EQ(state_.epoch(), epoch);
+  Pause("trainer-1", 52);
+  EXPECT_EQ(state_.epoch(), epoch);
+  EXPECT_EQ(state_.Routing().pause_step(), 52);
+  Pause("trainer-0", 52);
+  // Both at one boundary: the cluster holds there.
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  EXPECT_TRUE(state_.Routing().hold());
+  EXPECT_FALSE(state_.Routing().pause());
+  Held(52);
+  const control::RoutingTable after = state_.Routing();
+  EXPECT_EQ(after.epoch(), epoch + 2);
+  EXPECT_TRUE(after.continues());
+  EXPECT_EQ(after.resume_step(), 52);
+  int moved = 0;
+  for (int i = 0; i < after.entries_size(); ++i) {
+    const auto& e = after.entries(i);
+    const std::string home = after.workers(e.worker()).name();
+    const std::string old = before.workers(before.entries(i).worker()).name();
+    if (home == old) {
+      EXPECT_EQ(e.moved_from(), "") << i;
+    } else {
+      // Only onto the newcomer, from where the shard was.
+      EXPECT_EQ(home, "worker-3") << i;
+      EXPECT_EQ(e.moved_from(), old) << i;
+      ++moved;
+    }
+  }
+  EXPECT_GT(moved, 0);
+  EXPECT_EQ(Shards("worker-3"), moved);
+  const auto report = state_.Report(t0_);
+  EXPECT_EQ(report.pending_move(), "");
+  ASSERT_GT(report.recoveries_size(), 0);
+  EXPECT_FALSE(report.recoveries().rbegin()->rolled_back());
+  // Once every holder serves the epoch, what was handed over may go.
+  EXPECT_EQ(Beat(BeatOf("worker-0"))->moves_done_epoch(), 0u);
+  EXPECT_EQ(Open("worker-0").moves_done_epoch(), epoch + 2);
+}
+
+TEST_F(LiveMoveTest, ADrainMovesEveryShardOffThenTheWorkerIsToldItIsDrained) {
+  StartTraining();
+  const uint64_t epoch = state_.epoch();
+  control::DrainRequest drain;
+  drain.set_worker("worker-1");
+  auto response = state_.Drain(drain, t0_);
+  ASSERT_TRUE(response.ok()) << response.status().ToString();
+  EXPECT_GT(response->shards(), 0);
+  EXPECT_TRUE(state_.Routing().pause());
+  const control::StatusResponse report = state_.Report(t0_);
+  for (const auto& m : report.members()) {
+    EXPECT_EQ(m.draining(), m.name() == "worker-1") << m.name();
+  }
+  // Asking again changes nothing.
+  ASSERT_TRUE(state_.Drain(drain, t0_).ok());
+  EXPECT_FALSE(Beat(BeatOf("worker-1"))->drained());
+  Pause("trainer-0", 61);
+  Pause("trainer-1", 61);
+  Held(61);
+  EXPECT_EQ(state_.epoch(), epoch + 2);
+  EXPECT_TRUE(state_.Routing().continues());
+  EXPECT_EQ(Shards("worker-1"), 0);
+  const control::RoutingTable table = state_.Routing();
+  for (const auto& e : table.entries()) {
+    EXPECT_NE(table.workers(e.worker()).name(), "worker-1");
+  }
+  // Drained once the new homes serve what it handed over.
+  EXPECT_FALSE(Beat(BeatOf("worker-1"))->drained());
+  EXPECT_TRUE(Open("worker-1").drained());
+  EXPECT_FALSE(Open("worker-0").drained());
+  // Then it leaves: nothing moves, the epoch stands.
+  control::Leave leave;
+  leave.set_name("worker-1");
+  leave.set_incarnation(incarnation_["worker-1"]);
+  ASSERT_TRUE(state_.Leave(leave).ok());
+  EXPECT_EQ(state_.epoch(), epoch + 2);
+}
+
+TEST_F(LiveMoveTest, ADrainTheOthersCannotHoldIsRefusedAndChangesNothing) {
+  // Each worker holds 40% of the model: three hold it, two cannot.
+  int64_t total = 0;
+  for (const auto& s : ModelShards(MoveConfig())) total += s.bytes;
+  StartTraining(/*capacity=*/total * 4 / 10);
+  ASSERT_EQ(state_.Report(t0_).placed_shards(),
+            state_.Report(t0_).total_shards());
+  const uint64_t epoch = state_.epoch();
+  control::DrainRequest drain;
+  drain.set_worker("worker-2");
+  auto refused = state_.Drain(drain, t0_);
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("cannot drain worker-2"),
+            std::string::npos)
+      << refused.status().message();
+  EXPECT_NE(refused.status().message().find("keeps serving"),
+            std::string::npos);
+  EXPECT_EQ(state_.epoch(), epoch);
+  EXPECT_FALSE(state_.Routing().pause());
+  EXPECT_GT(Shards("worker-2"), 0);
+  const control::StatusResponse report = state_.Report(t0_);
+  for (const auto& m : report.members()) EXPECT_FALSE(m.draining());
+}
+
+TEST_F(LiveMoveTest, UnknownAndDeadWorkersCannotBeDrained) {
+  StartTraining();
+  control::DrainRequest drain;
+  drain.set_worker("worker-9");
+  EXPECT_EQ(state_.Drain(drain, t0_).status().code(), StatusCode::kNotFound);
+  drain.set_worker("trainer-0");
+  EXPECT_EQ(state_.Drain(drain, t0_).status().code(), StatusCode::kNotFound);
+  // Cancelling a drain that was never asked for says so.
+  drain.set_worker("worker-0");
+  drain.set_cancel(true);
+  auto cancelled = state_.Drain(drain, t0_);
+  ASSERT_TRUE(cancelled.ok());
+  EXPECT_NE(cancelled->message().find("was not draining"), std::string::npos);
+  EXPECT_FALSE(state_.Routing().pause());
+}
+
+TEST_F(LiveMoveTest, APauseTheTrainersDoNotFinishBecomesARollback) {
+  StartTraining();
+  const uint64_t epoch = state_.epoch();
+  Register("worker-3", true);
+  // The members stay alive past the move timeout (5 s); trainer-0 stops
+  // at a boundary, trainer-1 never gets to one.
+  for (int ms = 200; ms <= 5200; ms += 200) {
+    const auto now = t0_ + milliseconds(ms);
+    for (const auto& [name, inc] : incarnation_) {
+      control::Heartbeat b = BeatOf(name);
+      if (name.rfind("trainer-", 0) == 0) b.set_training_epoch(epoch);
+      if (name == "trainer-0") {
+        b.set_paused(true);
+        b.set_paused_step(51);
+      }
+      ASSERT_TRUE(state_.Heartbeat(b, now).ok());
+    }
+    state_.Tick(now);
+    if (ms == 4800) {
+      EXPECT_TRUE(state_.Routing().pause());
+      EXPECT_EQ(state_.epoch(), epoch);
+    }
+  }
+  const control::RoutingTable table = state_.Routing();
+  EXPECT_FALSE(table.pause());
+  EXPECT_EQ(table.epoch(), epoch + 1);
+  EXPECT_FALSE(table.hold());
+  EXPECT_FALSE(table.continues());  // A rollback.
+  EXPECT_GT(Shards("worker-3"), 0);
+  const auto report = state_.Report(t0_);
+  EXPECT_TRUE(report.recoveries().rbegin()->rolled_back());
+  EXPECT_NE(report.recoveries().rbegin()->cause().find("move_timeout_ms"),
+            std::string::npos);
+}
+
+TEST_F(LiveMoveTest, AWorkerDeathDuringAPauseIsRecoveredAsAFailure) {
+  StartTraining();
+  const uint64_t epoch = state_.epoch();
+  Register("worker-3", true);
+  ASSERT_TRUE(state_.Routing().pause());
+  control::PeerLost lost;
+  lost.set_reporter("trainer-0");
+  lost.set_incarnation(incarnation_["trainer-0"]);
+  lost.set_peer("worker-0");
+  lost.set_peer_incarnation(incarnation_["worker-0"]);
+  ASSERT_TRUE(state_.PeerLost(lost, t0_).ok());
+  const control::RoutingTable table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 1);
+  EXPECT_FALSE(table.pause());
+  EXPECT_FALSE(table.continues());
+  for (const auto& e : table.entries()) {
+    EXPECT_NE(table.workers(e.worker()).name(), "worker-0");
+    EXPECT_EQ(e.moved_from(), "");
+  }
+}
+
+TEST_F(LiveMoveTest, WithNoTrainerTrainingTheClusterHoldsAtOnce) {
+  for (int i = 0; i < 3; ++i) Register("worker-" + std::to_string(i), true);
+  const uint64_t epoch = state_.epoch();
+  Register("worker-3", true);
+  EXPECT_EQ(state_.epoch(), epoch + 1);
+  EXPECT_TRUE(state_.Routing().hold());
+  Held(0);
+  EXPECT_TRUE(state_.Routing().continues());
+  EXPECT_GT(Shards("worker-3"), 0);
+}
+
+// A move's hold that cannot continue (a worker was not serving) ends in a
+// rollback, and the moves are made with it: the joiner gets its shards,
+// restored from the newest committed checkpoint.
+TEST_F(LiveMoveTest, AMoveWhoseHoldCannotContinueIsMadeWithTheRollback) {
+  StartTraining();
+  const uint64_t epoch = state_.epoch();
+  Register("worker-3", true);
+  Pause("trainer-0", 51);
+  Pause("trainer-1", 51);
+  ASSERT_TRUE(state_.Routing().hold());
+  for (const char* name : {"worker-0", "worker-1", "worker-2", "worker-3"}) {
+    control::Heartbeat b = BeatOf(name);
+    b.set_held_epoch(epoch + 1);
+    b.set_held_step(51);
+    b.set_held_serving(std::string(name) != "worker-1");
+    ASSERT_TRUE(Beat(b).ok());
+  }
+  const control::RoutingTable table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 2);
+  EXPECT_FALSE(table.continues());
+  EXPECT_FALSE(table.hold());
+  EXPECT_GT(Shards("worker-3"), 0);
+  for (const auto& e : table.entries()) EXPECT_EQ(e.moved_from(), "");
+}
+
+}  // namespace
+}  // namespace switchyard::coordinator
