@@ -90,6 +90,7 @@ bench: bootstrap build
 	bash bench/train_step_bench.sh $(BUILD_DIR)
 	bash bench/recovery_overhead_bench.sh $(BUILD_DIR)
 	bash bench/elastic_bench.sh $(BUILD_DIR)
+	$(BUILD_DIR)/bench/control_plane_bench --members 2048
 	bash bench/torch_moe_bench.sh $(BUILD_DIR)
 	$(BUILD_DIR)/bench/checkpoint_bench --gib 2
 

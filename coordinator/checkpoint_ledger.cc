@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <sstream>
 #include <utility>
 
 #include "common/shard_ref.h"
@@ -38,7 +39,11 @@ StatusOr<CheckpointLedger::Outcome> CheckpointLedger::Record(
   }
   Outcome outcome;
   if (report.step() <= latest_committed_step()) {
-    return outcome;  // Older than what is committed: nothing to do.
+    // A replica of a committed checkpoint (a drained worker's copies, made
+    // again on the shards' new homes) joins its replicas; anything else
+    // older than what is committed changes nothing.
+    if (report.replica()) AddReplicas(report);
+    return outcome;
   }
   // A report naming a shard outside the model is refused whole, before
   // anything of it is recorded.
@@ -84,6 +89,42 @@ StatusOr<CheckpointLedger::Outcome> CheckpointLedger::Record(
   Commit(report.step(), reported);
   outcome.committed_step = report.step();
   return outcome;
+}
+
+void CheckpointLedger::AddReplicas(const control::CheckpointReport& report) {
+  for (auto& c : committed_) {
+    if (c.step() != report.step()) continue;
+    for (const auto& s : report.shards()) {
+      auto found = shard_index_.find(FromShardRef(s.shard()));
+      if (found == shard_index_.end()) continue;
+      const int i = found->second;
+      if (i >= c.digest_size() || i >= c.replicas_size() ||
+          c.digest(i) != s.digest() || c.holder(i) == report.name()) {
+        continue;  // Not the committed copy.
+      }
+      std::string* replicas = c.mutable_replicas(i);
+      if (("," + *replicas + ",").find("," + report.name() + ",") !=
+          std::string::npos) {
+        continue;
+      }
+      *replicas += (replicas->empty() ? "" : ",") + report.name();
+      ++version_;
+    }
+  }
+}
+
+bool CheckpointLedger::OnlyCopiesOn(const std::string& name) const {
+  const control::CommittedCheckpoint* c = Find(latest_committed_step());
+  if (c == nullptr) return false;
+  for (int i = 0; i < c->holder_size(); ++i) {
+    if (c->holder(i) != name) continue;
+    if (i >= c->replicas_size()) return true;
+    std::stringstream names(c->replicas(i));
+    bool elsewhere = false;
+    for (std::string n; std::getline(names, n, ',');) elsewhere |= n != name;
+    if (!elsewhere) return true;
+  }
+  return false;
 }
 
 bool CheckpointLedger::Complete(const Reports& reported,

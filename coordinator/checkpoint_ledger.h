@@ -83,6 +83,9 @@ class CheckpointLedger {
   // The cluster continues, without rolling back, from `step` (the step
   // its workers reached: ClusterState's hold): reports pending stay.
   void ContinueAt(int64_t step) { resume_step_ = step; }
+  // Whether some shard of the newest committed checkpoint is held only by
+  // `name` (no replica elsewhere): a rollback would need its store.
+  bool OnlyCopiesOn(const std::string& name) const;
 
   // Committed checkpoints, oldest first.
   const std::vector<control::CommittedCheckpoint>& committed() const {
@@ -102,6 +105,9 @@ class CheckpointLedger {
   uint64_t version() const { return version_; }
 
  private:
+  // A replica report of a committed checkpoint: its matching copies join
+  // the commit's replicas.
+  void AddReplicas(const control::CheckpointReport& report);
   // One shard's reports at one step.
   struct ReportedShard {
     std::string holder;  // "" until its holder reports.

@@ -97,6 +97,13 @@ StatusOr<ClusterState> ClusterState::Restore(
   state.recoveries_total_ = snapshot.recoveries_total();
   state.holding_ = snapshot.holding();
   state.hold_cause_ = snapshot.hold_cause();
+  state.continues_ = snapshot.continues();
+  if (state.continues_) state.ledger_.ContinueAt(snapshot.continue_step());
+  for (int i = 0; i < snapshot.moved_from_size() &&
+                  i < static_cast<int>(state.moved_from_.size());
+       ++i) {
+    state.moved_from_[i] = snapshot.moved_from(i);
+  }
   for (int i = 0; i < snapshot.shard_home_size(); ++i) {
     state.shard_home_[i] = snapshot.shard_home(i);
     state.shard_unplaced_[i] = snapshot.shard_unplaced(i);
@@ -104,6 +111,8 @@ StatusOr<ClusterState> ClusterState::Restore(
   // In 64 bits: lease_ms may be up to INT32_MAX.
   const auto grace =
       std::chrono::milliseconds(2 * int64_t{config.cluster().lease_ms()});
+  // Until the trainers have said where they are, no move is planned.
+  state.trainers_unknown_until_ = now + grace;
   for (const auto& record : snapshot.members()) {
     Member m;
     m.record = record;
@@ -139,6 +148,9 @@ control::CoordinatorSnapshot ClusterState::Snapshot() const {
   s.set_recoveries_total(recoveries_total_);
   s.set_holding(holding_);
   s.set_hold_cause(hold_cause_);
+  s.set_continues(continues_);
+  s.set_continue_step(continues_ ? ledger_.resume_step() : 0);
+  for (const std::string& m : moved_from_) s.add_moved_from(m);
   return s;
 }
 
@@ -150,12 +162,27 @@ bool ClusterState::IsLive(const Member& m) const {
 int ClusterState::NumLiveWorkers() const {
   int n = 0;
   for (const auto& [name, m] : members_) {
-    if (m.record.registration().kind() == control::WORKER && IsLive(m)) ++n;
+    if (m.record.registration().kind() == control::WORKER && IsLive(m) &&
+        !m.record.draining()) {
+      ++n;
+    }
   }
   return n;
 }
 
+bool ClusterState::TrainersUnknown(Clock::time_point now) const {
+  if (now >= trainers_unknown_until_) return false;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() == control::TRAINER && IsLive(m) &&
+        !m.reported) {
+      return true;
+    }
+  }
+  return false;
+}
+
 void ClusterState::BumpEpoch(const std::string& why) {
+  const bool was_pausing = pausing_;
   ++epoch_;
   epoch_cause_ = why;
   ++version_;
@@ -183,6 +210,15 @@ void ClusterState::BumpEpoch(const std::string& why) {
                << (ledger_.resume_step() > 0
                        ? " (the newest committed checkpoint)"
                        : " (nothing committed yet)");
+  if (was_pausing) {
+    // The moves the pause was for are made with the rollback.
+    const PlacementInput input = CurrentPlacementInput();
+    if (AdoptPlacement(input, ComputePlacement(input))) {
+      LOG(WARNING) << "coordinator: epoch " << epoch_
+                   << " also makes the moves that were pending ("
+                   << pause_cause_ << ")";
+    }
+  }
 }
 
 void ClusterState::RecordRecovery(const std::string& why, int64_t resume_step,
@@ -257,7 +293,7 @@ void ClusterState::Hold(const std::string& why) {
                   "it stopped at";
 }
 
-void ClusterState::MaybeEndHold() {
+void ClusterState::MaybeEndHold(Clock::time_point now) {
   if (!holding_) return;
   std::set<std::string> holders;
   for (size_t i = 0; i < shards_.size(); ++i) {
@@ -304,7 +340,7 @@ void ClusterState::MaybeEndHold() {
   continues_ = true;
   epoch_cause_ = hold_cause_ + "; continuing";
   ledger_.ContinueAt(reached);
-  PlaceAtBoundary();
+  PlaceAtBoundary(now);
   RecordRecovery(hold_cause_, reached, /*rolled_back=*/false,
                  hold_began_unix_ms_);
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << hold_cause_
@@ -364,8 +400,9 @@ void ClusterState::Replace(const std::string& why, bool live,
       moves |= input.workers[result.worker_of_shard[i]].name != shard_home_[i];
     }
     if (!moves) {
+      // Nobody acts on a spare's coming or going: no table goes out (a
+      // new member gets one in its registration's answer).
       ++version_;
-      ++routing_version_;
       LOG(INFO) << "coordinator: " << why << ": no shard moves (epoch "
                 << epoch_ << " stands)";
       return;
@@ -380,13 +417,17 @@ void ClusterState::Replace(const std::string& why, bool live,
     StartPause(why, now);
     return;
   }
+  if (result.num_unplaced > 0 && CallOffDrains(result.status.message())) {
+    Replace(why, live, now);  // Placed again with them.
+    return;
+  }
   const bool first = !placed_;
   if (!AdoptPlacement(input, result) && !first) {
     // No shard moved (a spare joined or died, a worker on probation came
-    // back): the epoch stands, nothing rolls back; the new list of workers
-    // goes out in the table.
+    // back): the epoch stands, nothing rolls back, and no table goes out
+    // (nobody acts on a spare; a new member gets one in its registration's
+    // answer).
     ++version_;
-    ++routing_version_;
     LOG(INFO) << "coordinator: " << why << ": no shard moves (epoch " << epoch_
               << " stands)";
     return;
@@ -431,32 +472,41 @@ void ClusterState::StartPause(const std::string& why, Clock::time_point now) {
   LOG(INFO) << "coordinator: " << why
             << ": shards move live at the next step boundary (epoch " << epoch_
             << " pauses the trainers there)";
-  MaybeEndPause();
+  MaybeEndPause(now);
 }
 
-void ClusterState::MaybeEndPause() {
+void ClusterState::MaybeEndPause(Clock::time_point now) {
   if (!pausing_) return;
   int training = 0;
+  bool all_paused = true, paused_any = false;
   int64_t lo = 0, hi = 0;
   for (const auto& [name, m] : members_) {
     if (m.record.registration().kind() != control::TRAINER || !IsLive(m) ||
         m.training_epoch != epoch_) {
       continue;
     }
-    if (!m.paused) return;  // Not there yet.
-    lo = training == 0 ? m.paused_step : std::min(lo, m.paused_step);
-    hi = training == 0 ? m.paused_step : std::max(hi, m.paused_step);
+    // Where it stops: where it says it did, else the boundary after the
+    // step it last began.
+    const int64_t at = m.paused ? m.paused_step : m.step + 1;
+    all_paused &= m.paused;
+    if (m.paused) lo = paused_any ? std::min(lo, at) : at;
+    paused_any |= m.paused;
+    hi = training == 0 ? at : std::max(hi, at);
     ++training;
   }
-  if (training > 0 && lo != hi) {
-    // One trainer had begun the next step before it heard of the pause:
+  if (training == 0 && TrainersUnknown(now)) {
+    return;  // Restarted: the trainers have not said where they are yet.
+  }
+  if (training > 0 && (!all_paused || lo != hi)) {
+    // One trainer had begun a later step before it heard of the pause:
     // the others go on to that boundary.
-    if (pause_step_ != hi) {
+    if (paused_any && lo < hi && pause_step_ < hi) {
       pause_step_ = hi;
       ++version_;
       ++routing_version_;
-      LOG(INFO) << "coordinator: trainers stopped at steps " << lo << " to "
-                << hi << "; the pause moves to the boundary of step " << hi;
+      LOG(INFO) << "coordinator: trainers stopped at steps " << lo
+                << " and beyond; the pause moves to the boundary of step "
+                << hi;
     }
     return;
   }
@@ -467,7 +517,7 @@ void ClusterState::MaybeEndPause() {
   Hold(why);
 }
 
-void ClusterState::PlaceAtBoundary() {
+void ClusterState::PlaceAtBoundary(Clock::time_point now) {
   moved_from_.assign(shards_.size(), "");
   for (size_t i = 0; i < shards_.size(); ++i) {
     // An orphan has no state to hand over: the failure's recovery places it.
@@ -476,14 +526,7 @@ void ClusterState::PlaceAtBoundary() {
   const PlacementInput input = CurrentPlacementInput();
   const PlacementResult result = ComputePlacement(input);
   if (result.num_unplaced > 0) {
-    for (auto& [name, m] : members_) {
-      if (!m.record.draining()) continue;
-      m.record.set_draining(false);
-      LOG(ERROR) << "coordinator: the drain of " << name
-                 << " is called off: " << result.status.message()
-                 << "; it keeps serving its shards";
-    }
-    ++version_;
+    CallOffDrains(result.status.message());
     return;
   }
   int moved = 0;
@@ -498,6 +541,7 @@ void ClusterState::PlaceAtBoundary() {
   }
   if (moved == 0) return;
   move_epoch_ = epoch_;
+  move_began_ = now;
   std::string names;
   for (const std::string& n : to) names += (names.empty() ? "" : ", ") + n;
   LOG(WARNING) << "coordinator: epoch " << epoch_ << " moves " << moved
@@ -505,6 +549,57 @@ void ClusterState::PlaceAtBoundary() {
   MetricsRegistry::Global()
       .GetCounter("switchyard_coordinator_shards_moved_live_total")
       ->Increment(static_cast<uint64_t>(moved));
+}
+
+bool ClusterState::CallOffDrains(const std::string& why) {
+  bool any = false;
+  for (auto& [name, m] : members_) {
+    if (!IsLive(m) || !m.record.draining()) continue;
+    m.record.set_draining(false);
+    any = true;
+    LOG(ERROR) << "coordinator: the drain of " << name
+               << " is called off: " << why << "; it keeps serving its shards";
+  }
+  if (any) ++version_;
+  return any;
+}
+
+void ClusterState::CopyCommittedOffDrains() {
+  if (!placed_) return;
+  const control::CommittedCheckpoint* c =
+      ledger_.Find(ledger_.latest_committed_step());
+  if (c == nullptr || c->holder_size() != static_cast<int>(shards_.size())) {
+    return;
+  }
+  // By (holder, new home): the shards to copy.
+  std::map<std::pair<std::string, std::string>, std::vector<size_t>> copies;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    const int index = static_cast<int>(i);
+    const std::string& holder = c->holder(index);
+    auto it = members_.find(holder);
+    const bool replicated =
+        index < c->replicas_size() && !c->replicas(index).empty();
+    if (it == members_.end() || !IsLive(it->second) ||
+        !it->second.record.draining() || shard_unplaced_[i] ||
+        shard_home_[i] == holder || replicated ||
+        !copied_off_.insert({c->step(), i}).second) {
+      continue;
+    }
+    copies[{holder, shard_home_[i]}].push_back(i);
+  }
+  for (const auto& [from_to, shards] : copies) {
+    const auto& [from, to] = from_to;
+    control::ReplicationTask task;
+    task.set_step(c->step());
+    task.set_source(from);
+    task.set_source_address(
+        members_.at(from).record.registration().data_address());
+    for (size_t i : shards) *task.add_shards() = ToShardRef(shards_[i].id);
+    tasks_[to].push_back(task);
+    LOG(INFO) << "coordinator: " << to << " copies " << shards.size()
+              << " shards of committed checkpoint " << c->step() << " from "
+              << from << ", which is draining";
+  }
 }
 
 void ClusterState::MaybeFinishMoves() {
@@ -537,6 +632,8 @@ void ClusterState::RecordDeath(Member* member, Clock::time_point now) {
 void ClusterState::Fence(Member* member, MemberState state,
                          const std::string& why, Clock::time_point now) {
   member->record.set_state(state);
+  // A drain ends with the process (a new one under the name serves).
+  member->record.set_draining(false);
   if (state == control::DEAD) RecordDeath(member, now);
   const auto& reg = member->record.registration();
   const std::string what =
@@ -554,7 +651,7 @@ void ClusterState::Fence(Member* member, MemberState state,
     Hold(what);
   } else {
     ++version_;
-    MaybeEndPause();  // One trainer fewer to wait for.
+    MaybeEndPause(now);  // One trainer fewer to wait for.
   }
 }
 
@@ -644,7 +741,12 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   m.lease_deadline = now + lease;
   m.last_heartbeat = now;
   ++version_;
-  ++routing_version_;
+  // Members act on a shard holder's address (and incarnation) only: a
+  // trainer's or a spare's registration sends no table to anyone (2,048
+  // registrations would otherwise send 2 million).
+  if (request.kind() == control::WORKER && ShardsHeldBy(request.name()) > 0) {
+    ++routing_version_;
+  }
   LOG(INFO) << "coordinator: " << KindName(request.kind()) << " "
             << request.name() << (confirmed ? " reconfirmed" : " registered")
             << " (incarnation " << m.record.incarnation() << ", pid "
@@ -652,6 +754,7 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   if (!confirmed) {
     m.on_probation = false;
     m.training_epoch = 0;
+    m.record.set_draining(false);
   }
   if (request.kind() == control::WORKER && !confirmed &&
       config_.cluster().probation_ms() > 0 &&
@@ -702,7 +805,8 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   if (m.record.state() == control::UNCONFIRMED) {
     m.record.set_state(control::ALIVE);
     ++version_;
-    ++routing_version_;  // Its address is confirmed: tell the members.
+    // A shard holder's address is confirmed: tell the members.
+    if (ShardsHeldBy(beat.name()) > 0) ++routing_version_;
   }
   m.lease_deadline =
       now + std::chrono::milliseconds(config_.cluster().lease_ms());
@@ -715,8 +819,9 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
     m.step = beat.step();
     m.paused = beat.paused();
     m.paused_step = beat.paused_step();
+    m.reported = true;
     FinishRecoveries();
-    MaybeEndPause();
+    MaybeEndPause(now);
   } else if (beat.open_epoch() > m.open_epoch) {
     m.open_epoch = beat.open_epoch();
     MaybeFinishMoves();
@@ -725,7 +830,7 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
       m.record.registration().kind() == control::WORKER &&
       !held_.count(beat.name())) {
     held_[beat.name()] = {beat.held_step(), beat.held_serving()};
-    MaybeEndHold();
+    MaybeEndHold(now);
   }
   control::HeartbeatAck ack;
   ack.set_epoch(epoch_);
@@ -733,9 +838,13 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   ack.set_committed_step(ledger_.latest_committed_step());
   ack.set_keep_from_step(ledger_.keep_from_step());
   ack.set_moves_done_epoch(moves_done_epoch_);
+  // Drained: it holds nothing, what it handed over is in place, and no
+  // rollback would need its store (its committed copies are replicated on
+  // the shards' new homes: CopyCommittedOffDrains).
   ack.set_drained(m.record.draining() && placed_ && !pausing_ && !holding_ &&
                   ShardsHeldBy(beat.name()) == 0 &&
-                  moves_done_epoch_ == epoch_);
+                  moves_done_epoch_ == epoch_ &&
+                  !ledger_.OnlyCopiesOn(beat.name()));
   auto tasks = tasks_.find(beat.name());
   if (tasks != tasks_.end()) {
     for (auto& t : tasks->second) {
@@ -787,7 +896,7 @@ void ClusterState::AssignReplicas(const control::CheckpointReport& report) {
   std::vector<std::string> names;
   for (const auto& [name, m] : members_) {
     if (m.record.registration().kind() == control::WORKER && IsLive(m) &&
-        name != report.name()) {
+        !m.record.draining() && name != report.name()) {
       names.push_back(name);
     }
   }
@@ -859,6 +968,18 @@ void ClusterState::Tick(Clock::time_point now) {
       if (placed_) Replace(name + " ended its probation", /*live=*/true, now);
     }
   }
+  MaybeEndPause(now);  // After a restart's grace.
+  CopyCommittedOffDrains();
+  if (placed_ && !holding_ && move_epoch_ == epoch_ &&
+      moves_done_epoch_ < epoch_ &&
+      now - move_began_ >
+          std::chrono::milliseconds(config_.cluster().move_timeout_ms())) {
+    BumpEpoch("the shards moved in epoch " + std::to_string(epoch_) +
+              " were not all in place within " +
+              std::to_string(config_.cluster().move_timeout_ms()) +
+              " ms (cluster.move_timeout_ms)");
+    return;
+  }
   if (pausing_ &&
       now - pause_began_ >
           std::chrono::milliseconds(config_.cluster().move_timeout_ms())) {
@@ -874,7 +995,8 @@ void ClusterState::Tick(Clock::time_point now) {
     Replace(why);
     return;
   }
-  if (placed_ && !pausing_ && !holding_ && now >= next_move_check_) {
+  if (placed_ && !pausing_ && !holding_ && now >= next_move_check_ &&
+      !TrainersUnknown(now)) {
     // A move still to make: a drain, or a worker that holds nothing while
     // the join rule would give it shards (after a coordinator restart, or
     // a hold that ended in a rollback). Checked once a lease.

@@ -29,6 +29,7 @@
 
 #include <chrono>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -133,6 +134,8 @@ class ClusterState {
     int64_t paused_step = 0;
     // Workers: the newest epoch whose shards it serves.
     uint64_t open_epoch = 0;
+    // Trainers: heartbeated since this coordinator (re)started.
+    bool reported = false;
   };
 
   bool IsLive(const Member& m) const;
@@ -158,11 +161,21 @@ class ClusterState {
   // Every trainer training under this epoch has stopped at one boundary
   // (or none trains): hold there. Stopped at different ones: the others
   // are asked to go on to the furthest.
-  void MaybeEndPause();
+  void MaybeEndPause(Clock::time_point now);
   // In an epoch that continues from a hold: places the shards anew and
   // records what moves live (moved_from_); nothing moves when a shard
   // would be left without a home (the drains are called off, saying why).
-  void PlaceAtBoundary();
+  void PlaceAtBoundary(Clock::time_point now);
+  // Stops every drain (the others cannot hold the shards: `why`); true
+  // when there was one.
+  bool CallOffDrains(const std::string& why);
+  // Queues copies of the newest committed checkpoint's shards whose only
+  // copy is on a draining worker onto their new homes (replication tasks),
+  // so that a rollback never needs a drained worker's store.
+  void CopyCommittedOffDrains();
+  // After a restart: some live trainer has not heartbeated yet (within
+  // two leases), so where the trainers are is not known.
+  bool TrainersUnknown(Clock::time_point now) const;
   // Every worker holding shards serves the epoch that moved them.
   void MaybeFinishMoves();
   int ShardsHeldBy(const std::string& name) const;
@@ -181,7 +194,7 @@ class ClusterState {
   // Every shard holder has reported: the next epoch continues from the
   // step they reached (RoutingTable.continues), or, when they are not one
   // update apart or one was not serving, rolls back (BumpEpoch).
-  void MaybeEndHold();
+  void MaybeEndHold(Clock::time_point now);
   // Appends a recovery (a new epoch of a placed cluster) to the record;
   // `began_unix_ms` 0: now.
   void RecordRecovery(const std::string& why, int64_t resume_step,
@@ -236,6 +249,14 @@ class ClusterState {
   uint64_t moves_done_epoch_ = 0;
   // When Tick next looks for moves still to make.
   Clock::time_point next_move_check_;
+  // When the newest live move began (its epoch: move_epoch_).
+  Clock::time_point move_began_;
+  // After a restart, until the trainers have reported: a pause waits for
+  // them rather than taking none as training.
+  Clock::time_point trainers_unknown_until_;
+  // (step, shard) copies of committed checkpoints queued off draining
+  // workers (CopyCommittedOffDrains).
+  std::set<std::pair<int64_t, size_t>> copied_off_;
   // Replication tasks by target worker, handed out with its next heartbeat.
   std::map<std::string, std::vector<control::ReplicationTask>> tasks_;
   CheckpointLedger ledger_;

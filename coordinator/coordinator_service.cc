@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "common/net_address.h"
+#include "transport/control/frame.h"
 
 namespace switchyard::coordinator {
 
@@ -33,6 +34,7 @@ CoordinatorService::CoordinatorService(asio::io_context& io,
       config_(std::move(config)),
       secret_(std::move(secret)),
       tick_timer_(io),
+      push_timer_(io),
       store_(std::move(store)) {
   CHECK(store_ != nullptr);
 }
@@ -167,7 +169,10 @@ void CoordinatorService::Shutdown() {
     shut_down_ = true;
     connections_.clear();
   }
-  asio::post(io_, [this] { tick_timer_.cancel(); });
+  asio::post(io_, [this] {
+    tick_timer_.cancel();
+    push_timer_.cancel();
+  });
   if (server_) server_->Shutdown();
 }
 
@@ -198,13 +203,35 @@ Status CoordinatorService::CommitLocked() {
     }
     persisted_version_ = state_->version();
   }
-  if (state_->routing_version() != pushed_routing_version_) {
-    pushed_routing_version_ = state_->routing_version();
-    Envelope push;
-    *push.mutable_routing_table() = state_->Routing();
-    for (const auto& [name, conn] : connections_) conn->Push(push);
-  }
+  if (state_->routing_version() != pushed_routing_version_) PushLocked();
   return OkStatus();
+}
+
+void CoordinatorService::PushLocked() {
+  // At most one table every kMinPushInterval: changes that come faster
+  // (members confirming their addresses after a restart, one by one) go
+  // out together.
+  const auto now = std::chrono::steady_clock::now();
+  if (now < last_push_ + kMinPushInterval) {
+    if (push_scheduled_) return;
+    push_scheduled_ = true;
+    push_timer_.expires_at(last_push_ + kMinPushInterval);
+    push_timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      MutexLock lock(&mu_);
+      push_scheduled_ = false;
+      if (shut_down_ || !state_.has_value()) return;
+      if (state_->routing_version() != pushed_routing_version_) PushLocked();
+    });
+    return;
+  }
+  last_push_ = now;
+  pushed_routing_version_ = state_->routing_version();
+  Envelope push;
+  *push.mutable_routing_table() = state_->Routing();
+  // Encoded once for every member.
+  auto frame = std::make_shared<const std::string>(control::EncodeFrame(push));
+  for (const auto& [name, conn] : connections_) conn->PushEncoded(frame);
 }
 
 void CoordinatorService::OnRequest(const control::Connection::Ptr& conn,

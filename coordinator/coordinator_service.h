@@ -69,6 +69,10 @@ class CoordinatorService {
   // routing table; an error when the store refused the write (the table is
   // then not pushed, and the write is retried on the next change or tick).
   Status CommitLocked() REQUIRES(mu_);
+  // Pushes the routing table to every member now, or (within
+  // kMinPushInterval of the last push) once that has passed.
+  void PushLocked() REQUIRES(mu_);
+  static constexpr std::chrono::milliseconds kMinPushInterval{5};
   // The coordinator's state cannot be trusted (`why`): it stops serving and
   // stops its io_context; failure() says why.
   void FailLocked(const Status& why) REQUIRES(mu_);
@@ -84,6 +88,7 @@ class CoordinatorService {
   int64_t from_step_ = 0;
   std::unique_ptr<control::ControlServer> server_;
   boost::asio::steady_timer tick_timer_;
+  boost::asio::steady_timer push_timer_;
 
   mutable Mutex mu_;
   Status failure_ GUARDED_BY(mu_);
@@ -91,6 +96,8 @@ class CoordinatorService {
   std::optional<ClusterState> state_ GUARDED_BY(mu_);
   uint64_t persisted_version_ GUARDED_BY(mu_) = 0;
   uint64_t pushed_routing_version_ GUARDED_BY(mu_) = 0;
+  std::chrono::steady_clock::time_point last_push_ GUARDED_BY(mu_);
+  bool push_scheduled_ GUARDED_BY(mu_) = false;
   // Member name -> its current control connection (for pushes).
   std::map<std::string, control::Connection::Ptr> connections_ GUARDED_BY(mu_);
   bool shut_down_ GUARDED_BY(mu_) = false;

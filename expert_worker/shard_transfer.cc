@@ -17,12 +17,17 @@ namespace switchyard::expert_worker {
 using transport::Message;
 using transport::MessageKind;
 
-StatusOr<storage::ShardSnapshot> ShardTransfer::Fetch(
-    const std::string& address, uint64_t epoch, int64_t step,
-    const storage::ShardSnapshot& like, bool handover) {
+namespace {
+
+// The requests fetching `like`'s tensors (one each, tensor index in
+// micro_batch) from worker `source` at `address`, appended to `requests`; the
+// tensor index of each appended to `index`.
+Status AppendFetches(const std::string& source, const std::string& address,
+                     uint64_t epoch, int64_t step,
+                     const storage::ShardSnapshot& like, bool handover,
+                     std::vector<transport::Outgoing>* requests,
+                     std::vector<size_t>* index) {
   ASSIGN_OR_RETURN(ShardId id, ShardId::Parse(like.shard));
-  std::vector<transport::Outgoing> requests;
-  std::vector<size_t> index;
   for (size_t i = 0; i < like.tensors.size(); ++i) {
     if (like.tensors[i].tensor.empty()) continue;
     Message m;
@@ -34,31 +39,55 @@ StatusOr<storage::ShardSnapshot> ShardTransfer::Fetch(
     m.header.expert = id.is_expert() ? id.expert : -1;
     m.header.shard = id.shard;
     m.header.micro_batch = static_cast<int32_t>(i);
-    requests.push_back(
-        {address, std::move(m), "fetching " + like.shard + " from " + address});
-    index.push_back(i);
+    requests->push_back({address, std::move(m),
+                         "fetching " + like.shard + " from " + source +
+                             (source == address ? "" : " at " + address)});
+    index->push_back(i);
   }
+  return OkStatus();
+}
+
+// `like`'s tensors from `replies` [first, first + index.size()), checked
+// and shaped like `like`'s.
+StatusOr<storage::ShardSnapshot> Assemble(const storage::ShardSnapshot& like,
+                                          int64_t step,
+                                          std::vector<Tensor>& replies,
+                                          size_t first,
+                                          const std::vector<size_t>& index) {
+  storage::ShardSnapshot fetched;
+  fetched.shard = like.shard;
+  fetched.step = step;
+  for (const auto& t : like.tensors) fetched.tensors.push_back({t.name, {}});
+  for (size_t r = 0; r < index.size(); ++r) {
+    const Tensor& want = like.tensors[index[r]].tensor;
+    const Tensor& got = replies[first + r];
+    if (got.num_elements() != want.num_elements()) {
+      return DataLossError(
+          "fetched " + like.shard + " tensor " + like.tensors[index[r]].name +
+          " has " + std::to_string(got.num_elements()) + " values, expected " +
+          std::to_string(want.num_elements()));
+    }
+    ASSIGN_OR_RETURN(fetched.tensors[index[r]].tensor,
+                     got.Reshape(want.shape()));
+  }
+  return fetched;
+}
+
+}  // namespace
+
+StatusOr<storage::ShardSnapshot> ShardTransfer::Fetch(
+    const std::string& address, uint64_t epoch, int64_t step,
+    const storage::ShardSnapshot& like, bool handover) {
+  std::vector<transport::Outgoing> requests;
+  std::vector<size_t> index;
+  RETURN_IF_ERROR(AppendFetches(address, address, epoch, step, like, handover,
+                                &requests, &index));
   ASSIGN_OR_RETURN(
       std::vector<Tensor> replies,
       transport::SendAll(
           peers_, std::move(requests),
           std::chrono::milliseconds(config_.transport().request_timeout_ms())));
-  storage::ShardSnapshot fetched;
-  fetched.shard = like.shard;
-  fetched.step = step;
-  for (const auto& t : like.tensors) fetched.tensors.push_back({t.name, {}});
-  for (size_t r = 0; r < replies.size(); ++r) {
-    const Tensor& want = like.tensors[index[r]].tensor;
-    if (replies[r].num_elements() != want.num_elements()) {
-      return DataLossError(
-          "fetched " + like.shard + " tensor " + like.tensors[index[r]].name +
-          " has " + std::to_string(replies[r].num_elements()) +
-          " values, expected " + std::to_string(want.num_elements()));
-    }
-    ASSIGN_OR_RETURN(fetched.tensors[index[r]].tensor,
-                     replies[r].Reshape(want.shape()));
-  }
-  return fetched;
+  return Assemble(like, step, replies, 0, index);
 }
 
 Status ShardTransfer::Restore(const control::RoutingTable& routing,
@@ -183,23 +212,40 @@ Status ShardTransfer::TakeOver(const control::RoutingTable& routing,
     }
   }
   for (const auto& w : routing.workers()) address[w.name()] = w.data_address();
-  int64_t bytes = 0;
-  for (storage::ShardSnapshot& live : shards) {
-    auto source = from.find(live.shard);
+  // Every tensor of every shard in flight at once.
+  std::vector<transport::Outgoing> requests;
+  std::vector<std::vector<size_t>> index(shards.size());
+  for (size_t i = 0; i < shards.size(); ++i) {
+    auto source = from.find(shards[i].shard);
     if (source == from.end() || !address.count(source->second)) {
       return FailedPreconditionError(
-          "epoch " + std::to_string(routing.epoch()) + " moves " + live.shard +
-          " here without a live old home to hand it over");
+          "epoch " + std::to_string(routing.epoch()) + " moves " +
+          shards[i].shard + " here without a live old home to hand it over");
     }
-    StatusOr<storage::ShardSnapshot> copy =
-        Fetch(address[source->second], routing.epoch(), routing.resume_step(),
-              live, /*handover=*/true);
-    if (!copy.ok()) {
-      return copy.status().WithContext("taking over " + live.shard + " from " +
-                                       source->second);
-    }
-    RETURN_IF_ERROR(CopyTensors(*copy, &live));
-    for (const auto& t : live.tensors) bytes += t.tensor.num_bytes();
+    RETURN_IF_ERROR(AppendFetches(source->second, address[source->second],
+                                  routing.epoch(), routing.resume_step(),
+                                  shards[i],
+                                  /*handover=*/true, &requests, &index[i]));
+  }
+  StatusOr<std::vector<Tensor>> replies = transport::SendAll(
+      peers_, std::move(requests),
+      std::chrono::milliseconds(config_.transport().request_timeout_ms()));
+  if (!replies.ok()) {
+    return replies.status().WithContext(
+        "taking over " + std::to_string(shards.size()) + " shards moved here");
+  }
+  const double fetch_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  int64_t bytes = 0;
+  size_t first = 0;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    ASSIGN_OR_RETURN(
+        storage::ShardSnapshot copy,
+        Assemble(shards[i], routing.resume_step(), *replies, first, index[i]));
+    first += index[i].size();
+    RETURN_IF_ERROR(CopyTensors(copy, &shards[i]));
+    for (const auto& t : shards[i].tensors) bytes += t.tensor.num_bytes();
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
@@ -207,7 +253,8 @@ Status ShardTransfer::TakeOver(const control::RoutingTable& routing,
   LOG(INFO) << name_ << ": took over " << shards.size()
             << " shards live at step " << routing.resume_step() << " (" << bytes
             << " bytes in " << seconds << " s, "
-            << bytes / std::max(seconds, 1e-9) / 1e6 << " MB/s)";
+            << bytes / std::max(seconds, 1e-9) / 1e6 << " MB/s; fetched in "
+            << fetch_seconds << " s)";
   MetricsRegistry::Global()
       .GetCounter("switchyard_worker_shards_taken_over_total")
       ->Increment(shards.size());

@@ -245,13 +245,19 @@ Status RunWorker(const config::SwitchyardConfig& config,
   member.body = [&](const std::atomic<bool>& stopping) -> Status {
     // Serves until drained, or a signal; then, with drain_on_stop, drains.
     std::optional<std::chrono::steady_clock::time_point> drain_deadline;
+    // A pause (move_timeout_ms), the moves (move_timeout_ms), and the
+    // calls around them.
     const auto drain_time = std::chrono::milliseconds(
-        int64_t{config.cluster().move_timeout_ms()} +
+        2 * int64_t{config.cluster().move_timeout_ms()} +
         4 * int64_t{config.cluster().call_timeout_ms()});
     MutexLock lock(&drained_mu);
     while (true) {
       if (drained) {
         LOG(INFO) << name << ": drained: its shards are with the other workers";
+        // A checkpoint being written is finished and reported first: the
+        // commit of its step may wait for it.
+        lock.Unlock();
+        service.WaitCheckpointsWritten();
         return OkStatus();
       }
       if (stopping && !drain_deadline) {
@@ -274,11 +280,13 @@ Status RunWorker(const config::SwitchyardConfig& config,
       }
       if (drain_deadline &&
           std::chrono::steady_clock::now() >= *drain_deadline) {
-        return DeadlineExceededError(
-            name + " was not drained within " +
-            std::to_string(drain_time.count()) +
-            " ms (cluster.move_timeout_ms + 4 call timeouts); leaving: the "
-            "cluster recovers its shards from the newest committed checkpoint");
+        // Leaving (the coordinator is told): the cluster recovers what this
+        // worker still holds from the newest committed checkpoint.
+        LOG(ERROR) << name << " was not drained within " << drain_time.count()
+                   << " ms (2 x cluster.move_timeout_ms + 4 call timeouts); "
+                      "leaving: the cluster recovers its shards from the "
+                      "newest committed checkpoint";
+        return OkStatus();
       }
       drained_cv.WaitUntil(&drained_mu, std::chrono::steady_clock::now() +
                                             std::chrono::milliseconds(50));

@@ -196,7 +196,8 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   if (holding) {
     LOG(INFO) << name_ << ": epoch " << routing.epoch()
               << " holds the cluster: stopped at step " << next_step;
-    HandOver(routing, {});  // Nothing: the hold's next epoch says.
+    // What was handed over stays through a hold: a new home may still be
+    // fetching it.
     if (on_news_) on_news_();
     return OkStatus();
   }
@@ -311,9 +312,12 @@ void WorkerService::HandOver(const control::RoutingTable& routing,
               << ")";
   }
   MutexLock lock(&handover_mu_);
-  // What earlier epochs handed over is no longer fetched: a move that did
-  // not complete before this epoch is recovered otherwise.
-  handed_over_ = std::move(handed);
+  if (!routing.continues()) {
+    // A rollback: the shards restore from the checkpoint, nothing handed
+    // over is fetched any more.
+    handed_over_.clear();
+  }
+  for (auto& [name, shard] : handed) handed_over_[name] = std::move(shard);
   handover_epoch_ = routing.epoch();
 }
 
@@ -366,10 +370,18 @@ void WorkerService::RoutingLoop() {
     Status s = ApplyRouting(routing);
     if (!s.ok()) {
       // The worker stays at its previous epoch (requests of the new one are
-      // refused as not ready) and tries again with the next table.
+      // refused as not ready) and tries again: with the next table, or this
+      // one after a second when none comes.
       LOG(WARNING) << name_ << ": cannot adopt epoch " << routing.epoch()
-                   << " yet (retried with the next routing table): "
+                   << " yet (retried in 1 s or with the next routing table): "
                    << s.ToString();
+      MutexLock lock(&routing_mu_);
+      const auto retry_at =
+          std::chrono::steady_clock::now() + std::chrono::seconds(1);
+      while (!routing_stop_ && !offered_.has_value()) {
+        if (!routing_cv_.WaitUntil(&routing_mu_, retry_at)) break;
+      }
+      if (!offered_.has_value()) offered_ = std::move(routing);
     }
   }
 }

@@ -110,7 +110,7 @@ class WorkerService {
   // The same on the worker's routing thread, so that a caller on a control
   // thread (heartbeats) never waits for initialisation or a restore. Only
   // the newest offered table is applied; a table that cannot be adopted
-  // yet is logged and the next one is tried.
+  // yet is logged and tried again after a second, or the next one is.
   void OfferRouting(const control::RoutingTable& routing) EXCLUDES(routing_mu_);
 
   // Checkpoints (DESIGN.md "Checkpoints"): every checkpoint.every steps
@@ -207,7 +207,8 @@ class WorkerService {
   void RoutingLoop() EXCLUDES(routing_mu_);
   // In a live move (a `continues` table), keeps the state of the shards
   // this worker hands over (RoutingEntry.moved_from) for their new homes to
-  // fetch; drops what earlier epochs handed over.
+  // fetch, until NoteMovesDone; a rollback (a table that does not
+  // continue) drops everything handed over.
   void HandOver(const control::RoutingTable& routing, const RoutingPlan& plan)
       EXCLUDES(mu_, handover_mu_);
   // CheckpointFetchServer::Handovers.

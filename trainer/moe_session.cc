@@ -67,7 +67,14 @@ Status MoeSession::Start() {
   member.annotate_heartbeat = [this](control::Heartbeat* beat) {
     beat->set_training_epoch(training_epoch_.load());
     beat->set_step(step_.load());
-    beat->set_paused(paused_.load());
+    // A session idle between steps while the table it holds asks for a
+    // pause counts as stopped there: EnterStep, which sees the same table
+    // (or a newer one), waits before anything of the step goes out.
+    MutexLock lock(&news_.mu);
+    const bool idle = idle_at_boundary_ && news_.latest.pause() &&
+                      news_.latest.epoch() == training_epoch_ &&
+                      step_ >= news_.latest.pause_step();
+    beat->set_paused(paused_.load() || idle);
     beat->set_paused_step(step_.load());
   };
   member.on_registered = [this](const control::RegisterResponse& response) {
@@ -218,6 +225,7 @@ Status MoeSession::EnterStep() {
           client_->SetRouting(latest);
           epoch_ = latest.epoch();
           training_epoch_ = epoch_;
+          if (session_ != nullptr) session_->HeartbeatNow();
           LOG(INFO) << "trainer " << options_.rank << ": epoch " << epoch_
                     << " continues at step " << step_.load() << " after "
                     << std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -232,6 +240,9 @@ Status MoeSession::EnterStep() {
         break;
       }
     }
+    // From here requests of step_ may go out: no longer idle (decided
+    // under the lock the heartbeat's report is made under).
+    idle_at_boundary_ = false;
   }
   paused_ = false;
   return CheckEpoch();
@@ -335,7 +346,12 @@ StatusOr<Tensor> MoeSession::Evaluate(int layer, const Tensor& x,
   MutexLock calls(&call_mu_);
   RETURN_IF_ERROR(EnterStep());
   RETURN_IF_ERROR(CheckRoute(layer, x, route));
-  return client_->Evaluate(step_, layer, x, route);
+  StatusOr<Tensor> y = client_->Evaluate(step_, layer, x, route);
+  if (at_boundary_) {
+    MutexLock lock(&news_.mu);
+    idle_at_boundary_ = true;  // Evaluation starts no step.
+  }
+  return y;
 }
 
 Status MoeSession::Backward(int layer, int micro_batch, const Tensor& dy,
@@ -359,6 +375,8 @@ Status MoeSession::StepDone() {
   RETURN_IF_ERROR(client_->StepDone(step_));
   ++step_;
   at_boundary_ = true;
+  MutexLock lock(&news_.mu);
+  idle_at_boundary_ = true;
   return OkStatus();
 }
 

@@ -129,6 +129,9 @@ class MoeSession {
   bool at_boundary_ GUARDED_BY(call_mu_) = true;
   // Stopped there for a move, reported in heartbeats.
   std::atomic<bool> paused_{false};
+  // At a boundary with nothing in flight, set and cleared under news_.mu
+  // (the heartbeat reports it as paused while a pause is asked for).
+  bool idle_at_boundary_ GUARDED_BY(news_.mu) = true;
   // The member's session, for reports that cannot wait for a heartbeat.
   std::shared_ptr<control::MemberSession> session_ GUARDED_BY(news_.mu);
   uint64_t epoch_ = 0;

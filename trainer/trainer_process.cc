@@ -151,6 +151,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
           replica.SetRouting(news.latest);
           training_epoch = epoch;
           trains_at = epoch;
+          if (session != nullptr) session->HeartbeatNow();
         }
       }
       if (!news.changed.WaitUntil(&news.mu, deadline)) break;
@@ -218,6 +219,8 @@ Status RunTrainer(const config::SwitchyardConfig& config,
         replica.SetRouting(next);
         training_epoch = next.epoch();
         trains_at = next.epoch();
+        paused = false;
+        if (session != nullptr) session->HeartbeatNow();
         const double ms = std::chrono::duration<double, std::milli>(
                               std::chrono::steady_clock::now() - began)
                               .count();

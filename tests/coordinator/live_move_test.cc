@@ -343,5 +343,106 @@ TEST_F(LiveMoveTest, AMoveWhoseHoldCannotContinueIsMadeWithTheRollback) {
   for (const auto& e : table.entries()) EXPECT_EQ(e.moved_from(), "");
 }
 
+// A drained worker may leave only once no rollback would need its store:
+// the newest committed checkpoint's shards it held are copied onto their
+// new homes (replication tasks in their heartbeat acks) first.
+TEST_F(LiveMoveTest, ADrainedWorkerWaitsUntilItsCommittedCopiesAreElsewhere) {
+  StartTraining();
+  // Checkpoint 50 committed, worker-1 the only holder of every shard.
+  control::CheckpointReport commit;
+  commit.set_name("worker-1");
+  commit.set_incarnation(incarnation_["worker-1"]);
+  commit.set_step(50);
+  const control::RoutingTable placed = state_.Routing();
+  for (int i = 0; i < placed.entries_size(); ++i) {
+    auto* s = commit.add_shards();
+    *s->mutable_shard() = placed.entries(i).shard();
+    s->set_digest("d" + std::to_string(i));
+    s->set_bytes(10);
+  }
+  ASSERT_TRUE(state_.ReportCheckpoint(commit).ok());
+  ASSERT_EQ(state_.Report(t0_).checkpoints_size(), 1);
+  control::DrainRequest drain;
+  drain.set_worker("worker-1");
+  ASSERT_TRUE(state_.Drain(drain, t0_).ok());
+  Pause("trainer-0", 61);
+  Pause("trainer-1", 61);
+  Held(61);
+  ASSERT_TRUE(state_.Routing().continues());
+  EXPECT_FALSE(Open("worker-1").drained());
+  state_.Tick(t0_ + milliseconds(150));
+  // The new homes are told to copy checkpoint 50's shards from worker-1;
+  // each reports its copies as replicas.
+  int tasks = 0;
+  for (const char* home : {"worker-0", "worker-2"}) {
+    auto ack = Beat(BeatOf(home));
+    ASSERT_TRUE(ack.ok());
+    for (const auto& task : ack->replicate()) {
+      EXPECT_EQ(task.source(), "worker-1");
+      EXPECT_EQ(task.step(), 50);
+      control::CheckpointReport copy;
+      copy.set_name(home);
+      copy.set_incarnation(incarnation_[home]);
+      copy.set_step(50);
+      copy.set_replica(true);
+      for (const auto& ref : task.shards()) {
+        for (const auto& s : commit.shards()) {
+          if (s.shard().SerializeAsString() == ref.SerializeAsString()) {
+            *copy.add_shards() = s;
+          }
+        }
+      }
+      ASSERT_TRUE(state_.ReportCheckpoint(copy).ok());
+      ++tasks;
+    }
+  }
+  EXPECT_GT(tasks, 0);
+  EXPECT_TRUE(Open("worker-1").drained());
+}
+
+// A new process under a drained (or draining) worker's name serves again:
+// the drain ended with the old one.
+TEST_F(LiveMoveTest, ANewProcessUnderADrainedNameIsNotDraining) {
+  StartTraining();
+  control::DrainRequest drain;
+  drain.set_worker("worker-2");
+  ASSERT_TRUE(state_.Drain(drain, t0_).ok());
+  Register("worker-2", true);  // Restarted (e.g. a StatefulSet scaled up).
+  const control::StatusResponse report = state_.Report(t0_);
+  for (const auto& m : report.members()) EXPECT_FALSE(m.draining()) << m.name();
+  EXPECT_FALSE(Beat(BeatOf("worker-2"))->drained());
+}
+
+// A trainer that began step 52 before it heard of the pause (its
+// heartbeat says so) stops before 53: the one stopped before 51 goes on.
+TEST_F(LiveMoveTest, TrainersTwoBoundariesApartMeetAtTheFurthest) {
+  StartTraining();
+  Register("worker-3", true);
+  Train("trainer-1", 52);
+  Pause("trainer-0", 51);
+  EXPECT_EQ(state_.Routing().pause_step(), 53);
+  EXPECT_FALSE(state_.Routing().hold());
+  Pause("trainer-1", 53);
+  Pause("trainer-0", 53);
+  EXPECT_TRUE(state_.Routing().hold());
+}
+
+// After a coordinator restart the trainers have not said where they are:
+// a join then waits for them instead of holding a cluster mid-step.
+TEST_F(LiveMoveTest, AfterARestartAMoveWaitsForTheTrainersToReport) {
+  StartTraining();
+  auto restored = ClusterState::Restore(MoveConfig(), state_.Snapshot(), t0_);
+  ASSERT_TRUE(restored.ok()) << restored.status().ToString();
+  const uint64_t epoch = restored->epoch();
+  control::RegisterRequest joiner;
+  joiner.set_name("worker-3");
+  joiner.set_kind(control::WORKER);
+  joiner.set_capacity_bytes(int64_t{1} << 30);
+  joiner.set_rank(-1);
+  ASSERT_TRUE(restored->Register(joiner, t0_ + milliseconds(10)).ok());
+  EXPECT_TRUE(restored->Routing().pause());
+  EXPECT_EQ(restored->epoch(), epoch) << "no hold before the trainers report";
+}
+
 }  // namespace
 }  // namespace switchyard::coordinator

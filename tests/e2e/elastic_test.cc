@@ -6,9 +6,12 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <random>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -178,6 +181,84 @@ TEST_F(ElasticTest, ADrainTheOthersCannotHoldIsRefused) {
             std::string::npos)
       << unknown.output;
   testing::StopAndReap(up);
+}
+
+// Scale: 16 worker processes on this machine. `up` starts 4; 12 more join
+// one at a time while the run trains, and 8 workers, drawn at random (a
+// fixed seed) among those serving, are drained in between, in random
+// order. Every move is live; the run ends bit-identical to the reference.
+TEST_F(ElasticTest, SixteenWorkersJoinAndDrainInRandomOrder) {
+  const std::string flags = Flags() + " --set training.steps=400";
+  const auto reference =
+      RunSwitchyard("train --reference --sample-bytes 0" + flags, 300);
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+  const auto want = Digests(reference.output);
+
+  const std::string run = dir_ + "/run", up_log = dir_ + "/up.log";
+  std::vector<std::string> up_args = {
+      SWITCHYARD_BINARY, "up", "--workers", "4",
+      "--trainers",      "2",  "--run-dir", run};
+  for (const std::string& a : Args(flags)) up_args.push_back(a);
+  const pid_t up = testing::Spawn(up_args, up_log);
+  ASSERT_TRUE(WaitFor(up_log, "[trainer-0] step 10/"))
+      << testing::ReadFile(up_log);
+  std::string address;
+  std::ifstream(run + "/coordinator.addr") >> address;
+
+  std::mt19937 random(22);
+  std::vector<std::string> serving = {"worker-0", "worker-1", "worker-2",
+                                      "worker-3"};
+  std::map<std::string, pid_t> joined;
+  // 12 joins and 8 drains, a drain never leaving fewer than 3 serving.
+  std::vector<bool> is_join(12, true);
+  is_join.insert(is_join.end(), 8, false);
+  std::shuffle(is_join.begin() + 1, is_join.end(), random);
+  int next_worker = 4, step = 15, drains = 0;
+  for (bool join : is_join) {
+    if (!join && serving.size() <= 3) join = true;
+    if (join && next_worker == 16) continue;
+    step += 15;
+    ASSERT_TRUE(
+        WaitFor(up_log, "[trainer-0] step " + std::to_string(step) + "/"))
+        << testing::ReadFile(up_log);
+    if (join) {
+      const std::string name = "worker-" + std::to_string(next_worker++);
+      std::vector<std::string> args = {SWITCHYARD_BINARY, "worker", "--name",
+                                       name, "--drain-on-stop=false"};
+      for (const std::string& a :
+           Args(flags + " --set cluster.state_dir=" + run +
+                " --set cluster.secret_file=" + run +
+                "/secret --set cluster.coordinator_address=" + address)) {
+        args.push_back(a);
+      }
+      joined[name] = testing::Spawn(args, dir_ + "/" + name + ".log");
+      serving.push_back(name);
+    } else {
+      const size_t pick = random() % serving.size();
+      const std::string name = serving[pick];
+      serving.erase(serving.begin() + static_cast<long>(pick));
+      const auto drain =
+          RunSwitchyard("drain " + name + " --run-dir " + run + flags, 120);
+      EXPECT_EQ(drain.exit_code, 0) << name << ": " << drain.output;
+      ++drains;
+    }
+  }
+  EXPECT_EQ(next_worker, 16);
+  EXPECT_GE(drains, 6);
+  const int code = testing::WaitExit(up, std::chrono::seconds(300));
+  if (code == -1) testing::StopAndReap(up);
+  std::string text = testing::ReadFile(up_log);
+  EXPECT_EQ(code, 0) << text;
+  for (const auto& [name, pid] : joined) {
+    testing::StopAndReap(pid);
+    text += testing::ReadFile(dir_ + "/" + name + ".log");
+  }
+  EXPECT_EQ(Digests(text), want);
+  EXPECT_EQ(text.find("rolling back"), std::string::npos);
+  EXPECT_EQ(text.find("recovery 1"), std::string::npos);
+  EXPECT_EQ(text.find("not a clean exit"), std::string::npos);
+  static const std::regex kTookOver(R"(worker-\d+: took over \d+ shards live)");
+  EXPECT_GE(Count(text, kTookOver), 12);
 }
 
 }  // namespace

@@ -302,25 +302,71 @@ TEST_F(PyTorchClusterTest, GradientsAndUpdatesMatchPlainPyTorch) {
 }
 
 // Two PyTorch trainer processes (torch.distributed over gloo) and two
-// workers, 5 steps, twice: the experts' parameters and optimizer state at
-// the end (the digests the workers log) are the same bit for bit.
+// workers, 60 steps, twice: the experts' parameters and optimizer state at
+// the end (the digests the workers log) are the same bit for bit. In the
+// second run a third worker joins after step 10 and worker-0 is drained
+// after step 30: the sessions pause at a step boundary for each move and
+// go on, nothing redone, and the end is still the same bit for bit.
 TEST_F(PyTorchClusterTest, TwoDataParallelTrainersAreBitIdenticalAcrossRuns) {
   std::map<std::string, std::string> first;
   for (const std::string name : {"run1", "run2"}) {
     SCOPED_TRACE(name);
     const std::string run = dir_ + "/" + name;
-    StartCluster(run, {"cluster.trainers=2"});
+    const std::vector<std::string> sets = {"cluster.trainers=2",
+                                           "training.steps=60"};
+    StartCluster(run, sets);
     pid_t ranks[2];
     for (int r = 0; r < 2; ++r) {
       std::vector<std::string> args = PythonCommand();
       for (const std::string& a :
            {Script("moe_test.py"), std::string("determinism"), run, Config(),
             std::to_string(r), std::string("2"),
-            run + "-rank" + std::to_string(r) + ".json"}) {
+            run + "-rank" + std::to_string(r) + ".json", std::string("--steps"),
+            std::string("60")}) {
         args.push_back(a);
       }
       ranks[r] =
           testing::Spawn(args, run + "-rank" + std::to_string(r) + ".log");
+    }
+    const std::string rank0 = run + "-rank0.log";
+    const std::string joiner_log = run + "-worker-2.log";
+    pid_t joiner = -1;
+    auto wait_for_step = [&](int step) {
+      const std::string line = "step " + std::to_string(step) + " loss";
+      const auto deadline =
+          std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      while (testing::ReadFile(rank0).find(line) == std::string::npos &&
+             std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    };
+    if (name == "run2") {
+      wait_for_step(10);
+      std::string address;
+      std::ifstream(run + "/coordinator.addr") >> address;
+      std::vector<std::string> args = {
+          SWITCHYARD_BINARY,
+          "worker",
+          "--name",
+          "worker-2",
+          "--config",
+          Config(),
+          "--drain-on-stop=false",
+          "--set",
+          "cluster.state_dir=" + run,
+          "--set",
+          "cluster.secret_file=" + run + "/secret",
+          "--set",
+          "cluster.coordinator_address=" + address};
+      for (const auto& set : sets) {
+        args.push_back("--set");
+        args.push_back(set);
+      }
+      joiner = testing::Spawn(args, joiner_log);
+      wait_for_step(30);
+      const auto drain = RunSwitchyard(
+          "drain worker-0 --run-dir " + run + " --config " + Config(), 60);
+      EXPECT_EQ(drain.exit_code, 0) << drain.output;
     }
     for (int r = 0; r < 2; ++r) {
       const int code = testing::WaitExit(ranks[r], std::chrono::seconds(120));
@@ -331,12 +377,17 @@ TEST_F(PyTorchClusterTest, TwoDataParallelTrainersAreBitIdenticalAcrossRuns) {
     // The workers log the digests once they have applied the last step.
     const auto deadline =
         std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (testing::Digests(testing::ReadFile(log_)).size() < 4) {
-      ASSERT_LT(std::chrono::steady_clock::now(), deadline)
-          << testing::ReadFile(log_);
+    auto logs = [&] {
+      return testing::ReadFile(log_) + testing::ReadFile(joiner_log);
+    };
+    while (testing::Digests(logs()).size() < 4) {
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline) << logs();
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    const std::string output = StopCluster();
+    // Before the joiner is stopped (its leaving then is a rollback).
+    const std::string trained = logs();
+    if (joiner > 0) testing::StopAndReap(joiner);
+    const std::string output = StopCluster() + testing::ReadFile(joiner_log);
     auto digests = testing::Digests(output);
     // The 4 experts of the one MoE layer (and the unused dense shards).
     ASSERT_GE(digests.size(), 4u) << output;
@@ -344,6 +395,21 @@ TEST_F(PyTorchClusterTest, TwoDataParallelTrainersAreBitIdenticalAcrossRuns) {
       first = digests;
     } else {
       EXPECT_EQ(digests, first) << output;
+      // Both moves were live: the sessions paused and went on.
+      const std::string trainers =
+          testing::ReadFile(rank0) + testing::ReadFile(run + "-rank1.log");
+      static const std::regex kContinued(
+          R"(trainer [01]: epoch \d+ continues at step \d+ after \d+ ms)");
+      EXPECT_EQ(std::distance(std::sregex_iterator(trainers.begin(),
+                                                   trainers.end(), kContinued),
+                              std::sregex_iterator()),
+                4)
+          << trainers << output;
+      EXPECT_NE(output.find("worker-2: took over"), std::string::npos)
+          << output;
+      EXPECT_EQ(trained.find("(the newest committed checkpoint)"),
+                std::string::npos)
+          << trained;
     }
   }
 }

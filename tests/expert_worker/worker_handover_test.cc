@@ -177,7 +177,7 @@ TEST_F(WorkerHandoverTest, AShardNobodyHandsOverFailsTheTableClearly) {
   const Status s = v.ApplyRouting(
       MoveExpertOne(w_plane_->address(), v_plane_->address(), 0));
   EXPECT_FALSE(s.ok());
-  EXPECT_NE(s.message().find("taking over L0.E1.S0 from w"), std::string::npos)
+  EXPECT_NE(s.message().find("fetching L0.E1.S0 from w at"), std::string::npos)
       << s.ToString();
   EXPECT_EQ(v.open_epoch(), 0u);
   Message forward =

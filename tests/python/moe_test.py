@@ -5,7 +5,8 @@ usage:
   moe_test.py write-weights CONFIG WEIGHTS_FILE [--set S.F=V]...
   moe_test.py gradcheck RUN_DIR CONFIG WEIGHTS_FILE --updated OUT_FILE
               [--set S.F=V]...
-  moe_test.py determinism RUN_DIR CONFIG RANK WORLD OUT_JSON [--set S.F=V]...
+  moe_test.py determinism RUN_DIR CONFIG RANK WORLD OUT_JSON [--steps N]
+      [--set S.F=V]...
   moe_test.py killed RUN_DIR CONFIG [--timeout-s S] [--set S.F=V]...
 
 Run with PYTHONPATH=build/python (switchyard with its _core extension, as
@@ -42,7 +43,8 @@ determinism: trainer RANK of WORLD (cluster.trainers=WORLD added before
   --set; torch.distributed gloo with the init file RUN_DIR/torch-gloo-init,
   which must not exist yet): a seeded tiny model
   (byte embedding, num_moe_layers blocks x + MoE(LayerNorm(x)), LayerNorm,
-  head), 5 steps of training.micro_batches micro-batches of 4 x 16 bytes
+  head), --steps steps (default 5) of training.micro_batches micro-batches
+  of 4 x 16 bytes
   of a fixed text (windows by rank, step, micro-batch); each micro-batch's
   loss scaled by 1 / (WORLD * micro_batches), dense gradients all-reduced
   with SUM (the C++ trainer's arithmetic), torch AdamW on the dense part.
@@ -410,7 +412,7 @@ def determinism(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     M, W = session.micro_batches, args.world
     steps, losses = [], []
-    for step in range(DETERMINISM_STEPS):
+    for step in range(args.steps):
         steps.append(session.step)
         total = torch.zeros(())
         for m in range(M):
@@ -516,7 +518,8 @@ def parse(argv):
         .add_argument("--updated", required=True,
                       help="safetensors file for the updated experts")
     mode("determinism", ("run_dir", str), ("config", str), ("rank", int),
-         ("world", int), ("out_json", str))
+         ("world", int), ("out_json", str)) \
+        .add_argument("--steps", type=int, default=DETERMINISM_STEPS)
     mode("killed", ("run_dir", str), ("config", str)) \
         .add_argument("--timeout-s", type=float, default=300.0)
     return parser.parse_args(argv)

@@ -227,7 +227,11 @@ void Connection::OnFrame(Envelope envelope) {
 
 void Connection::Send(Envelope envelope) {
   if (state_ == State::kClosed || close_after_flush_) return;
-  std::string frame = EncodeFrame(envelope);
+  SendFrame(EncodeFrame(envelope));
+}
+
+void Connection::SendFrame(std::string frame) {
+  if (state_ == State::kClosed || close_after_flush_) return;
   const size_t limit = state_ == State::kReady
                            ? options_.max_frame_bytes
                            : options_.max_handshake_frame_bytes;
@@ -285,6 +289,12 @@ void Connection::Push(Envelope message) {
              [self = shared_from_this(), m = std::move(message)]() mutable {
                if (self->state_ == State::kReady) self->Send(std::move(m));
              });
+}
+
+void Connection::PushEncoded(std::shared_ptr<const std::string> frame) {
+  asio::post(strand_, [self = shared_from_this(), frame = std::move(frame)] {
+    if (self->state_ == State::kReady) self->SendFrame(std::string(*frame));
+  });
 }
 
 void Connection::Reply(uint64_t request_id, Envelope response) {

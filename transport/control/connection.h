@@ -68,6 +68,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Start();
   // Sends a server push (request_id 0).
   void Push(Envelope message);
+  // Sends a push already encoded (EncodeFrame of an Envelope with
+  // request_id 0): one encoding shared by every connection it goes to.
+  void PushEncoded(std::shared_ptr<const std::string> frame);
   // Answers `request_id` with `response`.
   void Reply(uint64_t request_id, Envelope response);
   // Answers `request_id` with an Error carrying `status`.
@@ -96,6 +99,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // True once the handshake is complete, false while it continues.
   StatusOr<bool> OnHandshakeFrame(const Envelope& envelope);
   void Send(Envelope envelope);
+  // Queues an encoded frame (checked against the frame limit).
+  void SendFrame(std::string frame);
   void DoWrite();
   void CloseOnStrand(const Status& reason);
   void FailAfterFlush(const Status& reason, Envelope error_reply);

@@ -222,6 +222,10 @@ StatusOr<DrainResponse> MemberSession::Drain() {
   envelope.mutable_drain_request()->set_worker(options_.registration.name());
   ASSIGN_OR_RETURN(Envelope r, client_->CallSync(std::move(envelope),
                                                  options_.call_timeout));
+  if (r.body_case() != Envelope::kDrainResponse) {
+    return InternalError("the coordinator answered a drain request with body " +
+                         std::to_string(r.body_case()));
+  }
   return r.drain_response();
 }
 
