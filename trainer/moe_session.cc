@@ -210,9 +210,8 @@ Status MoeSession::EnterStep() {
   {
     MutexLock lock(&news_.mu);
     while (!member_done_ && !closing_ && config_difference_.empty()) {
-      const control::RoutingTable& latest = news_.latest;
-      if (latest.epoch() == epoch_) {
-        if (!latest.pause() || step_ < latest.pause_step()) break;
+      if (news_.latest.epoch() == epoch_) {
+        if (!news_.latest.pause() || step_ < news_.latest.pause_step()) break;
         if (!paused_) {
           paused_ = true;
           LOG(INFO) << "trainer " << options_.rank << ": paused before step "
@@ -220,10 +219,10 @@ Status MoeSession::EnterStep() {
                     << ")";
           if (session_ != nullptr) session_->HeartbeatNow();
         }
-      } else if (!latest.hold() && AllShardsReachable(latest)) {
-        if (latest.continues() && latest.resume_step() == step_) {
-          client_->SetRouting(latest);
-          epoch_ = latest.epoch();
+      } else if (!news_.latest.hold() && AllShardsReachable(news_.latest)) {
+        if (news_.latest.continues() && news_.latest.resume_step() == step_) {
+          client_->SetRouting(news_.latest);
+          epoch_ = news_.latest.epoch();
           training_epoch_ = epoch_;
           if (session_ != nullptr) session_->HeartbeatNow();
           LOG(INFO) << "trainer " << options_.rank << ": epoch " << epoch_
@@ -231,7 +230,7 @@ Status MoeSession::EnterStep() {
                     << std::chrono::duration_cast<std::chrono::milliseconds>(
                            std::chrono::steady_clock::now() - began)
                            .count()
-                    << " ms (" << latest.cause() << ")";
+                    << " ms (" << news_.latest.cause() << ")";
         }
         break;  // Else CheckEpoch says why the step cannot go on.
       }

@@ -208,17 +208,17 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       if (news.latest.epoch() == epoch) {
         if (!stops_here()) break;  // Lifted, or on to a later boundary.
       } else if (!news.latest.hold() && AllShardsReachable(news.latest)) {
-        const control::RoutingTable& next = news.latest;
-        if (!next.continues() || next.resume_step() != step) {
+        if (!news.latest.continues() || news.latest.resume_step() != step) {
           outcome = AbortedError(
-              "epoch " + std::to_string(next.epoch()) + " resumes at step " +
-              std::to_string(next.resume_step()) + ", not at step " +
-              std::to_string(step) + " where this trainer paused");
+              "epoch " + std::to_string(news.latest.epoch()) +
+              " resumes at step " + std::to_string(news.latest.resume_step()) +
+              ", not at step " + std::to_string(step) +
+              " where this trainer paused");
           break;
         }
-        replica.SetRouting(next);
-        training_epoch = next.epoch();
-        trains_at = next.epoch();
+        replica.SetRouting(news.latest);
+        training_epoch = news.latest.epoch();
+        trains_at = news.latest.epoch();
         paused = false;
         if (session != nullptr) session->HeartbeatNow();
         const double ms = std::chrono::duration<double, std::milli>(
@@ -228,9 +228,10 @@ Status RunTrainer(const config::SwitchyardConfig& config,
             .GetHistogram("switchyard_trainer_move_pause_ms",
                           LatencyBucketsMs())
             ->Observe(ms);
-        LOG(INFO) << name << ": epoch " << next.epoch() << " continues at step "
-                  << step << " after a pause of " << static_cast<int64_t>(ms)
-                  << " ms (" << next.cause() << ")";
+        LOG(INFO) << name << ": epoch " << news.latest.epoch()
+                  << " continues at step " << step << " after a pause of "
+                  << static_cast<int64_t>(ms) << " ms (" << news.latest.cause()
+                  << ")";
         break;
       }
       if (!news.changed.WaitUntil(&news.mu, began + pause_limit) &&
