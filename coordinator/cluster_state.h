@@ -144,6 +144,8 @@ class ClusterState {
   // made), advancing the epoch. With `live` (nothing was lost: a join, a
   // drain, a probation's end) and every shard on a live worker, the moves
   // are planned for the next step boundary (a pause) instead.
+  // NOTE: `now` matters only with `live` (when the pause began, for
+  // cluster.move_timeout_ms); callers with `live` must pass it.
   void Replace(const std::string& why, bool live = false,
                Clock::time_point now = Clock::time_point());
   // The placement input of the moment: live workers not on probation and

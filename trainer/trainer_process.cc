@@ -216,10 +216,12 @@ Status RunTrainer(const config::SwitchyardConfig& config,
               " where this trainer paused");
           break;
         }
+        // Not paused before the new epoch is reported: no heartbeat says
+        // "paused" under an epoch this trainer is about to train in.
+        paused = false;
         replica.SetRouting(news.latest);
         training_epoch = news.latest.epoch();
         trains_at = news.latest.epoch();
-        paused = false;
         if (session != nullptr) session->HeartbeatNow();
         const double ms = std::chrono::duration<double, std::milli>(
                               std::chrono::steady_clock::now() - began)

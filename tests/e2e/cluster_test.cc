@@ -236,11 +236,14 @@ TEST_F(ClusterTest, WorkerDeathAndCoordinatorRestart) {
   EXPECT_LT(detection, Ms(2 * kLeaseMs))
       << "death noticed after "
       << std::chrono::duration_cast<Ms>(detection).count() << " ms";
+  // Back, and settled: its shards came back to it (a live move at a step
+  // boundary, or a rollback that places them), no move or hold pending.
   auto restarted = WaitFor(
       [&](const control::StatusResponse& s) {
         const auto* w = Find(s, "worker-1");
         return w->state() == control::ALIVE && w->pid() != victim_pid &&
-               s.placed_shards() == s.total_shards();
+               w->shards() > 0 && s.placed_shards() == s.total_shards() &&
+               !s.routing().hold() && s.pending_move().empty();
       },
       Ms(30000));
   ASSERT_TRUE(restarted.ok()) << restarted.status().ToString();
