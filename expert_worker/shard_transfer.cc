@@ -357,7 +357,12 @@ void CheckpointFetchServer::Loop() {
   while (std::optional<Task> task = queue_.Pop()) {
     const transport::WireHeader& h = task->request.header;
     const uint64_t epoch = current_epoch_();
-    if (h.epoch < epoch) {
+    const bool handover =
+        h.kind == static_cast<uint8_t>(MessageKind::kShardHandover);
+    // A handover is served to its own epoch only (Handovers matches it),
+    // also once this worker is at a newer one: a hold that came while the
+    // new home was still fetching must not fail the move.
+    if (h.epoch < epoch && !handover) {
       task->reply(transport::ErrorResponse(
           h, FailedPreconditionError(
                  "stale epoch " + std::to_string(h.epoch) + ": " + name_ +
@@ -368,7 +373,7 @@ void CheckpointFetchServer::Loop() {
     const std::string shard =
         h.expert < 0 ? ShardId::Dense(h.shard).ToString()
                      : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
-    if (h.kind == static_cast<uint8_t>(MessageKind::kShardHandover)) {
+    if (handover) {
       auto handed = handovers_ ? handovers_(h.epoch, h.step, shard)
                                : NotFoundError(name_ + " hands nothing over");
       const storage::ShardSnapshot* s = handed.ok() ? handed->get() : nullptr;

@@ -129,7 +129,8 @@ TEST_F(WorkerHandoverTest, AMovedShardIsHandedOverLiveAndTrainsOnBitForBit) {
       {Handover(kEpoch + 1, kMoveAt - 1, 1, 0, 0), StatusCode::kNotFound},
       {Handover(kEpoch + 1, kMoveAt, 1, 0, 99), StatusCode::kNotFound},
       {Handover(kEpoch + 2, kMoveAt, 1, 0, 0), StatusCode::kAborted},
-      {Handover(kEpoch, kMoveAt, 1, 0, 0), StatusCode::kFailedPrecondition},
+      // Nothing was handed over in kEpoch.
+      {Handover(kEpoch, kMoveAt, 1, 0, 0), StatusCode::kNotFound},
   };
   for (const Case& c : cases) {
     const Message answer = Ask(&w, c.request);
@@ -137,17 +138,32 @@ TEST_F(WorkerHandoverTest, AMovedShardIsHandedOverLiveAndTrainsOnBitForBit) {
         << transport::DescribeHeader(c.request.header) << ": "
         << answer.error_text;
   }
+  // A hold after the move keeps what was handed over: a new home still
+  // fetching under the move's epoch is served.
+  control::RoutingTable hold = Routing(kEpoch + 2);
+  hold.set_hold(true);
+  ASSERT_TRUE(w.ApplyRouting(hold).ok());
+  EXPECT_EQ(Ask(&w, Handover(kEpoch + 1, kMoveAt, 1, 0, 0)).header.status_code,
+            0);
+  // The epoch after the hold continues from the same step, nothing moved.
+  control::RoutingTable after =
+      MoveExpertOne(w_plane_->address(), v_plane_->address(), kMoveAt);
+  after.set_epoch(kEpoch + 3);
+  for (auto& e : *after.mutable_entries()) e.clear_moved_from();
+  ASSERT_TRUE(w.ApplyRouting(after).ok());
+  ASSERT_TRUE(v.ApplyRouting(after).ok());
   // Once every move is in place the copies go.
   w.NoteMovesDone(kEpoch + 1);
   EXPECT_EQ(Ask(&w, Handover(kEpoch + 1, kMoveAt, 1, 0, 0)).header.status_code,
             static_cast<int32_t>(StatusCode::kNotFound));
 
-  // Training goes on with expert 1 at v: each request to the shard's home,
-  // StepDone to both; the end is the one-worker run's, bit for bit.
+  // Training goes on with expert 1 at v (under the epoch after the hold):
+  // each request to the shard's home, StepDone to both; the end is the
+  // one-worker run's, bit for bit.
   for (int step = kMoveAt; step < kEnd; ++step) {
     for (int r = 0; r < kRanks; ++r) {
       for (Message& m : TrainerStep(step, r)) {
-        m.header.epoch = kEpoch + 1;
+        m.header.epoch = kEpoch + 3;
         const auto kind = static_cast<MessageKind>(m.header.kind);
         if (kind == MessageKind::kStepDone) {
           EXPECT_EQ(Ask(&v, m).header.status_code, 0);
