@@ -306,6 +306,11 @@ TEST_F(DeployTest, SystemdUnitsRunACluster) {
     cluster.Start(name, prefix + "/bin/switchyard", args, finishes);
   };
   start("switchyard-coordinator.service", "", "coordinator");
+  // Stopping a worker unit drains it: TimeoutStopSec covers the longest
+  // drain (2 move timeouts and 4 call timeouts, by default 140 s).
+  EXPECT_GE(std::stoi(ReadUnit(
+                units + "/switchyard-worker@.service")["TimeoutStopSec"]),
+            140);
   const int workers = config["cluster"]["workers"].as<int>();
   const int trainers = config["cluster"]["trainers"].as<int>();
   for (int w = 0; w < workers; ++w) {
@@ -573,10 +578,14 @@ TEST_F(DeployTest, KubernetesManifestsRunACluster) {
   // which its worker has left (exit 0) and the run goes on.
   const std::string extra = "switchyard-worker-" + std::to_string(workers);
   const YAML::Node worker_pod = (*worker)["spec"]["template"]["spec"];
-  EXPECT_GE(worker_pod["terminationGracePeriodSeconds"].as<int>(),
-            config["cluster"]["move_timeout_ms"]
-                ? config["cluster"]["move_timeout_ms"].as<int>() / 1000
-                : 60);
+  // The grace period covers the longest drain: 2 move timeouts and 4 call
+  // timeouts (defaults 60 s and 5 s) before the worker leaves anyway.
+  auto ms = [&](const char* field, int default_ms) {
+    return config["cluster"][field] ? config["cluster"][field].as<int>()
+                                    : default_ms;
+  };
+  EXPECT_GE(worker_pod["terminationGracePeriodSeconds"].as<int>() * 1000,
+            2 * ms("move_timeout_ms", 60000) + 4 * ms("call_timeout_ms", 5000));
   ASSERT_TRUE(cluster.WaitLog("switchyard-trainer-0", "step 10/"))
       << cluster.Log("switchyard-trainer-0");
   cluster.Start(extra, SWITCHYARD_BINARY, runner.Args(worker_pod, extra, {}),
