@@ -566,6 +566,11 @@ bool ClusterState::CallOffDrains(const std::string& why) {
 
 void ClusterState::CopyCommittedOffDrains() {
   if (!placed_) return;
+  bool draining = false;
+  for (const auto& [name, m] : members_) {
+    draining |= IsLive(m) && m.record.draining();
+  }
+  if (!draining) return;  // Every tick: nothing to look at, usually.
   const control::CommittedCheckpoint* c =
       ledger_.Find(ledger_.latest_committed_step());
   if (c == nullptr || c->holder_size() != static_cast<int>(shards_.size())) {
