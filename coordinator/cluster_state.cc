@@ -210,15 +210,28 @@ void ClusterState::BumpEpoch(const std::string& why) {
                << (ledger_.resume_step() > 0
                        ? " (the newest committed checkpoint)"
                        : " (nothing committed yet)");
-  if (was_pausing) {
-    // The moves the pause was for are made with the rollback.
-    const PlacementInput input = CurrentPlacementInput();
-    if (AdoptPlacement(input, ComputePlacement(input))) {
-      LOG(WARNING) << "coordinator: epoch " << epoch_
-                   << " also makes the moves that were pending ("
-                   << pause_cause_ << ")";
+  // The moves the pause was for are made with the rollback.
+  if (was_pausing) PlaceWithRollback();
+}
+
+void ClusterState::PlaceWithRollback() {
+  const PlacementInput input = CurrentPlacementInput();
+  if (AdoptPlacement(input, ComputePlacement(input))) {
+    LOG(WARNING) << "coordinator: epoch " << epoch_
+                 << " places the shards anew (restored from the newest "
+                    "committed checkpoint)";
+  }
+}
+
+bool ClusterState::MovesAny(const PlacementInput& input,
+                            const PlacementResult& result) const {
+  if (result.num_unplaced > 0) return false;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (input.workers[result.worker_of_shard[i]].name != shard_home_[i]) {
+      return true;
     }
   }
+  return false;
 }
 
 void ClusterState::RecordRecovery(const std::string& why, int64_t resume_step,
@@ -324,12 +337,7 @@ void ClusterState::MaybeEndHold(Clock::time_point now) {
   if (!why.empty()) {
     BumpEpoch(hold_cause_ + "; the hold cannot continue (" + why + ")");
     // The moves the hold was for, if any, are made with the rollback.
-    const PlacementInput input = CurrentPlacementInput();
-    if (AdoptPlacement(input, ComputePlacement(input))) {
-      LOG(WARNING) << "coordinator: epoch " << epoch_
-                   << " places the shards anew (restored from the newest "
-                      "committed checkpoint)";
-    }
+    PlaceWithRollback();
     return;
   }
   ++epoch_;
@@ -395,11 +403,7 @@ void ClusterState::Replace(const std::string& why, bool live,
   const PlacementResult result = ComputePlacement(input);
   if (live && placed_ && AllShardsOnLiveWorkers() && result.num_unplaced == 0) {
     // Nothing was lost: the shards move at the next step boundary, live.
-    bool moves = false;
-    for (size_t i = 0; i < shards_.size(); ++i) {
-      moves |= input.workers[result.worker_of_shard[i]].name != shard_home_[i];
-    }
-    if (!moves) {
+    if (!MovesAny(input, result)) {
       // Nobody acts on a spare's coming or going: no table goes out (a
       // new member gets one in its registration's answer).
       ++version_;
@@ -1022,13 +1026,7 @@ void ClusterState::Tick(Clock::time_point now) {
     }
     if (!who.empty() && AllShardsOnLiveWorkers()) {
       const PlacementInput input = CurrentPlacementInput();
-      const PlacementResult result = ComputePlacement(input);
-      bool moves = false;
-      for (size_t i = 0; result.num_unplaced == 0 && i < shards_.size(); ++i) {
-        moves |=
-            input.workers[result.worker_of_shard[i]].name != shard_home_[i];
-      }
-      if (moves) {
+      if (MovesAny(input, ComputePlacement(input))) {
         Replace("moves still to make (" + who + ")", /*live=*/true, now);
       }
     }

@@ -156,6 +156,12 @@ class ClusterState {
   // changed. Records the placement error.
   bool AdoptPlacement(const PlacementInput& input,
                       const PlacementResult& result);
+  // After a rollback's BumpEpoch: places the shards anew (the moves a pause
+  // or hold was for), restored from the checkpoint like every shard.
+  void PlaceWithRollback();
+  // `result` (of `input`) places every shard and moves at least one.
+  bool MovesAny(const PlacementInput& input,
+                const PlacementResult& result) const;
   // Every shard is placed, on a live worker not on probation.
   bool AllShardsOnLiveWorkers() const;
   // Asks the trainers to stop at the next step boundary for a move.

@@ -115,6 +115,15 @@ Status RunTrainer(const config::SwitchyardConfig& config,
   // How long to wait for every worker to join and every shard to be placed.
   const auto join_timeout =
       std::chrono::milliseconds(config.cluster().call_timeout_ms()) * 12;
+  // Trains under `routing` from now on, and says so at once: the
+  // coordinator waits for trainers that train under an epoch (a pause for
+  // a move).
+  auto train_under = [&](const control::RoutingTable& routing) {
+    replica.SetRouting(routing);
+    training_epoch = routing.epoch();
+    trains_at = routing.epoch();
+    if (session != nullptr) session->HeartbeatNow();
+  };
   // Trains from step `from` to the run's end (under training_epoch, which a
   // live move may advance) and waits for the end's checkpoint to be
   // committed; OK when done, else why not (a failed step, or a rollback
@@ -148,10 +157,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
         }
         if (!news.latest.hold()) {
           epoch = news.latest.epoch();
-          replica.SetRouting(news.latest);
-          training_epoch = epoch;
-          trains_at = epoch;
-          if (session != nullptr) session->HeartbeatNow();
+          train_under(news.latest);
         }
       }
       if (!news.changed.WaitUntil(&news.mu, deadline)) break;
@@ -219,10 +225,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
         // Not paused before the new epoch is reported: no heartbeat says
         // "paused" under an epoch this trainer is about to train in.
         paused = false;
-        replica.SetRouting(news.latest);
-        training_epoch = news.latest.epoch();
-        trains_at = news.latest.epoch();
-        if (session != nullptr) session->HeartbeatNow();
+        train_under(news.latest);
         const double ms = std::chrono::duration<double, std::milli>(
                               std::chrono::steady_clock::now() - began)
                               .count();
@@ -273,12 +276,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       }
       routing = news.latest;
     }
-    replica.SetRouting(routing);
-    training_epoch = routing.epoch();
-    trains_at = routing.epoch();
-    // The coordinator waits for trainers that train under an epoch (a
-    // pause for a move): say so at once.
-    if (session != nullptr) session->HeartbeatNow();
+    train_under(routing);
     int64_t from = routing.resume_step();
     int recoveries = 0;
     while (true) {
@@ -331,10 +329,7 @@ Status RunTrainer(const config::SwitchyardConfig& config,
         }
         routing = news.latest;
       }
-      replica.SetRouting(routing);
-      training_epoch = routing.epoch();
-      trains_at = routing.epoch();
-      if (session != nullptr) session->HeartbeatNow();
+      train_under(routing);
       ++recoveries;
       const double waited_ms = std::chrono::duration<double, std::milli>(
                                    std::chrono::steady_clock::now() - failed_at)
