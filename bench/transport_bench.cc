@@ -7,6 +7,10 @@
 //              bytes moved both ways per second, against ucx_perftest
 //              tag_bw (the better of its default buffers and transparent
 //              huge pages).
+//   fetch:     from 1 MiB up, 8 requests at once without a payload, each
+//              answered with that many bytes from a serving thread, as a
+//              live move's new home fetches a shard from its old home:
+//              bytes moved one way per second (no ucx_perftest row).
 //   latency:   a 4 KiB echo, one at a time, against twice ucx_perftest
 //              tag_lat's one-way latency (its round trip): median against
 //              median, and mean against mean, in rounds that alternate
@@ -86,7 +90,37 @@ int Serve(const std::string& file, const std::string& tls) {
   options.ucx_tls = tls;
   options.max_inflight_bytes = size_t{1} << 31;
   auto server = NewUcxDataPlane(options).value();
-  Status s = server->Start([](Message request, Reply reply) {
+  // step 2: a fetch (as a shard handover is): answered from another
+  // thread with header.expert x 1024 floats (bytes 0x07) of a tensor made
+  // once.
+  Mutex mu;
+  CondVar cv;
+  std::deque<std::pair<WireHeader, Reply>> fetches;
+  std::thread fetcher([&] {
+    Tensor big;
+    while (true) {
+      std::pair<WireHeader, Reply> f;
+      {
+        MutexLock lock(&mu);
+        while (fetches.empty()) cv.Wait(&mu);
+        f = std::move(fetches.front());
+        fetches.pop_front();
+      }
+      if (big.num_elements() != int64_t{f.first.expert} * 1024) {
+        big = Tensor::Zeros(DType::kF32, {f.first.expert, 1024}).value();
+        std::memset(big.data(), 7, big.num_bytes());
+      }
+      f.second(TensorResponse(f.first, big));
+    }
+  });
+  fetcher.detach();
+  Status s = server->Start([&](Message request, Reply reply) {
+    if (request.header.step == 2) {
+      MutexLock lock(&mu);
+      fetches.emplace_back(request.header, std::move(reply));
+      cv.NotifyOne();
+      return;
+    }
     // step 1: one-way (dispatch only): answer without a payload.
     reply(TensorResponse(request.header, request.header.step == 1
                                              ? Tensor()
@@ -275,6 +309,39 @@ double EchoBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
   return (one_way ? 1.0 : 2.0) * bytes * iters / s / (1 << 20);
 }
 
+// Fetch bandwidth (MB/s, 2^20 bytes): `count` requests of `bytes` each sent
+// at once with SendAll and answered from the server's serving thread, as a
+// new home fetches a shard's tensors from its old home (ShardTransfer).
+double FetchBandwidth(DataPlane* client, const std::string& peer, size_t bytes,
+                      int count, int iters, bool* ok) {
+  const auto start = Clock::now();
+  for (int i = 0; i < iters; ++i) {
+    std::vector<Outgoing> requests;
+    for (int r = 0; r < count; ++r) {
+      Message m;
+      m.header.kind = static_cast<uint8_t>(MessageKind::kEcho);
+      m.header.step = 2;
+      m.header.expert = static_cast<int32_t>(bytes / 4096);
+      requests.push_back({peer, std::move(m), "fetch"});
+    }
+    auto replies = SendAll(client, std::move(requests), Ms(60000));
+    const auto* last = replies.ok() && !replies->empty()
+                           ? static_cast<const uint8_t*>(replies->back().data())
+                           : nullptr;
+    if (!replies.ok() || replies->size() != size_t(count) ||
+        replies->back().num_bytes() != bytes || last[0] != 7 ||
+        last[bytes - 1] != 7) {
+      std::fprintf(stderr, "fetch of %zu bytes failed: %s\n", bytes,
+                   replies.ok() ? "wrong size or contents"
+                                : replies.status().ToString().c_str());
+      *ok = false;
+      return 0;
+    }
+  }
+  const double s = std::chrono::duration<double>(Clock::now() - start).count();
+  return double(bytes) * count * iters / s / (1 << 20);
+}
+
 int Run() {
   bool ok = true;
   std::printf("%-6s %10s %14s %16s %8s\n", "tls", "bytes", "echo MB/s",
@@ -357,6 +424,16 @@ int Run() {
         std::printf("%-6s %10zu %14.0f %16s %8.2f  rounds:%s (one way)\n",
                     t.name, bytes, Median(one_way), "", Median(one_way_ratios),
                     Joined(one_way_ratios).c_str());
+      }
+      if (bytes >= (size_t{1} << 20)) {
+        const int count = 8;
+        std::printf(
+            "%-6s %10zu %14.0f  (fetch, one way: %d at once, "
+            "answered from a serving thread)\n",
+            t.name, bytes,
+            FetchBandwidth(client.get(), address, bytes, count,
+                           std::max(1, iters / count), &ok),
+            count);
       }
       if (ceiling) {
         std::printf(

@@ -464,19 +464,35 @@ void ClusterState::StartPause(const std::string& why, Clock::time_point now) {
     LOG(INFO) << "coordinator: " << why
               << " (joins the move planned: " << pause_cause_ << ")";
     pause_cause_ += "; " + why;
+    PlanPausedMoves();
     ++version_;
+    ++routing_version_;
     return;
   }
   pausing_ = true;
   pause_step_ = 0;
   pause_cause_ = why;
   pause_began_ = now;
+  PlanPausedMoves();
   ++version_;
   ++routing_version_;
   LOG(INFO) << "coordinator: " << why
             << ": shards move live at the next step boundary (epoch " << epoch_
             << " pauses the trainers there)";
   MaybeEndPause(now);
+}
+
+void ClusterState::PlanPausedMoves() {
+  planned_home_.assign(shards_.size(), "");
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    if (shard_unplaced_[i]) return;  // As PlaceAtBoundary: no live move.
+  }
+  const PlacementInput input = CurrentPlacementInput();
+  const PlacementResult result = ComputePlacement(input);
+  if (result.num_unplaced > 0) return;
+  for (size_t i = 0; i < shards_.size(); ++i) {
+    planned_home_[i] = input.workers[result.worker_of_shard[i]].name;
+  }
 }
 
 void ClusterState::MaybeEndPause(Clock::time_point now) {
@@ -1121,6 +1137,10 @@ control::RoutingTable ClusterState::Routing() const {
     auto w = index.find(shard_home_[i]);
     e->set_worker(!shard_unplaced_[i] && w != index.end() ? w->second : -1);
     if (continues_) e->set_moved_from(moved_from_[i]);
+    if (pausing_ && i < planned_home_.size() && !planned_home_[i].empty() &&
+        planned_home_[i] != shard_home_[i]) {
+      e->set_moving_to(planned_home_[i]);
+    }
   }
   table.set_pause(pausing_);
   table.set_pause_step(pausing_ ? pause_step_ : 0);

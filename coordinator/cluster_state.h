@@ -166,6 +166,8 @@ class ClusterState {
   bool AllShardsOnLiveWorkers() const;
   // Asks the trainers to stop at the next step boundary for a move.
   void StartPause(const std::string& why, Clock::time_point now);
+  // planned_home_: the placement the boundary would make now.
+  void PlanPausedMoves();
   // Every trainer training under this epoch has stopped at one boundary
   // (or none trains): hold there. Stopped at different ones: the others
   // are asked to go on to the furthest.
@@ -249,6 +251,10 @@ class ClusterState {
   int64_t pause_step_ = 0;  // RoutingTable.pause_step.
   std::string pause_cause_;
   Clock::time_point pause_began_;
+  // While pausing: each shard's home as the move was planned when the
+  // pause began or was joined ("": none planned); the pause tables name
+  // the new ones (RoutingEntry.moving_to). PlaceAtBoundary plans again.
+  std::vector<std::string> planned_home_;
   // This epoch's live moves: each shard's old home ("": not moved).
   std::vector<std::string> moved_from_;
   // The newest epoch that moved shards live, and the newest one whose new

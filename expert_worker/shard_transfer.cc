@@ -21,7 +21,11 @@ namespace {
 
 // The requests fetching `like`'s tensors (one each, tensor index in
 // micro_batch) from worker `source` at `address`, appended to `requests`; the
-// tensor index of each appended to `index`.
+// tensor index of each appended to `index`. A handover is received straight
+// into `like`'s tensors (the new shard's): a new home takes over the one
+// source it has, and a failure throws the shard away. (A restore may try a
+// second holder into the same tensors, where a late write of the first
+// could land: it receives into fresh buffers.)
 Status AppendFetches(const std::string& source, const std::string& address,
                      uint64_t epoch, int64_t step,
                      const storage::ShardSnapshot& like, bool handover,
@@ -39,6 +43,7 @@ Status AppendFetches(const std::string& source, const std::string& address,
     m.header.expert = id.is_expert() ? id.expert : -1;
     m.header.shard = id.shard;
     m.header.micro_batch = static_cast<int32_t>(i);
+    if (handover) m.receive_into = like.tensors[i].tensor;
     requests->push_back({address, std::move(m),
                          "fetching " + like.shard + " from " + source +
                              (source == address ? "" : " at " + address)});
@@ -284,8 +289,10 @@ Status ShardTransfer::CopyTensors(const storage::ShardSnapshot& saved,
   }
   for (size_t t = 0; t < live->tensors.size(); ++t) {
     Tensor& to = live->tensors[t].tensor;
-    if (!to.empty()) {
-      std::memcpy(to.data(), saved.tensors[t].tensor.data(), to.num_bytes());
+    const void* from = saved.tensors[t].tensor.data();
+    // A handover arrives in place (AppendFetches).
+    if (!to.empty() && from != to.data()) {
+      std::memcpy(to.data(), from, to.num_bytes());
     }
   }
   return OkStatus();
@@ -340,6 +347,7 @@ void CheckpointFetchServer::Start() {
 }
 
 void CheckpointFetchServer::Shutdown() {
+  stopped_.store(true, std::memory_order_release);
   queue_.Close();
   if (thread_.joinable()) thread_.join();
   // Whatever is left is answered, never dropped.
@@ -347,8 +355,40 @@ void CheckpointFetchServer::Shutdown() {
 }
 
 void CheckpointFetchServer::Serve(Task task) {
+  if (task.request.header.kind ==
+          static_cast<uint8_t>(MessageKind::kShardHandover) &&
+      !stopped_.load(std::memory_order_acquire)) {
+    ServeHandover(task);
+    return;
+  }
   std::optional<Task> refused = queue_.Push(std::move(task));
   if (refused) AnswerShuttingDown({std::move(*refused)}, name_);
+}
+
+void CheckpointFetchServer::ServeHandover(Task& task) {
+  const transport::WireHeader& h = task.request.header;
+  const std::string shard =
+      h.expert < 0 ? ShardId::Dense(h.shard).ToString()
+                   : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
+  // Served to its own epoch only (Handovers matches it), also once this
+  // worker is at a newer one: a hold that came while the new home was
+  // still fetching must not fail the move.
+  auto handed = handovers_ ? handovers_(h.epoch, h.step, shard)
+                           : NotFoundError(name_ + " hands nothing over");
+  const storage::ShardSnapshot* s = handed.ok() ? handed->get() : nullptr;
+  if (s == nullptr || h.micro_batch < 0 ||
+      h.micro_batch >= static_cast<int32_t>(s->tensors.size()) ||
+      s->tensors[h.micro_batch].tensor.empty()) {
+    task.reply(transport::ErrorResponse(
+        h, handed.ok()
+               ? NotFoundError("handover of " + shard + " has no tensor " +
+                               std::to_string(h.micro_batch))
+               : handed.status()));
+    return;
+  }
+  const Tensor& t = s->tensors[h.micro_batch].tensor;
+  task.reply(
+      transport::TensorResponse(h, t.Reshape({1, t.num_elements()}).value()));
 }
 
 void CheckpointFetchServer::Loop() {
@@ -357,12 +397,7 @@ void CheckpointFetchServer::Loop() {
   while (std::optional<Task> task = queue_.Pop()) {
     const transport::WireHeader& h = task->request.header;
     const uint64_t epoch = current_epoch_();
-    const bool handover =
-        h.kind == static_cast<uint8_t>(MessageKind::kShardHandover);
-    // A handover is served to its own epoch only (Handovers matches it),
-    // also once this worker is at a newer one: a hold that came while the
-    // new home was still fetching must not fail the move.
-    if (h.epoch < epoch && !handover) {
+    if (h.epoch < epoch) {
       task->reply(transport::ErrorResponse(
           h, FailedPreconditionError(
                  "stale epoch " + std::to_string(h.epoch) + ": " + name_ +
@@ -373,25 +408,6 @@ void CheckpointFetchServer::Loop() {
     const std::string shard =
         h.expert < 0 ? ShardId::Dense(h.shard).ToString()
                      : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
-    if (handover) {
-      auto handed = handovers_ ? handovers_(h.epoch, h.step, shard)
-                               : NotFoundError(name_ + " hands nothing over");
-      const storage::ShardSnapshot* s = handed.ok() ? handed->get() : nullptr;
-      if (s == nullptr || h.micro_batch < 0 ||
-          h.micro_batch >= static_cast<int32_t>(s->tensors.size()) ||
-          s->tensors[h.micro_batch].tensor.empty()) {
-        task->reply(transport::ErrorResponse(
-            h, handed.ok()
-                   ? NotFoundError("handover of " + shard + " has no tensor " +
-                                   std::to_string(h.micro_batch))
-                   : handed.status()));
-        continue;
-      }
-      const Tensor& t = s->tensors[h.micro_batch].tensor;
-      task->reply(transport::TensorResponse(
-          h, t.Reshape({1, t.num_elements()}).value()));
-      continue;
-    }
     if (store_ == nullptr) {
       task->reply(transport::ErrorResponse(
           h, FailedPreconditionError(name_ + " keeps no checkpoints")));

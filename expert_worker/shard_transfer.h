@@ -15,6 +15,7 @@
 #ifndef SWITCHYARD_EXPERT_WORKER_SHARD_TRANSFER_H_
 #define SWITCHYARD_EXPERT_WORKER_SHARD_TRANSFER_H_
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -95,11 +96,12 @@ class ShardTransfer {
   MemoryCopies memory_;
 };
 
-// Serves peers' kCheckpointFetch requests from the store and their
-// kShardHandover requests from the shards handed over, one tensor per
+// Serves peers' kCheckpointFetch requests from the store, one tensor per
 // request, on a thread of its own: off the compute thread and off the
 // worker's locks (two workers restoring from each other must not wait on
-// each other). Every queued request is answered, at shutdown too.
+// each other); and their kShardHandover requests from the shards handed
+// over, at once on the calling thread (a lookup under the handover lock,
+// no disk). Every queued request is answered, at shutdown too.
 //
 // Thread-safety: Serve is thread-safe; Start and Shutdown are called once.
 class CheckpointFetchServer {
@@ -124,17 +126,22 @@ class CheckpointFetchServer {
 
   void Start();
   void Shutdown();
-  // Queues `task`, or answers it at once when shut down.
+  // Queues `task` (a checkpoint fetch: a disk read), or answers it at once:
+  // when shut down, and a handover (kShardHandover: memory only, so that
+  // a live move never waits behind checkpoint reads, e.g. the copies of a
+  // draining worker's checkpoints that its drain starts).
   void Serve(Task task);
 
  private:
   void Loop();
+  void ServeHandover(Task& task);
 
   const std::string name_;
   storage::CheckpointStore* const store_;
   const std::function<uint64_t()> current_epoch_;
   const Handovers handovers_;
   WorkQueue<Task> queue_;
+  std::atomic<bool> stopped_{false};
   std::thread thread_;
 };
 

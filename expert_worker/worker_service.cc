@@ -1,6 +1,7 @@
 #include "expert_worker/worker_service.h"
 
 #include <chrono>
+#include <cstring>
 #include <limits>
 #include <set>
 #include <utility>
@@ -133,6 +134,22 @@ void WorkerService::Shutdown() {
   AnswerShuttingDown(std::move(unanswered), name_);
 }
 
+namespace {
+
+// A shard handed over here that was made ahead (`ahead`, counted in
+// `premade`), else a new one from `make`.
+template <typename Key, typename Shard, typename Make>
+StatusOr<std::unique_ptr<Shard>> TakeOrMake(
+    std::map<Key, std::unique_ptr<Shard>>* ahead, const Key& key, bool handed,
+    int* premade, const Make& make) {
+  auto it = ahead->find(key);
+  if (!handed || it == ahead->end()) return make();
+  ++*premade;
+  return std::move(it->second);
+}
+
+}  // namespace
+
 Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   MutexLock applying(&apply_mu_);
   // What is hosted now; only this function (under apply_mu_) changes it.
@@ -146,10 +163,14 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
     if (routing.epoch() < gate_.epoch() ||
         (routing.epoch() == gate_.epoch() && gate_.open())) {
       // The same placement (a table re-sent when a worker's address is
-      // confirmed): only who this worker is in it may have changed.
+      // confirmed, or pausing for a move): only who this worker is in it
+      // may have changed.
       for (const auto& w : routing.workers()) {
         if (w.name() == name_) adopted_incarnation_ = w.incarnation();
       }
+      const bool current = routing.epoch() == gate_.epoch();
+      lock.Unlock();
+      if (current) Premake(routing);
       return OkStatus();
     }
     // A new epoch: nothing of the old one is served from now on, and the
@@ -218,20 +239,34 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   std::map<ShardId, std::unique_ptr<ExpertShard>> made;
   std::map<int, std::unique_ptr<DenseShard>> made_dense;
   std::vector<storage::ShardSnapshot> to_restore, to_take_over;
+  // Shards handed over come made ahead where the pause planned them here
+  // (Premake); what was made ahead and not moved here is dropped.
+  int premade = 0;
   for (int index : plan.make_dense) {
     const bool handed = plan.handover_dense.count(index) > 0;
     ASSIGN_OR_RETURN(made_dense[index],
-                     factory_->NewDense(index, !plan.restore && !handed));
+                     TakeOrMake(&premade_dense_, index, handed, &premade, [&] {
+                       return factory_->NewDense(index,
+                                                 !plan.restore && !handed);
+                     }));
     (handed ? to_take_over : to_restore)
         .push_back(
             SnapshotOf(*made_dense[index], *staging_pool_, /*deep=*/false));
   }
   for (const ShardId& id : plan.make_experts) {
     const bool handed = plan.handover_experts.count(id) > 0;
-    ASSIGN_OR_RETURN(made[id],
-                     factory_->NewExpert(id, !plan.restore && !handed));
+    ASSIGN_OR_RETURN(made[id], TakeOrMake(&premade_, id, handed, &premade, [&] {
+                       return factory_->NewExpert(id, !plan.restore && !handed);
+                     }));
     (handed ? to_take_over : to_restore)
         .push_back(SnapshotOf(*made[id], *staging_pool_, /*deep=*/false));
+  }
+  premade_.clear();
+  premade_dense_.clear();
+  if (premade > 0) {
+    MetricsRegistry::Global()
+        .GetCounter("switchyard_worker_shards_made_ahead_total")
+        ->Increment(premade);
   }
   // Until the shards are restored (or taken over) the worker's gate stays
   // closed, so requests of the new epoch are refused as not ready
@@ -246,17 +281,16 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
       RETURN_IF_ERROR(shard->params.RefreshBf16());
     }
   }
+  // The new shards' tensors (shallow: their shapes) for the staging
+  // warm-up below.
+  std::vector<storage::ShardSnapshot> staged;
   if (writer_ != nullptr && config_.checkpoint().every() > 0 &&
       config_.checkpoint().staging_resident()) {
-    // The staging buffers of the new shards, touched now (all held at
-    // once, so that none reuses another's) rather than in the first
-    // checkpoint's step.
-    std::vector<storage::ShardSnapshot> warm;
     for (auto& [index, shard] : made_dense) {
-      warm.push_back(SnapshotOf(*shard, *staging_pool_, /*deep=*/true));
+      staged.push_back(SnapshotOf(*shard, *staging_pool_, /*deep=*/false));
     }
     for (auto& [id, shard] : made) {
-      warm.push_back(SnapshotOf(*shard, *staging_pool_, /*deep=*/true));
+      staged.push_back(SnapshotOf(*shard, *staging_pool_, /*deep=*/false));
     }
   }
   MutexLock lock(&mu_);
@@ -276,7 +310,67 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   }
   lock.Unlock();
   if (on_news_) on_news_();
+  // The new shards' staging buffers, touched now (all held at once, so
+  // that none reuses another's) rather than in the first checkpoint's
+  // step; after the gate opens, so that faulting memory in (hundreds of
+  // MB/s on some VMs) is not part of the step that switches over. Only
+  // touched, never filled from the shards, which the step now changes.
+  std::vector<Tensor> warm;
+  for (const storage::ShardSnapshot& s : staged) {
+    for (const auto& t : s.tensors) {
+      if (t.tensor.empty()) continue;
+      StatusOr<Tensor> buffer =
+          staging_pool_->Take(t.tensor.dtype(), t.tensor.shape());
+      if (!buffer.ok()) break;  // A checkpoint will say so, clearly.
+      std::memset(buffer->data(), 0, buffer->num_bytes());
+      warm.push_back(std::move(buffer).value());
+    }
+  }
+  Premake(routing);  // A joiner's first table may already pause.
   return OkStatus();
+}
+
+void WorkerService::Premake(const control::RoutingTable& routing) {
+  if (!routing.pause() || routing.hold()) return;
+  std::set<std::string> hosted;
+  {
+    MutexLock lock(&mu_);
+    for (const auto& [id, shard] : shards_) hosted.insert(id.ToString());
+    for (const auto& [index, shard] : dense_) {
+      hosted.insert(ShardId::Dense(index).ToString());
+    }
+  }
+  int made = 0;
+  for (const auto& e : routing.entries()) {
+    if (e.moving_to() != name_) continue;
+    // The connection to the old home, opened now rather than by the
+    // handover's first fetch.
+    if (peers_ != nullptr && e.worker() >= 0 &&
+        e.worker() < routing.workers_size()) {
+      peers_->Connect(routing.workers(e.worker()).data_address());
+    }
+    const ShardId id = FromShardRef(e.shard());
+    if (hosted.count(id.ToString())) continue;
+    // Zero-filled, as a shard taken over is made (ApplyRouting).
+    if (id.is_expert() && !premade_.count(id)) {
+      StatusOr<std::unique_ptr<ExpertShard>> shard =
+          factory_->NewExpert(id, /*initialise=*/false);
+      if (!shard.ok()) return;  // The move itself will say why.
+      premade_[id] = std::move(shard).value();
+      ++made;
+    } else if (!id.is_expert() && !premade_dense_.count(id.shard)) {
+      StatusOr<std::unique_ptr<DenseShard>> shard =
+          factory_->NewDense(id.shard, /*initialise=*/false);
+      if (!shard.ok()) return;
+      premade_dense_[id.shard] = std::move(shard).value();
+      ++made;
+    }
+  }
+  if (made > 0) {
+    LOG(INFO) << name_ << ": made " << made
+              << " shards ahead of the move planned here (epoch "
+              << routing.epoch() << " pauses for it)";
+  }
 }
 
 void WorkerService::HandOver(const control::RoutingTable& routing,

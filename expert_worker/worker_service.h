@@ -211,6 +211,11 @@ class WorkerService {
   // continue) drops everything handed over.
   void HandOver(const control::RoutingTable& routing, const RoutingPlan& plan)
       EXCLUDES(mu_, handover_mu_);
+  // Makes, zero-filled, the shards a pause table plans to move here
+  // (RoutingEntry.moving_to) and keeps them for the epoch that moves them
+  // (TakePremade).
+  void Premake(const control::RoutingTable& routing) REQUIRES(apply_mu_)
+      EXCLUDES(mu_);
   // CheckpointFetchServer::Handovers.
   StatusOr<std::shared_ptr<const storage::ShardSnapshot>> HandedOver(
       uint64_t epoch, int64_t step, const std::string& shard) const
@@ -250,6 +255,12 @@ class WorkerService {
 
   // Held while a table is applied: one at a time.
   Mutex apply_mu_ ACQUIRED_BEFORE(mu_);
+  // Shards made ahead of a planned live move (Premake), taken by the epoch
+  // that moves them here; dropped at any other epoch.
+  std::map<ShardId, std::unique_ptr<ExpertShard>> premade_
+      GUARDED_BY(apply_mu_);
+  std::map<int, std::unique_ptr<DenseShard>> premade_dense_
+      GUARDED_BY(apply_mu_);
   mutable Mutex mu_;
   StepGate gate_ GUARDED_BY(mu_);
   // gate_'s epoch, readable without mu_ (the checkpoint fetch server's: it

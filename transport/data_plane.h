@@ -36,6 +36,15 @@ struct Message {
   Tensor payload;
   // The error text of an error response.
   std::string error_text;
+  // On a request only, never sent: where its response's payload may land.
+  // A data plane may receive a payload of this tensor's dtype and element
+  // count straight into its storage (the response's payload then shares
+  // it) rather than into a fresh buffer: a shard fetched into the shard
+  // itself, with no copy and no second buffer to fault in. A hint; the
+  // payload is a fresh buffer otherwise. The sender leaves the storage
+  // alone until the request completes, and throws it away if the request
+  // fails (a transfer under way may still write there).
+  Tensor receive_into;
 };
 
 // Sends the response to one request. Call exactly once, from any thread.
@@ -133,6 +142,13 @@ class DataPlane {
   virtual void Send(const std::string& peer, Message request,
                     std::chrono::milliseconds timeout,
                     ResponseCallback done) = 0;
+
+  // Opens the connection to `peer`, its handshake included, ahead of a
+  // first request that should not wait for it (a live move's new home
+  // connects to the old home while the trainers finish their step).
+  // Nothing happens where one is up or opening; a failure shows at the
+  // next request. Thread-safe; never blocks.
+  virtual void Connect(const std::string& peer) { (void)peer; }
 
   // How requests to `peer` travel, once a connection to it is up: the
   // transport each kind of traffic uses, e.g. "am=posix/memory

@@ -128,6 +128,9 @@ TEST_F(LiveMoveTest, AJoinPausesAtAStepBoundaryThenMovesShardsLive) {
   EXPECT_EQ(state_.epoch(), epoch);
   EXPECT_TRUE(state_.Routing().pause());
   EXPECT_EQ(state_.Routing().pause_step(), 0);
+  // The pause table names the planned new homes, so that they make the
+  // shards' memory ready while the trainers finish their step.
+  const control::RoutingTable pausing = state_.Routing();
   EXPECT_NE(state_.Report(t0_).pending_move().find("worker-3 joined"),
             std::string::npos);
   EXPECT_EQ(Shards("worker-3"), 0);
@@ -143,6 +146,10 @@ TEST_F(LiveMoveTest, AJoinPausesAtAStepBoundaryThenMovesShardsLive) {
   EXPECT_EQ(state_.epoch(), epoch + 1);
   EXPECT_TRUE(state_.Routing().hold());
   EXPECT_FALSE(state_.Routing().pause());
+  const control::RoutingTable holding = state_.Routing();
+  for (const auto& e : holding.entries()) {
+    EXPECT_EQ(e.moving_to(), "");  // Only while pausing.
+  }
   Held(52);
   const control::RoutingTable after = state_.Routing();
   EXPECT_EQ(after.epoch(), epoch + 2);
@@ -155,10 +162,12 @@ TEST_F(LiveMoveTest, AJoinPausesAtAStepBoundaryThenMovesShardsLive) {
     const std::string old = before.workers(before.entries(i).worker()).name();
     if (home == old) {
       EXPECT_EQ(e.moved_from(), "") << i;
+      EXPECT_EQ(pausing.entries(i).moving_to(), "") << i;
     } else {
-      // Only onto the newcomer, from where the shard was.
+      // Only onto the newcomer, from where the shard was, as planned.
       EXPECT_EQ(home, "worker-3") << i;
       EXPECT_EQ(e.moved_from(), old) << i;
+      EXPECT_EQ(pausing.entries(i).moving_to(), "worker-3") << i;
       ++moved;
     }
   }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/metrics.h"
 #include "common/shard_ref.h"
 #include "expert_worker/worker_service.h"
 #include "tests/expert_worker/worker_test_util.h"
@@ -179,6 +180,45 @@ TEST_F(WorkerHandoverTest, AMovedShardIsHandedOverLiveAndTrainsOnBitForBit) {
   DigestsByShard got = w.ShardDigests();
   for (const auto& [shard, digest] : v.ShardDigests()) got[shard] = digest;
   EXPECT_EQ(got, expected[kEnd]);
+}
+
+// A pause table that plans expert 1's shards onto v (RoutingEntry.
+// moving_to) has v make them while the trainers finish their step; the
+// move then fills those very shards, bit for bit, and v keeps nothing made
+// ahead that did not move.
+TEST_F(WorkerHandoverTest, ShardsPlannedHereAreMadeDuringThePause) {
+  constexpr int kMoveAt = 2;
+  config::SwitchyardConfig config = TestConfig("adamw");
+  const std::vector<DigestsByShard> expected = DigestsByStep(config, kMoveAt);
+  ASSERT_NO_FATAL_FAILURE(StartPair(config));
+  TrainSteps(w_.get(), 0, kMoveAt);
+  Counter* made_ahead = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_shards_made_ahead_total");
+  const uint64_t before = made_ahead->value();
+
+  control::RoutingTable pause = Routing(kEpoch);
+  pause.mutable_workers(0)->set_data_address(w_plane_->address());
+  pause.add_workers()->set_name("v");
+  pause.set_pause(true);
+  for (auto& e : *pause.mutable_entries()) {
+    if (e.shard().kind() == control::EXPERT && e.shard().expert() == 1) {
+      e.set_moving_to("v");
+    }
+  }
+  ASSERT_TRUE(w_->ApplyRouting(pause).ok());  // The same epoch: no change.
+  ASSERT_TRUE(v_->ApplyRouting(pause).ok());
+  EXPECT_TRUE(v_->hosted().empty());  // Made, not hosted: nothing served.
+
+  const control::RoutingTable move =
+      MoveExpertOne(w_plane_->address(), v_plane_->address(), kMoveAt);
+  ASSERT_TRUE(w_->ApplyRouting(move).ok());
+  ASSERT_TRUE(v_->ApplyRouting(move).ok());
+  EXPECT_EQ(made_ahead->value() - before, 2u);
+  EXPECT_EQ(v_->hosted(), (std::vector<ShardId>{ShardId::Expert(0, 1, 0),
+                                                ShardId::Expert(0, 1, 1)}));
+  for (const auto& [shard, digest] : v_->ShardDigests()) {
+    EXPECT_EQ(digest, expected[kMoveAt].at(shard)) << shard;
+  }
 }
 
 // A table that moves a shard here from a worker that does not hand it over

@@ -1,6 +1,6 @@
-// PendingRequests without UCX: ids, completion exactly once, expiry in
-// deadline order, failing a channel's or every request, and a callback
-// that changes the table while it runs.
+// PendingRequests without UCX: ids, completion exactly once, a tensor to
+// receive into handed over once, expiry in deadline order, failing a channel's
+// or every request, and a callback that changes the table while it runs.
 #include "transport/ucx/pending_requests.h"
 
 #include <gtest/gtest.h>
@@ -69,6 +69,26 @@ TEST(PendingRequestsTest, CompleteRunsTheCallbackOnceWithTheResult) {
   EXPECT_FALSE(table.Complete(id, Response(43)));
   EXPECT_FALSE(table.Complete(id, NotFoundError("again")));
   EXPECT_EQ(out.ran.size(), 1u);
+}
+
+TEST(PendingRequestsTest, ATensorToReceiveIntoIsHandedOverOnce) {
+  PendingRequests table;
+  Outcomes out;
+  const Tensor into = Tensor::Zeros(DType::kF32, {8}).value();
+  const uint64_t id =
+      table.Add(out.For("a"), kT0 + Ms(100), &kChannelA, "p:1", into);
+  const uint64_t plain =
+      table.Add(out.For("b"), kT0 + Ms(100), &kChannelA, "p:1");
+  EXPECT_TRUE(table.TakeReceiveInto(plain).empty());
+  const Tensor got = table.TakeReceiveInto(id);
+  EXPECT_EQ(got.data(), into.data());
+  EXPECT_TRUE(table.TakeReceiveInto(id).empty());  // Once.
+  // A slot reused by a later request does not keep an earlier tensor.
+  EXPECT_TRUE(table.Complete(id, Response(1)));
+  EXPECT_TRUE(table.TakeReceiveInto(id).empty());
+  const uint64_t next =
+      table.Add(out.For("c"), kT0 + Ms(100), &kChannelA, "p:1");
+  EXPECT_TRUE(table.TakeReceiveInto(next).empty());
 }
 
 TEST(PendingRequestsTest, UnknownIdsFindNothing) {

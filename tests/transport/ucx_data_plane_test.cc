@@ -1,8 +1,9 @@
 // What only the UCX data plane does, in one process: a waiting sender
-// drives the network, a send before Start fails at once, every connection
-// authenticates (a raw UCX peer without the secret gets nothing and is
-// dropped; planes with different secrets cannot talk; only the connection a
-// request went out on may answer it), malformed headers from an
+// drives the network, a response lands in the tensor its request named
+// (Message::receive_into) when it fits, a send before Start fails at once,
+// every connection authenticates (a raw UCX peer without the secret gets
+// nothing and is dropped; planes with different secrets cannot talk; only the
+// connection a request went out on may answer it), malformed headers from an
 // authenticated raw UCX peer are refused with their reason, and a server
 // holds no more than its byte budget.
 #include <arpa/inet.h>
@@ -61,6 +62,51 @@ TEST_F(UcxDataPlaneTest, AWaitingSenderDrivesItsOwnAnswers) {
                                      [&] { return answered; }));
     EXPECT_EQ(ran_on, std::this_thread::get_id()) << rows;
   }
+}
+
+TEST_F(UcxDataPlaneTest, AResponseLandsInTheTensorTheSenderNamed) {
+  // Eager and rendezvous answers alike go straight into receive_into when
+  // they fit it; one that does not fit comes in a fresh buffer and leaves
+  // the named tensor as it was.
+  for (int64_t rows : {1, 64}) {
+    Tensor into = Tensor::Zeros(DType::kF32, {rows * 1024}).value();
+    Message fits = EchoRequest(rows, 1024, 7);
+    fits.receive_into = into;
+    auto r = client_->SendSync(server_->address(), std::move(fits), Ms(10000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->payload.data(), into.data()) << rows;
+    const Message sent = EchoRequest(rows, 1024, 7);
+    EXPECT_EQ(std::memcmp(into.data(), sent.payload.data(), into.num_bytes()),
+              0)
+        << rows;
+
+    Tensor small = Tensor::Zeros(DType::kF32, {rows * 1024 - 1}).value();
+    Message too_big = EchoRequest(rows, 1024, 9);
+    too_big.receive_into = small;
+    r = client_->SendSync(server_->address(), std::move(too_big), Ms(10000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_NE(r->payload.data(), small.data()) << rows;
+    EXPECT_EQ(r->payload.num_elements(), rows * 1024);
+    const auto* values = static_cast<const float*>(small.data());
+    EXPECT_TRUE(std::all_of(values, values + small.num_elements(), [](float v) {
+      return v == 0.0f;
+    })) << rows;
+  }
+}
+
+TEST_F(UcxDataPlaneTest, ConnectOpensTheConnectionAheadOfARequest) {
+  EXPECT_EQ(client_->ConnectionInfo(server_->address()), "");
+  client_->Connect(server_->address());
+  const auto deadline = Clock::now() + Ms(10000);
+  while (client_->ConnectionInfo(server_->address()).empty() &&
+         Clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(5));
+  }
+  EXPECT_NE(client_->ConnectionInfo(server_->address()), "");
+  client_->Connect(server_->address());  // Up already: nothing happens.
+  auto r =
+      client_->SendSync(server_->address(), EchoRequest(1, 16, 3), Ms(10000));
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
 }
 
 TEST_F(UcxDataPlaneTest, SendBeforeStartFailsAtOnce) {

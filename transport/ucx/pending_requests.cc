@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <utility>
 
 namespace switchyard::transport {
 namespace {
@@ -11,7 +12,8 @@ constexpr uint64_t kSlotMask = 0xffffffffu;
 }  // namespace
 
 uint64_t PendingRequests::Add(ResponseCallback done, Clock::time_point deadline,
-                              const void* channel, const std::string& peer) {
+                              const void* channel, const std::string& peer,
+                              Tensor receive_into) {
   if (free_slots_.empty()) {
     free_slots_.push_back(static_cast<uint32_t>(slots_.size()));
     slots_.emplace_back();
@@ -24,6 +26,7 @@ uint64_t PendingRequests::Add(ResponseCallback done, Clock::time_point deadline,
   s.done = std::move(done);
   s.channel = channel;
   s.peer = peer;  // Assigned: the slot's string keeps its capacity.
+  s.receive_into = std::move(receive_into);
   if (deadlines_.size() >= 2 * size() + 64) DropStaleDeadlines();
   deadlines_.emplace_back(deadline, id);
   std::push_heap(deadlines_.begin(), deadlines_.end(), std::greater<>());
@@ -48,6 +51,11 @@ const void* PendingRequests::ChannelOf(uint64_t id) const {
   return slot == nullptr ? nullptr : slot->channel;
 }
 
+Tensor PendingRequests::TakeReceiveInto(uint64_t id) {
+  if (FindSlot(id) == nullptr) return Tensor();
+  return std::exchange(slots_[id & kSlotMask].receive_into, Tensor());
+}
+
 bool PendingRequests::Complete(uint64_t id, StatusOr<Message> result) {
   if (FindSlot(id) == nullptr) return false;
   Slot& s = slots_[id & kSlotMask];
@@ -55,6 +63,7 @@ bool PendingRequests::Complete(uint64_t id, StatusOr<Message> result) {
   s.id = 0;
   s.done = nullptr;
   s.channel = nullptr;
+  s.receive_into = Tensor();
   free_slots_.push_back(static_cast<uint32_t>(id & kSlotMask));
   done(std::move(result));
   return true;

@@ -40,8 +40,10 @@ class PendingRequests {
 
   // Registers a request to `peer`, sent over `channel` (an opaque key, the
   // connection: see IdsOn), that `done` completes; returns its id (not 0).
+  // `receive_into` is the request's Message::receive_into (TakeReceiveInto).
   uint64_t Add(ResponseCallback done, Clock::time_point deadline,
-               const void* channel, const std::string& peer);
+               const void* channel, const std::string& peer,
+               Tensor receive_into = Tensor());
 
   // Requests pending.
   size_t size() const { return slots_.size() - free_slots_.size(); }
@@ -51,6 +53,9 @@ class PendingRequests {
   // The channel pending request `id` went out on; null when it is not
   // pending.
   const void* ChannelOf(uint64_t id) const;
+  // Pending request `id`'s receive_into, handed over once (empty after,
+  // and when it had none or is not pending).
+  Tensor TakeReceiveInto(uint64_t id);
 
   // Completes pending request `id` with `result`: takes it out of the
   // table, then runs its callback. False (and nothing runs) when `id` is not
@@ -83,6 +88,7 @@ class PendingRequests {
     ResponseCallback done;
     const void* channel = nullptr;
     std::string peer;
+    Tensor receive_into;
   };
   using Deadline = std::pair<Clock::time_point, uint64_t>;
 

@@ -52,6 +52,11 @@ class UcxDataPlane : public DataPlane {
   bool SendAndWait(std::vector<SendRequest> requests, Mutex* mu, CondVar* cv,
                    Clock::time_point deadline,
                    const std::function<bool()>& done) override REQUIRES(mu);
+  void Connect(const std::string& peer) override {
+    driver_.Post([this, peer] {
+      if (!driver_.stopping()) (void)endpoints_.Connect(peer);
+    });
+  }
   std::string ConnectionInfo(const std::string& peer) const override {
     return endpoints_.ConnectionInfo(peer);
   }
@@ -263,7 +268,9 @@ void UcxDataPlane::StartRequest(const std::string& peer, Message request,
     done(UnavailableError(ep.status().message()));
     return;
   }
-  const uint64_t id = pending_.Add(std::move(done), deadline, *ep, peer);
+  const uint64_t id = pending_.Add(std::move(done), deadline, *ep, peer,
+                                   std::move(request.receive_into));
+  request.receive_into = Tensor();
   request.header.request_id = id;
   request.header.status_code = 0;
   switch (endpoints_.state(*ep)) {
@@ -482,7 +489,13 @@ ucs_status_t UcxDataPlane::OnResponse(const IncomingAm& in) {
   Message response;
   response.header = h;
   if (h.dtype != kNoDType) {
-    auto t = codec_.TakePayload(h);
+    // Into the sender's own tensor where it named one that fits.
+    const Tensor into = pending_.TakeReceiveInto(h.request_id);
+    StatusOr<Tensor> t =
+        !into.empty() && static_cast<uint8_t>(into.dtype()) == h.dtype &&
+                into.num_elements() == h.rows * h.cols
+            ? into.Reshape({h.rows, h.cols})
+            : codec_.TakePayload(h);
     if (!t.ok()) {
       pending_.Complete(h.request_id, t.status());
       return UCS_OK;
