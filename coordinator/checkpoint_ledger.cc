@@ -114,15 +114,15 @@ void CheckpointLedger::AddReplicas(const control::CheckpointReport& report) {
 }
 
 bool CheckpointLedger::OnlyCopiesOn(const std::string& name) const {
-  const control::CommittedCheckpoint* c = Find(latest_committed_step());
-  if (c == nullptr) return false;
-  for (int i = 0; i < c->holder_size(); ++i) {
-    if (c->holder(i) != name) continue;
-    if (i >= c->replicas_size()) return true;
-    std::stringstream names(c->replicas(i));
-    bool elsewhere = false;
-    for (std::string n; std::getline(names, n, ',');) elsewhere |= n != name;
-    if (!elsewhere) return true;
+  for (const control::CommittedCheckpoint& c : committed_) {
+    for (int i = 0; i < c.holder_size(); ++i) {
+      if (c.holder(i) != name) continue;
+      if (i >= c.replicas_size()) return true;
+      std::stringstream names(c.replicas(i));
+      bool elsewhere = false;
+      for (std::string n; std::getline(names, n, ',');) elsewhere |= n != name;
+      if (!elsewhere) return true;
+    }
   }
   return false;
 }

@@ -83,8 +83,9 @@ class CheckpointLedger {
   // The cluster continues, without rolling back, from `step` (the step
   // its workers reached: ClusterState's hold): reports pending stay.
   void ContinueAt(int64_t step) { resume_step_ = step; }
-  // Whether some shard of the newest committed checkpoint is held only by
-  // `name` (no replica elsewhere): a rollback would need its store.
+  // Whether some shard of a committed checkpoint (any kept: a rollback
+  // goes to the newest, `--from-step` and `ckpt export` to any) is held
+  // only by `name`, with no replica elsewhere.
   bool OnlyCopiesOn(const std::string& name) const;
 
   // Committed checkpoints, oldest first.

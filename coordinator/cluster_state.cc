@@ -181,8 +181,9 @@ bool ClusterState::TrainersUnknown(Clock::time_point now) const {
   return false;
 }
 
-void ClusterState::BumpEpoch(const std::string& why) {
-  const bool was_pausing = pausing_;
+bool ClusterState::BumpEpoch(const std::string& why, bool place_moves) {
+  // A move planned, pausing or held for: made with this rollback.
+  const bool moves_due = pausing_ || (holding_ && hold_moves_);
   ++epoch_;
   epoch_cause_ = why;
   ++version_;
@@ -197,7 +198,7 @@ void ClusterState::BumpEpoch(const std::string& why) {
   moves_done_epoch_ = move_epoch_;
   if (!placed_) {
     LOG(INFO) << "coordinator: epoch " << epoch_ << ": " << why;
-    return;
+    return false;
   }
   // Every new epoch of a placed cluster names the step all its members
   // continue from: the newest committed checkpoint (DESIGN.md, "Failures
@@ -210,8 +211,10 @@ void ClusterState::BumpEpoch(const std::string& why) {
                << (ledger_.resume_step() > 0
                        ? " (the newest committed checkpoint)"
                        : " (nothing committed yet)");
-  // The moves the pause was for are made with the rollback.
-  if (was_pausing) PlaceWithRollback();
+  // The moves the pause (or the hold it became) was for are made with the
+  // rollback.
+  if (moves_due && place_moves) PlaceWithRollback();
+  return moves_due;
 }
 
 void ClusterState::PlaceWithRollback() {
@@ -293,6 +296,7 @@ void ClusterState::Hold(const std::string& why) {
   ++version_;
   ++routing_version_;
   holding_ = true;
+  hold_moves_ = pausing_;
   hold_cause_ = why;
   epoch_cause_ = why;
   hold_began_unix_ms_ = UnixMsNow();
@@ -591,39 +595,40 @@ void ClusterState::CopyCommittedOffDrains() {
     draining |= IsLive(m) && m.record.draining();
   }
   if (!draining) return;  // Every tick: nothing to look at, usually.
-  const control::CommittedCheckpoint* c =
-      ledger_.Find(ledger_.latest_committed_step());
-  if (c == nullptr || c->holder_size() != static_cast<int>(shards_.size())) {
-    return;
-  }
-  // By (holder, new home): the shards to copy.
-  std::map<std::pair<std::string, std::string>, std::vector<size_t>> copies;
-  for (size_t i = 0; i < shards_.size(); ++i) {
-    const int index = static_cast<int>(i);
-    const std::string& holder = c->holder(index);
-    auto it = members_.find(holder);
-    const bool replicated =
-        index < c->replicas_size() && !c->replicas(index).empty();
-    if (it == members_.end() || !IsLive(it->second) ||
-        !it->second.record.draining() || shard_unplaced_[i] ||
-        shard_home_[i] == holder || replicated ||
-        !copied_off_.insert({c->step(), i}).second) {
-      continue;
+  // Every kept committed checkpoint: the newest for a rollback, the older
+  // ones for `--from-step` and `ckpt export`. Newest first.
+  const auto& committed = ledger_.committed();
+  for (auto c = committed.rbegin(); c != committed.rend(); ++c) {
+    if (c->holder_size() != static_cast<int>(shards_.size())) continue;
+    // By (holder, new home): the shards to copy.
+    std::map<std::pair<std::string, std::string>, std::vector<size_t>> copies;
+    for (size_t i = 0; i < shards_.size(); ++i) {
+      const int index = static_cast<int>(i);
+      const std::string& holder = c->holder(index);
+      auto it = members_.find(holder);
+      const bool replicated =
+          index < c->replicas_size() && !c->replicas(index).empty();
+      if (it == members_.end() || !IsLive(it->second) ||
+          !it->second.record.draining() || shard_unplaced_[i] ||
+          shard_home_[i] == holder || replicated ||
+          !copied_off_.insert({c->step(), i}).second) {
+        continue;
+      }
+      copies[{holder, shard_home_[i]}].push_back(i);
     }
-    copies[{holder, shard_home_[i]}].push_back(i);
-  }
-  for (const auto& [from_to, shards] : copies) {
-    const auto& [from, to] = from_to;
-    control::ReplicationTask task;
-    task.set_step(c->step());
-    task.set_source(from);
-    task.set_source_address(
-        members_.at(from).record.registration().data_address());
-    for (size_t i : shards) *task.add_shards() = ToShardRef(shards_[i].id);
-    tasks_[to].push_back(task);
-    LOG(INFO) << "coordinator: " << to << " copies " << shards.size()
-              << " shards of committed checkpoint " << c->step() << " from "
-              << from << ", which is draining";
+    for (const auto& [from_to, shards] : copies) {
+      const auto& [from, to] = from_to;
+      control::ReplicationTask task;
+      task.set_step(c->step());
+      task.set_source(from);
+      task.set_source_address(
+          members_.at(from).record.registration().data_address());
+      for (size_t i : shards) *task.add_shards() = ToShardRef(shards_[i].id);
+      tasks_[to].push_back(task);
+      LOG(INFO) << "coordinator: " << to << " copies " << shards.size()
+                << " shards of committed checkpoint " << c->step() << " from "
+                << from << ", which is draining";
+    }
   }
 }
 
@@ -732,6 +737,7 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   }
   const auto lease = std::chrono::milliseconds(config_.cluster().lease_ms());
   bool confirmed = false;
+  bool place_moves = false;  // A rollback below left moves to make.
   if (it != members_.end() && IsLive(it->second) &&
       request.previous_incarnation() != 0 &&
       request.previous_incarnation() == it->second.record.incarnation()) {
@@ -748,7 +754,9 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
                             std::to_string(it->second.record.incarnation()) +
                             " fenced";
     if (request.kind() == control::WORKER) {
-      BumpEpoch(why);
+      // Moves due are placed once the new incarnation counts (below), so
+      // that the worker keeps its shards rather than lose them and join.
+      place_moves = BumpEpoch(why, /*place_moves=*/false);
     } else if (placed_) {
       Hold(why);
     }
@@ -766,6 +774,7 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   m.lease_deadline = now + lease;
   m.last_heartbeat = now;
   ++version_;
+  if (place_moves) PlaceWithRollback();
   // Members act on a shard holder's address (and incarnation) only: a
   // trainer's or a spare's registration sends no table to anyone (2,048
   // registrations would otherwise send 2 million).

@@ -179,9 +179,10 @@ class ClusterState {
   // Stops every drain (the others cannot hold the shards: `why`); true
   // when there was one.
   bool CallOffDrains(const std::string& why);
-  // Queues copies of the newest committed checkpoint's shards whose only
+  // Queues copies of the kept committed checkpoints' shards whose only
   // copy is on a draining worker onto their new homes (replication tasks),
-  // so that a rollback never needs a drained worker's store.
+  // so that neither a rollback nor a resume from an older kept checkpoint
+  // needs a drained worker's store.
   void CopyCommittedOffDrains();
   // After a restart: some live trainer has not heartbeated yet (within
   // two leases), so where the trainers are is not known.
@@ -194,8 +195,11 @@ class ClusterState {
   // A worker's process is gone (`now`): counted towards a crash loop.
   void RecordDeath(Member* member, Clock::time_point now);
   // A new epoch. Once placed (after the first placement) it is a rollback:
-  // the ledger's resume step becomes the newest committed checkpoint.
-  void BumpEpoch(const std::string& why);
+  // the ledger's resume step becomes the newest committed checkpoint, and
+  // moves a pause or its hold was for are made with it (PlaceWithRollback;
+  // by the caller when `place_moves` is false). Returns whether there
+  // were such moves.
+  bool BumpEpoch(const std::string& why, bool place_moves = true);
   // A trainer died or a new trainer incarnation came (once placed): a new
   // epoch that holds the cluster (RoutingTable.hold) until every worker
   // holding shards has reported the step it stopped at; then EndHold.
@@ -248,6 +252,8 @@ class ClusterState {
   bool continues_ = false;
   // A planned move waiting for the trainers to reach a step boundary.
   bool pausing_ = false;
+  // The hold is the one a pause became (its end makes the moves).
+  bool hold_moves_ = false;
   int64_t pause_step_ = 0;  // RoutingTable.pause_step.
   std::string pause_cause_;
   Clock::time_point pause_began_;

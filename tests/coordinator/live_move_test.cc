@@ -327,6 +327,28 @@ TEST_F(LiveMoveTest, WithNoTrainerTrainingTheClusterHoldsAtOnce) {
   EXPECT_GT(Shards("worker-3"), 0);
 }
 
+// A rollback that comes during a move's hold (a worker re-registers, as a
+// restarted cluster's do) makes the move: the joiner gets its shards with
+// it rather than a lease later.
+TEST_F(LiveMoveTest, ARollbackDuringAMovesHoldMakesTheMove) {
+  for (int i = 0; i < 3; ++i) Register("worker-" + std::to_string(i), true);
+  const uint64_t epoch = state_.epoch();
+  Register("worker-3", true);
+  ASSERT_TRUE(state_.Routing().hold());
+  const int held_by_1 = Shards("worker-1");
+  Register("worker-1", true);  // A new incarnation: a rollback.
+  const control::RoutingTable table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 2);
+  EXPECT_FALSE(table.hold());
+  EXPECT_FALSE(table.continues());
+  EXPECT_GT(Shards("worker-3"), 0);
+  // Placed with the new incarnation counted: only onto the joiner, and the
+  // restarted worker is no joiner to move shards back to.
+  EXPECT_LE(Shards("worker-1"), held_by_1);
+  EXPECT_GT(Shards("worker-1"), 0);
+  EXPECT_EQ(state_.Report(t0_).pending_move(), "");
+}
+
 // A move's hold that cannot continue (a worker was not serving) ends in a
 // rollback, and the moves are made with it: the joiner gets its shards,
 // restored from the newest committed checkpoint.
@@ -352,16 +374,17 @@ TEST_F(LiveMoveTest, AMoveWhoseHoldCannotContinueIsMadeWithTheRollback) {
   for (const auto& e : table.entries()) EXPECT_EQ(e.moved_from(), "");
 }
 
-// A drained worker may leave only once no rollback would need its store:
-// the newest committed checkpoint's shards it held are copied onto their
+// A drained worker may leave only once nothing kept needs its store: the
+// shards it held of every kept committed checkpoint (the newest for a
+// rollback, the older for --from-step and exports) are copied onto their
 // new homes (replication tasks in their heartbeat acks) first.
 TEST_F(LiveMoveTest, ADrainedWorkerWaitsUntilItsCommittedCopiesAreElsewhere) {
   StartTraining();
-  // Checkpoint 50 committed, worker-1 the only holder of every shard.
+  // Checkpoints 40 and 50 committed (keep_last 2), worker-1 the only holder
+  // of every shard.
   control::CheckpointReport commit;
   commit.set_name("worker-1");
   commit.set_incarnation(incarnation_["worker-1"]);
-  commit.set_step(50);
   const control::RoutingTable placed = state_.Routing();
   for (int i = 0; i < placed.entries_size(); ++i) {
     auto* s = commit.add_shards();
@@ -369,8 +392,11 @@ TEST_F(LiveMoveTest, ADrainedWorkerWaitsUntilItsCommittedCopiesAreElsewhere) {
     s->set_digest("d" + std::to_string(i));
     s->set_bytes(10);
   }
-  ASSERT_TRUE(state_.ReportCheckpoint(commit).ok());
-  ASSERT_EQ(state_.Report(t0_).checkpoints_size(), 1);
+  for (int64_t step : {40, 50}) {
+    commit.set_step(step);
+    ASSERT_TRUE(state_.ReportCheckpoint(commit).ok());
+  }
+  ASSERT_EQ(state_.Report(t0_).checkpoints_size(), 2);
   control::DrainRequest drain;
   drain.set_worker("worker-1");
   ASSERT_TRUE(state_.Drain(drain, t0_).ok());
@@ -380,19 +406,27 @@ TEST_F(LiveMoveTest, ADrainedWorkerWaitsUntilItsCommittedCopiesAreElsewhere) {
   ASSERT_TRUE(state_.Routing().continues());
   EXPECT_FALSE(Open("worker-1").drained());
   state_.Tick(t0_ + milliseconds(150));
-  // The new homes are told to copy checkpoint 50's shards from worker-1;
-  // each reports its copies as replicas.
-  int tasks = 0;
+  // The new homes are told to copy both checkpoints' shards from
+  // worker-1; each reports its copies as replicas, checkpoint 50's first.
+  std::map<int64_t,
+           std::vector<std::pair<std::string, control::ReplicationTask>>>
+      tasks;
   for (const char* home : {"worker-0", "worker-2"}) {
     auto ack = Beat(BeatOf(home));
     ASSERT_TRUE(ack.ok());
     for (const auto& task : ack->replicate()) {
       EXPECT_EQ(task.source(), "worker-1");
-      EXPECT_EQ(task.step(), 50);
+      tasks[task.step()].push_back({home, task});
+    }
+  }
+  ASSERT_EQ(tasks.size(), 2u);
+  for (int64_t step : {50, 40}) {
+    EXPECT_FALSE(Open("worker-1").drained()) << step;
+    for (const auto& [home, task] : tasks[step]) {
       control::CheckpointReport copy;
       copy.set_name(home);
       copy.set_incarnation(incarnation_[home]);
-      copy.set_step(50);
+      copy.set_step(step);
       copy.set_replica(true);
       for (const auto& ref : task.shards()) {
         for (const auto& s : commit.shards()) {
@@ -402,10 +436,8 @@ TEST_F(LiveMoveTest, ADrainedWorkerWaitsUntilItsCommittedCopiesAreElsewhere) {
         }
       }
       ASSERT_TRUE(state_.ReportCheckpoint(copy).ok());
-      ++tasks;
     }
   }
-  EXPECT_GT(tasks, 0);
   EXPECT_TRUE(Open("worker-1").drained());
 }
 
