@@ -97,6 +97,7 @@ StatusOr<ClusterState> ClusterState::Restore(
   state.recoveries_total_ = snapshot.recoveries_total();
   state.holding_ = snapshot.holding();
   state.hold_cause_ = snapshot.hold_cause();
+  state.hold_moves_ = snapshot.hold_moves();
   state.continues_ = snapshot.continues();
   if (state.continues_) state.ledger_.ContinueAt(snapshot.continue_step());
   for (int i = 0; i < snapshot.moved_from_size() &&
@@ -122,6 +123,12 @@ StatusOr<ClusterState> ClusterState::Restore(
     }
     m.lease_deadline = now + grace;
     m.last_heartbeat = now;
+    // Deaths as long ago as the wall clock says.
+    const int64_t unix_now = UnixMsNow();
+    for (int64_t died : record.death_unix_ms()) {
+      m.deaths.push_back(now - std::chrono::milliseconds(
+                                   std::max<int64_t>(0, unix_now - died)));
+    }
     state.members_.emplace(record.registration().name(), std::move(m));
   }
   ++state.version_;
@@ -148,6 +155,7 @@ control::CoordinatorSnapshot ClusterState::Snapshot() const {
   s.set_recoveries_total(recoveries_total_);
   s.set_holding(holding_);
   s.set_hold_cause(hold_cause_);
+  s.set_hold_moves(holding_ && hold_moves_);
   s.set_continues(continues_);
   s.set_continue_step(continues_ ? ledger_.resume_step() : 0);
   for (const std::string& m : moved_from_) s.add_moved_from(m);
@@ -651,12 +659,23 @@ void ClusterState::RecordDeath(Member* member, Clock::time_point now) {
   if (member->record.registration().kind() != control::WORKER) return;
   const auto window =
       std::chrono::milliseconds(config_.cluster().crash_loop_window_ms());
+  // In the record too, in wall-clock time, newest last in both (the
+  // snapshot keeps the record; Restore builds `deaths` from it).
   auto& deaths = member->deaths;
+  auto* unix_ms = member->record.mutable_death_unix_ms();
   deaths.push_back(now);
-  deaths.erase(
-      std::remove_if(deaths.begin(), deaths.end(),
-                     [&](Clock::time_point t) { return now - t > window; }),
-      deaths.end());
+  unix_ms->Add(UnixMsNow());
+  const int offset = unix_ms->size() - static_cast<int>(deaths.size());
+  std::vector<Clock::time_point> kept;
+  google::protobuf::RepeatedField<int64_t> kept_ms;
+  for (size_t i = 0; i < deaths.size(); ++i) {
+    if (now - deaths[i] > window) continue;
+    kept.push_back(deaths[i]);
+    const int at = static_cast<int>(i) + offset;
+    if (at >= 0 && at < unix_ms->size()) kept_ms.Add(unix_ms->Get(at));
+  }
+  deaths = std::move(kept);
+  *unix_ms = std::move(kept_ms);
 }
 
 void ClusterState::Fence(Member* member, MemberState state,

@@ -499,6 +499,17 @@ TEST(ClusterStateCrashLoopTest, ACrashLoopingWorkerGetsNoShardsUntilItStaysUp) {
   EXPECT_EQ(Member(report, "worker-2").shards(), 0);
   EXPECT_GT(Member(report, "worker-2").probation_ms_left(), 0);
   EXPECT_EQ(report.placed_shards(), report.total_shards());
+  {
+    // A coordinator restarted now still knows the crash loop: the next
+    // process under the name is on probation there too.
+    auto restored = ClusterState::Restore(loaded->config, state.Snapshot(), t0);
+    ASSERT_TRUE(restored.ok()) << restored.status().ToString();
+    ASSERT_TRUE(
+        restored->Register(Worker("worker-2"), t0 + milliseconds(30)).ok());
+    const auto again = restored->Report(t0 + milliseconds(30));
+    EXPECT_EQ(Member(again, "worker-2").shards(), 0);
+    EXPECT_GT(Member(again, "worker-2").probation_ms_left(), 0);
+  }
   // It dies again holding nothing: no shard moves, the epoch stands.
   const uint64_t epoch = state.epoch();
   const auto later = t0 + milliseconds(900);
