@@ -92,11 +92,11 @@ int Serve(const std::string& file, const std::string& tls) {
   auto server = NewUcxDataPlane(options).value();
   // step 2: a fetch (as a shard handover is): answered from another
   // thread with header.expert x 1024 floats (bytes 0x07) of a tensor made
-  // once.
-  Mutex mu;
-  CondVar cv;
-  std::deque<std::pair<WireHeader, Reply>> fetches;
-  std::thread fetcher([&] {
+  // once. Static: the detached thread outlives any return from here.
+  static Mutex mu;
+  static CondVar cv;
+  static std::deque<std::pair<WireHeader, Reply>> fetches;
+  std::thread fetcher([] {
     Tensor big;
     while (true) {
       std::pair<WireHeader, Reply> f;

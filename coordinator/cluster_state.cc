@@ -347,9 +347,10 @@ void ClusterState::MaybeEndHold(Clock::time_point now) {
     if (!why.empty()) break;
   }
   if (!why.empty()) {
-    BumpEpoch(hold_cause_ + "; the hold cannot continue (" + why + ")");
     // The moves the hold was for, if any, are made with the rollback.
-    PlaceWithRollback();
+    if (!BumpEpoch(hold_cause_ + "; the hold cannot continue (" + why + ")")) {
+      PlaceWithRollback();
+    }
     return;
   }
   ++epoch_;
@@ -427,6 +428,7 @@ void ClusterState::Replace(const std::string& why, bool live,
       LOG(INFO) << "coordinator: " << why
                 << ": the shards move when the hold of epoch " << epoch_
                 << " ends";
+      hold_moves_ = true;  // Or with a rollback that ends it.
       ++version_;
       return;
     }
@@ -596,7 +598,7 @@ bool ClusterState::CallOffDrains(const std::string& why) {
   return any;
 }
 
-void ClusterState::CopyCommittedOffDrains() {
+void ClusterState::CopyCommittedOffDrains(Clock::time_point now) {
   if (!placed_) return;
   bool draining = false;
   for (const auto& [name, m] : members_) {
@@ -604,8 +606,18 @@ void ClusterState::CopyCommittedOffDrains() {
   }
   if (!draining) return;  // Every tick: nothing to look at, usually.
   // Every kept committed checkpoint: the newest for a rollback, the older
-  // ones for `--from-step` and `ckpt export`. Newest first.
+  // ones for `--from-step` and `ckpt export`. Newest first. A copy not
+  // reported within cluster.move_timeout_ms (failed, or its target gone)
+  // is queued again; copies of checkpoints no longer kept are forgotten.
   const auto& committed = ledger_.committed();
+  const int64_t oldest = committed.empty() ? 0 : committed.front().step();
+  const auto retry =
+      std::chrono::milliseconds(config_.cluster().move_timeout_ms());
+  for (auto it = copied_off_.begin(); it != copied_off_.end();) {
+    it = it->first.first < oldest || now - it->second > retry
+             ? copied_off_.erase(it)
+             : std::next(it);
+  }
   for (auto c = committed.rbegin(); c != committed.rend(); ++c) {
     if (c->holder_size() != static_cast<int>(shards_.size())) continue;
     // By (holder, new home): the shards to copy.
@@ -619,7 +631,7 @@ void ClusterState::CopyCommittedOffDrains() {
       if (it == members_.end() || !IsLive(it->second) ||
           !it->second.record.draining() || shard_unplaced_[i] ||
           shard_home_[i] == holder || replicated ||
-          !copied_off_.insert({c->step(), i}).second) {
+          !copied_off_.emplace(std::make_pair(c->step(), i), now).second) {
         continue;
       }
       copies[{holder, shard_home_[i]}].push_back(i);
@@ -793,7 +805,6 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
   m.lease_deadline = now + lease;
   m.last_heartbeat = now;
   ++version_;
-  if (place_moves) PlaceWithRollback();
   // Members act on a shard holder's address (and incarnation) only: a
   // trainer's or a spare's registration sends no table to anyone (2,048
   // registrations would otherwise send 2 million).
@@ -825,6 +836,9 @@ StatusOr<control::RegisterResponse> ClusterState::Register(
                  << config_.cluster().probation_ms()
                  << " ms (cluster.probation_ms)";
   }
+  // The moves a rollback above left to make, with this incarnation as it
+  // now stands (not on probation, not draining: or left out).
+  if (place_moves) PlaceWithRollback();
   if (request.kind() == control::WORKER && !confirmed) {
     // A joiner (or a restarted worker that may have lost its shards while
     // dead) changes the placement once placement has begun.
@@ -1022,7 +1036,7 @@ void ClusterState::Tick(Clock::time_point now) {
     }
   }
   MaybeEndPause(now);  // After a restart's grace.
-  CopyCommittedOffDrains();
+  CopyCommittedOffDrains(now);
   if (placed_ && !holding_ && move_epoch_ == epoch_ &&
       moves_done_epoch_ < epoch_ &&
       now - move_began_ >

@@ -183,7 +183,7 @@ class ClusterState {
   // copy is on a draining worker onto their new homes (replication tasks),
   // so that neither a rollback nor a resume from an older kept checkpoint
   // needs a drained worker's store.
-  void CopyCommittedOffDrains();
+  void CopyCommittedOffDrains(Clock::time_point now);
   // After a restart: some live trainer has not heartbeated yet (within
   // two leases), so where the trainers are is not known.
   bool TrainersUnknown(Clock::time_point now) const;
@@ -275,8 +275,9 @@ class ClusterState {
   // them rather than taking none as training.
   Clock::time_point trainers_unknown_until_;
   // (step, shard) copies of committed checkpoints queued off draining
-  // workers (CopyCommittedOffDrains).
-  std::set<std::pair<int64_t, size_t>> copied_off_;
+  // workers, and when (CopyCommittedOffDrains: queued again when not
+  // reported within cluster.move_timeout_ms).
+  std::map<std::pair<int64_t, size_t>, Clock::time_point> copied_off_;
   // Replication tasks by target worker, handed out with its next heartbeat.
   std::map<std::string, std::vector<control::ReplicationTask>> tasks_;
   CheckpointLedger ledger_;

@@ -145,7 +145,9 @@ StatusOr<std::unique_ptr<Shard>> TakeOrMake(
   auto it = ahead->find(key);
   if (!handed || it == ahead->end()) return make();
   ++*premade;
-  return std::move(it->second);
+  std::unique_ptr<Shard> shard = std::move(it->second);
+  ahead->erase(it);
+  return shard;
 }
 
 }  // namespace
@@ -331,7 +333,22 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
 }
 
 void WorkerService::Premake(const control::RoutingTable& routing) {
-  if (!routing.pause() || routing.hold()) return;
+  // What this table plans here; anything else made ahead goes (a move
+  // called off or planned elsewhere, a pause that ended without one).
+  std::set<ShardId> planned;
+  if (routing.pause() && !routing.hold()) {
+    for (const auto& e : routing.entries()) {
+      if (e.moving_to() == name_) planned.insert(FromShardRef(e.shard()));
+    }
+  }
+  for (auto it = premade_.begin(); it != premade_.end();) {
+    it = planned.count(it->first) ? std::next(it) : premade_.erase(it);
+  }
+  for (auto it = premade_dense_.begin(); it != premade_dense_.end();) {
+    it = planned.count(ShardId::Dense(it->first)) ? std::next(it)
+                                                  : premade_dense_.erase(it);
+  }
+  if (planned.empty()) return;
   std::set<std::string> hosted;
   {
     MutexLock lock(&mu_);
@@ -405,14 +422,20 @@ void WorkerService::HandOver(const control::RoutingTable& routing,
               << handed.begin()->second.step << " (epoch " << routing.epoch()
               << ")";
   }
+  // What goes is freed after the lock (hundreds of MB, perhaps: the data
+  // plane's thread answers handovers under it).
+  std::map<std::string, HandedOverShard> dropped;
   MutexLock lock(&handover_mu_);
   if (!routing.continues()) {
     // A rollback: the shards restore from the checkpoint, nothing handed
     // over is fetched any more.
-    handed_over_.clear();
+    dropped.swap(handed_over_);
   }
-  for (auto& [name, shard] : handed) handed_over_[name] = std::move(shard);
+  for (auto& [name, shard] : handed) {
+    std::swap(handed_over_[name], shard);  // Any older copy into `handed`.
+  }
   handover_epoch_ = routing.epoch();
+  lock.Unlock();
 }
 
 StatusOr<std::shared_ptr<const storage::ShardSnapshot>>
@@ -434,10 +457,17 @@ WorkerService::HandedOver(uint64_t epoch, int64_t step,
 }
 
 void WorkerService::NoteMovesDone(uint64_t epoch) {
+  std::vector<HandedOverShard> dropped;  // Freed after the lock.
   MutexLock lock(&handover_mu_);
   for (auto it = handed_over_.begin(); it != handed_over_.end();) {
-    it = it->second.epoch <= epoch ? handed_over_.erase(it) : std::next(it);
+    if (it->second.epoch <= epoch) {
+      dropped.push_back(std::move(it->second));
+      it = handed_over_.erase(it);
+    } else {
+      ++it;
+    }
   }
+  lock.Unlock();
 }
 
 void WorkerService::OfferRouting(const control::RoutingTable& routing) {

@@ -213,7 +213,8 @@ class WorkerService {
       EXCLUDES(mu_, handover_mu_);
   // Makes, zero-filled, the shards a pause table plans to move here
   // (RoutingEntry.moving_to) and keeps them for the epoch that moves them
-  // (TakePremade).
+  // (ApplyRouting); drops those made ahead that the table no longer plans
+  // here.
   void Premake(const control::RoutingTable& routing) REQUIRES(apply_mu_)
       EXCLUDES(mu_);
   // CheckpointFetchServer::Handovers.

@@ -82,6 +82,35 @@ class LiveMoveTest : public ::testing::Test {
     b.set_paused_step(before_step);
     ASSERT_TRUE(Beat(b).ok());
   }
+  // worker-1, the only holder of every shard of checkpoint `steps`, is
+  // drained: the trainers pause at step 61 and the cluster continues from
+  // there. Returns worker-1's checkpoint report.
+  control::CheckpointReport DrainTheOnlyHolder(std::vector<int64_t> steps) {
+    control::CheckpointReport commit;
+    commit.set_name("worker-1");
+    commit.set_incarnation(incarnation_["worker-1"]);
+    const control::RoutingTable placed = state_.Routing();
+    for (int i = 0; i < placed.entries_size(); ++i) {
+      auto* s = commit.add_shards();
+      *s->mutable_shard() = placed.entries(i).shard();
+      s->set_digest("d" + std::to_string(i));
+      s->set_bytes(10);
+    }
+    for (int64_t step : steps) {
+      commit.set_step(step);
+      EXPECT_TRUE(state_.ReportCheckpoint(commit).ok());
+    }
+    EXPECT_EQ(state_.Report(t0_).checkpoints_size(),
+              static_cast<int>(steps.size()));
+    control::DrainRequest drain;
+    drain.set_worker("worker-1");
+    EXPECT_TRUE(state_.Drain(drain, t0_).ok());
+    Pause("trainer-0", 61);
+    Pause("trainer-1", 61);
+    Held(61);
+    EXPECT_TRUE(state_.Routing().continues());
+    return commit;
+  }
   // Every worker reports where the hold stopped it.
   void Held(int64_t step) {
     const uint64_t epoch = state_.epoch();
@@ -382,28 +411,7 @@ TEST_F(LiveMoveTest, ADrainedWorkerWaitsUntilItsCommittedCopiesAreElsewhere) {
   StartTraining();
   // Checkpoints 40 and 50 committed (keep_last 2), worker-1 the only holder
   // of every shard.
-  control::CheckpointReport commit;
-  commit.set_name("worker-1");
-  commit.set_incarnation(incarnation_["worker-1"]);
-  const control::RoutingTable placed = state_.Routing();
-  for (int i = 0; i < placed.entries_size(); ++i) {
-    auto* s = commit.add_shards();
-    *s->mutable_shard() = placed.entries(i).shard();
-    s->set_digest("d" + std::to_string(i));
-    s->set_bytes(10);
-  }
-  for (int64_t step : {40, 50}) {
-    commit.set_step(step);
-    ASSERT_TRUE(state_.ReportCheckpoint(commit).ok());
-  }
-  ASSERT_EQ(state_.Report(t0_).checkpoints_size(), 2);
-  control::DrainRequest drain;
-  drain.set_worker("worker-1");
-  ASSERT_TRUE(state_.Drain(drain, t0_).ok());
-  Pause("trainer-0", 61);
-  Pause("trainer-1", 61);
-  Held(61);
-  ASSERT_TRUE(state_.Routing().continues());
+  const control::CheckpointReport commit = DrainTheOnlyHolder({40, 50});
   EXPECT_FALSE(Open("worker-1").drained());
   state_.Tick(t0_ + milliseconds(150));
   // The new homes are told to copy both checkpoints' shards from
@@ -439,6 +447,42 @@ TEST_F(LiveMoveTest, ADrainedWorkerWaitsUntilItsCommittedCopiesAreElsewhere) {
     }
   }
   EXPECT_TRUE(Open("worker-1").drained());
+}
+
+// A copy off a draining worker that is not reported (it failed, or its
+// target went away) is queued again after cluster.move_timeout_ms, so the
+// drain does not wait forever on it.
+TEST_F(LiveMoveTest, ACopyOffADrainNotReportedIsQueuedAgain) {
+  StartTraining();
+  DrainTheOnlyHolder({50});
+  // Every member keeps beating every 200 ms; nobody reports a copy. The
+  // tasks go out once, then again once move_timeout_ms (5 s) has passed.
+  std::vector<int> tasks_at_ms;
+  for (int ms = 200; ms <= 6000; ms += 200) {
+    const auto now = t0_ + milliseconds(ms);
+    state_.Tick(now);
+    for (const auto& [name, inc] : incarnation_) {
+      control::Heartbeat b = BeatOf(name);
+      if (name.rfind("trainer-", 0) == 0) {
+        b.set_training_epoch(state_.epoch());
+        b.set_step(61);
+      } else {
+        b.set_open_epoch(state_.epoch());
+      }
+      auto ack = state_.Heartbeat(b, now);
+      ASSERT_TRUE(ack.ok())
+          << name << " at " << ms << ": " << ack.status().ToString();
+      for (const auto& task : ack->replicate()) {
+        EXPECT_EQ(task.step(), 50);
+        if (tasks_at_ms.empty() || tasks_at_ms.back() != ms) {
+          tasks_at_ms.push_back(ms);
+        }
+      }
+      EXPECT_FALSE(ack->drained()) << name;
+    }
+  }
+  ASSERT_EQ(tasks_at_ms.size(), 2u);
+  EXPECT_GE(tasks_at_ms[1] - tasks_at_ms[0], 5000);
 }
 
 // A new process under a drained (or draining) worker's name serves again:

@@ -2,8 +2,10 @@
 // join and are drained while `switchyard up` trains, their shards move live
 // at step boundaries, and the run ends bit-identical to the single-process
 // reference with nothing rolled back and no step redone.
+#include <google/protobuf/util/json_util.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "control.pb.h"
 #include "tests/testing/corpus_dir_test.h"
 #include "tests/testing/files.h"
 #include "tests/testing/processes.h"
@@ -61,6 +64,23 @@ class ElasticTest : public testing::CorpusDirTest {
     }
     return false;
   }
+  // The reference's digests after training with `flags`.
+  std::map<std::string, std::string> ReferenceDigests(const std::string& flags,
+                                                      int timeout_s = 180) {
+    const auto reference =
+        RunSwitchyard("train --reference --sample-bytes 0" + flags, timeout_s);
+    EXPECT_EQ(reference.exit_code, 0) << reference.output;
+    return Digests(reference.output);
+  }
+  // `switchyard up` with `workers` workers and 2 trainers on `flags`, its
+  // run directory dir_/run and its output in `log`.
+  pid_t StartUp(int workers, const std::string& flags, const std::string& log) {
+    std::vector<std::string> args = {
+        SWITCHYARD_BINARY, "up", "--workers", std::to_string(workers),
+        "--trainers",      "2",  "--run-dir", dir_ + "/run"};
+    for (const std::string& a : Args(flags)) args.push_back(a);
+    return testing::Spawn(args, log);
+  }
   static int Count(const std::string& text, const std::regex& re) {
     return static_cast<int>(
         std::distance(std::sregex_iterator(text.begin(), text.end(), re),
@@ -77,19 +97,11 @@ class ElasticTest : public testing::CorpusDirTest {
 // redone, the drained workers exit 0, and the run ends bit-identical to the
 // reference trained straight through.
 TEST_F(ElasticTest, JoinsAndDrainsMidRunMoveShardsLiveBitForBit) {
-  const auto reference =
-      RunSwitchyard("train --reference --sample-bytes 0" + Flags());
-  ASSERT_EQ(reference.exit_code, 0) << reference.output;
-  const auto want = Digests(reference.output);
+  const auto want = ReferenceDigests(Flags());
   ASSERT_EQ(want.size(), 18u);
-
   const std::string run = dir_ + "/run", up_log = dir_ + "/up.log",
                     joiner_log = dir_ + "/worker-2.log";
-  std::vector<std::string> up_args = {
-      SWITCHYARD_BINARY, "up", "--workers", "2",
-      "--trainers",      "2",  "--run-dir", run};
-  for (const std::string& a : Args(Flags())) up_args.push_back(a);
-  const pid_t up = testing::Spawn(up_args, up_log);
+  const pid_t up = StartUp(2, Flags(), up_log);
   ASSERT_TRUE(WaitFor(up_log, "[trainer-0] step 25/"))
       << testing::ReadFile(up_log);
 
@@ -183,23 +195,79 @@ TEST_F(ElasticTest, ADrainTheOthersCannotHoldIsRefused) {
   testing::StopAndReap(up);
 }
 
+// A cluster that can no longer hold the model waits, saying what is
+// missing, and goes on by itself when capacity returns: 2 workers of 7 MB
+// each hold the tiny model (about 11 MB); one paused (SIGSTOP) past its
+// lease is fenced and the other cannot hold everything. `status` shows the
+// placement error and the trainers wait (no exit, no restart); resumed
+// (SIGCONT), the worker registers again, the cluster rolls back to the
+// newest committed checkpoint and the run ends bit-identical to the
+// reference.
+TEST_F(ElasticTest, ALostCapacityIsWaitedForAndTheRunGoesOnWhenItReturns) {
+  const std::string flags =
+      Flags() + " --set cluster.worker_capacity_bytes=7000000";
+  const auto want = ReferenceDigests(flags);
+  ASSERT_FALSE(want.empty());
+  const std::string run = dir_ + "/run", up_log = dir_ + "/up.log";
+  const pid_t up = StartUp(2, flags, up_log);
+  ASSERT_TRUE(WaitFor(up_log, "[trainer-0] step 30/"))
+      << testing::ReadFile(up_log);
+
+  const auto status = [&] {
+    control::StatusResponse s;
+    const auto out =
+        RunSwitchyard("status --json --run-dir " + run + flags, 30);
+    EXPECT_TRUE(
+        google::protobuf::util::JsonStringToMessage(out.output, &s).ok())
+        << out.output;
+    return s;
+  };
+  pid_t victim = -1;
+  const control::StatusResponse before = status();
+  for (const auto& m : before.members()) {
+    if (m.name() == "worker-1") victim = m.pid();
+  }
+  ASSERT_GT(victim, 0);
+  ASSERT_EQ(::kill(victim, SIGSTOP), 0);
+  // Fenced after its lease (1 s): the one left cannot hold the model.
+  std::string shown;
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline &&
+         shown.find("placement error: cannot place") == std::string::npos) {
+    shown = RunSwitchyard("status --run-dir " + run + flags, 30).output;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_NE(shown.find("placement error: cannot place"), std::string::npos)
+      << shown;
+  // Waited for: two seconds on, nobody gave up or was restarted.
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  int up_status = 0;
+  EXPECT_EQ(::waitpid(up, &up_status, WNOHANG), 0);
+  ASSERT_EQ(::kill(victim, SIGCONT), 0);
+
+  const int code = testing::WaitExit(up, std::chrono::seconds(120));
+  if (code == -1) testing::StopAndReap(up);
+  const std::string text = testing::ReadFile(up_log);
+  EXPECT_EQ(code, 0) << text;
+  EXPECT_EQ(Digests(text), want) << text;
+  EXPECT_EQ(text.find("[up] restarting"), std::string::npos) << text;
+  // The trainers recovered once capacity was back: the worker's new
+  // process registered, and the rollback brought them back together.
+  EXPECT_NE(text.find("worker-1 registered"), std::string::npos) << text;
+  EXPECT_GE(Count(text, std::regex(R"(trainer-0: recovery \d+: )")), 1) << text;
+}
+
 // Scale: 16 worker processes on this machine. `up` starts 4; 12 more join
 // one at a time while the run trains, and 8 workers, drawn at random (a
 // fixed seed) among those serving, are drained in between, in random
 // order. Every move is live; the run ends bit-identical to the reference.
 TEST_F(ElasticTest, SixteenWorkersJoinAndDrainInRandomOrder) {
   const std::string flags = Flags() + " --set training.steps=400";
-  const auto reference =
-      RunSwitchyard("train --reference --sample-bytes 0" + flags, 300);
-  ASSERT_EQ(reference.exit_code, 0) << reference.output;
-  const auto want = Digests(reference.output);
-
+  const auto want = ReferenceDigests(flags, 300);
+  ASSERT_FALSE(want.empty());
   const std::string run = dir_ + "/run", up_log = dir_ + "/up.log";
-  std::vector<std::string> up_args = {
-      SWITCHYARD_BINARY, "up", "--workers", "4",
-      "--trainers",      "2",  "--run-dir", run};
-  for (const std::string& a : Args(flags)) up_args.push_back(a);
-  const pid_t up = testing::Spawn(up_args, up_log);
+  const pid_t up = StartUp(4, flags, up_log);
   ASSERT_TRUE(WaitFor(up_log, "[trainer-0] step 10/"))
       << testing::ReadFile(up_log);
   std::string address;

@@ -59,6 +59,9 @@ class WorkerHandoverTest : public ::testing::Test {
     ASSERT_TRUE(v_->Start().ok());
     ASSERT_TRUE(w_->ApplyRouting(Routing(kEpoch)).ok());
   }
+  // ShardsPlannedHereAreMadeDuringThePause's run, the move called off or
+  // not.
+  void MoveAfterAPause(bool called_off);
   void TearDown() override {
     if (v_ != nullptr) v_->Shutdown();
     if (w_ != nullptr) w_->Shutdown();
@@ -182,43 +185,66 @@ TEST_F(WorkerHandoverTest, AMovedShardIsHandedOverLiveAndTrainsOnBitForBit) {
   EXPECT_EQ(got, expected[kEnd]);
 }
 
-// A pause table that plans expert 1's shards onto v (RoutingEntry.
-// moving_to) has v make them while the trainers finish their step; the
-// move then fills those very shards, bit for bit, and v keeps nothing made
-// ahead that did not move.
-TEST_F(WorkerHandoverTest, ShardsPlannedHereAreMadeDuringThePause) {
+// The table of kEpoch pausing for a move of expert 1's shards to v
+// (RoutingEntry.moving_to), or, without `pausing`, the same epoch after
+// the move was called off.
+control::RoutingTable PauseForExpertOne(const std::string& w_address,
+                                        bool pausing) {
+  control::RoutingTable pause = Routing(kEpoch);
+  pause.mutable_workers(0)->set_data_address(w_address);
+  pause.add_workers()->set_name("v");
+  pause.set_pause(pausing);
+  for (auto& e : *pause.mutable_entries()) {
+    if (pausing && e.shard().kind() == control::EXPERT &&
+        e.shard().expert() == 1) {
+      e.set_moving_to("v");
+    }
+  }
+  return pause;
+}
+
+// A pause table that plans expert 1's shards onto v has v make them while
+// the trainers finish their step; the move then fills those very shards,
+// bit for bit. A pause called off (`called_off`) drops what was made ahead:
+// the move after it makes its shards anew.
+void WorkerHandoverTest::MoveAfterAPause(bool called_off) {
   constexpr int kMoveAt = 2;
   config::SwitchyardConfig config = TestConfig("adamw");
   const std::vector<DigestsByShard> expected = DigestsByStep(config, kMoveAt);
   ASSERT_NO_FATAL_FAILURE(StartPair(config));
-  TrainSteps(w_.get(), 0, kMoveAt);
+  WorkerService& w = *w_;
+  WorkerService& v = *v_;
+  const std::string w_address = w_plane_->address();
+  TrainSteps(&w, 0, kMoveAt);
   Counter* made_ahead = MetricsRegistry::Global().GetCounter(
       "switchyard_worker_shards_made_ahead_total");
   const uint64_t before = made_ahead->value();
 
-  control::RoutingTable pause = Routing(kEpoch);
-  pause.mutable_workers(0)->set_data_address(w_plane_->address());
-  pause.add_workers()->set_name("v");
-  pause.set_pause(true);
-  for (auto& e : *pause.mutable_entries()) {
-    if (e.shard().kind() == control::EXPERT && e.shard().expert() == 1) {
-      e.set_moving_to("v");
-    }
+  const auto pause = PauseForExpertOne(w_address, true);
+  ASSERT_TRUE(w.ApplyRouting(pause).ok());  // The same epoch: no change.
+  ASSERT_TRUE(v.ApplyRouting(pause).ok());
+  EXPECT_TRUE(v.hosted().empty());  // Made, not hosted: nothing served.
+  if (called_off) {
+    ASSERT_TRUE(v.ApplyRouting(PauseForExpertOne(w_address, false)).ok());
   }
-  ASSERT_TRUE(w_->ApplyRouting(pause).ok());  // The same epoch: no change.
-  ASSERT_TRUE(v_->ApplyRouting(pause).ok());
-  EXPECT_TRUE(v_->hosted().empty());  // Made, not hosted: nothing served.
-
   const control::RoutingTable move =
-      MoveExpertOne(w_plane_->address(), v_plane_->address(), kMoveAt);
-  ASSERT_TRUE(w_->ApplyRouting(move).ok());
-  ASSERT_TRUE(v_->ApplyRouting(move).ok());
-  EXPECT_EQ(made_ahead->value() - before, 2u);
-  EXPECT_EQ(v_->hosted(), (std::vector<ShardId>{ShardId::Expert(0, 1, 0),
-                                                ShardId::Expert(0, 1, 1)}));
-  for (const auto& [shard, digest] : v_->ShardDigests()) {
+      MoveExpertOne(w_address, v_plane_->address(), kMoveAt);
+  ASSERT_TRUE(w.ApplyRouting(move).ok());
+  ASSERT_TRUE(v.ApplyRouting(move).ok());
+  EXPECT_EQ(made_ahead->value() - before, called_off ? 0u : 2u);
+  EXPECT_EQ(v.hosted(), (std::vector<ShardId>{ShardId::Expert(0, 1, 0),
+                                              ShardId::Expert(0, 1, 1)}));
+  for (const auto& [shard, digest] : v.ShardDigests()) {
     EXPECT_EQ(digest, expected[kMoveAt].at(shard)) << shard;
   }
+}
+
+TEST_F(WorkerHandoverTest, ShardsPlannedHereAreMadeDuringThePause) {
+  MoveAfterAPause(/*called_off=*/false);
+}
+
+TEST_F(WorkerHandoverTest, APauseCalledOffDropsWhatWasMadeAhead) {
+  MoveAfterAPause(/*called_off=*/true);
 }
 
 // A table that moves a shard here from a worker that does not hand it over
