@@ -671,23 +671,21 @@ void ClusterState::RecordDeath(Member* member, Clock::time_point now) {
   if (member->record.registration().kind() != control::WORKER) return;
   const auto window =
       std::chrono::milliseconds(config_.cluster().crash_loop_window_ms());
-  // In the record too, in wall-clock time, newest last in both (the
-  // snapshot keeps the record; Restore builds `deaths` from it).
+  // In the record too, in wall-clock time: the same deaths in the same
+  // order (the snapshot keeps the record; Restore builds `deaths` from it).
   auto& deaths = member->deaths;
   auto* unix_ms = member->record.mutable_death_unix_ms();
   deaths.push_back(now);
   unix_ms->Add(UnixMsNow());
-  const int offset = unix_ms->size() - static_cast<int>(deaths.size());
-  std::vector<Clock::time_point> kept;
-  google::protobuf::RepeatedField<int64_t> kept_ms;
-  for (size_t i = 0; i < deaths.size(); ++i) {
+  int kept = 0;
+  for (int i = 0; i < static_cast<int>(deaths.size()); ++i) {
     if (now - deaths[i] > window) continue;
-    kept.push_back(deaths[i]);
-    const int at = static_cast<int>(i) + offset;
-    if (at >= 0 && at < unix_ms->size()) kept_ms.Add(unix_ms->Get(at));
+    deaths[kept] = deaths[i];
+    unix_ms->Set(kept, unix_ms->Get(i));
+    ++kept;
   }
-  deaths = std::move(kept);
-  *unix_ms = std::move(kept_ms);
+  deaths.resize(kept);
+  unix_ms->Truncate(kept);
 }
 
 void ClusterState::Fence(Member* member, MemberState state,

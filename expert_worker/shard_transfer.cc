@@ -54,6 +54,13 @@ Status AppendFetches(const std::string& source, const std::string& address,
 
 // `like`'s tensors from `replies` [first, first + index.size()), checked
 // and shaped like `like`'s.
+// The shard a fetch or handover request names.
+std::string ShardNamed(const transport::WireHeader& h) {
+  return (h.expert < 0 ? ShardId::Dense(h.shard)
+                       : ShardId::Expert(h.layer, h.expert, h.shard))
+      .ToString();
+}
+
 StatusOr<storage::ShardSnapshot> Assemble(const storage::ShardSnapshot& like,
                                           int64_t step,
                                           std::vector<Tensor>& replies,
@@ -367,9 +374,7 @@ void CheckpointFetchServer::Serve(Task task) {
 
 void CheckpointFetchServer::ServeHandover(Task& task) {
   const transport::WireHeader& h = task.request.header;
-  const std::string shard =
-      h.expert < 0 ? ShardId::Dense(h.shard).ToString()
-                   : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
+  const std::string shard = ShardNamed(h);
   // Served to its own epoch only (Handovers matches it), also once this
   // worker is at a newer one: a hold that came while the new home was
   // still fetching must not fail the move.
@@ -405,9 +410,7 @@ void CheckpointFetchServer::Loop() {
                  "; checkpoint fetches must come from the current routing")));
       continue;
     }
-    const std::string shard =
-        h.expert < 0 ? ShardId::Dense(h.shard).ToString()
-                     : ShardId::Expert(h.layer, h.expert, h.shard).ToString();
+    const std::string shard = ShardNamed(h);
     if (store_ == nullptr) {
       task->reply(transport::ErrorResponse(
           h, FailedPreconditionError(name_ + " keeps no checkpoints")));

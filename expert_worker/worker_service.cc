@@ -349,12 +349,12 @@ void WorkerService::Premake(const control::RoutingTable& routing) {
                                                   : premade_dense_.erase(it);
   }
   if (planned.empty()) return;
-  std::set<std::string> hosted;
+  std::set<ShardId> hosted;
   {
     MutexLock lock(&mu_);
-    for (const auto& [id, shard] : shards_) hosted.insert(id.ToString());
+    for (const auto& [id, shard] : shards_) hosted.insert(id);
     for (const auto& [index, shard] : dense_) {
-      hosted.insert(ShardId::Dense(index).ToString());
+      hosted.insert(ShardId::Dense(index));
     }
   }
   int made = 0;
@@ -367,7 +367,7 @@ void WorkerService::Premake(const control::RoutingTable& routing) {
       peers_->Connect(routing.workers(e.worker()).data_address());
     }
     const ShardId id = FromShardRef(e.shard());
-    if (hosted.count(id.ToString())) continue;
+    if (hosted.count(id)) continue;
     // Zero-filled, as a shard taken over is made (ApplyRouting).
     if (id.is_expert() && !premade_.count(id)) {
       StatusOr<std::unique_ptr<ExpertShard>> shard =
