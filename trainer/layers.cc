@@ -5,44 +5,67 @@
 #include <algorithm>
 #include <cmath>
 
+#include "expert_worker/cpu/activation_kernels.h"
+
 namespace switchyard::trainer {
 
+namespace {
+
+// C (m, n) = alpha * op(A) op(B) + beta * C (C not read when beta is 0),
+// op(A) (m, k), op(B) (k, n); lda/ldb/ldc are row strides in elements, so
+// that a head's columns of q, k and v are operands in place. fp64: a plain
+// triple loop (the gradient checks); fp32: BLAS.
 template <typename Real>
-void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
-            bool trans_b, bool accumulate, Real* c) {
+void Gemm(bool trans_a, bool trans_b, int m, int n, int k, Real alpha,
+          const Real* a, int lda, const Real* b, int ldb, Real beta, Real* c,
+          int ldc) {
   for (int i = 0; i < m; ++i) {
     for (int j = 0; j < n; ++j) {
-      Real acc = accumulate ? c[static_cast<int64_t>(i) * n + j] : Real(0);
+      Real acc = 0;
       for (int p = 0; p < k; ++p) {
-        const Real av = trans_a ? a[static_cast<int64_t>(p) * m + i]
-                                : a[static_cast<int64_t>(i) * k + p];
-        const Real bv = trans_b ? b[static_cast<int64_t>(j) * k + p]
-                                : b[static_cast<int64_t>(p) * n + j];
+        const Real av = trans_a ? a[static_cast<int64_t>(p) * lda + i]
+                                : a[static_cast<int64_t>(i) * lda + p];
+        const Real bv = trans_b ? b[static_cast<int64_t>(j) * ldb + p]
+                                : b[static_cast<int64_t>(p) * ldb + j];
         acc += av * bv;
       }
-      c[static_cast<int64_t>(i) * n + j] = acc;
+      Real& out = c[static_cast<int64_t>(i) * ldc + j];
+      out = alpha * acc + (beta == Real(0) ? Real(0) : beta * out);
     }
   }
-}
-
-void SetMatMulThreads(int threads) {
-  if (threads > 0) openblas_set_num_threads(threads);
 }
 
 // fp32 products go to BLAS (sgemm): deterministic for a fixed thread
 // count, like every GEMM in Switchyard.
 template <>
-void MatMul<float>(const float* a, const float* b, int m, int n, int k,
-                   bool trans_a, bool trans_b, bool accumulate, float* c) {
+void Gemm<float>(bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+                 const float* a, int lda, const float* b, int ldb, float beta,
+                 float* c, int ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
-    if (!accumulate) std::fill(c, c + static_cast<int64_t>(m) * n, 0.0f);
+    for (int i = 0; i < m; ++i) {
+      float* row = c + static_cast<int64_t>(i) * ldc;
+      for (int j = 0; j < n; ++j) row[j] = beta == 0.0f ? 0.0f : beta * row[j];
+    }
     return;
   }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, m, n, k, 1.0f, a,
-              trans_a ? m : k, b, trans_b ? k : n, accumulate ? 1.0f : 0.0f, c,
-              n);
+              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b,
+              ldb, beta, c, ldc);
+}
+
+}  // namespace
+
+template <typename Real>
+void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
+            bool trans_b, bool accumulate, Real* c) {
+  Gemm(trans_a, trans_b, m, n, k, Real(1), a, trans_a ? m : k, b,
+       trans_b ? k : n, accumulate ? Real(1) : Real(0), c, n);
+}
+
+void SetMatMulThreads(int threads) {
+  if (threads > 0) openblas_set_num_threads(threads);
+  expert_worker::SetKernelThreads(threads);
 }
 
 template <typename Real>
@@ -124,21 +147,36 @@ void LayerNormBackward(const Real* x, const Real* g, const Real* dy, int n,
   }
 }
 
+RotaryTable::RotaryTable(int max_len, int head_dim)
+    : max_len(max_len), head_dim(head_dim) {
+  const int pairs = head_dim / 2;
+  cos.resize(static_cast<size_t>(max_len) * pairs);
+  sin.resize(cos.size());
+  for (int p = 0; p < max_len; ++p) {
+    for (int i = 0; i < pairs; ++i) {
+      const double theta =
+          p / std::pow(kRopeTheta, static_cast<double>(2 * i) / head_dim);
+      cos[static_cast<size_t>(p) * pairs + i] = std::cos(theta);
+      sin[static_cast<size_t>(p) * pairs + i] = std::sin(theta);
+    }
+  }
+}
+
 template <typename Real>
-void ApplyRotary(Real* rows, int len, int d, int heads, bool inverse) {
-  const int hd = d / heads;
+void ApplyRotary(Real* rows, int len, int d, int heads,
+                 const RotaryTable& table, bool inverse) {
+  const int hd = table.head_dim, pairs = hd / 2;
   for (int p = 0; p < len; ++p) {
+    const double* cos = &table.cos[static_cast<size_t>(p) * pairs];
+    const double* sin = &table.sin[static_cast<size_t>(p) * pairs];
     for (int h = 0; h < heads; ++h) {
-      for (int i = 0; i + 1 < hd; i += 2) {
-        const double theta =
-            p / std::pow(kRopeTheta, static_cast<double>(i) / hd);
-        const Real cs = static_cast<Real>(std::cos(theta));
-        const Real sn =
-            static_cast<Real>(inverse ? -std::sin(theta) : std::sin(theta));
-        Real* pair = rows + static_cast<int64_t>(p) * d + h * hd + i;
-        const Real a = pair[0], b = pair[1];
-        pair[0] = a * cs - b * sn;
-        pair[1] = a * sn + b * cs;
+      Real* head = rows + static_cast<int64_t>(p) * d + h * hd;
+      for (int i = 0; i < pairs; ++i) {
+        const Real cs = static_cast<Real>(cos[i]);
+        const Real sn = static_cast<Real>(inverse ? -sin[i] : sin[i]);
+        const Real a = head[2 * i], b = head[2 * i + 1];
+        head[2 * i] = a * cs - b * sn;
+        head[2 * i + 1] = a * sn + b * cs;
       }
     }
   }
@@ -170,100 +208,106 @@ void EmbedBackward(const int32_t* tokens, int len, int d, const Real* dy,
 
 template <typename Real>
 void AttentionForward(const Real* x, const Real* wq, const Real* wk,
-                      const Real* wv, const Real* wo, int len, int d, int heads,
-                      bool rotary, Real* y, AttentionCache<Real>* c) {
-  const int hd = d / heads;
+                      const Real* wv, const Real* wo, int batch, int len, int d,
+                      int heads, const RotaryTable* rotary, Real* y,
+                      AttentionCache<Real>* c) {
+  const int hd = d / heads, n = batch * len;
   const Real scale = Real(1) / std::sqrt(Real(hd));
-  c->q.assign(static_cast<size_t>(len) * d, Real(0));
-  c->k.assign(c->q.size(), Real(0));
-  c->v.assign(c->q.size(), Real(0));
-  c->context.assign(c->q.size(), Real(0));
-  c->probs.assign(static_cast<size_t>(heads) * len * len, Real(0));
-  MatMul(x, wq, len, d, d, false, false, false, c->q.data());
-  MatMul(x, wk, len, d, d, false, false, false, c->k.data());
-  MatMul(x, wv, len, d, d, false, false, false, c->v.data());
-  if (rotary) {
-    ApplyRotary(c->q.data(), len, d, heads, false);
-    ApplyRotary(c->k.data(), len, d, heads, false);
-  }
-  for (int h = 0; h < heads; ++h) {
-    for (int i = 0; i < len; ++i) {
-      Real* p = &c->probs[(static_cast<size_t>(h) * len + i) * len];
-      Real m = -1e300;
-      for (int j = 0; j <= i; ++j) {
-        Real s = 0;
-        for (int e = 0; e < hd; ++e) {
-          s += c->q[static_cast<size_t>(i) * d + h * hd + e] *
-               c->k[static_cast<size_t>(j) * d + h * hd + e];
-        }
-        p[j] = s * scale;
-        m = std::max(m, p[j]);
+  const size_t nd = static_cast<size_t>(n) * d;
+  const size_t ll = static_cast<size_t>(len) * len;
+  c->q.resize(nd);
+  c->k.resize(nd);
+  c->v.resize(nd);
+  c->context.resize(nd);
+  c->probs.resize(static_cast<size_t>(batch) * heads * ll);
+  MatMul(x, wq, n, d, d, false, false, false, c->q.data());
+  MatMul(x, wk, n, d, d, false, false, false, c->k.data());
+  MatMul(x, wv, n, d, d, false, false, false, c->v.data());
+  for (int b = 0; b < batch; ++b) {
+    const size_t at = static_cast<size_t>(b) * len * d;
+    if (rotary != nullptr) {
+      ApplyRotary(c->q.data() + at, len, d, heads, *rotary, false);
+      ApplyRotary(c->k.data() + at, len, d, heads, *rotary, false);
+    }
+    for (int h = 0; h < heads; ++h) {
+      // S = q_h k_h^T / sqrt(hd), all of it (the masked half costs less in
+      // one GEMM than skipping it does); P = its causal row softmax.
+      Real* probs = &c->probs[(static_cast<size_t>(b) * heads + h) * ll];
+      const size_t col = at + static_cast<size_t>(h) * hd;
+      Gemm(false, true, len, len, hd, scale, c->q.data() + col, d,
+           c->k.data() + col, d, Real(0), probs, len);
+      for (int i = 0; i < len; ++i) {
+        Real* p = probs + static_cast<size_t>(i) * len;
+        const Real m = *std::max_element(p, p + i + 1);
+        Real sum = 0;
+        for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - m));
+        for (int j = 0; j <= i; ++j) p[j] /= sum;
+        std::fill(p + i + 1, p + len, Real(0));
       }
-      Real sum = 0;
-      for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - m));
-      for (int j = 0; j <= i; ++j) p[j] /= sum;
-      for (int e = 0; e < hd; ++e) {
-        Real acc = 0;
-        for (int j = 0; j <= i; ++j) {
-          acc += p[j] * c->v[static_cast<size_t>(j) * d + h * hd + e];
-        }
-        c->context[static_cast<size_t>(i) * d + h * hd + e] = acc;
-      }
+      // context_h = P v_h.
+      Gemm(false, false, len, hd, len, Real(1), probs, len, c->v.data() + col,
+           d, Real(0), c->context.data() + col, d);
     }
   }
-  MatMul(c->context.data(), wo, len, d, d, false, false, false, y);
+  MatMul(c->context.data(), wo, n, d, d, false, false, false, y);
 }
 
 template <typename Real>
 void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
-                       const Real* wv, const Real* wo, int len, int d,
-                       int heads, bool rotary, const AttentionCache<Real>& c,
-                       const Real* dy, Real* dx, Real* dwq, Real* dwk,
-                       Real* dwv, Real* dwo) {
-  const int hd = d / heads;
+                       const Real* wv, const Real* wo, int batch, int len,
+                       int d, int heads, const RotaryTable* rotary,
+                       AttentionCache<Real>* c, const Real* dy, Real* dx,
+                       Real* dwq, Real* dwk, Real* dwv, Real* dwo) {
+  const int hd = d / heads, n = batch * len;
   const Real scale = Real(1) / std::sqrt(Real(hd));
-  const size_t nd = static_cast<size_t>(len) * d;
-  std::vector<Real> dctx(nd), dq(nd, Real(0)), dk(nd, Real(0)), dv(nd, Real(0));
-  MatMul(c.context.data(), dy, d, d, len, true, false, true, dwo);  // ctx^T dy
-  MatMul(dy, wo, len, d, d, false, true, false, dctx.data());       // dy Wo^T
-  std::vector<Real> dp(len);
-  for (int h = 0; h < heads; ++h) {
-    for (int i = 0; i < len; ++i) {
-      const Real* p = &c.probs[(static_cast<size_t>(h) * len + i) * len];
-      // dP_ij = dctx_i . v_j; dv_j += P_ij dctx_i.
-      Real dot = 0;
-      for (int j = 0; j <= i; ++j) {
-        Real s = 0;
-        for (int e = 0; e < hd; ++e) {
-          const Real g = dctx[static_cast<size_t>(i) * d + h * hd + e];
-          s += g * c.v[static_cast<size_t>(j) * d + h * hd + e];
-          dv[static_cast<size_t>(j) * d + h * hd + e] += p[j] * g;
-        }
-        dp[j] = s;
-        dot += p[j] * s;
+  const size_t nd = static_cast<size_t>(n) * d;
+  const size_t ll = static_cast<size_t>(len) * len;
+  c->dctx.resize(nd);
+  c->dq.resize(nd);
+  c->dk.resize(nd);
+  c->dv.resize(nd);
+  c->ds.resize(ll);
+  Real* ds = c->ds.data();
+  MatMul(c->context.data(), dy, d, d, n, true, false, true, dwo);  // ctx^T dy
+  MatMul(dy, wo, n, d, d, false, true, false, c->dctx.data());     // dy Wo^T
+  for (int b = 0; b < batch; ++b) {
+    const size_t at = static_cast<size_t>(b) * len * d;
+    for (int h = 0; h < heads; ++h) {
+      const Real* probs = &c->probs[(static_cast<size_t>(b) * heads + h) * ll];
+      const size_t col = at + static_cast<size_t>(h) * hd;
+      const Real* dctx_h = c->dctx.data() + col;
+      // dP = dctx_h v_h^T; dv_h = P^T dctx_h.
+      Gemm(false, true, len, len, hd, Real(1), dctx_h, d, c->v.data() + col, d,
+           Real(0), ds, len);
+      Gemm(true, false, len, hd, len, Real(1), probs, len, dctx_h, d, Real(0),
+           c->dv.data() + col, d);
+      // Softmax backward, with the scale of the dot products:
+      // dS_ij = P_ij (dP_ij - sum_j' P_ij' dP_ij') / sqrt(hd), 0 if masked.
+      for (int i = 0; i < len; ++i) {
+        const Real* p = probs + static_cast<size_t>(i) * len;
+        Real* g = ds + static_cast<size_t>(i) * len;
+        Real dot = 0;
+        for (int j = 0; j <= i; ++j) dot += p[j] * g[j];
+        for (int j = 0; j <= i; ++j) g[j] = p[j] * (g[j] - dot) * scale;
+        std::fill(g + i + 1, g + len, Real(0));
       }
-      // Softmax backward, then through the scaled dot products.
-      for (int j = 0; j <= i; ++j) {
-        const Real ds = p[j] * (dp[j] - dot) * scale;
-        for (int e = 0; e < hd; ++e) {
-          dq[static_cast<size_t>(i) * d + h * hd + e] +=
-              ds * c.k[static_cast<size_t>(j) * d + h * hd + e];
-          dk[static_cast<size_t>(j) * d + h * hd + e] +=
-              ds * c.q[static_cast<size_t>(i) * d + h * hd + e];
-        }
-      }
+      // dq_h = dS k_h; dk_h = dS^T q_h.
+      Gemm(false, false, len, hd, len, Real(1), ds, len, c->k.data() + col, d,
+           Real(0), c->dq.data() + col, d);
+      Gemm(true, false, len, hd, len, Real(1), ds, len, c->q.data() + col, d,
+           Real(0), c->dk.data() + col, d);
+    }
+    if (rotary != nullptr) {  // Back through the rotation: its transpose.
+      ApplyRotary(c->dq.data() + at, len, d, heads, *rotary, true);
+      ApplyRotary(c->dk.data() + at, len, d, heads, *rotary, true);
     }
   }
-  if (rotary) {  // Back through the rotation: its transpose.
-    ApplyRotary(dq.data(), len, d, heads, true);
-    ApplyRotary(dk.data(), len, d, heads, true);
-  }
-  MatMul(x, dq.data(), d, d, len, true, false, true, dwq);
-  MatMul(x, dk.data(), d, d, len, true, false, true, dwk);
-  MatMul(x, dv.data(), d, d, len, true, false, true, dwv);
-  MatMul(dq.data(), wq, len, d, d, false, true, false, dx);
-  MatMul(dk.data(), wk, len, d, d, false, true, true, dx);
-  MatMul(dv.data(), wv, len, d, d, false, true, true, dx);
+  MatMul(x, c->dq.data(), d, d, n, true, false, true, dwq);
+  MatMul(x, c->dk.data(), d, d, n, true, false, true, dwk);
+  MatMul(x, c->dv.data(), d, d, n, true, false, true, dwv);
+  MatMul(c->dq.data(), wq, n, d, d, false, true, false, dx);
+  MatMul(c->dk.data(), wk, n, d, d, false, true, true, dx);
+  MatMul(c->dv.data(), wv, n, d, d, false, true, true, dx);
 }
 
 namespace {
@@ -283,8 +327,8 @@ void FfnForward(const Real* x, const Real* w1, const Real* b1, const Real* w2,
                 const Real* b2, int n, int d, int f, int activation, Real* y,
                 FfnCache<Real>* c) {
   const int g = activation == 2 ? 2 : 1;
-  c->h.assign(static_cast<size_t>(n) * g * f, Real(0));
-  c->a.assign(static_cast<size_t>(n) * f, Real(0));
+  c->h.resize(static_cast<size_t>(n) * g * f);
+  c->a.resize(static_cast<size_t>(n) * f);
   MatMul(x, w1, n, g * f, d, false, false, false, c->h.data());
   for (int r = 0; r < n; ++r) {
     Real* h = &c->h[static_cast<size_t>(r) * g * f];
@@ -315,11 +359,14 @@ void FfnForward(const Real* x, const Real* w1, const Real* b1, const Real* w2,
 
 template <typename Real>
 void FfnBackward(const Real* x, const Real* w1, const Real* w2, int n, int d,
-                 int f, int activation, const FfnCache<Real>& c, const Real* dy,
+                 int f, int activation, FfnCache<Real>* cache, const Real* dy,
                  Real* dx, Real* dw1, Real* db1, Real* dw2, Real* db2) {
   const int g = activation == 2 ? 2 : 1;
-  std::vector<Real> da(static_cast<size_t>(n) * f),
-      dh(static_cast<size_t>(n) * g * f);
+  const FfnCache<Real>& c = *cache;
+  std::vector<Real>& da = cache->da;
+  std::vector<Real>& dh = cache->dh;
+  da.resize(static_cast<size_t>(n) * f);
+  dh.resize(static_cast<size_t>(n) * g * f);
   MatMul(c.a.data(), dy, f, d, n, true, false, true, dw2);  // a^T dy
   MatMul(dy, w2, n, f, d, false, true, false, da.data());   // dy W2^T
   for (int r = 0; r < n; ++r) {
@@ -352,6 +399,62 @@ void FfnBackward(const Real* x, const Real* w1, const Real* w2, int n, int d,
   MatMul(dh.data(), w1, n, d, g * f, false, true, false, dx);  // dh W1^T
 }
 
+// fp32: the expert's own elementwise kernels (multi-threaded, vectorised,
+// the same bits on every CPU), so that this layer is the expert function.
+namespace {
+
+expert_worker::Activation KernelActivation(int activation) {
+  return activation == 1   ? expert_worker::Activation::kRelu
+         : activation == 2 ? expert_worker::Activation::kSwiglu
+                           : expert_worker::Activation::kGelu;
+}
+
+}  // namespace
+
+template <>
+void FfnForward<float>(const float* x, const float* w1, const float* b1,
+                       const float* w2, const float* b2, int n, int d, int f,
+                       int activation, float* y, FfnCache<float>* c) {
+  const int g = activation == 2 ? 2 : 1;
+  c->h.resize(static_cast<size_t>(n) * g * f);
+  c->a.resize(static_cast<size_t>(n) * f);
+  MatMul(x, w1, n, g * f, d, false, false, false, c->h.data());
+  expert_worker::ActivationForward(KernelActivation(activation), c->h.data(),
+                                   b1, n, f, c->a.data());
+  MatMul(c->a.data(), w2, n, d, f, false, false, false, y);
+  if (b2 != nullptr) expert_worker::AddRowBias(y, n, d, b2);
+}
+
+template <>
+void FfnBackward<float>(const float* x, const float* w1, const float* w2, int n,
+                        int d, int f, int activation, FfnCache<float>* cache,
+                        const float* dy, float* dx, float* dw1, float* db1,
+                        float* dw2, float* db2) {
+  const int g = activation == 2 ? 2 : 1;
+  const FfnCache<float>& c = *cache;
+  std::vector<float>& da = cache->da;
+  std::vector<float>& dh = cache->dh;
+  std::vector<float>& a = cache->a_again;  // The kernel writes act(h) again.
+  da.resize(static_cast<size_t>(n) * f);
+  dh.resize(static_cast<size_t>(n) * g * f);
+  a.resize(da.size());
+  MatMul(c.a.data(), dy, f, d, n, true, false, true, dw2);  // a^T dy
+  MatMul(dy, w2, n, f, d, false, true, false, da.data());   // dy W2^T
+  expert_worker::ActivationBackward(KernelActivation(activation), c.h.data(),
+                                    da.data(), n, f, dh.data(), a.data());
+  for (int r = 0; r < n; ++r) {
+    if (db1 != nullptr) {
+      const float* dhr = &dh[static_cast<size_t>(r) * g * f];
+      for (int j = 0; j < g * f; ++j) db1[j] += dhr[j];
+    }
+    if (db2 != nullptr) {
+      for (int i = 0; i < d; ++i) db2[i] += dy[static_cast<int64_t>(r) * d + i];
+    }
+  }
+  MatMul(x, dh.data(), d, g * f, n, true, false, true, dw1);   // x^T dh
+  MatMul(dh.data(), w1, n, d, g * f, false, true, false, dx);  // dh W1^T
+}
+
 template <typename Real>
 Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
                   Real* dlogits) {
@@ -369,8 +472,8 @@ Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
   return n > 0 ? total / n : Real(0);
 }
 
-// MatMul<float> is a specialisation (BLAS); only the double one is
-// instantiated from the template.
+template void MatMul<float>(const float*, const float*, int, int, int, bool,
+                            bool, bool, float*);
 template void MatMul<double>(const double*, const double*, int, int, int, bool,
                              bool, bool, double*);
 
@@ -383,29 +486,33 @@ template void MatMul<double>(const double*, const double*, int, int, int, bool,
                                        int, int, Real*);                       \
   template void LayerNormBackward<Real>(const Real*, const Real*, const Real*, \
                                         int, int, Real*, Real*, Real*);        \
-  template void ApplyRotary<Real>(Real*, int, int, int, bool);                 \
+  template void ApplyRotary<Real>(Real*, int, int, int, const RotaryTable&,    \
+                                  bool);                                       \
   template void EmbedForward<Real>(const int32_t*, int, int, const Real*,      \
                                    const Real*, Real*);                        \
   template void EmbedBackward<Real>(const int32_t*, int, int, const Real*,     \
                                     Real*, Real*);                             \
   template void AttentionForward<Real>(                                        \
       const Real*, const Real*, const Real*, const Real*, const Real*, int,    \
-      int, int, bool, Real*, AttentionCache<Real>*);                           \
+      int, int, int, const RotaryTable*, Real*, AttentionCache<Real>*);        \
   template void AttentionBackward<Real>(                                       \
       const Real*, const Real*, const Real*, const Real*, const Real*, int,    \
-      int, int, bool, const AttentionCache<Real>&, const Real*, Real*, Real*,  \
-      Real*, Real*, Real*);                                                    \
-  template void FfnForward<Real>(const Real*, const Real*, const Real*,        \
-                                 const Real*, const Real*, int, int, int, int, \
-                                 Real*, FfnCache<Real>*);                      \
-  template void FfnBackward<Real>(                                             \
-      const Real*, const Real*, const Real*, int, int, int, int,               \
-      const FfnCache<Real>&, const Real*, Real*, Real*, Real*, Real*, Real*);  \
+      int, int, int, const RotaryTable*, AttentionCache<Real>*, const Real*,   \
+      Real*, Real*, Real*, Real*, Real*);                                      \
   template Real CrossEntropy<Real>(const Real*, const int32_t*, int, int,      \
                                    Real*);
 
 SWITCHYARD_INSTANTIATE_LAYERS(float)
 SWITCHYARD_INSTANTIATE_LAYERS(double)
 #undef SWITCHYARD_INSTANTIATE_LAYERS
+
+// FfnForward<float> and FfnBackward<float> are specialisations (the kernels).
+template void FfnForward<double>(const double*, const double*, const double*,
+                                 const double*, const double*, int, int, int,
+                                 int, double*, FfnCache<double>*);
+template void FfnBackward<double>(const double*, const double*, const double*,
+                                  int, int, int, int, FfnCache<double>*,
+                                  const double*, double*, double*, double*,
+                                  double*, double*);
 
 }  // namespace switchyard::trainer

@@ -31,6 +31,10 @@ Transformer<Real>::Transformer(const config::SwitchyardConfig& config)
       activation_(ActivationCode(config.model().activation())),
       rotary_(config.model().positions() == "rotary"),
       layernorm_(config.model().norm() == "layernorm"),
+      rotary_table_(rotary_ ? RotaryTable(config.model().seq_len(),
+                                          config.model().d_model() /
+                                              config.model().num_heads())
+                            : RotaryTable()),
       layout_(DenseLayout(config.model())) {
   for (const DenseTensor& t : layout_) offset_[t.name] = t.offset;
   num_params_ = layout_.back().offset + layout_.back().numel();
@@ -103,45 +107,45 @@ Status Transformer<Real>::Forward(const Real* params, const Batch& batch,
   }
   const int N = B * L;
   const size_t nd = static_cast<size_t>(N) * d;
+  const int num_layers = model_.num_layers();
   cache->batch = B;
   cache->len = L;
-  cache->layers.resize(model_.num_layers());
+  cache->layers.resize(num_layers);
   report->tokens = N;
   report->moe.clear();
+  // Layer l's output is layer l + 1's input (the last one's: x_final).
+  auto input_of = [cache, num_layers](int l) -> std::vector<Real>& {
+    return l < num_layers ? cache->layers[l].x : cache->x_final;
+  };
 
   // x (N, d) = tok_embed[tokens] (+ pos_embed[0 .. L)).
-  std::vector<Real> x(nd);
+  std::vector<Real>& x0 = input_of(0);
+  x0.resize(nd);
   const Real* tok = Param(params, "tok_embed");
   const Real* pos = rotary_ ? nullptr : Param(params, "pos_embed");
   for (int b = 0; b < B; ++b) {
     EmbedForward(batch.inputs.data() + static_cast<size_t>(b) * L, L, d, tok,
-                 pos, x.data() + static_cast<size_t>(b) * L * d);
+                 pos, x0.data() + static_cast<size_t>(b) * L * d);
   }
+  std::vector<Real>& out = cache->block_out;
+  out.resize(nd);
   int moe = 0;
-  for (int l = 0; l < model_.num_layers(); ++l) {
+  for (int l = 0; l < num_layers; ++l) {
     LayerCache& c = cache->layers[l];
     const std::string p = "layers." + std::to_string(l);
-    c.x = std::move(x);
-    // h (N, d) = x + Attention(Norm1(x)), one causal sequence at a time.
+    // h (N, d) = x + Attention(Norm1(x)), causal within each sequence.
     c.n1.resize(nd);
     NormForward(params, p + ".norm1", c.x.data(), N, c.n1.data());
-    c.attn.resize(B);
-    c.h = c.x;
-    std::vector<Real> attn_out(static_cast<size_t>(L) * d);
-    const Real* wq = Param(params, p + ".attn.wq");
-    const Real* wk = Param(params, p + ".attn.wk");
-    const Real* wv = Param(params, p + ".attn.wv");
-    const Real* wo = Param(params, p + ".attn.wo");
-    for (int b = 0; b < B; ++b) {
-      const size_t at = static_cast<size_t>(b) * L * d;
-      AttentionForward(c.n1.data() + at, wq, wk, wv, wo, L, d, heads, rotary_,
-                       attn_out.data(), &c.attn[b]);
-      for (size_t i = 0; i < attn_out.size(); ++i) c.h[at + i] += attn_out[i];
-    }
+    AttentionForward(c.n1.data(), Param(params, p + ".attn.wq"),
+                     Param(params, p + ".attn.wk"),
+                     Param(params, p + ".attn.wv"),
+                     Param(params, p + ".attn.wo"), B, L, d, heads, rotary(),
+                     out.data(), &c.attn);
+    c.h.resize(nd);
+    for (size_t i = 0; i < nd; ++i) c.h[i] = c.x[i] + out[i];
     // x' (N, d) = h + Ffn(Norm2(h)), the FFN dense or mixture-of-experts.
     c.n2.resize(nd);
     NormForward(params, p + ".norm2", c.h.data(), N, c.n2.data());
-    std::vector<Real> y(nd);
     if (IsMoeLayer(model_, l)) {
       c.jitter.clear();
       if (train && router_.jitter > 0) {
@@ -152,8 +156,9 @@ Status Transformer<Real>::Forward(const Real* params, const Batch& batch,
       c.route = RouteForward(train ? router_ : eval_router_, c.n2.data(), N, d,
                              Param(params, p + ".router"),
                              c.jitter.empty() ? nullptr : c.jitter.data());
+      std::fill(out.begin(), out.end(), Real(0));
       RETURN_IF_ERROR(experts->Forward(moe, pass.micro_batch, train,
-                                       c.n2.data(), c.route, y.data()));
+                                       c.n2.data(), c.route, out.data()));
       MoeLayerStats stats;
       stats.load = c.route.load;
       stats.assignments = N * c.route.k;
@@ -168,13 +173,13 @@ Status Transformer<Real>::Forward(const Real* params, const Batch& batch,
       FfnForward(c.n2.data(), Param(params, p + ".ffn.w1"),
                  Param(params, p + ".ffn.b1"), Param(params, p + ".ffn.w2"),
                  Param(params, p + ".ffn.b2"), N, d, model_.d_ff(), activation_,
-                 y.data(), &c.ffn);
+                 out.data(), &c.ffn);
     }
-    x = c.h;
-    AddInto(y, &x);
+    std::vector<Real>& next = input_of(l + 1);
+    next.resize(nd);
+    for (size_t i = 0; i < nd; ++i) next[i] = c.h[i] + out[i];
   }
   // logits (N, V) = FinalNorm(x) @ lm_head.
-  cache->x_final = std::move(x);
   cache->n_final.resize(nd);
   NormForward(params, "final_norm", cache->x_final.data(), N,
               cache->n_final.data());
@@ -189,15 +194,16 @@ StatusOr<LossReport> Transformer<Real>::Evaluate(const Real* params,
                                                  const Batch& batch,
                                                  MoeExperts<Real>* experts,
                                                  std::vector<Real>* logits) {
-  Cache cache;
+  Cache& cache = cache_;
   LossReport report;
   RETURN_IF_ERROR(Forward(params, batch, /*train=*/false, PassId(), experts,
                           &cache, &report));
-  std::vector<Real> unused(cache.logits.size());
-  report.loss = static_cast<double>(CrossEntropy(
-      cache.logits.data(), batch.targets.data(),
-      static_cast<int>(report.tokens), model_.vocab_size(), unused.data()));
-  if (logits != nullptr) *logits = std::move(cache.logits);
+  cache.dlogits.resize(cache.logits.size());  // Not used.
+  report.loss = static_cast<double>(
+      CrossEntropy(cache.logits.data(), batch.targets.data(),
+                   static_cast<int>(report.tokens), model_.vocab_size(),
+                   cache.dlogits.data()));
+  if (logits != nullptr) *logits = cache.logits;
   return report;
 }
 
@@ -205,7 +211,7 @@ template <typename Real>
 StatusOr<LossReport> Transformer<Real>::TrainStep(
     const Real* params, const Batch& batch, const PassId& pass, Real loss_scale,
     MoeExperts<Real>* experts, Real* grads) {
-  Cache cache;
+  Cache& cache = cache_;
   LossReport report;
   RETURN_IF_ERROR(
       Forward(params, batch, /*train=*/true, pass, experts, &cache, &report));
@@ -215,7 +221,8 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
   const size_t nd = static_cast<size_t>(N) * d;
 
   // dlogits (N, V) = loss_scale * d(mean cross-entropy)/dlogits.
-  std::vector<Real> dlogits(static_cast<size_t>(N) * V);
+  std::vector<Real>& dlogits = cache.dlogits;
+  dlogits.resize(static_cast<size_t>(N) * V);
   report.loss = static_cast<double>(CrossEntropy(
       cache.logits.data(), batch.targets.data(), N, V, dlogits.data()));
   if (!std::isfinite(report.loss) || !std::isfinite(report.aux_loss) ||
@@ -235,16 +242,20 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
   // lm_head (d, V) += n_final^T dlogits; dn (N, d) = dlogits lm_head^T.
   MatMul(cache.n_final.data(), dlogits.data(), d, V, N, true, false, true,
          Grad(grads, "lm_head"));
-  std::vector<Real> dn(nd), dx(nd);
+  std::vector<Real>&dn = cache.dn, &dx = cache.dx, &dn2 = cache.dn2,
+  &dh = cache.dh;
+  dn.resize(nd);
+  dx.resize(nd);
+  dn2.resize(nd);
+  dh.resize(nd);
   MatMul(dlogits.data(), Param(params, "lm_head"), N, d, V, false, true, false,
          dn.data());
   NormBackward(params, "final_norm", cache.x_final.data(), dn.data(), N,
                dx.data(), grads);
 
   int moe = static_cast<int>(report.moe.size());
-  std::vector<Real> dn2(nd), dh(nd);
   for (int l = model_.num_layers() - 1; l >= 0; --l) {
-    const LayerCache& c = cache.layers[l];
+    LayerCache& c = cache.layers[l];
     const std::string p = "layers." + std::to_string(l);
     // dx holds dLoss/dx'; x' = h + Ffn(Norm2(h)).
     if (IsMoeLayer(model_, l)) {
@@ -253,7 +264,9 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
       std::vector<Real> d_gate(static_cast<size_t>(N) * k);
       RETURN_IF_ERROR(experts->Backward(moe, pass.micro_batch, N, dx.data(),
                                         dn2.data(), d_gate.data()));
-      std::vector<Real> dx_router(nd), dw_router(static_cast<size_t>(d) * E);
+      std::vector<Real>& dx_router = cache.dx_router;
+      dx_router.resize(nd);
+      std::vector<Real> dw_router(static_cast<size_t>(d) * E);
       RouteBackward(router_, c.route, d_gate.data(), loss_scale, d,
                     Param(params, p + ".router"),
                     c.jitter.empty() ? nullptr : c.jitter.data(),
@@ -264,7 +277,7 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
     } else {
       FfnBackward(c.n2.data(), Param(params, p + ".ffn.w1"),
                   Param(params, p + ".ffn.w2"), N, d, model_.d_ff(),
-                  activation_, c.ffn, dx.data(), dn2.data(),
+                  activation_, &c.ffn, dx.data(), dn2.data(),
                   Grad(grads, p + ".ffn.w1"), Grad(grads, p + ".ffn.b1"),
                   Grad(grads, p + ".ffn.w2"), Grad(grads, p + ".ffn.b2"));
     }
@@ -273,20 +286,13 @@ StatusOr<LossReport> Transformer<Real>::TrainStep(
     AddInto(dx, &dh);  // The residual path.
     // h = x + Attention(Norm1(x)).
     std::vector<Real>& dn1 = dn;
-    const Real* wq = Param(params, p + ".attn.wq");
-    const Real* wk = Param(params, p + ".attn.wk");
-    const Real* wv = Param(params, p + ".attn.wv");
-    const Real* wo = Param(params, p + ".attn.wo");
-    Real* dwq = Grad(grads, p + ".attn.wq");
-    Real* dwk = Grad(grads, p + ".attn.wk");
-    Real* dwv = Grad(grads, p + ".attn.wv");
-    Real* dwo = Grad(grads, p + ".attn.wo");
-    for (int b = 0; b < B; ++b) {
-      const size_t at = static_cast<size_t>(b) * L * d;
-      AttentionBackward(c.n1.data() + at, wq, wk, wv, wo, L, d, heads, rotary_,
-                        c.attn[b], dh.data() + at, dn1.data() + at, dwq, dwk,
-                        dwv, dwo);
-    }
+    AttentionBackward(c.n1.data(), Param(params, p + ".attn.wq"),
+                      Param(params, p + ".attn.wk"),
+                      Param(params, p + ".attn.wv"),
+                      Param(params, p + ".attn.wo"), B, L, d, heads, rotary(),
+                      &c.attn, dh.data(), dn1.data(),
+                      Grad(grads, p + ".attn.wq"), Grad(grads, p + ".attn.wk"),
+                      Grad(grads, p + ".attn.wv"), Grad(grads, p + ".attn.wo"));
     NormBackward(params, p + ".norm1", c.x.data(), dn1.data(), N, dx.data(),
                  grads);
     AddInto(dh, &dx);

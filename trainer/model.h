@@ -95,23 +95,31 @@ class Transformer {
 
  private:
   struct LayerCache {
-    std::vector<Real> x;                     // (N, d) layer input
-    std::vector<Real> n1;                    // (N, d) Norm1(x)
-    std::vector<AttentionCache<Real>> attn;  // per sequence
-    std::vector<Real> h;                     // (N, d) after attention
-    std::vector<Real> n2;                    // (N, d) Norm2(h)
-    FfnCache<Real> ffn;                      // dense layers
-    RouterState<Real> route;                 // MoE layers
+    std::vector<Real> x;        // (N, d) layer input
+    std::vector<Real> n1;       // (N, d) Norm1(x)
+    AttentionCache<Real> attn;  // every sequence of the batch
+    std::vector<Real> h;        // (N, d) after attention
+    std::vector<Real> n2;       // (N, d) Norm2(h)
+    FfnCache<Real> ffn;         // dense layers
+    RouterState<Real> route;    // MoE layers
     std::vector<float> jitter;
   };
+  // What a pass keeps for its backward, and the workspace of both: kept
+  // from pass to pass (cache_), so that a step allocates nothing new.
   struct Cache {
     int batch = 0, len = 0;
     std::vector<LayerCache> layers;
-    std::vector<Real> x_final;  // (N, d)
-    std::vector<Real> n_final;  // (N, d)
-    std::vector<Real> logits;   // (N, V)
+    std::vector<Real> x_final;    // (N, d)
+    std::vector<Real> n_final;    // (N, d)
+    std::vector<Real> logits;     // (N, V)
+    std::vector<Real> block_out;  // (N, d) an attention or FFN block's output
+    std::vector<Real> dlogits;    // (N, V)
+    std::vector<Real> dn, dx, dn2, dh, dx_router;  // (N, d)
   };
 
+  const RotaryTable* rotary() const {
+    return rotary_ ? &rotary_table_ : nullptr;
+  }
   const Real* Param(const Real* params, const std::string& name) const;
   Real* Grad(Real* grads, const std::string& name) const;
   void NormForward(const Real* params, const std::string& prefix, const Real* x,
@@ -130,9 +138,11 @@ class Transformer {
   const int activation_;             // 0 GELU, 1 ReLU, 2 SwiGLU
   const bool rotary_;
   const bool layernorm_;
+  const RotaryTable rotary_table_;  // Empty without rotary positions.
   std::vector<DenseTensor> layout_;
   std::map<std::string, int64_t> offset_;  // name -> offset
   int64_t num_params_ = 0;
+  Cache cache_;  // Every pass's (one thread drives a Transformer).
 };
 
 // 0 GELU, 1 ReLU, 2 SwiGLU: the activation codes of layers.h.

@@ -76,7 +76,7 @@ class LocalExperts : public trainer::MoeExperts<Real> {
 
   Status Backward(int layer, int micro_batch, int tokens, const Real* dy,
                   Real* dx, Real* d_gate) override {
-    const Saved& s = saved_.at({layer, micro_batch});
+    Saved& s = saved_.at({layer, micro_batch});
     std::fill(dx, dx + static_cast<size_t>(tokens) * d_, Real(0));
     std::fill(d_gate, d_gate + static_cast<size_t>(tokens) * s.k, Real(0));
     for (int e = 0; e < experts_; ++e) {
@@ -94,7 +94,7 @@ class LocalExperts : public trainer::MoeExperts<Real> {
       }
       trainer::FfnBackward(s.x[e].data(), &params[W1(layer, e)],
                            &params[W2(layer, e)], n, d_, f_, activation_,
-                           s.cache[e], dye.data(), dxe.data(),
+                           &s.cache[e], dye.data(), dxe.data(),
                            &grads[W1(layer, e)], &grads[B1(layer, e)],
                            &grads[W2(layer, e)], &grads[B2(layer, e)]);
       for (int r = 0; r < n; ++r) {

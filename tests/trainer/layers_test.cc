@@ -83,9 +83,10 @@ TEST(LayersTest, LayerNormGradients) {
 class AttentionTest : public ::testing::TestWithParam<bool> {};
 
 TEST_P(AttentionTest, GradientsAndCausality) {
-  const bool rotary = GetParam();
   std::mt19937 rng(3);
   const int len = 5, d = 8, heads = 2;
+  const RotaryTable table(len, d / heads);
+  const RotaryTable* rotary = GetParam() ? &table : nullptr;
   Vec x = Random(rng, len * d), wq = Random(rng, d * d, 0.4),
       wk = Random(rng, d * d, 0.4), wv = Random(rng, d * d, 0.4),
       wo = Random(rng, d * d, 0.4), r = Random(rng, len * d);
@@ -93,18 +94,18 @@ TEST_P(AttentionTest, GradientsAndCausality) {
     Vec y(len * d);
     AttentionCache<double> cache;
     AttentionForward(input.data(), wq.data(), wk.data(), wv.data(), wo.data(),
-                     len, d, heads, rotary, y.data(), &cache);
+                     1, len, d, heads, rotary, y.data(), &cache);
     return y;
   };
   auto loss = [&] { return Dot(forward(x), r); };
   Vec y(len * d), dx(len * d), dwq(d * d, 0.0), dwk(d * d, 0.0),
       dwv(d * d, 0.0), dwo(d * d, 0.0);
   AttentionCache<double> cache;
-  AttentionForward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), len, d,
-                   heads, rotary, y.data(), &cache);
-  AttentionBackward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), len,
-                    d, heads, rotary, cache, r.data(), dx.data(), dwq.data(),
-                    dwk.data(), dwv.data(), dwo.data());
+  AttentionForward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), 1, len,
+                   d, heads, rotary, y.data(), &cache);
+  AttentionBackward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), 1,
+                    len, d, heads, rotary, &cache, r.data(), dx.data(),
+                    dwq.data(), dwk.data(), dwv.data(), dwo.data());
   ExpectGrad(&x, dx, loss, "dx");
   ExpectGrad(&wq, dwq, loss, "dwq");
   ExpectGrad(&wk, dwk, loss, "dwk");
@@ -119,8 +120,8 @@ TEST_P(AttentionTest, GradientsAndCausality) {
   Vec one(d), y1(d);
   std::copy(x.begin(), x.begin() + d, one.begin());
   AttentionCache<double> c1;
-  AttentionForward(one.data(), wq.data(), wk.data(), wv.data(), wo.data(), 1, d,
-                   heads, rotary, y1.data(), &c1);
+  AttentionForward(one.data(), wq.data(), wk.data(), wv.data(), wo.data(), 1, 1,
+                   d, heads, rotary, y1.data(), &c1);
   for (int i = 0; i < d; ++i) EXPECT_NEAR(y1[i], y[i], 1e-12);
 }
 
@@ -154,7 +155,8 @@ TEST(LayersTest, RotaryIsARotation) {
   const int len = 4, d = 8, heads = 2;
   Vec rows = Random(rng, len * d);
   Vec turned = rows;
-  ApplyRotary(turned.data(), len, d, heads, false);
+  const RotaryTable table(len, d / heads);
+  ApplyRotary(turned.data(), len, d, heads, table, false);
   // Position 0 does not turn; others keep each pair's length.
   for (int i = 0; i < d; ++i) EXPECT_EQ(turned[i], rows[i]);
   for (int p = 1; p < len; ++p) {
@@ -165,9 +167,97 @@ TEST(LayersTest, RotaryIsARotation) {
     }
   }
   EXPECT_NE(turned, rows);
-  ApplyRotary(turned.data(), len, d, heads, true);
+  ApplyRotary(turned.data(), len, d, heads, table, true);
   for (size_t i = 0; i < rows.size(); ++i) {
     EXPECT_NEAR(turned[i], rows[i], 1e-12);
+  }
+}
+
+TEST(LayersTest, RotaryTableHoldsTheAnglesOfEveryPositionAndPair) {
+  // Pair i of position p turns by p / 10000^(2i / hd): the table holds the
+  // same cosines and sines as computing them at the rotation would.
+  const int len = 96, hd = 32;
+  const RotaryTable table(len, hd);
+  ASSERT_EQ(table.cos.size(), static_cast<size_t>(len * hd / 2));
+  for (int p = 0; p < len; ++p) {
+    for (int i = 0; i < hd / 2; ++i) {
+      const double theta =
+          p / std::pow(kRopeTheta, static_cast<double>(2 * i) / hd);
+      EXPECT_EQ(table.cos[p * hd / 2 + i], std::cos(theta));
+      EXPECT_EQ(table.sin[p * hd / 2 + i], std::sin(theta));
+    }
+  }
+}
+
+// fp32 runs other code than the fp64 the gradient checks use (BLAS, the
+// expert kernels): it must compute the same function to fp32 rounding.
+std::vector<float> ToFloat(const Vec& v) { return {v.begin(), v.end()}; }
+
+void ExpectClose(const std::vector<float>& got, const Vec& want,
+                 const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i], 2e-5 * std::max(1.0, std::abs(want[i])))
+        << what << "[" << i << "]";
+  }
+}
+
+TEST_P(AttentionTest, Fp32IsTheFp64Function) {
+  std::mt19937 rng(13);
+  const int batch = 3, len = 23, d = 16, heads = 4, n = batch * len;
+  const RotaryTable table(len, d / heads);
+  const RotaryTable* rotary = GetParam() ? &table : nullptr;
+  const Vec x = Random(rng, n * d), wq = Random(rng, d * d, 0.3),
+            wk = Random(rng, d * d, 0.3), wv = Random(rng, d * d, 0.3),
+            wo = Random(rng, d * d, 0.3), dy = Random(rng, n * d);
+  Vec y(n * d), dx(n * d), dwq(d * d, 0.0), dwk(d * d, 0.0), dwv(d * d, 0.0),
+      dwo(d * d, 0.0);
+  AttentionCache<double> cache;
+  AttentionForward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), batch,
+                   len, d, heads, rotary, y.data(), &cache);
+  AttentionBackward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), batch,
+                    len, d, heads, rotary, &cache, dy.data(), dx.data(),
+                    dwq.data(), dwk.data(), dwv.data(), dwo.data());
+  const auto xf = ToFloat(x), wqf = ToFloat(wq), wkf = ToFloat(wk),
+             wvf = ToFloat(wv), wof = ToFloat(wo), dyf = ToFloat(dy);
+  std::vector<float> yf(n * d), dxf(n * d), dwqf(d * d, 0.0f),
+      dwkf(d * d, 0.0f), dwvf(d * d, 0.0f), dwof(d * d, 0.0f);
+  AttentionCache<float> cf;
+  AttentionForward(xf.data(), wqf.data(), wkf.data(), wvf.data(), wof.data(),
+                   batch, len, d, heads, rotary, yf.data(), &cf);
+  AttentionBackward(xf.data(), wqf.data(), wkf.data(), wvf.data(), wof.data(),
+                    batch, len, d, heads, rotary, &cf, dyf.data(), dxf.data(),
+                    dwqf.data(), dwkf.data(), dwvf.data(), dwof.data());
+  ExpectClose(yf, y, "y");
+  ExpectClose(dxf, dx, "dx");
+  ExpectClose(dwqf, dwq, "dwq");
+  ExpectClose(dwkf, dwk, "dwk");
+  ExpectClose(dwvf, dwv, "dwv");
+  ExpectClose(dwof, dwo, "dwo");
+}
+
+TEST_P(AttentionTest, EachSequenceOfABatchAttendsOnlyToItself) {
+  // A batch computes, for each of its sequences, what that sequence alone
+  // gives (the projections are one GEMM over all rows, row by row).
+  std::mt19937 rng(19);
+  const int batch = 3, len = 6, d = 8, heads = 2, n = batch * len;
+  const RotaryTable table(len, d / heads);
+  const RotaryTable* rotary = GetParam() ? &table : nullptr;
+  const Vec x = Random(rng, n * d), wq = Random(rng, d * d, 0.4),
+            wk = Random(rng, d * d, 0.4), wv = Random(rng, d * d, 0.4),
+            wo = Random(rng, d * d, 0.4);
+  Vec y(n * d);
+  AttentionCache<double> cache;
+  AttentionForward(x.data(), wq.data(), wk.data(), wv.data(), wo.data(), batch,
+                   len, d, heads, rotary, y.data(), &cache);
+  for (int b = 0; b < batch; ++b) {
+    Vec alone(len * d);
+    AttentionCache<double> c1;
+    AttentionForward(x.data() + b * len * d, wq.data(), wk.data(), wv.data(),
+                     wo.data(), 1, len, d, heads, rotary, alone.data(), &c1);
+    for (int i = 0; i < len * d; ++i) {
+      EXPECT_EQ(alone[i], y[b * len * d + i]) << "sequence " << b;
+    }
   }
 }
 
@@ -214,7 +304,7 @@ TEST_P(FfnTest, GradientsForEachActivation) {
   FfnCache<double> cache;
   FfnForward(x.data(), w1.data(), b1.data(), w2.data(), b2.data(), n, d, f, act,
              y.data(), &cache);
-  FfnBackward(x.data(), w1.data(), w2.data(), n, d, f, act, cache, r.data(),
+  FfnBackward(x.data(), w1.data(), w2.data(), n, d, f, act, &cache, r.data(),
               dx.data(), dw1.data(), db1.data(), dw2.data(), db2.data());
   ExpectGrad(&x, dx, loss, "dx");
   ExpectGrad(&w1, dw1, loss, "dw1");
@@ -226,6 +316,38 @@ TEST_P(FfnTest, GradientsForEachActivation) {
 std::string ActivationName(const ::testing::TestParamInfo<int>& info) {
   static const char* kNames[] = {"gelu", "relu", "swiglu"};
   return kNames[info.param];
+}
+
+TEST_P(FfnTest, Fp32IsTheFp64Function) {
+  const int act = GetParam();
+  const int g = act == 2 ? 2 : 1;
+  std::mt19937 rng(17 + act);
+  const int n = 37, d = 16, f = 24;
+  const Vec x = Random(rng, n * d), w1 = Random(rng, d * g * f, 0.3),
+            b1 = Random(rng, g * f, 0.2), w2 = Random(rng, f * d, 0.3),
+            b2 = Random(rng, d, 0.2), dy = Random(rng, n * d);
+  Vec y(n * d), dx(n * d), dw1(d * g * f, 0.0), db1(g * f, 0.0),
+      dw2(f * d, 0.0), db2(d, 0.0);
+  FfnCache<double> cache;
+  FfnForward(x.data(), w1.data(), b1.data(), w2.data(), b2.data(), n, d, f, act,
+             y.data(), &cache);
+  FfnBackward(x.data(), w1.data(), w2.data(), n, d, f, act, &cache, dy.data(),
+              dx.data(), dw1.data(), db1.data(), dw2.data(), db2.data());
+  const auto xf = ToFloat(x), w1f = ToFloat(w1), b1f = ToFloat(b1),
+             w2f = ToFloat(w2), b2f = ToFloat(b2), dyf = ToFloat(dy);
+  std::vector<float> yf(n * d), dxf(n * d), dw1f(d * g * f, 0.0f),
+      db1f(g * f, 0.0f), dw2f(f * d, 0.0f), db2f(d, 0.0f);
+  FfnCache<float> cf;
+  FfnForward(xf.data(), w1f.data(), b1f.data(), w2f.data(), b2f.data(), n, d, f,
+             act, yf.data(), &cf);
+  FfnBackward(xf.data(), w1f.data(), w2f.data(), n, d, f, act, &cf, dyf.data(),
+              dxf.data(), dw1f.data(), db1f.data(), dw2f.data(), db2f.data());
+  ExpectClose(yf, y, "y");
+  ExpectClose(dxf, dx, "dx");
+  ExpectClose(dw1f, dw1, "dw1");
+  ExpectClose(db1f, db1, "db1");
+  ExpectClose(dw2f, dw2, "dw2");
+  ExpectClose(db2f, db2, "db2");
 }
 
 INSTANTIATE_TEST_SUITE_P(Activations, FfnTest, ::testing::Values(0, 1, 2),
@@ -267,6 +389,15 @@ TEST(LayersTest, FfnIsTheExpertFunction) {
     for (int i = 0; i < n * d; ++i) {
       EXPECT_NEAR(ye.f32()[i], y[i], 1e-4 * std::max(1.0, std::abs(y[i])))
           << "activation " << act << " element " << i;
+    }
+    // In fp32 the dense layer runs the expert's kernels: the same bits.
+    std::vector<float> yf(n * d);
+    FfnCache<float> cf;
+    const Tensor xt = to_tensor(x, {n, d});
+    FfnForward(xt.f32(), p.w1.f32(), p.b1.f32(), p.w2.f32(), p.b2.f32(), n, d,
+               f, act, yf.data(), &cf);
+    for (int i = 0; i < n * d; ++i) {
+      EXPECT_EQ(yf[i], ye.f32()[i]) << "activation " << act << " element " << i;
     }
   }
 }
