@@ -92,6 +92,7 @@ bench: bootstrap build
 	bash bench/elastic_bench.sh $(BUILD_DIR)
 	$(BUILD_DIR)/bench/control_plane_bench --members 2048
 	bash bench/torch_moe_bench.sh $(BUILD_DIR)
+	bash bench/demo_vs_torch.sh $(BUILD_DIR)
 	$(BUILD_DIR)/bench/checkpoint_bench --gib 2
 
 chaos: bootstrap build
