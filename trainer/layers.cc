@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "expert_worker/cpu/activation_kernels.h"
+#include "trainer/row_kernels.h"
 
 namespace switchyard::trainer {
 
@@ -100,6 +101,20 @@ void RmsNormBackward(const Real* x, const Real* g, const Real* dy, int n, int d,
           dyr[j] * g[j] * inv - dot * inv * inv * inv * xr[j] / d;
     }
   }
+}
+
+// fp32: the vectorised row kernels (row_kernels.h).
+template <>
+void RmsNormForward<float>(const float* x, const float* g, int n, int d,
+                           float* y) {
+  kernels::RmsNormForward(x, g, n, d, static_cast<float>(kNormEps), y);
+}
+
+template <>
+void RmsNormBackward<float>(const float* x, const float* g, const float* dy,
+                            int n, int d, float* dx, float* dg) {
+  kernels::RmsNormBackward(x, g, dy, n, d, static_cast<float>(kNormEps), dx,
+                           dg);
 }
 
 template <typename Real>
@@ -206,6 +221,48 @@ void EmbedBackward(const int32_t* tokens, int len, int d, const Real* dy,
   }
 }
 
+namespace {
+
+// Row i of probs (len, len): softmax over j <= i in place, zeros after.
+template <typename Real>
+void CausalSoftmax(Real* probs, int len) {
+  for (int i = 0; i < len; ++i) {
+    Real* p = probs + static_cast<size_t>(i) * len;
+    const Real m = *std::max_element(p, p + i + 1);
+    Real sum = 0;
+    for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - m));
+    for (int j = 0; j <= i; ++j) p[j] /= sum;
+    std::fill(p + i + 1, p + len, Real(0));
+  }
+}
+
+template <>
+void CausalSoftmax<float>(float* probs, int len) {
+  kernels::CausalSoftmax(probs, len);
+}
+
+// g = dLoss/dP in, dLoss/dS * scale out:
+// P_ij (g_ij - sum_j' P_ij' g_ij') * scale for j <= i, 0 after.
+template <typename Real>
+void CausalSoftmaxBackward(const Real* probs, Real* g, int len, Real scale) {
+  for (int i = 0; i < len; ++i) {
+    const Real* p = probs + static_cast<size_t>(i) * len;
+    Real* gr = g + static_cast<size_t>(i) * len;
+    Real dot = 0;
+    for (int j = 0; j <= i; ++j) dot += p[j] * gr[j];
+    for (int j = 0; j <= i; ++j) gr[j] = p[j] * (gr[j] - dot) * scale;
+    std::fill(gr + i + 1, gr + len, Real(0));
+  }
+}
+
+template <>
+void CausalSoftmaxBackward<float>(const float* probs, float* g, int len,
+                                  float scale) {
+  kernels::CausalSoftmaxBackward(probs, g, len, scale);
+}
+
+}  // namespace
+
 template <typename Real>
 void AttentionForward(const Real* x, const Real* wq, const Real* wk,
                       const Real* wv, const Real* wo, int batch, int len, int d,
@@ -236,14 +293,7 @@ void AttentionForward(const Real* x, const Real* wq, const Real* wk,
       const size_t col = at + static_cast<size_t>(h) * hd;
       Gemm(false, true, len, len, hd, scale, c->q.data() + col, d,
            c->k.data() + col, d, Real(0), probs, len);
-      for (int i = 0; i < len; ++i) {
-        Real* p = probs + static_cast<size_t>(i) * len;
-        const Real m = *std::max_element(p, p + i + 1);
-        Real sum = 0;
-        for (int j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - m));
-        for (int j = 0; j <= i; ++j) p[j] /= sum;
-        std::fill(p + i + 1, p + len, Real(0));
-      }
+      CausalSoftmax(probs, len);
       // context_h = P v_h.
       Gemm(false, false, len, hd, len, Real(1), probs, len, c->v.data() + col,
            d, Real(0), c->context.data() + col, d);
@@ -281,16 +331,8 @@ void AttentionBackward(const Real* x, const Real* wq, const Real* wk,
            Real(0), ds, len);
       Gemm(true, false, len, hd, len, Real(1), probs, len, dctx_h, d, Real(0),
            c->dv.data() + col, d);
-      // Softmax backward, with the scale of the dot products:
-      // dS_ij = P_ij (dP_ij - sum_j' P_ij' dP_ij') / sqrt(hd), 0 if masked.
-      for (int i = 0; i < len; ++i) {
-        const Real* p = probs + static_cast<size_t>(i) * len;
-        Real* g = ds + static_cast<size_t>(i) * len;
-        Real dot = 0;
-        for (int j = 0; j <= i; ++j) dot += p[j] * g[j];
-        for (int j = 0; j <= i; ++j) g[j] = p[j] * (g[j] - dot) * scale;
-        std::fill(g + i + 1, g + len, Real(0));
-      }
+      // Softmax backward, with the scale of the dot products.
+      CausalSoftmaxBackward(probs, ds, len, scale);
       // dq_h = dS k_h; dk_h = dS^T q_h.
       Gemm(false, false, len, hd, len, Real(1), ds, len, c->k.data() + col, d,
            Real(0), c->dq.data() + col, d);
@@ -472,16 +514,18 @@ Real CrossEntropy(const Real* logits, const int32_t* targets, int n, int vocab,
   return n > 0 ? total / n : Real(0);
 }
 
+template <>
+float CrossEntropy<float>(const float* logits, const int32_t* targets, int n,
+                          int vocab, float* dlogits) {
+  return kernels::CrossEntropy(logits, targets, n, vocab, dlogits);
+}
+
 template void MatMul<float>(const float*, const float*, int, int, int, bool,
                             bool, bool, float*);
 template void MatMul<double>(const double*, const double*, int, int, int, bool,
                              bool, bool, double*);
 
 #define SWITCHYARD_INSTANTIATE_LAYERS(Real)                                    \
-  template void RmsNormForward<Real>(const Real*, const Real*, int, int,       \
-                                     Real*);                                   \
-  template void RmsNormBackward<Real>(const Real*, const Real*, const Real*,   \
-                                      int, int, Real*, Real*);                 \
   template void LayerNormForward<Real>(const Real*, const Real*, const Real*,  \
                                        int, int, Real*);                       \
   template void LayerNormBackward<Real>(const Real*, const Real*, const Real*, \
@@ -498,15 +542,20 @@ template void MatMul<double>(const double*, const double*, int, int, int, bool,
   template void AttentionBackward<Real>(                                       \
       const Real*, const Real*, const Real*, const Real*, const Real*, int,    \
       int, int, int, const RotaryTable*, AttentionCache<Real>*, const Real*,   \
-      Real*, Real*, Real*, Real*, Real*);                                      \
-  template Real CrossEntropy<Real>(const Real*, const int32_t*, int, int,      \
-                                   Real*);
+      Real*, Real*, Real*, Real*, Real*);
 
 SWITCHYARD_INSTANTIATE_LAYERS(float)
 SWITCHYARD_INSTANTIATE_LAYERS(double)
 #undef SWITCHYARD_INSTANTIATE_LAYERS
 
-// FfnForward<float> and FfnBackward<float> are specialisations (the kernels).
+// The fp32 versions of these are specialisations (the kernels).
+template void RmsNormForward<double>(const double*, const double*, int, int,
+                                     double*);
+template void RmsNormBackward<double>(const double*, const double*,
+                                      const double*, int, int, double*,
+                                      double*);
+template double CrossEntropy<double>(const double*, const int32_t*, int, int,
+                                     double*);
 template void FfnForward<double>(const double*, const double*, const double*,
                                  const double*, const double*, int, int, int,
                                  int, double*, FfnCache<double>*);

@@ -202,6 +202,41 @@ void ExpectClose(const std::vector<float>& got, const Vec& want,
   }
 }
 
+TEST(LayersTest, Fp32NormsAndCrossEntropyAreTheFp64Functions) {
+  // Row lengths around the kernels' 16 lanes, tails included.
+  std::mt19937 rng(23);
+  for (int d : {1, 15, 16, 37, 128}) {
+    const int n = 5;
+    const Vec x = Random(rng, n * d), g = Random(rng, d),
+              dy = Random(rng, n * d);
+    Vec y(n * d), dx(n * d), dg(d, 0.0);
+    RmsNormForward(x.data(), g.data(), n, d, y.data());
+    RmsNormBackward(x.data(), g.data(), dy.data(), n, d, dx.data(), dg.data());
+    const auto xf = ToFloat(x), gf = ToFloat(g), dyf = ToFloat(dy);
+    std::vector<float> yf(n * d), dxf(n * d), dgf(d, 0.0f);
+    RmsNormForward(xf.data(), gf.data(), n, d, yf.data());
+    RmsNormBackward(xf.data(), gf.data(), dyf.data(), n, d, dxf.data(),
+                    dgf.data());
+    ExpectClose(yf, y, "rmsnorm y");
+    ExpectClose(dxf, dx, "rmsnorm dx");
+    ExpectClose(dgf, dg, "rmsnorm dg");
+  }
+  for (int vocab : {3, 16, 300}) {
+    const int n = 7;
+    Vec logits = Random(rng, n * vocab, 3.0);
+    std::vector<int32_t> targets(n);
+    for (int r = 0; r < n; ++r) targets[r] = (r * 31) % vocab;
+    Vec dlogits(n * vocab);
+    const double loss =
+        CrossEntropy(logits.data(), targets.data(), n, vocab, dlogits.data());
+    std::vector<float> dlf(n * vocab);
+    const float lossf = CrossEntropy(ToFloat(logits).data(), targets.data(), n,
+                                     vocab, dlf.data());
+    EXPECT_NEAR(lossf, loss, 2e-5 * std::max(1.0, loss)) << "vocab " << vocab;
+    ExpectClose(dlf, dlogits, "dlogits");
+  }
+}
+
 TEST_P(AttentionTest, Fp32IsTheFp64Function) {
   std::mt19937 rng(13);
   const int batch = 3, len = 23, d = 16, heads = 4, n = batch * len;
