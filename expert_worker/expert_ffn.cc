@@ -68,16 +68,21 @@ StatusOr<Activation> ParseActivation(const std::string& name) {
   return InvalidArgumentError("unknown activation '" + name + "'");
 }
 
-Status ExpertParams::RefreshBf16() {
+Status ExpertParams::MakeBf16Storage() {
   // Reuses the copies' storage after the first call: no fresh pages per
   // update.
   for (auto [w, copy] : {std::pair{&w1, &w1_bf16}, {&w2, &w2_bf16}}) {
     if (copy->empty() || copy->shape() != w->shape()) {
       ASSIGN_OR_RETURN(*copy, Tensor::Zeros(DType::kBF16, w->shape()));
     }
-    RETURN_IF_ERROR(w->ConvertInto(copy));
   }
   return OkStatus();
+}
+
+Status ExpertParams::RefreshBf16() {
+  RETURN_IF_ERROR(MakeBf16Storage());
+  RETURN_IF_ERROR(w1.ConvertInto(&w1_bf16));
+  return w2.ConvertInto(&w2_bf16);
 }
 
 StatusOr<ExpertParams> ExpertParams::Zeros(const ExpertShape& s) {

@@ -52,6 +52,9 @@ struct ExpertParams {
   static StatusOr<ExpertParams> Zeros(const ExpertShape& shape);
   // (Re)computes w1_bf16 and w2_bf16 from w1 and w2.
   Status RefreshBf16();
+  // Gives w1_bf16 and w2_bf16 storage shaped like w1 and w2 (kept when it
+  // is), for a writer that fills them itself (the optimizer's sweep).
+  Status MakeBf16Storage();
 };
 
 class ExpertFfn {

@@ -1,8 +1,11 @@
 #include "expert_worker/optimizer.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 
+#include "common/bf16.h"
 #include "common/target_clones.h"
 
 namespace switchyard::expert_worker {
@@ -36,22 +39,42 @@ Status CheckPair(const Tensor& grad, const Tensor& param) {
   return OkStatus();
 }
 
-// One AdamW update of n elements. Compiled for AVX-512, AVX2 and plain
-// x86-64 and chosen at load time; optimizer.cc is built with
-// -ffp-contract=off and -fno-math-errno, so every variant vectorises the
-// same IEEE operations (no fused multiply-adds) and gives the same bits.
-SY_TARGET_CLONES void AdamWUpdate(int64_t n, float lr, float b1, float b2,
-                                  float c1, float c2, float eps, float wd,
-                                  const float* __restrict g,
-                                  float* __restrict p, float* __restrict m,
-                                  float* __restrict v) {
-  for (int64_t i = 0; i < n; ++i) {
+// Checks a bf16 copy to write beside `param` (none: null).
+StatusOr<BFloat16*> Bf16Out(const Tensor& param, Tensor* copy) {
+  if (copy == nullptr) return static_cast<BFloat16*>(nullptr);
+  if (copy->dtype() != DType::kBF16 || copy->shape() != param.shape()) {
+    return InvalidArgumentError("optimizer: bf16 copy " + copy->DebugString() +
+                                " does not match parameter " +
+                                param.DebugString());
+  }
+  return copy->bf16();
+}
+
+// Elements [from, to) of one AdamW update, and their bf16 rounding when p16
+// is not null. Compiled for AVX-512, AVX2 and plain x86-64 and chosen at
+// load time; optimizer.cc is built with -ffp-contract=off and
+// -fno-math-errno, so every variant vectorises the same IEEE operations (no
+// fused multiply-adds) and gives the same bits.
+SY_TARGET_CLONES void AdamWRange(int64_t from, int64_t to, float lr, float b1,
+                                 float b2, float c1, float c2, float eps,
+                                 float wd, const float* __restrict g,
+                                 float* __restrict p, float* __restrict m,
+                                 float* __restrict v,
+                                 BFloat16* __restrict p16) {
+  for (int64_t i = from; i < to; ++i) {
     m[i] = b1 * m[i] + (1.0f - b1) * g[i];
     v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
     const float update = (m[i] * c1) / (std::sqrt(v[i] * c2) + eps);
     p[i] -= lr * (update + wd * p[i]);
   }
+  if (p16 != nullptr) FloatsToBf16(p + from, to - from, p16 + from);
 }
+
+// Elements a thread updates at a time (64 KiB of each array: the block's
+// parameters are still in cache for their bf16 rounding), and below how
+// many the sweep stays on the calling thread.
+constexpr int64_t kAdamWBlock = 16384;
+constexpr int64_t kParallelElements = 65536;
 
 class AdamW : public Optimizer {
  public:
@@ -65,8 +88,9 @@ class AdamW : public Optimizer {
   }
 
   Status Apply(int64_t step, const Tensor& grad, Tensor* param,
-               OptimizerState* state) const override {
+               OptimizerState* state, Tensor* param_bf16) const override {
     RETURN_IF_ERROR(CheckPair(grad, *param));
+    ASSIGN_OR_RETURN(BFloat16* const p16, Bf16Out(*param, param_bf16));
     const double t = static_cast<double>(step + 1);
     const float lr = static_cast<float>(LearningRate(t_, step));
     const float b1 = static_cast<float>(t_.beta1());
@@ -75,8 +99,17 @@ class AdamW : public Optimizer {
     const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(t_.beta2(), t)));
     const float eps = static_cast<float>(t_.eps());
     const float wd = static_cast<float>(t_.weight_decay());
-    AdamWUpdate(param->num_elements(), lr, b1, b2, c1, c2, eps, wd, grad.f32(),
-                param->f32(), state->m.f32(), state->v.f32());
+    const int64_t n = param->num_elements();
+    const int64_t blocks = (n + kAdamWBlock - 1) / kAdamWBlock;
+    const float* g = grad.f32();
+    float* p = param->f32();
+    float* m = state->m.f32();
+    float* v = state->v.f32();
+#pragma omp parallel for schedule(static) if (n > kParallelElements)
+    for (int64_t b = 0; b < blocks; ++b) {
+      AdamWRange(b * kAdamWBlock, std::min(n, (b + 1) * kAdamWBlock), lr, b1,
+                 b2, c1, c2, eps, wd, g, p, m, v, p16);
+    }
     return OkStatus();
   }
 
@@ -100,8 +133,9 @@ class Adafactor : public Optimizer {
   }
 
   Status Apply(int64_t step, const Tensor& grad, Tensor* param,
-               OptimizerState* state) const override {
+               OptimizerState* state, Tensor* param_bf16) const override {
     RETURN_IF_ERROR(CheckPair(grad, *param));
+    ASSIGN_OR_RETURN(BFloat16* const p16, Bf16Out(*param, param_bf16));
     constexpr float kEps = 1e-30f;
     const float lr = static_cast<float>(LearningRate(t_, step));
     const float b2 =
@@ -152,6 +186,7 @@ class Adafactor : public Optimizer {
     const double rms = std::sqrt(sum_sq / std::max<int64_t>(n, 1));
     const float clip = static_cast<float>(1.0 / std::max(1.0, rms));
     for (int64_t i = 0; i < n; ++i) p[i] -= lr * (u[i] * clip + wd * p[i]);
+    if (p16 != nullptr) FloatsToBf16(p, n, p16);
     return OkStatus();
   }
 

@@ -12,8 +12,10 @@
 //                    vhat_ij = r_i c_j / mean(r)
 //   vectors:         v = b2 v + (1-b2) (g^2 + 1e-30)
 //   u = g / sqrt(vhat);  u /= max(1, RMS(u));  p -= lr * (u + wd * p)
-// Elementwise in a fixed order, so results are bit-reproducible.
-// Thread-compatible.
+// Elementwise in a fixed order, so results are bit-reproducible. AdamW's
+// sweep runs on the calling thread's OpenMP threads (SetKernelThreads):
+// every element is computed on its own, so the bits do not depend on the
+// thread count. Thread-compatible.
 #ifndef SWITCHYARD_EXPERT_WORKER_OPTIMIZER_H_
 #define SWITCHYARD_EXPERT_WORKER_OPTIMIZER_H_
 
@@ -48,8 +50,12 @@ class Optimizer {
   // Zero state for `param` (rank 1 or 2, fp32).
   virtual StatusOr<OptimizerState> NewState(const Tensor& param) const = 0;
   // One update at `step` (0-based) with `grad` (fp32, same shape as param).
+  // With `param_bf16` (bf16, shaped like param), the same sweep also writes
+  // the updated parameters rounded to bf16 there (what RefreshBf16 would
+  // write, without a second pass over them).
   virtual Status Apply(int64_t step, const Tensor& grad, Tensor* param,
-                       OptimizerState* state) const = 0;
+                       OptimizerState* state,
+                       Tensor* param_bf16 = nullptr) const = 0;
 };
 
 }  // namespace switchyard::expert_worker

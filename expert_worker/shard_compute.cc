@@ -172,16 +172,19 @@ Status ShardCompute::Apply(int64_t step, ExpertShard* shard) const {
   const ExpertFfn& f = ffn(shard->id.shard);
   ExpertParams& p = shard->params;
   const ExpertParams& g = shard->grads;
-  RETURN_IF_ERROR(optimizer_->Apply(step, g.w1, &p.w1, &shard->w1));
-  RETURN_IF_ERROR(optimizer_->Apply(step, g.w2, &p.w2, &shard->w2));
+  // bf16 compute: the sweep that changes the weights also refreshes their
+  // bf16 copies (one pass over them, not two).
+  const bool bf16 = f.shape().compute_dtype == DType::kBF16;
+  if (bf16) RETURN_IF_ERROR(p.MakeBf16Storage());
+  RETURN_IF_ERROR(optimizer_->Apply(step, g.w1, &p.w1, &shard->w1,
+                                    bf16 ? &p.w1_bf16 : nullptr));
+  RETURN_IF_ERROR(optimizer_->Apply(step, g.w2, &p.w2, &shard->w2,
+                                    bf16 ? &p.w2_bf16 : nullptr));
   if (!p.b1.empty()) {
     RETURN_IF_ERROR(optimizer_->Apply(step, g.b1, &p.b1, &shard->b1));
   }
   if (!p.b2.empty()) {
     RETURN_IF_ERROR(optimizer_->Apply(step, g.b2, &p.b2, &shard->b2));
-  }
-  if (f.shape().compute_dtype == DType::kBF16) {
-    RETURN_IF_ERROR(p.RefreshBf16());  // Weights changed.
   }
   return OkStatus();
 }

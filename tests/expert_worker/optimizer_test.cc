@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "common/bf16.h"
 #include "common/config.h"
+#include "expert_worker/cpu/activation_kernels.h"
 #include "expert_worker/cpu/blas_kernels.h"
 
 namespace switchyard::expert_worker {
@@ -102,6 +104,46 @@ TEST(AdafactorTest, VectorsUseFullSecondMoments) {
   // b2 = 0: v = g^2, u = sign(g), RMS(u) = 1: p = -sign(g).
   EXPECT_FLOAT_EQ(p.f32()[0], -1.0f);
   EXPECT_FLOAT_EQ(p.f32()[1], 1.0f);
+}
+
+TEST(OptimizerTest, ASweepIsTheSameOnAnyThreadCountAndWritesItsBf16Copy) {
+  // Large enough to run on every OpenMP thread (and not a whole number of
+  // blocks): the bits must not depend on the thread count, and the bf16
+  // copy a sweep writes is the rounding of the updated parameters.
+  for (const char* name : {"adamw", "adafactor"}) {
+    auto t =
+        Training({std::string("training.optimizer=") + name,
+                  "training.learning_rate=0.01", "training.weight_decay=0.1"});
+    auto opt = Optimizer::Create(t).value();
+    const int64_t rows = 301, cols = 1001;
+    auto fill = [&](uint32_t seed) {
+      Tensor x = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+      for (int64_t i = 0; i < x.num_elements(); ++i) {
+        seed = seed * 1664525u + 1013904223u;
+        x.f32()[i] = static_cast<float>(seed >> 8) / (1 << 24) - 0.5f;
+      }
+      return x;
+    };
+    const Tensor g = fill(7);
+    Tensor params[2] = {fill(3), fill(3)};
+    Tensor copy = Tensor::Zeros(DType::kBF16, {rows, cols}).value();
+    for (int threads : {1, 2}) {
+      SetKernelThreads(threads);
+      Tensor& p = params[threads - 1];
+      OptimizerState state = opt->NewState(p).value();
+      ASSERT_TRUE(opt->Apply(0, g, &p, &state).ok()) << name;
+      ASSERT_TRUE(opt->Apply(1, g, &p, &state, &copy).ok()) << name;
+    }
+    SetKernelThreads(1);
+    for (int64_t i = 0; i < params[0].num_elements(); ++i) {
+      ASSERT_EQ(params[0].f32()[i], params[1].f32()[i]) << name << " " << i;
+      ASSERT_EQ(copy.bf16()[i].bits, FloatToBf16(params[1].f32()[i]).bits)
+          << name << " " << i;
+    }
+    Tensor wrong = Tensor::Zeros(DType::kBF16, {cols, rows}).value();
+    OptimizerState state = opt->NewState(params[0]).value();
+    EXPECT_FALSE(opt->Apply(2, g, &params[0], &state, &wrong).ok()) << name;
+  }
 }
 
 TEST(OptimizerTest, RejectsMismatchedGradients) {
