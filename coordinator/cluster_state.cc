@@ -123,11 +123,19 @@ StatusOr<ClusterState> ClusterState::Restore(
     }
     m.lease_deadline = now + grace;
     m.last_heartbeat = now;
-    // Deaths as long ago as the wall clock says.
+    // Deaths as long ago as the wall clock says; those older than the
+    // crash-loop window count for nothing and are dropped from the record
+    // too (the two lists stay in step), which also keeps absurd stored
+    // times out of the clock arithmetic. A time in the future is now.
     const int64_t unix_now = UnixMsNow();
+    const int64_t oldest = unix_now - config.cluster().crash_loop_window_ms();
+    auto* unix_ms = m.record.mutable_death_unix_ms();
+    unix_ms->Clear();
     for (int64_t died : record.death_unix_ms()) {
+      if (died < oldest) continue;
       m.deaths.push_back(now - std::chrono::milliseconds(
                                    std::max<int64_t>(0, unix_now - died)));
+      unix_ms->Add(died);
     }
     state.members_.emplace(record.registration().name(), std::move(m));
   }

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <memory>
 
 #include "common/config.h"
@@ -544,6 +545,47 @@ TEST(ClusterStateCrashLoopTest, ACrashLoopingWorkerGetsNoShardsUntilItStaysUp) {
   EXPECT_GT(Member(report, "worker-2").shards(), 0);
   EXPECT_EQ(Member(report, "worker-2").probation_ms_left(), 0);
   EXPECT_GT(state.epoch(), epoch);
+}
+
+TEST(ClusterStateCrashLoopTest, StoredDeathTimesOfAnyValueRestore) {
+  // Found by coordinator_snapshot_fuzzer: a death time far in the past
+  // overflowed the clock arithmetic (undefined behaviour). Deaths older than
+  // the window, or absurd, are dropped; one in the future counts as now.
+  auto loaded = ParseConfig(
+      "", "test",
+      {"cluster.workers=2", "cluster.trainers=1", "model.num_experts=4",
+       "model.dense_shards=1", "cluster.crash_loop_deaths=3",
+       "cluster.crash_loop_window_ms=60000", "cluster.probation_ms=5000"});
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  ClusterState state(loaded->config);
+  const Clock::time_point t0 = Clock::time_point() + std::chrono::hours(1);
+  for (const char* name : {"worker-0", "worker-1"}) {
+    ASSERT_TRUE(state.Register(Worker(name), t0).ok());
+  }
+  control::CoordinatorSnapshot snapshot = state.Snapshot();
+  const int64_t now_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::system_clock::now().time_since_epoch())
+          .count();
+  for (auto& member : *snapshot.mutable_members()) {
+    if (member.registration().name() != "worker-1") continue;
+    for (int64_t t : {std::numeric_limits<int64_t>::min(), int64_t{0},
+                      now_ms - 3600000, std::numeric_limits<int64_t>::max()}) {
+      member.add_death_unix_ms(t);
+    }
+  }
+  auto restored = ClusterState::Restore(loaded->config, snapshot, t0);
+  ASSERT_TRUE(restored.ok()) << restored.status().ToString();
+  // Only the future one counts. A new process under the name fences the
+  // old one: two deaths in the window, not the three of a crash loop (all
+  // five stored would make one).
+  ASSERT_TRUE(restored->Register(Worker("worker-1"), t0).ok());
+  EXPECT_EQ(Member(restored->Report(t0), "worker-1").probation_ms_left(), 0);
+  const control::CoordinatorSnapshot after = restored->Snapshot();
+  for (const auto& member : after.members()) {
+    if (member.registration().name() != "worker-1") continue;
+    EXPECT_EQ(member.death_unix_ms_size(), 2);
+  }
 }
 
 TEST_F(ClusterStateTest, RestartResumesPlacementAtTheSameEpoch) {
