@@ -133,8 +133,8 @@ StatusOr<ClusterState> ClusterState::Restore(
     unix_ms->Clear();
     for (int64_t died : record.death_unix_ms()) {
       if (died < oldest) continue;
-      m.deaths.push_back(now - std::chrono::milliseconds(
-                                   std::max<int64_t>(0, unix_now - died)));
+      died = std::min(died, unix_now);  // Kept as now, not again each restart.
+      m.deaths.push_back(now - std::chrono::milliseconds(unix_now - died));
       unix_ms->Add(died);
     }
     state.members_.emplace(record.registration().name(), std::move(m));

@@ -176,10 +176,18 @@ Status ShardCompute::Apply(int64_t step, ExpertShard* shard) const {
   // bf16 copies (one pass over them, not two).
   const bool bf16 = f.shape().compute_dtype == DType::kBF16;
   if (bf16) RETURN_IF_ERROR(p.MakeBf16Storage());
-  RETURN_IF_ERROR(optimizer_->Apply(step, g.w1, &p.w1, &shard->w1,
-                                    bf16 ? &p.w1_bf16 : nullptr));
-  RETURN_IF_ERROR(optimizer_->Apply(step, g.w2, &p.w2, &shard->w2,
-                                    bf16 ? &p.w2_bf16 : nullptr));
+  Status weights = optimizer_->Apply(step, g.w1, &p.w1, &shard->w1,
+                                     bf16 ? &p.w1_bf16 : nullptr);
+  if (weights.ok()) {
+    weights = optimizer_->Apply(step, g.w2, &p.w2, &shard->w2,
+                                bf16 ? &p.w2_bf16 : nullptr);
+  }
+  if (!weights.ok()) {
+    // Copies not written are dropped: each product converts the weights.
+    p.w1_bf16 = Tensor();
+    p.w2_bf16 = Tensor();
+    return weights;
+  }
   if (!p.b1.empty()) {
     RETURN_IF_ERROR(optimizer_->Apply(step, g.b1, &p.b1, &shard->b1));
   }

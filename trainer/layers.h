@@ -8,7 +8,8 @@
 // bits; the fp64 ones on libm.
 //
 // Backward functions accumulate (+=) into parameter gradients and overwrite
-// input gradients. Pure functions; thread-safe.
+// input gradients. Thread-safe for callers with caches of their own (a
+// cache also holds its backward's workspace).
 #ifndef SWITCHYARD_TRAINER_LAYERS_H_
 #define SWITCHYARD_TRAINER_LAYERS_H_
 
@@ -131,6 +132,26 @@ void SetMatMulThreads(int threads);
 template <typename Real>
 void MatMul(const Real* a, const Real* b, int m, int n, int k, bool trans_a,
             bool trans_b, bool accumulate, Real* c);
+
+// The fp32 versions that run the vectorised kernels (layers.cc).
+template <>
+void RmsNormForward<float>(const float* x, const float* g, int n, int d,
+                           float* y);
+template <>
+void RmsNormBackward<float>(const float* x, const float* g, const float* dy,
+                            int n, int d, float* dx, float* dg);
+template <>
+void FfnForward<float>(const float* x, const float* w1, const float* b1,
+                       const float* w2, const float* b2, int n, int d, int f,
+                       int activation, float* y, FfnCache<float>* cache);
+template <>
+void FfnBackward<float>(const float* x, const float* w1, const float* w2, int n,
+                        int d, int f, int activation, FfnCache<float>* cache,
+                        const float* dy, float* dx, float* dw1, float* db1,
+                        float* dw2, float* db2);
+template <>
+float CrossEntropy<float>(const float* logits, const int32_t* targets, int n,
+                          int vocab, float* dlogits);
 
 }  // namespace switchyard::trainer
 
