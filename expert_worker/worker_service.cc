@@ -186,7 +186,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
     abandoned = gate_.Fence(routing.epoch());
     adopted_epoch_.store(routing.epoch(), std::memory_order_release);
     if (routing.hold()) {
-      held_ = Held{routing.epoch(), gate_.next_step(), was_serving};
+      SetHeld(Held{routing.epoch(), gate_.next_step(), was_serving});
       holding = true;
     } else if (routing.continues() && held_.has_value() && held_->serving &&
                held_->epoch + 1 == routing.epoch() &&
@@ -198,11 +198,11 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
                 << ": applying update " << gate_.next_step()
                 << " from the gradients held";
       RETURN_IF_ERROR(CompleteStep());
-      held_.reset();
+      SetHeld(std::nullopt);
     } else {
       for (auto& [id, shard] : shards_) AbandonStep(shard.get());
       for (auto& [index, shard] : dense_) AbandonStep(shard.get());
-      held_.reset();
+      SetHeld(std::nullopt);
     }
     for (const auto& [id, shard] : shards_) have.insert(id);
     for (const auto& [index, shard] : dense_) have_dense.insert(index);
@@ -569,8 +569,10 @@ void WorkerService::Process(Task task) {
     task.reply(s.ok() ? transport::TensorResponse(h, std::move(out))
                       : transport::ErrorResponse(h, s));
   };
-  if (Status s = gate_.CheckEpoch(h); !s.ok()) return reply(s, {});
   const auto kind = static_cast<MessageKind>(h.kind);
+  // Answered at any epoch: it asks whether this thread still serves.
+  if (kind == MessageKind::kProbe) return reply(OkStatus(), Tensor());
+  if (Status s = gate_.CheckEpoch(h); !s.ok()) return reply(s, {});
   if (kind == MessageKind::kEcho) {
     return reply(InvalidArgumentError("a worker does not serve " +
                                       transport::DescribeHeader(h)),
@@ -702,8 +704,14 @@ int64_t WorkerService::next_step() const {
 }
 
 std::optional<WorkerService::Held> WorkerService::held() const {
-  MutexLock lock(&mu_);
-  return held_;
+  MutexLock lock(&held_mu_);
+  return held_published_;
+}
+
+void WorkerService::SetHeld(std::optional<Held> held) {
+  held_ = held;
+  MutexLock lock(&held_mu_);
+  held_published_ = held;
 }
 
 uint64_t WorkerService::epoch() const {

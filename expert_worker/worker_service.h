@@ -14,7 +14,10 @@
 // the digest of every shard it hosts.
 //
 // An eval request (validation, sampling) is a forward for step t that keeps
-// nothing and counts no load.
+// nothing and counts no load. A probe is answered at any epoch, in turn
+// with the other requests: a trainer whose request went unanswered asks it
+// before it reports this worker lost (it may rightly be waiting for
+// another trainer's StepDone).
 //
 // Dense shards (parameter-server tables) are flat slices of the DenseLayout
 // concatenation: DensePull(t) returns the parameters of version t (after t
@@ -150,7 +153,8 @@ class WorkerService {
     int64_t step = 0;      // Its next step then (updates applied).
     bool serving = false;  // It was serving its shards then.
   };
-  std::optional<Held> held() const EXCLUDES(mu_);
+  // Never waits for the compute thread (heartbeats call it).
+  std::optional<Held> held() const EXCLUDES(held_mu_);
   // Called (on the routing thread) with news the coordinator waits for:
   // the worker started holding, or has the shards of a new epoch in place
   // (open_epoch()). Its report should go out at once rather than with the
@@ -192,6 +196,8 @@ class WorkerService {
   Status StepDone(const transport::WireHeader& h) REQUIRES(mu_);
   Status Dense(const transport::Message& request, Tensor* out) REQUIRES(mu_);
   Status ApplyUpdate(int64_t step) REQUIRES(mu_);
+  // Sets held_ and its copy for held().
+  void SetHeld(std::optional<Held> held) REQUIRES(mu_) EXCLUDES(held_mu_);
   // Applies update next_step() (every trainer's StepDone has come, or a
   // hold's next epoch continues past it), then runs the requests deferred
   // for the next step and AfterUpdate.
@@ -268,6 +274,10 @@ class WorkerService {
   // must not wait on a worker busy with a step).
   std::atomic<uint64_t> adopted_epoch_{0};
   std::optional<Held> held_ GUARDED_BY(mu_);
+  // held_'s copy for held(), readable without mu_: heartbeats read it, and
+  // must not wait behind a long computation (the lease would expire).
+  mutable Mutex held_mu_ ACQUIRED_AFTER(mu_);
+  std::optional<Held> held_published_ GUARDED_BY(held_mu_);
   std::function<void()> on_news_;
   std::atomic<uint64_t> open_epoch_{0};
   // Shards handed over in a live move, by name, and the newest epoch

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -54,24 +55,45 @@ struct ClusterNews {
   void NoteAck(const control::HeartbeatAck& ack) EXCLUDES(mu);
 };
 
-// Reports a worker this trainer cannot reach (its data-plane connection
-// failed with requests pending) to the coordinator, once per incarnation:
-// it may still heartbeat, so its lease would not notice. The coordinator
-// fences it and the cluster recovers. Thread-safe.
+// Reports a worker this trainer cannot reach to the coordinator, once per
+// incarnation: it may still heartbeat, so its lease would not notice. The
+// coordinator fences it and the cluster recovers.
+// - Its data-plane connection failed with requests pending: reported at
+//   once.
+// - A request to it got no answer by its deadline: the worker may be hung
+//   (a stuck compute thread heartbeats on), or rightly waiting for another
+//   trainer's StepDone. A probe (MessageKind::kProbe, answered by the
+//   worker's serving thread) tells the two apart: reported only when the
+//   probe is not answered within `probe_timeout` either.
+// Thread-safe.
 class PeerLostReporter {
  public:
   explicit PeerLostReporter(ClusterNews* news) : news_(news) {}
-  // The session to report through (reports before it are dropped).
+  // Where reports go (reports before it are dropped): SetSession sends
+  // them through the member's control session.
+  void SetSink(std::function<void(control::PeerLost)> sink) EXCLUDES(mu_);
   void SetSession(std::shared_ptr<control::MemberSession> session)
       EXCLUDES(mu_);
+  // The data plane probes go out on (set before it starts; it must outlive
+  // this or be shut down first). Without one a deadline is reported at
+  // once.
+  void SetProbe(transport::DataPlane* plane,
+                std::chrono::milliseconds probe_timeout) EXCLUDES(mu_);
   // DataPlane::set_peer_lost_handler's callback.
   void Report(const std::string& address, const Status& why) EXCLUDES(mu_);
 
  private:
+  using Key = std::pair<std::string, uint64_t>;  // (worker, incarnation)
+  // Sends `report` to the coordinator unless already sent.
+  void ReportOnce(control::PeerLost report) EXCLUDES(mu_);
+
   ClusterNews* const news_;
   Mutex mu_;
-  std::set<std::pair<std::string, uint64_t>> reported_ GUARDED_BY(mu_);
-  std::shared_ptr<control::MemberSession> session_ GUARDED_BY(mu_);
+  std::set<Key> reported_ GUARDED_BY(mu_);
+  std::set<Key> probing_ GUARDED_BY(mu_);
+  std::function<void(control::PeerLost)> sink_ GUARDED_BY(mu_);
+  transport::DataPlane* plane_ GUARDED_BY(mu_) = nullptr;
+  std::chrono::milliseconds probe_timeout_ GUARDED_BY(mu_){0};
 };
 
 }  // namespace switchyard::trainer

@@ -39,6 +39,8 @@ Status MoeSession::Start() {
       [this](const std::string& address, const Status& why) {
         lost_.Report(address, why);
       });
+  lost_.SetProbe(data_plane_.get(),
+                 std::chrono::milliseconds(config.cluster().lease_ms()));
   RETURN_IF_ERROR(data_plane_->Start(transport::RefuseRequests("a trainer")));
   client_ = std::make_unique<MoeLayerClient>(data_plane_.get(), config,
                                              options_.rank);

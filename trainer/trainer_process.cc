@@ -67,6 +67,8 @@ Status RunTrainer(const config::SwitchyardConfig& config,
       [&lost](const std::string& address, const Status& why) {
         lost.Report(address, why);
       });
+  lost.SetProbe(data_plane.get(),
+                std::chrono::milliseconds(config.cluster().lease_ms()));
   RETURN_IF_ERROR(data_plane->Start(transport::RefuseRequests("a trainer")));
   TrainerReplica replica(config, options.rank, data_plane.get());
 

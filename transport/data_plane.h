@@ -130,8 +130,11 @@ class DataPlane {
   virtual void FailPending(const Status& why) = 0;
 
   // Called on the data plane's thread (it must not block) when a
-  // connection to `peer` fails with requests pending: the peer may be
-  // gone, or cut off from here. Set before Start.
+  // connection to `peer` fails with requests pending (why: UNAVAILABLE or
+  // UNAUTHENTICATED), or a request to `peer` gets no answer by its deadline
+  // (why: DEADLINE_EXCEEDED; once per peer per expiry sweep): the peer may
+  // be gone, cut off from here, hung, or rightly waiting for something
+  // else. Set before Start.
   using PeerLostHandler =
       std::function<void(const std::string& peer, const Status& why)>;
   void set_peer_lost_handler(PeerLostHandler handler) {

@@ -32,7 +32,11 @@ enum class MessageKind : uint8_t {
   kShardHandover = 9,    // no payload -> tensor micro_batch of a shard this
                          // worker handed over at step in a live move of
                          // epoch (RoutingEntry.moved_from), as (1, n)
-  kMaxKind = 9,
+  kProbe = 10,           // no payload -> no payload, answered by the thread
+                         // that serves requests: alive beyond the
+                         // connection (a sender whose request went
+                         // unanswered asks before blaming the peer)
+  kMaxKind = 10,
 };
 
 // dtype 0 means no tensor payload (an error response carries text).

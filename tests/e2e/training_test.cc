@@ -7,11 +7,16 @@
 #include <google/protobuf/util/json_util.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <regex>
 #include <sstream>
@@ -387,13 +392,60 @@ TEST_F(TrainingTest, CheckpointsListVerifyAndExport) {
       << bad.output;
 }
 
-// `up` trains 120 steps (checkpoints every 10) while `victim` is SIGKILLed
-// past step 25; returns up's output once it has exited 0, and checks that
-// `up` restarted the victim and that the run ended bit-identical to the
-// reference trained straight through.
+// Stops one thread of a process with ptrace, as a hang would (a deadlock,
+// a call into a device that never returns): the rest of the process, its
+// heartbeats included, runs on. Resume() (or the destructor) lets it go.
+// ptrace calls must come from the thread that made it.
+class StoppedThread {
+ public:
+  StoppedThread(pid_t pid, const std::string& name) {
+    const std::string tasks = "/proc/" + std::to_string(pid) + "/task";
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(tasks, ec)) {
+      std::ifstream comm(e.path() / "comm");
+      std::string n;
+      std::getline(comm, n);
+      if (n == name) tid_ = std::stoi(e.path().filename().string());
+    }
+    if (tid_ <= 0) {
+      error_ = "no thread " + name + " in " + tasks;
+      return;
+    }
+    if (::ptrace(PTRACE_SEIZE, tid_, nullptr, nullptr) != 0 ||
+        ::ptrace(PTRACE_INTERRUPT, tid_, nullptr, nullptr) != 0) {
+      error_ = std::string("ptrace: ") + std::strerror(errno);
+      return;
+    }
+    int status = 0;
+    if (::waitpid(tid_, &status, __WALL) != tid_) {
+      error_ = std::string("waitpid: ") + std::strerror(errno);
+      return;
+    }
+    stopped_ = true;
+  }
+  ~StoppedThread() { Resume(); }
+  void Resume() {
+    if (stopped_) ::ptrace(PTRACE_DETACH, tid_, nullptr, nullptr);
+    stopped_ = false;
+  }
+  bool stopped() const { return stopped_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  pid_t tid_ = -1;
+  bool stopped_ = false;
+  std::string error_;
+};
+
+// `up` trains 120 steps (checkpoints every 10) while `fault` strikes
+// `victim_name` (its pid) past step 25; returns up's output once it has
+// exited 0, and checks that the run ended bit-identical to the reference
+// trained straight through.
 class RecoveryTest : public TrainingTest {
  protected:
-  std::string KillMidRun(const std::string& victim_name) {
+  std::string FaultMidRun(const std::string& victim_name,
+                          const std::function<void(pid_t)>& fault,
+                          const std::string& extra_flags = "") {
     const std::string steps =
         " --set training.steps=120 --set training.eval_every=40"
         " --set checkpoint.every=10 --set cluster.heartbeat_ms=100"
@@ -408,7 +460,7 @@ class RecoveryTest : public TrainingTest {
     std::vector<std::string> args = {
         SWITCHYARD_BINARY, "up", "--workers", "3",
         "--trainers",      "2",  "--run-dir", dir_ + "/run"};
-    std::istringstream flags(Flags() + steps);
+    std::istringstream flags(Flags() + steps + extra_flags);
     for (std::string f; flags >> f;) args.push_back(f);
     const pid_t up = testing::Spawn(args, log);
     auto read_log = [&] { return testing::ReadFile(log); };
@@ -435,14 +487,21 @@ class RecoveryTest : public TrainingTest {
       testing::StopAndReap(up);
       return "";
     }
-    EXPECT_EQ(::kill(victim, SIGKILL), 0);
+    fault(victim);
     const int code = testing::WaitExit(up, std::chrono::seconds(180));
     if (code == -1) testing::StopAndReap(up);
     const std::string text = read_log();
     EXPECT_EQ(code, 0) << text;
+    EXPECT_EQ(Digests(text), want) << text;
+    return text;
+  }
+
+  // SIGKILL of the victim: `up` restarts it.
+  std::string KillMidRun(const std::string& victim_name) {
+    const std::string text = FaultMidRun(
+        victim_name, [](pid_t pid) { EXPECT_EQ(::kill(pid, SIGKILL), 0); });
     EXPECT_NE(text.find("[up] restarting " + victim_name), std::string::npos)
         << text;
-    EXPECT_EQ(Digests(text), want) << text;
     return text;
   }
 };
@@ -484,6 +543,42 @@ TEST_F(RecoveryTest, ATrainerKilledMidRunRedoesOnlyTheStepInFlight) {
   EXPECT_LE(resume, failed + 1) << text;
   EXPECT_NE(text.find("nothing rolls back"), std::string::npos) << text;
   EXPECT_EQ(text.find("rolling back from step"), std::string::npos) << text;
+}
+
+// A worker whose serving thread hangs (stopped with ptrace) while the rest
+// of it heartbeats on: its lease never expires, but a trainer's request to
+// it goes unanswered by its deadline (transport.request_timeout_ms), a
+// probe goes unanswered too, and the trainer reports it lost. The
+// coordinator fences it and every member rolls back to the newest
+// committed checkpoint; let go, the worker finds it was fenced, rejoins as
+// a new incarnation, and the run ends bit-identical (before: the trainers
+// waited for a recovery that never came and gave up).
+TEST_F(RecoveryTest, AWorkerThatStopsAnsweringIsReportedAndRecovered) {
+  if (::geteuid() != 0) GTEST_SKIP() << "ptrace of another process needs root";
+  const std::string log = dir_ + "/up.log";
+  const std::string text = FaultMidRun(
+      "worker-1",
+      [&](pid_t pid) {
+        StoppedThread hung(pid, "sy-worker");
+        ASSERT_TRUE(hung.stopped()) << hung.error();
+        // Held until the cluster has recovered without it.
+        const auto until =
+            std::chrono::steady_clock::now() + std::chrono::seconds(60);
+        while (std::chrono::steady_clock::now() < until &&
+               testing::ReadFile(log).find(": recovery 1:") ==
+                   std::string::npos) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        hung.Resume();
+      },
+      " --set transport.request_timeout_ms=4000");
+  static const std::regex kReported(
+      R"(worker worker-1 \(incarnation \d+\) unreachable from trainer-[01] \(DEADLINE_EXCEEDED: no data-plane response[^\n]*a probe then went unanswered too)");
+  EXPECT_TRUE(std::regex_search(text, kReported)) << text;
+  EXPECT_EQ(text.find("lease expired"), std::string::npos) << text;
+  static const std::regex kRecovered(
+      R"(trainer-[01]: recovery 1: epoch \d+ continues from step [1-9]\d*0 )");
+  EXPECT_TRUE(std::regex_search(text, kRecovered)) << text;
 }
 
 // learning_rate 1e30: the loss is non-finite from the second step. The run

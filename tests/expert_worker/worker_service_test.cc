@@ -227,6 +227,20 @@ TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
   EXPECT_NE(late.error_text.find("step 0 is already applied"),
             std::string::npos)
       << late.error_text;
+  // A probe is answered whatever its epoch, step or rank: it asks only
+  // whether the worker's serving thread runs.
+  for (uint64_t epoch : {kEpoch - 1, kEpoch, kEpoch + 1}) {
+    Message probe = Request(MessageKind::kProbe, 5, 9, 0, 0, 0, epoch, 0);
+    probe.payload = Tensor();
+    probe.header.dtype = transport::kNoDType;
+    probe.header.rows = probe.header.cols = 0;
+    probe.header.payload_bytes = 0;
+    Message answer = send(std::move(probe));
+    EXPECT_EQ(answer.header.status_code, 0)
+        << epoch << ": " << answer.error_text;
+    EXPECT_TRUE(answer.payload.empty()) << epoch;
+  }
+  EXPECT_EQ(worker.next_step(), 1);
 }
 
 TEST(WorkerServiceTest, ExposesComputeAndQueueMetrics) {

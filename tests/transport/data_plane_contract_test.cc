@@ -165,14 +165,22 @@ TEST_P(DataPlaneTest, FailPendingReleasesAWaiterAndLaterSendsWork) {
   auto ok =
       client_->SendSync(server_->address(), EchoRequest(1, 16, 2), Ms(5000));
   EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+  // Giving up is not the peer's failure.
+  EXPECT_TRUE(LostReports(0).empty());
 }
 
+// A request nobody answers fails at its deadline, and the peer is reported
+// to the peer-lost handler (a trainer then probes it before blaming it).
 TEST_P(DataPlaneTest, SilentServerGivesDeadlineThenKeepsServing) {
   const auto start = Clock::now();
   auto r = client_->SendSync(server_->address(), EchoRequest(1, 16, 1, 999),
                              Ms(300));
   EXPECT_EQ(r.status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_LT(Clock::now() - start, Ms(2000));
+  const auto lost = LostReports(1);
+  ASSERT_EQ(lost.size(), 1u);
+  EXPECT_EQ(lost[0].first, server_->address());
+  EXPECT_EQ(lost[0].second, StatusCode::kDeadlineExceeded);
   auto ok =
       client_->SendSync(server_->address(), EchoRequest(1, 16, 2), Ms(5000));
   EXPECT_TRUE(ok.ok()) << ok.status().ToString();

@@ -66,7 +66,26 @@ void DataPlanePairTest::SetUp() {
   server_ = NewDataPlane(backend(), ServerOptions());
   ASSERT_TRUE(server_->Start(EchoHandler(&held_, &held_mu_)).ok());
   client_ = NewDataPlane(backend(), testing::TestDataPlaneOptions());
+  client_->set_peer_lost_handler(
+      [this](const std::string& peer, const Status& why) {
+        std::lock_guard<std::mutex> lock(lost_mu_);
+        lost_.emplace_back(peer, why.code());
+      });
   ASSERT_TRUE(client_->Start(nullptr).ok());
+}
+
+std::vector<std::pair<std::string, StatusCode>> DataPlanePairTest::LostReports(
+    size_t want) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (true) {
+    {
+      std::lock_guard<std::mutex> lock(lost_mu_);
+      if (lost_.size() >= want || std::chrono::steady_clock::now() >= until) {
+        return lost_;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
 }
 
 void DataPlanePairTest::TearDown() {

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tests/testing/data_plane_options.h"
@@ -56,9 +57,16 @@ class DataPlanePairTest : public ::testing::Test {
   int EchoFromThreads(int threads, int per_thread,
                       const std::function<Message(int, int)>& make);
 
+  // The client's peer-lost reports, as (peer, code), once `want` have come
+  // or after 5 s.
+  std::vector<std::pair<std::string, StatusCode>> LostReports(size_t want);
+
   std::unique_ptr<DataPlane> server_, client_;
   std::vector<Reply> held_;  // GUARDED_BY(held_mu_)
   std::mutex held_mu_;
+  std::vector<std::pair<std::string, StatusCode>>
+      lost_;  // GUARDED_BY(lost_mu_)
+  std::mutex lost_mu_;
 };
 
 }  // namespace switchyard::transport::data_plane_testing

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <map>
+#include <string>
 #include <thread>
 
 #include "common/mutex.h"
@@ -39,6 +40,7 @@ struct PendingTable {
   struct Entry {
     Clock::time_point deadline;
     ResponseCallback done;
+    std::string peer;
   };
   Mutex mu;
   CondVar cv;
@@ -129,7 +131,7 @@ class InProcessDataPlane : public DataPlane {
       stopped = pending_->stopped;
       if (!stopped) {
         id = pending_->next_id++;
-        pending_->entries[id] = {Clock::now() + timeout, std::move(done)};
+        pending_->entries[id] = {Clock::now() + timeout, std::move(done), peer};
       }
     }
     if (stopped) {
@@ -169,9 +171,13 @@ class InProcessDataPlane : public DataPlane {
         continue;
       }
       ResponseCallback done = std::move(earliest->second.done);
+      const std::string peer = std::move(earliest->second.peer);
       pending_->entries.erase(earliest);
       lock.Unlock();
-      done(DeadlineExceededError("in-process request not answered in time"));
+      const Status late = DeadlineExceededError("in-process request to " +
+                                                peer + " not answered in time");
+      done(late);
+      NotifyPeerLost(peer, late);
       lock.Lock();
     }
   }

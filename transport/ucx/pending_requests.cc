@@ -69,7 +69,8 @@ bool PendingRequests::Complete(uint64_t id, StatusOr<Message> result) {
   return true;
 }
 
-size_t PendingRequests::ExpireDue(Clock::time_point now) {
+size_t PendingRequests::ExpireDue(Clock::time_point now,
+                                  std::vector<std::string>* peers) {
   size_t expired = 0;
   // The heap is read afresh each time: a callback may add requests.
   while (!deadlines_.empty() && deadlines_.front().first <= now) {
@@ -78,6 +79,10 @@ size_t PendingRequests::ExpireDue(Clock::time_point now) {
     deadlines_.pop_back();
     const std::string* peer = Find(id);
     if (peer == nullptr) continue;  // Answered before its deadline.
+    if (peers != nullptr &&
+        std::find(peers->begin(), peers->end(), *peer) == peers->end()) {
+      peers->push_back(*peer);
+    }
     Complete(id, DeadlineExceededError("no data-plane response from " + *peer +
                                        " by the deadline"));
     ++expired;

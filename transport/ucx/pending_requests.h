@@ -63,8 +63,10 @@ class PendingRequests {
   bool Complete(uint64_t id, StatusOr<Message> result);
 
   // Completes, earliest deadline first, every request whose deadline is at
-  // or before `now` with DEADLINE_EXCEEDED; returns how many.
-  size_t ExpireDue(Clock::time_point now);
+  // or before `now` with DEADLINE_EXCEEDED; returns how many. The peers
+  // they went to are appended to *peers (when not null), each once.
+  size_t ExpireDue(Clock::time_point now,
+                   std::vector<std::string>* peers = nullptr);
 
   // The earliest deadline in the heap, or Clock::time_point::max() when it
   // is empty. NOTE: may be an answered request's (entries go lazily): a

@@ -137,7 +137,14 @@ UcxDataPlane::UcxDataPlane(DataPlaneOptions options)
               {.expire =
                    [this](Clock::time_point now) {
                      const bool handshakes = endpoints_.ExpireHandshakes(now);
-                     return pending_.ExpireDue(now) > 0 || handshakes;
+                     std::vector<std::string> silent;
+                     const bool expired = pending_.ExpireDue(now, &silent) > 0;
+                     for (const std::string& peer : silent) {
+                       NotifyPeerLost(peer, DeadlineExceededError(
+                                                "no data-plane response from " +
+                                                peer + " by the deadline"));
+                     }
+                     return expired || handshakes;
                    },
                .next_deadline =
                    [this] {
