@@ -162,6 +162,9 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   bool holding = false;
   {
     MutexLock lock(&mu_);
+    // A routing change sees (and may hand over, roll back or keep) the
+    // shards with the last update applied.
+    RETURN_IF_ERROR(SettleAllLocked());
     if (routing.epoch() < gate_.epoch() ||
         (routing.epoch() == gate_.epoch() && gate_.open())) {
       // The same placement (a table re-sent when a worker's address is
@@ -403,6 +406,12 @@ void WorkerService::HandOver(const control::RoutingTable& routing,
     // The gate is closed: nothing changes these shards any more. Shallow
     // copies keep their storage alive after the shards are dropped.
     MutexLock lock(&mu_);
+    // An update the end of a hold applied, whole; after a failed one
+    // nothing is handed over (the run stops).
+    if (Status s = SettleAllLocked(); !s.ok()) {
+      LOG(ERROR) << name_ << ": hands nothing over: " << s.ToString();
+      return;
+    }
     for (const auto& [id, shard] : shards_) {
       if (plan.experts.count(id) || !leaving.count(id.ToString())) continue;
       handed[id.ToString()] = {routing.epoch(), gate_.next_step(),
@@ -540,7 +549,23 @@ void WorkerService::Run() {
   Counter* tokens = registry.GetCounter("switchyard_worker_tokens_total");
   Histogram* compute_ms =
       registry.GetHistogram("switchyard_worker_request_ms", LatencyBucketsMs());
-  while (std::optional<Task> task = queue_.Pop()) {
+  while (true) {
+    // With an update still to apply, the thread applies it while no
+    // request waits (a shard at a time, looking again in between).
+    bool settling = false;
+    {
+      MutexLock state(&mu_);
+      settling = unsettled_ > 0;
+    }
+    std::optional<Task> task =
+        settling ? queue_.PopUntil(std::chrono::steady_clock::now())
+                 : queue_.Pop();
+    if (!task.has_value()) {
+      if (queue_.closed()) break;
+      MutexLock state(&mu_);
+      SettleNextLocked();
+      continue;
+    }
     queue_depth->Set(static_cast<double>(queue_.size()));
     MutexLock state(&mu_);
     requests->Increment();
@@ -611,6 +636,8 @@ void WorkerService::Process(Task task) {
             std::to_string(config_.model().d_model()) + ")"),
         {});
   }
+  // The shard's part of the last update first (only this shard's).
+  if (Status s = SettleLocked(it->second.get()); !s.ok()) return reply(s, {});
   Tensor out;
   Status s = kind == MessageKind::kExpertBackward
                  ? compute_->Backward(task.request, it->second.get(), &out)
@@ -630,6 +657,7 @@ Status WorkerService::Dense(const Message& request, Tensor* out) {
                          " is not hosted by " + name_ + " at epoch " +
                          std::to_string(gate_.epoch()));
   }
+  RETURN_IF_ERROR(SettleLocked(it->second.get()));
   if (static_cast<MessageKind>(h.kind) == MessageKind::kDensePull) {
     *out = ShardCompute::Pull(*it->second);
     return OkStatus();
@@ -653,10 +681,16 @@ Status WorkerService::CompleteStep() {
 
 Status WorkerService::ApplyUpdate(int64_t step) {
   if (writer_ != nullptr) RETURN_IF_ERROR(writer_->WaitForStagingCopy(step));
+  // What is left of the previous update goes first: its gradients are
+  // about to be overwritten.
+  RETURN_IF_ERROR(SettleAllLocked());
   // All or nothing: every shard's gradient is computed and checked before
   // any shard changes. A non-finite gradient stops the run here, with the
   // step's update applied nowhere (the last checkpoint stays good).
   const auto refused = [&](const Status& s) {
+    // The gradients already computed are dropped with the rest.
+    for (auto& [id, shard] : shards_) shard->grads_ready = false;
+    for (auto& [index, shard] : dense_) shard->grad = Tensor();
     return s.WithContext(name_ + " refuses update " + std::to_string(step) +
                          " (nothing of it applied; the run stops: lower "
                          "training.learning_rate or check the data)");
@@ -669,13 +703,65 @@ Status WorkerService::ApplyUpdate(int64_t step) {
     Status s = compute_->Gradients(shard.get());
     if (!s.ok()) return refused(s);
   }
-  for (auto& [id, shard] : shards_) {
-    RETURN_IF_ERROR(compute_->Apply(step, shard.get()));
-  }
-  for (auto& [index, shard] : dense_) {
-    RETURN_IF_ERROR(compute_->Apply(step, shard.get()));
-  }
+  // Applied shard by shard from now on (SettleLocked).
+  unsettled_ = 0;
+  for (auto& [id, shard] : shards_) unsettled_ += shard->grads_ready ? 1 : 0;
+  for (auto& [index, shard] : dense_) unsettled_ += shard->grad.empty() ? 0 : 1;
+  pending_update_ = unsettled_ > 0 ? step : -1;
   return OkStatus();
+}
+
+Status WorkerService::SettleLocked(ExpertShard* shard) const {
+  if (!apply_failed_.ok() || !shard->grads_ready) return apply_failed_;
+  const Status s = compute_->Apply(pending_update_, shard);
+  if (!s.ok()) {
+    apply_failed_ = s.WithContext(
+        name_ + ": update " + std::to_string(pending_update_) + " of " +
+        shard->id.ToString() + " failed half way (the run stops)");
+  }
+  if (--unsettled_ == 0) pending_update_ = -1;
+  return apply_failed_;
+}
+
+Status WorkerService::SettleLocked(DenseShard* shard) const {
+  if (!apply_failed_.ok() || shard->grad.empty()) return apply_failed_;
+  const Status s = compute_->Apply(pending_update_, shard);
+  if (!s.ok()) {
+    apply_failed_ = s.WithContext(
+        name_ + ": update " + std::to_string(pending_update_) + " of D" +
+        std::to_string(shard->index) + " failed half way (the run stops)");
+  }
+  if (--unsettled_ == 0) pending_update_ = -1;
+  return apply_failed_;
+}
+
+Status WorkerService::SettleAllLocked() const {
+  for (const auto& [index, shard] : dense_) {
+    RETURN_IF_ERROR(SettleLocked(shard.get()));
+  }
+  for (const auto& [id, shard] : shards_) {
+    RETURN_IF_ERROR(SettleLocked(shard.get()));
+  }
+  return apply_failed_;
+}
+
+bool WorkerService::SettleNextLocked() {
+  if (unsettled_ == 0 || !apply_failed_.ok()) return false;
+  for (auto& [index, shard] : dense_) {
+    if (!shard->grad.empty()) {
+      (void)SettleLocked(shard.get());  // A failure answers what comes next.
+      return true;
+    }
+  }
+  for (auto& [id, shard] : shards_) {
+    if (shard->grads_ready) {
+      (void)SettleLocked(shard.get());
+      return true;
+    }
+  }
+  unsettled_ = 0;
+  pending_update_ = -1;
+  return false;
 }
 
 void WorkerService::AfterUpdate() {
@@ -684,7 +770,16 @@ void WorkerService::AfterUpdate() {
   const bool run_ends = next == tr.steps() || next == tr.stop_at_step();
   // Checkpoints every `every` steps, and where the run ends or stops.
   const int every = config_.checkpoint().every();
-  if (writer_ != nullptr && every > 0 && (next % every == 0 || run_ends)) {
+  const bool due =
+      writer_ != nullptr && every > 0 && (next % every == 0 || run_ends);
+  if (!due && next != tr.steps()) return;
+  // A checkpoint or the digests hold the whole update.
+  if (Status s = SettleAllLocked(); !s.ok()) {
+    LOG(ERROR) << name_ << ": no checkpoint of step " << next << ": "
+               << s.ToString();
+    return;
+  }
+  if (due) {
     writer_->Stage(SnapshotsLocked(/*deep=*/false), run_ends,
                    adopted_incarnation_);
   }
@@ -728,6 +823,7 @@ std::vector<ShardId> WorkerService::hosted() const {
 
 std::map<std::string, std::string> WorkerService::ShardDigests() const {
   MutexLock lock(&mu_);
+  if (Status s = SettleAllLocked(); !s.ok()) LOG(ERROR) << s.ToString();
   return ShardDigestsLocked();
 }
 
@@ -749,6 +845,7 @@ std::vector<storage::ShardSnapshot> WorkerService::SnapshotsLocked(
 
 std::vector<storage::ShardSnapshot> WorkerService::Snapshots() const {
   MutexLock lock(&mu_);
+  if (Status s = SettleAllLocked(); !s.ok()) LOG(ERROR) << s.ToString();
   return SnapshotsLocked(/*deep=*/true);
 }
 

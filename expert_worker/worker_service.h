@@ -6,9 +6,13 @@
 // weight-gradient inputs kept), then StepDone(t, rank). When StepDone(t) has
 // come from every trainer, each shard's weight gradient is computed in one
 // GEMM over the contributions concatenated in (trainer rank, micro-batch)
-// order, never arrival order, and the optimizer applies update t. Requests
-// for step t + 1 wait until then; requests for applied steps, from another
-// epoch, or for shards this worker does not host are refused.
+// order, never arrival order, and checked; requests for step t + 1 wait
+// until then. The optimizer then applies update t shard by shard, off the
+// trainers' critical path: a shard's before its next request, the rest
+// while the worker has nothing else to do (or before a checkpoint, a
+// digest or a routing change reads the shards). Requests for applied
+// steps, from another epoch, or for shards this worker does not host are
+// refused.
 //
 // When update training.steps - 1 is applied (the run's end), the worker logs
 // the digest of every shard it hosts.
@@ -195,7 +199,21 @@ class WorkerService {
   // requests deferred for t + 1 run, in arrival order, before any other.
   Status StepDone(const transport::WireHeader& h) REQUIRES(mu_);
   Status Dense(const transport::Message& request, Tensor* out) REQUIRES(mu_);
+  // Update `step`: every shard's gradient computed and checked (all or
+  // nothing), then applied shard by shard, lazily: a shard's update runs
+  // before its next request, or when the compute thread is idle, or before
+  // anything reads the shards (snapshots, digests, routing changes), so the
+  // optimizer is off the trainers' critical path (the last StepDone is
+  // answered once the gradients are checked).
   Status ApplyUpdate(int64_t step) REQUIRES(mu_);
+  // Applies the pending update to `shard` (nothing if it has none); a
+  // failure is kept and answers every later request.
+  Status SettleLocked(ExpertShard* shard) const REQUIRES(mu_);
+  Status SettleLocked(DenseShard* shard) const REQUIRES(mu_);
+  // Every shard's pending update (dense shards first, then in shard order).
+  Status SettleAllLocked() const REQUIRES(mu_);
+  // One shard's pending update; false when none was left.
+  bool SettleNextLocked() REQUIRES(mu_);
   // Sets held_ and its copy for held().
   void SetHeld(std::optional<Held> held) REQUIRES(mu_) EXCLUDES(held_mu_);
   // Applies update next_step() (every trainer's StepDone has come, or a
@@ -274,6 +292,12 @@ class WorkerService {
   // must not wait on a worker busy with a step).
   std::atomic<uint64_t> adopted_epoch_{0};
   std::optional<Held> held_ GUARDED_BY(mu_);
+  // The update computed and not yet applied to every shard (-1: none), and
+  // how many shards still wait for it; a failure to apply it. Mutable: a
+  // reader of the shards (a const snapshot) applies it first.
+  mutable int64_t pending_update_ GUARDED_BY(mu_) = -1;
+  mutable int unsettled_ GUARDED_BY(mu_) = 0;
+  mutable Status apply_failed_ GUARDED_BY(mu_);
   // held_'s copy for held(), readable without mu_: heartbeats read it, and
   // must not wait behind a long computation (the lease would expire).
   mutable Mutex held_mu_ ACQUIRED_AFTER(mu_);
