@@ -87,6 +87,7 @@ bench: bootstrap build
 	$(BUILD_DIR)/bench/expert_ffn_bench
 	$(BUILD_DIR)/bench/transport_bench
 	$(BUILD_DIR)/bench/moe_layer_bench
+	$(BUILD_DIR)/bench/moe_layer_bench --dtype bf16 --skew 0.5
 	bash bench/train_step_bench.sh $(BUILD_DIR)
 	bash bench/recovery_overhead_bench.sh $(BUILD_DIR)
 	bash bench/elastic_bench.sh $(BUILD_DIR)

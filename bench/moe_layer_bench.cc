@@ -14,17 +14,24 @@
 //
 // Runs with fp32 and then bf16 expert compute (bf16 GEMM operands, fp32
 // accumulation and master weights, bf16 tokens on the wire), or only the
-// one --dtype names.
+// one --dtype names. Each worker prints where its compute thread's time
+// went per step (GEMM, activation, optimizer, the rest of serving, and
+// waiting for requests); the step time the busiest worker does not account
+// for is transport and the trainers' own work. --skew F routes a fraction
+// F of every trainer's tokens to expert 0 (a hot expert; the skew
+// case is 0.5 of 8 experts); the per-worker token load max/mean is printed.
+// kUsage below lists the flags.
 //
-// usage: moe_layer_bench [--steps N] [--micro-batches M] [--dtype fp32|bf16]
-//        (internal roles: --role worker|trainer ...)
+// (internal roles: --role worker|trainer ...)
 #include <cblas.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -33,9 +40,12 @@
 #include <vector>
 
 #include "bench/bench_data_plane.h"
+#include "common/bf16.h"
 #include "common/files.h"
+#include "common/metrics.h"
 #include "common/random.h"
 #include "expert_worker/cpu/blas_kernels.h"
+#include "expert_worker/gemm.h"
 #include "expert_worker/worker_service.h"
 #include "trainer/moe_client.h"
 #include "trainer/router.h"
@@ -47,8 +57,32 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-constexpr int kD = 1024, kF = 4096, kExperts = 8, kTokens = 1024;
+constexpr int kD = 1024, kF = 4096;
 constexpr int kWorkers = 2, kTrainers = 2, kWarmup = 2;
+
+constexpr char kUsage[] =
+    "usage: moe_layer_bench [--steps N] [--micro-batches M] "
+    "[--dtype fp32|bf16]\n"
+    "                       [--tokens T] [--experts E] [--top-k K] "
+    "[--skew F]\n"
+    "  One MoE layer (d_model 1024, d_ff 4096) trained end to end: 2 trainer\n"
+    "  and 2 worker processes over UCX on loopback, against raw GEMMs.\n"
+    "  --steps N          measured steps (after 2 warm-up steps; default 10)\n"
+    "  --micro-batches M  micro-batches per step (default 1)\n"
+    "  --dtype D          fp32 or bf16 experts (default: both, in turn)\n"
+    "  --tokens T         tokens per trainer per micro-batch (default 1024)\n"
+    "  --experts E        experts (default 8; placed on the 2 workers in\n"
+    "                     halves)\n"
+    "  --top-k K          experts per token (default 1)\n"
+    "  --skew F           route the share F (0..1) of tokens to expert 0\n"
+    "                     first (default 0: random, near balanced)\n";
+
+// The layer's shape (flags).
+struct Shape {
+  int tokens = 1024, experts = 8, top_k = 1;
+  double skew = 0;
+};
+Shape g_shape;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
@@ -66,8 +100,8 @@ config::SwitchyardConfig BenchConfig(int threads) {
   m->set_moe_every(1);
   m->set_d_model(kD);
   m->set_d_ff(kF);
-  m->set_num_experts(kExperts);
-  m->set_top_k(1);
+  m->set_num_experts(g_shape.experts);
+  m->set_top_k(g_shape.top_k);
   m->set_capacity_factor(0);
   c.mutable_cluster()->set_trainers(kTrainers);
   c.mutable_training()->set_threads(threads);
@@ -110,9 +144,41 @@ int RunWorker(const std::string& dir, int index) {
   routing.ParseFromString(ReadFileToString(dir + "/routing.pb").value());
   if (!service.ApplyRouting(routing).ok()) return 1;
   WriteFile(dir + "/" + name + ".ready", "");
+  // The compute thread's time, between the end of the warm-up (trainer 0
+  // writes "measure") and the trainers' end ("stop").
+  auto& registry = MetricsRegistry::Global();
+  const char* kParts[] = {"gemm", "activation", "optimizer", "busy", "idle"};
+  auto read = [&] {
+    std::vector<double> v;
+    for (const char* part : kParts) {
+      v.push_back(1e-3 * static_cast<double>(
+                             registry
+                                 .GetCounter(std::string("switchyard_worker_") +
+                                             part + "_microseconds_total")
+                                 ->value()));
+    }
+    return v;
+  };
+  std::vector<double> from;
   // Serve until told to stop, or until the parent is gone.
   while (!fs::exists(dir + "/stop") && ::getppid() != 1) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (from.empty() && fs::exists(dir + "/measure")) from = read();
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  if (!from.empty()) {
+    const std::vector<double> to = read();
+    const int steps = std::stoi(ReadFileToString(dir + "/steps").value());
+    std::vector<double> ms;
+    for (size_t i = 0; i < to.size(); ++i)
+      ms.push_back((to[i] - from[i]) / steps);
+    // busy = gemm + activation + optimizer + the rest of serving.
+    std::printf(
+        "  worker %d per step (ms): GEMM %.0f, activation %.0f, optimizer "
+        "%.0f, other serving %.0f (busy %.0f), waiting for requests %.0f\n",
+        index, ms[0], ms[1], ms[2], ms[3] - ms[0] - ms[1] - ms[2], ms[3],
+        ms[4]);
+    std::fflush(stdout);
+    WriteFile(dir + "/" + name + ".busy", std::to_string(ms[3]));
   }
   (*plane)->Shutdown();
   service.Shutdown();
@@ -128,6 +194,7 @@ int RunTrainer(const std::string& dir, int rank, int steps, int micro_batches) {
   trainer::MoeLayerClient client(plane->get(), config, rank);
   client.SetRouting(routing);
   // Inputs and router from (rank, element): a balanced-ish random routing.
+  const int kTokens = g_shape.tokens, kExperts = g_shape.experts;
   Tensor x = Tensor::Zeros(DType::kF32, {kTokens, kD}).value();
   Tensor dy = Tensor::Zeros(DType::kF32, {kTokens, kD}).value();
   std::vector<float> w(kD * kExperts);
@@ -140,18 +207,47 @@ int RunTrainer(const std::string& dir, int rank, int steps, int micro_batches) {
   for (size_t i = 0; i < w.size(); ++i) {
     w[i] = static_cast<float>(0.001 * RandomNormal(1, {3, i}));
   }
+  if (g_shape.skew > 0) {
+    // Input 0 decides expert 0: strongly for the first share of the tokens,
+    // strongly against it for the others (random among the rest).
+    const int hot = static_cast<int>(g_shape.skew * kTokens + 0.5);
+    for (int e = 0; e < kExperts; ++e) w[e] = e == 0 ? 1.0f : 0.0f;
+    for (int t = 0; t < kTokens; ++t) x.f32()[t * kD] = t < hot ? 8.0f : -8.0f;
+  }
   trainer::RouterOptions ro;
   ro.num_experts = kExperts;
-  ro.top_k = 1;
+  ro.top_k = g_shape.top_k;
   Clock::time_point start;
   double forward_s = 0, backward_s = 0, done_s = 0;
   for (int step = 0; step < kWarmup + steps; ++step) {
     if (step == kWarmup) {
       start = Clock::now();
       forward_s = backward_s = done_s = 0;
+      if (rank == 0) WriteFile(dir + "/measure", "");
     }
     const auto route =
         trainer::RouteForward(ro, x.f32(), kTokens, kD, w.data(), nullptr);
+    if (step == 0 && rank == 0) {
+      // Token load per worker (expert e lives on worker e * workers / E).
+      std::vector<double> per_worker(kWorkers, 0);
+      for (int e = 0; e < kExperts; ++e) {
+        per_worker[e * kWorkers / kExperts] += route.load[e];
+      }
+      double most = 0, sum = 0;
+      for (double l : per_worker) {
+        most = std::max(most, l);
+        sum += l;
+      }
+      const int hottest = static_cast<int>(
+          std::max_element(route.load.begin(), route.load.end()) -
+          route.load.begin());
+      std::printf(
+          "  routing: hottest expert %d takes %.0f%% of assignments; "
+          "per-worker token load max/mean %.2f\n",
+          hottest, 100.0 * route.load[hottest] / (kTokens * g_shape.top_k),
+          most / (sum / kWorkers));
+      std::fflush(stdout);
+    }
     Status s;
     for (int m = 0; m < micro_batches && s.ok(); ++m) {
       auto t0 = Clock::now();
@@ -186,6 +282,18 @@ int RunTrainer(const std::string& dir, int rank, int steps, int micro_batches) {
   return 0;
 }
 
+// `args` and the flags that give a child process this layer's shape.
+std::vector<std::string> WithShapeFlags(std::vector<std::string> args) {
+  const std::vector<std::string> shape = {
+      "--dtype",   g_dtype,
+      "--tokens",  std::to_string(g_shape.tokens),
+      "--experts", std::to_string(g_shape.experts),
+      "--top-k",   std::to_string(g_shape.top_k),
+      "--skew",    std::to_string(g_shape.skew)};
+  args.insert(args.end(), shape.begin(), shape.end());
+  return args;
+}
+
 pid_t Spawn(const std::vector<std::string>& args) {
   const pid_t pid = ::fork();
   if (pid == 0) {
@@ -198,34 +306,52 @@ pid_t Spawn(const std::vector<std::string>& args) {
   return pid;
 }
 
-// The layer's GEMMs with raw BLAS, as the workers run them for one step:
-// per trainer and expert, forward (x W1, a W2) and input gradient
-// (dy W2^T, dh W1^T) on its 128 tokens; per expert, weight gradients over
-// both trainers' 256 tokens. Returns seconds per step.
-double RawGemmStep(int threads) {
+// The layer's GEMMs with raw BLAS, as the workers would run them for one
+// step with the tokens spread evenly: per trainer and expert, forward
+// (x W1, a W2) and input gradient (dy W2^T, dh W1^T) on its share of the
+// tokens; per expert, weight gradients over both trainers' tokens. fp32 on
+// OpenBLAS; bf16 through the workers' own Gemm (oneDNN) on operands
+// converted beforehand. Returns seconds per step.
+double RawGemmStep(int threads, bool bf16) {
   openblas_set_num_threads(threads);
-  const int t = kTokens / kExperts;  // Tokens per expert per trainer.
+  const int t = std::max(1, g_shape.tokens * g_shape.top_k / g_shape.experts);
   std::vector<float> x(2 * t * kD, 0.01f), h(2 * t * kF, 0.02f), y(2 * t * kD),
       w1(kD * kF, 0.01f), w2(kF * kD, 0.01f), g1(kD * kF), g2(kF * kD);
+  std::vector<BFloat16> bx(2 * t * kD), bh(2 * t * kF), by(2 * t * kD),
+      bw1(kD * kF), bw2(kF * kD);
+  expert_worker::ConvertToBf16(x.data(), x.size(), bx.data());
+  expert_worker::ConvertToBf16(h.data(), h.size(), bh.data());
+  expert_worker::ConvertToBf16(x.data(), y.size(), by.data());
+  expert_worker::ConvertToBf16(w1.data(), w1.size(), bw1.data());
+  expert_worker::ConvertToBf16(w2.data(), w2.size(), bw2.data());
+  auto gemm = expert_worker::NewCpuGemm(threads);
+  // C (m, n) = op(A) op(B), in the chosen dtype.
+  auto product = [&](bool ta, bool tb, int m, int n, int k, const float* a,
+                     const BFloat16* a16, int lda, const float* b,
+                     const BFloat16* b16, int ldb, float* c, int ldc) {
+    if (bf16) {
+      gemm->Bf16Gemm(ta, tb, m, n, k, 1, a16, lda, b16, ldb, 0, c, ldc);
+    } else {
+      gemm->Sgemm(ta, tb, m, n, k, 1, a, lda, b, ldb, 0, c, ldc);
+    }
+  };
   auto step = [&] {
-    for (int e = 0; e < kExperts; ++e) {
+    for (int e = 0; e < g_shape.experts; ++e) {
       for (int r = 0; r < kTrainers; ++r) {
-        float* xr = x.data() + r * t * kD;
-        float* hr = h.data() + r * t * kF;
-        float* yr = y.data() + r * t * kD;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, kF, kD, 1, xr,
-                    kD, w1.data(), kF, 0, hr, kF);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t, kD, kF, 1, hr,
-                    kF, w2.data(), kD, 0, yr, kD);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, kF, kD, 1, yr,
-                    kD, w2.data(), kD, 0, hr, kF);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t, kD, kF, 1, hr,
-                    kF, w1.data(), kF, 0, xr, kD);
+        const int64_t xo = int64_t{r} * t * kD, ho = int64_t{r} * t * kF;
+        product(false, false, t, kF, kD, x.data() + xo, bx.data() + xo, kD,
+                w1.data(), bw1.data(), kF, h.data() + ho, kF);
+        product(false, false, t, kD, kF, h.data() + ho, bh.data() + ho, kF,
+                w2.data(), bw2.data(), kD, y.data() + xo, kD);
+        product(false, true, t, kF, kD, y.data() + xo, by.data() + xo, kD,
+                w2.data(), bw2.data(), kD, h.data() + ho, kF);
+        product(false, true, t, kD, kF, h.data() + ho, bh.data() + ho, kF,
+                w1.data(), bw1.data(), kF, x.data() + xo, kD);
       }
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, kD, kF, 2 * t, 1,
-                  x.data(), kD, h.data(), kF, 0, g1.data(), kF);
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, kF, kD, 2 * t, 1,
-                  h.data(), kF, y.data(), kD, 0, g2.data(), kD);
+      product(true, false, kD, kF, 2 * t, x.data(), bx.data(), kD, h.data(),
+              bh.data(), kF, g1.data(), kF);
+      product(true, false, kF, kD, 2 * t, h.data(), bh.data(), kF, y.data(),
+              by.data(), kD, g2.data(), kD);
     }
   };
   step();
@@ -241,18 +367,21 @@ int RunParent(int steps, int micro_batches) {
                               .string();
   fs::remove_all(dir);
   fs::create_directories(dir);
+  const int kTokens = g_shape.tokens, kExperts = g_shape.experts;
   std::printf(
-      "moe_layer (%s experts): d_model %d, d_ff %d, %d experts, top-1, %d "
-      "tokens x %d trainers, %d workers, %d steps of %d micro-batches\n",
-      g_dtype.c_str(), kD, kF, kExperts, kTokens, kTrainers, kWorkers, steps,
-      micro_batches);
+      "moe_layer (%s experts): d_model %d, d_ff %d, %d experts, top-%d, %d "
+      "tokens x %d trainers, %d workers, %d steps of %d micro-batches, "
+      "skew %.2f\n",
+      g_dtype.c_str(), kD, kF, kExperts, g_shape.top_k, kTokens, kTrainers,
+      kWorkers, steps, micro_batches, g_shape.skew);
   std::fflush(stdout);
-  const double raw = RawGemmStep(2);
+  const double raw = RawGemmStep(2, g_dtype == "bf16");
+  WriteFile(dir + "/steps", std::to_string(steps * micro_batches));
   std::vector<pid_t> workers, trainers;
   for (int i = 0; i < kWorkers; ++i) {
     workers.push_back(
-        Spawn({"moe_layer_bench", "--role", "worker", "--dir", dir, "--index",
-               std::to_string(i), "--dtype", g_dtype}));
+        Spawn(WithShapeFlags({"moe_layer_bench", "--role", "worker", "--dir",
+                              dir, "--index", std::to_string(i)})));
   }
   int rc = 0;
   control::RoutingTable routing;
@@ -279,10 +408,10 @@ int RunParent(int steps, int micro_batches) {
     if (!WaitForFile(dir + "/w" + std::to_string(i) + ".ready")) rc = 1;
   }
   for (int r = 0; r < kTrainers && rc == 0; ++r) {
-    trainers.push_back(Spawn(
+    trainers.push_back(Spawn(WithShapeFlags(
         {"moe_layer_bench", "--role", "trainer", "--dir", dir, "--rank",
          std::to_string(r), "--steps", std::to_string(steps), "--micro-batches",
-         std::to_string(micro_batches), "--dtype", g_dtype}));
+         std::to_string(micro_batches)})));
   }
   for (pid_t p : trainers) {
     int status = 0;
@@ -302,10 +431,20 @@ int RunParent(int steps, int micro_batches) {
         dir + "/trainer-" + std::to_string(r) + ".result";
     slowest = std::max(slowest, std::stod(ReadFileToString(result).value()));
   }
+  double busiest_ms = 0;
+  for (int i = 0; i < kWorkers; ++i) {
+    auto busy = ReadFileToString(dir + "/w" + std::to_string(i) + ".busy");
+    if (busy.ok()) busiest_ms = std::max(busiest_ms, std::stod(*busy));
+  }
   fs::remove_all(dir);
+  const double step_ms = 1e3 * slowest / (steps * micro_batches);
+  std::printf(
+      "  step %.0f ms; not in the busiest worker's compute (transport, "
+      "routing, waiting for the other worker) %.0f ms\n",
+      step_ms, std::max(0.0, step_ms - busiest_ms));
   const double tokens_per_s =
       kTrainers * kTokens * micro_batches * steps / slowest;
-  const double flops_per_token = 12.0 * kD * kF;
+  const double flops_per_token = 12.0 * kD * kF * g_shape.top_k;
   const double gflops = tokens_per_s * flops_per_token / 1e9;
   const double raw_tokens_per_s = kTrainers * kTokens / raw;
   std::printf(
@@ -313,10 +452,12 @@ int RunParent(int steps, int micro_batches) {
       "5000 tokens/s: %s)\n",
       tokens_per_s, gflops, tokens_per_s >= 5000 ? "met" : "NOT met");
   std::printf(
-      "  raw BLAS: %8.0f tokens/s  %6.1f GFLOP/s (the same GEMMs, "
-      "one process, 2 threads)\n",
-      raw_tokens_per_s, raw_tokens_per_s * flops_per_token / 1e9);
-  std::printf("  system / raw BLAS = %.2f\n", tokens_per_s / raw_tokens_per_s);
+      "  raw %s GEMM: %8.0f tokens/s  %6.1f GFLOP/s (the same GEMMs with "
+      "the tokens spread evenly, one process, 2 threads)\n",
+      g_dtype.c_str(), raw_tokens_per_s,
+      raw_tokens_per_s * flops_per_token / 1e9);
+  std::printf("  system / raw %s GEMM = %.2f\n", g_dtype.c_str(),
+              tokens_per_s / raw_tokens_per_s);
   return 0;
 }
 
@@ -327,23 +468,68 @@ int main(int argc, char** argv) {
   switchyard::expert_worker::SelectBlasKernels(argv);
   std::string role, dir, dtype;
   int index = 0, steps = 10, micro_batches = 1;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--role")
+  auto& shape = switchyard::g_shape;
+  // A flag's value in [lo, hi] (a whole number unless `fraction`), or exit
+  // 2 naming it.
+  auto number = [](const std::string& flag, const std::string& value, double lo,
+                   double hi, bool fraction = false) {
+    char* end = nullptr;
+    const double v = std::strtod(value.c_str(), &end);
+    if (value.empty() || *end != '\0' || !(v >= lo && v <= hi) ||
+        (!fraction && v != static_cast<double>(static_cast<int64_t>(v)))) {
+      std::fprintf(stderr, "moe_layer_bench: %s %s: not a %s in [%g, %g]\n",
+                   flag.c_str(), value.c_str(),
+                   fraction ? "number" : "whole number", lo, hi);
+      std::exit(2);
+    }
+    return v;
+  };
+  for (int i = 1; i < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") {
+      std::fputs(switchyard::kUsage, stdout);
+      return 0;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "moe_layer_bench: %s needs a value\n%s",
+                   flag.c_str(), switchyard::kUsage);
+      return 2;
+    }
+    const std::string value = argv[i + 1];
+    if (flag == "--role") {
       role = value;
-    else if (flag == "--dir")
+    } else if (flag == "--dir") {
       dir = value;
-    else if (flag == "--index" || flag == "--rank")
-      index = std::stoi(value);
-    else if (flag == "--steps")
-      steps = std::stoi(value);
-    else if (flag == "--micro-batches")
-      micro_batches = std::stoi(value);
-    else if (flag == "--dtype")
+    } else if (flag == "--index" || flag == "--rank") {
+      index = static_cast<int>(number(flag, value, 0, 1 << 20));
+    } else if (flag == "--steps") {
+      steps = static_cast<int>(number(flag, value, 1, 1e6));
+    } else if (flag == "--micro-batches") {
+      micro_batches = static_cast<int>(number(flag, value, 1, 1024));
+    } else if (flag == "--dtype") {
       dtype = value;
+    } else if (flag == "--tokens") {
+      shape.tokens = static_cast<int>(number(flag, value, 1, 1 << 16));
+    } else if (flag == "--experts") {
+      shape.experts = static_cast<int>(number(flag, value, 2, 1024));
+    } else if (flag == "--top-k") {
+      shape.top_k = static_cast<int>(number(flag, value, 1, 1024));
+    } else if (flag == "--skew") {
+      shape.skew = number(flag, value, 0, 1, /*fraction=*/true);
+    } else {
+      std::fprintf(stderr, "moe_layer_bench: unknown flag %s\n%s", flag.c_str(),
+                   switchyard::kUsage);
+      return 2;
+    }
+  }
+  if (shape.top_k > shape.experts) {
+    std::fprintf(stderr, "moe_layer_bench: --top-k %d exceeds --experts %d\n",
+                 shape.top_k, shape.experts);
+    return 2;
   }
   if (!dtype.empty() && dtype != "fp32" && dtype != "bf16") {
-    std::fprintf(stderr, "moe_layer_bench: --dtype is fp32 or bf16\n");
+    std::fprintf(stderr, "moe_layer_bench: --dtype is fp32 or bf16\n%s",
+                 switchyard::kUsage);
     return 2;
   }
   if (!dtype.empty()) switchyard::g_dtype = dtype;

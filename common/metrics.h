@@ -8,6 +8,7 @@
 #define SWITCHYARD_COMMON_METRICS_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -28,6 +29,26 @@ class Counter {
 
  private:
   std::atomic<uint64_t> value_{0};
+};
+
+// Adds the microseconds its scope lasts to `counter` (a time breakdown:
+// switchyard_worker_*_microseconds_total).
+class ScopedMicros {
+ public:
+  explicit ScopedMicros(Counter* counter)
+      : counter_(counter), start_(std::chrono::steady_clock::now()) {}
+  ~ScopedMicros() {
+    counter_->Increment(static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(
+            std::chrono::steady_clock::now() - start_)
+            .count()));
+  }
+  ScopedMicros(const ScopedMicros&) = delete;
+  ScopedMicros& operator=(const ScopedMicros&) = delete;
+
+ private:
+  Counter* const counter_;
+  const std::chrono::steady_clock::time_point start_;
 };
 
 class Gauge {

@@ -4,8 +4,22 @@
 #include <cstring>
 #include <vector>
 
+#include "common/metrics.h"
+
 namespace switchyard::expert_worker {
 namespace {
+
+// Where a worker's compute time goes (bench/moe_layer prints it).
+Counter* GemmMicros() {
+  static Counter* c = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_gemm_microseconds_total");
+  return c;
+}
+Counter* ActivationMicros() {
+  static Counter* c = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_activation_microseconds_total");
+  return c;
+}
 
 // out (n) += column sums of m (rows, n), rows in order.
 void AddColumnSums(const float* m, int64_t rows, int64_t n, float* out) {
@@ -41,6 +55,7 @@ void Product(Gemm* gemm, DType dtype, bool trans_a, bool trans_b, int m, int n,
              int k, const float* a, int lda, int64_t a_elems, const float* b,
              int ldb, int64_t b_elems, bool accumulate, float* c, int ldc,
              const Tensor* b_bf16 = nullptr) {
+  ScopedMicros timed(GemmMicros());  // bf16 operand conversion included.
   const float beta = accumulate ? 1.0f : 0.0f;
   if (dtype == DType::kF32) {
     gemm->Sgemm(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
@@ -143,8 +158,11 @@ Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x,
   // a = act(h); y = a W2 + b2
   if (static_cast<int64_t>(s.a.size()) < tokens * f) s.a.resize(tokens * f);
   float* ap = s.a.data();
-  ActivationForward(shape_.activation, h->f32(),
-                    shape_.has_b1 ? p.b1.f32() : nullptr, tokens, f, ap);
+  {
+    ScopedMicros timed(ActivationMicros());
+    ActivationForward(shape_.activation, h->f32(),
+                      shape_.has_b1 ? p.b1.f32() : nullptr, tokens, f, ap);
+  }
   if (keep != nullptr) {
     for (int64_t i = 0; i < tokens * f; ++i) ap[i] *= keep[i];
   }
@@ -177,8 +195,11 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
     for (int64_t i = 0; i < tokens * f; ++i) da[i] *= keep[i];
   }
   // dh = da * act'(h), and a = act(h) from the same pass.
-  ActivationBackward(shape_.activation, h.f32(), da, tokens, f, dh->f32(),
-                     a->f32());
+  {
+    ScopedMicros timed(ActivationMicros());
+    ActivationBackward(shape_.activation, h.f32(), da, tokens, f, dh->f32(),
+                       a->f32());
+  }
   if (keep != nullptr) {
     float* ap = a->f32();
     for (int64_t i = 0; i < tokens * f; ++i) ap[i] *= keep[i];

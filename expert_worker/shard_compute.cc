@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/finite.h"
+#include "common/metrics.h"
 #include "common/random.h"
 
 namespace switchyard::expert_worker {
@@ -14,6 +15,12 @@ using transport::Message;
 using transport::MessageKind;
 
 namespace {
+
+Counter* OptimizerMicros() {
+  static Counter* c = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_optimizer_microseconds_total");
+  return c;
+}
 
 // Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols),
 // in a buffer from `pool`; a single part is returned as it is.
@@ -168,6 +175,7 @@ Status ShardCompute::Gradients(ExpertShard* shard) const {
 
 Status ShardCompute::Apply(int64_t step, ExpertShard* shard) const {
   if (!shard->grads_ready) return OkStatus();
+  ScopedMicros timed(OptimizerMicros());
   shard->grads_ready = false;
   const ExpertFfn& f = ffn(shard->id.shard);
   ExpertParams& p = shard->params;
@@ -237,6 +245,7 @@ Status ShardCompute::Gradients(DenseShard* shard) const {
 
 Status ShardCompute::Apply(int64_t step, DenseShard* shard) const {
   if (shard->grad.empty()) return OkStatus();
+  ScopedMicros timed(OptimizerMicros());
   const Tensor grad = std::move(shard->grad);
   shard->grad = Tensor();
   return optimizer_->Apply(step, grad, &shard->params, &shard->state);

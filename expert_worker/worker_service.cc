@@ -549,6 +549,11 @@ void WorkerService::Run() {
   Counter* tokens = registry.GetCounter("switchyard_worker_tokens_total");
   Histogram* compute_ms =
       registry.GetHistogram("switchyard_worker_request_ms", LatencyBucketsMs());
+  // The compute thread's time: serving and settling, or waiting for work.
+  Counter* busy_us =
+      registry.GetCounter("switchyard_worker_busy_microseconds_total");
+  Counter* idle_us =
+      registry.GetCounter("switchyard_worker_idle_microseconds_total");
   while (true) {
     // With an update still to apply, the thread applies it while no
     // request waits (a shard at a time, looking again in between).
@@ -557,9 +562,13 @@ void WorkerService::Run() {
       MutexLock state(&mu_);
       settling = unsettled_ > 0;
     }
-    std::optional<Task> task =
-        settling ? queue_.PopUntil(std::chrono::steady_clock::now())
-                 : queue_.Pop();
+    std::optional<Task> task;
+    {
+      ScopedMicros idle(idle_us);
+      task = settling ? queue_.PopUntil(std::chrono::steady_clock::now())
+                      : queue_.Pop();
+    }
+    ScopedMicros busy(busy_us);
     if (!task.has_value()) {
       if (queue_.closed()) break;
       MutexLock state(&mu_);
