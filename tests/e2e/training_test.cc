@@ -571,7 +571,7 @@ TEST_F(RecoveryTest, AWorkerThatStopsAnsweringIsReportedAndRecovered) {
         }
         hung.Resume();
       },
-      " --set transport.request_timeout_ms=4000");
+      " --set transport.request_timeout_ms=6000");
   static const std::regex kReported(
       R"(worker worker-1 \(incarnation \d+\) unreachable from trainer-[01] \(DEADLINE_EXCEEDED: no data-plane response[^\n]*a probe then went unanswered too)");
   EXPECT_TRUE(std::regex_search(text, kReported)) << text;
