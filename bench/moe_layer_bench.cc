@@ -376,7 +376,7 @@ int RunParent(int steps, int micro_batches) {
       kWorkers, steps, micro_batches, g_shape.skew);
   std::fflush(stdout);
   const double raw = RawGemmStep(2, g_dtype == "bf16");
-  WriteFile(dir + "/steps", std::to_string(steps * micro_batches));
+  WriteFile(dir + "/steps", std::to_string(steps));
   std::vector<pid_t> workers, trainers;
   for (int i = 0; i < kWorkers; ++i) {
     workers.push_back(
@@ -437,7 +437,7 @@ int RunParent(int steps, int micro_batches) {
     if (busy.ok()) busiest_ms = std::max(busiest_ms, std::stod(*busy));
   }
   fs::remove_all(dir);
-  const double step_ms = 1e3 * slowest / (steps * micro_batches);
+  const double step_ms = 1e3 * slowest / steps;
   std::printf(
       "  step %.0f ms; not in the busiest worker's compute (transport, "
       "routing, waiting for the other worker) %.0f ms\n",

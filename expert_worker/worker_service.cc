@@ -163,8 +163,9 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   {
     MutexLock lock(&mu_);
     // A routing change sees (and may hand over, roll back or keep) the
-    // shards with the last update applied.
-    RETURN_IF_ERROR(SettleAllLocked());
+    // shards with the last update applied. After a failed update they are
+    // refused until a rollback replaces them (below).
+    (void)SettleAllLocked();
     if (routing.epoch() < gate_.epoch() ||
         (routing.epoch() == gate_.epoch() && gate_.open())) {
       // The same placement (a table re-sent when a worker's address is
@@ -307,6 +308,11 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   }
   for (auto& [index, shard] : made_dense) dense_[index] = std::move(shard);
   for (auto& [id, shard] : made) shards_[id] = std::move(shard);
+  if (plan.rolls_back && !apply_failed_.ok()) {
+    LOG(INFO) << name_ << ": every shard is made again at step "
+              << routing.resume_step() << ": serving after the failed update";
+    apply_failed_ = OkStatus();
+  }
   gate_.Open(routing.resume_step());
   open_epoch_.store(routing.epoch(), std::memory_order_release);
   adopted_incarnation_ = 0;
@@ -723,24 +729,33 @@ Status WorkerService::ApplyUpdate(int64_t step) {
 Status WorkerService::SettleLocked(ExpertShard* shard) const {
   if (!apply_failed_.ok() || !shard->grads_ready) return apply_failed_;
   const Status s = compute_->Apply(pending_update_, shard);
-  if (!s.ok()) {
-    apply_failed_ = s.WithContext(
-        name_ + ": update " + std::to_string(pending_update_) + " of " +
-        shard->id.ToString() + " failed half way (the run stops)");
-  }
+  if (!s.ok()) return ApplyFailedLocked(s, shard->id.ToString());
   if (--unsettled_ == 0) pending_update_ = -1;
-  return apply_failed_;
+  return OkStatus();
 }
 
 Status WorkerService::SettleLocked(DenseShard* shard) const {
   if (!apply_failed_.ok() || shard->grad.empty()) return apply_failed_;
   const Status s = compute_->Apply(pending_update_, shard);
   if (!s.ok()) {
-    apply_failed_ = s.WithContext(
-        name_ + ": update " + std::to_string(pending_update_) + " of D" +
-        std::to_string(shard->index) + " failed half way (the run stops)");
+    return ApplyFailedLocked(s, "D" + std::to_string(shard->index));
   }
   if (--unsettled_ == 0) pending_update_ = -1;
+  return OkStatus();
+}
+
+Status WorkerService::ApplyFailedLocked(const Status& why,
+                                        const std::string& shard) const {
+  apply_failed_ = why.WithContext(
+      name_ + ": update " + std::to_string(pending_update_) + " of " + shard +
+      " failed half way: its shards are refused until a rollback replaces "
+      "them");
+  LOG(ERROR) << apply_failed_.ToString();
+  // Nothing more of the update is applied.
+  for (const auto& [id, s] : shards_) s->grads_ready = false;
+  for (const auto& [index, s] : dense_) s->grad = Tensor();
+  unsettled_ = 0;
+  pending_update_ = -1;
   return apply_failed_;
 }
 
@@ -832,7 +847,8 @@ std::vector<ShardId> WorkerService::hosted() const {
 
 std::map<std::string, std::string> WorkerService::ShardDigests() const {
   MutexLock lock(&mu_);
-  if (Status s = SettleAllLocked(); !s.ok()) LOG(ERROR) << s.ToString();
+  // Half-applied shards have no digest to compare.
+  if (!SettleAllLocked().ok()) return {};
   return ShardDigestsLocked();
 }
 
@@ -854,7 +870,7 @@ std::vector<storage::ShardSnapshot> WorkerService::SnapshotsLocked(
 
 std::vector<storage::ShardSnapshot> WorkerService::Snapshots() const {
   MutexLock lock(&mu_);
-  if (Status s = SettleAllLocked(); !s.ok()) LOG(ERROR) << s.ToString();
+  if (!SettleAllLocked().ok()) return {};  // Half-applied: none.
   return SnapshotsLocked(/*deep=*/true);
 }
 

@@ -179,14 +179,15 @@ class WorkerService {
   uint64_t epoch() const EXCLUDES(mu_);
   std::vector<ShardId> hosted() const EXCLUDES(mu_);
   // Digest (hex) of each hosted shard's parameter and optimizer-state
-  // tensors, by shard name ("D0", "L0.E3.S0"), for determinism checks.
+  // tensors, by shard name ("D0", "L0.E3.S0"), for determinism checks;
+  // none after an update failed half way.
   std::map<std::string, std::string> ShardDigests() const EXCLUDES(mu_);
   // CombineDigests(ShardDigests()).
   std::string ParameterDigest() const;
   // Bytes of idle checkpoint staging buffers (kept between checkpoints).
   size_t StagingCachedBytes() const { return staging_pool_->cached_bytes(); }
   // A copy of every hosted shard's state (deep: safe to keep), as written
-  // to checkpoints.
+  // to checkpoints; none after an update failed half way.
   std::vector<storage::ShardSnapshot> Snapshots() const EXCLUDES(mu_);
   // Tokens received per shard since the last call.
   std::vector<control::ShardLoad> TakeLoads() EXCLUDES(mu_);
@@ -212,6 +213,10 @@ class WorkerService {
   Status SettleLocked(DenseShard* shard) const REQUIRES(mu_);
   // Every shard's pending update (dense shards first, then in shard order).
   Status SettleAllLocked() const REQUIRES(mu_);
+  // Records a failed apply (nothing more of the update is applied; requests
+  // are refused until a rollback remakes the shards) and returns it.
+  Status ApplyFailedLocked(const Status& why, const std::string& shard) const
+      REQUIRES(mu_);
   // One shard's pending update; false when none was left.
   bool SettleNextLocked() REQUIRES(mu_);
   // Sets held_ and its copy for held().
