@@ -9,7 +9,11 @@
 // Each size runs three rounds of FMA peak, raw GEMMs, expert, and prints
 // the median round.
 // Ratios printed: expert / raw GEMM (target >= 0.85 from 1024 tokens) and
-// raw GEMM / FMA peak (target >= 0.75). docs/performance.md has the figures.
+// raw GEMM / FMA peak (target >= 0.75). Then the optimizers' update sweep
+// over one (1024, 4096) weight against a memcpy of it. docs/performance.md
+// has the figures.
+//
+// usage: expert_ffn_bench [--optimizer]   (--optimizer: the sweeps only)
 #include <cblas.h>
 #include <immintrin.h>
 
@@ -19,12 +23,15 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "common/random.h"
+#include "expert_worker/cpu/activation_kernels.h"
 #include "expert_worker/cpu/blas_kernels.h"
 #include "expert_worker/expert_ffn.h"
+#include "expert_worker/optimizer.h"
 
 namespace switchyard::expert_worker {
 namespace {
@@ -93,6 +100,65 @@ void Fill(Tensor* t, uint64_t tag, float scale) {
     t->f32()[i] =
         static_cast<float>(scale * RandomNormal(7, {tag, uint64_t(i)}));
   }
+}
+
+// Seconds per call of fn, over at least `reps` calls and `seconds`. One
+// untimed call first: the FMA loop's threads have just had the cores, and
+// the first call after them also pays for waking OpenMP's threads and
+// refilling the caches.
+template <typename Fn>
+double TimeIt(Fn&& fn, int min_reps, double min_seconds) {
+  fn();
+  int reps = 0;
+  const auto start = Clock::now();
+  do {
+    fn();
+    ++reps;
+  } while (reps < min_reps || Seconds(start, Clock::now()) < min_seconds);
+  return Seconds(start, Clock::now()) / reps;
+}
+
+// The optimizers' sweep over one (d, f) fp32 weight, its state and its
+// bf16 copy, as a worker's update runs it, against one copy of the weight
+// (memcpy: a read and a write of its bytes, the least any sweep does).
+// Prints the time of each and their ratio; false if a sweep failed.
+bool OptimizerSweeps(int d, int f, int threads) {
+  SetKernelThreads(threads);
+  const int64_t n = int64_t{d} * f;
+  std::vector<float> from(n, 0.5f), to(n);
+  auto time_it = [](auto&& fn) { return TimeIt(fn, 3, 0.5); };
+  const double copy_s =
+      time_it([&] { std::memcpy(to.data(), from.data(), n * sizeof(float)); });
+  std::printf(
+      "\noptimizer sweep over a (%d, %d) fp32 weight with its bf16 copy, "
+      "%d threads; one memcpy of the weight %.2f ms\n",
+      d, f, threads, 1e3 * copy_s);
+  bool ok = true;
+  for (const char* name : {"adamw", "adafactor"}) {
+    config::TrainingConfig t;
+    t.set_optimizer(name);
+    auto opt = Optimizer::Create(t);
+    Tensor p = Tensor::Zeros(DType::kF32, {d, f}).value();
+    Tensor g = Tensor::Zeros(DType::kF32, {d, f}).value();
+    Tensor copy = Tensor::Zeros(DType::kBF16, {d, f}).value();
+    Fill(&p, 3, 0.03f);
+    Fill(&g, 4, 0.001f);
+    if (!opt.ok()) return false;
+    OptimizerState state = (*opt)->NewState(p).value();
+    int64_t step = 0;
+    Status status;
+    const double sweep_s = time_it([&] {
+      if (status.ok()) status = (*opt)->Apply(step++, g, &p, &state, &copy);
+    });
+    if (!status.ok()) {
+      std::printf("%s: %s\n", name, status.ToString().c_str());
+      ok = false;
+      continue;
+    }
+    std::printf("  %-9s %8.2f ms  (%.1f x the copy)\n", name, 1e3 * sweep_s,
+                sweep_s / copy_s);
+  }
+  return ok;
 }
 
 int Run() {
@@ -197,19 +263,7 @@ int Run() {
                     std::string(DTypeName(dtype)).c_str(), err / scale);
         all_ok = false;
       }
-      auto time_it = [](auto&& fn) {
-        // One untimed call first: the FMA loop's threads have just had the
-        // cores, and the first call after them also pays for waking
-        // OpenMP's threads and refilling the caches.
-        fn();
-        int reps = 0;
-        const auto start = Clock::now();
-        do {
-          fn();
-          ++reps;
-        } while (reps < 2 || Seconds(start, Clock::now()) < 0.35);
-        return Seconds(start, Clock::now()) / reps;
-      };
+      auto time_it = [](auto&& fn) { return TimeIt(fn, 2, 0.35); };
       // Rounds alternate the raw GEMMs and the expert, so that a fast or
       // slow spell of the shared VM weighs on both alike; the median round
       // counts.
@@ -233,7 +287,7 @@ int Run() {
                   Median(of_peak));
     }
   }
-  return all_ok ? 0 : 1;
+  return OptimizerSweeps(d, f, threads) && all_ok ? 0 : 1;
 }
 
 }  // namespace
@@ -243,5 +297,19 @@ int main(int argc, char** argv) {
   // OPENBLAS_CORETYPE=Haswell bench/expert_ffn_bench measures the kernels
   // OpenBLAS picks on its own here.
   switchyard::expert_worker::SelectBlasKernels(argv);
+  const std::string flag = argc > 1 ? argv[1] : "";
+  if (flag == "--help") {
+    std::printf("usage: expert_ffn_bench [--optimizer]\n");
+    return 0;
+  }
+  if (argc > 2 || (!flag.empty() && flag != "--optimizer")) {
+    std::fprintf(stderr, "usage: expert_ffn_bench [--optimizer]\n");
+    return 2;
+  }
+  if (flag == "--optimizer") {
+    const int threads = static_cast<int>(std::thread::hardware_concurrency());
+    return switchyard::expert_worker::OptimizerSweeps(1024, 4096, threads) ? 0
+                                                                           : 1;
+  }
   return switchyard::expert_worker::Run();
 }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common/bf16.h"
 #include "common/target_clones.h"
@@ -117,6 +118,121 @@ class AdamW : public Optimizer {
   const config::TrainingConfig t_;
 };
 
+// Adafactor's scale of one gradient element: g / sqrt(r_i c_j / mean(r)).
+inline float FactoredUpdate(float g, float r, float c, float inv_r_mean) {
+  const float vhat = r * c * inv_r_mean;
+  return g / std::sqrt(vhat);
+}
+
+// Adafactor's sums over a stretch of a row run in kSumLanes double lanes
+// (element k of the stretch to lane k % kSumLanes), added in a fixed tree:
+// the same bits from every build of the loop and every thread count.
+constexpr int kSumLanes = 8;
+
+inline double AddLanes(double* lanes) {
+  for (int w = kSumLanes / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  }
+  return lanes[0];
+}
+
+// sum of g^2 + eps over g[0, n).
+SY_TARGET_CLONES double SquaresPlusEps(const float* __restrict g, int64_t n,
+                                       float eps) {
+  double lanes[kSumLanes] = {};
+  int64_t k = 0;
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
+      const float g2 = g[k + l] * g[k + l] + eps;
+      lanes[l] += g2;
+    }
+  }
+  for (; k < n; ++k) {
+    const float g2 = g[k] * g[k] + eps;
+    lanes[k % kSumLanes] += g2;
+  }
+  return AddLanes(lanes);
+}
+
+// sum of u^2 over a row stretch, u = FactoredUpdate(g[k], r, c[k], inv).
+SY_TARGET_CLONES double FactoredSquares(const float* __restrict g, float r,
+                                        const float* __restrict c,
+                                        float inv_r_mean, int64_t n) {
+  double lanes[kSumLanes] = {};
+  int64_t k = 0;
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
+      const float u = FactoredUpdate(g[k + l], r, c[k + l], inv_r_mean);
+      lanes[l] += static_cast<double>(u) * u;
+    }
+  }
+  for (; k < n; ++k) {
+    const float u = FactoredUpdate(g[k], r, c[k], inv_r_mean);
+    lanes[k % kSumLanes] += static_cast<double>(u) * u;
+  }
+  return AddLanes(lanes);
+}
+
+// p -= lr (u clip + wd p) over a row stretch.
+SY_TARGET_CLONES void FactoredStep(const float* __restrict g, float r,
+                                   const float* __restrict c, float inv_r_mean,
+                                   float lr, float clip, float wd,
+                                   float* __restrict p, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float u = FactoredUpdate(g[k], r, c[k], inv_r_mean);
+    p[k] -= lr * (u * clip + wd * p[k]);
+  }
+}
+
+// Column sums of g^2 + eps over rows, columns [from, to): sums[j] gets the
+// rows in order.
+SY_TARGET_CLONES void AddColumnSquares(const float* __restrict g, int64_t rows,
+                                       int64_t cols, int64_t from, int64_t to,
+                                       float eps, double* __restrict sums) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* gi = g + i * cols;
+    for (int64_t j = from; j < to; ++j) {
+      const float g2 = gi[j] * gi[j] + eps;
+      sums[j] += g2;
+    }
+  }
+}
+
+// Full second moments over v[0, n): v = b2 v + (1 - b2)(g^2 + eps); returns
+// the sum of u^2, u = g / sqrt(v).
+SY_TARGET_CLONES double FullMoments(const float* __restrict g, float b2,
+                                    float eps, float* __restrict v, int64_t n) {
+  double lanes[kSumLanes] = {};
+  for (int64_t k = 0; k < n; ++k) {
+    v[k] = b2 * v[k] + (1.0f - b2) * (g[k] * g[k] + eps);
+    const float u = g[k] / std::sqrt(v[k]);
+    lanes[k % kSumLanes] += static_cast<double>(u) * u;
+  }
+  return AddLanes(lanes);
+}
+
+// p -= lr (u clip + wd p), u = g / sqrt(v), over [0, n).
+SY_TARGET_CLONES void FullStep(const float* __restrict g,
+                               const float* __restrict v, float lr, float clip,
+                               float wd, float* __restrict p, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float u = g[k] / std::sqrt(v[k]);
+    p[k] -= lr * (u * clip + wd * p[k]);
+  }
+}
+
+// Columns a thread sums at a time in Adafactor's column pass, and the
+// columns of a row tile in its row passes.
+constexpr int64_t kColumnBlock = 256;
+constexpr int64_t kRowTile = 4096;
+
+// Adafactor's passes over the gradient run on the kernel threads, split by
+// rows (or, for column sums, by column blocks; for vectors, by blocks of
+// kAdamWBlock), and every sum keeps one order whatever the thread count:
+// a row's or a column's elements in index order, then the rows' (blocks')
+// partial sums in order. The last pass updates the parameters and writes
+// their bf16 rounding; the update itself is recomputed there rather than
+// kept.
 class Adafactor : public Optimizer {
  public:
   explicit Adafactor(const config::TrainingConfig& t) : t_(t) {}
@@ -136,64 +252,125 @@ class Adafactor : public Optimizer {
                OptimizerState* state, Tensor* param_bf16) const override {
     RETURN_IF_ERROR(CheckPair(grad, *param));
     ASSIGN_OR_RETURN(BFloat16* const p16, Bf16Out(*param, param_bf16));
-    constexpr float kEps = 1e-30f;
     const float lr = static_cast<float>(LearningRate(t_, step));
     const float b2 =
         static_cast<float>(1.0 - std::pow(static_cast<double>(step + 1), -0.8));
     const float wd = static_cast<float>(t_.weight_decay());
     const int64_t n = param->num_elements();
-    const float* g = grad.f32();
-    float* p = param->f32();
-    std::vector<float>& u = scratch_;
-    u.resize(n);
     if (param->rank() == 2) {
-      const int64_t rows = param->dim(0), cols = param->dim(1);
-      float* r = state->row.f32();
-      float* c = state->col.f32();
-      std::vector<double>& col_sums = col_sums_;
-      col_sums.assign(cols, 0.0);
-      for (int64_t i = 0; i < rows; ++i) {
-        double row_sum = 0;
-        for (int64_t j = 0; j < cols; ++j) {
-          const float g2 = g[i * cols + j] * g[i * cols + j] + kEps;
-          row_sum += g2;
-          col_sums[j] += g2;
-        }
-        r[i] = b2 * r[i] + (1.0f - b2) * static_cast<float>(row_sum / cols);
-      }
-      double r_mean = 0;
-      for (int64_t i = 0; i < rows; ++i) r_mean += r[i];
-      r_mean /= rows;
-      for (int64_t j = 0; j < cols; ++j) {
-        c[j] = b2 * c[j] + (1.0f - b2) * static_cast<float>(col_sums[j] / rows);
-      }
-      const float inv_r_mean = static_cast<float>(1.0 / r_mean);
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = 0; j < cols; ++j) {
-          const float vhat = r[i] * c[j] * inv_r_mean;
-          u[i * cols + j] = g[i * cols + j] / std::sqrt(vhat);
-        }
-      }
+      Factored(param->dim(0), param->dim(1), lr, b2, wd, grad.f32(),
+               param->f32(), state->row.f32(), state->col.f32(), p16);
     } else {
-      float* v = state->v.f32();
-      for (int64_t i = 0; i < n; ++i) {
-        v[i] = b2 * v[i] + (1.0f - b2) * (g[i] * g[i] + kEps);
-        u[i] = g[i] / std::sqrt(v[i]);
-      }
+      Full(n, lr, b2, wd, grad.f32(), param->f32(), state->v.f32(), p16);
     }
-    double sum_sq = 0;
-    for (int64_t i = 0; i < n; ++i) sum_sq += static_cast<double>(u[i]) * u[i];
-    const double rms = std::sqrt(sum_sq / std::max<int64_t>(n, 1));
-    const float clip = static_cast<float>(1.0 / std::max(1.0, rms));
-    for (int64_t i = 0; i < n; ++i) p[i] -= lr * (u[i] * clip + wd * p[i]);
-    if (p16 != nullptr) FloatsToBf16(p, n, p16);
     return OkStatus();
   }
 
  private:
+  static constexpr float kEps = 1e-30f;
+
+  // The factored second moments of a (rows, cols) parameter. Row passes
+  // go by tiles of a row (kRowTile columns), so that a (1, n) dense shard
+  // is split too; a row's sum is its tiles' partial sums in order.
+  void Factored(int64_t rows, int64_t cols, float lr, float b2, float wd,
+                const float* g, float* p, float* r, float* c,
+                BFloat16* p16) const {
+    const bool parallel = rows * cols > kParallelElements;
+    const int64_t tiles_per_row = (cols + kRowTile - 1) / kRowTile;
+    const int64_t tiles = rows * tiles_per_row;
+    std::vector<double>& partial = partial_;
+    partial.assign(tiles, 0.0);
+    // Row means of g^2 + eps.
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t i = t / tiles_per_row,
+                    from = (t % tiles_per_row) * kRowTile;
+      const int64_t to = std::min(cols, from + kRowTile);
+      partial[t] = SquaresPlusEps(g + i * cols + from, to - from, kEps);
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      double row_sum = 0;
+      for (int64_t k = 0; k < tiles_per_row; ++k) {
+        row_sum += partial[i * tiles_per_row + k];
+      }
+      r[i] = b2 * r[i] + (1.0f - b2) * static_cast<float>(row_sum / cols);
+    }
+    // Column means, a block of columns per thread, rows in order.
+    std::vector<double>& col_sums = col_sums_;
+    col_sums.assign(cols, 0.0);
+    double* sums = col_sums.data();
+    const int64_t col_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < col_blocks; ++b) {
+      const int64_t from = b * kColumnBlock;
+      AddColumnSquares(g, rows, cols, from, std::min(cols, from + kColumnBlock),
+                       kEps, sums);
+    }
+    double r_mean = 0;
+    for (int64_t i = 0; i < rows; ++i) r_mean += r[i];
+    r_mean /= rows;
+    for (int64_t j = 0; j < cols; ++j) {
+      c[j] = b2 * c[j] + (1.0f - b2) * static_cast<float>(sums[j] / rows);
+    }
+    const float inv_r_mean = static_cast<float>(1.0 / r_mean);
+    // The update's RMS: the tiles' sums of squares, in order.
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t i = t / tiles_per_row,
+                    from = (t % tiles_per_row) * kRowTile;
+      const int64_t to = std::min(cols, from + kRowTile);
+      partial[t] = FactoredSquares(g + i * cols + from, r[i], c + from,
+                                   inv_r_mean, to - from);
+    }
+    const float clip = Clip(partial, rows * cols);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t i = t / tiles_per_row,
+                    from = (t % tiles_per_row) * kRowTile;
+      const int64_t to = std::min(cols, from + kRowTile);
+      float* pi = p + i * cols + from;
+      FactoredStep(g + i * cols + from, r[i], c + from, inv_r_mean, lr, clip,
+                   wd, pi, to - from);
+      if (p16 != nullptr) FloatsToBf16(pi, to - from, p16 + i * cols + from);
+    }
+  }
+
+  // Full second moments (vectors).
+  void Full(int64_t n, float lr, float b2, float wd, const float* g, float* p,
+            float* v, BFloat16* p16) const {
+    const bool parallel = n > kParallelElements;
+    const int64_t blocks = (n + kAdamWBlock - 1) / kAdamWBlock;
+    std::vector<double>& partial = partial_;
+    partial.assign(blocks, 0.0);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t from = b * kAdamWBlock;
+      partial[b] = FullMoments(g + from, b2, kEps, v + from,
+                               std::min(n, from + kAdamWBlock) - from);
+    }
+    const float clip = Clip(partial, n);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t from = b * kAdamWBlock;
+      const int64_t to = std::min(n, from + kAdamWBlock);
+      FullStep(g + from, v + from, lr, clip, wd, p + from, to - from);
+      if (p16 != nullptr) FloatsToBf16(p + from, to - from, p16 + from);
+    }
+  }
+
+  // 1 / max(1, RMS) of an update whose squares sum to the partials (summed
+  // in order) over n elements.
+  static float Clip(const std::vector<double>& partial, int64_t n) {
+    double sum_sq = 0;
+    for (double s : partial) sum_sq += s;
+    const double rms = std::sqrt(sum_sq / std::max<int64_t>(n, 1));
+    return static_cast<float>(1.0 / std::max(1.0, rms));
+  }
+
   const config::TrainingConfig t_;
-  mutable std::vector<float> scratch_;
+  // Reused between calls (one thread applies at a time).
   mutable std::vector<double> col_sums_;
+  mutable std::vector<double> partial_;
 };
 
 }  // namespace

@@ -5,8 +5,11 @@
 #include <gtest/gtest.h>
 #include <strings.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "common/bf16.h"
 #include "common/config.h"
@@ -108,41 +111,54 @@ TEST(AdafactorTest, VectorsUseFullSecondMoments) {
 
 TEST(OptimizerTest, ASweepIsTheSameOnAnyThreadCountAndWritesItsBf16Copy) {
   // Large enough to run on every OpenMP thread (and not a whole number of
-  // blocks): the bits must not depend on the thread count, and the bf16
-  // copy a sweep writes is the rounding of the updated parameters.
+  // blocks or tiles): the bits must not depend on the thread count, and the
+  // bf16 copy a sweep writes is the rounding of the updated parameters.
+  // Shapes: a matrix; a dense shard's (1, n) row, split into tiles; a few
+  // long rows; a vector (Adafactor's full second moments).
+  const std::vector<std::vector<int64_t>> shapes = {
+      {301, 1001}, {1, 70001}, {3, 9001}, {70001}};
   for (const char* name : {"adamw", "adafactor"}) {
-    auto t =
-        Training({std::string("training.optimizer=") + name,
-                  "training.learning_rate=0.01", "training.weight_decay=0.1"});
-    auto opt = Optimizer::Create(t).value();
-    const int64_t rows = 301, cols = 1001;
-    auto fill = [&](uint32_t seed) {
-      Tensor x = Tensor::Zeros(DType::kF32, {rows, cols}).value();
-      for (int64_t i = 0; i < x.num_elements(); ++i) {
-        seed = seed * 1664525u + 1013904223u;
-        x.f32()[i] = static_cast<float>(seed >> 8) / (1 << 24) - 0.5f;
+    for (const auto& shape : shapes) {
+      const std::string what = std::string(name) + " " +
+                               std::to_string(shape.front()) + "x" +
+                               std::to_string(shape.back());
+      auto t = Training({std::string("training.optimizer=") + name,
+                         "training.learning_rate=0.01",
+                         "training.weight_decay=0.1"});
+      auto opt = Optimizer::Create(t).value();
+      auto fill = [&](uint32_t seed) {
+        Tensor x = Tensor::Zeros(DType::kF32, shape).value();
+        for (int64_t i = 0; i < x.num_elements(); ++i) {
+          seed = seed * 1664525u + 1013904223u;
+          x.f32()[i] = static_cast<float>(seed >> 8) / (1 << 24) - 0.5f;
+        }
+        return x;
+      };
+      const Tensor g = fill(7);
+      Tensor params[2] = {fill(3), fill(3)};
+      Tensor copy = Tensor::Zeros(DType::kBF16, shape).value();
+      for (int threads : {1, 2}) {
+        SetKernelThreads(threads);
+        Tensor& p = params[threads - 1];
+        OptimizerState state = opt->NewState(p).value();
+        ASSERT_TRUE(opt->Apply(0, g, &p, &state).ok()) << what;
+        ASSERT_TRUE(opt->Apply(1, g, &p, &state, &copy).ok()) << what;
       }
-      return x;
-    };
-    const Tensor g = fill(7);
-    Tensor params[2] = {fill(3), fill(3)};
-    Tensor copy = Tensor::Zeros(DType::kBF16, {rows, cols}).value();
-    for (int threads : {1, 2}) {
-      SetKernelThreads(threads);
-      Tensor& p = params[threads - 1];
-      OptimizerState state = opt->NewState(p).value();
-      ASSERT_TRUE(opt->Apply(0, g, &p, &state).ok()) << name;
-      ASSERT_TRUE(opt->Apply(1, g, &p, &state, &copy).ok()) << name;
+      SetKernelThreads(1);
+      for (int64_t i = 0; i < params[0].num_elements(); ++i) {
+        ASSERT_EQ(params[0].f32()[i], params[1].f32()[i]) << what << " " << i;
+        ASSERT_EQ(copy.bf16()[i].bits, FloatToBf16(params[1].f32()[i]).bits)
+            << what << " " << i;
+      }
+      // Something moved.
+      EXPECT_NE(params[0].f32()[0], fill(3).f32()[0]) << what;
+      std::vector<int64_t> other = shape;
+      std::reverse(other.begin(), other.end());
+      other.push_back(1);
+      Tensor wrong = Tensor::Zeros(DType::kBF16, other).value();
+      OptimizerState state = opt->NewState(params[0]).value();
+      EXPECT_FALSE(opt->Apply(2, g, &params[0], &state, &wrong).ok()) << what;
     }
-    SetKernelThreads(1);
-    for (int64_t i = 0; i < params[0].num_elements(); ++i) {
-      ASSERT_EQ(params[0].f32()[i], params[1].f32()[i]) << name << " " << i;
-      ASSERT_EQ(copy.bf16()[i].bits, FloatToBf16(params[1].f32()[i]).bits)
-          << name << " " << i;
-    }
-    Tensor wrong = Tensor::Zeros(DType::kBF16, {cols, rows}).value();
-    OptimizerState state = opt->NewState(params[0]).value();
-    EXPECT_FALSE(opt->Apply(2, g, &params[0], &state, &wrong).ok()) << name;
   }
 }
 
