@@ -702,21 +702,21 @@ Status WorkerService::ApplyUpdate(int64_t step) {
   // All or nothing: every shard's gradient is computed and checked before
   // any shard changes. A non-finite gradient stops the run here, with the
   // step's update applied nowhere (the last checkpoint stays good).
-  const auto refused = [&](const Status& s) {
-    // The gradients already computed are dropped with the rest.
-    for (auto& [id, shard] : shards_) shard->grads_ready = false;
-    for (auto& [index, shard] : dense_) shard->grad = Tensor();
-    return s.WithContext(name_ + " refuses update " + std::to_string(step) +
-                         " (nothing of it applied; the run stops: lower "
-                         "training.learning_rate or check the data)");
-  };
+  Status refused;
   for (auto& [id, shard] : shards_) {
-    Status s = compute_->Gradients(shard.get());
-    if (!s.ok()) return refused(s);
+    refused = compute_->Gradients(shard.get());
+    if (!refused.ok()) break;
   }
   for (auto& [index, shard] : dense_) {
-    Status s = compute_->Gradients(shard.get());
-    if (!s.ok()) return refused(s);
+    if (!refused.ok()) break;
+    refused = compute_->Gradients(shard.get());
+  }
+  if (!refused.ok()) {
+    DropGradientsLocked();  // Those already computed go with the rest.
+    return refused.WithContext(name_ + " refuses update " +
+                               std::to_string(step) +
+                               " (nothing of it applied; the run stops: lower "
+                               "training.learning_rate or check the data)");
   }
   // Applied shard by shard from now on (SettleLocked).
   unsettled_ = 0;
@@ -751,12 +751,15 @@ Status WorkerService::ApplyFailedLocked(const Status& why,
       " failed half way: its shards are refused until a rollback replaces "
       "them");
   LOG(ERROR) << apply_failed_.ToString();
-  // Nothing more of the update is applied.
-  for (const auto& [id, s] : shards_) s->grads_ready = false;
-  for (const auto& [index, s] : dense_) s->grad = Tensor();
+  DropGradientsLocked();  // Nothing more of the update is applied.
   unsettled_ = 0;
   pending_update_ = -1;
   return apply_failed_;
+}
+
+void WorkerService::DropGradientsLocked() const {
+  for (const auto& [id, shard] : shards_) shard->grads_ready = false;
+  for (const auto& [index, shard] : dense_) shard->grad = Tensor();
 }
 
 Status WorkerService::SettleAllLocked() const {

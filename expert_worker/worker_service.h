@@ -213,6 +213,8 @@ class WorkerService {
   Status SettleLocked(DenseShard* shard) const REQUIRES(mu_);
   // Every shard's pending update (dense shards first, then in shard order).
   Status SettleAllLocked() const REQUIRES(mu_);
+  // Drops every shard's computed, unapplied gradient.
+  void DropGradientsLocked() const REQUIRES(mu_);
   // Records a failed apply (nothing more of the update is applied; requests
   // are refused until a rollback remakes the shards) and returns it.
   Status ApplyFailedLocked(const Status& why, const std::string& shard) const
