@@ -302,18 +302,21 @@ TEST_F(PyTorchClusterTest, GradientsAndUpdatesMatchPlainPyTorch) {
 }
 
 // Two PyTorch trainer processes (torch.distributed over gloo) and two
-// workers, 60 steps, twice: the experts' parameters and optimizer state at
+// workers, 200 steps, twice: the experts' parameters and optimizer state at
 // the end (the digests the workers log) are the same bit for bit. In the
 // second run a third worker joins after step 10 and worker-0 is drained
 // after step 30: the sessions pause at a step boundary for each move and
-// go on, nothing redone, and the end is still the same bit for bit.
+// go on, nothing redone, and the end is still the same bit for bit. (A
+// step takes 20-40 ms here: the run is long enough that the drain lands
+// while the sessions train, however slowly the joiner and the drain
+// command start; with 60 steps a CI run once drained after the end.)
 TEST_F(PyTorchClusterTest, TwoDataParallelTrainersAreBitIdenticalAcrossRuns) {
   std::map<std::string, std::string> first;
   for (const std::string name : {"run1", "run2"}) {
     SCOPED_TRACE(name);
     const std::string run = dir_ + "/" + name;
     const std::vector<std::string> sets = {"cluster.trainers=2",
-                                           "training.steps=60"};
+                                           "training.steps=200"};
     StartCluster(run, sets);
     pid_t ranks[2];
     for (int r = 0; r < 2; ++r) {
@@ -322,7 +325,7 @@ TEST_F(PyTorchClusterTest, TwoDataParallelTrainersAreBitIdenticalAcrossRuns) {
            {Script("moe_test.py"), std::string("determinism"), run, Config(),
             std::to_string(r), std::string("2"),
             run + "-rank" + std::to_string(r) + ".json", std::string("--steps"),
-            std::string("60")}) {
+            std::string("200")}) {
         args.push_back(a);
       }
       ranks[r] =
