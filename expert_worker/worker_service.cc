@@ -1,5 +1,6 @@
 #include "expert_worker/worker_service.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -75,7 +76,16 @@ void WorkerService::EnableCheckpoints(
   writer_ = std::make_unique<CheckpointWriter>(
       name_, store_.get(), staging_pool_.get(), StorageThreads(), report_,
       [this](const control::ReplicationTask& task) {
-        return transfer_->Replicate(task, report_);
+        // A committed checkpoint never changes: the copy is fetched under
+        // the newest epoch this worker has adopted, which the holder, as
+        // current as this worker or more, does not refuse as stale (the
+        // task's own epoch may have passed while it waited in the queue,
+        // and a refused copy is queued again only after
+        // cluster.move_timeout_ms).
+        control::ReplicationTask now = task;
+        now.set_epoch(std::max<uint64_t>(
+            task.epoch(), adopted_epoch_.load(std::memory_order_acquire)));
+        return transfer_->Replicate(now, report_);
       },
       config_.checkpoint().max_consecutive_failures(),
       // Kept copies are staging buffers: none without resident staging.
