@@ -11,8 +11,8 @@
 
 #include <cstdint>
 #include <map>
-#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "common/buffer_pool.h"
 #include "common/ids.h"
@@ -28,15 +28,20 @@ struct ExpertShard {
   ExpertParams params;
   ExpertParams grads;
   OptimizerState w1, b1, w2, b2;
-  // Forward activations (x, h) of the step in progress, by (step, rank, mb).
-  std::map<std::tuple<int64_t, int32_t, int32_t>, std::pair<Tensor, Tensor>>
-      activations;
-  struct Contribution {
-    Tensor x, a, dh, dy;  // a = act(h), from the backward pass.
+  // The step in progress's forwards, by (step, micro-batch): every
+  // trainer's rows, concatenated in rank order.
+  struct Activation {
+    Tensor x, h;                // Empty when no trainer had rows.
+    std::vector<int64_t> rows;  // Rows per rank.
   };
-  // Weight-gradient inputs of the step in progress, by (rank, micro-batch):
-  // std::map iterates them in that order.
-  std::map<std::pair<int32_t, int32_t>, Contribution> contributions;
+  std::map<std::pair<int64_t, int32_t>, Activation> activations;
+  struct Contribution {
+    Tensor x, a, dh, dy;  // a = act(h), from the backward pass; may be empty.
+  };
+  // Weight-gradient inputs of the step in progress, by micro-batch (each
+  // with every rank's rows in rank order): std::map iterates them in
+  // micro-batch order.
+  std::map<int32_t, Contribution> contributions;
   // `grads` hold the step's gradient, computed and checked, not yet applied.
   bool grads_ready = false;
   uint64_t tokens = 0;  // Since the last load report.

@@ -2,7 +2,6 @@
 
 #include <cstring>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "common/finite.h"
@@ -22,46 +21,94 @@ Counter* OptimizerMicros() {
   return c;
 }
 
-// Concatenates rows of `parts` (each (T_i, cols)) into one (sum T_i, cols),
-// in a buffer from `pool`; a single part is returned as it is.
+// Concatenates rows of `parts` (each (T_i, cols), or empty: no rows) into
+// one (sum T_i, cols), in a buffer from `pool`; a single part with rows is
+// returned as it is; no rows at all: an empty tensor.
 StatusOr<Tensor> ConcatRows(BufferPool& pool,
                             const std::vector<const Tensor*>& parts,
                             int64_t cols) {
-  if (parts.size() == 1) return *parts.front();
   int64_t rows = 0;
-  for (const Tensor* p : parts) rows += p->dim(0);
+  const Tensor* only = nullptr;
+  int with_rows = 0;
+  for (const Tensor* p : parts) {
+    if (p->empty() || p->dim(0) == 0) continue;
+    rows += p->dim(0);
+    only = p;
+    ++with_rows;
+  }
+  if (with_rows == 0) return Tensor();
+  if (with_rows == 1) return *only;
   ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {rows, cols}));
   char* dst = static_cast<char*>(out.data());
   for (const Tensor* p : parts) {
+    if (p->empty()) continue;
     std::memcpy(dst, p->data(), p->num_bytes());
     dst += p->num_bytes();
   }
   return out;
 }
 
-// Expert dropout's multipliers for one request's activations (T, f): unit
-// (row, column) of expert shard (layer, expert, shard) is dropped with
-// probability model.expert_dropout, from (seed, step, rank, micro-batch,
-// layer, expert, row, global column) so that a forward and its backward,
-// and two runs, agree. Empty when there is no dropout.
+// The payloads of `requests` as fp32 (empty where none) and their rows.
+Status Payloads(BufferPool& pool,
+                const std::vector<const transport::Message*>& requests,
+                std::vector<Tensor>* f32, std::vector<int64_t>* rows) {
+  for (const transport::Message* m : requests) {
+    if (m->payload.empty()) {
+      f32->emplace_back();
+      rows->push_back(0);
+      continue;
+    }
+    ASSIGN_OR_RETURN(Tensor t, pool.Converted(m->payload, DType::kF32));
+    rows->push_back(t.dim(0));
+    f32->push_back(std::move(t));
+  }
+  return OkStatus();
+}
+
+// `out`'s rows split by `rows` (views sharing its storage; empty where a
+// request had none).
+StatusOr<std::vector<Tensor>> SplitRows(const Tensor& out,
+                                        const std::vector<int64_t>& rows) {
+  std::vector<Tensor> parts;
+  int64_t begin = 0;
+  for (int64_t n : rows) {
+    if (n == 0) {
+      parts.emplace_back();
+      continue;
+    }
+    ASSIGN_OR_RETURN(Tensor part, out.Slice(begin, begin + n));
+    parts.push_back(std::move(part));
+    begin += n;
+  }
+  return parts;
+}
+
+// Expert dropout's multipliers for one micro-batch's activations (sum of
+// rows, f), rank r's rows after rank r - 1's: unit (row, column) of expert
+// shard (layer, expert, shard) is dropped with probability
+// model.expert_dropout, from (seed, step, rank, micro-batch, layer, expert,
+// row within the rank's, global column) so that a forward and its
+// backward, and two runs, agree. Empty when there is no dropout.
 std::vector<float> ExpertDropoutKeep(const config::SwitchyardConfig& config,
                                      const transport::WireHeader& h,
-                                     int64_t tokens, int64_t f) {
+                                     const std::vector<int64_t>& rows,
+                                     int64_t f) {
   const double rate = config.model().expert_dropout();
   if (rate <= 0) return {};
   constexpr uint64_t kTagExpertDropout = 41;
   const float scale = static_cast<float>(1.0 / (1.0 - rate));
-  std::vector<float> keep(static_cast<size_t>(tokens * f));
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t c = 0; c < f; ++c) {
-      const double u = RandomUniform(
-          config.training().seed(),
-          {kTagExpertDropout, static_cast<uint64_t>(h.step),
-           static_cast<uint64_t>(h.trainer_rank),
-           static_cast<uint64_t>(h.micro_batch), static_cast<uint64_t>(h.layer),
-           static_cast<uint64_t>(h.expert), static_cast<uint64_t>(t),
-           static_cast<uint64_t>(h.shard * f + c)});
-      keep[t * f + c] = u < rate ? 0.0f : scale;
+  std::vector<float> keep;
+  for (size_t rank = 0; rank < rows.size(); ++rank) {
+    for (int64_t t = 0; t < rows[rank]; ++t) {
+      for (int64_t c = 0; c < f; ++c) {
+        const double u = RandomUniform(
+            config.training().seed(),
+            {kTagExpertDropout, static_cast<uint64_t>(h.step),
+             static_cast<uint64_t>(rank), static_cast<uint64_t>(h.micro_batch),
+             static_cast<uint64_t>(h.layer), static_cast<uint64_t>(h.expert),
+             static_cast<uint64_t>(t), static_cast<uint64_t>(h.shard * f + c)});
+        keep.push_back(u < rate ? 0.0f : scale);
+      }
     }
   }
   return keep;
@@ -79,64 +126,100 @@ ShardCompute::ShardCompute(const config::SwitchyardConfig& config,
       optimizer_(optimizer),
       pool_(pool) {}
 
-Status ShardCompute::Forward(const Message& request, ExpertShard* shard,
-                             Tensor* y) const {
-  const auto& h = request.header;
-  const bool train =
+Status ShardCompute::CheckNew(const transport::WireHeader& h,
+                              const ExpertShard& shard) {
+  const bool forward =
       h.kind == static_cast<uint8_t>(MessageKind::kExpertForward);
-  const auto key = std::make_tuple(h.step, h.trainer_rank, h.micro_batch);
-  if (train && shard->activations.count(key)) {
-    return AlreadyExistsError("duplicate forward for " +
+  const bool had_forward = shard.activations.count({h.step, h.micro_batch});
+  const bool had_backward = shard.contributions.count(h.micro_batch);
+  if (forward ? had_forward || had_backward : had_backward) {
+    return AlreadyExistsError("duplicate request: " +
                               transport::DescribeHeader(h));
   }
-  ASSIGN_OR_RETURN(Tensor x, pool_->Converted(request.payload, DType::kF32));
-  const ExpertFfn& f = ffn(shard->id.shard);
-  const int64_t tokens = x.dim(0);
-  ASSIGN_OR_RETURN(
-      Tensor hidden,
-      pool_->Take(DType::kF32,
-                  {tokens, f.shape().gates() * f.shape().d_ff_shard}));
-  ASSIGN_OR_RETURN(*y, pool_->Take(DType::kF32, {tokens, x.dim(1)}));
-  const std::vector<float> keep =
-      train ? ExpertDropoutKeep(config_, h, tokens, f.shape().d_ff_shard)
-            : std::vector<float>();
-  RETURN_IF_ERROR(f.Forward(shard->params, x,
-                            keep.empty() ? nullptr : keep.data(), &hidden, y));
-  if (!train) return OkStatus();  // Evaluation keeps nothing.
-  shard->activations[key] = {std::move(x), std::move(hidden)};
-  shard->tokens += tokens;
-  return OkStatus();
-}
-
-Status ShardCompute::Backward(const Message& request, ExpertShard* shard,
-                              Tensor* dx) const {
-  const auto& h = request.header;
-  const auto key = std::make_tuple(h.step, h.trainer_rank, h.micro_batch);
-  auto it = shard->activations.find(key);
-  if (it == shard->activations.end()) {
+  if (!forward && !had_forward) {
     return FailedPreconditionError("backward without a forward: " +
                                    transport::DescribeHeader(h));
   }
-  ASSIGN_OR_RETURN(Tensor dy, pool_->Converted(request.payload, DType::kF32));
-  const Tensor& x = it->second.first;
-  const Tensor& hidden = it->second.second;
-  if (dy.dim(0) != x.dim(0)) {
-    return InvalidArgumentError(
-        "backward carries " + std::to_string(dy.dim(0)) +
-        " tokens, its forward had " + std::to_string(x.dim(0)));
-  }
+  return OkStatus();
+}
+
+Status ShardCompute::Forward(const std::vector<const Message*>& requests,
+                             ExpertShard* shard,
+                             std::vector<Tensor>* outs) const {
+  const auto& h = requests.front()->header;
+  const bool train =
+      h.kind == static_cast<uint8_t>(MessageKind::kExpertForward);
+  if (train) RETURN_IF_ERROR(CheckNew(h, *shard));
+  std::vector<Tensor> xs;
+  std::vector<int64_t> rows;
+  RETURN_IF_ERROR(Payloads(*pool_, requests, &xs, &rows));
+  std::vector<const Tensor*> parts;
+  for (const Tensor& x : xs) parts.push_back(&x);
   const ExpertFfn& f = ffn(shard->id.shard);
-  ASSIGN_OR_RETURN(Tensor dh, pool_->Take(DType::kF32, hidden.shape()));
-  ASSIGN_OR_RETURN(Tensor a,
-                   pool_->Take(DType::kF32, {x.dim(0), f.shape().d_ff_shard}));
-  ASSIGN_OR_RETURN(*dx, pool_->Take(DType::kF32, x.shape()));
-  const std::vector<float> keep =
-      ExpertDropoutKeep(config_, h, x.dim(0), f.shape().d_ff_shard);
-  RETURN_IF_ERROR(f.BackwardInput(shard->params, hidden, dy,
-                                  keep.empty() ? nullptr : keep.data(), &dh, &a,
-                                  dx));
-  shard->contributions[{h.trainer_rank, h.micro_batch}] = {
-      x, std::move(a), std::move(dh), std::move(dy)};
+  const int64_t d = f.shape().d_model;
+  ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, parts, d));
+  ExpertShard::Activation kept{x, Tensor(), rows};
+  if (!x.empty()) {
+    const int64_t tokens = x.dim(0);
+    ASSIGN_OR_RETURN(
+        kept.h, pool_->Take(DType::kF32, {tokens, f.shape().gates() *
+                                                      f.shape().d_ff_shard}));
+    ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {tokens, d}));
+    const std::vector<float> keep =
+        train ? ExpertDropoutKeep(config_, h, rows, f.shape().d_ff_shard)
+              : std::vector<float>();
+    RETURN_IF_ERROR(f.Forward(
+        shard->params, x, keep.empty() ? nullptr : keep.data(), &kept.h, &y));
+    ASSIGN_OR_RETURN(*outs, SplitRows(y, rows));
+    if (train) shard->tokens += tokens;
+  } else {
+    outs->assign(requests.size(), Tensor());
+  }
+  if (train) {
+    shard->activations[{h.step, h.micro_batch}] = std::move(kept);
+  }
+  return OkStatus();
+}
+
+Status ShardCompute::Backward(const std::vector<const Message*>& requests,
+                              ExpertShard* shard,
+                              std::vector<Tensor>* outs) const {
+  const auto& h = requests.front()->header;
+  RETURN_IF_ERROR(CheckNew(h, *shard));
+  auto it = shard->activations.find({h.step, h.micro_batch});
+  const ExpertShard::Activation& kept = it->second;
+  std::vector<Tensor> dys;
+  std::vector<int64_t> rows;
+  RETURN_IF_ERROR(Payloads(*pool_, requests, &dys, &rows));
+  for (size_t r = 0; r < rows.size(); ++r) {
+    if (rows[r] != kept.rows[r]) {
+      return InvalidArgumentError("the backward of rank " + std::to_string(r) +
+                                  " carries " + std::to_string(rows[r]) +
+                                  " tokens, its forward had " +
+                                  std::to_string(kept.rows[r]) + " (" +
+                                  transport::DescribeHeader(h) + ")");
+    }
+  }
+  std::vector<const Tensor*> parts;
+  for (const Tensor& dy : dys) parts.push_back(&dy);
+  const ExpertFfn& f = ffn(shard->id.shard);
+  ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, parts, f.shape().d_model));
+  ExpertShard::Contribution c{kept.x, Tensor(), Tensor(), dy};
+  if (!dy.empty()) {
+    ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, kept.h.shape()));
+    ASSIGN_OR_RETURN(
+        c.a, pool_->Take(DType::kF32, {dy.dim(0), f.shape().d_ff_shard}));
+    ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, kept.x.shape()));
+    const std::vector<float> keep =
+        ExpertDropoutKeep(config_, h, rows, f.shape().d_ff_shard);
+    RETURN_IF_ERROR(f.BackwardInput(shard->params, kept.h, dy,
+                                    keep.empty() ? nullptr : keep.data(), &c.dh,
+                                    &c.a, &dx));
+    ASSIGN_OR_RETURN(*outs, SplitRows(dx, rows));
+  } else {
+    outs->assign(requests.size(), Tensor());
+  }
+  shard->contributions[h.micro_batch] = std::move(c);
   shard->activations.erase(it);
   return OkStatus();
 }
@@ -144,18 +227,22 @@ Status ShardCompute::Backward(const Message& request, ExpertShard* shard,
 Status ShardCompute::Gradients(ExpertShard* shard) const {
   shard->activations.clear();  // Forwards never followed by a backward.
   shard->grads_ready = false;
-  if (shard->contributions.empty()) return OkStatus();  // No tokens.
   const ExpertFfn& f = ffn(shard->id.shard);
   std::vector<const Tensor*> xs, as, dhs, dys;
-  for (const auto& [key, c] : shard->contributions) {
+  for (const auto& [micro_batch, c] : shard->contributions) {
+    if (c.dy.empty()) continue;  // No rows.
     xs.push_back(&c.x);
     as.push_back(&c.a);
     dhs.push_back(&c.dh);
     dys.push_back(&c.dy);
   }
+  if (xs.empty()) {  // No tokens.
+    shard->contributions.clear();
+    return OkStatus();
+  }
   const int64_t gf = f.shape().gates() * f.shape().d_ff_shard;
   const int64_t d = f.shape().d_model;
-  // One GEMM over every contribution, in (rank, micro-batch) order; it
+  // One GEMM over every contribution, in (micro-batch, rank) order; it
   // overwrites the previous step's gradient.
   ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, xs, d));
   ASSIGN_OR_RETURN(Tensor a, ConcatRows(*pool_, as, f.shape().d_ff_shard));

@@ -1,7 +1,8 @@
 // What a worker computes on the shards it hosts, one request at a time:
-// an expert shard's forward (x -> y, activations kept), backward (dy -> dx,
-// weight-gradient inputs kept) and update (one GEMM over the step's
-// contributions in (trainer rank, micro-batch) order, then the optimizer);
+// an expert shard's forward (x -> y, activations kept) and backward (dy ->
+// dx, weight-gradient inputs kept), each over every trainer's rows of a
+// micro-batch at once, and update (one GEMM over the step's contributions
+// in (micro-batch, trainer rank) order, then the optimizer);
 // a dense shard's pull (its parameters), push (one rank's gradient) and
 // update (the pushes summed in rank order, then the optimizer). Order, not
 // arrival, fixes every sum, so results do not depend on timing.
@@ -12,6 +13,7 @@
 #define SWITCHYARD_EXPERT_WORKER_SHARD_COMPUTE_H_
 
 #include <memory>
+#include <vector>
 
 #include "common/buffer_pool.h"
 #include "common/status.h"
@@ -32,14 +34,22 @@ class ShardCompute {
                const ExpertShape& shape0, const ExpertShape& shape, Gemm* gemm,
                const Optimizer* optimizer, BufferPool* pool);
 
-  // request: a forward (training: activations kept, tokens counted) or an
-  // eval (nothing kept) with payload x: (T, d_model). *y: (T, d_model).
-  Status Forward(const transport::Message& request, ExpertShard* shard,
-                 Tensor* y) const;
-  // request: the backward of a kept forward, payload dy: (T, d_model).
-  // *dx: (T, d_model).
-  Status Backward(const transport::Message& request, ExpertShard* shard,
-                  Tensor* dx) const;
+  // One shard's requests of one (step, micro-batch, phase), gathered
+  // (StepGate::Gather): every trainer's, in rank order, each with
+  // payload (T_r, d_model) or none (no rows). They are computed as one
+  // batch; outs[r] is request r's answer, (T_r, d_model) or empty.
+  //
+  // A forward (training: activations kept, tokens counted; requests[r] of
+  // rank r), or an eval (nothing kept; any number of requests).
+  Status Forward(const std::vector<const transport::Message*>& requests,
+                 ExpertShard* shard, std::vector<Tensor>* outs) const;
+  // The backward of a kept forward, payloads dy; outs: dx.
+  Status Backward(const std::vector<const transport::Message*>& requests,
+                  ExpertShard* shard, std::vector<Tensor>* outs) const;
+  // Refuses a training forward or backward that this step already had, or
+  // a backward without its forward, before it waits for the other ranks.
+  static Status CheckNew(const transport::WireHeader& h,
+                         const ExpertShard& shard);
   // An update is two phases, so that a worker applies a step to all of its
   // shards or to none: Gradients computes the shard's gradient from what
   // the step kept (the contributions since the last update; none: no

@@ -62,14 +62,53 @@ bool StepGate::MarkDone(int64_t step, int32_t rank) {
   return true;
 }
 
+StatusOr<std::vector<Task>> StepGate::Gather(Task* task) {
+  const transport::WireHeader& h = task->request.header;
+  auto& slots =
+      gathering_[{h.step, h.micro_batch, h.layer, h.expert, h.shard, h.kind}];
+  slots.resize(trainers_);
+  if (slots[h.trainer_rank].has_value()) {
+    return AlreadyExistsError("duplicate request: " +
+                              transport::DescribeHeader(h));
+  }
+  slots[h.trainer_rank] = std::move(*task);
+  std::vector<Task> all;
+  for (const auto& slot : slots) {
+    if (!slot.has_value()) return all;  // Others still to come.
+  }
+  for (auto& slot : slots) all.push_back(*std::move(slot));
+  gathering_.erase({h.step, h.micro_batch, h.layer, h.expert, h.shard, h.kind});
+  return all;
+}
+
 std::vector<Task> StepGate::Advance() {
   ++next_step_;
-  return TakeDeferred();
+  std::vector<Task> tasks = std::move(deferred_);
+  deferred_.clear();
+  // Gathers of the applied step can no longer complete (every trainer
+  // finished it): run again, they are refused as late.
+  for (auto it = gathering_.begin(); it != gathering_.end();) {
+    if (std::get<0>(it->first) >= next_step_) {
+      ++it;
+      continue;
+    }
+    for (auto& slot : it->second) {
+      if (slot.has_value()) tasks.push_back(*std::move(slot));
+    }
+    it = gathering_.erase(it);
+  }
+  return tasks;
 }
 
 std::vector<Task> StepGate::TakeDeferred() {
   std::vector<Task> tasks = std::move(deferred_);
   deferred_.clear();
+  for (auto& [key, slots] : gathering_) {
+    for (auto& slot : slots) {
+      if (slot.has_value()) tasks.push_back(*std::move(slot));
+    }
+  }
+  gathering_.clear();
   return tasks;
 }
 

@@ -652,8 +652,12 @@ void WorkerService::Process(Task task) {
         {});
   }
   const Tensor& payload = task.request.payload;
-  if (payload.empty() || payload.rank() != 2 ||
-      payload.dim(1) != config_.model().d_model()) {
+  // A trainer sends every shard of a layer its forward and backward, with
+  // no payload when it has no rows for it (the shard gathers every rank's).
+  const bool gathered = kind != MessageKind::kExpertEval;
+  if ((payload.empty() && !gathered) ||
+      (!payload.empty() &&
+       (payload.rank() != 2 || payload.dim(1) != config_.model().d_model()))) {
     return reply(
         InvalidArgumentError(
             "payload " + (payload.empty() ? "<none>" : payload.DebugString()) +
@@ -661,17 +665,42 @@ void WorkerService::Process(Task task) {
             std::to_string(config_.model().d_model()) + ")"),
         {});
   }
+  ExpertShard* shard = it->second.get();
+  std::vector<Task> tasks;
+  if (gathered) {
+    if (Status s = ShardCompute::CheckNew(h, *shard); !s.ok()) {
+      return reply(s, {});
+    }
+    StatusOr<std::vector<Task>> all = gate_.Gather(&task);
+    if (!all.ok()) return reply(all.status(), {});
+    if (all->empty()) return;  // Waits for the other ranks' requests.
+    tasks = *std::move(all);
+  } else {
+    tasks.push_back(std::move(task));
+  }
+  // Every rank's rows in one batch, each answered its own.
+  std::vector<const Message*> requests;
+  for (const Task& t : tasks) requests.push_back(&t.request);
+  std::vector<Tensor> outs;
   // The shard's part of the last update first (only this shard's).
-  if (Status s = SettleLocked(it->second.get()); !s.ok()) return reply(s, {});
-  Tensor out;
-  Status s = kind == MessageKind::kExpertBackward
-                 ? compute_->Backward(task.request, it->second.get(), &out)
-                 : compute_->Forward(task.request, it->second.get(), &out);
-  // Answer in the dtype the request came in.
-  StatusOr<Tensor> converted =
-      s.ok() ? pool_->Converted(out, payload.dtype()) : StatusOr<Tensor>(s);
-  if (!converted.ok()) return reply(converted.status(), {});
-  reply(OkStatus(), *std::move(converted));
+  Status s = SettleLocked(shard);
+  if (s.ok()) {
+    s = kind == MessageKind::kExpertBackward
+            ? compute_->Backward(requests, shard, &outs)
+            : compute_->Forward(requests, shard, &outs);
+  }
+  for (size_t r = 0; r < tasks.size(); ++r) {
+    const transport::WireHeader& hr = tasks[r].request.header;
+    // Answered in the dtype the request came in.
+    StatusOr<Tensor> converted =
+        !s.ok() ? StatusOr<Tensor>(s)
+        : outs[r].empty()
+            ? StatusOr<Tensor>(Tensor())
+            : pool_->Converted(outs[r], tasks[r].request.payload.dtype());
+    tasks[r].reply(converted.ok()
+                       ? transport::TensorResponse(hr, *std::move(converted))
+                       : transport::ErrorResponse(hr, converted.status()));
+  }
 }
 
 Status WorkerService::Dense(const Message& request, Tensor* out) {

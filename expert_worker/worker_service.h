@@ -1,12 +1,16 @@
 // The expert shards a worker hosts, and the synchronous step protocol
 // (DESIGN.md, "One synchronous training step").
 //
-// For step t a trainer sends, per expert shard it routed tokens to, a forward
-// request (x -> y, activations kept) and a backward request (dy -> dx, the
-// weight-gradient inputs kept), then StepDone(t, rank). When StepDone(t) has
-// come from every trainer, each shard's weight gradient is computed in one
-// GEMM over the contributions concatenated in (trainer rank, micro-batch)
-// order, never arrival order, and checked; requests for step t + 1 wait
+// For step t a trainer sends, per expert shard of each MoE layer and
+// micro-batch, a forward request (x -> y, activations kept) and a backward
+// request (dy -> dx, the weight-gradient inputs kept), with no payload where
+// it routed no tokens to the shard, then StepDone(t, rank). A shard
+// computes a micro-batch's forward (and backward) once every trainer's
+// request for it has come, as one batch of every rank's rows in rank order,
+// and answers each trainer its rows. When StepDone(t) has come from every
+// trainer, each shard's weight gradient is computed in one GEMM over the
+// contributions concatenated in (micro-batch, trainer rank) order, never
+// arrival order, and checked; requests for step t + 1 wait
 // until then. The optimizer then applies update t shard by shard, off the
 // trainers' critical path: a shard's before its next request, the rest
 // while the worker has nothing else to do (or before a checkpoint, a

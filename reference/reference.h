@@ -1,7 +1,7 @@
-// The single-process reference: every rank of a run, one after another, in
-// one process, with the workers' code (WorkerService, hosting every shard)
-// behind an in-process data plane. The same compute code as a distributed
-// run without any network, so the two can be compared bit for bit
+// The single-process reference: every rank of a run, each on a thread of
+// its own, in one process, with the workers' code (WorkerService, hosting every
+// shard) behind an in-process data plane. The same compute code as a
+// distributed run without any network, so the two can be compared bit for bit
 // (`switchyard train --reference`; the determinism tests). A component of
 // its own, above trainer/ and expert_worker/ (it runs both).
 #ifndef SWITCHYARD_REFERENCE_REFERENCE_H_

@@ -12,9 +12,8 @@ using transport::MessageKind;
 namespace {
 
 // The sum of expert batch b's shard replies (replies[b * shards + s]), in
-// shard order: a fixed order, whatever order the replies arrived in.
-// The sum of expert batch b's shard replies, in shard order (one shard:
-// its reply itself).
+// shard order: a fixed order, whatever order the replies arrived in (one
+// shard: its reply itself).
 StatusOr<Tensor> SumShards(BufferPool& pool, const std::vector<Tensor>& replies,
                            size_t b, int shards) {
   const Tensor& first = replies[b * shards];
@@ -77,9 +76,13 @@ StatusOr<std::vector<Tensor>> MoeLayerClient::Exchange(
   const int shards = config_.model().shards_per_expert();
   std::vector<transport::Outgoing> requests;
   for (size_t b = 0; b < experts.size(); ++b) {
-    // One wire copy per expert batch, shared by its shards' requests.
-    ASSIGN_OR_RETURN(Tensor wire,
-                     pool_->Converted(payloads[b * shards], wire_dtype_));
+    // One wire copy per expert batch, shared by its shards' requests (none
+    // for a batch without rows).
+    Tensor wire;
+    if (!payloads[b * shards].empty()) {
+      ASSIGN_OR_RETURN(wire,
+                       pool_->Converted(payloads[b * shards], wire_dtype_));
+    }
     for (int s = 0; s < shards; ++s) {
       const ShardId id = ShardId::Expert(layer, experts[b], s);
       ASSIGN_OR_RETURN(std::string address, Address(id));
@@ -147,8 +150,19 @@ StatusOr<Tensor> MoeLayerClient::Dispatch(MessageKind kind, int64_t step,
   std::vector<int> experts;
   std::vector<Tensor> payloads;
   const int shards = config_.model().shards_per_expert();
+  // Training forwards (and their backwards) go to every expert, with no
+  // payload where this rank has no rows for it: the workers compute each
+  // shard once every rank's request is in. An evaluation asks only the
+  // experts it routes tokens to.
+  const bool everyone = kind == MessageKind::kExpertForward;
   for (int e = 0; e < E; ++e) {
-    if (rows[e].empty()) continue;  // No tokens: no request.
+    if (rows[e].empty()) {
+      if (!everyone) continue;
+      experts.push_back(e);
+      for (int s = 0; s < shards; ++s) payloads.emplace_back();
+      saved.batches.push_back({e, {}, Tensor()});
+      continue;
+    }
     ASSIGN_OR_RETURN(
         Tensor xe,
         Buffer({static_cast<int64_t>(rows[e].size()), d}, /*zero=*/false));
@@ -168,6 +182,7 @@ StatusOr<Tensor> MoeLayerClient::Dispatch(MessageKind kind, int64_t step,
   std::vector<int> batch_of_expert(E, -1);
   for (size_t b = 0; b < saved.batches.size(); ++b) {
     ExpertBatch& batch = saved.batches[b];
+    if (batch.rows.empty()) continue;
     ASSIGN_OR_RETURN(batch.out, SumShards(*pool_, replies, b, shards));
     batch_of_expert[batch.expert] = static_cast<int>(b);
   }
@@ -208,6 +223,11 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
   std::vector<Tensor> payloads;
   const int shards = config_.model().shards_per_expert();
   for (const ExpertBatch& batch : saved.batches) {
+    experts.push_back(batch.expert);
+    if (batch.rows.empty()) {  // Every shard hears of every micro-batch.
+      for (int s = 0; s < shards; ++s) payloads.emplace_back();
+      continue;
+    }
     ASSIGN_OR_RETURN(
         Tensor dye,
         Buffer({static_cast<int64_t>(batch.rows.size()), d}, /*zero=*/false));
@@ -223,7 +243,6 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
       }
       (*d_gate)[t * k + j] = dot;
     }
-    experts.push_back(batch.expert);
     for (int s = 0; s < shards; ++s) payloads.push_back(dye);
   }
   ASSIGN_OR_RETURN(std::vector<Tensor> replies,
@@ -233,6 +252,7 @@ Status MoeLayerClient::Backward(int64_t step, int micro_batch, int layer,
   // Same fixed order as the forward.
   for (size_t b = 0; b < saved.batches.size(); ++b) {
     const ExpertBatch& batch = saved.batches[b];
+    if (batch.rows.empty()) continue;
     ASSIGN_OR_RETURN(const Tensor sum, SumShards(*pool_, replies, b, shards));
     for (size_t r = 0; r < batch.rows.size(); ++r) {
       float* dxt = dx->f32() + batch.rows[r].first * d;

@@ -4,9 +4,14 @@
 // shard and all concurrently, to the workers the routing table names; the
 // shard outputs of an expert are summed (shard order) and each token's output
 // is sum_j gate_tj * expert_out(x_t), summed in (token, choice) order, so the
-// result never depends on the order replies arrive in. An expert with no
-// tokens gets no request. Backward sends each shard its tokens' gate-weighted
-// output gradients and returns dx (the same fixed-order sums) and
+// result never depends on the order replies arrive in. Every expert shard
+// gets a forward (and a backward), with no payload when it has no tokens
+// here: the worker computes each shard once every trainer's request has
+// come, over all of their rows in rank order, and answers each its own
+// (expert_worker/worker_service.h); every trainer of the cluster must
+// therefore run the same layers and micro-batches. An evaluation asks only
+// the experts it routes tokens to. Backward sends each shard its tokens'
+// gate-weighted output gradients and returns dx (the same fixed-order sums) and
 // d_gate_tj = dy_t . expert_out_tj for the router.
 //
 // Every request carries (step, micro-batch, layer, expert, shard, rank,

@@ -6,10 +6,13 @@
 #include <cstring>
 #include <iomanip>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 #include "common/config.h"
 #include "common/finite.h"
 #include "common/model_shape.h"
+#include "common/mutex.h"
 #include "common/random.h"
 
 namespace switchyard::trainer {
@@ -291,6 +294,81 @@ StatusOr<TextLoss> EvaluateText(TrainerReplica* replica, int64_t step,
   return result;
 }
 
+namespace {
+
+// Runs fn(i) for every i in [0, n) at once, index 0 on the calling thread
+// and each other on a thread of its own, kept for the whole run (each
+// first runs `init`: per-thread settings such as the GEMM thread count).
+// The single-process reference drives its ranks this way, concurrently, as
+// separate trainer processes run: the workers compute a layer's experts
+// once every rank's requests are in, so ranks run in turn would wait on
+// each other. Run returns when every fn(i) has; each of those ends by the
+// deadlines of its own requests.
+class RankThreads {
+ public:
+  RankThreads(int n, const std::function<void()>& init) {
+    for (int i = 1; i < n; ++i) {
+      threads_.emplace_back([this, i, init] {
+        init();
+        Loop(i);
+      });
+    }
+  }
+  ~RankThreads() {
+    {
+      MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    cv_.NotifyAll();
+    for (std::thread& t : threads_) t.join();
+  }
+
+  void Run(const std::function<void(int)>& fn) EXCLUDES(mu_) {
+    {
+      MutexLock lock(&mu_);
+      fn_ = &fn;
+      ++round_;
+      running_ = static_cast<int>(threads_.size());
+    }
+    cv_.NotifyAll();
+    fn(0);
+    MutexLock lock(&mu_);
+    while (running_ > 0) cv_.Wait(&mu_);
+    fn_ = nullptr;
+  }
+
+ private:
+  void Loop(int i) EXCLUDES(mu_) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* fn = nullptr;
+      {
+        MutexLock lock(&mu_);
+        while (!stop_ && round_ == seen) cv_.Wait(&mu_);
+        if (stop_) return;
+        seen = round_;
+        fn = fn_;
+      }
+      (*fn)(i);
+      {
+        MutexLock lock(&mu_);
+        --running_;
+      }
+      cv_.NotifyAll();
+    }
+  }
+
+  Mutex mu_;
+  CondVar cv_;
+  const std::function<void(int)>* fn_ GUARDED_BY(mu_) = nullptr;
+  uint64_t round_ GUARDED_BY(mu_) = 0;
+  int running_ GUARDED_BY(mu_) = 0;
+  bool stop_ GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+
 StatusOr<TrainingResult> RunTraining(
     const config::SwitchyardConfig& config, const ByteCorpus& corpus,
     const TrainingOptions& options, std::vector<TrainerReplica*> replicas,
@@ -335,6 +413,9 @@ StatusOr<TrainingResult> RunTraining(
     out << "resuming at step " << first_step << " from the committed checkpoint"
         << std::endl;
   }
+  const int threads = tr.threads();
+  RankThreads ranks(static_cast<int>(replicas.size()),
+                    [threads] { SetMatMulThreads(threads); });
   const auto start = Clock::now();
   int64_t tokens = 0;
   LossReport window;  // Since the last progress line.
@@ -346,9 +427,16 @@ StatusOr<TrainingResult> RunTraining(
       return CancelledError("stopped at step " + std::to_string(step));
     }
     double loss = 0;
+    std::vector<Batch> batches;
     for (TrainerReplica* r : replicas) {
-      const Batch batch = corpus.TrainBatch(tr.seed(), step, r->rank(), B, L);
-      StatusOr<StepReport> report = r->Step(step, batch);
+      batches.push_back(corpus.TrainBatch(tr.seed(), step, r->rank(), B, L));
+    }
+    std::vector<StatusOr<StepReport>> reports(replicas.size(),
+                                              InternalError("not run"));
+    ranks.Run([&](int i) { reports[i] = replicas[i]->Step(step, batches[i]); });
+    for (size_t i = 0; i < replicas.size(); ++i) {
+      TrainerReplica* r = replicas[i];
+      StatusOr<StepReport>& report = reports[i];
       if (!report.ok()) {
         return report.status().WithContext("step " + std::to_string(step) +
                                            " of rank " +

@@ -9,10 +9,10 @@
 // so that the workers' rank-ordered sums are gradients of the mean loss.
 //
 // RunTraining drives replicas step by step: one replica in a `switchyard
-// train` process, or every rank in turn in the single-process reference
-// (reference/reference.h), where the workers' code runs in the same process
-// behind an in-process data plane. Both print the same progress lines and
-// summary.
+// train` process, or every rank at once (a thread each) in the
+// single-process reference (reference/reference.h), where the workers' code
+// runs in the same process behind an in-process data plane. Both print the same
+// progress lines and summary.
 //
 // Thread-compatible: one thread drives a replica.
 #ifndef SWITCHYARD_TRAINER_TRAINING_H_

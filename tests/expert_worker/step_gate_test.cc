@@ -117,5 +117,61 @@ TEST(StepGateTest, AdvanceHandsBackDeferredRequestsInArrivalOrder) {
             StepGate::Verdict::kServe);
 }
 
+// A shard's forward of a micro-batch is computed once every rank's has
+// come: Gather hands them back together, in rank order, whatever order
+// they came in; a rank's second request is refused and left with the
+// caller. Requests of another micro-batch, kind or shard gather apart.
+TEST(StepGateTest, GatherHandsBackEveryRanksRequestInRankOrder) {
+  StepGate gate = GateAt(1, 3);
+  auto forward = [](int32_t rank, int32_t micro_batch, int32_t expert) {
+    Task task;
+    task.request.header = Header(1, 3, rank);
+    task.request.header.kind =
+        static_cast<uint8_t>(transport::MessageKind::kExpertForward);
+    task.request.header.micro_batch = micro_batch;
+    task.request.header.expert = expert;
+    return task;
+  };
+  for (int32_t rank : {2, 0}) {
+    Task t = forward(rank, 0, 0);
+    auto gathered = gate.Gather(&t);
+    ASSERT_TRUE(gathered.ok());
+    EXPECT_TRUE(gathered->empty());
+  }
+  Task other_mb = forward(1, 1, 0), other_expert = forward(1, 0, 1);
+  EXPECT_TRUE(gate.Gather(&other_mb)->empty());
+  EXPECT_TRUE(gate.Gather(&other_expert)->empty());
+  Task dup = forward(2, 0, 0);
+  auto refused = gate.Gather(&dup);
+  EXPECT_EQ(refused.status().code(), StatusCode::kAlreadyExists);
+  EXPECT_EQ(dup.request.header.trainer_rank, 2);  // Still the caller's.
+  Task last = forward(1, 0, 0);
+  auto all = gate.Gather(&last);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 3u);
+  for (int32_t rank = 0; rank < kTrainers; ++rank) {
+    EXPECT_EQ((*all)[rank].request.header.trainer_rank, rank);
+  }
+  // Shutdown (or a new epoch) hands back the two still gathering.
+  EXPECT_EQ(gate.TakeDeferred().size(), 2u);
+}
+
+// A gather whose other ranks never came (they finished the step without
+// it) is handed back when the step is applied, to be refused as late.
+TEST(StepGateTest, AdvanceHandsBackGathersOfTheAppliedStep) {
+  StepGate gate = GateAt(1, 3);
+  Task stale;
+  stale.request.header = Header(1, 3, 0);
+  ASSERT_TRUE(gate.Gather(&stale)->empty());
+  const std::vector<Task> back = gate.Advance();
+  ASSERT_EQ(back.size(), 1u);
+  Status why;
+  EXPECT_EQ(gate.Admit(back[0].request.header, &why),
+            StepGate::Verdict::kRefuse);
+  EXPECT_NE(why.message().find("step 3 is already applied"), std::string::npos)
+      << why.ToString();
+  EXPECT_TRUE(gate.TakeDeferred().empty());
+}
+
 }  // namespace
 }  // namespace switchyard::expert_worker

@@ -165,17 +165,22 @@ TEST_F(WorkerHandoverTest, AMovedShardIsHandedOverLiveAndTrainsOnBitForBit) {
   // each request to the shard's home, StepDone to both; the end is the
   // one-worker run's, bit for bit.
   for (int step = kMoveAt; step < kEnd; ++step) {
+    std::vector<std::vector<Addressed>> per_rank(kRanks);
     for (int r = 0; r < kRanks; ++r) {
       for (Message& m : TrainerStep(step, r)) {
         m.header.epoch = kEpoch + 3;
         const auto kind = static_cast<MessageKind>(m.header.kind);
         if (kind == MessageKind::kStepDone) {
-          EXPECT_EQ(Ask(&v, m).header.status_code, 0);
-          EXPECT_EQ(Ask(&w, std::move(m)).header.status_code, 0);
+          per_rank[r].emplace_back(&v, m);
+          per_rank[r].emplace_back(&w, std::move(m));
           continue;
         }
         const bool at_v = m.header.expert == 1;
-        const Message answer = Ask(at_v ? &v : &w, std::move(m));
+        per_rank[r].emplace_back(at_v ? &v : &w, std::move(m));
+      }
+    }
+    for (const auto& answers : AskTogether(std::move(per_rank))) {
+      for (const Message& answer : answers) {
         EXPECT_EQ(answer.header.status_code, 0) << answer.error_text;
       }
     }

@@ -177,11 +177,7 @@ TEST(WorkerServiceTest, NonResidentStagingHoldsNoMemoryBetweenCheckpoints) {
       ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
       EXPECT_EQ(worker.StagingCachedBytes() > 0, resident);
       for (int step = 0; step < kSteps; ++step) {
-        for (int r = 0; r < kRanks; ++r) {
-          for (auto& m : TrainerStep(step, r)) {
-            EXPECT_EQ(Ask(&worker, std::move(m)).header.status_code, 0);
-          }
-        }
+        StepTogether(&worker, step);
         worker.WaitCheckpointsWritten();
         EXPECT_EQ(worker.StagingCachedBytes() > 0, resident) << step;
       }

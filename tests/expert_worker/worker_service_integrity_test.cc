@@ -24,15 +24,18 @@ namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// Runs `step` for every rank; the status codes of each request in order.
+// Runs `step` for every rank (AskTogether); the answers, rank by rank (the
+// last: rank 1's StepDone, which completes the step).
 std::vector<Message> RunStep(WorkerService* worker, int step,
                              const std::function<void(Message*)>& corrupt) {
-  std::vector<Message> answers;
+  std::vector<std::vector<Message>> per_rank;
   for (int r = 0; r < kRanks; ++r) {
-    for (auto& m : TrainerStep(step, r)) {
-      corrupt(&m);
-      answers.push_back(Ask(worker, std::move(m)));
-    }
+    per_rank.push_back(TrainerStep(step, r));
+    for (Message& m : per_rank.back()) corrupt(&m);
+  }
+  std::vector<Message> answers;
+  for (auto& rank : AskTogether(worker, std::move(per_rank))) {
+    for (Message& a : rank) answers.push_back(std::move(a));
   }
   return answers;
 }

@@ -64,11 +64,7 @@ TEST(WorkerServiceTest, CheckpointsSurviveAFullDiskAndRestore) {
     EXPECT_GT(staging, 0u);
     for (int step = 0; step < kSteps; ++step) {
       store->full = step == 1;  // Checkpoint 2 hits the full disk.
-      for (int r = 0; r < kRanks; ++r) {
-        for (auto& m : TrainerStep(step, r)) {
-          EXPECT_EQ(Ask(&worker, std::move(m)).header.status_code, 0);
-        }
-      }
+      StepTogether(&worker, step);
       worker.WaitCheckpointsWritten();
     }
     store->full = false;
@@ -198,11 +194,7 @@ TEST(WorkerServiceTest, RestoreDoesNotHoldUpHeartbeatsOrRequests) {
                              nullptr);
     ASSERT_TRUE(writer.Start().ok());
     ASSERT_TRUE(writer.ApplyRouting(Routing(kEpoch)).ok());
-    for (int r = 0; r < kRanks; ++r) {
-      for (auto& m : TrainerStep(0, r)) {
-        EXPECT_EQ(Ask(&writer, std::move(m)).header.status_code, 0);
-      }
-    }
+    StepTogether(&writer, 0);
     writer.WaitCheckpointsWritten();
     digest = writer.ParameterDigest();
     writer.Shutdown();

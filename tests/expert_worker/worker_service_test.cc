@@ -52,13 +52,22 @@ TEST(WorkerServiceTest, ThreadInterleavingsDoNotChangeTheResult) {
       trainers.emplace_back([&, r] {
         std::mt19937 rng(run * 10 + r);
         for (int step = 0; step < kSteps; ++step) {
-          // Like a trainer: a step's answers come before the next step.
-          Replies replies;
-          for (auto& m : TrainerStep(step, r)) {
-            worker.Handle(std::move(m), replies.Make());
-            if (rng() % 3 == 0) std::this_thread::yield();
+          // Like a trainer: the requests of a phase (a run of one kind)
+          // go at once, and their answers come before the next phase's
+          // (a backward follows its forward's answer; the next step, the
+          // StepDone's).
+          std::vector<Message> step_requests = TrainerStep(step, r);
+          for (size_t i = 0; i < step_requests.size();) {
+            Replies replies;
+            const uint8_t kind = step_requests[i].header.kind;
+            for (; i < step_requests.size() &&
+                   step_requests[i].header.kind == kind;
+                 ++i) {
+              worker.Handle(std::move(step_requests[i]), replies.Make());
+              if (rng() % 3 == 0) std::this_thread::yield();
+            }
+            EXPECT_TRUE(replies.Wait().empty());
           }
-          EXPECT_TRUE(replies.Wait().empty());
         }
       });
     }
@@ -89,13 +98,12 @@ TEST(WorkerServiceTest, AHoldKeepsTheStepAndTheNextEpochAppliesOrDropsIt) {
   const std::vector<DigestsByShard> want = DigestsByStep(config, 3);
   // Step 1 with every request but rank 1's StepDone.
   const auto partial_step = [](WorkerService* worker) {
-    for (int r = 0; r < kRanks; ++r) {
-      for (auto& m : TrainerStep(1, r)) {
-        if (r == 1 &&
-            m.header.kind == static_cast<uint8_t>(MessageKind::kStepDone)) {
-          continue;
-        }
-        EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
+    std::vector<std::vector<Message>> per_rank;
+    for (int r = 0; r < kRanks; ++r) per_rank.push_back(TrainerStep(1, r));
+    per_rank[1].pop_back();  // Its StepDone.
+    for (const auto& answers : AskTogether(worker, std::move(per_rank))) {
+      for (const Message& a : answers) {
+        EXPECT_EQ(a.header.status_code, 0) << a.error_text;
       }
     }
   };
@@ -107,14 +115,7 @@ TEST(WorkerServiceTest, AHoldKeepsTheStepAndTheNextEpochAppliesOrDropsIt) {
     return t;
   };
   const auto finish = [&](WorkerService* worker, int first, uint64_t epoch) {
-    for (int step = first; step < 3; ++step) {
-      for (int r = 0; r < kRanks; ++r) {
-        for (auto& m : TrainerStep(step, r)) {
-          m.header.epoch = epoch;
-          EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
-        }
-      }
-    }
+    for (int step = first; step < 3; ++step) StepTogether(worker, step, epoch);
   };
   for (const int64_t resume : {2, 1}) {
     SCOPED_TRACE("continues from step " + std::to_string(resume));
@@ -209,14 +210,33 @@ TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
         << c.what << ": " << r.error_text;
   }
   // A full step still works, and afterwards step 0 is refused as applied.
-  Message fwd =
+  // A forward waits for every rank's: a second one of a rank is refused
+  // while it waits, and after.
+  Replies first;
+  worker.Handle(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3),
+                first.Make());
+  Message waiting_dup =
       send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
+  EXPECT_EQ(waiting_dup.header.status_code,
+            static_cast<int32_t>(StatusCode::kAlreadyExists))
+      << waiting_dup.error_text;
+  Message fwd =
+      send(Request(MessageKind::kExpertForward, 0, 1, 0, 0, 0, kEpoch, 2));
   EXPECT_EQ(fwd.header.status_code, 0) << fwd.error_text;
-  EXPECT_EQ(fwd.payload.dim(0), 3);
+  EXPECT_EQ(fwd.payload.dim(0), 2);
+  EXPECT_TRUE(first.Wait().empty());
   Message dup =
       send(Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 3));
   EXPECT_EQ(dup.header.status_code,
             static_cast<int32_t>(StatusCode::kAlreadyExists));
+  // An evaluation must carry rows (training requests may carry none).
+  Message eval = Request(MessageKind::kExpertEval, 0, 0, 0, 0, 0, kEpoch, 1);
+  eval.payload = Tensor();
+  Message no_rows = send(std::move(eval));
+  EXPECT_EQ(no_rows.header.status_code,
+            static_cast<int32_t>(StatusCode::kInvalidArgument));
+  EXPECT_NE(no_rows.error_text.find("payload <none>"), std::string::npos)
+      << no_rows.error_text;
   for (int r = 0; r < kRanks; ++r) {
     EXPECT_EQ(
         send(Request(MessageKind::kStepDone, 0, r, 0, 0, 0)).header.status_code,
@@ -254,10 +274,17 @@ TEST(WorkerServiceTest, ExposesComputeAndQueueMetrics) {
   WorkerService worker(TestConfig("adamw"), "w");
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
-  Ask(&worker, Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 5));
+  std::vector<std::vector<Message>> both(kRanks);
+  both[0].push_back(
+      Request(MessageKind::kExpertForward, 0, 0, 0, 0, 0, kEpoch, 5));
+  both[1].push_back(
+      Request(MessageKind::kExpertForward, 0, 1, 0, 0, 0, kEpoch, 0));
+  for (const auto& answers : AskTogether(&worker, std::move(both))) {
+    EXPECT_EQ(answers.front().header.status_code, 0);
+  }
   Ask(&worker, Request(MessageKind::kExpertForward, 0, 0, 0, 9, 0, kEpoch, 2));
   EXPECT_EQ(registry.GetCounter("switchyard_worker_requests_total")->value(),
-            requests_before + 2);
+            requests_before + 3);
   EXPECT_EQ(registry.GetCounter("switchyard_worker_refused_total")->value(),
             refused_before + 1);
   EXPECT_EQ(registry.GetCounter("switchyard_worker_tokens_total")->value(),
@@ -285,11 +312,12 @@ TEST(WorkerServiceTest, HandleNeverWaitsForComputation) {
   entry->mutable_shard()->set_kind(control::EXPERT);
   entry->set_worker(0);
   ASSERT_TRUE(worker.ApplyRouting(routing).ok());
-  auto forward = [](int rank, int tokens) {
+  auto forward = [](int rank, int micro_batch, int tokens) {
     Message m;
     m.header.kind = static_cast<uint8_t>(MessageKind::kExpertForward);
     m.header.epoch = kEpoch;
     m.header.trainer_rank = rank;
+    m.header.micro_batch = micro_batch;
     m.payload = Tensor::Zeros(DType::kF32, {tokens, 1024}).value();
     m.header.dtype = static_cast<uint8_t>(DType::kF32);
     m.header.rows = tokens;
@@ -299,11 +327,13 @@ TEST(WorkerServiceTest, HandleNeverWaitsForComputation) {
   };
   Replies replies;
   const auto heavy_start = std::chrono::steady_clock::now();
-  worker.Handle(forward(0, 4096), replies.Make());
+  worker.Handle(forward(0, 0, 2048), replies.Make());
+  worker.Handle(forward(1, 0, 2048), replies.Make());
   std::this_thread::sleep_for(Ms(5));  // The compute thread is in the GEMM.
   const auto start = std::chrono::steady_clock::now();
-  worker.Handle(forward(1, 1), replies.Make());
+  worker.Handle(forward(0, 1, 1), replies.Make());
   const auto handle_time = std::chrono::steady_clock::now() - start;
+  worker.Handle(forward(1, 1, 1), replies.Make());
   EXPECT_TRUE(replies.Wait().empty());
   const auto heavy_time = std::chrono::steady_clock::now() - heavy_start;
   // Queueing takes microseconds; the computation takes far longer.
@@ -320,16 +350,24 @@ TEST(WorkerServiceTest, ZeroTokenRequestsAreNormal) {
   ASSERT_TRUE(worker.Start().ok());
   ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
   const std::string before = worker.ParameterDigest();
-  Replies replies;
-  worker.Handle(Request(MessageKind::kExpertForward, 0, 0, 0, 1, 1, kEpoch, 0),
-                replies.Make());
-  worker.Handle(Request(MessageKind::kExpertBackward, 0, 0, 0, 1, 1, kEpoch, 0),
-                replies.Make());
+  // Rank 0 sends (0, d_model) payloads, rank 1 none at all: both mean no
+  // rows, and are answered without any.
+  std::vector<std::vector<Message>> per_rank(kRanks);
   for (int r = 0; r < kRanks; ++r) {
-    worker.Handle(Request(MessageKind::kStepDone, 0, r, 0, 0, 0),
-                  replies.Make());
+    for (MessageKind kind :
+         {MessageKind::kExpertForward, MessageKind::kExpertBackward}) {
+      Message m = Request(kind, 0, r, 0, 1, 1, kEpoch, 0);
+      if (r == 1) m = transport::TensorMessage(m.header, Tensor());
+      per_rank[r].push_back(std::move(m));
+    }
+    per_rank[r].push_back(Request(MessageKind::kStepDone, 0, r, 0, 0, 0));
   }
-  EXPECT_TRUE(replies.Wait().empty());
+  for (const auto& answers : AskTogether(&worker, std::move(per_rank))) {
+    for (const Message& a : answers) {
+      EXPECT_EQ(a.header.status_code, 0) << a.error_text;
+      EXPECT_TRUE(a.payload.empty() || a.payload.dim(0) == 0);
+    }
+  }
   EXPECT_EQ(worker.next_step(), 1);
   EXPECT_EQ(worker.ParameterDigest(), before);  // No tokens: no update.
 }

@@ -4,11 +4,15 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <deque>
 #include <filesystem>
 #include <future>
+#include <memory>
 #include <random>
+#include <set>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "common/config.h"
@@ -192,8 +196,22 @@ std::string RunInterleaved(const std::string& optimizer, uint32_t seed,
     }
   }
   std::vector<int64_t> done(kRanks, 0);  // StepDones sent per rank.
+  // Forwards sent, by rank: a trainer sends a backward only once its
+  // forward was answered, i.e. once every rank's forward came.
+  using Key = std::tuple<int64_t, int32_t, int32_t, int32_t>;
+  std::vector<std::set<Key>> forwarded(kRanks);
+  auto key = [](const Message& m) {
+    return Key{m.header.step, m.header.micro_batch, m.header.expert,
+               m.header.shard};
+  };
   auto eligible = [&](int r) {
-    return !streams[r].empty() && streams[r].front().header.step <= done[1 - r];
+    if (streams[r].empty() || streams[r].front().header.step > done[1 - r]) {
+      return false;
+    }
+    const Message& m = streams[r].front();
+    return m.header.kind !=
+               static_cast<uint8_t>(MessageKind::kExpertBackward) ||
+           forwarded[1 - r].count(key(m)) > 0;
   };
   std::mt19937 rng(seed);
   while (!streams[0].empty() || !streams[1].empty()) {
@@ -204,19 +222,74 @@ std::string RunInterleaved(const std::string& optimizer, uint32_t seed,
     streams[r].pop_front();
     if (m.header.kind == static_cast<uint8_t>(MessageKind::kStepDone))
       ++done[r];
+    if (m.header.kind == static_cast<uint8_t>(MessageKind::kExpertForward))
+      forwarded[r].insert(key(m));
     worker.Handle(std::move(m), replies.Make());
   }
-  EXPECT_TRUE(replies.Wait().empty());
+  const std::vector<std::string> errors = replies.Wait();
+  EXPECT_TRUE(errors.empty()) << errors.front();
   EXPECT_EQ(worker.next_step(), kSteps);
   return worker.ParameterDigest();
 }
 
 Message Ask(WorkerService* worker, Message m) {
-  std::promise<Message> p;
-  auto f = p.get_future();
-  worker->Handle(std::move(m), [&p](Message r) { p.set_value(std::move(r)); });
-  EXPECT_EQ(f.wait_for(Ms(10000)), std::future_status::ready);
-  return f.get();
+  std::vector<std::vector<Message>> one(1);
+  one[0].push_back(std::move(m));
+  return std::move(AskTogether(worker, std::move(one))[0][0]);
+}
+
+std::vector<std::vector<Message>> AskTogether(
+    WorkerService* worker, std::vector<std::vector<Message>> per_rank) {
+  std::vector<std::vector<Addressed>> addressed(per_rank.size());
+  for (size_t r = 0; r < per_rank.size(); ++r) {
+    for (Message& m : per_rank[r])
+      addressed[r].emplace_back(worker, std::move(m));
+  }
+  return AskTogether(std::move(addressed));
+}
+
+std::vector<std::vector<Message>> AskTogether(
+    std::vector<std::vector<Addressed>> per_rank) {
+  std::vector<std::vector<Message>> answers(per_rank.size());
+  size_t longest = 0;
+  for (const auto& list : per_rank) longest = std::max(longest, list.size());
+  for (size_t i = 0; i < longest; ++i) {
+    std::vector<std::pair<size_t, std::future<Message>>> waiting;
+    for (size_t r = 0; r < per_rank.size(); ++r) {
+      if (i >= per_rank[r].size()) continue;
+      auto p = std::make_shared<std::promise<Message>>();
+      waiting.emplace_back(r, p->get_future());
+      auto& [worker, m] = per_rank[r][i];
+      worker->Handle(std::move(m),
+                     [p](Message answer) { p->set_value(std::move(answer)); });
+    }
+    for (auto& [r, f] : waiting) {
+      if (f.wait_for(Ms(10000)) != std::future_status::ready) {
+        ADD_FAILURE() << "rank " << r << " request " << i
+                      << " unanswered after 10 s";
+        Message none;
+        none.header.status_code = 1;
+        none.error_text = "unanswered";
+        answers[r].push_back(std::move(none));
+        continue;
+      }
+      answers[r].push_back(f.get());
+    }
+  }
+  return answers;
+}
+
+void StepTogether(WorkerService* worker, int step, uint64_t epoch) {
+  std::vector<std::vector<Message>> per_rank;
+  for (int r = 0; r < kRanks; ++r) {
+    per_rank.push_back(TrainerStep(step, r));
+    for (Message& m : per_rank.back()) m.header.epoch = epoch;
+  }
+  for (const auto& answers : AskTogether(worker, std::move(per_rank))) {
+    for (const Message& a : answers) {
+      EXPECT_EQ(a.header.status_code, 0) << a.error_text;
+    }
+  }
 }
 
 std::string FreshDir(const std::string& tag) {
@@ -233,11 +306,7 @@ uint64_t CounterValue(const std::string& name) {
 void TrainSteps(WorkerService* worker, int first, int end,
                 const std::function<void(int)>& after_step) {
   for (int step = first; step < end; ++step) {
-    for (int r = 0; r < kRanks; ++r) {
-      for (auto& m : TrainerStep(step, r)) {
-        EXPECT_EQ(Ask(worker, std::move(m)).header.status_code, 0);
-      }
-    }
+    StepTogether(worker, step);
     after_step(step);
   }
 }

@@ -90,6 +90,20 @@ std::string RunInterleaved(const std::string& optimizer, uint32_t seed,
 // Sends one request and waits for its answer.
 Message Ask(WorkerService* worker, Message m);
 
+// Sends the i-th messages of every rank's list at once, as concurrent
+// trainers do (a shard answers a forward once every rank's is in), and
+// waits for their answers, position by position; the lists may differ in
+// length. Returns the answers by rank and position.
+std::vector<std::vector<Message>> AskTogether(
+    WorkerService* worker, std::vector<std::vector<Message>> per_rank);
+// The same over several workers: each message with the worker it goes to.
+using Addressed = std::pair<WorkerService*, Message>;
+std::vector<std::vector<Message>> AskTogether(
+    std::vector<std::vector<Addressed>> per_rank);
+// Every rank's requests of `step` (TrainerStep), at `epoch`, all answered
+// OK (AskTogether).
+void StepTogether(WorkerService* worker, int step, uint64_t epoch = kEpoch);
+
 // An empty directory of this test process, named after `tag`.
 std::string FreshDir(const std::string& tag);
 
