@@ -9,6 +9,7 @@ void AbandonStep(ExpertShard* shard) {
   shard->activations.clear();
   shard->contributions.clear();
   shard->grads_ready = false;
+  shard->grads_early = false;
 }
 
 void AbandonStep(DenseShard* shard) {

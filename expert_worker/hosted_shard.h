@@ -16,6 +16,7 @@
 
 #include "common/buffer_pool.h"
 #include "common/ids.h"
+#include "common/status.h"
 #include "common/tensor.h"
 #include "expert_worker/expert_ffn.h"
 #include "expert_worker/optimizer.h"
@@ -44,6 +45,12 @@ struct ExpertShard {
   std::map<int32_t, Contribution> contributions;
   // `grads` hold the step's gradient, computed and checked, not yet applied.
   bool grads_ready = false;
+  // `grads` hold the gradient of the step in progress, computed before its
+  // StepDones (every micro-batch's backward had come, and the worker was
+  // idle); early_tokens: it had tokens; early_check: how computing and
+  // checking it went. The step's update adopts it (ShardCompute).
+  bool grads_early = false, early_tokens = false;
+  Status early_check;
   uint64_t tokens = 0;  // Since the last load report.
 };
 

@@ -224,9 +224,8 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
   return OkStatus();
 }
 
-Status ShardCompute::Gradients(ExpertShard* shard) const {
-  shard->activations.clear();  // Forwards never followed by a backward.
-  shard->grads_ready = false;
+Status ShardCompute::ComputeGradients(ExpertShard* shard, bool* tokens) const {
+  *tokens = false;
   const ExpertFfn& f = ffn(shard->id.shard);
   std::vector<const Tensor*> xs, as, dhs, dys;
   for (const auto& [micro_batch, c] : shard->contributions) {
@@ -236,10 +235,8 @@ Status ShardCompute::Gradients(ExpertShard* shard) const {
     dhs.push_back(&c.dh);
     dys.push_back(&c.dy);
   }
-  if (xs.empty()) {  // No tokens.
-    shard->contributions.clear();
-    return OkStatus();
-  }
+  if (xs.empty()) return OkStatus();  // No tokens.
+  *tokens = true;
   const int64_t gf = f.shape().gates() * f.shape().d_ff_shard;
   const int64_t d = f.shape().d_model;
   // One GEMM over every contribution, in (micro-batch, rank) order; it
@@ -249,15 +246,46 @@ Status ShardCompute::Gradients(ExpertShard* shard) const {
   ASSIGN_OR_RETURN(Tensor dh, ConcatRows(*pool_, dhs, gf));
   ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, dys, d));
   RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &shard->grads));
-  shard->contributions.clear();
   const std::string name = shard->id.ToString();
   const ExpertParams& g = shard->grads;
   RETURN_IF_ERROR(CheckFinite(g.w1, "the gradient of " + name + " w1"));
   RETURN_IF_ERROR(CheckFinite(g.w2, "the gradient of " + name + " w2"));
   RETURN_IF_ERROR(CheckFinite(g.b1, "the gradient of " + name + " b1"));
   RETURN_IF_ERROR(CheckFinite(g.b2, "the gradient of " + name + " b2"));
-  shard->grads_ready = true;
   return OkStatus();
+}
+
+Status ShardCompute::Gradients(ExpertShard* shard) const {
+  shard->activations.clear();  // Forwards never followed by a backward.
+  shard->grads_ready = false;
+  bool tokens = false;
+  Status s;
+  if (shard->grads_early) {
+    shard->grads_early = false;
+    tokens = shard->early_tokens;
+    s = shard->early_check;
+  } else {
+    s = ComputeGradients(shard, &tokens);
+  }
+  shard->contributions.clear();
+  RETURN_IF_ERROR(s);
+  shard->grads_ready = tokens;
+  return OkStatus();
+}
+
+bool ShardCompute::GradientsDue(const ExpertShard& shard) const {
+  return !shard.grads_early && !shard.grads_ready &&
+         shard.activations.empty() &&
+         static_cast<int>(shard.contributions.size()) ==
+             config_.training().micro_batches();
+}
+
+void ShardCompute::EarlyGradients(ExpertShard* shard) const {
+  shard->early_check = ComputeGradients(shard, &shard->early_tokens);
+  shard->grads_early = true;
+  // The inputs go; the micro-batches stay listed, so that a repeated
+  // request is still refused (CheckNew).
+  for (auto& [micro_batch, c] : shard->contributions) c = {};
 }
 
 Status ShardCompute::Apply(int64_t step, ExpertShard* shard) const {

@@ -58,6 +58,14 @@ class ShardCompute {
   // backward. Apply then runs the optimizer at `step` with that gradient.
   Status Gradients(ExpertShard* shard) const;
   Status Apply(int64_t step, ExpertShard* shard) const;
+  // Whether the shard's gradient of the step in progress can be computed
+  // before the step's StepDones: every micro-batch (training.micro_batches)
+  // has had its backward, and none was computed yet.
+  bool GradientsDue(const ExpertShard& shard) const;
+  // Computes it then (the worker does, while idle), so that the last
+  // StepDone waits only for what came last; Gradients adopts it. The same
+  // GEMM over the same inputs, so the same bits.
+  void EarlyGradients(ExpertShard* shard) const;
 
   // A copy of the shard's parameters.
   static Tensor Pull(const DenseShard& shard) { return shard.params.Clone(); }
@@ -74,6 +82,10 @@ class ShardCompute {
   const ExpertFfn& ffn(int shard) const { return shard == 0 ? *ffn0_ : *ffn_; }
 
  private:
+  // The gradient of the contributions kept (one GEMM in (micro-batch,
+  // rank) order) into shard->grads, checked; *tokens: there were any.
+  Status ComputeGradients(ExpertShard* shard, bool* tokens) const;
+
   const config::SwitchyardConfig& config_;
   const std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), others.
   const Optimizer* const optimizer_;

@@ -198,6 +198,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
     const bool was_serving =
         gate_.open() && gate_.epoch() + 1 == routing.epoch();
     abandoned = gate_.Fence(routing.epoch());
+    gradients_due_.clear();
     adopted_epoch_.store(routing.epoch(), std::memory_order_release);
     if (routing.hold()) {
       SetHeld(Held{routing.epoch(), gate_.next_step(), was_serving});
@@ -576,7 +577,7 @@ void WorkerService::Run() {
     bool settling = false;
     {
       MutexLock state(&mu_);
-      settling = unsettled_ > 0;
+      settling = unsettled_ > 0 || !gradients_due_.empty();
     }
     std::optional<Task> task;
     {
@@ -588,7 +589,7 @@ void WorkerService::Run() {
     if (!task.has_value()) {
       if (queue_.closed()) break;
       MutexLock state(&mu_);
-      SettleNextLocked();
+      if (!SettleNextLocked()) EarlyGradientsLocked();
       continue;
     }
     queue_depth->Set(static_cast<double>(queue_.size()));
@@ -668,6 +669,14 @@ void WorkerService::Process(Task task) {
   ExpertShard* shard = it->second.get();
   std::vector<Task> tasks;
   if (gathered) {
+    const int micro_batches = config_.training().micro_batches();
+    if (h.micro_batch < 0 || h.micro_batch >= micro_batches) {
+      return reply(
+          InvalidArgumentError("micro-batch " + std::to_string(h.micro_batch) +
+                               " is outside [0, training.micro_batches = " +
+                               std::to_string(micro_batches) + ")"),
+          {});
+    }
     if (Status s = ShardCompute::CheckNew(h, *shard); !s.ok()) {
       return reply(s, {});
     }
@@ -688,6 +697,10 @@ void WorkerService::Process(Task task) {
     s = kind == MessageKind::kExpertBackward
             ? compute_->Backward(requests, shard, &outs)
             : compute_->Forward(requests, shard, &outs);
+  }
+  // Its gradient is computed while the worker has nothing else to do.
+  if (s.ok() && compute_->GradientsDue(*shard)) {
+    gradients_due_.push_back(shard->id);
   }
   for (size_t r = 0; r < tasks.size(); ++r) {
     const transport::WireHeader& hr = tasks[r].request.header;
@@ -762,6 +775,7 @@ Status WorkerService::ApplyUpdate(int64_t step) {
   for (auto& [id, shard] : shards_) unsettled_ += shard->grads_ready ? 1 : 0;
   for (auto& [index, shard] : dense_) unsettled_ += shard->grad.empty() ? 0 : 1;
   pending_update_ = unsettled_ > 0 ? step : -1;
+  gradients_due_.clear();
   return OkStatus();
 }
 
@@ -828,6 +842,20 @@ bool WorkerService::SettleNextLocked() {
   unsettled_ = 0;
   pending_update_ = -1;
   return false;
+}
+
+void WorkerService::EarlyGradientsLocked() {
+  static Counter* early = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_early_gradients_total");
+  while (!gradients_due_.empty()) {
+    const ShardId id = gradients_due_.front();
+    gradients_due_.erase(gradients_due_.begin());
+    auto it = shards_.find(id);
+    if (it == shards_.end() || !compute_->GradientsDue(*it->second)) continue;
+    compute_->EarlyGradients(it->second.get());
+    early->Increment();
+    return;
+  }
 }
 
 void WorkerService::AfterUpdate() {

@@ -10,7 +10,10 @@
 // and answers each trainer its rows. When StepDone(t) has come from every
 // trainer, each shard's weight gradient is computed in one GEMM over the
 // contributions concatenated in (micro-batch, trainer rank) order, never
-// arrival order, and checked; requests for step t + 1 wait
+// arrival order, and checked (a shard whose every micro-batch's backward
+// has come gets its gradient computed earlier, while the worker has
+// nothing else to do: the same GEMM, so the same bits); requests for step
+// t + 1 wait
 // until then. The optimizer then applies update t shard by shard, off the
 // trainers' critical path: a shard's before its next request, the rest
 // while the worker has nothing else to do (or before a checkpoint, a
@@ -225,6 +228,9 @@ class WorkerService {
       REQUIRES(mu_);
   // One shard's pending update; false when none was left.
   bool SettleNextLocked() REQUIRES(mu_);
+  // One due shard's gradient of the step in progress, ahead of the step's
+  // StepDones (ShardCompute::EarlyGradients), if any is due.
+  void EarlyGradientsLocked() REQUIRES(mu_);
   // Sets held_ and its copy for held().
   void SetHeld(std::optional<Held> held) REQUIRES(mu_) EXCLUDES(held_mu_);
   // Applies update next_step() (every trainer's StepDone has come, or a
@@ -309,6 +315,9 @@ class WorkerService {
   mutable int64_t pending_update_ GUARDED_BY(mu_) = -1;
   mutable int unsettled_ GUARDED_BY(mu_) = 0;
   mutable Status apply_failed_ GUARDED_BY(mu_);
+  // Shards whose every micro-batch's backward has come, in that order: the
+  // compute thread computes their gradients while idle.
+  std::vector<ShardId> gradients_due_ GUARDED_BY(mu_);
   // held_'s copy for held(), readable without mu_: heartbeats read it, and
   // must not wait behind a long computation (the lease would expire).
   mutable Mutex held_mu_ ACQUIRED_AFTER(mu_);

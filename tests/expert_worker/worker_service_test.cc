@@ -195,6 +195,11 @@ TEST(WorkerServiceTest, RefusesInvalidRequestsAndKeepsServing) {
   cases.push_back({"bad rank",
                    Request(MessageKind::kExpertForward, 0, 5, 0, 0, 0),
                    StatusCode::kInvalidArgument, "trainer rank 5 is outside"});
+  cases.push_back(
+      {"micro-batch beyond training.micro_batches",
+       Request(MessageKind::kExpertForward, 0, 0, kMicroBatches, 0, 0),
+       StatusCode::kInvalidArgument,
+       "micro-batch 2 is outside [0, training.micro_batches = 2)"});
   cases.push_back({"wrong width", std::move(wrong_width),
                    StatusCode::kInvalidArgument,
                    "is not (tokens, d_model = 8)"});
@@ -301,7 +306,7 @@ TEST(WorkerServiceTest, HandleNeverWaitsForComputation) {
       {"cluster.trainers=2", "model.num_layers=2", "model.moe_every=2",
        "model.num_experts=1", "model.d_model=1024", "model.d_ff=4096",
        "model.num_heads=8", "model.seq_len=16", "model.vocab_size=32",
-       "model.dense_shards=1"});
+       "model.dense_shards=1", "training.micro_batches=2"});
   ASSERT_TRUE(loaded.ok());
   WorkerService worker(loaded->config, "w");
   ASSERT_TRUE(worker.Start().ok());
@@ -370,6 +375,52 @@ TEST(WorkerServiceTest, ZeroTokenRequestsAreNormal) {
   }
   EXPECT_EQ(worker.next_step(), 1);
   EXPECT_EQ(worker.ParameterDigest(), before);  // No tokens: no update.
+}
+
+// A shard whose every micro-batch has had its backward gets its gradient
+// computed while the worker waits for the StepDones (the same GEMM over
+// the same inputs as at the last StepDone, so the same bits); a request
+// repeated after that is still refused.
+TEST(WorkerServiceTest, GradientsComputedWhileIdleMatchTheUsualOnes) {
+  const std::string usual = RunInterleaved("adamw", 0);
+  WorkerService worker(TestConfig("adamw"), "w");
+  ASSERT_TRUE(worker.Start().ok());
+  ASSERT_TRUE(worker.ApplyRouting(Routing(kEpoch)).ok());
+  const std::string early = "switchyard_worker_early_gradients_total";
+  for (int step = 0; step < kSteps; ++step) {
+    std::vector<std::vector<Message>> before_done, done;
+    for (int r = 0; r < kRanks; ++r) {
+      std::vector<Message> all = TrainerStep(step, r);
+      // The dense pushes and StepDone wait until the gradients are in.
+      done.emplace_back(std::make_move_iterator(all.end() - 3),
+                        std::make_move_iterator(all.end()));
+      all.resize(all.size() - 3);
+      before_done.push_back(std::move(all));
+    }
+    const uint64_t computed = CounterValue(early);
+    for (const auto& answers : AskTogether(&worker, std::move(before_done))) {
+      for (const Message& a : answers) {
+        ASSERT_EQ(a.header.status_code, 0) << a.error_text;
+      }
+    }
+    // Every expert shard (2 experts x 2 shards) had both micro-batches.
+    const auto deadline = std::chrono::steady_clock::now() + Ms(10000);
+    while (CounterValue(early) < computed + 4 &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(Ms(1));
+    }
+    EXPECT_EQ(CounterValue(early), computed + 4) << "step " << step;
+    Message again =
+        Request(MessageKind::kExpertBackward, step, 0, kMicroBatches - 1, 0, 0);
+    EXPECT_EQ(Ask(&worker, std::move(again)).header.status_code,
+              static_cast<int32_t>(StatusCode::kAlreadyExists));
+    for (const auto& answers : AskTogether(&worker, std::move(done))) {
+      for (const Message& a : answers) {
+        ASSERT_EQ(a.header.status_code, 0) << a.error_text;
+      }
+    }
+  }
+  EXPECT_EQ(worker.ParameterDigest(), usual);
 }
 
 TEST(WorkerServiceTest, OverUcxMatchesInProcess) {

@@ -48,6 +48,7 @@ config::SwitchyardConfig TestConfig(const std::string& optimizer,
        "model.num_experts=2", "model.shards_per_expert=2", "model.d_model=8",
        "model.d_ff=16", "model.num_heads=2", "model.seq_len=16",
        "model.vocab_size=32", "training.threads=1",
+       "training.micro_batches=" + std::to_string(kMicroBatches),
        "training.optimizer=" + optimizer, "training.warmup_steps=0",
        "model.dense_shards=" + std::to_string(dense_shards),
        "training.compute_dtype=" + dtype});
