@@ -49,7 +49,8 @@ SANITIZER_CMAKE = -DCMAKE_BUILD_TYPE=Release -DSWITCHYARD_CUDA=OFF \
                   -DSWITCHYARD_PYTHON_PACKAGE=ON
 # The tests TSan runs: everything below the multi-process tests.
 TSAN_TESTS ?= common_test transport_test data_plane_test \
-              checkpoint_store_test expert_worker_test coordinator_test
+              checkpoint_store_test expert_worker_test coordinator_test \
+              trainer_test
 SUPPRESSIONS = $(CURDIR)/tests/sanitizers
 # Left out of the TSan run: a timing test whose 4096-token forward of a
 # 1024 x 4096 expert takes minutes under TSan's instrumentation on one

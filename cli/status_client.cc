@@ -131,9 +131,9 @@ std::string FormatStatus(const control::StatusResponse& status) {
   }
   char line[256];
   std::snprintf(line, sizeof(line),
-                "\n%-12s %-11s %-22s %-8s %-8s %7s %12s %12s %10s\n", "WORKER",
-                "STATE", "ADDRESS", "PID", "DEVICE", "SHARDS", "BYTES",
-                "CAPACITY", "HEARTBEAT");
+                "\n%-12s %-11s %-22s %-8s %-8s %7s %12s %12s %10s %10s\n",
+                "WORKER", "STATE", "ADDRESS", "PID", "DEVICE", "SHARDS",
+                "BYTES", "CAPACITY", "HEARTBEAT", "TOKENS");
   out << line;
   for (const auto& m : status.members()) {
     if (m.kind() != control::WORKER) continue;
@@ -141,13 +141,30 @@ std::string FormatStatus(const control::StatusResponse& status) {
     const std::string& address =
         m.data_address().empty() ? m.host() : m.data_address();
     std::snprintf(line, sizeof(line),
-                  "%-12s %-11s %-22s %-8d %-8s %7d %12s %12s %7lld ms\n",
+                  "%-12s %-11s %-22s %-8d %-8s %7d %12s %12s %7lld ms %10llu\n",
                   m.name().c_str(),
                   m.draining() ? "DRAINING" : StateName(m.state()).c_str(),
                   address.c_str(), m.pid(), m.device().c_str(), m.shards(),
                   FormatBytes(m.shard_bytes()).c_str(),
                   FormatBytes(m.capacity_bytes()).c_str(),
-                  static_cast<long long>(m.ms_since_heartbeat()));
+                  static_cast<long long>(m.ms_since_heartbeat()),
+                  static_cast<unsigned long long>(m.tokens()));
+    out << line;
+  }
+  // How evenly the experts' work falls on the workers holding shards.
+  uint64_t max_tokens = 0, sum_tokens = 0;
+  int holders = 0;
+  for (const auto& m : status.members()) {
+    if (m.kind() != control::WORKER || m.shards() == 0) continue;
+    ++holders;
+    sum_tokens += m.tokens();
+    max_tokens = std::max<uint64_t>(max_tokens, m.tokens());
+  }
+  if (sum_tokens > 0) {
+    std::snprintf(line, sizeof(line),
+                  "token load per worker (tokens between its last two "
+                  "heartbeats): max/mean %.2f\n",
+                  static_cast<double>(max_tokens) * holders / sum_tokens);
     out << line;
   }
   for (const auto& m : status.members()) {

@@ -884,6 +884,9 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   m.lease_deadline =
       now + std::chrono::milliseconds(config_.cluster().lease_ms());
   m.last_heartbeat = now;
+  // A worker reports every shard it hosts (none: it hosts none), so its
+  // counts replace the last heartbeat's whole.
+  if (m.record.registration().kind() == control::WORKER) m.tokens.clear();
   for (const auto& load : beat.loads()) {
     m.tokens[FromShardRef(load.shard()).ToString()] = load.tokens();
   }
@@ -1249,6 +1252,11 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
     ms->set_host(reg.host());
     ms->set_ms_since_heartbeat(MsBetween(m.last_heartbeat, now));
     ms->set_draining(IsLive(m) && m.record.draining());
+    if (IsLive(m)) {
+      uint64_t tokens = 0;
+      for (const auto& [shard, n] : m.tokens) tokens += n;
+      ms->set_tokens(tokens);
+    }
     if (IsLive(m) && m.on_probation) {
       ms->set_probation_ms_left(
           std::max<int64_t>(0, MsBetween(now, m.probation_until)));

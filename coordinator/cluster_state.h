@@ -118,7 +118,9 @@ class ClusterState {
     control::MemberRecord record;
     Clock::time_point lease_deadline;
     Clock::time_point last_heartbeat;
-    std::map<std::string, uint64_t> tokens;  // ShardId string -> tokens.
+    // ShardId string -> training tokens between the member's last two
+    // heartbeats.
+    std::map<std::string, uint64_t> tokens;
     // When this name was declared dead (workers; within the crash-loop
     // window), and whether the current incarnation is on probation (a
     // crash loop: no shards until probation_until).

@@ -51,7 +51,6 @@ struct ExpertShard {
   // checking it went. The step's update adopts it (ShardCompute).
   bool grads_early = false, early_tokens = false;
   Status early_check;
-  uint64_t tokens = 0;  // Since the last load report.
 };
 
 struct DenseShard {

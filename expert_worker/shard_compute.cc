@@ -171,7 +171,6 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
     RETURN_IF_ERROR(f.Forward(
         shard->params, x, keep.empty() ? nullptr : keep.data(), &kept.h, &y));
     ASSIGN_OR_RETURN(*outs, SplitRows(y, rows));
-    if (train) shard->tokens += tokens;
   } else {
     outs->assign(requests.size(), Tensor());
   }

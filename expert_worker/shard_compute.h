@@ -39,7 +39,7 @@ class ShardCompute {
   // payload (T_r, d_model) or none (no rows). They are computed as one
   // batch; outs[r] is request r's answer, (T_r, d_model) or empty.
   //
-  // A forward (training: activations kept, tokens counted; requests[r] of
+  // A forward (training: activations kept; requests[r] of
   // rank r), or an eval (nothing kept; any number of requests).
   Status Forward(const std::vector<const transport::Message*>& requests,
                  ExpertShard* shard, std::vector<Tensor>* outs) const;

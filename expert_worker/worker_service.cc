@@ -319,6 +319,13 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   }
   for (auto& [index, shard] : made_dense) dense_[index] = std::move(shard);
   for (auto& [id, shard] : made) shards_[id] = std::move(shard);
+  {
+    // The load report lists the shards hosted now (their counts kept).
+    MutexLock loads(&loads_mu_);
+    std::map<ShardId, uint64_t> hosted;
+    for (const auto& [id, shard] : shards_) hosted[id] = loads_[id];
+    loads_ = std::move(hosted);
+  }
   if (plan.rolls_back && !apply_failed_.ok()) {
     LOG(INFO) << name_ << ": every shard is made again at step "
               << routing.resume_step() << ": serving after the failed update";
@@ -698,6 +705,12 @@ void WorkerService::Process(Task task) {
             ? compute_->Backward(requests, shard, &outs)
             : compute_->Forward(requests, shard, &outs);
   }
+  if (s.ok() && kind == MessageKind::kExpertForward) {
+    uint64_t tokens = 0;
+    for (const Tensor& out : outs) tokens += out.empty() ? 0 : out.dim(0);
+    MutexLock loads(&loads_mu_);
+    loads_[shard->id] += tokens;
+  }
   // Its gradient is computed while the worker has nothing else to do.
   if (s.ok() && compute_->GradientsDue(*shard)) {
     gradients_due_.push_back(shard->id);
@@ -957,13 +970,13 @@ std::string WorkerService::ParameterDigest() const {
 }
 
 std::vector<control::ShardLoad> WorkerService::TakeLoads() {
-  MutexLock lock(&mu_);
+  MutexLock lock(&loads_mu_);
   std::vector<control::ShardLoad> loads;
-  for (auto& [id, s] : shards_) {
+  for (auto& [id, tokens] : loads_) {
     control::ShardLoad load;
     *load.mutable_shard() = ToShardRef(id);
-    load.set_tokens(s->tokens);
-    s->tokens = 0;
+    load.set_tokens(tokens);
+    tokens = 0;
     loads.push_back(load);
   }
   return loads;

@@ -196,8 +196,9 @@ class WorkerService {
   // A copy of every hosted shard's state (deep: safe to keep), as written
   // to checkpoints; none after an update failed half way.
   std::vector<storage::ShardSnapshot> Snapshots() const EXCLUDES(mu_);
-  // Tokens received per shard since the last call.
-  std::vector<control::ShardLoad> TakeLoads() EXCLUDES(mu_);
+  // Training tokens each hosted expert shard served since the last call
+  // (heartbeats report them). Never waits for the compute thread.
+  std::vector<control::ShardLoad> TakeLoads() EXCLUDES(loads_mu_);
 
  private:
   void Run();
@@ -338,6 +339,11 @@ class WorkerService {
   // what its checkpoints' reports carry.
   uint64_t adopted_incarnation_ GUARDED_BY(mu_) = 0;
   std::map<ShardId, std::unique_ptr<ExpertShard>> shards_ GUARDED_BY(mu_);
+  // Training tokens per hosted expert shard since the last TakeLoads, under
+  // their own lock: heartbeats read them and must not wait behind a long
+  // computation.
+  mutable Mutex loads_mu_ ACQUIRED_AFTER(mu_);
+  std::map<ShardId, uint64_t> loads_ GUARDED_BY(loads_mu_);
   std::map<int, std::unique_ptr<DenseShard>> dense_ GUARDED_BY(mu_);
 
   // The newest routing table offered and not yet applied.

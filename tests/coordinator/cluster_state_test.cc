@@ -733,5 +733,31 @@ TEST_F(ClusterStateTest, RejectsBadRegistrations) {
   }
 }
 
+// A worker's heartbeat carries the training tokens each of its shards
+// served since the one before; the status sums them per worker, and the
+// next heartbeat's replace them (a shard it no longer reports counts no
+// more).
+TEST_F(ClusterStateTest, HeartbeatLoadsShowInTheStatus) {
+  RegisterWorkers(3, t0_);
+  auto load = [](int expert, uint64_t tokens) {
+    control::ShardLoad l;
+    l.mutable_shard()->set_kind(control::EXPERT);
+    l.mutable_shard()->set_expert(expert);
+    l.set_tokens(tokens);
+    return l;
+  };
+  control::Heartbeat beat = Beat("worker-0", incarnation_["worker-0"]);
+  *beat.add_loads() = load(1, 300);
+  *beat.add_loads() = load(2, 20);
+  const auto t1 = t0_ + milliseconds(100);
+  ASSERT_TRUE(state_.Heartbeat(beat, t1).ok());
+  EXPECT_EQ(Member(state_.Report(t1), "worker-0").tokens(), 320u);
+  EXPECT_EQ(Member(state_.Report(t1), "worker-1").tokens(), 0u);
+  beat.clear_loads();
+  *beat.add_loads() = load(1, 5);
+  ASSERT_TRUE(state_.Heartbeat(beat, t1 + milliseconds(100)).ok());
+  EXPECT_EQ(Member(state_.Report(t1), "worker-0").tokens(), 5u);
+}
+
 }  // namespace
 }  // namespace switchyard::coordinator

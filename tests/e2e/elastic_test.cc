@@ -104,6 +104,19 @@ TEST_F(ElasticTest, JoinsAndDrainsMidRunMoveShardsLiveBitForBit) {
   const pid_t up = StartUp(2, Flags(), up_log);
   ASSERT_TRUE(WaitFor(up_log, "[trainer-0] step 25/"))
       << testing::ReadFile(up_log);
+  // While it trains, the workers' heartbeats carry their shards' tokens:
+  // `status` shows them, and how evenly they fall.
+  std::string status_text;
+  const auto status_deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(20000);
+  while (std::chrono::steady_clock::now() < status_deadline) {
+    status_text =
+        RunSwitchyard("status --run-dir " + dir_ + "/run" + Flags(), 30).output;
+    if (status_text.find("token load per worker") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_NE(status_text.find("token load per worker"), std::string::npos)
+      << status_text;
 
   // The joiner: the run's configuration, the coordinator `up` started.
   std::string address;

@@ -338,10 +338,22 @@ TEST(WorkerServiceTest, HandleNeverWaitsForComputation) {
   const auto start = std::chrono::steady_clock::now();
   worker.Handle(forward(0, 1, 1), replies.Make());
   const auto handle_time = std::chrono::steady_clock::now() - start;
+  // Nor do a heartbeat's reads (a lease must not expire behind a GEMM).
+  const auto loads_start = std::chrono::steady_clock::now();
+  const std::vector<control::ShardLoad> loads = worker.TakeLoads();
+  EXPECT_FALSE(worker.held().has_value());
+  const auto loads_time = std::chrono::steady_clock::now() - loads_start;
+  ASSERT_EQ(loads.size(), 1u);
   worker.Handle(forward(1, 1, 1), replies.Make());
   EXPECT_TRUE(replies.Wait().empty());
   const auto heavy_time = std::chrono::steady_clock::now() - heavy_start;
   // Queueing takes microseconds; the computation takes far longer.
+  EXPECT_LT(loads_time * 10, heavy_time);
+  // The forward's tokens are counted once it ran: 2048 from each rank,
+  // and 1 from each in the second micro-batch.
+  const std::vector<control::ShardLoad> counted = worker.TakeLoads();
+  ASSERT_EQ(counted.size(), 1u);
+  EXPECT_EQ(counted[0].tokens(), loads[0].tokens() == 0 ? 4098u : 2u);
   EXPECT_LT(handle_time * 10, heavy_time)
       << "Handle() took "
       << std::chrono::duration_cast<std::chrono::microseconds>(handle_time)

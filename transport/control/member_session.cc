@@ -119,6 +119,10 @@ void MemberSession::SendHeartbeat() {
     Register();
     return;
   }
+  if (options_.loads) {
+    for (ShardLoad& load : options_.loads())
+      *beat.add_loads() = std::move(load);
+  }
   if (options_.annotate_heartbeat) options_.annotate_heartbeat(&beat);
   Envelope envelope;
   *envelope.mutable_heartbeat() = beat;
