@@ -446,6 +446,34 @@ void ValidateSizes(const SwitchyardConfig& config, Validator* v) {
                       " x model.vocab_size " + std::to_string(vocab) + " x 4)",
                   logits_fields);
   if (!v->status().ok()) return;
+  // A worker holds a MoE layer's forward (or backward) of one micro-batch
+  // from every trainer at once: it computes a shard once every rank's rows
+  // are in. At most trainers x the micro-batch's assignments x shards per
+  // expert rows of d_model values in the wire dtype, all counted against
+  // transport.max_inflight_bytes until answered; a budget below that could
+  // leave a shard waiting for a request the budget keeps out.
+  if (moe_layers > 0) {
+    const int64_t wire_bytes = t.wire_dtype() == "bf16" ? 2 : 4;
+    const int64_t held = Validator::SaturatingMul(
+        Validator::SaturatingMul(
+            Validator::SaturatingMul(config.cluster().trainers(),
+                                     b * seq * m.top_k()),
+            m.shards_per_expert()),
+        d * wire_bytes);
+    v->Require(held <= config.transport().max_inflight_bytes(),
+               "transport.max_inflight_bytes",
+               config.transport().max_inflight_bytes(),
+               "must be at least " + std::to_string(held) +
+                   ": what a worker may hold of one MoE layer's micro-batch "
+                   "(cluster.trainers " +
+                   std::to_string(config.cluster().trainers()) + " x " +
+                   micro_batch + " x model.top_k " + std::to_string(m.top_k()) +
+                   " x model.shards_per_expert " +
+                   std::to_string(m.shards_per_expert()) + " x model.d_model " +
+                   std::to_string(d) + " x " + std::to_string(wire_bytes) +
+                   " bytes of training.wire_dtype); raise it or "
+                   "training.micro_batches");
+  }
   // A trainer holds the dense parameters and their gradients, and for the
   // backward pass, per layer, x, Norm1(x), h, Norm2(h), q, k, v and the
   // attention context (N, d) each and the attention probabilities (b,

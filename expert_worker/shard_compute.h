@@ -1,4 +1,4 @@
-// What a worker computes on the shards it hosts, one request at a time:
+// What a worker computes on the shards it hosts:
 // an expert shard's forward (x -> y, activations kept) and backward (dy ->
 // dx, weight-gradient inputs kept), each over every trainer's rows of a
 // micro-batch at once, and update (one GEMM over the step's contributions

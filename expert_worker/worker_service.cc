@@ -777,6 +777,7 @@ Status WorkerService::ApplyUpdate(int64_t step) {
     refused = compute_->Gradients(shard.get());
   }
   if (!refused.ok()) {
+    gradients_due_.clear();
     DropGradientsLocked();  // Those already computed go with the rest.
     return refused.WithContext(name_ + " refuses update " +
                                std::to_string(step) +

@@ -28,7 +28,7 @@
 // nothing and counts no load. A probe is answered at any epoch, in turn
 // with the other requests: a trainer whose request went unanswered asks it
 // before it reports this worker lost (it may rightly be waiting for
-// another trainer's StepDone).
+// another trainer's request or StepDone).
 //
 // Dense shards (parameter-server tables) are flat slices of the DenseLayout
 // concatenation: DensePull(t) returns the parameters of version t (after t
@@ -44,10 +44,11 @@
 // The service is a composition of named parts: ShardFactory (new shards
 // and their initial values), ShardCompute (forward, backward and update of
 // expert and dense shards), StepGate (epoch and step checks, deferred
-// requests, StepDone counting), CheckpointWriter (staging and the write
-// loop), ShardTransfer and CheckpointFetchServer (restore, replication,
-// serving peers) and PlanRouting (what a routing table means here). This
-// class owns them, its threads and the hosted shards.
+// requests, gathering every rank's expert requests, StepDone counting),
+// CheckpointWriter (staging and the write loop), ShardTransfer and
+// CheckpointFetchServer (restore, replication, serving peers) and PlanRouting
+// (what a routing table means here). This class owns them, its threads and the
+// hosted shards.
 //
 // Thread-safety: all methods are thread-safe. Handle() only queues (it never
 // waits for computation); one compute thread runs requests in order (the

@@ -434,6 +434,17 @@ StatusOr<TrainingResult> RunTraining(
     std::vector<StatusOr<StepReport>> reports(replicas.size(),
                                               InternalError("not run"));
     ranks.Run([&](int i) { reports[i] = replicas[i]->Step(step, batches[i]); });
+    // A rank that stopped (a non-finite loss, say) leaves the others
+    // waiting for its requests until their deadline: its error is the
+    // cause, and goes first.
+    for (size_t i = 0; i < replicas.size(); ++i) {
+      const Status& s = reports[i].status();
+      if (!s.ok() && s.code() != StatusCode::kDeadlineExceeded &&
+          s.code() != StatusCode::kCancelled) {
+        return s.WithContext("step " + std::to_string(step) + " of rank " +
+                             std::to_string(replicas[i]->rank()));
+      }
+    }
     for (size_t i = 0; i < replicas.size(); ++i) {
       TrainerReplica* r = replicas[i];
       StatusOr<StepReport>& report = reports[i];

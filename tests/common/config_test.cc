@@ -268,7 +268,17 @@ INSTANTIATE_TEST_SUITE_P(
                   "makes a trainer's memory (dense parameters and their "
                   "gradients, one micro-batch's activations) at least "
                   "1207190978560 bytes (1124 GiB), more than Switchyard's "
-                  "limit of 274877906944 bytes (256 GiB)"}));
+                  "limit of 274877906944 bytes (256 GiB)"},
+        ErrorCase{"",
+                  {"transport.max_inflight_bytes=100000"},
+                  "--set transport.max_inflight_bytes=100000: "
+                  "transport.max_inflight_bytes (100000) must be at least "
+                  "131072: what a worker may hold of one MoE layer's "
+                  "micro-batch (cluster.trainers 1 x 8 sequences "
+                  "(training.batch_size 8 / training.micro_batches 1) x "
+                  "model.seq_len 64 x model.top_k 1 x "
+                  "model.shards_per_expert 1 x model.d_model 64 x 4 bytes of "
+                  "training.wire_dtype); raise it or training.micro_batches"}));
 
 // transport.ucx: UCX settings from the file and from --set, which replaces
 // a value the file gave.
