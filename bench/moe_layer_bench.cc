@@ -65,6 +65,7 @@ constexpr char kUsage[] =
     "[--dtype fp32|bf16]\n"
     "                       [--tokens T] [--experts E] [--top-k K] "
     "[--skew F]\n"
+    "                       [--replicate]\n"
     "  One MoE layer (d_model 1024, d_ff 4096) trained end to end: 2 trainer\n"
     "  and 2 worker processes over UCX on loopback, against raw GEMMs.\n"
     "  --steps N          measured steps (after 2 warm-up steps; default 10)\n"
@@ -75,12 +76,16 @@ constexpr char kUsage[] =
     "                     halves)\n"
     "  --top-k K          experts per token (default 1)\n"
     "  --skew F           route the share F (0..1) of tokens to expert 0\n"
-    "                     first (default 0: random, near balanced)\n";
+    "                     first (default 0: random, near balanced)\n"
+    "  --replicate        hot-expert replication (docs/replication.md): a\n"
+    "                     plan every step (replication.window_steps 1,\n"
+    "                     hot_load 1.5), chunks on the other worker\n";
 
 // The layer's shape (flags).
 struct Shape {
   int tokens = 1024, experts = 8, top_k = 1;
   double skew = 0;
+  bool replicate = false;
 };
 Shape g_shape;
 
@@ -106,6 +111,14 @@ config::SwitchyardConfig BenchConfig(int threads) {
   c.mutable_cluster()->set_trainers(kTrainers);
   c.mutable_training()->set_threads(threads);
   c.mutable_training()->set_steps(1 << 30);
+  if (g_shape.replicate) {
+    auto* r = c.mutable_replication();
+    r->set_enabled(true);
+    r->set_window_steps(1);
+    r->set_hot_load(1.5);
+    r->set_cool_load(1.0);
+    r->set_max_replicas(kWorkers);
+  }
   return c;
 }
 
@@ -138,6 +151,7 @@ int RunWorker(const std::string& dir, int index) {
     std::fprintf(stderr, "worker %d: cannot start\n", index);
     return 1;
   }
+  service.SetPeerPlane(plane->get());  // Chunks of replicated shards.
   WriteFile(dir + "/" + name + ".addr", (*plane)->address());
   if (!WaitForFile(dir + "/routing.pb")) return 1;
   control::RoutingTable routing;
@@ -179,6 +193,7 @@ int RunWorker(const std::string& dir, int index) {
         ms[4]);
     std::fflush(stdout);
     WriteFile(dir + "/" + name + ".busy", std::to_string(ms[3]));
+    WriteFile(dir + "/" + name + ".gemm", std::to_string(ms[0]));
   }
   (*plane)->Shutdown();
   service.Shutdown();
@@ -291,6 +306,7 @@ std::vector<std::string> WithShapeFlags(std::vector<std::string> args) {
       "--top-k",   std::to_string(g_shape.top_k),
       "--skew",    std::to_string(g_shape.skew)};
   args.insert(args.end(), shape.begin(), shape.end());
+  if (g_shape.replicate) args.push_back("--replicate");
   return args;
 }
 
@@ -371,9 +387,10 @@ int RunParent(int steps, int micro_batches) {
   std::printf(
       "moe_layer (%s experts): d_model %d, d_ff %d, %d experts, top-%d, %d "
       "tokens x %d trainers, %d workers, %d steps of %d micro-batches, "
-      "skew %.2f\n",
+      "skew %.2f%s\n",
       g_dtype.c_str(), kD, kF, kExperts, g_shape.top_k, kTokens, kTrainers,
-      kWorkers, steps, micro_batches, g_shape.skew);
+      kWorkers, steps, micro_batches, g_shape.skew,
+      g_shape.replicate ? ", replication on" : "");
   std::fflush(stdout);
   const double raw = RawGemmStep(2, g_dtype == "bf16");
   WriteFile(dir + "/steps", std::to_string(steps));
@@ -396,6 +413,7 @@ int RunParent(int steps, int micro_batches) {
     auto* w = routing.add_workers();
     w->set_name("w" + std::to_string(i));
     w->set_data_address(ReadFileToString(addr).value());
+    w->set_confirmed(true);
   }
   for (int e = 0; e < kExperts; ++e) {
     auto* entry = routing.add_entries();
@@ -431,10 +449,22 @@ int RunParent(int steps, int micro_batches) {
         dir + "/trainer-" + std::to_string(r) + ".result";
     slowest = std::max(slowest, std::stod(ReadFileToString(result).value()));
   }
-  double busiest_ms = 0;
+  double busiest_ms = 0, most_gemm = 0, gemm_sum = 0;
   for (int i = 0; i < kWorkers; ++i) {
     auto busy = ReadFileToString(dir + "/w" + std::to_string(i) + ".busy");
     if (busy.ok()) busiest_ms = std::max(busiest_ms, std::stod(*busy));
+    auto gemm = ReadFileToString(dir + "/w" + std::to_string(i) + ".gemm");
+    if (gemm.ok()) {
+      most_gemm = std::max(most_gemm, std::stod(*gemm));
+      gemm_sum += std::stod(*gemm);
+    }
+  }
+  if (gemm_sum > 0) {
+    // What each worker computed (its own chunks and its copies' for
+    // others): the load replication evens out.
+    std::printf("  per-worker expert GEMM time max/mean %.2f%s\n",
+                most_gemm / (gemm_sum / kWorkers),
+                g_shape.replicate ? " (with replication)" : "");
   }
   fs::remove_all(dir);
   const double step_ms = 1e3 * slowest / steps;
@@ -489,6 +519,11 @@ int main(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") {
       std::fputs(switchyard::kUsage, stdout);
       return 0;
+    }
+    if (flag == "--replicate") {  // The one flag without a value.
+      shape.replicate = true;
+      --i;
+      continue;
     }
     if (i + 1 >= argc) {
       std::fprintf(stderr, "moe_layer_bench: %s needs a value\n%s",

@@ -730,6 +730,23 @@ Status ValidateConfig(const SwitchyardConfig& config,
     v.Require(!value.empty() && value.find('\n') == std::string::npos, path,
               "'" + value + "'", "must be one non-empty line");
   }
+  const auto& r = config.replication();
+  v.Require(r.window_steps() >= 1 && r.window_steps() <= 1000000,
+            "replication.window_steps", r.window_steps(),
+            "must be in [1, 1000000]");
+  v.Require(r.max_replicas() >= 1 && r.max_replicas() <= 64,
+            "replication.max_replicas", r.max_replicas(), "must be in [1, 64]");
+  v.Require(r.reserved_bytes() >= 0, "replication.reserved_bytes",
+            r.reserved_bytes(), "must be >= 0");
+  v.AtMost("replication.reserved_bytes", r.reserved_bytes(),
+           kMaxInflightBytes * 64);
+  v.Require(std::isfinite(r.hot_load()) && r.hot_load() > 1,
+            "replication.hot_load", r.hot_load(),
+            "must be > 1 (the mean expert's load is 1)");
+  v.Require(std::isfinite(r.cool_load()) && r.cool_load() > 0 &&
+                r.cool_load() <= r.hot_load(),
+            "replication.cool_load", r.cool_load(),
+            "must be in (0, replication.hot_load]");
   // Every field is within its limits; now what they make together.
   RETURN_IF_ERROR(v.status());
   ValidateSizes(config, &v);

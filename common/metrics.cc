@@ -67,8 +67,14 @@ std::string MetricsRegistry::RenderText() const {
     out << "# TYPE " << name << " counter\n"
         << name << " " << c->value() << "\n";
   }
+  // A name may carry labels (name{shard="L0.E1.S0"}): one TYPE line per
+  // family (the map keeps a family's names together).
+  std::string family;
   for (const auto& [name, g] : gauges_) {
-    out << "# TYPE " << name << " gauge\n" << name << " " << g->value() << "\n";
+    const std::string base = name.substr(0, name.find('{'));
+    if (base != family) out << "# TYPE " << base << " gauge\n";
+    family = base;
+    out << name << " " << g->value() << "\n";
   }
   for (const auto& [name, h] : histograms_) {
     const Histogram::Snapshot s = h->snapshot();

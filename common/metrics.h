@@ -87,7 +87,8 @@ class MetricsRegistry {
   // The process-wide registry.
   static MetricsRegistry& Global();
 
-  // Returns the metric named `name`, creating it on first use. A histogram's
+  // Returns the metric named `name` (a gauge's may carry labels:
+  // name{shard="L0.E1.S0"}), creating it on first use. A histogram's
   // bounds are fixed by its first Get.
   Counter* GetCounter(const std::string& name) EXCLUDES(mu_);
   Gauge* GetGauge(const std::string& name) EXCLUDES(mu_);

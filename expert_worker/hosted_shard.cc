@@ -10,6 +10,7 @@ void AbandonStep(ExpertShard* shard) {
   shard->contributions.clear();
   shard->grads_ready = false;
   shard->grads_early = false;
+  shard->step_tokens = 0;
 }
 
 void AbandonStep(DenseShard* shard) {
@@ -58,6 +59,9 @@ storage::ShardSnapshot SnapshotOf(const ExpertShard& shard, BufferPool& pool,
   AddState(pool, &s, "opt.b1.", shard.b1, deep);
   AddState(pool, &s, "opt.w2.", shard.w2, deep);
   AddState(pool, &s, "opt.b2.", shard.b2, deep);
+  if (!shard.repl.empty()) {
+    s.tensors.push_back({"repl", CopyTensor(pool, shard.repl, deep)});
+  }
   return s;
 }
 

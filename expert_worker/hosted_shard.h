@@ -34,10 +34,16 @@ struct ExpertShard {
   struct Activation {
     Tensor x, h;                // Empty when no trainer had rows.
     std::vector<int64_t> rows;  // Rows per rank.
+    // Per chunk of a replicated shard: computed by its copy (whose host
+    // keeps its rows of h; here they are not computed).
+    std::vector<uint8_t> remote;
   };
   std::map<std::pair<int64_t, int32_t>, Activation> activations;
   struct Contribution {
     Tensor x, a, dh, dy;  // a = act(h), from the backward pass; may be empty.
+    // Per chunk: its backward ran on its copy, which keeps its rows of a
+    // and dh (here they are not computed).
+    std::vector<uint8_t> remote;
   };
   // Weight-gradient inputs of the step in progress, by micro-batch (each
   // with every rank's rows in rank order): std::map iterates them in
@@ -51,6 +57,19 @@ struct ExpertShard {
   // checking it went. The step's update adopts it (ShardCompute).
   bool grads_early = false, early_tokens = false;
   Status early_check;
+  // Hot-expert replication's plan (expert_worker/replication.h), when
+  // replication.enabled: fp32 [3], checkpointed as "repl". Empty otherwise.
+  Tensor repl;
+  // The tokens of the step's gradient (every micro-batch's rows), counted
+  // into the plan's window when the step is applied.
+  int64_t step_tokens = 0;
+  // The (epoch, step) of the step in progress's forwards: what its chunks
+  // on copies are filed under.
+  uint64_t chunk_epoch = 0;
+  int64_t chunk_step = -1;
+  // A chunk's share of the weight gradient, summed into `grads` in chunk
+  // order (a replicated shard only).
+  ExpertParams share;
 };
 
 struct DenseShard {

@@ -1,12 +1,17 @@
 #include "expert_worker/shard_compute.h"
 
+#include <glog/logging.h>
+
+#include <algorithm>
 #include <cstring>
+#include <iomanip>
 #include <string>
 #include <vector>
 
 #include "common/finite.h"
 #include "common/metrics.h"
 #include "common/random.h"
+#include "expert_worker/replication.h"
 
 namespace switchyard::expert_worker {
 
@@ -114,6 +119,23 @@ std::vector<float> ExpertDropoutKeep(const config::SwitchyardConfig& config,
   return keep;
 }
 
+// The shard's chunks (its replicas; 1 without replication), read from its
+// plan.
+StatusOr<int> Chunks(const ExpertShard& shard) {
+  if (shard.repl.empty()) return 1;
+  ASSIGN_OR_RETURN(ReplicationState plan,
+                   ReadReplication(shard.repl, shard.id.ToString()));
+  return plan.replicas;
+}
+
+// into += from, element by element (both fp32, the same shape, or empty).
+void AddInto(const Tensor& from, Tensor* into) {
+  if (into->empty()) return;
+  float* acc = into->f32();
+  const float* add = from.f32();
+  for (int64_t i = 0; i < into->num_elements(); ++i) acc[i] += add[i];
+}
+
 }  // namespace
 
 ShardCompute::ShardCompute(const config::SwitchyardConfig& config,
@@ -158,18 +180,57 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
   const ExpertFfn& f = ffn(shard->id.shard);
   const int64_t d = f.shape().d_model;
   ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, parts, d));
-  ExpertShard::Activation kept{x, Tensor(), rows};
+  ExpertShard::Activation kept{x, Tensor(), rows, {}};
   if (!x.empty()) {
+    ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
     const int64_t tokens = x.dim(0);
+    const int64_t ff = f.shape().d_ff_shard;
     ASSIGN_OR_RETURN(
-        kept.h, pool_->Take(DType::kF32, {tokens, f.shape().gates() *
-                                                      f.shape().d_ff_shard}));
+        kept.h, pool_->Take(DType::kF32, {tokens, f.shape().gates() * ff}));
     ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {tokens, d}));
     const std::vector<float> keep =
-        train ? ExpertDropoutKeep(config_, h, rows, f.shape().d_ff_shard)
-              : std::vector<float>();
-    RETURN_IF_ERROR(f.Forward(
-        shard->params, x, keep.empty() ? nullptr : keep.data(), &kept.h, &y));
+        train ? ExpertDropoutKeep(config_, h, rows, ff) : std::vector<float>();
+    // Chunk by chunk, each its own product: the chunks with a copy
+    // elsewhere go there first, this worker computes the others meanwhile,
+    // then any a copy failed to answer.
+    const auto here = [&](RowRange c) -> Status {
+      ASSIGN_OR_RETURN(Tensor xc, x.Slice(c.begin, c.end));
+      ASSIGN_OR_RETURN(Tensor hc, kept.h.Slice(c.begin, c.end));
+      ASSIGN_OR_RETURN(Tensor yc, y.Slice(c.begin, c.end));
+      return f.Forward(shard->params, xc,
+                       keep.empty() ? nullptr : keep.data() + c.begin * ff, &hc,
+                       &yc);
+    };
+    std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
+    if (train && replicas_ != nullptr && keep.empty()) {
+      shard->chunk_epoch = h.epoch;
+      shard->chunk_step = h.step;
+      for (int c = 1; c < chunks; ++c) {
+        const RowRange r = ChunkRows(tokens, chunks, c);
+        if (r.size() == 0) continue;
+        ASSIGN_OR_RETURN(Tensor xc, x.Slice(r.begin, r.end));
+        sent[c] = replicas_->Start(MessageKind::kReplicaForward, shard->id,
+                                   shard->params, h.epoch, h.step,
+                                   h.micro_batch, c, std::move(xc));
+      }
+    }
+    for (int c = 0; c < chunks; ++c) {
+      const RowRange r = ChunkRows(tokens, chunks, c);
+      if (r.size() > 0 && sent[c] == nullptr) RETURN_IF_ERROR(here(r));
+    }
+    kept.remote.assign(chunks, 0);
+    for (int c = 1; c < chunks; ++c) {
+      if (sent[c] == nullptr) continue;
+      const RowRange r = ChunkRows(tokens, chunks, c);
+      StatusOr<Tensor> yc = replicas_->Wait(*sent[c]);
+      if (yc.ok() && !yc->empty() && yc->dtype() == DType::kF32 &&
+          yc->shape() == std::vector<int64_t>{r.size(), d}) {
+        std::memcpy(y.f32() + r.begin * d, yc->data(), yc->num_bytes());
+        kept.remote[c] = 1;
+      } else {
+        RETURN_IF_ERROR(here(r));
+      }
+    }
     ASSIGN_OR_RETURN(*outs, SplitRows(y, rows));
   } else {
     outs->assign(requests.size(), Tensor());
@@ -203,17 +264,65 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
   for (const Tensor& dy : dys) parts.push_back(&dy);
   const ExpertFfn& f = ffn(shard->id.shard);
   ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, parts, f.shape().d_model));
-  ExpertShard::Contribution c{kept.x, Tensor(), Tensor(), dy};
+  ExpertShard::Contribution c{kept.x, Tensor(), Tensor(), dy, {}};
   if (!dy.empty()) {
+    ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
+    const int64_t ff = f.shape().d_ff_shard;
     ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, kept.h.shape()));
-    ASSIGN_OR_RETURN(
-        c.a, pool_->Take(DType::kF32, {dy.dim(0), f.shape().d_ff_shard}));
+    ASSIGN_OR_RETURN(c.a, pool_->Take(DType::kF32, {dy.dim(0), ff}));
     ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, kept.x.shape()));
-    const std::vector<float> keep =
-        ExpertDropoutKeep(config_, h, rows, f.shape().d_ff_shard);
-    RETURN_IF_ERROR(f.BackwardInput(shard->params, kept.h, dy,
-                                    keep.empty() ? nullptr : keep.data(), &c.dh,
-                                    &c.a, &dx));
+    const std::vector<float> keep = ExpertDropoutKeep(config_, h, rows, ff);
+    const int64_t d = f.shape().d_model;
+    // A chunk whose forward ran on its copy goes back there; the others,
+    // and any the copy fails, run here (a remote forward's h computed
+    // again first).
+    const auto here = [&](int chunk, RowRange r) -> Status {
+      const bool remote =
+          chunk < static_cast<int>(kept.remote.size()) && kept.remote[chunk];
+      ASSIGN_OR_RETURN(Tensor hc, kept.h.Slice(r.begin, r.end));
+      if (remote) {
+        ASSIGN_OR_RETURN(Tensor xc, kept.x.Slice(r.begin, r.end));
+        ASSIGN_OR_RETURN(Tensor yc, pool_->Take(DType::kF32, {r.size(), d}));
+        RETURN_IF_ERROR(f.Forward(shard->params, xc, nullptr, &hc, &yc));
+      }
+      ASSIGN_OR_RETURN(Tensor dyc, dy.Slice(r.begin, r.end));
+      ASSIGN_OR_RETURN(Tensor dhc, c.dh.Slice(r.begin, r.end));
+      ASSIGN_OR_RETURN(Tensor ac, c.a.Slice(r.begin, r.end));
+      ASSIGN_OR_RETURN(Tensor dxc, dx.Slice(r.begin, r.end));
+      return f.BackwardInput(
+          shard->params, hc, dyc,
+          keep.empty() ? nullptr : keep.data() + r.begin * ff, &dhc, &ac, &dxc);
+    };
+    const int64_t tokens = dy.dim(0);
+    std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
+    if (replicas_ != nullptr && keep.empty()) {
+      for (int k = 1; k < chunks && k < static_cast<int>(kept.remote.size());
+           ++k) {
+        if (!kept.remote[k]) continue;
+        const RowRange r = ChunkRows(tokens, chunks, k);
+        ASSIGN_OR_RETURN(Tensor dyc, dy.Slice(r.begin, r.end));
+        sent[k] = replicas_->Start(MessageKind::kReplicaBackward, shard->id,
+                                   shard->params, h.epoch, h.step,
+                                   h.micro_batch, k, std::move(dyc));
+      }
+    }
+    for (int k = 0; k < chunks; ++k) {
+      const RowRange r = ChunkRows(tokens, chunks, k);
+      if (r.size() > 0 && sent[k] == nullptr) RETURN_IF_ERROR(here(k, r));
+    }
+    c.remote.assign(chunks, 0);
+    for (int k = 1; k < chunks; ++k) {
+      if (sent[k] == nullptr) continue;
+      const RowRange r = ChunkRows(tokens, chunks, k);
+      StatusOr<Tensor> dxc = replicas_->Wait(*sent[k]);
+      if (dxc.ok() && !dxc->empty() && dxc->dtype() == DType::kF32 &&
+          dxc->shape() == std::vector<int64_t>{r.size(), d}) {
+        std::memcpy(dx.f32() + r.begin * d, dxc->data(), dxc->num_bytes());
+        c.remote[k] = 1;
+      } else {
+        RETURN_IF_ERROR(here(k, r));
+      }
+    }
     ASSIGN_OR_RETURN(*outs, SplitRows(dx, rows));
   } else {
     outs->assign(requests.size(), Tensor());
@@ -225,26 +334,95 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
 
 Status ShardCompute::ComputeGradients(ExpertShard* shard, bool* tokens) const {
   *tokens = false;
+  shard->step_tokens = 0;
+  ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
   const ExpertFfn& f = ffn(shard->id.shard);
-  std::vector<const Tensor*> xs, as, dhs, dys;
-  for (const auto& [micro_batch, c] : shard->contributions) {
-    if (c.dy.empty()) continue;  // No rows.
-    xs.push_back(&c.x);
-    as.push_back(&c.a);
-    dhs.push_back(&c.dh);
-    dys.push_back(&c.dy);
-  }
-  if (xs.empty()) return OkStatus();  // No tokens.
-  *tokens = true;
-  const int64_t gf = f.shape().gates() * f.shape().d_ff_shard;
+  const int64_t ff = f.shape().d_ff_shard;
+  const int64_t gf = f.shape().gates() * ff;
   const int64_t d = f.shape().d_model;
-  // One GEMM over every contribution, in (micro-batch, rank) order; it
-  // overwrites the previous step's gradient.
-  ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, xs, d));
-  ASSIGN_OR_RETURN(Tensor a, ConcatRows(*pool_, as, f.shape().d_ff_shard));
-  ASSIGN_OR_RETURN(Tensor dh, ConcatRows(*pool_, dhs, gf));
-  ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, dys, d));
-  RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &shard->grads));
+  for (const auto& [micro_batch, c] : shard->contributions) {
+    if (!c.dy.empty()) shard->step_tokens += c.dy.dim(0);
+  }
+  if (shard->step_tokens == 0) return OkStatus();  // No tokens.
+  *tokens = true;
+  // One GEMM per chunk over its rows of every micro-batch, in (micro-batch,
+  // rank) order; the chunks' shares (those with rows) summed in chunk
+  // order. The first overwrites the previous step's gradient.
+  bool first = true;
+  // Adds a chunk's share to the gradient (the first share is it).
+  const auto add = [&](const ExpertParams& from) {
+    ExpertParams& g = shard->grads;
+    AddInto(from.w1, &g.w1);
+    AddInto(from.b1, &g.b1);
+    AddInto(from.w2, &g.w2);
+    AddInto(from.b2, &g.b2);
+  };
+  ExpertParams& share = shard->share;
+  if (chunks > 1 && share.w1.empty()) {
+    ASSIGN_OR_RETURN(share, ExpertParams::Zeros(f.shape()));
+  }
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    // A chunk whose every backward ran on its copy: the copy's share.
+    bool rows = false, remote = true;
+    for (const auto& [micro_batch, c] : shard->contributions) {
+      if (c.dy.empty() || ChunkRows(c.dy.dim(0), chunks, chunk).size() == 0) {
+        continue;
+      }
+      rows = true;
+      remote = remote && chunk < static_cast<int>(c.remote.size()) &&
+               c.remote[chunk];
+    }
+    if (!rows) continue;
+    if (remote && replicas_ != nullptr) {
+      StatusOr<Tensor> flat = replicas_->Share(shard->id, shard->chunk_epoch,
+                                               shard->chunk_step, chunk);
+      if (flat.ok() && !flat->empty() &&
+          UnflattenParams(*flat, first ? &shard->grads : &share).ok()) {
+        if (!first) add(share);
+        first = false;
+        continue;
+      }
+    }
+    // Here: the pieces that ran on a copy computed again first.
+    for (auto& [micro_batch, c] : shard->contributions) {
+      if (c.dy.empty() || chunk >= static_cast<int>(c.remote.size()) ||
+          !c.remote[chunk]) {
+        continue;
+      }
+      RETURN_IF_ERROR(
+          RecomputeChunk(*shard, ChunkRows(c.dy.dim(0), chunks, chunk), &c));
+      c.remote[chunk] = 0;
+    }
+    std::vector<Tensor> views;  // Keeps the slices alive.
+    views.reserve(4 * shard->contributions.size());
+    std::vector<const Tensor*> xs, as, dhs, dys;
+    for (const auto& [micro_batch, c] : shard->contributions) {
+      if (c.dy.empty()) continue;  // No rows.
+      const RowRange r = ChunkRows(c.dy.dim(0), chunks, chunk);
+      if (r.size() == 0) continue;
+      for (const Tensor* t : {&c.x, &c.a, &c.dh, &c.dy}) {
+        ASSIGN_OR_RETURN(Tensor view, t->Slice(r.begin, r.end));
+        views.push_back(std::move(view));
+      }
+      const size_t n = views.size();
+      xs.push_back(&views[n - 4]);
+      as.push_back(&views[n - 3]);
+      dhs.push_back(&views[n - 2]);
+      dys.push_back(&views[n - 1]);
+    }
+    if (xs.empty()) continue;  // The chunk had no rows.
+    ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, xs, d));
+    ASSIGN_OR_RETURN(Tensor a, ConcatRows(*pool_, as, ff));
+    ASSIGN_OR_RETURN(Tensor dh, ConcatRows(*pool_, dhs, gf));
+    ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, dys, d));
+    if (first) {
+      RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &shard->grads));
+      first = false;
+      continue;
+    }
+    RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &share));
+    add(share);
+  }
   const std::string name = shard->id.ToString();
   const ExpertParams& g = shard->grads;
   RETURN_IF_ERROR(CheckFinite(g.w1, "the gradient of " + name + " w1"));
@@ -285,6 +463,52 @@ void ShardCompute::EarlyGradients(ExpertShard* shard) const {
   // The inputs go; the micro-batches stay listed, so that a repeated
   // request is still refused (CheckNew).
   for (auto& [micro_batch, c] : shard->contributions) c = {};
+}
+
+Status ShardCompute::RecomputeChunk(const ExpertShard& shard, RowRange r,
+                                    ExpertShard::Contribution* c) const {
+  const ExpertFfn& f = ffn(shard.id.shard);
+  const int64_t d = f.shape().d_model;
+  const int64_t gf = f.shape().gates() * f.shape().d_ff_shard;
+  ASSIGN_OR_RETURN(Tensor x, c->x.Slice(r.begin, r.end));
+  ASSIGN_OR_RETURN(Tensor dy, c->dy.Slice(r.begin, r.end));
+  ASSIGN_OR_RETURN(Tensor a, c->a.Slice(r.begin, r.end));
+  ASSIGN_OR_RETURN(Tensor dh, c->dh.Slice(r.begin, r.end));
+  ASSIGN_OR_RETURN(Tensor h, pool_->Take(DType::kF32, {r.size(), gf}));
+  ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {r.size(), d}));
+  ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, {r.size(), d}));
+  RETURN_IF_ERROR(f.Forward(shard.params, x, nullptr, &h, &y));
+  return f.BackwardInput(shard.params, h, dy, nullptr, &dh, &a, &dx);
+}
+
+void ShardCompute::AdvancePlan(int64_t step, ExpertShard* shard) const {
+  if (shard->repl.empty()) return;
+  const std::string name = shard->id.ToString();
+  auto read = ReadReplication(shard->repl, name);
+  if (!read.ok()) return;  // Gradients refused the step already.
+  ReplicationState plan = *read;
+  constexpr int64_t kMaxTokens = (int64_t{1} << 48) - 1;
+  plan.window_tokens =
+      std::min(kMaxTokens, plan.window_tokens + shard->step_tokens);
+  shard->step_tokens = 0;
+  const auto& r = config_.replication();
+  if ((step + 1) % r.window_steps() == 0) {
+    const double mean = MeanExpertTokensPerStep(config_) * r.window_steps();
+    const int next = PlanReplicas(r, plan.replicas, plan.window_tokens, mean);
+    if (next != plan.replicas) {
+      LOG(INFO) << name << ": " << next
+                << (next == 1 ? " replica" : " replicas") << " from step "
+                << step + 1 << " (load " << std::fixed << std::setprecision(2)
+                << plan.window_tokens / mean
+                << " x the mean expert's over steps "
+                << step + 1 - r.window_steps() << "-" << step << ")";
+    }
+    plan = {next, 0};
+  }
+  WriteReplication(plan, &shard->repl);
+  MetricsRegistry::Global()
+      .GetGauge("switchyard_worker_expert_replicas{shard=\"" + name + "\"}")
+      ->Set(plan.replicas);
 }
 
 Status ShardCompute::Apply(int64_t step, ExpertShard* shard) const {

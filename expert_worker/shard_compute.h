@@ -22,6 +22,8 @@
 #include "expert_worker/gemm.h"
 #include "expert_worker/hosted_shard.h"
 #include "expert_worker/optimizer.h"
+#include "expert_worker/replica_client.h"
+#include "expert_worker/replication.h"
 #include "transport/data_plane.h"
 
 namespace switchyard::expert_worker {
@@ -66,6 +68,13 @@ class ShardCompute {
   // StepDone waits only for what came last; Gradients adopts it. The same
   // GEMM over the same inputs, so the same bits.
   void EarlyGradients(ExpertShard* shard) const;
+  // Hot-expert replication (nothing without it): counts step `step`'s
+  // tokens (its gradient's, so Gradients must have run) into the shard's
+  // window. At the end of a window (step + 1 a multiple of
+  // replication.window_steps) decides the next window's replicas
+  // (PlanReplicas) and opens a new window. For the step being applied, so
+  // that a step refused or abandoned counts nowhere.
+  void AdvancePlan(int64_t step, ExpertShard* shard) const;
 
   // A copy of the shard's parameters.
   static Tensor Pull(const DenseShard& shard) { return shard.params.Clone(); }
@@ -81,6 +90,12 @@ class ShardCompute {
 
   const ExpertFfn& ffn(int shard) const { return shard == 0 ? *ffn0_ : *ffn_; }
 
+  // Where a replicated shard's chunks may run besides here (not owned;
+  // null: every chunk here). Training chunks without expert dropout go to
+  // their copies; what a copy fails to do is computed here, with the same
+  // bits.
+  void set_replicas(ReplicaClient* replicas) { replicas_ = replicas; }
+
  private:
   // The gradient of the contributions kept (one GEMM in (micro-batch,
   // rank) order) into shard->grads, checked; *tokens: there were any.
@@ -88,8 +103,15 @@ class ShardCompute {
 
   const config::SwitchyardConfig& config_;
   const std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), others.
+  // Chunk `r` of `c` (a contribution whose chunk ran on a copy) computed
+  // here: its forward again (for h), then its backward into c's rows of a
+  // and dh.
+  Status RecomputeChunk(const ExpertShard& shard, RowRange r,
+                        ExpertShard::Contribution* c) const;
+
   const Optimizer* const optimizer_;
   BufferPool* const pool_;
+  ReplicaClient* replicas_ = nullptr;
 };
 
 }  // namespace switchyard::expert_worker

@@ -8,6 +8,7 @@
 #include "common/model_shape.h"
 #include "common/random.h"
 #include "expert_worker/expert_init.h"
+#include "expert_worker/replication.h"
 
 namespace switchyard::expert_worker {
 namespace {
@@ -95,6 +96,9 @@ StatusOr<std::unique_ptr<ExpertShard>> ShardFactory::NewExpert(
   }
   if (!shard->params.b2.empty()) {
     ASSIGN_OR_RETURN(shard->b2, optimizer_->NewState(shard->params.b2));
+  }
+  if (config_.replication().enabled()) {
+    ASSIGN_OR_RETURN(shard->repl, NewReplicationTensor());
   }
   return shard;
 }

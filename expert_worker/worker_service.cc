@@ -46,6 +46,15 @@ Status WorkerService::Start() {
   compute_ = std::make_unique<ShardCompute>(config_, factory_->shape(0),
                                             factory_->shape(1), gemm_.get(),
                                             optimizer_.get(), pool_.get());
+  if (config_.replication().enabled()) {
+    // Its own GEMM object: a Gemm serves one caller at a time.
+    replica_gemm_ = NewCpuGemm(config_.training().threads());
+    replica_host_ =
+        std::make_unique<ReplicaHost>(config_, name_, factory_->shape(0),
+                                      factory_->shape(1), replica_gemm_.get());
+    replica_host_->Start();
+  }
+  ConnectReplicas();
   transfer_ = std::make_unique<ShardTransfer>(config_, name_, store_.get(),
                                               factory_.get(), StorageThreads());
   transfer_->set_peers(peers_);
@@ -96,6 +105,16 @@ void WorkerService::EnableCheckpoints(
 void WorkerService::SetPeerPlane(transport::DataPlane* plane) {
   peers_ = plane;
   if (transfer_ != nullptr) transfer_->set_peers(plane);
+  ConnectReplicas();
+}
+
+void WorkerService::ConnectReplicas() {
+  if (!config_.replication().enabled() || peers_ == nullptr ||
+      compute_ == nullptr || replica_client_ != nullptr) {
+    return;
+  }
+  replica_client_ = std::make_unique<ReplicaClient>(config_, name_, peers_);
+  compute_->set_replicas(replica_client_.get());
 }
 
 int WorkerService::StorageThreads() const {
@@ -131,6 +150,7 @@ void WorkerService::Shutdown() {
   routing_cv_.NotifyAll();
   if (routing_thread_.joinable()) routing_thread_.join();
   if (thread_.joinable()) thread_.join();
+  if (replica_host_ != nullptr) replica_host_->Shutdown();
   // A checkpoint being written is finished (it may be committed).
   if (writer_ != nullptr) writer_->Shutdown();
   if (fetch_server_ != nullptr) fetch_server_->Shutdown();
@@ -164,6 +184,8 @@ StatusOr<std::unique_ptr<Shard>> TakeOrMake(
 
 Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   MutexLock applying(&apply_mu_);
+  // Chunks of replicated shards go to this table's workers.
+  if (replica_client_ != nullptr) replica_client_->SetRouting(routing);
   // What is hosted now; only this function (under apply_mu_) changes it.
   std::set<ShardId> have;
   std::set<int> have_dense;
@@ -544,6 +566,19 @@ void WorkerService::RoutingLoop() {
 }
 
 void WorkerService::Handle(Message request, transport::Reply reply) {
+  const uint8_t kind = request.header.kind;
+  if (kind >= static_cast<uint8_t>(MessageKind::kReplicaWeights) &&
+      kind <= static_cast<uint8_t>(MessageKind::kReplicaShare)) {
+    if (replica_host_ == nullptr) {
+      reply(transport::ErrorResponse(
+          request.header,
+          FailedPreconditionError(name_ + " hosts no copies (replication "
+                                          "is off, or it is starting up)")));
+      return;
+    }
+    replica_host_->Handle({std::move(request), std::move(reply)});
+    return;
+  }
   if (request.header.kind ==
           static_cast<uint8_t>(MessageKind::kCheckpointFetch) ||
       request.header.kind ==
@@ -784,6 +819,8 @@ Status WorkerService::ApplyUpdate(int64_t step) {
                                " (nothing of it applied; the run stops: lower "
                                "training.learning_rate or check the data)");
   }
+  // The step is taken: it counts into the replication plans.
+  for (auto& [id, shard] : shards_) compute_->AdvancePlan(step, shard.get());
   // Applied shard by shard from now on (SettleLocked).
   unsettled_ = 0;
   for (auto& [id, shard] : shards_) unsettled_ += shard->grads_ready ? 1 : 0;
@@ -897,6 +934,9 @@ void WorkerService::AfterUpdate() {
     for (const auto& [shard, hex] : ShardDigestsLocked()) {
       LOG(INFO) << name_ << ": after step " << next << ": digest " << shard
                 << " " << hex;
+    }
+    if (replica_client_ != nullptr) {
+      LOG(INFO) << name_ << ": " << replica_client_->Summary();
     }
   }
 }

@@ -76,6 +76,8 @@
 #include "expert_worker/gemm.h"
 #include "expert_worker/hosted_shard.h"
 #include "expert_worker/optimizer.h"
+#include "expert_worker/replica_client.h"
+#include "expert_worker/replica_host.h"
 #include "expert_worker/routing_plan.h"
 #include "expert_worker/shard_compute.h"
 #include "expert_worker/shard_factory.h"
@@ -264,6 +266,9 @@ class WorkerService {
   StatusOr<std::shared_ptr<const storage::ShardSnapshot>> HandedOver(
       uint64_t epoch, int64_t step, const std::string& shard) const
       EXCLUDES(handover_mu_);
+  // Gives compute_ its ReplicaClient once it and the peer plane exist
+  // (replication.enabled).
+  void ConnectReplicas();
   // Shards written or restored at a time: the compute thread count
   // (training.threads, else one per core).
   int StorageThreads() const;
@@ -289,6 +294,12 @@ class WorkerService {
   std::unique_ptr<CheckpointFetchServer> fetch_server_;
   transport::DataPlane* peers_ = nullptr;  // Not owned.
   std::unique_ptr<ShardTransfer> transfer_;
+  // Hot-expert replication (replication.enabled): the copies this worker
+  // hosts for others, with a GEMM of their own, and the way to its own
+  // shards' copies.
+  std::unique_ptr<Gemm> replica_gemm_;
+  std::unique_ptr<ReplicaHost> replica_host_;
+  std::unique_ptr<ReplicaClient> replica_client_;
 
   // NOTE: Handle(), on the data plane's progress thread, never waits for a
   // GEMM: it only pushes to queue_ (its own lock, never held while

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <set>
 #include <thread>
 
 #include "common/digest.h"
@@ -627,9 +628,26 @@ StatusOr<ChunkPlan> PlanShardRead(const checkpoint::ShardManifest& manifest,
   const std::string& shard = snapshot->shard;
   if (!allocate && snapshot->tensors.size() !=
                        static_cast<size_t>(manifest.tensors_size())) {
+    // Which names differ says more than the counts (a run that turned
+    // replication on or off: tensor repl).
+    std::set<std::string> stored, wanted;
+    for (const auto& tm : manifest.tensors()) stored.insert(tm.name());
+    for (const auto& t : snapshot->tensors) wanted.insert(t.name);
+    std::string only_stored, only_wanted;
+    for (const auto& n : stored) {
+      if (!wanted.count(n)) only_stored += " " + n;
+    }
+    for (const auto& n : wanted) {
+      if (!stored.count(n)) only_wanted += " " + n;
+    }
     return FailedPreconditionError(
         Where(step, shard) + " has " + std::to_string(manifest.tensors_size()) +
-        " tensors, the reader " + std::to_string(snapshot->tensors.size()));
+        " tensors, the reader " + std::to_string(snapshot->tensors.size()) +
+        (only_stored.empty() ? "" : "; only the checkpoint has" + only_stored) +
+        (only_wanted.empty() ? "" : "; only the reader has" + only_wanted) +
+        (stored.count("repl") != wanted.count("repl")
+             ? " (replication.enabled differs from the run that wrote it)"
+             : ""));
   }
   // The tensors, checked against the manifest, and every chunk's place.
   ChunkPlan plan;

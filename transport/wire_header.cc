@@ -64,9 +64,21 @@ Status ValidateHeader(const WireHeader& h, size_t received_header_bytes,
 }
 
 std::string DescribeHeader(const WireHeader& h) {
-  static const char* kNames[] = {
-      "?",    "forward", "backward",   "step-done", "dense-pull", "dense-push",
-      "echo", "eval",    "ckpt-fetch", "handover",  "probe"};
+  static const char* kNames[] = {"?",
+                                 "forward",
+                                 "backward",
+                                 "step-done",
+                                 "dense-pull",
+                                 "dense-push",
+                                 "echo",
+                                 "eval",
+                                 "ckpt-fetch",
+                                 "handover",
+                                 "probe",
+                                 "replica-weights",
+                                 "replica-forward",
+                                 "replica-backward",
+                                 "replica-share"};
   const char* kind = h.kind <= static_cast<uint8_t>(MessageKind::kMaxKind)
                          ? kNames[h.kind]
                          : "?";

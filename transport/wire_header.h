@@ -36,7 +36,16 @@ enum class MessageKind : uint8_t {
                          // that serves requests: alive beyond the
                          // connection (a sender whose request went
                          // unanswered asks before blaming the peer)
-  kMaxKind = 10,
+  // Hot-expert replication, primary -> the worker hosting a copy
+  // (expert_worker/replica_host.h): the shard's weights for `step`
+  // ((1, n) fp32) -> no payload; a chunk's forward x -> y and backward
+  // dy -> dx (trainer_rank: the chunk); the chunk's weight-gradient share
+  // of the step: no payload -> (1, n) fp32.
+  kReplicaWeights = 11,
+  kReplicaForward = 12,
+  kReplicaBackward = 13,
+  kReplicaShare = 14,
+  kMaxKind = 14,
 };
 
 // dtype 0 means no tensor payload (an error response carries text).

@@ -72,7 +72,7 @@ INSTANTIATE_TEST_SUITE_P(
         ErrorCase{"modle:\n  d_model: 4\n",
                   {},
                   "run.yaml:1: modle: unknown field (known here: cluster, "
-                  "model, training, checkpoint, transport)"},
+                  "model, training, checkpoint, transport, replication)"},
         ErrorCase{"model:\n  num_experts: many\n",
                   {},
                   "run.yaml:2: model.num_experts: value 'many' is not an "
@@ -115,6 +115,18 @@ INSTANTIATE_TEST_SUITE_P(
                   {},
                   "run.yaml:2: model.d_ff (100) must be divisible by "
                   "model.shards_per_expert (8)"},
+        ErrorCase{"replication:\n  hot_load: 0.5\n",
+                  {},
+                  "run.yaml:2: replication.hot_load (0.5) must be > 1 (the "
+                  "mean expert's load is 1)"},
+        ErrorCase{"replication:\n  cool_load: 3\n",
+                  {},
+                  "run.yaml:2: replication.cool_load (3) must be in (0, "
+                  "replication.hot_load]"},
+        ErrorCase{"replication:\n  max_replicas: 0\n",
+                  {},
+                  "run.yaml:2: replication.max_replicas (0) must be in [1, "
+                  "64]"},
         ErrorCase{"model:\n  activation: tanh\n",
                   {},
                   "run.yaml:2: model.activation ('tanh') must be one of: "

@@ -38,5 +38,18 @@ TEST(MetricsTest, HistogramBucketsAndText) {
   EXPECT_NE(text.find("# TYPE latency_ms histogram"), std::string::npos);
 }
 
+// Gauges of one family with labels: one TYPE line naming the family, one
+// sample per label set (Prometheus' text format).
+TEST(MetricsTest, LabelledGaugesShareOneTypeLine) {
+  MetricsRegistry registry;
+  registry.GetGauge("replicas{shard=\"L0.E1.S0\"}")->Set(3);
+  registry.GetGauge("replicas{shard=\"L0.E2.S0\"}")->Set(1);
+  const std::string text = registry.RenderText();
+  EXPECT_EQ(text,
+            "# TYPE replicas gauge\n"
+            "replicas{shard=\"L0.E1.S0\"} 3\n"
+            "replicas{shard=\"L0.E2.S0\"} 1\n");
+}
+
 }  // namespace
 }  // namespace switchyard

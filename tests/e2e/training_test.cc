@@ -148,6 +148,70 @@ TEST_F(TrainingTest, AStoppedRunResumesBitForBit) {
   EXPECT_EQ(Digests(fresh.output), want);
 }
 
+// Hot-expert replication (docs/replication.md), with a plan window of 3
+// steps and a hot_load that some experts of a top-2 router reach: shards
+// replicate (the reference logs the first plans, decided at the end of
+// step 2) and add their gradients chunk by chunk (other bits than without
+// replication); a distributed run, whose primaries send chunks to copies on
+// the other workers, stopped at step 10, inside a window, and resumed on 3
+// workers ends bit-identical to the reference: the plans and their windows'
+// counts travel with the checkpoints and live moves, and a chunk has the
+// same bits wherever it runs. So does a run whose copies keep failing.
+TEST_F(TrainingTest, HotExpertsReplicateAndMatchTheReferenceBitForBit) {
+  const std::string replicate =
+      " --set replication.enabled=true --set replication.window_steps=3"
+      " --set replication.hot_load=1.05 --set replication.cool_load=1"
+      " --set replication.max_replicas=3";
+  const auto plain =
+      RunSwitchyard("train --reference --sample-bytes 0" + Flags());
+  ASSERT_EQ(plain.exit_code, 0) << plain.output;
+  const auto reference =
+      RunSwitchyard("train --reference --sample-bytes 0" + Flags() + replicate);
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+  static const std::regex kPlanned(
+      R"(L\d\.E\d\.S0: [23] replicas from step 3 )");
+  EXPECT_TRUE(std::regex_search(reference.output, kPlanned))
+      << reference.output;
+  const auto want = Digests(reference.output);
+  ASSERT_EQ(want.size(), 18u) << reference.output;
+  EXPECT_NE(want, Digests(plain.output));
+
+  const std::string run = " --trainers 2 --run-dir " + dir_ + "/replicated" +
+                          Flags() + replicate +
+                          " --set checkpoint.every=5 --set "
+                          "cluster.heartbeat_ms=200";
+  const auto first = RunSwitchyard(
+      "up --workers 2" + run + " --set training.stop_at_step=10", 180);
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_NE(first.output.find("[trainer-0] checkpoint 10 committed"),
+            std::string::npos)
+      << first.output;
+  const auto second = RunSwitchyard("up --workers 3" + run, 180);
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_NE(second.output.find("resuming at step 10"), std::string::npos)
+      << second.output;
+  EXPECT_EQ(Digests(second.output), want) << second.output;
+  // The copies ran on the other workers, and none failed.
+  static const std::regex kCopies(
+      R"(worker-\d: [1-9]\d* chunks and [1-9]\d* gradient shares computed by )"
+      R"(copies elsewhere, 0 failures)");
+  EXPECT_TRUE(std::regex_search(second.output, kCopies)) << second.output;
+
+  // Room for one copy per worker (tiny.yaml's expert shard: 132,352 bytes
+  // in fp32): copies evict each other, so forwards, backwards and gradient
+  // shares of copies fail at every point of a step, and the primaries
+  // compute those chunks themselves: still the reference's bits.
+  const auto evicting = RunSwitchyard(
+      "up --workers 3 --trainers 2 --run-dir " + dir_ + "/evicting" + Flags() +
+          replicate + " --set replication.reserved_bytes=150000",
+      180);
+  ASSERT_EQ(evicting.exit_code, 0) << evicting.output;
+  static const std::regex kFailures(
+      R"(computed by copies elsewhere, [1-9]\d* failures)");
+  EXPECT_TRUE(std::regex_search(evicting.output, kFailures)) << evicting.output;
+  EXPECT_EQ(Digests(evicting.output), want) << evicting.output;
+}
+
 // Replicas (checkpoint.replicas=1): a run on 3 workers stopped at step 10
 // resumes bit for bit (1) after one worker's whole checkpoint store is lost,
 // from the copies on its peers, (2) after one worker's store is damaged so

@@ -138,6 +138,18 @@ TEST_F(CheckpointStoreTest, ReadsIntoCallerTensors) {
   EXPECT_EQ(wrong.code(), StatusCode::kFailedPrecondition);
   EXPECT_NE(wrong.message().find("tensor w2 does not fit"), std::string::npos)
       << wrong.message();
+  // A reader with one more tensor (a run that turned replication on after
+  // this checkpoint) is told which.
+  into.tensors[2].tensor =
+      Tensor::Zeros(s.tensors[2].tensor.dtype(), s.tensors[2].tensor.shape())
+          .value();
+  into.tensors.push_back({"repl", Tensor::Zeros(DType::kF32, {3}).value()});
+  Status more = store->ReadShardInto(3, "L0.E2.S0", &into);
+  EXPECT_EQ(more.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(more.message().find("only the reader has repl (replication."
+                                "enabled differs from the run that wrote it)"),
+            std::string::npos)
+      << more.message();
 }
 
 TEST_F(CheckpointStoreTest, WritesAndReadsManyShardsConcurrently) {

@@ -1,0 +1,215 @@
+#include "expert_worker/replica_client.h"
+
+#include <glog/logging.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "common/metrics.h"
+#include "expert_worker/replication.h"
+
+namespace switchyard::expert_worker {
+
+using transport::Message;
+using transport::MessageKind;
+
+class ReplicaClient::Pending {
+ public:
+  explicit Pending(std::string host) : host_(std::move(host)) {}
+
+  const std::string& host() const { return host_; }
+  void Done(StatusOr<Message> result) EXCLUDES(mu_) {
+    MutexLock lock(&mu_);
+    result_ = std::move(result);
+    cv_.NotifyAll();
+  }
+  // The answer, or DEADLINE_EXCEEDED after `deadline`.
+  StatusOr<Message> Await(std::chrono::steady_clock::time_point deadline)
+      EXCLUDES(mu_) {
+    MutexLock lock(&mu_);
+    while (!result_.has_value()) {
+      if (!cv_.WaitUntil(&mu_, deadline) && !result_.has_value()) {
+        return DeadlineExceededError("no answer from " + host_);
+      }
+    }
+    return std::move(*result_);
+  }
+
+ private:
+  const std::string host_;
+  Mutex mu_;
+  CondVar cv_;
+  std::optional<StatusOr<Message>> result_ GUARDED_BY(mu_);
+};
+
+namespace {
+
+Counter* Offloaded() {
+  static Counter* c = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_replica_chunks_offloaded_total");
+  return c;
+}
+
+Counter* FellBack() {
+  static Counter* c = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_replica_failures_total");
+  return c;
+}
+
+transport::WireHeader HeaderFor(MessageKind kind, const ShardId& id,
+                                uint64_t epoch, int64_t step) {
+  transport::WireHeader h;
+  h.kind = static_cast<uint8_t>(kind);
+  h.epoch = epoch;
+  h.step = step;
+  h.layer = id.layer;
+  h.expert = id.expert;
+  h.shard = id.shard;
+  return h;
+}
+
+}  // namespace
+
+ReplicaClient::ReplicaClient(const config::SwitchyardConfig& config,
+                             std::string name, transport::DataPlane* peers)
+    : name_(std::move(name)),
+      peers_(peers),
+      timeout_(config.transport().request_timeout_ms()) {}
+
+void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
+  // The other workers, the least loaded (bytes of shards the table places
+  // there) first, then by name.
+  std::vector<int64_t> bytes(routing.workers_size(), 0);
+  for (const auto& e : routing.entries()) {
+    if (e.worker() >= 0 && e.worker() < routing.workers_size()) {
+      bytes[e.worker()] += e.bytes();
+    }
+  }
+  std::vector<std::tuple<int64_t, std::string, std::string>> ranked;
+  for (int i = 0; i < routing.workers_size(); ++i) {
+    const auto& w = routing.workers(i);
+    if (w.confirmed() && w.name() != name_ && !w.data_address().empty()) {
+      ranked.emplace_back(bytes[i], w.name(), w.data_address());
+    }
+  }
+  std::sort(ranked.begin(), ranked.end());
+  MutexLock lock(&mu_);
+  epoch_ = routing.epoch();
+  hosts_.clear();
+  for (auto& [b, n, address] : ranked) hosts_.push_back(address);
+  failed_.clear();
+  weights_.clear();
+}
+
+std::string ReplicaClient::HostOf(const ShardId& id, int chunk) const {
+  const int n = static_cast<int>(hosts_.size());
+  // Chunks 1.. on distinct hosts, starting at a place that differs from
+  // shard to shard so that copies spread.
+  if (chunk < 1 || chunk > n) return "";
+  const std::string& host =
+      hosts_[static_cast<size_t>(chunk - 1 + id.layer + id.expert) % n];
+  return failed_.count(host) ? "" : host;
+}
+
+std::string ReplicaClient::Summary() const {
+  return std::to_string(chunks_.load()) + " chunks and " +
+         std::to_string(shares_.load()) +
+         " gradient shares computed by copies elsewhere, " +
+         std::to_string(failures_.load()) +
+         " failures (their chunks computed here)";
+}
+
+void ReplicaClient::Failed(const std::string& host, const Status& why) {
+  FellBack()->Increment();
+  failures_.fetch_add(1);
+  MutexLock lock(&mu_);
+  if (failed_.insert(host).second) {
+    LOG(WARNING) << name_ << ": the replica host " << host
+                 << " failed; its chunks run here until the next routing "
+                    "epoch: "
+                 << why.ToString();
+  }
+}
+
+std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Send(
+    const std::string& host, Message message) {
+  auto pending = std::make_shared<Pending>(host);
+  peers_->Send(host, std::move(message), timeout_,
+               [pending](StatusOr<Message> r) { pending->Done(std::move(r)); });
+  return pending;
+}
+
+std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
+    MessageKind kind, const ShardId& id, const ExpertParams& params,
+    uint64_t epoch, int64_t step, int32_t micro_batch, int chunk, Tensor rows) {
+  std::string host;
+  bool has_weights = false;
+  {
+    MutexLock lock(&mu_);
+    if (epoch != epoch_) return nullptr;
+    host = HostOf(id, chunk);
+    if (host.empty()) return nullptr;
+    auto it = weights_.find({host, id});
+    has_weights =
+        it != weights_.end() && it->second == std::make_pair(epoch, step);
+  }
+  if (!has_weights) {
+    if (kind != MessageKind::kReplicaForward) return nullptr;
+    auto flat = FlattenParams(params);
+    if (!flat.ok()) return nullptr;
+    auto push =
+        Send(host, transport::TensorMessage(
+                       HeaderFor(MessageKind::kReplicaWeights, id, epoch, step),
+                       std::move(flat).value()));
+    auto answer = Wait(*push);
+    if (!answer.ok()) return nullptr;
+    MutexLock lock(&mu_);
+    weights_[{host, id}] = {epoch, step};
+  }
+  transport::WireHeader h = HeaderFor(kind, id, epoch, step);
+  h.micro_batch = micro_batch;
+  h.trainer_rank = chunk;
+  Offloaded()->Increment();
+  return Send(host, transport::TensorMessage(h, std::move(rows)));
+}
+
+StatusOr<Tensor> ReplicaClient::Wait(Pending& pending) {
+  StatusOr<Message> answer =
+      pending.Await(std::chrono::steady_clock::now() + timeout_);
+  Status why = answer.status();
+  if (answer.ok() && answer->header.status_code != 0) {
+    why = Status(static_cast<StatusCode>(answer->header.status_code),
+                 answer->error_text);
+  }
+  if (!why.ok()) {
+    Failed(pending.host(), why);
+    return why;
+  }
+  const auto kind = static_cast<MessageKind>(answer->header.kind);
+  if (kind == MessageKind::kReplicaShare) {
+    shares_.fetch_add(1);
+  } else if (kind != MessageKind::kReplicaWeights) {
+    chunks_.fetch_add(1);
+  }
+  return std::move(answer->payload);
+}
+
+StatusOr<Tensor> ReplicaClient::Share(const ShardId& id, uint64_t epoch,
+                                      int64_t step, int chunk) {
+  std::string host;
+  {
+    MutexLock lock(&mu_);
+    if (epoch != epoch_) return AbortedError("another routing epoch");
+    host = HostOf(id, chunk);
+    if (host.empty()) return UnavailableError("no host for the chunk");
+  }
+  auto pending = Send(
+      host,
+      transport::TensorMessage(
+          HeaderFor(MessageKind::kReplicaShare, id, epoch, step), Tensor()));
+  return Wait(*pending);
+}
+
+}  // namespace switchyard::expert_worker

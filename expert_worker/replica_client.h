@@ -1,0 +1,91 @@
+// A primary's side of hot-expert replication (docs/replication.md): where
+// chunk c of a replicated shard runs (the workers of the routing table
+// other than this one, the least loaded first: a pure function of the
+// table), the weights each
+// copy needs for the step, and the chunk requests, sent without waiting so
+// that the primary computes its own chunk meanwhile.
+//
+// Every failure (a copy host that is gone, refuses or is late) is an
+// answer too: the caller computes that chunk itself, with the same bits,
+// and the host is not asked again in this epoch.
+//
+// Thread-safety: thread-safe; the worker's compute thread calls it (under
+// the worker's state lock: it waits only for its copies, whose hosts never
+// wait for anything, ReplicaHost).
+#ifndef SWITCHYARD_EXPERT_WORKER_REPLICA_CLIENT_H_
+#define SWITCHYARD_EXPERT_WORKER_REPLICA_CLIENT_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/ids.h"
+#include "common/mutex.h"
+#include "common/status.h"
+#include "config.pb.h"
+#include "control.pb.h"
+#include "expert_worker/expert_ffn.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::expert_worker {
+
+class ReplicaClient {
+ public:
+  // `peers` is not owned and outlives this.
+  ReplicaClient(const config::SwitchyardConfig& config, std::string name,
+                transport::DataPlane* peers);
+
+  // The workers of a new routing table (confirmed ones other than this
+  // one, by name), and a fresh start for hosts that failed.
+  void SetRouting(const control::RoutingTable& routing) EXCLUDES(mu_);
+
+  // An answer on its way: Wait() for it.
+  class Pending;
+  // Chunk `chunk` (>= 1) of `id`'s replicas: starts its forward (x ->
+  // y) or backward (dy -> dx) on the chunk's host, after sending the host
+  // the shard's weights for (epoch, step) when it does not have them yet.
+  // Null when the chunk has no host (fewer workers than replicas, a host
+  // that failed in this epoch, or a weights push that failed).
+  std::shared_ptr<Pending> Start(transport::MessageKind kind, const ShardId& id,
+                                 const ExpertParams& params, uint64_t epoch,
+                                 int64_t step, int32_t micro_batch, int chunk,
+                                 Tensor rows) EXCLUDES(mu_);
+  // The share of the weight gradient of chunk `chunk` of `id` at (epoch,
+  // step), from its host; a failure when it cannot be had.
+  StatusOr<Tensor> Share(const ShardId& id, uint64_t epoch, int64_t step,
+                         int chunk) EXCLUDES(mu_);
+  // The answer of `pending` (by the request deadline); a failure marks its
+  // host failed for the epoch.
+  StatusOr<Tensor> Wait(Pending& pending) EXCLUDES(mu_);
+
+  // "N chunks and M gradient shares computed by copies elsewhere, F
+  // failures (their chunks computed here)", since the start.
+  std::string Summary() const;
+
+ private:
+  std::string HostOf(const ShardId& id, int chunk) const REQUIRES(mu_);
+  void Failed(const std::string& host, const Status& why) EXCLUDES(mu_);
+  std::shared_ptr<Pending> Send(const std::string& host,
+                                transport::Message message) EXCLUDES(mu_);
+
+  const std::string name_;
+  transport::DataPlane* const peers_;
+  const std::chrono::milliseconds timeout_;
+  std::atomic<int64_t> chunks_{0}, shares_{0}, failures_{0};
+  mutable Mutex mu_;
+  uint64_t epoch_ GUARDED_BY(mu_) = 0;
+  std::vector<std::string> hosts_ GUARDED_BY(mu_);  // Addresses, by name.
+  std::set<std::string> failed_ GUARDED_BY(mu_);
+  // Which (host, shard) has the weights of which (epoch, step).
+  std::map<std::pair<std::string, ShardId>, std::pair<uint64_t, int64_t>>
+      weights_ GUARDED_BY(mu_);
+};
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_REPLICA_CLIENT_H_

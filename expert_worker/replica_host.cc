@@ -1,0 +1,233 @@
+#include "expert_worker/replica_host.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/metrics.h"
+#include "common/model_shape.h"
+#include "common/thread_name.h"
+#include "expert_worker/cpu/activation_kernels.h"
+#include "expert_worker/replication.h"
+
+namespace switchyard::expert_worker {
+
+using transport::Message;
+using transport::MessageKind;
+
+namespace {
+
+Counter* Chunks() {
+  static Counter* c = MetricsRegistry::Global().GetCounter(
+      "switchyard_worker_replica_chunks_served_total");
+  return c;
+}
+
+// Rows [.., ..) of `parts`, one after another, in a new tensor (one part:
+// itself).
+StatusOr<Tensor> Concat(const std::vector<const Tensor*>& parts, int64_t cols) {
+  if (parts.size() == 1) return *parts.front();
+  int64_t rows = 0;
+  for (const Tensor* p : parts) rows += p->dim(0);
+  ASSIGN_OR_RETURN(Tensor out, Tensor::Zeros(DType::kF32, {rows, cols}));
+  char* dst = static_cast<char*>(out.data());
+  for (const Tensor* p : parts) {
+    std::memcpy(dst, p->data(), p->num_bytes());
+    dst += p->num_bytes();
+  }
+  return out;
+}
+
+}  // namespace
+
+ReplicaHost::ReplicaHost(const config::SwitchyardConfig& config,
+                         std::string name, const ExpertShape& shape0,
+                         const ExpertShape& shape, Gemm* gemm)
+    : config_(config),
+      name_(std::move(name)),
+      ffn0_(shape0, gemm),
+      ffn_(shape, gemm) {}
+
+ReplicaHost::~ReplicaHost() { Shutdown(); }
+
+void ReplicaHost::Start() {
+  thread_ = StartNamedThread("sy-replicas", [this] { Loop(); });
+}
+
+void ReplicaHost::Shutdown() {
+  queue_.Close();
+  if (thread_.joinable()) thread_.join();
+  AnswerShuttingDown(queue_.Drain(), name_);
+}
+
+void ReplicaHost::Handle(Task task) {
+  std::optional<Task> refused = queue_.Push(std::move(task));
+  if (refused) AnswerShuttingDown({std::move(*refused)}, name_);
+}
+
+void ReplicaHost::Loop() {
+  SetKernelThreads(config_.training().threads());
+  while (std::optional<Task> task = queue_.Pop()) {
+    const transport::WireHeader& h = task->request.header;
+    StatusOr<Tensor> out = Serve(task->request);
+    task->reply(out.ok() ? transport::TensorResponse(h, std::move(*out))
+                         : transport::ErrorResponse(
+                               h, out.status().WithContext(
+                                      name_ + " serving " +
+                                      transport::DescribeHeader(h))));
+  }
+}
+
+StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
+  const transport::WireHeader& h = request.header;
+  const auto& m = config_.model();
+  if (h.layer < 0 || h.layer >= NumMoeLayers(m) || h.expert < 0 ||
+      h.expert >= m.num_experts() || h.shard < 0 ||
+      h.shard >= m.shards_per_expert()) {
+    return NotFoundError("no expert shard L" + std::to_string(h.layer) + ".E" +
+                         std::to_string(h.expert) + ".S" +
+                         std::to_string(h.shard) + " in this model");
+  }
+  if (!request.payload.empty() && request.payload.dtype() != DType::kF32) {
+    return InvalidArgumentError(
+        "replica payloads are fp32, not " +
+        std::string(DTypeName(request.payload.dtype())));
+  }
+  const ShardId id = ShardId::Expert(h.layer, h.expert, h.shard);
+  const auto kind = static_cast<MessageKind>(h.kind);
+  if (kind == MessageKind::kReplicaWeights) return Weights(request, id);
+  ASSIGN_OR_RETURN(Copy * copy, Current(h, id));
+  const ExpertFfn& f = ffn(h.shard);
+  const int64_t d = f.shape().d_model, ff = f.shape().d_ff_shard;
+  const int64_t gf = f.shape().gates() * ff;
+  if (kind == MessageKind::kReplicaShare) {
+    std::vector<const Tensor*> xs, as, dhs, dys;
+    for (const auto& [mb, c] : copy->contributions) {
+      xs.push_back(&c.x);
+      as.push_back(&c.a);
+      dhs.push_back(&c.dh);
+      dys.push_back(&c.dy);
+    }
+    if (xs.empty()) return Tensor();
+    ASSIGN_OR_RETURN(Tensor x, Concat(xs, d));
+    ASSIGN_OR_RETURN(Tensor a, Concat(as, ff));
+    ASSIGN_OR_RETURN(Tensor dh, Concat(dhs, gf));
+    ASSIGN_OR_RETURN(Tensor dy, Concat(dys, d));
+    ASSIGN_OR_RETURN(ExpertParams share, ExpertParams::Zeros(f.shape()));
+    RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &share));
+    copy->contributions.clear();
+    return FlattenParams(share);
+  }
+  const Tensor& in = request.payload;
+  if (in.empty() || in.shape().size() != 2 || in.dim(1) != d ||
+      in.dim(0) == 0) {
+    return InvalidArgumentError("a replica chunk is (T > 0, " +
+                                std::to_string(d) + "), not " +
+                                (in.empty() ? "<none>" : in.DebugString()));
+  }
+  const int64_t rows = in.dim(0);
+  if (kind == MessageKind::kReplicaForward) {
+    if (copy->activations.count(h.micro_batch) ||
+        copy->contributions.count(h.micro_batch)) {
+      return AlreadyExistsError("this chunk's forward came before");
+    }
+    ASSIGN_OR_RETURN(Tensor hid, Tensor::Zeros(DType::kF32, {rows, gf}));
+    ASSIGN_OR_RETURN(Tensor y, Tensor::Zeros(DType::kF32, {rows, d}));
+    RETURN_IF_ERROR(f.Forward(copy->params, in, nullptr, &hid, &y));
+    copy->activations[h.micro_batch] = {in, std::move(hid)};
+    Chunks()->Increment();
+    return y;
+  }
+  if (kind != MessageKind::kReplicaBackward) {
+    return InvalidArgumentError("not a replica request");
+  }
+  auto it = copy->activations.find(h.micro_batch);
+  if (it == copy->activations.end()) {
+    return FailedPreconditionError("a backward without its forward");
+  }
+  const auto& [x, hid] = it->second;
+  if (x.dim(0) != rows) {
+    return InvalidArgumentError("the backward has " + std::to_string(rows) +
+                                " rows, its forward " +
+                                std::to_string(x.dim(0)));
+  }
+  Copy::Inputs c{x, Tensor(), Tensor(), in};
+  ASSIGN_OR_RETURN(c.dh, Tensor::Zeros(DType::kF32, {rows, gf}));
+  ASSIGN_OR_RETURN(c.a, Tensor::Zeros(DType::kF32, {rows, ff}));
+  ASSIGN_OR_RETURN(Tensor dx, Tensor::Zeros(DType::kF32, {rows, d}));
+  RETURN_IF_ERROR(
+      f.BackwardInput(copy->params, hid, in, nullptr, &c.dh, &c.a, &dx));
+  copy->contributions[h.micro_batch] = std::move(c);
+  copy->activations.erase(it);
+  Chunks()->Increment();
+  return dx;
+}
+
+StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
+                                      const ShardId& id) {
+  const transport::WireHeader& h = request.header;
+  const ExpertFfn& f = ffn(id.shard);
+  auto found = copies_.find(id);
+  if (found == copies_.end()) {
+    ASSIGN_OR_RETURN(ExpertParams params, ExpertParams::Zeros(f.shape()));
+    if (f.shape().compute_dtype == DType::kBF16) {
+      RETURN_IF_ERROR(params.MakeBf16Storage());
+    }
+    int64_t bytes = 0;
+    for (const Tensor* t : {&params.w1, &params.b1, &params.w2, &params.b2,
+                            &params.w1_bf16, &params.w2_bf16}) {
+      bytes += t->empty() ? 0 : static_cast<int64_t>(t->num_bytes());
+    }
+    // Room within the reservation: the least recently used copies go.
+    const int64_t reserved = config_.replication().reserved_bytes();
+    while (!recent_.empty() && bytes_.load() + bytes > reserved) {
+      auto old = copies_.find(recent_.front());
+      bytes_ -= old->second.bytes;
+      copies_.erase(old);
+      recent_.pop_front();
+    }
+    if (bytes_.load() + bytes > reserved) {
+      return ResourceExhaustedError(
+          "a copy of " + id.ToString() + " needs " + std::to_string(bytes) +
+          " bytes; replication.reserved_bytes is " + std::to_string(reserved));
+    }
+    found = copies_.emplace(id, Copy()).first;
+    found->second.params = std::move(params);
+    found->second.bytes = bytes;
+    bytes_ += bytes;
+  }
+  Copy& copy = found->second;
+  recent_.remove(id);
+  recent_.push_back(id);
+  // Invalid until the new weights are in.
+  copy.step = -1;
+  copy.activations.clear();
+  copy.contributions.clear();
+  RETURN_IF_ERROR(UnflattenParams(request.payload, &copy.params));
+  if (f.shape().compute_dtype == DType::kBF16) {
+    RETURN_IF_ERROR(copy.params.RefreshBf16());
+  }
+  copy.epoch = h.epoch;
+  copy.step = h.step;
+  return Tensor();
+}
+
+StatusOr<ReplicaHost::Copy*> ReplicaHost::Current(
+    const transport::WireHeader& h, const ShardId& id) {
+  auto found = copies_.find(id);
+  if (found == copies_.end()) {
+    return FailedPreconditionError("no copy of " + id.ToString() + " here");
+  }
+  Copy& copy = found->second;
+  if (copy.epoch != h.epoch || copy.step != h.step) {
+    return FailedPreconditionError("the copy of " + id.ToString() +
+                                   " has the weights of step " +
+                                   std::to_string(copy.step) + " (epoch " +
+                                   std::to_string(copy.epoch) + ")");
+  }
+  recent_.remove(id);
+  recent_.push_back(id);
+  return &copy;
+}
+
+}  // namespace switchyard::expert_worker

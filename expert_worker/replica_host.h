@@ -1,0 +1,98 @@
+// A worker's copies of other workers' hot expert shards
+// (docs/replication.md). The primary of a replicated shard sends, for a
+// step, over the data plane:
+//   replica-weights: the shard's parameters for that step ((1, n) fp32:
+//     FlattenParams), which replace the copy's and drop what it kept;
+//   replica-forward (micro-batch; trainer_rank: the chunk): x (T, d) -> y,
+//     the activations kept;
+//   replica-backward: dy (T, d) -> dx, the weight-gradient inputs kept;
+//   replica-share: no payload -> the chunk's share of the weight gradient,
+//     one GEMM over its rows of every micro-batch in micro-batch order
+//     ((1, n) as the weights; no payload when it had none).
+// The copy computes with the primary's code (ExpertFfn) on the primary's
+// weights, so a chunk has the same bits wherever it runs.
+//
+// Copies live within replication.reserved_bytes; a new one evicts the
+// least recently used (the primary computes an evicted copy's chunks
+// itself). Requests are served on a thread of their own, never on the
+// compute thread or under the worker's state lock: a primary waiting for
+// its copies never waits on another primary's compute thread, so two
+// primaries replicating onto each other cannot deadlock.
+//
+// Thread-safety: Handle() is thread-safe and never blocks.
+#ifndef SWITCHYARD_EXPERT_WORKER_REPLICA_HOST_H_
+#define SWITCHYARD_EXPERT_WORKER_REPLICA_HOST_H_
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "common/ids.h"
+#include "common/status.h"
+#include "common/work_queue.h"
+#include "config.pb.h"
+#include "expert_worker/expert_ffn.h"
+#include "expert_worker/gemm.h"
+#include "expert_worker/worker_task.h"
+#include "transport/data_plane.h"
+
+namespace switchyard::expert_worker {
+
+class ReplicaHost {
+ public:
+  // `gemm` is not owned and outlives this (its products run on this
+  // host's thread and the worker's compute thread at once: the CPU GEMM
+  // holds no state between calls).
+  ReplicaHost(const config::SwitchyardConfig& config, std::string name,
+              const ExpertShape& shape0, const ExpertShape& shape, Gemm* gemm);
+  ~ReplicaHost();
+  ReplicaHost(const ReplicaHost&) = delete;
+  ReplicaHost& operator=(const ReplicaHost&) = delete;
+
+  void Start();
+  // Answers what is queued, then stops. Idempotent.
+  void Shutdown();
+  // Queues one replica request.
+  void Handle(Task task);
+
+  // Bytes the copies hold (tests).
+  int64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+
+ private:
+  struct Copy {
+    ExpertParams params;
+    uint64_t epoch = 0;
+    int64_t step = -1;
+    int64_t bytes = 0;
+    std::map<int32_t, std::pair<Tensor, Tensor>> activations;  // x, h by mb.
+    struct Inputs {
+      Tensor x, a, dh, dy;
+    };
+    std::map<int32_t, Inputs> contributions;  // By micro-batch.
+  };
+
+  void Loop();
+  StatusOr<Tensor> Serve(const transport::Message& request);
+  StatusOr<Tensor> Weights(const transport::Message& request,
+                           const ShardId& id);
+  StatusOr<Copy*> Current(const transport::WireHeader& h, const ShardId& id);
+  const ExpertFfn& ffn(int shard) const { return shard == 0 ? ffn0_ : ffn_; }
+
+  const config::SwitchyardConfig& config_;
+  const std::string name_;
+  const ExpertFfn ffn0_, ffn_;
+  WorkQueue<Task> queue_;
+  std::thread thread_;
+  // Only the host's thread touches the copies.
+  std::map<ShardId, Copy> copies_;
+  std::list<ShardId> recent_;  // Least recently used first.
+  std::atomic<int64_t> bytes_{0};
+};
+
+}  // namespace switchyard::expert_worker
+
+#endif  // SWITCHYARD_EXPERT_WORKER_REPLICA_HOST_H_

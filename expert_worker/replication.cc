@@ -1,0 +1,122 @@
+#include "expert_worker/replication.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace switchyard::expert_worker {
+
+namespace {
+
+constexpr int kMaxReplicas = 64;  // config.cc's bound on max_replicas.
+constexpr double kTokensRadix = 16777216.0;  // 2^24
+
+}  // namespace
+
+double MeanExpertTokensPerStep(const config::SwitchyardConfig& config) {
+  const auto& m = config.model();
+  const double tokens = static_cast<double>(config.cluster().trainers()) *
+                        config.training().batch_size() * m.seq_len() *
+                        m.top_k();
+  return m.num_experts() > 0 ? tokens / m.num_experts() : 0;
+}
+
+int PlanReplicas(const config::ReplicationConfig& replication, int current,
+                 int64_t tokens, double mean_tokens) {
+  if (mean_tokens <= 0 || replication.max_replicas() <= 1) return 1;
+  const double load = static_cast<double>(tokens) / mean_tokens;
+  const bool hot = load >= replication.hot_load() ||
+                   (current > 1 && load >= replication.cool_load());
+  if (!hot) return 1;
+  const double wanted = std::ceil(load);
+  return static_cast<int>(
+      std::clamp(wanted, 2.0, static_cast<double>(replication.max_replicas())));
+}
+
+RowRange ChunkRows(int64_t rows, int chunks, int c) {
+  return {rows * c / chunks, rows * (c + 1) / chunks};
+}
+
+StatusOr<Tensor> NewReplicationTensor() {
+  ASSIGN_OR_RETURN(Tensor repl, Tensor::Zeros(DType::kF32, {3}));
+  WriteReplication({}, &repl);
+  return repl;
+}
+
+StatusOr<ReplicationState> ReadReplication(const Tensor& repl,
+                                           const std::string& shard) {
+  const auto corrupt = [&](const std::string& why) {
+    return DataLossError(shard + "'s replication plan (tensor repl) " + why);
+  };
+  if (repl.dtype() != DType::kF32 || repl.shape() != std::vector<int64_t>{3}) {
+    return corrupt("is " + repl.DebugString() + ", not fp32 [3]");
+  }
+  const float* v = repl.f32();
+  const auto integral = [](float x, double below) {
+    return std::isfinite(x) && x >= 0 && x < below && x == std::floor(x);
+  };
+  if (!integral(v[0], kMaxReplicas + 1) || v[0] < 1) {
+    return corrupt("has " + std::to_string(v[0]) +
+                   " replicas; a plan has 1 to 64");
+  }
+  if (!integral(v[1], kTokensRadix) || !integral(v[2], kTokensRadix)) {
+    return corrupt("holds no token count (" + std::to_string(v[1]) + ", " +
+                   std::to_string(v[2]) + ")");
+  }
+  ReplicationState state;
+  state.replicas = static_cast<int>(v[0]);
+  state.window_tokens = static_cast<int64_t>(v[1]) * (int64_t{1} << 24) +
+                        static_cast<int64_t>(v[2]);
+  return state;
+}
+
+void WriteReplication(const ReplicationState& state, Tensor* repl) {
+  float* v = repl->f32();
+  v[0] = static_cast<float>(state.replicas);
+  v[1] = static_cast<float>(state.window_tokens >> 24);
+  v[2] = static_cast<float>(state.window_tokens & ((int64_t{1} << 24) - 1));
+}
+
+namespace {
+
+std::vector<Tensor*> Parts(ExpertParams* p) {
+  std::vector<Tensor*> parts;
+  for (Tensor* t : {&p->w1, &p->b1, &p->w2, &p->b2}) {
+    if (!t->empty()) parts.push_back(t);
+  }
+  return parts;
+}
+
+}  // namespace
+
+StatusOr<Tensor> FlattenParams(const ExpertParams& params) {
+  ExpertParams& p = const_cast<ExpertParams&>(params);  // Read only.
+  int64_t n = 0;
+  for (const Tensor* t : Parts(&p)) n += t->num_elements();
+  ASSIGN_OR_RETURN(Tensor flat, Tensor::Zeros(DType::kF32, {1, n}));
+  char* dst = static_cast<char*>(flat.data());
+  for (const Tensor* t : Parts(&p)) {
+    std::memcpy(dst, t->data(), t->num_bytes());
+    dst += t->num_bytes();
+  }
+  return flat;
+}
+
+Status UnflattenParams(const Tensor& flat, ExpertParams* params) {
+  int64_t n = 0;
+  for (const Tensor* t : Parts(params)) n += t->num_elements();
+  if (flat.empty() || flat.dtype() != DType::kF32 || flat.num_elements() != n) {
+    return InvalidArgumentError("expert parameters of " + std::to_string(n) +
+                                " fp32 values, not " +
+                                (flat.empty() ? "<none>" : flat.DebugString()));
+  }
+  const char* src = static_cast<const char*>(flat.data());
+  for (Tensor* t : Parts(params)) {
+    std::memcpy(t->data(), src, t->num_bytes());
+    src += t->num_bytes();
+  }
+  return OkStatus();
+}
+
+}  // namespace switchyard::expert_worker

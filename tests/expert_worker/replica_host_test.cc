@@ -1,0 +1,230 @@
+// ReplicaHost: a copy computes a chunk's forward, backward and gradient
+// share with the bits the primary gets for it, and refuses what does not
+// fit (no weights, other weights, a backward without its forward, a
+// repeated forward, unknown shards, other dtypes, more copies than
+// replication.reserved_bytes holds).
+#include "expert_worker/replica_host.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <future>
+#include <random>
+
+#include "expert_worker/expert_init.h"
+#include "expert_worker/replication.h"
+
+namespace switchyard::expert_worker {
+namespace {
+
+using transport::Message;
+using transport::MessageKind;
+
+config::SwitchyardConfig Config() {
+  config::SwitchyardConfig c;
+  auto* m = c.mutable_model();
+  m->set_num_layers(2);
+  m->set_moe_every(2);
+  m->set_d_model(16);
+  m->set_d_ff(32);
+  m->set_num_heads(2);
+  m->set_num_experts(4);
+  c.mutable_training()->set_threads(1);
+  c.mutable_replication()->set_enabled(true);
+  return c;
+}
+
+Tensor Random(int64_t rows, int64_t cols, uint32_t seed) {
+  Tensor t = Tensor::Zeros(DType::kF32, {rows, cols}).value();
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0, 0.5f);
+  for (int64_t i = 0; i < t.num_elements(); ++i) t.f32()[i] = normal(gen);
+  return t;
+}
+
+class ReplicaHostTest : public ::testing::Test {
+ protected:
+  ReplicaHostTest()
+      : config_(Config()),
+        shape0_(ExpertShardShape(config_, 0).value()),
+        gemm_(NewCpuGemm(1)),
+        ffn_(shape0_, gemm_.get()) {}
+
+  void SetUp() override { StartHost(); }
+
+  void StartHost() {
+    host_ = std::make_unique<ReplicaHost>(config_, "worker-9", shape0_, shape0_,
+                                          gemm_.get());
+    host_->Start();
+  }
+
+  // The host's answer to one request.
+  StatusOr<Tensor> Ask(MessageKind kind, int64_t step, int32_t mb,
+                       Tensor payload, int expert = 1, uint64_t epoch = 4) {
+    transport::WireHeader h;
+    h.kind = static_cast<uint8_t>(kind);
+    h.epoch = epoch;
+    h.step = step;
+    h.micro_batch = mb;
+    h.layer = 0;
+    h.expert = expert;
+    h.shard = 0;
+    h.trainer_rank = 1;
+    std::promise<Message> answer;
+    host_->Handle({transport::TensorMessage(h, std::move(payload)),
+                   [&](Message m) { answer.set_value(std::move(m)); }});
+    Message m = answer.get_future().get();
+    if (m.header.status_code != 0) {
+      return Status(static_cast<StatusCode>(m.header.status_code),
+                    m.error_text);
+    }
+    return std::move(m.payload);
+  }
+
+  ExpertParams Params(uint32_t seed) {
+    ExpertParams p = ExpertParams::Zeros(shape0_).value();
+    for (Tensor* t : {&p.w1, &p.b1, &p.w2, &p.b2}) {
+      Tensor r = Random(1, t->num_elements(), seed++);
+      std::memcpy(t->data(), r.data(), t->num_bytes());
+    }
+    return p;
+  }
+
+  config::SwitchyardConfig config_;
+  ExpertShape shape0_;
+  std::unique_ptr<Gemm> gemm_;
+  ExpertFfn ffn_;
+  std::unique_ptr<ReplicaHost> host_;
+};
+
+TEST_F(ReplicaHostTest, AChunkHasThePrimarysBits) {
+  const ExpertParams p = Params(7);
+  const int64_t d = shape0_.d_model, f = shape0_.d_ff_shard;
+  ASSERT_TRUE(
+      Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
+  // Two micro-batches of a chunk, as the primary would compute them.
+  ExpertParams want = ExpertParams::Zeros(shape0_).value();
+  std::vector<Tensor> xs, as, dhs, dys;
+  for (int mb = 0; mb < 2; ++mb) {
+    const int64_t rows = 5 + mb;
+    Tensor x = Random(rows, d, 100 + mb), dy = Random(rows, d, 200 + mb);
+    Tensor h = Tensor::Zeros(DType::kF32, {rows, f}).value();
+    Tensor y = Tensor::Zeros(DType::kF32, {rows, d}).value();
+    ASSERT_TRUE(ffn_.Forward(p, x, &h, &y).ok());
+    auto got_y = Ask(MessageKind::kReplicaForward, 3, mb, x.Clone());
+    ASSERT_TRUE(got_y.ok()) << got_y.status().ToString();
+    ASSERT_EQ(got_y->num_bytes(), y.num_bytes());
+    EXPECT_EQ(std::memcmp(got_y->data(), y.data(), y.num_bytes()), 0);
+    Tensor dh = Tensor::Zeros(DType::kF32, {rows, f}).value();
+    Tensor a = Tensor::Zeros(DType::kF32, {rows, f}).value();
+    Tensor dx = Tensor::Zeros(DType::kF32, {rows, d}).value();
+    ASSERT_TRUE(ffn_.BackwardInput(p, h, dy, &dh, &a, &dx).ok());
+    auto got_dx = Ask(MessageKind::kReplicaBackward, 3, mb, dy.Clone());
+    ASSERT_TRUE(got_dx.ok()) << got_dx.status().ToString();
+    EXPECT_EQ(std::memcmp(got_dx->data(), dx.data(), dx.num_bytes()), 0);
+    xs.push_back(x);
+    as.push_back(a);
+    dhs.push_back(dh);
+    dys.push_back(dy);
+  }
+  // The share: one GEMM over both micro-batches' rows, in order.
+  const auto cat = [](const std::vector<Tensor>& parts) {
+    int64_t rows = 0;
+    for (const Tensor& t : parts) rows += t.dim(0);
+    Tensor out = Tensor::Zeros(DType::kF32, {rows, parts[0].dim(1)}).value();
+    char* dst = static_cast<char*>(out.data());
+    for (const Tensor& t : parts) {
+      std::memcpy(dst, t.data(), t.num_bytes());
+      dst += t.num_bytes();
+    }
+    return out;
+  };
+  ASSERT_TRUE(
+      ffn_.ComputeGrads(cat(xs), cat(as), cat(dhs), cat(dys), &want).ok());
+  auto share = Ask(MessageKind::kReplicaShare, 3, 0, Tensor());
+  ASSERT_TRUE(share.ok()) << share.status().ToString();
+  const Tensor flat = FlattenParams(want).value();
+  ASSERT_EQ(share->num_bytes(), flat.num_bytes());
+  EXPECT_EQ(std::memcmp(share->data(), flat.data(), flat.num_bytes()), 0);
+  // Taken: a second ask has nothing.
+  auto again = Ask(MessageKind::kReplicaShare, 3, 0, Tensor());
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->empty());
+}
+
+TEST_F(ReplicaHostTest, RefusesWhatDoesNotFitAndKeepsServing) {
+  const int64_t d = shape0_.d_model;
+  const auto code = [](const StatusOr<Tensor>& r) { return r.status().code(); };
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1))),
+            StatusCode::kFailedPrecondition)
+      << "no weights yet";
+  ASSERT_TRUE(
+      Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(Params(1)).value())
+          .ok());
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 4, 0, Random(2, d, 1))),
+            StatusCode::kFailedPrecondition)
+      << "the weights of another step";
+  EXPECT_EQ(
+      code(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1), 1, 5)),
+      StatusCode::kFailedPrecondition)
+      << "another epoch";
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaBackward, 3, 0, Random(2, d, 1))),
+            StatusCode::kFailedPrecondition)
+      << "a backward without its forward";
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d + 1, 1))),
+            StatusCode::kInvalidArgument)
+      << "rows of another width";
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 3, 0,
+                     Tensor::Zeros(DType::kBF16, {2, d}).value())),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1), 9)),
+            StatusCode::kNotFound)
+      << "no expert 9";
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaWeights, 3, 0, Random(1, 5, 1))),
+            StatusCode::kInvalidArgument)
+      << "weights of another size";
+  // The copy is still there and serves, once.
+  ASSERT_TRUE(
+      Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(Params(1)).value())
+          .ok());
+  EXPECT_TRUE(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1)).ok());
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1))),
+            StatusCode::kAlreadyExists);
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaBackward, 3, 0, Random(3, d, 1))),
+            StatusCode::kInvalidArgument)
+      << "more rows than its forward";
+}
+
+TEST_F(ReplicaHostTest, CopiesLiveWithinTheReservedBytes) {
+  const int64_t d = shape0_.d_model;
+  // Room for one copy: the second evicts the first.
+  const int64_t one = FlattenParams(Params(1)).value().num_bytes();
+  config_.mutable_replication()->set_reserved_bytes(one + one / 2);
+  host_->Shutdown();
+  StartHost();
+  ASSERT_TRUE(Ask(MessageKind::kReplicaWeights, 3, 0,
+                  FlattenParams(Params(1)).value(), 1)
+                  .ok());
+  ASSERT_TRUE(Ask(MessageKind::kReplicaWeights, 3, 0,
+                  FlattenParams(Params(2)).value(), 2)
+                  .ok());
+  EXPECT_EQ(host_->bytes(), one);
+  EXPECT_EQ(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1), 1)
+                .status()
+                .code(),
+            StatusCode::kFailedPrecondition)
+      << "evicted";
+  EXPECT_TRUE(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1), 2).ok());
+  // No room at all.
+  config_.mutable_replication()->set_reserved_bytes(one / 2);
+  host_->Shutdown();
+  StartHost();
+  EXPECT_EQ(Ask(MessageKind::kReplicaWeights, 3, 0,
+                FlattenParams(Params(1)).value(), 1)
+                .status()
+                .code(),
+            StatusCode::kResourceExhausted);
+}
+
+}  // namespace
+}  // namespace switchyard::expert_worker
