@@ -76,7 +76,8 @@ ReplicaClient::ReplicaClient(const config::SwitchyardConfig& config,
                              std::string name, transport::DataPlane* peers)
     : name_(std::move(name)),
       peers_(peers),
-      timeout_(config.transport().request_timeout_ms()) {}
+      timeout_(config.transport().request_timeout_ms()),
+      pool_(BufferPool::Create(size_t{256} << 20)) {}
 
 void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
   // The other workers, the least loaded (bytes of shards the table places
@@ -157,7 +158,7 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
   }
   if (!has_weights) {
     if (kind != MessageKind::kReplicaForward) return nullptr;
-    auto flat = FlattenParams(params);
+    auto flat = FlattenParams(params, pool_.get());
     if (!flat.ok()) return nullptr;
     auto push =
         Send(host, transport::TensorMessage(

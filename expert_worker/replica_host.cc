@@ -23,13 +23,14 @@ Counter* Chunks() {
   return c;
 }
 
-// Rows [.., ..) of `parts`, one after another, in a new tensor (one part:
-// itself).
-StatusOr<Tensor> Concat(const std::vector<const Tensor*>& parts, int64_t cols) {
+// The rows of `parts`, one after another, in a buffer from `pool` (one
+// part: itself).
+StatusOr<Tensor> Concat(BufferPool& pool,
+                        const std::vector<const Tensor*>& parts, int64_t cols) {
   if (parts.size() == 1) return *parts.front();
   int64_t rows = 0;
   for (const Tensor* p : parts) rows += p->dim(0);
-  ASSIGN_OR_RETURN(Tensor out, Tensor::Zeros(DType::kF32, {rows, cols}));
+  ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {rows, cols}));
   char* dst = static_cast<char*>(out.data());
   for (const Tensor* p : parts) {
     std::memcpy(dst, p->data(), p->num_bytes());
@@ -46,7 +47,8 @@ ReplicaHost::ReplicaHost(const config::SwitchyardConfig& config,
     : config_(config),
       name_(std::move(name)),
       ffn0_(shape0, gemm),
-      ffn_(shape, gemm) {}
+      ffn_(shape, gemm),
+      pool_(BufferPool::Create(size_t{256} << 20)) {}
 
 ReplicaHost::~ReplicaHost() { Shutdown(); }
 
@@ -109,14 +111,14 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
       dys.push_back(&c.dy);
     }
     if (xs.empty()) return Tensor();
-    ASSIGN_OR_RETURN(Tensor x, Concat(xs, d));
-    ASSIGN_OR_RETURN(Tensor a, Concat(as, ff));
-    ASSIGN_OR_RETURN(Tensor dh, Concat(dhs, gf));
-    ASSIGN_OR_RETURN(Tensor dy, Concat(dys, d));
-    ASSIGN_OR_RETURN(ExpertParams share, ExpertParams::Zeros(f.shape()));
+    ASSIGN_OR_RETURN(Tensor x, Concat(*pool_, xs, d));
+    ASSIGN_OR_RETURN(Tensor a, Concat(*pool_, as, ff));
+    ASSIGN_OR_RETURN(Tensor dh, Concat(*pool_, dhs, gf));
+    ASSIGN_OR_RETURN(Tensor dy, Concat(*pool_, dys, d));
+    ExpertParams& share = copy->share;
     RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &share));
     copy->contributions.clear();
-    return FlattenParams(share);
+    return FlattenParams(share, pool_.get());
   }
   const Tensor& in = request.payload;
   if (in.empty() || in.shape().size() != 2 || in.dim(1) != d ||
@@ -131,8 +133,8 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
         copy->contributions.count(h.micro_batch)) {
       return AlreadyExistsError("this chunk's forward came before");
     }
-    ASSIGN_OR_RETURN(Tensor hid, Tensor::Zeros(DType::kF32, {rows, gf}));
-    ASSIGN_OR_RETURN(Tensor y, Tensor::Zeros(DType::kF32, {rows, d}));
+    ASSIGN_OR_RETURN(Tensor hid, pool_->Take(DType::kF32, {rows, gf}));
+    ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {rows, d}));
     RETURN_IF_ERROR(f.Forward(copy->params, in, nullptr, &hid, &y));
     copy->activations[h.micro_batch] = {in, std::move(hid)};
     Chunks()->Increment();
@@ -152,9 +154,9 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
                                 std::to_string(x.dim(0)));
   }
   Copy::Inputs c{x, Tensor(), Tensor(), in};
-  ASSIGN_OR_RETURN(c.dh, Tensor::Zeros(DType::kF32, {rows, gf}));
-  ASSIGN_OR_RETURN(c.a, Tensor::Zeros(DType::kF32, {rows, ff}));
-  ASSIGN_OR_RETURN(Tensor dx, Tensor::Zeros(DType::kF32, {rows, d}));
+  ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, {rows, gf}));
+  ASSIGN_OR_RETURN(c.a, pool_->Take(DType::kF32, {rows, ff}));
+  ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, {rows, d}));
   RETURN_IF_ERROR(
       f.BackwardInput(copy->params, hid, in, nullptr, &c.dh, &c.a, &dx));
   copy->contributions[h.micro_batch] = std::move(c);
@@ -173,9 +175,12 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
     if (f.shape().compute_dtype == DType::kBF16) {
       RETURN_IF_ERROR(params.MakeBf16Storage());
     }
+    // Its weights and a gradient share's buffers.
+    ASSIGN_OR_RETURN(ExpertParams share, ExpertParams::Zeros(f.shape()));
     int64_t bytes = 0;
-    for (const Tensor* t : {&params.w1, &params.b1, &params.w2, &params.b2,
-                            &params.w1_bf16, &params.w2_bf16}) {
+    for (const Tensor* t :
+         {&params.w1, &params.b1, &params.w2, &params.b2, &params.w1_bf16,
+          &params.w2_bf16, &share.w1, &share.b1, &share.w2, &share.b2}) {
       bytes += t->empty() ? 0 : static_cast<int64_t>(t->num_bytes());
     }
     // Room within the reservation: the least recently used copies go.
@@ -193,6 +198,7 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
     }
     found = copies_.emplace(id, Copy()).first;
     found->second.params = std::move(params);
+    found->second.share = std::move(share);
     found->second.bytes = bytes;
     bytes_ += bytes;
   }

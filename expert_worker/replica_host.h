@@ -31,6 +31,7 @@
 #include <thread>
 #include <utility>
 
+#include "common/buffer_pool.h"
 #include "common/ids.h"
 #include "common/status.h"
 #include "common/work_queue.h"
@@ -73,6 +74,7 @@ class ReplicaHost {
       Tensor x, a, dh, dy;
     };
     std::map<int32_t, Inputs> contributions;  // By micro-batch.
+    ExpertParams share;  // The share's buffers, kept between steps.
   };
 
   void Loop();
@@ -85,6 +87,8 @@ class ReplicaHost {
   const config::SwitchyardConfig& config_;
   const std::string name_;
   const ExpertFfn ffn0_, ffn_;
+  // Every buffer a chunk needs (fresh memory costs a page fault per 4 KiB).
+  const std::shared_ptr<BufferPool> pool_;
   WorkQueue<Task> queue_;
   std::thread thread_;
   // Only the host's thread touches the copies.

@@ -90,11 +90,13 @@ std::vector<Tensor*> Parts(ExpertParams* p) {
 
 }  // namespace
 
-StatusOr<Tensor> FlattenParams(const ExpertParams& params) {
+StatusOr<Tensor> FlattenParams(const ExpertParams& params, BufferPool* pool) {
   ExpertParams& p = const_cast<ExpertParams&>(params);  // Read only.
   int64_t n = 0;
   for (const Tensor* t : Parts(&p)) n += t->num_elements();
-  ASSIGN_OR_RETURN(Tensor flat, Tensor::Zeros(DType::kF32, {1, n}));
+  ASSIGN_OR_RETURN(Tensor flat, pool != nullptr
+                                    ? pool->Take(DType::kF32, {1, n})
+                                    : Tensor::Zeros(DType::kF32, {1, n}));
   char* dst = static_cast<char*>(flat.data());
   for (const Tensor* t : Parts(&p)) {
     std::memcpy(dst, t->data(), t->num_bytes());

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/buffer_pool.h"
 #include "common/status.h"
 #include "common/tensor.h"
 #include "config.pb.h"
@@ -61,8 +62,10 @@ void WriteReplication(const ReplicationState& state, Tensor* repl);
 
 // An expert shard's fp32 tensors (or their gradients) as one (1, n) fp32
 // tensor, w1, b1, w2, b2 (those it has) one after another: what a primary
-// sends its copies, and a copy its gradient share.
-StatusOr<Tensor> FlattenParams(const ExpertParams& params);
+// sends its copies, and a copy its gradient share. In a buffer from `pool`
+// when given (fresh memory costs a page fault per 4 KiB).
+StatusOr<Tensor> FlattenParams(const ExpertParams& params,
+                               BufferPool* pool = nullptr);
 // Back into `params`' tensors (allocated, shaped as the sender's);
 // INVALID_ARGUMENT when the sizes differ.
 Status UnflattenParams(const Tensor& flat, ExpertParams* params);

@@ -198,12 +198,13 @@ TEST_F(TrainingTest, HotExpertsReplicateAndMatchTheReferenceBitForBit) {
   EXPECT_TRUE(std::regex_search(second.output, kCopies)) << second.output;
 
   // Room for one copy per worker (tiny.yaml's expert shard: 132,352 bytes
-  // in fp32): copies evict each other, so forwards, backwards and gradient
-  // shares of copies fail at every point of a step, and the primaries
-  // compute those chunks themselves: still the reference's bits.
+  // in fp32, twice with its gradient share's buffers): copies evict each other,
+  // so forwards, backwards and gradient shares of copies fail at every point of
+  // a step, and the primaries compute those chunks themselves: still the
+  // reference's bits.
   const auto evicting = RunSwitchyard(
       "up --workers 3 --trainers 2 --run-dir " + dir_ + "/evicting" + Flags() +
-          replicate + " --set replication.reserved_bytes=150000",
+          replicate + " --set replication.reserved_bytes=300000",
       180);
   ASSERT_EQ(evicting.exit_code, 0) << evicting.output;
   static const std::regex kFailures(

@@ -197,8 +197,9 @@ TEST_F(ReplicaHostTest, RefusesWhatDoesNotFitAndKeepsServing) {
 
 TEST_F(ReplicaHostTest, CopiesLiveWithinTheReservedBytes) {
   const int64_t d = shape0_.d_model;
-  // Room for one copy: the second evicts the first.
-  const int64_t one = FlattenParams(Params(1)).value().num_bytes();
+  // Room for one copy (its fp32 weights and its share's buffers): the
+  // second evicts the first.
+  const int64_t one = 2 * FlattenParams(Params(1)).value().num_bytes();
   config_.mutable_replication()->set_reserved_bytes(one + one / 2);
   host_->Shutdown();
   StartHost();
