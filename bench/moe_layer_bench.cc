@@ -185,12 +185,15 @@ int RunWorker(const std::string& dir, int index) {
     std::vector<double> ms;
     for (size_t i = 0; i < to.size(); ++i)
       ms.push_back((to[i] - from[i]) / steps);
-    // busy = gemm + activation + optimizer + the rest of serving.
+    // busy = gemm + activation + optimizer + the rest of serving (with
+    // replication, GEMM and activation also count the chunks computed for
+    // the other worker on the copies' own thread, outside busy).
     std::printf(
         "  worker %d per step (ms): GEMM %.0f, activation %.0f, optimizer "
-        "%.0f, other serving %.0f (busy %.0f), waiting for requests %.0f\n",
-        index, ms[0], ms[1], ms[2], ms[3] - ms[0] - ms[1] - ms[2], ms[3],
-        ms[4]);
+        "%.0f, other serving %.0f (busy %.0f), waiting for requests %.0f%s\n",
+        index, ms[0], ms[1], ms[2],
+        std::max(0.0, ms[3] - ms[0] - ms[1] - ms[2]), ms[3], ms[4],
+        g_shape.replicate ? " (GEMM and activation include its copies')" : "");
     std::fflush(stdout);
     WriteFile(dir + "/" + name + ".busy", std::to_string(ms[3]));
     WriteFile(dir + "/" + name + ".gemm", std::to_string(ms[0]));

@@ -508,13 +508,17 @@ class StoppedThread {
 // trained straight through.
 class RecoveryTest : public TrainingTest {
  protected:
+  // `extra_flags` go to the distributed run, `run_flags` to it and the
+  // reference.
   std::string FaultMidRun(const std::string& victim_name,
                           const std::function<void(pid_t)>& fault,
-                          const std::string& extra_flags = "") {
+                          const std::string& extra_flags = "",
+                          const std::string& run_flags = "") {
     const std::string steps =
         " --set training.steps=120 --set training.eval_every=40"
         " --set checkpoint.every=10 --set cluster.heartbeat_ms=100"
-        " --set cluster.lease_ms=1000";
+        " --set cluster.lease_ms=1000" +
+        run_flags;
     const auto reference =
         RunSwitchyard("train --reference --sample-bytes 0" + Flags() + steps);
     EXPECT_EQ(reference.exit_code, 0) << reference.output;
@@ -562,9 +566,11 @@ class RecoveryTest : public TrainingTest {
   }
 
   // SIGKILL of the victim: `up` restarts it.
-  std::string KillMidRun(const std::string& victim_name) {
+  std::string KillMidRun(const std::string& victim_name,
+                         const std::string& run_flags = "") {
     const std::string text = FaultMidRun(
-        victim_name, [](pid_t pid) { EXPECT_EQ(::kill(pid, SIGKILL), 0); });
+        victim_name, [](pid_t pid) { EXPECT_EQ(::kill(pid, SIGKILL), 0); }, "",
+        run_flags);
     EXPECT_NE(text.find("[up] restarting " + victim_name), std::string::npos)
         << text;
     return text;
@@ -586,6 +592,26 @@ TEST_F(RecoveryTest, AWorkerKilledMidRunIsRecoveredBitForBit) {
   static const std::regex kFromMemory(
       R"(restored \d+ shards from checkpoint [1-9]\d*0 \([1-9]\d* from memory)");
   EXPECT_TRUE(std::regex_search(text, kFromMemory)) << text;
+}
+
+// Hot-expert replication through a worker's death (docs/replication.md):
+// every worker hosts copies of the others' hot shards, so the one killed
+// takes copies with it. The primaries compute those chunks themselves, the
+// cluster rolls back as it does without replication, and the run ends
+// bit-identical to the reference with the same plans.
+TEST_F(RecoveryTest, AWorkerHostingCopiesKilledMidRunIsRecoveredBitForBit) {
+  const std::string text = KillMidRun(
+      "worker-2",
+      " --set replication.enabled=true --set replication.window_steps=3"
+      " --set replication.hot_load=1.05 --set replication.cool_load=1"
+      " --set replication.max_replicas=3");
+  static const std::regex kCopies(
+      R"(worker-\d: [1-9]\d* chunks and [1-9]\d* gradient shares computed by )"
+      R"(copies elsewhere)");
+  EXPECT_TRUE(std::regex_search(text, kCopies)) << text;
+  static const std::regex kRecovered(
+      R"(trainer-[01]: recovery 1: epoch \d+ continues from step [1-9]\d*0 )");
+  EXPECT_TRUE(std::regex_search(text, kRecovered)) << text;
 }
 
 // A trainer SIGKILLed mid-training: the cluster holds, the workers report
