@@ -308,6 +308,8 @@ void ClusterState::Hold(const std::string& why) {
     ++version_;
     return;
   }
+  hold_after_continue_ =
+      continues_ && epoch_ == continued_epoch_ ? continued_step_ : -1;
   ++epoch_;
   ++version_;
   ++routing_version_;
@@ -344,9 +346,22 @@ void ClusterState::MaybeEndHold(Clock::time_point now) {
   // between its StepDones: some workers applied the step, the others hold
   // all its gradients), and was serving its shards.
   std::string why;
+  // The workers whose shards are intact at their step (by incarnation):
+  // the next hold's shortcut.
+  std::map<std::string, uint64_t> intact;
   for (const std::string& name : holders) {
     const auto [step, serving] = held_.at(name);
-    if (!serving) {
+    // A worker that skipped the continuing epoch this hold began in.
+    const auto c = continued_serving_.find(name);
+    const auto m = members_.find(name);
+    const bool skipped_continue =
+        hold_after_continue_ >= 0 && step == hold_after_continue_ &&
+        step == reached && c != continued_serving_.end() &&
+        m != members_.end() && c->second == m->second.record.incarnation();
+    if ((serving || skipped_continue) && m != members_.end()) {
+      intact[name] = m->second.record.incarnation();
+    }
+    if (!serving && !skipped_continue) {
       why = name + " was not serving its shards";
     } else if (step < reached - 1) {
       why = name + " held at step " + std::to_string(step) + ", others at " +
@@ -370,6 +385,12 @@ void ClusterState::MaybeEndHold(Clock::time_point now) {
   epoch_cause_ = hold_cause_ + "; continuing";
   ledger_.ContinueAt(reached);
   PlaceAtBoundary(now);
+  continued_epoch_ = epoch_;
+  continued_step_ = reached;
+  continued_serving_ = std::move(intact);
+  for (const std::string& from : moved_from_) {
+    if (!from.empty()) continued_step_ = -1;  // Shards moved: no shortcut.
+  }
   RecordRecovery(hold_cause_, reached, /*rolled_back=*/false,
                  hold_began_unix_ms_);
   LOG(WARNING) << "coordinator: epoch " << epoch_ << ": " << hold_cause_

@@ -252,6 +252,17 @@ class ClusterState {
   std::map<std::string, std::pair<int64_t, bool>> held_;
   // The current epoch continues a hold (RoutingTable.continues).
   bool continues_ = false;
+  // The last hold that continued: its epoch, the step it continued from,
+  // and the workers (name, incarnation) serving at it; -1 when it moved
+  // shards. A hold that begins in that very epoch (hold_after_continue_:
+  // its step, else -1) accepts a worker that reports it was not serving
+  // but is one of those, at that step, with nobody past it: it never
+  // adopted the continuing epoch (only the newest table reaches a worker),
+  // so its shards are as the continue left them.
+  uint64_t continued_epoch_ = 0;
+  int64_t continued_step_ = -1;
+  std::map<std::string, uint64_t> continued_serving_;
+  int64_t hold_after_continue_ = -1;
   // A planned move waiting for the trainers to reach a step boundary.
   bool pausing_ = false;
   // The hold is the one a pause became (its end makes the moves).

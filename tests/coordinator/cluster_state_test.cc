@@ -414,6 +414,66 @@ TEST_F(ClusterStateTest, AHoldTheWorkersCannotContinueRollsBack) {
   EXPECT_FALSE(table.continues());
 }
 
+// A hold that begins in the epoch a hold continued into, before a worker
+// adopted that epoch (a worker applies only the newest table it has), gets
+// from that worker "not serving" at the step the cluster continued from:
+// its shards are as the continue left them, so the cluster continues again
+// instead of rolling back (the chaos test found it: a trainer restarted 2
+// ms after the hold of its death continued, and 9 steps were redone). A
+// worker at another step, or one not serving in a hold that did not begin
+// in a continuing epoch, still means a rollback.
+TEST_F(ClusterStateTest, AHoldRightAfterAContinueAcceptsWorkersThatSkippedIt) {
+  RegisterWorkers(3, t0_);
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_).ok());
+  const uint64_t epoch = state_.epoch();
+  const auto held = [&](const std::string& name, int64_t step, bool serving) {
+    control::Heartbeat b = Beat(name, incarnation_[name]);
+    b.set_held_epoch(state_.epoch());
+    b.set_held_step(step);
+    b.set_held_serving(serving);
+    ASSERT_TRUE(state_.Heartbeat(b, t0_ + milliseconds(100)).ok());
+  };
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(10)).ok());
+  ASSERT_EQ(state_.epoch(), epoch + 1);
+  held("worker-0", 9, true);
+  held("worker-1", 9, true);
+  held("worker-2", 9, true);
+  ASSERT_TRUE(state_.Routing().continues());
+  ASSERT_EQ(state_.epoch(), epoch + 2);
+  // The trainer again, at once: worker-0 never saw epoch + 2.
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(20)).ok());
+  ASSERT_EQ(state_.epoch(), epoch + 3);
+  held("worker-0", 9, false);
+  held("worker-1", 9, true);
+  held("worker-2", 9, true);
+  control::RoutingTable table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 4);
+  EXPECT_TRUE(table.continues());
+  EXPECT_EQ(table.resume_step(), 9);
+  // Again: worker-0 skipped epoch + 4 too, and still counts.
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(30)).ok());
+  held("worker-0", 9, false);
+  held("worker-1", 9, true);
+  held("worker-2", 9, true);
+  EXPECT_TRUE(state_.Routing().continues());
+  ASSERT_EQ(state_.epoch(), epoch + 6);
+  // Not at the step the cluster continued from: a rollback.
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(40)).ok());
+  held("worker-0", 8, false);
+  held("worker-1", 9, true);
+  held("worker-2", 9, true);
+  table = state_.Routing();
+  EXPECT_EQ(table.epoch(), epoch + 8);
+  EXPECT_FALSE(table.continues());
+  EXPECT_EQ(table.resume_step(), 0);  // Nothing committed.
+  // A hold after that rollback: not serving is a rollback again.
+  ASSERT_TRUE(state_.Register(Trainer(0), t0_ + milliseconds(50)).ok());
+  held("worker-0", 0, false);
+  held("worker-1", 0, true);
+  held("worker-2", 0, true);
+  EXPECT_FALSE(state_.Routing().continues());
+}
+
 // A trainer that cannot reach a worker says so: that incarnation is
 // fenced at once (it may still heartbeat), its shards move and the epoch
 // rolls back. A report about an incarnation already gone changes nothing;
