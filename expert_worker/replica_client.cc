@@ -17,9 +17,11 @@ using transport::MessageKind;
 
 class ReplicaClient::Pending {
  public:
-  explicit Pending(std::string host) : host_(std::move(host)) {}
+  Pending(std::string host, Deadline deadline)
+      : host_(std::move(host)), deadline_(deadline) {}
 
   const std::string& host() const { return host_; }
+  Deadline deadline() const { return deadline_; }
   void Done(StatusOr<Message> result) EXCLUDES(mu_) {
     MutexLock lock(&mu_);
     result_ = std::move(result);
@@ -39,6 +41,7 @@ class ReplicaClient::Pending {
 
  private:
   const std::string host_;
+  const Deadline deadline_;
   Mutex mu_;
   CondVar cv_;
   std::optional<StatusOr<Message>> result_ GUARDED_BY(mu_);
@@ -76,7 +79,8 @@ ReplicaClient::ReplicaClient(const config::SwitchyardConfig& config,
                              std::string name, transport::DataPlane* peers)
     : name_(std::move(name)),
       peers_(peers),
-      timeout_(config.transport().request_timeout_ms()),
+      budget_(
+          std::max<int64_t>(1, config.transport().request_timeout_ms() / 4)),
       pool_(BufferPool::Create(size_t{256} << 20)) {}
 
 void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
@@ -97,6 +101,7 @@ void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
   }
   std::sort(ranked.begin(), ranked.end());
   MutexLock lock(&mu_);
+  if (routing.epoch() <= epoch_) return;
   epoch_ = routing.epoch();
   hosts_.clear();
   for (auto& [b, n, address] : ranked) hosts_.push_back(address);
@@ -135,16 +140,20 @@ void ReplicaClient::Failed(const std::string& host, const Status& why) {
 }
 
 std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Send(
-    const std::string& host, Message message) {
-  auto pending = std::make_shared<Pending>(host);
-  peers_->Send(host, std::move(message), timeout_,
+    const std::string& host, Message message, Deadline deadline) {
+  auto pending = std::make_shared<Pending>(host, deadline);
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+  peers_->Send(host, std::move(message),
+               std::max(left, std::chrono::milliseconds(1)),
                [pending](StatusOr<Message> r) { pending->Done(std::move(r)); });
   return pending;
 }
 
 std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
     MessageKind kind, const ShardId& id, const ExpertParams& params,
-    uint64_t epoch, int64_t step, int32_t micro_batch, int chunk, Tensor rows) {
+    uint64_t epoch, int64_t step, int32_t micro_batch, int chunk, Tensor rows,
+    Deadline deadline) {
   std::string host;
   bool has_weights = false;
   {
@@ -161,9 +170,11 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
     auto flat = FlattenParams(params, pool_.get());
     if (!flat.ok()) return nullptr;
     auto push =
-        Send(host, transport::TensorMessage(
-                       HeaderFor(MessageKind::kReplicaWeights, id, epoch, step),
-                       std::move(flat).value()));
+        Send(host,
+             transport::TensorMessage(
+                 HeaderFor(MessageKind::kReplicaWeights, id, epoch, step),
+                 std::move(flat).value()),
+             deadline);
     auto answer = Wait(*push);
     if (!answer.ok()) return nullptr;
     MutexLock lock(&mu_);
@@ -173,12 +184,11 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
   h.micro_batch = micro_batch;
   h.trainer_rank = chunk;
   Offloaded()->Increment();
-  return Send(host, transport::TensorMessage(h, std::move(rows)));
+  return Send(host, transport::TensorMessage(h, std::move(rows)), deadline);
 }
 
 StatusOr<Tensor> ReplicaClient::Wait(Pending& pending) {
-  StatusOr<Message> answer =
-      pending.Await(std::chrono::steady_clock::now() + timeout_);
+  StatusOr<Message> answer = pending.Await(pending.deadline());
   Status why = answer.status();
   if (answer.ok() && answer->header.status_code != 0) {
     why = Status(static_cast<StatusCode>(answer->header.status_code),
@@ -198,7 +208,8 @@ StatusOr<Tensor> ReplicaClient::Wait(Pending& pending) {
 }
 
 StatusOr<Tensor> ReplicaClient::Share(const ShardId& id, uint64_t epoch,
-                                      int64_t step, int chunk) {
+                                      int64_t step, int chunk,
+                                      int micro_batches, Deadline deadline) {
   std::string host;
   {
     MutexLock lock(&mu_);
@@ -206,10 +217,11 @@ StatusOr<Tensor> ReplicaClient::Share(const ShardId& id, uint64_t epoch,
     host = HostOf(id, chunk);
     if (host.empty()) return UnavailableError("no host for the chunk");
   }
-  auto pending = Send(
-      host,
-      transport::TensorMessage(
-          HeaderFor(MessageKind::kReplicaShare, id, epoch, step), Tensor()));
+  transport::WireHeader h =
+      HeaderFor(MessageKind::kReplicaShare, id, epoch, step);
+  h.micro_batch = micro_batches;  // What the share must cover.
+  h.trainer_rank = chunk;
+  auto pending = Send(host, transport::TensorMessage(h, Tensor()), deadline);
   return Wait(*pending);
 }
 

@@ -41,9 +41,20 @@ class ReplicaClient {
   ReplicaClient(const config::SwitchyardConfig& config, std::string name,
                 transport::DataPlane* peers);
 
-  // The workers of a new routing table (confirmed ones other than this
-  // one, by name), and a fresh start for hosts that failed.
+  // The workers of a routing table of a new epoch (confirmed ones other
+  // than this one), and a fresh start for hosts that failed. A table of
+  // the current or an older epoch changes nothing: chunks keep their hosts
+  // for the whole epoch (a host's copy holds the step's micro-batches).
   void SetRouting(const control::RoutingTable& routing) EXCLUDES(mu_);
+
+  // Everything a computation asks of its copies ends by one deadline:
+  // NewDeadline() is a quarter of transport.request_timeout_ms from now,
+  // so that the primary's own computation of what its copies did not
+  // deliver still reaches the trainers within their deadline.
+  using Deadline = std::chrono::steady_clock::time_point;
+  Deadline NewDeadline() const {
+    return std::chrono::steady_clock::now() + budget_;
+  }
 
   // An answer on its way: Wait() for it.
   class Pending;
@@ -55,13 +66,16 @@ class ReplicaClient {
   std::shared_ptr<Pending> Start(transport::MessageKind kind, const ShardId& id,
                                  const ExpertParams& params, uint64_t epoch,
                                  int64_t step, int32_t micro_batch, int chunk,
-                                 Tensor rows) EXCLUDES(mu_);
+                                 Tensor rows, Deadline deadline) EXCLUDES(mu_);
   // The share of the weight gradient of chunk `chunk` of `id` at (epoch,
-  // step), from its host; a failure when it cannot be had.
+  // step), over the `micro_batches` micro-batches whose backward of the
+  // chunk ran on its host (which refuses if it holds another number); a
+  // failure when it cannot be had.
   StatusOr<Tensor> Share(const ShardId& id, uint64_t epoch, int64_t step,
-                         int chunk) EXCLUDES(mu_);
-  // The answer of `pending` (by the request deadline); a failure marks its
-  // host failed for the epoch.
+                         int chunk, int micro_batches, Deadline deadline)
+      EXCLUDES(mu_);
+  // The answer of `pending` (by its deadline); a failure marks its host
+  // failed for the epoch.
   StatusOr<Tensor> Wait(Pending& pending) EXCLUDES(mu_);
 
   // "N chunks and M gradient shares computed by copies elsewhere, F
@@ -72,11 +86,12 @@ class ReplicaClient {
   std::string HostOf(const ShardId& id, int chunk) const REQUIRES(mu_);
   void Failed(const std::string& host, const Status& why) EXCLUDES(mu_);
   std::shared_ptr<Pending> Send(const std::string& host,
-                                transport::Message message) EXCLUDES(mu_);
+                                transport::Message message, Deadline deadline)
+      EXCLUDES(mu_);
 
   const std::string name_;
   transport::DataPlane* const peers_;
-  const std::chrono::milliseconds timeout_;
+  const std::chrono::milliseconds budget_;
   // Weights pushed to copies (fresh memory costs a page fault per 4 KiB).
   const std::shared_ptr<BufferPool> pool_;
   std::atomic<int64_t> chunks_{0}, shares_{0}, failures_{0};

@@ -103,6 +103,13 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
   const int64_t d = f.shape().d_model, ff = f.shape().d_ff_shard;
   const int64_t gf = f.shape().gates() * ff;
   if (kind == MessageKind::kReplicaShare) {
+    if (static_cast<int64_t>(copy->contributions.size()) != h.micro_batch) {
+      return FailedPreconditionError(
+          "the copy holds the backwards of " +
+          std::to_string(copy->contributions.size()) +
+          " micro-batches; the primary's share needs " +
+          std::to_string(h.micro_batch));
+    }
     std::vector<const Tensor*> xs, as, dhs, dys;
     for (const auto& [mb, c] : copy->contributions) {
       xs.push_back(&c.x);
@@ -119,6 +126,13 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
     RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &share));
     copy->contributions.clear();
     return FlattenParams(share, pool_.get());
+  }
+  if (h.micro_batch < 0 ||
+      h.micro_batch >= config_.training().micro_batches()) {
+    return InvalidArgumentError(
+        "micro-batch " + std::to_string(h.micro_batch) +
+        " is outside [0, training.micro_batches " +
+        std::to_string(config_.training().micro_batches()) + ")");
   }
   const Tensor& in = request.payload;
   if (in.empty() || in.shape().size() != 2 || in.dim(1) != d ||
@@ -170,6 +184,27 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
   const transport::WireHeader& h = request.header;
   const ExpertFfn& f = ffn(id.shard);
   auto found = copies_.find(id);
+  {
+    // The size first: a malformed push changes nothing.
+    int64_t n = static_cast<int64_t>(f.shape().d_model) * f.shape().gates() *
+                    f.shape().d_ff_shard +
+                static_cast<int64_t>(f.shape().d_ff_shard) * f.shape().d_model;
+    if (f.shape().has_b1) n += f.shape().gates() * f.shape().d_ff_shard;
+    if (f.shape().has_b2) n += f.shape().d_model;
+    if (request.payload.empty() || request.payload.num_elements() != n) {
+      return InvalidArgumentError(
+          "expert parameters of " + std::to_string(n) + " fp32 values, not " +
+          (request.payload.empty() ? "<none>" : request.payload.DebugString()));
+    }
+  }
+  if (found != copies_.end() && found->second.epoch == h.epoch &&
+      found->second.step == h.step) {
+    // Pushed again in the step (the primary's own bookkeeping was reset):
+    // the same values, and the micro-batches kept stay.
+    recent_.remove(id);
+    recent_.push_back(id);
+    return Tensor();
+  }
   if (found == copies_.end()) {
     ASSIGN_OR_RETURN(ExpertParams params, ExpertParams::Zeros(f.shape()));
     if (f.shape().compute_dtype == DType::kBF16) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <iomanip>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -203,6 +204,7 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
     };
     std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
     if (train && replicas_ != nullptr && keep.empty()) {
+      const auto deadline = replicas_->NewDeadline();
       shard->chunk_epoch = h.epoch;
       shard->chunk_step = h.step;
       for (int c = 1; c < chunks; ++c) {
@@ -211,7 +213,7 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
         ASSIGN_OR_RETURN(Tensor xc, x.Slice(r.begin, r.end));
         sent[c] = replicas_->Start(MessageKind::kReplicaForward, shard->id,
                                    shard->params, h.epoch, h.step,
-                                   h.micro_batch, c, std::move(xc));
+                                   h.micro_batch, c, std::move(xc), deadline);
       }
     }
     for (int c = 0; c < chunks; ++c) {
@@ -296,6 +298,7 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
     const int64_t tokens = dy.dim(0);
     std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
     if (replicas_ != nullptr && keep.empty()) {
+      const auto deadline = replicas_->NewDeadline();
       for (int k = 1; k < chunks && k < static_cast<int>(kept.remote.size());
            ++k) {
         if (!kept.remote[k]) continue;
@@ -303,7 +306,7 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
         ASSIGN_OR_RETURN(Tensor dyc, dy.Slice(r.begin, r.end));
         sent[k] = replicas_->Start(MessageKind::kReplicaBackward, shard->id,
                                    shard->params, h.epoch, h.step,
-                                   h.micro_batch, k, std::move(dyc));
+                                   h.micro_batch, k, std::move(dyc), deadline);
       }
     }
     for (int k = 0; k < chunks; ++k) {
@@ -361,21 +364,27 @@ Status ShardCompute::ComputeGradients(ExpertShard* shard, bool* tokens) const {
   if (chunks > 1 && share.w1.empty()) {
     ASSIGN_OR_RETURN(share, ExpertParams::Zeros(f.shape()));
   }
+  std::optional<ReplicaClient::Deadline> deadline;
   for (int chunk = 0; chunk < chunks; ++chunk) {
-    // A chunk whose every backward ran on its copy: the copy's share.
+    // A chunk whose every backward ran on its copy: the copy's share, over
+    // as many micro-batches.
     bool rows = false, remote = true;
+    int micro_batches = 0;
     for (const auto& [micro_batch, c] : shard->contributions) {
       if (c.dy.empty() || ChunkRows(c.dy.dim(0), chunks, chunk).size() == 0) {
         continue;
       }
       rows = true;
+      ++micro_batches;
       remote = remote && chunk < static_cast<int>(c.remote.size()) &&
                c.remote[chunk];
     }
     if (!rows) continue;
     if (remote && replicas_ != nullptr) {
-      StatusOr<Tensor> flat = replicas_->Share(shard->id, shard->chunk_epoch,
-                                               shard->chunk_step, chunk);
+      if (!deadline) deadline = replicas_->NewDeadline();
+      StatusOr<Tensor> flat =
+          replicas_->Share(shard->id, shard->chunk_epoch, shard->chunk_step,
+                           chunk, micro_batches, *deadline);
       if (flat.ok() && !flat->empty() &&
           UnflattenParams(*flat, first ? &shard->grads : &share).ok()) {
         if (!first) add(share);

@@ -1,7 +1,8 @@
 // ReplicaHost: a copy computes a chunk's forward, backward and gradient
 // share with the bits the primary gets for it, and refuses what does not
 // fit (no weights, other weights, a backward without its forward, a
-// repeated forward, unknown shards, other dtypes, more copies than
+// repeated forward, unknown shards and micro-batches, other dtypes, a
+// share over another number of micro-batches, more copies than
 // replication.reserved_bytes holds).
 #include "expert_worker/replica_host.h"
 
@@ -30,6 +31,7 @@ config::SwitchyardConfig Config() {
   m->set_num_heads(2);
   m->set_num_experts(4);
   c.mutable_training()->set_threads(1);
+  c.mutable_training()->set_micro_batches(2);
   c.mutable_replication()->set_enabled(true);
   return c;
 }
@@ -141,7 +143,14 @@ TEST_F(ReplicaHostTest, AChunkHasThePrimarysBits) {
   };
   ASSERT_TRUE(
       ffn_.ComputeGrads(cat(xs), cat(as), cat(dhs), cat(dys), &want).ok());
-  auto share = Ask(MessageKind::kReplicaShare, 3, 0, Tensor());
+  // A share over another number of micro-batches than the copy holds is
+  // refused (the primary then computes it itself).
+  EXPECT_EQ(Ask(MessageKind::kReplicaShare, 3, 1, Tensor()).status().code(),
+            StatusCode::kFailedPrecondition);
+  // Weights pushed again within the step keep what the copy holds.
+  ASSERT_TRUE(
+      Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
+  auto share = Ask(MessageKind::kReplicaShare, 3, 2, Tensor());
   ASSERT_TRUE(share.ok()) << share.status().ToString();
   const Tensor flat = FlattenParams(want).value();
   ASSERT_EQ(share->num_bytes(), flat.num_bytes());
@@ -180,6 +189,9 @@ TEST_F(ReplicaHostTest, RefusesWhatDoesNotFitAndKeepsServing) {
   EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1), 9)),
             StatusCode::kNotFound)
       << "no expert 9";
+  EXPECT_EQ(code(Ask(MessageKind::kReplicaForward, 3, 2, Random(2, d, 1))),
+            StatusCode::kInvalidArgument)
+      << "micro-batch 2 of 2";
   EXPECT_EQ(code(Ask(MessageKind::kReplicaWeights, 3, 0, Random(1, 5, 1))),
             StatusCode::kInvalidArgument)
       << "weights of another size";
