@@ -151,21 +151,44 @@ std::string FormatStatus(const control::StatusResponse& status) {
                   static_cast<unsigned long long>(m.tokens()));
     out << line;
   }
-  // How evenly the experts' work falls on the workers holding shards.
+  // How evenly the experts' work falls on the workers: the rows each
+  // computed (its shards' tokens, less those copies elsewhere computed,
+  // plus those it computed as a copy).
   uint64_t max_tokens = 0, sum_tokens = 0;
   int holders = 0;
+  bool copies = false;
   for (const auto& m : status.members()) {
-    if (m.kind() != control::WORKER || m.shards() == 0) continue;
+    if (m.kind() != control::WORKER) continue;
+    const uint64_t own =
+        m.tokens() - std::min(m.tokens(), m.offloaded_tokens());
+    const uint64_t work = own + m.copy_tokens();
+    copies = copies || m.copy_tokens() > 0 || m.offloaded_tokens() > 0;
+    if (m.shards() == 0 && work == 0) continue;
     ++holders;
-    sum_tokens += m.tokens();
-    max_tokens = std::max<uint64_t>(max_tokens, m.tokens());
+    sum_tokens += work;
+    max_tokens = std::max<uint64_t>(max_tokens, work);
   }
   if (sum_tokens > 0) {
     std::snprintf(line, sizeof(line),
                   "token load per worker (tokens between its last two "
-                  "heartbeats): max/mean %.2f\n",
+                  "heartbeats%s): max/mean %.2f\n",
+                  copies ? ", with the rows copies computed" : "",
                   static_cast<double>(max_tokens) * holders / sum_tokens);
     out << line;
+  }
+  for (const auto& m : status.members()) {
+    for (const auto& r : m.replicated()) {
+      const auto& ref = r.shard();
+      out << "hot expert shard L" << ref.layer() << ".E" << ref.expert() << ".S"
+          << ref.shard() << " on " << m.name() << ": " << r.replicas()
+          << " replicas (" << r.tokens() << " tokens)\n";
+    }
+    if (m.copy_tokens() > 0 || m.offloaded_tokens() > 0 || m.copy_bytes() > 0) {
+      out << m.name() << " computed " << m.copy_tokens()
+          << " rows for other workers' shards and had " << m.offloaded_tokens()
+          << " of its own computed elsewhere; its copies hold "
+          << FormatBytes(m.copy_bytes()) << "\n";
+    }
   }
   for (const auto& m : status.members()) {
     if (m.probation_ms_left() > 0) {

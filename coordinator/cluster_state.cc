@@ -175,6 +175,30 @@ bool ClusterState::IsLive(const Member& m) const {
          m.record.state() == control::UNCONFIRMED;
 }
 
+const std::vector<std::string>& ClusterState::CopyHosts(Clock::time_point now) {
+  if (!copy_hosts_.empty() &&
+      now - copy_hosts_at_ <
+          std::chrono::milliseconds(config_.cluster().heartbeat_ms())) {
+    return copy_hosts_;
+  }
+  std::vector<std::pair<uint64_t, std::string>> ranked;
+  for (const auto& [name, m] : members_) {
+    if (m.record.registration().kind() != control::WORKER ||
+        m.record.state() != control::ALIVE || m.record.draining() ||
+        m.on_probation) {
+      continue;
+    }
+    uint64_t tokens = 0;
+    for (const auto& [shard, n] : m.tokens) tokens += n;
+    ranked.emplace_back(tokens, name);
+  }
+  std::sort(ranked.begin(), ranked.end());
+  copy_hosts_.clear();
+  for (auto& [tokens, name] : ranked) copy_hosts_.push_back(std::move(name));
+  copy_hosts_at_ = now;
+  return copy_hosts_;
+}
+
 int ClusterState::NumLiveWorkers() const {
   int n = 0;
   for (const auto& [name, m] : members_) {
@@ -907,9 +931,16 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
   m.last_heartbeat = now;
   // A worker reports every shard it hosts (none: it hosts none), so its
   // counts replace the last heartbeat's whole.
-  if (m.record.registration().kind() == control::WORKER) m.tokens.clear();
+  if (m.record.registration().kind() == control::WORKER) {
+    m.tokens.clear();
+    m.replicated.clear();
+    m.copy_tokens = beat.copy_tokens();
+    m.offloaded_tokens = beat.offloaded_tokens();
+    m.copy_bytes = beat.copy_bytes();
+  }
   for (const auto& load : beat.loads()) {
     m.tokens[FromShardRef(load.shard()).ToString()] = load.tokens();
+    if (load.replicas() > 1) m.replicated.push_back(load);
   }
   if (m.record.registration().kind() == control::TRAINER) {
     m.training_epoch = beat.training_epoch();
@@ -942,6 +973,9 @@ StatusOr<control::HeartbeatAck> ClusterState::Heartbeat(
                   ShardsHeldBy(beat.name()) == 0 &&
                   moves_done_epoch_ == epoch_ &&
                   !ledger_.OnlyCopiesOn(beat.name()));
+  if (!m.replicated.empty() && config_.replication().enabled()) {
+    for (const std::string& host : CopyHosts(now)) ack.add_copy_hosts(host);
+  }
   auto tasks = tasks_.find(beat.name());
   if (tasks != tasks_.end()) {
     for (auto& t : tasks->second) {
@@ -1277,6 +1311,10 @@ control::StatusResponse ClusterState::Report(Clock::time_point now) const {
       uint64_t tokens = 0;
       for (const auto& [shard, n] : m.tokens) tokens += n;
       ms->set_tokens(tokens);
+      ms->set_copy_tokens(m.copy_tokens);
+      ms->set_offloaded_tokens(m.offloaded_tokens);
+      ms->set_copy_bytes(m.copy_bytes);
+      for (const auto& load : m.replicated) *ms->add_replicated() = load;
     }
     if (IsLive(m) && m.on_probation) {
       ms->set_probation_ms_left(

@@ -138,10 +138,21 @@ class ClusterState {
     uint64_t open_epoch = 0;
     // Trainers: heartbeated since this coordinator (re)started.
     bool reported = false;
+    // Workers with hot-expert replication, from their last heartbeat:
+    // Heartbeat.copy_tokens, offloaded_tokens, copy_bytes, and the
+    // loads of their replicated shards (ShardLoad.replicas > 1).
+    uint64_t copy_tokens = 0;
+    uint64_t offloaded_tokens = 0;
+    int64_t copy_bytes = 0;
+    std::vector<control::ShardLoad> replicated;
   };
 
   bool IsLive(const Member& m) const;
   int NumLiveWorkers() const;
+  // HeartbeatAck.copy_hosts: the confirmed workers not draining or on
+  // probation, by their own shards' tokens, least first, then by name;
+  // ranked again at most once per cluster.heartbeat_ms.
+  const std::vector<std::string>& CopyHosts(Clock::time_point now);
   // Recomputes placement if the first placement has been made (or can now be
   // made), advancing the epoch. With `live` (nothing was lost: a join, a
   // drain, a probation's end) and every shard on a live worker, the moves
@@ -276,6 +287,9 @@ class ClusterState {
   std::vector<std::string> planned_home_;
   // This epoch's live moves: each shard's old home ("": not moved).
   std::vector<std::string> moved_from_;
+  // CopyHosts() and when it was ranked.
+  std::vector<std::string> copy_hosts_;
+  Clock::time_point copy_hosts_at_;
   // The newest epoch that moved shards live, and the newest one whose new
   // homes all serve them (HeartbeatAck.moves_done_epoch).
   uint64_t move_epoch_ = 0;

@@ -3,6 +3,7 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <iterator>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -103,19 +104,92 @@ void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
   MutexLock lock(&mu_);
   if (routing.epoch() <= epoch_) return;
   epoch_ = routing.epoch();
-  hosts_.clear();
-  for (auto& [b, n, address] : ranked) hosts_.push_back(address);
+  addresses_.clear();
+  by_bytes_.clear();
+  std::set<std::string> present;
+  for (auto& [b, n, address] : ranked) {
+    addresses_[n] = address;
+    by_bytes_.push_back(address);
+    present.insert(address);
+  }
   failed_.clear();
-  weights_.clear();
+  assigned_.clear();
+  // What copies hold on hosts still here is dropped when their shard's
+  // next step places its chunks elsewhere (BeginStep).
+  for (auto it = weights_.begin(); it != weights_.end();) {
+    it = present.count(it->first.first) ? std::next(it) : weights_.erase(it);
+  }
 }
 
-std::string ReplicaClient::HostOf(const ShardId& id, int chunk) const {
-  const int n = static_cast<int>(hosts_.size());
-  // Chunks 1.. on distinct hosts, starting at a place that differs from
-  // shard to shard so that copies spread.
-  if (chunk < 1 || chunk > n) return "";
-  const std::string& host =
-      hosts_[static_cast<size_t>(chunk - 1 + id.layer + id.expert) % n];
+void ReplicaClient::SetCopyHosts(std::vector<std::string> names) {
+  MutexLock lock(&mu_);
+  ranking_ = std::move(names);
+}
+
+std::vector<std::string> ReplicaClient::Candidates() const {
+  std::vector<std::string> out;
+  // Those the coordinator ranks below this worker; if none, every other.
+  for (int pass = 0; pass < 2 && out.empty(); ++pass) {
+    for (const std::string& n : ranking_) {
+      if (n == name_) {
+        if (pass == 0) break;
+        continue;
+      }
+      auto a = addresses_.find(n);
+      if (a != addresses_.end()) out.push_back(a->second);
+    }
+  }
+  return out.empty() ? by_bytes_ : out;
+}
+
+void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
+                              int chunks) {
+  std::vector<std::string> drop;
+  {
+    MutexLock lock(&mu_);
+    if (epoch != epoch_) return;
+    Assignment& a = assigned_[id];
+    if (a.epoch == epoch && a.step == step) return;
+    a.epoch = epoch;
+    a.step = step;
+    a.hosts.clear();
+    // Chunks 1.. on distinct hosts, starting at a place that differs from
+    // shard to shard so that copies spread.
+    const std::vector<std::string> candidates = Candidates();
+    const int n = static_cast<int>(candidates.size());
+    for (int c = 1; c < chunks && c <= n; ++c) {
+      a.hosts.push_back(
+          candidates[static_cast<size_t>(c - 1 + id.layer + id.expert) % n]);
+    }
+    for (auto it = weights_.begin(); it != weights_.end();) {
+      const auto& [host, shard] = it->first;
+      if (shard == id &&
+          std::find(a.hosts.begin(), a.hosts.end(), host) == a.hosts.end()) {
+        drop.push_back(host);
+        it = weights_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  // Freed at once; a host that does not answer keeps it until evicted.
+  for (const std::string& host : drop) {
+    Send(host,
+         transport::TensorMessage(
+             HeaderFor(MessageKind::kReplicaDrop, id, epoch, step), Tensor()),
+         NewDeadline());
+  }
+}
+
+std::string ReplicaClient::HostOf(const ShardId& id, uint64_t epoch,
+                                  int64_t step, int chunk) const {
+  auto a = assigned_.find(id);
+  if (a == assigned_.end() || a->second.epoch != epoch ||
+      a->second.step != step || chunk < 1 ||
+      chunk > static_cast<int>(a->second.hosts.size())) {
+    return "";
+  }
+  const std::string& host = a->second.hosts[chunk - 1];
   return failed_.count(host) ? "" : host;
 }
 
@@ -159,7 +233,7 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
   {
     MutexLock lock(&mu_);
     if (epoch != epoch_) return nullptr;
-    host = HostOf(id, chunk);
+    host = HostOf(id, epoch, step, chunk);
     if (host.empty()) return nullptr;
     auto it = weights_.find({host, id});
     has_weights =
@@ -201,8 +275,12 @@ StatusOr<Tensor> ReplicaClient::Wait(Pending& pending) {
   const auto kind = static_cast<MessageKind>(answer->header.kind);
   if (kind == MessageKind::kReplicaShare) {
     shares_.fetch_add(1);
-  } else if (kind != MessageKind::kReplicaWeights) {
+  } else if (kind == MessageKind::kReplicaForward ||
+             kind == MessageKind::kReplicaBackward) {
     chunks_.fetch_add(1);
+    if (kind == MessageKind::kReplicaForward && !answer->payload.empty()) {
+      rows_offloaded_.fetch_add(answer->payload.dim(0));
+    }
   }
   return std::move(answer->payload);
 }
@@ -214,7 +292,7 @@ StatusOr<Tensor> ReplicaClient::Share(const ShardId& id, uint64_t epoch,
   {
     MutexLock lock(&mu_);
     if (epoch != epoch_) return AbortedError("another routing epoch");
-    host = HostOf(id, chunk);
+    host = HostOf(id, epoch, step, chunk);
     if (host.empty()) return UnavailableError("no host for the chunk");
   }
   transport::WireHeader h =

@@ -1,9 +1,14 @@
 // A primary's side of hot-expert replication (docs/replication.md): where
-// chunk c of a replicated shard runs (the workers of the routing table
-// other than this one, the least loaded first: a pure function of the
-// table), the weights each
-// copy needs for the step, and the chunk requests, sent without waiting so
-// that the primary computes its own chunk meanwhile.
+// chunk c of a replicated shard runs, the weights each copy needs for the
+// step, and the chunk requests, sent without waiting so that the primary
+// computes its own chunk meanwhile.
+//
+// Where: the workers of the routing table other than this one, in the
+// coordinator's order (SetCopyHosts: the workers less loaded than this one,
+// least first), or without it the least shard bytes first. A shard's hosts
+// are fixed at its first forward of a step and hold for the step; copies
+// on hosts a step no longer uses are dropped. Where a chunk runs never
+// changes its bits.
 //
 // Every failure (a copy host that is gone, refuses or is late) is an
 // answer too: the caller computes that chunk itself, with the same bits,
@@ -46,6 +51,9 @@ class ReplicaClient {
   // the current or an older epoch changes nothing: chunks keep their hosts
   // for the whole epoch (a host's copy holds the step's micro-batches).
   void SetRouting(const control::RoutingTable& routing) EXCLUDES(mu_);
+  // The coordinator's ranking of the workers for copies (HeartbeatAck.
+  // copy_hosts: least loaded first); applies from each shard's next step.
+  void SetCopyHosts(std::vector<std::string> names) EXCLUDES(mu_);
 
   // Everything a computation asks of its copies ends by one deadline:
   // NewDeadline() is a quarter of transport.request_timeout_ms from now,
@@ -55,6 +63,13 @@ class ReplicaClient {
   Deadline NewDeadline() const {
     return std::chrono::steady_clock::now() + budget_;
   }
+
+  // The start of `id`'s forward of micro-batch `micro_batch` at (epoch,
+  // step) with `chunks` chunks: the first of the step fixes the hosts of
+  // its chunks, and drops the copies on hosts it no longer uses (all of
+  // them once the shard has cooled to one chunk).
+  void BeginStep(const ShardId& id, uint64_t epoch, int64_t step, int chunks)
+      EXCLUDES(mu_);
 
   // An answer on its way: Wait() for it.
   class Pending;
@@ -81,9 +96,23 @@ class ReplicaClient {
   // "N chunks and M gradient shares computed by copies elsewhere, F
   // failures (their chunks computed here)", since the start.
   std::string Summary() const;
+  // Rows of this worker's chunks whose forward ran on copies since the
+  // last call (its heartbeats report them).
+  uint64_t TakeRowsOffloaded() { return rows_offloaded_.exchange(0); }
 
  private:
-  std::string HostOf(const ShardId& id, int chunk) const REQUIRES(mu_);
+  // Where `id`'s steps put their chunks.
+  struct Assignment {
+    uint64_t epoch = 0;
+    int64_t step = -1;
+    std::vector<std::string> hosts;  // Chunk c's at c - 1.
+  };
+
+  // Chunk `chunk`'s host at (epoch, step), "" when it has none.
+  std::string HostOf(const ShardId& id, uint64_t epoch, int64_t step,
+                     int chunk) const REQUIRES(mu_);
+  // The hosts a step may use, in order.
+  std::vector<std::string> Candidates() const REQUIRES(mu_);
   void Failed(const std::string& host, const Status& why) EXCLUDES(mu_);
   std::shared_ptr<Pending> Send(const std::string& host,
                                 transport::Message message, Deadline deadline)
@@ -95,9 +124,15 @@ class ReplicaClient {
   // Weights pushed to copies (fresh memory costs a page fault per 4 KiB).
   const std::shared_ptr<BufferPool> pool_;
   std::atomic<int64_t> chunks_{0}, shares_{0}, failures_{0};
+  std::atomic<uint64_t> rows_offloaded_{0};
   mutable Mutex mu_;
   uint64_t epoch_ GUARDED_BY(mu_) = 0;
-  std::vector<std::string> hosts_ GUARDED_BY(mu_);  // Addresses, by name.
+  // The table's other workers: addresses by name, and their addresses by
+  // shard bytes, then name.
+  std::map<std::string, std::string> addresses_ GUARDED_BY(mu_);
+  std::vector<std::string> by_bytes_ GUARDED_BY(mu_);
+  std::vector<std::string> ranking_ GUARDED_BY(mu_);  // SetCopyHosts.
+  std::map<ShardId, Assignment> assigned_ GUARDED_BY(mu_);
   std::set<std::string> failed_ GUARDED_BY(mu_);
   // Which (host, shard) has the weights of which (epoch, step).
   std::map<std::pair<std::string, ShardId>, std::pair<uint64_t, int64_t>>

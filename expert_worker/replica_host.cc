@@ -98,6 +98,10 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
   const ShardId id = ShardId::Expert(h.layer, h.expert, h.shard);
   const auto kind = static_cast<MessageKind>(h.kind);
   if (kind == MessageKind::kReplicaWeights) return Weights(request, id);
+  if (kind == MessageKind::kReplicaDrop) {
+    Drop(id);
+    return Tensor();
+  }
   ASSIGN_OR_RETURN(Copy * copy, Current(h, id));
   const ExpertFfn& f = ffn(h.shard);
   const int64_t d = f.shape().d_model, ff = f.shape().d_ff_shard;
@@ -152,6 +156,7 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
     RETURN_IF_ERROR(f.Forward(copy->params, in, nullptr, &hid, &y));
     copy->activations[h.micro_batch] = {in, std::move(hid)};
     Chunks()->Increment();
+    rows_served_.fetch_add(rows, std::memory_order_relaxed);
     return y;
   }
   if (kind != MessageKind::kReplicaBackward) {
@@ -221,10 +226,8 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
     // Room within the reservation: the least recently used copies go.
     const int64_t reserved = config_.replication().reserved_bytes();
     while (!recent_.empty() && bytes_.load() + bytes > reserved) {
-      auto old = copies_.find(recent_.front());
-      bytes_ -= old->second.bytes;
-      copies_.erase(old);
-      recent_.pop_front();
+      const ShardId victim = recent_.front();
+      Drop(victim);
     }
     if (bytes_.load() + bytes > reserved) {
       return ResourceExhaustedError(
@@ -251,6 +254,14 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
   copy.epoch = h.epoch;
   copy.step = h.step;
   return Tensor();
+}
+
+void ReplicaHost::Drop(const ShardId& id) {
+  auto found = copies_.find(id);
+  if (found == copies_.end()) return;
+  bytes_ -= found->second.bytes;
+  copies_.erase(found);
+  recent_.remove(id);
 }
 
 StatusOr<ReplicaHost::Copy*> ReplicaHost::Current(

@@ -8,7 +8,9 @@
 //   replica-backward: dy (T, d) -> dx, the weight-gradient inputs kept;
 //   replica-share: no payload -> the chunk's share of the weight gradient,
 //     one GEMM over its rows of every micro-batch in micro-batch order
-//     ((1, n) as the weights; no payload when it had none).
+//     ((1, n) as the weights; no payload when it had none);
+//   replica-drop: frees the copy (the shard cooled, or its chunks went to
+//     other hosts).
 // The copy computes with the primary's code (ExpertFfn) on the primary's
 // weights, so a chunk has the same bits wherever it runs.
 //
@@ -23,6 +25,7 @@
 #ifndef SWITCHYARD_EXPERT_WORKER_REPLICA_HOST_H_
 #define SWITCHYARD_EXPERT_WORKER_REPLICA_HOST_H_
 
+#include <atomic>
 #include <cstdint>
 #include <list>
 #include <map>
@@ -60,8 +63,11 @@ class ReplicaHost {
   // Queues one replica request.
   void Handle(Task task);
 
-  // Bytes the copies hold (tests).
+  // Bytes the copies hold now.
   int64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+  // Rows of chunks whose forward ran here since the last call (the
+  // worker's heartbeats report them: work it does for other workers).
+  uint64_t TakeRowsServed() { return rows_served_.exchange(0); }
 
  private:
   struct Copy {
@@ -82,6 +88,7 @@ class ReplicaHost {
   StatusOr<Tensor> Weights(const transport::Message& request,
                            const ShardId& id);
   StatusOr<Copy*> Current(const transport::WireHeader& h, const ShardId& id);
+  void Drop(const ShardId& id);
   const ExpertFfn& ffn(int shard) const { return shard == 0 ? ffn0_ : ffn_; }
 
   const config::SwitchyardConfig& config_;
@@ -95,6 +102,7 @@ class ReplicaHost {
   std::map<ShardId, Copy> copies_;
   std::list<ShardId> recent_;  // Least recently used first.
   std::atomic<int64_t> bytes_{0};
+  std::atomic<uint64_t> rows_served_{0};
 };
 
 }  // namespace switchyard::expert_worker

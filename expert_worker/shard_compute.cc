@@ -207,6 +207,7 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
       const auto deadline = replicas_->NewDeadline();
       shard->chunk_epoch = h.epoch;
       shard->chunk_step = h.step;
+      replicas_->BeginStep(shard->id, h.epoch, h.step, chunks);
       for (int c = 1; c < chunks; ++c) {
         const RowRange r = ChunkRows(tokens, chunks, c);
         if (r.size() == 0) continue;
@@ -490,11 +491,11 @@ Status ShardCompute::RecomputeChunk(const ExpertShard& shard, RowRange r,
   return f.BackwardInput(shard.params, h, dy, nullptr, &dh, &a, &dx);
 }
 
-void ShardCompute::AdvancePlan(int64_t step, ExpertShard* shard) const {
-  if (shard->repl.empty()) return;
+int ShardCompute::AdvancePlan(int64_t step, ExpertShard* shard) const {
+  if (shard->repl.empty()) return 1;
   const std::string name = shard->id.ToString();
   auto read = ReadReplication(shard->repl, name);
-  if (!read.ok()) return;  // Gradients refused the step already.
+  if (!read.ok()) return 1;  // Gradients refused the step already.
   ReplicationState plan = *read;
   constexpr int64_t kMaxTokens = (int64_t{1} << 48) - 1;
   plan.window_tokens =
@@ -518,6 +519,7 @@ void ShardCompute::AdvancePlan(int64_t step, ExpertShard* shard) const {
   MetricsRegistry::Global()
       .GetGauge("switchyard_worker_expert_replicas{shard=\"" + name + "\"}")
       ->Set(plan.replicas);
+  return plan.replicas;
 }
 
 Status ShardCompute::Apply(int64_t step, ExpertShard* shard) const {

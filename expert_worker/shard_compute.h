@@ -73,8 +73,9 @@ class ShardCompute {
   // window. At the end of a window (step + 1 a multiple of
   // replication.window_steps) decides the next window's replicas
   // (PlanReplicas) and opens a new window. For the step being applied, so
-  // that a step refused or abandoned counts nowhere.
-  void AdvancePlan(int64_t step, ExpertShard* shard) const;
+  // that a step refused or abandoned counts nowhere. Returns the plan's
+  // replicas from the next step (1: none).
+  int AdvancePlan(int64_t step, ExpertShard* shard) const;
 
   // A copy of the shard's parameters.
   static Tensor Pull(const DenseShard& shard) { return shard.params.Clone(); }

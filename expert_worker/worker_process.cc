@@ -190,6 +190,7 @@ Status RunWorker(const config::SwitchyardConfig& config,
   // until the next epoch, and at once when the hold begins.
   member.annotate_heartbeat = [&service](control::Heartbeat* beat) {
     beat->set_open_epoch(service.open_epoch());
+    service.AnnotateReplication(beat);
     if (const auto held = service.held()) {
       beat->set_held_epoch(held->epoch);
       beat->set_held_step(held->step);
@@ -225,6 +226,9 @@ Status RunWorker(const config::SwitchyardConfig& config,
                              &drained_cv,
                              &drained](const control::HeartbeatAck& ack) {
     service.NoteMovesDone(ack.moves_done_epoch());
+    if (ack.copy_hosts_size() > 0) {
+      service.SetCopyHosts({ack.copy_hosts().begin(), ack.copy_hosts().end()});
+    }
     if (ack.drained()) {
       MutexLock lock(&drained_mu);
       drained = true;

@@ -344,7 +344,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   {
     // The load report lists the shards hosted now (their counts kept).
     MutexLock loads(&loads_mu_);
-    std::map<ShardId, uint64_t> hosted;
+    std::map<ShardId, LoadCount> hosted;
     for (const auto& [id, shard] : shards_) hosted[id] = loads_[id];
     loads_ = std::move(hosted);
   }
@@ -568,7 +568,7 @@ void WorkerService::RoutingLoop() {
 void WorkerService::Handle(Message request, transport::Reply reply) {
   const uint8_t kind = request.header.kind;
   if (kind >= static_cast<uint8_t>(MessageKind::kReplicaWeights) &&
-      kind <= static_cast<uint8_t>(MessageKind::kReplicaShare)) {
+      kind <= static_cast<uint8_t>(MessageKind::kReplicaDrop)) {
     if (replica_host_ == nullptr) {
       reply(transport::ErrorResponse(
           request.header,
@@ -744,7 +744,7 @@ void WorkerService::Process(Task task) {
     uint64_t tokens = 0;
     for (const Tensor& out : outs) tokens += out.empty() ? 0 : out.dim(0);
     MutexLock loads(&loads_mu_);
-    loads_[shard->id] += tokens;
+    loads_[shard->id].tokens += tokens;
   }
   // Its gradient is computed while the worker has nothing else to do.
   if (s.ok() && compute_->GradientsDue(*shard)) {
@@ -820,7 +820,12 @@ Status WorkerService::ApplyUpdate(int64_t step) {
                                "training.learning_rate or check the data)");
   }
   // The step is taken: it counts into the replication plans.
-  for (auto& [id, shard] : shards_) compute_->AdvancePlan(step, shard.get());
+  if (config_.replication().enabled()) {
+    MutexLock loads(&loads_mu_);
+    for (auto& [id, shard] : shards_) {
+      loads_[id].replicas = compute_->AdvancePlan(step, shard.get());
+    }
+  }
   // Applied shard by shard from now on (SettleLocked).
   unsettled_ = 0;
   for (auto& [id, shard] : shards_) unsettled_ += shard->grads_ready ? 1 : 0;
@@ -1013,14 +1018,30 @@ std::string WorkerService::ParameterDigest() const {
 std::vector<control::ShardLoad> WorkerService::TakeLoads() {
   MutexLock lock(&loads_mu_);
   std::vector<control::ShardLoad> loads;
-  for (auto& [id, tokens] : loads_) {
+  for (auto& [id, count] : loads_) {
     control::ShardLoad load;
     *load.mutable_shard() = ToShardRef(id);
-    load.set_tokens(tokens);
-    tokens = 0;
+    load.set_tokens(count.tokens);
+    if (count.replicas > 1) load.set_replicas(count.replicas);
+    count.tokens = 0;
     loads.push_back(load);
   }
   return loads;
+}
+
+void WorkerService::AnnotateReplication(control::Heartbeat* beat) {
+  if (replica_host_ != nullptr) {
+    beat->set_copy_tokens(replica_host_->TakeRowsServed());
+    beat->set_copy_bytes(replica_host_->bytes());
+  }
+  if (replica_client_ != nullptr) {
+    beat->set_offloaded_tokens(replica_client_->TakeRowsOffloaded());
+  }
+}
+
+void WorkerService::SetCopyHosts(std::vector<std::string> names) {
+  if (replica_client_ != nullptr)
+    replica_client_->SetCopyHosts(std::move(names));
 }
 
 }  // namespace switchyard::expert_worker

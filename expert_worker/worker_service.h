@@ -202,6 +202,14 @@ class WorkerService {
   // Training tokens each hosted expert shard served since the last call
   // (heartbeats report them). Never waits for the compute thread.
   std::vector<control::ShardLoad> TakeLoads() EXCLUDES(loads_mu_);
+  // Hot-expert replication's part of a heartbeat (nothing without it): the
+  // rows this worker computed as copies of other workers' shards and the
+  // rows of its shards computed elsewhere since the last call, and the
+  // memory its copies hold.
+  void AnnotateReplication(control::Heartbeat* beat);
+  // The coordinator's ranking of workers for copies (HeartbeatAck.
+  // copy_hosts).
+  void SetCopyHosts(std::vector<std::string> names);
 
  private:
   void Run();
@@ -354,8 +362,13 @@ class WorkerService {
   // Training tokens per hosted expert shard since the last TakeLoads, under
   // their own lock: heartbeats read them and must not wait behind a long
   // computation.
+  // With each shard's replicas, as of its last update (1: none).
+  struct LoadCount {
+    uint64_t tokens = 0;
+    int replicas = 1;
+  };
   mutable Mutex loads_mu_ ACQUIRED_AFTER(mu_);
-  std::map<ShardId, uint64_t> loads_ GUARDED_BY(loads_mu_);
+  std::map<ShardId, LoadCount> loads_ GUARDED_BY(loads_mu_);
   std::map<int, std::unique_ptr<DenseShard>> dense_ GUARDED_BY(mu_);
 
   // The newest routing table offered and not yet applied.

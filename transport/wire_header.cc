@@ -78,7 +78,8 @@ std::string DescribeHeader(const WireHeader& h) {
                                  "replica-weights",
                                  "replica-forward",
                                  "replica-backward",
-                                 "replica-share"};
+                                 "replica-share",
+                                 "replica-drop"};
   const char* kind = h.kind <= static_cast<uint8_t>(MessageKind::kMaxKind)
                          ? kNames[h.kind]
                          : "?";

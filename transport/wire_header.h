@@ -40,12 +40,14 @@ enum class MessageKind : uint8_t {
   // (expert_worker/replica_host.h): the shard's weights for `step`
   // ((1, n) fp32) -> no payload; a chunk's forward x -> y and backward
   // dy -> dx (trainer_rank: the chunk); the chunk's weight-gradient share
-  // of the step: no payload -> (1, n) fp32.
+  // of the step: no payload -> (1, n) fp32; drop the copy (the shard
+  // cooled, or its chunks went elsewhere): no payload -> no payload.
   kReplicaWeights = 11,
   kReplicaForward = 12,
   kReplicaBackward = 13,
   kReplicaShare = 14,
-  kMaxKind = 14,
+  kReplicaDrop = 15,
+  kMaxKind = 15,
 };
 
 // dtype 0 means no tensor payload (an error response carries text).

@@ -6,6 +6,7 @@
 #include <limits>
 #include <memory>
 
+#include "cli/status_client.h"
 #include "common/config.h"
 
 namespace switchyard::coordinator {
@@ -817,6 +818,80 @@ TEST_F(ClusterStateTest, HeartbeatLoadsShowInTheStatus) {
   *beat.add_loads() = load(1, 5);
   ASSERT_TRUE(state_.Heartbeat(beat, t1 + milliseconds(100)).ok());
   EXPECT_EQ(Member(state_.Report(t1), "worker-0").tokens(), 5u);
+}
+
+// With replication, a worker reporting replicated shards hears the
+// workers to put their copies on: the serving ones by their own shards'
+// tokens, least first; its copy statistics show in the status.
+TEST(ClusterStateReplicationTest, CopyHostsRankWorkersByTheirOwnTokens) {
+  config::SwitchyardConfig config = TestConfig();
+  config.mutable_replication()->set_enabled(true);
+  ClusterState state(config);
+  const Clock::time_point t0 = Clock::time_point() + std::chrono::hours(1);
+  std::map<std::string, uint64_t> inc;
+  for (int i = 0; i < 3; ++i) {
+    const std::string name = "worker-" + std::to_string(i);
+    inc[name] = state.Register(Worker(name), t0).value().incarnation();
+  }
+  auto beat = [&](const std::string& name, uint64_t tokens, int replicas,
+                  Clock::time_point now) {
+    control::Heartbeat b = Beat(name, inc[name]);
+    control::ShardLoad* l = b.add_loads();
+    l->mutable_shard()->set_kind(control::EXPERT);
+    l->mutable_shard()->set_expert(static_cast<int>(name.back() - '0'));
+    l->set_tokens(tokens);
+    l->set_replicas(replicas);
+    b.set_copy_tokens(tokens / 10);
+    b.set_offloaded_tokens(replicas > 1 ? tokens / 2 : 0);
+    b.set_copy_bytes(1000);
+    auto ack = state.Heartbeat(b, now);
+    EXPECT_TRUE(ack.ok()) << ack.status().ToString();
+    return std::vector<std::string>(ack->copy_hosts().begin(),
+                                    ack->copy_hosts().end());
+  };
+  using Names = std::vector<std::string>;
+  // worker-1 and -2 report first (without replicated shards: no ranking).
+  EXPECT_EQ(beat("worker-1", 500, 1, t0), Names{});
+  EXPECT_EQ(beat("worker-2", 100, 1, t0), Names{});
+  EXPECT_EQ(beat("worker-0", 4000, 4, t0),
+            (Names{"worker-2", "worker-1", "worker-0"}));
+  const auto status = state.Report(t0);
+  const auto& hot = Member(status, "worker-0");
+  ASSERT_EQ(hot.replicated_size(), 1);
+  EXPECT_EQ(hot.replicated(0).replicas(), 4);
+  EXPECT_EQ(hot.replicated(0).tokens(), 4000u);
+  EXPECT_EQ(hot.offloaded_tokens(), 2000u);
+  EXPECT_EQ(Member(status, "worker-1").copy_tokens(), 50u);
+  EXPECT_EQ(Member(status, "worker-2").copy_bytes(), 1000);
+  EXPECT_EQ(Member(status, "worker-2").replicated_size(), 0);
+  // `switchyard status` shows them: the load per worker counts the rows
+  // each computed (2400 = 4000 - 2000 offloaded + 400 as copies; 550;
+  // 110).
+  const std::string text = cli::FormatStatus(status);
+  for (const char* want :
+       {"hot expert shard L0.E0.S0 on worker-0: 4 replicas (4000 tokens)",
+        "worker-1 computed 50 rows for other workers' shards and had 0 of its "
+        "own computed elsewhere",
+        "worker-0 computed 400 rows for other workers' shards and had 2000",
+        "with the rows copies computed): max/mean 2.35"}) {
+    EXPECT_NE(text.find(want), std::string::npos) << want << "\n" << text;
+  }
+  // Loads change: the ranking follows once a heartbeat period has passed.
+  EXPECT_EQ(beat("worker-2", 900, 1, t0 + milliseconds(10)), Names{});
+  EXPECT_EQ(beat("worker-0", 4000, 4, t0 + milliseconds(20)),
+            (Names{"worker-2", "worker-1", "worker-0"}));
+  EXPECT_EQ(beat("worker-0", 4000, 4, t0 + milliseconds(250)),
+            (Names{"worker-1", "worker-2", "worker-0"}));
+  // A draining worker takes no copies.
+  control::DrainRequest drain;
+  drain.set_worker("worker-1");
+  auto drained = state.Drain(drain, t0 + milliseconds(300));
+  ASSERT_TRUE(drained.ok()) << drained.status().ToString();
+  EXPECT_EQ(beat("worker-0", 4000, 4, t0 + milliseconds(500)),
+            (Names{"worker-2", "worker-0"}));
+  // Cooled: no ranking, and nothing replicated in the status.
+  EXPECT_EQ(beat("worker-0", 300, 1, t0 + milliseconds(800)), Names{});
+  EXPECT_EQ(Member(state.Report(t0), "worker-0").replicated_size(), 0);
 }
 
 }  // namespace

@@ -1,19 +1,31 @@
+// Hot-expert replication's copies.
+//
 // ReplicaHost: a copy computes a chunk's forward, backward and gradient
 // share with the bits the primary gets for it, and refuses what does not
 // fit (no weights, other weights, a backward without its forward, a
 // repeated forward, unknown shards and micro-batches, other dtypes, a
 // share over another number of micro-batches, more copies than
-// replication.reserved_bytes holds).
+// replication.reserved_bytes holds), and frees a copy its primary drops.
+//
+// ReplicaClient, over real UCX data planes to two workers' ReplicaHosts:
+// a shard's chunks go to the workers the coordinator ranks below this one
+// (HeartbeatAck.copy_hosts), fixed for the step; a step that places them
+// elsewhere drops the copies it no longer uses, and a shard cooled to one
+// chunk drops them all.
 #include "expert_worker/replica_host.h"
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
 #include <future>
 #include <random>
+#include <thread>
 
 #include "expert_worker/expert_init.h"
+#include "expert_worker/replica_client.h"
 #include "expert_worker/replication.h"
+#include "tests/testing/data_plane_options.h"
 
 namespace switchyard::expert_worker {
 namespace {
@@ -81,6 +93,13 @@ class ReplicaHostTest : public ::testing::Test {
                     m.error_text);
     }
     return std::move(m.payload);
+  }
+
+  // Pushes expert `expert`'s weights of step 3 (Params(seed)).
+  Status Push(int expert, uint32_t seed) {
+    return Ask(MessageKind::kReplicaWeights, 3, 0,
+               FlattenParams(Params(seed)).value(), expert)
+        .status();
   }
 
   ExpertParams Params(uint32_t seed) {
@@ -215,12 +234,8 @@ TEST_F(ReplicaHostTest, CopiesLiveWithinTheReservedBytes) {
   config_.mutable_replication()->set_reserved_bytes(one + one / 2);
   host_->Shutdown();
   StartHost();
-  ASSERT_TRUE(Ask(MessageKind::kReplicaWeights, 3, 0,
-                  FlattenParams(Params(1)).value(), 1)
-                  .ok());
-  ASSERT_TRUE(Ask(MessageKind::kReplicaWeights, 3, 0,
-                  FlattenParams(Params(2)).value(), 2)
-                  .ok());
+  ASSERT_TRUE(Push(1, 1).ok());
+  ASSERT_TRUE(Push(2, 2).ok());
   EXPECT_EQ(host_->bytes(), one);
   EXPECT_EQ(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1), 1)
                 .status()
@@ -232,11 +247,157 @@ TEST_F(ReplicaHostTest, CopiesLiveWithinTheReservedBytes) {
   config_.mutable_replication()->set_reserved_bytes(one / 2);
   host_->Shutdown();
   StartHost();
-  EXPECT_EQ(Ask(MessageKind::kReplicaWeights, 3, 0,
-                FlattenParams(Params(1)).value(), 1)
+  EXPECT_EQ(Push(1, 1).code(), StatusCode::kResourceExhausted);
+}
+
+TEST_F(ReplicaHostTest, ADroppedCopyFreesItsMemoryAndCountsItsRows) {
+  const int64_t d = shape0_.d_model;
+  ASSERT_TRUE(Push(1, 1).ok());
+  ASSERT_TRUE(Push(2, 2).ok());
+  const int64_t two = host_->bytes();
+  ASSERT_GT(two, 0);
+  ASSERT_TRUE(Ask(MessageKind::kReplicaForward, 3, 0, Random(5, d, 1), 1).ok());
+  ASSERT_TRUE(Ask(MessageKind::kReplicaForward, 3, 1, Random(2, d, 2), 2).ok());
+  EXPECT_EQ(host_->TakeRowsServed(), 7u);
+  EXPECT_EQ(host_->TakeRowsServed(), 0u) << "counted since the last call";
+  // The primary of expert 1 drops its copy: its memory goes, expert 2's
+  // stays and serves.
+  ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 1).ok());
+  EXPECT_EQ(host_->bytes(), two / 2);
+  EXPECT_EQ(Ask(MessageKind::kReplicaForward, 3, 1, Random(2, d, 1), 1)
                 .status()
                 .code(),
-            StatusCode::kResourceExhausted);
+            StatusCode::kFailedPrecondition)
+      << "dropped";
+  EXPECT_TRUE(
+      Ask(MessageKind::kReplicaBackward, 3, 1, Random(2, d, 3), 2).ok());
+  // Dropping what is not there changes nothing.
+  ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 1).ok());
+  ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 2).ok());
+  EXPECT_EQ(host_->bytes(), 0);
+}
+
+// A worker hosting copies: its data plane serves its ReplicaHost.
+struct CopyHost {
+  CopyHost(const config::SwitchyardConfig& config, const std::string& name,
+           const ExpertShape& shape, Gemm* gemm)
+      : host(config, name, shape, shape, gemm) {
+    host.Start();
+    plane = transport::NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
+    EXPECT_TRUE(
+        plane
+            ->Start([this](transport::Message request, transport::Reply reply) {
+              host.Handle({std::move(request), std::move(reply)});
+            })
+            .ok());
+  }
+  ~CopyHost() {
+    plane->Shutdown();
+    host.Shutdown();
+  }
+  ReplicaHost host;
+  std::unique_ptr<transport::DataPlane> plane;
+};
+
+class ReplicaClientTest : public ::testing::Test {
+ protected:
+  ReplicaClientTest()
+      : config_(Config()),
+        shape_(ExpertShardShape(config_, 0).value()),
+        gemm_(NewCpuGemm(1)) {}
+
+  void SetUp() override {
+    for (const char* name : {"w1", "w2"}) {
+      hosts_[name] =
+          std::make_unique<CopyHost>(config_, name, shape_, gemm_.get());
+    }
+    plane_ =
+        transport::NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
+    ASSERT_TRUE(plane_->Start(transport::RefuseRequests("w0")).ok());
+    client_ = std::make_unique<ReplicaClient>(config_, "w0", plane_.get());
+    control::RoutingTable table;
+    table.set_epoch(5);
+    for (const char* name : {"w0", "w1", "w2"}) {
+      auto* w = table.add_workers();
+      w->set_name(name);
+      w->set_confirmed(true);
+      w->set_data_address(name == std::string("w0")
+                              ? plane_->address()
+                              : hosts_[name]->plane->address());
+    }
+    client_->SetRouting(table);
+    params_ = ExpertParams::Zeros(shape_).value();
+    for (Tensor* t : {&params_.w1, &params_.b1, &params_.w2, &params_.b2}) {
+      Tensor r = Random(1, t->num_elements(), 3);
+      std::memcpy(t->data(), r.data(), t->num_bytes());
+    }
+  }
+
+  void TearDown() override {
+    client_.reset();
+    plane_->Shutdown();
+    hosts_.clear();
+  }
+
+  // Chunk `chunk`'s forward of expert 1's micro-batch `mb` at `step`
+  // (after BeginStep with `chunks`): whether a copy computed it.
+  bool Forward(int64_t step, int chunks, int chunk, int mb = 0) {
+    const ShardId id = ShardId::Expert(0, 1, 0);
+    client_->BeginStep(id, 5, step, chunks);
+    Tensor x = Tensor::Zeros(DType::kF32, {3, shape_.d_model}).value();
+    auto pending =
+        client_->Start(MessageKind::kReplicaForward, id, params_, 5, step, mb,
+                       chunk, std::move(x), client_->NewDeadline());
+    return pending != nullptr && client_->Wait(*pending).ok();
+  }
+
+  // Waits (up to 10 s) until `name`'s copies hold some memory or none, as
+  // asked.
+  bool HostHolds(const std::string& name, bool some) {
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if ((hosts_[name]->host.bytes() > 0) == some) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  }
+
+  config::SwitchyardConfig config_;
+  ExpertShape shape_;
+  std::unique_ptr<Gemm> gemm_;
+  std::map<std::string, std::unique_ptr<CopyHost>> hosts_;
+  std::unique_ptr<transport::DataPlane> plane_;
+  std::unique_ptr<ReplicaClient> client_;
+  ExpertParams params_;
+};
+
+TEST_F(ReplicaClientTest, ChunksGoToTheLessLoadedWorkersAndCooledCopiesGo) {
+  // w2 is less loaded than this worker, w1 more: only w2 takes copies.
+  client_->SetCopyHosts({"w2", "w0", "w1"});
+  ASSERT_TRUE(Forward(1, 3, 1));
+  EXPECT_FALSE(Forward(1, 3, 2)) << "one worker below this one: one copy";
+  EXPECT_TRUE(HostHolds("w2", true));
+  EXPECT_FALSE(hosts_["w1"]->host.bytes() > 0);
+  EXPECT_EQ(client_->TakeRowsOffloaded(), 3u);
+  // The ranking changes within the step: the step keeps its hosts.
+  client_->SetCopyHosts({"w1", "w0", "w2"});
+  ASSERT_TRUE(Forward(1, 3, 1, 1));
+  EXPECT_EQ(hosts_["w1"]->host.bytes(), 0);
+  // The next step goes to w1, and w2's copy is dropped.
+  ASSERT_TRUE(Forward(2, 3, 1));
+  EXPECT_TRUE(HostHolds("w1", true));
+  EXPECT_TRUE(HostHolds("w2", false)) << "the copy w2 no longer serves stays";
+  // Every other worker above this one: both take chunks, in order.
+  client_->SetCopyHosts({"w0", "w1", "w2"});
+  ASSERT_TRUE(Forward(3, 3, 1));
+  ASSERT_TRUE(Forward(3, 3, 2));
+  EXPECT_TRUE(HostHolds("w2", true));
+  // Cooled to one chunk: every copy goes, nothing is offloaded.
+  EXPECT_FALSE(Forward(4, 1, 1));
+  EXPECT_TRUE(HostHolds("w1", false));
+  EXPECT_TRUE(HostHolds("w2", false));
+  EXPECT_EQ(client_->TakeRowsOffloaded(), 4 * 3u);
 }
 
 }  // namespace
