@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 namespace switchyard {
 namespace {
@@ -126,6 +127,30 @@ void BufferPool::Give(uint8_t* buffer, size_t class_bytes) {
     }
   }
   FreeBuffer(buffer, class_bytes);
+}
+
+StatusOr<Tensor> ConcatRows(BufferPool& pool,
+                            const std::vector<const Tensor*>& parts,
+                            int64_t cols) {
+  int64_t rows = 0;
+  const Tensor* only = nullptr;
+  int with_rows = 0;
+  for (const Tensor* p : parts) {
+    if (p->empty() || p->dim(0) == 0) continue;
+    rows += p->dim(0);
+    only = p;
+    ++with_rows;
+  }
+  if (with_rows == 0) return Tensor();
+  if (with_rows == 1) return *only;
+  ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {rows, cols}));
+  char* dst = static_cast<char*>(out.data());
+  for (const Tensor* p : parts) {
+    if (p->empty()) continue;
+    std::memcpy(dst, p->data(), p->num_bytes());
+    dst += p->num_bytes();
+  }
+  return out;
 }
 
 }  // namespace switchyard

@@ -47,6 +47,13 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   size_t cached_bytes_ GUARDED_BY(mu_) = 0;
 };
 
+// The rows of `parts` (fp32, `cols` wide) one after another, in a buffer
+// from `pool`. Parts without rows are skipped; a single part with rows is
+// returned as is (shared), and none gives an empty tensor.
+StatusOr<Tensor> ConcatRows(BufferPool& pool,
+                            const std::vector<const Tensor*>& parts,
+                            int64_t cols);
+
 }  // namespace switchyard
 
 #endif  // SWITCHYARD_COMMON_BUFFER_POOL_H_

@@ -38,6 +38,12 @@ struct ExpertShape {
   bool has_b2 = true;  // Shard 0 with expert_bias.
   DType compute_dtype = DType::kF32;
   int gates() const { return activation == Activation::kSwiglu ? 2 : 1; }
+  // Elements of w1, b1, w2 and b2 together.
+  int64_t num_params() const {
+    const int64_t gf = static_cast<int64_t>(gates()) * d_ff_shard;
+    return d_model * gf + int64_t{d_ff_shard} * d_model + (has_b1 ? gf : 0) +
+           (has_b2 ? d_model : 0);
+  }
 };
 
 // fp32 tensors; b1/b2 are empty when the shape has none.

@@ -16,6 +16,7 @@
 
 #include "common/buffer_pool.h"
 #include "common/ids.h"
+#include "common/metrics.h"
 #include "common/status.h"
 #include "common/tensor.h"
 #include "expert_worker/expert_ffn.h"
@@ -70,6 +71,8 @@ struct ExpertShard {
   // A chunk's share of the weight gradient, summed into `grads` in chunk
   // order (a replicated shard only).
   ExpertParams share;
+  // switchyard_worker_expert_replicas{shard="<this shard>"}, once looked up.
+  Gauge* replicas_gauge = nullptr;
 };
 
 struct DenseShard {

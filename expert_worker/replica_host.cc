@@ -23,22 +23,6 @@ Counter* Chunks() {
   return c;
 }
 
-// The rows of `parts`, one after another, in a buffer from `pool` (one
-// part: itself).
-StatusOr<Tensor> Concat(BufferPool& pool,
-                        const std::vector<const Tensor*>& parts, int64_t cols) {
-  if (parts.size() == 1) return *parts.front();
-  int64_t rows = 0;
-  for (const Tensor* p : parts) rows += p->dim(0);
-  ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {rows, cols}));
-  char* dst = static_cast<char*>(out.data());
-  for (const Tensor* p : parts) {
-    std::memcpy(dst, p->data(), p->num_bytes());
-    dst += p->num_bytes();
-  }
-  return out;
-}
-
 }  // namespace
 
 ReplicaHost::ReplicaHost(const config::SwitchyardConfig& config,
@@ -122,10 +106,10 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
       dys.push_back(&c.dy);
     }
     if (xs.empty()) return Tensor();
-    ASSIGN_OR_RETURN(Tensor x, Concat(*pool_, xs, d));
-    ASSIGN_OR_RETURN(Tensor a, Concat(*pool_, as, ff));
-    ASSIGN_OR_RETURN(Tensor dh, Concat(*pool_, dhs, gf));
-    ASSIGN_OR_RETURN(Tensor dy, Concat(*pool_, dys, d));
+    ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, xs, d));
+    ASSIGN_OR_RETURN(Tensor a, ConcatRows(*pool_, as, ff));
+    ASSIGN_OR_RETURN(Tensor dh, ConcatRows(*pool_, dhs, gf));
+    ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, dys, d));
     ExpertParams& share = copy->share;
     RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &share));
     copy->contributions.clear();
@@ -191,11 +175,7 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
   auto found = copies_.find(id);
   {
     // The size first: a malformed push changes nothing.
-    int64_t n = static_cast<int64_t>(f.shape().d_model) * f.shape().gates() *
-                    f.shape().d_ff_shard +
-                static_cast<int64_t>(f.shape().d_ff_shard) * f.shape().d_model;
-    if (f.shape().has_b1) n += f.shape().gates() * f.shape().d_ff_shard;
-    if (f.shape().has_b2) n += f.shape().d_model;
+    const int64_t n = f.shape().num_params();
     if (request.payload.empty() || request.payload.num_elements() != n) {
       return InvalidArgumentError(
           "expert parameters of " + std::to_string(n) + " fp32 values, not " +

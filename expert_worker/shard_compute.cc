@@ -27,33 +27,6 @@ Counter* OptimizerMicros() {
   return c;
 }
 
-// Concatenates rows of `parts` (each (T_i, cols), or empty: no rows) into
-// one (sum T_i, cols), in a buffer from `pool`; a single part with rows is
-// returned as it is; no rows at all: an empty tensor.
-StatusOr<Tensor> ConcatRows(BufferPool& pool,
-                            const std::vector<const Tensor*>& parts,
-                            int64_t cols) {
-  int64_t rows = 0;
-  const Tensor* only = nullptr;
-  int with_rows = 0;
-  for (const Tensor* p : parts) {
-    if (p->empty() || p->dim(0) == 0) continue;
-    rows += p->dim(0);
-    only = p;
-    ++with_rows;
-  }
-  if (with_rows == 0) return Tensor();
-  if (with_rows == 1) return *only;
-  ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {rows, cols}));
-  char* dst = static_cast<char*>(out.data());
-  for (const Tensor* p : parts) {
-    if (p->empty()) continue;
-    std::memcpy(dst, p->data(), p->num_bytes());
-    dst += p->num_bytes();
-  }
-  return out;
-}
-
 // The payloads of `requests` as fp32 (empty where none) and their rows.
 Status Payloads(BufferPool& pool,
                 const std::vector<const transport::Message*>& requests,
@@ -516,9 +489,11 @@ int ShardCompute::AdvancePlan(int64_t step, ExpertShard* shard) const {
     plan = {next, 0};
   }
   WriteReplication(plan, &shard->repl);
-  MetricsRegistry::Global()
-      .GetGauge("switchyard_worker_expert_replicas{shard=\"" + name + "\"}")
-      ->Set(plan.replicas);
+  if (shard->replicas_gauge == nullptr) {
+    shard->replicas_gauge = MetricsRegistry::Global().GetGauge(
+        "switchyard_worker_expert_replicas{shard=\"" + name + "\"}");
+  }
+  shard->replicas_gauge->Set(plan.replicas);
   return plan.replicas;
 }
 
