@@ -113,6 +113,7 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
     ExpertParams& share = copy->share;
     RETURN_IF_ERROR(f.ComputeGrads(x, a, dh, dy, &share));
     copy->contributions.clear();
+    Recount(copy);
     return FlattenParams(share, pool_.get());
   }
   if (h.micro_batch < 0 ||
@@ -135,10 +136,12 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
         copy->contributions.count(h.micro_batch)) {
       return AlreadyExistsError("this chunk's forward came before");
     }
+    RETURN_IF_ERROR(Room(id, in.num_bytes() + rows * gf * 4));
     ASSIGN_OR_RETURN(Tensor hid, pool_->Take(DType::kF32, {rows, gf}));
     ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {rows, d}));
     RETURN_IF_ERROR(f.Forward(copy->params, in, nullptr, &hid, &y));
     copy->activations[h.micro_batch] = {in, std::move(hid)};
+    Recount(copy);
     Chunks()->Increment();
     rows_served_.fetch_add(rows, std::memory_order_relaxed);
     return y;
@@ -156,6 +159,8 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
                                 " rows, its forward " +
                                 std::to_string(x.dim(0)));
   }
+  // dy and the weight-gradient inputs come; the hidden activations go.
+  RETURN_IF_ERROR(Room(id, in.num_bytes() + rows * ff * 4));
   Copy::Inputs c{x, Tensor(), Tensor(), in};
   ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, {rows, gf}));
   ASSIGN_OR_RETURN(c.a, pool_->Take(DType::kF32, {rows, ff}));
@@ -164,6 +169,7 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
       f.BackwardInput(copy->params, hid, in, nullptr, &c.dh, &c.a, &dx));
   copy->contributions[h.micro_batch] = std::move(c);
   copy->activations.erase(it);
+  Recount(copy);
   Chunks()->Increment();
   return dx;
 }
@@ -227,6 +233,7 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
   copy.step = -1;
   copy.activations.clear();
   copy.contributions.clear();
+  Recount(&copy);
   RETURN_IF_ERROR(UnflattenParams(request.payload, &copy.params));
   if (f.shape().compute_dtype == DType::kBF16) {
     RETURN_IF_ERROR(copy.params.RefreshBf16());
@@ -236,10 +243,33 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
   return Tensor();
 }
 
+Status ReplicaHost::Room(const ShardId& id, int64_t more) const {
+  const int64_t reserved = config_.replication().reserved_bytes();
+  if (bytes_.load() + more <= reserved) return OkStatus();
+  return ResourceExhaustedError(
+      "a chunk of " + id.ToString() + " needs " + std::to_string(more) +
+      " more bytes; the copies hold " + std::to_string(bytes_.load()) +
+      " of replication.reserved_bytes " + std::to_string(reserved));
+}
+
+void ReplicaHost::Recount(Copy* copy) {
+  int64_t held = 0;
+  for (const auto& [mb, a] : copy->activations) {
+    held += static_cast<int64_t>(a.first.num_bytes() + a.second.num_bytes());
+  }
+  for (const auto& [mb, c] : copy->contributions) {
+    for (const Tensor* t : {&c.x, &c.a, &c.dh, &c.dy}) {
+      held += static_cast<int64_t>(t->num_bytes());
+    }
+  }
+  bytes_ += held - copy->held;
+  copy->held = held;
+}
+
 void ReplicaHost::Drop(const ShardId& id) {
   auto found = copies_.find(id);
   if (found == copies_.end()) return;
-  bytes_ -= found->second.bytes;
+  bytes_ -= found->second.bytes + found->second.held;
   copies_.erase(found);
   recent_.remove(id);
 }

@@ -14,12 +14,13 @@
 // The copy computes with the primary's code (ExpertFfn) on the primary's
 // weights, so a chunk has the same bits wherever it runs.
 //
-// Copies live within replication.reserved_bytes; a new one evicts the
-// least recently used (the primary computes an evicted copy's chunks
-// itself). Requests are served on a thread of their own, never on the
-// compute thread or under the worker's state lock: a primary waiting for
-// its copies never waits on another primary's compute thread, so two
-// primaries replicating onto each other cannot deadlock.
+// Copies live within replication.reserved_bytes, their activations
+// included; a new one evicts the least recently used (the primary computes
+// an evicted copy's chunks itself), and a chunk whose activations do not
+// fit is refused (the primary computes it itself). Requests are served on a
+// thread of their own, never on the compute thread or under the worker's state
+// lock: a primary waiting for its copies never waits on another primary's
+// compute thread, so two primaries replicating onto each other cannot deadlock.
 //
 // Thread-safety: Handle() is thread-safe and never blocks.
 #ifndef SWITCHYARD_EXPERT_WORKER_REPLICA_HOST_H_
@@ -63,7 +64,7 @@ class ReplicaHost {
   // Queues one replica request.
   void Handle(Task task);
 
-  // Bytes the copies hold now.
+  // Bytes the copies hold now (weights, share buffers, activations).
   int64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
   // Rows of chunks whose forward ran here since the last call (the
   // worker's heartbeats report them: work it does for other workers).
@@ -81,6 +82,8 @@ class ReplicaHost {
     };
     std::map<int32_t, Inputs> contributions;  // By micro-batch.
     ExpertParams share;  // The share's buffers, kept between steps.
+    // Bytes of `activations` and `contributions` (counted in bytes_ too).
+    int64_t held = 0;
   };
 
   void Loop();
@@ -89,6 +92,11 @@ class ReplicaHost {
                            const ShardId& id);
   StatusOr<Copy*> Current(const transport::WireHeader& h, const ShardId& id);
   void Drop(const ShardId& id);
+  // Refuses (RESOURCE_EXHAUSTED) `more` bytes of activations beyond
+  // replication.reserved_bytes.
+  Status Room(const ShardId& id, int64_t more) const;
+  // Counts `copy`'s activations and contributions again, after a change.
+  void Recount(Copy* copy);
   const ExpertFfn& ffn(int shard) const { return shard == 0 ? ffn0_ : ffn_; }
 
   const config::SwitchyardConfig& config_;

@@ -243,6 +243,23 @@ TEST_F(ReplicaHostTest, CopiesLiveWithinTheReservedBytes) {
             StatusCode::kFailedPrecondition)
       << "evicted";
   EXPECT_TRUE(Ask(MessageKind::kReplicaForward, 3, 0, Random(2, d, 1), 2).ok());
+  // Room for the weights, not for a large chunk's activations: that chunk
+  // is refused, a small one still served, and the share frees them.
+  const int64_t f = shape0_.gates() * shape0_.d_ff_shard;
+  config_.mutable_replication()->set_reserved_bytes(one + 10 * (d + f) * 4);
+  host_->Shutdown();
+  StartHost();
+  ASSERT_TRUE(Push(1, 1).ok());
+  EXPECT_EQ(Ask(MessageKind::kReplicaForward, 3, 0, Random(11, d, 1), 1)
+                .status()
+                .code(),
+            StatusCode::kResourceExhausted);
+  ASSERT_TRUE(Ask(MessageKind::kReplicaForward, 3, 0, Random(4, d, 1), 1).ok());
+  ASSERT_TRUE(
+      Ask(MessageKind::kReplicaBackward, 3, 0, Random(4, d, 2), 1).ok());
+  EXPECT_GT(host_->bytes(), one);
+  ASSERT_TRUE(Ask(MessageKind::kReplicaShare, 3, 1, Tensor(), 1).ok());
+  EXPECT_EQ(host_->bytes(), one);
   // No room at all.
   config_.mutable_replication()->set_reserved_bytes(one / 2);
   host_->Shutdown();
@@ -260,10 +277,13 @@ TEST_F(ReplicaHostTest, ADroppedCopyFreesItsMemoryAndCountsItsRows) {
   ASSERT_TRUE(Ask(MessageKind::kReplicaForward, 3, 1, Random(2, d, 2), 2).ok());
   EXPECT_EQ(host_->TakeRowsServed(), 7u);
   EXPECT_EQ(host_->TakeRowsServed(), 0u) << "counted since the last call";
+  // Activations count: a forward keeps x and the hidden activations.
+  const int64_t f = shape0_.gates() * shape0_.d_ff_shard;
+  EXPECT_EQ(host_->bytes(), two + 7 * (d + f) * 4);
   // The primary of expert 1 drops its copy: its memory goes, expert 2's
   // stays and serves.
   ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 1).ok());
-  EXPECT_EQ(host_->bytes(), two / 2);
+  EXPECT_EQ(host_->bytes(), two / 2 + 2 * (d + f) * 4);
   EXPECT_EQ(Ask(MessageKind::kReplicaForward, 3, 1, Random(2, d, 1), 1)
                 .status()
                 .code(),
@@ -271,6 +291,8 @@ TEST_F(ReplicaHostTest, ADroppedCopyFreesItsMemoryAndCountsItsRows) {
       << "dropped";
   EXPECT_TRUE(
       Ask(MessageKind::kReplicaBackward, 3, 1, Random(2, d, 3), 2).ok());
+  // The backward keeps x, dy and the weight-gradient inputs instead.
+  EXPECT_EQ(host_->bytes(), two / 2 + 2 * (2 * d + f + shape0_.d_ff_shard) * 4);
   // Dropping what is not there changes nothing.
   ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 1).ok());
   ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 2).ok());
