@@ -45,6 +45,9 @@ struct ExpertShard {
     // Per chunk: its backward ran on its copy, which keeps its rows of a
     // and dh (here they are not computed).
     std::vector<uint8_t> remote;
+    // Expert dropout's keep multipliers of every row, kept only when a
+    // chunk is remote (for computing it here again should its copy fail).
+    std::vector<float> keep;
   };
   // Weight-gradient inputs of the step in progress, by micro-batch (each
   // with every rank's rows in rank order): std::map iterates them in

@@ -123,11 +123,16 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
         " is outside [0, training.micro_batches " +
         std::to_string(config_.training().micro_batches()) + ")");
   }
+  // With expert dropout a forward's rows carry their keep multipliers
+  // after x: (T, d + f).
+  const bool dropout = config_.model().expert_dropout() > 0;
   const Tensor& in = request.payload;
-  if (in.empty() || in.shape().size() != 2 || in.dim(1) != d ||
+  const int64_t width =
+      kind == MessageKind::kReplicaForward && dropout ? d + ff : d;
+  if (in.empty() || in.shape().size() != 2 || in.dim(1) != width ||
       in.dim(0) == 0) {
     return InvalidArgumentError("a replica chunk is (T > 0, " +
-                                std::to_string(d) + "), not " +
+                                std::to_string(width) + "), not " +
                                 (in.empty() ? "<none>" : in.DebugString()));
   }
   const int64_t rows = in.dim(0);
@@ -137,10 +142,22 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
       return AlreadyExistsError("this chunk's forward came before");
     }
     RETURN_IF_ERROR(Room(id, in.num_bytes() + rows * gf * 4));
-    ASSIGN_OR_RETURN(Tensor hid, pool_->Take(DType::kF32, {rows, gf}));
+    Copy::Kept kept{in, Tensor(), Tensor()};
+    if (dropout) {
+      ASSIGN_OR_RETURN(kept.x, pool_->Take(DType::kF32, {rows, d}));
+      ASSIGN_OR_RETURN(kept.keep, pool_->Take(DType::kF32, {rows, ff}));
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = in.f32() + r * width;
+        std::memcpy(kept.x.f32() + r * d, row, d * sizeof(float));
+        std::memcpy(kept.keep.f32() + r * ff, row + d, ff * sizeof(float));
+      }
+    }
+    ASSIGN_OR_RETURN(kept.h, pool_->Take(DType::kF32, {rows, gf}));
     ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {rows, d}));
-    RETURN_IF_ERROR(f.Forward(copy->params, in, nullptr, &hid, &y));
-    copy->activations[h.micro_batch] = {in, std::move(hid)};
+    RETURN_IF_ERROR(f.Forward(copy->params, kept.x,
+                              dropout ? kept.keep.f32() : nullptr, &kept.h,
+                              &y));
+    copy->activations[h.micro_batch] = std::move(kept);
     Recount(copy);
     Chunks()->Increment();
     rows_served_.fetch_add(rows, std::memory_order_relaxed);
@@ -153,7 +170,8 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
   if (it == copy->activations.end()) {
     return FailedPreconditionError("a backward without its forward");
   }
-  const auto& [x, hid] = it->second;
+  const Copy::Kept& kept = it->second;
+  const Tensor& x = kept.x;
   if (x.dim(0) != rows) {
     return InvalidArgumentError("the backward has " + std::to_string(rows) +
                                 " rows, its forward " +
@@ -165,8 +183,9 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
   ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, {rows, gf}));
   ASSIGN_OR_RETURN(c.a, pool_->Take(DType::kF32, {rows, ff}));
   ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, {rows, d}));
-  RETURN_IF_ERROR(
-      f.BackwardInput(copy->params, hid, in, nullptr, &c.dh, &c.a, &dx));
+  RETURN_IF_ERROR(f.BackwardInput(copy->params, kept.h, in,
+                                  kept.keep.empty() ? nullptr : kept.keep.f32(),
+                                  &c.dh, &c.a, &dx));
   copy->contributions[h.micro_batch] = std::move(c);
   copy->activations.erase(it);
   Recount(copy);
@@ -254,8 +273,10 @@ Status ReplicaHost::Room(const ShardId& id, int64_t more) const {
 
 void ReplicaHost::Recount(Copy* copy) {
   int64_t held = 0;
-  for (const auto& [mb, a] : copy->activations) {
-    held += static_cast<int64_t>(a.first.num_bytes() + a.second.num_bytes());
+  for (const auto& [mb, k] : copy->activations) {
+    for (const Tensor* t : {&k.x, &k.h, &k.keep}) {
+      held += static_cast<int64_t>(t->num_bytes());
+    }
   }
   for (const auto& [mb, c] : copy->contributions) {
     for (const Tensor* t : {&c.x, &c.a, &c.dh, &c.dy}) {

@@ -4,7 +4,8 @@
 //   replica-weights: the shard's parameters for that step ((1, n) fp32:
 //     FlattenParams), which replace the copy's and drop what it kept;
 //   replica-forward (micro-batch; trainer_rank: the chunk): x (T, d) -> y,
-//     the activations kept;
+//     the activations kept (with model.expert_dropout, each row carries
+//     its keep multipliers after x: (T, d + f));
 //   replica-backward: dy (T, d) -> dx, the weight-gradient inputs kept;
 //   replica-share: no payload -> the chunk's share of the weight gradient,
 //     one GEMM over its rows of every micro-batch in micro-batch order
@@ -76,7 +77,12 @@ class ReplicaHost {
     uint64_t epoch = 0;
     int64_t step = -1;
     int64_t bytes = 0;
-    std::map<int32_t, std::pair<Tensor, Tensor>> activations;  // x, h by mb.
+    // A forward's rows, hidden activations and (expert dropout) keep
+    // multipliers.
+    struct Kept {
+      Tensor x, h, keep;
+    };
+    std::map<int32_t, Kept> activations;  // By micro-batch.
     struct Inputs {
       Tensor x, a, dh, dy;
     };

@@ -102,6 +102,22 @@ StatusOr<int> Chunks(const ExpertShard& shard) {
   return plan.replicas;
 }
 
+// What a copy gets for chunk `r`'s forward: its rows of x, each followed
+// by its `f` expert-dropout keep multipliers when there are any.
+StatusOr<Tensor> ChunkInput(BufferPool& pool, const Tensor& x,
+                            const std::vector<float>& keep, int64_t f,
+                            RowRange r) {
+  if (keep.empty()) return x.Slice(r.begin, r.end);
+  const int64_t d = x.dim(1);
+  ASSIGN_OR_RETURN(Tensor out, pool.Take(DType::kF32, {r.size(), d + f}));
+  for (int64_t i = 0; i < r.size(); ++i) {
+    float* row = out.f32() + i * (d + f);
+    std::memcpy(row, x.f32() + (r.begin + i) * d, d * sizeof(float));
+    std::memcpy(row + d, keep.data() + (r.begin + i) * f, f * sizeof(float));
+  }
+  return out;
+}
+
 // into += from, element by element (both fp32, the same shape, or empty).
 void AddInto(const Tensor& from, Tensor* into) {
   if (into->empty()) return;
@@ -176,7 +192,7 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
                        &yc);
     };
     std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
-    if (train && replicas_ != nullptr && keep.empty()) {
+    if (train && replicas_ != nullptr) {
       const auto deadline = replicas_->NewDeadline();
       shard->chunk_epoch = h.epoch;
       shard->chunk_step = h.step;
@@ -184,7 +200,7 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
       for (int c = 1; c < chunks; ++c) {
         const RowRange r = ChunkRows(tokens, chunks, c);
         if (r.size() == 0) continue;
-        ASSIGN_OR_RETURN(Tensor xc, x.Slice(r.begin, r.end));
+        ASSIGN_OR_RETURN(Tensor xc, ChunkInput(*pool_, x, keep, ff, r));
         sent[c] = replicas_->Start(MessageKind::kReplicaForward, shard->id,
                                    shard->params, h.epoch, h.step,
                                    h.micro_batch, c, std::move(xc), deadline);
@@ -240,14 +256,14 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
   for (const Tensor& dy : dys) parts.push_back(&dy);
   const ExpertFfn& f = ffn(shard->id.shard);
   ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, parts, f.shape().d_model));
-  ExpertShard::Contribution c{kept.x, Tensor(), Tensor(), dy, {}};
+  ExpertShard::Contribution c{kept.x, Tensor(), Tensor(), dy, {}, {}};
   if (!dy.empty()) {
     ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
     const int64_t ff = f.shape().d_ff_shard;
     ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, kept.h.shape()));
     ASSIGN_OR_RETURN(c.a, pool_->Take(DType::kF32, {dy.dim(0), ff}));
     ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, kept.x.shape()));
-    const std::vector<float> keep = ExpertDropoutKeep(config_, h, rows, ff);
+    std::vector<float> keep = ExpertDropoutKeep(config_, h, rows, ff);
     const int64_t d = f.shape().d_model;
     // A chunk whose forward ran on its copy goes back there; the others,
     // and any the copy fails, run here (a remote forward's h computed
@@ -256,22 +272,21 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
       const bool remote =
           chunk < static_cast<int>(kept.remote.size()) && kept.remote[chunk];
       ASSIGN_OR_RETURN(Tensor hc, kept.h.Slice(r.begin, r.end));
+      const float* keep_c = keep.empty() ? nullptr : keep.data() + r.begin * ff;
       if (remote) {
         ASSIGN_OR_RETURN(Tensor xc, kept.x.Slice(r.begin, r.end));
         ASSIGN_OR_RETURN(Tensor yc, pool_->Take(DType::kF32, {r.size(), d}));
-        RETURN_IF_ERROR(f.Forward(shard->params, xc, nullptr, &hc, &yc));
+        RETURN_IF_ERROR(f.Forward(shard->params, xc, keep_c, &hc, &yc));
       }
       ASSIGN_OR_RETURN(Tensor dyc, dy.Slice(r.begin, r.end));
       ASSIGN_OR_RETURN(Tensor dhc, c.dh.Slice(r.begin, r.end));
       ASSIGN_OR_RETURN(Tensor ac, c.a.Slice(r.begin, r.end));
       ASSIGN_OR_RETURN(Tensor dxc, dx.Slice(r.begin, r.end));
-      return f.BackwardInput(
-          shard->params, hc, dyc,
-          keep.empty() ? nullptr : keep.data() + r.begin * ff, &dhc, &ac, &dxc);
+      return f.BackwardInput(shard->params, hc, dyc, keep_c, &dhc, &ac, &dxc);
     };
     const int64_t tokens = dy.dim(0);
     std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
-    if (replicas_ != nullptr && keep.empty()) {
+    if (replicas_ != nullptr) {
       const auto deadline = replicas_->NewDeadline();
       for (int k = 1; k < chunks && k < static_cast<int>(kept.remote.size());
            ++k) {
@@ -299,6 +314,11 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
       } else {
         RETURN_IF_ERROR(here(k, r));
       }
+    }
+    // A share its copy fails to give is computed here again, with the
+    // same multipliers.
+    if (std::count(c.remote.begin(), c.remote.end(), 1) > 0) {
+      c.keep = std::move(keep);
     }
     ASSIGN_OR_RETURN(*outs, SplitRows(dx, rows));
   } else {
@@ -460,8 +480,10 @@ Status ShardCompute::RecomputeChunk(const ExpertShard& shard, RowRange r,
   ASSIGN_OR_RETURN(Tensor h, pool_->Take(DType::kF32, {r.size(), gf}));
   ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {r.size(), d}));
   ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, {r.size(), d}));
-  RETURN_IF_ERROR(f.Forward(shard.params, x, nullptr, &h, &y));
-  return f.BackwardInput(shard.params, h, dy, nullptr, &dh, &a, &dx);
+  const int64_t ff = f.shape().d_ff_shard;
+  const float* keep = c->keep.empty() ? nullptr : c->keep.data() + r.begin * ff;
+  RETURN_IF_ERROR(f.Forward(shard.params, x, keep, &h, &y));
+  return f.BackwardInput(shard.params, h, dy, keep, &dh, &a, &dx);
 }
 
 int ShardCompute::AdvancePlan(int64_t step, ExpertShard* shard) const {

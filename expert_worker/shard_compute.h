@@ -92,9 +92,9 @@ class ShardCompute {
   const ExpertFfn& ffn(int shard) const { return shard == 0 ? *ffn0_ : *ffn_; }
 
   // Where a replicated shard's chunks may run besides here (not owned;
-  // null: every chunk here). Training chunks without expert dropout go to
-  // their copies; what a copy fails to do is computed here, with the same
-  // bits.
+  // null: every chunk here). Training chunks go to their copies (with
+  // their expert-dropout multipliers); what a copy fails to do is computed
+  // here, with the same bits.
   void set_replicas(ReplicaClient* replicas) { replicas_ = replicas; }
 
  private:

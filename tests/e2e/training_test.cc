@@ -55,6 +55,35 @@ class TrainingTest : public testing::CorpusDirTest {
            " --set training.threads=1";
   }
 
+  // Whether `output`'s workers used copies of their hot shards with no
+  // failure (`failures` false), or saw failures (true).
+  static bool CopiesUsed(const std::string& output, bool failures) {
+    static const std::regex kCopies(
+        R"(worker-\d: [1-9]\d* chunks and [1-9]\d* gradient shares computed )"
+        R"(by copies elsewhere, 0 failures)");
+    static const std::regex kFailures(
+        R"(computed by copies elsewhere, [1-9]\d* failures)");
+    return std::regex_search(output, failures ? kFailures : kCopies);
+  }
+
+  // A run on 3 workers with `flags` whose copies evict each other (room
+  // for one copy per worker: tiny.yaml's expert shard is 132,352 bytes in
+  // fp32, twice with its gradient share's buffers), so that forwards,
+  // backwards and gradient shares of copies fail at every point of a step
+  // and the primaries compute those chunks themselves: still `want`'s bits.
+  void ExpectEvictingCopiesKeepTheBits(
+      const std::string& flags,
+      const std::map<std::string, std::string>& want) {
+    const auto evicting = RunSwitchyard(
+        "up --workers 3 --trainers 2 --run-dir " + dir_ + "/evicting" +
+            Flags() + flags + " --set replication.reserved_bytes=300000",
+        180);
+    ASSERT_EQ(evicting.exit_code, 0) << evicting.output;
+    EXPECT_TRUE(CopiesUsed(evicting.output, /*failures=*/true))
+        << evicting.output;
+    EXPECT_EQ(Digests(evicting.output), want) << evicting.output;
+  }
+
   testing::CommandResult Distributed(const std::string& name) {
     return RunSwitchyard(
         "up --workers 3 --trainers 2 --run-dir " + dir_ + "/" + name + Flags(),
@@ -192,25 +221,31 @@ TEST_F(TrainingTest, HotExpertsReplicateAndMatchTheReferenceBitForBit) {
       << second.output;
   EXPECT_EQ(Digests(second.output), want) << second.output;
   // The copies ran on the other workers, and none failed.
-  static const std::regex kCopies(
-      R"(worker-\d: [1-9]\d* chunks and [1-9]\d* gradient shares computed by )"
-      R"(copies elsewhere, 0 failures)");
-  EXPECT_TRUE(std::regex_search(second.output, kCopies)) << second.output;
+  EXPECT_TRUE(CopiesUsed(second.output, /*failures=*/false)) << second.output;
+  ExpectEvictingCopiesKeepTheBits(replicate, want);
+}
 
-  // Room for one copy per worker (tiny.yaml's expert shard: 132,352 bytes
-  // in fp32, twice with its gradient share's buffers): copies evict each other,
-  // so forwards, backwards and gradient shares of copies fail at every point of
-  // a step, and the primaries compute those chunks themselves: still the
-  // reference's bits.
-  const auto evicting = RunSwitchyard(
-      "up --workers 3 --trainers 2 --run-dir " + dir_ + "/evicting" + Flags() +
-          replicate + " --set replication.reserved_bytes=300000",
-      180);
-  ASSERT_EQ(evicting.exit_code, 0) << evicting.output;
-  static const std::regex kFailures(
-      R"(computed by copies elsewhere, [1-9]\d* failures)");
-  EXPECT_TRUE(std::regex_search(evicting.output, kFailures)) << evicting.output;
-  EXPECT_EQ(Digests(evicting.output), want) << evicting.output;
+// The same with expert dropout: the primaries send each chunk's keep
+// multipliers with its rows, and compute a failed copy's chunk again with
+// them; a run with copies, and one whose copies keep evicting each other,
+// end bit-identical to the reference.
+TEST_F(TrainingTest, HotExpertsWithExpertDropoutReplicateBitForBit) {
+  const std::string replicate =
+      " --set model.expert_dropout=0.2 --set replication.enabled=true"
+      " --set replication.window_steps=3 --set replication.hot_load=1.05"
+      " --set replication.cool_load=1 --set replication.max_replicas=3";
+  const auto reference =
+      RunSwitchyard("train --reference --sample-bytes 0" + Flags() + replicate);
+  ASSERT_EQ(reference.exit_code, 0) << reference.output;
+  const auto want = Digests(reference.output);
+  ASSERT_EQ(want.size(), 18u) << reference.output;
+  const auto copies = RunSwitchyard("up --workers 3 --trainers 2 --run-dir " +
+                                        dir_ + "/copies" + Flags() + replicate,
+                                    180);
+  ASSERT_EQ(copies.exit_code, 0) << copies.output;
+  EXPECT_EQ(Digests(copies.output), want) << copies.output;
+  EXPECT_TRUE(CopiesUsed(copies.output, /*failures=*/false)) << copies.output;
+  ExpectEvictingCopiesKeepTheBits(replicate, want);
 }
 
 // Replicas (checkpoint.replicas=1): a run on 3 workers stopped at step 10

@@ -111,6 +111,89 @@ class ReplicaHostTest : public ::testing::Test {
     return p;
   }
 
+  // AChunkHasThePrimarysBits, with or without expert dropout.
+  void ChunkHasThePrimarysBits(bool dropout) {
+    const ExpertParams p = Params(7);
+    const int64_t d = shape0_.d_model, f = shape0_.d_ff_shard;
+    ASSERT_TRUE(
+        Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
+    // Two micro-batches of a chunk, as the primary would compute them.
+    ExpertParams want = ExpertParams::Zeros(shape0_).value();
+    std::vector<Tensor> xs, as, dhs, dys;
+    for (int mb = 0; mb < 2; ++mb) {
+      const int64_t rows = 5 + mb;
+      Tensor x = Random(rows, d, 100 + mb), dy = Random(rows, d, 200 + mb);
+      std::vector<float> keep;
+      Tensor payload = x.Clone();
+      if (dropout) {
+        payload = Tensor::Zeros(DType::kF32, {rows, d + f}).value();
+        for (int64_t r = 0; r < rows; ++r) {
+          std::memcpy(payload.f32() + r * (d + f), x.f32() + r * d,
+                      d * sizeof(float));
+          for (int64_t c = 0; c < f; ++c) {
+            keep.push_back((r + c + mb) % 3 == 0 ? 0.0f : 4.0f / 3);
+            payload.f32()[r * (d + f) + d + c] = keep.back();
+          }
+        }
+      }
+      const float* k = dropout ? keep.data() : nullptr;
+      Tensor h = Tensor::Zeros(DType::kF32, {rows, f}).value();
+      Tensor y = Tensor::Zeros(DType::kF32, {rows, d}).value();
+      ASSERT_TRUE(ffn_.Forward(p, x, k, &h, &y).ok());
+      auto got_y = Ask(MessageKind::kReplicaForward, 3, mb, payload);
+      ASSERT_TRUE(got_y.ok()) << got_y.status().ToString();
+      ASSERT_EQ(got_y->num_bytes(), y.num_bytes());
+      EXPECT_EQ(std::memcmp(got_y->data(), y.data(), y.num_bytes()), 0);
+      Tensor dh = Tensor::Zeros(DType::kF32, {rows, f}).value();
+      Tensor a = Tensor::Zeros(DType::kF32, {rows, f}).value();
+      Tensor dx = Tensor::Zeros(DType::kF32, {rows, d}).value();
+      ASSERT_TRUE(ffn_.BackwardInput(p, h, dy, k, &dh, &a, &dx).ok());
+      auto got_dx = Ask(MessageKind::kReplicaBackward, 3, mb, dy.Clone());
+      ASSERT_TRUE(got_dx.ok()) << got_dx.status().ToString();
+      EXPECT_EQ(std::memcmp(got_dx->data(), dx.data(), dx.num_bytes()), 0);
+      xs.push_back(x);
+      as.push_back(a);
+      dhs.push_back(dh);
+      dys.push_back(dy);
+    }
+    // A forward without its keep multipliers is refused.
+    EXPECT_EQ(Ask(MessageKind::kReplicaForward, 3, 0,
+                  dropout ? Random(2, d, 1) : Random(2, d + f, 1))
+                  .status()
+                  .code(),
+              StatusCode::kInvalidArgument);
+    // The share: one GEMM over both micro-batches' rows, in order.
+    const auto cat = [](const std::vector<Tensor>& parts) {
+      int64_t rows = 0;
+      for (const Tensor& t : parts) rows += t.dim(0);
+      Tensor out = Tensor::Zeros(DType::kF32, {rows, parts[0].dim(1)}).value();
+      char* dst = static_cast<char*>(out.data());
+      for (const Tensor& t : parts) {
+        std::memcpy(dst, t.data(), t.num_bytes());
+        dst += t.num_bytes();
+      }
+      return out;
+    };
+    ASSERT_TRUE(
+        ffn_.ComputeGrads(cat(xs), cat(as), cat(dhs), cat(dys), &want).ok());
+    // A share over another number of micro-batches than the copy holds is
+    // refused (the primary then computes it itself).
+    EXPECT_EQ(Ask(MessageKind::kReplicaShare, 3, 1, Tensor()).status().code(),
+              StatusCode::kFailedPrecondition);
+    // Weights pushed again within the step keep what the copy holds.
+    ASSERT_TRUE(
+        Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
+    auto share = Ask(MessageKind::kReplicaShare, 3, 2, Tensor());
+    ASSERT_TRUE(share.ok()) << share.status().ToString();
+    const Tensor flat = FlattenParams(want).value();
+    ASSERT_EQ(share->num_bytes(), flat.num_bytes());
+    EXPECT_EQ(std::memcmp(share->data(), flat.data(), flat.num_bytes()), 0);
+    // Taken: a second ask has nothing.
+    auto again = Ask(MessageKind::kReplicaShare, 3, 0, Tensor());
+    ASSERT_TRUE(again.ok());
+    EXPECT_TRUE(again->empty());
+  }
+
   config::SwitchyardConfig config_;
   ExpertShape shape0_;
   std::unique_ptr<Gemm> gemm_;
@@ -118,66 +201,18 @@ class ReplicaHostTest : public ::testing::Test {
   std::unique_ptr<ReplicaHost> host_;
 };
 
+// With and without expert dropout (each row's keep multipliers travel
+// after its x).
 TEST_F(ReplicaHostTest, AChunkHasThePrimarysBits) {
-  const ExpertParams p = Params(7);
-  const int64_t d = shape0_.d_model, f = shape0_.d_ff_shard;
-  ASSERT_TRUE(
-      Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
-  // Two micro-batches of a chunk, as the primary would compute them.
-  ExpertParams want = ExpertParams::Zeros(shape0_).value();
-  std::vector<Tensor> xs, as, dhs, dys;
-  for (int mb = 0; mb < 2; ++mb) {
-    const int64_t rows = 5 + mb;
-    Tensor x = Random(rows, d, 100 + mb), dy = Random(rows, d, 200 + mb);
-    Tensor h = Tensor::Zeros(DType::kF32, {rows, f}).value();
-    Tensor y = Tensor::Zeros(DType::kF32, {rows, d}).value();
-    ASSERT_TRUE(ffn_.Forward(p, x, &h, &y).ok());
-    auto got_y = Ask(MessageKind::kReplicaForward, 3, mb, x.Clone());
-    ASSERT_TRUE(got_y.ok()) << got_y.status().ToString();
-    ASSERT_EQ(got_y->num_bytes(), y.num_bytes());
-    EXPECT_EQ(std::memcmp(got_y->data(), y.data(), y.num_bytes()), 0);
-    Tensor dh = Tensor::Zeros(DType::kF32, {rows, f}).value();
-    Tensor a = Tensor::Zeros(DType::kF32, {rows, f}).value();
-    Tensor dx = Tensor::Zeros(DType::kF32, {rows, d}).value();
-    ASSERT_TRUE(ffn_.BackwardInput(p, h, dy, &dh, &a, &dx).ok());
-    auto got_dx = Ask(MessageKind::kReplicaBackward, 3, mb, dy.Clone());
-    ASSERT_TRUE(got_dx.ok()) << got_dx.status().ToString();
-    EXPECT_EQ(std::memcmp(got_dx->data(), dx.data(), dx.num_bytes()), 0);
-    xs.push_back(x);
-    as.push_back(a);
-    dhs.push_back(dh);
-    dys.push_back(dy);
-  }
-  // The share: one GEMM over both micro-batches' rows, in order.
-  const auto cat = [](const std::vector<Tensor>& parts) {
-    int64_t rows = 0;
-    for (const Tensor& t : parts) rows += t.dim(0);
-    Tensor out = Tensor::Zeros(DType::kF32, {rows, parts[0].dim(1)}).value();
-    char* dst = static_cast<char*>(out.data());
-    for (const Tensor& t : parts) {
-      std::memcpy(dst, t.data(), t.num_bytes());
-      dst += t.num_bytes();
+  for (const bool dropout : {false, true}) {
+    SCOPED_TRACE(dropout ? "expert dropout" : "no dropout");
+    if (dropout) {
+      config_.mutable_model()->set_expert_dropout(0.25);
+      host_->Shutdown();
+      StartHost();
     }
-    return out;
-  };
-  ASSERT_TRUE(
-      ffn_.ComputeGrads(cat(xs), cat(as), cat(dhs), cat(dys), &want).ok());
-  // A share over another number of micro-batches than the copy holds is
-  // refused (the primary then computes it itself).
-  EXPECT_EQ(Ask(MessageKind::kReplicaShare, 3, 1, Tensor()).status().code(),
-            StatusCode::kFailedPrecondition);
-  // Weights pushed again within the step keep what the copy holds.
-  ASSERT_TRUE(
-      Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
-  auto share = Ask(MessageKind::kReplicaShare, 3, 2, Tensor());
-  ASSERT_TRUE(share.ok()) << share.status().ToString();
-  const Tensor flat = FlattenParams(want).value();
-  ASSERT_EQ(share->num_bytes(), flat.num_bytes());
-  EXPECT_EQ(std::memcmp(share->data(), flat.data(), flat.num_bytes()), 0);
-  // Taken: a second ask has nothing.
-  auto again = Ask(MessageKind::kReplicaShare, 3, 0, Tensor());
-  ASSERT_TRUE(again.ok());
-  EXPECT_TRUE(again->empty());
+    ChunkHasThePrimarysBits(dropout);
+  }
 }
 
 TEST_F(ReplicaHostTest, RefusesWhatDoesNotFitAndKeepsServing) {
