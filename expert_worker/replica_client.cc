@@ -114,6 +114,7 @@ void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
   }
   failed_.clear();
   assigned_.clear();
+  ahead_.clear();
   // What copies hold on hosts still here is dropped when their shard's
   // next step places its chunks elsewhere (BeginStep).
   for (auto it = weights_.begin(); it != weights_.end();) {
@@ -144,7 +145,9 @@ std::vector<std::string> ReplicaClient::Candidates() const {
 
 void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
                               int chunks) {
-  std::vector<std::string> drop;
+  // Hosts whose copies go, and the weights pushed ahead to them, which
+  // must land before the drop does.
+  std::vector<std::pair<std::string, std::shared_ptr<Pending>>> drop;
   {
     MutexLock lock(&mu_);
     if (epoch != epoch_) return;
@@ -161,19 +164,30 @@ void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
       a.hosts.push_back(
           candidates[static_cast<size_t>(c - 1 + id.layer + id.expert) % n]);
     }
+    const auto unused = [&](const std::pair<std::string, ShardId>& key) {
+      return key.second == id && std::find(a.hosts.begin(), a.hosts.end(),
+                                           key.first) == a.hosts.end();
+    };
     for (auto it = weights_.begin(); it != weights_.end();) {
-      const auto& [host, shard] = it->first;
-      if (shard == id &&
-          std::find(a.hosts.begin(), a.hosts.end(), host) == a.hosts.end()) {
-        drop.push_back(host);
+      if (unused(it->first)) {
+        drop.emplace_back(it->first.first, nullptr);
         it = weights_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto it = ahead_.begin(); it != ahead_.end();) {
+      if (unused(it->first)) {
+        drop.emplace_back(it->first.first, it->second.push);
+        it = ahead_.erase(it);
       } else {
         ++it;
       }
     }
   }
   // Freed at once; a host that does not answer keeps it until evicted.
-  for (const std::string& host : drop) {
+  for (const auto& [host, push] : drop) {
+    if (push != nullptr) (void)push->Await(push->deadline());
     Send(host,
          transport::TensorMessage(
              HeaderFor(MessageKind::kReplicaDrop, id, epoch, step), Tensor()),
@@ -224,6 +238,42 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Send(
   return pending;
 }
 
+void ReplicaClient::PushAhead(const ShardId& id, const ExpertParams& params,
+                              uint64_t epoch, int64_t step) {
+  std::vector<std::string> hosts;
+  {
+    MutexLock lock(&mu_);
+    auto a = assigned_.find(id);
+    if (epoch != epoch_ || a == assigned_.end() || a->second.epoch != epoch) {
+      return;
+    }
+    const auto at = std::make_pair(epoch, step);
+    for (const std::string& host : a->second.hosts) {
+      auto w = weights_.find({host, id});
+      auto p = ahead_.find({host, id});
+      if (failed_.count(host) || (w != weights_.end() && w->second == at) ||
+          (p != ahead_.end() && p->second.epoch == epoch &&
+           p->second.step == step)) {
+        continue;
+      }
+      hosts.push_back(host);
+    }
+  }
+  if (hosts.empty()) return;
+  auto flat = FlattenParams(params, pool_.get());
+  if (!flat.ok()) return;  // The forward pushes them then.
+  for (const std::string& host : hosts) {
+    // Every host reads the same buffer.
+    auto push = Send(
+        host,
+        transport::TensorMessage(
+            HeaderFor(MessageKind::kReplicaWeights, id, epoch, step), *flat),
+        NewDeadline());
+    MutexLock lock(&mu_);
+    ahead_[{host, id}] = {epoch, step, std::move(push)};
+  }
+}
+
 std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
     MessageKind kind, const ShardId& id, const ExpertParams& params,
     uint64_t epoch, int64_t step, int32_t micro_batch, int chunk, Tensor rows,
@@ -241,14 +291,26 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
   }
   if (!has_weights) {
     if (kind != MessageKind::kReplicaForward) return nullptr;
-    auto flat = FlattenParams(params, pool_.get());
-    if (!flat.ok()) return nullptr;
-    auto push =
-        Send(host,
-             transport::TensorMessage(
-                 HeaderFor(MessageKind::kReplicaWeights, id, epoch, step),
-                 std::move(flat).value()),
-             deadline);
+    std::shared_ptr<Pending> push;
+    {
+      MutexLock lock(&mu_);
+      auto ahead = ahead_.find({host, id});
+      if (ahead != ahead_.end()) {
+        if (ahead->second.epoch == epoch && ahead->second.step == step) {
+          push = std::move(ahead->second.push);
+        }
+        ahead_.erase(ahead);
+      }
+    }
+    if (push == nullptr) {
+      auto flat = FlattenParams(params, pool_.get());
+      if (!flat.ok()) return nullptr;
+      push = Send(host,
+                  transport::TensorMessage(
+                      HeaderFor(MessageKind::kReplicaWeights, id, epoch, step),
+                      std::move(flat).value()),
+                  deadline);
+    }
     auto answer = Wait(*push);
     if (!answer.ok()) return nullptr;
     MutexLock lock(&mu_);

@@ -73,6 +73,13 @@ class ReplicaClient {
 
   // An answer on its way: Wait() for it.
   class Pending;
+
+  // After `id`'s update: sends its weights for (epoch, step), the next
+  // step, to the hosts of its last step's chunks without waiting, so that
+  // the step's first forward finds them there (or waits only for what is
+  // left of the transfer).
+  void PushAhead(const ShardId& id, const ExpertParams& params, uint64_t epoch,
+                 int64_t step) EXCLUDES(mu_);
   // Chunk `chunk` (>= 1) of `id`'s replicas: starts its forward (x ->
   // y) or backward (dy -> dx) on the chunk's host, after sending the host
   // the shard's weights for (epoch, step) when it does not have them yet.
@@ -137,6 +144,13 @@ class ReplicaClient {
   // Which (host, shard) has the weights of which (epoch, step).
   std::map<std::pair<std::string, ShardId>, std::pair<uint64_t, int64_t>>
       weights_ GUARDED_BY(mu_);
+  // Weights pushed ahead (PushAhead), not yet taken by a forward.
+  struct Ahead {
+    uint64_t epoch = 0;
+    int64_t step = -1;
+    std::shared_ptr<Pending> push;
+  };
+  std::map<std::pair<std::string, ShardId>, Ahead> ahead_ GUARDED_BY(mu_);
 };
 
 }  // namespace switchyard::expert_worker

@@ -486,6 +486,13 @@ Status ShardCompute::RecomputeChunk(const ExpertShard& shard, RowRange r,
   return f.BackwardInput(shard.params, h, dy, keep, &dh, &a, &dx);
 }
 
+void ShardCompute::PushAhead(int64_t step, const ExpertShard& shard) const {
+  if (replicas_ == nullptr || shard.chunk_step != step - 1) return;
+  const StatusOr<int> chunks = Chunks(shard);
+  if (!chunks.ok() || *chunks <= 1) return;
+  replicas_->PushAhead(shard.id, shard.params, shard.chunk_epoch, step);
+}
+
 int ShardCompute::AdvancePlan(int64_t step, ExpertShard* shard) const {
   if (shard->repl.empty()) return 1;
   const std::string name = shard->id.ToString();

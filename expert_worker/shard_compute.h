@@ -91,6 +91,12 @@ class ShardCompute {
 
   const ExpertFfn& ffn(int shard) const { return shard == 0 ? *ffn0_ : *ffn_; }
 
+  // After the shard's update (its weights for `step`, the next step): a
+  // shard whose chunks ran on copies in the step before and that has more
+  // than one chunk in `step` sends its copies the new weights now
+  // (ReplicaClient::PushAhead).
+  void PushAhead(int64_t step, const ExpertShard& shard) const;
+
   // Where a replicated shard's chunks may run besides here (not owned;
   // null: every chunk here). Training chunks go to their copies (with
   // their expert-dropout multipliers); what a copy fails to do is computed

@@ -839,6 +839,7 @@ Status WorkerService::SettleLocked(ExpertShard* shard) const {
   if (!apply_failed_.ok() || !shard->grads_ready) return apply_failed_;
   const Status s = compute_->Apply(pending_update_, shard);
   if (!s.ok()) return ApplyFailedLocked(s, shard->id.ToString());
+  compute_->PushAhead(pending_update_ + 1, *shard);
   if (--unsettled_ == 0) pending_update_ = -1;
   return OkStatus();
 }

@@ -408,6 +408,25 @@ class ReplicaClientTest : public ::testing::Test {
     return pending != nullptr && client_->Wait(*pending).ok();
   }
 
+  // Asks `name`'s copy of expert 1 for the forward of micro-batch 1 at
+  // `step` (chunk 9, rows the test never checks): OK when it holds that
+  // step's weights.
+  Status StepOf(const std::string& name, int64_t step) {
+    transport::WireHeader h;
+    h.kind = static_cast<uint8_t>(MessageKind::kReplicaForward);
+    h.epoch = 5;
+    h.step = step;
+    h.micro_batch = 1;
+    h.expert = 1;
+    h.trainer_rank = 9;
+    std::promise<transport::Message> answer;
+    hosts_[name]->host.Handle(
+        {transport::TensorMessage(h, Random(1, shape_.d_model, 1)),
+         [&](transport::Message m) { answer.set_value(std::move(m)); }});
+    const transport::Message m = answer.get_future().get();
+    return Status(static_cast<StatusCode>(m.header.status_code), m.error_text);
+  }
+
   // Waits (up to 10 s) until `name`'s copies hold some memory or none, as
   // asked.
   bool HostHolds(const std::string& name, bool some) {
@@ -450,11 +469,26 @@ TEST_F(ReplicaClientTest, ChunksGoToTheLessLoadedWorkersAndCooledCopiesGo) {
   ASSERT_TRUE(Forward(3, 3, 1));
   ASSERT_TRUE(Forward(3, 3, 2));
   EXPECT_TRUE(HostHolds("w2", true));
+  // After the update, the weights of step 4 go ahead to both hosts: each
+  // serves a forward of step 4 before the primary's first one.
+  ASSERT_FALSE(StepOf("w1", 4).ok());
+  client_->PushAhead(ShardId::Expert(0, 1, 0), params_, 5, 4);
+  for (const char* host : {"w1", "w2"}) {
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    Status got = StepOf(host, 4);
+    while (!got.ok() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      got = StepOf(host, 4);
+    }
+    EXPECT_TRUE(got.ok()) << host << ": " << got.ToString();
+  }
+  ASSERT_TRUE(Forward(4, 3, 1));
   // Cooled to one chunk: every copy goes, nothing is offloaded.
-  EXPECT_FALSE(Forward(4, 1, 1));
+  EXPECT_FALSE(Forward(5, 1, 1));
   EXPECT_TRUE(HostHolds("w1", false));
   EXPECT_TRUE(HostHolds("w2", false));
-  EXPECT_EQ(client_->TakeRowsOffloaded(), 4 * 3u);
+  EXPECT_EQ(client_->TakeRowsOffloaded(), 5 * 3u);
 }
 
 }  // namespace
