@@ -140,6 +140,15 @@ DataPlaneOptions DataPlaneOptionsFrom(const config::SwitchyardConfig& run,
   options.ucx_tls = config.ucx_tls();
   options.ucx_env.insert(config.ucx().begin(), config.ucx().end());
   options.max_inflight_bytes = config.max_inflight_bytes();
+  // A worker's copies answer replica requests on a thread of their own:
+  // trainers' requests waiting for the worker's compute thread must not
+  // hold them up (two workers each waiting for a copy on the other).
+  for (const MessageKind kind :
+       {MessageKind::kReplicaWeights, MessageKind::kReplicaForward,
+        MessageKind::kReplicaBackward, MessageKind::kReplicaShare,
+        MessageKind::kReplicaDrop}) {
+    options.own_budget_kinds.insert(static_cast<uint8_t>(kind));
+  }
   options.busy_poll_us = config.busy_poll_us();
   return options;
 }

@@ -17,6 +17,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -102,6 +103,11 @@ struct DataPlaneOptions {
   // Request bytes a server holds (received, not yet answered) before it
   // stops fetching large payloads (backpressure on senders).
   size_t max_inflight_bytes = size_t{1} << 30;
+  // Request kinds (MessageKind) with a budget of their own, of
+  // max_inflight_bytes too: requests the server answers without waiting
+  // for the others (a worker's hot-expert replica requests), which a budget
+  // full of the others must not hold up.
+  std::set<uint8_t> own_budget_kinds;
   // Idle receive buffers kept for reuse (BufferPool).
   size_t pool_cached_bytes = size_t{1} << 30;
   // Largest payload accepted.
@@ -215,7 +221,8 @@ StatusOr<std::unique_ptr<DataPlane>> NewUcxDataPlane(
     const DataPlaneOptions& options);
 
 // The options a run's configuration gives (the cluster secret,
-// transport.data_host, ucx_tls, ucx, max_inflight_bytes, busy_poll_us,
+// transport.data_host, ucx_tls, ucx, max_inflight_bytes with the replica
+// kinds on a budget of their own, busy_poll_us,
 // cluster.call_timeout_ms as the handshake timeout); the rest keep their
 // defaults.
 DataPlaneOptions DataPlaneOptionsFrom(const config::SwitchyardConfig& config,

@@ -394,6 +394,28 @@ class BackpressureTest : public UcxDataPlaneTest {
     o.max_inflight_bytes = 1 << 20;  // Two 512 KiB requests at a time.
     return o;
   }
+
+  // Answers the held requests as they come, `n` in all, each batch 20 ms
+  // after the one before; the most that were held at once.
+  size_t AnswerHeld(int n) {
+    size_t max_held = 0;
+    for (int answered = 0; answered < n;) {
+      std::vector<Reply> batch;
+      {
+        std::lock_guard<std::mutex> lock(held_mu_);
+        max_held = std::max(max_held, held_.size());
+        batch.swap(held_);
+      }
+      for (auto& reply : batch) {
+        Message m;
+        m.header.kind = static_cast<uint8_t>(MessageKind::kEcho);
+        reply(TensorResponse(m.header, Tensor()));
+        ++answered;
+      }
+      std::this_thread::sleep_for(Ms(20));
+    }
+    return max_held;
+  }
 };
 
 TEST_F(BackpressureTest, ServerHoldsAtMostItsBudget) {
@@ -408,23 +430,8 @@ TEST_F(BackpressureTest, ServerHoldsAtMostItsBudget) {
                   });
   }
   std::this_thread::sleep_for(Ms(500));
-  size_t max_held = 0;
-  // Answer held requests one at a time; more arrive only as bytes drain.
-  for (int answered = 0; answered < kRequests;) {
-    std::vector<Reply> batch;
-    {
-      std::lock_guard<std::mutex> lock(held_mu_);
-      max_held = std::max(max_held, held_.size());
-      batch.swap(held_);
-    }
-    for (auto& reply : batch) {
-      Message m;
-      m.header.kind = static_cast<uint8_t>(MessageKind::kEcho);
-      reply(TensorResponse(m.header, Tensor()));
-      ++answered;
-    }
-    std::this_thread::sleep_for(Ms(50));
-  }
+  // Answer held requests as they come; more arrive only as bytes drain.
+  const size_t max_held = AnswerHeld(kRequests);
   const auto deadline = Clock::now() + Ms(10000);
   while (done.load() < kRequests && Clock::now() < deadline) {
     std::this_thread::sleep_for(Ms(10));
@@ -432,6 +439,62 @@ TEST_F(BackpressureTest, ServerHoldsAtMostItsBudget) {
   EXPECT_EQ(done.load(), kRequests);
   EXPECT_LE(max_held, 2u) << "the server took more than its byte budget";
   EXPECT_GE(max_held, 1u);
+}
+
+class OwnBudgetTest : public BackpressureTest {
+ protected:
+  DataPlaneOptions ServerOptions() override {
+    DataPlaneOptions o = BackpressureTest::ServerOptions();
+    o.own_budget_kinds.insert(
+        static_cast<uint8_t>(MessageKind::kReplicaForward));
+    return o;
+  }
+};
+
+// Echoes fill the server's budget and wait (the handler holds them); a
+// large request of a kind with a budget of its own is still received and
+// answered, and the echoes then drain.
+TEST_F(OwnBudgetTest, AFullBudgetDoesNotHoldUpKindsWithTheirOwn) {
+  constexpr int kEchoes = 4;
+  std::atomic<int> echoes{0};
+  for (int i = 0; i < kEchoes; ++i) {
+    client_->Send(server_->address(), EchoRequest(128, 1024, i, 999), Ms(30000),
+                  [&](StatusOr<Message> r) {
+                    EXPECT_TRUE(r.ok()) << r.status().ToString();
+                    ++echoes;
+                  });
+  }
+  const auto held = [&] {
+    std::lock_guard<std::mutex> lock(held_mu_);
+    return held_.size();
+  };
+  auto deadline = Clock::now() + Ms(10000);
+  while (held() < 2 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(10));
+  }
+  ASSERT_EQ(held(), 2u) << "two 512 KiB echoes fill the 1 MiB budget";
+  // 768 KiB: more than the echoes' budget has left (the echo handler
+  // echoes it too).
+  Message chunk = EchoRequest(192, 1024, 7);
+  chunk.header.kind = static_cast<uint8_t>(MessageKind::kReplicaForward);
+  std::atomic<int> chunks{0};
+  client_->Send(server_->address(), std::move(chunk), Ms(30000),
+                [&](StatusOr<Message> r) {
+                  EXPECT_TRUE(r.ok()) << r.status().ToString();
+                  ++chunks;
+                });
+  deadline = Clock::now() + Ms(10000);
+  while (chunks.load() == 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(10));
+  }
+  EXPECT_EQ(chunks.load(), 1) << "held up behind the echoes' budget";
+  EXPECT_EQ(held(), 2u);
+  AnswerHeld(kEchoes);
+  deadline = Clock::now() + Ms(10000);
+  while (echoes.load() < kEchoes && Clock::now() < deadline) {
+    std::this_thread::sleep_for(Ms(10));
+  }
+  EXPECT_EQ(echoes.load(), kEchoes);
 }
 
 }  // namespace

@@ -9,8 +9,9 @@
 // with peer error handling: a lost peer fails every request pending on it.
 // Requests awaiting answers, with their deadlines, are a PendingRequests
 // (pending_requests.h). A server holds at most max_inflight_bytes of
-// received, unanswered requests: further rendezvous payloads stay with
-// their senders until bytes drain (backpressure). Processes of one host
+// received, unanswered requests (and as much again of own_budget_kinds):
+// further rendezvous payloads stay with their senders until bytes drain
+// (backpressure). Processes of one host
 // use shared memory and CMA (see NewUcxDataPlane).
 //
 // Thread-safety: as DataPlane. Everything below the public methods runs on
@@ -103,9 +104,13 @@ class UcxDataPlane : public DataPlane {
 
   // The role holder's alone (no lock: see ProgressDriver).
   PendingRequests pending_;
-  // Bytes of received requests not yet answered.
-  size_t inflight_bytes_ = 0;
-  std::deque<Deferred> deferred_;
+  // Per budget (0: most kinds; 1: options_.own_budget_kinds): bytes of
+  // received requests not yet answered, and the receives waiting for room.
+  int BudgetOf(const WireHeader& h) const {
+    return options_.own_budget_kinds.count(h.kind) > 0 ? 1 : 0;
+  }
+  size_t inflight_bytes_[2] = {0, 0};
+  std::deque<Deferred> deferred_[2];
   AmCodec codec_;
   EndpointTable endpoints_;
   // Last: destroyed first.
@@ -205,8 +210,10 @@ void UcxDataPlane::Shutdown() {
 
 void UcxDataPlane::ReleaseUcx() {
   pending_.FailAll(CancelledError("data plane shutting down"));
-  for (const Deferred& d : deferred_) codec_.Release(d.desc);
-  deferred_.clear();
+  for (auto& deferred : deferred_) {
+    for (const Deferred& d : deferred) codec_.Release(d.desc);
+    deferred.clear();
+  }
   endpoints_.Close();
   if (worker_ != nullptr) ucp_worker_destroy(worker_);
   if (context_ != nullptr) ucp_cleanup(context_);
@@ -215,7 +222,9 @@ void UcxDataPlane::ReleaseUcx() {
 }
 
 bool UcxDataPlane::HasWork() const {
-  return pending_.size() > 0 || !deferred_.empty() || inflight_bytes_ > 0 ||
+  return pending_.size() > 0 || !deferred_[0].empty() ||
+         !deferred_[1].empty() || inflight_bytes_[0] > 0 ||
+         inflight_bytes_[1] > 0 ||
          endpoints_.HasServerSide();  // A peer that sends us requests.
 }
 
@@ -372,14 +381,15 @@ ucs_status_t UcxDataPlane::OnRequest(const IncomingAm& in) {
       payload = std::move(t).value();
       if (in.length > 0) std::memcpy(payload.data(), in.data, in.length);
     }
-    inflight_bytes_ += in.length;
+    inflight_bytes_[BudgetOf(in.header)] += in.length;
     Dispatch(in.header, std::move(payload), in.reply_ep);
     return UCS_OK;
   }
-  if (inflight_bytes_ > 0 &&
-      inflight_bytes_ + in.length > options_.max_inflight_bytes) {
+  const int budget = BudgetOf(in.header);
+  if (inflight_bytes_[budget] > 0 &&
+      inflight_bytes_[budget] + in.length > options_.max_inflight_bytes) {
     // Backpressure: leave the payload with the sender until bytes drain.
-    deferred_.push_back({in.header, in.data, in.reply_ep});
+    deferred_[budget].push_back({in.header, in.data, in.reply_ep});
     return UCS_INPROGRESS;
   }
   StartReceive(in.header, in.data, in.reply_ep);
@@ -394,7 +404,7 @@ void UcxDataPlane::StartReceive(const WireHeader& header, void* desc,
     ReplyTo(reply_ep, header, t.status());
     return;
   }
-  inflight_bytes_ += header.payload_bytes;
+  inflight_bytes_[BudgetOf(header)] += header.payload_bytes;
   codec_.ReceiveRendezvous(
       desc, std::move(t).value(), header.payload_bytes,
       [this, header, reply_ep](Tensor payload, ucs_status_t status) {
@@ -402,24 +412,27 @@ void UcxDataPlane::StartReceive(const WireHeader& header, void* desc,
           Dispatch(header, std::move(payload), reply_ep);
           return;
         }
-        inflight_bytes_ -= header.payload_bytes;
+        inflight_bytes_[BudgetOf(header)] -= header.payload_bytes;
         ReplyTo(reply_ep, header,
                 UCX_STATUS(status, "receive request payload"));
       });
 }
 
 void UcxDataPlane::PumpDeferred() {
-  while (!deferred_.empty() &&
-         (inflight_bytes_ == 0 ||
-          inflight_bytes_ + deferred_.front().header.payload_bytes <=
-              options_.max_inflight_bytes)) {
-    Deferred d = deferred_.front();
-    deferred_.pop_front();
-    if (endpoints_.state(d.reply_ep) == EndpointTable::State::kGone) {
-      codec_.Release(d.desc);
-      continue;
+  for (int budget = 0; budget < 2; ++budget) {
+    std::deque<Deferred>& deferred = deferred_[budget];
+    while (!deferred.empty() &&
+           (inflight_bytes_[budget] == 0 ||
+            inflight_bytes_[budget] + deferred.front().header.payload_bytes <=
+                options_.max_inflight_bytes)) {
+      Deferred d = deferred.front();
+      deferred.pop_front();
+      if (endpoints_.state(d.reply_ep) == EndpointTable::State::kGone) {
+        codec_.Release(d.desc);
+        continue;
+      }
+      StartReceive(d.header, d.desc, d.reply_ep);
     }
-    StartReceive(d.header, d.desc, d.reply_ep);
   }
 }
 
@@ -429,8 +442,9 @@ void UcxDataPlane::Dispatch(WireHeader header, Tensor payload,
   request.header = header;
   request.payload = std::move(payload);
   const size_t bytes = header.payload_bytes;
+  const int budget = BudgetOf(header);
   auto answered = std::make_shared<std::atomic<bool>>(false);
-  Reply reply = [this, reply_ep, bytes, answered,
+  Reply reply = [this, reply_ep, bytes, budget, answered,
                  request_id = header.request_id](Message response) {
     if (answered->exchange(true)) {
       LOG(ERROR) << "data plane: request " << request_id
@@ -438,9 +452,9 @@ void UcxDataPlane::Dispatch(WireHeader header, Tensor payload,
       return;
     }
     response.header.request_id = request_id;
-    auto send = [this, reply_ep, bytes,
+    auto send = [this, reply_ep, bytes, budget,
                  response = std::move(response)]() mutable {
-      inflight_bytes_ -= bytes;
+      inflight_bytes_[budget] -= bytes;
       if (endpoints_.state(reply_ep) != EndpointTable::State::kGone) {
         codec_.Send(reply_ep, kResponseAm, std::move(response), 0);
       }
