@@ -140,37 +140,55 @@ std::vector<std::string> ReplicaClient::Candidates() const {
       if (a != addresses_.end()) out.push_back(a->second);
     }
   }
-  return out.empty() ? by_bytes_ : out;
+  if (out.empty()) out = by_bytes_;
+  // Not those that failed in this epoch.
+  out.erase(std::remove_if(out.begin(), out.end(),
+                           [&](const std::string& host) {
+                             return failed_.count(host) > 0;
+                           }),
+            out.end());
+  return out;
 }
 
 void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
                               int chunks) {
-  // Hosts whose copies go, and the weights pushed ahead to them, which
-  // must land before the drop does.
-  std::vector<std::pair<std::string, std::shared_ptr<Pending>>> drop;
+  // Hosts whose copies go (a drop also refuses the weights sent ahead to
+  // them, should they come after it).
+  std::vector<std::string> drop;
   {
     MutexLock lock(&mu_);
     if (epoch != epoch_) return;
     Assignment& a = assigned_[id];
     if (a.epoch == epoch && a.step == step) return;
-    a.epoch = epoch;
+    // Not replicated in this epoch, nor now: nothing to place or drop.
+    const bool none = a.epoch == epoch && a.hosts.empty() && chunks <= 1;
     a.step = step;
-    a.hosts.clear();
+    if (none) return;
     // Chunks 1.. on distinct hosts, starting at a place that differs from
-    // shard to shard so that copies spread.
+    // shard to shard so that copies spread; the hosts of the step before
+    // stay while they are still candidates (a move costs a full push).
     const std::vector<std::string> candidates = Candidates();
     const int n = static_cast<int>(candidates.size());
+    std::vector<std::string> hosts;
     for (int c = 1; c < chunks && c <= n; ++c) {
-      a.hosts.push_back(
+      hosts.push_back(
           candidates[static_cast<size_t>(c - 1 + id.layer + id.expert) % n]);
     }
+    const bool kept =
+        a.epoch == epoch && a.hosts.size() == hosts.size() &&
+        std::all_of(a.hosts.begin(), a.hosts.end(), [&](const std::string& h) {
+          return std::find(candidates.begin(), candidates.end(), h) !=
+                 candidates.end();
+        });
+    a.epoch = epoch;
+    if (!kept) a.hosts = std::move(hosts);
     const auto unused = [&](const std::pair<std::string, ShardId>& key) {
       return key.second == id && std::find(a.hosts.begin(), a.hosts.end(),
                                            key.first) == a.hosts.end();
     };
     for (auto it = weights_.begin(); it != weights_.end();) {
       if (unused(it->first)) {
-        drop.emplace_back(it->first.first, nullptr);
+        drop.push_back(it->first.first);
         it = weights_.erase(it);
       } else {
         ++it;
@@ -178,7 +196,10 @@ void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
     }
     for (auto it = ahead_.begin(); it != ahead_.end();) {
       if (unused(it->first)) {
-        drop.emplace_back(it->first.first, it->second.push);
+        if (std::find(drop.begin(), drop.end(), it->first.first) ==
+            drop.end()) {
+          drop.push_back(it->first.first);
+        }
         it = ahead_.erase(it);
       } else {
         ++it;
@@ -186,8 +207,7 @@ void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
     }
   }
   // Freed at once; a host that does not answer keeps it until evicted.
-  for (const auto& [host, push] : drop) {
-    if (push != nullptr) (void)push->Await(push->deadline());
+  for (const std::string& host : drop) {
     Send(host,
          transport::TensorMessage(
              HeaderFor(MessageKind::kReplicaDrop, id, epoch, step), Tensor()),

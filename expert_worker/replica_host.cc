@@ -83,7 +83,17 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
   const auto kind = static_cast<MessageKind>(h.kind);
   if (kind == MessageKind::kReplicaWeights) return Weights(request, id);
   if (kind == MessageKind::kReplicaDrop) {
-    Drop(id);
+    // Weights of the step named, or older, that come after it (sent ahead
+    // before the primary placed the step elsewhere) are refused; a copy
+    // with newer weights stays.
+    const std::pair<uint64_t, int64_t> at{h.epoch, h.step};
+    auto& dropped = dropped_[id];
+    dropped = std::max(dropped, at);
+    auto found = copies_.find(id);
+    if (found != copies_.end() &&
+        std::make_pair(found->second.epoch, found->second.step) <= at) {
+      Drop(id);
+    }
     return Tensor();
   }
   ASSIGN_OR_RETURN(Copy * copy, Current(h, id));
@@ -196,6 +206,14 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
 StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
                                       const ShardId& id) {
   const transport::WireHeader& h = request.header;
+  auto dropped = dropped_.find(id);
+  if (dropped != dropped_.end() &&
+      std::make_pair(h.epoch, h.step) <= dropped->second) {
+    return FailedPreconditionError("the primary dropped this copy at step " +
+                                   std::to_string(dropped->second.second) +
+                                   " (epoch " +
+                                   std::to_string(dropped->second.first) + ")");
+  }
   const ExpertFfn& f = ffn(id.shard);
   auto found = copies_.find(id);
   {

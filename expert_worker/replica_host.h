@@ -11,7 +11,8 @@
 //     one GEMM over its rows of every micro-batch in micro-batch order
 //     ((1, n) as the weights; no payload when it had none);
 //   replica-drop: frees the copy (the shard cooled, or its chunks went to
-//     other hosts).
+//     other hosts) unless it holds newer weights, and refuses weights of
+//     that step or older that come after it.
 // The copy computes with the primary's code (ExpertFfn) on the primary's
 // weights, so a chunk has the same bits wherever it runs.
 //
@@ -115,6 +116,8 @@ class ReplicaHost {
   // Only the host's thread touches the copies.
   std::map<ShardId, Copy> copies_;
   std::list<ShardId> recent_;  // Least recently used first.
+  // The newest (epoch, step) each shard's primary dropped its copy at.
+  std::map<ShardId, std::pair<uint64_t, int64_t>> dropped_;
   std::atomic<int64_t> bytes_{0};
   std::atomic<uint64_t> rows_served_{0};
 };

@@ -332,6 +332,17 @@ TEST_F(ReplicaHostTest, ADroppedCopyFreesItsMemoryAndCountsItsRows) {
   ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 1).ok());
   ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 2).ok());
   EXPECT_EQ(host_->bytes(), 0);
+  // Weights of the dropped step that come after the drop (sent ahead) are
+  // refused; the next step's are taken, and a late drop of an older step
+  // leaves them.
+  EXPECT_EQ(Push(1, 1).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(host_->bytes(), 0);
+  ASSERT_TRUE(Ask(MessageKind::kReplicaWeights, 4, 0,
+                  FlattenParams(Params(1)).value(), 1)
+                  .ok());
+  ASSERT_TRUE(Ask(MessageKind::kReplicaDrop, 3, 0, Tensor(), 1).ok());
+  EXPECT_EQ(host_->bytes(), two / 2);
+  EXPECT_TRUE(Ask(MessageKind::kReplicaForward, 4, 0, Random(2, d, 1), 1).ok());
 }
 
 // A worker hosting copies: its data plane serves its ReplicaHost.
@@ -464,31 +475,37 @@ TEST_F(ReplicaClientTest, ChunksGoToTheLessLoadedWorkersAndCooledCopiesGo) {
   ASSERT_TRUE(Forward(2, 3, 1));
   EXPECT_TRUE(HostHolds("w1", true));
   EXPECT_TRUE(HostHolds("w2", false)) << "the copy w2 no longer serves stays";
+  // w2 is a candidate again, and the offset would pick it for the one
+  // chunk; the step keeps w1, still a candidate (a move costs a push).
+  client_->SetCopyHosts({"w1", "w2", "w0"});
+  ASSERT_TRUE(Forward(3, 2, 1));
+  EXPECT_TRUE(HostHolds("w1", true));
+  EXPECT_EQ(hosts_["w2"]->host.bytes(), 0);
   // Every other worker above this one: both take chunks, in order.
   client_->SetCopyHosts({"w0", "w1", "w2"});
-  ASSERT_TRUE(Forward(3, 3, 1));
-  ASSERT_TRUE(Forward(3, 3, 2));
+  ASSERT_TRUE(Forward(4, 3, 1));
+  ASSERT_TRUE(Forward(4, 3, 2));
   EXPECT_TRUE(HostHolds("w2", true));
-  // After the update, the weights of step 4 go ahead to both hosts: each
-  // serves a forward of step 4 before the primary's first one.
-  ASSERT_FALSE(StepOf("w1", 4).ok());
-  client_->PushAhead(ShardId::Expert(0, 1, 0), params_, 5, 4);
+  // After the update, the weights of step 5 go ahead to both hosts: each
+  // serves a forward of step 5 before the primary's first one.
+  ASSERT_FALSE(StepOf("w1", 5).ok());
+  client_->PushAhead(ShardId::Expert(0, 1, 0), params_, 5, 5);
   for (const char* host : {"w1", "w2"}) {
     const auto deadline =
         std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    Status got = StepOf(host, 4);
+    Status got = StepOf(host, 5);
     while (!got.ok() && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      got = StepOf(host, 4);
+      got = StepOf(host, 5);
     }
     EXPECT_TRUE(got.ok()) << host << ": " << got.ToString();
   }
-  ASSERT_TRUE(Forward(4, 3, 1));
+  ASSERT_TRUE(Forward(5, 3, 1));
   // Cooled to one chunk: every copy goes, nothing is offloaded.
-  EXPECT_FALSE(Forward(5, 1, 1));
+  EXPECT_FALSE(Forward(6, 1, 1));
   EXPECT_TRUE(HostHolds("w1", false));
   EXPECT_TRUE(HostHolds("w2", false));
-  EXPECT_EQ(client_->TakeRowsOffloaded(), 5 * 3u);
+  EXPECT_EQ(client_->TakeRowsOffloaded(), 6 * 3u);
 }
 
 }  // namespace
