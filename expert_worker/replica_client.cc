@@ -142,12 +142,11 @@ std::vector<std::string> ReplicaClient::Candidates() const {
   }
   if (out.empty()) out = by_bytes_;
   // Not those that failed in this epoch.
-  out.erase(std::remove_if(out.begin(), out.end(),
-                           [&](const std::string& host) {
-                             return failed_.count(host) > 0;
-                           }),
-            out.end());
-  return out;
+  std::vector<std::string> live;
+  for (std::string& host : out) {
+    if (failed_.count(host) == 0) live.push_back(std::move(host));
+  }
+  return live;
 }
 
 void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
