@@ -173,14 +173,31 @@ int RunWorker(const std::string& dir, int index) {
     }
     return v;
   };
+  // The rows this worker computed: its shards' forward rows, less those
+  // its copies elsewhere computed, plus those it computed as a copy (the
+  // counts its heartbeats report, taken here: no coordinator runs).
+  Counter* tokens = registry.GetCounter("switchyard_worker_tokens_total");
+  const auto take_copy_rows = [&] {
+    control::Heartbeat beat;
+    service.AnnotateReplication(&beat);
+    return static_cast<double>(beat.copy_tokens()) -
+           static_cast<double>(beat.offloaded_tokens());
+  };
   std::vector<double> from;
+  double tokens_from = 0;
   // Serve until told to stop, or until the parent is gone.
   while (!fs::exists(dir + "/stop") && ::getppid() != 1) {
-    if (from.empty() && fs::exists(dir + "/measure")) from = read();
+    if (from.empty() && fs::exists(dir + "/measure")) {
+      from = read();
+      tokens_from = static_cast<double>(tokens->value());
+      take_copy_rows();
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   if (!from.empty()) {
     const std::vector<double> to = read();
+    const double rows =
+        static_cast<double>(tokens->value()) - tokens_from + take_copy_rows();
     const int steps = std::stoi(ReadFileToString(dir + "/steps").value());
     std::vector<double> ms;
     for (size_t i = 0; i < to.size(); ++i)
@@ -197,6 +214,7 @@ int RunWorker(const std::string& dir, int index) {
     std::fflush(stdout);
     WriteFile(dir + "/" + name + ".busy", std::to_string(ms[3]));
     WriteFile(dir + "/" + name + ".gemm", std::to_string(ms[0]));
+    WriteFile(dir + "/" + name + ".rows", std::to_string(rows));
   }
   (*plane)->Shutdown();
   service.Shutdown();
@@ -452,7 +470,8 @@ int RunParent(int steps, int micro_batches) {
         dir + "/trainer-" + std::to_string(r) + ".result";
     slowest = std::max(slowest, std::stod(ReadFileToString(result).value()));
   }
-  double busiest_ms = 0, most_gemm = 0, gemm_sum = 0;
+  double busiest_ms = 0, most_gemm = 0, gemm_sum = 0, most_rows = 0,
+         rows_sum = 0;
   for (int i = 0; i < kWorkers; ++i) {
     auto busy = ReadFileToString(dir + "/w" + std::to_string(i) + ".busy");
     if (busy.ok()) busiest_ms = std::max(busiest_ms, std::stod(*busy));
@@ -461,6 +480,17 @@ int RunParent(int steps, int micro_batches) {
       most_gemm = std::max(most_gemm, std::stod(*gemm));
       gemm_sum += std::stod(*gemm);
     }
+    auto rows = ReadFileToString(dir + "/w" + std::to_string(i) + ".rows");
+    if (rows.ok()) {
+      most_rows = std::max(most_rows, std::stod(*rows));
+      rows_sum += std::stod(*rows);
+    }
+  }
+  if (rows_sum > 0) {
+    std::printf(
+        "  per-worker token load max/mean %.2f (the forward rows each worker "
+        "computed, as a copy too)\n",
+        most_rows / (rows_sum / kWorkers));
   }
   if (gemm_sum > 0) {
     // What each worker computed (its own chunks and its copies' for

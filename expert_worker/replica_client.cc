@@ -28,6 +28,10 @@ class ReplicaClient::Pending {
     result_ = std::move(result);
     cv_.NotifyAll();
   }
+  bool answered() const EXCLUDES(mu_) {
+    MutexLock lock(&mu_);
+    return result_.has_value() || std::chrono::steady_clock::now() >= deadline_;
+  }
   // The answer, or DEADLINE_EXCEEDED after `deadline`.
   StatusOr<Message> Await(std::chrono::steady_clock::time_point deadline)
       EXCLUDES(mu_) {
@@ -43,7 +47,7 @@ class ReplicaClient::Pending {
  private:
   const std::string host_;
   const Deadline deadline_;
-  Mutex mu_;
+  mutable Mutex mu_;
   CondVar cv_;
   std::optional<StatusOr<Message>> result_ GUARDED_BY(mu_);
 };
@@ -364,6 +368,10 @@ StatusOr<Tensor> ReplicaClient::Wait(Pending& pending) {
     }
   }
   return std::move(answer->payload);
+}
+
+bool ReplicaClient::Answered(const Pending& pending) {
+  return pending.answered();
 }
 
 StatusOr<Tensor> ReplicaClient::Share(const ShardId& id, uint64_t epoch,

@@ -99,6 +99,9 @@ class ReplicaClient {
   // The answer of `pending` (by its deadline); a failure marks its host
   // failed for the epoch.
   StatusOr<Tensor> Wait(Pending& pending) EXCLUDES(mu_);
+  // Whether Wait(pending) would return at once: answered, or past its
+  // deadline.
+  static bool Answered(const Pending& pending);
 
   // "N chunks and M gradient shares computed by copies elsewhere, F
   // failures (their chunks computed here)", since the start.

@@ -155,9 +155,40 @@ Status ShardCompute::CheckNew(const transport::WireHeader& h,
   return OkStatus();
 }
 
+namespace {
+
+// Rows `r` of a forward computed here: x's into h's and y's.
+Status ForwardRows(const ExpertFfn& f, const ExpertShard& shard,
+                   const Tensor& x, const std::vector<float>& keep, RowRange r,
+                   Tensor* h, Tensor* y) {
+  const int64_t ff = f.shape().d_ff_shard;
+  ASSIGN_OR_RETURN(Tensor xc, x.Slice(r.begin, r.end));
+  ASSIGN_OR_RETURN(Tensor hc, h->Slice(r.begin, r.end));
+  ASSIGN_OR_RETURN(Tensor yc, y->Slice(r.begin, r.end));
+  return f.Forward(shard.params, xc,
+                   keep.empty() ? nullptr : keep.data() + r.begin * ff, &hc,
+                   &yc);
+}
+
+// Whether `got` (a copy's answer for rows `r`) is what the chunk needs:
+// fp32 (r.size(), d).
+bool Fits(const StatusOr<Tensor>& got, RowRange r, int64_t d) {
+  return got.ok() && !got->empty() && got->dtype() == DType::kF32 &&
+         got->shape() == std::vector<int64_t>{r.size(), d};
+}
+
+}  // namespace
+
+bool ShardCompute::Unfinished::ready() const {
+  for (const auto& p : waiting) {
+    if (!ReplicaClient::Answered(*p)) return false;
+  }
+  return true;
+}
+
 Status ShardCompute::Forward(const std::vector<const Message*>& requests,
-                             ExpertShard* shard,
-                             std::vector<Tensor>* outs) const {
+                             ExpertShard* shard, std::vector<Tensor>* outs,
+                             std::optional<Unfinished>* later) const {
   const auto& h = requests.front()->header;
   const bool train =
       h.kind == static_cast<uint8_t>(MessageKind::kExpertForward);
@@ -170,76 +201,101 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
   const ExpertFfn& f = ffn(shard->id.shard);
   const int64_t d = f.shape().d_model;
   ASSIGN_OR_RETURN(Tensor x, ConcatRows(*pool_, parts, d));
+  const std::pair<int64_t, int32_t> key{h.step, h.micro_batch};
   ExpertShard::Activation kept{x, Tensor(), rows, {}};
-  if (!x.empty()) {
-    ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
-    const int64_t tokens = x.dim(0);
-    const int64_t ff = f.shape().d_ff_shard;
-    ASSIGN_OR_RETURN(
-        kept.h, pool_->Take(DType::kF32, {tokens, f.shape().gates() * ff}));
-    ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {tokens, d}));
-    const std::vector<float> keep =
-        train ? ExpertDropoutKeep(config_, h, rows, ff) : std::vector<float>();
-    // Chunk by chunk, each its own product: the chunks with a copy
-    // elsewhere go there first, this worker computes the others meanwhile,
-    // then any a copy failed to answer.
-    const auto here = [&](RowRange c) -> Status {
-      ASSIGN_OR_RETURN(Tensor xc, x.Slice(c.begin, c.end));
-      ASSIGN_OR_RETURN(Tensor hc, kept.h.Slice(c.begin, c.end));
-      ASSIGN_OR_RETURN(Tensor yc, y.Slice(c.begin, c.end));
-      return f.Forward(shard->params, xc,
-                       keep.empty() ? nullptr : keep.data() + c.begin * ff, &hc,
-                       &yc);
-    };
-    std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
-    if (train && replicas_ != nullptr) {
-      const auto deadline = replicas_->NewDeadline();
-      shard->chunk_epoch = h.epoch;
-      shard->chunk_step = h.step;
-      replicas_->BeginStep(shard->id, h.epoch, h.step, chunks);
-      for (int c = 1; c < chunks; ++c) {
-        const RowRange r = ChunkRows(tokens, chunks, c);
-        if (r.size() == 0) continue;
-        ASSIGN_OR_RETURN(Tensor xc, ChunkInput(*pool_, x, keep, ff, r));
-        sent[c] = replicas_->Start(MessageKind::kReplicaForward, shard->id,
-                                   shard->params, h.epoch, h.step,
-                                   h.micro_batch, c, std::move(xc), deadline);
-      }
-    }
-    for (int c = 0; c < chunks; ++c) {
-      const RowRange r = ChunkRows(tokens, chunks, c);
-      if (r.size() > 0 && sent[c] == nullptr) RETURN_IF_ERROR(here(r));
-    }
-    kept.remote.assign(chunks, 0);
+  if (x.empty()) {
+    outs->assign(requests.size(), Tensor());
+    if (train) shard->activations[key] = std::move(kept);
+    return OkStatus();
+  }
+  ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
+  const int64_t tokens = x.dim(0);
+  const int64_t ff = f.shape().d_ff_shard;
+  ASSIGN_OR_RETURN(kept.h,
+                   pool_->Take(DType::kF32, {tokens, f.shape().gates() * ff}));
+  ASSIGN_OR_RETURN(Tensor y, pool_->Take(DType::kF32, {tokens, d}));
+  std::vector<float> keep =
+      train ? ExpertDropoutKeep(config_, h, rows, ff) : std::vector<float>();
+  // Chunk by chunk, each its own product: the chunks with a copy
+  // elsewhere go there first, this worker computes the others meanwhile,
+  // then (in `finish`) any a copy failed to answer.
+  std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
+  if (train && replicas_ != nullptr) {
+    const auto deadline = replicas_->NewDeadline();
+    shard->chunk_epoch = h.epoch;
+    shard->chunk_step = h.step;
+    replicas_->BeginStep(shard->id, h.epoch, h.step, chunks);
     for (int c = 1; c < chunks; ++c) {
+      const RowRange r = ChunkRows(tokens, chunks, c);
+      if (r.size() == 0) continue;
+      ASSIGN_OR_RETURN(Tensor xc, ChunkInput(*pool_, x, keep, ff, r));
+      sent[c] = replicas_->Start(MessageKind::kReplicaForward, shard->id,
+                                 shard->params, h.epoch, h.step, h.micro_batch,
+                                 c, std::move(xc), deadline);
+    }
+  }
+  for (int c = 0; c < chunks; ++c) {
+    const RowRange r = ChunkRows(tokens, chunks, c);
+    if (r.size() > 0 && sent[c] == nullptr) {
+      RETURN_IF_ERROR(ForwardRows(f, *shard, x, keep, r, &kept.h, &y));
+    }
+  }
+  // Kept now, so that a repeated forward is refused while copies compute.
+  if (train) shard->activations[key] = kept;
+  auto finish = [this, shard, &f, key, train, kept = std::move(kept),
+                 keep = std::move(keep), y, sent, chunks, tokens,
+                 d](std::vector<Tensor>* outs) mutable -> Status {
+    kept.remote.assign(chunks, 0);
+    Status s;
+    for (int c = 1; c < chunks && s.ok(); ++c) {
       if (sent[c] == nullptr) continue;
       const RowRange r = ChunkRows(tokens, chunks, c);
       StatusOr<Tensor> yc = replicas_->Wait(*sent[c]);
-      if (yc.ok() && !yc->empty() && yc->dtype() == DType::kF32 &&
-          yc->shape() == std::vector<int64_t>{r.size(), d}) {
+      if (Fits(yc, r, d)) {
         std::memcpy(y.f32() + r.begin * d, yc->data(), yc->num_bytes());
         kept.remote[c] = 1;
       } else {
-        RETURN_IF_ERROR(here(r));
+        s = ForwardRows(f, *shard, kept.x, keep, r, &kept.h, &y);
       }
     }
-    ASSIGN_OR_RETURN(*outs, SplitRows(y, rows));
-  } else {
-    outs->assign(requests.size(), Tensor());
+    if (s.ok()) {
+      StatusOr<std::vector<Tensor>> split = SplitRows(y, kept.rows);
+      s = split.status();
+      if (s.ok()) *outs = *std::move(split);
+    }
+    if (!train) return s;
+    if (s.ok()) {
+      shard->activations[key] = std::move(kept);
+    } else {
+      shard->activations.erase(key);
+    }
+    return s;
+  };
+  return Conclude(sent, std::move(finish), outs, later);
+}
+
+Status ShardCompute::Conclude(
+    const std::vector<std::shared_ptr<ReplicaClient::Pending>>& sent,
+    std::function<Status(std::vector<Tensor>*)> finish,
+    std::vector<Tensor>* outs, std::optional<Unfinished>* later) {
+  Unfinished rest{{}, std::move(finish)};
+  for (const auto& p : sent) {
+    if (p != nullptr) rest.waiting.push_back(p);
   }
-  if (train) {
-    shard->activations[{h.step, h.micro_batch}] = std::move(kept);
-  }
+  if (later == nullptr || rest.waiting.empty()) return rest.finish(outs);
+  *later = std::move(rest);
   return OkStatus();
 }
 
 Status ShardCompute::Backward(const std::vector<const Message*>& requests,
-                              ExpertShard* shard,
-                              std::vector<Tensor>* outs) const {
+                              ExpertShard* shard, std::vector<Tensor>* outs,
+                              std::optional<Unfinished>* later) const {
   const auto& h = requests.front()->header;
   RETURN_IF_ERROR(CheckNew(h, *shard));
-  auto it = shard->activations.find({h.step, h.micro_batch});
-  const ExpertShard::Activation& kept = it->second;
+  const std::pair<int64_t, int32_t> key{h.step, h.micro_batch};
+  const int32_t micro_batch = h.micro_batch;
+  // A copy: the activation goes once the backward is done.
+  const ExpertShard::Activation kept = shard->activations.at(key);
   std::vector<Tensor> dys;
   std::vector<int64_t> rows;
   RETURN_IF_ERROR(Payloads(*pool_, requests, &dys, &rows));
@@ -257,76 +313,100 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
   const ExpertFfn& f = ffn(shard->id.shard);
   ASSIGN_OR_RETURN(Tensor dy, ConcatRows(*pool_, parts, f.shape().d_model));
   ExpertShard::Contribution c{kept.x, Tensor(), Tensor(), dy, {}, {}};
-  if (!dy.empty()) {
-    ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
-    const int64_t ff = f.shape().d_ff_shard;
-    ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, kept.h.shape()));
-    ASSIGN_OR_RETURN(c.a, pool_->Take(DType::kF32, {dy.dim(0), ff}));
-    ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, kept.x.shape()));
-    std::vector<float> keep = ExpertDropoutKeep(config_, h, rows, ff);
-    const int64_t d = f.shape().d_model;
-    // A chunk whose forward ran on its copy goes back there; the others,
-    // and any the copy fails, run here (a remote forward's h computed
-    // again first).
-    const auto here = [&](int chunk, RowRange r) -> Status {
-      const bool remote =
-          chunk < static_cast<int>(kept.remote.size()) && kept.remote[chunk];
-      ASSIGN_OR_RETURN(Tensor hc, kept.h.Slice(r.begin, r.end));
-      const float* keep_c = keep.empty() ? nullptr : keep.data() + r.begin * ff;
-      if (remote) {
-        ASSIGN_OR_RETURN(Tensor xc, kept.x.Slice(r.begin, r.end));
-        ASSIGN_OR_RETURN(Tensor yc, pool_->Take(DType::kF32, {r.size(), d}));
-        RETURN_IF_ERROR(f.Forward(shard->params, xc, keep_c, &hc, &yc));
-      }
-      ASSIGN_OR_RETURN(Tensor dyc, dy.Slice(r.begin, r.end));
-      ASSIGN_OR_RETURN(Tensor dhc, c.dh.Slice(r.begin, r.end));
-      ASSIGN_OR_RETURN(Tensor ac, c.a.Slice(r.begin, r.end));
-      ASSIGN_OR_RETURN(Tensor dxc, dx.Slice(r.begin, r.end));
-      return f.BackwardInput(shard->params, hc, dyc, keep_c, &dhc, &ac, &dxc);
-    };
-    const int64_t tokens = dy.dim(0);
-    std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
-    if (replicas_ != nullptr) {
-      const auto deadline = replicas_->NewDeadline();
-      for (int k = 1; k < chunks && k < static_cast<int>(kept.remote.size());
-           ++k) {
-        if (!kept.remote[k]) continue;
-        const RowRange r = ChunkRows(tokens, chunks, k);
-        ASSIGN_OR_RETURN(Tensor dyc, dy.Slice(r.begin, r.end));
-        sent[k] = replicas_->Start(MessageKind::kReplicaBackward, shard->id,
-                                   shard->params, h.epoch, h.step,
-                                   h.micro_batch, k, std::move(dyc), deadline);
-      }
+  if (dy.empty()) {
+    outs->assign(requests.size(), Tensor());
+    shard->contributions[micro_batch] = std::move(c);
+    shard->activations.erase(key);
+    return OkStatus();
+  }
+  ASSIGN_OR_RETURN(const int chunks, Chunks(*shard));
+  const int64_t ff = f.shape().d_ff_shard;
+  ASSIGN_OR_RETURN(c.dh, pool_->Take(DType::kF32, kept.h.shape()));
+  ASSIGN_OR_RETURN(c.a, pool_->Take(DType::kF32, {dy.dim(0), ff}));
+  ASSIGN_OR_RETURN(Tensor dx, pool_->Take(DType::kF32, kept.x.shape()));
+  std::vector<float> keep = ExpertDropoutKeep(config_, h, rows, ff);
+  const int64_t d = f.shape().d_model;
+  // A chunk whose forward ran on its copy goes back there; the others,
+  // and any the copy fails, run here (a remote forward's h computed
+  // again first).
+  const auto here = [this, &f, shard, ff, d](
+                        const ExpertShard::Activation& kept,
+                        const std::vector<float>& keep, int chunk, RowRange r,
+                        ExpertShard::Contribution* c, Tensor* dx) -> Status {
+    const bool remote =
+        chunk < static_cast<int>(kept.remote.size()) && kept.remote[chunk];
+    ASSIGN_OR_RETURN(Tensor hc, kept.h.Slice(r.begin, r.end));
+    const float* keep_c = keep.empty() ? nullptr : keep.data() + r.begin * ff;
+    if (remote) {
+      ASSIGN_OR_RETURN(Tensor xc, kept.x.Slice(r.begin, r.end));
+      ASSIGN_OR_RETURN(Tensor yc, pool_->Take(DType::kF32, {r.size(), d}));
+      RETURN_IF_ERROR(f.Forward(shard->params, xc, keep_c, &hc, &yc));
     }
-    for (int k = 0; k < chunks; ++k) {
+    ASSIGN_OR_RETURN(Tensor dyc, c->dy.Slice(r.begin, r.end));
+    ASSIGN_OR_RETURN(Tensor dhc, c->dh.Slice(r.begin, r.end));
+    ASSIGN_OR_RETURN(Tensor ac, c->a.Slice(r.begin, r.end));
+    ASSIGN_OR_RETURN(Tensor dxc, dx->Slice(r.begin, r.end));
+    return f.BackwardInput(shard->params, hc, dyc, keep_c, &dhc, &ac, &dxc);
+  };
+  const int64_t tokens = dy.dim(0);
+  std::vector<std::shared_ptr<ReplicaClient::Pending>> sent(chunks);
+  if (replicas_ != nullptr) {
+    const auto deadline = replicas_->NewDeadline();
+    for (int k = 1; k < chunks && k < static_cast<int>(kept.remote.size());
+         ++k) {
+      if (!kept.remote[k]) continue;
       const RowRange r = ChunkRows(tokens, chunks, k);
-      if (r.size() > 0 && sent[k] == nullptr) RETURN_IF_ERROR(here(k, r));
+      ASSIGN_OR_RETURN(Tensor dyc, dy.Slice(r.begin, r.end));
+      sent[k] = replicas_->Start(MessageKind::kReplicaBackward, shard->id,
+                                 shard->params, h.epoch, h.step, h.micro_batch,
+                                 k, std::move(dyc), deadline);
     }
+  }
+  for (int k = 0; k < chunks; ++k) {
+    const RowRange r = ChunkRows(tokens, chunks, k);
+    if (r.size() > 0 && sent[k] == nullptr) {
+      RETURN_IF_ERROR(here(kept, keep, k, r, &c, &dx));
+    }
+  }
+  // Kept now, so that a repeated backward is refused while copies
+  // compute; the activation stays until then, so the shard's gradient is
+  // not due before.
+  shard->contributions[micro_batch] = c;
+  auto finish = [this, shard, here, key, micro_batch, kept,
+                 keep = std::move(keep), c = std::move(c), dx, sent, chunks,
+                 tokens, d](std::vector<Tensor>* outs) mutable -> Status {
     c.remote.assign(chunks, 0);
-    for (int k = 1; k < chunks; ++k) {
+    Status s;
+    for (int k = 1; k < chunks && s.ok(); ++k) {
       if (sent[k] == nullptr) continue;
       const RowRange r = ChunkRows(tokens, chunks, k);
       StatusOr<Tensor> dxc = replicas_->Wait(*sent[k]);
-      if (dxc.ok() && !dxc->empty() && dxc->dtype() == DType::kF32 &&
-          dxc->shape() == std::vector<int64_t>{r.size(), d}) {
+      if (Fits(dxc, r, d)) {
         std::memcpy(dx.f32() + r.begin * d, dxc->data(), dxc->num_bytes());
         c.remote[k] = 1;
       } else {
-        RETURN_IF_ERROR(here(k, r));
+        s = here(kept, keep, k, r, &c, &dx);
       }
+    }
+    if (s.ok()) {
+      StatusOr<std::vector<Tensor>> split = SplitRows(dx, kept.rows);
+      s = split.status();
+      if (s.ok()) *outs = *std::move(split);
+    }
+    if (!s.ok()) {
+      shard->contributions.erase(micro_batch);
+      return s;
     }
     // A share its copy fails to give is computed here again, with the
     // same multipliers.
     if (std::count(c.remote.begin(), c.remote.end(), 1) > 0) {
       c.keep = std::move(keep);
     }
-    ASSIGN_OR_RETURN(*outs, SplitRows(dx, rows));
-  } else {
-    outs->assign(requests.size(), Tensor());
-  }
-  shard->contributions[h.micro_batch] = std::move(c);
-  shard->activations.erase(it);
-  return OkStatus();
+    shard->contributions[micro_batch] = std::move(c);
+    shard->activations.erase(key);
+    return OkStatus();
+  };
+  return Conclude(sent, std::move(finish), outs, later);
 }
 
 Status ShardCompute::ComputeGradients(ExpertShard* shard, bool* tokens) const {

@@ -12,7 +12,9 @@
 #ifndef SWITCHYARD_EXPERT_WORKER_SHARD_COMPUTE_H_
 #define SWITCHYARD_EXPERT_WORKER_SHARD_COMPUTE_H_
 
+#include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "common/buffer_pool.h"
@@ -43,11 +45,29 @@ class ShardCompute {
   //
   // A forward (training: activations kept; requests[r] of
   // rank r), or an eval (nothing kept; any number of requests).
+  //
+  // With chunks on copies elsewhere (set_replicas) and `later` given, the
+  // call returns once this worker's own chunks are computed, leaving in
+  // *later what waits for the copies: the worker serves other requests
+  // meanwhile and calls its finish(outs) once ready() (or when it has
+  // nothing else to do). Until then the shard takes no other request of
+  // the same step and micro-batch, and no update (its caller's duty: the
+  // worker finishes everything before a StepDone or a routing change).
+  // Without `later`, or with every chunk here, it waits itself.
+  struct Unfinished {
+    std::vector<std::shared_ptr<ReplicaClient::Pending>> waiting;
+    std::function<Status(std::vector<Tensor>* outs)> finish;
+    // Every copy has answered, or its deadline has passed: finish will
+    // not wait.
+    bool ready() const;
+  };
   Status Forward(const std::vector<const transport::Message*>& requests,
-                 ExpertShard* shard, std::vector<Tensor>* outs) const;
+                 ExpertShard* shard, std::vector<Tensor>* outs,
+                 std::optional<Unfinished>* later = nullptr) const;
   // The backward of a kept forward, payloads dy; outs: dx.
   Status Backward(const std::vector<const transport::Message*>& requests,
-                  ExpertShard* shard, std::vector<Tensor>* outs) const;
+                  ExpertShard* shard, std::vector<Tensor>* outs,
+                  std::optional<Unfinished>* later = nullptr) const;
   // Refuses a training forward or backward that this step already had, or
   // a backward without its forward, before it waits for the other ranks.
   static Status CheckNew(const transport::WireHeader& h,
@@ -107,6 +127,12 @@ class ShardCompute {
   // The gradient of the contributions kept (one GEMM in (micro-batch,
   // rank) order) into shard->grads, checked; *tokens: there were any.
   Status ComputeGradients(ExpertShard* shard, bool* tokens) const;
+  // Runs `finish` now, or leaves it in *later when `later` is given and a
+  // chunk in `sent` went to a copy.
+  static Status Conclude(
+      const std::vector<std::shared_ptr<ReplicaClient::Pending>>& sent,
+      std::function<Status(std::vector<Tensor>*)> finish,
+      std::vector<Tensor>* outs, std::optional<Unfinished>* later);
 
   const config::SwitchyardConfig& config_;
   const std::unique_ptr<ExpertFfn> ffn0_, ffn_;  // Shard 0 (has b2), others.

@@ -194,6 +194,7 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   bool holding = false;
   {
     MutexLock lock(&mu_);
+    FinishAllLocked();
     // A routing change sees (and may hand over, roll back or keep) the
     // shards with the last update applied. After a failed update they are
     // refused until a rollback replaces them (below).
@@ -616,10 +617,14 @@ void WorkerService::Run() {
   while (true) {
     // With an update still to apply, the thread applies it while no
     // request waits (a shard at a time, looking again in between).
+    // Computations whose copies have answered are finished first; while
+    // others wait for their copies, the thread looks for other work.
     bool settling = false;
     {
       MutexLock state(&mu_);
-      settling = unsettled_ > 0 || !gradients_due_.empty();
+      FinishReadyLocked();
+      settling =
+          unsettled_ > 0 || !gradients_due_.empty() || !unfinished_.empty();
     }
     std::optional<Task> task;
     {
@@ -629,9 +634,14 @@ void WorkerService::Run() {
     }
     ScopedMicros busy(busy_us);
     if (!task.has_value()) {
-      if (queue_.closed()) break;
       MutexLock state(&mu_);
-      if (!SettleNextLocked()) EarlyGradientsLocked();
+      if (queue_.closed()) {
+        FinishAllLocked();
+        break;
+      }
+      // Nothing else to do: an update or early gradient, else wait for
+      // the oldest computation's copies.
+      if (!SettleNextLocked() && !EarlyGradientsLocked()) FinishOldestLocked();
       continue;
     }
     queue_depth->Set(static_cast<double>(queue_.size()));
@@ -680,7 +690,10 @@ void WorkerService::Process(Task task) {
     case StepGate::Verdict::kServe:
       break;
   }
-  if (kind == MessageKind::kStepDone) return reply(StepDone(h), Tensor());
+  if (kind == MessageKind::kStepDone) {
+    FinishAllLocked();  // Every answer of the step is out before it ends.
+    return reply(StepDone(h), Tensor());
+  }
   if (kind == MessageKind::kDensePull || kind == MessageKind::kDensePush) {
     Tensor out;
     Status s = Dense(task.request, &out);
@@ -735,14 +748,28 @@ void WorkerService::Process(Task task) {
   std::vector<Tensor> outs;
   // The shard's part of the last update first (only this shard's).
   Status s = SettleLocked(shard);
+  // Training chunks on copies elsewhere are waited for later: the thread
+  // serves what else has come meanwhile.
+  std::optional<ShardCompute::Unfinished> later;
+  std::optional<ShardCompute::Unfinished>* defer = gathered ? &later : nullptr;
   if (s.ok()) {
     s = kind == MessageKind::kExpertBackward
-            ? compute_->Backward(requests, shard, &outs)
-            : compute_->Forward(requests, shard, &outs);
+            ? compute_->Backward(requests, shard, &outs, defer)
+            : compute_->Forward(requests, shard, &outs, defer);
   }
+  if (s.ok() && later.has_value()) {
+    unfinished_.push_back({std::move(tasks), shard, kind, std::move(*later)});
+    return;
+  }
+  AnswerLocked(&tasks, shard, kind, s, &outs);
+}
+
+void WorkerService::AnswerLocked(std::vector<Task>* tasks, ExpertShard* shard,
+                                 MessageKind kind, const Status& s,
+                                 std::vector<Tensor>* outs) {
   if (s.ok() && kind == MessageKind::kExpertForward) {
     uint64_t tokens = 0;
-    for (const Tensor& out : outs) tokens += out.empty() ? 0 : out.dim(0);
+    for (const Tensor& out : *outs) tokens += out.empty() ? 0 : out.dim(0);
     MutexLock loads(&loads_mu_);
     loads_[shard->id].tokens += tokens;
   }
@@ -750,17 +777,40 @@ void WorkerService::Process(Task task) {
   if (s.ok() && compute_->GradientsDue(*shard)) {
     gradients_due_.push_back(shard->id);
   }
-  for (size_t r = 0; r < tasks.size(); ++r) {
-    const transport::WireHeader& hr = tasks[r].request.header;
+  for (size_t r = 0; r < tasks->size(); ++r) {
+    Task& t = (*tasks)[r];
+    const transport::WireHeader& hr = t.request.header;
     // Answered in the dtype the request came in.
     StatusOr<Tensor> converted =
         !s.ok() ? StatusOr<Tensor>(s)
-        : outs[r].empty()
+        : (*outs)[r].empty()
             ? StatusOr<Tensor>(Tensor())
-            : pool_->Converted(outs[r], tasks[r].request.payload.dtype());
-    tasks[r].reply(converted.ok()
-                       ? transport::TensorResponse(hr, *std::move(converted))
-                       : transport::ErrorResponse(hr, converted.status()));
+            : pool_->Converted((*outs)[r], t.request.payload.dtype());
+    t.reply(converted.ok()
+                ? transport::TensorResponse(hr, *std::move(converted))
+                : transport::ErrorResponse(hr, converted.status()));
+  }
+}
+
+bool WorkerService::FinishOldestLocked() {
+  if (unfinished_.empty()) return false;
+  Unfinished u = std::move(unfinished_.front());
+  unfinished_.pop_front();
+  std::vector<Tensor> outs;
+  const Status s = u.rest.finish(&outs);
+  AnswerLocked(&u.tasks, u.shard, u.kind, s, &outs);
+  return true;
+}
+
+void WorkerService::FinishReadyLocked() {
+  // Oldest first, so that a shard's micro-batches finish in order.
+  while (!unfinished_.empty() && unfinished_.front().rest.ready()) {
+    FinishOldestLocked();
+  }
+}
+
+void WorkerService::FinishAllLocked() {
+  while (FinishOldestLocked()) {
   }
 }
 
@@ -901,7 +951,7 @@ bool WorkerService::SettleNextLocked() {
   return false;
 }
 
-void WorkerService::EarlyGradientsLocked() {
+bool WorkerService::EarlyGradientsLocked() {
   static Counter* early = MetricsRegistry::Global().GetCounter(
       "switchyard_worker_early_gradients_total");
   while (!gradients_due_.empty()) {
@@ -911,8 +961,9 @@ void WorkerService::EarlyGradientsLocked() {
     if (it == shards_.end() || !compute_->GradientsDue(*it->second)) continue;
     compute_->EarlyGradients(it->second.get());
     early->Increment();
-    return;
+    return true;
   }
+  return false;
 }
 
 void WorkerService::AfterUpdate() {

@@ -57,6 +57,7 @@
 #define SWITCHYARD_EXPERT_WORKER_WORKER_SERVICE_H_
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -215,6 +216,19 @@ class WorkerService {
   void Run();
   // Serves, defers or refuses one request.
   void Process(Task task) REQUIRES(mu_);
+  // A shard's gathered requests computed (`s`, answers `outs`): answers
+  // them, counts the forward's tokens and notes a gradient now due.
+  void AnswerLocked(std::vector<Task>* tasks, ExpertShard* shard,
+                    transport::MessageKind kind, const Status& s,
+                    std::vector<Tensor>* outs) REQUIRES(mu_);
+  // Finishes the oldest unfinished computation (unfinished_), waiting for
+  // its copies when they have not answered; false when there is none.
+  bool FinishOldestLocked() REQUIRES(mu_);
+  // Finishes those whose copies have answered, oldest first.
+  void FinishReadyLocked() REQUIRES(mu_);
+  // Finishes every one: before anything that changes, moves or drops the
+  // shards or their step's state (a StepDone, a routing change, the end).
+  void FinishAllLocked() REQUIRES(mu_);
   // Counts StepDone(t, rank); the last one applies update t, then the
   // requests deferred for t + 1 run, in arrival order, before any other.
   Status StepDone(const transport::WireHeader& h) REQUIRES(mu_);
@@ -241,8 +255,9 @@ class WorkerService {
   // One shard's pending update; false when none was left.
   bool SettleNextLocked() REQUIRES(mu_);
   // One due shard's gradient of the step in progress, ahead of the step's
-  // StepDones (ShardCompute::EarlyGradients), if any is due.
-  void EarlyGradientsLocked() REQUIRES(mu_);
+  // StepDones (ShardCompute::EarlyGradients), if any is due; false when
+  // none was.
+  bool EarlyGradientsLocked() REQUIRES(mu_);
   // Sets held_ and its copy for held().
   void SetHeld(std::optional<Held> held) REQUIRES(mu_) EXCLUDES(held_mu_);
   // Applies update next_step() (every trainer's StepDone has come, or a
@@ -339,6 +354,16 @@ class WorkerService {
   // Shards whose every micro-batch's backward has come, in that order: the
   // compute thread computes their gradients while idle.
   std::vector<ShardId> gradients_due_ GUARDED_BY(mu_);
+  // Forwards and backwards of replicated shards whose chunks on copies
+  // elsewhere are still computing, oldest first: the compute thread serves
+  // other requests meanwhile (ShardCompute::Unfinished).
+  struct Unfinished {
+    std::vector<Task> tasks;
+    ExpertShard* shard;
+    transport::MessageKind kind;
+    ShardCompute::Unfinished rest;
+  };
+  std::deque<Unfinished> unfinished_ GUARDED_BY(mu_);
   // held_'s copy for held(), readable without mu_: heartbeats read it, and
   // must not wait behind a long computation (the lease would expire).
   mutable Mutex held_mu_ ACQUIRED_AFTER(mu_);
