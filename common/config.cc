@@ -709,6 +709,9 @@ Status ValidateConfig(const SwitchyardConfig& config,
   v.Require(x.busy_poll_us() >= 0 && x.busy_poll_us() <= 1000000,
             "transport.busy_poll_us", x.busy_poll_us(),
             "must be in [0, 1000000]");
+  v.Require(x.max_busy_poll_us() >= 0 && x.max_busy_poll_us() <= 1000000,
+            "transport.max_busy_poll_us", x.max_busy_poll_us(),
+            "must be in [0, 1000000]");
   v.Require(x.ucx_tls().empty() ||
                 x.ucx_tls().find("tcp") != std::string::npos ||
                 x.ucx_tls().find("all") != std::string::npos,

@@ -61,18 +61,29 @@ class WorkQueue {
     items_.pop_front();
     return item;
   }
-  // As Pop, giving up at `deadline`.
+  // As Pop, giving up at `deadline`, or at once after an Interrupt (since
+  // the last PopUntil that returned).
   template <typename Clock, typename Duration>
   std::optional<T> PopUntil(
       const std::chrono::time_point<Clock, Duration>& deadline) EXCLUDES(mu_) {
     MutexLock lock(&mu_);
-    while (items_.empty() && !closed_) {
+    while (items_.empty() && !closed_ && !interrupted_) {
       if (!cv_.WaitUntil(&mu_, deadline)) break;
     }
+    interrupted_ = false;
     if (items_.empty() || closed_) return std::nullopt;
     T item = std::move(items_.front());
     items_.pop_front();
     return item;
+  }
+  // Ends the current or next PopUntil without an item (something besides
+  // the queue needs its caller).
+  void Interrupt() EXCLUDES(mu_) {
+    {
+      MutexLock lock(&mu_);
+      interrupted_ = true;
+    }
+    cv_.NotifyAll();
   }
   // Refuses every later Push and wakes every Pop.
   void Close() EXCLUDES(mu_) {
@@ -104,6 +115,7 @@ class WorkQueue {
   CondVar cv_;
   std::deque<T> items_ GUARDED_BY(mu_);
   bool closed_ GUARDED_BY(mu_) = false;
+  bool interrupted_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace switchyard

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "common/metrics.h"
+#include "common/shard_ref.h"
 #include "expert_worker/replication.h"
 
 namespace switchyard::expert_worker {
@@ -81,9 +82,11 @@ transport::WireHeader HeaderFor(MessageKind kind, const ShardId& id,
 }  // namespace
 
 ReplicaClient::ReplicaClient(const config::SwitchyardConfig& config,
-                             std::string name, transport::DataPlane* peers)
+                             std::string name, transport::DataPlane* peers,
+                             std::function<void()> answered)
     : name_(std::move(name)),
       peers_(peers),
+      answered_(std::move(answered)),
       budget_(
           std::max<int64_t>(1, config.transport().request_timeout_ms() / 4)),
       pool_(BufferPool::Create(size_t{256} << 20)) {}
@@ -105,24 +108,59 @@ void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
     }
   }
   std::sort(ranked.begin(), ranked.end());
-  MutexLock lock(&mu_);
-  if (routing.epoch() <= epoch_) return;
-  epoch_ = routing.epoch();
-  addresses_.clear();
-  by_bytes_.clear();
-  std::set<std::string> present;
-  for (auto& [b, n, address] : ranked) {
-    addresses_[n] = address;
-    by_bytes_.push_back(address);
-    present.insert(address);
+  // The expert shards this worker is the primary of from now on.
+  std::set<ShardId> hosted;
+  for (const auto& e : routing.entries()) {
+    if (e.shard().kind() == control::EXPERT && e.worker() >= 0 &&
+        e.worker() < routing.workers_size() &&
+        routing.workers(e.worker()).name() == name_) {
+      hosted.insert(FromShardRef(e.shard()));
+    }
   }
-  failed_.clear();
-  assigned_.clear();
-  ahead_.clear();
-  // What copies hold on hosts still here is dropped when their shard's
-  // next step places its chunks elsewhere (BeginStep).
-  for (auto it = weights_.begin(); it != weights_.end();) {
-    it = present.count(it->first.first) ? std::next(it) : weights_.erase(it);
+  // Copies of shards moved away are dropped now (nothing here would drop
+  // them later), each drop naming the weights this worker sent, so that
+  // it leaves newer ones the shard's new primary may have sent the host.
+  std::vector<std::pair<std::string, transport::WireHeader>> drops;
+  {
+    MutexLock lock(&mu_);
+    if (routing.epoch() <= epoch_) return;
+    epoch_ = routing.epoch();
+    addresses_.clear();
+    by_bytes_.clear();
+    std::set<std::string> present;
+    for (auto& [b, n, address] : ranked) {
+      addresses_[n] = address;
+      by_bytes_.push_back(address);
+      present.insert(address);
+    }
+    const auto moved = [&](const std::pair<std::string, ShardId>& key) {
+      return present.count(key.first) && !hosted.count(key.second);
+    };
+    for (const auto& [key, ahead] : ahead_) {
+      if (moved(key)) {
+        drops.emplace_back(key.first,
+                           HeaderFor(MessageKind::kReplicaDrop, key.second,
+                                     ahead.epoch, ahead.step));
+      }
+    }
+    // Copies of shards still here on hosts still here are dropped when
+    // their shard's next step places its chunks elsewhere (BeginStep).
+    for (auto it = weights_.begin(); it != weights_.end();) {
+      const auto& [key, at] = *it;
+      if (moved(key)) {
+        drops.emplace_back(key.first,
+                           HeaderFor(MessageKind::kReplicaDrop, key.second,
+                                     at.first, at.second));
+      }
+      it = present.count(key.first) && !moved(key) ? std::next(it)
+                                                   : weights_.erase(it);
+    }
+    failed_.clear();
+    assigned_.clear();
+    ahead_.clear();
+  }
+  for (const auto& [host, header] : drops) {
+    Send(host, transport::TensorMessage(header, Tensor()), NewDeadline());
   }
 }
 
@@ -257,7 +295,10 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Send(
       deadline - std::chrono::steady_clock::now());
   peers_->Send(host, std::move(message),
                std::max(left, std::chrono::milliseconds(1)),
-               [pending](StatusOr<Message> r) { pending->Done(std::move(r)); });
+               [pending, answered = answered_](StatusOr<Message> r) {
+                 pending->Done(std::move(r));
+                 if (answered) answered();
+               });
   return pending;
 }
 
@@ -372,6 +413,10 @@ StatusOr<Tensor> ReplicaClient::Wait(Pending& pending) {
 
 bool ReplicaClient::Answered(const Pending& pending) {
   return pending.answered();
+}
+
+ReplicaClient::Deadline ReplicaClient::DeadlineOf(const Pending& pending) {
+  return pending.deadline();
 }
 
 StatusOr<Tensor> ReplicaClient::Share(const ShardId& id, uint64_t epoch,

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -42,9 +43,13 @@ namespace switchyard::expert_worker {
 
 class ReplicaClient {
  public:
-  // `peers` is not owned and outlives this.
+  // `peers` is not owned and outlives this. `answered` (when given) runs
+  // on the data plane's thread whenever a copy answers or fails a request,
+  // possibly after this is destroyed: what it captures must outlive the
+  // plane's requests.
   ReplicaClient(const config::SwitchyardConfig& config, std::string name,
-                transport::DataPlane* peers);
+                transport::DataPlane* peers,
+                std::function<void()> answered = nullptr);
 
   // The workers of a routing table of a new epoch (confirmed ones other
   // than this one), and a fresh start for hosts that failed. A table of
@@ -102,6 +107,8 @@ class ReplicaClient {
   // Whether Wait(pending) would return at once: answered, or past its
   // deadline.
   static bool Answered(const Pending& pending);
+  // When Wait(pending) gives up.
+  static Deadline DeadlineOf(const Pending& pending);
 
   // "N chunks and M gradient shares computed by copies elsewhere, F
   // failures (their chunks computed here)", since the start.
@@ -130,6 +137,7 @@ class ReplicaClient {
 
   const std::string name_;
   transport::DataPlane* const peers_;
+  const std::function<void()> answered_;
   const std::chrono::milliseconds budget_;
   // Weights pushed to copies (fresh memory costs a page fault per 4 KiB).
   const std::shared_ptr<BufferPool> pool_;

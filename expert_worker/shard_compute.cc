@@ -186,6 +186,14 @@ bool ShardCompute::Unfinished::ready() const {
   return true;
 }
 
+ReplicaClient::Deadline ShardCompute::Unfinished::due() const {
+  ReplicaClient::Deadline last{};
+  for (const auto& p : waiting) {
+    last = std::max(last, ReplicaClient::DeadlineOf(*p));
+  }
+  return last;
+}
+
 Status ShardCompute::Forward(const std::vector<const Message*>& requests,
                              ExpertShard* shard, std::vector<Tensor>* outs,
                              std::optional<Unfinished>* later) const {

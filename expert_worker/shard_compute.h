@@ -60,6 +60,8 @@ class ShardCompute {
     // Every copy has answered, or its deadline has passed: finish will
     // not wait.
     bool ready() const;
+    // When the last of them gives up waiting.
+    ReplicaClient::Deadline due() const;
   };
   Status Forward(const std::vector<const transport::Message*>& requests,
                  ExpertShard* shard, std::vector<Tensor>* outs,

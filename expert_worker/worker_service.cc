@@ -113,7 +113,15 @@ void WorkerService::ConnectReplicas() {
       compute_ == nullptr || replica_client_ != nullptr) {
     return;
   }
-  replica_client_ = std::make_unique<ReplicaClient>(config_, name_, peers_);
+  {
+    MutexLock lock(&waker_->mu);
+    waker_->queue = &queue_;
+  }
+  replica_client_ =
+      std::make_unique<ReplicaClient>(config_, name_, peers_, [waker = waker_] {
+        MutexLock lock(&waker->mu);
+        if (waker->queue != nullptr) waker->queue->Interrupt();
+      });
   compute_->set_replicas(replica_client_.get());
 }
 
@@ -150,6 +158,10 @@ void WorkerService::Shutdown() {
   routing_cv_.NotifyAll();
   if (routing_thread_.joinable()) routing_thread_.join();
   if (thread_.joinable()) thread_.join();
+  {
+    MutexLock lock(&waker_->mu);
+    waker_->queue = nullptr;
+  }
   if (replica_host_ != nullptr) replica_host_->Shutdown();
   // A checkpoint being written is finished (it may be committed).
   if (writer_ != nullptr) writer_->Shutdown();
@@ -617,20 +629,24 @@ void WorkerService::Run() {
   while (true) {
     // With an update still to apply, the thread applies it while no
     // request waits (a shard at a time, looking again in between).
-    // Computations whose copies have answered are finished first; while
-    // others wait for their copies, the thread looks for other work.
+    // Computations whose copies have answered are finished first. While
+    // others wait for their copies, the thread serves what comes, and
+    // waits for requests only until a copy answers (the ReplicaClient
+    // interrupts the wait) or the oldest one's copies are due.
     bool settling = false;
+    std::optional<ReplicaClient::Deadline> copies_due;
     {
       MutexLock state(&mu_);
       FinishReadyLocked();
-      settling =
-          unsettled_ > 0 || !gradients_due_.empty() || !unfinished_.empty();
+      settling = unsettled_ > 0 || !gradients_due_.empty();
+      if (!unfinished_.empty()) copies_due = unfinished_.front().rest.due();
     }
     std::optional<Task> task;
     {
       ScopedMicros idle(idle_us);
-      task = settling ? queue_.PopUntil(std::chrono::steady_clock::now())
-                      : queue_.Pop();
+      task = settling     ? queue_.PopUntil(std::chrono::steady_clock::now())
+             : copies_due ? queue_.PopUntil(*copies_due)
+                          : queue_.Pop();
     }
     ScopedMicros busy(busy_us);
     if (!task.has_value()) {
@@ -639,9 +655,7 @@ void WorkerService::Run() {
         FinishAllLocked();
         break;
       }
-      // Nothing else to do: an update or early gradient, else wait for
-      // the oldest computation's copies.
-      if (!SettleNextLocked() && !EarlyGradientsLocked()) FinishOldestLocked();
+      if (!SettleNextLocked()) EarlyGradientsLocked();
       continue;
     }
     queue_depth->Set(static_cast<double>(queue_.size()));

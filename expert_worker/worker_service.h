@@ -364,6 +364,14 @@ class WorkerService {
     ShardCompute::Unfinished rest;
   };
   std::deque<Unfinished> unfinished_ GUARDED_BY(mu_);
+  // Ends the compute thread's wait for requests when a copy answers
+  // (ReplicaClient's `answered`), for as long as the thread runs: the data
+  // plane may call it later.
+  struct Waker {
+    Mutex mu;
+    WorkQueue<Task>* queue GUARDED_BY(mu) = nullptr;
+  };
+  const std::shared_ptr<Waker> waker_ = std::make_shared<Waker>();
   // held_'s copy for held(), readable without mu_: heartbeats read it, and
   // must not wait behind a long computation (the lease would expire).
   mutable Mutex held_mu_ ACQUIRED_AFTER(mu_);

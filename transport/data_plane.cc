@@ -150,6 +150,7 @@ DataPlaneOptions DataPlaneOptionsFrom(const config::SwitchyardConfig& run,
     options.own_budget_kinds.insert(static_cast<uint8_t>(kind));
   }
   options.busy_poll_us = config.busy_poll_us();
+  options.max_busy_poll_us = config.max_busy_poll_us();
   return options;
 }
 

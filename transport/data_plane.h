@@ -100,6 +100,10 @@ struct DataPlaneOptions {
   // long before it waits on the worker's event fd: lower latency for more
   // CPU. 0 sleeps at once.
   int busy_poll_us = 50;
+  // The polling window adapts up to this (doubling while traffic comes
+  // just after the thread sleeps, halving while it does not); at most
+  // busy_poll_us keeps it fixed.
+  int max_busy_poll_us = 1000;
   // Request bytes a server holds (received, not yet answered) before it
   // stops fetching large payloads (backpressure on senders).
   size_t max_inflight_bytes = size_t{1} << 30;

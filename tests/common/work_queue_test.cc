@@ -1,4 +1,5 @@
-// WorkQueue: order, closing, draining, and a consumer woken by a producer.
+// WorkQueue: order, closing, draining, a consumer woken by a producer, and
+// a wait ended by Interrupt.
 #include "common/work_queue.h"
 
 #include <gtest/gtest.h>
@@ -70,6 +71,31 @@ TEST(WorkQueueTest, PopUntilGivesUpAtItsDeadline) {
             std::chrono::milliseconds(20));
   EXPECT_FALSE(q.Push(7).has_value());
   EXPECT_EQ(q.PopUntil(start + std::chrono::seconds(30)), 7);
+}
+
+TEST(WorkQueueTest, InterruptEndsOnePopUntilEarly) {
+  WorkQueue<int> q;
+  const auto far = std::chrono::steady_clock::now() + std::chrono::hours(1);
+  // Interrupted while waiting: it returns without an item, long before its
+  // deadline.
+  std::thread interrupter([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    q.Interrupt();
+  });
+  EXPECT_EQ(q.PopUntil(far), std::nullopt);
+  interrupter.join();
+  // Interrupted before: the next PopUntil returns at once, the one after
+  // waits again.
+  q.Interrupt();
+  EXPECT_EQ(q.PopUntil(far), std::nullopt);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(q.PopUntil(start + std::chrono::milliseconds(20)), std::nullopt);
+  EXPECT_GE(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(20));
+  // An item queued wins over an interrupt.
+  q.Interrupt();
+  EXPECT_FALSE(q.Push(3).has_value());
+  EXPECT_EQ(q.PopUntil(far), 3);
 }
 
 }  // namespace

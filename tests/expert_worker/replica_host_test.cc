@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstring>
 #include <future>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -383,8 +384,20 @@ class ReplicaClientTest : public ::testing::Test {
         transport::NewUcxDataPlane(testing::TestDataPlaneOptions()).value();
     ASSERT_TRUE(plane_->Start(transport::RefuseRequests("w0")).ok());
     client_ = std::make_unique<ReplicaClient>(config_, "w0", plane_.get());
+    client_->SetRouting(Table(5, {}));
+    params_ = ExpertParams::Zeros(shape_).value();
+    for (Tensor* t : {&params_.w1, &params_.b1, &params_.w2, &params_.b2}) {
+      Tensor r = Random(1, t->num_elements(), 3);
+      std::memcpy(t->data(), r.data(), t->num_bytes());
+    }
+  }
+
+  // The routing table of `epoch`: workers w0 (this one), w1 and w2, and
+  // expert e's shard 0 of layer 0 on worker[e] for each e in `worker`.
+  control::RoutingTable Table(uint64_t epoch,
+                              const std::map<int, int>& worker) {
     control::RoutingTable table;
-    table.set_epoch(5);
+    table.set_epoch(epoch);
     for (const char* name : {"w0", "w1", "w2"}) {
       auto* w = table.add_workers();
       w->set_name(name);
@@ -393,12 +406,13 @@ class ReplicaClientTest : public ::testing::Test {
                               ? plane_->address()
                               : hosts_[name]->plane->address());
     }
-    client_->SetRouting(table);
-    params_ = ExpertParams::Zeros(shape_).value();
-    for (Tensor* t : {&params_.w1, &params_.b1, &params_.w2, &params_.b2}) {
-      Tensor r = Random(1, t->num_elements(), 3);
-      std::memcpy(t->data(), r.data(), t->num_bytes());
+    for (const auto& [expert, index] : worker) {
+      auto* e = table.add_entries();
+      e->mutable_shard()->set_kind(control::EXPERT);
+      e->mutable_shard()->set_expert(expert);
+      e->set_worker(index);
     }
+    return table;
   }
 
   void TearDown() override {
@@ -409,8 +423,9 @@ class ReplicaClientTest : public ::testing::Test {
 
   // Chunk `chunk`'s forward of expert 1's micro-batch `mb` at `step`
   // (after BeginStep with `chunks`): whether a copy computed it.
-  bool Forward(int64_t step, int chunks, int chunk, int mb = 0) {
-    const ShardId id = ShardId::Expert(0, 1, 0);
+  bool Forward(int64_t step, int chunks, int chunk, int mb = 0,
+               int expert = 1) {
+    const ShardId id = ShardId::Expert(0, expert, 0);
     client_->BeginStep(id, 5, step, chunks);
     Tensor x = Tensor::Zeros(DType::kF32, {3, shape_.d_model}).value();
     auto pending =
@@ -506,6 +521,25 @@ TEST_F(ReplicaClientTest, ChunksGoToTheLessLoadedWorkersAndCooledCopiesGo) {
   EXPECT_TRUE(HostHolds("w1", false));
   EXPECT_TRUE(HostHolds("w2", false));
   EXPECT_EQ(client_->TakeRowsOffloaded(), 6 * 3u);
+}
+
+TEST_F(ReplicaClientTest, CopiesOfAShardMovedAwayAreDropped) {
+  client_->SetCopyHosts({"w2", "w0", "w1"});
+  // Experts 1 and 2 each have a copy on w2 (the one worker ranked below).
+  ASSERT_TRUE(Forward(1, 2, 1, 0, /*expert=*/1));
+  ASSERT_TRUE(Forward(1, 2, 1, 0, /*expert=*/2));
+  const int64_t both = hosts_["w2"]->host.bytes();
+  ASSERT_GT(both, 0);
+  // Epoch 6 moves expert 1 to w1 and keeps expert 2 here: expert 1's copy
+  // goes at once, expert 2's stays (its next step decides).
+  client_->SetRouting(Table(6, {{1, 1}, {2, 0}}));
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (hosts_["w2"]->host.bytes() != both / 2 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(hosts_["w2"]->host.bytes(), both / 2);
 }
 
 }  // namespace

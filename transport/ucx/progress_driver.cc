@@ -16,8 +16,21 @@ constexpr int kIdleRoundsPerCheck = 16;
 
 }  // namespace
 
-ProgressDriver::ProgressDriver(int busy_poll_us, Hooks hooks)
-    : busy_poll_(busy_poll_us), hooks_(std::move(hooks)) {}
+int NextPollWindow(int current, int min_us, int max_us, bool woken,
+                   std::chrono::microseconds slept) {
+  const auto window = std::chrono::microseconds(current);
+  if (woken && slept < window) return std::min(max_us, 2 * current);
+  if (!woken || slept > 4 * window) return std::max(min_us, current / 2);
+  return current;
+}
+
+ProgressDriver::ProgressDriver(int busy_poll_us, int max_busy_poll_us,
+                               Hooks hooks)
+    : min_poll_(busy_poll_us),
+      min_poll_us_(busy_poll_us),
+      max_poll_us_(std::max(busy_poll_us, max_busy_poll_us)),
+      poll_us_(busy_poll_us),
+      hooks_(std::move(hooks)) {}
 
 ProgressDriver::~ProgressDriver() { Stop(); }
 
@@ -113,7 +126,14 @@ std::optional<int> ProgressDriver::Drive(const std::function<bool()>& finished,
     if (finished()) break;
     if (now >= until) break;
     if (active) last_activity = now;
-    if (now - last_activity < busy_poll_) continue;
+    const auto idle = now - last_activity;
+    if (idle <
+        std::chrono::microseconds(poll_us_.load(std::memory_order_relaxed))) {
+      // Past busy_poll_us, the polling the window adapted to gives the
+      // core to any other thread that wants it.
+      if (idle >= min_poll_) ::sched_yield();
+      continue;
+    }
     if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
     {
       MutexLock lock(&mu_);
@@ -137,7 +157,14 @@ std::optional<int> ProgressDriver::Drive(const std::function<bool()>& finished,
 
 void ProgressDriver::Sleep(int wait_ms) {
   pollfd pfd{efd_, POLLIN, 0};
-  ::poll(&pfd, 1, wait_ms);
+  const auto start = Clock::now();
+  const bool woken = ::poll(&pfd, 1, wait_ms) > 0;
+  poll_us_.store(
+      NextPollWindow(poll_us_.load(std::memory_order_relaxed), min_poll_us_,
+                     max_poll_us_, woken,
+                     std::chrono::duration_cast<std::chrono::microseconds>(
+                         Clock::now() - start)),
+      std::memory_order_relaxed);
   MutexLock lock(&mu_);
   --sleepers_;
 }

@@ -5,8 +5,11 @@
 // (the progress thread parks meanwhile), so that an answer reaches its
 // waiter without a thread hand-off; a waiter that finds the role free sends
 // its requests itself. Other threads Post commands for the role holder and
-// wake it only when it sleeps. A role holder polls without sleeping for
-// busy_poll_us after any activity, then sleeps on the worker's event fd.
+// wake it only when it sleeps. A role holder polls without sleeping for a
+// window after any activity, then sleeps on the worker's event fd. The
+// window adapts (NextPollWindow): from busy_poll_us up to max_busy_poll_us
+// while traffic keeps coming just after it sleeps, back down while it does
+// not.
 //
 // The owner supplies Hooks for what it keeps (deadlines, work in flight,
 // teardown); they run on the role holder.
@@ -32,6 +35,15 @@
 
 namespace switchyard::transport {
 
+// The polling window after a role holder's sleep of `slept` that was
+// `woken` by traffic (or a command) or timed out, given the window
+// `current` it slept after: doubled (at most `max_us`) when the traffic
+// came within 4 windows of the sleep, which the polling just missed;
+// halved (at least `min_us`) when it timed out or slept over 16 windows;
+// else the same. With min_us 0 (no polling) it stays 0.
+int NextPollWindow(int current, int min_us, int max_us, bool woken,
+                   std::chrono::microseconds slept);
+
 class ProgressDriver {
  public:
   using Clock = std::chrono::steady_clock;
@@ -50,7 +62,9 @@ class ProgressDriver {
     std::function<void()> stopped;
   };
 
-  ProgressDriver(int busy_poll_us, Hooks hooks);
+  // Polls for busy_poll_us after activity, adapting up to
+  // max_busy_poll_us (no more than busy_poll_us: fixed).
+  ProgressDriver(int busy_poll_us, int max_busy_poll_us, Hooks hooks);
   // Stops the thread if it still runs.
   ~ProgressDriver();
   ProgressDriver(const ProgressDriver&) = delete;
@@ -116,7 +130,8 @@ class ProgressDriver {
   std::optional<int> Drive(const std::function<bool()>& finished,
                            Clock::time_point until) REQUIRES(role_mu_)
       EXCLUDES(mu_);
-  // Waits up to `wait_ms` on the worker's event fd (Drive said to).
+  // Waits up to `wait_ms` on the worker's event fd (Drive said to), and
+  // adapts the polling window to how the wait ended.
   void Sleep(int wait_ms) EXCLUDES(mu_, role_mu_);
   // A waiter that holds the role is done: the last one wakes the progress
   // thread when work is left for it.
@@ -132,7 +147,11 @@ class ProgressDriver {
   // owner's Hooks::has_work.
   bool HasWorkLocked() const REQUIRES(mu_, role_mu_);
 
-  const std::chrono::microseconds busy_poll_;
+  const std::chrono::microseconds min_poll_;
+  const int min_poll_us_, max_poll_us_;
+  // The polling window now, in microseconds (NextPollWindow; one role
+  // holder at a time reads and writes it).
+  std::atomic<int> poll_us_;
   const Hooks hooks_;
   // Set by Start, before the thread and the first command.
   ucp_worker_h worker_ = nullptr;

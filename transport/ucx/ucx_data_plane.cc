@@ -138,7 +138,7 @@ UcxDataPlane::UcxDataPlane(DataPlaneOptions options)
                },
            .lost = [this](ucp_ep_h ep, const std::string& peer,
                           const Status& why) { PeerLost(ep, peer, why); }}),
-      driver_(options_.busy_poll_us,
+      driver_(options_.busy_poll_us, options_.max_busy_poll_us,
               {.expire =
                    [this](Clock::time_point now) {
                      const bool handshakes = endpoints_.ExpireHandshakes(now);
