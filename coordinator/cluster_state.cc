@@ -176,7 +176,9 @@ bool ClusterState::IsLive(const Member& m) const {
 }
 
 const std::vector<std::string>& ClusterState::CopyHosts(Clock::time_point now) {
-  if (!copy_hosts_.empty() &&
+  // Ranked again once a heartbeat period old, or at once when membership
+  // changed (a death, a drain, a join: every such change is a version).
+  if (!copy_hosts_.empty() && copy_hosts_version_ == version() &&
       now - copy_hosts_at_ <
           std::chrono::milliseconds(config_.cluster().heartbeat_ms())) {
     return copy_hosts_;
@@ -196,6 +198,7 @@ const std::vector<std::string>& ClusterState::CopyHosts(Clock::time_point now) {
   copy_hosts_.clear();
   for (auto& [tokens, name] : ranked) copy_hosts_.push_back(std::move(name));
   copy_hosts_at_ = now;
+  copy_hosts_version_ = version();
   return copy_hosts_;
 }
 

@@ -287,9 +287,10 @@ class ClusterState {
   std::vector<std::string> planned_home_;
   // This epoch's live moves: each shard's old home ("": not moved).
   std::vector<std::string> moved_from_;
-  // CopyHosts() and when it was ranked.
+  // CopyHosts(), and when and at which version() it was ranked.
   std::vector<std::string> copy_hosts_;
   Clock::time_point copy_hosts_at_;
+  uint64_t copy_hosts_version_ = 0;
   // The newest epoch that moved shards live, and the newest one whose new
   // homes all serve them (HeartbeatAck.moves_done_epoch).
   uint64_t move_epoch_ = 0;
