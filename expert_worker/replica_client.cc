@@ -171,7 +171,8 @@ void ReplicaClient::SetCopyHosts(std::vector<std::string> names) {
 
 std::vector<std::string> ReplicaClient::Candidates() const {
   std::vector<std::string> out;
-  // Those the coordinator ranks below this worker; if none, every other.
+  // Those the coordinator ranks below this worker; if none, every other;
+  // never those that failed in this epoch.
   for (int pass = 0; pass < 2 && out.empty(); ++pass) {
     for (const std::string& n : ranking_) {
       if (n == name_) {
@@ -179,16 +180,17 @@ std::vector<std::string> ReplicaClient::Candidates() const {
         continue;
       }
       auto a = addresses_.find(n);
-      if (a != addresses_.end()) out.push_back(a->second);
+      if (a != addresses_.end() && failed_.count(a->second) == 0) {
+        out.push_back(a->second);
+      }
     }
   }
-  if (out.empty()) out = by_bytes_;
-  // Not those that failed in this epoch.
-  std::vector<std::string> live;
-  for (std::string& host : out) {
-    if (failed_.count(host) == 0) live.push_back(std::move(host));
+  if (out.empty()) {
+    for (const std::string& host : by_bytes_) {
+      if (failed_.count(host) == 0) out.push_back(host);
+    }
   }
-  return live;
+  return out;
 }
 
 void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
@@ -223,29 +225,20 @@ void ReplicaClient::BeginStep(const ShardId& id, uint64_t epoch, int64_t step,
         });
     a.epoch = epoch;
     if (!kept) a.hosts = std::move(hosts);
-    const auto unused = [&](const std::pair<std::string, ShardId>& key) {
-      return key.second == id && std::find(a.hosts.begin(), a.hosts.end(),
-                                           key.first) == a.hosts.end();
+    // The copies (weights there, or on their way) of hosts not used now.
+    const auto unused = [&](const auto& entry) {
+      const auto& [host, shard] = entry.first;
+      if (shard != id ||
+          std::find(a.hosts.begin(), a.hosts.end(), host) != a.hosts.end()) {
+        return false;
+      }
+      if (std::find(drop.begin(), drop.end(), host) == drop.end()) {
+        drop.push_back(host);
+      }
+      return true;
     };
-    for (auto it = weights_.begin(); it != weights_.end();) {
-      if (unused(it->first)) {
-        drop.push_back(it->first.first);
-        it = weights_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    for (auto it = ahead_.begin(); it != ahead_.end();) {
-      if (unused(it->first)) {
-        if (std::find(drop.begin(), drop.end(), it->first.first) ==
-            drop.end()) {
-          drop.push_back(it->first.first);
-        }
-        it = ahead_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    std::erase_if(weights_, unused);
+    std::erase_if(ahead_, unused);
   }
   // Freed at once; a host that does not answer keeps it until evicted.
   for (const std::string& host : drop) {
