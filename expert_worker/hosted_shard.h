@@ -38,6 +38,9 @@ struct ExpertShard {
     // Per chunk of a replicated shard: computed by its copy (whose host
     // keeps its rows of h; here they are not computed).
     std::vector<uint8_t> remote;
+    // False while copies compute the forward's other chunks (it is not
+    // answered yet): a backward of it is refused.
+    bool answered = true;
   };
   std::map<std::pair<int64_t, int32_t>, Activation> activations;
   struct Contribution {

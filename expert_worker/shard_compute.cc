@@ -152,6 +152,11 @@ Status ShardCompute::CheckNew(const transport::WireHeader& h,
     return FailedPreconditionError("backward without a forward: " +
                                    transport::DescribeHeader(h));
   }
+  if (!forward && !shard.activations.at({h.step, h.micro_batch}).answered) {
+    return FailedPreconditionError(
+        "backward before its forward was answered: " +
+        transport::DescribeHeader(h));
+  }
   return OkStatus();
 }
 
@@ -248,8 +253,12 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
       RETURN_IF_ERROR(ForwardRows(f, *shard, x, keep, r, &kept.h, &y));
     }
   }
-  // Kept now, so that a repeated forward is refused while copies compute.
-  if (train) shard->activations[key] = kept;
+  // Kept now, so that a repeated forward, or a backward, is refused while
+  // copies compute.
+  if (train) {
+    ExpertShard::Activation& unanswered = shard->activations[key] = kept;
+    unanswered.answered = false;
+  }
   auto finish = [this, shard, &f, key, train, kept = std::move(kept),
                  keep = std::move(keep), y, sent, chunks, tokens,
                  d](std::vector<Tensor>* outs) mutable -> Status {

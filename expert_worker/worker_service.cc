@@ -196,8 +196,9 @@ StatusOr<std::unique_ptr<Shard>> TakeOrMake(
 
 Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   MutexLock applying(&apply_mu_);
-  // Chunks of replicated shards go to this table's workers.
-  if (replica_client_ != nullptr) replica_client_->SetRouting(routing);
+  // This thread may compute (the chunks copies did not answer, an update):
+  // with the compute thread's kernel threads, as the bits require.
+  SetKernelThreads(config_.training().threads());
   // What is hosted now; only this function (under apply_mu_) changes it.
   std::set<ShardId> have;
   std::set<int> have_dense;
@@ -206,7 +207,11 @@ Status WorkerService::ApplyRouting(const control::RoutingTable& routing) {
   bool holding = false;
   {
     MutexLock lock(&mu_);
+    // The last epoch's computations waiting for copies end first, so that
+    // their copies' failures count in that epoch, not in this one.
     FinishAllLocked();
+    // Chunks of replicated shards go to this table's workers.
+    if (replica_client_ != nullptr) replica_client_->SetRouting(routing);
     // A routing change sees (and may hand over, roll back or keep) the
     // shards with the last update applied. After a failed update they are
     // refused until a rollback replaces them (below).

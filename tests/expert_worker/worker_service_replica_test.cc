@@ -1,7 +1,8 @@
 // Hot-expert replication inside a worker (WorkerService): while a
 // replicated shard's chunk computes on its copy elsewhere, the worker
 // serves the other shards' requests; what the copy fails to give it
-// computes itself, with the bits a worker without copies gets.
+// computes itself, with the bits a worker without copies gets; a backward
+// of a forward not answered yet is refused.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -167,6 +168,15 @@ TEST(WorkerServiceReplicaTest, ServesOtherShardsWhileACopyComputes) {
   for (auto& answer : hot) {
     EXPECT_EQ(answer.wait_for(Ms(0)), std::future_status::timeout)
         << "expert 0 was answered before its copy was";
+  }
+  // A backward of the unanswered forward is refused (a trainer never sends
+  // one; its rows of h from the copy are not here yet).
+  for (int rank = 0; rank < kRanks; ++rank) {
+    const Message refused = Ask(&worker, Request(MessageKind::kExpertBackward,
+                                                 1, rank, 0, 0, 0, kEpoch, 20));
+    EXPECT_EQ(refused.header.status_code,
+              static_cast<int32_t>(StatusCode::kFailedPrecondition))
+        << refused.error_text;
   }
   // The copy refuses: the worker computes the chunk itself.
   copy.Release();

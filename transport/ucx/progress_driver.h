@@ -38,8 +38,8 @@ namespace switchyard::transport {
 // The polling window after a role holder's sleep of `slept` that was
 // `woken` by traffic (or a command) or timed out, given the window
 // `current` it slept after: doubled (at most `max_us`) when the traffic
-// came within 4 windows of the sleep, which the polling just missed;
-// halved (at least `min_us`) when it timed out or slept over 16 windows;
+// came within one window of the sleep, which the polling just missed;
+// halved (at least `min_us`) when it timed out or slept over 4 windows;
 // else the same. With min_us 0 (no polling) it stays 0.
 int NextPollWindow(int current, int min_us, int max_us, bool woken,
                    std::chrono::microseconds slept);
@@ -149,8 +149,8 @@ class ProgressDriver {
 
   const std::chrono::microseconds min_poll_;
   const int min_poll_us_, max_poll_us_;
-  // The polling window now, in microseconds (NextPollWindow; one role
-  // holder at a time reads and writes it).
+  // The polling window now, in microseconds (NextPollWindow). Sleepers
+  // may update it at once; a lost update only changes timing.
   std::atomic<int> poll_us_;
   const Hooks hooks_;
   // Set by Start, before the thread and the first command.
