@@ -118,7 +118,16 @@ Status ExpertFfn::CheckShapes(const ExpertParams& p, const Tensor& x,
                               int64_t tokens) const {
   const int64_t d = shape_.d_model, f = shape_.d_ff_shard;
   const int64_t gf = shape_.gates() * f;
-  if (!IsMatrix(p.w1, d, gf) || !IsMatrix(p.w2, f, d) ||
+  // A weight matrix in fp32, or for bf16 compute in bf16 alone (a copy's,
+  // ExpertParams): the products multiply by the bf16 one when it is there.
+  const auto weight = [&](const Tensor& w, const Tensor& w16, int64_t rows,
+                          int64_t cols) {
+    if (IsMatrix(w, rows, cols)) return true;
+    return shape_.compute_dtype == DType::kBF16 && w.empty() &&
+           w16.dtype() == DType::kBF16 && w16.rank() == 2 &&
+           w16.dim(0) == rows && w16.dim(1) == cols;
+  };
+  if (!weight(p.w1, p.w1_bf16, d, gf) || !weight(p.w2, p.w2_bf16, f, d) ||
       p.b1.empty() == shape_.has_b1 || p.b2.empty() == shape_.has_b2) {
     return InvalidArgumentError("expert parameters do not match the shape");
   }

@@ -51,7 +51,9 @@ struct ExpertParams {
   Tensor w1, b1, w2, b2;
   // Optional bf16 copies of w1 and w2 for bf16 compute (FloatToBf16 of every
   // element). NOTE: whoever changes w1/w2 must call RefreshBf16() or clear
-  // them; when empty, each product converts the weights itself.
+  // them; when empty, each product converts the weights itself. A replica's
+  // copy of a shard computing in bf16 holds only these, w1 and w2 empty
+  // (docs/replication.md): it never updates the weights.
   Tensor w1_bf16, w2_bf16;
 
   // Zero-filled tensors of `shape`'s sizes.

@@ -89,6 +89,8 @@ ReplicaClient::ReplicaClient(const config::SwitchyardConfig& config,
       answered_(std::move(answered)),
       budget_(
           std::max<int64_t>(1, config.transport().request_timeout_ms() / 4)),
+      compute_(config.training().compute_dtype() == "bf16" ? DType::kBF16
+                                                           : DType::kF32),
       pool_(BufferPool::Create(size_t{256} << 20)) {}
 
 void ReplicaClient::SetRouting(const control::RoutingTable& routing) {
@@ -317,7 +319,7 @@ void ReplicaClient::PushAhead(const ShardId& id, const ExpertParams& params,
     }
   }
   if (hosts.empty()) return;
-  auto flat = FlattenParams(params, pool_.get());
+  auto flat = WeightsForCopies(params, compute_, pool_.get());
   if (!flat.ok()) return;  // The forward pushes them then.
   for (const std::string& host : hosts) {
     // Every host reads the same buffer.
@@ -360,7 +362,7 @@ std::shared_ptr<ReplicaClient::Pending> ReplicaClient::Start(
       }
     }
     if (push == nullptr) {
-      auto flat = FlattenParams(params, pool_.get());
+      auto flat = WeightsForCopies(params, compute_, pool_.get());
       if (!flat.ok()) return nullptr;
       push = Send(host,
                   transport::TensorMessage(

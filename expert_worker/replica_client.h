@@ -139,6 +139,9 @@ class ReplicaClient {
   transport::DataPlane* const peers_;
   const std::function<void()> answered_;
   const std::chrono::milliseconds budget_;
+  // training.compute_dtype: the form of the weights pushed
+  // (WeightsForCopies).
+  const DType compute_;
   // Weights pushed to copies (fresh memory costs a page fault per 4 KiB).
   const std::shared_ptr<BufferPool> pool_;
   std::atomic<int64_t> chunks_{0}, shares_{0}, failures_{0};

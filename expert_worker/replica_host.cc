@@ -74,14 +74,16 @@ StatusOr<Tensor> ReplicaHost::Serve(const Message& request) {
                          std::to_string(h.expert) + ".S" +
                          std::to_string(h.shard) + " in this model");
   }
-  if (!request.payload.empty() && request.payload.dtype() != DType::kF32) {
-    return InvalidArgumentError(
-        "replica payloads are fp32, not " +
-        std::string(DTypeName(request.payload.dtype())));
-  }
   const ShardId id = ShardId::Expert(h.layer, h.expert, h.shard);
   const auto kind = static_cast<MessageKind>(h.kind);
+  // Weights come in the form of the copy's products (Weights checks it);
+  // rows are fp32.
   if (kind == MessageKind::kReplicaWeights) return Weights(request, id);
+  if (!request.payload.empty() && request.payload.dtype() != DType::kF32) {
+    return InvalidArgumentError(
+        "replica rows are fp32, not " +
+        std::string(DTypeName(request.payload.dtype())));
+  }
   if (kind == MessageKind::kReplicaDrop) {
     // Weights of the step named, or older, that come after it (sent ahead
     // before the primary placed the step elsewhere) are refused; a copy
@@ -218,10 +220,13 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
   auto found = copies_.find(id);
   {
     // The size first: a malformed push changes nothing.
-    const int64_t n = f.shape().num_params();
-    if (request.payload.empty() || request.payload.num_elements() != n) {
+    const int64_t n = CopyWeightsElements(f.shape());
+    const DType dtype = f.shape().compute_dtype;
+    if (request.payload.empty() || request.payload.dtype() != dtype ||
+        request.payload.num_elements() != n) {
       return InvalidArgumentError(
-          "expert parameters of " + std::to_string(n) + " fp32 values, not " +
+          "expert weights of " + std::to_string(n) + " " +
+          std::string(DTypeName(dtype)) + " values, not " +
           (request.payload.empty() ? "<none>" : request.payload.DebugString()));
     }
   }
@@ -234,10 +239,7 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
     return Tensor();
   }
   if (found == copies_.end()) {
-    ASSIGN_OR_RETURN(ExpertParams params, ExpertParams::Zeros(f.shape()));
-    if (f.shape().compute_dtype == DType::kBF16) {
-      RETURN_IF_ERROR(params.MakeBf16Storage());
-    }
+    ASSIGN_OR_RETURN(ExpertParams params, CopyParams(f.shape()));
     // Its weights and a gradient share's buffers.
     ASSIGN_OR_RETURN(ExpertParams share, ExpertParams::Zeros(f.shape()));
     int64_t bytes = 0;
@@ -271,10 +273,7 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
   copy.activations.clear();
   copy.contributions.clear();
   Recount(&copy);
-  RETURN_IF_ERROR(UnflattenParams(request.payload, &copy.params));
-  if (f.shape().compute_dtype == DType::kBF16) {
-    RETURN_IF_ERROR(copy.params.RefreshBf16());
-  }
+  RETURN_IF_ERROR(TakeWeights(request.payload, f.shape(), &copy.params));
   copy.epoch = h.epoch;
   copy.step = h.step;
   return Tensor();

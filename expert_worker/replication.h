@@ -70,6 +70,28 @@ StatusOr<Tensor> FlattenParams(const ExpertParams& params,
 // INVALID_ARGUMENT when the sizes differ.
 Status UnflattenParams(const Tensor& flat, ExpertParams* params);
 
+// What a primary sends its copies each step: the shard's weights in the
+// form its products multiply by (docs/replication.md, "Weights").
+// - fp32 compute: FlattenParams's fp32 (1, n), w1, b1, w2, b2.
+// - bf16 compute: bf16 (1, m): w1 and w2 in bf16 (the primary's own bf16
+//   copies, or FloatToBf16 of w1 and w2 where it has none), then the fp32
+//   bytes of b1 and b2, two bf16 elements a value. Half the bytes, and the
+//   copy converts nothing and keeps no fp32 weights.
+// In a buffer from `pool` when given.
+StatusOr<Tensor> WeightsForCopies(const ExpertParams& params, DType compute,
+                                  BufferPool* pool = nullptr);
+// The element count of WeightsForCopies's tensor for a shard of `shape`
+// (its dtype is shape.compute_dtype).
+int64_t CopyWeightsElements(const ExpertShape& shape);
+// A copy's zero parameters for `shape`: for bf16 compute w1_bf16, w2_bf16
+// and the biases (w1 and w2 empty: ExpertFfn multiplies by the bf16 ones),
+// else ExpertParams::Zeros.
+StatusOr<ExpertParams> CopyParams(const ExpertShape& shape);
+// WeightsForCopies's tensor into CopyParams(shape)'s `params`;
+// INVALID_ARGUMENT when its dtype or size is not shape's.
+Status TakeWeights(const Tensor& weights, const ExpertShape& shape,
+                   ExpertParams* params);
+
 }  // namespace switchyard::expert_worker
 
 #endif  // SWITCHYARD_EXPERT_WORKER_REPLICATION_H_

@@ -225,12 +225,14 @@ TEST_F(TrainingTest, HotExpertsReplicateAndMatchTheReferenceBitForBit) {
   ExpectEvictingCopiesKeepTheBits(replicate, want);
 }
 
-// The same with expert dropout: the primaries send each chunk's keep
-// multipliers with its rows, and compute a failed copy's chunk again with
-// them; a run with copies, and one whose copies keep evicting each other,
-// end bit-identical to the reference.
-TEST_F(TrainingTest, HotExpertsWithExpertDropoutReplicateBitForBit) {
+// The same with expert dropout, in bf16: the primaries send each chunk's
+// keep multipliers with its rows, and compute a failed copy's chunk again
+// with them; copies get the bf16 weights the primaries' products use (half
+// the bytes); a run with copies, and one whose copies keep evicting each
+// other, end bit-identical to the reference.
+TEST_F(TrainingTest, HotExpertsWithExpertDropoutInBf16ReplicateBitForBit) {
   const std::string replicate =
+      " --set training.compute_dtype=bf16"
       " --set model.expert_dropout=0.2 --set replication.enabled=true"
       " --set replication.window_steps=3 --set replication.hot_load=1.05"
       " --set replication.cool_load=1 --set replication.max_replicas=3";

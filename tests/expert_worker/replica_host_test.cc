@@ -6,6 +6,7 @@
 // repeated forward, unknown shards and micro-batches, other dtypes, a
 // share over another number of micro-batches, more copies than
 // replication.reserved_bytes holds), and frees a copy its primary drops.
+// A bf16 copy is pushed and keeps bf16 weights only (half the bytes).
 //
 // ReplicaClient, over real UCX data planes to two workers' ReplicaHosts:
 // a shard's chunks go to the workers the coordinator ranks below this one
@@ -96,10 +97,24 @@ class ReplicaHostTest : public ::testing::Test {
     return std::move(m.payload);
   }
 
+  // Copies computing in bf16 from now on (a fresh host).
+  void UseBf16() {
+    config_.mutable_training()->set_compute_dtype("bf16");
+    shape0_ = ExpertShardShape(config_, 0).value();
+    ffn_ = ExpertFfn(shape0_, gemm_.get());
+    host_->Shutdown();
+    StartHost();
+  }
+
+  // What the primary of `p` pushes its copies.
+  Tensor Weights(const ExpertParams& p) {
+    return WeightsForCopies(p, shape0_.compute_dtype).value();
+  }
+
   // Pushes expert `expert`'s weights of step 3 (Params(seed)).
   Status Push(int expert, uint32_t seed) {
-    return Ask(MessageKind::kReplicaWeights, 3, 0,
-               FlattenParams(Params(seed)).value(), expert)
+    return Ask(MessageKind::kReplicaWeights, 3, 0, Weights(Params(seed)),
+               expert)
         .status();
   }
 
@@ -116,8 +131,7 @@ class ReplicaHostTest : public ::testing::Test {
   void ChunkHasThePrimarysBits(bool dropout) {
     const ExpertParams p = Params(7);
     const int64_t d = shape0_.d_model, f = shape0_.d_ff_shard;
-    ASSERT_TRUE(
-        Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
+    ASSERT_TRUE(Ask(MessageKind::kReplicaWeights, 3, 0, Weights(p)).ok());
     // Two micro-batches of a chunk, as the primary would compute them.
     ExpertParams want = ExpertParams::Zeros(shape0_).value();
     std::vector<Tensor> xs, as, dhs, dys;
@@ -182,8 +196,7 @@ class ReplicaHostTest : public ::testing::Test {
     EXPECT_EQ(Ask(MessageKind::kReplicaShare, 3, 1, Tensor()).status().code(),
               StatusCode::kFailedPrecondition);
     // Weights pushed again within the step keep what the copy holds.
-    ASSERT_TRUE(
-        Ask(MessageKind::kReplicaWeights, 3, 0, FlattenParams(p).value()).ok());
+    ASSERT_TRUE(Ask(MessageKind::kReplicaWeights, 3, 0, Weights(p)).ok());
     auto share = Ask(MessageKind::kReplicaShare, 3, 2, Tensor());
     ASSERT_TRUE(share.ok()) << share.status().ToString();
     const Tensor flat = FlattenParams(want).value();
@@ -214,6 +227,39 @@ TEST_F(ReplicaHostTest, AChunkHasThePrimarysBits) {
     }
     ChunkHasThePrimarysBits(dropout);
   }
+}
+
+// A bf16 copy is sent, and keeps, the bf16 weights its products multiply
+// by and the fp32 biases: half the weights' bytes, the same bits.
+TEST_F(ReplicaHostTest, ABf16CopyHoldsBf16WeightsWithThePrimarysBits) {
+  UseBf16();
+  ChunkHasThePrimarysBits(false);
+  // The primary's own bf16 copies give the same push as its fp32 weights.
+  ExpertParams p = Params(3);
+  const Tensor converted = Weights(p);
+  ASSERT_TRUE(p.RefreshBf16().ok());
+  const Tensor kept = Weights(p);
+  ASSERT_EQ(kept.num_bytes(), converted.num_bytes());
+  EXPECT_EQ(std::memcmp(kept.data(), converted.data(), kept.num_bytes()), 0);
+  // Bytes held per copy: bf16 w1 and w2, fp32 biases, and the fp32
+  // gradient share's buffers.
+  const int64_t weights = p.w1.num_elements() + p.w2.num_elements();
+  const int64_t biases = p.b1.num_elements() + p.b2.num_elements();
+  EXPECT_EQ(converted.num_bytes(), 2 * weights + 4 * biases);
+  host_->Shutdown();
+  StartHost();
+  ASSERT_TRUE(Push(1, 1).ok());
+  EXPECT_EQ(host_->bytes(),
+            (2 * weights + 4 * biases) + 4 * (weights + biases));
+  // The fp32 form is not what a bf16 copy takes.
+  EXPECT_EQ(Ask(MessageKind::kReplicaWeights, 3, 0,
+                FlattenParams(Params(1)).value(), 2)
+                .status()
+                .code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_TRUE(
+      Ask(MessageKind::kReplicaForward, 3, 0, Random(2, shape0_.d_model, 1), 1)
+          .ok());
 }
 
 TEST_F(ReplicaHostTest, RefusesWhatDoesNotFitAndKeepsServing) {
