@@ -182,6 +182,34 @@ bool Fits(const StatusOr<Tensor>& got, RowRange r, int64_t d) {
          got->shape() == std::vector<int64_t>{r.size(), d};
 }
 
+// The end of a chunked forward or backward: the rows of every chunk `sent`
+// to a copy (Wait), into their rows of `out` ((tokens, d)), marked in
+// `remote` (chunks entries); a chunk its copy failed to give computed here
+// by `here(chunk, rows)`. Then `out` split into the ranks' `rows`.
+Status TakeCopiesRows(
+    ReplicaClient& replicas,
+    const std::vector<std::shared_ptr<ReplicaClient::Pending>>& sent, int64_t d,
+    const std::vector<int64_t>& rows,
+    const std::function<Status(int, RowRange)>& here, Tensor& out,
+    std::vector<uint8_t>& remote, std::vector<Tensor>* outs) {
+  const int chunks = static_cast<int>(sent.size());
+  const int64_t tokens = out.dim(0);
+  remote.assign(chunks, 0);
+  for (int c = 1; c < chunks; ++c) {
+    if (sent[c] == nullptr) continue;
+    const RowRange r = ChunkRows(tokens, chunks, c);
+    StatusOr<Tensor> got = replicas.Wait(*sent[c]);
+    if (Fits(got, r, d)) {
+      std::memcpy(out.f32() + r.begin * d, got->data(), got->num_bytes());
+      remote[c] = 1;
+    } else {
+      RETURN_IF_ERROR(here(c, r));
+    }
+  }
+  ASSIGN_OR_RETURN(*outs, SplitRows(out, rows));
+  return OkStatus();
+}
+
 }  // namespace
 
 bool ShardCompute::Unfinished::ready() const {
@@ -260,26 +288,14 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
     unanswered.answered = false;
   }
   auto finish = [this, shard, &f, key, train, kept = std::move(kept),
-                 keep = std::move(keep), y, sent, chunks, tokens,
+                 keep = std::move(keep), y, sent,
                  d](std::vector<Tensor>* outs) mutable -> Status {
-    kept.remote.assign(chunks, 0);
-    Status s;
-    for (int c = 1; c < chunks && s.ok(); ++c) {
-      if (sent[c] == nullptr) continue;
-      const RowRange r = ChunkRows(tokens, chunks, c);
-      StatusOr<Tensor> yc = replicas_->Wait(*sent[c]);
-      if (Fits(yc, r, d)) {
-        std::memcpy(y.f32() + r.begin * d, yc->data(), yc->num_bytes());
-        kept.remote[c] = 1;
-      } else {
-        s = ForwardRows(f, *shard, kept.x, keep, r, &kept.h, &y);
-      }
-    }
-    if (s.ok()) {
-      StatusOr<std::vector<Tensor>> split = SplitRows(y, kept.rows);
-      s = split.status();
-      if (s.ok()) *outs = *std::move(split);
-    }
+    const Status s = TakeCopiesRows(
+        *replicas_, sent, d, kept.rows,
+        [&](int, RowRange r) {
+          return ForwardRows(f, *shard, kept.x, keep, r, &kept.h, &y);
+        },
+        y, kept.remote, outs);
     if (!train) return s;
     if (s.ok()) {
       shard->activations[key] = std::move(kept);
@@ -390,26 +406,12 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
   // not due before.
   shard->contributions[micro_batch] = c;
   auto finish = [this, shard, here, key, micro_batch, kept,
-                 keep = std::move(keep), c = std::move(c), dx, sent, chunks,
-                 tokens, d](std::vector<Tensor>* outs) mutable -> Status {
-    c.remote.assign(chunks, 0);
-    Status s;
-    for (int k = 1; k < chunks && s.ok(); ++k) {
-      if (sent[k] == nullptr) continue;
-      const RowRange r = ChunkRows(tokens, chunks, k);
-      StatusOr<Tensor> dxc = replicas_->Wait(*sent[k]);
-      if (Fits(dxc, r, d)) {
-        std::memcpy(dx.f32() + r.begin * d, dxc->data(), dxc->num_bytes());
-        c.remote[k] = 1;
-      } else {
-        s = here(kept, keep, k, r, &c, &dx);
-      }
-    }
-    if (s.ok()) {
-      StatusOr<std::vector<Tensor>> split = SplitRows(dx, kept.rows);
-      s = split.status();
-      if (s.ok()) *outs = *std::move(split);
-    }
+                 keep = std::move(keep), c = std::move(c), dx, sent,
+                 d](std::vector<Tensor>* outs) mutable -> Status {
+    const Status s = TakeCopiesRows(
+        *replicas_, sent, d, kept.rows,
+        [&](int k, RowRange r) { return here(kept, keep, k, r, &c, &dx); }, dx,
+        c.remote, outs);
     if (!s.ok()) {
       shard->contributions.erase(micro_batch);
       return s;
