@@ -1,8 +1,10 @@
 // A worker's copies of other workers' hot expert shards
 // (docs/replication.md). The primary of a replicated shard sends, for a
 // step, over the data plane:
-//   replica-weights: the shard's parameters for that step ((1, n) fp32:
-//     FlattenParams), which replace the copy's and drop what it kept;
+//   replica-weights: the shard's parameters for that step, in the form
+//     its products use (WeightsForCopies: fp32, or in a bf16 run bf16
+//     weights and fp32 biases), which replace the copy's and drop what it
+//     kept;
 //   replica-forward (micro-batch; trainer_rank: the chunk): x (T, d) -> y,
 //     the activations kept (with model.expert_dropout, each row carries
 //     its keep multipliers after x: (T, d + f));

@@ -2,7 +2,8 @@
 // encoders and writers, so that the seeds stay valid as the formats change:
 // frames from EncodeFrame, a safetensors file from WriteSafetensors, a
 // shard checkpoint's manifest, chunks and SST file from the checkpoint
-// store, a coordinator snapshot from ClusterState. Deterministic but for
+// store, a coordinator snapshot from ClusterState, replica requests as a
+// primary sends them. Deterministic but for
 // the timestamps the writers record.
 //
 // Usage: fuzz_seed_corpus OUT_DIR   (run from the source tree: the config
@@ -259,6 +260,40 @@ void CoordinatorSeeds() {
         std::string(1, '\1') + fresh.SerializeAsString());
 }
 
+// replica_fuzzer's input (fuzz/replica_fuzzer.cc): a step of one
+// replicated chunk as a primary drives its copy: weights, the forward and
+// backward of two micro-batches, the share, the drop; payload values after.
+void ReplicaSeeds() {
+  // kind (0 weights .. 4 drop), epoch, step, micro-batch, layer << 4 |
+  // expert, chunk << 4 | shard, payload form, rows.
+  const auto request = [](int kind, int mb, int form, int rows) {
+    const uint8_t r[8] = {static_cast<uint8_t>(kind),
+                          0,
+                          1,
+                          static_cast<uint8_t>(mb),
+                          0x01,
+                          0x10,
+                          static_cast<uint8_t>(form),
+                          static_cast<uint8_t>(rows)};
+    return std::string(reinterpret_cast<const char*>(r), sizeof(r));
+  };
+  for (const auto& [name, flags] :
+       {std::pair{"step_fp32", 0x1c}, std::pair{"step_bf16", 0x1d},
+        std::pair{"step_dropout", 0x1e}, std::pair{"step_tight", 0x00}}) {
+    const int rows_form = (flags & 2) != 0 ? 2 : 1;  // x, or x and keep.
+    std::string input = {static_cast<char>(flags), 7};
+    input += request(0, 0, 3, 0);
+    input += request(1, 0, rows_form, 5);
+    input += request(2, 0, 1, 5);
+    input += request(1, 1, rows_form, 3);
+    input += request(2, 1, 1, 3);
+    input += request(3, 2, 0, 0);
+    input += request(4, 0, 0, 0);
+    for (int i = 0; i < 64; ++i) input += static_cast<char>((i * 37) % 251);
+    Write("replica_fuzzer", name, input);
+  }
+}
+
 }  // namespace
 }  // namespace switchyard
 
@@ -277,5 +312,6 @@ int main(int argc, char** argv) {
   SafetensorsSeeds(scratch);
   CheckpointSeeds(scratch);
   CoordinatorSeeds();
+  ReplicaSeeds();
   return 0;
 }
