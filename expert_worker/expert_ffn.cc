@@ -115,7 +115,7 @@ StatusOr<ExpertParams> ExpertParams::Zeros(const ExpertShape& s) {
 }
 
 Status ExpertFfn::CheckShapes(const ExpertParams& p, const Tensor& x,
-                              int64_t tokens) const {
+                              int64_t tokens, bool bf16_weights) const {
   const int64_t d = shape_.d_model, f = shape_.d_ff_shard;
   const int64_t gf = shape_.gates() * f;
   // A weight matrix in fp32, or for bf16 compute in bf16 alone (a copy's,
@@ -123,7 +123,7 @@ Status ExpertFfn::CheckShapes(const ExpertParams& p, const Tensor& x,
   const auto weight = [&](const Tensor& w, const Tensor& w16, int64_t rows,
                           int64_t cols) {
     if (IsMatrix(w, rows, cols)) return true;
-    return shape_.compute_dtype == DType::kBF16 && w.empty() &&
+    return bf16_weights && shape_.compute_dtype == DType::kBF16 && w.empty() &&
            w16.dtype() == DType::kBF16 && w16.rank() == 2 &&
            w16.dim(0) == rows && w16.dim(1) == cols;
   };
@@ -153,7 +153,7 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
 Status ExpertFfn::Forward(const ExpertParams& p, const Tensor& x,
                           const float* keep, Tensor* h, Tensor* y) const {
   const int64_t tokens = x.rank() == 2 ? x.dim(0) : -1;
-  RETURN_IF_ERROR(CheckShapes(p, x, tokens));
+  RETURN_IF_ERROR(CheckShapes(p, x, tokens, /*bf16_weights=*/true));
   const int d = shape_.d_model, f = shape_.d_ff_shard, gf = shape_.gates() * f;
   if (!IsMatrix(*h, tokens, gf) || !IsMatrix(*y, tokens, d)) {
     return InvalidArgumentError("expert forward outputs are mis-sized");
@@ -185,7 +185,7 @@ Status ExpertFfn::BackwardInput(const ExpertParams& p, const Tensor& h,
                                 const Tensor& dy, const float* keep, Tensor* dh,
                                 Tensor* a, Tensor* dx) const {
   const int64_t tokens = dy.rank() == 2 ? dy.dim(0) : -1;
-  RETURN_IF_ERROR(CheckShapes(p, dy, tokens));
+  RETURN_IF_ERROR(CheckShapes(p, dy, tokens, /*bf16_weights=*/true));
   const int d = shape_.d_model, f = shape_.d_ff_shard, gf = shape_.gates() * f;
   if (!IsMatrix(h, tokens, gf) || !IsMatrix(*dh, tokens, gf) ||
       !IsMatrix(*a, tokens, f) || !IsMatrix(*dx, tokens, d)) {

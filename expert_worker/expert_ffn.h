@@ -101,8 +101,11 @@ class ExpertFfn {
                       const Tensor& dy, ExpertParams* grads) const;
 
  private:
-  Status CheckShapes(const ExpertParams& p, const Tensor& x,
-                     int64_t tokens) const;
+  // `p` shaped for this expert (with `bf16_weights`, for bf16 compute, w1
+  // and w2 may be in their bf16 copies alone: what the products read) and
+  // x (tokens, d_model).
+  Status CheckShapes(const ExpertParams& p, const Tensor& x, int64_t tokens,
+                     bool bf16_weights = false) const;
   Status Grads(const Tensor& x, const Tensor& a, const Tensor& dh,
                const Tensor& dy, bool accumulate, ExpertParams* grads) const;
 

@@ -183,11 +183,12 @@ bool Fits(const StatusOr<Tensor>& got, RowRange r, int64_t d) {
 }
 
 // The end of a chunked forward or backward: the rows of every chunk `sent`
-// to a copy (Wait), into their rows of `out` ((tokens, d)), marked in
+// to a copy (`replicas`' Wait; null when none was), into their rows of
+// `out` ((tokens, d)), marked in
 // `remote` (chunks entries); a chunk its copy failed to give computed here
 // by `here(chunk, rows)`. Then `out` split into the ranks' `rows`.
 Status TakeCopiesRows(
-    ReplicaClient& replicas,
+    ReplicaClient* replicas,
     const std::vector<std::shared_ptr<ReplicaClient::Pending>>& sent, int64_t d,
     const std::vector<int64_t>& rows,
     const std::function<Status(int, RowRange)>& here, Tensor& out,
@@ -198,7 +199,7 @@ Status TakeCopiesRows(
   for (int c = 1; c < chunks; ++c) {
     if (sent[c] == nullptr) continue;
     const RowRange r = ChunkRows(tokens, chunks, c);
-    StatusOr<Tensor> got = replicas.Wait(*sent[c]);
+    StatusOr<Tensor> got = replicas->Wait(*sent[c]);
     if (Fits(got, r, d)) {
       std::memcpy(out.f32() + r.begin * d, got->data(), got->num_bytes());
       remote[c] = 1;
@@ -291,7 +292,7 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
                  keep = std::move(keep), y, sent,
                  d](std::vector<Tensor>* outs) mutable -> Status {
     const Status s = TakeCopiesRows(
-        *replicas_, sent, d, kept.rows,
+        replicas_, sent, d, kept.rows,
         [&](int, RowRange r) {
           return ForwardRows(f, *shard, kept.x, keep, r, &kept.h, &y);
         },
@@ -409,7 +410,7 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
                  keep = std::move(keep), c = std::move(c), dx, sent,
                  d](std::vector<Tensor>* outs) mutable -> Status {
     const Status s = TakeCopiesRows(
-        *replicas_, sent, d, kept.rows,
+        replicas_, sent, d, kept.rows,
         [&](int k, RowRange r) { return here(kept, keep, k, r, &c, &dx); }, dx,
         c.remote, outs);
     if (!s.ok()) {

@@ -49,6 +49,7 @@ config::SwitchyardConfig Config(uint8_t flags) {
   m->set_d_ff(32);
   m->set_num_heads(2);
   m->set_num_experts(4);
+  m->set_shards_per_expert(2);  // Shard 1 has no b2.
   if (flags & 2) m->set_expert_dropout(0.25);
   auto* t = c.mutable_training();
   t->set_threads(1);
@@ -153,6 +154,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
             t->f32()[k] = values.Next();
           }
         }
+        // From the primary's own bf16 copies, or converted.
+        if (r[7] & 1) (void)p.RefreshBf16();
         payload = WeightsForCopies(p, s.compute_dtype).value();
         break;
       }
@@ -169,18 +172,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         payload = values.Fill(s.compute_dtype, {1, CopyWeightsElements(s) - 1});
         break;
     }
+    const int64_t sent_rows =
+        payload.empty() || payload.rank() != 2 ? -1 : payload.dim(0);
     const Message answer = ask(h, std::move(payload));
     FUZZ_CHECK(answer.header.step == h.step && answer.header.kind == h.kind);
     if (answer.header.status_code != 0) {
       FUZZ_CHECK(!answer.error_text.empty());
     } else if (kind == MessageKind::kReplicaForward ||
                kind == MessageKind::kReplicaBackward) {
-      FUZZ_CHECK(answer.payload.empty() ||
+      // Rows in, as many rows of d_model out.
+      FUZZ_CHECK(sent_rows >= 0);
+      FUZZ_CHECK((answer.payload.empty() && sent_rows == 0) ||
                  (answer.payload.dtype() == DType::kF32 &&
-                  answer.payload.rank() == 2 && answer.payload.dim(1) == d));
+                  answer.payload.rank() == 2 &&
+                  answer.payload.dim(0) == sent_rows &&
+                  answer.payload.dim(1) == d));
     } else if (kind == MessageKind::kReplicaShare) {
       FUZZ_CHECK(answer.payload.empty() ||
-                 answer.payload.num_elements() == s.num_params());
+                 (answer.payload.dtype() == DType::kF32 &&
+                  answer.payload.num_elements() == s.num_params()));
     } else {
       FUZZ_CHECK(answer.payload.empty());
     }
