@@ -100,11 +100,15 @@ Status ExpertParams::RefreshBf16() {
   return w2.ConvertInto(&w2_bf16);
 }
 
-StatusOr<ExpertParams> ExpertParams::Zeros(const ExpertShape& s) {
+StatusOr<ExpertParams> ExpertParams::Zeros(const ExpertShape& s,
+                                           DType weights) {
   const int64_t gf = static_cast<int64_t>(s.gates()) * s.d_ff_shard;
   ExpertParams p;
-  ASSIGN_OR_RETURN(p.w1, Tensor::Zeros(DType::kF32, {s.d_model, gf}));
-  ASSIGN_OR_RETURN(p.w2, Tensor::Zeros(DType::kF32, {s.d_ff_shard, s.d_model}));
+  const bool bf16 = weights == DType::kBF16;
+  Tensor& w1 = bf16 ? p.w1_bf16 : p.w1;
+  Tensor& w2 = bf16 ? p.w2_bf16 : p.w2;
+  ASSIGN_OR_RETURN(w1, Tensor::Zeros(weights, {s.d_model, gf}));
+  ASSIGN_OR_RETURN(w2, Tensor::Zeros(weights, {s.d_ff_shard, s.d_model}));
   if (s.has_b1) {
     ASSIGN_OR_RETURN(p.b1, Tensor::Zeros(DType::kF32, {gf}));
   }

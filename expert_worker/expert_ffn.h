@@ -56,8 +56,10 @@ struct ExpertParams {
   // (docs/replication.md): it never updates the weights.
   Tensor w1_bf16, w2_bf16;
 
-  // Zero-filled tensors of `shape`'s sizes.
-  static StatusOr<ExpertParams> Zeros(const ExpertShape& shape);
+  // Zero-filled tensors of `shape`'s sizes; with `weights` bf16, w1 and w2
+  // in w1_bf16 and w2_bf16 alone (a replica's copy).
+  static StatusOr<ExpertParams> Zeros(const ExpertShape& shape,
+                                      DType weights = DType::kF32);
   // (Re)computes w1_bf16 and w2_bf16 from w1 and w2.
   Status RefreshBf16();
   // Gives w1_bf16 and w2_bf16 storage shaped like w1 and w2 (kept when it

@@ -217,19 +217,9 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
                                    std::to_string(dropped->second.first) + ")");
   }
   const ExpertFfn& f = ffn(id.shard);
+  // The form first: a malformed push changes nothing.
+  RETURN_IF_ERROR(CheckCopyWeights(request.payload, f.shape()));
   auto found = copies_.find(id);
-  {
-    // The size first: a malformed push changes nothing.
-    const int64_t n = CopyWeightsElements(f.shape());
-    const DType dtype = f.shape().compute_dtype;
-    if (request.payload.empty() || request.payload.dtype() != dtype ||
-        request.payload.num_elements() != n) {
-      return InvalidArgumentError(
-          "expert weights of " + std::to_string(n) + " " +
-          std::string(DTypeName(dtype)) + " values, not " +
-          (request.payload.empty() ? "<none>" : request.payload.DebugString()));
-    }
-  }
   if (found != copies_.end() && found->second.epoch == h.epoch &&
       found->second.step == h.step) {
     // Pushed again in the step (the primary's own bookkeeping was reset):
@@ -239,7 +229,8 @@ StatusOr<Tensor> ReplicaHost::Weights(const Message& request,
     return Tensor();
   }
   if (found == copies_.end()) {
-    ASSIGN_OR_RETURN(ExpertParams params, CopyParams(f.shape()));
+    ASSIGN_OR_RETURN(ExpertParams params,
+                     ExpertParams::Zeros(f.shape(), f.shape().compute_dtype));
     // Its weights and a gradient share's buffers.
     ASSIGN_OR_RETURN(ExpertParams share, ExpertParams::Zeros(f.shape()));
     int64_t bytes = 0;

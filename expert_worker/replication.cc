@@ -121,30 +121,15 @@ Status UnflattenParams(const Tensor& flat, ExpertParams* params) {
   return OkStatus();
 }
 
-namespace {
-
-// The bf16 form's parts in order: w1 and w2 (bf16 elements), then b1 and
-// b2 (fp32 bytes, two bf16 elements a value); each part's element count.
-struct Bf16Form {
-  int64_t w1 = 0, w2 = 0, b1 = 0, b2 = 0;
-  int64_t elements() const { return w1 + w2 + 2 * (b1 + b2); }
-};
-
-Bf16Form FormOf(const ExpertShape& s) {
-  const int64_t gf = static_cast<int64_t>(s.gates()) * s.d_ff_shard;
-  return {s.d_model * gf, int64_t{s.d_ff_shard} * s.d_model, s.has_b1 ? gf : 0,
-          s.has_b2 ? s.d_model : 0};
-}
-
-}  // namespace
-
 StatusOr<Tensor> WeightsForCopies(const ExpertParams& params, DType compute,
                                   BufferPool* pool) {
   if (compute != DType::kBF16) return FlattenParams(params, pool);
-  const Bf16Form form{params.w1.num_elements(), params.w2.num_elements(),
-                      params.b1.empty() ? 0 : params.b1.num_elements(),
-                      params.b2.empty() ? 0 : params.b2.num_elements()};
-  const std::vector<int64_t> shape = {1, form.elements()};
+  const int64_t weights = params.w1.num_elements() + params.w2.num_elements();
+  int64_t biases = 0;
+  for (const Tensor* b : {&params.b1, &params.b2}) {
+    biases += b->empty() ? 0 : b->num_elements();
+  }
+  const std::vector<int64_t> shape = {1, weights + 2 * biases};
   ASSIGN_OR_RETURN(Tensor flat, pool != nullptr
                                     ? pool->Take(DType::kBF16, shape)
                                     : Tensor::Zeros(DType::kBF16, shape));
@@ -168,38 +153,32 @@ StatusOr<Tensor> WeightsForCopies(const ExpertParams& params, DType compute,
 }
 
 int64_t CopyWeightsElements(const ExpertShape& shape) {
-  return shape.compute_dtype == DType::kBF16 ? FormOf(shape).elements()
-                                             : shape.num_params();
+  if (shape.compute_dtype != DType::kBF16) return shape.num_params();
+  // Biases take two bf16 elements a value.
+  const int64_t weights =
+      int64_t{shape.gates() + 1} * shape.d_ff_shard * shape.d_model;
+  return weights + 2 * (shape.num_params() - weights);
 }
 
-StatusOr<ExpertParams> CopyParams(const ExpertShape& shape) {
-  if (shape.compute_dtype != DType::kBF16) return ExpertParams::Zeros(shape);
-  const int64_t gf = static_cast<int64_t>(shape.gates()) * shape.d_ff_shard;
-  ExpertParams p;
-  ASSIGN_OR_RETURN(p.w1_bf16, Tensor::Zeros(DType::kBF16, {shape.d_model, gf}));
-  ASSIGN_OR_RETURN(p.w2_bf16, Tensor::Zeros(DType::kBF16,
-                                            {shape.d_ff_shard, shape.d_model}));
-  if (shape.has_b1) {
-    ASSIGN_OR_RETURN(p.b1, Tensor::Zeros(DType::kF32, {gf}));
+Status CheckCopyWeights(const Tensor& weights, const ExpertShape& shape) {
+  const DType dtype = shape.compute_dtype;
+  const int64_t n = CopyWeightsElements(shape);
+  if (!weights.empty() && weights.dtype() == dtype &&
+      weights.num_elements() == n) {
+    return OkStatus();
   }
-  if (shape.has_b2) {
-    ASSIGN_OR_RETURN(p.b2, Tensor::Zeros(DType::kF32, {shape.d_model}));
-  }
-  return p;
+  return InvalidArgumentError(
+      "expert weights of " + std::to_string(n) + " " +
+      std::string(DTypeName(dtype)) + " values, not " +
+      (weights.empty() ? "<none>" : weights.DebugString()));
 }
 
 Status TakeWeights(const Tensor& weights, const ExpertShape& shape,
                    ExpertParams* params) {
-  const DType dtype = shape.compute_dtype;
-  const int64_t n = CopyWeightsElements(shape);
-  if (weights.empty() || weights.dtype() != dtype ||
-      weights.num_elements() != n) {
-    return InvalidArgumentError(
-        "expert weights of " + std::to_string(n) + " " +
-        std::string(DTypeName(dtype)) + " values, not " +
-        (weights.empty() ? "<none>" : weights.DebugString()));
+  RETURN_IF_ERROR(CheckCopyWeights(weights, shape));
+  if (shape.compute_dtype != DType::kBF16) {
+    return UnflattenParams(weights, params);
   }
-  if (dtype != DType::kBF16) return UnflattenParams(weights, params);
   const char* src = static_cast<const char*>(weights.data());
   for (Tensor* t :
        {&params->w1_bf16, &params->w2_bf16, &params->b1, &params->b2}) {

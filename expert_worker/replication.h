@@ -83,12 +83,11 @@ StatusOr<Tensor> WeightsForCopies(const ExpertParams& params, DType compute,
 // The element count of WeightsForCopies's tensor for a shard of `shape`
 // (its dtype is shape.compute_dtype).
 int64_t CopyWeightsElements(const ExpertShape& shape);
-// A copy's zero parameters for `shape`: for bf16 compute w1_bf16, w2_bf16
-// and the biases (w1 and w2 empty: ExpertFfn multiplies by the bf16 ones),
-// else ExpertParams::Zeros.
-StatusOr<ExpertParams> CopyParams(const ExpertShape& shape);
-// WeightsForCopies's tensor into CopyParams(shape)'s `params`;
-// INVALID_ARGUMENT when its dtype or size is not shape's.
+// INVALID_ARGUMENT unless `weights` is WeightsForCopies's form for a shard
+// of `shape` (its dtype and element count).
+Status CheckCopyWeights(const Tensor& weights, const ExpertShape& shape);
+// Checked `weights` into a copy's `params`: ExpertParams::Zeros(shape,
+// shape.compute_dtype)'s.
 Status TakeWeights(const Tensor& weights, const ExpertShape& shape,
                    ExpertParams* params);
 

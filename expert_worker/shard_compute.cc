@@ -183,31 +183,31 @@ bool Fits(const StatusOr<Tensor>& got, RowRange r, int64_t d) {
 }
 
 // The end of a chunked forward or backward: the rows of every chunk `sent`
-// to a copy (`replicas`' Wait; null when none was), into their rows of
-// `out` ((tokens, d)), marked in
-// `remote` (chunks entries); a chunk its copy failed to give computed here
-// by `here(chunk, rows)`. Then `out` split into the ranks' `rows`.
+// to a copy (`replicas`' Wait; null when none was) into their rows of
+// `*out` (tokens, d), marked in `*remote` (an entry per chunk); a chunk its
+// copy failed to give computed here by `here(chunk, rows)`. Then `*out`
+// split into the ranks' `rows`.
 Status TakeCopiesRows(
     ReplicaClient* replicas,
-    const std::vector<std::shared_ptr<ReplicaClient::Pending>>& sent, int64_t d,
+    const std::vector<std::shared_ptr<ReplicaClient::Pending>>& sent,
     const std::vector<int64_t>& rows,
-    const std::function<Status(int, RowRange)>& here, Tensor& out,
-    std::vector<uint8_t>& remote, std::vector<Tensor>* outs) {
+    const std::function<Status(int, RowRange)>& here, Tensor* out,
+    std::vector<uint8_t>* remote, std::vector<Tensor>* outs) {
   const int chunks = static_cast<int>(sent.size());
-  const int64_t tokens = out.dim(0);
-  remote.assign(chunks, 0);
+  const int64_t tokens = out->dim(0), d = out->dim(1);
+  remote->assign(chunks, 0);
   for (int c = 1; c < chunks; ++c) {
     if (sent[c] == nullptr) continue;
     const RowRange r = ChunkRows(tokens, chunks, c);
     StatusOr<Tensor> got = replicas->Wait(*sent[c]);
     if (Fits(got, r, d)) {
-      std::memcpy(out.f32() + r.begin * d, got->data(), got->num_bytes());
-      remote[c] = 1;
+      std::memcpy(out->f32() + r.begin * d, got->data(), got->num_bytes());
+      (*remote)[c] = 1;
     } else {
       RETURN_IF_ERROR(here(c, r));
     }
   }
-  ASSIGN_OR_RETURN(*outs, SplitRows(out, rows));
+  ASSIGN_OR_RETURN(*outs, SplitRows(*out, rows));
   return OkStatus();
 }
 
@@ -289,14 +289,14 @@ Status ShardCompute::Forward(const std::vector<const Message*>& requests,
     unanswered.answered = false;
   }
   auto finish = [this, shard, &f, key, train, kept = std::move(kept),
-                 keep = std::move(keep), y, sent,
-                 d](std::vector<Tensor>* outs) mutable -> Status {
+                 keep = std::move(keep), y,
+                 sent](std::vector<Tensor>* outs) mutable -> Status {
     const Status s = TakeCopiesRows(
-        replicas_, sent, d, kept.rows,
+        replicas_, sent, kept.rows,
         [&](int, RowRange r) {
           return ForwardRows(f, *shard, kept.x, keep, r, &kept.h, &y);
         },
-        y, kept.remote, outs);
+        &y, &kept.remote, outs);
     if (!train) return s;
     if (s.ok()) {
       shard->activations[key] = std::move(kept);
@@ -407,12 +407,12 @@ Status ShardCompute::Backward(const std::vector<const Message*>& requests,
   // not due before.
   shard->contributions[micro_batch] = c;
   auto finish = [this, shard, here, key, micro_batch, kept,
-                 keep = std::move(keep), c = std::move(c), dx, sent,
-                 d](std::vector<Tensor>* outs) mutable -> Status {
+                 keep = std::move(keep), c = std::move(c), dx,
+                 sent](std::vector<Tensor>* outs) mutable -> Status {
     const Status s = TakeCopiesRows(
-        replicas_, sent, d, kept.rows,
-        [&](int k, RowRange r) { return here(kept, keep, k, r, &c, &dx); }, dx,
-        c.remote, outs);
+        replicas_, sent, kept.rows,
+        [&](int k, RowRange r) { return here(kept, keep, k, r, &c, &dx); }, &dx,
+        &c.remote, outs);
     if (!s.ok()) {
       shard->contributions.erase(micro_batch);
       return s;
